@@ -1,0 +1,27 @@
+# Two entry points for a fresh machine: `make quickstart` (a local 4-peer swarm on the bundled
+# digits task) and `make test` (the test suite). Both create .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# A CPU machine gets the CPU build from the local wheel cache; a GPU machine gets the CUDA build.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: quickstart test venv clean
+
+$(BIN)/swarmnet: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_PIN)"
+	$(BIN)/python -m pip install -q -e ".[test,plot]"
+	touch $@
+
+venv: $(BIN)/swarmnet
+
+quickstart: venv
+	$(BIN)/swarmnet up --config configs/quickstart.toml --summary runs/quickstart/summary.json
+
+test: venv
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) runs

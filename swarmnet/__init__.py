@@ -1,0 +1,21 @@
+"""swarmnet: an asyncio peer-to-peer runtime for decentralized asynchronous SGD.
+
+Each peer is one process bound to one device. It trains locally without ever waiting on the
+network, pulls random neighbours' model snapshots in the background and merges them following
+PopSGD or SwarmSGD (see SPEC.md in the project documentation).
+"""
+
+from swarmnet.errors import CodecError, ConfigError, ProtocolError, SwarmError, TransportError
+
+__version__ = "0.1.0"
+PROTOCOL_VERSION = 1
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "CodecError",
+    "ConfigError",
+    "ProtocolError",
+    "SwarmError",
+    "TransportError",
+    "__version__",
+]

@@ -1,0 +1,95 @@
+"""The snapshot codec interface.
+
+Legend: N = number of coordinates of the flat floating-point parameter vector.
+
+A codec turns one flat float32 vector into an immutable :class:`Encoded` snapshot once per
+publish; the snapshot server then answers any number of pulls from it without re-encoding.
+Codecs with partial reads (the lattice codec serves only the low bit-planes a reader asks for)
+take part in a small dialogue, driven by the exchange and opaque to it:
+
+    want = codec.plan(state)                        # reader: what to ask for first
+    meta, frames = codec.select(encoded, want)      # server: that subset of the snapshot
+    result = codec.decode(meta, frames, key, out, state)   # reader
+    if not result.complete: pull again with want = result.more (same snapshot version)
+
+``meta`` and ``want`` are msgpack-able (they ride in the message header); frames are raw
+buffers sent zero-copy. Codecs are pure tensor code: no sockets, no asyncio. Only floating-point
+parameters ever reach a codec; integer buffers and BatchNorm statistics never travel (SPEC 4.2).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+Buffer = bytes | bytearray | memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """One encoded snapshot. Immutable once published: frames may be in flight on many sockets."""
+
+    codec: str
+    meta: dict[str, Any]
+    """Everything the decoder needs besides the frames (msgpack-able)."""
+    frames: tuple[Buffer, ...]
+    """Payload buffers, host memory, C-contiguous."""
+    quantized: Tensor
+    """Q(x) exactly as readers will decode it (x itself for lossless codecs); the owner averages
+    with this value (SPEC 4 item 9), on the model's device."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(memoryview(f).nbytes for f in self.frames)
+
+
+@dataclass(slots=True)
+class DecodeResult:
+    complete: bool
+    """True when ``out`` holds the verified decode; False when more data must be pulled."""
+    more: Any = None
+    """The next ``want`` to pull from the same snapshot version when not complete."""
+    stats: dict[str, float] = field(default_factory=dict)
+    """Codec-specific numbers for the metrics stream (e.g. bits per coordinate)."""
+
+
+class Codec(ABC):
+    """Encodes a flat float32 vector for the wire; see the module docstring for the dialogue."""
+
+    name: ClassVar[str]
+    lossless: ClassVar[bool] = False
+
+    @abstractmethod
+    def encode(self, flat_N: Tensor, hints: Mapping[str, float] | None = None) -> Encoded:
+        """Called by the compute thread once per publish. ``hints`` carries training state a
+        codec may follow (``lr``, ``local_steps``); a codec ignores what it does not use."""
+
+    @abstractmethod
+    def decode(
+        self,
+        meta: Mapping[str, Any],
+        frames: tuple[Buffer, ...],
+        key_N: Tensor,
+        out_N: Tensor,
+        state: dict[str, Any],
+    ) -> DecodeResult:
+        """Called by the exchange worker. ``key_N`` is the reader's own model (the lattice codec
+        decodes relative to it); ``state`` is per-neighbour memory the codec may keep between
+        pulls (e.g. the last distance seen). Raises CodecError on malformed input."""
+
+    def plan(self, state: Mapping[str, Any]) -> Any:
+        """What to ask for in the first pull from a neighbour; None means everything."""
+        return None
+
+    def select(self, encoded: Encoded, want: Any) -> tuple[dict[str, Any], tuple[Buffer, ...]]:
+        """Server side: the part of ``encoded`` that ``want`` asks for. Raises CodecError for a
+        malformed ``want``."""
+        return encoded.meta, encoded.frames
+
+    def params(self) -> dict[str, Any]:
+        """Configuration of this codec instance, for logs and benchmark records."""
+        return {}

@@ -1,0 +1,39 @@
+"""The exception hierarchy: errors about a neighbour are data, errors about ourselves are loud."""
+
+from __future__ import annotations
+
+
+class SwarmError(Exception):
+    """Base class of every error swarmnet raises on purpose."""
+
+
+class ConfigError(SwarmError):
+    """A config file, manifest or flag is wrong; the message names the source, key and fix."""
+
+
+class TransportError(SwarmError):
+    """Moving frames failed: the far end is unreachable, too slow, or the endpoint is closed."""
+
+
+class EndpointClosed(TransportError):
+    """The listener or connection was closed by us; using it again is a programming error."""
+
+
+class RequestTimeout(TransportError):
+    """A request got no reply within its deadline."""
+
+
+class ProtocolError(SwarmError):
+    """A message broke the wire protocol (bad header, sizes, version, type, values).
+
+    ``code`` is a short stable token used in Reject replies and status counters.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.reason = message
+
+
+class CodecError(SwarmError):
+    """A snapshot could not be encoded or decoded (bad parameters, failed verification)."""

@@ -1,0 +1,39 @@
+"""Logging: one logger per area; only the CLI installs handlers."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+AREAS = ("transport", "wire", "membership", "exchange", "compute", "server", "launch")
+
+
+def get_logger(area: str) -> logging.Logger:
+    return logging.getLogger(f"swarmnet.{area}")
+
+
+class PeerLogAdapter(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Prefixes every record with the peer name so interleaved swarm logs can be told apart."""
+
+    def process(self, msg, kwargs):  # type: ignore[no-untyped-def]
+        return f"[{self.extra['peer']}] {msg}", kwargs
+
+
+def setup_logging(level: str = "INFO", *, rich: bool | None = None) -> None:
+    """Configure the root swarmnet logger; called by CLI entry points only."""
+    root = logging.getLogger("swarmnet")
+    root.handlers.clear()
+    root.setLevel(level.upper())
+    use_rich = sys.stderr.isatty() if rich is None else rich
+    if use_rich:
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(show_path=False, rich_tracebacks=True)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s", "%H:%M:%S")
+        )
+    root.addHandler(handler)
+    root.propagate = False
