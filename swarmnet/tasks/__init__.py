@@ -1,0 +1,71 @@
+"""The task plug-in interface: ``module:function`` returning a :class:`Task`.
+
+A task bundles what a peer trains: a model builder, the training tensors (each peer takes its
+shard), the loss of a batch and an optional evaluation on held-out data. The runtime seeds torch
+before ``build_model`` so every peer starts from the same initialization (SPEC 4 item 6).
+
+Bundled tasks: ``swarmnet.tasks.lsq:task`` (synthetic least squares),
+``swarmnet.tasks.logreg:task`` (logistic regression on real data),
+``swarmnet.tasks.digits:task`` (handwritten digits, the quickstart default).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from swarmnet.errors import ConfigError
+
+Batch = tuple[Tensor, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Task:
+    name: str
+    build_model: Callable[[], nn.Module]
+    """Builds a fresh model; the runtime seeds torch first so all peers start identical."""
+    train: Batch
+    """In-memory training tensors sharing the first (sample) dimension."""
+    loss: Callable[[nn.Module, Batch], Tensor]
+    """Mean loss of ``model`` on a batch (a tuple sliced from ``train``)."""
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None
+    """Held-out metrics of a model, e.g. {"loss": ..., "accuracy": ...}; runs under no_grad."""
+    metric: str = "loss"
+    """The headline key of ``evaluate``'s result."""
+    higher_is_better: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.train:
+            raise ValueError(f"task {self.name}: no training tensors")
+        n = self.train[0].shape[0]
+        if any(t.shape[0] != n for t in self.train):
+            raise ValueError(f"task {self.name}: training tensors disagree on the sample count")
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.train[0].shape[0])
+
+
+def load_task(spec: str, options: Mapping[str, Any] | None = None) -> Task:
+    """Import ``module:function`` and call it with ``options``."""
+    module_name, sep, func_name = spec.partition(":")
+    if not sep or not module_name or not func_name:
+        raise ConfigError(f"task {spec!r} must be 'module:function', e.g. swarmnet.tasks.digits:task")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"task {spec!r}: cannot import {module_name!r}: {exc}") from None
+    factory = getattr(module, func_name, None)
+    if not callable(factory):
+        raise ConfigError(f"task {spec!r}: {module_name} has no callable {func_name!r}")
+    try:
+        task = factory(**dict(options or {}))
+    except TypeError as exc:
+        raise ConfigError(f"task {spec!r}: bad options {dict(options or {})}: {exc}") from None
+    if not isinstance(task, Task):
+        raise ConfigError(f"task {spec!r} returned {type(task).__name__}, expected swarmnet.tasks.Task")
+    return task

@@ -1,0 +1,42 @@
+"""Real data that ships inside installed packages (nothing is downloaded at run time)."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):  # type: ignore[no-untyped-def]
+    order = np.random.default_rng(seed).permutation(len(x))
+    n_test = int(round(len(x) * test_fraction))
+    test, train = order[:n_test], order[n_test:]
+    return x[train], y[train], x[test], y[test]
+
+
+@functools.lru_cache(maxsize=4)
+def digits(test_fraction: float = 0.2, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """scikit-learn's 1,797 8x8 handwritten digits, scaled to [0, 1]: (x_train, y_train, x_test,
+    y_test) with x as float32 [N, 64] and y as int64 class labels."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = (data.data / 16.0).astype(np.float32)
+    xtr, ytr, xte, yte = _split(x, data.target.astype(np.int64), test_fraction, seed)
+    return torch.from_numpy(xtr), torch.from_numpy(ytr), torch.from_numpy(xte), torch.from_numpy(yte)
+
+
+@functools.lru_cache(maxsize=4)
+def breast_cancer(test_fraction: float = 0.2, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """scikit-learn's Wisconsin breast cancer set (569 x 30), standardized with the training
+    split's statistics; labels as float32 0/1."""
+    from sklearn.datasets import load_breast_cancer
+
+    data = load_breast_cancer()
+    xtr, ytr, xte, yte = _split(data.data, data.target, test_fraction, seed)
+    mean, std = xtr.mean(0), xtr.std(0) + 1e-8
+    xtr, xte = (xtr - mean) / std, (xte - mean) / std
+    f32 = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
+    return f32(xtr), f32(ytr), f32(xte), f32(yte)
