@@ -34,6 +34,11 @@ class PhaseClock:
     def value(self) -> int:
         return self._value
 
+    def restore(self, value: int) -> None:
+        """Set the clock from a checkpoint."""
+        with self._lock:
+            self._value = int(value)
+
     def serve(self, v_initiator: int) -> int:
         """Server side of an interaction; returns the clock value before this interaction."""
         with self._lock:

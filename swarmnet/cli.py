@@ -1,0 +1,132 @@
+"""The ``swarmnet`` command line: peer, up, bench (and the tools registered by other modules).
+
+Command bodies stay synchronous: parse, load and validate the config, set up logging, then run
+the event loop. Behaviour lives below the CLI and is tested there.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from swarmnet.config import PeerManifest, load_config, load_manifest
+from swarmnet.errors import ConfigError
+from swarmnet.log import setup_logging
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Decentralized asynchronous data-parallel training (PopSGD, SwarmSGD).")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: ratios measured side by side in one run.")
+app.add_typer(bench_app, name="bench")
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Swarm config (TOML), e.g. configs/quickstart.toml.")]
+LogLevel = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")]
+
+
+def fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def build_overrides(**flags: Any) -> dict[str, Any]:
+    """CLI flags given as {'section.key': value}; None means not given."""
+    return {key.replace("__", "."): value for key, value in flags.items() if value not in (None, [], "")}
+
+
+def parse_settings(items: list[str]) -> dict[str, Any]:
+    """``section.key=VALUE`` pairs; VALUE is read as JSON when it parses, else as text."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or key.count(".") != 1:
+            raise ConfigError(f"--set {item!r}: expected section.key=VALUE, e.g. train.lr=0.05")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def budget_override(*, steps: int | None = None, epochs: float | None = None) -> dict[str, Any]:
+    """A budget flag replaces whichever budget the config file set."""
+    return {"train.steps": steps or 0, "train.epochs": float(epochs or 0.0), "train.sequential_epochs": 0.0}
+
+
+@app.command()
+def peer(
+    config: ConfigOpt = None,
+    peer_file: Annotated[Optional[Path], typer.Option("--peer", "-p", help="Peer manifest (peers/NAME.toml).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Peer name (default: manifest name or host name).")] = None,
+    listen: Annotated[Optional[str], typer.Option(help="Bind address, e.g. tcp://0.0.0.0:7000 (port 0: any).")] = None,
+    advertise: Annotated[Optional[str], typer.Option(help="Address others should dial, if not the bound one.")] = None,
+    seed: Annotated[Optional[list[str]], typer.Option("--seed", "-s", help="Address of a peer already in the swarm (repeatable).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto (GPU from LOCAL_RANK/SLURM_LOCALID, else CPU), cpu or cuda:N.")] = None,
+    run_dir: Annotated[Optional[str], typer.Option(help="Run directory (overrides run.dir).")] = None,
+    rank: Annotated[int, typer.Option(help="Index in the swarm for partition sharding (-1: from RANK/SLURM_PROCID).")] = -1,
+    steps: Annotated[Optional[int], typer.Option(help="Budget in local steps (overrides train.*).")] = None,
+    fresh: Annotated[bool, typer.Option(help="Ignore an existing checkpoint instead of resuming from it.")] = False,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: section.key=VALUE (VALUE as JSON or text), repeatable.")] = None,
+    log_level: LogLevel = "INFO",
+) -> None:
+    """Run one peer daemon until its budget is spent or it is stopped (SIGINT/SIGTERM)."""
+    from swarmnet.peer.node import PeerIdentity, run_event_loop, run_peer, resolve_rank
+
+    setup_logging(log_level)
+    try:
+        manifest = load_manifest(peer_file) if peer_file else PeerManifest()
+        overrides = build_overrides(
+            network__listen=listen or manifest.listen, network__advertise=advertise or manifest.advertise,
+            network__seeds=(seed or []) + manifest.seeds, device__device=device or manifest.device,
+            run__dir=run_dir,
+        )
+        overrides.update(parse_settings(set_ or []))
+        if steps is not None:
+            overrides.update(budget_override(steps=steps))
+        cfg = load_config(config, overrides)
+    except ConfigError as exc:
+        fail(str(exc))
+    identity = PeerIdentity(name or manifest.name or socket.gethostname(), resolve_rank(rank if rank >= 0 else manifest.rank))
+    code = run_event_loop(run_peer(cfg, identity, resume=not fresh))
+    raise typer.Exit(code)
+
+
+@app.command()
+def up(
+    config: ConfigOpt = Path("configs/quickstart.toml"),
+    peers: Annotated[Optional[int], typer.Option("--peers", "-n", help="Number of local peers (default: run.peers).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Budget in local steps per peer.")] = None,
+    epochs: Annotated[Optional[float], typer.Option(help="Budget in epochs per peer.")] = None,
+    summary: Annotated[Optional[Path], typer.Option(help="Write the JSON summary here.")] = None,
+    run_dir: Annotated[Optional[str], typer.Option(help="Run directory (overrides run.dir).")] = None,
+    peer_dir: Annotated[Optional[Path], typer.Option("--manifests", help="Start one peer per manifest in this folder instead of --peers.")] = None,
+    transport: Annotated[str, typer.Option(help="tcp (127.0.0.1) or ipc (unix sockets under the run dir).")] = "tcp",
+    fresh: Annotated[bool, typer.Option(help="Start from scratch even if checkpoints exist.")] = True,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: section.key=VALUE, repeatable.")] = None,
+    log_level: LogLevel = "WARNING",
+) -> None:
+    """Launch a local swarm as real processes, show progress, write a summary."""
+    from swarmnet.launch import LaunchPlan, launch
+
+    setup_logging(log_level)
+    overrides = build_overrides(run__peers=peers, run__dir=run_dir)
+    try:
+        overrides.update(parse_settings(set_ or []))
+        if steps is not None or epochs is not None:
+            overrides.update(budget_override(steps=steps, epochs=epochs))
+        cfg = load_config(config, overrides)
+        plan = LaunchPlan.build(cfg, config_path=config, overrides=overrides, manifests=peer_dir,
+                                transport=transport, fresh=fresh, log_level=log_level)
+    except ConfigError as exc:
+        fail(str(exc))
+    raise typer.Exit(launch(plan, summary_path=summary))
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

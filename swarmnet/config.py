@@ -1,0 +1,288 @@
+"""Typed, validated configuration loaded from TOML (configs/ for the swarm, peers/ for one peer).
+
+Every section is a dataclass whose fields are the schema; every field has a default that serves
+the bundled quickstart. Unknown keys and bad values raise :class:`ConfigError` naming the file,
+the key and the fix. Precedence: defaults < config file < peer manifest < CLI flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from swarmnet.algorithms.schedules import SCHEDULES
+from swarmnet.algorithms.topology import parse_topology
+from swarmnet.errors import ConfigError
+
+
+@dataclass(kw_only=True, slots=True)
+class RunConfig:
+    dir: str = "runs/default"
+    """Run directory; each peer writes <dir>/<peer name>/ (metrics, checkpoint, summary)."""
+    seed: int = 0
+    """Seeds the shared model initialization; per-peer data order derives from it and the name."""
+    peers: int = 4
+    """Expected swarm size: used by `swarmnet up` and by the epoch multiplier."""
+
+    def __post_init__(self) -> None:
+        _require(self.peers >= 1, "peers", "must be >= 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class TaskConfig:
+    spec: str = "swarmnet.tasks.digits:task"
+    """``module:function`` returning a swarmnet.tasks.Task."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for the task function."""
+
+    def __post_init__(self) -> None:
+        _require(":" in self.spec, "spec", "must look like 'module:function'")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    batch_size: int = 32
+    steps: int = 0
+    """Budget in local steps per peer (0: use epochs)."""
+    epochs: float = 0.0
+    """Budget in epochs per peer; one epoch is ceil(|D| / batch_size) local steps (SPEC 1.4)."""
+    sequential_epochs: float = 0.0
+    """If > 0: the sequential recipe's epochs; each peer then trains
+    multiplier * sequential_epochs / peers epochs and milestones scale alike (SPEC 1.4, 2.7)."""
+    multiplier: float = 1.0
+    lr: float = 0.1
+    schedule: str = "constant"
+    clock_scale: float = 100.0
+    """V0 of the popsgd schedule eta0 / (1 + V / V0)."""
+    milestones: list[float] = field(default_factory=list)
+    """Epochs (of the recipe given) at which multistep multiplies the rate by gamma."""
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    final_lr_ratio: float = 0.0
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    nesterov: bool = False
+    shard: str = "random"
+    """random: each peer samples the whole set in its own order; partition: n/2 shards, each
+    shared by two peers (SPEC 1.4), reshuffled per epoch with per-peer seeds."""
+    metrics_every: int = 10
+    eval_every: int = 0
+    """Evaluate the local model every this many steps (0: only at the end)."""
+    checkpoint_every: float = 30.0
+    """Seconds between checkpoints (0: only the final one)."""
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _require(self.steps >= 0 and self.epochs >= 0, "steps", "budgets must be >= 0")
+        budgets = sum(x > 0 for x in (self.steps, self.epochs, self.sequential_epochs))
+        _require(budgets <= 1, "steps", "set only one of steps, epochs, sequential_epochs")
+        _require(math.isfinite(self.lr) and self.lr >= 0, "lr", "must be a finite number >= 0")
+        _require(self.schedule in SCHEDULES, "schedule", f"must be one of {', '.join(SCHEDULES)}")
+        _require(self.multiplier > 0, "multiplier", "must be > 0")
+        _require(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
+        _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _require(self.shard in ("random", "partition"), "shard", "must be 'random' or 'partition'")
+        _require(self.metrics_every >= 1, "metrics_every", "must be >= 1")
+        _require(self.clock_scale > 0, "clock_scale", "must be > 0")
+
+
+@dataclass(kw_only=True, slots=True)
+class AlgorithmConfig:
+    name: str = "swarmsgd"
+    """swarmsgd (SPEC 2.9) or popsgd (SPEC 1.2)."""
+    local_steps: float = 1
+    """H: local steps between interactions (swarmsgd; popsgd always uses 1)."""
+    geometric: bool = False
+    """Draw H from a geometric law with mean local_steps instead of fixing it."""
+    symmetric: bool | None = None
+    """Also update the neighbour (a nudge in delta form, SPEC 2.9 item 4). Default: on for
+    popsgd (pairwise averaging), off for swarmsgd (pull-only, as in SPEC 2.9)."""
+    topology: str = "complete"
+    """complete, ring or random-regular:K, over the membership sorted by peer id."""
+
+    def __post_init__(self) -> None:
+        _require(self.name in ("swarmsgd", "popsgd"), "name", "must be 'swarmsgd' or 'popsgd'")
+        _require(self.local_steps >= 1, "local_steps", "must be >= 1")
+        _require(self.geometric or self.local_steps == int(self.local_steps), "local_steps",
+                 "must be an integer unless geometric = true")
+        try:
+            parse_topology(self.topology)
+        except ValueError as exc:
+            raise ValueError(f"topology: {exc}") from None
+
+    @property
+    def is_symmetric(self) -> bool:
+        return self.name == "popsgd" if self.symmetric is None else self.symmetric
+
+
+@dataclass(kw_only=True, slots=True)
+class CodecConfig:
+    name: str = "fp32"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True, slots=True)
+class NetworkConfig:
+    listen: str = "tcp://127.0.0.1:0"
+    """Address to bind; port 0 picks a free port, which the peer then advertises."""
+    advertise: str = ""
+    """Address other peers should use, when it differs from the bound one (NAT, 0.0.0.0)."""
+    seeds: list[str] = field(default_factory=list)
+    request_timeout: float = 10.0
+    """Deadline of one request (a snapshot pull included)."""
+    gossip_interval: float = 0.5
+    dead_after: float = 5.0
+    """A peer whose heartbeat has not advanced for this long is suspected and not picked."""
+    failure_backoff: float = 2.0
+    """First back-off after a failed request to a peer; doubles per failure, capped at 60 s."""
+    pull_interval: float = 0.0
+    """Minimum seconds between two pulls (0: pull as soon as the last one was applied)."""
+    min_peers: int = 0
+    """Before the first step, wait until this many other peers are known (or join_timeout
+    passes): lets a launcher start a swarm without giving the first peer a head start."""
+    join_timeout: float = 30.0
+    linger: float = 1.0
+    """After its budget, keep serving the final snapshot this long (others may be finishing)."""
+    max_header_bytes: int = 65536
+    max_message_bytes: int = 2**31 - 1
+    """Largest single frame accepted (ZeroMQ drops connections that send more)."""
+    max_concurrent_requests: int = 64
+
+    def __post_init__(self) -> None:
+        _require("://" in self.listen, "listen", "must be a URL such as tcp://127.0.0.1:0")
+        for seed in self.seeds:
+            _require("://" in seed, "seeds", f"{seed!r} must be a URL such as tcp://host:port")
+        for name in ("request_timeout", "gossip_interval", "dead_after", "failure_backoff"):
+            _require(getattr(self, name) > 0, name, "must be > 0")
+        _require(self.pull_interval >= 0 and self.linger >= 0, "linger", "must be >= 0")
+        _require(self.min_peers >= 0 and self.join_timeout >= 0, "min_peers", "must be >= 0")
+        _require(1024 <= self.max_header_bytes <= 2**24, "max_header_bytes", "must be in [1 KiB, 16 MiB]")
+        _require(self.max_message_bytes >= 1024, "max_message_bytes", "must be >= 1024")
+
+
+@dataclass(kw_only=True, slots=True)
+class DeviceConfig:
+    device: str = "auto"
+    """auto (GPU from LOCAL_RANK / SLURM_LOCALID when CUDA is present, else CPU), cpu, cuda:N."""
+    threads: int = 1
+    """torch intra-op threads per peer (several peers usually share a machine)."""
+
+    def __post_init__(self) -> None:
+        _require(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device",
+                 "must be auto, cpu or cuda:N")
+        _require(self.threads >= 1, "threads", "must be >= 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class SwarmConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1000))
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+
+
+@dataclass(kw_only=True, slots=True)
+class PeerManifest:
+    """peers/NAME.toml: who one peer is and where it listens."""
+
+    name: str = ""
+    listen: str = ""
+    advertise: str = ""
+    device: str = ""
+    seeds: list[str] = field(default_factory=list)
+    rank: int = -1
+    """Index of this peer in the swarm, for partition sharding (-1: from the environment)."""
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None) -> SwarmConfig:
+    """Load a swarm config file (None: built-in defaults), then apply dotted ``overrides``
+    such as {"train.steps": 100}."""
+    data = _read_toml(path) if path else {}
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        data.setdefault(section, {})[key] = value
+    source = str(path) if path else "<defaults>"
+    return _build(SwarmConfig, data, source, "")
+
+
+def load_manifest(path: str | os.PathLike[str]) -> PeerManifest:
+    manifest = _build(PeerManifest, _read_toml(path), str(path), "")
+    if not manifest.name:
+        manifest.name = Path(path).stem
+    return manifest
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain-data view of a config (for logs, summaries and child processes)."""
+    return dataclasses.asdict(config)
+
+
+def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file; check the path (configs/ holds examples)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def _build(cls: type, data: Any, source: str, prefix: str) -> Any:
+    where = f"[{prefix.rstrip('.')}]" if prefix else "top level"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {where} must be a table, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(names)}"
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}' in {where}; {hint}")
+        kwargs[key] = _coerce(hints[key], value, source, f"{prefix}{key}")
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        key, _, why = str(exc).partition(": ")
+        raise ConfigError(f"{source}: {prefix}{key}: {why or exc}") from None
+
+
+def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, source, key + ".")
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, source, key)
+    expected = origin or hint
+    ok = isinstance(value, expected)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if expected in (int, float) and isinstance(value, bool):
+        ok = False
+    if not ok:
+        raise ConfigError(
+            f"{source}: {key} must be {getattr(expected, '__name__', expected)}, got {value!r}"
+        )
+    if origin is list:
+        return [_coerce(args[0], item, source, key) for item in value]
+    return value
+
+
+def _require(condition: bool, key: str, why: str) -> None:
+    if not condition:
+        raise ValueError(f"{key}: {why}")

@@ -1,0 +1,338 @@
+"""``swarmnet up``: start a local swarm as real peer processes, watch it, summarize it.
+
+Each peer is its own ``swarmnet peer`` process (the same code path as a hand-started daemon).
+The first peer binds a free port and announces it in its peer card; the others get it as their
+seed, and every peer waits (bounded) until it knows the rest before its first step, so nobody
+gets a head start. Ctrl-C or SIGTERM forwards SIGTERM to every peer, which stops cleanly; a
+second one kills them. When all have exited, the launcher averages the peers' final models,
+evaluates the average and writes the summary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from swarmnet.config import SwarmConfig, load_manifest, to_dict
+from swarmnet.errors import ConfigError
+from swarmnet.peer import checkpoint
+from swarmnet.peer.compute import plan_training
+from swarmnet.peer.metrics import read_metrics
+from swarmnet.tasks import load_task
+
+PEER_FILES = ("card.json", "summary.json", "metrics.jsonl", "checkpoint.pt", "peer.log")
+CARD_TIMEOUT = 120.0
+STOP_GRACE = 20.0
+
+
+@dataclass(slots=True)
+class PeerProcess:
+    name: str
+    rank: int
+    listen: str
+    seeds: list[str]
+    device: str = ""
+    proc: subprocess.Popen[bytes] | None = None
+    exit_code: int | None = None
+
+    @property
+    def dir_name(self) -> str:
+        return self.name
+
+
+@dataclass(slots=True)
+class LaunchPlan:
+    cfg: SwarmConfig
+    run_dir: Path
+    peers: list[PeerProcess]
+    base_command: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    total_steps: int = 0
+
+    @classmethod
+    def build(cls, cfg: SwarmConfig, *, config_path: Path | None, overrides: dict[str, Any],
+              manifests: Path | None, transport: str, fresh: bool, log_level: str) -> LaunchPlan:
+        run_dir = Path(cfg.run.dir)
+        if manifests is not None:
+            files = sorted(manifests.glob("*.toml"))
+            if not files:
+                raise ConfigError(f"{manifests}: no peer manifests (*.toml) found; `swarmnet init` writes them")
+            peers = []
+            for i, path in enumerate(files):
+                m = load_manifest(path)
+                peers.append(PeerProcess(m.name, m.rank if m.rank >= 0 else i, m.listen or _listen(transport, run_dir, m.name), m.seeds, m.device))
+        else:
+            peers = [PeerProcess(f"peer{i}", i, _listen(transport, run_dir, f"peer{i}"), []) for i in range(cfg.run.peers)]
+        if len({p.name for p in peers}) != len(peers):
+            raise ConfigError("peer names must be unique")
+        n = len(peers)
+        settings = dict(overrides)
+        settings.update({"run.peers": n, "run.dir": str(run_dir), "network.min_peers": n - 1})
+        base = [sys.executable, "-m", "swarmnet", "peer", "--log-level", log_level]
+        if config_path is not None:
+            base += ["--config", str(config_path)]
+        for key, value in settings.items():
+            base += ["--set", f"{key}={json.dumps(value)}"]
+        if fresh:
+            base.append("--fresh")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(cfg.device.threads))
+        # Fresh receive buffers on hugepages: much faster large pulls (docs/benchmarks.md).
+        env.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+        plan = cls(cfg, run_dir, peers, base, env)
+        task = load_task(cfg.task.spec, cfg.task.options)
+        plan.total_steps = plan_training(cfg.train, n, task.num_samples).total_steps
+        if fresh:
+            for p in peers:
+                for name in PEER_FILES:
+                    (run_dir / p.name / name).unlink(missing_ok=True)
+        return plan
+
+
+def _listen(transport: str, run_dir: Path, name: str) -> str:
+    if transport == "tcp":
+        return "tcp://127.0.0.1:0"
+    if transport == "ipc":
+        return f"ipc://{(run_dir / name / 'peer.sock').resolve()}"
+    raise ConfigError(f"--transport {transport!r}: use tcp or ipc")
+
+
+def _start(plan: LaunchPlan, peer: PeerProcess, seeds: list[str]) -> None:
+    cmd = [*plan.base_command, "--name", peer.name, "--rank", str(peer.rank), "--listen", peer.listen]
+    for seed in [*peer.seeds, *seeds]:
+        cmd += ["--seed", seed]
+    if peer.device:
+        cmd += ["--device", peer.device]
+    peer_dir = plan.run_dir / peer.name
+    peer_dir.mkdir(parents=True, exist_ok=True)
+    log = open(peer_dir / "peer.log", "ab")
+    peer.proc = subprocess.Popen(cmd, env=plan.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    log.close()
+
+
+def _card(plan: LaunchPlan, peer: PeerProcess, deadline: float) -> str:
+    path = plan.run_dir / peer.name / "card.json"
+    while time.monotonic() < deadline:
+        if path.exists():
+            return str(json.loads(path.read_text())["addr"])
+        if peer.proc is not None and peer.proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    tail = _log_tail(plan, peer)
+    raise ConfigError(f"peer {peer.name} did not come up (exit {peer.proc.poll() if peer.proc else '?'}); its log ends:\n{tail}")
+
+
+def _log_tail(plan: LaunchPlan, peer: PeerProcess, lines: int = 15) -> str:
+    try:
+        return "\n".join((plan.run_dir / peer.name / "peer.log").read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+class _Interrupt:
+    """First SIGINT/SIGTERM: stop peers gracefully; second: kill them."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.count += 1
+
+
+def launch(plan: LaunchPlan, *, summary_path: Path | None = None, console: Console | None = None) -> int:
+    console = console or Console(stderr=True)
+    interrupt = _Interrupt()
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    started = time.monotonic()
+    try:
+        first, rest = plan.peers[0], plan.peers[1:]
+        _start(plan, first, [])
+        seed = _card(plan, first, time.monotonic() + CARD_TIMEOUT)
+        for peer in rest:
+            _start(plan, peer, [seed])
+        console.print(f"swarmnet: {len(plan.peers)} peers, seed {seed}, run dir {plan.run_dir}")
+        interrupted = _supervise(plan, interrupt, console)
+    except ConfigError:
+        _stop_all(plan, kill=True)
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    result = summarize(plan, time.monotonic() - started, interrupted)
+    if summary_path is not None:
+        summary_path.parent.mkdir(parents=True, exist_ok=True)
+        summary_path.write_text(json.dumps(result, indent=2, default=str))
+    console.print(render_summary(result))
+    if interrupted:
+        return 130
+    return 0 if result["ok"] else 1
+
+
+def _supervise(plan: LaunchPlan, interrupt: _Interrupt, console: Console) -> bool:
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
+                        disable=not console.is_terminal)
+    tasks = {p.name: progress.add_task(p.name, total=plan.total_steps, info="") for p in plan.peers}
+    offsets = {p.name: 0 for p in plan.peers}
+    last_line = 0.0
+    stop_sent_at: float | None = None
+    with progress:
+        while any(p.exit_code is None for p in plan.peers):
+            if interrupt.count and stop_sent_at is None:
+                console.print("stopping the swarm (again to kill)...")
+                _stop_all(plan, kill=False)
+                stop_sent_at = time.monotonic()
+            if interrupt.count > 1 or (stop_sent_at and time.monotonic() - stop_sent_at > STOP_GRACE):
+                _stop_all(plan, kill=True)
+            for p in plan.peers:
+                if p.exit_code is None and p.proc is not None:
+                    p.exit_code = p.proc.poll()
+                latest = _tail_metrics(plan.run_dir / p.name / "metrics.jsonl", offsets, p.name)
+                if latest:
+                    info = f"loss {latest.get('loss', float('nan')):.4f}  merges {latest.get('interactions', 0)}"
+                    progress.update(tasks[p.name], completed=latest.get("step", 0), info=info)
+                if p.exit_code is not None:
+                    state = "done" if p.exit_code == 0 else f"exit {p.exit_code}"
+                    progress.update(tasks[p.name], info=state)
+            if not console.is_terminal and time.monotonic() - last_line > 5:
+                last_line = time.monotonic()
+                steps = [progress.tasks[tasks[p.name]].completed for p in plan.peers]
+                console.print(f"steps per peer: {', '.join(str(int(s)) for s in steps)} / {plan.total_steps}")
+            time.sleep(0.2)
+    return interrupt.count > 0
+
+
+def _tail_metrics(path: Path, offsets: dict[str, int], key: str) -> dict[str, Any] | None:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            fh.seek(offsets[key])
+            chunk = fh.read()
+    except OSError:
+        return None
+    complete = chunk[: chunk.rfind("\n") + 1]
+    offsets[key] += len(complete.encode())
+    latest = None
+    for line in complete.splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "loss" in record:
+            latest = record
+    return latest
+
+
+def _stop_all(plan: LaunchPlan, *, kill: bool) -> None:
+    for p in plan.peers:
+        if p.proc is not None and p.proc.poll() is None:
+            p.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+
+
+def summarize(plan: LaunchPlan, elapsed: float, interrupted: bool) -> dict[str, Any]:
+    """Per-peer results plus the evaluation of the average of all final models."""
+    rows = []
+    for p in plan.peers:
+        peer_dir = plan.run_dir / p.name
+        code = p.exit_code
+        row: dict[str, Any] = {"name": p.name, "exit_code": code}
+        if code is not None and code < 0:
+            row["signal"] = signal.Signals(-code).name
+        try:
+            peer_summary = json.loads((peer_dir / "summary.json").read_text())
+            peer_summary.pop("config", None)
+            row.update(peer_summary)
+        except (OSError, json.JSONDecodeError):
+            row["reason"] = "no summary (the peer died before finishing)"
+            metrics = _last_metrics(peer_dir / "metrics.jsonl")
+            if metrics:
+                row.update(steps=metrics.get("step"), final_loss=metrics.get("loss"),
+                           interactions=metrics.get("interactions"))
+        row["ok"] = code == 0 and row.get("reason") in ("budget", "stopped")
+        rows.append(row)
+    finished = [p for p, r in zip(plan.peers, rows) if r["ok"]]
+    result: dict[str, Any] = {
+        "ok": all(r["ok"] for r in rows) and not interrupted,
+        "interrupted": interrupted,
+        "elapsed_s": elapsed,
+        "peers": rows,
+        "metric": load_task(plan.cfg.task.spec, plan.cfg.task.options).metric,
+        "average": average_models(plan, finished),
+        "config": to_dict(plan.cfg),
+    }
+    return result
+
+
+def _last_metrics(path: Path) -> dict[str, Any] | None:
+    try:
+        records = [r for r in read_metrics(path) if "loss" in r]
+    except OSError:
+        return None
+    return records[-1] if records else None
+
+
+def average_models(plan: LaunchPlan, peers: list[PeerProcess]) -> dict[str, Any]:
+    """Average the float parameters of the given peers' final checkpoints and evaluate it.
+    Buffers (BatchNorm statistics) come from the first peer (SPEC 4 item 2)."""
+    states = []
+    for p in peers:
+        try:
+            states.append(checkpoint.load(plan.run_dir / p.name / "checkpoint.pt")["model"])
+        except (OSError, KeyError, RuntimeError):
+            continue
+    if not states:
+        return {"peers_averaged": 0}
+    task = load_task(plan.cfg.task.spec, plan.cfg.task.options)
+    torch.manual_seed(plan.cfg.run.seed)
+    model = task.build_model()
+    params = {name for name, _ in model.named_parameters()}
+    merged = dict(states[0])
+    squared = 0.0
+    for name in params:
+        stack = torch.stack([s[name].float() for s in states])
+        mean = stack.mean(0)
+        merged[name] = mean
+        squared += float((stack - mean).pow(2).sum())
+    model.load_state_dict(merged)
+    model.eval()
+    evaluation = {}
+    if task.evaluate is not None:
+        with torch.no_grad():
+            evaluation = {k: float(v) for k, v in task.evaluate(model).items()}
+    return {"peers_averaged": len(states), "eval": evaluation,
+            "consensus_distance": math.sqrt(squared / len(states))}
+
+
+def render_summary(result: dict[str, Any]) -> Table:
+    table = Table(title="swarm summary" + (" (interrupted)" if result["interrupted"] else ""))
+    for col in ("peer", "status", "steps", "merges", "sent MB", "recv MB", "train loss", result["metric"]):
+        table.add_column(col, justify="right" if col not in ("peer", "status") else "left")
+
+    metric = result["metric"]
+
+    def fmt_eval(ev: dict[str, Any] | None) -> str:
+        value = (ev or {}).get(metric)
+        return f"{value:.4f}" if isinstance(value, (int, float)) else "?"
+
+    for r in result["peers"]:
+        status = r.get("reason", "?") if r["ok"] else f"{r.get('signal') or 'exit ' + str(r['exit_code'])}: {r.get('reason', '')}"
+        loss = r.get("final_loss")
+        table.add_row(r["name"], status, str(r.get("steps", "?")), str(r.get("interactions", "?")),
+                      f"{(r.get('bytes_sent') or 0) / 1e6:.1f}", f"{(r.get('bytes_received') or 0) / 1e6:.1f}",
+                      f"{loss:.4f}" if isinstance(loss, (int, float)) else "?", fmt_eval(r.get("eval")))
+    avg = result["average"]
+    if avg.get("peers_averaged"):
+        table.add_row("average", f"{avg['peers_averaged']} models", "", "", "", "",
+                      f"dist {avg['consensus_distance']:.4f}", fmt_eval(avg.get("eval")))
+    return table

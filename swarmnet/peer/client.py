@@ -1,0 +1,52 @@
+"""Outgoing requests: one cached connection per neighbour address, replies validated."""
+
+from __future__ import annotations
+
+from swarmnet.errors import ProtocolError
+from swarmnet.peer.stats import PeerStats
+from swarmnet.transport import Connection, TransportSet
+from swarmnet.wire import Limits, Message, MsgType, decode, encode
+
+
+class Rejected(ProtocolError):
+    """The far end answered REJECT."""
+
+
+class PeerClient:
+    def __init__(
+        self, *, sender: str, transports: TransportSet, limits: Limits, timeout: float,
+        stats: PeerStats, max_frame_bytes: int,
+    ) -> None:
+        self.sender = sender
+        self.transports = transports
+        self.limits = limits
+        self.timeout = timeout
+        self.stats = stats
+        self.max_frame_bytes = max_frame_bytes
+        self._connections: dict[str, Connection] = {}
+
+    def connection(self, address: str) -> Connection:
+        conn = self._connections.get(address)
+        if conn is None:
+            conn = self.transports.for_url(address).connect(address, max_frame_bytes=self.max_frame_bytes)
+            self._connections[address] = conn
+        return conn
+
+    async def call(self, address: str, msg: Message, timeout: float | None = None) -> Message:
+        """Send ``msg`` and return the validated reply. Raises TransportError, RequestTimeout,
+        ProtocolError for a malformed reply, or Rejected."""
+        frames = encode(msg)
+        self.stats.bytes_out += sum(memoryview(f).nbytes for f in frames)
+        raw = await self.connection(address).request(frames, timeout or self.timeout)
+        self.stats.bytes_in += sum(f.nbytes for f in raw)
+        reply = decode(raw, self.limits)
+        if reply.re != msg.mid:
+            raise ProtocolError("malformed", f"reply to message {reply.re}, expected {msg.mid}")
+        if reply.type is MsgType.REJECT:
+            raise Rejected(reply.body["code"], reply.body["reason"])
+        return reply
+
+    async def aclose(self) -> None:
+        for conn in self._connections.values():
+            await conn.aclose()
+        self._connections.clear()

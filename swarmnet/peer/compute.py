@@ -1,0 +1,281 @@
+"""The compute loop: local SGD steps on the live model, merges between steps, publishing.
+
+Runs in one dedicated thread and never waits on the network: it only polls the mailbox and the
+nudge inbox between steps (SPEC 2.9). Legend: N = number of float parameter coordinates.
+
+    live_N   W: the model the optimizer steps (the parameters are views into it)
+    stale_N  X^: the communication copy as of the last own merge; what gets published
+
+SwarmSGD: after at least H local steps and once the mailbox holds a pulled neighbour, the live
+model takes the delta the exchange computed, ``W += (Q(C_j) + Q(K)) / 2 - K`` with K the own
+snapshot used as key; then X^ <- W and a new snapshot is published. PopSGD is the same cycle
+with H = 1, pairwise (symmetric) merges and the phase-clock learning rate (SPEC 1.2, 2.4).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from swarmnet.algorithms import LocalSteps, PhaseClock, Schedule, compress_epochs
+from swarmnet.codecs import Codec
+from swarmnet.config import SwarmConfig, TrainConfig
+from swarmnet.peer import checkpoint
+from swarmnet.peer.data import ShardSampler
+from swarmnet.peer.metrics import MetricsWriter
+from swarmnet.peer.state import FlatParameters, Mailbox, MergeEntry, NudgeInbox, SnapshotStore
+from swarmnet.peer.stats import PeerStats
+from swarmnet.tasks import Task
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingPlan:
+    total_steps: int
+    steps_per_epoch: int
+    schedule: Schedule
+
+
+def plan_training(train: TrainConfig, peers: int, num_samples: int) -> TrainingPlan:
+    """Budget and schedule in local steps from a config (SPEC 1.4 / 2.7 epoch multiplier)."""
+    steps_per_epoch = math.ceil(num_samples / train.batch_size)
+    milestones = tuple(train.milestones)
+    if train.steps:
+        total = train.steps
+    elif train.epochs:
+        total = math.ceil(train.epochs * steps_per_epoch)
+    elif train.sequential_epochs:
+        epochs, milestones = compress_epochs(train.sequential_epochs, milestones, train.multiplier, peers)
+        total = math.ceil(epochs * steps_per_epoch)
+    else:
+        total = 1000
+    schedule = Schedule(
+        kind=train.schedule,
+        lr=train.lr,
+        clock_scale=train.clock_scale,
+        milestones=tuple(round(m * steps_per_epoch) for m in milestones),
+        gamma=train.gamma,
+        total_steps=total,
+        final_ratio=train.final_lr_ratio,
+        warmup_steps=round(train.warmup_epochs * steps_per_epoch),
+    )
+    return TrainingPlan(total, steps_per_epoch, schedule)
+
+
+class ComputeLoop:
+    def __init__(
+        self,
+        *,
+        cfg: SwarmConfig,
+        task: Task,
+        device: torch.device,
+        codec: Codec,
+        store: SnapshotStore,
+        mailbox: Mailbox,
+        clock: PhaseClock,
+        stats: PeerStats,
+        peer_dir: Path,
+        rank: int,
+        peer_seed: int,
+        log: logging.LoggerAdapter,  # type: ignore[type-arg]
+    ) -> None:
+        self.cfg = cfg
+        self.task = task
+        self.device = device
+        self.codec = codec
+        self.store = store
+        self.mailbox = mailbox
+        self.clock = clock
+        self.stats = stats
+        self.log = log
+        self.peer_dir = peer_dir
+        self.checkpoint_path = peer_dir / "checkpoint.pt"
+        self.stop = threading.Event()
+
+        torch.manual_seed(cfg.run.seed)  # identical initialization on every peer (SPEC 4 item 6)
+        self.model: nn.Module = task.build_model().to(device)
+        self.flat = FlatParameters(self.model)
+        self.live_N = self.flat.vector_N
+        self.stale_N = self.live_N.clone()
+        self.inbox = NudgeInbox(self.flat.numel, device)
+        train = cfg.train
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(), lr=train.lr, momentum=train.momentum,
+            weight_decay=train.weight_decay, nesterov=train.nesterov and train.momentum > 0,
+        )
+        self.plan = plan_training(train, cfg.run.peers, task.num_samples)
+        self.sampler = ShardSampler(
+            task.num_samples, train.batch_size, shard=train.shard, rank=rank, peers=cfg.run.peers,
+            seed=cfg.run.seed, peer_seed=peer_seed,
+        )
+        algo = cfg.algorithm
+        self.popsgd = algo.name == "popsgd"
+        self.local_steps = LocalSteps(1 if self.popsgd else algo.local_steps, algo.geometric)
+        self.rng = random.Random(peer_seed)
+        self.train_data = tuple(t.to(device) for t in task.train)
+        self.step = 0
+        self.since_merge = 0
+        self.target_h = self.local_steps.sample(self.rng)
+        self.metrics = MetricsWriter(peer_dir / "metrics.jsonl")
+        self._loss_sum = torch.zeros((), device=device)
+        self._loss_count = 0
+        self._staleness_sum = 0.0
+        self._last_checkpoint = time.monotonic()
+        self.last_eval: dict[str, float] = {}
+        self.started = time.monotonic()
+        stats.total_steps = self.plan.total_steps
+
+    # -- state --------------------------------------------------------------------------------
+
+    def resume(self) -> bool:
+        """Continue from this peer's checkpoint if there is one (model, optimizer, clock, data)."""
+        if not self.checkpoint_path.exists():
+            return False
+        state = checkpoint.load(self.checkpoint_path)
+        self.model.load_state_dict(state["model"])  # copies into the flat views in place
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.stale_N.copy_(state["stale"])
+        self.step = int(state["step"])
+        self.clock.restore(int(state["clock"]))
+        self.sampler.load_state_dict(state["sampler"])
+        self.rng.setstate(state["rng"])
+        self.log.info("resumed from %s at step %d", self.checkpoint_path, self.step)
+        return True
+
+    def save_checkpoint(self) -> None:
+        state: dict[str, Any] = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "stale": self.stale_N,
+            "step": self.step,
+            "clock": self.clock.value,
+            "sampler": self.sampler.state_dict(),
+            "rng": self.rng.getstate(),
+            "task": self.cfg.task.spec,
+        }
+        try:
+            checkpoint.save_atomic(state, self.checkpoint_path)
+        except OSError as exc:
+            self.stats.checkpoint_errors += 1
+            self.log.error("checkpoint to %s failed (%s); training goes on, the previous "
+                           "checkpoint is intact; free space or fix permissions",
+                           self.checkpoint_path, exc.strerror or exc)
+        self._last_checkpoint = time.monotonic()
+
+    def publish(self) -> None:
+        """Encode the communication copy once; the server hands it to any number of readers."""
+        lr = self.plan.schedule(self.step, self.clock.value)
+        encoded = self.codec.encode(self.stale_N, {"lr": lr, "local_steps": self.local_steps.mean})
+        values = encoded.quantized if self.codec.lossless else self.stale_N.clone()
+        self.store.publish(values, encoded, self.step)
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def run(self) -> str:
+        """Train until the budget or ``stop``; returns why it ended (budget, stopped, diverged)."""
+        self.model.train()
+        self.stats.state = "training"
+        reason = "budget"
+        while self.step < self.plan.total_steps:
+            if self.stop.is_set():
+                reason = "stopped"
+                break
+            self.train_step()
+            self.merge_pending()
+            if self.step % self.cfg.train.metrics_every == 0 and not self.write_metrics():
+                reason = "diverged"
+                break
+            every = self.cfg.train.eval_every
+            if every and self.step % every == 0:
+                self.evaluate()
+            interval = self.cfg.train.checkpoint_every
+            if interval and time.monotonic() - self._last_checkpoint >= interval:
+                self.save_checkpoint()
+        return reason
+
+    def train_step(self) -> None:
+        indices = self.sampler.next_indices()
+        batch = tuple(t[indices.to(t.device)] for t in self.train_data)
+        lr = self.plan.schedule(self.step, self.clock.value)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.task.loss(self.model, batch)
+        loss.backward()
+        self.optimizer.step()
+        self._loss_sum += loss.detach()
+        self._loss_count += 1
+        self.step += 1
+        self.since_merge += 1
+        self.stats.step = self.step
+        self.stats.lr = lr
+        self.stats.epoch = self.step / self.plan.steps_per_epoch
+
+    def merge_pending(self, *, final: bool = False) -> None:
+        """Between steps: neighbours' nudges, then our own merge when H steps are done."""
+        nudged = self.inbox.drain_into(self.live_N, self.stale_N)
+        self.stats.nudges_applied += nudged
+        entry = None
+        if final or self.since_merge >= self.target_h:
+            entry = self.mailbox.take()
+        if entry is not None:
+            self.apply(entry)
+            self.stale_N.copy_(self.live_N)
+        if entry is not None or nudged:
+            self.publish()
+
+    def apply(self, entry: MergeEntry) -> None:
+        self.live_N.add_(entry.delta_N)
+        self.stats.interactions += 1
+        self._staleness_sum += entry.age + (time.monotonic() - entry.received)
+        self.stats.staleness_s = self._staleness_sum / self.stats.interactions
+        self.since_merge = 0
+        self.target_h = self.local_steps.sample(self.rng)
+
+    def write_metrics(self) -> bool:
+        loss = float(self._loss_sum / max(1, self._loss_count))  # CPU<->GPU sync point
+        self._loss_sum.zero_()
+        self._loss_count = 0
+        self.stats.loss = loss
+        self.stats.clock = self.clock.value
+        s = self.stats
+        self.metrics.write({
+            "time": time.time(), "elapsed": time.monotonic() - self.started, "step": s.step,
+            "epoch": s.epoch, "loss": loss, "lr": s.lr, "clock": s.clock,
+            "interactions": s.interactions, "nudges": s.nudges_applied, "pulls_failed": s.pulls_failed,
+            "bytes_in": s.bytes_in, "bytes_out": s.bytes_out, "staleness_s": s.staleness_s,
+            "consensus": s.consensus, "bits_per_coord": s.bits_per_coord, "peers": s.peers_alive,
+        })
+        if not math.isfinite(loss):
+            self.log.error("training loss is %s at step %d: the model diverged; lower train.lr "
+                           "or check the data", loss, self.step)
+            return False
+        return True
+
+    def evaluate(self) -> dict[str, float]:
+        if self.task.evaluate is None:
+            return {}
+        self.model.eval()
+        with torch.no_grad():
+            self.last_eval = {k: float(v) for k, v in self.task.evaluate(self.model).items()}
+        self.model.train()
+        self.metrics.write({"time": time.time(), "step": self.step, "eval": self.last_eval})
+        return self.last_eval
+
+    def finalize(self) -> None:
+        """After the exchange has stopped: merge what was acknowledged, publish, checkpoint."""
+        self.inbox.close()
+        self.merge_pending(final=True)
+        if self._loss_count:
+            self.write_metrics()
+        self.evaluate()
+        self.save_checkpoint()
+        self.metrics.close()

@@ -1,0 +1,73 @@
+"""Which training samples a peer sees, in which order (SPEC 1.4, 4 item 7).
+
+- ``random``: every peer draws from the whole set, reshuffled each epoch with its own seed.
+- ``partition``: the set is reshuffled each epoch (with the run seed, so all peers agree) and
+  cut into n/2 shards; ranks r and r + n/2 share shard r mod n/2 but walk it in their own order.
+One epoch is ceil(|D| / batch) steps whatever the shard size, as in the sequential recipe.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(slots=True)
+class SamplerPosition:
+    epoch: int = 0
+    batch: int = 0
+
+
+class ShardSampler:
+    def __init__(
+        self, num_samples: int, batch_size: int, *, shard: str, rank: int, peers: int, seed: int,
+        peer_seed: int,
+    ) -> None:
+        if num_samples < 1:
+            raise ValueError("the task has no training samples")
+        self.num_samples = num_samples
+        self.batch_size = min(batch_size, num_samples)
+        self.steps_per_epoch = math.ceil(num_samples / batch_size)
+        self.shard = shard
+        self.rank = rank % max(1, peers)
+        self.shards = max(1, peers // 2)
+        self.seed = seed
+        self.peer_seed = peer_seed
+        self.position = SamplerPosition()
+        self._order: Tensor | None = None
+
+    def _epoch_order(self, epoch: int) -> Tensor:
+        own = torch.Generator().manual_seed(self.peer_seed * 1_000_003 + epoch)
+        if self.shard == "random":
+            pool = torch.arange(self.num_samples)
+        else:
+            common = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            pool = torch.randperm(self.num_samples, generator=common).tensor_split(self.shards)[
+                self.rank % self.shards
+            ]
+        # Walk the pool in a per-peer order, repeated as often as one epoch needs.
+        needed = self.steps_per_epoch * self.batch_size
+        reps = math.ceil(needed / len(pool))
+        return torch.cat([pool[torch.randperm(len(pool), generator=own)] for _ in range(reps)])
+
+    def next_indices(self) -> Tensor:
+        pos = self.position
+        if self._order is None or pos.batch == 0:
+            self._order = self._epoch_order(pos.epoch)
+        start = pos.batch * self.batch_size
+        indices = self._order[start : start + self.batch_size]
+        pos.batch += 1
+        if pos.batch == self.steps_per_epoch:
+            pos.epoch, pos.batch = pos.epoch + 1, 0
+        return indices
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.position.epoch, "batch": self.position.batch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.position = SamplerPosition(int(state["epoch"]), int(state["batch"]))
+        if self.position.batch:
+            self._order = self._epoch_order(self.position.epoch)

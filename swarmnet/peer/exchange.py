@@ -1,0 +1,191 @@
+"""The exchange: pick a random neighbour, pull its snapshot, decode it against our own, hand the
+merge to the compute thread. One interaction at a time, paced by the compute loop: the next pull
+starts once the previous merge was taken from the mailbox (and ``pull_interval`` has passed).
+
+Decoding and the delta arithmetic run in a dedicated worker thread, never on the event loop.
+Any failure of a neighbour (timeout, garbage, reject, non-finite values) puts it on back-off and
+the exchange moves on; the compute loop never notices.
+
+Legend: N = number of float parameter coordinates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from swarmnet.algorithms import Topology, apply_nudge, pull_delta
+from swarmnet.codecs import Codec
+from swarmnet.errors import CodecError, ProtocolError, SwarmError
+from swarmnet.peer.client import Rejected
+from swarmnet.peer.membership import PeerRecord
+from swarmnet.peer.state import MergeEntry, Snapshot
+from swarmnet.wire import Message, MsgType, RejectCode, request
+
+if TYPE_CHECKING:
+    from swarmnet.peer.node import Peer
+
+MAX_ROUNDS = 8
+"""Pulls of one snapshot version a codec may ask for (lattice escalation) before giving up."""
+
+
+def check_finite(values_N: Tensor, what: str) -> None:
+    if not bool(torch.isfinite(values_N).all()):  # CPU<->GPU sync point
+        raise CodecError(f"{what} holds non-finite values")
+
+
+class Exchange:
+    def __init__(self, peer: Peer, *, topology: Topology, symmetric: bool, pull_interval: float,
+                 rng: random.Random, log: logging.LoggerAdapter) -> None:  # type: ignore[type-arg]
+        self.peer = peer
+        self.codec: Codec = peer.codec
+        self.topology = topology
+        self.symmetric = symmetric
+        self.pull_interval = pull_interval
+        self.rng = rng
+        self.log = log
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix=f"codec-{peer.name}")
+        numel, device = peer.compute.flat.numel, peer.compute.device
+        self._remote_N = torch.empty(numel, dtype=torch.float32, device=device)
+        # Two delta buffers: the compute thread may still be adding one while we fill the other.
+        self._deltas_N = [torch.empty(numel, dtype=torch.float32, device=device) for _ in range(2)]
+        self._next = 0
+        self._codec_state: dict[str, dict[str, Any]] = {}
+        self._stopping = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- loop ---------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        last = 0.0
+        mailbox = self.peer.mailbox
+        while not self._stopping.is_set():
+            await mailbox.emptied.wait()
+            wait = self.pull_interval - (time.monotonic() - last)
+            if wait > 0:
+                await asyncio.sleep(wait)
+            target = self.pick()
+            if target is None or self.peer.store.latest() is None:
+                await asyncio.sleep(0.05)  # nobody to talk to yet, or nothing of ours to merge
+                continue
+            last = time.monotonic()
+            self._idle.clear()
+            try:
+                await self.interact(target)
+            except Rejected as exc:
+                self.peer.stats.pulls_failed += 1
+                if exc.code != RejectCode.NOT_READY:  # a starting peer is not a faulty one
+                    self.peer.table.record_failure(target.id)
+                self.log.debug("%s refused: %s", target.name or target.id, exc)
+                await asyncio.sleep(0.01)
+            except SwarmError as exc:
+                self.peer.stats.pulls_failed += 1
+                self.peer.table.record_failure(target.id)
+                level = logging.WARNING if isinstance(exc, (CodecError, ProtocolError)) else logging.DEBUG
+                self.log.log(level, "interaction with %s failed: %s", target.name or target.id, exc)
+            finally:
+                self._idle.set()
+
+    async def stop(self) -> None:
+        """Let the interaction in flight finish (it is bounded by timeouts), start no other."""
+        self._stopping.set()
+        await self._idle.wait()
+
+    def pick(self) -> PeerRecord | None:
+        table = self.peer.table
+        alive = [r.id for r in table.alive()]
+        allowed = self.topology.neighbours_of(self.peer.id, alive) if alive else []
+        candidates = table.candidates(allowed)
+        return self.rng.choice(candidates) if candidates else None
+
+    # -- one interaction ----------------------------------------------------------------------
+
+    async def interact(self, target: PeerRecord) -> None:
+        peer = self.peer
+        own = peer.store.latest()
+        assert own is not None, "run() checks that a snapshot was published"
+        state = self._codec_state.setdefault(target.id, {})
+        sent_clock = peer.clock.value
+        reply = await peer.client.call(
+            target.addr, request(MsgType.PULL, peer.id, clock=sent_clock, want=self.codec.plan(state), version=None)
+        )
+        self._expect_snapshot(reply)
+        peer.clock.initiate(sent_clock, reply.body["clock"])
+        received = time.monotonic()
+        version = reply.body["version"]
+        result = await self._run(self.codec.decode, reply.body["meta"], reply.frames, own.values_N, self._remote_N, state)
+        rounds = 1
+        while not result.complete:
+            if rounds >= MAX_ROUNDS:
+                raise CodecError(f"snapshot {version} still unverified after {rounds} pulls")
+            reply = await peer.client.call(
+                target.addr, request(MsgType.PULL, peer.id, clock=peer.clock.value, want=result.more, version=version)
+            )
+            self._expect_snapshot(reply)
+            result = await self._run(self.codec.decode, reply.body["meta"], reply.frames, own.values_N, self._remote_N, state)
+            rounds += 1
+        delta_N = self._deltas_N[self._next]
+        distance = await self._run(self._merge_delta, own, delta_N)
+        if self.symmetric:
+            await self._nudge(target, own, version)
+        self._next ^= 1
+        stats = peer.stats
+        stats.pulls_ok += 1
+        stats.consensus = distance if stats.pulls_ok == 1 else 0.9 * stats.consensus + 0.1 * distance
+        if "bits_per_coord" in result.stats:
+            stats.bits_per_coord = result.stats["bits_per_coord"]
+        peer.table.record_success(target.id)
+        peer.mailbox.put(MergeEntry(delta_N, target.id, float(reply.body["age"]), received, distance))
+
+    def _expect_snapshot(self, reply: Message) -> None:
+        if reply.type is not MsgType.SNAPSHOT:
+            raise ProtocolError("unexpected_type", f"expected a snapshot, got {reply.type}")
+        if reply.body["codec"] != self.codec.name:
+            raise ProtocolError("mismatch", f"neighbour uses codec {reply.body['codec']}, we use {self.codec.name}")
+
+    def _merge_delta(self, own: Snapshot, delta_N: Tensor) -> float:
+        """Worker thread: check the decoded neighbour, then delta = (Q(C_j) + Q(K)) / 2 - K."""
+        check_finite(self._remote_N, "the neighbour's snapshot")
+        distance = float(torch.dist(self._remote_N, own.values_N)) / math.sqrt(2)
+        pull_delta(self._remote_N, own.encoded.quantized, own.values_N, out=delta_N)
+        return distance
+
+    async def _nudge(self, target: PeerRecord, own: Snapshot, used: int) -> None:
+        """Symmetric mode: send our snapshot so the neighbour moves halfway too. If it refuses,
+        we drop our half as well (raising), so the swarm's sum stays what it was."""
+        meta, frames = self.codec.select(own.encoded, None)
+        msg = request(MsgType.NUDGE, self.peer.id, frames, used=used, codec=self.codec.name, meta=meta)
+        try:
+            reply = await self.peer.client.call(target.addr, msg)
+        except Rejected:
+            self.peer.stats.nudges_rejected += 1
+            raise
+        if reply.type is not MsgType.ACK:
+            raise ProtocolError("unexpected_type", f"expected ack, got {reply.type}")
+        self.peer.stats.nudges_sent += 1
+
+    async def decode_nudge(self, msg: Message, used: Snapshot) -> Tensor:
+        """Server side of a nudge: (Q(C_i) - Q(C_j used)) / 2, in the worker thread."""
+        def work() -> Tensor:
+            decoded = torch.empty_like(used.values_N)
+            result = self.codec.decode(msg.body["meta"], msg.frames, used.values_N, decoded, {})
+            if not result.complete:
+                raise CodecError("a nudge must carry a complete snapshot")
+            check_finite(decoded, "the nudge")
+            return apply_nudge(decoded, used.encoded.quantized, out=decoded)
+        return await self._run(work)
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
+
+    def close(self) -> None:
+        self.worker.shutdown(wait=False, cancel_futures=True)

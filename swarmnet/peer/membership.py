@@ -1,0 +1,211 @@
+"""Who is in the swarm: a gossiped peer table with heartbeats, suspicion and back-off.
+
+Each peer increments its own heartbeat counter every gossip round and exchanges a sample of
+its table with one random peer (or a seed). A record whose heartbeat has not advanced for
+``dead_after`` seconds is suspected and no longer picked as a neighbour; after ``forget_after``
+it is dropped. A failed request puts the peer on exponential back-off, so a neighbour that
+times out or sends garbage is avoided for a while, never fatal. ``PeerTable`` is plain code
+with an injected clock; :class:`MembershipService` is the asyncio loop around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from swarmnet.errors import SwarmError
+from swarmnet.peer.client import PeerClient
+from swarmnet.wire import Message, MsgType, request
+
+MAX_CARDS = 128
+"""Peer cards per gossip message (keeps headers small in large swarms)."""
+MAX_BACKOFF = 60.0
+
+
+@dataclass(slots=True)
+class PeerRecord:
+    id: str
+    addr: str
+    name: str
+    hb: int
+    last_seen: float
+    failures: int = 0
+    avoid_until: float = 0.0
+    left: bool = False
+
+    def card(self) -> dict[str, Any]:
+        return {"id": self.id, "addr": self.addr, "hb": self.hb, "name": self.name}
+
+
+class PeerTable:
+    def __init__(
+        self, self_id: str, *, dead_after: float, backoff: float,
+        now: Callable[[], float] = time.monotonic, forget_after: float | None = None,
+    ) -> None:
+        self.self_id = self_id
+        self.dead_after = dead_after
+        self.backoff = backoff
+        self.forget_after = forget_after if forget_after is not None else 6 * dead_after
+        self.now = now
+        self.records: dict[str, PeerRecord] = {}
+        self.events: list[tuple[float, str, str]] = []
+        """(time, peer name or id, what happened) for status views; bounded."""
+
+    def _event(self, who: PeerRecord, what: str) -> None:
+        self.events.append((time.time(), who.name or who.id, what))
+        del self.events[:-100]
+
+    def merge(self, card: dict[str, Any], *, direct: bool = False) -> None:
+        """Fold in a card heard from the peer itself (``direct``) or relayed by another."""
+        pid = str(card["id"])
+        if pid == self.self_id:
+            return
+        now = self.now()
+        rec = self.records.get(pid)
+        if rec is None:
+            # A restarted peer comes back under a new id at the same address: drop the old one.
+            for old in [r for r in self.records.values() if r.addr == card["addr"]]:
+                del self.records[old.id]
+            rec = PeerRecord(pid, str(card["addr"]), str(card.get("name", "")), int(card["hb"]), now)
+            self.records[pid] = rec
+            self._event(rec, "joined")
+            return
+        if rec.left:
+            return
+        if int(card["hb"]) > rec.hb or direct:
+            rec.hb = max(rec.hb, int(card["hb"]))
+            rec.last_seen = now
+
+    def mark_left(self, pid: str) -> None:
+        rec = self.records.get(pid)
+        if rec is not None and not rec.left:
+            rec.left = True
+            self._event(rec, "left")
+
+    def record_failure(self, pid: str) -> None:
+        rec = self.records.get(pid)
+        if rec is not None:
+            rec.failures += 1
+            rec.avoid_until = self.now() + min(MAX_BACKOFF, self.backoff * 2 ** (rec.failures - 1))
+            if rec.failures == 1:
+                self._event(rec, "suspected")
+
+    def record_success(self, pid: str) -> None:
+        rec = self.records.get(pid)
+        if rec is not None:
+            rec.failures = 0
+            rec.avoid_until = 0.0
+            rec.last_seen = self.now()
+
+    def is_alive(self, rec: PeerRecord) -> bool:
+        return not rec.left and self.now() - rec.last_seen <= self.dead_after
+
+    def alive(self) -> list[PeerRecord]:
+        return [r for r in self.records.values() if self.is_alive(r)]
+
+    def candidates(self, allowed: Iterable[str] | None = None) -> list[PeerRecord]:
+        """Alive peers not on back-off (restricted to ``allowed`` ids when given)."""
+        now = self.now()
+        allowed_set = set(allowed) if allowed is not None else None
+        return [
+            r for r in self.alive()
+            if r.avoid_until <= now and (allowed_set is None or r.id in allowed_set)
+        ]
+
+    def sample_cards(self, rng: random.Random, limit: int = MAX_CARDS) -> list[dict[str, Any]]:
+        alive = self.alive()
+        if len(alive) > limit:
+            alive = rng.sample(alive, limit)
+        return [r.card() for r in alive]
+
+    def prune(self) -> None:
+        now = self.now()
+        for rec in list(self.records.values()):
+            if now - rec.last_seen > self.forget_after:
+                del self.records[rec.id]
+                self._event(rec, "forgotten")
+
+
+class MembershipService:
+    """Heartbeats and peer-list gossip; learns the swarm from seeds."""
+
+    def __init__(
+        self, *, table: PeerTable, client: PeerClient, card: Callable[[], dict[str, Any]],
+        seeds: list[str], interval: float, rng: random.Random, log: logging.LoggerAdapter,  # type: ignore[type-arg]
+    ) -> None:
+        self.table = table
+        self.client = client
+        self.card = card
+        self.seeds = [s for s in seeds if s]
+        self.interval = interval
+        self.rng = rng
+        self.log = log
+        self.heartbeat = 0
+        self.joined = asyncio.Event()
+        self._seed_retry: dict[str, float] = {}
+        self._seed_failures: dict[str, int] = {}
+
+    def hello(self) -> Message:
+        return request(MsgType.HELLO, self.client.sender, card=self.card(),
+                       peers=self.table.sample_cards(self.rng))
+
+    def handle_hello(self, msg: Message) -> dict[str, Any]:
+        """Server side: merge what the caller knows; reply with our card and our view."""
+        self.merge_reply(msg)
+        return {"card": self.card(), "peers": self.table.sample_cards(self.rng)}
+
+    def merge_reply(self, msg: Message) -> None:
+        self.table.merge(msg.body["card"], direct=True)
+        for card in msg.body["peers"]:
+            self.table.merge(card)
+        if self.table.alive():
+            self.joined.set()
+
+    async def gossip_once(self) -> None:
+        self.heartbeat += 1
+        targets = self.table.alive()
+        if targets:
+            rec = self.rng.choice(targets)
+            try:
+                reply = await self.client.call(rec.addr, self.hello())
+            except SwarmError as exc:
+                self.log.debug("gossip with %s failed: %s", rec.name or rec.id, exc)
+                self.table.record_failure(rec.id)
+            else:
+                self.merge_reply(reply)
+                self.table.record_success(rec.id)
+        # Seeds are asked until the swarm is known, then now and then (healing partitions).
+        if not targets or self.rng.random() < 0.05:
+            await self._contact_seeds()
+        self.table.prune()
+
+    async def _contact_seeds(self) -> None:
+        now = time.monotonic()
+        for seed in self.seeds:
+            if self._seed_retry.get(seed, 0.0) > now:
+                continue
+            try:
+                reply = await self.client.call(seed, self.hello())
+            except SwarmError as exc:
+                failures = self._seed_failures.get(seed, 0) + 1
+                self._seed_failures[seed] = failures
+                delay = min(30.0, self.interval * 2**failures)
+                self._seed_retry[seed] = now + delay
+                level = logging.WARNING if failures in (1, 3) or failures % 10 == 0 else logging.DEBUG
+                self.log.log(level, "seed %s unreachable (%s); retrying in %.1fs. Check the address "
+                             "and that a peer is running there", seed, exc, delay)
+            else:
+                if self._seed_failures.pop(seed, 0) >= 1:
+                    self.log.info("seed %s reached", seed)
+                self._seed_retry.pop(seed, None)
+                self.merge_reply(reply)
+
+    async def run(self) -> None:
+        while True:
+            await self.gossip_once()
+            await asyncio.sleep(self.interval * (0.5 + self.rng.random()))

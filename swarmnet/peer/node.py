@@ -1,0 +1,285 @@
+"""The peer daemon: one process, one device, one event loop; composes the services.
+
+    compute thread  -- train steps, merges between steps, publishes snapshots
+    server          -- answers pulls, nudges, gossip, status (event loop)
+    exchange        -- pulls random neighbours, decodes in a worker thread (event loop)
+    membership      -- heartbeats and peer-list gossip (event loop)
+
+Shutdown order (budget reached, SIGINT or SIGTERM): the compute thread finishes its step; the
+peer refuses new nudges; the interaction in flight completes; the compute thread merges what was
+acknowledged, evaluates and writes its final checkpoint; the peer keeps serving its final
+snapshot for ``linger`` seconds while others finish, says goodbye, closes its sockets with
+linger 0. A second signal skips the grace steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import secrets
+import socket
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from swarmnet import __version__
+from swarmnet.algorithms import PhaseClock, parse_topology
+from swarmnet.codecs import make_codec
+from swarmnet.config import SwarmConfig, to_dict
+from swarmnet.errors import ConfigError, SwarmError, TransportError
+from swarmnet.log import PeerLogAdapter, get_logger
+from swarmnet.peer.client import PeerClient
+from swarmnet.peer.compute import ComputeLoop
+from swarmnet.peer.exchange import Exchange
+from swarmnet.peer.membership import MembershipService, PeerTable
+from swarmnet.peer.server import PeerServer
+from swarmnet.peer.state import Mailbox, SnapshotStore
+from swarmnet.peer.stats import PeerStats
+from swarmnet.tasks import load_task
+from swarmnet.transport import TransportSet
+from swarmnet.wire import Limits, MsgType, request
+
+RANK_VARIABLES = ("SWARMNET_RANK", "RANK", "SLURM_PROCID", "LOCAL_RANK")
+LOCAL_RANK_VARIABLES = ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK")
+
+
+@dataclass(frozen=True, slots=True)
+class PeerIdentity:
+    name: str
+    rank: int
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto``: the GPU given by the local rank when CUDA is present, else the CPU."""
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {spec!r} asked for, but CUDA is not available here; use --device cpu or auto")
+        device = torch.device(spec)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {spec!r}: only {torch.cuda.device_count()} GPU(s) here")
+        return device
+    if torch.cuda.is_available():
+        local = next((int(os.environ[v]) for v in LOCAL_RANK_VARIABLES if os.environ.get(v, "").isdigit()), 0)
+        return torch.device(f"cuda:{local % torch.cuda.device_count()}")
+    return torch.device("cpu")
+
+
+def resolve_rank(explicit: int) -> int:
+    if explicit >= 0:
+        return explicit
+    return next((int(os.environ[v]) for v in RANK_VARIABLES if os.environ.get(v, "").isdigit()), 0)
+
+
+class Peer:
+    def __init__(self, cfg: SwarmConfig, identity: PeerIdentity, *, resume: bool = True) -> None:
+        self.cfg = cfg
+        self.name = identity.name
+        self.rank = identity.rank
+        self.id = f"{identity.name}-{secrets.token_hex(3)}"
+        self.log = PeerLogAdapter(get_logger("peer"), {"peer": self.name})
+        self.peer_dir = Path(cfg.run.dir) / self.name
+        self.peer_dir.mkdir(parents=True, exist_ok=True)
+        self.resume = resume
+        self.device = resolve_device(cfg.device.device)
+        self.stats = PeerStats()
+        self.clock = PhaseClock()
+        self.store = SnapshotStore(history=8)
+        self.codec = make_codec(cfg.codec.name, **cfg.codec.options)
+        net = cfg.network
+        self.limits = Limits(max_header_bytes=net.max_header_bytes, max_frame_bytes=net.max_message_bytes)
+        self.transports = TransportSet()
+        self.client = PeerClient(sender=self.id, transports=self.transports, limits=self.limits,
+                                 timeout=net.request_timeout, stats=self.stats, max_frame_bytes=net.max_message_bytes)
+        self.table = PeerTable(self.id, dead_after=net.dead_after, backoff=net.failure_backoff)
+        self.rng = random.Random(zlib.crc32(self.id.encode()))
+        self.address = ""
+        self.started = time.time()
+        self._stop_requested = False
+        self._force = False
+
+    # -- identity and status ------------------------------------------------------------------
+
+    def card(self) -> dict[str, Any]:
+        return {"id": self.id, "addr": self.address, "hb": self.membership.heartbeat, "name": self.name}
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "name": self.name, "addr": self.address, "host": socket.gethostname(),
+            "pid": os.getpid(), "device": str(self.device), "algorithm": self.cfg.algorithm.name,
+            "codec": self.codec.name, "version": __version__, "uptime": time.time() - self.started,
+            **self.stats.as_dict(),
+            "peers": [{**r.card(), "alive": self.table.is_alive(r), "failures": r.failures}
+                      for r in self.table.records.values()][:256],
+            "events": [list(e) for e in self.table.events[-20:]],
+        }
+
+    def request_stop(self) -> None:
+        """Signal handler: first call stops gracefully, the second skips the grace steps."""
+        if self._stop_requested:
+            self._force = True
+            self.log.warning("second stop request: skipping the grace period")
+        self._stop_requested = True
+        if hasattr(self, "compute"):
+            self.compute.stop.set()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Run until the budget is spent or a stop is requested; returns the exit status."""
+        loop = asyncio.get_running_loop()
+        torch.set_num_threads(self.cfg.device.threads)
+        task = load_task(self.cfg.task.spec, self.cfg.task.options)
+        self.mailbox = Mailbox(loop)
+        peer_seed = zlib.crc32(f"{self.cfg.run.seed}:{self.name}".encode())
+        self.compute = ComputeLoop(
+            cfg=self.cfg, task=task, device=self.device, codec=self.codec, store=self.store,
+            mailbox=self.mailbox, clock=self.clock, stats=self.stats, peer_dir=self.peer_dir,
+            rank=self.rank, peer_seed=peer_seed, log=self.log,
+        )
+        self.inbox = self.compute.inbox
+        if self._stop_requested:
+            self.compute.stop.set()
+        if self.resume:
+            self.compute.resume()
+        self.compute.publish()  # neighbours can pull from us from the first moment on
+        net = self.cfg.network
+        listener = await self.transports.for_url(net.listen).listen(net.listen, max_frame_bytes=net.max_message_bytes)
+        self.address = net.advertise or listener.address
+        if "0.0.0.0" in self.address or "://*" in self.address:
+            raise ConfigError(f"listening on {listener.address}: set network.advertise (or --advertise) "
+                              "to the address other peers should dial")
+        self.membership = MembershipService(
+            table=self.table, client=self.client, card=self.card, seeds=[s for s in net.seeds if s != self.address],
+            interval=net.gossip_interval, rng=self.rng, log=self.log,
+        )
+        self.exchange = Exchange(self, topology=parse_topology(self.cfg.algorithm.topology, self.cfg.run.seed),
+                                 symmetric=self.cfg.algorithm.is_symmetric, pull_interval=net.pull_interval,
+                                 rng=self.rng, log=self.log)
+        server = PeerServer(self, listener, self.limits, net.max_concurrent_requests, self.log)
+        self._write_card()
+        self.log.info("listening on %s (device %s, %d parameters, %s, codec %s)", self.address, self.device,
+                      self.compute.flat.numel, self.cfg.algorithm.name, self.codec.name)
+        compute_thread = ThreadPoolExecutor(1, thread_name_prefix=f"compute-{self.name}")
+        started = time.monotonic()
+        reason = "error"
+        try:
+            async with asyncio.TaskGroup() as tg:
+                services = [tg.create_task(server.run(), name="server"),
+                            tg.create_task(self.membership.run(), name="membership")]
+                exchange_task = tg.create_task(self.exchange.run(), name="exchange")
+                await self._await_swarm()
+                reason = await loop.run_in_executor(compute_thread, self.compute.run)
+                self.stats.state = "draining"
+                self.inbox.close()
+                if not self._force:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(2 * net.request_timeout):
+                            await self.exchange.stop()
+                exchange_task.cancel()
+                await loop.run_in_executor(compute_thread, self.compute.finalize)
+                self._write_summary(reason, time.monotonic() - started)
+                self.stats.state = "done"
+                self.log.info("finished (%s) at step %d after %d interactions", reason, self.compute.step,
+                              self.stats.interactions)
+                await self._linger()
+                await self._say_goodbye()
+                for svc in services:
+                    svc.cancel()
+        finally:
+            self.exchange.close()
+            compute_thread.shutdown(wait=False)
+            await self.client.aclose()
+            await self.transports.aclose()
+        return 0 if reason in ("budget", "stopped") else 1
+
+    async def _await_swarm(self) -> None:
+        """Start condition (not a barrier): wait to know ``min_peers`` others, bounded in time."""
+        want, net = self.cfg.network.min_peers, self.cfg.network
+        deadline = time.monotonic() + net.join_timeout
+        while len(self.table.alive()) < want and not self._stop_requested:
+            if time.monotonic() > deadline:
+                self.log.warning("only %d of %d peers known after %.0fs; training anyway",
+                                 len(self.table.alive()), want, net.join_timeout)
+                return
+            await asyncio.sleep(0.02)
+
+    async def _linger(self) -> None:
+        """Keep serving the final snapshot while others may still pull it."""
+        deadline = time.monotonic() + self.cfg.network.linger
+        while not self._force and time.monotonic() < deadline and self.table.alive():
+            await asyncio.sleep(0.05)
+
+    async def _say_goodbye(self) -> None:
+        bye = [self.client.call(r.addr, request(MsgType.BYE, self.id), timeout=0.5) for r in self.table.alive()]
+        if bye and not self._force:
+            await asyncio.gather(*bye, return_exceptions=True)
+        else:
+            for coro in bye:
+                coro.close()
+
+    def _write_card(self) -> None:
+        """Peer card for launchers and tools: where this peer listens (owner-only permissions)."""
+        card = {"id": self.id, "name": self.name, "addr": self.address, "pid": os.getpid(),
+                "device": str(self.device), "version": __version__}
+        path = self.peer_dir / "card.json"
+        tmp = path.with_suffix(".tmp")
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
+            json.dump(card, fh)
+        os.replace(tmp, path)
+
+    def _write_summary(self, reason: str, elapsed: float) -> None:
+        s = self.stats
+        summary = {
+            "name": self.name, "id": self.id, "addr": self.address, "device": str(self.device),
+            "reason": reason, "elapsed_s": elapsed, "steps": self.compute.step,
+            "total_steps": self.compute.plan.total_steps, "interactions": s.interactions,
+            "nudges_applied": s.nudges_applied, "pulls_ok": s.pulls_ok, "pulls_failed": s.pulls_failed,
+            "bytes_sent": s.bytes_out, "bytes_received": s.bytes_in, "final_loss": s.loss,
+            "eval": self.compute.last_eval, "clock": self.clock.value, "staleness_s": s.staleness_s,
+            "consensus": s.consensus, "rejected": dict(s.rejected), "checkpoint_errors": s.checkpoint_errors,
+            "config": to_dict(self.cfg),
+        }
+        path = self.peer_dir / "summary.json"
+        try:
+            path.write_text(json.dumps(summary, indent=2, default=str))
+        except OSError as exc:
+            self.log.error("could not write %s: %s", path, exc)
+
+
+async def run_peer(cfg: SwarmConfig, identity: PeerIdentity, *, resume: bool = True,
+                   install_signals: bool = True) -> int:
+    import signal
+
+    peer = Peer(cfg, identity, resume=resume)
+    if install_signals:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, peer.request_stop)
+    try:
+        return await peer.run()
+    except TransportError as exc:
+        peer.log.error("%s", exc)
+        return 2
+    except SwarmError as exc:
+        peer.log.error("%s", exc)
+        return 2
+
+
+def run_event_loop(coro: Any) -> Any:
+    """uvloop where installed, asyncio's loop otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+

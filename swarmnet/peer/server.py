@@ -1,0 +1,131 @@
+"""Answers other peers: snapshot pulls, nudges, gossip, status and goodbyes.
+
+Every request is decoded and validated (swarmnet.wire) before a handler sees it; a malformed
+one is counted under its reason code in the peer's status, logged, answered with REJECT when it
+carries enough to answer, and the server goes on. Handlers run as tasks, at most
+``max_concurrent_requests`` at a time, so one slow request never holds up the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from swarmnet.errors import CodecError, ProtocolError, TransportError
+from swarmnet.transport import Listener
+from swarmnet.transport.base import Route
+from swarmnet.wire import Limits, Message, MsgType, RejectCode, decode, encode, reject, reply
+
+if TYPE_CHECKING:
+    from swarmnet.peer.node import Peer
+
+
+class PeerServer:
+    def __init__(self, peer: Peer, listener: Listener, limits: Limits, max_concurrent: int,
+                 log: logging.LoggerAdapter) -> None:  # type: ignore[type-arg]
+        self.peer = peer
+        self.listener = listener
+        self.limits = limits
+        self.log = log
+        self._slots = asyncio.Semaphore(max_concurrent)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.handlers: dict[MsgType, Callable[[Message], Awaitable[Message]]] = {
+            MsgType.HELLO: self.handle_hello,
+            MsgType.PULL: self.handle_pull,
+            MsgType.NUDGE: self.handle_nudge,
+            MsgType.STATUS: self.handle_status,
+            MsgType.BYE: self.handle_bye,
+        }
+
+    async def run(self) -> None:
+        try:
+            while True:
+                route, frames = await self.listener.recv()
+                self.peer.stats.bytes_in += sum(f.nbytes for f in frames)
+                await self._slots.acquire()
+                task = asyncio.create_task(self._serve(route, frames))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        finally:
+            for task in self._tasks:
+                task.cancel()
+
+    async def _serve(self, route: Route, frames: list[memoryview]) -> None:
+        try:
+            answer = await self._answer(frames)
+            if answer is not None:
+                out = encode(answer)
+                await self.listener.send(route, out)
+                self.peer.stats.bytes_out += sum(memoryview(f).nbytes for f in out)
+        except TransportError as exc:
+            self.log.debug("reply failed: %s", exc)
+        finally:
+            self._slots.release()
+
+    async def _answer(self, frames: list[memoryview]) -> Message | None:
+        me = self.peer.id
+        try:
+            msg = decode(frames, self.limits)
+        except ProtocolError as exc:
+            self._count_reject(exc.code, exc.reason, None)
+            # Too broken to know whom or what to answer: a bare reject with message id 0.
+            return Message(MsgType.REJECT, me, {"code": str(RejectCode.MALFORMED), "reason": exc.reason[:500]})
+        handler = self.handlers.get(msg.type)
+        if handler is None:
+            self._count_reject("unexpected_type", f"{msg.type} is not a request", msg.sender)
+            return reject(msg, me, RejectCode.MALFORMED, f"{msg.type} is not a request")
+        try:
+            return await handler(msg)
+        except (ProtocolError, CodecError) as exc:
+            code = exc.code if isinstance(exc, ProtocolError) else "bad_payload"
+            self._count_reject(code, str(exc), msg.sender)
+            self.peer.table.record_failure(msg.sender)
+            return reject(msg, me, RejectCode.MALFORMED, str(exc))
+
+    def _count_reject(self, code: str, reason: str, sender: str | None) -> None:
+        self.peer.stats.rejected[code] += 1
+        self.log.warning("rejected a message from %s: %s (%s)", sender or "an unknown sender", reason, code)
+
+    # -- handlers ------------------------------------------------------------------------------
+
+    async def handle_hello(self, msg: Message) -> Message:
+        body = self.peer.membership.handle_hello(msg)
+        return reply(msg, MsgType.PEERS, self.peer.id, **body)
+
+    async def handle_pull(self, msg: Message) -> Message:
+        peer = self.peer
+        version = msg.body["version"]
+        snap = peer.store.latest() if version is None else peer.store.get(version)
+        if snap is None:
+            code = RejectCode.NOT_READY if version is None else RejectCode.GONE
+            return reject(msg, peer.id, code, "no snapshot" if version is None else f"version {version} is gone")
+        # Only the first pull of an interaction moves the phase clocks (SPEC 1.2 step 1).
+        clock = peer.clock.serve(msg.body["clock"]) if version is None else peer.clock.value
+        meta, frames = peer.codec.select(snap.encoded, msg.body["want"])
+        return reply(msg, MsgType.SNAPSHOT, peer.id, frames, version=snap.version,
+                     codec=peer.codec.name, meta=meta, clock=clock, age=time.monotonic() - snap.created)
+
+    async def handle_nudge(self, msg: Message) -> Message:
+        peer = self.peer
+        if peer.inbox.closed:
+            return reject(msg, peer.id, RejectCode.DRAINING, "peer is stopping")
+        if msg.body["codec"] != peer.codec.name:
+            return reject(msg, peer.id, RejectCode.MISMATCH, f"codec {msg.body['codec']}, ours is {peer.codec.name}")
+        used = peer.store.get(msg.body["used"])
+        if used is None:
+            return reject(msg, peer.id, RejectCode.GONE, f"version {msg.body['used']} is gone")
+        nudge = await peer.exchange.decode_nudge(msg, used)
+        if not peer.inbox.add(nudge):
+            return reject(msg, peer.id, RejectCode.DRAINING, "peer is stopping")
+        return reply(msg, MsgType.ACK, peer.id)
+
+    async def handle_status(self, msg: Message) -> Message:
+        return reply(msg, MsgType.STATUS_REPLY, self.peer.id, status=self.peer.status())
+
+    async def handle_bye(self, msg: Message) -> Message:
+        self.peer.table.mark_left(msg.sender)
+        return reply(msg, MsgType.ACK, self.peer.id)
+

@@ -1,0 +1,172 @@
+"""State shared between a peer's compute thread and its event loop.
+
+Legend: N = number of floating-point parameter coordinates.
+
+- :class:`FlatParameters` lays a model's floating-point parameters over one contiguous vector,
+  so merging a neighbour is a single vector operation and the codec sees one buffer.
+- :class:`SnapshotStore` keeps the last few published snapshots, immutable and versioned: readers
+  always get a complete one and never hold a lock across the network (SPEC 4 item 8).
+- :class:`Mailbox` hands the exchange's result to the compute thread (one slot, latest wins).
+- :class:`NudgeInbox` accumulates symmetric-mode updates from neighbours in delta form.
+
+Only the compute thread writes the live model; everything here is how others talk to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from swarmnet.codecs.base import Encoded
+
+
+class FlatParameters:
+    """Re-homes every floating-point parameter of ``model`` into one flat float32 vector.
+
+    Must run before the optimizer is built. Buffers (BatchNorm statistics, counters) stay where
+    they are and are never averaged (SPEC 4 item 2).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        params = [p for p in model.parameters() if p.is_floating_point()]
+        if not params:
+            raise ValueError("the model has no floating-point parameters to train")
+        if any(p.dtype != torch.float32 for p in params):
+            raise ValueError("swarmnet averages float32 parameters; keep master weights in float32 "
+                             "and use autocast for reduced precision")
+        device = params[0].device
+        self.numel = sum(p.numel() for p in params)
+        self.vector_N = torch.empty(self.numel, dtype=torch.float32, device=device)
+        offset = 0
+        with torch.no_grad():
+            for p in params:
+                view = self.vector_N[offset : offset + p.numel()].view_as(p)
+                view.copy_(p)
+                p.data = view
+                offset += p.numel()
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    version: int
+    values_N: Tensor
+    """The exact vector that was encoded (the owner's communication copy C)."""
+    encoded: Encoded
+    step: int
+    created: float = field(default_factory=time.monotonic)
+
+
+class SnapshotStore:
+    """Latest-first history of published snapshots; publish and get are thread-safe."""
+
+    def __init__(self, history: int = 4) -> None:
+        self._history = history
+        self._snapshots: OrderedDict[int, Snapshot] = OrderedDict()
+        self._lock = threading.Lock()
+        self._next_version = 1
+
+    def publish(self, values_N: Tensor, encoded: Encoded, step: int) -> Snapshot:
+        with self._lock:
+            snap = Snapshot(self._next_version, values_N, encoded, step)
+            self._next_version += 1
+            self._snapshots[snap.version] = snap
+            while len(self._snapshots) > self._history:
+                self._snapshots.popitem(last=False)
+            return snap
+
+    def latest(self) -> Snapshot | None:
+        with self._lock:
+            return next(reversed(self._snapshots.values()), None)
+
+    def get(self, version: int) -> Snapshot | None:
+        with self._lock:
+            return self._snapshots.get(version)
+
+
+@dataclass(slots=True)
+class MergeEntry:
+    """What the exchange hands the compute thread after one interaction."""
+
+    delta_N: Tensor
+    """Added to the live model (delta form, SPEC 2.9 item 3)."""
+    peer: str
+    age: float
+    """Seconds between the neighbour's publish and our receipt of it."""
+    received: float
+    distance: float
+    """||Q(C_j) - K|| / sqrt(2): this pull's estimate of the consensus distance (SPEC 4 item 12)."""
+
+
+class Mailbox:
+    """One slot, latest wins. The exchange awaits ``emptied`` before its next interaction."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._entry: MergeEntry | None = None
+        self.emptied = asyncio.Event()
+        self.emptied.set()
+
+    def put(self, entry: MergeEntry) -> None:
+        with self._lock:
+            self._entry = entry
+            self.emptied.clear()
+
+    def take(self) -> MergeEntry | None:
+        """Compute thread: the pending entry, if any."""
+        with self._lock:
+            entry, self._entry = self._entry, None
+        if entry is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.emptied.set)
+        return entry
+
+    @property
+    def full(self) -> bool:
+        return self._entry is not None
+
+
+class NudgeInbox:
+    """Sum of neighbours' symmetric-mode updates not yet applied by the compute thread.
+
+    ``add`` returns False once closed, so a stopping peer refuses updates it could not apply and
+    the sender drops its half of the interaction too: the swarm's total mass is preserved.
+    """
+
+    def __init__(self, numel: int, device: torch.device) -> None:
+        self._sum_N = torch.zeros(numel, dtype=torch.float32, device=device)
+        self._count = 0
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def add(self, delta_N: Tensor) -> bool:
+        with self._lock:
+            if self._closed:
+                return False
+            self._sum_N.add_(delta_N)
+            self._count += 1
+            return True
+
+    def drain_into(self, *targets: Tensor) -> int:
+        """Compute thread: add the pending sum to each target; returns how many were merged."""
+        with self._lock:
+            if not self._count:
+                return 0
+            for target in targets:
+                target.add_(self._sum_N)
+            self._sum_N.zero_()
+            count, self._count = self._count, 0
+            return count
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed

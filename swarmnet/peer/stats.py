@@ -1,0 +1,41 @@
+"""Counters a peer keeps about itself; read by metrics, status replies and the summary."""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class PeerStats:
+    state: str = "starting"
+    step: int = 0
+    total_steps: int = 0
+    epoch: float = 0.0
+    clock: int = 0
+    lr: float = 0.0
+    loss: float = float("nan")
+    interactions: int = 0
+    """Merges applied by the compute thread (pulled snapshots)."""
+    nudges_applied: int = 0
+    pulls_ok: int = 0
+    pulls_failed: int = 0
+    nudges_sent: int = 0
+    nudges_rejected: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    staleness_s: float = 0.0
+    """Mean age of applied snapshots (sender's publish to our merge), seconds."""
+    consensus: float = 0.0
+    """EMA of ||Q(C_j) - C_i|| / sqrt(2) over pulls, an estimate of sqrt(Gamma / n)."""
+    bits_per_coord: float = 0.0
+    rejected: collections.Counter[str] = field(default_factory=collections.Counter)
+    """Malformed or refused incoming messages by reason code."""
+    checkpoint_errors: int = 0
+    peers_alive: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["rejected"] = dict(self.rejected)
+        return data

@@ -1,0 +1,69 @@
+"""The transport interface: moving multipart frames between endpoints, nothing about messages.
+
+A transport is chosen by the URL scheme of an address. A peer owns one :class:`Listener` (it
+receives requests and sends replies by route) and one :class:`Connection` per remote address
+(request/reply with a deadline). Third-party transports register under the entry-point group
+``swarmnet.transports`` (see :mod:`swarmnet.transport.registry`).
+
+Contract every implementation keeps (checked by the conformance suite in swarmnet.testing):
+- ``listen`` accepts port 0 / wildcards and ``Listener.address`` is the address actually bound.
+- Payload buffers are sent without copying where the transport allows; received frames are
+  returned as buffers (memoryview-compatible) that stay valid while referenced.
+- Every await on the network honours a deadline and raises ``RequestTimeout``; failures of the far
+  end raise ``TransportError``; use after ``aclose`` raises ``EndpointClosed``; ``aclose`` is
+  idempotent.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import ClassVar
+
+from swarmnet.codecs.base import Buffer
+
+Route = bytes
+"""Opaque identity of the requester, handed back to ``Listener.send``."""
+
+
+class Listener(ABC):
+    address: str
+    """The address actually bound, as others should dial it (unless overridden by advertise)."""
+
+    @abstractmethod
+    async def recv(self) -> tuple[Route, list[memoryview]]:
+        """Next request: the route to answer on and the frames."""
+
+    @abstractmethod
+    async def send(self, route: Route, frames: Sequence[Buffer]) -> None:
+        """Reply to the requester identified by ``route``; never blocks on a vanished peer."""
+
+    @abstractmethod
+    async def aclose(self) -> None: ...
+
+
+class Connection(ABC):
+    address: str
+
+    @abstractmethod
+    async def request(self, frames: Sequence[Buffer], timeout: float) -> list[memoryview]:
+        """Send one request and return its reply. Requests on one connection are serialized,
+        so a reply always belongs to the request in flight; after a timeout or failure the
+        connection is rebuilt so a late reply can never be taken for the next one.
+        Raises RequestTimeout after ``timeout`` seconds, TransportError on failure."""
+
+    @abstractmethod
+    async def aclose(self) -> None: ...
+
+
+class Transport(ABC):
+    schemes: ClassVar[tuple[str, ...]]
+
+    @abstractmethod
+    async def listen(self, url: str, *, max_frame_bytes: int = 2**31 - 1) -> Listener: ...
+
+    @abstractmethod
+    def connect(self, url: str, *, max_frame_bytes: int = 2**31 - 1) -> Connection: ...
+
+    @abstractmethod
+    async def aclose(self) -> None: ...

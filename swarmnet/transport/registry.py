@@ -1,0 +1,54 @@
+"""Transport by address scheme: built-ins first, then the ``swarmnet.transports`` entry points.
+
+A third-party package registers ``myscheme = "mypkg.transport:MyTransport"`` in that group;
+``MyTransport()`` must implement :class:`swarmnet.transport.base.Transport`.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+
+from swarmnet.errors import ConfigError
+from swarmnet.transport.base import Transport
+from swarmnet.transport.zmq import ZmqTransport
+
+BUILTIN: dict[str, type[Transport]] = {scheme: ZmqTransport for scheme in ZmqTransport.schemes}
+
+
+def scheme_of(url: str) -> str:
+    scheme, sep, _ = url.partition("://")
+    if not sep:
+        raise ConfigError(f"address {url!r} has no scheme; use e.g. tcp://127.0.0.1:7000")
+    return scheme
+
+
+def transport_class(url: str) -> type[Transport]:
+    scheme = scheme_of(url)
+    if scheme in BUILTIN:
+        return BUILTIN[scheme]
+    for ep in entry_points(group="swarmnet.transports"):
+        if ep.name == scheme:
+            cls = ep.load()
+            if not (isinstance(cls, type) and issubclass(cls, Transport)):
+                raise ConfigError(f"entry point {ep.value} for {scheme}:// is not a Transport")
+            return cls
+    known = sorted(set(BUILTIN) | {ep.name for ep in entry_points(group="swarmnet.transports")})
+    raise ConfigError(f"no transport for {scheme}:// addresses; installed: {', '.join(known)}")
+
+
+class TransportSet:
+    """One transport instance per class, created on first use; closes them all together."""
+
+    def __init__(self) -> None:
+        self._by_class: dict[type[Transport], Transport] = {}
+
+    def for_url(self, url: str) -> Transport:
+        cls = transport_class(url)
+        if cls not in self._by_class:
+            self._by_class[cls] = cls()
+        return self._by_class[cls]
+
+    async def aclose(self) -> None:
+        for transport in self._by_class.values():
+            await transport.aclose()
+        self._by_class.clear()

@@ -1,0 +1,156 @@
+"""ZeroMQ transport for tcp://, ipc:// and inproc:// addresses.
+
+A listener is a ROUTER socket; each remote address gets one DEALER socket used for one request
+at a time. Payload frames go out with ``copy=False`` (zero-copy) and come back as zmq frames
+viewed through memoryviews. ``MAXMSGSIZE`` makes libzmq drop any connection that sends a frame
+larger than the configured limit before it is buffered. inproc:// needs both ends in one
+process, so all transports of a process share one zmq context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import zmq
+import zmq.asyncio
+
+from swarmnet.codecs.base import Buffer
+from swarmnet.errors import EndpointClosed, RequestTimeout, TransportError
+from swarmnet.transport.base import Connection, Listener, Route, Transport
+
+
+def _bind_url(url: str) -> str:
+    """Map port 0 to zmq's wildcard so the kernel picks a free port."""
+    if url.startswith("tcp://") and url.endswith(":0"):
+        return url[:-2] + ":*"
+    return url
+
+
+def _configure(sock: zmq.asyncio.Socket, max_frame_bytes: int) -> None:
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
+    # Large snapshots: bigger kernel buffers cut syscalls on loopback and real links alike.
+    sock.setsockopt(zmq.SNDBUF, 4 * 1024 * 1024)
+    sock.setsockopt(zmq.RCVBUF, 4 * 1024 * 1024)
+
+
+class ZmqListener(Listener):
+    def __init__(self, sock: zmq.asyncio.Socket, address: str) -> None:
+        self._sock: zmq.asyncio.Socket | None = sock
+        self.address = address
+
+    def _socket(self) -> zmq.asyncio.Socket:
+        if self._sock is None:
+            raise EndpointClosed(f"listener {self.address} is closed")
+        return self._sock
+
+    async def recv(self) -> tuple[Route, list[memoryview]]:
+        while True:
+            try:
+                parts = await self._socket().recv_multipart(copy=False)
+            except zmq.ZMQError as exc:
+                raise TransportError(f"receive on {self.address} failed: {exc}") from exc
+            if len(parts) >= 2:  # a ROUTER always prepends the route; anything else is noise
+                return parts[0].bytes, [p.buffer for p in parts[1:]]
+
+    async def send(self, route: Route, frames: Sequence[Buffer]) -> None:
+        try:
+            # ROUTER drops messages for vanished routes instead of blocking.
+            await self._socket().send_multipart([route, *frames], copy=False)
+        except zmq.ZMQError as exc:
+            raise TransportError(f"reply on {self.address} failed: {exc}") from exc
+
+    async def aclose(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+
+class ZmqConnection(Connection):
+    def __init__(self, ctx: zmq.asyncio.Context, address: str, max_frame_bytes: int) -> None:
+        self._ctx = ctx
+        self.address = address
+        self._max = max_frame_bytes
+        self._sock: zmq.asyncio.Socket | None = None
+        self._lock = asyncio.Lock()
+        self._closed = False
+
+    def _socket(self) -> zmq.asyncio.Socket:
+        if self._sock is None:
+            sock = self._ctx.socket(zmq.DEALER)
+            _configure(sock, self._max)
+            # Queue nothing for a peer that is not connected: a dead peer costs a timeout,
+            # never a pile of buffered snapshots.
+            sock.setsockopt(zmq.IMMEDIATE, 1)
+            sock.setsockopt(zmq.RECONNECT_IVL, 100)
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+            try:
+                sock.connect(self.address)
+            except zmq.ZMQError as exc:
+                sock.close(linger=0)
+                raise TransportError(f"cannot connect to {self.address}: {exc}") from exc
+            self._sock = sock
+        return self._sock
+
+    def _reset(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    async def request(self, frames: Sequence[Buffer], timeout: float) -> list[memoryview]:
+        if self._closed:
+            raise EndpointClosed(f"connection to {self.address} is closed")
+        async with self._lock:
+            try:
+                async with asyncio.timeout(timeout):
+                    sock = self._socket()
+                    await sock.send_multipart(frames, copy=False)
+                    parts = await sock.recv_multipart(copy=False)
+            except TimeoutError:
+                self._reset()
+                raise RequestTimeout(f"no reply from {self.address} within {timeout:g}s") from None
+            except zmq.ZMQError as exc:
+                self._reset()
+                raise TransportError(f"request to {self.address} failed: {exc}") from exc
+            except BaseException:
+                self._reset()  # cancelled mid-request: the socket state is unknown
+                raise
+            return [p.buffer for p in parts]
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self._reset()
+
+
+class ZmqTransport(Transport):
+    schemes = ("tcp", "ipc", "inproc")
+
+    def __init__(self) -> None:
+        self._ctx = zmq.asyncio.Context.instance()
+        self._listeners: list[ZmqListener] = []
+        self._connections: list[ZmqConnection] = []
+
+    async def listen(self, url: str, *, max_frame_bytes: int = 2**31 - 1) -> Listener:
+        sock = self._ctx.socket(zmq.ROUTER)
+        _configure(sock, max_frame_bytes)
+        try:
+            sock.bind(_bind_url(url))
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise TransportError(f"cannot bind {url}: {exc}") from exc
+        address = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        listener = ZmqListener(sock, address)
+        self._listeners.append(listener)
+        return listener
+
+    def connect(self, url: str, *, max_frame_bytes: int = 2**31 - 1) -> Connection:
+        conn = ZmqConnection(self._ctx, url, max_frame_bytes)
+        self._connections.append(conn)
+        return conn
+
+    async def aclose(self) -> None:
+        for endpoint in [*self._listeners, *self._connections]:
+            await endpoint.aclose()
+        self._listeners.clear()
+        self._connections.clear()
