@@ -31,9 +31,13 @@ class RunConfig:
     """Seeds the shared model initialization; per-peer data order derives from it and the name."""
     peers: int = 4
     """Expected swarm size: used by `swarmnet up` and by the epoch multiplier."""
+    init: str = "shared"
+    """shared: every peer starts from the same model (SPEC 4 item 6); independent: each peer
+    draws its own initialization (for gossip and consensus experiments)."""
 
     def __post_init__(self) -> None:
         _require(self.peers >= 1, "peers", "must be >= 1")
+        _require(self.init in ("shared", "independent"), "init", "must be 'shared' or 'independent'")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -159,7 +163,8 @@ class NetworkConfig:
     def __post_init__(self) -> None:
         _require("://" in self.listen, "listen", "must be a URL such as tcp://127.0.0.1:0")
         for seed in self.seeds:
-            _require("://" in seed, "seeds", f"{seed!r} must be a URL such as tcp://host:port")
+            _require("://" in seed, "seeds", f"{seed!r} must be a URL such as tcp://host:port "
+                     "(or file:///path/card.json)")
         for name in ("request_timeout", "gossip_interval", "dead_after", "failure_backoff"):
             _require(getattr(self, name) > 0, name, "must be > 0")
         _require(self.pull_interval >= 0 and self.linger >= 0, "linger", "must be >= 0")

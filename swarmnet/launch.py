@@ -157,12 +157,13 @@ def launch(plan: LaunchPlan, *, summary_path: Path | None = None, console: Conso
     previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     started = time.monotonic()
     try:
-        first, rest = plan.peers[0], plan.peers[1:]
-        _start(plan, first, [])
-        seed = _card(plan, first, time.monotonic() + CARD_TIMEOUT)
-        for peer in rest:
-            _start(plan, peer, [seed])
-        console.print(f"swarmnet: {len(plan.peers)} peers, seed {seed}, run dir {plan.run_dir}")
+        # All peers start at once; the first one's card (written once it is bound) is the seed.
+        first = plan.peers[0]
+        seed = f"file://{(plan.run_dir / first.name / 'card.json').resolve()}"
+        for peer in plan.peers:
+            _start(plan, peer, [] if peer is first else [seed])
+        address = _card(plan, first, time.monotonic() + CARD_TIMEOUT)
+        console.print(f"swarmnet: {len(plan.peers)} peers, seed {address}, run dir {plan.run_dir}")
         interrupted = _supervise(plan, interrupt, console)
     except ConfigError:
         _stop_all(plan, kill=True)

@@ -19,6 +19,7 @@ import math
 import random
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,17 @@ def plan_training(train: TrainConfig, peers: int, num_samples: int) -> TrainingP
     return TrainingPlan(total, steps_per_epoch, schedule)
 
 
+def init_seed(cfg: SwarmConfig, peer_seed: int) -> int:
+    """Seed of the initial model: the run seed (identical on every peer, SPEC 4 item 6) or,
+    with ``run.init = "independent"``, the peer's own seed."""
+    return cfg.run.seed if cfg.run.init == "shared" else peer_seed
+
+
+def peer_seed_of(cfg: SwarmConfig, name: str) -> int:
+    """Per-peer seed for data order and sampling: stable across restarts of the same peer."""
+    return zlib.crc32(f"{cfg.run.seed}:{name}".encode())
+
+
 class ComputeLoop:
     def __init__(
         self,
@@ -100,7 +112,7 @@ class ComputeLoop:
         self.checkpoint_path = peer_dir / "checkpoint.pt"
         self.stop = threading.Event()
 
-        torch.manual_seed(cfg.run.seed)  # identical initialization on every peer (SPEC 4 item 6)
+        torch.manual_seed(init_seed(cfg, peer_seed))
         self.model: nn.Module = task.build_model().to(device)
         self.flat = FlatParameters(self.model)
         self.live_N = self.flat.vector_N

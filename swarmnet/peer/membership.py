@@ -11,6 +11,7 @@ with an injected clock; :class:`MembershipService` is the asyncio loop around it
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
@@ -131,6 +132,17 @@ class PeerTable:
                 self._event(rec, "forgotten")
 
 
+def read_seed_card(seed: str) -> str | None:
+    """``file:///path/card.json`` seeds name a peer card (written by a peer at start) instead of
+    an address: handy where ports are chosen at bind time and a filesystem is shared (a local
+    launcher, a Slurm job's home directory). None while the card does not exist yet."""
+    try:
+        with open(seed.removeprefix("file://"), encoding="utf-8") as fh:
+            return str(json.load(fh)["addr"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 class MembershipService:
     """Heartbeats and peer-list gossip; learns the swarm from seeds."""
 
@@ -189,8 +201,11 @@ class MembershipService:
         for seed in self.seeds:
             if self._seed_retry.get(seed, 0.0) > now:
                 continue
+            address = read_seed_card(seed) if seed.startswith("file://") else seed
+            if address is None:
+                continue  # the seed's card is not written yet: try again next round
             try:
-                reply = await self.client.call(seed, self.hello())
+                reply = await self.client.call(address, self.hello())
             except SwarmError as exc:
                 failures = self._seed_failures.get(seed, 0) + 1
                 self._seed_failures[seed] = failures

@@ -37,7 +37,7 @@ from swarmnet.config import SwarmConfig, to_dict
 from swarmnet.errors import ConfigError, SwarmError, TransportError
 from swarmnet.log import PeerLogAdapter, get_logger
 from swarmnet.peer.client import PeerClient
-from swarmnet.peer.compute import ComputeLoop
+from swarmnet.peer.compute import ComputeLoop, peer_seed_of
 from swarmnet.peer.exchange import Exchange
 from swarmnet.peer.membership import MembershipService, PeerTable
 from swarmnet.peer.server import PeerServer
@@ -140,7 +140,7 @@ class Peer:
         torch.set_num_threads(self.cfg.device.threads)
         task = load_task(self.cfg.task.spec, self.cfg.task.options)
         self.mailbox = Mailbox(loop)
-        peer_seed = zlib.crc32(f"{self.cfg.run.seed}:{self.name}".encode())
+        peer_seed = peer_seed_of(self.cfg, self.name)
         self.compute = ComputeLoop(
             cfg=self.cfg, task=task, device=self.device, codec=self.codec, store=self.store,
             mailbox=self.mailbox, clock=self.clock, stats=self.stats, peer_dir=self.peer_dir,

@@ -30,12 +30,15 @@ def objective(a: Tensor, b: Tensor, x: Tensor) -> Tensor:
     return 0.5 * residual.pow(2).mean(dim=-1)
 
 
-def task(samples: int = 10_000, dim: int = 32, noise: float = 1.0, seed: int = 0) -> Task:
+def task(samples: int = 10_000, dim: int = 32, noise: float = 1.0, seed: int = 0, init_scale: float = 0.0) -> Task:
+    """``init_scale`` > 0 draws the initial model from N(0, init_scale^2) (under the seed the
+    runtime sets) instead of starting at zero."""
     a, b, _, f_opt = make_problem(samples, dim, noise, seed)
 
     def build_model() -> nn.Module:
         model = nn.Linear(dim, 1, bias=False)
-        nn.init.zeros_(model.weight)
+        with torch.no_grad():
+            model.weight.normal_(0.0, init_scale) if init_scale > 0 else model.weight.zero_()
         return model
 
     def loss(model: nn.Module, batch: Batch) -> Tensor:

@@ -1,0 +1,6 @@
+"""Public helpers for testing swarmnet and code built on it: real peer processes on loopback,
+bounded waits, and a status client. No mocks: everything here starts and talks to real peers."""
+
+from swarmnet.testing.processes import LocalSwarm, PeerProcessHandle, query_status, wait_until
+
+__all__ = ["LocalSwarm", "PeerProcessHandle", "query_status", "wait_until"]

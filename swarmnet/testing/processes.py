@@ -1,0 +1,137 @@
+"""Start real ``swarmnet up`` / ``swarmnet peer`` processes and observe them from outside."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from swarmnet.peer.metrics import read_metrics
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy; raise TimeoutError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not reached within {timeout:g}s")
+        time.sleep(interval)
+
+
+def _env() -> dict[str, str]:
+    root = str(Path(__file__).resolve().parents[2])
+    path = os.environ.get("PYTHONPATH", "")
+    return dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=f"{root}{os.pathsep}{path}" if path else root)
+
+
+class _Process:
+    """Owns one child process (its own session, so the whole tree can be killed)."""
+
+    def __init__(self, cmd: Sequence[str], log: Path, prefix: Sequence[str] = ()) -> None:
+        self.log_path = log
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as fh:
+            self.proc = subprocess.Popen([*prefix, *cmd], stdout=fh, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=_env(), start_new_session=True)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"process did not exit within {timeout:g}s; log:\n{self.log()}") from None
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def kill_tree(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def log(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class LocalSwarm(_Process):
+    """``swarmnet up`` in a child process, with helpers to reach its peers."""
+
+    def __init__(self, run_dir: Path, config: Path, *args: str) -> None:
+        self.run_dir = run_dir
+        self.summary_path = run_dir / "summary.json"
+        cmd = [sys.executable, "-m", "swarmnet", "up", "--config", str(config), "--run-dir", str(run_dir),
+               "--summary", str(self.summary_path), *args]
+        super().__init__(cmd, run_dir / "up.log")
+
+    def card(self, name: str, timeout: float = 60) -> dict[str, Any]:
+        path = self.run_dir / name / "card.json"
+        wait_until(path.exists, timeout, what=f"{name}'s card")
+        return json.loads(path.read_text())
+
+    def metrics(self, name: str) -> list[dict[str, Any]]:
+        path = self.run_dir / name / "metrics.jsonl"
+        return [r for r in read_metrics(path) if "loss" in r] if path.exists() else []
+
+    def summary(self) -> dict[str, Any]:
+        return json.loads(self.summary_path.read_text())
+
+
+class PeerProcessHandle(_Process):
+    """One ``swarmnet peer`` daemon; ``prefix`` runs it under e.g. ``ip netns exec NAME``."""
+
+    def __init__(self, run_dir: Path, name: str, config: Path, *args: str, prefix: Sequence[str] = ()) -> None:
+        self.run_dir = run_dir
+        self.name = name
+        cmd = [sys.executable, "-m", "swarmnet", "peer", "--config", str(config), "--name", name,
+               "--run-dir", str(run_dir), *args]
+        super().__init__(cmd, run_dir / f"{name}.log", prefix)
+
+    def card(self, timeout: float = 60) -> dict[str, Any]:
+        path = self.run_dir / self.name / "card.json"
+        wait_until(lambda: path.exists() or self.proc.poll() is not None, timeout, what=f"{self.name}'s card")
+        if not path.exists():
+            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; log:\n{self.log()}")
+        return json.loads(path.read_text())
+
+    def summary(self) -> dict[str, Any]:
+        return json.loads((self.run_dir / self.name / "summary.json").read_text())
+
+
+def query_status(address: str, timeout: float = 5.0) -> dict[str, Any]:
+    """Ask a peer for its status over the wire protocol (a real client, as `swarmnet status` is)."""
+
+    async def ask() -> dict[str, Any]:
+        from swarmnet.peer.client import PeerClient
+        from swarmnet.peer.stats import PeerStats
+        from swarmnet.transport import TransportSet
+        from swarmnet.wire import Limits, MsgType, request
+
+        transports = TransportSet()
+        client = PeerClient(sender="status-client", transports=transports, limits=Limits(),
+                            timeout=timeout, stats=PeerStats(), max_frame_bytes=2**31 - 1)
+        try:
+            reply = await client.call(address, request(MsgType.STATUS, client.sender))
+            return dict(reply.body["status"])
+        finally:
+            await client.aclose()
+            await transports.aclose()
+
+    return asyncio.run(ask())

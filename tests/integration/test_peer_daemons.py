@@ -1,0 +1,130 @@
+"""`swarmnet peer` daemons started by hand: seeds, gossip, status, two hosts in namespaces."""
+
+import secrets
+import signal
+import subprocess
+
+import pytest
+
+from swarmnet.testing import PeerProcessHandle, query_status, wait_until
+
+from .conftest import write_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+
+def daemon_config(tmp_path, steps):
+    return write_config(tmp_path / "swarm.toml", {
+        "run": {"peers": 3},
+        "task": {"spec": "swarmnet.tasks.digits:task"},
+        "train": {"batch_size": 32, "lr": 0.05, "momentum": 0.9, "steps": steps, "checkpoint_every": 0.0},
+        "network": {"min_peers": 2, "request_timeout": 2.0, "linger": 2.0},
+    })
+
+
+@pytest.fixture
+def daemons():
+    started = []
+    yield started
+    for d in started:
+        d.kill_tree()
+
+
+def test_peers_seeded_in_a_chain_form_one_swarm_and_report_status(tmp_path, daemons):
+    config = daemon_config(tmp_path, steps=1_000_000)
+    run = tmp_path / "run"
+    a = PeerProcessHandle(run, "a", config)
+    daemons.append(a)
+    a_addr = a.card()["addr"]
+    b = PeerProcessHandle(run, "b", config, "--seed", a_addr)
+    daemons.append(b)
+    c = PeerProcessHandle(run, "c", config, "--seed", b.card()["addr"])  # c never hears of a directly
+    daemons.append(c)
+    c_addr = c.card()["addr"]
+
+    def everyone_known():
+        status = query_status(c_addr)
+        alive = {p["name"] for p in status["peers"] if p["alive"]}
+        return status if alive == {"a", "b"} and status["interactions"] > 5 else None
+
+    status = wait_until(everyone_known, 60, interval=0.5, what="c learning the whole swarm and merging")
+    assert status["name"] == "c" and status["state"] == "training" and status["step"] > 0
+    assert query_status(a_addr)["interactions"] > 0
+    for d in daemons:
+        d.signal(signal.SIGTERM)
+    for d in daemons:
+        assert d.wait(30) == 0, d.log()
+        summary = d.summary()
+        assert summary["reason"] == "stopped" and summary["interactions"] > 0
+
+
+def test_unreachable_seed_is_reported_and_retried_without_hanging(tmp_path, daemons):
+    config = daemon_config(tmp_path, steps=200)
+    peer = PeerProcessHandle(tmp_path / "run", "lonely", config, "--seed", "tcp://127.0.0.1:9",
+                             "--set", "network.join_timeout=3", "--set", "network.request_timeout=0.5")
+    daemons.append(peer)
+    assert peer.wait(60) == 0, peer.log()
+    log = peer.log(200)
+    assert "seed tcp://127.0.0.1:9 unreachable" in log and "retrying in" in log
+    assert "only 0 of 2 peers known" in log
+    assert peer.summary()["steps"] == 200
+
+
+def _ip(*args):
+    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=20)
+
+
+@pytest.fixture
+def two_hosts():
+    """Two network namespaces joined by a veth pair: hosts 10.200.1.1 and 10.200.1.2."""
+    tag = secrets.token_hex(3)
+    ns = [f"swn-a-{tag}", f"swn-b-{tag}"]
+    try:
+        made = _ip("netns", "add", ns[0])
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        pytest.skip("iproute2 is not installed: cannot create network namespaces")
+    if made.returncode != 0:
+        pytest.skip(f"this machine does not allow network namespaces: {made.stderr.strip()}")
+    try:
+        steps = [
+            ("netns", "add", ns[1]),
+            ("link", "add", f"va{tag}", "type", "veth", "peer", "name", f"vb{tag}"),
+            ("link", "set", f"va{tag}", "netns", ns[0]),
+            ("link", "set", f"vb{tag}", "netns", ns[1]),
+            ("-n", ns[0], "addr", "add", "10.200.1.1/24", "dev", f"va{tag}"),
+            ("-n", ns[1], "addr", "add", "10.200.1.2/24", "dev", f"vb{tag}"),
+            ("-n", ns[0], "link", "set", f"va{tag}", "up"),
+            ("-n", ns[1], "link", "set", f"vb{tag}", "up"),
+            ("-n", ns[0], "link", "set", "lo", "up"),
+            ("-n", ns[1], "link", "set", "lo", "up"),
+        ]
+        for step in steps:
+            result = _ip(*step)
+            if result.returncode != 0:
+                pytest.skip(f"could not set up namespaces (ip {' '.join(step)}): {result.stderr.strip()}")
+        yield ns
+    finally:
+        for name in ns:
+            _ip("netns", "del", name)
+
+
+def test_two_hosts_in_network_namespaces_form_one_swarm(tmp_path, daemons, two_hosts):
+    config = write_config(tmp_path / "swarm.toml", {
+        "run": {"peers": 2},
+        "task": {"spec": "swarmnet.tasks.digits:task"},
+        "train": {"batch_size": 32, "lr": 0.05, "momentum": 0.9, "steps": 1500, "checkpoint_every": 0.0},
+        "network": {"min_peers": 1, "request_timeout": 2.0, "linger": 3.0},
+    })
+    run = tmp_path / "run"
+    host_a = PeerProcessHandle(run, "host-a", config, "--listen", "tcp://10.200.1.1:7000",
+                               prefix=["ip", "netns", "exec", two_hosts[0]])
+    daemons.append(host_a)
+    host_b = PeerProcessHandle(run, "host-b", config, "--listen", "tcp://10.200.1.2:7000",
+                               "--seed", "tcp://10.200.1.1:7000", prefix=["ip", "netns", "exec", two_hosts[1]])
+    daemons.append(host_b)
+    for host in (host_a, host_b):
+        assert host.wait(120) == 0, host.log()
+    a, b = host_a.summary(), host_b.summary()
+    assert a["addr"] == "tcp://10.200.1.1:7000" and b["addr"] == "tcp://10.200.1.2:7000"
+    assert a["interactions"] > 50 and b["interactions"] > 50, (a["interactions"], b["interactions"])
+    assert a["eval"]["accuracy"] > 0.9 and b["eval"]["accuracy"] > 0.9

@@ -1,0 +1,72 @@
+import random
+
+from swarmnet.peer.membership import PeerTable
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def card(pid, hb, addr=None):
+    return {"id": pid, "addr": addr or f"tcp://127.0.0.1:{7000 + hash(pid) % 1000}", "hb": hb, "name": pid}
+
+
+def test_heartbeats_keep_peers_alive_and_silence_makes_them_suspect():
+    clock = FakeClock()
+    table = PeerTable("me", dead_after=3.0, backoff=1.0, now=clock)
+    table.merge(card("a", 1))
+    table.merge(card("b", 1))
+    table.merge(card("me", 9))  # our own card is ignored
+    assert {r.id for r in table.alive()} == {"a", "b"}
+    clock.t = 2.0
+    table.merge(card("a", 2))  # a's heartbeat advanced (relayed): a stays alive
+    table.merge(card("b", 1))  # stale relay of b: b's clock does not move
+    clock.t = 4.0
+    assert [r.id for r in table.alive()] == ["a"]
+    table.merge(card("b", 1), direct=True)  # heard from b itself
+    assert {r.id for r in table.alive()} == {"a", "b"}
+
+
+def test_failures_back_off_exponentially_and_success_clears():
+    clock = FakeClock()
+    table = PeerTable("me", dead_after=100.0, backoff=1.0, now=clock)
+    table.merge(card("a", 1))
+    table.record_failure("a")
+    assert table.candidates() == []
+    clock.t = 1.01
+    assert [r.id for r in table.candidates()] == ["a"]
+    table.record_failure("a")  # second failure: 2 s
+    clock.t = 2.5
+    assert table.candidates() == []
+    clock.t = 3.1
+    table.record_success("a")
+    assert [r.id for r in table.candidates()] == ["a"]
+    assert ("a", "suspected") in [(who, what) for _, who, what in table.events]
+
+
+def test_left_and_forgotten_peers_and_restart_under_a_new_id():
+    clock = FakeClock()
+    table = PeerTable("me", dead_after=1.0, backoff=1.0, now=clock, forget_after=5.0)
+    table.merge(card("a", 1, "tcp://h:1"))
+    table.merge(card("b", 1, "tcp://h:2"))
+    table.mark_left("b")
+    table.merge(card("b", 5, "tcp://h:2"))  # a departed id does not come back
+    assert [r.id for r in table.alive()] == ["a"]
+    table.merge(card("a2", 1, "tcp://h:1"))  # a restarted at the same address
+    assert "a" not in table.records and "a2" in table.records
+    clock.t = 10.0
+    table.prune()
+    assert table.records == {}
+
+
+def test_candidates_restricted_to_topology_and_sampled_cards_bounded():
+    table = PeerTable("me", dead_after=10.0, backoff=1.0, now=FakeClock())
+    for i in range(300):
+        table.merge(card(f"p{i}", 1))
+    assert {r.id for r in table.candidates(["p1", "p2", "zzz"])} == {"p1", "p2"}
+    cards = table.sample_cards(random.Random(0), limit=50)
+    assert len(cards) == 50 and len({c["id"] for c in cards}) == 50

@@ -1,0 +1,82 @@
+import asyncio
+
+import pytest
+import torch
+from torch import nn
+
+from swarmnet.codecs import make_codec
+from swarmnet.peer.data import ShardSampler
+from swarmnet.peer.state import FlatParameters, Mailbox, MergeEntry, NudgeInbox, SnapshotStore
+
+
+def test_flat_parameters_are_views_of_one_vector_and_buffers_stay_out():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    before = [p.detach().clone() for p in model.parameters()]
+    flat = FlatParameters(model)
+    assert flat.numel == sum(p.numel() for p in model.parameters())
+    for p, old in zip(model.parameters(), before):
+        assert torch.equal(p, old)
+    flat.vector_N.add_(1.0)  # one vector op moves every parameter ...
+    assert torch.equal(model[0].weight, before[0] + 1)
+    assert torch.equal(model[1].running_mean, torch.zeros(4))  # ... and no BatchNorm statistic
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randn(5, 3)).sum().backward()
+    opt.step()
+    assert torch.equal(flat.vector_N[:12].view(4, 3), model[0].weight)
+
+
+def test_flat_parameters_refuse_non_float32():
+    with pytest.raises(ValueError, match="float32"):
+        FlatParameters(nn.Linear(2, 2).double())
+
+
+def test_snapshot_store_keeps_a_bounded_history():
+    store = SnapshotStore(history=2)
+    codec = make_codec("fp32")
+    for i in range(3):
+        x = torch.full((4,), float(i))
+        store.publish(x, codec.encode(x), step=i)
+    assert store.get(1) is None and store.get(2).step == 1 and store.latest().version == 3
+
+
+async def test_mailbox_latest_wins_and_signals_the_loop():
+    box = Mailbox(asyncio.get_running_loop())
+    entry = lambda v: MergeEntry(torch.full((2,), v), "p", 0.0, 0.0, 0.0)  # noqa: E731
+    box.put(entry(1.0))
+    box.put(entry(2.0))
+    assert not box.emptied.is_set()
+    taken = await asyncio.to_thread(box.take)
+    assert taken.delta_N[0] == 2.0 and box.take() is None
+    await asyncio.wait_for(box.emptied.wait(), 1)
+
+
+def test_nudge_inbox_sums_and_refuses_after_close():
+    inbox = NudgeInbox(3, torch.device("cpu"))
+    assert inbox.add(torch.ones(3)) and inbox.add(torch.ones(3))
+    live, stale = torch.zeros(3), torch.zeros(3)
+    assert inbox.drain_into(live, stale) == 2
+    assert torch.equal(live, torch.full((3,), 2.0)) and torch.equal(stale, live)
+    assert inbox.drain_into(live) == 0
+    inbox.close()
+    assert not inbox.add(torch.ones(3))
+
+
+def test_partition_sharding_pairs_peers_and_reshuffles_per_epoch():
+    n, peers = 40, 4
+    samplers = [ShardSampler(n, 5, shard="partition", rank=r, peers=peers, seed=1, peer_seed=100 + r) for r in range(peers)]
+    epoch0 = [set(torch.cat([s.next_indices() for _ in range(s.steps_per_epoch)]).tolist()) for s in samplers]
+    assert epoch0[0] == epoch0[2] and epoch0[1] == epoch0[3]  # ranks r and r + n/2 share a shard
+    assert epoch0[0].isdisjoint(epoch0[1]) and len(epoch0[0]) == n // 2
+    first = samplers[0]
+    epoch1 = set(torch.cat([first.next_indices() for _ in range(first.steps_per_epoch)]).tolist())
+    assert epoch1 != epoch0[0]  # the shards are redrawn each epoch
+
+
+def test_sampler_resumes_where_it_stopped():
+    a = ShardSampler(50, 8, shard="random", rank=0, peers=1, seed=0, peer_seed=3)
+    for _ in range(9):
+        a.next_indices()
+    b = ShardSampler(50, 8, shard="random", rank=0, peers=1, seed=0, peer_seed=3)
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a.next_indices(), b.next_indices())
