@@ -317,7 +317,7 @@ def average_models(plan: LaunchPlan, peers: list[PeerProcess]) -> dict[str, Any]
 
 def render_summary(result: dict[str, Any]) -> Table:
     table = Table(title="swarm summary" + (" (interrupted)" if result["interrupted"] else ""))
-    for col in ("peer", "status", "steps", "merges", "sent MB", "recv MB", "train loss", result["metric"]):
+    for col in ("peer", "status", "steps", "merges", "MB out", "MB in", "loss", result["metric"]):
         table.add_column(col, justify="right" if col not in ("peer", "status") else "left")
 
     metric = result["metric"]
@@ -334,6 +334,6 @@ def render_summary(result: dict[str, Any]) -> Table:
                       f"{loss:.4f}" if isinstance(loss, (int, float)) else "?", fmt_eval(r.get("eval")))
     avg = result["average"]
     if avg.get("peers_averaged"):
-        table.add_row("average", f"{avg['peers_averaged']} models", "", "", "", "",
-                      f"dist {avg['consensus_distance']:.4f}", fmt_eval(avg.get("eval")))
+        table.add_row("average", f"{avg['peers_averaged']} models, spread {avg['consensus_distance']:.3g}",
+                      "", "", "", "", "", fmt_eval(avg.get("eval")))
     return table
