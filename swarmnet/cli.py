@@ -125,6 +125,27 @@ def up(
     raise typer.Exit(launch(plan, summary_path=summary))
 
 
+
+@bench_app.command("exchange")
+def bench_exchange(
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the figures as JSON here.")] = None,
+    quick: Annotated[bool, typer.Option(help="Shorter runs.")] = False,
+) -> None:
+    """Compute steps/s with the exchange on vs off, and snapshot pulls vs raw pyzmq."""
+    from rich.console import Console
+
+    from swarmnet.bench.exchange import run
+
+    result = run(json_path=json_path, quick=quick)
+    c, p = result["compute"], result["pull"]
+    console = Console()
+    console.print(f"compute: {c['steps_per_s_on']:.1f} steps/s with exchange, {c['steps_per_s_off']:.1f} without "
+                  f"-> ratio {c['ratio']:.3f} (target >= 0.95)")
+    console.print(f"pull {p['bytes'] / 1e6:.1f} MB: swarmnet {p['swarmnet_pull_ms']:.1f} ms (+{p['swarmnet_decode_ms']:.1f} ms "
+                  f"decode), raw pyzmq {p['raw_pyzmq_ms']:.1f} ms -> ratio {p['ratio']:.3f} (target >= 0.8), "
+                  f"{p['ratio_with_decode']:.3f} with decode")
+
+
 def main() -> None:
     try:
         app()

@@ -147,6 +147,8 @@ class NetworkConfig:
     """A peer whose heartbeat has not advanced for this long is suspected and not picked."""
     failure_backoff: float = 2.0
     """First back-off after a failed request to a peer; doubles per failure, capped at 60 s."""
+    exchange: bool = True
+    """Pull neighbours. False: train alone while still serving snapshots (baselines, benches)."""
     pull_interval: float = 0.0
     """Minimum seconds between two pulls (0: pull as soon as the last one was applied)."""
     min_peers: int = 0

@@ -176,7 +176,8 @@ class Peer:
             async with asyncio.TaskGroup() as tg:
                 services = [tg.create_task(server.run(), name="server"),
                             tg.create_task(self.membership.run(), name="membership")]
-                exchange_task = tg.create_task(self.exchange.run(), name="exchange")
+                exchange_task = tg.create_task(
+                    self.exchange.run() if net.exchange else asyncio.sleep(0), name="exchange")
                 await self._await_swarm()
                 reason = await loop.run_in_executor(compute_thread, self.compute.run)
                 self.stats.state = "draining"

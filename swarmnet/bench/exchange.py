@@ -1,0 +1,173 @@
+"""``swarmnet bench exchange``: what the exchange costs the compute loop, and how fast a pull is.
+
+1. Compute ratio: the same 2-peer swarm (real processes, digits MLP) with the exchange on versus
+   off; steps per second per peer over the middle of each run. Target >= 0.95.
+2. Pull ratio: one real peer daemon serves an fp32 snapshot of a ~37 MB model; a client pulls it
+   through the swarmnet protocol (PULL, validation, decode into a preallocated vector) and, on the
+   same socket types, a raw pyzmq ROUTER/DEALER pair moves the same bytes (copy=False). Both run
+   in one client process, alternating, with the glibc hugetlb tunable set. Target >= 0.8.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from swarmnet.testing.processes import LocalSwarm, PeerProcessHandle
+
+HUGETLB = "glibc.malloc.hugetlb=1"
+
+
+def _write_toml(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
+    lines = []
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        for key, value in values.items():
+            if isinstance(value, dict):
+                value = "{" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in value.items()) + "}"
+            else:
+                value = json.dumps(value)
+            lines.append(f"{key} = {value}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _rate(metrics: list[dict[str, Any]]) -> float:
+    """Steps per second over the middle 60% of a peer's run (start-up and tail excluded)."""
+    if len(metrics) < 5:
+        return float("nan")
+    a, b = metrics[len(metrics) // 5], metrics[(4 * len(metrics)) // 5]
+    return (b["step"] - a["step"]) / max(1e-9, b["time"] - a["time"])
+
+
+def compute_ratio(workdir: Path, *, hidden: int = 512, steps: int = 3000, local_steps: int = 2) -> dict[str, Any]:
+    rates: dict[str, list[float]] = {}
+    for mode in ("off", "on"):
+        config = _write_toml(workdir / f"compute-{mode}.toml", {
+            "run": {"peers": 2},
+            "task": {"spec": "swarmnet.tasks.digits:task", "options": {"hidden": hidden}},
+            "train": {"batch_size": 32, "lr": 0.02, "steps": steps, "metrics_every": 20, "checkpoint_every": 0.0},
+            "algorithm": {"name": "swarmsgd", "local_steps": local_steps},
+            "network": {"exchange": mode == "on"},
+        })
+        swarm = LocalSwarm(workdir / f"compute-{mode}", config)
+        try:
+            if swarm.wait(600) != 0:
+                raise RuntimeError(f"bench swarm failed:\n{swarm.log()}")
+        finally:
+            swarm.kill_tree()
+        rates[mode] = [_rate(swarm.metrics(f"peer{i}")) for i in range(2)]
+        if mode == "on":
+            interactions = [p["interactions"] for p in swarm.summary()["peers"]]
+    off, on = statistics.mean(rates["off"]), statistics.mean(rates["on"])
+    return {"steps_per_s_off": off, "steps_per_s_on": on, "ratio": on / off, "peers": 2, "hidden": hidden,
+            "local_steps": local_steps, "interactions_on": interactions}
+
+
+def pull_ratio(workdir: Path, *, hidden: int = 3000, repeats: int = 30) -> dict[str, Any]:
+    config = _write_toml(workdir / "serve.toml", {
+        "task": {"spec": "swarmnet.tasks.digits:task", "options": {"hidden": hidden}},
+        "train": {"batch_size": 8, "lr": 0.0, "steps": 10**9, "metrics_every": 1000, "checkpoint_every": 0.0},
+        "network": {"exchange": False},
+    })
+    server = PeerProcessHandle(workdir, "server", config)
+    try:
+        address = server.card(timeout=120)["addr"]
+        env = dict(os.environ, GLIBC_TUNABLES=HUGETLB)
+        out = subprocess.run([sys.executable, "-m", "swarmnet.bench.exchange", "pull-client", address, str(repeats)],
+                             env=env, capture_output=True, text=True, timeout=600)
+        if out.returncode != 0:
+            raise RuntimeError(f"pull client failed:\n{out.stderr[-3000:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    finally:
+        server.kill_tree()
+
+
+async def _pull_client(address: str, repeats: int) -> dict[str, Any]:
+    """Runs in a child process: alternates swarmnet pulls and raw pyzmq transfers of the same bytes."""
+    import torch
+    import zmq
+    import zmq.asyncio
+
+    from swarmnet.codecs import make_codec
+    from swarmnet.peer.client import PeerClient
+    from swarmnet.peer.stats import PeerStats
+    from swarmnet.transport import TransportSet
+    from swarmnet.wire import Limits, MsgType, request
+
+    transports = TransportSet()
+    client = PeerClient(sender="bench", transports=transports, limits=Limits(), timeout=30, stats=PeerStats(),
+                        max_frame_bytes=2**31 - 1)
+    codec = make_codec("fp32")
+    first = await client.call(address, request(MsgType.PULL, "bench", clock=0, want=None, version=None))
+    n = first.body["meta"]["n"]
+    out = torch.empty(n)
+    nbytes = 4 * n
+
+    ctx = zmq.asyncio.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    router.bind("tcp://127.0.0.1:*")
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.connect(router.getsockopt(zmq.LAST_ENDPOINT).decode())
+    payload = bytearray(os.urandom(1024)) * (nbytes // 1024 + 1)
+    payload = memoryview(payload)[:nbytes]
+
+    async def raw_server() -> None:
+        while True:
+            route, _ = await router.recv_multipart(copy=False)
+            await router.send_multipart([route, b"h", payload], copy=False)
+
+    serve = asyncio.create_task(raw_server())
+    swarm_times, raw_times, decode_times = [], [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        reply = await client.call(address, request(MsgType.PULL, "bench", clock=0, want=None, version=None))
+        t1 = time.perf_counter()
+        codec.decode(reply.body["meta"], reply.frames, out, out, {})
+        t2 = time.perf_counter()
+        del reply
+        await dealer.send(b"pull")
+        frames = await dealer.recv_multipart(copy=False)
+        t3 = time.perf_counter()
+        assert frames[1].buffer.nbytes == nbytes
+        del frames
+        swarm_times.append(t1 - t0)
+        decode_times.append(t2 - t1)
+        raw_times.append(t3 - t2)
+    serve.cancel()
+    router.close(0)
+    dealer.close(0)
+    await client.aclose()
+    await transports.aclose()
+    swarm_s, raw_s, decode_s = (statistics.median(x) for x in (swarm_times, raw_times, decode_times))
+    return {"bytes": nbytes, "swarmnet_pull_ms": swarm_s * 1e3, "swarmnet_decode_ms": decode_s * 1e3,
+            "raw_pyzmq_ms": raw_s * 1e3, "ratio": raw_s / swarm_s, "ratio_with_decode": raw_s / (swarm_s + decode_s),
+            "swarmnet_GBps": nbytes / swarm_s / 1e9, "raw_GBps": nbytes / raw_s / 1e9, "repeats": repeats,
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
+
+
+def run(*, json_path: Path | None = None, quick: bool = False) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="swarmnet-bench-") as tmp:
+        work = Path(tmp)
+        result = {
+            "compute": compute_ratio(work, steps=1500 if quick else 3000),
+            "pull": pull_ratio(work, repeats=10 if quick else 30),
+            "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        }
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "pull-client":
+        print(json.dumps(asyncio.run(_pull_client(sys.argv[2], int(sys.argv[3])))))

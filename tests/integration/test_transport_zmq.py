@@ -1,0 +1,90 @@
+"""The ZeroMQ transport over real sockets: tcp on loopback, ipc, inproc."""
+
+import asyncio
+
+import pytest
+
+from swarmnet.errors import EndpointClosed, RequestTimeout, TransportError
+from swarmnet.transport import TransportSet
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture(params=["tcp", "ipc", "inproc"])
+def url(request, tmp_path):
+    return {"tcp": "tcp://127.0.0.1:0", "ipc": f"ipc://{tmp_path}/peer.sock", "inproc": f"inproc://t-{id(tmp_path)}"}[request.param]
+
+
+async def echo(listener, times=None):
+    served = 0
+    while times is None or served < times:
+        route, frames = await listener.recv()
+        await listener.send(route, [bytes(f) for f in reversed(frames)])
+        served += 1
+
+
+async def test_round_trip_large_payload_and_advertised_address(url):
+    transports = TransportSet()
+    transport = transports.for_url(url)
+    listener = await transport.listen(url)
+    assert ":0" not in listener.address and "*" not in listener.address
+    server = asyncio.create_task(echo(listener))
+    conn = transport.connect(listener.address)
+    big = bytes(range(256)) * (40 * 4096)  # 40 MiB
+    reply = await conn.request([b"head", big], timeout=10)
+    assert bytes(reply[0]) == big and bytes(reply[1]) == b"head"
+    server.cancel()
+    await transports.aclose()
+
+
+async def test_timeout_then_recovery_and_no_stale_reply(url):
+    transports = TransportSet()
+    transport = transports.for_url(url)
+    listener = await transport.listen(url)
+    conn = transport.connect(listener.address)
+    with pytest.raises(RequestTimeout):
+        await conn.request([b"first"], timeout=0.2)  # nobody answers yet
+    # The first request is still queued at the listener; answering it must not confuse the next.
+    route, frames = await asyncio.wait_for(listener.recv(), 5)
+    await listener.send(route, [b"late reply to " + bytes(frames[0])])
+    server = asyncio.create_task(echo(listener))
+    reply = await conn.request([b"second"], timeout=5)
+    assert [bytes(f) for f in reply] == [b"second"]
+    server.cancel()
+    await transports.aclose()
+
+
+async def test_close_twice_and_use_after_close(url):
+    transports = TransportSet()
+    transport = transports.for_url(url)
+    listener = await transport.listen(url)
+    conn = transport.connect(listener.address)
+    await conn.aclose()
+    await conn.aclose()
+    with pytest.raises(EndpointClosed):
+        await conn.request([b"x"], timeout=1)
+    await listener.aclose()
+    await listener.aclose()
+    with pytest.raises(EndpointClosed):
+        await listener.recv()
+    await transports.aclose()
+
+
+async def test_unreachable_peer_times_out_fast():
+    transports = TransportSet()
+    conn = transports.for_url("tcp://127.0.0.1:9").connect("tcp://127.0.0.1:9")
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    with pytest.raises(RequestTimeout):
+        await conn.request([b"x"], timeout=0.3)
+    assert loop.time() - start < 2
+    await transports.aclose()
+
+
+async def test_bind_conflict_is_a_transport_error():
+    transports = TransportSet()
+    transport = transports.for_url("tcp://127.0.0.1:0")
+    first = await transport.listen("tcp://127.0.0.1:0")
+    with pytest.raises(TransportError, match="cannot bind"):
+        await transport.listen(first.address)
+    await transports.aclose()
