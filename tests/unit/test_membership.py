@@ -12,7 +12,7 @@ class FakeClock:
 
 
 def card(pid, hb, addr=None):
-    return {"id": pid, "addr": addr or f"tcp://127.0.0.1:{7000 + hash(pid) % 1000}", "hb": hb, "name": pid}
+    return {"id": pid, "addr": addr or f"ipc:///tmp/{pid}.sock", "hb": hb, "name": pid}
 
 
 def test_heartbeats_keep_peers_alive_and_silence_makes_them_suspect():
