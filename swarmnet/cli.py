@@ -73,7 +73,7 @@ def peer(
     log_level: LogLevel = "INFO",
 ) -> None:
     """Run one peer daemon until its budget is spent or it is stopped (SIGINT/SIGTERM)."""
-    from swarmnet.peer.node import PeerIdentity, run_event_loop, run_peer, resolve_rank
+    from swarmnet.peer.node import PeerIdentity, resolve_rank, run_event_loop, run_peer
 
     setup_logging(log_level)
     try:

@@ -6,6 +6,7 @@ import subprocess
 
 import pytest
 
+from swarmnet.peer.metrics import read_metrics
 from swarmnet.testing import PeerProcessHandle, query_status, wait_until
 
 from .conftest import write_config
@@ -128,3 +129,20 @@ def test_two_hosts_in_network_namespaces_form_one_swarm(tmp_path, daemons, two_h
     assert a["addr"] == "tcp://10.200.1.1:7000" and b["addr"] == "tcp://10.200.1.2:7000"
     assert a["interactions"] > 50 and b["interactions"] > 50, (a["interactions"], b["interactions"])
     assert a["eval"]["accuracy"] > 0.9 and b["eval"]["accuracy"] > 0.9
+
+
+def test_restarted_peer_resumes_from_its_checkpoint(tmp_path, daemons):
+    config = daemon_config(tmp_path, steps=300)
+    run = tmp_path / "run"
+    first = PeerProcessHandle(run, "solo", config, "--set", "network.min_peers=0")
+    daemons.append(first)
+    assert first.wait(60) == 0, first.log()
+    assert first.summary()["steps"] == 300
+    second = PeerProcessHandle(run, "solo", config, "--set", "network.min_peers=0", "--steps", "600")
+    daemons.append(second)
+    assert second.wait(60) == 0, second.log()
+    assert "resumed from" in second.log(100)
+    summary = second.summary()
+    assert summary["steps"] == 600 and summary["eval"]["accuracy"] > 0.9
+    steps = [r["step"] for r in read_metrics(run / "solo" / "metrics.jsonl") if "loss" in r]
+    assert steps == sorted(steps) and steps[-1] == 600 and 300 in steps and 310 in steps

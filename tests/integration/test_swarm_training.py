@@ -1,6 +1,5 @@
 """Real swarms (separate processes on 127.0.0.1) train and converge."""
 
-import math
 from pathlib import Path
 
 import pytest

@@ -57,3 +57,29 @@ def test_manifest_name_defaults_to_file_stem(tmp_path):
     path = write(tmp_path, "listen = 'tcp://127.0.0.1:7000'\nseeds = ['tcp://10.0.0.1:7000']\n", "gpu3.toml")
     manifest = load_manifest(path)
     assert manifest.name == "gpu3" and manifest.seeds == ["tcp://10.0.0.1:7000"]
+
+
+def test_training_plan_from_epochs_and_the_multiplier():
+    from swarmnet.config import TrainConfig
+    from swarmnet.peer.compute import plan_training
+
+    # 1,000 samples, batch 10: 100 steps per epoch.
+    plan = plan_training(TrainConfig(batch_size=10, epochs=3, milestones=[1, 2], schedule="multistep"), 4, 1000)
+    assert plan.total_steps == 300 and plan.schedule.milestones == (100, 200)
+    # Sequential recipe of 90 epochs (drops at 30, 60) on 32 peers with multiplier 2 (SPEC 2.7).
+    recipe = TrainConfig(batch_size=10, sequential_epochs=90, multiplier=2, milestones=[30, 60], schedule="multistep")
+    plan = plan_training(recipe, 32, 1000)
+    assert plan.total_steps == 563 and plan.schedule.milestones == (188, 375)
+
+
+def test_cli_reports_config_errors_with_exit_status_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from swarmnet.cli import app
+
+    bad = write(tmp_path, "[train]\nlr = -1\n")
+    result = CliRunner().invoke(app, ["peer", "--config", str(bad)])
+    assert result.exit_code == 2
+    assert "train.lr: must be a finite number >= 0" in result.output
+    result = CliRunner().invoke(app, ["peer", "--set", "train.lr"])
+    assert result.exit_code == 2 and "expected section.key=VALUE" in result.output

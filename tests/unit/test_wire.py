@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 from swarmnet import PROTOCOL_VERSION
 from swarmnet.errors import ProtocolError
-from swarmnet.wire import Limits, MsgType, decode, encode, reject, reply, request, RejectCode
+from swarmnet.wire import Limits, MsgType, RejectCode, decode, encode, reject, reply, request
 
 
 def header(**fields):
