@@ -146,3 +146,40 @@ def test_restarted_peer_resumes_from_its_checkpoint(tmp_path, daemons):
     assert summary["steps"] == 600 and summary["eval"]["accuracy"] > 0.9
     steps = [r["step"] for r in read_metrics(run / "solo" / "metrics.jsonl") if "loss" in r]
     assert steps == sorted(steps) and steps[-1] == 600 and 300 in steps and 310 in steps
+
+
+def test_garbage_is_rejected_counted_and_the_peer_keeps_serving(tmp_path, daemons):
+    import msgpack
+    import zmq
+
+    config = daemon_config(tmp_path, steps=1_000_000)
+    peer = PeerProcessHandle(tmp_path / "run", "target", config, "--set", "network.min_peers=0")
+    daemons.append(peer)
+    address = peer.card()["addr"]
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 10_000)
+    sock.connect(address)
+    bad = [
+        [b"\xc1not msgpack"],
+        [msgpack.packb({"v": 99, "t": "pull", "id": "x", "mid": 1, "sizes": []})],
+        [msgpack.packb({"v": 1, "t": "pull", "id": "x", "mid": 2, "sizes": [5], "clock": 0, "want": None,
+                        "version": None}), b"abc"],
+        [msgpack.packb({"v": 1, "t": "snapshot", "id": "x", "mid": 3, "sizes": [], "version": 1, "codec": "fp32",
+                        "meta": {}, "clock": 0, "age": 0.0})],
+    ]
+    try:
+        for frames in bad:
+            sock.send_multipart(frames)
+            reply = msgpack.unpackb(sock.recv_multipart()[0])
+            assert reply["t"] == "reject" and reply["code"] == "malformed", reply
+    finally:
+        sock.close(0)
+        ctx.term()
+    status = query_status(address)
+    assert status["rejected"] == {"malformed": 1, "version": 1, "size_mismatch": 1, "unexpected_type": 1}
+    step = status["step"]
+    wait_until(lambda: query_status(address)["step"] > step, 20, what="the peer still training")
+    peer.signal(signal.SIGTERM)
+    assert peer.wait(30) == 0
