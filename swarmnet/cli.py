@@ -7,6 +7,7 @@ the event loop. Behaviour lives below the CLI and is tested there.
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -91,6 +92,9 @@ def peer(
         fail(str(exc))
     identity = PeerIdentity(name or manifest.name or socket.gethostname(), resolve_rank(rank if rank >= 0 else manifest.rank))
     code = run_event_loop(run_peer(cfg, identity, resume=not fresh))
+    # The loop is closed and its handlers are gone: a late SIGTERM (honcho stopping the others)
+    # must not turn a clean exit into a death by signal.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise typer.Exit(code)
 
 

@@ -38,9 +38,11 @@ class PeerRecord:
     failures: int = 0
     avoid_until: float = 0.0
     left: bool = False
+    done: bool = False
+    """The peer has spent its budget and only serves its final snapshot."""
 
     def card(self) -> dict[str, Any]:
-        return {"id": self.id, "addr": self.addr, "hb": self.hb, "name": self.name}
+        return {"id": self.id, "addr": self.addr, "hb": self.hb, "name": self.name, "done": self.done}
 
 
 class PeerTable:
@@ -72,7 +74,8 @@ class PeerTable:
             # A restarted peer comes back under a new id at the same address: drop the old one.
             for old in [r for r in self.records.values() if r.addr == card["addr"]]:
                 del self.records[old.id]
-            rec = PeerRecord(pid, str(card["addr"]), str(card.get("name", "")), int(card["hb"]), now)
+            rec = PeerRecord(pid, str(card["addr"]), str(card.get("name", "")), int(card["hb"]), now,
+                             done=card.get("done") is True)
             self.records[pid] = rec
             self._event(rec, "joined")
             return
@@ -81,6 +84,7 @@ class PeerTable:
         if int(card["hb"]) > rec.hb or direct:
             rec.hb = max(rec.hb, int(card["hb"]))
             rec.last_seen = now
+            rec.done = card.get("done") is True
 
     def mark_left(self, pid: str) -> None:
         rec = self.records.get(pid)

@@ -110,7 +110,8 @@ class Peer:
     # -- identity and status ------------------------------------------------------------------
 
     def card(self) -> dict[str, Any]:
-        return {"id": self.id, "addr": self.address, "hb": self.membership.heartbeat, "name": self.name}
+        return {"id": self.id, "addr": self.address, "hb": self.membership.heartbeat, "name": self.name,
+                "done": self.stats.state == "done"}
 
     def status(self) -> dict[str, Any]:
         return {
@@ -215,9 +216,11 @@ class Peer:
             await asyncio.sleep(0.02)
 
     async def _linger(self) -> None:
-        """Keep serving the final snapshot while others may still pull it."""
+        """Keep serving the final snapshot while others, still training, may pull it."""
         deadline = time.monotonic() + self.cfg.network.linger
-        while not self._force and time.monotonic() < deadline and self.table.alive():
+        while not (self._force or self._stop_requested) and time.monotonic() < deadline:
+            if all(r.done for r in self.table.alive()):
+                return
             await asyncio.sleep(0.05)
 
     async def _say_goodbye(self) -> None:
