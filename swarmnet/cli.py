@@ -16,7 +16,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from swarmnet.config import PeerManifest, load_config, load_manifest
-from swarmnet.errors import ConfigError
+from swarmnet.errors import ConfigError, SwarmError
 from swarmnet.log import setup_logging
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -126,7 +126,11 @@ def up(
                                 transport=transport, fresh=fresh, log_level=log_level)
     except ConfigError as exc:
         fail(str(exc))
-    raise typer.Exit(launch(plan, summary_path=summary))
+    try:
+        code = launch(plan, summary_path=summary)
+    except SwarmError as exc:
+        fail(str(exc))
+    raise typer.Exit(code)
 
 
 

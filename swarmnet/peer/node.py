@@ -198,6 +198,7 @@ class Peer:
                 for svc in services:
                     svc.cancel()
         finally:
+            self.compute.stop.set()  # whatever ended the loop, the compute thread must not outlive it
             self.exchange.close()
             compute_thread.shutdown(wait=False)
             await self.client.aclose()
