@@ -16,6 +16,11 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+from torch import Tensor
+
+ClockT = TypeVar("ClockT", int, float, Tensor)
 
 SCHEDULES = ("constant", "popsgd", "multistep", "cosine")
 
@@ -52,7 +57,7 @@ class Schedule:
         if self.kind == "constant":
             rate = self.lr
         elif self.kind == "popsgd":
-            rate = self.lr / (1.0 + clock / self.clock_scale)
+            rate = clock_rate(self.lr, self.clock_scale, clock)
         elif self.kind == "multistep":
             rate = self.lr * self.gamma ** bisect.bisect_right(self._sorted, step)
         else:
@@ -62,6 +67,15 @@ class Schedule:
         if self.warmup_steps and step < self.warmup_steps:
             rate *= (step + 1) / self.warmup_steps
         return rate
+
+
+def clock_rate(lr: float, clock_scale: float, clock: ClockT) -> ClockT:
+    """PopSGD's per-node rate eta0 / (1 + V / V0) (SPEC 1.3) for one clock or a tensor of clocks.
+
+    The single place the formula lives: :class:`Schedule` calls it for one peer, the simulator
+    for a float64 tensor of clocks (one IEEE operation sequence, so both give identical values).
+    """
+    return lr / (1.0 + clock / clock_scale)
 
 
 def compress_epochs(

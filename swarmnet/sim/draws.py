@@ -1,0 +1,120 @@
+"""The random inputs of a simulation, drawn per interaction in fixed-size blocks.
+
+Everything random an interaction uses is drawn before it runs, in blocks of
+:data:`BLOCK` consecutive interactions ("draws"), from two seeded generators:
+
+- host (numpy PCG64): who interacts. PopSGD: both nodes uniform with replacement (SPEC 1.1;
+  a self-pair is later dropped as a no-op). SwarmSGD: initiator uniform, neighbour uniform in
+  its neighbourhood (SPEC 2.1); local steps H per interaction (SPEC 2.3);
+- device (torch): the task's gradient inputs (sample indices) for every gradient the block
+  needs, in interaction order: PopSGD draw t uses rows 2t (first node) and 2t+1 (second);
+  SwarmSGD draw t uses rows offset[t] .. offset[t] + H[t] - 1 for the initiator's local steps.
+
+The block size is a constant, not a tuning knob: it fixes which generator output feeds which
+interaction, so the vectorized and the one-pair-at-a-time paths, and any way of chunking a run
+into windows, consume identical randomness for the same seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from swarmnet.algorithms.local_steps import LocalSteps, steps_from_uniform
+from swarmnet.algorithms.topology import Topology
+
+BLOCK = 4096
+"""Interactions per random block."""
+
+
+class NeighbourSampler:
+    """Uniform neighbour of each initiator in a topology (SPEC 2.1), vectorized.
+
+    The complete graph is sampled as (i + U{1..n-1}) mod n, so it needs no n x n table.
+    """
+
+    def __init__(self, topology: Topology, nodes: int) -> None:
+        self.nodes = nodes
+        self.complete = topology.kind == "complete"
+        if not self.complete:
+            adjacency = topology.adjacency(nodes)
+            self.degree = np.array([len(a) for a in adjacency], dtype=np.int64)
+            if nodes > 1 and self.degree.min() == 0:
+                raise ValueError(f"topology {topology} leaves a node without neighbours at n={nodes}")
+            self.table = np.zeros((nodes, max(1, int(self.degree.max(initial=1)))), dtype=np.int64)
+            for i, neighbours in enumerate(adjacency):
+                self.table[i, : len(neighbours)] = neighbours
+
+    def sample(self, initiator: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if self.nodes == 1:
+            return initiator.copy()
+        if self.complete:
+            return (initiator + rng.integers(1, self.nodes, len(initiator))) % self.nodes
+        slot = (rng.random(len(initiator)) * self.degree[initiator]).astype(np.int64)
+        return self.table[initiator, slot]
+
+
+@dataclass(frozen=True, slots=True)
+class DrawBlock:
+    """The random inputs of interactions ``start .. start + len(first) - 1``."""
+
+    start: int
+    first: np.ndarray
+    """PopSGD: first node of the pair; SwarmSGD: the initiator."""
+    second: np.ndarray
+    """PopSGD: second node; SwarmSGD: the neighbour."""
+    local_steps: np.ndarray | None
+    """SwarmSGD: H of each interaction."""
+    grad_offset: np.ndarray | None
+    """SwarmSGD: row of ``grads`` holding the first local step's draw."""
+    grads: Tensor
+    """Gradient inputs, one row per stochastic gradient (see the module docstring)."""
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+
+class DrawSource:
+    """Produces the blocks of one run, in order, from ``seed``."""
+
+    def __init__(
+        self,
+        *,
+        algorithm: str,
+        nodes: int,
+        task: object,
+        seed: int,
+        device: torch.device,
+        topology: Topology | None = None,
+        local_steps: LocalSteps | None = None,
+    ) -> None:
+        self.algorithm = algorithm
+        self.nodes = nodes
+        self.task = task
+        self.local_steps = local_steps or LocalSteps(1)
+        self.host = np.random.Generator(np.random.PCG64(seed))
+        self.device_gen = torch.Generator(device=device).manual_seed(seed + 0x5EED)
+        self.neighbours = (
+            NeighbourSampler(topology or Topology(), nodes) if algorithm == "swarmsgd" else None
+        )
+        self.next_start = 0
+
+    def next_block(self) -> DrawBlock:
+        rng, size = self.host, BLOCK
+        first = rng.integers(0, self.nodes, size)
+        h = offset = None
+        if self.neighbours is None:
+            second = rng.integers(0, self.nodes, size)
+            rows = 2 * size
+        else:
+            second = self.neighbours.sample(first, rng)
+            h = steps_from_uniform(self.local_steps, 1.0 - rng.random(size))
+            offset = np.concatenate(([0], np.cumsum(h)[:-1])).astype(np.int64)
+            rows = int(h.sum())
+        grads = self.task.draw(rows, self.device_gen)  # type: ignore[attr-defined]
+        block = DrawBlock(self.next_start, first, second, h, offset, grads)
+        self.next_start += size
+        return block
