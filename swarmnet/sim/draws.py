@@ -1,7 +1,7 @@
 """The random inputs of a simulation, drawn per interaction in fixed-size blocks.
 
-Everything random an interaction uses is drawn before it runs, in blocks of
-:data:`BLOCK` consecutive interactions ("draws"), from two seeded generators:
+Everything random an interaction uses is drawn before it runs, in blocks of consecutive
+interactions ("draws"), from two seeded generators:
 
 - host (numpy PCG64): who interacts. PopSGD: both nodes uniform with replacement (SPEC 1.1;
   a self-pair is later dropped as a no-op). SwarmSGD: initiator uniform, neighbour uniform in
@@ -10,9 +10,12 @@ Everything random an interaction uses is drawn before it runs, in blocks of
   needs, in interaction order: PopSGD draw t uses rows 2t (first node) and 2t+1 (second);
   SwarmSGD draw t uses rows offset[t] .. offset[t] + H[t] - 1 for the initiator's local steps.
 
-The block size is a constant, not a tuning knob: it fixes which generator output feeds which
-interaction, so the vectorized and the one-pair-at-a-time paths, and any way of chunking a run
-into windows, consume identical randomness for the same seed.
+The block size is a function of n alone (:func:`block_size`), not a tuning knob: it fixes which
+generator output feeds which interaction, so the vectorized and the one-pair-at-a-time paths,
+and any way of chunking a run into windows, consume identical randomness for the same seed. It
+grows with n because a window of draws is scheduled into layers on its own: about 4n draws
+per window keep the thin layers at a window's end a small fraction (SPEC 3.5: about
+0.24-0.30 x n/2 pairs per layer in steady state).
 """
 
 from __future__ import annotations
@@ -27,7 +30,14 @@ from swarmnet.algorithms.local_steps import LocalSteps, steps_from_uniform
 from swarmnet.algorithms.topology import Topology
 
 BLOCK = 4096
-"""Interactions per random block."""
+"""Granularity (and minimum) of the random block size."""
+MAX_BLOCK = 16 * BLOCK
+
+
+def block_size(nodes: int) -> int:
+    """Interactions per random block for a run on ``nodes`` nodes: 4n rounded up to a multiple
+    of :data:`BLOCK`, at most :data:`MAX_BLOCK` (bounds the memory of the pre-drawn samples)."""
+    return min(MAX_BLOCK, max(BLOCK, -(-4 * nodes // BLOCK) * BLOCK))
 
 
 class NeighbourSampler:
@@ -101,9 +111,10 @@ class DrawSource:
             NeighbourSampler(topology or Topology(), nodes) if algorithm == "swarmsgd" else None
         )
         self.next_start = 0
+        self.size = block_size(nodes)
 
     def next_block(self) -> DrawBlock:
-        rng, size = self.host, BLOCK
+        rng, size = self.host, self.size
         first = rng.integers(0, self.nodes, size)
         h = offset = None
         if self.neighbours is None:

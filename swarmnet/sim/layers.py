@@ -9,27 +9,28 @@ reordered.
 
 Two ways to compute the layers, with identical results (tested):
 
-- relaxation: the layer is the longest chain of predecessors ending at t. With pred1[t] and
-  pred2[t] = the previous interaction in the window touching first[t] / second[t] (found for
-  all t at once by one stable sort of the 2T endpoints), iterate
-  ``layer <- 1 + max(layer[pred1], layer[pred2])`` from 0; after k rounds every interaction of
-  depth <= k is final, so it stops after depth + 1 rounds of O(T) array work. Used when the
-  window is shallow (many nodes per interaction in the window: the 10^4-node regime);
-- a plain scan over the window with a per-node "last layer" table, O(T) Python steps. Used
-  for deep windows (few nodes), where the relaxation would need thousands of rounds.
+- chunked relaxation (many nodes): the layer of t is the length of the longest chain of
+  predecessors ending at t. The window is cut into chunks of about n/4 draws; inside a chunk,
+  pred1[t] and pred2[t] (the previous interaction of the chunk touching first[t] / second[t])
+  come from one stable sort of the endpoints, and ``layer <- max(base, 1 + layer[pred1],
+  1 + layer[pred2])`` is iterated to its fixed point, where ``base`` = 1 + the last layer of
+  either node in earlier chunks. A chunk of n/4 draws is only a few layers deep, so each
+  needs a handful of O(chunk) array passes;
+- a plain scan with a per-node "last layer" table, O(T) Python steps (few nodes: there the
+  chunks would be tiny and deep windows make the scan the cheaper one).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-_MAX_ROUNDS = 48
-"""Expected depth above which the scan is cheaper than the relaxation."""
+SCAN_BELOW = 2048
+"""Node counts below which the scan is used."""
 
 
 def predecessors(first: np.ndarray, second: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Index of the previous interaction in the window touching first[t] (resp. second[t]),
-    or -1; ``first[t] != second[t]`` is required."""
+    """Index of the previous interaction touching first[t] (resp. second[t]), or -1;
+    ``first[t] != second[t]`` is required."""
     count = len(first)
     nodes = np.concatenate((first, second))
     owner = np.concatenate((np.arange(count), np.arange(count)))
@@ -43,23 +44,34 @@ def predecessors(first: np.ndarray, second: np.ndarray) -> tuple[np.ndarray, np.
 
 def assign_layers(first: np.ndarray, second: np.ndarray, nodes: int) -> np.ndarray:
     """0-based layer of every interaction of the window (int64 array)."""
+    if nodes < SCAN_BELOW:
+        return scan_layers(first, second)
     count = len(first)
-    if count == 0:
-        return np.zeros(0, dtype=np.int64)
-    if 4 * count / max(nodes, 1) + 2 > _MAX_ROUNDS:
-        return _scan(first, second, nodes)
-    pred1, pred2 = predecessors(first, second)
-    padded = np.full(count + 1, -1, dtype=np.int64)  # padded[-1] = -1 stands for "no predecessor"
-    layer = np.zeros(count, dtype=np.int64)
-    while True:
-        padded[:count] = layer
-        new = np.maximum(padded[pred1], padded[pred2]) + 1
-        if np.array_equal(new, layer):
-            return layer
-        layer = new
+    chunk = max(256, nodes // 4)
+    last = np.full(nodes, -1, dtype=np.int64)
+    out = np.empty(count, dtype=np.int64)
+    for start in range(0, count, chunk):
+        f, s = first[start : start + chunk], second[start : start + chunk]
+        size = len(f)
+        base = np.maximum(last[f], last[s]) + 1
+        pred1, pred2 = predecessors(f, s)
+        padded = np.full(size + 1, -1, dtype=np.int64)  # padded[-1] = -1: "no predecessor"
+        layer = base
+        while True:
+            padded[:size] = layer
+            new = np.maximum(base, np.maximum(padded[pred1], padded[pred2]) + 1)
+            if np.array_equal(new, layer):
+                break
+            layer = new
+        out[start : start + size] = layer
+        # Layers grow along each node's chain, so the maximum is its last layer in the chunk.
+        np.maximum.at(last, f, layer)
+        np.maximum.at(last, s, layer)
+    return out
 
 
-def _scan(first: np.ndarray, second: np.ndarray, nodes: int) -> np.ndarray:
+def scan_layers(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """The definition, one interaction at a time (also the reference in the tests)."""
     last: dict[int, int] = {}
     out = np.empty(len(first), dtype=np.int64)
     for t, (i, j) in enumerate(zip(first.tolist(), second.tolist(), strict=True)):
