@@ -24,9 +24,10 @@ reconstructs Q = eps*(k + theta) with theta = 1/2 - (V + 1/2)/2^16, so
 most 16 fractional bits; see rounding.py). The integer formula keeps this true at any |x|/eps;
 with eps a power of two (what the codec uses) x/eps is exact in float32 too.
 
-``decode`` returns the unique integer congruent to r mod 2^b in [u - 2^(b-1), u + 2^(b-1)) with
-u = key/eps - theta: exact iff u - k is in that half-open range (SPEC 3.2), computed as
-``c + ((r - c + h) & (2^b - 1)) - h`` with c = ceil(u), h = 2^(b-1), two's complement integers.
+``decode`` returns the unique integer k_hat congruent to r mod 2^b with u - k_hat in
+[-2^(b-1), 2^(b-1)), u = key/eps - theta: it equals k iff u - k is in that half-open range
+(SPEC 3.2). With c = floor(u) and h = 2^(b-1) it is ``c + h - ((c + h - r) & (2^b - 1))`` in
+two's complement integers.
 The codec fixes eps = 2^e per chunk and uses float32 keys, so u is exact; the simulator may pass
 float64 ``key`` and ``x``.
 """
@@ -36,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import math
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -170,22 +172,23 @@ def colour(k: Tensor, bits: Tensor | int) -> Tensor:
 def nearest(
     r: Tensor, mask: Tensor | int, half: Tensor | int, u: Tensor, out: Tensor, c: Tensor | None = None
 ) -> Tensor:
-    """Core of :func:`decode` on precomputed pieces; ``out`` receives k_hat - ceil(u).
+    """Core of :func:`decode` on precomputed pieces (mask = 2^b - 1, half = 2^(b-1)).
 
-    ``u`` (float) is consumed. Returns c = ceil(u) as integers of out's dtype (in ``c`` if
-    given), so the caller gets k_hat = out + c, and the offset ``out`` itself, in [-h, h), bounds
-    the distance: |k_hat - u| <= max(out + 1, -out).
+    ``out`` receives k_hat - floor(u), which lies in (-h, h]; ``u`` (float) is consumed.
+    Returns c = floor(u) as integers of out's dtype (in ``c`` if given), so the caller gets
+    k_hat = out + c, and |k_hat - u| < max(out, 1 - out) bounds the distance.
     """
     limit = float(1 << (8 * out.element_size() - 2))
     c = torch.empty_like(out) if c is None else c
-    c.copy_(u.ceil_().clamp_(-limit, limit))  # keys absurdly far away only lose exactness
+    c.copy_(u.floor_().clamp_(-limit, limit))  # keys absurdly far away only lose exactness
+    # k_hat = c + h - ((c + h - r) mod 2^b), written with ~x & mask = mask - (x & mask):
     torch.sub(r, c, out=out)
-    out.add_(half).bitwise_and_(mask).sub_(half)
+    out.sub_(half + 1).bitwise_and_(mask).sub_(half - 1)
     return c
 
 
 def decode(r: Tensor, bits: Tensor | int, key: Tensor, eps: Tensor | float, theta: Tensor | None = None) -> Tensor:
-    """The integer k_hat = r (mod 2^bits) nearest to u = key/eps - theta, ties to the low side
+    """The integer k_hat = r (mod 2^bits) nearest to u = key/eps - theta, ties to the high side
     (SPEC 3.2): k_hat = k exactly iff u - k lies in [-2^(bits-1), 2^(bits-1)).
 
     ``r`` int32/int64 colours, ``bits`` in [1, 63] (int or tensor broadcastable to r), ``key``
@@ -229,16 +232,22 @@ def chunk_hashes(k_RC: Tensor, lengths: int | None = None) -> bytes:
 
     ``lengths`` hashes only each row's first ``lengths`` entries (a padded tail chunk). Any
     wrong decode changes whole multiples of 2^b in some coordinates; the digest catches it with
-    probability 1 - 2^-64. The work is spread over two threads (hashlib releases the GIL).
+    probability 1 - 2^-64. Large inputs are split over two threads (hashlib releases the GIL).
     """
     global _HASH_POOL
     k = k_RC if k_RC.device.type == "cpu" else k_RC.to("cpu")  # CPU<->GPU sync point
     if lengths is not None:
         k = k[:, :lengths]
     rows = k.contiguous().view(torch.uint8).numpy()
-    digest = [lambda row=row: hashlib.sha256(row).digest()[:8] for row in rows]
-    if rows.nbytes < _HASH_PARALLEL_BYTES or len(digest) < 2:
-        return b"".join(f() for f in digest)
+
+    def digest(block: Any) -> bytes:
+        return b"".join(hashlib.sha256(row).digest()[:8] for row in block)
+
+    if rows.nbytes < _HASH_PARALLEL_BYTES or len(rows) < 2:
+        return digest(rows)
     if _HASH_POOL is None:
-        _HASH_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="swarmnet-hash")
-    return b"".join(_HASH_POOL.map(lambda f: f(), digest))
+        _HASH_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarmnet-hash")
+    half = len(rows) // 2
+    first = _HASH_POOL.submit(digest, rows[:half])
+    second = digest(rows[half:])
+    return first.result() + second

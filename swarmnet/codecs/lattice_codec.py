@@ -430,7 +430,7 @@ class LatticeCodec(Codec):
         k_hat = scratch("lattice.khat", m * g.cols, kdtype, dev).view(m, g.cols)
         c = scratch("lattice.c", m * g.cols, kdtype, dev).view(m, g.cols)
         lattice.nearest(r[:, : g.cols], mask, half, u, k_hat, c)
-        dist = torch.maximum(k_hat.amax(1) + 1, k_hat.amin(1).neg()).double()
+        dist = torch.maximum(k_hat.amax(1), 1 - k_hat.amin(1)).double()
         k_hat.add_(c)
         if any(keyless):
             rows = torch.tensor(keyless, device=dev)
