@@ -8,7 +8,8 @@ interactions ("draws"), from two seeded generators:
   its neighbourhood (SPEC 2.1); local steps H per interaction (SPEC 2.3);
 - device (torch): the task's gradient inputs (sample indices) for every gradient the block
   needs, in interaction order: PopSGD draw t uses rows 2t (first node) and 2t+1 (second);
-  SwarmSGD draw t uses rows offset[t] .. offset[t] + H[t] - 1 for the initiator's local steps.
+  SwarmSGD draw t uses rows offset[t] .. offset[t] + H[t] - 1 for the initiator's local steps;
+  then, for quantized SwarmSGD, the rounding offsets of both buffers of every draw.
 
 The block size is a function of n alone (:func:`block_size`), not a tuning knob: it fixes which
 generator output feeds which interaction, so the vectorized and the one-pair-at-a-time paths,
@@ -21,6 +22,7 @@ per window keep the thin layers at a window's end a small fraction (SPEC 3.5: ab
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -82,6 +84,8 @@ class DrawBlock:
     """SwarmSGD: row of ``grads`` holding the first local step's draw."""
     grads: Tensor
     """Gradient inputs, one row per stochastic gradient (see the module docstring)."""
+    offsets: Tensor | None = None
+    """Quantized SwarmSGD: rounding offsets [size, 2, d] (X_i's, X_j's) of each draw."""
 
     def __len__(self) -> int:
         return len(self.first)
@@ -100,6 +104,7 @@ class DrawSource:
         device: torch.device,
         topology: Topology | None = None,
         local_steps: LocalSteps | None = None,
+        registers: Any = None,
     ) -> None:
         self.algorithm = algorithm
         self.nodes = nodes
@@ -110,6 +115,7 @@ class DrawSource:
         self.neighbours = (
             NeighbourSampler(topology or Topology(), nodes) if algorithm == "swarmsgd" else None
         )
+        self.registers = registers
         self.next_start = 0
         self.size = block_size(nodes)
 
@@ -126,6 +132,9 @@ class DrawSource:
             offset = np.concatenate(([0], np.cumsum(h)[:-1])).astype(np.int64)
             rows = int(h.sum())
         grads = self.task.draw(rows, self.device_gen)  # type: ignore[attr-defined]
-        block = DrawBlock(self.next_start, first, second, h, offset, grads)
+        offsets = None
+        if self.registers is not None:
+            offsets = self.registers.draw_offsets(size, self.task.dim, self.device_gen)  # type: ignore[attr-defined]
+        block = DrawBlock(self.next_start, first, second, h, offset, grads, offsets)
         self.next_start += size
         return block

@@ -19,8 +19,9 @@ One interaction, as the batch functions :meth:`Engine._apply_popsgd` and
 - SwarmSGD (SPEC 2.4): the initiator's H local steps start from its stale copy X_hat_i, one
   fresh sample each; Delta_i = X_hat_i - y_H; then
   (X_i, X_j) <- :func:`~swarmnet.algorithms.averaging.swarm_interaction` (Q(X_i), Q(X_j),
-  Delta_i) and X_hat_i <- X_i. Q is the identity (unquantized). With n = 1 the node averages
-  with itself, i.e. X <- X_hat - Delta.
+  Delta_i) and X_hat_i <- X_i. Q is the identity, or the lattice quantizer with each side
+  reading the other with its own model as key (:mod:`.registers`, SPEC 3.4). With n = 1 the
+  node averages with itself, i.e. X <- X_hat - Delta, and nothing is quantized.
 
 Computing Delta_i at the moment of the interaction is exact: X_hat_i changes only when i
 initiates, and the local steps' samples are pre-drawn per interaction (:mod:`.draws`).
@@ -49,8 +50,10 @@ from swarmnet.algorithms.topology import Topology
 from swarmnet.errors import ConfigError
 from swarmnet.sim.draws import DrawBlock, DrawSource
 from swarmnet.sim.layers import assign_layers, layer_bounds
+from swarmnet.sim.registers import LatticeRegisters
 
 ALGORITHMS = ("popsgd", "swarmsgd", "minibatch")
+CODECS = ("none", "lattice")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,6 +69,12 @@ class EngineConfig:
     """SwarmSGD only: who may be picked as neighbour."""
     local_steps: LocalSteps = field(default_factory=lambda: LocalSteps(1))
     """SwarmSGD only: H, fixed or geometric."""
+    codec: str = "none"
+    """SwarmSGD only: ``none`` (Q = identity) or ``lattice`` (:mod:`.registers`)."""
+    lattice_eps: float | None = None
+    """Lattice step; None means the SPEC 3.4 reference eta * H * 6 / 11."""
+    rounding: str = "stochastic"
+    """Lattice rounding: stochastic or dither (SPEC 3.2)."""
     seed: int = 0
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
@@ -83,6 +92,18 @@ class EngineConfig:
             raise ConfigError(f"lr decay clock scale V0 must be > 0, got {self.lr_clock_scale}")
         if self.lr_clock_scale is not None and self.algorithm == "swarmsgd":
             raise ConfigError("the clock-based rate decay is PopSGD's; SwarmSGD runs a constant rate")
+        if self.codec not in CODECS:
+            raise ConfigError(f"codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
+        if self.codec != "none" and self.algorithm != "swarmsgd":
+            raise ConfigError("quantized registers are simulated for SwarmSGD only (SPEC 2.5)")
+
+    def registers(self) -> LatticeRegisters | None:
+        if self.codec == "none":
+            return None
+        eps = self.lattice_eps
+        if eps is None:
+            eps = self.lr * self.local_steps.mean * 6 / 11
+        return LatticeRegisters(eps, self.rounding)
 
 
 class Engine:
@@ -104,6 +125,10 @@ class Engine:
         self.steps = torch.zeros(self.n, dtype=torch.int64, device=self.device)
         self.draws = 0
         self.interactions = 0
+        self.registers = config.registers() if self.n > 1 else None  # n = 1 never communicates
+        self._bits_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._bits_max = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._reads = 0
         self.source = DrawSource(
             algorithm=config.algorithm,
             nodes=self.n,
@@ -112,6 +137,7 @@ class Engine:
             device=self.device,
             topology=config.topology,
             local_steps=config.local_steps,
+            registers=self.registers,
         )
         self._block: DrawBlock | None = None
         self._cursor = 0
@@ -152,6 +178,7 @@ class Engine:
                     block,
                     self._tensor([i]),
                     self._tensor([j]),
+                    self._tensor([t]),
                     self._tensor([int(block.grad_offset[t])]),
                     self._tensor([h]),
                     [1] * h,
@@ -176,11 +203,14 @@ class Engine:
             bounds = layer_bounds(layer[order])
             first_d = self._tensor(first[order])
             second_d = self._tensor(second[order])
+            at_d = self._tensor(t[order])
             offset_d = self._tensor(block.grad_offset[t][order])
             h_d = self._tensor(h)
             for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
                 rounds = _active_counts(h[a:b])
-                self._apply_swarmsgd(block, first_d[a:b], second_d[a:b], offset_d[a:b], h_d[a:b], rounds)
+                self._apply_swarmsgd(
+                    block, first_d[a:b], second_d[a:b], at_d[a:b], offset_d[a:b], h_d[a:b], rounds
+                )
             return
         order = np.argsort(layer, kind="stable")
         bounds = layer_bounds(layer[order])
@@ -222,12 +252,13 @@ class Engine:
         block: DrawBlock,
         first: Tensor,
         second: Tensor,
+        at: Tensor,
         grad_start: Tensor,
         local_steps: Tensor,
         rounds: list[int],
     ) -> None:
-        """B disjoint SwarmSGD interactions, sorted by H descending; ``rounds[q]`` = how many of
-        them take a local step in round q (i.e. have H > q)."""
+        """B disjoint SwarmSGD interactions (draws ``at`` of the block), sorted by H
+        descending; ``rounds[q]`` = how many of them take a local step in round q (H > q)."""
         assert self.stale is not None
         stale = self.stale.index_select(0, first)
         live = stale.clone()
@@ -236,9 +267,18 @@ class Engine:
             g = self.task.grad(live[:active], draws)
             live[:active] -= g * self.config.lr
         delta = stale - live
-        q_i = self.models.index_select(0, first)
-        q_j = self.models.index_select(0, second)
-        new_i, new_j = swarm_interaction(q_i, q_j, delta)
+        x_i = self.models.index_select(0, first)
+        x_j = self.models.index_select(0, second)
+        if self.registers is None:
+            new_i, new_j = swarm_interaction(x_i, x_j, delta)
+        else:
+            assert block.offsets is not None
+            reads = self.registers.exchange(x_i, x_j, block.offsets.index_select(0, at))
+            new_i = swarm_interaction(reads.own_i, reads.read_by_i, delta)[0]
+            new_j = swarm_interaction(reads.read_by_j, reads.own_j, delta)[1]
+            self._bits_sum += reads.bits.sum()
+            self._bits_max = torch.maximum(self._bits_max, reads.bits.max())
+            self._reads += len(reads.bits)
         self.models.index_copy_(0, second, new_j)
         self.models.index_copy_(0, first, new_i)  # after j's: with n = 1, i and j coincide
         self.stale.index_copy_(0, first, new_i)
@@ -271,6 +311,14 @@ class Engine:
         for key, value in metrics.items():
             point[f"{key}_node"] = float(value[0])
             point[f"{key}_mean"] = float(value[1])
+        if self.registers is not None:
+            # Both sides of an interaction read b planes: mean and max per coordinate and read,
+            # over the interactions since the previous curve point.
+            point["bits_mean"] = float(self._bits_sum) / self._reads if self._reads else float("nan")
+            point["bits_max"] = float(self._bits_max) if self._reads else float("nan")
+            self._bits_sum.zero_()
+            self._bits_max.zero_()
+            self._reads = 0
         if not self.swarm:
             clocks = self.clocks.double()
             point["clock_sum"] = float(self.clocks.sum())
