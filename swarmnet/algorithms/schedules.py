@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import torch
 from torch import Tensor
 
 ClockT = TypeVar("ClockT", int, float, Tensor)
@@ -73,8 +74,13 @@ def clock_rate(lr: float, clock_scale: float, clock: ClockT) -> ClockT:
     """PopSGD's per-node rate eta0 / (1 + V / V0) (SPEC 1.3) for one clock or a tensor of clocks.
 
     The single place the formula lives: :class:`Schedule` calls it for one peer, the simulator
-    for a float64 tensor of clocks (one IEEE operation sequence, so both give identical values).
+    for a float64 tensor of clocks. Both branches do the same two IEEE divisions and one
+    addition (torch would otherwise divide by a scalar through its reciprocal), so they give
+    identical values.
     """
+    if isinstance(clock, Tensor):
+        ratio = clock / torch.full_like(clock, clock_scale)
+        return torch.full_like(clock, lr) / (ratio + 1.0)
     return lr / (1.0 + clock / clock_scale)
 
 
