@@ -81,6 +81,8 @@ class SimConfig:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}")
         if self.interactions_per_node <= 0 or self.records < 1:
             raise ConfigError("--interactions-per-node and --records must be positive")
+        if self.codec != "none" and self.algorithm != "swarmsgd":
+            raise ConfigError("--codec lattice: quantized registers are simulated for SwarmSGD only")
 
     def engine_config(self, algorithm: str, nodes: int) -> EngineConfig:
         try:
