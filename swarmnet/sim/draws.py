@@ -21,6 +21,7 @@ per window keep the thin layers at a window's end a small fraction (SPEC 3.5: ab
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,9 +84,11 @@ class DrawBlock:
     grad_offset: np.ndarray | None
     """SwarmSGD: row of ``grads`` holding the first local step's draw."""
     grads: Tensor
-    """Gradient inputs, one row per stochastic gradient (see the module docstring)."""
+    """Gradient inputs, one row per stochastic gradient (see the module docstring). Valid until
+    the next block is drawn when the task fills a reused buffer (``draw(..., out=)``)."""
     offsets: Tensor | None = None
-    """Quantized SwarmSGD: rounding offsets [size, 2, d] (X_i's, X_j's) of each draw."""
+    """Quantized SwarmSGD: rounding offsets [size, 2, d] (X_i's, X_j's) of each draw; also
+    refilled by the next block."""
 
     def __len__(self) -> int:
         return len(self.first)
@@ -118,6 +121,9 @@ class DrawSource:
         self.registers = registers
         self.next_start = 0
         self.size = block_size(nodes)
+        self._fills = "out" in inspect.signature(task.draw).parameters  # type: ignore[attr-defined]
+        self._grads: Tensor | None = None
+        self._offsets: Tensor | None = None
 
     def next_block(self) -> DrawBlock:
         rng, size = self.host, self.size
@@ -131,10 +137,19 @@ class DrawSource:
             h = steps_from_uniform(self.local_steps, 1.0 - rng.random(size))
             offset = np.concatenate(([0], np.cumsum(h)[:-1])).astype(np.int64)
             rows = int(h.sum())
-        grads = self.task.draw(rows, self.device_gen)  # type: ignore[attr-defined]
+        if self._fills:
+            # One buffer for all blocks (grown as needed): no fresh pages per block.
+            reuse = self._grads if self._grads is not None and len(self._grads) >= rows else None
+            grads = self.task.draw(rows, self.device_gen, out=None if reuse is None else reuse[:rows])  # type: ignore[attr-defined]
+            if reuse is None:
+                self._grads = grads
+        else:
+            grads = self.task.draw(rows, self.device_gen)  # type: ignore[attr-defined]
         offsets = None
         if self.registers is not None:
-            offsets = self.registers.draw_offsets(size, self.task.dim, self.device_gen)  # type: ignore[attr-defined]
+            offsets = self._offsets = self.registers.draw_offsets(
+                size, self.task.dim, self.device_gen, out=self._offsets  # type: ignore[attr-defined]
+            )
         block = DrawBlock(self.next_start, first, second, h, offset, grads, offsets)
         self.next_start += size
         return block

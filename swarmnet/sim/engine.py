@@ -125,6 +125,8 @@ class Engine:
         self.steps = torch.zeros(self.n, dtype=torch.int64, device=self.device)
         self.draws = 0
         self.interactions = 0
+        self.batches = 0
+        """Batches applied: layers (vectorized) or single interactions (naive)."""
         self.registers = config.registers() if self.n > 1 else None  # n = 1 never communicates
         self._bits_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self._bits_max = torch.zeros((), dtype=torch.int64, device=self.device)
@@ -171,6 +173,7 @@ class Engine:
 
     def _run_naive(self, block: DrawBlock, start: int, stop: int) -> None:
         for i, j, t in zip(*(a.tolist() for a in self._window(block, start, stop)), strict=True):
+            self.batches += 1
             if self.swarm:
                 assert block.local_steps is not None and block.grad_offset is not None
                 h = int(block.local_steps[t])
@@ -193,6 +196,7 @@ class Engine:
         if len(t) == 0:
             return
         layer = assign_layers(first, second, self.n) if self.n > 1 else np.arange(len(t))
+        self.batches += int(layer.max()) + 1
         if self.swarm:
             assert block.local_steps is not None and block.grad_offset is not None
             h = block.local_steps[t]

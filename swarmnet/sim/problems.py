@@ -11,7 +11,9 @@ A simulator task is any object with these members (:class:`VectorTask`):
 - ``draw(count, generator) -> Tensor[count, ...]``: the random inputs of ``count`` stochastic
   gradients (for the bundled tasks: B sample indices each). This is the **only** randomness a
   gradient may use: the simulator draws it per interaction, in interaction order, so the
-  vectorized and the one-pair-at-a-time paths see identical samples;
+  vectorized and the one-pair-at-a-time paths see identical samples. A task may accept an
+  optional ``out=`` tensor of that shape to fill instead of allocating (the simulator then
+  reuses one buffer: tens of MB per random block at 10^4 nodes, page faults otherwise);
 - ``grad(x_K, draws_K) -> Tensor[K, d]``: one stochastic gradient per row. Row k may depend on
   ``x_K[k]`` and ``draws_K[k]`` only, and must be computed by the same kernel whatever K is
   (then a layer of disjoint pairs gives bit-for-bit the same rows as one pair at a time);
@@ -78,8 +80,7 @@ def gathered_dot(features_MD: Tensor, index_KB: Tensor, x_KD: Tensor) -> Tensor:
     if x_KD.device.type != "cpu":
         rows = features_MD[index_KB.long()]
         return torch.bmm(rows, x_KD.unsqueeze(2)).squeeze(2)
-    crow = torch.arange(0, k * b + 1, b, dtype=index_KB.dtype)
-    values = torch.zeros(k * b, dtype=x_KD.dtype)  # beta = 0 still multiplies these: no NaN garbage
+    crow, values = _csr_constants(k, b, index_KB.dtype, x_KD.dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
         pattern = torch.sparse_csr_tensor(
@@ -87,6 +88,24 @@ def gathered_dot(features_MD: Tensor, index_KB: Tensor, x_KD: Tensor) -> Tensor:
         )
         z = torch.sparse.sampled_addmm(pattern, x_KD, features_MD.T, beta=0.0)
     return z.values().view(k, b)
+
+
+_CSR: dict[tuple[int, torch.dtype, torch.dtype], tuple[Tensor, Tensor]] = {}
+
+
+def _csr_constants(k: int, b: int, index_dtype: torch.dtype, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Row pointers 0, b, 2b, ... and zero values for a K x B pattern, kept between calls
+    (read only: sampled_addmm never writes its input). The zeros matter: beta = 0 still
+    multiplies the input values, and uninitialized memory may hold NaN."""
+    key = (b, index_dtype, dtype)
+    cached = _CSR.get(key)
+    if cached is None or len(cached[0]) < k + 1:
+        capacity = max(k, 2 * len(cached[0]) if cached else 0)
+        cached = _CSR[key] = (
+            torch.arange(0, capacity * b + 1, b, dtype=index_dtype),
+            torch.zeros(capacity * b, dtype=dtype),
+        )
+    return cached[0][: k + 1], cached[1][: k * b]
 
 
 def weighted_row_sum(features_MD: Tensor, index_KB: Tensor, weight_KB: Tensor) -> Tensor:
@@ -130,15 +149,11 @@ class LinearModelTask:
     def init(self, n: int, generator: torch.Generator) -> Tensor:
         return torch.zeros(n, self.dim, dtype=self.features.dtype, device=self.features.device)
 
-    def draw(self, count: int, generator: torch.Generator) -> Tensor:
-        return torch.randint(
-            0,
-            self.features.shape[0],
-            (count, self.batch),
-            generator=generator,
-            dtype=torch.int32,
-            device=self.features.device,
-        )
+    def draw(self, count: int, generator: torch.Generator, out: Tensor | None = None) -> Tensor:
+        """B sample indices per gradient, uniform with replacement, int32 [count, B]."""
+        if out is None:
+            out = torch.empty(count, self.batch, dtype=torch.int32, device=self.features.device)
+        return out.random_(0, self.features.shape[0], generator=generator)
 
     def grad(self, x_K: Tensor, draws_K: Tensor) -> Tensor:
         z = gathered_dot(self.features, draws_K, x_K)

@@ -63,11 +63,14 @@ class LatticeRegisters:
         self.eps = float(eps)
         self.rounding = rounding
 
-    def draw_offsets(self, count: int, dim: int, generator: torch.Generator) -> Tensor:
-        """The offsets V of ``count`` interactions, [count, 2, d] int32 (row 0: X_i, 1: X_j)."""
-        return torch.randint(
-            0, OFFSET_RANGE, (count, 2, dim), generator=generator, dtype=torch.int32, device=generator.device
-        )
+    def draw_offsets(
+        self, count: int, dim: int, generator: torch.Generator, out: Tensor | None = None
+    ) -> Tensor:
+        """The offsets V of ``count`` interactions, [count, 2, d] int32 (row 0: X_i, 1: X_j),
+        filling ``out`` when it has that shape."""
+        if out is None or out.shape != (count, 2, dim):
+            out = torch.empty(count, 2, dim, dtype=torch.int32, device=generator.device)
+        return out.random_(0, OFFSET_RANGE, generator=generator)
 
     def exchange(self, x_i: Tensor, x_j: Tensor, offsets: Tensor) -> Reads:
         """Quantize both sides of B interactions and read each with the other's key."""
