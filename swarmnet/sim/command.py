@@ -64,6 +64,10 @@ def simulate_command(
     out: Annotated[Path, typer.Option(help="Directory for CSV/JSONL curves, the PNG and a summary.")] = Path(
         "runs/simulate"
     ),
+    window: Annotated[
+        str | None,
+        typer.Option(help="START:STOP node-0 steps: also print mean (std) of the losses over them."),
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Simulate PopSGD or SwarmSGD on many nodes with exact sequential semantics (SPEC 1, 2)."""
@@ -93,10 +97,11 @@ def simulate_command(
             out=out,
             progress=progress,
         )
+        span = parse_window(window) if window else None
         result = run_simulation(config)
     except ConfigError as exc:
         raise typer.BadParameter(str(exc)) from None
-    print_summary(result)
+    print_summary(result, span)
 
 
 def parse_nodes(text: str) -> tuple[int, ...]:
@@ -107,6 +112,17 @@ def parse_nodes(text: str) -> tuple[int, ...]:
     if not values:
         raise ConfigError("--nodes is empty")
     return values
+
+
+def parse_window(text: str) -> tuple[float, float]:
+    start, sep, stop = text.partition(":")
+    try:
+        span = (float(start), float(stop))
+    except ValueError:
+        span = (1.0, 0.0)
+    if not sep or span[0] > span[1]:
+        raise ConfigError(f"--window needs START:STOP in node-0 steps, e.g. 2000:6000 (got {text!r})")
+    return span
 
 
 def parse_options(items: list[str]) -> dict[str, Any]:
@@ -131,12 +147,17 @@ def _value(raw: str) -> Any:
     return raw
 
 
-def print_summary(result: SimResult) -> None:
+def print_summary(result: SimResult, window: tuple[float, float] | None = None) -> None:
+    """One row per run: final losses, consensus, bits; with ``window``, mean (std) of the node-0
+    and mean-model losses over node-0 steps in the window (the SPEC 1.5 table's statistic)."""
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title="swarmnet simulate")
-    for name in ("run", "draws", "draws/s", "loss node 0", "loss mean", "consensus", "bits mean/max"):
+    names = ["run", "draws", "draws/s", "loss node 0", "loss mean", "consensus", "bits mean/max"]
+    if window:
+        names += [f"node 0 over {window[0]:g}-{window[1]:g}", "mean model over it"]
+    for name in names:
         table.add_column(name, justify="right")
     for run in result.runs:
         last = run.final()
@@ -146,7 +167,7 @@ def print_summary(result: SimResult) -> None:
             finite = [b for b in bits if b == b]
             peak = max((p["bits_max"] for p in run.curve if p.get("bits_max") == p.get("bits_max")), default=0)
             bits_text = f"{sum(finite) / max(1, len(finite)):.2f}/{peak:.0f}"
-        table.add_row(
+        cells = [
             run.label,
             f"{run.draws:,}",
             f"{run.rate:,.0f}",
@@ -154,8 +175,13 @@ def print_summary(result: SimResult) -> None:
             f"{last['loss_mean']:.4g}",
             f"{last['consensus']:.3g}",
             bits_text,
-        )
-    console = Console()
+        ]
+        if window:
+            for key in ("loss_node", "loss_mean"):
+                mean, std = run.window(key, *window)
+                cells.append(f"{mean:.4g} ({std:.2g})")
+        table.add_row(*cells)
+    console = Console(width=max(100, Console().width))
     console.print(table)
     if result.plot is not None:
         console.print(f"curves and plot in {result.plot.parent} ({result.plot.name})")

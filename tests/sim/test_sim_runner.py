@@ -127,12 +127,15 @@ def test_cli_parses_flags_and_runs(tmp_path: Path) -> None:
     app.command("noop")(lambda: None)
     args = ["simulate", "--task", "lsq", "--task-option", "dim=3", "--algorithm", "swarmsgd",
             "--nodes", "1,5", "--topology", "ring", "--local-steps", "2", "--geometric",
-            "--interactions-per-node", "10", "--records", "3", "--out", str(tmp_path), "--no-progress"]
+            "--interactions-per-node", "10", "--records", "3", "--out", str(tmp_path), "--no-progress",
+            "--window", "2:10"]
     outcome = CliRunner().invoke(app, args)
     assert outcome.exit_code == 0, outcome.output
+    assert "2-10" in outcome.output  # the window columns
     assert (tmp_path / "lsq-swarmsgd-n5.csv").exists() and (tmp_path / "lsq-swarmsgd.png").exists()
-    bad = CliRunner().invoke(app, ["simulate", "--nodes", "1,x", "--out", str(tmp_path)])
-    assert bad.exit_code != 0
+    for wrong in (["--nodes", "1,x"], ["--window", "5"], ["--task-option", "dim"]):
+        bad = CliRunner().invoke(app, ["simulate", *wrong, "--out", str(tmp_path), "--no-progress"])
+        assert bad.exit_code != 0 and "Invalid value" in bad.output
 
 
 def test_option_values_are_typed() -> None:
