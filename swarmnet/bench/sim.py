@@ -44,19 +44,31 @@ def run(
 ) -> dict[str, Any]:
     """Measure and print; return the figures (stable keys, also written to ``json_path``)."""
     task = lsq(batch=batch, dim=dim, seed=seed)
-    common = dict(algorithm="popsgd", nodes=nodes, lr=0.01, seed=seed, device=device, dtype=torch.float32)
+    common = {
+        "algorithm": "popsgd",
+        "nodes": nodes,
+        "lr": 0.01,
+        "seed": seed,
+        "device": device,
+        "dtype": torch.float32,
+    }
     layered = Engine(EngineConfig(**common), task)  # type: ignore[arg-type]
     naive = Engine(EngineConfig(naive=True, **common), task)  # type: ignore[arg-type]
     before = torch.get_num_threads()
     seconds = {"layered": 0.0, "naive": 0.0}
     done = {"layered": 0, "naive": 0}
-    plan = [("layered", layered, threads, interactions // rounds), ("naive", naive, 1, naive_interactions // rounds)]
+    plan = [
+        ("layered", layered, threads, interactions // rounds),
+        ("naive", naive, 1, naive_interactions // rounds),
+    ]
     bar = _bar(progress)
     try:
         # Warm-up: one full random block through the layered path (layering, kernels, buffers),
         # a few draws through the naive one; not timed.
-        for name, engine, count, warm in (("layered", layered, threads, min(interactions, 4 * nodes)),
-                                          ("naive", naive, 1, 50)):
+        for name, engine, count, warm in (
+            ("layered", layered, threads, min(interactions, 4 * nodes)),
+            ("naive", naive, 1, 50),
+        ):
             torch.set_num_threads(count)
             engine.advance(warm)
         if bar is not None:
@@ -82,7 +94,9 @@ def run(
     torch.set_num_threads(threads)
     check.advance(naive.draws)
     torch.set_num_threads(before)
-    identical = bool(torch.equal(check.models, naive.models) and torch.equal(check.clocks, naive.clocks))
+    identical = bool(
+        torch.equal(check.models, naive.models) and torch.equal(check.clocks, naive.clocks)
+    )
     rate = {name: done[name] / seconds[name] for name in seconds}
     figures: dict[str, Any] = {
         "benchmark": "sim",
@@ -94,11 +108,17 @@ def run(
         "dtype": "float32",
         "device": device,
         "threads": {"layered": threads, "naive": 1},
-        "layered": {"interactions": done["layered"], "seconds": seconds["layered"],
-                    "interactions_per_second": rate["layered"],
-                    "pairs_per_layer": layered.interactions / max(1, layered.batches)},
-        "naive": {"interactions": done["naive"], "seconds": seconds["naive"],
-                  "interactions_per_second": rate["naive"]},
+        "layered": {
+            "interactions": done["layered"],
+            "seconds": seconds["layered"],
+            "interactions_per_second": rate["layered"],
+            "pairs_per_layer": layered.interactions / max(1, layered.batches),
+        },
+        "naive": {
+            "interactions": done["naive"],
+            "seconds": seconds["naive"],
+            "interactions_per_second": rate["naive"],
+        },
         "ratio": rate["layered"] / rate["naive"],
         "identical": identical,
         "torch": torch.__version__,
@@ -128,20 +148,29 @@ def _report(f: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"simulator, PopSGD least squares n={f['nodes']:,} d={f['dim']} batch={f['batch']} "
-                        f"({f['device']})")
+    table = Table(
+        title=f"simulator, PopSGD least squares n={f['nodes']:,} d={f['dim']} batch={f['batch']} "
+        f"({f['device']})"
+    )
     table.add_column("path")
     table.add_column("threads", justify="right")
     table.add_column("interactions", justify="right")
     table.add_column("seconds", justify="right")
     table.add_column("interactions/s", justify="right")
     for name in ("layered", "naive"):
-        table.add_row(name, str(f["threads"][name]), f"{f[name]['interactions']:,}", f"{f[name]['seconds']:.2f}",
-                      f"{f[name]['interactions_per_second']:,.0f}")
+        table.add_row(
+            name,
+            str(f["threads"][name]),
+            f"{f[name]['interactions']:,}",
+            f"{f[name]['seconds']:.2f}",
+            f"{f[name]['interactions_per_second']:,.0f}",
+        )
     console = Console()
     console.print(table)
-    console.print(f"ratio layered/naive: {f['ratio']:.1f}x; {f['layered']['pairs_per_layer']:.0f} pairs per layer; "
-                  f"bit-identical to the naive loop: {f['identical']}")
+    console.print(
+        f"ratio layered/naive: {f['ratio']:.1f}x; {f['layered']['pairs_per_layer']:.0f} pairs per layer; "
+        f"bit-identical to the naive loop: {f['identical']}"
+    )
 
 
 def main() -> None:

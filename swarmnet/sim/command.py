@@ -6,6 +6,7 @@ parses; behaviour lives in :mod:`swarmnet.sim.runner` and is tested there.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,33 +18,44 @@ from swarmnet.sim.runner import SimConfig, SimResult, run_simulation
 
 def simulate_command(
     task: Annotated[
-        str, typer.Option(help="lsq, logreg, gossip, or module:function returning a vectorized task.")
+        str,
+        typer.Option(help="lsq, logreg, gossip, or module:function returning a vectorized task."),
     ] = "lsq",
     algorithm: Annotated[
         str, typer.Option(help="popsgd, swarmsgd, or minibatch (sequential SGD with batch n x B).")
     ] = "popsgd",
-    nodes: Annotated[str, typer.Option(help="Comma-separated node counts, one run each.")] = "1,2,8,32,128",
+    nodes: Annotated[
+        str, typer.Option(help="Comma-separated node counts, one run each.")
+    ] = "1,2,8,32,128",
     topology: Annotated[
         str, typer.Option(help="SwarmSGD graph: complete, ring or random-regular:K.")
     ] = "complete",
-    local_steps: Annotated[float, typer.Option(help="SwarmSGD local steps H (the mean if --geometric).")] = 1,
-    geometric: Annotated[bool, typer.Option(help="Geometric H with mean --local-steps (SPEC 2.3).")] = False,
+    local_steps: Annotated[
+        float, typer.Option(help="SwarmSGD local steps H (the mean if --geometric).")
+    ] = 1,
+    geometric: Annotated[
+        bool, typer.Option(help="Geometric H with mean --local-steps (SPEC 2.3).")
+    ] = False,
     codec: Annotated[
         str, typer.Option(help="SwarmSGD registers: none, or lattice (quantized, SPEC 3.2-3.4).")
     ] = "none",
     lattice_eps: Annotated[
         float | None, typer.Option(help="Lattice step; default lr * H * 6/11 (SPEC 3.4).")
     ] = None,
-    rounding: Annotated[str, typer.Option(help="Lattice rounding: stochastic or dither.")] = "stochastic",
+    rounding: Annotated[
+        str, typer.Option(help="Lattice rounding: stochastic or dither.")
+    ] = "stochastic",
     interactions_per_node: Annotated[
         float, typer.Option(help="Run length: interactions each node takes part in, on average.")
     ] = 1000,
     lr: Annotated[float, typer.Option(help="Learning rate eta0.")] = 0.01,
     lr_decay: Annotated[
-        float | None, typer.Option(help="PopSGD: V0 of eta0 / (1 + V / V0) on each node's phase clock.")
+        float | None,
+        typer.Option(help="PopSGD: V0 of eta0 / (1 + V / V0) on each node's phase clock."),
     ] = None,
     batch: Annotated[
-        int | None, typer.Option(help="Samples per stochastic gradient (default: lsq 1, logreg 128).")
+        int | None,
+        typer.Option(help="Samples per stochastic gradient (default: lsq 1, logreg 128)."),
     ] = None,
     task_option: Annotated[
         list[str] | None, typer.Option(help="KEY=VALUE passed to the task factory, e.g. dim=90.")
@@ -61,12 +73,14 @@ def simulate_command(
     threads: Annotated[
         int | None, typer.Option(help="torch CPU threads (1 is fastest on a busy shared machine).")
     ] = None,
-    out: Annotated[Path, typer.Option(help="Directory for CSV/JSONL curves, the PNG and a summary.")] = Path(
-        "runs/simulate"
-    ),
+    out: Annotated[
+        Path, typer.Option(help="Directory for CSV/JSONL curves, the PNG and a summary.")
+    ] = Path("runs/simulate"),
     window: Annotated[
         str | None,
-        typer.Option(help="START:STOP node-0 steps: also print mean (std) of the losses over them."),
+        typer.Option(
+            help="START:STOP node-0 steps: also print mean (std) of the losses over them."
+        ),
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
@@ -108,7 +122,9 @@ def parse_nodes(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise ConfigError(f"--nodes must be comma-separated integers, e.g. 1,2,8 (got {text!r})") from None
+        raise ConfigError(
+            f"--nodes must be comma-separated integers, e.g. 1,2,8 (got {text!r})"
+        ) from None
     if not values:
         raise ConfigError("--nodes is empty")
     return values
@@ -121,7 +137,9 @@ def parse_window(text: str) -> tuple[float, float]:
     except ValueError:
         span = (1.0, 0.0)
     if not sep or span[0] > span[1]:
-        raise ConfigError(f"--window needs START:STOP in node-0 steps, e.g. 2000:6000 (got {text!r})")
+        raise ConfigError(
+            f"--window needs START:STOP in node-0 steps, e.g. 2000:6000 (got {text!r})"
+        )
     return span
 
 
@@ -161,12 +179,9 @@ def print_summary(result: SimResult, window: tuple[float, float] | None = None) 
         table.add_column(name, justify="right")
     for run in result.runs:
         last = run.final()
-        bits = [p["bits_mean"] for p in run.curve if "bits_mean" in p]
-        bits_text = ""
-        if bits:
-            finite = [b for b in bits if b == b]
-            peak = max((p["bits_max"] for p in run.curve if p.get("bits_max") == p.get("bits_max")), default=0)
-            bits_text = f"{sum(finite) / max(1, len(finite)):.2f}/{peak:.0f}"
+        means = [p["bits_mean"] for p in run.curve if math.isfinite(p.get("bits_mean", math.nan))]
+        peaks = [p["bits_max"] for p in run.curve if math.isfinite(p.get("bits_max", math.nan))]
+        bits_text = f"{sum(means) / len(means):.2f}/{max(peaks):.0f}" if means else ""
         cells = [
             run.label,
             f"{run.draws:,}",

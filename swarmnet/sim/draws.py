@@ -56,7 +56,9 @@ class NeighbourSampler:
             adjacency = topology.adjacency(nodes)
             self.degree = np.array([len(a) for a in adjacency], dtype=np.int64)
             if nodes > 1 and self.degree.min() == 0:
-                raise ValueError(f"topology {topology} leaves a node without neighbours at n={nodes}")
+                raise ValueError(
+                    f"topology {topology} leaves a node without neighbours at n={nodes}"
+                )
             self.table = np.zeros((nodes, max(1, int(self.degree.max(initial=1)))), dtype=np.int64)
             for i, neighbours in enumerate(adjacency):
                 self.table[i, : len(neighbours)] = neighbours
@@ -140,7 +142,9 @@ class DrawSource:
         if self._fills:
             # One buffer for all blocks (grown as needed): no fresh pages per block.
             reuse = self._grads if self._grads is not None and len(self._grads) >= rows else None
-            grads = self.task.draw(rows, self.device_gen, out=None if reuse is None else reuse[:rows])  # type: ignore[attr-defined]
+            grads = self.task.draw(
+                rows, self.device_gen, out=None if reuse is None else reuse[:rows]
+            )  # type: ignore[attr-defined]
             if reuse is None:
                 self._grads = grads
         else:
@@ -148,7 +152,10 @@ class DrawSource:
         offsets = None
         if self.registers is not None:
             offsets = self._offsets = self.registers.draw_offsets(
-                size, self.task.dim, self.device_gen, out=self._offsets  # type: ignore[attr-defined]
+                size,
+                self.task.dim,
+                self.device_gen,
+                out=self._offsets,  # type: ignore[attr-defined]
             )
         block = DrawBlock(self.next_start, first, second, h, offset, grads, offsets)
         self.next_start += size

@@ -83,7 +83,9 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
-            raise ConfigError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}")
+            raise ConfigError(
+                f"algorithm must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}"
+            )
         if self.nodes < 1:
             raise ConfigError(f"nodes must be >= 1, got {self.nodes}")
         if self.lr < 0:
@@ -91,7 +93,9 @@ class EngineConfig:
         if self.lr_clock_scale is not None and self.lr_clock_scale <= 0:
             raise ConfigError(f"lr decay clock scale V0 must be > 0, got {self.lr_clock_scale}")
         if self.lr_clock_scale is not None and self.algorithm == "swarmsgd":
-            raise ConfigError("the clock-based rate decay is PopSGD's; SwarmSGD runs a constant rate")
+            raise ConfigError(
+                "the clock-based rate decay is PopSGD's; SwarmSGD runs a constant rate"
+            )
         if self.codec not in CODECS:
             raise ConfigError(f"codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
         if self.codec != "none" and self.algorithm != "swarmsgd":
@@ -227,10 +231,14 @@ class Engine:
             width = 2
         rows_d, grad_rows_d = self._tensor(rows), self._tensor(grad_rows)
         for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
-            self._apply_popsgd(block, rows_d[width * a : width * b], grad_rows_d[width * a : width * b])
+            self._apply_popsgd(
+                block, rows_d[width * a : width * b], grad_rows_d[width * a : width * b]
+            )
 
     def _tensor(self, values: Any) -> Tensor:
-        return torch.as_tensor(np.asarray(values, dtype=np.int64)).to(self.device, non_blocking=True)
+        return torch.as_tensor(np.asarray(values, dtype=np.int64)).to(
+            self.device, non_blocking=True
+        )
 
     # ------------------------------------------------------- one batch of interactions
 
@@ -318,7 +326,9 @@ class Engine:
         if self.registers is not None:
             # Both sides of an interaction read b planes: mean and max per coordinate and read,
             # over the interactions since the previous curve point.
-            point["bits_mean"] = float(self._bits_sum) / self._reads if self._reads else float("nan")
+            point["bits_mean"] = (
+                float(self._bits_sum) / self._reads if self._reads else float("nan")
+            )
             point["bits_max"] = float(self._bits_max) if self._reads else float("nan")
             self._bits_sum.zero_()
             self._bits_max.zero_()

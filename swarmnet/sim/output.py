@@ -64,7 +64,9 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def plot(path: Path, runs: Sequence[tuple[str, int, Sequence[Mapping[str, float]]]], title: str) -> None:
+def plot(
+    path: Path, runs: Sequence[tuple[str, int, Sequence[Mapping[str, float]]]], title: str
+) -> None:
     """Two panels versus interactions per node: loss of node 0 (solid) and of the mean model
     (dashed, thin), and the consensus distance. One colour per node count; the mini-batch
     baseline (algorithm ``minibatch``) dotted. Log y axes; non-positive values are skipped."""
@@ -82,17 +84,43 @@ def plot(path: Path, runs: Sequence[tuple[str, int, Sequence[Mapping[str, float]
         label = f"{algorithm} n={nodes}"
         node_loss = _positive([p.get("loss_node", math.nan) for p in points])
         if algorithm == "minibatch":
-            ax_loss.plot(xs, node_loss, color=colour, lw=1.3, ls=":", label=f"mini-batch n={nodes} (batch n·B)")
+            ax_loss.plot(
+                xs,
+                node_loss,
+                color=colour,
+                lw=1.3,
+                ls=":",
+                label=f"mini-batch n={nodes} (batch n·B)",
+            )
             continue
         ax_loss.plot(xs, node_loss, color=colour, lw=1.2, label=label)
-        ax_loss.plot(xs, _positive([p.get("loss_mean", math.nan) for p in points]), color=colour, lw=0.7,
-                     ls="--", alpha=0.7)
-        ax_cons.plot(xs, _positive([p.get("consensus", math.nan) for p in points]), color=colour, lw=1.1,
-                     label=label)
-    ax_loss.set(yscale="log", xlabel="interactions per node (= local SGD steps per node for PopSGD)",
-                ylabel="loss: node 0 (solid), mean model (dashed)", title=title)
-    ax_cons.set(yscale="log", xlabel="interactions per node", ylabel="consensus distance sqrt(Gamma / n)",
-                title="consensus distance (n = 1, 2: zero, not drawn)")
+        ax_loss.plot(
+            xs,
+            _positive([p.get("loss_mean", math.nan) for p in points]),
+            color=colour,
+            lw=0.7,
+            ls="--",
+            alpha=0.7,
+        )
+        ax_cons.plot(
+            xs,
+            _positive([p.get("consensus", math.nan) for p in points]),
+            color=colour,
+            lw=1.1,
+            label=label,
+        )
+    ax_loss.set(
+        yscale="log",
+        xlabel="interactions per node (= local SGD steps per node for PopSGD)",
+        ylabel="loss: node 0 (solid), mean model (dashed)",
+        title=title,
+    )
+    ax_cons.set(
+        yscale="log",
+        xlabel="interactions per node",
+        ylabel="consensus distance sqrt(Gamma / n)",
+        title="consensus distance (zero, so not drawn, for n <= 2)",
+    )
     for ax in (ax_loss, ax_cons):
         ax.grid(True, which="both", alpha=0.25)
     ax_loss.legend(fontsize=7, ncol=2)

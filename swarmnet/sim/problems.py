@@ -84,7 +84,11 @@ def gathered_dot(features_MD: Tensor, index_KB: Tensor, x_KD: Tensor) -> Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
         pattern = torch.sparse_csr_tensor(
-            crow, index_KB.reshape(-1), values, size=(k, features_MD.shape[0]), check_invariants=False
+            crow,
+            index_KB.reshape(-1),
+            values,
+            size=(k, features_MD.shape[0]),
+            check_invariants=False,
         )
         z = torch.sparse.sampled_addmm(pattern, x_KD, features_MD.T, beta=0.0)
     return z.values().view(k, b)
@@ -93,7 +97,9 @@ def gathered_dot(features_MD: Tensor, index_KB: Tensor, x_KD: Tensor) -> Tensor:
 _CSR: dict[tuple[int, torch.dtype, torch.dtype], tuple[Tensor, Tensor]] = {}
 
 
-def _csr_constants(k: int, b: int, index_dtype: torch.dtype, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def _csr_constants(
+    k: int, b: int, index_dtype: torch.dtype, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
     """Row pointers 0, b, 2b, ... and zero values for a K x B pattern, kept between calls
     (read only: sampled_addmm never writes its input). The zeros matter: beta = 0 still
     multiplies the input values, and uninitialized memory may hold NaN."""
@@ -171,7 +177,10 @@ class LinearModelTask:
     def to(self, device: torch.device | str, dtype: torch.dtype) -> LinearModelTask:
         mask = self.l2_mask.to(device, dtype) if self.l2_mask is not None else None
         return dataclasses.replace(
-            self, features=self.features.to(device, dtype), targets=self.targets.to(device, dtype), l2_mask=mask
+            self,
+            features=self.features.to(device, dtype),
+            targets=self.targets.to(device, dtype),
+            l2_mask=mask,
         )
 
 
@@ -196,7 +205,7 @@ def logreg(batch: int = 128, seed: int = 0, l2: float = 1e-3) -> LinearModelTask
     held-out ``test_loss`` and ``test_error``.
     """
     xtr, ytr, xte, yte = datasets.breast_cancer(seed=seed)
-    ones = lambda t: torch.cat((t, torch.ones(t.shape[0], 1, dtype=t.dtype)), 1)  # noqa: E731
+    ones = lambda t: torch.cat((t, torch.ones(t.shape[0], 1, dtype=t.dtype)), 1)
     a_train, a_test = ones(xtr).double(), ones(xte).double()
     y_train, y_test = ytr.double(), yte.double()
     mask = torch.ones(a_train.shape[1], dtype=torch.float64)
@@ -273,7 +282,7 @@ class GossipTask:
 
     name: str = "gossip"
     dim: int = 8
-    device: torch.device = torch.device("cpu")
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float64
 
     def init(self, n: int, generator: torch.Generator) -> Tensor:
@@ -302,7 +311,9 @@ def gossip(batch: int = 1, seed: int = 0, dim: int = 8) -> GossipTask:
 BUILTIN: dict[str, Callable[..., Any]] = {"lsq": lsq, "logreg": logreg, "gossip": gossip}
 
 
-def load_vector_task(spec: str, *, batch: int, seed: int, options: Mapping[str, Any] | None = None) -> Any:
+def load_vector_task(
+    spec: str, *, batch: int, seed: int, options: Mapping[str, Any] | None = None
+) -> Any:
     """Build ``lsq``, ``logreg``, ``gossip`` or ``module:function`` (called with ``batch``,
     ``seed`` and ``options``); ConfigError when it cannot or when the result lacks the protocol."""
     if spec in BUILTIN:

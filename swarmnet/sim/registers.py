@@ -93,4 +93,6 @@ class LatticeRegisters:
         keys = torch.cat((x_j, x_i))  # row r of k is read by the other side of its pair
         k_read = lattice.decode(lattice.colour(k, planes), planes, keys, self.eps, theta)
         q_read = lattice.dequantize(k_read, self.eps, theta, out=torch.empty_like(both))
-        return Reads(own_i=q[:b], read_by_i=q_read[b:], read_by_j=q_read[:b], own_j=q[b:], bits=bits)
+        return Reads(
+            own_i=q[:b], read_by_i=q_read[b:], read_by_j=q_read[:b], own_j=q[b:], bits=bits
+        )

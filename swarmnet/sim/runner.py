@@ -82,7 +82,9 @@ class SimConfig:
         if self.interactions_per_node <= 0 or self.records < 1:
             raise ConfigError("--interactions-per-node and --records must be positive")
         if self.codec != "none" and self.algorithm != "swarmsgd":
-            raise ConfigError("--codec lattice: quantized registers are simulated for SwarmSGD only")
+            raise ConfigError(
+                "--codec lattice: quantized registers are simulated for SwarmSGD only"
+            )
 
     def engine_config(self, algorithm: str, nodes: int) -> EngineConfig:
         try:
@@ -135,9 +137,15 @@ class RunResult:
         """Draws (interactions) per second of wall time, curve points included."""
         return self.draws / self.seconds if self.seconds > 0 else math.nan
 
-    def window(self, key: str, start: float, stop: float, by: str = "node_steps") -> tuple[float, float]:
+    def window(
+        self, key: str, start: float, stop: float, by: str = "node_steps"
+    ) -> tuple[float, float]:
         """Mean and standard deviation of ``key`` over the points with start <= ``by`` <= stop."""
-        values = [p[key] for p in self.curve if start <= p[by] <= stop and math.isfinite(p.get(key, math.nan))]
+        values = [
+            p[key]
+            for p in self.curve
+            if start <= p[by] <= stop and math.isfinite(p.get(key, math.nan))
+        ]
         if not values:
             return math.nan, math.nan
         return statistics.fmean(values), statistics.pstdev(values)
@@ -165,7 +173,9 @@ def run_simulation(config: SimConfig) -> SimResult:
     files when ``config.out`` is set; return the curves."""
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    task = load_vector_task(config.task, batch=_batch(config), seed=config.seed, options=config.task_options)
+    task = load_vector_task(
+        config.task, batch=_batch(config), seed=config.seed, options=config.task_options
+    )
     plan = [(config.algorithm, int(n)) for n in config.nodes]
     if config.baseline and config.algorithm != "minibatch":
         plan += [("minibatch", int(n)) for n in config.nodes]
@@ -219,11 +229,18 @@ def _write(result: SimResult, task_name: str) -> None:
         base = out / f"{task_name}-{run.algorithm}-n{run.nodes}"
         run.files = {"csv": base.with_suffix(".csv"), "jsonl": base.with_suffix(".jsonl")}
         output.write_csv(run.files["csv"], run.curve)
-        meta = {**meta_common, "algorithm": run.algorithm, "nodes": run.nodes, "draws": run.draws,
-                "seconds": run.seconds}
+        meta = {
+            **meta_common,
+            "algorithm": run.algorithm,
+            "nodes": run.nodes,
+            "draws": run.draws,
+            "seconds": run.seconds,
+        }
         output.write_jsonl(run.files["jsonl"], run.curve, meta)
     result.plot = out / f"{stem}.png"
-    title = f"{task_name}: {config.algorithm}" + (f" ({config.codec})" if config.codec != "none" else "")
+    title = f"{task_name}: {config.algorithm}" + (
+        f" ({config.codec})" if config.codec != "none" else ""
+    )
     output.plot(result.plot, [(run.algorithm, run.nodes, run.curve) for run in result.runs], title)
     result.summary = out / f"{stem}-summary.json"
     output.write_summary(
@@ -231,8 +248,15 @@ def _write(result: SimResult, task_name: str) -> None:
         {
             "config": meta_common,
             "runs": [
-                {"algorithm": r.algorithm, "nodes": r.nodes, "draws": r.draws, "seconds": r.seconds,
-                 "draws_per_second": r.rate, "final": r.final(), "files": {k: str(v) for k, v in r.files.items()}}
+                {
+                    "algorithm": r.algorithm,
+                    "nodes": r.nodes,
+                    "draws": r.draws,
+                    "seconds": r.seconds,
+                    "draws_per_second": r.rate,
+                    "final": r.final(),
+                    "files": {k: str(v) for k, v in r.files.items()},
+                }
                 for r in result.runs
             ],
         },

@@ -39,8 +39,15 @@ def test_phase_clock_sums_to_t_and_stays_within_log_t(nodes: int) -> None:
 
 def per_draw_contraction(algorithm: str, topology: str, nodes: int, draws: int) -> np.ndarray:
     """Gamma_{t+1} / Gamma_t for every draw of pure gossip (eta = 0, Q = id)."""
-    config = EngineConfig(algorithm=algorithm, nodes=nodes, lr=0.0, topology=parse_topology(topology),
-                          seed=11, dtype=torch.float64, naive=True)
+    config = EngineConfig(
+        algorithm=algorithm,
+        nodes=nodes,
+        lr=0.0,
+        topology=parse_topology(topology),
+        seed=11,
+        dtype=torch.float64,
+        naive=True,
+    )
     engine = Engine(config, gossip(dim=4))
     total = engine.models.sum(dim=0)
     ratios = np.empty(draws)
@@ -90,8 +97,14 @@ def test_ring_mixes_slower_than_the_complete_graph() -> None:
     # and over a whole run from one start: ring Gamma stays orders of magnitude higher
     results = {}
     for topology in ("ring", "complete"):
-        config = EngineConfig(algorithm="swarmsgd", nodes=32, lr=0.0, topology=parse_topology(topology),
-                              seed=3, dtype=torch.float64)
+        config = EngineConfig(
+            algorithm="swarmsgd",
+            nodes=32,
+            lr=0.0,
+            topology=parse_topology(topology),
+            seed=3,
+            dtype=torch.float64,
+        )
         engine = Engine(config, gossip(dim=4))
         start = gamma(engine.models)
         engine.advance(32 * 20)
@@ -102,8 +115,14 @@ def test_ring_mixes_slower_than_the_complete_graph() -> None:
 @pytest.mark.parametrize("mean", [2, 5])
 def test_geometric_local_steps_have_mean_h_and_second_moment_2h2_minus_h(mean: int) -> None:
     """SPEC 3.5 item 12, on the H the simulator actually draws (4 standard errors)."""
-    source = DrawSource(algorithm="swarmsgd", nodes=64, task=lsq(batch=1, dim=2), seed=9,
-                        device=torch.device("cpu"), local_steps=LocalSteps(mean, geometric=True))
+    source = DrawSource(
+        algorithm="swarmsgd",
+        nodes=64,
+        task=lsq(batch=1, dim=2),
+        seed=9,
+        device=torch.device("cpu"),
+        local_steps=LocalSteps(mean, geometric=True),
+    )
     h = np.concatenate([source.next_block().local_steps for _ in range(5)]).astype(np.float64)
     assert h.min() >= 1
     for values, target in ((h, mean), (h**2, 2 * mean**2 - mean)):

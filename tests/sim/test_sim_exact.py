@@ -72,7 +72,7 @@ def test_layers_equal_the_naive_loop_bit_for_bit(
 
 def test_layers_equal_the_naive_loop_on_logistic_regression_at_many_nodes() -> None:
     task = logreg(batch=16)
-    common = dict(algorithm="popsgd", nodes=3000, lr=0.5, seed=3)
+    common = {"algorithm": "popsgd", "nodes": 3000, "lr": 0.5, "seed": 3}
     naive = run(EngineConfig(naive=True, **common), task, [1500])
     layered = run(EngineConfig(**common), task, [1500])
     assert_same_state(naive, layered)
@@ -80,7 +80,9 @@ def test_layers_equal_the_naive_loop_on_logistic_regression_at_many_nodes() -> N
 
 def test_popsgd_with_one_node_is_sequential_sgd() -> None:
     task = lsq(batch=2, dim=4).to("cpu", torch.float64)
-    config = EngineConfig(algorithm="popsgd", nodes=1, lr=0.1, lr_clock_scale=25.0, seed=5, dtype=torch.float64)
+    config = EngineConfig(
+        algorithm="popsgd", nodes=1, lr=0.1, lr_clock_scale=25.0, seed=5, dtype=torch.float64
+    )
     engine = Engine(config, task)
     engine.advance(300)
     # The same sample draws, one plain SGD step each with the per-node schedule read from the
@@ -99,8 +101,15 @@ def test_popsgd_with_one_node_is_sequential_sgd() -> None:
 def test_popsgd_mean_recursion() -> None:
     """mu_{t+1} = mu_t - (eta_i g_i + eta_j g_j) / n for every drawn pair (SPEC 1.2, 3.5 item 11)."""
     task = lsq(batch=2, dim=6).to("cpu", torch.float64)
-    config = EngineConfig(algorithm="popsgd", nodes=10, lr=0.2, lr_clock_scale=10.0, seed=2,
-                          dtype=torch.float64, naive=True)
+    config = EngineConfig(
+        algorithm="popsgd",
+        nodes=10,
+        lr=0.2,
+        lr_clock_scale=10.0,
+        seed=2,
+        dtype=torch.float64,
+        naive=True,
+    )
     engine = Engine(config, task)
     engine.advance(50)
     for _ in range(200):
@@ -114,7 +123,7 @@ def test_popsgd_mean_recursion() -> None:
         if i == j:  # dropped self-pair
             assert torch.equal(before, engine.models)
             continue
-        rate = lambda v: 0.2 / (1 + int(v) / 10.0)  # noqa: E731
+        rate = lambda v: 0.2 / (1 + int(v) / 10.0)
         g = task.grad(before[[i, j]], block.grads[[2 * t, 2 * t + 1]])
         expected = mu_before - (rate(clocks[i]) * g[0] + rate(clocks[j]) * g[1]) / 10
         torch.testing.assert_close(mu_after, expected, rtol=0, atol=1e-14)

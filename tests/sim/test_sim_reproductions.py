@@ -15,8 +15,18 @@ def test_spec_1_5_table_small() -> None:
     of node 0 over its steps 1000-2500 falls about as 1/n up to n = 8, keeps falling to 128
     and saturates there above mini-batch SGD with batch n, with a visibly larger spread."""
     result = run_simulation(
-        SimConfig(task="lsq", algorithm="popsgd", nodes=(1, 8, 32, 128), interactions_per_node=2500,
-                  lr=0.01, batch=1, baseline=True, dtype="float64", records=100, progress=False)
+        SimConfig(
+            task="lsq",
+            algorithm="popsgd",
+            nodes=(1, 8, 32, 128),
+            interactions_per_node=2500,
+            lr=0.01,
+            batch=1,
+            baseline=True,
+            dtype="float64",
+            records=100,
+            progress=False,
+        )
     )
     pop = {n: result.run("popsgd", n).window("loss_node", 1000, 2500) for n in (1, 8, 32, 128)}
     batch = {n: result.run("minibatch", n).window("loss_node", 1000, 2500) for n in (1, 8, 32, 128)}
@@ -33,8 +43,17 @@ def test_spec_1_5_table_small() -> None:
 def test_quantized_swarmsgd_bits_and_loss() -> None:
     """SPEC 3.4 reference: n = 32, complete graph, eta = 0.01, eps = eta H 6/11: mean 3.6-4.2
     bits per coordinate per read, max 7-8; loss of the mean close to unquantized."""
-    common = dict(task="lsq", algorithm="swarmsgd", nodes=(32,), interactions_per_node=1500,
-                  lr=0.01, batch=1, dtype="float64", records=60, progress=False)
+    common = {
+        "task": "lsq",
+        "algorithm": "swarmsgd",
+        "nodes": (32,),
+        "interactions_per_node": 1500,
+        "lr": 0.01,
+        "batch": 1,
+        "dtype": "float64",
+        "records": 60,
+        "progress": False,
+    }
     plain = run_simulation(SimConfig(**common)).runs[0]  # type: ignore[arg-type]
     quantized = run_simulation(SimConfig(codec="lattice", **common)).runs[0]  # type: ignore[arg-type]
     assert all("bits_mean" not in p for p in plain.curve)
@@ -54,8 +73,17 @@ def test_logistic_regression_curves_separate_in_n() -> None:
     eta. The mean model's excess loss falls about as 1/n; node 0 gains from 1 to 10 nodes
     and then sits at the consensus floor O(eta M), which does not depend on n (SPEC 1.3)."""
     result = run_simulation(
-        SimConfig(task="logreg", task_options={"l2": 1e-2}, algorithm="popsgd", nodes=(1, 10, 100),
-                  interactions_per_node=600, lr=1.0, batch=128, records=40, progress=False)
+        SimConfig(
+            task="logreg",
+            task_options={"l2": 1e-2},
+            algorithm="popsgd",
+            nodes=(1, 10, 100),
+            interactions_per_node=600,
+            lr=1.0,
+            batch=128,
+            records=40,
+            progress=False,
+        )
     )
     mean = {run.nodes: run.window("loss_mean", 300, 600)[0] for run in result.runs}
     node = {run.nodes: run.window("loss_node", 300, 600)[0] for run in result.runs}

@@ -27,7 +27,7 @@ class NoisyQuadratic:
     dim: int = 3
     sigma: float = 0.5
     name: str = "quadratic"
-    device: torch.device = torch.device("cpu")
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float64
 
     def init(self, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -51,18 +51,42 @@ def make_quadratic(batch: int, seed: int, sigma: float = 0.5) -> NoisyQuadratic:
 
 
 def test_run_writes_curves_plot_and_summary(tmp_path: Path) -> None:
-    config = SimConfig(task="lsq", task_options={"dim": 4}, algorithm="swarmsgd", nodes=(1, 6),
-                       codec="lattice", interactions_per_node=50, lr=0.05, records=10, baseline=True,
-                       out=tmp_path, progress=False)
+    config = SimConfig(
+        task="lsq",
+        task_options={"dim": 4},
+        algorithm="swarmsgd",
+        nodes=(1, 6),
+        codec="lattice",
+        interactions_per_node=50,
+        lr=0.05,
+        records=10,
+        baseline=True,
+        out=tmp_path,
+        progress=False,
+    )
     result = run_simulation(config)
     assert [(r.algorithm, r.nodes) for r in result.runs] == [
-        ("swarmsgd", 1), ("swarmsgd", 6), ("minibatch", 1), ("minibatch", 6)]
+        ("swarmsgd", 1),
+        ("swarmsgd", 6),
+        ("minibatch", 1),
+        ("minibatch", 6),
+    ]
     run = result.run("swarmsgd", 6)
     assert run.draws == total_draws("swarmsgd", 6, 50) == 150 and len(run.curve) == 11
     rows = list(csv.DictReader(run.files["csv"].open()))
     assert len(rows) == 11
-    for column in ("nodes", "draws", "time", "node_steps", "loss_node", "loss_mean", "consensus",
-                   "bits_mean", "bits_max", "objective_node"):
+    for column in (
+        "nodes",
+        "draws",
+        "time",
+        "node_steps",
+        "loss_node",
+        "loss_mean",
+        "consensus",
+        "bits_mean",
+        "bits_max",
+        "objective_node",
+    ):
         assert column in rows[0]
     assert float(rows[-1]["draws"]) == 150 and float(rows[-1]["time"]) == pytest.approx(50)
     lines = run.files["jsonl"].read_text().splitlines()
@@ -74,19 +98,37 @@ def test_run_writes_curves_plot_and_summary(tmp_path: Path) -> None:
 
 
 def test_naive_flag_gives_the_same_curves() -> None:
-    common = dict(task="logreg", algorithm="popsgd", nodes=(40,), interactions_per_node=20, lr=0.5,
-                  batch=8, records=4, progress=False)
+    common = {
+        "task": "logreg",
+        "algorithm": "popsgd",
+        "nodes": (40,),
+        "interactions_per_node": 20,
+        "lr": 0.5,
+        "batch": 8,
+        "records": 4,
+        "progress": False,
+    }
     fast = run_simulation(SimConfig(**common)).runs[0]  # type: ignore[arg-type]
     slow = run_simulation(SimConfig(naive=True, **common)).runs[0]  # type: ignore[arg-type]
     assert fast.curve == slow.curve
 
 
 def test_custom_module_function_task() -> None:
-    task = load_vector_task("test_sim_runner:make_quadratic", batch=1, seed=0, options={"sigma": 0.1})
+    task = load_vector_task(
+        "test_sim_runner:make_quadratic", batch=1, seed=0, options={"sigma": 0.1}
+    )
     assert task.sigma == 0.1
-    result = run_simulation(SimConfig(task="test_sim_runner:make_quadratic", algorithm="popsgd",
-                                      nodes=(16,), interactions_per_node=200, lr=0.1, records=5,
-                                      progress=False))
+    result = run_simulation(
+        SimConfig(
+            task="test_sim_runner:make_quadratic",
+            algorithm="popsgd",
+            nodes=(16,),
+            interactions_per_node=200,
+            lr=0.1,
+            records=5,
+            progress=False,
+        )
+    )
     curve = result.runs[0].curve
     assert curve[0]["loss_node"] == pytest.approx(1.5) and curve[-1]["loss_node"] < 0.05
 
@@ -125,10 +167,31 @@ def test_cli_parses_flags_and_runs(tmp_path: Path) -> None:
     app = typer.Typer()
     app.command("simulate")(simulate_command)
     app.command("noop")(lambda: None)
-    args = ["simulate", "--task", "lsq", "--task-option", "dim=3", "--algorithm", "swarmsgd",
-            "--nodes", "1,5", "--topology", "ring", "--local-steps", "2", "--geometric",
-            "--interactions-per-node", "10", "--records", "3", "--out", str(tmp_path), "--no-progress",
-            "--window", "2:10"]
+    args = [
+        "simulate",
+        "--task",
+        "lsq",
+        "--task-option",
+        "dim=3",
+        "--algorithm",
+        "swarmsgd",
+        "--nodes",
+        "1,5",
+        "--topology",
+        "ring",
+        "--local-steps",
+        "2",
+        "--geometric",
+        "--interactions-per-node",
+        "10",
+        "--records",
+        "3",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+        "--window",
+        "2:10",
+    ]
     outcome = CliRunner().invoke(app, args)
     assert outcome.exit_code == 0, outcome.output
     assert "2-10" in outcome.output  # the window columns
@@ -140,6 +203,10 @@ def test_cli_parses_flags_and_runs(tmp_path: Path) -> None:
 
 def test_option_values_are_typed() -> None:
     assert parse_options(["dim=90", "noise=0.5", "flag=true", "name=abc"]) == {
-        "dim": 90, "noise": 0.5, "flag": True, "name": "abc"}
+        "dim": 90,
+        "noise": 0.5,
+        "flag": True,
+        "name": "abc",
+    }
     with pytest.raises(ConfigError):
         parse_options(["novalue"])
