@@ -13,14 +13,14 @@ C coordinates for the codec); "row" = one vector along the last dimension. ``eps
     decode(r, bits, key, eps, theta=None) -> k_hat       lattice point of colour r nearest key
     full_bits(k) -> b_full                               planes that decode without a key
     bits_needed(distance) -> b_min                       planes for a distance in units of eps
-    chunk_hashes(k_RC) -> bytes                          8-byte digest of every row
+    chunk_hashes(k_RC, width) -> bytes                   8-byte digest of every row
     to_planes / from_planes                              bit-plane packing (bitplanes.py)
 
 One offset tensor serves both rounding modes of SPEC 3.2. Stochastic rounding draws V fresh and
 privately; Q = eps*k, |Q - x| < eps. Subtractive dither draws V from a seed in the header and
 reconstructs Q = eps*(k + theta) with theta = 1/2 - (V + 1/2)/2^16, so
 ``k = round(x/eps - theta)`` and the error eps*(k + theta) - x is uniform on a 2^-16 grid over
-(-eps/2, eps/2), independent of x. Both are unbiased to 2^-16 eps (exactly when x/eps has at
+[-eps/2, eps/2], independent of x. Both are unbiased to 2^-17 eps (exactly when x/eps has at
 most 16 fractional bits; see rounding.py). The integer formula keeps this true at any |x|/eps;
 with eps a power of two (what the codec uses) x/eps is exact in float32 too.
 
@@ -48,6 +48,7 @@ from swarmnet.codecs.rounding import ONE, RandomBits, round_with_offsets, seeded
 from swarmnet.codecs.workspace import scratch
 
 __all__ = [
+    "bits_for_bound",
     "bits_needed",
     "chunk_hashes",
     "colour",
@@ -57,6 +58,8 @@ __all__ = [
     "dither_offsets",
     "from_planes",
     "full_bits",
+    "hash_dtype",
+    "nearest",
     "quantize",
     "random_offsets",
     "to_planes",
@@ -169,22 +172,27 @@ def colour(k: Tensor, bits: Tensor | int) -> Tensor:
     return k & mask
 
 
-def nearest(
-    r: Tensor, mask: Tensor | int, half: Tensor | int, u: Tensor, out: Tensor, c: Tensor | None = None
-) -> Tensor:
-    """Core of :func:`decode` on precomputed pieces (mask = 2^b - 1, half = 2^(b-1)).
+def nearest(r: Tensor, mask: Tensor | int, low: Tensor, out: Tensor, *, clamp: bool = True) -> Tensor:
+    """Core of :func:`decode` on precomputed pieces.
 
-    ``out`` receives k_hat - floor(u), which lies in (-h, h]; ``u`` (float) is consumed.
-    Returns c = floor(u) as integers of out's dtype (in ``c`` if given), so the caller gets
-    k_hat = out + c, and |k_hat - u| < max(out, 1 - out) bounds the distance.
+    ``low`` (float, consumed) holds u + 1 - 2^(b-1) with u = key/eps - theta, and ``mask`` is
+    2^b - 1. With s = floor(low), the smallest integer of the window, ``out`` receives
+    D = (r - s) & mask in [0, 2^b) and the function returns s as integers of out's dtype, so
+    that k_hat = s + D and max |k_hat - u| <= max(D - h + 1, h - D) over the row.
+
+    ``clamp=False`` skips clamping s to the integer range: a key so far away that s overflows
+    then decodes to an arbitrary value, which only a caller that verifies (the codec's digest)
+    may accept.
     """
-    limit = float(1 << (8 * out.element_size() - 2))
-    c = torch.empty_like(out) if c is None else c
-    c.copy_(u.floor_().clamp_(-limit, limit))  # keys absurdly far away only lose exactness
-    # k_hat = c + h - ((c + h - r) mod 2^b), written with ~x & mask = mask - (x & mask):
-    torch.sub(r, c, out=out)
-    out.sub_(half + 1).bitwise_and_(mask).sub_(half - 1)
-    return c
+    s = low.floor_()
+    if clamp:
+        limit = float(1 << (8 * out.element_size() - 2))
+        s.clamp_(-limit, limit)
+    s_int = scratch("lattice.window", out.numel(), out.dtype, out.device).view(out.shape)
+    s_int.copy_(s)
+    torch.sub(r, s_int, out=out)
+    out.bitwise_and_(mask)
+    return s_int
 
 
 def decode(r: Tensor, bits: Tensor | int, key: Tensor, eps: Tensor | float, theta: Tensor | None = None) -> Tensor:
@@ -192,15 +200,18 @@ def decode(r: Tensor, bits: Tensor | int, key: Tensor, eps: Tensor | float, thet
     (SPEC 3.2): k_hat = k exactly iff u - k lies in [-2^(bits-1), 2^(bits-1)).
 
     ``r`` int32/int64 colours, ``bits`` in [1, 63] (int or tensor broadcastable to r), ``key``
-    float of r's shape. Returns k_hat in r's dtype.
+    float of r's shape. Returns k_hat in r's dtype. The window's edges are exact while
+    |u| + 2^(bits-1) is within the integer range of key's float type (float64 keys for far
+    ranges); the bulk of the window never depends on rounding.
     """
-    u = key / _as_scale(eps, key)
-    if theta is not None:
-        u = u - theta
     mask, half = _masks(bits, r)
+    low = key / _as_scale(eps, key)
+    if theta is not None:
+        low = low - theta
+    low = low + (1 - half)
     k_hat = torch.empty_like(r)
-    c = nearest(r, mask, half, u, k_hat)
-    return k_hat.add_(c)
+    s = nearest(r, mask, low, k_hat)
+    return k_hat.add_(s)
 
 
 def full_bits(k: Tensor) -> Tensor:
@@ -227,17 +238,29 @@ _HASH_POOL: ThreadPoolExecutor | None = None
 _HASH_PARALLEL_BYTES = 1 << 22
 
 
-def chunk_hashes(k_RC: Tensor, lengths: int | None = None) -> bytes:
-    """The first 8 bytes of SHA-256 of every row's integers (little-endian, k's width), joined.
+def hash_dtype(stored_bits: int) -> torch.dtype:
+    """The integer width the digest covers: the narrowest of 8/16/32/64 bits holding the
+    ``stored_bits`` low bits of every k (k fits there, being below 2^(b_full - 1))."""
+    for bits, dtype in ((8, torch.int8), (16, torch.int16), (32, torch.int32)):
+        if stored_bits <= bits:
+            return dtype
+    return torch.int64
 
-    ``lengths`` hashes only each row's first ``lengths`` entries (a padded tail chunk). Any
-    wrong decode changes whole multiples of 2^b in some coordinates; the digest catches it with
-    probability 1 - 2^-64. Large inputs are split over two threads (hashlib releases the GIL).
+
+def chunk_hashes(k_RC: Tensor, width: torch.dtype | None = None) -> bytes:
+    """The first 8 bytes of SHA-256 of every row's integers, joined (8 bytes per row).
+
+    Each row is hashed as little-endian integers of type ``width`` (default: k's own), i.e.
+    k narrowed to that width, which must hold every value. Any wrong decode changes some
+    coordinate by a multiple of 2^b, so the digest catches it with probability 1 - 2^-64.
+    Large inputs are split over two threads (hashlib releases the GIL).
     """
     global _HASH_POOL
-    k = k_RC if k_RC.device.type == "cpu" else k_RC.to("cpu")  # CPU<->GPU sync point
-    if lengths is not None:
-        k = k[:, :lengths]
+    k = k_RC
+    if width is not None and width != k.dtype:
+        k = scratch("lattice.hashed", k.numel(), width, k.device).view(k.shape).copy_(k)
+    if k.device.type != "cpu":
+        k = k.to("cpu")  # CPU<->GPU sync point
     rows = k.contiguous().view(torch.uint8).numpy()
 
     def digest(block: Any) -> bytes:

@@ -55,6 +55,7 @@ from swarmnet.errors import CodecError, ConfigError
 MODES = ("stochastic", "dither")
 MAX_CHUNK = 1 << 24
 MAX_CHUNKS = 1 << 22
+STAT_STRIDE = 32
 U63 = (1 << 63) - 1
 _plan_ids = random.Random()
 
@@ -257,7 +258,7 @@ class LatticeCodec(Codec):
             row_bytes = planes.shape[1]
             flat = memoryview(planes.view(-1).numpy())
             frames.extend(flat[i * row_bytes : (i + 1) * row_bytes] for i in range(g.rows))
-            digests.append(lattice.chunk_hashes(k[:, : g.cols]))
+            digests.append(lattice.chunk_hashes(k[:, : g.cols], lattice.hash_dtype(sb)))
             theta = lattice.dither(offsets, out=work) if self.mode == "dither" else None
             lattice.dequantize(k[:, : g.cols], eps, theta, out=g.view(quantized))
         self._prev = quantized
@@ -270,21 +271,28 @@ class LatticeCodec(Codec):
         return Encoded(self.name, meta, tuple(frames), quantized)
 
     def _chunk_rms(self, x: Tensor, groups: list[_Group]) -> tuple[Tensor, Tensor | None]:
-        """Per-chunk RMS of x and of x minus the previous snapshot (float64 CPU)."""
+        """Per-chunk RMS of x and of x minus the previous snapshot (float64 CPU), estimated on
+        every 32nd coordinate: 2048 samples of a 65536 chunk are plenty to pick a power of two."""
         def rms(flat: Tensor) -> Tensor:
             if not groups:
                 return torch.empty(0, dtype=torch.float64)
-            norms = [torch.linalg.vector_norm(g.view(flat), dim=1) / math.sqrt(g.cols) for g in groups]
+            norms = []
+            for g in groups:
+                sample = g.view(flat)[:, ::STAT_STRIDE]
+                norms.append(torch.linalg.vector_norm(sample, dim=1) / math.sqrt(sample.shape[1]))
             return torch.cat(norms).double().cpu()
 
         if self.policy.fixed is not None:
-            empty = torch.zeros(sum(g.rows for g in groups), dtype=torch.float64)
-            return empty, None
+            return torch.zeros(sum(g.rows for g in groups), dtype=torch.float64), None
         prev = self._prev
         if prev is None or prev.shape != x.shape or prev.device != x.device:
             self.policy.reset()
             return rms(x), None
-        diff = torch.sub(x, prev, out=scratch("lattice.diff", x.numel(), torch.float32, x.device))
+        n = x.numel()
+        diff = scratch("lattice.diff", n, torch.float32, x.device)
+        for g in groups:  # only the sampled coordinates
+            torch.sub(g.view(x)[:, ::STAT_STRIDE], g.view(prev)[:, ::STAT_STRIDE],
+                      out=g.view(diff)[:, ::STAT_STRIDE])
         return rms(x), rms(diff)
 
     def select(self, encoded: Encoded, want: Any) -> tuple[dict[str, Any], tuple[Buffer, ...]]:
@@ -410,35 +418,39 @@ class LatticeCodec(Codec):
         e = [h.e[i] for i in chunks]
         bf = [h.bf[i] for i in chunks]
         keyless = [b >= f for b, f in zip(his, bf, strict=True)]
-        bits = torch.tensor([min(b, f) for b, f in zip(his, bf, strict=True)], dtype=kdtype)[:, None].to(dev)
-        mask, half = lattice._masks(bits, r)
+        bits = [min(b, f) for b, f in zip(his, bf, strict=True)]
+        mask = torch.tensor([(1 << b) - 1 for b in bits], dtype=kdtype)[:, None].to(dev)
+        half = torch.tensor([float(1 << (b - 1)) for b in bits], dtype=torch.float64)[:, None]
         eps = _pow2(e, dev)
         inv = _pow2([-x for x in e], dev)
-        inv[torch.tensor(keyless)] = 0.0  # u = 0: plain sign extension of b_full bits
+        inv[torch.tensor(keyless)] = 0.0  # u = 0: plain sign extension of the b_full bits
         key_rows = g.view(key)
         if m < g.rows:
             index = torch.tensor(chunks, device=dev) - g.first
             sel = scratch("lattice.key", m * g.cols, key.dtype, dev).view(m, g.cols)
             key_rows = torch.index_select(key_rows, 0, index, out=sel)
-        u = scratch("lattice.u", m * g.cols, torch.float32, dev).view(m, g.cols)
-        torch.mul(key_rows, inv, out=u)
+        # low = u + 1 - h, u = key/eps - theta: one fused pass (lattice.nearest).
+        low = scratch("lattice.low", m * g.cols, torch.float32, dev).view(m, g.cols)
+        torch.addcmul((1 - half).float().to(dev), key_rows, inv, out=low)
         theta = None
         if h.mode == "dither":
             theta = scratch("lattice.theta", m * g.cols, torch.float32, dev).view(m, g.cols)
             lattice.dither(_dither_rows(h.seed, chunks, g.cols, dev), out=theta)
-            u.sub_(theta)
+            low.sub_(theta)
         k_hat = scratch("lattice.khat", m * g.cols, kdtype, dev).view(m, g.cols)
-        c = scratch("lattice.c", m * g.cols, kdtype, dev).view(m, g.cols)
-        lattice.nearest(r[:, : g.cols], mask, half, u, k_hat, c)
-        dist = torch.maximum(k_hat.amax(1), 1 - k_hat.amin(1)).double()
-        k_hat.add_(c)
+        # Far keys may overflow the window start; the digest below rejects what they decode.
+        start = lattice.nearest(r[:, : g.cols], mask, low, k_hat, clamp=False)
+        half_dev = half.to(dev)
+        dist = torch.maximum(k_hat.amax(1, keepdim=True) - half_dev + 1, half_dev - k_hat.amin(1, keepdim=True))
+        dist = dist.view(-1).double()
+        k_hat.add_(start)
         if any(keyless):
             rows = torch.tensor(keyless, device=dev)
             exact_u = key_rows[rows] * _pow2([-x for x, kl in zip(e, keyless, strict=True) if kl], dev)
             if theta is not None:
                 exact_u -= theta[rows]
             dist[rows] = (k_hat[rows] - exact_u).abs().amax(1).double()
-        digests = lattice.chunk_hashes(k_hat)
+        digests = lattice.chunk_hashes(k_hat, lattice.hash_dtype(h.sb))
         good = [digests[8 * row : 8 * row + 8] == h.h[8 * i : 8 * i + 8] for row, i in enumerate(chunks)]
         self._write(g, chunks, good, k_hat, eps, theta, out)
         dist_list = dist.tolist()

@@ -217,13 +217,13 @@ def test_eps_follows_the_learning_rate() -> None:
 def test_eps_without_hints_tracks_the_update_size_and_falls_back_first() -> None:
     codec = LatticeCodec(chunk=1024, seed=10, eps_init=2.0**-8)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(2048, generator=g)
+    x = 1.5 * torch.randn(2048, generator=g)
     first = codec.encode(x).meta["e"]
-    assert first == [-8, -8]  # eps_init * rms(x), rms ~ 1
+    assert first == [-8, -8]  # eps_init * rms(x) = 1.5 * 2^-8, rounded down
     for _ in range(30):
-        x = x + 1e-3 * torch.randn(2048, generator=g)
+        x = x + 1.5e-3 * torch.randn(2048, generator=g)
         later = codec.encode(x).meta["e"]
-    assert later == [-11, -11]  # 0.5 * 1e-3 (rounded down to a power of two)
+    assert later == [-11, -11]  # 0.5 * 1.5e-3 = 7.5e-4, rounded down to 2^-11
 
 
 def test_fixed_eps_and_int64_fallback() -> None:
