@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +36,7 @@ from swarmnet.codecs import lattice
 from swarmnet.codecs.base import Buffer, Codec, DecodeResult, Encoded
 from swarmnet.codecs.bitplanes import WIDTHS
 from swarmnet.codecs.epsilon import E_MAX, E_MIN, StepPolicy
-from swarmnet.codecs.hostbuf import buffer_tensor, flat_float32
+from swarmnet.codecs.hostbuf import flat_float32
 from swarmnet.codecs.rounding import RandomBits, seeded_bits16
 from swarmnet.codecs.wirecheck import (
     as_mapping,
@@ -55,7 +55,7 @@ from swarmnet.errors import CodecError, ConfigError
 MODES = ("stochastic", "dither")
 MAX_CHUNK = 1 << 24
 MAX_CHUNKS = 1 << 22
-STAT_STRIDE = 32
+STAT_SAMPLES = 512
 U63 = (1 << 63) - 1
 _plan_ids = random.Random()
 
@@ -80,6 +80,10 @@ def _layout(n: int, chunk: int) -> list[_Group]:
     if tail:
         groups.append(_Group(full, 1, tail, -(-tail // 8) * 8, full * chunk))
     return groups
+
+
+def _stride(g: _Group) -> int:
+    return max(1, g.cols // STAT_SAMPLES)
 
 
 def _chunk_pads(n: int, chunk: int) -> list[int]:
@@ -270,30 +274,30 @@ class LatticeCodec(Codec):
         }
         return Encoded(self.name, meta, tuple(frames), quantized)
 
-    def _chunk_rms(self, x: Tensor, groups: list[_Group]) -> tuple[Tensor, Tensor | None]:
-        """Per-chunk RMS of x and of x minus the previous snapshot (float64 CPU), estimated on
-        every 32nd coordinate: 2048 samples of a 65536 chunk are plenty to pick a power of two."""
+    def _chunk_rms(self, x: Tensor, groups: list[_Group]) -> tuple[Callable[[], Tensor], Tensor | None]:
+        """Per-chunk RMS of x (lazily) and of x minus the previous snapshot, float64 CPU,
+        estimated on about 512 evenly spaced coordinates per chunk: that pins the RMS to a few
+        percent, plenty to pick a power of two (and the EMA smooths the rest)."""
         def rms(flat: Tensor) -> Tensor:
             if not groups:
                 return torch.empty(0, dtype=torch.float64)
             norms = []
             for g in groups:
-                sample = g.view(flat)[:, ::STAT_STRIDE]
+                sample = g.view(flat)[:, :: _stride(g)]
                 norms.append(torch.linalg.vector_norm(sample, dim=1) / math.sqrt(sample.shape[1]))
             return torch.cat(norms).double().cpu()
 
-        if self.policy.fixed is not None:
-            return torch.zeros(sum(g.rows for g in groups), dtype=torch.float64), None
         prev = self._prev
+        if self.policy.fixed is not None:
+            return lambda: rms(x), None
         if prev is None or prev.shape != x.shape or prev.device != x.device:
             self.policy.reset()
-            return rms(x), None
-        n = x.numel()
-        diff = scratch("lattice.diff", n, torch.float32, x.device)
+            return lambda: rms(x), None
+        diff = scratch("lattice.diff", x.numel(), torch.float32, x.device)
         for g in groups:  # only the sampled coordinates
-            torch.sub(g.view(x)[:, ::STAT_STRIDE], g.view(prev)[:, ::STAT_STRIDE],
-                      out=g.view(diff)[:, ::STAT_STRIDE])
-        return rms(x), rms(diff)
+            step = _stride(g)
+            torch.sub(g.view(x)[:, ::step], g.view(prev)[:, ::step], out=g.view(diff)[:, ::step])
+        return lambda: rms(x), rms(diff)
 
     def select(self, encoded: Encoded, want: Any) -> tuple[dict[str, Any], tuple[Buffer, ...]]:
         """Planes ``want["from"]``..``want["to"]`` (bits, per chunk or one int for all) of every
@@ -401,7 +405,10 @@ class LatticeCodec(Codec):
         plane_bytes = g.pad * h.g // 8
         kdtype = torch.int32 if h.ib == 32 else torch.int64
         buf = scratch("lattice.planes", m * nbytes * g.pad, torch.uint8, dev).view(m, -1)
-        buf.zero_()
+        # Frames are small: copy them with numpy on the host (one memcpy each, no thread pool
+        # fork/join per copy), then move the whole buffer to the device at once.
+        host = buf.numpy() if dev.type == "cpu" else np.empty(tuple(buf.shape), dtype=np.uint8)
+        host.fill(0)
         for row, (i, j) in enumerate(mine):
             start = h.lo[j] // h.g * plane_bytes
             if start:
@@ -409,9 +416,11 @@ class LatticeCodec(Codec):
                 if held is None or held[0] < h.lo[j]:
                     raise CodecError(f"{self.name}: chunk {i} starts at bit {h.lo[j]} but only "
                                      f"{0 if held is None else held[0]} bits were received before")
-                buf[row, :start].copy_(torch.frombuffer(held[1], dtype=torch.uint8, count=start))
+                host[row, :start] = np.frombuffer(held[1], dtype=np.uint8, count=start)
             stop = h.hi[j] // h.g * plane_bytes
-            buf[row, start:stop].copy_(buffer_tensor(frames[j], torch.uint8, "lattice.recv"))
+            host[row, start:stop] = np.frombuffer(frames[j], dtype=np.uint8)
+        if dev.type != "cpu":
+            buf.copy_(torch.from_numpy(host))  # host->device: the received planes only
         r = scratch("lattice.r", m * g.pad, kdtype, dev).view(m, g.pad)
         lattice.from_planes(buf, h.g, nbytes, r)
 
