@@ -1,35 +1,46 @@
 """The cubic lattice quantizer of SPEC 3.2 as batched tensor functions.
 
-Legend: [..., D] any leading shape (B models of D coordinates for the simulator, R chunks of
-C coordinates for the codec); "row" = one vector along the last dimension. ``eps`` and
-``bits`` broadcast against that shape ([B, 1] per model, [R, 1] per chunk, or scalars).
+Legend: [..., D] any leading shape: B models of D coordinates (the simulator), R chunks of C
+coordinates (the codec); a "row" is one vector along the last dimension. ``eps`` and ``bits``
+broadcast against x ([B, 1] per model, [R, 1] per chunk, or Python scalars).
 
-    random_offsets(shape, device, source) -> V           int32, uniform in [0, 2^16)
-    dither_offsets(seed, shape, device) -> V             int32, the same on every machine
-    dither(V) -> theta                                   float32 in (-1/2, 1/2), SPEC 3.2
-    quantize(x, eps, V, *, bound=None) -> k              k = floor(x/eps + V/2^16), int32|int64
-    dequantize(k, eps, theta=None, *, out=None) -> Q     eps*k, or eps*(k + theta)
-    colour(k, bits) -> r                                 k mod 2^bits (the low planes)
-    decode(r, bits, key, eps, theta=None) -> k_hat       lattice point of colour r nearest key
-    full_bits(k) -> b_full                               planes that decode without a key
-    bits_needed(distance) -> b_min                       planes for a distance in units of eps
-    chunk_hashes(k_RC, width) -> bytes                   8-byte digest of every row
-    to_planes / from_planes                              bit-plane packing (bitplanes.py)
+    random_offsets(shape, device, source: RandomBits) -> V   int32 [...], uniform in [0, 2^16)
+    dither_offsets(seed, shape, device="cpu") -> V           int32 [...], the same everywhere
+    dither(V, out=None) -> theta                             float32 [...] in (-1/2, 1/2)
+    quantize(x, eps, V, *, bound=None, out=None, work=None) -> k
+                                                  k = floor(x/eps + V/2^16): int32, or int64
+                                                  once max|x/eps| >= 2^30 - 2
+    dequantize(k, eps, theta=None, *, out=None) -> Q         eps*k, or eps*(k + theta)
+    colour(k, bits) -> r                                     k mod 2^bits: the low planes
+    decode(r, bits, key, eps, theta=None) -> k_hat           colour-r point nearest to key
+    nearest(r, mask, low, out, *, clamp=True) -> s           decode's core on prepared pieces
+    full_bits(k) -> b_full [...]                             planes that decode keyless
+    bits_for_bound(max_abs) -> b_full                        the same from a bound on |k|
+    bits_needed(distance) -> b_min                           planes for a distance (in eps)
+    chunk_hashes(k_RC, width=None) -> bytes                  8-byte digest per row
+    hash_dtype(stored_bits) -> dtype                         the width the codec hashes
+    to_planes(k_RC, width, nbytes, out=None) -> planes       LSB-first bit-planes (bitplanes.py)
+    from_planes(planes, width, nbytes, out_RC) -> r          and back
+
+A simulator step quantizing B models against B keys with b planes each is
+``k = quantize(x, eps, random_offsets(x.shape, x.device, bits_source))`` then
+``k_hat = decode(colour(k, b), b, key, eps)``; ``k_hat == k`` tells which coordinates decoded
+exactly and ``dequantize(k, eps)`` is Q(x), all in one call each.
 
 One offset tensor serves both rounding modes of SPEC 3.2. Stochastic rounding draws V fresh and
-privately; Q = eps*k, |Q - x| < eps. Subtractive dither draws V from a seed in the header and
-reconstructs Q = eps*(k + theta) with theta = 1/2 - (V + 1/2)/2^16, so
-``k = round(x/eps - theta)`` and the error eps*(k + theta) - x is uniform on a 2^-16 grid over
-[-eps/2, eps/2], independent of x. Both are unbiased to 2^-17 eps (exactly when x/eps has at
-most 16 fractional bits; see rounding.py). The integer formula keeps this true at any |x|/eps;
-with eps a power of two (what the codec uses) x/eps is exact in float32 too.
+privately: Q = eps*k, |Q - x| < eps. Subtractive dither draws V from a seed in the header and
+reconstructs Q = eps*(k + theta) with theta = 1/2 - (V + 1/2)/2^16, so k = round(x/eps - theta)
+and the error eps*(k + theta) - x is uniform on a 2^-16 grid over [-eps/2, eps/2], whatever x.
+Both are unbiased to 2^-17 eps (exactly when x/eps has at most 16 fractional bits; see
+rounding.py), at any |x|/eps thanks to integer arithmetic; with eps a power of two (the codec's
+choice) x/eps is exact in float32 too.
 
 ``decode`` returns the unique integer k_hat congruent to r mod 2^b with u - k_hat in
 [-2^(b-1), 2^(b-1)), u = key/eps - theta: it equals k iff u - k is in that half-open range
-(SPEC 3.2). With c = floor(u) and h = 2^(b-1) it is ``c + h - ((c + h - r) & (2^b - 1))`` in
-two's complement integers.
-The codec fixes eps = 2^e per chunk and uses float32 keys, so u is exact; the simulator may pass
-float64 ``key`` and ``x``.
+(SPEC 3.2). With h = 2^(b-1) and s = floor(u + 1 - h), the smallest integer of the window, it
+is ``s + ((r - s) & (2^b - 1))`` in two's complement integers. Float32 keys give exact window
+edges while |u| + h stays below 2^24 / resolution of key/eps; the simulator may pass float64
+``x`` and ``key`` for far ranges.
 """
 
 from __future__ import annotations
@@ -39,6 +50,7 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -89,8 +101,8 @@ def dither_offsets(
 ) -> Tensor:
     """The dither offsets V of ``seed`` (row-major over ``shape``), identical on every machine."""
     n = math.prod(shape)
-    bits = torch.from_numpy(seeded_bits16(seed, n)).to(device)
-    return bits.to(torch.int32).view(shape)
+    bits = torch.from_numpy(seeded_bits16(seed, n).astype(np.int32))
+    return bits.to(device).view(shape)
 
 
 def dither(offsets: Tensor, out: Tensor | None = None) -> Tensor:

@@ -160,6 +160,8 @@ def _dither_rows(seed: int, chunks: list[int], cols: int, device: torch.device) 
     for row, i in enumerate(chunks):
         host[row] = seeded_bits16((seed, i), cols)
     out = scratch("lattice.offsets", host.size, torch.int32, device).view(len(chunks), cols)
+    if device.type != "cpu":  # widen on the host: accelerators need not convert uint16
+        return out.copy_(torch.from_numpy(host.astype(np.int32)))
     return out.copy_(torch.from_numpy(host))
 
 
@@ -431,8 +433,8 @@ class LatticeCodec(Codec):
         mask = torch.tensor([(1 << b) - 1 for b in bits], dtype=kdtype)[:, None].to(dev)
         half = torch.tensor([float(1 << (b - 1)) for b in bits], dtype=torch.float64)[:, None]
         eps = _pow2(e, dev)
-        inv = _pow2([-x for x in e], dev)
-        inv[torch.tensor(keyless)] = 0.0  # u = 0: plain sign extension of the b_full bits
+        # u = 0 for keyless chunks: the decode is then plain sign extension of b_full bits.
+        inv = torch.tensor([0.0 if kl else 2.0**-x for x, kl in zip(e, keyless, strict=True)])[:, None].to(dev)
         key_rows = g.view(key)
         if m < g.rows:
             index = torch.tensor(chunks, device=dev) - g.first
