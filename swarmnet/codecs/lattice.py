@@ -17,8 +17,7 @@ broadcast against x ([B, 1] per model, [R, 1] per chunk, or Python scalars).
     full_bits(k) -> b_full [...]                             planes that decode keyless
     bits_for_bound(max_abs) -> b_full                        the same from a bound on |k|
     bits_needed(distance) -> b_min                           planes for a distance (in eps)
-    chunk_hashes(k_RC, width=None) -> bytes                  8-byte digest per row
-    hash_dtype(stored_bits) -> dtype                         the width the codec hashes
+    chunk_hashes(k_RC) -> bytes                              8-byte digest per row
     to_planes(k_RC, width, nbytes, out=None) -> planes       LSB-first bit-planes (bitplanes.py)
     from_planes(planes, width, nbytes, out_RC) -> r          and back
 
@@ -70,7 +69,6 @@ __all__ = [
     "dither_offsets",
     "from_planes",
     "full_bits",
-    "hash_dtype",
     "nearest",
     "quantize",
     "random_offsets",
@@ -250,27 +248,17 @@ _HASH_POOL: ThreadPoolExecutor | None = None
 _HASH_PARALLEL_BYTES = 1 << 22
 
 
-def hash_dtype(stored_bits: int) -> torch.dtype:
-    """The integer width the digest covers: the narrowest of 8/16/32/64 bits holding the
-    ``stored_bits`` low bits of every k (k fits there, being below 2^(b_full - 1))."""
-    for bits, dtype in ((8, torch.int8), (16, torch.int16), (32, torch.int32)):
-        if stored_bits <= bits:
-            return dtype
-    return torch.int64
-
-
-def chunk_hashes(k_RC: Tensor, width: torch.dtype | None = None) -> bytes:
+def chunk_hashes(k_RC: Tensor) -> bytes:
     """The first 8 bytes of SHA-256 of every row's integers, joined (8 bytes per row).
 
-    Each row is hashed as little-endian integers of type ``width`` (default: k's own), i.e.
-    k narrowed to that width, which must hold every value. Any wrong decode changes some
-    coordinate by a multiple of 2^b, so the digest catches it with probability 1 - 2^-64.
-    Large inputs are split over two threads (hashlib releases the GIL).
+    Rows are hashed as little-endian integers of k's own width (int32, or int64): a wrong decode
+    changes some coordinate by a multiple of 2^b, so the digest catches it with probability
+    1 - 2^-64. (A narrower width would not do: a far key could decode k + 2^16 m, which
+    narrowing would fold back onto k.) Large inputs are split over two threads; hashlib
+    releases the GIL.
     """
     global _HASH_POOL
     k = k_RC
-    if width is not None and width != k.dtype:
-        k = scratch("lattice.hashed", k.numel(), width, k.device).view(k.shape).copy_(k)
     if k.device.type != "cpu":
         k = k.to("cpu")  # CPU<->GPU sync point
     rows = k.contiguous().view(torch.uint8).numpy()

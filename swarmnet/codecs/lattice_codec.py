@@ -264,7 +264,7 @@ class LatticeCodec(Codec):
             row_bytes = planes.shape[1]
             flat = memoryview(planes.view(-1).numpy())
             frames.extend(flat[i * row_bytes : (i + 1) * row_bytes] for i in range(g.rows))
-            digests.append(lattice.chunk_hashes(k[:, : g.cols], lattice.hash_dtype(sb)))
+            digests.append(lattice.chunk_hashes(k[:, : g.cols]))
             theta = lattice.dither(offsets, out=work) if self.mode == "dither" else None
             lattice.dequantize(k[:, : g.cols], eps, theta, out=g.view(quantized))
         self._prev = quantized
@@ -461,7 +461,7 @@ class LatticeCodec(Codec):
             if theta is not None:
                 exact_u -= theta[rows]
             dist[rows] = (k_hat[rows] - exact_u).abs().amax(1).double()
-        digests = lattice.chunk_hashes(k_hat, lattice.hash_dtype(h.sb))
+        digests = lattice.chunk_hashes(k_hat)
         good = [digests[8 * row : 8 * row + 8] == h.h[8 * i : 8 * i + 8] for row, i in enumerate(chunks)]
         self._write(g, chunks, good, k_hat, eps, theta, out)
         dist_list = dist.tolist()
