@@ -442,7 +442,14 @@ class LatticeCodec(Codec):
             key_rows = torch.index_select(key_rows, 0, index, out=sel)
         # low = u + 1 - h, u = key/eps - theta: one fused pass (lattice.nearest).
         low = scratch("lattice.low", m * g.cols, torch.float32, dev).view(m, g.cols)
-        torch.addcmul((1 - half).float().to(dev), key_rows, inv, out=low)
+        start_col = (1 - half).float().to(dev)
+        if all(keyless):
+            low.copy_(start_col.expand(m, g.cols))
+        else:
+            torch.addcmul(start_col, key_rows, inv, out=low)
+            if any(keyless):  # key * 0 is not 0 for a non-finite key
+                flags = torch.tensor(keyless, device=dev)[:, None]
+                torch.where(flags, start_col, low, out=low)
         theta = None
         if h.mode == "dither":
             theta = scratch("lattice.theta", m * g.cols, torch.float32, dev).view(m, g.cols)

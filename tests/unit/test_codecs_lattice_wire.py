@@ -347,3 +347,16 @@ def test_plan_and_more_are_small_plain_data() -> None:
         assert len(msgpack.packb(meta)) < 400
         assert all(isinstance(v, float) for v in res.stats.values())
     assert msgpack.unpackb(msgpack.packb(codec.plan(state))) is not None
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, 3e38])
+def test_unusable_keys_still_end_exact(bad) -> None:
+    # A reader whose own model went non-finite or absurd still gets the exact snapshot (through
+    # b_full, which ignores the key) and never a wrong value.
+    codec = LatticeCodec(chunk=128, seed=16)
+    x = torch.randn(500)
+    enc = codec.encode(x)
+    key = x.clone()
+    key[::3] = bad
+    out, log = run_pull(codec, enc, key, {})
+    assert torch.equal(out, enc.quantized) and len(log) >= 2
