@@ -215,7 +215,7 @@ class LatticeCodec(Codec):
         self.first_bits, self.margin = first_bits, float(margin)
         self.policy = StepPolicy(fixed=eps, scale=eps_scale, ema=eps_ema, init=eps_init)
         self._bits = RandomBits(seed)
-        self._prev: Tensor | None = None
+        self._prev_samples: list[Tensor] | None = None
 
     def params(self) -> dict[str, Any]:
         return {
@@ -267,7 +267,6 @@ class LatticeCodec(Codec):
             digests.append(lattice.chunk_hashes(k[:, : g.cols]))
             theta = lattice.dither(offsets, out=work) if self.mode == "dither" else None
             lattice.dequantize(k[:, : g.cols], eps, theta, out=g.view(quantized))
-        self._prev = quantized
         nch = len(bf)
         meta = {
             "v": 1, "n": n, "chunk": self.chunk, "g": self.width, "mode": self.mode, "seed": seed,
@@ -277,29 +276,31 @@ class LatticeCodec(Codec):
         return Encoded(self.name, meta, tuple(frames), quantized)
 
     def _chunk_rms(self, x: Tensor, groups: list[_Group]) -> tuple[Callable[[], Tensor], Tensor | None]:
-        """Per-chunk RMS of x (lazily) and of x minus the previous snapshot, float64 CPU,
-        estimated on about 512 evenly spaced coordinates per chunk: that pins the RMS to a few
-        percent, plenty to pick a power of two (and the EMA smooths the rest)."""
-        def rms(flat: Tensor) -> Tensor:
-            if not groups:
+        """Per-chunk RMS of x (lazily) and of x minus the previous snapshot's x, float64 CPU.
+
+        Both are estimated on about 512 evenly spaced coordinates per chunk, which pins an RMS
+        to a few percent, plenty to pick a power of two. Keeping those samples of the exact
+        previous input (not of its Q) matters: against Q the quantization noise itself would
+        read as an update, and the step of a chunk that stopped changing would shrink by half
+        an octave per snapshot.
+        """
+        samples = [g.view(x)[:, :: _stride(g)].clone() for g in groups]
+
+        def rms(parts: list[Tensor]) -> Tensor:
+            if not parts:
                 return torch.empty(0, dtype=torch.float64)
-            norms = []
-            for g in groups:
-                sample = g.view(flat)[:, :: _stride(g)]
-                norms.append(torch.linalg.vector_norm(sample, dim=1) / math.sqrt(sample.shape[1]))
+            norms = [torch.linalg.vector_norm(p, dim=1) / math.sqrt(p.shape[1]) for p in parts]
             return torch.cat(norms).double().cpu()
 
-        prev = self._prev
+        prev, self._prev_samples = self._prev_samples, samples
         if self.policy.fixed is not None:
-            return lambda: rms(x), None
-        if prev is None or prev.shape != x.shape or prev.device != x.device:
+            return lambda: rms(samples), None
+        if prev is None or [p.shape for p in prev] != [q.shape for q in samples] or (
+            prev and prev[0].device != x.device
+        ):
             self.policy.reset()
-            return lambda: rms(x), None
-        diff = scratch("lattice.diff", x.numel(), torch.float32, x.device)
-        for g in groups:  # only the sampled coordinates
-            step = _stride(g)
-            torch.sub(g.view(x)[:, ::step], g.view(prev)[:, ::step], out=g.view(diff)[:, ::step])
-        return lambda: rms(x), rms(diff)
+            return lambda: rms(samples), None
+        return lambda: rms(samples), rms([a - b for a, b in zip(samples, prev, strict=True)])
 
     def select(self, encoded: Encoded, want: Any) -> tuple[dict[str, Any], tuple[Buffer, ...]]:
         """Planes ``want["from"]``..``want["to"]`` (bits, per chunk or one int for all) of every

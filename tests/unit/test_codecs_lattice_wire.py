@@ -360,3 +360,20 @@ def test_unusable_keys_still_end_exact(bad) -> None:
     key[::3] = bad
     out, log = run_pull(codec, enc, key, {})
     assert torch.equal(out, enc.quantized) and len(log) >= 2
+
+
+def test_eps_holds_when_a_chunk_stops_changing() -> None:
+    # Chunk 0 is frozen after a few updates, chunk 1 keeps moving: the frozen chunk keeps its
+    # step instead of reading its own quantization noise as updates and shrinking.
+    codec = LatticeCodec(chunk=1024, seed=17)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2048, generator=g)
+    for _ in range(5):
+        x = x + 1.5e-3 * torch.randn(2048, generator=g)
+        settled = codec.encode(x).meta["e"]
+    assert settled == [-11, -11]
+    for _ in range(10):
+        x[1024:] += 1.5e-3 * torch.randn(1024, generator=g)
+        later = codec.encode(x).meta["e"]
+    assert later == [-11, -11]
+    assert max(codec.encode(x).meta["bf"]) <= 14
