@@ -70,7 +70,7 @@ def pack(k_RC: Tensor, width: int, nbytes: int, out: Tensor | None = None) -> Te
     """Bit-planes of the low ``8 * nbytes`` bits of the integers ``k_RC``.
 
     Returns ``out`` as uint8 [R, 8*nbytes/width, C*width/8] (allocated when None; a given
-    ``out`` must be contiguous with R * nbytes * C elements).
+    ``out`` must be contiguous with R * nbytes * C elements). ``k_RC`` must be contiguous.
     """
     rows, c = k_RC.shape
     if width not in WIDTHS or c % 8 or not 1 <= nbytes <= k_RC.element_size():
@@ -78,8 +78,10 @@ def pack(k_RC: Tensor, width: int, nbytes: int, out: Tensor | None = None) -> Te
     if out is None:
         out = torch.empty(rows * nbytes * c, dtype=torch.uint8, device=k_RC.device)
     planes = out.view(rows, nbytes, c)
-    isz = k_RC.element_size()
-    planes.copy_(k_RC.contiguous().view(torch.uint8).view(rows, c, isz)[:, :, :nbytes].transpose(1, 2))
+    planes[:, 0].copy_(k_RC)  # narrowing keeps the low byte; contiguous, the fast case
+    if nbytes > 1:
+        by_byte = k_RC.view(torch.uint8).view(rows, c, k_RC.element_size())
+        planes[:, 1:].copy_(by_byte[:, :, 1:nbytes].transpose(1, 2))
     flat = out.view(rows, nbytes * c)
     for step, (shift, pattern) in enumerate(_levels(width)):
         _delta_swap(flat, 2 * nbytes << step, shift, pattern)
@@ -98,9 +100,8 @@ def unpack(planes: Tensor, width: int, nbytes: int, out_RC: Tensor) -> Tensor:
     for step, (shift, pattern) in reversed(list(enumerate(_levels(width)))):
         _delta_swap(flat, 2 * nbytes << step, shift, pattern)
     bytes_ = flat.view(rows, nbytes, c)
-    if nbytes == 1:
-        return out_RC.copy_(bytes_[:, 0])
-    out_RC.zero_()
-    isz = out_RC.element_size()
-    out_RC.view(torch.uint8).view(rows, c, isz)[:, :, :nbytes].copy_(bytes_.transpose(1, 2))
+    out_RC.copy_(bytes_[:, 0])  # widening zero-extends: the upper bytes start at zero
+    if nbytes > 1:
+        by_byte = out_RC.view(torch.uint8).view(rows, c, out_RC.element_size())
+        by_byte[:, :, 1:nbytes].copy_(bytes_[:, 1:].transpose(1, 2))
     return out_RC

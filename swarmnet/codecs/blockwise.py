@@ -4,8 +4,8 @@ Legend: N = coordinates, R = blocks of ``block`` coordinates (the last one may b
 L = 2^(bits-1) - 1 = 127 or 7 levels on each side of zero.
 
 Per block the scale is s = max |x| over the block; each value becomes q = round(x L / s) with
-stochastic rounding (:mod:`swarmnet.codecs.rounding`), so E[Q(x)] = x with Q(x) = q s / L, and
-|Q(x) - x| < s / L. Wire (meta ``{"v": 1, "n": N, "block": B, "bits": 8|4}``):
+stochastic rounding (:mod:`swarmnet.codecs.rounding`), so E[Q(x)] = x with Q(x) = q s / L (up
+to 2^-17 of a level and a relative 2^-23), and |Q(x) - x| < s / L. Wire (meta ``{"v": 1, "n": N, "block": B, "bits": 8|4}``):
 
 - frame 0, values: N int8 (bits=8), or ceil(N/2) bytes (bits=4) holding value 2j in the low
   nibble and value 2j+1 in the high nibble of byte j, as 4-bit two's complement;
@@ -103,7 +103,8 @@ class BlockwiseCodec(Codec):
         n, dev = x.numel(), x.device
         rows = -(-n // self.block)
         scales = torch.empty(rows, dtype=torch.float32, device=dev)
-        q = torch.zeros(n + (n & 1 if self.bits == 4 else 0), dtype=torch.int8, device=dev)
+        q = torch.empty(n + (n & 1 if self.bits == 4 else 0), dtype=torch.int8, device=dev)
+        q[n:] = 0  # the pad nibble of an odd count
         scaled = scratch("bw.scaled", n, torch.float32, dev)
         ints = scratch("bw.ints", n, torch.int32, dev)
         offsets = self._bits.fill(scratch("bw.offsets", n, torch.int32, dev))
@@ -116,14 +117,15 @@ class BlockwiseCodec(Codec):
             r = x_rows.shape[0]
             s = torch.maximum(x_rows.amax(1), x_rows.amin(1).neg_())
             scales[start : start + r] = s
-            inv = torch.where(s > 0, (self.levels * ONE) / s, torch.zeros_like(s))
+            # One float step below L 2^16 / s keeps |x| inv <= L 2^16 after rounding, so q stays
+            # in [-L, L] (a relative bias below 2^-23, under float32 resolution of x).
+            inv = torch.nextafter((self.levels * ONE) / s, torch.zeros_like(s))
+            inv = torch.where(s > 0, inv, torch.zeros_like(s))
             torch.mul(x_rows, inv[:, None], out=scaled_rows)
             round_with_offsets(scaled_rows, off_rows, out=int_rows)
             start += r
         if n and not torch.isfinite(scales).all():
             raise CodecError(f"{self.name}: the vector has non-finite values")
-        # x L / s may exceed L by one rounding of the float product; keep q in [-L, L].
-        ints.clamp_(-self.levels, self.levels)
         q[:n].copy_(ints)
         quantized = dequantize_blocks(q[:n], scales, self.levels, self.block, torch.empty_like(x))
         if self.bits == 8:

@@ -24,7 +24,7 @@ float32 resolution of the chunk's largest value anyway).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -54,18 +54,19 @@ class StepPolicy:
         self._ema_R = None
         self._normalized = None
 
-    def exponents(self, rms_x_R: Tensor, rms_diff_R: Tensor | None, max_abs_R: Tensor,
+    def exponents(self, rms_x: Callable[[], Tensor], rms_diff_R: Tensor | None, max_abs_R: Tensor,
                   hints: Mapping[str, float] | None) -> Tensor:
-        """Exponents (int64, CPU) from per-chunk RMS of x, RMS of x minus the previous
-        snapshot (None on the first snapshot) and max |x| (all float64 CPU tensors [R])."""
+        """Exponents (int64, CPU [R]) from the per-chunk RMS of x minus the previous snapshot
+        (None on the first snapshot) and max |x| (float64 CPU tensors [R]); ``rms_x()`` gives
+        the per-chunk RMS of x itself and is called only when a fallback needs it."""
         if self.fixed is not None:
-            return torch.full_like(rms_x_R, math.floor(math.log2(self.fixed)), dtype=torch.int64)
+            return torch.full_like(max_abs_R, math.floor(math.log2(self.fixed)), dtype=torch.int64)
         lr = float(hints.get("lr", 0.0)) if hints else 0.0
         steps = float(hints.get("local_steps", 1.0)) if hints else 1.0
         normalized = math.isfinite(lr) and lr > 0 and math.isfinite(steps) and steps > 0
         per_update = lr * steps if normalized else 1.0
         if normalized != self._normalized or (
-            self._ema_R is not None and self._ema_R.shape != rms_x_R.shape
+            self._ema_R is not None and self._ema_R.shape != max_abs_R.shape
         ):
             self._ema_R = None
         self._normalized = normalized
@@ -80,12 +81,17 @@ class StepPolicy:
                     self.ema * self._ema_R + (1 - self.ema) * observed,
                 )
                 self._ema_R = torch.where(valid, blended, self._ema_R)
-        eps = self.scale * per_update * (self._ema_R if self._ema_R is not None else torch.full_like(rms_x_R, torch.nan))
-        overall = float(rms_x_R.square().mean().sqrt()) if rms_x_R.numel() else 0.0
-        fallback = self.init * torch.where(
-            rms_x_R > 0, rms_x_R, torch.tensor(overall if overall > 0 else 1.0, dtype=rms_x_R.dtype)
+        eps = self.scale * per_update * (
+            self._ema_R if self._ema_R is not None else torch.full_like(max_abs_R, torch.nan)
         )
-        eps = torch.where(torch.isfinite(eps) & (eps > 0), eps, fallback)
+        missing = ~(torch.isfinite(eps) & (eps > 0))
+        if missing.any():
+            rms_x_R = rms_x()
+            overall = float(rms_x_R.square().mean().sqrt()) if rms_x_R.numel() else 0.0
+            fallback = self.init * torch.where(
+                rms_x_R > 0, rms_x_R, torch.tensor(overall if overall > 0 else 1.0, dtype=rms_x_R.dtype)
+            )
+            eps = torch.where(missing, fallback, eps)
         e = torch.floor(torch.log2(eps)).clamp_(E_MIN, E_MAX)
         # |x| / 2^e < 2^29: e >= log2(max|x|) - 29 (no constraint for all-zero chunks).
         floor_e = torch.ceil(torch.log2(max_abs_R)) - HEADROOM_BITS

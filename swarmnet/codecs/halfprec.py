@@ -3,13 +3,14 @@
 Wire: meta ``{"v": 1, "n": N, "r": 0|1}`` (r = 1: stochastic rounding was used; informational),
 one frame of N little-endian 16-bit floats. Round to nearest even by default; with
 ``rounding="stochastic"`` each value goes to one of its two neighbours in the format with the
-probability that makes E[Q(x)] = x (up to 2^-16 of the gap), which SwarmSGD's analysis assumes
-(SPEC 4 item 9). Non-finite values, or values the format cannot hold (fp16 beyond 65504), are a
+probability that makes E[Q(x)] = x (exactly in the normal range, to 2^-17 of the gap below it),
+which SwarmSGD's analysis assumes (SPEC 4 item 9). Non-finite values, or values the format cannot hold (fp16 beyond 65504), are a
 CodecError at encode: a reader could not average with them.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -18,8 +19,9 @@ from torch import Tensor
 
 from swarmnet.codecs.base import Buffer, Codec, DecodeResult, Encoded
 from swarmnet.codecs.hostbuf import buffer_tensor, flat_float32, host_bytes
-from swarmnet.codecs.rounding import RandomBits
+from swarmnet.codecs.rounding import FRAC_BITS, ONE, RandomBits, round_with_offsets
 from swarmnet.codecs.wirecheck import as_mapping, check_count, check_frames, get_int
+from swarmnet.codecs.workspace import scratch
 from swarmnet.errors import CodecError, ConfigError
 
 ROUNDINGS = ("nearest", "stochastic")
@@ -43,25 +45,39 @@ class HalfCodec(Codec):
         x = flat_float32(flat_N, self.name)
         h = x.to(self.dtype) if self.rounding == "nearest" else self._stochastic(x)
         quantized = h.to(torch.float32)
-        lo_hi = torch.aminmax(quantized) if quantized.numel() else None
-        if lo_hi is not None and not all(torch.isfinite(v).item() for v in lo_hi):
+        if quantized.numel() and not (torch.isfinite(quantized.amax()) and torch.isfinite(quantized.amin())):
             raise CodecError(f"{self.name}: the vector has values that are not finite in {self.dtype}")
         meta = {"v": 1, "n": x.numel(), "r": int(self.rounding == "stochastic")}
         return Encoded(self.name, meta, (host_bytes(h),), quantized)
 
     def _stochastic(self, x: Tensor) -> Tensor:
-        """Round each value to the neighbour below or above with probabilities (gap - d, d)."""
-        near = x.to(self.dtype)
-        near32 = near.to(torch.float32)
-        err = x - near32  # exact: x and its nearest neighbour are within a factor 2
-        inf = torch.tensor(float("inf"), dtype=self.dtype, device=x.device)
-        other = torch.nextafter(near, torch.where(err >= 0, inf, -inf))
-        gap = other.to(torch.float32) - near32
-        u = self._bits.fill(torch.empty(x.shape, dtype=torch.int32, device=x.device))
-        u = u.to(torch.float32).add_(0.5).mul_(2.0**-16)
-        # err / gap lies in [0, 1/2]; gap is inf only past the largest finite value.
-        take = u.mul_(gap.abs_()) < err.abs_()
-        return torch.where(take, other, near)
+        """Round each value to its neighbour below or above in the format, picking the upper
+        one with probability (distance to the lower) / gap: E[Q(x)] = x.
+
+        A 16-bit format keeps the top m of float32's 23 mantissa bits. Adding d = 23 - m random
+        bits to the float32 pattern (sign-magnitude: this grows |x|) and clearing them carries
+        into the kept bits with exactly that probability, across binades too. Below the
+        format's smallest normal value its grid is fixed (2^(E_min - m)); there (fp16 only:
+        bf16 shares float32's exponent range) the value is rounded on that grid with the
+        shared integer rounding of rounding.py.
+        """
+        n, dev = x.numel(), x.device
+        if n and not (torch.isfinite(x.amax()) and torch.isfinite(x.amin())):
+            raise CodecError(f"{self.name}: the vector has non-finite values")
+        info = torch.finfo(self.dtype)
+        drop = 23 - round(-math.log2(info.eps))
+        offsets = self._bits.fill(scratch("half.bits", n, torch.int32, dev))
+        pattern = scratch("half.pattern", n, torch.int32, dev).copy_(x.view(torch.int32))
+        carry = scratch("half.carry", n, torch.int32, dev)
+        pattern.add_(torch.bitwise_right_shift(offsets, FRAC_BITS - drop, out=carry))
+        rounded = pattern.bitwise_and_(-(1 << drop)).view(torch.float32)
+        if info.tiny > torch.finfo(torch.float32).tiny:  # fp16: a fixed grid below 2^-14
+            step = info.tiny * info.eps
+            scaled = torch.mul(x, ONE / step, out=scratch("half.scaled", n, torch.float32, dev))
+            k = round_with_offsets(scaled, offsets, out=carry)
+            small = torch.abs(x, out=scaled) < info.tiny
+            torch.where(small, scaled.copy_(k).mul_(step), rounded, out=rounded)
+        return rounded.to(self.dtype)
 
     def decode(
         self,

@@ -1,35 +1,45 @@
 """The cubic lattice quantizer of SPEC 3.2 as batched tensor functions.
 
-Legend: [..., D] any leading shape (B models of D coordinates for the simulator, R chunks of
-C coordinates for the codec); "row" = one vector along the last dimension. ``eps`` and
-``bits`` broadcast against that shape ([B, 1] per model, [R, 1] per chunk, or scalars).
+Legend: [..., D] any leading shape: B models of D coordinates (the simulator), R chunks of C
+coordinates (the codec); a "row" is one vector along the last dimension. ``eps`` and ``bits``
+broadcast against x ([B, 1] per model, [R, 1] per chunk, or Python scalars).
 
-    random_offsets(shape, device, source) -> V           int32, uniform in [0, 2^16)
-    dither_offsets(seed, shape, device) -> V             int32, the same on every machine
-    dither(V) -> theta                                   float32 in (-1/2, 1/2), SPEC 3.2
-    quantize(x, eps, V, *, bound=None) -> k              k = floor(x/eps + V/2^16), int32|int64
-    dequantize(k, eps, theta=None, *, out=None) -> Q     eps*k, or eps*(k + theta)
-    colour(k, bits) -> r                                 k mod 2^bits (the low planes)
-    decode(r, bits, key, eps, theta=None) -> k_hat       lattice point of colour r nearest key
-    full_bits(k) -> b_full                               planes that decode without a key
-    bits_needed(distance) -> b_min                       planes for a distance in units of eps
-    chunk_hashes(k_RC) -> bytes                          8-byte digest of every row
-    to_planes / from_planes                              bit-plane packing (bitplanes.py)
+    random_offsets(shape, device, source: RandomBits) -> V   int32 [...], uniform in [0, 2^16)
+    dither_offsets(seed, shape, device="cpu") -> V           int32 [...], the same everywhere
+    dither(V, out=None) -> theta                             float32 [...] in (-1/2, 1/2)
+    quantize(x, eps, V, *, bound=None, out=None, work=None) -> k
+                                                  k = floor(x/eps + V/2^16): int32, or int64
+                                                  once max|x/eps| >= 2^30 - 2
+    dequantize(k, eps, theta=None, *, out=None) -> Q         eps*k, or eps*(k + theta)
+    colour(k, bits) -> r                                     k mod 2^bits: the low planes
+    decode(r, bits, key, eps, theta=None) -> k_hat           colour-r point nearest to key
+    nearest(r, mask, low, out, *, clamp=True) -> s           decode's core on prepared pieces
+    full_bits(k) -> b_full [...]                             planes that decode keyless
+    bits_for_bound(max_abs) -> b_full                        the same from a bound on |k|
+    bits_needed(distance) -> b_min                           planes for a distance (in eps)
+    chunk_hashes(k_RC) -> bytes                              8-byte digest per row
+    to_planes(k_RC, width, nbytes, out=None) -> planes       LSB-first bit-planes (bitplanes.py)
+    from_planes(planes, width, nbytes, out_RC) -> r          and back
+
+A simulator step quantizing B models against B keys with b planes each is
+``k = quantize(x, eps, random_offsets(x.shape, x.device, bits_source))`` then
+``k_hat = decode(colour(k, b), b, key, eps)``; ``k_hat == k`` tells which coordinates decoded
+exactly and ``dequantize(k, eps)`` is Q(x), all in one call each.
 
 One offset tensor serves both rounding modes of SPEC 3.2. Stochastic rounding draws V fresh and
-privately; Q = eps*k, |Q - x| < eps. Subtractive dither draws V from a seed in the header and
-reconstructs Q = eps*(k + theta) with theta = 1/2 - (V + 1/2)/2^16, so
-``k = round(x/eps - theta)`` and the error eps*(k + theta) - x is uniform on a 2^-16 grid over
-(-eps/2, eps/2), independent of x. Both are unbiased to 2^-16 eps (exactly when x/eps has at
-most 16 fractional bits; see rounding.py). The integer formula keeps this true at any |x|/eps;
-with eps a power of two (what the codec uses) x/eps is exact in float32 too.
+privately: Q = eps*k, |Q - x| < eps. Subtractive dither draws V from a seed in the header and
+reconstructs Q = eps*(k + theta) with theta = 1/2 - (V + 1/2)/2^16, so k = round(x/eps - theta)
+and the error eps*(k + theta) - x is uniform on a 2^-16 grid over [-eps/2, eps/2], whatever x.
+Both are unbiased to 2^-17 eps (exactly when x/eps has at most 16 fractional bits; see
+rounding.py), at any |x|/eps thanks to integer arithmetic; with eps a power of two (the codec's
+choice) x/eps is exact in float32 too.
 
 ``decode`` returns the unique integer k_hat congruent to r mod 2^b with u - k_hat in
 [-2^(b-1), 2^(b-1)), u = key/eps - theta: it equals k iff u - k is in that half-open range
-(SPEC 3.2). With c = floor(u) and h = 2^(b-1) it is ``c + h - ((c + h - r) & (2^b - 1))`` in
-two's complement integers.
-The codec fixes eps = 2^e per chunk and uses float32 keys, so u is exact; the simulator may pass
-float64 ``key`` and ``x``.
+(SPEC 3.2). With h = 2^(b-1) and s = floor(u + 1 - h), the smallest integer of the window, it
+is ``s + ((r - s) & (2^b - 1))`` in two's complement integers. Float32 keys give exact window
+edges while |u| + h stays below 2^24 / resolution of key/eps; the simulator may pass float64
+``x`` and ``key`` for far ranges.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -48,6 +59,7 @@ from swarmnet.codecs.rounding import ONE, RandomBits, round_with_offsets, seeded
 from swarmnet.codecs.workspace import scratch
 
 __all__ = [
+    "bits_for_bound",
     "bits_needed",
     "chunk_hashes",
     "colour",
@@ -57,6 +69,7 @@ __all__ = [
     "dither_offsets",
     "from_planes",
     "full_bits",
+    "nearest",
     "quantize",
     "random_offsets",
     "to_planes",
@@ -86,8 +99,8 @@ def dither_offsets(
 ) -> Tensor:
     """The dither offsets V of ``seed`` (row-major over ``shape``), identical on every machine."""
     n = math.prod(shape)
-    bits = torch.from_numpy(seeded_bits16(seed, n)).to(device)
-    return bits.to(torch.int32).view(shape)
+    bits = torch.from_numpy(seeded_bits16(seed, n).astype(np.int32))
+    return bits.to(device).view(shape)
 
 
 def dither(offsets: Tensor, out: Tensor | None = None) -> Tensor:
@@ -169,22 +182,27 @@ def colour(k: Tensor, bits: Tensor | int) -> Tensor:
     return k & mask
 
 
-def nearest(
-    r: Tensor, mask: Tensor | int, half: Tensor | int, u: Tensor, out: Tensor, c: Tensor | None = None
-) -> Tensor:
-    """Core of :func:`decode` on precomputed pieces (mask = 2^b - 1, half = 2^(b-1)).
+def nearest(r: Tensor, mask: Tensor | int, low: Tensor, out: Tensor, *, clamp: bool = True) -> Tensor:
+    """Core of :func:`decode` on precomputed pieces.
 
-    ``out`` receives k_hat - floor(u), which lies in (-h, h]; ``u`` (float) is consumed.
-    Returns c = floor(u) as integers of out's dtype (in ``c`` if given), so the caller gets
-    k_hat = out + c, and |k_hat - u| < max(out, 1 - out) bounds the distance.
+    ``low`` (float, consumed) holds u + 1 - 2^(b-1) with u = key/eps - theta, and ``mask`` is
+    2^b - 1. With s = floor(low), the smallest integer of the window, ``out`` receives
+    D = (r - s) & mask in [0, 2^b) and the function returns s as integers of out's dtype, so
+    that k_hat = s + D and max |k_hat - u| <= max(D - h + 1, h - D) over the row.
+
+    ``clamp=False`` skips clamping s to the integer range: a key so far away that s overflows
+    then decodes to an arbitrary value, which only a caller that verifies (the codec's digest)
+    may accept.
     """
-    limit = float(1 << (8 * out.element_size() - 2))
-    c = torch.empty_like(out) if c is None else c
-    c.copy_(u.floor_().clamp_(-limit, limit))  # keys absurdly far away only lose exactness
-    # k_hat = c + h - ((c + h - r) mod 2^b), written with ~x & mask = mask - (x & mask):
-    torch.sub(r, c, out=out)
-    out.sub_(half + 1).bitwise_and_(mask).sub_(half - 1)
-    return c
+    s = low.floor_()
+    if clamp:
+        limit = float(1 << (8 * out.element_size() - 2))
+        s.clamp_(-limit, limit)
+    s_int = scratch("lattice.window", out.numel(), out.dtype, out.device).view(out.shape)
+    s_int.copy_(s)
+    torch.sub(r, s_int, out=out)
+    out.bitwise_and_(mask)
+    return s_int
 
 
 def decode(r: Tensor, bits: Tensor | int, key: Tensor, eps: Tensor | float, theta: Tensor | None = None) -> Tensor:
@@ -192,15 +210,18 @@ def decode(r: Tensor, bits: Tensor | int, key: Tensor, eps: Tensor | float, thet
     (SPEC 3.2): k_hat = k exactly iff u - k lies in [-2^(bits-1), 2^(bits-1)).
 
     ``r`` int32/int64 colours, ``bits`` in [1, 63] (int or tensor broadcastable to r), ``key``
-    float of r's shape. Returns k_hat in r's dtype.
+    float of r's shape. Returns k_hat in r's dtype. The window's edges are exact while
+    |u| + 2^(bits-1) is within the integer range of key's float type (float64 keys for far
+    ranges); the bulk of the window never depends on rounding.
     """
-    u = key / _as_scale(eps, key)
-    if theta is not None:
-        u = u - theta
     mask, half = _masks(bits, r)
+    low = key / _as_scale(eps, key)
+    if theta is not None:
+        low = low - theta
+    low = low + (1 - half)
     k_hat = torch.empty_like(r)
-    c = nearest(r, mask, half, u, k_hat)
-    return k_hat.add_(c)
+    s = nearest(r, mask, low, k_hat)
+    return k_hat.add_(s)
 
 
 def full_bits(k: Tensor) -> Tensor:
@@ -227,17 +248,19 @@ _HASH_POOL: ThreadPoolExecutor | None = None
 _HASH_PARALLEL_BYTES = 1 << 22
 
 
-def chunk_hashes(k_RC: Tensor, lengths: int | None = None) -> bytes:
-    """The first 8 bytes of SHA-256 of every row's integers (little-endian, k's width), joined.
+def chunk_hashes(k_RC: Tensor) -> bytes:
+    """The first 8 bytes of SHA-256 of every row's integers, joined (8 bytes per row).
 
-    ``lengths`` hashes only each row's first ``lengths`` entries (a padded tail chunk). Any
-    wrong decode changes whole multiples of 2^b in some coordinates; the digest catches it with
-    probability 1 - 2^-64. Large inputs are split over two threads (hashlib releases the GIL).
+    Rows are hashed as little-endian integers of k's own width (int32, or int64): a wrong decode
+    changes some coordinate by a multiple of 2^b, so the digest catches it with probability
+    1 - 2^-64. (A narrower width would not do: a far key could decode k + 2^16 m, which
+    narrowing would fold back onto k.) Large inputs are split over two threads; hashlib
+    releases the GIL.
     """
     global _HASH_POOL
-    k = k_RC if k_RC.device.type == "cpu" else k_RC.to("cpu")  # CPU<->GPU sync point
-    if lengths is not None:
-        k = k[:, :lengths]
+    k = k_RC
+    if k.device.type != "cpu":
+        k = k.to("cpu")  # CPU<->GPU sync point
     rows = k.contiguous().view(torch.uint8).numpy()
 
     def digest(block: Any) -> bytes:

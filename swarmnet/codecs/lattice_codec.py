@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +36,7 @@ from swarmnet.codecs import lattice
 from swarmnet.codecs.base import Buffer, Codec, DecodeResult, Encoded
 from swarmnet.codecs.bitplanes import WIDTHS
 from swarmnet.codecs.epsilon import E_MAX, E_MIN, StepPolicy
-from swarmnet.codecs.hostbuf import buffer_tensor, flat_float32
+from swarmnet.codecs.hostbuf import flat_float32
 from swarmnet.codecs.rounding import RandomBits, seeded_bits16
 from swarmnet.codecs.wirecheck import (
     as_mapping,
@@ -55,6 +55,7 @@ from swarmnet.errors import CodecError, ConfigError
 MODES = ("stochastic", "dither")
 MAX_CHUNK = 1 << 24
 MAX_CHUNKS = 1 << 22
+STAT_SAMPLES = 512
 U63 = (1 << 63) - 1
 _plan_ids = random.Random()
 
@@ -79,6 +80,10 @@ def _layout(n: int, chunk: int) -> list[_Group]:
     if tail:
         groups.append(_Group(full, 1, tail, -(-tail // 8) * 8, full * chunk))
     return groups
+
+
+def _stride(g: _Group) -> int:
+    return max(1, g.cols // STAT_SAMPLES)
 
 
 def _chunk_pads(n: int, chunk: int) -> list[int]:
@@ -155,6 +160,8 @@ def _dither_rows(seed: int, chunks: list[int], cols: int, device: torch.device) 
     for row, i in enumerate(chunks):
         host[row] = seeded_bits16((seed, i), cols)
     out = scratch("lattice.offsets", host.size, torch.int32, device).view(len(chunks), cols)
+    if device.type != "cpu":  # widen on the host: accelerators need not convert uint16
+        return out.copy_(torch.from_numpy(host.astype(np.int32)))
     return out.copy_(torch.from_numpy(host))
 
 
@@ -208,7 +215,7 @@ class LatticeCodec(Codec):
         self.first_bits, self.margin = first_bits, float(margin)
         self.policy = StepPolicy(fixed=eps, scale=eps_scale, ema=eps_ema, init=eps_init)
         self._bits = RandomBits(seed)
-        self._prev: Tensor | None = None
+        self._prev_samples: list[Tensor] | None = None
 
     def params(self) -> dict[str, Any]:
         return {
@@ -260,7 +267,6 @@ class LatticeCodec(Codec):
             digests.append(lattice.chunk_hashes(k[:, : g.cols]))
             theta = lattice.dither(offsets, out=work) if self.mode == "dither" else None
             lattice.dequantize(k[:, : g.cols], eps, theta, out=g.view(quantized))
-        self._prev = quantized
         nch = len(bf)
         meta = {
             "v": 1, "n": n, "chunk": self.chunk, "g": self.width, "mode": self.mode, "seed": seed,
@@ -269,23 +275,32 @@ class LatticeCodec(Codec):
         }
         return Encoded(self.name, meta, tuple(frames), quantized)
 
-    def _chunk_rms(self, x: Tensor, groups: list[_Group]) -> tuple[Tensor, Tensor | None]:
-        """Per-chunk RMS of x and of x minus the previous snapshot (float64 CPU)."""
-        def rms(flat: Tensor) -> Tensor:
-            if not groups:
+    def _chunk_rms(self, x: Tensor, groups: list[_Group]) -> tuple[Callable[[], Tensor], Tensor | None]:
+        """Per-chunk RMS of x (lazily) and of x minus the previous snapshot's x, float64 CPU.
+
+        Both are estimated on about 512 evenly spaced coordinates per chunk, which pins an RMS
+        to a few percent, plenty to pick a power of two. Keeping those samples of the exact
+        previous input (not of its Q) matters: against Q the quantization noise itself would
+        read as an update, and the step of a chunk that stopped changing would shrink by half
+        an octave per snapshot.
+        """
+        samples = [g.view(x)[:, :: _stride(g)].clone() for g in groups]
+
+        def rms(parts: list[Tensor]) -> Tensor:
+            if not parts:
                 return torch.empty(0, dtype=torch.float64)
-            norms = [torch.linalg.vector_norm(g.view(flat), dim=1) / math.sqrt(g.cols) for g in groups]
+            norms = [torch.linalg.vector_norm(p, dim=1) / math.sqrt(p.shape[1]) for p in parts]
             return torch.cat(norms).double().cpu()
 
+        prev, self._prev_samples = self._prev_samples, samples
         if self.policy.fixed is not None:
-            empty = torch.zeros(sum(g.rows for g in groups), dtype=torch.float64)
-            return empty, None
-        prev = self._prev
-        if prev is None or prev.shape != x.shape or prev.device != x.device:
+            return lambda: rms(samples), None
+        if prev is None or [p.shape for p in prev] != [q.shape for q in samples] or (
+            prev and prev[0].device != x.device
+        ):
             self.policy.reset()
-            return rms(x), None
-        diff = torch.sub(x, prev, out=scratch("lattice.diff", x.numel(), torch.float32, x.device))
-        return rms(x), rms(diff)
+            return lambda: rms(samples), None
+        return lambda: rms(samples), rms([a - b for a, b in zip(samples, prev, strict=True)])
 
     def select(self, encoded: Encoded, want: Any) -> tuple[dict[str, Any], tuple[Buffer, ...]]:
         """Planes ``want["from"]``..``want["to"]`` (bits, per chunk or one int for all) of every
@@ -393,7 +408,10 @@ class LatticeCodec(Codec):
         plane_bytes = g.pad * h.g // 8
         kdtype = torch.int32 if h.ib == 32 else torch.int64
         buf = scratch("lattice.planes", m * nbytes * g.pad, torch.uint8, dev).view(m, -1)
-        buf.zero_()
+        # Frames are small: copy them with numpy on the host (one memcpy each, no thread pool
+        # fork/join per copy), then move the whole buffer to the device at once.
+        host = buf.numpy() if dev.type == "cpu" else np.empty(tuple(buf.shape), dtype=np.uint8)
+        host.fill(0)
         for row, (i, j) in enumerate(mine):
             start = h.lo[j] // h.g * plane_bytes
             if start:
@@ -401,37 +419,50 @@ class LatticeCodec(Codec):
                 if held is None or held[0] < h.lo[j]:
                     raise CodecError(f"{self.name}: chunk {i} starts at bit {h.lo[j]} but only "
                                      f"{0 if held is None else held[0]} bits were received before")
-                buf[row, :start].copy_(torch.frombuffer(held[1], dtype=torch.uint8, count=start))
+                host[row, :start] = np.frombuffer(held[1], dtype=np.uint8, count=start)
             stop = h.hi[j] // h.g * plane_bytes
-            buf[row, start:stop].copy_(buffer_tensor(frames[j], torch.uint8, "lattice.recv"))
+            host[row, start:stop] = np.frombuffer(frames[j], dtype=np.uint8)
+        if dev.type != "cpu":
+            buf.copy_(torch.from_numpy(host))  # host->device: the received planes only
         r = scratch("lattice.r", m * g.pad, kdtype, dev).view(m, g.pad)
         lattice.from_planes(buf, h.g, nbytes, r)
 
         e = [h.e[i] for i in chunks]
         bf = [h.bf[i] for i in chunks]
         keyless = [b >= f for b, f in zip(his, bf, strict=True)]
-        bits = torch.tensor([min(b, f) for b, f in zip(his, bf, strict=True)], dtype=kdtype)[:, None].to(dev)
-        mask, half = lattice._masks(bits, r)
+        bits = [min(b, f) for b, f in zip(his, bf, strict=True)]
+        mask = torch.tensor([(1 << b) - 1 for b in bits], dtype=kdtype)[:, None].to(dev)
+        half = torch.tensor([float(1 << (b - 1)) for b in bits], dtype=torch.float64)[:, None]
         eps = _pow2(e, dev)
-        inv = _pow2([-x for x in e], dev)
-        inv[torch.tensor(keyless)] = 0.0  # u = 0: plain sign extension of b_full bits
+        # u = 0 for keyless chunks: the decode is then plain sign extension of b_full bits.
+        inv = torch.tensor([0.0 if kl else 2.0**-x for x, kl in zip(e, keyless, strict=True)])[:, None].to(dev)
         key_rows = g.view(key)
         if m < g.rows:
             index = torch.tensor(chunks, device=dev) - g.first
             sel = scratch("lattice.key", m * g.cols, key.dtype, dev).view(m, g.cols)
             key_rows = torch.index_select(key_rows, 0, index, out=sel)
-        u = scratch("lattice.u", m * g.cols, torch.float32, dev).view(m, g.cols)
-        torch.mul(key_rows, inv, out=u)
+        # low = u + 1 - h, u = key/eps - theta: one fused pass (lattice.nearest).
+        low = scratch("lattice.low", m * g.cols, torch.float32, dev).view(m, g.cols)
+        start_col = (1 - half).float().to(dev)
+        if all(keyless):
+            low.copy_(start_col.expand(m, g.cols))
+        else:
+            torch.addcmul(start_col, key_rows, inv, out=low)
+            if any(keyless):  # key * 0 is not 0 for a non-finite key
+                flags = torch.tensor(keyless, device=dev)[:, None]
+                torch.where(flags, start_col, low, out=low)
         theta = None
         if h.mode == "dither":
             theta = scratch("lattice.theta", m * g.cols, torch.float32, dev).view(m, g.cols)
             lattice.dither(_dither_rows(h.seed, chunks, g.cols, dev), out=theta)
-            u.sub_(theta)
+            low.sub_(theta)
         k_hat = scratch("lattice.khat", m * g.cols, kdtype, dev).view(m, g.cols)
-        c = scratch("lattice.c", m * g.cols, kdtype, dev).view(m, g.cols)
-        lattice.nearest(r[:, : g.cols], mask, half, u, k_hat, c)
-        dist = torch.maximum(k_hat.amax(1), 1 - k_hat.amin(1)).double()
-        k_hat.add_(c)
+        # Far keys may overflow the window start; the digest below rejects what they decode.
+        start = lattice.nearest(r[:, : g.cols], mask, low, k_hat, clamp=False)
+        half_dev = half.to(dev)
+        dist = torch.maximum(k_hat.amax(1, keepdim=True) - half_dev + 1, half_dev - k_hat.amin(1, keepdim=True))
+        dist = dist.view(-1).double()
+        k_hat.add_(start)
         if any(keyless):
             rows = torch.tensor(keyless, device=dev)
             exact_u = key_rows[rows] * _pow2([-x for x, kl in zip(e, keyless, strict=True) if kl], dev)

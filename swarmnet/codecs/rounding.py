@@ -4,10 +4,10 @@ Legend: N = number of values rounded in one call (any shape, flattened).
 
 Every stochastic or dithered rounding in swarmnet is one integer formula,
 
-    k = (trunc(t * 2^16) + V) >> 16,        V uniform on {0, ..., 2^16 - 1},
+    k = (round(t * 2^16) + V) >> 16,        V uniform on {0, ..., 2^16 - 1},
 
-which is ``floor(t + U)`` for U uniform on the grid ``V / 2^16``: E[k] = t up to 2^-16 (exactly
-when t has at most 16 fractional bits), and t - 1 < k < t + 1. The codecs differ only in where V
+which is ``floor(t + U)`` for U uniform on the grid ``V / 2^16`` after t is rounded to that grid:
+E[k] = t up to 2^-17 (exactly when t has at most 16 fractional bits), and t - 1 < k < t + 1. The codecs differ only in where V
 comes from: a private generator (stochastic rounding) or a seed shared with the readers
 (subtractive dither, SPEC 3.2). Integer arithmetic keeps the formula exact at any magnitude of
 t, where ``floor(t + U)`` in float32 would round away the random offset once |t| >= 2^8.
@@ -65,13 +65,12 @@ class RandomBits:
 
 
 def round_with_offsets(scaled: Tensor, offsets: Tensor, out: Tensor) -> Tensor:
-    """``out = (trunc(scaled) + offsets) >> 16`` where ``scaled = t * 2^16``.
+    """``out = (round(scaled) + offsets) >> 16`` where ``scaled = t * 2^16`` (consumed).
 
-    ``out`` (int32 or int64) must hold ``trunc(scaled)`` without overflow, i.e.
-    ``|t| < 2^14`` for int32; ``offsets`` has out's dtype and values in [0, 2^16). ``out`` may
-    not alias ``offsets``. Truncation (instead of floor) moves negative non-grid values by less
-    than 2^-16, the same order as the grid itself, and saves a pass.
+    ``out`` (int32 or int64) must hold ``round(scaled)`` without overflow, i.e. ``|t| < 2^14``
+    for int32; ``offsets`` has out's dtype and values in [0, 2^16). ``out`` may not alias
+    ``offsets``.
     """
-    out.copy_(scaled)  # float -> int truncates toward zero
+    out.copy_(scaled.round_())  # float -> int of an integral value: exact
     out.add_(offsets)
     return out.bitwise_right_shift_(FRAC_BITS)

@@ -236,6 +236,10 @@ def test_6_digest_rejects_every_wrong_decode() -> None:
     k, _, _ = quantize(x, eps, "stochastic", 5)
     key = x + torch.randn(50, 256) * 30 * eps
     truth = lattice.chunk_hashes(k)
+    for shift in (16, 8, 30):  # wrong by a multiple of 2^b that a narrower width would fold away
+        bad = k.clone()
+        bad[0, 0] += 1 << shift
+        assert lattice.chunk_hashes(bad)[:8] != truth[:8] and lattice.chunk_hashes(bad)[8:] == truth[8:]
     for b in range(1, 10):
         k_hat = lattice.decode(lattice.colour(k, b), b, key, eps)
         got = lattice.chunk_hashes(k_hat)

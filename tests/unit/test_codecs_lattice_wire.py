@@ -217,13 +217,13 @@ def test_eps_follows_the_learning_rate() -> None:
 def test_eps_without_hints_tracks_the_update_size_and_falls_back_first() -> None:
     codec = LatticeCodec(chunk=1024, seed=10, eps_init=2.0**-8)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(2048, generator=g)
+    x = 1.5 * torch.randn(2048, generator=g)
     first = codec.encode(x).meta["e"]
-    assert first == [-8, -8]  # eps_init * rms(x), rms ~ 1
+    assert first == [-8, -8]  # eps_init * rms(x) = 1.5 * 2^-8, rounded down
     for _ in range(30):
-        x = x + 1e-3 * torch.randn(2048, generator=g)
+        x = x + 1.5e-3 * torch.randn(2048, generator=g)
         later = codec.encode(x).meta["e"]
-    assert later == [-11, -11]  # 0.5 * 1e-3 (rounded down to a power of two)
+    assert later == [-11, -11]  # 0.5 * 1.5e-3 = 7.5e-4, rounded down to 2^-11
 
 
 def test_fixed_eps_and_int64_fallback() -> None:
@@ -347,3 +347,33 @@ def test_plan_and_more_are_small_plain_data() -> None:
         assert len(msgpack.packb(meta)) < 400
         assert all(isinstance(v, float) for v in res.stats.values())
     assert msgpack.unpackb(msgpack.packb(codec.plan(state))) is not None
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, 3e38])
+def test_unusable_keys_still_end_exact(bad) -> None:
+    # A reader whose own model went non-finite or absurd still gets the exact snapshot (through
+    # b_full, which ignores the key) and never a wrong value.
+    codec = LatticeCodec(chunk=128, seed=16)
+    x = torch.randn(500)
+    enc = codec.encode(x)
+    key = x.clone()
+    key[::3] = bad
+    out, log = run_pull(codec, enc, key, {})
+    assert torch.equal(out, enc.quantized) and len(log) >= 2
+
+
+def test_eps_holds_when_a_chunk_stops_changing() -> None:
+    # Chunk 0 is frozen after a few updates, chunk 1 keeps moving: the frozen chunk keeps its
+    # step instead of reading its own quantization noise as updates and shrinking.
+    codec = LatticeCodec(chunk=1024, seed=17)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2048, generator=g)
+    for _ in range(5):
+        x = x + 1.5e-3 * torch.randn(2048, generator=g)
+        settled = codec.encode(x).meta["e"]
+    assert settled == [-11, -11]
+    for _ in range(10):
+        x[1024:] += 1.5e-3 * torch.randn(1024, generator=g)
+        later = codec.encode(x).meta["e"]
+    assert later == [-11, -11]
+    assert max(codec.encode(x).meta["bf"]) <= 14
