@@ -15,12 +15,21 @@ from __future__ import annotations
 
 import threading
 
+from torch import Tensor
+
 
 def clock_exchange(v_initiator: int, v_other: int) -> tuple[int, int]:
     """Increments (d_initiator, d_other) of one interaction; exactly one of them is 1."""
     if v_other < v_initiator:
         return 0, 1
     return 1, 0
+
+
+def clock_exchange_many(v_initiator: Tensor, v_other: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`clock_exchange` for a batch of disjoint pairs (the simulator's layers): int64
+    increments (d_initiator, d_other), elementwise equal to the scalar rule."""
+    d_initiator = (v_initiator <= v_other).long()
+    return d_initiator, 1 - d_initiator
 
 
 class PhaseClock:

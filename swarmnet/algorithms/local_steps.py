@@ -6,6 +6,8 @@ import math
 import random
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass(frozen=True, slots=True)
 class LocalSteps:
@@ -27,3 +29,16 @@ class LocalSteps:
         # Inverse CDF of the geometric law on {1, 2, ...}: P(H > k) = (1 - p)^k.
         u = 1.0 - rng.random()  # in (0, 1]
         return max(1, math.ceil(math.log(u) / math.log1p(-p)))
+
+
+def steps_from_uniform(steps: LocalSteps, u: np.ndarray) -> np.ndarray:
+    """H for many interactions at once from uniforms ``u`` in (0, 1] (the simulator's draws).
+
+    The inverse CDF of :meth:`LocalSteps.sample`, vectorized: for the same ``u`` it returns the
+    same H (int64 array of the shape of ``u``).
+    """
+    if not steps.geometric or steps.mean == 1:
+        return np.full(np.shape(u), int(steps.mean), dtype=np.int64)
+    p = 1.0 / steps.mean
+    h = np.ceil(np.log(u) / math.log1p(-p))
+    return np.maximum(h, 1).astype(np.int64)

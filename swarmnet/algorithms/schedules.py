@@ -16,6 +16,12 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+import torch
+from torch import Tensor
+
+ClockT = TypeVar("ClockT", int, float, Tensor)
 
 SCHEDULES = ("constant", "popsgd", "multistep", "cosine")
 
@@ -52,7 +58,7 @@ class Schedule:
         if self.kind == "constant":
             rate = self.lr
         elif self.kind == "popsgd":
-            rate = self.lr / (1.0 + clock / self.clock_scale)
+            rate = clock_rate(self.lr, self.clock_scale, clock)
         elif self.kind == "multistep":
             rate = self.lr * self.gamma ** bisect.bisect_right(self._sorted, step)
         else:
@@ -62,6 +68,20 @@ class Schedule:
         if self.warmup_steps and step < self.warmup_steps:
             rate *= (step + 1) / self.warmup_steps
         return rate
+
+
+def clock_rate(lr: float, clock_scale: float, clock: ClockT) -> ClockT:
+    """PopSGD's per-node rate eta0 / (1 + V / V0) (SPEC 1.3) for one clock or a tensor of clocks.
+
+    The single place the formula lives: :class:`Schedule` calls it for one peer, the simulator
+    for a float64 tensor of clocks. Both branches do the same two IEEE divisions and one
+    addition (torch would otherwise divide by a scalar through its reciprocal), so they give
+    identical values.
+    """
+    if isinstance(clock, Tensor):
+        ratio = clock / torch.full_like(clock, clock_scale)
+        return torch.full_like(clock, lr) / (ratio + 1.0)
+    return lr / (1.0 + clock / clock_scale)
 
 
 def compress_epochs(

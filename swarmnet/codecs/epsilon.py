@@ -1,0 +1,99 @@
+"""The lattice step size per chunk: eps = 2^e following the learning rate (SPEC 3.4).
+
+Legend: R = chunks (rows) of one snapshot.
+
+Theory wants the quantization error comparable to one interaction's update, (R^2+7) eps =
+eta H M (SPEC 2.5). The adaptive policy measures that scale directly: the RMS, per chunk, of
+the difference between this snapshot and the previous published one (about eta H times the
+gradient RMS plus averaging moves), smoothed by an EMA, and sets eps = scale * that. When the
+runtime passes ``hints`` with ``lr`` (and ``local_steps``, default 1) the EMA runs on the
+difference divided by lr*H and eps is multiplied back by the current lr*H, so eps follows a
+decaying learning rate at once instead of lagging the EMA; consensus distances shrink with the
+learning rate too (SPEC 3.4), so bits per coordinate stay roughly constant.
+
+Fallbacks: the first snapshot (nothing to difference against), or a chunk that has never
+changed, uses ``init`` times the chunk's RMS (or the vector's, or ``init`` itself if all is
+zero). ``fixed`` replaces all of this by one constant.
+
+eps is rounded down to a power of two, which makes x/eps exact in float32 and keeps the header
+to one small integer per chunk. Adaptive steps are also raised where needed so that
+|x|/eps < 2^29 in every chunk: coordinates stay int32 (SPEC 4 item 10; such a step is below
+float32 resolution of the chunk's largest value anyway).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor
+
+E_MIN, E_MAX = -100, 100
+"""Exponent range of eps on the wire (2^-100 .. 2^100)."""
+HEADROOM_BITS = 29
+
+
+class StepPolicy:
+    """Per-chunk exponents e (eps = 2^e) for successive snapshots of one vector.
+
+    Called by the lattice codec's ``encode`` (compute thread), once per snapshot, with the
+    chunk statistics it computes anyway.
+    """
+
+    def __init__(self, *, fixed: float | None = None, scale: float = 0.5, ema: float = 0.9,
+                 init: float = 2.0**-10) -> None:
+        self.fixed = fixed
+        self.scale = scale
+        self.ema = ema
+        self.init = init
+        self._ema_R: Tensor | None = None
+        self._normalized: bool | None = None
+
+    def reset(self) -> None:
+        self._ema_R = None
+        self._normalized = None
+
+    def exponents(self, rms_x: Callable[[], Tensor], rms_diff_R: Tensor | None, max_abs_R: Tensor,
+                  hints: Mapping[str, float] | None) -> Tensor:
+        """Exponents (int64, CPU [R]) from the per-chunk RMS of x minus the previous snapshot
+        (None on the first snapshot) and max |x| (float64 CPU tensors [R]); ``rms_x()`` gives
+        the per-chunk RMS of x itself and is called only when a fallback needs it."""
+        if self.fixed is not None:
+            return torch.full_like(max_abs_R, math.floor(math.log2(self.fixed)), dtype=torch.int64)
+        lr = float(hints.get("lr", 0.0)) if hints else 0.0
+        steps = float(hints.get("local_steps", 1.0)) if hints else 1.0
+        normalized = math.isfinite(lr) and lr > 0 and math.isfinite(steps) and steps > 0
+        per_update = lr * steps if normalized else 1.0
+        if normalized != self._normalized or (
+            self._ema_R is not None and self._ema_R.shape != max_abs_R.shape
+        ):
+            self._ema_R = None
+        self._normalized = normalized
+        if rms_diff_R is not None:
+            observed = rms_diff_R / per_update
+            valid = torch.isfinite(observed) & (observed > 0)
+            if self._ema_R is None:
+                self._ema_R = torch.where(valid, observed, torch.nan)
+            else:
+                blended = torch.where(
+                    torch.isnan(self._ema_R), observed,
+                    self.ema * self._ema_R + (1 - self.ema) * observed,
+                )
+                self._ema_R = torch.where(valid, blended, self._ema_R)
+        eps = self.scale * per_update * (
+            self._ema_R if self._ema_R is not None else torch.full_like(max_abs_R, torch.nan)
+        )
+        missing = ~(torch.isfinite(eps) & (eps > 0))
+        if missing.any():
+            rms_x_R = rms_x()
+            overall = float(rms_x_R.square().mean().sqrt()) if rms_x_R.numel() else 0.0
+            fallback = self.init * torch.where(
+                rms_x_R > 0, rms_x_R, torch.tensor(overall if overall > 0 else 1.0, dtype=rms_x_R.dtype)
+            )
+            eps = torch.where(missing, fallback, eps)
+        e = torch.floor(torch.log2(eps)).clamp_(E_MIN, E_MAX)
+        # |x| / 2^e < 2^29: e >= log2(max|x|) - 29 (no constraint for all-zero chunks).
+        floor_e = torch.ceil(torch.log2(max_abs_R)) - HEADROOM_BITS
+        e = torch.maximum(e, floor_e.nan_to_num(neginf=E_MIN)).clamp_(E_MIN, E_MAX)
+        return e.to(torch.int64)

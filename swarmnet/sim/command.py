@@ -1,0 +1,202 @@
+"""The ``swarmnet simulate`` command: flags -> :class:`SimConfig` -> :func:`run_simulation`.
+
+Registered by the CLI module with ``app.command("simulate")(simulate_command)``. The body only
+parses; behaviour lives in :mod:`swarmnet.sim.runner` and is tested there.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from swarmnet.errors import ConfigError
+from swarmnet.sim.runner import SimConfig, SimResult, run_simulation
+
+
+def simulate_command(
+    task: Annotated[
+        str,
+        typer.Option(help="lsq, logreg, gossip, or module:function returning a vectorized task."),
+    ] = "lsq",
+    algorithm: Annotated[
+        str, typer.Option(help="popsgd, swarmsgd, or minibatch (sequential SGD with batch n x B).")
+    ] = "popsgd",
+    nodes: Annotated[
+        str, typer.Option(help="Comma-separated node counts, one run each.")
+    ] = "1,2,8,32,128",
+    topology: Annotated[
+        str, typer.Option(help="SwarmSGD graph: complete, ring or random-regular:K.")
+    ] = "complete",
+    local_steps: Annotated[
+        float, typer.Option(help="SwarmSGD local steps H (the mean if --geometric).")
+    ] = 1,
+    geometric: Annotated[
+        bool, typer.Option(help="Geometric H with mean --local-steps (SPEC 2.3).")
+    ] = False,
+    codec: Annotated[
+        str, typer.Option(help="SwarmSGD registers: none, or lattice (quantized, SPEC 3.2-3.4).")
+    ] = "none",
+    lattice_eps: Annotated[
+        float | None, typer.Option(help="Lattice step; default lr * H * 6/11 (SPEC 3.4).")
+    ] = None,
+    rounding: Annotated[
+        str, typer.Option(help="Lattice rounding: stochastic or dither.")
+    ] = "stochastic",
+    interactions_per_node: Annotated[
+        float, typer.Option(help="Run length: interactions each node takes part in, on average.")
+    ] = 1000,
+    lr: Annotated[float, typer.Option(help="Learning rate eta0.")] = 0.01,
+    lr_decay: Annotated[
+        float | None,
+        typer.Option(help="PopSGD: V0 of eta0 / (1 + V / V0) on each node's phase clock."),
+    ] = None,
+    batch: Annotated[
+        int | None,
+        typer.Option(help="Samples per stochastic gradient (default: lsq 1, logreg 128)."),
+    ] = None,
+    task_option: Annotated[
+        list[str] | None, typer.Option(help="KEY=VALUE passed to the task factory, e.g. dim=90.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of every random choice of the run.")] = 0,
+    records: Annotated[int, typer.Option(help="Curve points per run.")] = 200,
+    baseline: Annotated[
+        bool, typer.Option(help="Also run mini-batch SGD with batch n x B for each n (SPEC 1.5).")
+    ] = False,
+    naive: Annotated[
+        bool, typer.Option(help="Use the one-pair-at-a-time reference loop (identical results).")
+    ] = False,
+    device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32 or float64 models.")] = "float32",
+    threads: Annotated[
+        int | None, typer.Option(help="torch CPU threads (1 is fastest on a busy shared machine).")
+    ] = None,
+    out: Annotated[
+        Path, typer.Option(help="Directory for CSV/JSONL curves, the PNG and a summary.")
+    ] = Path("runs/simulate"),
+    window: Annotated[
+        str | None,
+        typer.Option(
+            help="START:STOP node-0 steps: also print mean (std) of the losses over them."
+        ),
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Simulate PopSGD or SwarmSGD on many nodes with exact sequential semantics (SPEC 1, 2)."""
+    try:
+        config = SimConfig(
+            task=task,
+            task_options=parse_options(task_option or []),
+            algorithm=algorithm,
+            nodes=parse_nodes(nodes),
+            topology=topology,
+            local_steps=local_steps,
+            geometric=geometric,
+            codec=codec,
+            lattice_eps=lattice_eps,
+            rounding=rounding,
+            interactions_per_node=interactions_per_node,
+            lr=lr,
+            lr_decay=lr_decay,
+            batch=batch,
+            seed=seed,
+            records=records,
+            baseline=baseline,
+            naive=naive,
+            device=device,
+            dtype=dtype,
+            threads=threads,
+            out=out,
+            progress=progress,
+        )
+        span = parse_window(window) if window else None
+        result = run_simulation(config)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    print_summary(result, span)
+
+
+def parse_nodes(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(
+            f"--nodes must be comma-separated integers, e.g. 1,2,8 (got {text!r})"
+        ) from None
+    if not values:
+        raise ConfigError("--nodes is empty")
+    return values
+
+
+def parse_window(text: str) -> tuple[float, float]:
+    start, sep, stop = text.partition(":")
+    try:
+        span = (float(start), float(stop))
+    except ValueError:
+        span = (1.0, 0.0)
+    if not sep or span[0] > span[1]:
+        raise ConfigError(
+            f"--window needs START:STOP in node-0 steps, e.g. 2000:6000 (got {text!r})"
+        )
+    return span
+
+
+def parse_options(items: list[str]) -> dict[str, Any]:
+    """KEY=VALUE pairs; values become int, float, bool or stay strings."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--task-option needs KEY=VALUE, got {item!r}")
+        options[key.strip()] = _value(raw.strip())
+    return options
+
+
+def _value(raw: str) -> Any:
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    for convert in (int, float):
+        try:
+            return convert(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+def print_summary(result: SimResult, window: tuple[float, float] | None = None) -> None:
+    """One row per run: final losses, consensus, bits; with ``window``, mean (std) of the node-0
+    and mean-model losses over node-0 steps in the window (the SPEC 1.5 table's statistic)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="swarmnet simulate")
+    names = ["run", "draws", "draws/s", "loss node 0", "loss mean", "consensus", "bits mean/max"]
+    if window:
+        names += [f"node 0 over {window[0]:g}-{window[1]:g}", "mean model over it"]
+    for name in names:
+        table.add_column(name, justify="right")
+    for run in result.runs:
+        last = run.final()
+        means = [p["bits_mean"] for p in run.curve if math.isfinite(p.get("bits_mean", math.nan))]
+        peaks = [p["bits_max"] for p in run.curve if math.isfinite(p.get("bits_max", math.nan))]
+        bits_text = f"{sum(means) / len(means):.2f}/{max(peaks):.0f}" if means else ""
+        cells = [
+            run.label,
+            f"{run.draws:,}",
+            f"{run.rate:,.0f}",
+            f"{last['loss_node']:.4g}",
+            f"{last['loss_mean']:.4g}",
+            f"{last['consensus']:.3g}",
+            bits_text,
+        ]
+        if window:
+            for key in ("loss_node", "loss_mean"):
+                mean, std = run.window(key, *window)
+                cells.append(f"{mean:.4g} ({std:.2g})")
+        table.add_row(*cells)
+    console = Console(width=max(100, Console().width))
+    console.print(table)
+    if result.plot is not None:
+        console.print(f"curves and plot in {result.plot.parent} ({result.plot.name})")

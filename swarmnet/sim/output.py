@@ -1,0 +1,135 @@
+"""Writing simulation curves: CSV and JSON lines per run, one PNG per sweep, a summary JSON.
+
+A curve is a list of points (dicts of floats) as :meth:`Engine.observe` returns them. Column
+order is fixed for the common keys and alphabetical for task-specific ones, so files of
+different runs line up.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+LEADING = (
+    "nodes",
+    "draws",
+    "interactions",
+    "parallel_time",
+    "time",
+    "node_steps",
+    "loss_node",
+    "loss_mean",
+    "consensus",
+    "bits_mean",
+    "bits_max",
+    "clock_sum",
+    "clock_dev",
+    "clock_spread",
+)
+
+
+def columns(points: Sequence[Mapping[str, float]]) -> list[str]:
+    keys: set[str] = set()
+    for point in points:
+        keys.update(point)
+    return [k for k in LEADING if k in keys] + sorted(keys - set(LEADING))
+
+
+def write_csv(path: Path, points: Sequence[Mapping[str, float]]) -> None:
+    names = columns(points)
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=names)
+        writer.writeheader()
+        for point in points:
+            writer.writerow({k: repr(point[k]) if k in point else "" for k in names})
+
+
+def write_jsonl(path: Path, points: Sequence[Mapping[str, float]], meta: Mapping[str, Any]) -> None:
+    """First line: ``{"run": meta}``; then one point per line (NaN written as null)."""
+    with path.open("w") as fh:
+        fh.write(json.dumps({"run": dict(meta)}, default=str) + "\n")
+        for point in points:
+            fh.write(json.dumps({k: _finite(v) for k, v in point.items()}) + "\n")
+
+
+def write_summary(path: Path, summary: Mapping[str, Any]) -> None:
+    path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def plot(
+    path: Path, runs: Sequence[tuple[str, int, Sequence[Mapping[str, float]]]], title: str
+) -> None:
+    """Two panels versus interactions per node: loss of node 0 (solid) and of the mean model
+    (dashed, thin), and the consensus distance. One colour per node count; the mini-batch
+    baseline (algorithm ``minibatch``) dotted. Log y axes; non-positive values are skipped."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, (ax_loss, ax_cons) = plt.subplots(1, 2, figsize=(12, 4.6))
+    node_counts = sorted({nodes for _, nodes, _ in runs})
+    cmap = plt.get_cmap("viridis")
+    for algorithm, nodes, points in runs:
+        colour = cmap(0.9 * node_counts.index(nodes) / max(1, len(node_counts) - 1))
+        xs = [p["time"] for p in points]
+        label = f"{algorithm} n={nodes}"
+        node_loss = _positive([p.get("loss_node", math.nan) for p in points])
+        if algorithm == "minibatch":
+            ax_loss.plot(
+                xs,
+                node_loss,
+                color=colour,
+                lw=1.3,
+                ls=":",
+                label=f"mini-batch n={nodes} (batch n·B)",
+            )
+            continue
+        ax_loss.plot(xs, node_loss, color=colour, lw=1.2, label=label)
+        ax_loss.plot(
+            xs,
+            _positive([p.get("loss_mean", math.nan) for p in points]),
+            color=colour,
+            lw=0.7,
+            ls="--",
+            alpha=0.7,
+        )
+        ax_cons.plot(
+            xs,
+            _positive([p.get("consensus", math.nan) for p in points]),
+            color=colour,
+            lw=1.1,
+            label=label,
+        )
+    ax_loss.set(
+        yscale="log",
+        xlabel="interactions per node (= local SGD steps per node for PopSGD)",
+        ylabel="loss: node 0 (solid), mean model (dashed)",
+        title=title,
+    )
+    ax_cons.set(
+        yscale="log",
+        xlabel="interactions per node",
+        ylabel="consensus distance sqrt(Gamma / n)",
+        title="consensus distance (zero, so not drawn, for n <= 2)",
+    )
+    for ax in (ax_loss, ax_cons):
+        ax.grid(True, which="both", alpha=0.25)
+    ax_loss.legend(fontsize=7, ncol=2)
+    if ax_cons.lines:
+        ax_cons.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _positive(values: Sequence[float]) -> list[float]:
+    return [v if v > 0 else math.nan for v in values]

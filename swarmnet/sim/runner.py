@@ -1,0 +1,294 @@
+"""``run_simulation``: a sweep over node counts, with curves, files and a progress bar.
+
+The plain-Python entry point behind ``swarmnet simulate``::
+
+    from swarmnet.sim.runner import SimConfig, run_simulation
+    result = run_simulation(SimConfig(task="lsq", algorithm="popsgd", nodes=(1, 8, 32),
+                                      interactions_per_node=6000, lr=0.01, baseline=True,
+                                      out=Path("runs/sim")))
+    for run in result.runs:
+        print(run.label, run.window("loss_node", 2000, 6000))
+
+Run length: ``interactions_per_node`` = T means every node takes part in T interactions on
+average: T x n / (2 (1 - 1/n)) draws for PopSGD (a drawn self-pair is dropped), T x n / 2
+for SwarmSGD, T draws for n = 1 and T steps for the mini-batch baseline. So the x-axis
+``time`` (interactions per node) equals the local SGD steps per node for PopSGD and the steps
+of the baseline model, which makes "at equal local step counts" comparisons direct (SPEC 1.5).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from swarmnet.algorithms.local_steps import LocalSteps
+from swarmnet.algorithms.topology import parse_topology
+from swarmnet.errors import ConfigError
+from swarmnet.sim import output
+from swarmnet.sim.engine import ALGORITHMS, EngineConfig, make_engine
+from swarmnet.sim.problems import load_vector_task
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimConfig:
+    task: str = "lsq"
+    """lsq, logreg, gossip or module:function (see :mod:`swarmnet.sim.problems`)."""
+    task_options: Mapping[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments of the task factory (e.g. dim=90 for lsq)."""
+    algorithm: str = "popsgd"
+    nodes: Sequence[int] = (1, 2, 8, 32, 128)
+    topology: str = "complete"
+    local_steps: float = 1
+    geometric: bool = False
+    codec: str = "none"
+    lattice_eps: float | None = None
+    rounding: str = "stochastic"
+    interactions_per_node: float = 1000
+    lr: float = 0.01
+    lr_decay: float | None = None
+    """V0 of PopSGD's eta0 / (1 + V / V0); None: constant rate."""
+    batch: int | None = None
+    """Samples per stochastic gradient; None: the task's default (lsq 1, logreg 128)."""
+    seed: int = 0
+    records: int = 200
+    """Curve points per run (plus the initial one)."""
+    baseline: bool = False
+    """Also run sequential mini-batch SGD with batch n x B for every n (SPEC 1.5)."""
+    naive: bool = False
+    """Run the one-pair-at-a-time reference loop instead of layers (same results, slower)."""
+    device: str = "cpu"
+    dtype: str = "float32"
+    threads: int | None = None
+    """torch CPU threads (None: leave torch's setting)."""
+    out: Path | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ConfigError(f"--algorithm must be one of {', '.join(ALGORITHMS)}")
+        if not self.nodes or any(int(n) < 1 for n in self.nodes):
+            raise ConfigError(f"--nodes needs positive node counts, got {list(self.nodes)}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}")
+        if self.interactions_per_node <= 0 or self.records < 1:
+            raise ConfigError("--interactions-per-node and --records must be positive")
+        if self.codec != "none" and self.algorithm != "swarmsgd":
+            raise ConfigError(
+                "--codec lattice: quantized registers are simulated for SwarmSGD only"
+            )
+
+    def engine_config(self, algorithm: str, nodes: int) -> EngineConfig:
+        try:
+            topology = parse_topology(self.topology, seed=self.seed)
+            steps = LocalSteps(self.local_steps, self.geometric)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        swarm = algorithm == "swarmsgd"
+        return EngineConfig(
+            algorithm=algorithm,
+            nodes=nodes,
+            lr=self.lr,
+            lr_clock_scale=self.lr_decay,
+            topology=topology,
+            local_steps=steps if swarm else LocalSteps(1),
+            codec=self.codec if swarm else "none",
+            lattice_eps=self.lattice_eps,
+            rounding=self.rounding,
+            seed=self.seed,
+            device=self.device,
+            dtype=DTYPES[self.dtype],
+            naive=self.naive,
+        )
+
+
+def total_draws(algorithm: str, nodes: int, interactions_per_node: float) -> int:
+    """Draws that give every node ``interactions_per_node`` interactions on average."""
+    if nodes == 1 or algorithm == "minibatch":
+        return math.ceil(interactions_per_node)
+    if algorithm == "popsgd":
+        return math.ceil(interactions_per_node * nodes * nodes / (2 * (nodes - 1)))
+    return math.ceil(interactions_per_node * nodes / 2)
+
+
+@dataclass
+class RunResult:
+    algorithm: str
+    nodes: int
+    curve: list[dict[str, float]]
+    seconds: float
+    draws: int
+    files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.algorithm} n={self.nodes}"
+
+    @property
+    def rate(self) -> float:
+        """Draws (interactions) per second of wall time, curve points included."""
+        return self.draws / self.seconds if self.seconds > 0 else math.nan
+
+    def window(
+        self, key: str, start: float, stop: float, by: str = "node_steps"
+    ) -> tuple[float, float]:
+        """Mean and standard deviation of ``key`` over the points with start <= ``by`` <= stop."""
+        values = [
+            p[key]
+            for p in self.curve
+            if start <= p[by] <= stop and math.isfinite(p.get(key, math.nan))
+        ]
+        if not values:
+            return math.nan, math.nan
+        return statistics.fmean(values), statistics.pstdev(values)
+
+    def final(self) -> dict[str, float]:
+        return self.curve[-1]
+
+
+@dataclass
+class SimResult:
+    config: SimConfig
+    runs: list[RunResult]
+    plot: Path | None = None
+    summary: Path | None = None
+
+    def run(self, algorithm: str, nodes: int) -> RunResult:
+        for run in self.runs:
+            if run.algorithm == algorithm and run.nodes == nodes:
+                return run
+        raise KeyError((algorithm, nodes))
+
+
+def run_simulation(config: SimConfig) -> SimResult:
+    """Run ``config.algorithm`` (and the baseline if asked) for every node count; write the
+    files when ``config.out`` is set; return the curves."""
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    task = load_vector_task(
+        config.task, batch=_batch(config), seed=config.seed, options=config.task_options
+    )
+    plan = [(config.algorithm, int(n)) for n in config.nodes]
+    if config.baseline and config.algorithm != "minibatch":
+        plan += [("minibatch", int(n)) for n in config.nodes]
+    engines = {key: config.engine_config(*key) for key in plan}  # validate everything up front
+    budgets = {key: total_draws(key[0], key[1], config.interactions_per_node) for key in plan}
+    runs: list[RunResult] = []
+    with _progress(config.progress) as bar:
+        overall = bar.add_task("simulate", total=sum(budgets.values())) if bar else None
+        for key in plan:
+            algorithm, nodes = key
+            if bar:
+                bar.update(overall, description=f"{algorithm} n={nodes}")
+            engine = make_engine(engines[key], task)
+            draws = budgets[key]
+            curve = [_with_nodes(engine.observe(), nodes)]
+            started = time.perf_counter()
+            done = 0
+            for k in range(1, config.records + 1):
+                target = draws * k // config.records
+                engine.advance(target - done)
+                curve.append(_with_nodes(engine.observe(), nodes))
+                if bar:
+                    bar.advance(overall, target - done)
+                done = target
+            runs.append(RunResult(algorithm, nodes, curve, time.perf_counter() - started, draws))
+    result = SimResult(config, runs)
+    if config.out is not None:
+        _write(result, task.name)
+    return result
+
+
+def _batch(config: SimConfig) -> int:
+    if config.batch is not None:
+        return config.batch
+    return 128 if config.task == "logreg" else 1
+
+
+def _with_nodes(point: dict[str, float], nodes: int) -> dict[str, float]:
+    point["nodes"] = float(nodes)
+    return point
+
+
+def _write(result: SimResult, task_name: str) -> None:
+    config = result.config
+    assert config.out is not None
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{task_name}-{config.algorithm}"
+    meta_common = {k: v for k, v in asdict(config).items() if k not in ("out", "progress")}
+    for run in result.runs:
+        base = out / f"{task_name}-{run.algorithm}-n{run.nodes}"
+        run.files = {"csv": base.with_suffix(".csv"), "jsonl": base.with_suffix(".jsonl")}
+        output.write_csv(run.files["csv"], run.curve)
+        meta = {
+            **meta_common,
+            "algorithm": run.algorithm,
+            "nodes": run.nodes,
+            "draws": run.draws,
+            "seconds": run.seconds,
+        }
+        output.write_jsonl(run.files["jsonl"], run.curve, meta)
+    result.plot = out / f"{stem}.png"
+    title = f"{task_name}: {config.algorithm}" + (
+        f" ({config.codec})" if config.codec != "none" else ""
+    )
+    output.plot(result.plot, [(run.algorithm, run.nodes, run.curve) for run in result.runs], title)
+    result.summary = out / f"{stem}-summary.json"
+    output.write_summary(
+        result.summary,
+        {
+            "config": meta_common,
+            "runs": [
+                {
+                    "algorithm": r.algorithm,
+                    "nodes": r.nodes,
+                    "draws": r.draws,
+                    "seconds": r.seconds,
+                    "draws_per_second": r.rate,
+                    "final": r.final(),
+                    "files": {k: str(v) for k, v in r.files.items()},
+                }
+                for r in result.runs
+            ],
+        },
+    )
+
+
+class _NoBar:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _progress(enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar()
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("interactions"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        transient=False,
+    )

@@ -1,0 +1,212 @@
+"""run_simulation and the simulate command: files, columns, custom tasks, errors."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from swarmnet.errors import ConfigError
+from swarmnet.sim.command import parse_options, simulate_command
+from swarmnet.sim.problems import load_vector_task
+from swarmnet.sim.runner import SimConfig, run_simulation, total_draws
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@dataclasses.dataclass(frozen=True)
+class NoisyQuadratic:
+    """A custom vectorized task: f(x) = ||x - centre||^2 / 2, gradient noise N(0, sigma^2)."""
+
+    dim: int = 3
+    sigma: float = 0.5
+    name: str = "quadratic"
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float64
+
+    def init(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.zeros(n, self.dim, dtype=self.dtype, device=self.device)
+
+    def draw(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        return self.sigma * torch.randn(count, self.dim, generator=generator, dtype=self.dtype)
+
+    def grad(self, x_K: torch.Tensor, draws_K: torch.Tensor) -> torch.Tensor:
+        return x_K - 1.0 + draws_K
+
+    def metrics(self, x_K: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"loss": 0.5 * (x_K.double() - 1.0).pow(2).sum(dim=1)}
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> NoisyQuadratic:
+        return dataclasses.replace(self, device=torch.device(device), dtype=dtype)
+
+
+def make_quadratic(batch: int, seed: int, sigma: float = 0.5) -> NoisyQuadratic:
+    return NoisyQuadratic(sigma=sigma)
+
+
+def test_run_writes_curves_plot_and_summary(tmp_path: Path) -> None:
+    config = SimConfig(
+        task="lsq",
+        task_options={"dim": 4},
+        algorithm="swarmsgd",
+        nodes=(1, 6),
+        codec="lattice",
+        interactions_per_node=50,
+        lr=0.05,
+        records=10,
+        baseline=True,
+        out=tmp_path,
+        progress=False,
+    )
+    result = run_simulation(config)
+    assert [(r.algorithm, r.nodes) for r in result.runs] == [
+        ("swarmsgd", 1),
+        ("swarmsgd", 6),
+        ("minibatch", 1),
+        ("minibatch", 6),
+    ]
+    run = result.run("swarmsgd", 6)
+    assert run.draws == total_draws("swarmsgd", 6, 50) == 150 and len(run.curve) == 11
+    rows = list(csv.DictReader(run.files["csv"].open()))
+    assert len(rows) == 11
+    for column in (
+        "nodes",
+        "draws",
+        "time",
+        "node_steps",
+        "loss_node",
+        "loss_mean",
+        "consensus",
+        "bits_mean",
+        "bits_max",
+        "objective_node",
+    ):
+        assert column in rows[0]
+    assert float(rows[-1]["draws"]) == 150 and float(rows[-1]["time"]) == pytest.approx(50)
+    lines = run.files["jsonl"].read_text().splitlines()
+    assert json.loads(lines[0])["run"]["nodes"] == 6 and len(lines) == 12
+    assert result.plot is not None and result.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads(result.summary.read_text())  # type: ignore[union-attr]
+    assert len(summary["runs"]) == 4 and summary["config"]["codec"] == "lattice"
+    assert float(rows[-1]["loss_node"]) < float(rows[0]["loss_node"])
+
+
+def test_naive_flag_gives_the_same_curves() -> None:
+    common = {
+        "task": "logreg",
+        "algorithm": "popsgd",
+        "nodes": (40,),
+        "interactions_per_node": 20,
+        "lr": 0.5,
+        "batch": 8,
+        "records": 4,
+        "progress": False,
+    }
+    fast = run_simulation(SimConfig(**common)).runs[0]  # type: ignore[arg-type]
+    slow = run_simulation(SimConfig(naive=True, **common)).runs[0]  # type: ignore[arg-type]
+    assert fast.curve == slow.curve
+
+
+def test_custom_module_function_task() -> None:
+    task = load_vector_task(
+        "test_sim_runner:make_quadratic", batch=1, seed=0, options={"sigma": 0.1}
+    )
+    assert task.sigma == 0.1
+    result = run_simulation(
+        SimConfig(
+            task="test_sim_runner:make_quadratic",
+            algorithm="popsgd",
+            nodes=(16,),
+            interactions_per_node=200,
+            lr=0.1,
+            records=5,
+            progress=False,
+        )
+    )
+    curve = result.runs[0].curve
+    assert curve[0]["loss_node"] == pytest.approx(1.5) and curve[-1]["loss_node"] < 0.05
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"algorithm": "gossipsgd"}, "algorithm"),
+        ({"nodes": (0,)}, "nodes"),
+        ({"dtype": "float16"}, "dtype"),
+        ({"algorithm": "popsgd", "codec": "lattice"}, "SwarmSGD only"),
+    ],
+)
+def test_config_errors(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        SimConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"task": "nonsense"}, "module:function"),
+        ({"task": "no_such_module_xyz:f"}, "cannot import"),
+        ({"task": "lsq", "task_options": {"colour": 1}}, "bad options"),
+        ({"algorithm": "swarmsgd", "codec": "zip"}, "codec"),
+        ({"algorithm": "swarmsgd", "lr_decay": 10.0}, "PopSGD"),
+        ({"algorithm": "swarmsgd", "topology": "torus"}, "topology"),
+    ],
+)
+def test_run_errors(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        run_simulation(SimConfig(nodes=(4,), interactions_per_node=2, progress=False, **kwargs))
+
+
+def test_cli_parses_flags_and_runs(tmp_path: Path) -> None:
+    app = typer.Typer()
+    app.command("simulate")(simulate_command)
+    app.command("noop")(lambda: None)
+    args = [
+        "simulate",
+        "--task",
+        "lsq",
+        "--task-option",
+        "dim=3",
+        "--algorithm",
+        "swarmsgd",
+        "--nodes",
+        "1,5",
+        "--topology",
+        "ring",
+        "--local-steps",
+        "2",
+        "--geometric",
+        "--interactions-per-node",
+        "10",
+        "--records",
+        "3",
+        "--out",
+        str(tmp_path),
+        "--no-progress",
+        "--window",
+        "2:10",
+    ]
+    outcome = CliRunner().invoke(app, args)
+    assert outcome.exit_code == 0, outcome.output
+    assert "2-10" in outcome.output  # the window columns
+    assert (tmp_path / "lsq-swarmsgd-n5.csv").exists() and (tmp_path / "lsq-swarmsgd.png").exists()
+    for wrong in (["--nodes", "1,x"], ["--window", "5"], ["--task-option", "dim"]):
+        bad = CliRunner().invoke(app, ["simulate", *wrong, "--out", str(tmp_path), "--no-progress"])
+        assert bad.exit_code != 0 and "Invalid value" in bad.output
+
+
+def test_option_values_are_typed() -> None:
+    assert parse_options(["dim=90", "noise=0.5", "flag=true", "name=abc"]) == {
+        "dim": 90,
+        "noise": 0.5,
+        "flag": True,
+        "name": "abc",
+    }
+    with pytest.raises(ConfigError):
+        parse_options(["novalue"])

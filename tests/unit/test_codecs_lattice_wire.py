@@ -1,0 +1,379 @@
+"""The lattice codec's reader dialogue (plan / select / decode), its step policy, and its
+validation of everything that crosses the network."""
+
+from __future__ import annotations
+
+import math
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from swarmnet.codecs import make_codec
+from swarmnet.codecs.lattice_codec import LatticeCodec
+from swarmnet.errors import CodecError, ConfigError
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def run_pull(codec, enc, key, state, out=None, wire=True, limit=12):
+    """What the runtime does; with ``wire`` every meta and want goes through msgpack and frames
+    arrive as read-only bytes, as from a socket."""
+    out = torch.full_like(key, float("nan")) if out is None else out
+    want = codec.plan(state)
+    log = []
+    for _ in range(limit):
+        if wire:
+            want = msgpack.unpackb(msgpack.packb(want))
+        meta, frames = codec.select(enc, want)
+        if wire:
+            meta = msgpack.unpackb(msgpack.packb(meta))
+            frames = tuple(bytes(f) for f in frames)
+        res = codec.decode(meta, frames, key, out, state)
+        log.append((want, meta, res))
+        if res.complete:
+            return out, log
+        want = res.more
+    raise AssertionError("pull did not complete")
+
+
+def drifted(x: torch.Tensor, eps: float, fraction: float, seed: int, far: float = 1e4) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    key = x + torch.randn(x.shape, generator=g) * 3 * eps
+    hit = torch.rand(x.shape, generator=g) < fraction
+    return torch.where(hit, key + far * eps * torch.sign(torch.randn(x.shape, generator=g)), key)
+
+
+# ------------------------------------------------------------------- the dialogue
+
+
+@pytest.mark.parametrize("width", [1, 4, 8])
+@pytest.mark.parametrize("mode", ["stochastic", "dither"])
+def test_drifted_neighbour_escalates_and_ends_exact(width, mode) -> None:
+    codec = LatticeCodec(chunk=256, width=width, mode=mode, seed=1)
+    x = torch.randn(3000)
+    enc = codec.encode(x)
+    eps = 2.0 ** max(enc.meta["e"])
+    key = drifted(x, eps, 0.001, seed=2)  # a few coordinates 1e4 eps away, in some chunks
+    state: dict = {}
+    out, log = run_pull(codec, enc, key, state)
+    assert torch.equal(out, enc.quantized)
+    assert len(log) >= 2 and not log[0][2].complete
+    first_want, _, first = log[0]
+    more = first.more
+    # `more` asks again only for failing chunks, for the planes after those already received.
+    failing = [i for i, (a, b) in enumerate(zip(more["from"], more["to"], strict=True)) if b > a]
+    assert failing and len(failing) < len(enc.meta["bf"])
+    for i in failing:
+        assert more["from"][i] == log[0][1]["hi"][log[0][1]["ck"].index(i)]
+        assert more["to"][i] >= min(2 * more["from"][i], enc.meta["bf"][i])
+    second_meta = log[1][1]
+    assert set(second_meta["ck"]) == set(failing)
+    assert "pull" not in state and len(state["dist"]) == len(enc.meta["bf"])
+
+
+def test_verified_chunks_are_written_at_once_and_never_requested_again() -> None:
+    codec = LatticeCodec(chunk=128, width=1, seed=3, first_bits=6)
+    x = torch.randn(1024)
+    enc = codec.encode(x)
+    eps = 2.0 ** max(enc.meta["e"])
+    key = x.clone()
+    key[5] += 1e3 * eps  # only chunk 0 is far
+    out = torch.full_like(x, float("nan"))
+    state: dict = {}
+    meta, frames = codec.select(enc, codec.plan(state))
+    res = codec.decode(meta, frames, key, out, state)
+    assert not res.complete
+    assert torch.isnan(out[:128]).all()  # the failing chunk is left alone
+    assert torch.equal(out[128:], enc.quantized[128:])
+    assert res.more["to"][1:] == [0] * 7 and res.more["to"][0] > res.more["from"][0] == 6
+    meta2, frames2 = codec.select(enc, res.more)
+    assert meta2["ck"] == [0] and meta2["lo"] == [6]
+    assert memoryview(frames2[0]).nbytes == (meta2["hi"][0] - 6) * 128 // 8
+    while not res.complete:
+        meta2, frames2 = codec.select(enc, res.more)
+        res = codec.decode(meta2, frames2, key, out, state)
+    assert torch.equal(out, enc.quantized)
+    assert res.stats["rounds"] >= 2 and res.stats["failed_chunks"] >= 1
+
+
+def test_history_lowers_the_next_request_to_the_distance() -> None:
+    codec = LatticeCodec(chunk=512, width=1, eps=2.0**-10, seed=4)
+    x = torch.randn(2048)
+    key = x + (torch.rand(2048) * 2 - 1) * 20 * 2.0**-10  # 20 eps away
+    state: dict = {}
+    run_pull(codec, codec.encode(x), key, state)
+    nxt = codec.plan(state)
+    # b = 2 + floor(log2(margin * D + 1)) with D <= 21, margin 2 -> at most 7 bits.
+    assert isinstance(nxt["to"], list) and all(5 <= b <= 7 for b in nxt["to"])
+    x2 = x + torch.randn(2048) * 1e-4
+    out, log = run_pull(codec, codec.encode(x2), key, state)
+    assert len(log) == 1 and log[0][2].stats["bits_per_coord"] <= 7
+
+
+def test_select_is_zero_copy_and_none_serves_everything() -> None:
+    codec = LatticeCodec(chunk=256, seed=5)
+    enc = codec.encode(torch.randn(1000))
+    meta, frames = codec.select(enc, None)
+    assert meta is enc.meta and frames is enc.frames
+    out = torch.empty(1000)
+    assert codec.decode(meta, frames, torch.zeros(1000), out, {}).complete  # no key needed
+    assert torch.equal(out, enc.quantized)
+    _, part = codec.select(enc, {"v": 1, "from": 0, "to": 3})
+    for f, full in zip(part, enc.frames, strict=True):
+        assert isinstance(f, memoryview) and np.shares_memory(np.asarray(f), np.asarray(full))
+    assert enc.nbytes == sum(memoryview(f).nbytes for f in enc.frames)
+    assert len(msgpack.packb(enc.meta)) < 600
+
+
+def test_snapshot_change_within_a_pull_is_an_error_and_a_new_pull_resets() -> None:
+    codec = LatticeCodec(chunk=128, seed=6, first_bits=4)
+    x = torch.randn(512)
+    enc1, enc2 = codec.encode(x), codec.encode(x + 1.0)
+    eps = 2.0 ** max(enc1.meta["e"])
+    key = x.clone()
+    key[0] += 1e4 * eps
+    state: dict = {}
+    out = torch.empty(512)
+    meta, frames = codec.select(enc1, codec.plan(state))
+    res = codec.decode(meta, frames, key, out, state)
+    assert not res.complete
+    meta2, frames2 = codec.select(enc2, res.more)
+    with pytest.raises(CodecError, match="changed"):
+        codec.decode(meta2, frames2, key, out, state)
+    # An abandoned pull does not leak into the next one (new pull id).
+    out2, _ = run_pull(codec, enc2, x + 1.0, state)
+    assert torch.equal(out2, enc2.quantized)
+
+
+@pytest.mark.parametrize("where", ["low", "high"])
+def test_corrupted_planes_are_never_accepted(where) -> None:
+    # One flipped bit in plane 0 (first round) or in the first escalated plane of chunk 0: the
+    # escalation reuses the planes it holds, fails at b_full and reports corruption.
+    codec = LatticeCodec(chunk=128, width=1, seed=7, first_bits=4)
+    x = torch.randn(256)
+    enc = codec.encode(x)
+    key = x if where == "low" else torch.zeros(256)  # zeros: far, so higher planes are pulled
+    state: dict = {}
+    out = torch.full_like(x, float("nan"))
+    want = codec.plan(state)
+    with pytest.raises(CodecError, match="corrupted"):
+        for _ in range(12):
+            meta, frames = codec.select(enc, want)
+            frames = [bytearray(f) for f in frames]
+            if meta["ck"][0] == 0 and (meta["lo"][0] == 0) == (where == "low"):
+                frames[0][0] ^= 1
+            res = codec.decode(meta, tuple(frames), key, out, state)
+            assert not res.complete
+            want = res.more
+    assert torch.isnan(out[:128]).all()
+
+
+def test_decode_into_the_key_itself() -> None:
+    codec = LatticeCodec(chunk=256, seed=8)
+    x = torch.randn(1000)
+    enc = codec.encode(x)
+    eps = 2.0 ** max(enc.meta["e"])
+    key = drifted(x, eps, 0.002, seed=3)
+    out, _ = run_pull(codec, enc, key, {}, out=key)
+    assert out is key and torch.equal(key, enc.quantized)
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(0, 3000), chunk=st.sampled_from([64, 192, 1024]), width=st.sampled_from([1, 4, 8]),
+       mode=st.sampled_from(["stochastic", "dither"]), far=st.sampled_from([0.0, 50.0, 1e6]),
+       seed=st.integers(0, 2**20))
+def test_any_size_and_distance_pulls_exactly(n, chunk, width, mode, far, seed) -> None:
+    codec = LatticeCodec(chunk=chunk, width=width, mode=mode, seed=seed)
+    x = torch.randn(n, generator=torch.Generator().manual_seed(seed))
+    enc = codec.encode(x)
+    eps = 2.0 ** max(enc.meta["e"], default=0)
+    key = drifted(x, eps, 0.01, seed, far) if n else x
+    out, _ = run_pull(codec, enc, key, {})
+    assert torch.equal(out, enc.quantized)
+
+
+# ------------------------------------------------------------------- step policy and overflow
+
+
+def test_eps_follows_the_learning_rate() -> None:
+    codec = LatticeCodec(chunk=1024, seed=9)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, generator=g)
+    codec.encode(x, {"lr": 0.1, "local_steps": 1})
+    exps = []
+    for lr in (0.1, 0.1, 0.1, 0.025, 0.025):
+        x = x - lr * torch.randn(4096, generator=g)  # updates scale with lr
+        exps.append(codec.encode(x, {"lr": lr, "local_steps": 1}).meta["e"])
+    # eps ~ scale * lr * H * rms(g) = 0.5 * lr: 0.05 -> 2^-5, 0.0125 -> 2^-7; a 4x lr drop
+    # moves eps by 2 octaves at once instead of waiting for the EMA.
+    assert all(e == -5 for e in exps[1] + exps[2])
+    assert all(e == -7 for e in exps[3] + exps[4])
+
+
+def test_eps_without_hints_tracks_the_update_size_and_falls_back_first() -> None:
+    codec = LatticeCodec(chunk=1024, seed=10, eps_init=2.0**-8)
+    g = torch.Generator().manual_seed(1)
+    x = 1.5 * torch.randn(2048, generator=g)
+    first = codec.encode(x).meta["e"]
+    assert first == [-8, -8]  # eps_init * rms(x) = 1.5 * 2^-8, rounded down
+    for _ in range(30):
+        x = x + 1.5e-3 * torch.randn(2048, generator=g)
+        later = codec.encode(x).meta["e"]
+    assert later == [-11, -11]  # 0.5 * 1.5e-3 = 7.5e-4, rounded down to 2^-11
+
+
+def test_fixed_eps_and_int64_fallback() -> None:
+    big = torch.tensor([3e5, -2.5e5, 1.0, 0.0] * 40)
+    codec = LatticeCodec(chunk=64, eps=2.0**-20, seed=11)  # |x|/eps ~ 2^38: int64 coordinates
+    enc = codec.encode(big)
+    assert enc.meta["ib"] == 64 and enc.meta["e"] == [-20] * 3 and max(enc.meta["bf"]) > 32
+    out, _ = run_pull(codec, enc, big + 2.0**-18, {})
+    assert torch.equal(out, enc.quantized) and torch.equal(out, big)
+    with pytest.raises(CodecError, match="too small"):
+        LatticeCodec(eps=2.0**-40).encode(big)
+    adaptive = LatticeCodec(chunk=64, eps_init=2.0**-60, seed=12).encode(big)
+    assert adaptive.meta["ib"] == 32  # the adaptive step is raised to keep int32
+    assert max(adaptive.meta["bf"]) <= 31
+
+
+def test_config_errors() -> None:
+    for bad in ({"chunk": 100}, {"chunk": 32}, {"width": 2}, {"mode": "nearest"}, {"eps": -1.0},
+                {"eps": math.nan}, {"margin": 0}, {"eps_ema": 1.0}, {"first_bits": 0}):
+        with pytest.raises(ConfigError):
+            make_codec("lattice", **bad)
+
+
+# ------------------------------------------------------------------- untrusted input
+
+
+def _pair(n: int = 700):
+    codec = LatticeCodec(chunk=256, width=4, seed=13)
+    x = torch.randn(n)
+    enc = codec.encode(x)
+    meta, frames = codec.select(enc, {"v": 1, "p": 5, "from": 0, "to": 8})
+    return codec, x, dict(meta), list(frames)
+
+
+BAD_META = {
+    "not a map": lambda m: "meta",
+    "missing v": lambda m: _drop(m, "v"),
+    "version": lambda m: {**m, "v": 2},
+    "n": lambda m: {**m, "n": m["n"] - 1},
+    "chunk zero": lambda m: {**m, "chunk": 0},
+    "chunk odd": lambda m: {**m, "chunk": 100},
+    "chunk bool": lambda m: {**m, "chunk": True},
+    "width": lambda m: {**m, "g": 2},
+    "int bits": lambda m: {**m, "ib": 16},
+    "stored bits": lambda m: {**m, "sb": 12},
+    "stored below b_full": lambda m: {**m, "sb": 8, "bf": [16] * len(m["bf"])},
+    "mode": lambda m: {**m, "mode": "round"},
+    "seed": lambda m: {**m, "seed": -1},
+    "sid float": lambda m: {**m, "sid": 1.5},
+    "eps nan": lambda m: {**m, "e": [math.nan] * len(m["e"])},
+    "eps float": lambda m: {**m, "e": [0.5] * len(m["e"])},
+    "eps range": lambda m: {**m, "e": [500] * len(m["e"])},
+    "eps short": lambda m: {**m, "e": m["e"][:-1]},
+    "b_full zero": lambda m: {**m, "bf": [0] * len(m["bf"])},
+    "b_full big": lambda m: {**m, "bf": [40] * len(m["bf"])},
+    "b_full not list": lambda m: {**m, "bf": 7},
+    "hash short": lambda m: {**m, "h": m["h"][:-1]},
+    "hash type": lambda m: {**m, "h": "abc"},
+    "pull id": lambda m: {**m, "p": -3},
+    "chunks unsorted": lambda m: {**m, "ck": m["ck"][::-1]},
+    "chunk index": lambda m: {**m, "ck": [*m["ck"][:-1], 99]},
+    "chunks not list": lambda m: {**m, "ck": None},
+    "lo length": lambda m: {**m, "lo": m["lo"][:-1]},
+    "lo above hi": lambda m: {**m, "lo": m["hi"]},
+    "hi partial plane": lambda m: {**m, "hi": [h - 1 for h in m["hi"]]},
+    "hi above stored": lambda m: {**m, "hi": [m["sb"] + 4] * len(m["hi"])},
+    "hi nan": lambda m: {**m, "hi": [math.nan] * len(m["hi"])},
+}
+
+
+def _drop(m, key):
+    return {k: v for k, v in m.items() if k != key}
+
+
+@pytest.mark.parametrize("label", list(BAD_META))
+def test_malformed_meta_raises_codec_error(label) -> None:
+    codec, x, meta, frames = _pair()
+    with pytest.raises(CodecError):
+        codec.decode(BAD_META[label](meta), tuple(frames), x, torch.empty_like(x), {})
+
+
+def test_malformed_frames_raise_codec_error() -> None:
+    codec, x, meta, frames = _pair()
+    out = torch.empty_like(x)
+    for bad in (frames[:-1], [*frames, b"\0"], [frames[0][:-1], *frames[1:]],
+                [bytes(frames[0]) + b"\0", *frames[1:]], [None, *frames[1:]], "frames"):
+        with pytest.raises(CodecError):
+            codec.decode(meta, bad if isinstance(bad, str) else tuple(bad), x, out, {})
+    # A reply that continues planes this reader never received.
+    with pytest.raises(CodecError, match="received before"):
+        codec.decode({**meta, "lo": [4] * len(meta["lo"])},
+                     tuple(f[: len(f) // 2] for f in frames), x, out, {})
+
+
+BAD_WANT = [
+    "want", {"from": 0, "to": 8}, {"v": 9, "from": 0, "to": 8}, {"v": 1, "to": 8},
+    {"v": 1, "from": 0}, {"v": 1, "from": -1, "to": 8}, {"v": 1, "from": 0, "to": 65},
+    {"v": 1, "from": 0, "to": True}, {"v": 1, "from": 0, "to": 8.0}, {"v": 1, "from": 0, "to": math.nan},
+    {"v": 1, "from": 0, "to": [8]}, {"v": 1, "from": [0, 0, 0], "to": [8, 8, "8"]},
+    {"v": 1, "p": "x", "from": 0, "to": 8},
+]
+
+
+@pytest.mark.parametrize("want", BAD_WANT, ids=[str(i) for i in range(len(BAD_WANT))])
+def test_malformed_want_raises_codec_error(want) -> None:
+    codec = LatticeCodec(chunk=256, seed=14)
+    enc = codec.encode(torch.randn(700))
+    with pytest.raises(CodecError):
+        codec.select(enc, want)
+
+
+def test_plan_and_more_are_small_plain_data() -> None:
+    codec = LatticeCodec(chunk=256, seed=15, first_bits=4)
+    x = torch.randn(2000)
+    enc = codec.encode(x)
+    key = drifted(x, 2.0 ** max(enc.meta["e"]), 0.01, seed=1)
+    state: dict = {}
+    _, log = run_pull(codec, enc, key, state)
+    for want, meta, res in log:
+        assert msgpack.unpackb(msgpack.packb(want)) == want
+        assert len(msgpack.packb(meta)) < 400
+        assert all(isinstance(v, float) for v in res.stats.values())
+    assert msgpack.unpackb(msgpack.packb(codec.plan(state))) is not None
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, 3e38])
+def test_unusable_keys_still_end_exact(bad) -> None:
+    # A reader whose own model went non-finite or absurd still gets the exact snapshot (through
+    # b_full, which ignores the key) and never a wrong value.
+    codec = LatticeCodec(chunk=128, seed=16)
+    x = torch.randn(500)
+    enc = codec.encode(x)
+    key = x.clone()
+    key[::3] = bad
+    out, log = run_pull(codec, enc, key, {})
+    assert torch.equal(out, enc.quantized) and len(log) >= 2
+
+
+def test_eps_holds_when_a_chunk_stops_changing() -> None:
+    # Chunk 0 is frozen after a few updates, chunk 1 keeps moving: the frozen chunk keeps its
+    # step instead of reading its own quantization noise as updates and shrinking.
+    codec = LatticeCodec(chunk=1024, seed=17)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2048, generator=g)
+    for _ in range(5):
+        x = x + 1.5e-3 * torch.randn(2048, generator=g)
+        settled = codec.encode(x).meta["e"]
+    assert settled == [-11, -11]
+    for _ in range(10):
+        x[1024:] += 1.5e-3 * torch.randn(1024, generator=g)
+        later = codec.encode(x).meta["e"]
+    assert later == [-11, -11]
+    assert max(codec.encode(x).meta["bf"]) <= 14
