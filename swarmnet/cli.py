@@ -154,6 +154,28 @@ def bench_exchange(
                   f"{p['ratio_with_decode']:.3f} with decode")
 
 
+@bench_app.command("sim")
+def bench_sim(
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the figures as JSON here.")] = None,
+    nodes: Annotated[int, typer.Option(help="Simulated nodes.")] = 10_000,
+    interactions: Annotated[int, typer.Option(help="Interactions per path.")] = 200_000,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Simulator interactions per second: layers of disjoint pairs vs the one-pair loop."""
+    from swarmnet.bench.sim import run
+
+    run(nodes=nodes, interactions=interactions, device=device, json_path=json_path, progress=True)
+
+
+def _register_tools() -> None:
+    from swarmnet.sim.command import simulate_command
+
+    app.command("simulate")(simulate_command)
+
+
+_register_tools()
+
+
 def main() -> None:
     try:
         app()
