@@ -432,7 +432,7 @@ class LatticeCodec(Codec):
         keyless = [b >= f for b, f in zip(his, bf, strict=True)]
         bits = [min(b, f) for b, f in zip(his, bf, strict=True)]
         mask = torch.tensor([(1 << b) - 1 for b in bits], dtype=kdtype)[:, None].to(dev)
-        half = torch.tensor([float(1 << (b - 1)) for b in bits], dtype=torch.float64)[:, None]
+        shift = torch.tensor([1 - (1 << (b - 1)) for b in bits], dtype=kdtype)[:, None].to(dev)
         eps = _pow2(e, dev)
         # u = 0 for keyless chunks: the decode is then plain sign extension of b_full bits.
         inv = torch.tensor([0.0 if kl else 2.0**-x for x, kl in zip(e, keyless, strict=True)])[:, None].to(dev)
@@ -441,25 +441,21 @@ class LatticeCodec(Codec):
             index = torch.tensor(chunks, device=dev) - g.first
             sel = scratch("lattice.key", m * g.cols, key.dtype, dev).view(m, g.cols)
             key_rows = torch.index_select(key_rows, 0, index, out=sel)
-        # low = u + 1 - h, u = key/eps - theta: one fused pass (lattice.nearest).
-        low = scratch("lattice.low", m * g.cols, torch.float32, dev).view(m, g.cols)
-        start_col = (1 - half).float().to(dev)
-        if all(keyless):
-            low.copy_(start_col.expand(m, g.cols))
-        else:
-            torch.addcmul(start_col, key_rows, inv, out=low)
-            if any(keyless):  # key * 0 is not 0 for a non-finite key
-                flags = torch.tensor(keyless, device=dev)[:, None]
-                torch.where(flags, start_col, low, out=low)
+        u = scratch("lattice.u", m * g.cols, torch.float32, dev).view(m, g.cols)
+        torch.mul(key_rows, inv, out=u)
+        if any(keyless) and not all(keyless):  # key * 0 is not 0 for a non-finite key
+            u.masked_fill_(torch.tensor(keyless, device=dev)[:, None], 0.0)
+        elif all(keyless):
+            u.zero_()
         theta = None
         if h.mode == "dither":
             theta = scratch("lattice.theta", m * g.cols, torch.float32, dev).view(m, g.cols)
             lattice.dither(_dither_rows(h.seed, chunks, g.cols, dev), out=theta)
-            low.sub_(theta)
+            u.sub_(theta)
         k_hat = scratch("lattice.khat", m * g.cols, kdtype, dev).view(m, g.cols)
         # Far keys may overflow the window start; the digest below rejects what they decode.
-        start = lattice.nearest(r[:, : g.cols], mask, low, k_hat, clamp=False)
-        half_dev = half.to(dev)
+        start = lattice.nearest(r[:, : g.cols], mask, u, k_hat, shift, clamp=False)
+        half_dev = torch.tensor([float(1 << (b - 1)) for b in bits], dtype=torch.float64)[:, None].to(dev)
         dist = torch.maximum(k_hat.amax(1, keepdim=True) - half_dev + 1, half_dev - k_hat.amin(1, keepdim=True))
         dist = dist.view(-1).double()
         k_hat.add_(start)
