@@ -45,8 +45,12 @@ class HalfCodec(Codec):
         x = flat_float32(flat_N, self.name)
         h = x.to(self.dtype) if self.rounding == "nearest" else self._stochastic(x)
         quantized = h.to(torch.float32)
-        if quantized.numel() and not (torch.isfinite(quantized.amax()) and torch.isfinite(quantized.amin())):
-            raise CodecError(f"{self.name}: the vector has values that are not finite in {self.dtype}")
+        if quantized.numel() and not (
+            torch.isfinite(quantized.amax()) and torch.isfinite(quantized.amin())
+        ):
+            raise CodecError(
+                f"{self.name}: the vector has values that are not finite in {self.dtype}"
+            )
         meta = {"v": 1, "n": x.numel(), "r": int(self.rounding == "stochastic")}
         return Encoded(self.name, meta, (host_bytes(h),), quantized)
 

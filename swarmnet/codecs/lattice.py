@@ -88,13 +88,17 @@ def _as_scale(eps: Tensor | float, like: Tensor) -> Tensor:
     return torch.tensor(float(eps), dtype=like.dtype, device=like.device)
 
 
-def random_offsets(shape: tuple[int, ...] | torch.Size, device: torch.device | str, source: RandomBits) -> Tensor:
+def random_offsets(
+    shape: tuple[int, ...] | torch.Size, device: torch.device | str, source: RandomBits
+) -> Tensor:
     """Fresh private offsets V for stochastic rounding."""
     return source.fill(torch.empty(shape, dtype=torch.int32, device=device))
 
 
 def dither_offsets(
-    seed: int | tuple[int, ...], shape: tuple[int, ...] | torch.Size, device: torch.device | str = "cpu"
+    seed: int | tuple[int, ...],
+    shape: tuple[int, ...] | torch.Size,
+    device: torch.device | str = "cpu",
 ) -> Tensor:
     """The dither offsets V of ``seed`` (row-major over ``shape``), identical on every machine."""
     n = math.prod(shape)
@@ -104,7 +108,11 @@ def dither_offsets(
 
 def dither(offsets: Tensor, out: Tensor | None = None) -> Tensor:
     """theta = 1/2 - (V + 1/2) / 2^16 in float32, exactly (17 significant bits)."""
-    out = torch.empty(offsets.shape, dtype=torch.float32, device=offsets.device) if out is None else out
+    out = (
+        torch.empty(offsets.shape, dtype=torch.float32, device=offsets.device)
+        if out is None
+        else out
+    )
     out.copy_(offsets)
     return out.neg_().add_(ONE / 2 - 0.5).mul_(1.0 / ONE)
 
@@ -146,15 +154,21 @@ def quantize(
     if dtype == torch.int32 and bound >= COMPUTE32_SAFE:
         # x/eps * 2^16 needs int64 even though k fits int32.
         wide = scratch("lattice.wide", x.numel(), torch.int64, x.device).view(x.shape)
-        wide_offsets = scratch("lattice.wide_offsets", x.numel(), torch.int64, x.device).view(x.shape)
+        wide_offsets = scratch("lattice.wide_offsets", x.numel(), torch.int64, x.device).view(
+            x.shape
+        )
         round_with_offsets(scaled, wide_offsets.copy_(offsets), out=wide)
         return out.copy_(wide)
     if offsets.dtype != dtype:
-        offsets = scratch("lattice.wide_offsets", x.numel(), dtype, x.device).view(x.shape).copy_(offsets)
+        offsets = (
+            scratch("lattice.wide_offsets", x.numel(), dtype, x.device).view(x.shape).copy_(offsets)
+        )
     return round_with_offsets(scaled, offsets, out=out)
 
 
-def dequantize(k: Tensor, eps: Tensor | float, theta: Tensor | None = None, *, out: Tensor | None = None) -> Tensor:
+def dequantize(
+    k: Tensor, eps: Tensor | float, theta: Tensor | None = None, *, out: Tensor | None = None
+) -> Tensor:
     """Q = eps * k (stochastic) or eps * (k + theta) (dither), in ``out``'s dtype (float32 by
     default). The owner and every reader run these same float operations, so Q is bit-identical
     on both sides."""
@@ -182,7 +196,13 @@ def colour(k: Tensor, bits: Tensor | int) -> Tensor:
 
 
 def nearest(
-    r: Tensor, mask: Tensor | int, u: Tensor, out: Tensor, shift: Tensor | int, *, clamp: bool = True
+    r: Tensor,
+    mask: Tensor | int,
+    u: Tensor,
+    out: Tensor,
+    shift: Tensor | int,
+    *,
+    clamp: bool = True,
 ) -> Tensor:
     """Core of :func:`decode` on prepared pieces.
 
@@ -208,7 +228,9 @@ def nearest(
     return s
 
 
-def decode(r: Tensor, bits: Tensor | int, key: Tensor, eps: Tensor | float, theta: Tensor | None = None) -> Tensor:
+def decode(
+    r: Tensor, bits: Tensor | int, key: Tensor, eps: Tensor | float, theta: Tensor | None = None
+) -> Tensor:
     """The integer k_hat = r (mod 2^bits) nearest to u = key/eps - theta, ties to the high side
     (SPEC 3.2): k_hat = k exactly iff u - k lies in [-2^(bits-1), 2^(bits-1)).
 
