@@ -5,7 +5,8 @@ L = 2^(bits-1) - 1 = 127 or 7 levels on each side of zero.
 
 Per block the scale is s = max |x| over the block; each value becomes q = round(x L / s) with
 stochastic rounding (:mod:`swarmnet.codecs.rounding`), so E[Q(x)] = x with Q(x) = q s / L (up
-to 2^-17 of a level and a relative 2^-23), and |Q(x) - x| < s / L. Wire (meta ``{"v": 1, "n": N, "block": B, "bits": 8|4}``):
+to 2^-17 of a level and a relative 2^-23), and |Q(x) - x| <= s / L.
+Wire (meta ``{"v": 1, "n": N, "block": B, "bits": 8|4}``):
 
 - frame 0, values: N int8 (bits=8), or ceil(N/2) bytes (bits=4) holding value 2j in the low
   nibble and value 2j+1 in the high nibble of byte j, as 4-bit two's complement;

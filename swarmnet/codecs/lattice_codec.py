@@ -414,7 +414,8 @@ class LatticeCodec(Codec):
         sizes = frame_sizes(frames, self.name)
         if sizes != expected:
             raise CodecError(
-                f"{self.name}: frame sizes {sizes[:8]}... do not match the header's {expected[:8]}..."
+                f"{self.name}: frame sizes {sizes[:8]} do not match the header's {expected[:8]}"
+                f" ({len(sizes)} frames, {len(expected)} expected)"
             )
         pull = self._pull(state, h)
         pull["rounds"] += 1

@@ -6,11 +6,12 @@ Every stochastic or dithered rounding in swarmnet is one integer formula,
 
     k = (round(t * 2^16) + V) >> 16,        V uniform on {0, ..., 2^16 - 1},
 
-which is ``floor(t + U)`` for U uniform on the grid ``V / 2^16`` after t is rounded to that grid:
-E[k] = t up to 2^-17 (exactly when t has at most 16 fractional bits), and t - 1 < k < t + 1. The codecs differ only in where V
-comes from: a private generator (stochastic rounding) or a seed shared with the readers
-(subtractive dither, SPEC 3.2). Integer arithmetic keeps the formula exact at any magnitude of
-t, where ``floor(t + U)`` in float32 would round away the random offset once |t| >= 2^8.
+which is ``floor(t + U)`` for U uniform on the grid ``V / 2^16`` after t is rounded to that
+grid: E[k] = t up to 2^-17 (exactly when t has at most 16 fractional bits), and
+t - 1 < k < t + 1. The codecs differ only in where V comes from: a private generator
+(stochastic rounding) or a seed shared with the readers (subtractive dither, SPEC 3.2).
+Integer arithmetic keeps the formula exact at any magnitude of t, where ``floor(t + U)`` in
+float32 would round away the random offset once |t| >= 2^8.
 """
 
 from __future__ import annotations
