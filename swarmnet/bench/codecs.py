@@ -65,7 +65,9 @@ def _median_seconds(fn: Callable[[], Any], repeats: int, device: torch.device) -
     return statistics.median(times)
 
 
-def _pull(codec: Codec, enc: Encoded, key: torch.Tensor, out: torch.Tensor, state: dict[str, Any]) -> tuple[int, int]:
+def _pull(
+    codec: Codec, enc: Encoded, key: torch.Tensor, out: torch.Tensor, state: dict[str, Any]
+) -> tuple[int, int]:
     """One complete pull as the runtime does it; returns (payload bytes, rounds)."""
     want = codec.plan(state)
     total = rounds = 0
@@ -84,8 +86,14 @@ def _keyed(x: torch.Tensor, distance_eps: float, eps: float, gen: torch.Generato
     return x + noise * (distance_eps * eps)
 
 
-def _throughput(label: str, name: str, params: dict[str, Any], x: torch.Tensor, repeats: int,
-                gen: torch.Generator) -> dict[str, Any]:
+def _throughput(
+    label: str,
+    name: str,
+    params: dict[str, Any],
+    x: torch.Tensor,
+    repeats: int,
+    gen: torch.Generator,
+) -> dict[str, Any]:
     device = x.device
     codec = make_codec(name, seed=1, **params) if name != "fp32" else make_codec(name)
     hints = {"lr": 0.01, "local_steps": 1.0}
@@ -132,7 +140,9 @@ def _throughput(label: str, name: str, params: dict[str, Any], x: torch.Tensor, 
     }
 
 
-def _wire_sizes(x: torch.Tensor, distances: list[float], gen: torch.Generator) -> list[dict[str, Any]]:
+def _wire_sizes(
+    x: torch.Tensor, distances: list[float], gen: torch.Generator
+) -> list[dict[str, Any]]:
     rows = []
     fp32_bytes = 4 * x.numel()
     for distance in distances:
@@ -148,16 +158,18 @@ def _wire_sizes(x: torch.Tensor, distances: list[float], gen: torch.Generator) -
         key2 = _keyed(enc2.quantized, distance, BENCH_EPS, gen)
         steady_bytes, steady_rounds = _pull(codec, enc2, key2, out, state)
         exact = exact and torch.equal(out, enc2.quantized)
-        rows.append({
-            "distance_eps": distance,
-            "b_full_max": max(enc.meta["bf"]),
-            "first_bits_per_coord": 8.0 * first_bytes / x.numel(),
-            "first_rounds": first_rounds,
-            "steady_bits_per_coord": 8.0 * steady_bytes / x.numel(),
-            "steady_rounds": steady_rounds,
-            "steady_ratio_vs_fp32": steady_bytes / fp32_bytes,
-            "exact": bool(exact),
-        })
+        rows.append(
+            {
+                "distance_eps": distance,
+                "b_full_max": max(enc.meta["bf"]),
+                "first_bits_per_coord": 8.0 * first_bytes / x.numel(),
+                "first_rounds": first_rounds,
+                "steady_bits_per_coord": 8.0 * steady_bytes / x.numel(),
+                "steady_rounds": steady_rounds,
+                "steady_ratio_vs_fp32": steady_bytes / fp32_bytes,
+                "exact": bool(exact),
+            }
+        )
     return rows
 
 
@@ -212,15 +224,29 @@ def run(
 
 def main_table(result: dict[str, Any]) -> Table:
     """Throughput and size per codec, as a rich table."""
-    table = Table(title=f"codecs, {result['size']:,} coordinates on {result['device']} "
-                  f"(median of {result['repeats']})")
-    for col in ("codec", "encode GB/s", "decode GB/s", "encode ms", "decode ms", "bits/coord", "vs fp32"):
+    table = Table(
+        title=f"codecs, {result['size']:,} coordinates on {result['device']} "
+        f"(median of {result['repeats']})"
+    )
+    for col in (
+        "codec",
+        "encode GB/s",
+        "decode GB/s",
+        "encode ms",
+        "decode ms",
+        "bits/coord",
+        "vs fp32",
+    ):
         table.add_column(col, justify="left" if col == "codec" else "right")
     for label, row in result["codecs"].items():
         table.add_row(
-            label, f"{row['encode_gbps']:.2f}", f"{row['decode_gbps']:.2f}",
-            f"{row['encode_ms']:.1f}", f"{row['decode_ms']:.1f}",
-            f"{row['bits_per_coord']:.2f}", f"{row['ratio_vs_fp32']:.3f}",
+            label,
+            f"{row['encode_gbps']:.2f}",
+            f"{row['decode_gbps']:.2f}",
+            f"{row['encode_ms']:.1f}",
+            f"{row['decode_ms']:.1f}",
+            f"{row['bits_per_coord']:.2f}",
+            f"{row['ratio_vs_fp32']:.3f}",
         )
     return table
 
@@ -228,13 +254,26 @@ def main_table(result: dict[str, Any]) -> Table:
 def wire_table(result: dict[str, Any]) -> Table:
     """Lattice bytes per pull against the key's distance, as a rich table."""
     table = Table(title="lattice: bits per coordinate per pull vs key distance (sup, in eps)")
-    for col in ("distance", "b_full", "first bits", "first rounds", "steady bits", "steady rounds",
-                "steady vs fp32", "exact"):
+    for col in (
+        "distance",
+        "b_full",
+        "first bits",
+        "first rounds",
+        "steady bits",
+        "steady rounds",
+        "steady vs fp32",
+        "exact",
+    ):
         table.add_column(col, justify="right")
     for row in result["lattice_wire"]:
         table.add_row(
-            f"{row['distance_eps']:g}", str(row["b_full_max"]), f"{row['first_bits_per_coord']:.2f}",
-            str(row["first_rounds"]), f"{row['steady_bits_per_coord']:.2f}", str(row["steady_rounds"]),
-            f"{row['steady_ratio_vs_fp32']:.3f}", "yes" if row["exact"] else "NO",
+            f"{row['distance_eps']:g}",
+            str(row["b_full_max"]),
+            f"{row['first_bits_per_coord']:.2f}",
+            str(row["first_rounds"]),
+            f"{row['steady_bits_per_coord']:.2f}",
+            str(row["steady_rounds"]),
+            f"{row['steady_ratio_vs_fp32']:.3f}",
+            "yes" if row["exact"] else "NO",
         )
     return table

@@ -5,7 +5,8 @@ L = 2^(bits-1) - 1 = 127 or 7 levels on each side of zero.
 
 Per block the scale is s = max |x| over the block; each value becomes q = round(x L / s) with
 stochastic rounding (:mod:`swarmnet.codecs.rounding`), so E[Q(x)] = x with Q(x) = q s / L (up
-to 2^-17 of a level and a relative 2^-23), and |Q(x) - x| < s / L. Wire (meta ``{"v": 1, "n": N, "block": B, "bits": 8|4}``):
+to 2^-17 of a level and a relative 2^-23), and |Q(x) - x| <= s / L.
+Wire (meta ``{"v": 1, "n": N, "block": B, "bits": 8|4}``):
 
 - frame 0, values: N int8 (bits=8), or ceil(N/2) bytes (bits=4) holding value 2j in the low
   nibble and value 2j+1 in the high nibble of byte j, as 4-bit two's complement;
@@ -43,7 +44,9 @@ def _row_views(flat: Tensor, block: int) -> list[Tensor]:
     return views
 
 
-def dequantize_blocks(q_N: Tensor, scales_R: Tensor, levels: int, block: int, out_N: Tensor) -> Tensor:
+def dequantize_blocks(
+    q_N: Tensor, scales_R: Tensor, levels: int, block: int, out_N: Tensor
+) -> Tensor:
     """``out = q * (s / L)`` per block; the one formula both sides use."""
     step_R = scales_R / levels
     start = 0
@@ -87,7 +90,9 @@ class BlockwiseCodec(Codec):
 
     def __init__(self, block: int = 64, seed: int | None = None) -> None:
         if not isinstance(block, int) or not 1 <= block <= MAX_BLOCK:
-            raise ConfigError(f"{self.name}: block must be an int in [1, {MAX_BLOCK}], got {block!r}")
+            raise ConfigError(
+                f"{self.name}: block must be an int in [1, {MAX_BLOCK}], got {block!r}"
+            )
         self.block = block
         self.levels = (1 << (self.bits - 1)) - 1
         self._bits = RandomBits(seed)
@@ -110,8 +115,11 @@ class BlockwiseCodec(Codec):
         offsets = self._bits.fill(scratch("bw.offsets", n, torch.int32, dev))
         start = 0
         views = zip(
-            _row_views(x, self.block), _row_views(scaled, self.block), _row_views(ints, self.block),
-            _row_views(offsets, self.block), strict=True,
+            _row_views(x, self.block),
+            _row_views(scaled, self.block),
+            _row_views(ints, self.block),
+            _row_views(offsets, self.block),
+            strict=True,
         )
         for x_rows, scaled_rows, int_rows, off_rows in views:
             r = x_rows.shape[0]

@@ -41,8 +41,14 @@ class StepPolicy:
     chunk statistics it computes anyway.
     """
 
-    def __init__(self, *, fixed: float | None = None, scale: float = 0.5, ema: float = 0.9,
-                 init: float = 2.0**-10) -> None:
+    def __init__(
+        self,
+        *,
+        fixed: float | None = None,
+        scale: float = 0.5,
+        ema: float = 0.9,
+        init: float = 2.0**-10,
+    ) -> None:
         self.fixed = fixed
         self.scale = scale
         self.ema = ema
@@ -54,8 +60,13 @@ class StepPolicy:
         self._ema_R = None
         self._normalized = None
 
-    def exponents(self, rms_x: Callable[[], Tensor], rms_diff_R: Tensor | None, max_abs_R: Tensor,
-                  hints: Mapping[str, float] | None) -> Tensor:
+    def exponents(
+        self,
+        rms_x: Callable[[], Tensor],
+        rms_diff_R: Tensor | None,
+        max_abs_R: Tensor,
+        hints: Mapping[str, float] | None,
+    ) -> Tensor:
         """Exponents (int64, CPU [R]) from the per-chunk RMS of x minus the previous snapshot
         (None on the first snapshot) and max |x| (float64 CPU tensors [R]); ``rms_x()`` gives
         the per-chunk RMS of x itself and is called only when a fallback needs it."""
@@ -77,19 +88,24 @@ class StepPolicy:
                 self._ema_R = torch.where(valid, observed, torch.nan)
             else:
                 blended = torch.where(
-                    torch.isnan(self._ema_R), observed,
+                    torch.isnan(self._ema_R),
+                    observed,
                     self.ema * self._ema_R + (1 - self.ema) * observed,
                 )
                 self._ema_R = torch.where(valid, blended, self._ema_R)
-        eps = self.scale * per_update * (
-            self._ema_R if self._ema_R is not None else torch.full_like(max_abs_R, torch.nan)
+        eps = (
+            self.scale
+            * per_update
+            * (self._ema_R if self._ema_R is not None else torch.full_like(max_abs_R, torch.nan))
         )
         missing = ~(torch.isfinite(eps) & (eps > 0))
         if missing.any():
             rms_x_R = rms_x()
             overall = float(rms_x_R.square().mean().sqrt()) if rms_x_R.numel() else 0.0
             fallback = self.init * torch.where(
-                rms_x_R > 0, rms_x_R, torch.tensor(overall if overall > 0 else 1.0, dtype=rms_x_R.dtype)
+                rms_x_R > 0,
+                rms_x_R,
+                torch.tensor(overall if overall > 0 else 1.0, dtype=rms_x_R.dtype),
             )
             eps = torch.where(missing, fallback, eps)
         e = torch.floor(torch.log2(eps)).clamp_(E_MIN, E_MAX)

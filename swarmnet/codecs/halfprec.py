@@ -4,8 +4,9 @@ Wire: meta ``{"v": 1, "n": N, "r": 0|1}`` (r = 1: stochastic rounding was used; 
 one frame of N little-endian 16-bit floats. Round to nearest even by default; with
 ``rounding="stochastic"`` each value goes to one of its two neighbours in the format with the
 probability that makes E[Q(x)] = x (exactly in the normal range, to 2^-17 of the gap below it),
-which SwarmSGD's analysis assumes (SPEC 4 item 9). Non-finite values, or values the format cannot hold (fp16 beyond 65504), are a
-CodecError at encode: a reader could not average with them.
+which SwarmSGD's analysis assumes (SPEC 4 item 9). Non-finite values, or values the format
+cannot hold (fp16 beyond 65504), are a CodecError at encode: a reader could not average with
+them.
 """
 
 from __future__ import annotations
@@ -45,8 +46,12 @@ class HalfCodec(Codec):
         x = flat_float32(flat_N, self.name)
         h = x.to(self.dtype) if self.rounding == "nearest" else self._stochastic(x)
         quantized = h.to(torch.float32)
-        if quantized.numel() and not (torch.isfinite(quantized.amax()) and torch.isfinite(quantized.amin())):
-            raise CodecError(f"{self.name}: the vector has values that are not finite in {self.dtype}")
+        if quantized.numel() and not (
+            torch.isfinite(quantized.amax()) and torch.isfinite(quantized.amin())
+        ):
+            raise CodecError(
+                f"{self.name}: the vector has values that are not finite in {self.dtype}"
+            )
         meta = {"v": 1, "n": x.numel(), "r": int(self.rounding == "stochastic")}
         return Encoded(self.name, meta, (host_bytes(h),), quantized)
 

@@ -40,7 +40,9 @@ def flat_float32(flat_N: Tensor, codec: str) -> Tensor:
     from swarmnet.errors import CodecError
 
     if not flat_N.is_floating_point():
-        raise CodecError(f"{codec}: only floating-point parameters can be encoded, got {flat_N.dtype}")
+        raise CodecError(
+            f"{codec}: only floating-point parameters can be encoded, got {flat_N.dtype}"
+        )
     if flat_N.dim() != 1:
         raise CodecError(f"{codec}: expected a flat vector, got shape {tuple(flat_N.shape)}")
     return flat_N.detach().to(torch.float32).contiguous()

@@ -13,7 +13,7 @@ broadcast against x ([B, 1] per model, [R, 1] per chunk, or Python scalars).
     dequantize(k, eps, theta=None, *, out=None) -> Q         eps*k, or eps*(k + theta)
     colour(k, bits) -> r                                     k mod 2^bits: the low planes
     decode(r, bits, key, eps, theta=None) -> k_hat           colour-r point nearest to key
-    nearest(r, mask, low, out, *, clamp=True) -> s           decode's core on prepared pieces
+    nearest(r, mask, u, out, shift, *, clamp=True) -> s      decode's core on prepared pieces
     full_bits(k) -> b_full [...]                             planes that decode keyless
     bits_for_bound(max_abs) -> b_full                        the same from a bound on |k|
     bits_needed(distance) -> b_min                           planes for a distance (in eps)
@@ -36,10 +36,9 @@ choice) x/eps is exact in float32 too.
 
 ``decode`` returns the unique integer k_hat congruent to r mod 2^b with u - k_hat in
 [-2^(b-1), 2^(b-1)), u = key/eps - theta: it equals k iff u - k is in that half-open range
-(SPEC 3.2). With h = 2^(b-1) and s = floor(u + 1 - h), the smallest integer of the window, it
-is ``s + ((r - s) & (2^b - 1))`` in two's complement integers. Float32 keys give exact window
-edges while |u| + h stays below 2^24 / resolution of key/eps; the simulator may pass float64
-``x`` and ``key`` for far ranges.
+(SPEC 3.2). With h = 2^(b-1) and s = floor(u) + 1 - h, the smallest integer of the window, it
+is ``s + ((r - s) & (2^b - 1))`` in two's complement integers; only floor(u) is taken in
+floating point. The simulator may pass float64 ``x`` and ``key`` for far ranges.
 """
 
 from __future__ import annotations
@@ -89,13 +88,17 @@ def _as_scale(eps: Tensor | float, like: Tensor) -> Tensor:
     return torch.tensor(float(eps), dtype=like.dtype, device=like.device)
 
 
-def random_offsets(shape: tuple[int, ...] | torch.Size, device: torch.device | str, source: RandomBits) -> Tensor:
+def random_offsets(
+    shape: tuple[int, ...] | torch.Size, device: torch.device | str, source: RandomBits
+) -> Tensor:
     """Fresh private offsets V for stochastic rounding."""
     return source.fill(torch.empty(shape, dtype=torch.int32, device=device))
 
 
 def dither_offsets(
-    seed: int | tuple[int, ...], shape: tuple[int, ...] | torch.Size, device: torch.device | str = "cpu"
+    seed: int | tuple[int, ...],
+    shape: tuple[int, ...] | torch.Size,
+    device: torch.device | str = "cpu",
 ) -> Tensor:
     """The dither offsets V of ``seed`` (row-major over ``shape``), identical on every machine."""
     n = math.prod(shape)
@@ -105,7 +108,11 @@ def dither_offsets(
 
 def dither(offsets: Tensor, out: Tensor | None = None) -> Tensor:
     """theta = 1/2 - (V + 1/2) / 2^16 in float32, exactly (17 significant bits)."""
-    out = torch.empty(offsets.shape, dtype=torch.float32, device=offsets.device) if out is None else out
+    out = (
+        torch.empty(offsets.shape, dtype=torch.float32, device=offsets.device)
+        if out is None
+        else out
+    )
     out.copy_(offsets)
     return out.neg_().add_(ONE / 2 - 0.5).mul_(1.0 / ONE)
 
@@ -147,15 +154,21 @@ def quantize(
     if dtype == torch.int32 and bound >= COMPUTE32_SAFE:
         # x/eps * 2^16 needs int64 even though k fits int32.
         wide = scratch("lattice.wide", x.numel(), torch.int64, x.device).view(x.shape)
-        wide_offsets = scratch("lattice.wide_offsets", x.numel(), torch.int64, x.device).view(x.shape)
+        wide_offsets = scratch("lattice.wide_offsets", x.numel(), torch.int64, x.device).view(
+            x.shape
+        )
         round_with_offsets(scaled, wide_offsets.copy_(offsets), out=wide)
         return out.copy_(wide)
     if offsets.dtype != dtype:
-        offsets = scratch("lattice.wide_offsets", x.numel(), dtype, x.device).view(x.shape).copy_(offsets)
+        offsets = (
+            scratch("lattice.wide_offsets", x.numel(), dtype, x.device).view(x.shape).copy_(offsets)
+        )
     return round_with_offsets(scaled, offsets, out=out)
 
 
-def dequantize(k: Tensor, eps: Tensor | float, theta: Tensor | None = None, *, out: Tensor | None = None) -> Tensor:
+def dequantize(
+    k: Tensor, eps: Tensor | float, theta: Tensor | None = None, *, out: Tensor | None = None
+) -> Tensor:
     """Q = eps * k (stochastic) or eps * (k + theta) (dither), in ``out``'s dtype (float32 by
     default). The owner and every reader run these same float operations, so Q is bit-identical
     on both sides."""
@@ -182,45 +195,55 @@ def colour(k: Tensor, bits: Tensor | int) -> Tensor:
     return k & mask
 
 
-def nearest(r: Tensor, mask: Tensor | int, low: Tensor, out: Tensor, *, clamp: bool = True) -> Tensor:
-    """Core of :func:`decode` on precomputed pieces.
+def nearest(
+    r: Tensor,
+    mask: Tensor | int,
+    u: Tensor,
+    out: Tensor,
+    shift: Tensor | int,
+    *,
+    clamp: bool = True,
+) -> Tensor:
+    """Core of :func:`decode` on prepared pieces.
 
-    ``low`` (float, consumed) holds u + 1 - 2^(b-1) with u = key/eps - theta, and ``mask`` is
-    2^b - 1. With s = floor(low), the smallest integer of the window, ``out`` receives
-    D = (r - s) & mask in [0, 2^b) and the function returns s as integers of out's dtype, so
-    that k_hat = s + D and max |k_hat - u| <= max(D - h + 1, h - D) over the row.
+    ``u`` (float, consumed) holds key/eps - theta, ``mask`` is 2^b - 1 and ``shift`` is
+    1 - 2^(b-1) (ints or integer tensors of out's dtype, broadcast). With s = floor(u) + shift,
+    the smallest integer of the window, ``out`` receives D = (r - s) & mask in [0, 2^b) and the
+    function returns s (integers of out's dtype), so that k_hat = s + D and
+    max |k_hat - u| <= max(D - h + 1, h - D) over a row. Only floor(u) is taken in floating
+    point; the window arithmetic is exact integer arithmetic.
 
-    ``clamp=False`` skips clamping s to the integer range: a key so far away that s overflows
-    then decodes to an arbitrary value, which only a caller that verifies (the codec's digest)
-    may accept.
+    ``clamp=False`` skips clamping floor(u) to the integer range: a key so far away that it
+    overflows then decodes to an arbitrary value, which only a caller that verifies (the
+    codec's digest) may accept.
     """
-    s = low.floor_()
+    floor_u = u.floor_()
     if clamp:
         limit = float(1 << (8 * out.element_size() - 2))
-        s.clamp_(-limit, limit)
-    s_int = scratch("lattice.window", out.numel(), out.dtype, out.device).view(out.shape)
-    s_int.copy_(s)
-    torch.sub(r, s_int, out=out)
+        floor_u.clamp_(-limit, limit)
+    s = scratch("lattice.window", out.numel(), out.dtype, out.device).view(out.shape)
+    s.copy_(floor_u).add_(shift)
+    torch.sub(r, s, out=out)
     out.bitwise_and_(mask)
-    return s_int
+    return s
 
 
-def decode(r: Tensor, bits: Tensor | int, key: Tensor, eps: Tensor | float, theta: Tensor | None = None) -> Tensor:
+def decode(
+    r: Tensor, bits: Tensor | int, key: Tensor, eps: Tensor | float, theta: Tensor | None = None
+) -> Tensor:
     """The integer k_hat = r (mod 2^bits) nearest to u = key/eps - theta, ties to the high side
     (SPEC 3.2): k_hat = k exactly iff u - k lies in [-2^(bits-1), 2^(bits-1)).
 
     ``r`` int32/int64 colours, ``bits`` in [1, 63] (int or tensor broadcastable to r), ``key``
-    float of r's shape. Returns k_hat in r's dtype. The window's edges are exact while
-    |u| + 2^(bits-1) is within the integer range of key's float type (float64 keys for far
-    ranges); the bulk of the window never depends on rounding.
+    float of r's shape; u is computed in key's dtype (float64 keys for far ranges). Returns
+    k_hat in r's dtype.
     """
     mask, half = _masks(bits, r)
-    low = key / _as_scale(eps, key)
+    u = key / _as_scale(eps, key)
     if theta is not None:
-        low = low - theta
-    low = low + (1 - half)
+        u = u - theta
     k_hat = torch.empty_like(r)
-    s = nearest(r, mask, low, k_hat)
+    s = nearest(r, mask, u, k_hat, 1 - half)
     return k_hat.add_(s)
 
 

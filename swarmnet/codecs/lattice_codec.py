@@ -22,6 +22,7 @@ Reader state (the per-neighbour ``state`` dict the runtime keeps):
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections.abc import Callable, Mapping
@@ -126,26 +127,39 @@ class _Header:
         sb = get_int(m, "sb", codec, 8, ib)
         bf = get_int_list(m, "bf", codec, nch, 1, ib - 1)
         if sb % 8 or (bf and max(bf) > sb):
-            raise CodecError(f"{codec}: stored bits {sb} must be a multiple of 8 and >= every b_full")
+            raise CodecError(
+                f"{codec}: stored bits {sb} must be a multiple of 8 and >= every b_full"
+            )
         ck = m.get("ck")
         if not isinstance(ck, list | tuple) or len(ck) > nch:
             raise CodecError(f"{codec}: field 'ck' must be a list of at most {nch} chunk indices")
         ck = check_int_list(ck, "'ck'", codec, len(ck), 0, nch - 1)
-        if any(a >= b for a, b in zip(ck, ck[1:], strict=False)):
+        if any(a >= b for a, b in itertools.pairwise(ck)):
             raise CodecError(f"{codec}: field 'ck' must be strictly increasing")
         lo = get_int_list(m, "lo", codec, len(ck), 0, sb)
         hi = get_int_list(m, "hi", codec, len(ck), 1, sb)
         for i, (a, b) in enumerate(zip(lo, hi, strict=True)):
             if a % g or b % g or a >= b:
-                raise CodecError(f"{codec}: planes [{a}, {b}) of reply entry {i} are not a "
-                                 f"non-empty range of whole {g}-bit planes")
+                raise CodecError(
+                    f"{codec}: planes [{a}, {b}) of reply entry {i} are not a "
+                    f"non-empty range of whole {g}-bit planes"
+                )
         return cls(
-            n=n, chunk=chunk, g=g, mode=get_choice(m, "mode", codec, MODES),
-            seed=get_int(m, "seed", codec, 0, U63), ib=ib, sb=sb,
+            n=n,
+            chunk=chunk,
+            g=g,
+            mode=get_choice(m, "mode", codec, MODES),
+            seed=get_int(m, "seed", codec, 0, U63),
+            ib=ib,
+            sb=sb,
             sid=get_int(m, "sid", codec, 0, U63),
-            e=get_int_list(m, "e", codec, nch, E_MIN, E_MAX), bf=bf,
-            h=get_bytes(m, "h", codec, 8 * nch), p=get_int(m, "p", codec, 0, U63),
-            ck=ck, lo=lo, hi=hi,
+            e=get_int_list(m, "e", codec, nch, E_MIN, E_MAX),
+            bf=bf,
+            h=get_bytes(m, "h", codec, 8 * nch),
+            p=get_int(m, "p", codec, 0, U63),
+            ck=ck,
+            lo=lo,
+            hi=hi,
         )
 
 
@@ -197,13 +211,17 @@ class LatticeCodec(Codec):
         seed: int | None = None,
     ) -> None:
         if not isinstance(chunk, int) or not 64 <= chunk <= MAX_CHUNK or chunk % 64:
-            raise ConfigError(f"lattice: chunk must be a multiple of 64 in [64, {MAX_CHUNK}], got {chunk!r}")
+            raise ConfigError(
+                f"lattice: chunk must be a multiple of 64 in [64, {MAX_CHUNK}], got {chunk!r}"
+            )
         if width not in WIDTHS:
             raise ConfigError(f"lattice: width must be one of {WIDTHS}, got {width!r}")
         if mode not in MODES:
             raise ConfigError(f"lattice: mode must be one of {MODES}, got {mode!r}")
         if eps is not None and not (math.isfinite(eps) and 2.0**E_MIN <= eps < 2.0 ** (E_MAX + 1)):
-            raise ConfigError(f"lattice: eps must be a finite number in [2^{E_MIN}, 2^{E_MAX + 1}), got {eps!r}")
+            raise ConfigError(
+                f"lattice: eps must be a finite number in [2^{E_MIN}, 2^{E_MAX + 1}), got {eps!r}"
+            )
         for label, value in (("eps_scale", eps_scale), ("eps_init", eps_init), ("margin", margin)):
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"lattice: {label} must be a positive number, got {value!r}")
@@ -219,9 +237,15 @@ class LatticeCodec(Codec):
 
     def params(self) -> dict[str, Any]:
         return {
-            "chunk": self.chunk, "width": self.width, "mode": self.mode, "eps": self.policy.fixed,
-            "eps_scale": self.policy.scale, "eps_ema": self.policy.ema,
-            "eps_init": self.policy.init, "first_bits": self.first_bits, "margin": self.margin,
+            "chunk": self.chunk,
+            "width": self.width,
+            "mode": self.mode,
+            "eps": self.policy.fixed,
+            "eps_scale": self.policy.scale,
+            "eps_ema": self.policy.ema,
+            "eps_init": self.policy.init,
+            "first_bits": self.first_bits,
+            "margin": self.margin,
         }
 
     # ----------------------------------------------------------------------------- sender
@@ -230,8 +254,11 @@ class LatticeCodec(Codec):
         x = flat_float32(flat_N, self.name)
         n, dev = x.numel(), x.device
         groups = _layout(n, self.chunk)
-        max_abs = torch.cat([torch.maximum(g.view(x).amax(1), g.view(x).amin(1).neg()) for g in groups]) \
-            if groups else torch.empty(0)
+        max_abs = (
+            torch.cat([torch.maximum(g.view(x).amax(1), g.view(x).amin(1).neg()) for g in groups])
+            if groups
+            else torch.empty(0)
+        )
         max_abs_R = max_abs.double().cpu()  # CPU<->GPU sync point: the header needs the values
         if not torch.isfinite(max_abs_R).all():
             raise CodecError("lattice: the vector has non-finite values")
@@ -239,7 +266,9 @@ class LatticeCodec(Codec):
         bound_R = torch.ldexp(max_abs_R, -e_R)
         bound = float(bound_R.max()) if groups else 0.0
         if not bound < lattice.INT64_SAFE:
-            raise CodecError(f"lattice: eps is too small for these values (|x|/eps up to {bound:.3g} >= 2^46)")
+            raise CodecError(
+                f"lattice: eps is too small for these values (|x|/eps up to {bound:.3g} >= 2^46)"
+            )
         ib = 32 if bound < lattice.INT32_SAFE else 64
         kdtype = torch.int32 if ib == 32 else torch.int64
         bf = lattice.bits_for_bound(torch.floor(bound_R) + 1).tolist()
@@ -252,7 +281,9 @@ class LatticeCodec(Codec):
             offsets = (
                 _dither_rows(seed, list(range(g.first, g.first + g.rows)), g.cols, dev)
                 if self.mode == "dither"
-                else self._bits.fill(scratch("lattice.offsets", g.rows * g.cols, torch.int32, dev)).view(g.rows, g.cols)
+                else self._bits.fill(
+                    scratch("lattice.offsets", g.rows * g.cols, torch.int32, dev)
+                ).view(g.rows, g.cols)
             )
             k = scratch("lattice.k", g.rows * g.pad, kdtype, dev).view(g.rows, g.pad)
             work = scratch("lattice.work", g.rows * g.cols, torch.float32, dev).view(g.rows, g.cols)
@@ -269,13 +300,28 @@ class LatticeCodec(Codec):
             lattice.dequantize(k[:, : g.cols], eps, theta, out=g.view(quantized))
         nch = len(bf)
         meta = {
-            "v": 1, "n": n, "chunk": self.chunk, "g": self.width, "mode": self.mode, "seed": seed,
-            "ib": ib, "sb": sb, "sid": self._bits.next_seed(), "e": e_R.tolist(), "bf": bf,
-            "h": b"".join(digests), "p": 0, "ck": list(range(nch)), "lo": [0] * nch, "hi": [sb] * nch,
+            "v": 1,
+            "n": n,
+            "chunk": self.chunk,
+            "g": self.width,
+            "mode": self.mode,
+            "seed": seed,
+            "ib": ib,
+            "sb": sb,
+            "sid": self._bits.next_seed(),
+            "e": e_R.tolist(),
+            "bf": bf,
+            "h": b"".join(digests),
+            "p": 0,
+            "ck": list(range(nch)),
+            "lo": [0] * nch,
+            "hi": [sb] * nch,
         }
         return Encoded(self.name, meta, tuple(frames), quantized)
 
-    def _chunk_rms(self, x: Tensor, groups: list[_Group]) -> tuple[Callable[[], Tensor], Tensor | None]:
+    def _chunk_rms(
+        self, x: Tensor, groups: list[_Group]
+    ) -> tuple[Callable[[], Tensor], Tensor | None]:
         """Per-chunk RMS of x (lazily) and of x minus the previous snapshot's x, float64 CPU.
 
         Both are estimated on about 512 evenly spaced coordinates per chunk, which pins an RMS
@@ -295,8 +341,10 @@ class LatticeCodec(Codec):
         prev, self._prev_samples = self._prev_samples, samples
         if self.policy.fixed is not None:
             return lambda: rms(samples), None
-        if prev is None or [p.shape for p in prev] != [q.shape for q in samples] or (
-            prev and prev[0].device != x.device
+        if (
+            prev is None
+            or [p.shape for p in prev] != [q.shape for q in samples]
+            or (prev and prev[0].device != x.device)
         ):
             self.policy.reset()
             return lambda: rms(samples), None
@@ -360,10 +408,15 @@ class LatticeCodec(Codec):
         n = out_N.numel()
         h = _Header.parse(meta, n, self.name)
         pads = _chunk_pads(n, h.chunk)
-        expected = [(b - a) // h.g * pads[i] * h.g // 8 for i, a, b in zip(h.ck, h.lo, h.hi, strict=True)]
+        expected = [
+            (b - a) // h.g * pads[i] * h.g // 8 for i, a, b in zip(h.ck, h.lo, h.hi, strict=True)
+        ]
         sizes = frame_sizes(frames, self.name)
         if sizes != expected:
-            raise CodecError(f"{self.name}: frame sizes {sizes[:8]}... do not match the header's {expected[:8]}...")
+            raise CodecError(
+                f"{self.name}: frame sizes {sizes[:8]} do not match the header's {expected[:8]}"
+                f" ({len(sizes)} frames, {len(expected)} expected)"
+            )
         pull = self._pull(state, h)
         pull["rounds"] += 1
         pull["bytes"] += sum(sizes)
@@ -390,15 +443,27 @@ class LatticeCodec(Codec):
             raise CodecError(f"{self.name}: the snapshot changed between rounds of one pull")
         if fresh:
             pull = state["pull"] = {
-                "p": h.p, "sid": h.sid, "done": [False] * nch, "held": {}, "dist": [None] * nch,
-                "bytes": 0, "rounds": 0, "failed": 0,
+                "p": h.p,
+                "sid": h.sid,
+                "done": [False] * nch,
+                "held": {},
+                "dist": [None] * nch,
+                "bytes": 0,
+                "rounds": 0,
+                "failed": 0,
             }
         assert pull is not None
         return pull
 
     def _decode_group(
-        self, h: _Header, g: _Group, mine: list[tuple[int, int]], frames: tuple[Buffer, ...],
-        key: Tensor, out: Tensor, pull: dict[str, Any],
+        self,
+        h: _Header,
+        g: _Group,
+        mine: list[tuple[int, int]],
+        frames: tuple[Buffer, ...],
+        key: Tensor,
+        out: Tensor,
+        pull: dict[str, Any],
     ) -> None:
         """Decode and verify the received chunks of one group; write the verified ones."""
         dev, m = out.device, len(mine)
@@ -417,8 +482,10 @@ class LatticeCodec(Codec):
             if start:
                 held = pull["held"].get(i)
                 if held is None or held[0] < h.lo[j]:
-                    raise CodecError(f"{self.name}: chunk {i} starts at bit {h.lo[j]} but only "
-                                     f"{0 if held is None else held[0]} bits were received before")
+                    raise CodecError(
+                        f"{self.name}: chunk {i} starts at bit {h.lo[j]} but only "
+                        f"{0 if held is None else held[0]} bits were received before"
+                    )
                 host[row, :start] = np.frombuffer(held[1], dtype=np.uint8, count=start)
             stop = h.hi[j] // h.g * plane_bytes
             host[row, start:stop] = np.frombuffer(frames[j], dtype=np.uint8)
@@ -432,45 +499,51 @@ class LatticeCodec(Codec):
         keyless = [b >= f for b, f in zip(his, bf, strict=True)]
         bits = [min(b, f) for b, f in zip(his, bf, strict=True)]
         mask = torch.tensor([(1 << b) - 1 for b in bits], dtype=kdtype)[:, None].to(dev)
-        half = torch.tensor([float(1 << (b - 1)) for b in bits], dtype=torch.float64)[:, None]
+        shift = torch.tensor([1 - (1 << (b - 1)) for b in bits], dtype=kdtype)[:, None].to(dev)
         eps = _pow2(e, dev)
         # u = 0 for keyless chunks: the decode is then plain sign extension of b_full bits.
-        inv = torch.tensor([0.0 if kl else 2.0**-x for x, kl in zip(e, keyless, strict=True)])[:, None].to(dev)
+        inv = torch.tensor([0.0 if kl else 2.0**-x for x, kl in zip(e, keyless, strict=True)])[
+            :, None
+        ].to(dev)
         key_rows = g.view(key)
         if m < g.rows:
             index = torch.tensor(chunks, device=dev) - g.first
             sel = scratch("lattice.key", m * g.cols, key.dtype, dev).view(m, g.cols)
             key_rows = torch.index_select(key_rows, 0, index, out=sel)
-        # low = u + 1 - h, u = key/eps - theta: one fused pass (lattice.nearest).
-        low = scratch("lattice.low", m * g.cols, torch.float32, dev).view(m, g.cols)
-        start_col = (1 - half).float().to(dev)
-        if all(keyless):
-            low.copy_(start_col.expand(m, g.cols))
-        else:
-            torch.addcmul(start_col, key_rows, inv, out=low)
-            if any(keyless):  # key * 0 is not 0 for a non-finite key
-                flags = torch.tensor(keyless, device=dev)[:, None]
-                torch.where(flags, start_col, low, out=low)
+        u = scratch("lattice.u", m * g.cols, torch.float32, dev).view(m, g.cols)
+        torch.mul(key_rows, inv, out=u)
+        if any(keyless) and not all(keyless):  # key * 0 is not 0 for a non-finite key
+            u.masked_fill_(torch.tensor(keyless, device=dev)[:, None], 0.0)
+        elif all(keyless):
+            u.zero_()
         theta = None
         if h.mode == "dither":
             theta = scratch("lattice.theta", m * g.cols, torch.float32, dev).view(m, g.cols)
             lattice.dither(_dither_rows(h.seed, chunks, g.cols, dev), out=theta)
-            low.sub_(theta)
+            u.sub_(theta)
         k_hat = scratch("lattice.khat", m * g.cols, kdtype, dev).view(m, g.cols)
         # Far keys may overflow the window start; the digest below rejects what they decode.
-        start = lattice.nearest(r[:, : g.cols], mask, low, k_hat, clamp=False)
-        half_dev = half.to(dev)
-        dist = torch.maximum(k_hat.amax(1, keepdim=True) - half_dev + 1, half_dev - k_hat.amin(1, keepdim=True))
+        start = lattice.nearest(r[:, : g.cols], mask, u, k_hat, shift, clamp=False)
+        half_dev = torch.tensor([float(1 << (b - 1)) for b in bits], dtype=torch.float64)[
+            :, None
+        ].to(dev)
+        dist = torch.maximum(
+            k_hat.amax(1, keepdim=True) - half_dev + 1, half_dev - k_hat.amin(1, keepdim=True)
+        )
         dist = dist.view(-1).double()
         k_hat.add_(start)
         if any(keyless):
             rows = torch.tensor(keyless, device=dev)
-            exact_u = key_rows[rows] * _pow2([-x for x, kl in zip(e, keyless, strict=True) if kl], dev)
+            exact_u = key_rows[rows] * _pow2(
+                [-x for x, kl in zip(e, keyless, strict=True) if kl], dev
+            )
             if theta is not None:
                 exact_u -= theta[rows]
             dist[rows] = (k_hat[rows] - exact_u).abs().amax(1).double()
         digests = lattice.chunk_hashes(k_hat)
-        good = [digests[8 * row : 8 * row + 8] == h.h[8 * i : 8 * i + 8] for row, i in enumerate(chunks)]
+        good = [
+            digests[8 * row : 8 * row + 8] == h.h[8 * i : 8 * i + 8] for row, i in enumerate(chunks)
+        ]
         self._write(g, chunks, good, k_hat, eps, theta, out)
         dist_list = dist.tolist()
         for row, (i, j) in enumerate(mine):
@@ -480,15 +553,25 @@ class LatticeCodec(Codec):
                 pull["held"].pop(i, None)
                 continue
             if keyless[row]:
-                raise CodecError(f"{self.name}: chunk {i} fails its digest with all b_full planes "
-                                 "(corrupted snapshot)")
+                raise CodecError(
+                    f"{self.name}: chunk {i} fails its digest with all b_full planes "
+                    "(corrupted snapshot)"
+                )
             pull["failed"] += 1
             held = pull["held"].get(i)
             prefix = held[1][: h.lo[j] // h.g * plane_bytes] if h.lo[j] else b""
             pull["held"][i] = (h.hi[j], bytearray(prefix) + memoryview(frames[j]).cast("B"))
 
-    def _write(self, g: _Group, chunks: list[int], good: list[bool], k_hat: Tensor, eps: Tensor,
-               theta: Tensor | None, out: Tensor) -> None:
+    def _write(
+        self,
+        g: _Group,
+        chunks: list[int],
+        good: list[bool],
+        k_hat: Tensor,
+        eps: Tensor,
+        theta: Tensor | None,
+        out: Tensor,
+    ) -> None:
         if not any(good):
             return
         out_rows = g.view(out)
@@ -497,10 +580,14 @@ class LatticeCodec(Codec):
             return
         rows = torch.tensor(good, device=out.device)
         values = lattice.dequantize(k_hat[rows], eps[rows], None if theta is None else theta[rows])
-        index = torch.tensor([i - g.first for i, ok in zip(chunks, good, strict=True) if ok], device=out.device)
+        index = torch.tensor(
+            [i - g.first for i, ok in zip(chunks, good, strict=True) if ok], device=out.device
+        )
         out_rows.index_copy_(0, index, values)
 
-    def _finish(self, h: _Header, state: dict[str, Any], pull: dict[str, Any], n: int) -> DecodeResult:
+    def _finish(
+        self, h: _Header, state: dict[str, Any], pull: dict[str, Any], n: int
+    ) -> DecodeResult:
         nch = len(h.bf)
         stats = {
             "bits_per_coord": 8.0 * pull["bytes"] / max(n, 1),

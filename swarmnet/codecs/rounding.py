@@ -6,11 +6,12 @@ Every stochastic or dithered rounding in swarmnet is one integer formula,
 
     k = (round(t * 2^16) + V) >> 16,        V uniform on {0, ..., 2^16 - 1},
 
-which is ``floor(t + U)`` for U uniform on the grid ``V / 2^16`` after t is rounded to that grid:
-E[k] = t up to 2^-17 (exactly when t has at most 16 fractional bits), and t - 1 < k < t + 1. The codecs differ only in where V
-comes from: a private generator (stochastic rounding) or a seed shared with the readers
-(subtractive dither, SPEC 3.2). Integer arithmetic keeps the formula exact at any magnitude of
-t, where ``floor(t + U)`` in float32 would round away the random offset once |t| >= 2^8.
+which is ``floor(t + U)`` for U uniform on the grid ``V / 2^16`` after t is rounded to that
+grid: E[k] = t up to 2^-17 (exactly when t has at most 16 fractional bits), and
+t - 1 < k < t + 1. The codecs differ only in where V comes from: a private generator
+(stochastic rounding) or a seed shared with the readers (subtractive dither, SPEC 3.2).
+Integer arithmetic keeps the formula exact at any magnitude of t, where ``floor(t + U)`` in
+float32 would round away the random offset once |t| >= 2^8.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import Tensor
 
 FRAC_BITS = 16
 ONE = 1 << FRAC_BITS
+_BLOCK_WORDS = 1 << 18
 
 
 def seeded_bits16(seed: int | tuple[int, ...], n: int) -> np.ndarray:
@@ -51,9 +53,16 @@ class RandomBits:
     def fill(self, out: Tensor) -> Tensor:
         """Fill the integer tensor ``out`` with values in [0, 2^16)."""
         n = out.numel()
-        if out.device.type == "cpu":
-            bits = self._np.random_raw((n + 3) // 4).view("<u2")[:n]
-            out.view(-1).copy_(torch.from_numpy(bits))
+        if out.device.type == "cpu" and out.is_contiguous():
+            # Blocks of raw bits small enough for the allocator to reuse (one fresh 20 MB array
+            # per call would cost more in page faults than generating it), widened by numpy.
+            flat = out.view(-1).numpy()
+            for start in range(0, n, 4 * _BLOCK_WORDS):
+                stop = min(n, start + 4 * _BLOCK_WORDS)
+                bits = self._np.random_raw((stop - start + 3) // 4).view("<u2")
+                np.copyto(flat[start:stop], bits[: stop - start])
+        elif out.device.type == "cpu":
+            out.copy_(self.fill(torch.empty(out.shape, dtype=out.dtype)))
         else:
             gen = self._torch.get(out.device)
             if gen is None:

@@ -68,9 +68,7 @@ def get_int_list(
     return check_int_list(m[key], f"{key!r}", codec, length, lo, hi)
 
 
-def check_int_list(
-    value: Any, what: str, codec: str, length: int, lo: int, hi: int
-) -> list[int]:
+def check_int_list(value: Any, what: str, codec: str, length: int, lo: int, hi: int) -> list[int]:
     if not isinstance(value, list | tuple):
         raise CodecError(f"{codec}: field {what} must be a list, got {type(value).__name__}")
     if len(value) != length:

@@ -23,9 +23,7 @@ def scratch(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> 
     Two names never share memory; asking for the same name again invalidates the previous
     result. Capacity only grows (a smaller request returns a prefix view).
     """
-    pool: dict[tuple[str, torch.dtype, torch.device], Tensor] | None = getattr(
-        _local, "pool", None
-    )
+    pool: dict[tuple[str, torch.dtype, torch.device], Tensor] | None = getattr(_local, "pool", None)
     if pool is None:
         pool = _local.pool = {}
     key = (name, dtype, device)

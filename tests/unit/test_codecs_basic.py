@@ -66,7 +66,11 @@ def test_decode_reproduces_quantized_exactly(name, n, scale, seed, writable) -> 
 
 
 @FAST
-@given(n=st.integers(1, 2000), seed=st.integers(0, 2**16), rounding=st.sampled_from(["nearest", "stochastic"]))
+@given(
+    n=st.integers(1, 2000),
+    seed=st.integers(0, 2**16),
+    rounding=st.sampled_from(["nearest", "stochastic"]),
+)
 def test_half_formats_error_bound(n, seed, rounding) -> None:
     # fp16 keeps 11 significant bits, bf16 8: nearest is within half a unit in the last place,
     # stochastic within one. Values stay in fp16's normal range here.
@@ -80,9 +84,13 @@ def test_half_formats_error_bound(n, seed, rounding) -> None:
 
 
 @FAST
-@given(name=st.sampled_from(["blockwise8", "blockwise4"]), n=st.integers(1, 1500),
-       block=st.sampled_from([1, 7, 64, 256]), scale=st.sampled_from([1e-20, 1.0, 3e5]),
-       seed=st.integers(0, 2**16))
+@given(
+    name=st.sampled_from(["blockwise8", "blockwise4"]),
+    n=st.integers(1, 1500),
+    block=st.sampled_from([1, 7, 64, 256]),
+    scale=st.sampled_from([1e-20, 1.0, 3e5]),
+    seed=st.integers(0, 2**16),
+)
 def test_blockwise_error_bound_and_sizes(name, n, block, scale, seed) -> None:
     codec = make_codec(name, block=block, seed=seed)
     x = vector(seed, n, scale)
@@ -98,13 +106,20 @@ def test_blockwise_error_bound_and_sizes(name, n, block, scale, seed) -> None:
     values = n if name == "blockwise8" else (n + 1) // 2
     assert [memoryview(f).nbytes for f in enc.frames] == [values, 4 * rows]
     assert enc.nbytes == values + 4 * rows
-    assert res.stats["bits_per_coord"] == pytest.approx((8 if name == "blockwise8" else 4) + 32 / block)
+    assert res.stats["bits_per_coord"] == pytest.approx(
+        (8 if name == "blockwise8" else 4) + 32 / block
+    )
 
 
 @pytest.mark.parametrize(
     ("name", "params"),
-    [("blockwise8", {}), ("blockwise4", {}), ("blockwise4", {"block": 5}),
-     ("fp16", {"rounding": "stochastic"}), ("bf16", {"rounding": "stochastic"})],
+    [
+        ("blockwise8", {}),
+        ("blockwise4", {}),
+        ("blockwise4", {"block": 5}),
+        ("fp16", {"rounding": "stochastic"}),
+        ("bf16", {"rounding": "stochastic"}),
+    ],
 )
 def test_stochastic_codecs_are_unbiased(name, params) -> None:
     # SPEC 3.5 item 1 style bound: |mean Q - x| <= 4 * sigma / sqrt(N), sigma <= step / 2.
@@ -120,7 +135,9 @@ def test_stochastic_codecs_are_unbiased(name, params) -> None:
         levels = 127 if name == "blockwise8" else 7
         rows = math.ceil(x.numel() / block)
         xb = torch.cat([x, x.new_zeros(rows * block - x.numel())]).view(rows, block)
-        step = (xb.abs().amax(1, keepdim=True) / levels).expand(rows, block).reshape(-1)[: x.numel()]
+        step = (
+            (xb.abs().amax(1, keepdim=True) / levels).expand(rows, block).reshape(-1)[: x.numel()]
+        )
     else:
         bits = 11 if name == "fp16" else 8
         step = 2.0 ** (torch.floor(torch.log2(x.abs().clamp_min(1e-30))) - (bits - 1))
@@ -219,6 +236,9 @@ def test_frames_are_host_bytes_of_the_right_size() -> None:
     x = vector(5, 1001, 1.0)
     sizes = {name: make_codec(name).encode(x).nbytes for name in SIMPLE}
     assert sizes == {
-        "fp32": 4004, "fp16": 2002, "bf16": 2002,
-        "blockwise8": 1001 + 4 * 16, "blockwise4": 501 + 4 * 16,
+        "fp32": 4004,
+        "fp16": 2002,
+        "bf16": 2002,
+        "blockwise8": 1001 + 4 * 16,
+        "blockwise4": 501 + 4 * 16,
     }

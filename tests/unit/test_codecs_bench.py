@@ -15,7 +15,15 @@ def test_bench_runs_small_and_writes_json(tmp_path) -> None:
     path = tmp_path / "codecs.json"
     result = run(size=4096, repeats=1, distances=[1.0, 100.0], json_path=path, progress=False)
     assert json.loads(path.read_text()) == json.loads(json.dumps(result))
-    assert set(result) == {"version", "size", "device", "repeats", "environment", "codecs", "lattice_wire"}
+    assert set(result) == {
+        "version",
+        "size",
+        "device",
+        "repeats",
+        "environment",
+        "codecs",
+        "lattice_wire",
+    }
     assert {"fp32", "fp16", "bf16", "blockwise8", "blockwise4", "lattice"} <= set(result["codecs"])
     for row in result["codecs"].values():
         assert row["exact_roundtrip"] and row["encode_gbps"] > 0 and row["decode_gbps"] > 0

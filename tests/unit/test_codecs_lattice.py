@@ -75,8 +75,12 @@ def test_1_unbiased(mode, eps, offset) -> None:
 
 
 @FAST
-@given(mode=st.sampled_from(MODES), e=st.integers(-20, 10), magnitude=st.sampled_from([0.0, 1.0, 1e4, 1e7]),
-       seed=st.integers(0, 2**20))
+@given(
+    mode=st.sampled_from(MODES),
+    e=st.integers(-20, 10),
+    magnitude=st.sampled_from([0.0, 1.0, 1e4, 1e7]),
+    seed=st.integers(0, 2**20),
+)
 def test_2_max_error_independent_of_norm(mode, e, magnitude, seed) -> None:
     eps = 2.0**e
     g = torch.Generator().manual_seed(seed)
@@ -95,7 +99,12 @@ def test_2_max_error_independent_of_norm(mode, e, magnitude, seed) -> None:
 
 
 @FAST
-@given(mode=st.sampled_from(MODES), b=st.integers(1, 12), e=st.integers(-12, 4), seed=st.integers(0, 2**20))
+@given(
+    mode=st.sampled_from(MODES),
+    b=st.integers(1, 12),
+    e=st.integers(-12, 4),
+    seed=st.integers(0, 2**20),
+)
 def test_3_exact_iff_half_open_window(mode, b, e, seed) -> None:
     eps, h = 2.0**e, 2.0 ** (b - 1)
     g = torch.Generator().manual_seed(seed)
@@ -134,7 +143,10 @@ def test_3_reference_exact_fractions() -> None:
     x = torch.zeros(d)
     k, _, _ = quantize(x, eps, "stochastic", 1)
     y = x + (torch.rand(d, generator=torch.Generator().manual_seed(2)) * 2 - 1) * 100 * eps
-    rates = {b: (lattice.decode(lattice.colour(k, b), b, y, eps) == k).double().mean().item() for b in (6, 7, 8)}
+    rates = {
+        b: (lattice.decode(lattice.colour(k, b), b, y, eps) == k).double().mean().item()
+        for b in (6, 7, 8)
+    }
     assert rates[8] == 1.0
     assert rates[7] == pytest.approx(0.64, abs=0.03)
     assert rates[6] == pytest.approx(0.32, abs=0.03)
@@ -144,7 +156,9 @@ def test_3_reference_exact_fractions() -> None:
 
 
 @FAST
-@given(width=st.sampled_from([1, 4, 8]), cols=st.sampled_from([8, 64, 200]), seed=st.integers(0, 2**20))
+@given(
+    width=st.sampled_from([1, 4, 8]), cols=st.sampled_from([8, 64, 200]), seed=st.integers(0, 2**20)
+)
 def test_4_prefix_planes_are_the_colour_and_exactness_is_monotone(width, cols, seed) -> None:
     eps = 2.0**-6
     g = torch.Generator().manual_seed(seed)
@@ -214,8 +228,12 @@ def test_5_reader_policy_mean_planes_on_stationary_distance(distance) -> None:
 
 
 @FAST
-@given(mode=st.sampled_from(MODES), width=st.sampled_from([1, 4, 8]), far=st.sampled_from([1e2, 1e4, 1e7]),
-       seed=st.integers(0, 2**20))
+@given(
+    mode=st.sampled_from(MODES),
+    width=st.sampled_from([1, 4, 8]),
+    far=st.sampled_from([1e2, 1e4, 1e7]),
+    seed=st.integers(0, 2**20),
+)
 def test_6_far_keys_are_detected_and_escalation_ends_exact(mode, width, far, seed) -> None:
     codec = LatticeCodec(chunk=128, width=width, mode=mode, seed=seed, first_bits=4)
     g = torch.Generator().manual_seed(seed)
@@ -239,7 +257,10 @@ def test_6_digest_rejects_every_wrong_decode() -> None:
     for shift in (16, 8, 30):  # wrong by a multiple of 2^b that a narrower width would fold away
         bad = k.clone()
         bad[0, 0] += 1 << shift
-        assert lattice.chunk_hashes(bad)[:8] != truth[:8] and lattice.chunk_hashes(bad)[8:] == truth[8:]
+        assert (
+            lattice.chunk_hashes(bad)[:8] != truth[:8]
+            and lattice.chunk_hashes(bad)[8:] == truth[8:]
+        )
     for b in range(1, 10):
         k_hat = lattice.decode(lattice.colour(k, b), b, key, eps)
         got = lattice.chunk_hashes(k_hat)
@@ -252,13 +273,21 @@ def test_6_digest_rejects_every_wrong_decode() -> None:
 
 
 @FAST
-@given(mode=st.sampled_from(MODES), b=st.integers(2, 14), shift=st.integers(-10**6, 10**6), seed=st.integers(0, 2**20))
+@given(
+    mode=st.sampled_from(MODES),
+    b=st.integers(2, 14),
+    shift=st.integers(-(10**6), 10**6),
+    seed=st.integers(0, 2**20),
+)
 def test_7_translation_by_lattice_vectors(mode, b, shift, seed) -> None:
     # float64 values on a 2^-20 grid, so that x + v*eps is exact for these shifts.
     eps = 2.0**-5
     g = torch.Generator().manual_seed(seed)
     x = torch.round(torch.randn(200, generator=g, dtype=torch.float64) * 2**20) / 2**20
-    y = x + torch.round(torch.randn(200, generator=g, dtype=torch.float64) * 3 * 2**20) * eps / 2**20
+    y = (
+        x
+        + torch.round(torch.randn(200, generator=g, dtype=torch.float64) * 3 * 2**20) * eps / 2**20
+    )
     v = torch.randint(min(shift, 0), max(shift, 0) + 1, (200,), generator=g).double()
     offsets = offsets_for(mode, x.shape, seed)
     theta = lattice.dither(offsets) if mode == "dither" else None

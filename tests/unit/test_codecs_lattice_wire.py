@@ -40,7 +40,9 @@ def run_pull(codec, enc, key, state, out=None, wire=True, limit=12):
     raise AssertionError("pull did not complete")
 
 
-def drifted(x: torch.Tensor, eps: float, fraction: float, seed: int, far: float = 1e4) -> torch.Tensor:
+def drifted(
+    x: torch.Tensor, eps: float, fraction: float, seed: int, far: float = 1e4
+) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     key = x + torch.randn(x.shape, generator=g) * 3 * eps
     hit = torch.rand(x.shape, generator=g) < fraction
@@ -62,7 +64,7 @@ def test_drifted_neighbour_escalates_and_ends_exact(width, mode) -> None:
     out, log = run_pull(codec, enc, key, state)
     assert torch.equal(out, enc.quantized)
     assert len(log) >= 2 and not log[0][2].complete
-    first_want, _, first = log[0]
+    _first_want, _, first = log[0]
     more = first.more
     # `more` asks again only for failing chunks, for the planes after those already received.
     failing = [i for i, (a, b) in enumerate(zip(more["from"], more["to"], strict=True)) if b > a]
@@ -110,7 +112,7 @@ def test_history_lowers_the_next_request_to_the_distance() -> None:
     # b = 2 + floor(log2(margin * D + 1)) with D <= 21, margin 2 -> at most 7 bits.
     assert isinstance(nxt["to"], list) and all(5 <= b <= 7 for b in nxt["to"])
     x2 = x + torch.randn(2048) * 1e-4
-    out, log = run_pull(codec, codec.encode(x2), key, state)
+    _out, log = run_pull(codec, codec.encode(x2), key, state)
     assert len(log) == 1 and log[0][2].stats["bits_per_coord"] <= 7
 
 
@@ -183,9 +185,14 @@ def test_decode_into_the_key_itself() -> None:
 
 
 @settings(max_examples=15, deadline=None)
-@given(n=st.integers(0, 3000), chunk=st.sampled_from([64, 192, 1024]), width=st.sampled_from([1, 4, 8]),
-       mode=st.sampled_from(["stochastic", "dither"]), far=st.sampled_from([0.0, 50.0, 1e6]),
-       seed=st.integers(0, 2**20))
+@given(
+    n=st.integers(0, 3000),
+    chunk=st.sampled_from([64, 192, 1024]),
+    width=st.sampled_from([1, 4, 8]),
+    mode=st.sampled_from(["stochastic", "dither"]),
+    far=st.sampled_from([0.0, 50.0, 1e6]),
+    seed=st.integers(0, 2**20),
+)
 def test_any_size_and_distance_pulls_exactly(n, chunk, width, mode, far, seed) -> None:
     codec = LatticeCodec(chunk=chunk, width=width, mode=mode, seed=seed)
     x = torch.randn(n, generator=torch.Generator().manual_seed(seed))
@@ -241,8 +248,17 @@ def test_fixed_eps_and_int64_fallback() -> None:
 
 
 def test_config_errors() -> None:
-    for bad in ({"chunk": 100}, {"chunk": 32}, {"width": 2}, {"mode": "nearest"}, {"eps": -1.0},
-                {"eps": math.nan}, {"margin": 0}, {"eps_ema": 1.0}, {"first_bits": 0}):
+    for bad in (
+        {"chunk": 100},
+        {"chunk": 32},
+        {"width": 2},
+        {"mode": "nearest"},
+        {"eps": -1.0},
+        {"eps": math.nan},
+        {"margin": 0},
+        {"eps_ema": 1.0},
+        {"first_bits": 0},
+    ):
         with pytest.raises(ConfigError):
             make_codec("lattice", **bad)
 
@@ -308,21 +324,40 @@ def test_malformed_meta_raises_codec_error(label) -> None:
 def test_malformed_frames_raise_codec_error() -> None:
     codec, x, meta, frames = _pair()
     out = torch.empty_like(x)
-    for bad in (frames[:-1], [*frames, b"\0"], [frames[0][:-1], *frames[1:]],
-                [bytes(frames[0]) + b"\0", *frames[1:]], [None, *frames[1:]], "frames"):
+    for bad in (
+        frames[:-1],
+        [*frames, b"\0"],
+        [frames[0][:-1], *frames[1:]],
+        [bytes(frames[0]) + b"\0", *frames[1:]],
+        [None, *frames[1:]],
+        "frames",
+    ):
         with pytest.raises(CodecError):
             codec.decode(meta, bad if isinstance(bad, str) else tuple(bad), x, out, {})
     # A reply that continues planes this reader never received.
     with pytest.raises(CodecError, match="received before"):
-        codec.decode({**meta, "lo": [4] * len(meta["lo"])},
-                     tuple(f[: len(f) // 2] for f in frames), x, out, {})
+        codec.decode(
+            {**meta, "lo": [4] * len(meta["lo"])},
+            tuple(f[: len(f) // 2] for f in frames),
+            x,
+            out,
+            {},
+        )
 
 
 BAD_WANT = [
-    "want", {"from": 0, "to": 8}, {"v": 9, "from": 0, "to": 8}, {"v": 1, "to": 8},
-    {"v": 1, "from": 0}, {"v": 1, "from": -1, "to": 8}, {"v": 1, "from": 0, "to": 65},
-    {"v": 1, "from": 0, "to": True}, {"v": 1, "from": 0, "to": 8.0}, {"v": 1, "from": 0, "to": math.nan},
-    {"v": 1, "from": 0, "to": [8]}, {"v": 1, "from": [0, 0, 0], "to": [8, 8, "8"]},
+    "want",
+    {"from": 0, "to": 8},
+    {"v": 9, "from": 0, "to": 8},
+    {"v": 1, "to": 8},
+    {"v": 1, "from": 0},
+    {"v": 1, "from": -1, "to": 8},
+    {"v": 1, "from": 0, "to": 65},
+    {"v": 1, "from": 0, "to": True},
+    {"v": 1, "from": 0, "to": 8.0},
+    {"v": 1, "from": 0, "to": math.nan},
+    {"v": 1, "from": 0, "to": [8]},
+    {"v": 1, "from": [0, 0, 0], "to": [8, 8, "8"]},
     {"v": 1, "p": "x", "from": 0, "to": 8},
 ]
 
