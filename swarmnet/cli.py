@@ -154,6 +154,19 @@ def bench_exchange(
                   f"{p['ratio_with_decode']:.3f} with decode")
 
 
+@bench_app.command("codecs")
+def bench_codecs(
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the figures as JSON here.")] = None,
+    size: Annotated[int, typer.Option(help="Coordinates of the test vector (10M: a 40 MB model).")] = 10_000_000,
+    repeats: Annotated[int, typer.Option(help="Timed repeats per codec (median reported).")] = 5,
+    device: Annotated[str, typer.Option(help="cpu or cuda[:N].")] = "cpu",
+) -> None:
+    """Encode/decode throughput per codec, and lattice bytes per pull against key distance."""
+    from swarmnet.bench.codecs import run
+
+    run(size=size, repeats=repeats, device=device, json_path=json_path, progress=True)
+
+
 @bench_app.command("sim")
 def bench_sim(
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the figures as JSON here.")] = None,

@@ -18,7 +18,7 @@ from typing import Any
 import msgpack
 
 from swarmnet import PROTOCOL_VERSION
-from swarmnet.codecs.base import Buffer
+from swarmnet.buffers import Buffer
 from swarmnet.errors import ProtocolError
 
 

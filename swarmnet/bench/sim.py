@@ -65,7 +65,7 @@ def run(
     try:
         # Warm-up: one full random block through the layered path (layering, kernels, buffers),
         # a few draws through the naive one; not timed.
-        for name, engine, count, warm in (
+        for _name, engine, count, warm in (
             ("layered", layered, threads, min(interactions, 4 * nodes)),
             ("naive", naive, 1, 50),
         ):

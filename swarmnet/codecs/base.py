@@ -26,7 +26,9 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
-Buffer = bytes | bytearray | memoryview
+from swarmnet.buffers import Buffer
+
+__all__ = ["Buffer", "Codec", "DecodeResult", "Encoded"]
 
 
 @dataclass(frozen=True, slots=True)

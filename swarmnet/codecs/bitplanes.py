@@ -53,7 +53,7 @@ def _delta_swap(buf: Tensor, halves: int, shift: int, pattern: int) -> None:
     (lo, hi) and exchange the high bit group of every field of lo with the low group of hi."""
     rows, m = buf.shape
     seg = m // halves
-    for nbytes, dtype in _WORDS:
+    for nbytes, dtype in _WORDS:  # noqa: B007 - the break keeps the match
         if seg % nbytes == 0 and buf.storage_offset() % nbytes == 0:
             break
     words = buf.view(dtype).view(rows, halves // 2, 2, seg // nbytes)

@@ -81,14 +81,22 @@ class LocalSwarm(_Process):
                "--summary", str(self.summary_path), *args]
         super().__init__(cmd, run_dir / "up.log")
 
-    def card(self, name: str, timeout: float = 60) -> dict[str, Any]:
+    def card(self, name: str, timeout: float = 120) -> dict[str, Any]:
         path = self.run_dir / name / "card.json"
         wait_until(path.exists, timeout, what=f"{name}'s card")
         return json.loads(path.read_text())
 
     def metrics(self, name: str) -> list[dict[str, Any]]:
+        """The peer's training records (one per ``metrics_every`` steps)."""
+        return [r for r in self._records(name) if "lr" in r]
+
+    def evaluations(self, name: str) -> list[dict[str, Any]]:
+        """The peer's evaluation records: {"time", "step", "eval": {...}}."""
+        return [r for r in self._records(name) if "eval" in r]
+
+    def _records(self, name: str) -> list[dict[str, Any]]:
         path = self.run_dir / name / "metrics.jsonl"
-        return [r for r in read_metrics(path) if "loss" in r] if path.exists() else []
+        return read_metrics(path) if path.exists() else []
 
     def summary(self) -> dict[str, Any]:
         return json.loads(self.summary_path.read_text())
@@ -104,7 +112,7 @@ class PeerProcessHandle(_Process):
                "--run-dir", str(run_dir), *args]
         super().__init__(cmd, run_dir / f"{name}.log", prefix)
 
-    def card(self, timeout: float = 60) -> dict[str, Any]:
+    def card(self, timeout: float = 120) -> dict[str, Any]:
         path = self.run_dir / self.name / "card.json"
         wait_until(lambda: path.exists() or self.proc.poll() is not None, timeout, what=f"{self.name}'s card")
         if not path.exists():

@@ -20,7 +20,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import ClassVar
 
-from swarmnet.codecs.base import Buffer
+from swarmnet.buffers import Buffer
 
 Route = bytes
 """Opaque identity of the requester, handed back to ``Listener.send``."""

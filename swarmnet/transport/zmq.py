@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import zmq
 import zmq.asyncio
 
-from swarmnet.codecs.base import Buffer
+from swarmnet.buffers import Buffer
 from swarmnet.errors import EndpointClosed, RequestTimeout, TransportError
 from swarmnet.transport.base import Connection, Listener, Route, Transport
 

@@ -103,14 +103,19 @@ def test_killed_peer_does_not_stop_the_others_and_the_summary_says_so(swarm_fact
 
 def test_pure_gossip_preserves_the_sum_and_contracts(swarm_factory):
     n = 4
-    config = lsq_config(lr=0.0, steps=6000)
+    config = lsq_config(lr=0.0, steps=10**9)
     config["task"]["options"] = {"init_scale": 1.0}
     config["run"]["init"] = "independent"
     config["algorithm"]["symmetric"] = True
     config["network"]["pull_interval"] = 1.0  # sparse interactions: few overlap in time
     swarm = swarm_factory(config)
-    assert swarm.wait(120) == 0, swarm.log()
+    # Stop after a dozen interactions, while Gamma is still far above float round-off.
+    wait_until(lambda: sum(r[-1]["interactions"] for n in PEERS if (r := swarm.metrics(n))) >= 12, 120,
+               interval=0.02, what="a dozen interactions")
+    swarm.signal(signal.SIGINT)
+    assert swarm.wait(60) == 130, swarm.log()
     summary = swarm.summary()
+    assert all(p["reason"] == "stopped" and p["exit_code"] == 0 for p in summary["peers"])
     cfg = load_config(None, {"run.init": "independent"})
     task = load_task("swarmnet.tasks.lsq:task", {"init_scale": 1.0})
     initial = []
@@ -133,4 +138,4 @@ def test_pure_gossip_preserves_the_sum_and_contracts(swarm_factory):
           f"log-rate {rate:.3f} vs {math.log(2 / 3):.3f}")
     # Upper tail of Gamma_T / E[Gamma_T] from 20,000 simulated n = 4 runs: 99.99th percentile 530.
     assert gamma_t <= 1000 * expected
-    assert gamma_t < 1e-2 * gamma0
+    assert gamma_t < 0.5 * gamma0

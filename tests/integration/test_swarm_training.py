@@ -10,7 +10,9 @@ from swarmnet.tasks.lsq import make_problem, objective
 
 from .conftest import lsq_config
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
+
+PEERS = ["peer0", "peer1", "peer2", "peer3"]
 
 
 def final_weights(swarm, names):
@@ -18,25 +20,41 @@ def final_weights(swarm, names):
                         for n in names])
 
 
+def time_averaged_excess(swarm, name, from_step):
+    values = [r["eval"]["excess_loss"] for r in swarm.evaluations(name) if r["step"] >= from_step]
+    assert len(values) >= 5, values
+    return sum(values) / len(values)
+
+
 def test_four_peers_converge_on_least_squares(swarm_factory):
-    swarm = swarm_factory(lsq_config())
-    assert swarm.wait(240) == 0, swarm.log()
-    summary = swarm.summary()
-    assert summary["ok"]
-    names = [p["name"] for p in summary["peers"]]
-    assert all(p["interactions"] > 500 for p in summary["peers"]), summary["peers"]
-    a, b, x_opt, f_opt = make_problem(10_000, 32, 1.0, 0)
-    weights = final_weights(swarm, names)
-    mean = weights.mean(0)
+    """SPEC 1.5 setting: d = 32, batch 1, eta = 0.01. One SGD model sits at an excess loss of about
+    0.09; perfectly mixed, each of 4 peers would sit near 0.09 / 4. The same 4 peers run side by side
+    with the exchange off (isolated SGD) and on."""
+    steps, half = 6000, 3000
+    runs = {}
+    for exchange in (False, True):
+        config = lsq_config(steps=steps, eval_every=200)
+        config["network"]["exchange"] = exchange
+        swarm = swarm_factory(config, name=f"exchange-{exchange}")
+        assert swarm.wait(240) == 0, swarm.log()
+        runs[exchange] = swarm
+    on, off = runs[True], runs[False]
+    summary = on.summary()
+    assert summary["ok"] and all(p["interactions"] > 300 for p in summary["peers"]), summary["peers"]
+    isolated = [time_averaged_excess(off, n, half) for n in PEERS]
+    swarm = [time_averaged_excess(on, n, half) for n in PEERS]
+    a, b, _, f_opt = make_problem(10_000, 32, 1.0, 0)
+    mean = final_weights(on, PEERS).mean(0)
     excess_mean = float(objective(a, b, mean)) - f_opt
-    excess_peers = [float(objective(a, b, w)) - f_opt for w in weights]
-    print(f"lsq: excess loss of the average {excess_mean:.4f}, of the peers {excess_peers}")
-    # SPEC 1.5: at eta = 0.01, batch 1, one SGD model sits at an excess loss of about 0.09 and
-    # n = 4 PopSGD-like peers at about 0.09 / 4. The average of the swarm must be clearly below the
-    # single-model level (half of it), starting from 16: variance reduction, not just convergence.
-    assert excess_mean < 0.045, (excess_mean, excess_peers)
-    # Every peer ends near the average: within the single-SGD-model noise level of it.
-    assert max(excess_peers) < 0.09 * 1.5, excess_peers
+    print(f"lsq: time-averaged excess loss per peer, isolated {isolated}, swarm {swarm}; "
+          f"final average model {excess_mean:.4f}")
+    # Isolated peers reproduce the single-model level of SPEC 1.5 (0.091 +- noise) ...
+    assert all(0.04 < x < 0.2 for x in isolated), isolated
+    # ... and merging neighbours cuts every peer's excess loss well below it (1/4 when perfectly
+    # mixed; a merge every few steps leaves consensus error: 0.55-0.65 measured, hence 0.8).
+    assert max(swarm) < 0.8 * min(isolated), (swarm, isolated)
+    # The average of the final models: about 0.09 / 4 by SPEC 1.5; allow twice that.
+    assert excess_mean < 0.045, excess_mean
     assert summary["average"]["eval"]["excess_loss"] == pytest.approx(excess_mean, rel=1e-3, abs=1e-5)
 
 
@@ -59,7 +77,12 @@ def test_quickstart_matches_sequential_sgd_on_digits(swarm_factory, tmp_path):
         assert sequential.wait(240) == 0, sequential.log()
     finally:
         sequential.kill_tree()
-    swarm_result, seq_result = swarm.summary(), sequential.summary()
+    lattice = LocalSwarm(tmp_path / "lattice", Path("configs/quickstart-lattice.toml"))
+    try:
+        assert lattice.wait(240) == 0, lattice.log()
+    finally:
+        lattice.kill_tree()
+    swarm_result, seq_result, lattice_result = swarm.summary(), sequential.summary(), lattice.summary()
     seq_acc = seq_result["average"]["eval"]["accuracy"]
     avg_acc = swarm_result["average"]["eval"]["accuracy"]
     peer_accs = [p["eval"]["accuracy"] for p in swarm_result["peers"]]
@@ -68,3 +91,11 @@ def test_quickstart_matches_sequential_sgd_on_digits(swarm_factory, tmp_path):
     assert avg_acc >= seq_acc - 0.02
     assert min(peer_accs) >= seq_acc - 0.02
     assert quickstart_s < 180
+    # Lattice snapshots (SPEC 3.4): the SwarmSGD paper saw under 0.3 points of drop; with 359 test
+    # images one image is 0.28 points, so allow 1 point; and a quarter of fp32's bytes at most.
+    lat_acc = lattice_result["average"]["eval"]["accuracy"]
+    per_merge = {name: sum(p["bytes_received"] for p in r["peers"]) / sum(p["interactions"] for p in r["peers"])
+                 for name, r in (("fp32", swarm_result), ("lattice", lattice_result))}
+    print(f"digits lattice: average {lat_acc:.4f}, bytes received per merge {per_merge}")
+    assert lat_acc >= avg_acc - 0.01
+    assert per_merge["lattice"] <= per_merge["fp32"] / 4

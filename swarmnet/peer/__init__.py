@@ -1,0 +1,1 @@
+"""The peer daemon and its services: compute loop, snapshot server, exchange, membership."""
