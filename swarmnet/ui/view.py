@@ -27,12 +27,12 @@ def fmt_float(value: float | None, digits: int = 4) -> str:
 
 
 def fmt_bytes(rate: float | None) -> str:
-    """A byte rate with a binary prefix, e.g. ``1.5 MiB/s``."""
+    """A byte rate with a binary prefix, e.g. ``1.5MiB`` (per second)."""
     if rate is None or not math.isfinite(rate):
         return "-"
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(rate) < 1024 or unit == "GiB":
-            return f"{rate:.0f} {unit}/s" if unit == "B" else f"{rate:.1f} {unit}/s"
+            return f"{rate:.0f}{unit}" if unit == "B" else f"{rate:.1f}{unit}"
         rate /= 1024
     raise AssertionError("unreachable")
 
@@ -50,11 +50,14 @@ def render_header(snap: SwarmSnapshot) -> Panel:
     parts = [
         f"peers alive [bold]{len(snap.alive)}[/]/{len(snap.peers)}",
         f"throughput [bold]{fmt_float(through.interactions, 3) if through else '-'}[/] interactions/s",
-        f"in {fmt_bytes(through.bytes_in if through else None)}",
-        f"out {fmt_bytes(through.bytes_out if through else None)}",
+        f"in {fmt_bytes(through.bytes_in if through else None)}/s",
+        f"out {fmt_bytes(through.bytes_out if through else None)}/s",
         f"consensus distance [bold]{fmt_float(snap.consensus)}[/]",
         f"mean-model loss [bold]{fmt_float(snap.mean_model_loss)}[/]",
     ]
+    budgets = {p.total_steps for p in snap.peers if p.total_steps}
+    if budgets:
+        parts.append(f"budget {'/'.join(str(b) for b in sorted(budgets))} steps")
     stamp = time.strftime("%H:%M:%S", time.localtime(snap.taken_at))
     return Panel("  ".join(parts), title=f"swarmnet status  {stamp}",
                  subtitle=f"query {snap.query_s * 1000:.0f} ms", title_align="left", subtitle_align="right")
@@ -62,11 +65,14 @@ def render_header(snap: SwarmSnapshot) -> Panel:
 
 def render_peers(snap: SwarmSnapshot) -> Table:
     table = Table(expand=True, pad_edge=False, box=None, header_style="bold")
-    for name, justify in (("peer", "left"), ("host", "left"), ("device", "left"), ("state", "left"),
-                          ("step", "right"), ("clock", "right"), ("loss", "right"), ("lr", "right"),
-                          ("inter/s", "right"), ("in", "right"), ("out", "right"), ("stale", "right"),
-                          ("seen", "right")):
-        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    # The identifying columns keep their width; numbers give way first on a narrow terminal.
+    name_width = max([4, *(len(p.name) for p in snap.peers)])
+    for name, justify, width in (("peer", "left", name_width), ("host", "left", 4), ("device", "left", 6),
+                                 ("state", "left", 9), ("step", "right", 5), ("clock", "right", 0),
+                                 ("loss", "right", 6), ("lr", "right", 0), ("inter/s", "right", 0),
+                                 ("in/s", "right", 0), ("out/s", "right", 0), ("stale", "right", 0),
+                                 ("seen", "right", 5)):
+        table.add_column(name, justify=justify, no_wrap=True, min_width=width or None)  # type: ignore[arg-type]
     for row in snap.peers:
         table.add_row(*_cells(row, snap.taken_at), style="dim" if row.stale else None)
     return table
@@ -78,10 +84,9 @@ def _cells(row: PeerStatus, now: float) -> list[RenderableType]:
         state = Text("stale" if row.sampled_at else "no answer", style="red")
     else:
         state = Text(row.state, style=STATE_STYLES.get(row.state, ""))
-    step = f"{row.step}/{row.total_steps}" if row.total_steps else str(row.step)
     seen = fmt_age(row.last_seen_age(now)) if row.sampled_at else "never"
     return [
-        row.name, row.host or "-", row.device or "-", state, step, str(row.clock), fmt_float(row.loss),
+        row.name, row.host or "-", row.device or "-", state, str(row.step), str(row.clock), fmt_float(row.loss),
         fmt_float(row.lr, 3), fmt_float(rates.interactions, 3) if rates else "-",
         fmt_bytes(rates.bytes_in if rates else None), fmt_bytes(rates.bytes_out if rates else None),
         f"{fmt_float(row.staleness_s, 2)}s" if math.isfinite(row.staleness_s) else "-", seen,
