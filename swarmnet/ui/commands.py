@@ -31,7 +31,7 @@ def status_command(
     timeout: Annotated[float, typer.Option("--timeout", help="Deadline of one STATUS request, seconds.")] = 0.8,
 ) -> None:
     """Watch a running swarm: one row per peer, swarm totals and recent events, refreshed live."""
-    from swarmnet.ui.collect import StatusCollector, seeds_from_run_dir
+    from swarmnet.ui.collect import StatusCollector, resolve_seed, seeds_from_run_dir
     from swarmnet.ui.live import run_status
 
     if not seed and run_dir is None:
@@ -40,6 +40,8 @@ def status_command(
         _fail(f"--run-dir {run_dir}: no such directory")
     if not seed and run_dir is not None and not seeds_from_run_dir(run_dir):
         _fail(f"--run-dir {run_dir}: no */card.json yet (are the peers running?)")
+    if seed and run_dir is None and not any(resolve_seed(s) for s in seed):
+        _fail(f"--seed {' '.join(seed)}: no readable card.json (is the peer running?)")
     if interval <= 0 or timeout <= 0:
         _fail("--interval and --timeout must be > 0")
 

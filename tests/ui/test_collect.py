@@ -119,3 +119,20 @@ async def test_run_dir_cards_are_seeds(tmp_path: Path) -> None:
         assert [p.name for p in snap.peers] == ["peer0", "peer1"]
         # Every reply repeats the peers' recent events (at new times here); each is shown once.
         assert len([e for e in snap.events if e.what == "joined"]) == 2
+
+
+def test_status_command_refuses_seeds_it_cannot_use(tmp_path: Path) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from swarmnet.ui.commands import status_command
+
+    app = typer.Typer()
+    app.command("status")(status_command)
+    app.command("noop")(lambda: None)
+    runner = CliRunner()
+    assert runner.invoke(app, ["status"]).exit_code == 2
+    missing = runner.invoke(app, ["status", "--seed", f"file://{tmp_path}/peer0/card.json"])
+    assert missing.exit_code == 2 and "card.json" in missing.output
+    empty = runner.invoke(app, ["status", "--run-dir", str(tmp_path)])
+    assert empty.exit_code == 2 and "card.json" in empty.output
