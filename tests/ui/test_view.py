@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.timeout(30)
 
 
 def screen(renderable: object, width: int = 200) -> str:
-    console = Console(width=width, height=200, record=True, force_terminal=True, color_system=None)
+    console = Console(width=width, height=200, record=True, force_terminal=True, color_system=None, file=io.StringIO())
     console.print(renderable)
     return console.export_text()
 
