@@ -1,0 +1,267 @@
+"""Swarm bootstrap files: what ``swarmnet init`` writes to start one peer per GPU on a set of hosts.
+
+From a host list and a GPU count it plans one peer per (host, GPU), then renders the peer
+manifests (``peers/*.toml``), a swarm config (``configs/swarm.toml``), a ``Procfile`` for the first
+host, a Slurm batch script and a Kubernetes StatefulSet. Every peer's seed is the first peer of the
+first host. Nothing is written when any target exists, unless ``force``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from swarmnet.codecs import CODECS
+from swarmnet.errors import ConfigError
+
+CONFIG_PATH = "configs/swarm.toml"
+SLURM_PATH = "swarmnet.sbatch"
+KUBERNETES_PATH = "swarmnet-k8s.yaml"
+
+
+@dataclass(frozen=True, slots=True)
+class PeerPlan:
+    name: str
+    host: str
+    gpu: int
+    rank: int
+    port: int
+
+    @property
+    def advertise(self) -> str:
+        return f"tcp://{self.host}:{self.port}"
+
+    @property
+    def listen(self) -> str:
+        return f"tcp://0.0.0.0:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class SwarmPlan:
+    """One peer per GPU per host; ranks run host-major, ports ``port_base + gpu`` on every host."""
+
+    hosts: tuple[str, ...]
+    gpus_per_host: int
+    port_base: int = 7100
+    codec: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if not self.hosts or any(not h or any(c in h for c in " ,/:\"'") for h in self.hosts):
+            raise ConfigError(f"--hosts: expected host names separated by commas, got {','.join(self.hosts)!r}")
+        if len(set(self.hosts)) != len(self.hosts):
+            raise ConfigError("--hosts: a host is listed twice")
+        if self.gpus_per_host < 1:
+            raise ConfigError("--gpus-per-host: must be >= 1")
+        if not 1024 <= self.port_base <= 65535 - self.gpus_per_host:
+            raise ConfigError(f"--port-base: must be in [1024, {65535 - self.gpus_per_host}]")
+        if self.codec not in CODECS:
+            raise ConfigError(f"--codec: unknown codec {self.codec!r}; available: {', '.join(sorted(CODECS))}")
+
+    @property
+    def peers(self) -> list[PeerPlan]:
+        return [PeerPlan(name=f"peer{h * self.gpus_per_host + g}", host=host, gpu=g,
+                         rank=h * self.gpus_per_host + g, port=self.port_base + g)
+                for h, host in enumerate(self.hosts) for g in range(self.gpus_per_host)]
+
+    @property
+    def seed(self) -> str:
+        return self.peers[0].advertise
+
+    @property
+    def size(self) -> int:
+        return len(self.hosts) * self.gpus_per_host
+
+
+def _toml_str(value: str) -> str:
+    return json.dumps(value)  # a JSON string is a valid TOML basic string for these values
+
+
+def render_manifest(plan: SwarmPlan, peer: PeerPlan) -> str:
+    seeds = [] if peer.advertise == plan.seed else [plan.seed]
+    return (
+        f"# Peer {peer.rank} of {plan.size}: {peer.host} GPU {peer.gpu}. Written by swarmnet init.\n"
+        f"name = {_toml_str(peer.name)}\n"
+        f"listen = {_toml_str(peer.listen)}\n"
+        f"advertise = {_toml_str(peer.advertise)}\n"
+        f"device = {_toml_str(f'cuda:{peer.gpu}')}\n"
+        f"seeds = [{', '.join(_toml_str(s) for s in seeds)}]\n"
+        f"rank = {peer.rank}\n"
+    )
+
+
+def render_config(plan: SwarmPlan) -> str:
+    return f"""# Swarm of {plan.size} peers ({len(plan.hosts)} hosts x {plan.gpus_per_host} GPUs), written by swarmnet init.
+# Based on configs/quickstart.toml; every key is documented in swarmnet/config.py.
+
+[run]
+dir = "runs/swarm"
+seed = 0
+peers = {plan.size}
+
+[task]
+spec = "swarmnet.tasks.digits:task"
+
+[train]
+batch_size = 32
+epochs = 30
+lr = 0.05
+momentum = 0.9
+schedule = "cosine"
+metrics_every = 10
+
+[algorithm]
+name = "swarmsgd"
+local_steps = 2
+
+[codec]
+name = {_toml_str(plan.codec)}
+
+[network]
+# Wait for most of the swarm before the first step, then keep serving a little after the budget.
+min_peers = {max(0, min(plan.size - 1, (plan.size * 3) // 4))}
+linger = 10.0
+"""
+
+
+def render_procfile(plan: SwarmPlan) -> str:
+    lines = [f"# Peers of {plan.hosts[0]} (run `honcho start` there, from this directory). Written by swarmnet init."]
+    for peer in plan.peers:
+        if peer.host == plan.hosts[0]:
+            lines.append(f"{peer.name}: exec env PYTHONUNBUFFERED=1 swarmnet peer --config {CONFIG_PATH} "
+                         f"--peer peers/{peer.name}.toml")
+    return "\n".join(lines) + "\n"
+
+
+def render_slurm(plan: SwarmPlan) -> str:
+    g = plan.gpus_per_host
+    return f"""#!/bin/bash
+# {plan.size} swarmnet peers: one per GPU, {g} per node. Submit from this directory: sbatch {SLURM_PATH}
+# swarmnet peer takes its rank from SLURM_PROCID and its GPU from SLURM_LOCALID (device auto).
+#SBATCH --job-name=swarmnet
+#SBATCH --nodes={len(plan.hosts)}
+#SBATCH --ntasks-per-node={g}
+#SBATCH --gpus-per-node={g}
+#SBATCH --cpus-per-task=4
+#SBATCH --output=swarmnet-%j.out
+set -euo pipefail
+
+PORT_BASE={plan.port_base}
+SEED_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+export PORT_BASE SEED_HOST PYTHONUNBUFFERED=1
+
+srun --kill-on-bad-exit=0 bash -c 'exec swarmnet peer --config {CONFIG_PATH} \\
+    --name "peer$SLURM_PROCID" \\
+    --listen "tcp://0.0.0.0:$((PORT_BASE + SLURM_LOCALID))" \\
+    --advertise "tcp://$(hostname):$((PORT_BASE + SLURM_LOCALID))" \\
+    --seed "tcp://$SEED_HOST:$PORT_BASE" \\
+    --device auto --run-dir "runs/swarm-$SLURM_JOB_ID"'
+"""
+
+
+def render_kubernetes(plan: SwarmPlan) -> str:
+    config = "\n".join(f"    {line}" if line else "" for line in render_config(plan).splitlines())
+    port = plan.port_base
+    return f"""# {plan.size} swarmnet peers as a StatefulSet, one GPU per pod. Apply with: kubectl apply -f {KUBERNETES_PATH}
+# The headless Service gives every pod a stable DNS name (swarmnet-N.swarmnet); pod swarmnet-0 is
+# the seed and each pod's ordinal is its rank. Set the image to one with swarmnet installed.
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: swarmnet-config
+data:
+  swarm.toml: |
+{config}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: swarmnet
+spec:
+  clusterIP: None
+  publishNotReadyAddresses: true
+  selector:
+    app: swarmnet
+  ports:
+    - name: swarm
+      port: {port}
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata:
+  name: swarmnet
+spec:
+  serviceName: swarmnet
+  replicas: {plan.size}
+  podManagementPolicy: Parallel
+  selector:
+    matchLabels:
+      app: swarmnet
+  template:
+    metadata:
+      labels:
+        app: swarmnet
+    spec:
+      containers:
+        - name: peer
+          image: swarmnet:latest
+          ports:
+            - containerPort: {port}
+              name: swarm
+          env:
+            - name: PYTHONUNBUFFERED
+              value: "1"
+            - name: POD_NAME
+              valueFrom:
+                fieldRef:
+                  fieldPath: metadata.name
+          command: ["bash", "-c"]
+          args:
+            - >-
+              exec swarmnet peer --config /etc/swarmnet/swarm.toml
+              --name "$POD_NAME" --rank "${{POD_NAME##*-}}"
+              --listen "tcp://0.0.0.0:{port}"
+              --advertise "tcp://$POD_NAME.swarmnet:{port}"
+              --seed "tcp://swarmnet-0.swarmnet:{port}"
+              --device cuda:0 --run-dir /data/runs
+          resources:
+            limits:
+              nvidia.com/gpu: 1
+          volumeMounts:
+            - name: config
+              mountPath: /etc/swarmnet
+            - name: data
+              mountPath: /data
+      volumes:
+        - name: config
+          configMap:
+            name: swarmnet-config
+        - name: data
+          emptyDir: {{}}
+"""
+
+
+def render_all(plan: SwarmPlan) -> dict[str, str]:
+    """Relative path -> file text, for every file ``swarmnet init`` writes."""
+    files = {f"peers/{p.name}.toml": render_manifest(plan, p) for p in plan.peers}
+    files[CONFIG_PATH] = render_config(plan)
+    files["Procfile"] = render_procfile(plan)
+    files[SLURM_PATH] = render_slurm(plan)
+    files[KUBERNETES_PATH] = render_kubernetes(plan)
+    return files
+
+
+def write_bootstrap(plan: SwarmPlan, out: Path, *, force: bool = False) -> list[Path]:
+    """Write every file under ``out``. Raises ConfigError, before writing anything, when a file
+    already exists and ``force`` is false. Returns the paths written."""
+    files = {out / rel: text for rel, text in render_all(plan).items()}
+    existing = [p for p in files if p.exists()]
+    if existing and not force:
+        shown = ", ".join(str(p) for p in existing[:5]) + (" ..." if len(existing) > 5 else "")
+        raise ConfigError(f"{len(existing)} file(s) already exist ({shown}); pass --force to overwrite")
+    for path, text in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        if path.suffix == ".sbatch":
+            path.chmod(0o755)
+    return list(files)

@@ -1,0 +1,1 @@
+"""Watching and bootstrapping a swarm: the status view, its collector, plots and CLI commands."""

@@ -1,0 +1,163 @@
+"""The status collector: discovers a swarm through membership and polls every peer's STATUS.
+
+One :class:`StatusCollector` owns one :class:`~swarmnet.peer.client.PeerClient` for a whole
+``swarmnet status`` run. Each :meth:`StatusCollector.poll` asks every known address at once with a
+short deadline, learns new addresses from the ``peers`` lists in the replies, and returns an
+immutable :class:`~swarmnet.ui.model.SwarmSnapshot`. A peer that does not answer keeps its last
+row, marked stale; it never delays the others beyond the deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from swarmnet.peer.client import PeerClient
+from swarmnet.peer.stats import PeerStats
+from swarmnet.transport import TransportSet
+from swarmnet.ui.model import Event, PeerStatus, SwarmSnapshot
+from swarmnet.wire import Limits, MsgType, request
+
+MAX_EVENTS = 12
+SAME_EVENT_S = 10.0
+
+
+def seeds_from_run_dir(run_dir: Path) -> list[str]:
+    """Addresses from the ``<run_dir>/<peer>/card.json`` files peers write once they are bound."""
+    seeds = []
+    for card in sorted(run_dir.glob("*/card.json")):
+        addr = _card_addr(card)
+        if addr:
+            seeds.append(addr)
+    return seeds
+
+
+def resolve_seed(seed: str) -> str | None:
+    """A dialable address for ``seed``; ``file://`` seeds name a card.json (None if unreadable)."""
+    if seed.startswith("file://"):
+        return _card_addr(Path(urlparse(seed).path))
+    return seed
+
+
+def _card_addr(path: Path) -> str | None:
+    try:
+        addr = json.loads(path.read_text()).get("addr")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(addr) if addr else None
+
+
+def mean_model_loss(run_dir: Path | None) -> float | None:
+    """Loss of the averaged final models from a finished ``swarmnet up`` run's summary.json."""
+    if run_dir is None:
+        return None
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        loss = summary["average"]["eval"]["loss"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return float(loss) if isinstance(loss, (int, float)) else None
+
+
+class StatusCollector:
+    """Polls a swarm's peers. Create inside the event loop; call :meth:`aclose` when done.
+
+    Args:
+        seeds: addresses (``tcp://``, ``ipc://``, ``file:///.../card.json``) to start discovery from.
+        timeout: deadline of one STATUS request, seconds.
+        run_dir: optional run directory, re-read on each poll for new cards and the final summary.
+    """
+
+    def __init__(self, seeds: Iterable[str], *, timeout: float = 0.8, run_dir: Path | None = None) -> None:
+        self.seeds = list(seeds)
+        self.run_dir = run_dir
+        self.timeout = timeout
+        self.transports = TransportSet()
+        self.client = PeerClient(sender="status-client", transports=self.transports, limits=Limits(),
+                                 timeout=timeout, stats=PeerStats(), max_frame_bytes=2**24)
+        self.rows: dict[str, PeerStatus] = {}
+        """Last row per address."""
+        self.addresses: dict[str, None] = {}
+        """Every address known, in discovery order."""
+        self._events: dict[tuple[str, str], Event] = {}
+
+    def _discover(self) -> None:
+        found = [resolve_seed(s) for s in self.seeds]
+        if self.run_dir is not None:
+            found += seeds_from_run_dir(self.run_dir)
+        for addr in found:
+            if addr:
+                self.addresses.setdefault(addr, None)
+
+    async def _ask(self, addr: str) -> dict[str, Any]:
+        reply = await self.client.call(addr, request(MsgType.STATUS, self.client.sender), self.timeout)
+        return dict(reply.body["status"])
+
+    async def poll(self) -> SwarmSnapshot:
+        """Query every known peer concurrently, fold in what they know, return the new snapshot."""
+        started = time.monotonic()
+        self._discover()
+        asked: set[str] = set()
+        # New addresses learned from one round are asked in the next pass of the same poll, so one
+        # seed is enough for a full first frame.
+        while pending := [a for a in self.addresses if a not in asked]:
+            asked.update(pending)
+            replies = await asyncio.gather(*(self._ask(a) for a in pending), return_exceptions=True)
+            now = time.time()
+            for addr, reply in zip(pending, replies):
+                if isinstance(reply, BaseException):
+                    if not isinstance(reply, Exception):
+                        raise reply
+                    self._failed(addr, reply, now)
+                else:
+                    self._answered(addr, reply, now)
+        return SwarmSnapshot(
+            taken_at=time.time(), peers=tuple(sorted(self.rows.values(), key=_order)),
+            events=tuple(sorted(self._events.values(), key=lambda e: e.time)[-MAX_EVENTS:]),
+            mean_model_loss=mean_model_loss(self.run_dir), query_s=time.monotonic() - started,
+        )
+
+    def _answered(self, addr: str, status: dict[str, Any], now: float) -> None:
+        previous = self.rows.get(addr)
+        row = PeerStatus.from_reply(status, addr=addr, now=now, previous=previous)
+        if previous is not None and previous.stale:
+            self._note(Event(now, row.name, "answering again", "status"))
+        self.rows[addr] = row
+        for card in status.get("peers") or []:
+            if isinstance(card, dict) and isinstance(card.get("addr"), str):
+                self.addresses.setdefault(card["addr"], None)
+        for item in status.get("events") or []:
+            if isinstance(item, (list, tuple)) and len(item) == 3 and isinstance(item[0], (int, float)):
+                self._note(Event(float(item[0]), str(item[1]), str(item[2]), row.name))
+
+    def _failed(self, addr: str, exc: Exception, now: float) -> None:
+        row = self.rows.get(addr)
+        if row is None:
+            row = PeerStatus(name=addr, addr=addr, sampled_at=0.0)
+        if not row.stale:
+            self._note(Event(now, row.name, "not answering", "status"))
+        self.rows[addr] = row.gone_stale(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+
+    def _note(self, event: Event) -> None:
+        # Every peer reports the same membership change at a slightly different time: one
+        # occurrence per (peer, what) within SAME_EVENT_S, the earliest report kept.
+        key = (event.peer, event.what)
+        known = self._events.get(key)
+        if known is None or event.time > known.time + SAME_EVENT_S:
+            self._events[key] = event
+        elif event.time < known.time:
+            self._events[key] = event
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+        await self.transports.aclose()
+
+
+def _order(row: PeerStatus) -> tuple[int, str]:
+    digits = "".join(ch for ch in row.name if ch.isdigit())
+    return (int(digits) if digits else 1 << 30, row.name)

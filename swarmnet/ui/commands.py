@@ -1,0 +1,90 @@
+"""Command functions for ``swarmnet status``, ``swarmnet plot`` and ``swarmnet init``.
+
+They are plain typer-compatible functions; ``swarmnet/cli.py`` registers them with
+``app.command("status")(status_command)`` and so on. Bodies stay synchronous: parse, validate,
+then run the event loop or write files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from swarmnet.errors import ConfigError
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def status_command(
+    seed: Annotated[Optional[list[str]], typer.Option("--seed", "-s", help="Address of any peer of the swarm, e.g. tcp://10.0.0.1:7100 or file:///run/peer0/card.json (repeatable).")] = None,
+    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", "-r", help="Run directory: seeds come from its */card.json files.")] = None,
+    once: Annotated[bool, typer.Option("--once", help="Print one frame and exit.")] = False,
+    json_: Annotated[bool, typer.Option("--json", help="Print one machine-readable JSON document and exit.")] = False,
+    interval: Annotated[float, typer.Option("--interval", "-i", help="Seconds between refreshes.")] = 1.0,
+    timeout: Annotated[float, typer.Option("--timeout", help="Deadline of one STATUS request, seconds.")] = 0.8,
+) -> None:
+    """Watch a running swarm: one row per peer, swarm totals and recent events, refreshed live."""
+    from swarmnet.ui.collect import StatusCollector, resolve_seed, seeds_from_run_dir
+    from swarmnet.ui.live import run_status
+
+    if not seed and run_dir is None:
+        _fail("give --seed ADDRESS or --run-dir DIR")
+    if run_dir is not None and not run_dir.is_dir():
+        _fail(f"--run-dir {run_dir}: no such directory")
+    if not seed and run_dir is not None and not seeds_from_run_dir(run_dir):
+        _fail(f"--run-dir {run_dir}: no */card.json yet (are the peers running?)")
+    if seed and run_dir is None and not any(resolve_seed(s) for s in seed):
+        _fail(f"--seed {' '.join(seed)}: no readable card.json (is the peer running?)")
+    if interval <= 0 or timeout <= 0:
+        _fail("--interval and --timeout must be > 0")
+
+    async def main() -> None:
+        collector = StatusCollector(seed or [], timeout=timeout, run_dir=run_dir)
+        await run_status(collector, console=Console(), interval=interval, once=once, as_json=json_)
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+def plot_command(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory holding <peer>/metrics.jsonl files.")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="PNG to write (default: RUN_DIR/swarm.png).")] = None,
+) -> None:
+    """Plot loss (per peer and mean) against steps and time, consensus distance and bytes per interaction."""
+    from swarmnet.ui.plots import plot_run
+
+    target = output or run_dir / "swarm.png"
+    try:
+        plot_run(run_dir, target)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {target}")
+
+
+def init_command(
+    hosts: Annotated[str, typer.Option("--hosts", help="Comma-separated host names or addresses; the first host's first peer is the seed.")],
+    gpus_per_host: Annotated[int, typer.Option("--gpus-per-host", help="Peers per host, one per GPU (cuda:0 .. cuda:N-1).")] = 1,
+    port_base: Annotated[int, typer.Option("--port-base", help="Port of GPU 0's peer on every host; GPU N listens on port-base + N.")] = 7100,
+    codec: Annotated[str, typer.Option("--codec", help="Codec written into the swarm config, e.g. fp32 (see docs/codecs.md).")] = "fp32",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write peers/, configs/swarm.toml, Procfile, the Slurm script and the Kubernetes manifest into.")] = Path("."),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite files that already exist.")] = False,
+) -> None:
+    """Write peer manifests, a swarm config, a Procfile, a Slurm script and a Kubernetes manifest."""
+    from swarmnet.bootstrap import SwarmPlan, write_bootstrap
+
+    try:
+        plan = SwarmPlan(hosts=tuple(h.strip() for h in hosts.split(",")), gpus_per_host=gpus_per_host,
+                         port_base=port_base, codec=codec)
+        written = write_bootstrap(plan, out, force=force)
+    except ConfigError as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {len(written)} files for {plan.size} peers under {out}; seed {plan.seed}")

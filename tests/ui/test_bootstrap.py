@@ -1,0 +1,102 @@
+"""``swarmnet init``: every file it writes loads back with the runtime's own loaders."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from swarmnet.bootstrap import SwarmPlan, render_all, write_bootstrap
+from swarmnet.config import load_config, load_manifest
+from swarmnet.errors import ConfigError
+from swarmnet.ui.commands import init_command
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def cli() -> typer.Typer:
+    app = typer.Typer()
+    app.command("init")(init_command)
+    app.command("noop")(lambda: None)  # two commands, so "init" is a subcommand as in swarmnet
+    return app
+
+
+def test_manifests_and_config_load_back(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli(), ["init", "--hosts", "node-a,node-b", "--gpus-per-host", "8",
+                                        "--port-base", "7300", "--codec", "fp32", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    manifests = sorted(tmp_path.glob("peers/*.toml"), key=lambda p: int(p.stem.removeprefix("peer")))
+    assert len(manifests) == 16
+    loaded = [load_manifest(p) for p in manifests]
+    assert [m.rank for m in loaded] == list(range(16))
+    assert loaded[0].seeds == [] and loaded[0].advertise == "tcp://node-a:7300"
+    assert all(m.seeds == ["tcp://node-a:7300"] for m in loaded[1:])
+    assert loaded[11].device == "cuda:3" and loaded[11].advertise == "tcp://node-b:7303"
+    assert loaded[11].listen == "tcp://0.0.0.0:7303"
+    assert len({(m.advertise) for m in loaded}) == 16
+    cfg = load_config(tmp_path / "configs/swarm.toml")
+    assert cfg.run.peers == 16 and cfg.codec.name == "fp32"
+
+
+def test_procfile_runs_the_first_hosts_peers(tmp_path: Path) -> None:
+    write_bootstrap(SwarmPlan(hosts=("h1", "h2"), gpus_per_host=2), tmp_path)
+    lines = [line for line in (tmp_path / "Procfile").read_text().splitlines() if not line.startswith("#")]
+    assert lines == [
+        f"peer{i}: exec env PYTHONUNBUFFERED=1 swarmnet peer --config configs/swarm.toml --peer peers/peer{i}.toml"
+        for i in (0, 1)
+    ]
+    for line in lines:  # every path a Procfile line names exists relative to the output directory
+        words = line.split()
+        for flag in ("--config", "--peer"):
+            assert (tmp_path / words[words.index(flag) + 1]).is_file()
+
+
+def test_slurm_script_is_valid_bash_and_seeds_from_the_first_node(tmp_path: Path) -> None:
+    write_bootstrap(SwarmPlan(hosts=("h1", "h2", "h3"), gpus_per_host=4, port_base=7400), tmp_path)
+    script = tmp_path / "swarmnet.sbatch"
+    text = script.read_text()
+    assert "#SBATCH --nodes=3" in text and "#SBATCH --ntasks-per-node=4" in text
+    assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1' in text
+    assert '--seed "tcp://$SEED_HOST:$PORT_BASE"' in text and "PORT_BASE=7400" in text
+    subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def test_kubernetes_manifest(tmp_path: Path) -> None:
+    yaml = pytest.importorskip("yaml", reason="PyYAML is not installed")
+    write_bootstrap(SwarmPlan(hosts=("h1",), gpus_per_host=3), tmp_path)
+    docs = list(yaml.safe_load_all((tmp_path / "swarmnet-k8s.yaml").read_text()))
+    kinds = {d["kind"]: d for d in docs}
+    assert kinds["Service"]["spec"]["clusterIP"] == "None"
+    sts = kinds["StatefulSet"]["spec"]
+    assert sts["replicas"] == 3 and sts["serviceName"] == "swarmnet"
+    args = sts["template"]["spec"]["containers"][0]["args"][0]
+    assert '--rank "${POD_NAME##*-}"' in args and "tcp://swarmnet-0.swarmnet:7100" in args
+    config = tmp_path / "from-configmap.toml"
+    config.write_text(kinds["ConfigMap"]["data"]["swarm.toml"])
+    assert load_config(config).run.peers == 3
+
+
+def test_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
+    plan = SwarmPlan(hosts=("h1",), gpus_per_host=2)
+    (tmp_path / "Procfile").write_text("mine\n")
+    with pytest.raises(ConfigError, match="--force"):
+        write_bootstrap(plan, tmp_path)
+    assert (tmp_path / "Procfile").read_text() == "mine\n"
+    assert not (tmp_path / "peers").exists()  # nothing written at all
+    result = CliRunner().invoke(cli(), ["init", "--hosts", "h1", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    write_bootstrap(plan, tmp_path, force=True)
+    assert (tmp_path / "Procfile").read_text() == render_all(plan)["Procfile"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"hosts": ("a", "a")}, "twice"), ({"hosts": ("a b",)}, "--hosts"), ({"gpus_per_host": 0}, "gpus"),
+    ({"codec": "nope"}, "unknown codec"), ({"port_base": 80}, "port"),
+])
+def test_bad_arguments(kwargs: dict, message: str) -> None:
+    args = {"hosts": ("a",), "gpus_per_host": 1, **kwargs}
+    with pytest.raises(ConfigError, match=message):
+        SwarmPlan(**args)

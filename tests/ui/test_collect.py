@@ -1,0 +1,138 @@
+"""The collector against real sockets: 64 status responders speaking the wire protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from swarmnet.transport import TransportSet
+from swarmnet.ui.collect import StatusCollector, seeds_from_run_dir
+from swarmnet.wire import MsgType, decode, encode, reply
+from tests.ui.conftest import fake_status
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Responders:
+    """``n`` listeners on 127.0.0.1 answering STATUS; each knows only its ring neighbour, so
+    discovery has to follow the peers lists. ``silence(i)`` stops one answering."""
+
+    def __init__(self) -> None:
+        self.transports = TransportSet()
+        self.addrs: list[str] = []
+        self.silent: set[int] = set()
+        self.tasks: list[asyncio.Task[None]] = []
+        self.listeners = []
+        self.started = time.monotonic()
+
+    async def start(self, n: int) -> None:
+        for _ in range(n):
+            listener = await self.transports.for_url("tcp://127.0.0.1:0").listen("tcp://127.0.0.1:0")
+            self.listeners.append(listener)
+            self.addrs.append(listener.address)
+        for i, listener in enumerate(self.listeners):
+            self.tasks.append(asyncio.create_task(self.serve(i, listener)))
+
+    async def serve(self, i: int, listener) -> None:  # type: ignore[no-untyped-def]
+        nxt = (i + 1) % len(self.addrs)
+        card = {"id": f"peer{nxt}-abcdef", "addr": self.addrs[nxt], "hb": 1, "name": f"peer{nxt}", "done": False,
+                "alive": True, "failures": 0}
+        while True:
+            route, frames = await listener.recv()
+            if i in self.silent:
+                continue
+            msg = decode(frames)
+            status = fake_status(i, self.addrs[i], peers=[card], t=time.monotonic() - self.started)
+            await listener.send(route, encode(reply(msg, MsgType.STATUS_REPLY, f"peer{i}-abcdef", status=status)))
+
+    async def aclose(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for listener in self.listeners:
+            await listener.aclose()
+        await self.transports.aclose()
+
+
+@contextlib.asynccontextmanager
+async def responders(n: int) -> AsyncIterator[Responders]:
+    r = Responders()
+    try:
+        await r.start(n)
+        yield r
+    finally:
+        await r.aclose()
+
+
+async def test_one_seed_discovers_64_peers_and_a_silent_one_goes_stale() -> None:
+    async with responders(64) as swarm:
+        collector = StatusCollector([swarm.addrs[0]], timeout=0.5)
+        try:
+            first = await collector.poll()
+            assert [p.name for p in first.peers] == [f"peer{i}" for i in range(64)]
+            assert not any(p.stale for p in first.peers)
+            t0 = time.monotonic()
+            second = await collector.poll()
+            refresh = time.monotonic() - t0
+            print(f"refresh of 64 peers over tcp: {refresh * 1000:.0f} ms")
+            assert all(p.rates is not None for p in second.peers)
+            assert refresh < 0.5  # every peer answered within one deadline, so no timeouts were hit
+
+            swarm.silent.add(7)
+            t0 = time.monotonic()
+            third = await collector.poll()
+            waited = time.monotonic() - t0
+            row = next(p for p in third.peers if p.name == "peer7")
+            assert row.stale and "Timeout" in row.error
+            assert waited < 0.5 + 1.0  # one deadline, not one per peer
+            assert sum(not p.stale for p in third.peers) == 63
+            assert any(e.peer == "peer7" and e.what == "not answering" for e in third.events)
+
+            swarm.silent.discard(7)
+            fourth = await collector.poll()
+            assert not next(p for p in fourth.peers if p.name == "peer7").stale
+            assert any(e.peer == "peer7" and e.what == "answering again" for e in fourth.events)
+        finally:
+            await collector.aclose()
+
+
+async def test_run_dir_cards_are_seeds(tmp_path: Path) -> None:
+    async with responders(2) as swarm:
+        for i, addr in enumerate(swarm.addrs):
+            (tmp_path / f"peer{i}").mkdir()
+            (tmp_path / f"peer{i}" / "card.json").write_text(json.dumps({"id": "x", "name": f"peer{i}", "addr": addr}))
+        (tmp_path / "peer9").mkdir()
+        (tmp_path / "peer9" / "card.json").write_text("{not json")
+        assert seeds_from_run_dir(tmp_path) == swarm.addrs
+        collector = StatusCollector([], timeout=0.5, run_dir=tmp_path)
+        try:
+            await collector.poll()
+            snap = await collector.poll()
+        finally:
+            await collector.aclose()
+        assert [p.name for p in snap.peers] == ["peer0", "peer1"]
+        # Every reply repeats the peers' recent events (at new times here); each is shown once.
+        assert len([e for e in snap.events if e.what == "joined"]) == 2
+
+
+def test_status_command_refuses_seeds_it_cannot_use(tmp_path: Path) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from swarmnet.ui.commands import status_command
+
+    app = typer.Typer()
+    app.command("status")(status_command)
+    app.command("noop")(lambda: None)
+    runner = CliRunner()
+    assert runner.invoke(app, ["status"]).exit_code == 2
+    missing = runner.invoke(app, ["status", "--seed", f"file://{tmp_path}/peer0/card.json"])
+    assert missing.exit_code == 2 and "card.json" in missing.output
+    empty = runner.invoke(app, ["status", "--run-dir", str(tmp_path)])
+    assert empty.exit_code == 2 and "card.json" in empty.output

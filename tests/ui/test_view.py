@@ -1,0 +1,93 @@
+"""The status model and the pure render functions, on fake-but-real status maps."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+import time
+
+import pytest
+from rich.console import Console
+
+from swarmnet.ui.model import PeerStatus, SwarmSnapshot
+from swarmnet.ui.view import render
+from tests.ui.conftest import fake_status
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def screen(renderable: object, width: int = 200) -> str:
+    console = Console(width=width, height=200, record=True, force_terminal=True, color_system=None, file=io.StringIO())
+    console.print(renderable)
+    return console.export_text()
+
+
+def swarm_rows(n: int, t0: float, dt: float) -> list[PeerStatus]:
+    rows = []
+    for i in range(n):
+        addr = f"tcp://127.0.0.1:{7100 + i}"
+        first = PeerStatus.from_reply(fake_status(i, addr, t=10.0), addr=addr, now=t0)
+        rows.append(PeerStatus.from_reply(fake_status(i, addr, t=10.0 + dt), addr=addr, now=t0 + dt, previous=first))
+    return rows
+
+
+def test_rates_come_from_two_successive_replies() -> None:
+    (row,) = swarm_rows(1, 1000.0, 2.0)
+    assert row.rates is not None
+    assert row.rates.interactions == pytest.approx(4.0)
+    assert row.rates.bytes_in == pytest.approx(1000.0)
+    assert row.rates.bytes_out == pytest.approx(2000.0)
+
+
+def test_no_rates_across_a_restart_or_from_a_single_reply() -> None:
+    addr = "tcp://127.0.0.1:7100"
+    first = PeerStatus.from_reply(fake_status(0, addr, t=10.0), addr=addr, now=100.0)
+    assert first.rates is None
+    restarted = PeerStatus.from_reply(fake_status(0, addr, t=11.0, peer_id="peer0-123456"), addr=addr,
+                                      now=101.0, previous=first)
+    assert restarted.rates is None
+
+
+def test_header_totals_and_consensus_skip_stale_peers() -> None:
+    rows = swarm_rows(4, 1000.0, 1.0)
+    rows[3] = rows[3].gone_stale("RequestTimeout")
+    snap = SwarmSnapshot(taken_at=1003.0, peers=tuple(rows))
+    assert len(snap.alive) == 3
+    assert snap.throughput is not None and snap.throughput.interactions == pytest.approx(12.0)
+    assert snap.consensus == pytest.approx((0.0 + 0.1 + 0.2) / 3)  # peer3's 0.3 is not counted
+    doc = json.loads(json.dumps(snap.to_json(), allow_nan=False))
+    assert doc["swarm"]["alive"] == 3
+    assert doc["peers"][3]["stale"] is True and doc["peers"][3]["last_seen_s"] == pytest.approx(2.0)
+
+
+def test_render_shows_every_peer_and_marks_stale_ones() -> None:
+    rows = swarm_rows(5, 1000.0, 1.0)
+    rows[2] = rows[2].gone_stale("RequestTimeout")
+    text = screen(render(SwarmSnapshot(taken_at=1004.0, peers=tuple(rows))))
+    lines = {line.split()[0]: line for line in text.splitlines() if line.startswith("peer")}
+    assert set(lines) >= {f"peer{i}" for i in range(5)}
+    assert "stale" in lines["peer2"] and "3.0s" in lines["peer2"]
+    assert "training" in lines["peer1"] and "stale" not in lines["peer1"]
+    assert "peers alive 4/5" in text
+    assert "NaN" not in text and "nan" not in text
+
+
+def test_render_of_a_never_answering_address() -> None:
+    row = PeerStatus(name="tcp://127.0.0.1:9", addr="tcp://127.0.0.1:9").gone_stale("RequestTimeout")
+    assert math.isnan(row.loss)
+    text = screen(render(SwarmSnapshot(taken_at=1.0, peers=(row,))))
+    assert "no answer" in text and "never" in text
+
+
+def test_render_64_peers_is_fast() -> None:
+    t0 = time.perf_counter()
+    rows = swarm_rows(64, 1000.0, 1.0)
+    snap = SwarmSnapshot(taken_at=1001.5, peers=tuple(rows))
+    text = screen(render(snap))
+    elapsed = time.perf_counter() - t0
+    print(f"model + render of 64 peers: {elapsed * 1000:.1f} ms")
+    names = [line.split()[0] for line in text.splitlines() if re.match(r"peer\d+ ", line)]
+    assert names == [f"peer{i}" for i in range(64)]
+    assert elapsed < 1.0
