@@ -182,8 +182,12 @@ def bench_sim(
 
 def _register_tools() -> None:
     from swarmnet.sim.command import simulate_command
+    from swarmnet.ui.commands import init_command, plot_command, status_command
 
     app.command("simulate")(simulate_command)
+    app.command("status")(status_command)
+    app.command("plot")(plot_command)
+    app.command("init")(init_command)
 
 
 _register_tools()

@@ -7,17 +7,33 @@
 - :mod:`.averaging`: the interaction updates on tensors (SPEC 1.2, 2.4, 2.9).
 """
 
-from swarmnet.algorithms.averaging import (
-    apply_nudge,
-    consensus_distance,
-    pop_average,
-    pull_delta,
-    swarm_interaction,
-)
-from swarmnet.algorithms.clock import PhaseClock, clock_exchange
-from swarmnet.algorithms.local_steps import LocalSteps
-from swarmnet.algorithms.schedules import Schedule, compress_epochs, make_schedule
-from swarmnet.algorithms.topology import Topology, parse_topology
+import importlib
+from typing import Any
+
+# Exports resolve on first use, so light users (configs, the status view) never import torch.
+_EXPORTS = {
+    "apply_nudge": "averaging",
+    "consensus_distance": "averaging",
+    "pop_average": "averaging",
+    "pull_delta": "averaging",
+    "swarm_interaction": "averaging",
+    "PhaseClock": "clock",
+    "clock_exchange": "clock",
+    "LocalSteps": "local_steps",
+    "Schedule": "schedules",
+    "compress_epochs": "schedules",
+    "make_schedule": "schedules",
+    "Topology": "topology",
+    "parse_topology": "topology",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'swarmnet.algorithms' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"swarmnet.algorithms.{module}"), name)
+
 
 ALGORITHMS = ("swarmsgd", "popsgd")
 

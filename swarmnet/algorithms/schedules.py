@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import bisect
 import math
+import numbers
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
 
-ClockT = TypeVar("ClockT", int, float, Tensor)
+ClockT = TypeVar("ClockT", int, float, "Tensor")
 
 SCHEDULES = ("constant", "popsgd", "multistep", "cosine")
 
@@ -78,10 +79,12 @@ def clock_rate(lr: float, clock_scale: float, clock: ClockT) -> ClockT:
     addition (torch would otherwise divide by a scalar through its reciprocal), so they give
     identical values.
     """
-    if isinstance(clock, Tensor):
-        ratio = clock / torch.full_like(clock, clock_scale)
-        return torch.full_like(clock, lr) / (ratio + 1.0)
-    return lr / (1.0 + clock / clock_scale)
+    if isinstance(clock, numbers.Real):
+        return lr / (1.0 + clock / clock_scale)
+    import torch  # a tensor of clocks: torch is already loaded by whoever made it
+
+    ratio = clock / torch.full_like(clock, clock_scale)
+    return torch.full_like(clock, lr) / (ratio + 1.0)
 
 
 def compress_epochs(

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from swarmnet.errors import ConfigError
-from swarmnet.sim.runner import SimConfig, SimResult, run_simulation
+
+if TYPE_CHECKING:
+    from swarmnet.sim.runner import SimResult
 
 
 def simulate_command(
@@ -86,6 +88,8 @@ def simulate_command(
 ) -> None:
     """Simulate PopSGD or SwarmSGD on many nodes with exact sequential semantics (SPEC 1, 2)."""
     try:
+        from swarmnet.sim.runner import SimConfig, run_simulation  # torch: only when it runs
+
         config = SimConfig(
             task=task,
             task_options=parse_options(task_option or []),
