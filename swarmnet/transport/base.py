@@ -18,9 +18,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-from swarmnet.codecs.base import Buffer
+if TYPE_CHECKING:  # importing codecs at run time would pull in torch for every transport user
+    from swarmnet.codecs.base import Buffer
+
 
 Route = bytes
 """Opaque identity of the requester, handed back to ``Listener.send``."""

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import zmq
 import zmq.asyncio
 
-from swarmnet.codecs.base import Buffer
 from swarmnet.errors import EndpointClosed, RequestTimeout, TransportError
 from swarmnet.transport.base import Connection, Listener, Route, Transport
+
+if TYPE_CHECKING:
+    from swarmnet.codecs.base import Buffer
 
 
 def _bind_url(url: str) -> str:
