@@ -38,6 +38,13 @@ def _configure(sock: zmq.asyncio.Socket, max_frame_bytes: int) -> None:
     sock.setsockopt(zmq.RCVBUF, 4 * 1024 * 1024)
 
 
+def _closed_under_us() -> bool:
+    """True when a CancelledError came from pyzmq cancelling the pending future of a socket we
+    closed, rather than from our own task being cancelled."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() == 0
+
+
 class ZmqListener(Listener):
     def __init__(self, sock: zmq.asyncio.Socket, address: str) -> None:
         self._sock: zmq.asyncio.Socket | None = sock
@@ -54,6 +61,10 @@ class ZmqListener(Listener):
                 parts = await self._socket().recv_multipart(copy=False)
             except zmq.ZMQError as exc:
                 raise TransportError(f"receive on {self.address} failed: {exc}") from exc
+            except asyncio.CancelledError:
+                if self._sock is None and _closed_under_us():
+                    raise EndpointClosed(f"listener {self.address} closed while receiving") from None
+                raise
             if len(parts) >= 2:  # a ROUTER always prepends the route; anything else is noise
                 return parts[0].bytes, [p.buffer for p in parts[1:]]
 
@@ -63,6 +74,10 @@ class ZmqListener(Listener):
             await self._socket().send_multipart([route, *frames], copy=False)
         except zmq.ZMQError as exc:
             raise TransportError(f"reply on {self.address} failed: {exc}") from exc
+        except asyncio.CancelledError:
+            if self._sock is None and _closed_under_us():
+                raise EndpointClosed(f"listener {self.address} closed while replying") from None
+            raise
 
     async def aclose(self) -> None:
         if self._sock is not None:
@@ -105,6 +120,8 @@ class ZmqConnection(Connection):
         if self._closed:
             raise EndpointClosed(f"connection to {self.address} is closed")
         async with self._lock:
+            if self._closed:  # closed while this caller waited for the lock
+                raise EndpointClosed(f"connection to {self.address} is closed")
             try:
                 async with asyncio.timeout(timeout):
                     sock = self._socket()
@@ -116,8 +133,10 @@ class ZmqConnection(Connection):
             except zmq.ZMQError as exc:
                 self._reset()
                 raise TransportError(f"request to {self.address} failed: {exc}") from exc
-            except BaseException:
+            except BaseException as exc:
                 self._reset()  # cancelled mid-request: the socket state is unknown
+                if isinstance(exc, asyncio.CancelledError) and self._closed and _closed_under_us():
+                    raise EndpointClosed(f"connection to {self.address} closed mid-request") from None
                 raise
             return [p.buffer for p in parts]
 
