@@ -125,7 +125,9 @@ async def check_round_trip(case: TransportCase) -> None:
         listener = await transport.listen(case.bind_url())
         conn = transport.connect(listener.address)
         array = _pattern(1000, 7)
-        frames = [b"head", bytearray(b"mutable"), memoryview(array), b"", memoryview(b"tail")]
+        matrix = np.arange(12, dtype=np.float32).reshape(3, 4)  # typed, 2-D: tensor memory
+        frames = [b"head", bytearray(b"mutable"), memoryview(array), b"", memoryview(matrix),
+                  memoryview(b"tail")]
         async with _serving(listener, _reversed_copies):
             reply = await conn.request(frames, timeout=10)
         assert [bytes(f) for f in reply] == [bytes(f) for f in reversed(frames)]
@@ -346,10 +348,22 @@ async def _child_listener(case: TransportCase, mode: str
         await child.wait()
 
 
+_SAY = "transport-suite:"
+"""Prefix of the child's lines for the parent; native libraries may log to stdout as well."""
+
+
 async def _read_line(child: asyncio.subprocess.Process, timeout: float = 10) -> str:
+    """The child's next line for us, skipping anything else it printed."""
     assert child.stdout is not None
-    line = await asyncio.wait_for(child.stdout.readline(), timeout)
-    return line.decode().strip()
+    async with asyncio.timeout(timeout):
+        while line := (await child.stdout.readline()).decode():
+            if line.startswith(_SAY):
+                return line.removeprefix(_SAY).strip()
+    raise AssertionError(f"child exited with {await child.wait()} before saying anything")
+
+
+def _say(line: str) -> None:
+    print(_SAY + line, flush=True)
 
 
 async def _child_main(spec: str, url: str, mode: str) -> None:
@@ -357,13 +371,13 @@ async def _child_main(spec: str, url: str, mode: str) -> None:
     module, _, attr = spec.partition(":")
     transport: Transport = getattr(importlib.import_module(module), attr)()
     listener = await transport.listen(url)
-    print(listener.address, flush=True)
+    _say(listener.address)
     big = memoryview(_pattern(_BIG_REPLY, 5)) if mode == "big" else None
     route, _ = await listener.recv()
     if mode == "hold":
-        print("received", flush=True)
+        _say("received")
         await asyncio.Event().wait()  # the parent kills us here
-    print("sending", flush=True)
+    _say("sending")
     await listener.send(route, [big])
     await asyncio.Event().wait()
 
