@@ -253,6 +253,24 @@ async def check_close_wakes_pending_calls(case: TransportCase) -> None:
             await asyncio.wait_for(request, 5)
 
 
+async def check_frame_limit(case: TransportCase) -> None:
+    """A frame over the listener's ``max_frame_bytes`` never reaches ``recv``; the sender fails
+    and the listener keeps serving others."""
+    async with _transport(case) as transport:
+        listener = await transport.listen(case.bind_url(), max_frame_bytes=4096)
+        seen: list[bytes] = []
+
+        def record(frames: list[memoryview]) -> list[bytes]:
+            seen.append(bytes(frames[0]))
+            return [b"ok"]
+
+        async with _serving(listener, record):
+            await _expect_failure(
+                transport.connect(listener.address).request([b"x" * 100_000], timeout=0.5), 0.5)
+            reply = await transport.connect(listener.address).request([b"small"], timeout=10)
+        assert bytes(reply[0]) == b"ok" and seen == [b"small"]
+
+
 async def check_close_twice_and_use_after_close(case: TransportCase) -> None:
     """aclose is idempotent everywhere; every call after it raises EndpointClosed."""
     transport = case.new_transport()

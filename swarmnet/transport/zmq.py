@@ -46,9 +46,10 @@ def _closed_under_us() -> bool:
 
 
 class ZmqListener(Listener):
-    def __init__(self, sock: zmq.asyncio.Socket, address: str) -> None:
+    def __init__(self, sock: zmq.asyncio.Socket, address: str, max_frame_bytes: int) -> None:
         self._sock: zmq.asyncio.Socket | None = sock
         self.address = address
+        self._max = max_frame_bytes
 
     def _socket(self) -> zmq.asyncio.Socket:
         if self._sock is None:
@@ -65,6 +66,10 @@ class ZmqListener(Listener):
                 if self._sock is None and _closed_under_us():
                     raise EndpointClosed(f"listener {self.address} closed while receiving") from None
                 raise
+            # inproc:// bypasses libzmq's MAXMSGSIZE check (it has no wire decoder): enforce the
+            # limit here too, dropping the message as libzmq drops an oversized tcp peer.
+            if any(len(p) > self._max for p in parts[1:]):
+                continue
             if len(parts) >= 2:  # a ROUTER always prepends the route; anything else is noise
                 return parts[0].bytes, [p.buffer for p in parts[1:]]
 
@@ -162,7 +167,7 @@ class ZmqTransport(Transport):
             sock.close(linger=0)
             raise TransportError(f"cannot bind {url}: {exc}") from exc
         address = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
-        listener = ZmqListener(sock, address)
+        listener = ZmqListener(sock, address, max_frame_bytes)
         self._listeners.append(listener)
         return listener
 
