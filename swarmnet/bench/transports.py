@@ -5,7 +5,8 @@ requester until the whole reply is in its memory; both ends live in this process
 Each transport is measured twice in the same run: through the swarmnet interface
 (``Connection.request`` against a ``Listener`` that replies the payload) and through the raw
 library moving the same bytes (pyzmq ROUTER/DEALER with ``copy=False``; ucxx endpoints receiving
-into a preallocated array). Times are the median of ``repeats`` pulls after one warm-up pull.
+into a preallocated array). Times are the median of ``repeats`` pulls after one warm-up pull;
+the two sides pull alternately so that load from other processes falls on both alike.
 
 Called by ``swarmnet bench transports``.
 """
@@ -13,13 +14,14 @@ Called by ``swarmnet bench transports``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -50,21 +52,31 @@ def _bind_url(name: str, tmpdir: str) -> str:
     }[name]
 
 
-async def _median(pull: Pull, nbytes: int, repeats: int) -> float:
-    if await pull() != nbytes:  # warm-up: connection setup, page faults of fresh buffers
-        raise SwarmError("warm-up pull returned a short payload")
-    times = []
+async def _timed(pull: Pull, nbytes: int) -> float:
+    start = time.perf_counter()
+    got = await pull()
+    elapsed = time.perf_counter() - start
+    if got != nbytes:
+        raise SwarmError(f"pull returned {got} of {nbytes} bytes")
+    return elapsed
+
+
+async def _paired_medians(ours: Pull, raw: Pull, nbytes: int, repeats: int
+                          ) -> tuple[float, float]:
+    """Median pull times of both sides, alternating pulls so that load from other processes
+    falls on both alike; one warm-up pull each (connection setup, first page faults)."""
+    await _timed(ours, nbytes)
+    await _timed(raw, nbytes)
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        start = time.perf_counter()
-        got = await pull()
-        times.append(time.perf_counter() - start)
-        if got != nbytes:
-            raise SwarmError(f"pull returned {got} of {nbytes} bytes")
-    return statistics.median(times)
+        times[0].append(await _timed(ours, nbytes))
+        times[1].append(await _timed(raw, nbytes))
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
-async def _swarmnet_pull_time(transport: Transport, url: str, payload: np.ndarray,
-                              repeats: int) -> float:
+@contextlib.asynccontextmanager
+async def _swarmnet_puller(transport: Transport, url: str, payload: np.ndarray
+                           ) -> AsyncIterator[Pull]:
     listener = await transport.listen(url)
     reply = [memoryview(payload)]
 
@@ -81,14 +93,15 @@ async def _swarmnet_pull_time(transport: Transport, url: str, payload: np.ndarra
         return sum(memoryview(f).nbytes for f in frames)
 
     try:
-        return await _median(pull, payload.nbytes, repeats)
+        yield pull
     finally:
         server.cancel()
         await conn.aclose()
         await listener.aclose()
 
 
-async def _raw_zmq_pull_time(url: str, payload: np.ndarray, repeats: int) -> float:
+@contextlib.asynccontextmanager
+async def _raw_zmq_puller(url: str, payload: np.ndarray) -> AsyncIterator[Pull]:
     ctx = zmq.Context.instance()
     router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
     try:
@@ -103,13 +116,14 @@ async def _raw_zmq_pull_time(url: str, payload: np.ndarray, repeats: int) -> flo
             frame = dealer.recv(copy=False)
             return len(frame.buffer)
 
-        return await _median(pull, payload.nbytes, repeats)
+        yield pull
     finally:
         router.close(linger=0)
         dealer.close(linger=0)
 
 
-async def _raw_ucxx_pull_time(payload: np.ndarray, repeats: int) -> float:
+@contextlib.asynccontextmanager
+async def _raw_ucxx_puller(payload: np.ndarray) -> AsyncIterator[Pull]:
     import ucxx
 
     request, received = np.empty(1, np.uint8), np.empty_like(payload)
@@ -131,7 +145,7 @@ async def _raw_ucxx_pull_time(payload: np.ndarray, repeats: int) -> float:
         return received.nbytes
 
     try:
-        return await _median(pull, payload.nbytes, repeats)
+        yield pull
     finally:
         ep.abort()
         listener.close()
@@ -154,10 +168,12 @@ async def _measure(names: list[str], sizes_mb: Iterable[float], repeats: int
                     0, 256, int(size_mb * MiB), dtype=np.uint8)
                 for name, transport in transports.items():
                     url = _bind_url(name, tmpdir)
-                    ours = await _swarmnet_pull_time(transport, url, payload, repeats)
-                    raw = await (_raw_ucxx_pull_time(payload, repeats) if name == "ucx"
-                                 else _raw_zmq_pull_time(url.replace("bench", "bench-raw"),
-                                                         payload, repeats))
+                    raw_puller = (_raw_ucxx_puller(payload) if name == "ucx" else
+                                  _raw_zmq_puller(url.replace("bench", "bench-raw"), payload))
+                    async with _swarmnet_puller(transport, url, payload) as ours_pull, \
+                            raw_puller as raw_pull:
+                        ours, raw = await _paired_medians(
+                            ours_pull, raw_pull, payload.nbytes, repeats)
                     rows.append({
                         "transport": name, "size_mb": size_mb,
                         "swarmnet_s": ours, "raw_s": raw,
