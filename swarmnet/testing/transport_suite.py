@@ -239,7 +239,8 @@ async def check_close_wakes_pending_calls(case: TransportCase) -> None:
     async with _transport(case) as transport:
         listener = await transport.listen(case.bind_url())
         waiting = asyncio.create_task(listener.recv())
-        await asyncio.sleep(0.05)  # let the receive start waiting before the close
+        for _ in range(3):  # let the receive start and park on the endpoint before the close
+            await asyncio.sleep(0)
         await listener.aclose()
         with pytest.raises(EndpointClosed):
             await asyncio.wait_for(waiting, 5)
