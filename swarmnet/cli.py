@@ -167,6 +167,18 @@ def bench_codecs(
     run(size=size, repeats=repeats, device=device, json_path=json_path, progress=True)
 
 
+@bench_app.command("transports")
+def bench_transports(
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the figures as JSON here.")] = None,
+    repeats: Annotated[int, typer.Option(help="Pulls per size and transport (median reported).")] = 5,
+    sizes_mb: Annotated[Optional[list[int]], typer.Option("--size-mb", help="Payload sizes in MiB (repeatable).")] = None,
+) -> None:
+    """Pull time per transport against the raw library moving the same bytes."""
+    from swarmnet.bench.transports import run
+
+    run(sizes_mb=tuple(sizes_mb or (40, 400)), repeats=repeats, json_path=json_path)
+
+
 @bench_app.command("sim")
 def bench_sim(
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the figures as JSON here.")] = None,

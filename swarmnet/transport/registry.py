@@ -10,9 +10,14 @@ from importlib.metadata import entry_points
 
 from swarmnet.errors import ConfigError
 from swarmnet.transport.base import Transport
+from swarmnet.transport.ucx import UcxTransport
 from swarmnet.transport.zmq import ZmqTransport
 
-BUILTIN: dict[str, type[Transport]] = {scheme: ZmqTransport for scheme in ZmqTransport.schemes}
+BUILTIN: dict[str, type[Transport]] = {
+    scheme: cls for cls in (ZmqTransport, UcxTransport) for scheme in cls.schemes
+}
+"""Shipped transports. UcxTransport imports ucxx only when built, so ucx:// without the
+``ucx`` extra fails then, with a ConfigError naming the extra."""
 
 
 def scheme_of(url: str) -> str:

@@ -35,10 +35,18 @@ def _configure(sock: zmq.asyncio.Socket, max_frame_bytes: int) -> None:
     sock.setsockopt(zmq.RCVBUF, 4 * 1024 * 1024)
 
 
+def _closed_under_us() -> bool:
+    """True when a CancelledError came from pyzmq cancelling the pending future of a socket we
+    closed, rather than from our own task being cancelled."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() == 0
+
+
 class ZmqListener(Listener):
-    def __init__(self, sock: zmq.asyncio.Socket, address: str) -> None:
+    def __init__(self, sock: zmq.asyncio.Socket, address: str, max_frame_bytes: int) -> None:
         self._sock: zmq.asyncio.Socket | None = sock
         self.address = address
+        self._max = max_frame_bytes
 
     def _socket(self) -> zmq.asyncio.Socket:
         if self._sock is None:
@@ -51,6 +59,14 @@ class ZmqListener(Listener):
                 parts = await self._socket().recv_multipart(copy=False)
             except zmq.ZMQError as exc:
                 raise TransportError(f"receive on {self.address} failed: {exc}") from exc
+            except asyncio.CancelledError:
+                if self._sock is None and _closed_under_us():
+                    raise EndpointClosed(f"listener {self.address} closed while receiving") from None
+                raise
+            # inproc:// bypasses libzmq's MAXMSGSIZE check (it has no wire decoder): enforce the
+            # limit here too, dropping the message as libzmq drops an oversized tcp peer.
+            if any(len(p) > self._max for p in parts[1:]):
+                continue
             if len(parts) >= 2:  # a ROUTER always prepends the route; anything else is noise
                 return parts[0].bytes, [p.buffer for p in parts[1:]]
 
@@ -60,6 +76,10 @@ class ZmqListener(Listener):
             await self._socket().send_multipart([route, *frames], copy=False)
         except zmq.ZMQError as exc:
             raise TransportError(f"reply on {self.address} failed: {exc}") from exc
+        except asyncio.CancelledError:
+            if self._sock is None and _closed_under_us():
+                raise EndpointClosed(f"listener {self.address} closed while replying") from None
+            raise
 
     async def aclose(self) -> None:
         if self._sock is not None:
@@ -102,6 +122,8 @@ class ZmqConnection(Connection):
         if self._closed:
             raise EndpointClosed(f"connection to {self.address} is closed")
         async with self._lock:
+            if self._closed:  # closed while this caller waited for the lock
+                raise EndpointClosed(f"connection to {self.address} is closed")
             try:
                 async with asyncio.timeout(timeout):
                     sock = self._socket()
@@ -113,8 +135,10 @@ class ZmqConnection(Connection):
             except zmq.ZMQError as exc:
                 self._reset()
                 raise TransportError(f"request to {self.address} failed: {exc}") from exc
-            except BaseException:
+            except BaseException as exc:
                 self._reset()  # cancelled mid-request: the socket state is unknown
+                if isinstance(exc, asyncio.CancelledError) and self._closed and _closed_under_us():
+                    raise EndpointClosed(f"connection to {self.address} closed mid-request") from None
                 raise
             return [p.buffer for p in parts]
 
@@ -140,7 +164,7 @@ class ZmqTransport(Transport):
             sock.close(linger=0)
             raise TransportError(f"cannot bind {url}: {exc}") from exc
         address = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
-        listener = ZmqListener(sock, address)
+        listener = ZmqListener(sock, address, max_frame_bytes)
         self._listeners.append(listener)
         return listener
 

@@ -1,0 +1,72 @@
+"""The conformance suite fails transports that break the contract (checks of the checks)."""
+
+import itertools
+
+import pytest
+
+from swarmnet.testing.transport_suite import CHECKS, TransportCase
+from swarmnet.transport.zmq import ZmqConnection, ZmqTransport
+
+pytestmark = pytest.mark.timeout(30)
+_names = itertools.count()
+SUITE_FAILURE = (AssertionError, TimeoutError, pytest.fail.Exception)
+
+
+class AdvertisesTheBindUrl(ZmqTransport):
+    """Reports the address it was asked for, port 0 included, not the one it bound."""
+
+    async def listen(self, url, **kw):
+        listener = await super().listen(url, **kw)
+        listener.address = url
+        return listener
+
+
+class IgnoresDeadlines(ZmqTransport):
+    def connect(self, url, **kw):
+        conn = super().connect(url, **kw)
+        plain = conn.request
+        conn.request = lambda frames, timeout: plain(frames, 3600)
+        return conn
+
+
+class DropsEmptyFrames(ZmqTransport):
+    def connect(self, url, **kw):
+        conn = super().connect(url, **kw)
+        plain = conn.request
+        conn.request = lambda frames, timeout: plain([f for f in frames if len(f)], timeout)
+        return conn
+
+
+class CloseTwiceFails(ZmqConnection):
+    async def aclose(self):
+        if self._closed:
+            raise RuntimeError("already closed")
+        await super().aclose()
+
+
+class CloseNotIdempotent(ZmqTransport):
+    def connect(self, url, *, max_frame_bytes=2**31 - 1):
+        return CloseTwiceFails(self._ctx, url, max_frame_bytes)
+
+
+@pytest.mark.parametrize(("fault", "check", "error"), [
+    (AdvertisesTheBindUrl, "advertised_address", SUITE_FAILURE),
+    (IgnoresDeadlines, "timeout_and_recovery", SUITE_FAILURE),
+    (DropsEmptyFrames, "round_trip", SUITE_FAILURE),
+    (CloseNotIdempotent, "close_twice_and_use_after_close", RuntimeError),
+])
+async def test_check_fails_a_faulty_transport(fault, check, error):
+    scheme = "tcp" if check == "advertised_address" else "inproc"
+    case = TransportCase(
+        name=fault.__name__, transport=f"{__name__}:{fault.__name__}", cross_process=False,
+        bind_url=lambda: "tcp://127.0.0.1:0" if scheme == "tcp" else f"inproc://fault-{next(_names)}",
+    )
+    with pytest.raises(error):
+        await CHECKS[check](case)
+
+
+async def test_the_sound_transport_passes_the_same_checks():
+    case = TransportCase(name="zmq", transport="swarmnet.transport.zmq:ZmqTransport",
+                         bind_url=lambda: f"inproc://sound-{next(_names)}", cross_process=False)
+    for check in ("timeout_and_recovery", "round_trip", "close_twice_and_use_after_close"):
+        await CHECKS[check](case)

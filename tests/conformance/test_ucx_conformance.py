@@ -1,0 +1,40 @@
+"""The transport conformance suite over UCX (ucx://), skipped where ucxx is not usable.
+
+UCX_TLS defaults to tcp here: the PyPI wheels have no verbs/rdmacm, and the shared-memory
+transports do not serve the listener (connection manager) path.
+"""
+
+import os
+
+import pytest
+
+from swarmnet.testing.transport_suite import TransportCase, TransportConformance
+
+UCX_ENV = {"UCX_TLS": os.environ.get("UCX_TLS", "tcp"), "UCX_WARN_UNUSED_ENV_VARS": "n"}
+
+
+def _ucx_unusable() -> str | None:
+    for key, value in UCX_ENV.items():
+        os.environ.setdefault(key, value)
+    try:
+        import ucxx
+    except Exception as exc:  # ImportError, or a broken native library
+        return f"ucxx cannot be imported: {exc!r}"
+    try:
+        ucxx.init()
+    except Exception as exc:
+        return f"UCX fails to initialise: {exc!r}"
+    return None
+
+
+_reason = _ucx_unusable()
+pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
+
+
+class TestUcxConformance(TransportConformance):
+    @pytest.fixture
+    def case(self):
+        return TransportCase(
+            name="ucx", transport="swarmnet.transport.ucx:UcxTransport",
+            bind_url=lambda: "ucx://127.0.0.1:0", env=UCX_ENV,
+        )
