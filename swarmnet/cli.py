@@ -145,10 +145,11 @@ def bench_exchange(
     from swarmnet.bench.exchange import run
 
     result = run(json_path=json_path, quick=quick)
-    c, p = result["compute"], result["pull"]
+    p = result["pull"]
     console = Console()
-    console.print(f"compute: {c['steps_per_s_on']:.1f} steps/s with exchange, {c['steps_per_s_off']:.1f} without "
-                  f"-> ratio {c['ratio']:.3f} (target >= 0.95)")
+    for c in (result["compute"], result["compute_large_batch"]):
+        console.print(f"compute (batch {c['batch_size']}): {c['steps_per_s_on']:.1f} steps/s with exchange, "
+                      f"{c['steps_per_s_off']:.1f} without -> ratio {c['ratio']:.3f} (target >= 0.95)")
     console.print(f"pull {p['bytes'] / 1e6:.1f} MB: swarmnet {p['swarmnet_pull_ms']:.1f} ms (+{p['swarmnet_decode_ms']:.1f} ms "
                   f"decode), raw pyzmq {p['raw_pyzmq_ms']:.1f} ms -> ratio {p['ratio']:.3f} (target >= 0.8), "
                   f"{p['ratio_with_decode']:.3f} with decode")

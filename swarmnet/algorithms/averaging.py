@@ -33,6 +33,8 @@ def pull_delta(q_remote: Tensor, q_own: Tensor, own: Tensor, out: Tensor | None 
     With the own snapshot ``own`` (exact) and its published quantization ``q_own``:
     ``C <- Q(C)/2 + Q(C_j)/2 - (stale - live)`` becomes ``live += (q_remote + q_own)/2 - own``.
     """
+    if q_own is own:  # lossless codec: Q(K) = K, one fused pass instead of three
+        return torch.sub(q_remote, own, out=out).mul_(0.5)
     out = torch.add(q_remote, q_own, out=out)
     out.mul_(0.5).sub_(own)
     return out

@@ -48,17 +48,19 @@ def _rate(metrics: list[dict[str, Any]]) -> float:
     return (b["step"] - a["step"]) / max(1e-9, b["time"] - a["time"])
 
 
-def compute_ratio(workdir: Path, *, hidden: int = 512, steps: int = 3000, local_steps: int = 2) -> dict[str, Any]:
+def compute_ratio(workdir: Path, *, hidden: int = 512, steps: int = 3000, local_steps: int = 2,
+                  batch_size: int = 32) -> dict[str, Any]:
     rates: dict[str, list[float]] = {}
     for mode in ("off", "on"):
-        config = _write_toml(workdir / f"compute-{mode}.toml", {
+        config = _write_toml(workdir / f"compute-{mode}-{batch_size}.toml", {
             "run": {"peers": 2},
             "task": {"spec": "swarmnet.tasks.digits:task", "options": {"hidden": hidden}},
-            "train": {"batch_size": 32, "lr": 0.02, "steps": steps, "metrics_every": 20, "checkpoint_every": 0.0},
+            "train": {"batch_size": batch_size, "lr": 0.02, "steps": steps, "metrics_every": 20,
+                      "checkpoint_every": 0.0},
             "algorithm": {"name": "swarmsgd", "local_steps": local_steps},
             "network": {"exchange": mode == "on"},
         })
-        swarm = LocalSwarm(workdir / f"compute-{mode}", config)
+        swarm = LocalSwarm(workdir / f"compute-{mode}-{batch_size}", config)
         try:
             if swarm.wait(600) != 0:
                 raise RuntimeError(f"bench swarm failed:\n{swarm.log()}")
@@ -69,7 +71,7 @@ def compute_ratio(workdir: Path, *, hidden: int = 512, steps: int = 3000, local_
             interactions = [p["interactions"] for p in swarm.summary()["peers"]]
     off, on = statistics.mean(rates["off"]), statistics.mean(rates["on"])
     return {"steps_per_s_off": off, "steps_per_s_on": on, "ratio": on / off, "peers": 2, "hidden": hidden,
-            "local_steps": local_steps, "interactions_on": interactions}
+            "batch_size": batch_size, "local_steps": local_steps, "interactions_on": interactions}
 
 
 def pull_ratio(workdir: Path, *, hidden: int = 3000, repeats: int = 30) -> dict[str, Any]:
@@ -112,20 +114,13 @@ async def _pull_client(address: str, repeats: int) -> dict[str, Any]:
     out = torch.empty(n)
     nbytes = 4 * n
 
+    # The raw server runs in its own process, as the peer does: neither side shares a GIL.
+    raw = subprocess.Popen([sys.executable, "-m", "swarmnet.bench.exchange", "raw-server", str(nbytes)],
+                           stdout=subprocess.PIPE, text=True)
+    assert raw.stdout is not None
     ctx = zmq.asyncio.Context.instance()
-    router = ctx.socket(zmq.ROUTER)
-    router.bind("tcp://127.0.0.1:*")
     dealer = ctx.socket(zmq.DEALER)
-    dealer.connect(router.getsockopt(zmq.LAST_ENDPOINT).decode())
-    payload = bytearray(os.urandom(1024)) * (nbytes // 1024 + 1)
-    payload = memoryview(payload)[:nbytes]
-
-    async def raw_server() -> None:
-        while True:
-            route, _ = await router.recv_multipart(copy=False)
-            await router.send_multipart([route, b"h", payload], copy=False)
-
-    serve = asyncio.create_task(raw_server())
+    dealer.connect(raw.stdout.readline().strip())
     swarm_times, raw_times, decode_times = [], [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -142,8 +137,8 @@ async def _pull_client(address: str, repeats: int) -> dict[str, Any]:
         swarm_times.append(t1 - t0)
         decode_times.append(t2 - t1)
         raw_times.append(t3 - t2)
-    serve.cancel()
-    router.close(0)
+    raw.kill()
+    raw.wait()
     dealer.close(0)
     await client.aclose()
     await transports.aclose()
@@ -158,7 +153,10 @@ def run(*, json_path: Path | None = None, quick: bool = False) -> dict[str, Any]
     with tempfile.TemporaryDirectory(prefix="swarmnet-bench-") as tmp:
         work = Path(tmp)
         result = {
+            # A small step (batch 32, about 2 ms) shows the exchange's own CPU cost; a larger one
+            # (batch 512) is closer to real training, where the step dominates.
             "compute": compute_ratio(work, steps=1500 if quick else 3000),
+            "compute_large_batch": compute_ratio(work, steps=600 if quick else 1200, batch_size=512),
             "pull": pull_ratio(work, repeats=10 if quick else 30),
             "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
         }
@@ -168,6 +166,22 @@ def run(*, json_path: Path | None = None, quick: bool = False) -> dict[str, Any]
     return result
 
 
+def _raw_server(nbytes: int) -> None:
+    """Child process: a plain pyzmq ROUTER answering every request with the same payload."""
+    import zmq
+
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.bind("tcp://127.0.0.1:*")
+    print(router.getsockopt(zmq.LAST_ENDPOINT).decode(), flush=True)
+    payload = memoryview(bytearray(os.urandom(1024)) * (nbytes // 1024 + 1))[:nbytes]
+    while True:
+        route, _ = router.recv_multipart(copy=False)
+        router.send_multipart([route, b"h", payload], copy=False)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "pull-client":
         print(json.dumps(asyncio.run(_pull_client(sys.argv[2], int(sys.argv[3])))))
+    elif sys.argv[1] == "raw-server":
+        _raw_server(int(sys.argv[2]))

@@ -153,11 +153,14 @@ class Exchange:
             raise ProtocolError("mismatch", f"neighbour uses codec {reply.body['codec']}, we use {self.codec.name}")
 
     def _merge_delta(self, own: Snapshot, delta_N: Tensor) -> float:
-        """Worker thread: check the decoded neighbour, then delta = (Q(C_j) + Q(K)) / 2 - K."""
-        check_finite(self._remote_N, "the neighbour's snapshot")
-        distance = float(torch.dist(self._remote_N, own.values_N)) / math.sqrt(2)
+        """Worker thread: delta = (Q(C_j) + Q(K)) / 2 - K, then one pass over it both to refuse
+        non-finite (or overflowing) neighbours and to estimate the consensus distance:
+        ||Q(C_j) - K|| / sqrt(2) = sqrt(2) ||delta|| for lossless codecs (SPEC 4 item 12)."""
         pull_delta(self._remote_N, own.encoded.quantized, own.values_N, out=delta_N)
-        return distance
+        norm = float(torch.linalg.vector_norm(delta_N))  # CPU<->GPU sync point
+        if not math.isfinite(norm):
+            raise CodecError("the neighbour's snapshot holds non-finite or overflowing values")
+        return math.sqrt(2) * norm
 
     async def _nudge(self, target: PeerRecord, own: Snapshot, used: int) -> None:
         """Symmetric mode: send our snapshot so the neighbour moves halfway too. If it refuses,
