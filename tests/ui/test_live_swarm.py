@@ -50,7 +50,7 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSwarm]:
 
 
 def status_cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "swarmnet.ui", "status", *args]
+    return [sys.executable, "-m", "swarmnet", "status", *args]
 
 
 def test_json_lists_every_peer_training(swarm: LocalSwarm) -> None:
