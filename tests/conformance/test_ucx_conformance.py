@@ -38,3 +38,10 @@ class TestUcxConformance(TransportConformance):
             name="ucx", transport="swarmnet.transport.ucx:UcxTransport",
             bind_url=lambda: "ucx://127.0.0.1:0", env=UCX_ENV,
         )
+
+
+def test_ucx_scheme_resolves_to_the_ucx_transport():
+    from swarmnet.transport import transport_class
+    from swarmnet.transport.ucx import UcxTransport
+
+    assert transport_class("ucx://127.0.0.1:0") is UcxTransport

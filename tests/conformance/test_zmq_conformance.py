@@ -25,3 +25,10 @@ def case(request, tmp_path):
 
 class TestZmqConformance(TransportConformance):
     pass
+
+
+def test_each_scheme_resolves_to_the_zmq_transport(case):
+    from swarmnet.transport import transport_class
+    from swarmnet.transport.zmq import ZmqTransport
+
+    assert transport_class(case.bind_url()) is ZmqTransport
