@@ -48,10 +48,6 @@ class PeerProcess:
     proc: subprocess.Popen[bytes] | None = None
     exit_code: int | None = None
 
-    @property
-    def dir_name(self) -> str:
-        return self.name
-
 
 @dataclass(slots=True)
 class LaunchPlan:

@@ -5,9 +5,6 @@ from __future__ import annotations
 import logging
 import sys
 
-AREAS = ("transport", "wire", "membership", "exchange", "compute", "server", "launch")
-
-
 def get_logger(area: str) -> logging.Logger:
     return logging.getLogger(f"swarmnet.{area}")
 

@@ -22,7 +22,6 @@ _EXPORTS = {
     "LocalSteps": "local_steps",
     "Schedule": "schedules",
     "compress_epochs": "schedules",
-    "make_schedule": "schedules",
     "Topology": "topology",
     "parse_topology": "topology",
 }
@@ -47,7 +46,6 @@ __all__ = [
     "clock_exchange",
     "compress_epochs",
     "consensus_distance",
-    "make_schedule",
     "parse_topology",
     "pop_average",
     "pull_delta",

@@ -95,7 +95,3 @@ def compress_epochs(
         raise ValueError("peers must be >= 1 and the multiplier > 0")
     factor = multiplier / peers
     return sequential_epochs * factor, tuple(m * factor for m in milestones)
-
-
-def make_schedule(kind: str, **kwargs: object) -> Schedule:
-    return Schedule(kind=kind, **kwargs)  # type: ignore[arg-type]
