@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
+
 def get_logger(area: str) -> logging.Logger:
     return logging.getLogger(f"swarmnet.{area}")
 
