@@ -82,6 +82,8 @@ class TrainConfig:
     """Evaluate the local model every this many steps (0: only at the end)."""
     checkpoint_every: float = 30.0
     """Seconds between checkpoints (0: only the final one)."""
+    tensorboard: bool = True
+    """Mirror the metrics to TensorBoard when the tensorboard package is installed."""
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "batch_size", "must be >= 1")

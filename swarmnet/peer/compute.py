@@ -136,7 +136,7 @@ class ComputeLoop:
         self.step = 0
         self.since_merge = 0
         self.target_h = self.local_steps.sample(self.rng)
-        self.metrics = MetricsWriter(peer_dir / "metrics.jsonl")
+        self.metrics = MetricsWriter(peer_dir / "metrics.jsonl", tensorboard=train.tensorboard)
         self._loss_sum = torch.zeros((), device=device)
         self._loss_count = 0
         self._staleness_sum = 0.0

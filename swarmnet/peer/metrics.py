@@ -1,4 +1,5 @@
-"""One JSON-lines metrics stream per peer (run_dir/<peer>/metrics.jsonl)."""
+"""One JSON-lines metrics stream per peer (run_dir/<peer>/metrics.jsonl), mirrored to TensorBoard
+(run_dir/<peer>/tensorboard/) when the tensorboard package is installed (`swarmnet[tensorboard]`)."""
 
 from __future__ import annotations
 
@@ -14,20 +15,51 @@ def _clean(value: Any) -> Any:
     return value
 
 
+NOT_SCALARS = ("time", "elapsed", "step")
+
+
+def _tensorboard(logdir: Path) -> Any:
+    """A SummaryWriter when tensorboard is installed, else None (it is an optional extra)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(logdir))
+
+
+def _scalars(record: dict[str, Any], prefix: str = "") -> list[tuple[str, float]]:
+    """Numeric entries of a record, nested maps flattened as ``eval/accuracy``."""
+    out: list[tuple[str, float]] = []
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out += _scalars(value, f"{prefix}{key}/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key not in NOT_SCALARS:
+            if math.isfinite(value):
+                out.append((prefix + key, float(value)))
+    return out
+
+
 class MetricsWriter:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, tensorboard: bool = True) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._fh: TextIO | None = open(path, "a", buffering=1, encoding="utf-8")
+        self._tb = _tensorboard(path.parent / "tensorboard") if tensorboard else None
 
     def write(self, record: dict[str, Any]) -> None:
         if self._fh is not None:
             self._fh.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+        if self._tb is not None and "step" in record:
+            for key, value in _scalars(record):
+                self._tb.add_scalar(key, value, record["step"])
 
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -80,3 +80,18 @@ def test_sampler_resumes_where_it_stopped():
     b = ShardSampler(50, 8, shard="random", rank=0, peers=1, seed=0, peer_seed=3)
     b.load_state_dict(a.state_dict())
     assert torch.equal(a.next_indices(), b.next_indices())
+
+
+def test_metrics_go_to_jsonl_and_to_tensorboard(tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    from swarmnet.peer.metrics import MetricsWriter, read_metrics
+
+    writer = MetricsWriter(tmp_path / "p" / "metrics.jsonl")
+    writer.write({"time": 1.0, "step": 10, "loss": 0.5, "lr": 0.1, "consensus": float("nan")})
+    writer.write({"time": 2.0, "step": 20, "eval": {"accuracy": 0.75}})
+    writer.close()
+    assert read_metrics(tmp_path / "p" / "metrics.jsonl")[0]["consensus"] is None
+    events = event_accumulator.EventAccumulator(str(tmp_path / "p" / "tensorboard"))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == {"loss", "lr", "eval/accuracy"}
+    assert [(e.step, e.value) for e in events.Scalars("eval/accuracy")] == [(20, 0.75)]
