@@ -64,6 +64,7 @@ def peer(
     name: Annotated[Optional[str], typer.Option(help="Peer name (default: manifest name or host name).")] = None,
     listen: Annotated[Optional[str], typer.Option(help="Bind address, e.g. tcp://0.0.0.0:7000 (port 0: any).")] = None,
     advertise: Annotated[Optional[str], typer.Option(help="Address others should dial, if not the bound one.")] = None,
+    interface: Annotated[Optional[str], typer.Option(help="Advertise this interface's IPv4 address (e.g. ib0) with the bound port.")] = None,
     seed: Annotated[Optional[list[str]], typer.Option("--seed", "-s", help="Address of a peer already in the swarm (repeatable).")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto (GPU from LOCAL_RANK/SLURM_LOCALID, else CPU), cpu or cuda:N.")] = None,
     run_dir: Annotated[Optional[str], typer.Option(help="Run directory (overrides run.dir).")] = None,
@@ -81,6 +82,7 @@ def peer(
         manifest = load_manifest(peer_file) if peer_file else PeerManifest()
         overrides = build_overrides(
             network__listen=listen or manifest.listen, network__advertise=advertise or manifest.advertise,
+            network__interface=interface,
             network__seeds=(seed or []) + manifest.seeds, device__device=device or manifest.device,
             run__dir=run_dir,
         )

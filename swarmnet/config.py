@@ -141,6 +141,9 @@ class NetworkConfig:
     """Address to bind; port 0 picks a free port, which the peer then advertises."""
     advertise: str = ""
     """Address other peers should use, when it differs from the bound one (NAT, 0.0.0.0)."""
+    interface: str = ""
+    """Advertise the IPv4 address of this network interface (e.g. ib0, eth0) with the bound port,
+    when ``advertise`` is not set: handy when binding 0.0.0.0 on a multi-homed host."""
     seeds: list[str] = field(default_factory=list)
     request_timeout: float = 10.0
     """Deadline of one request (a snapshot pull included)."""

@@ -149,17 +149,24 @@ async def _pull_client(address: str, repeats: int) -> dict[str, Any]:
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
 
 
-def run(*, json_path: Path | None = None, quick: bool = False) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="swarmnet-bench-") as tmp:
-        work = Path(tmp)
-        result = {
-            # A small step (batch 32, about 2 ms) shows the exchange's own CPU cost; a larger one
-            # (batch 512) is closer to real training, where the step dominates.
-            "compute": compute_ratio(work, steps=1500 if quick else 3000),
-            "compute_large_batch": compute_ratio(work, steps=600 if quick else 1200, batch_size=512),
-            "pull": pull_ratio(work, repeats=10 if quick else 30),
-            "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
-        }
+def run(*, json_path: Path | None = None, quick: bool = False, progress: bool = True) -> dict[str, Any]:
+    from rich.progress import Progress
+
+    # A small step (batch 32, about 2 ms) shows the exchange's own CPU cost; a larger one
+    # (batch 512) is closer to real training, where the step dominates.
+    stages = {
+        "compute": lambda work: compute_ratio(work, steps=1500 if quick else 3000),
+        "compute_large_batch": lambda work: compute_ratio(work, steps=600 if quick else 1200, batch_size=512),
+        "pull": lambda work: pull_ratio(work, repeats=10 if quick else 30),
+    }
+    result: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="swarmnet-bench-") as tmp, Progress(disable=not progress) as bar:
+        task = bar.add_task("bench exchange", total=len(stages))
+        for name, stage in stages.items():
+            bar.update(task, description=f"bench exchange: {name}")
+            result[name] = stage(Path(tmp))
+            bar.advance(task)
+    result["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=2))

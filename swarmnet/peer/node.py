@@ -74,6 +74,30 @@ def resolve_device(spec: str) -> torch.device:
     return torch.device("cpu")
 
 
+def interface_ipv4(name: str) -> str:
+    """IPv4 address of a network interface (Linux), or a ConfigError naming the ones that exist."""
+    import fcntl
+    import struct
+
+    siocgifaddr = 0x8915
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            packed = fcntl.ioctl(sock.fileno(), siocgifaddr, struct.pack("256s", name.encode()[:15]))
+        except OSError as exc:
+            known = ", ".join(n for _, n in socket.if_nameindex())
+            raise ConfigError(f"network.interface {name!r}: {exc.strerror or exc}; interfaces here: {known}") from None
+    return socket.inet_ntoa(packed[20:24])
+
+
+def with_interface_host(address: str, interface: str) -> str:
+    """``tcp://0.0.0.0:7000`` + interface eth0 -> ``tcp://<eth0's IPv4>:7000``."""
+    scheme, sep, rest = address.partition("://")
+    host, colon, port = rest.rpartition(":")
+    if not (sep and colon and port.isdigit()):
+        raise ConfigError(f"network.interface only applies to host:port addresses, not {address!r}")
+    return f"{scheme}://{interface_ipv4(interface)}:{port}"
+
+
 def resolve_rank(explicit: int) -> int:
     if explicit >= 0:
         return explicit
@@ -155,10 +179,12 @@ class Peer:
         self.compute.publish()  # neighbours can pull from us from the first moment on
         net = self.cfg.network
         listener = await self.transports.for_url(net.listen).listen(net.listen, max_frame_bytes=net.max_message_bytes)
-        self.address = net.advertise or listener.address
+        self.address = net.advertise or (with_interface_host(listener.address, net.interface)
+                                         if net.interface else listener.address)
         if "0.0.0.0" in self.address or "://*" in self.address:
-            raise ConfigError(f"listening on {listener.address}: set network.advertise (or --advertise) "
-                              "to the address other peers should dial")
+            raise ConfigError(f"listening on {listener.address}: set network.advertise (--advertise) to the "
+                              "address other peers should dial, or network.interface (--interface) to "
+                              "advertise an interface's address")
         self.membership = MembershipService(
             table=self.table, client=self.client, card=self.card, seeds=[s for s in net.seeds if s != self.address],
             interval=net.gossip_interval, rng=self.rng, log=self.log,

@@ -83,3 +83,14 @@ def test_cli_reports_config_errors_with_exit_status_2(tmp_path):
     assert "train.lr: must be a finite number >= 0" in result.output
     result = CliRunner().invoke(app, ["peer", "--set", "train.lr"])
     assert result.exit_code == 2 and "expected section.key=VALUE" in result.output
+
+
+def test_advertised_address_from_an_interface():
+    from swarmnet.peer.node import interface_ipv4, with_interface_host
+
+    assert interface_ipv4("lo") == "127.0.0.1"
+    assert with_interface_host("tcp://0.0.0.0:7000", "lo") == "tcp://127.0.0.1:7000"
+    with pytest.raises(ConfigError, match="interfaces here: .*lo"):
+        interface_ipv4("no-such-if0")
+    with pytest.raises(ConfigError, match="host:port"):
+        with_interface_host("ipc:///tmp/peer.sock", "lo")
