@@ -208,7 +208,10 @@ def run(*, sizes_mb: Iterable[float] = (40, 400), repeats: int = 5,
     unknown = sorted(set(names) - set(TRANSPORTS))
     if unknown:
         raise SwarmError(f"unknown transports {unknown}; choose from {', '.join(TRANSPORTS)}")
-    rows, skipped = asyncio.run(_measure(names, list(sizes_mb), repeats))
+    from rich.console import Console
+
+    with Console(stderr=True).status(f"bench transports: {', '.join(names)} at {list(sizes_mb)} MiB ..."):
+        rows, skipped = asyncio.run(_measure(names, list(sizes_mb), repeats))
     result = {
         "version": RESULT_VERSION,
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
