@@ -108,9 +108,12 @@ class AlgorithmConfig:
     """H: local steps between interactions (swarmsgd; popsgd always uses 1)."""
     geometric: bool = False
     """Draw H from a geometric law with mean local_steps instead of fixing it."""
-    symmetric: bool | None = None
-    """Also update the neighbour (a nudge in delta form, SPEC 2.9 item 4). Default: on for
-    popsgd (pairwise averaging), off for swarmsgd (pull-only, as in SPEC 2.9)."""
+    symmetric: bool = False
+    """Also update the neighbour (a nudge in delta form, SPEC 2.9 item 4). Off by default for both
+    algorithms: pull-only, as SPEC 2.9 recommends and as PopSGD's reference runs did (SPEC 1.7).
+    Caution: nudges are not yet exclusive per peer, so with dense concurrent interactions several
+    half-steps computed against the same version can add up and overshoot (seen diverging on
+    least squares with 4 peers pulling nonstop); keep interactions sparse (pull_interval)."""
     topology: str = "complete"
     """complete, ring or random-regular:K, over the membership sorted by peer id."""
 
@@ -124,9 +127,6 @@ class AlgorithmConfig:
         except ValueError as exc:
             raise ValueError(f"topology: {exc}") from None
 
-    @property
-    def is_symmetric(self) -> bool:
-        return self.name == "popsgd" if self.symmetric is None else self.symmetric
 
 
 @dataclass(kw_only=True, slots=True)

@@ -9,7 +9,7 @@ nudge inbox between steps (SPEC 2.9). Legend: N = number of float parameter coor
 SwarmSGD: after at least H local steps and once the mailbox holds a pulled neighbour, the live
 model takes the delta the exchange computed, ``W += (Q(C_j) + Q(K)) / 2 - K`` with K the own
 snapshot used as key; then X^ <- W and a new snapshot is published. PopSGD is the same cycle
-with H = 1, pairwise (symmetric) merges and the phase-clock learning rate (SPEC 1.2, 2.4).
+with H = 1 and the phase-clock learning rate (SPEC 1.2, 2.4); symmetric merges are optional.
 """
 
 from __future__ import annotations

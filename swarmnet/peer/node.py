@@ -190,7 +190,7 @@ class Peer:
             interval=net.gossip_interval, rng=self.rng, log=self.log,
         )
         self.exchange = Exchange(self, topology=parse_topology(self.cfg.algorithm.topology, self.cfg.run.seed),
-                                 symmetric=self.cfg.algorithm.is_symmetric, pull_interval=net.pull_interval,
+                                 symmetric=self.cfg.algorithm.symmetric, pull_interval=net.pull_interval,
                                  rng=self.rng, log=self.log)
         server = PeerServer(self, listener, self.limits, net.max_concurrent_requests, self.log)
         self._write_card()
