@@ -27,7 +27,12 @@ from torch import Tensor
 from swarmnet.codecs.base import Buffer, Codec, DecodeResult, Encoded
 from swarmnet.codecs.hostbuf import buffer_tensor, flat_float32, host_bytes
 from swarmnet.codecs.rounding import ONE, RandomBits, round_with_offsets
-from swarmnet.codecs.wirecheck import as_mapping, check_count, check_frames, get_choice, get_int
+from swarmnet.codecs.wirecheck import (
+    check_frames,
+    get_choice,
+    get_int,
+    versioned_meta,
+)
 from swarmnet.codecs.workspace import scratch
 from swarmnet.errors import CodecError, ConfigError
 
@@ -151,10 +156,8 @@ class BlockwiseCodec(Codec):
         out_N: Tensor,
         state: dict[str, Any],
     ) -> DecodeResult:
-        meta = as_mapping(meta, self.name, "meta")
-        get_int(meta, "v", self.name, 1, 1)
         n = out_N.numel()
-        check_count(meta, self.name, n)
+        meta = versioned_meta(meta, self.name, n)
         get_choice(meta, "bits", self.name, [self.bits])
         block = get_int(meta, "block", self.name, 1, MAX_BLOCK)
         rows = -(-n // block)

@@ -21,7 +21,7 @@ from torch import Tensor
 from swarmnet.codecs.base import Buffer, Codec, DecodeResult, Encoded
 from swarmnet.codecs.hostbuf import buffer_tensor, flat_float32, host_bytes
 from swarmnet.codecs.rounding import FRAC_BITS, ONE, RandomBits, round_with_offsets
-from swarmnet.codecs.wirecheck import as_mapping, check_count, check_frames, get_int
+from swarmnet.codecs.wirecheck import check_frames, versioned_meta
 from swarmnet.codecs.workspace import scratch
 from swarmnet.errors import CodecError, ConfigError
 
@@ -92,10 +92,8 @@ class HalfCodec(Codec):
         out_N: Tensor,
         state: dict[str, Any],
     ) -> DecodeResult:
-        meta = as_mapping(meta, self.name, "meta")
-        get_int(meta, "v", self.name, 1, 1)
         n = out_N.numel()
-        check_count(meta, self.name, n)
+        versioned_meta(meta, self.name, n)
         check_frames(frames, [2 * n], self.name)
         received = buffer_tensor(frames[0], self.dtype, f"{self.name}.recv")
         out_N.copy_(received.view_as(out_N))  # host->device and widening in one copy

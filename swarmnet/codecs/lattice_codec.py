@@ -41,7 +41,6 @@ from swarmnet.codecs.hostbuf import flat_float32
 from swarmnet.codecs.rounding import RandomBits, seeded_bits16
 from swarmnet.codecs.wirecheck import (
     as_mapping,
-    check_count,
     check_int,
     check_int_list,
     frame_sizes,
@@ -49,6 +48,7 @@ from swarmnet.codecs.wirecheck import (
     get_choice,
     get_int,
     get_int_list,
+    versioned_meta,
 )
 from swarmnet.codecs.workspace import scratch
 from swarmnet.errors import CodecError, ConfigError
@@ -113,9 +113,7 @@ class _Header:
 
     @classmethod
     def parse(cls, meta: Any, n: int, codec: str) -> _Header:
-        m = as_mapping(meta, codec, "meta")
-        get_int(m, "v", codec, 1, 1)
-        check_count(m, codec, n)
+        m = versioned_meta(meta, codec, n)
         chunk = get_int(m, "chunk", codec, 8, MAX_CHUNK)
         if chunk % 8:
             raise CodecError(f"{codec}: chunk size {chunk} is not a multiple of 8")

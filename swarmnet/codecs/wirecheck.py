@@ -116,3 +116,11 @@ def check_count(m: Mapping[str, Any], codec: str, n: int) -> None:
     got = get_int(m, "n", codec, 0, 1 << 48)
     if got != n:
         raise CodecError(f"{codec}: snapshot has {got} coordinates, the model has {n}")
+
+
+def versioned_meta(meta: Any, codec: str, n: int) -> Mapping[str, Any]:
+    """The common head of a received ``meta``: a map, layout version 1, ``n`` coordinates."""
+    m = as_mapping(meta, codec, "meta")
+    get_int(m, "v", codec, 1, 1)
+    check_count(m, codec, n)
+    return m
