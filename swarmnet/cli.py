@@ -150,8 +150,11 @@ def bench_exchange(
     p = result["pull"]
     console = Console()
     for c in (result["compute"], result["compute_large_batch"]):
-        console.print(f"compute (batch {c['batch_size']}): {c['steps_per_s_on']:.1f} steps/s with exchange, "
-                      f"{c['steps_per_s_off']:.1f} without -> ratio {c['ratio']:.3f} (target >= 0.95)")
+        rate, per_merge = c["steps_per_s"], c["steps_per_merge"]
+        console.print(f"compute (batch {c['batch_size']}, H = {c['local_steps']}): {rate['on']:.1f} steps/s with the "
+                      f"exchange (a merge every {per_merge['on']:.1f} steps), {rate['off']:.1f} without -> ratio "
+                      f"{c['ratio']:.3f} (target >= 0.95); no CPU budget: {rate['unlimited']:.1f} steps/s, a merge "
+                      f"every {per_merge['unlimited']:.1f} steps, ratio {c['ratio_unlimited']:.3f}")
     console.print(f"pull {p['bytes'] / 1e6:.1f} MB: swarmnet {p['swarmnet_pull_ms']:.1f} ms (+{p['swarmnet_decode_ms']:.1f} ms "
                   f"decode), raw pyzmq {p['raw_pyzmq_ms']:.1f} ms -> ratio {p['ratio']:.3f} (target >= 0.8), "
                   f"{p['ratio_with_decode']:.3f} with decode")

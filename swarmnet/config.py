@@ -156,6 +156,11 @@ class NetworkConfig:
     """Pull neighbours. False: train alone while still serving snapshots (baselines, benches)."""
     pull_interval: float = 0.0
     """Minimum seconds between two pulls (0: pull as soon as the last one was applied)."""
+    exchange_cpu: float = -1.0
+    """CPU cores' worth of time the peer may spend outside its training steps (exchange,
+    serving, gossip), averaged over about a second; short steps then stretch H rather than slow
+    down (swarmnet/peer/budget.py). -1: auto, the spare cores of this peer's share of the machine
+    but at least 5% of that share; 0: no limit."""
     min_peers: int = 0
     """Before the first step, wait until this many other peers are known (or join_timeout
     passes): lets a launcher start a swarm without giving the first peer a head start."""
@@ -175,6 +180,8 @@ class NetworkConfig:
         for name in ("request_timeout", "gossip_interval", "dead_after", "failure_backoff"):
             _require(getattr(self, name) > 0, name, "must be > 0")
         _require(self.pull_interval >= 0 and self.linger >= 0, "linger", "must be >= 0")
+        _require(self.exchange_cpu >= 0 or self.exchange_cpu == -1, "exchange_cpu",
+                 "must be -1 (auto), 0 (no limit) or a number of cores > 0")
         _require(self.min_peers >= 0 and self.join_timeout >= 0, "min_peers", "must be >= 0")
         _require(1024 <= self.max_header_bytes <= 2**24, "max_header_bytes", "must be in [1 KiB, 16 MiB]")
         _require(self.max_message_bytes >= 1024, "max_message_bytes", "must be >= 1024")

@@ -84,7 +84,8 @@ class LaunchPlan:
             base += ["--set", f"{key}={json.dumps(value)}"]
         if fresh:
             base.append("--fresh")
-        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(cfg.device.threads))
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(cfg.device.threads),
+                   SWARMNET_LOCAL_PEERS=str(n))
         # Fresh receive buffers on hugepages: much faster large pulls (docs/benchmarks.md).
         env.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
         plan = cls(cfg, run_dir, peers, base, env)

@@ -143,6 +143,8 @@ class ComputeLoop:
         self._last_checkpoint = time.monotonic()
         self.last_eval: dict[str, float] = {}
         self.started = time.monotonic()
+        self.merge_cpu = 0.0
+        """CPU seconds this thread spent merging and republishing (the exchange's budget reads it)."""
         stats.total_steps = self.plan.total_steps
 
     # -- state --------------------------------------------------------------------------------
@@ -233,6 +235,7 @@ class ComputeLoop:
 
     def merge_pending(self, *, final: bool = False) -> None:
         """Between steps: neighbours' nudges, then our own merge when H steps are done."""
+        began = time.thread_time()
         nudged = self.inbox.drain_into(self.live_N, self.stale_N)
         self.stats.nudges_applied += nudged
         entry = None
@@ -243,6 +246,7 @@ class ComputeLoop:
             self.stale_N.copy_(self.live_N)
         if entry is not None or nudged:
             self.publish()
+            self.merge_cpu += time.thread_time() - began
 
     def apply(self, entry: MergeEntry) -> None:
         self.live_N.add_(entry.delta_N)

@@ -36,6 +36,7 @@ from swarmnet.codecs import make_codec
 from swarmnet.config import SwarmConfig, to_dict
 from swarmnet.errors import ConfigError, SwarmError, TransportError
 from swarmnet.log import PeerLogAdapter, get_logger
+from swarmnet.peer.budget import auto_cores
 from swarmnet.peer.client import PeerClient
 from swarmnet.peer.compute import ComputeLoop, peer_seed_of
 from swarmnet.peer.exchange import Exchange
@@ -189,13 +190,16 @@ class Peer:
             table=self.table, client=self.client, card=self.card, seeds=[s for s in net.seeds if s != self.address],
             interval=net.gossip_interval, rng=self.rng, log=self.log,
         )
+        cores = net.exchange_cpu if net.exchange_cpu >= 0 else auto_cores(self.device, self.cfg.device.threads)
+        self.stats.exchange_cpu = cores
         self.exchange = Exchange(self, topology=parse_topology(self.cfg.algorithm.topology, self.cfg.run.seed),
                                  symmetric=self.cfg.algorithm.symmetric, pull_interval=net.pull_interval,
-                                 rng=self.rng, log=self.log)
+                                 cpu_cores=cores, rng=self.rng, log=self.log)
         server = PeerServer(self, listener, self.limits, net.max_concurrent_requests, self.log)
         self._write_card()
-        self.log.info("listening on %s (device %s, %d parameters, %s, codec %s)", self.address, self.device,
-                      self.compute.flat.numel, self.cfg.algorithm.name, self.codec.name)
+        self.log.info("listening on %s (device %s, %d parameters, %s, codec %s, exchange CPU budget %s)",
+                      self.address, self.device, self.compute.flat.numel, self.cfg.algorithm.name,
+                      self.codec.name, f"{cores:.2f} cores" if cores > 0 else "unlimited")
         compute_thread = ThreadPoolExecutor(1, thread_name_prefix=f"compute-{self.name}")
         started = time.monotonic()
         reason = "error"
@@ -277,7 +281,8 @@ class Peer:
             "nudges_applied": s.nudges_applied, "pulls_ok": s.pulls_ok, "pulls_failed": s.pulls_failed,
             "bytes_sent": s.bytes_out, "bytes_received": s.bytes_in, "final_loss": s.loss,
             "eval": self.compute.last_eval, "clock": self.clock.value, "staleness_s": s.staleness_s,
-            "consensus": s.consensus, "rejected": dict(s.rejected), "checkpoint_errors": s.checkpoint_errors,
+            "consensus": s.consensus, "exchange_cpu": s.exchange_cpu, "budget_wait_s": s.budget_wait_s,
+            "rejected": dict(s.rejected), "checkpoint_errors": s.checkpoint_errors,
             "config": to_dict(self.cfg),
         }
         path = self.peer_dir / "summary.json"

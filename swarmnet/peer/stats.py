@@ -20,6 +20,10 @@ class PeerStats:
     """Merges applied by the compute thread (pulled snapshots)."""
     nudges_applied: int = 0
     pulls_ok: int = 0
+    exchange_cpu: float = 0.0
+    """CPU cores the peer may spend outside training steps (0: no limit)."""
+    budget_wait_s: float = 0.0
+    """Seconds the exchange waited for that budget."""
     pulls_failed: int = 0
     nudges_sent: int = 0
     nudges_rejected: int = 0
