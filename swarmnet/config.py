@@ -111,9 +111,8 @@ class AlgorithmConfig:
     symmetric: bool = False
     """Also update the neighbour (a nudge in delta form, SPEC 2.9 item 4). Off by default for both
     algorithms: pull-only, as SPEC 2.9 recommends and as PopSGD's reference runs did (SPEC 1.7).
-    Caution: nudges are not yet exclusive per peer, so with dense concurrent interactions several
-    half-steps computed against the same version can add up and overshoot (seen diverging on
-    least squares with 4 peers pulling nonstop); keep interactions sparse (pull_interval)."""
+    A peer admits at most one nudge per published version, and refuses the rest as busy (the
+    initiator then drops its half too), so every merge stays a convex combination."""
     topology: str = "complete"
     """complete, ring or random-regular:K, over the membership sorted by peer id."""
 

@@ -78,6 +78,7 @@ class Exchange:
         mailbox = self.peer.mailbox
         while not self._stopping.is_set():
             await mailbox.emptied.wait()
+            self.peer.gate.end_own()  # our last merge, if any, has been applied
             wait = max(self.pull_interval - (time.monotonic() - last), self.budget.delay())
             if wait > 0:
                 await asyncio.sleep(wait)
@@ -92,7 +93,7 @@ class Exchange:
                 await self.interact(target)
             except Rejected as exc:
                 self.peer.stats.pulls_failed += 1
-                if exc.code != RejectCode.NOT_READY:  # a starting peer is not a faulty one
+                if exc.code not in (RejectCode.NOT_READY, RejectCode.BUSY):  # busy or starting is not faulty
                     self.peer.table.record_failure(target.id)
                 self.log.debug("%s refused: %s", target.name or target.id, exc)
                 await asyncio.sleep(0.01)
@@ -122,6 +123,15 @@ class Exchange:
         peer = self.peer
         own = peer.store.latest()
         assert own is not None, "run() checks that a snapshot was published"
+        peer.gate.begin_own(own.version)
+        try:
+            await self._interact(target, own)
+        except BaseException:
+            peer.gate.end_own()
+            raise
+
+    async def _interact(self, target: PeerRecord, own: Snapshot) -> None:
+        peer = self.peer
         state = self._codec_state.setdefault(target.id, {})
         sent_clock = peer.clock.value
         reply = await peer.client.call(

@@ -42,7 +42,7 @@ from swarmnet.peer.compute import ComputeLoop, peer_seed_of
 from swarmnet.peer.exchange import Exchange
 from swarmnet.peer.membership import MembershipService, PeerTable
 from swarmnet.peer.server import PeerServer
-from swarmnet.peer.state import Mailbox, SnapshotStore
+from swarmnet.peer.state import Mailbox, MergeGate, SnapshotStore
 from swarmnet.peer.stats import PeerStats
 from swarmnet.tasks import load_task
 from swarmnet.transport import TransportSet
@@ -119,6 +119,7 @@ class Peer:
         self.stats = PeerStats()
         self.clock = PhaseClock()
         self.store = SnapshotStore(history=8)
+        self.gate = MergeGate()
         self.codec = make_codec(cfg.codec.name, **cfg.codec.options)
         net = cfg.network
         self.limits = Limits(max_header_bytes=net.max_header_bytes, max_frame_bytes=net.max_message_bytes)
@@ -278,7 +279,8 @@ class Peer:
             "name": self.name, "id": self.id, "addr": self.address, "device": str(self.device),
             "reason": reason, "elapsed_s": elapsed, "steps": self.compute.step,
             "total_steps": self.compute.plan.total_steps, "interactions": s.interactions,
-            "nudges_applied": s.nudges_applied, "pulls_ok": s.pulls_ok, "pulls_failed": s.pulls_failed,
+            "nudges_applied": s.nudges_applied, "nudges_refused": s.nudges_refused,
+            "nudges_rejected": s.nudges_rejected, "pulls_ok": s.pulls_ok, "pulls_failed": s.pulls_failed,
             "bytes_sent": s.bytes_out, "bytes_received": s.bytes_in, "final_loss": s.loss,
             "eval": self.compute.last_eval, "clock": self.clock.value, "staleness_s": s.staleness_s,
             "consensus": s.consensus, "exchange_cpu": s.exchange_cpu, "budget_wait_s": s.budget_wait_s,

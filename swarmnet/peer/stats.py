@@ -27,6 +27,9 @@ class PeerStats:
     pulls_failed: int = 0
     nudges_sent: int = 0
     nudges_rejected: int = 0
+    """Our nudges a neighbour refused (we then dropped our half of the interaction too)."""
+    nudges_refused: int = 0
+    """Neighbours' nudges we refused to keep our model a convex combination (MergeGate)."""
     bytes_in: int = 0
     bytes_out: int = 0
     staleness_s: float = 0.0
