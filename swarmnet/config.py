@@ -193,6 +193,43 @@ class DeviceConfig:
         _require(self.threads >= 1, "threads", "must be >= 1")
 
 
+SECURITY_MODES = ("none", "swarm-key", "allow-list")
+
+
+@dataclass(kw_only=True, slots=True)
+class SecurityConfig:
+    """Who may talk to this peer (ZeroMQ CURVE; docs/operations.md, "Security")."""
+
+    mode: str = "none"
+    """none: no authentication (loopback demos); swarm-key: every peer uses the same keypair and
+    admits only it; allow-list: every peer has its own keypair and admits the public keys listed
+    in ``allow``."""
+    key: str = ""
+    """This peer's secret key file (written by `swarmnet keys generate`: NAME.key_secret). In
+    swarm-key mode, the swarm's shared key file."""
+    allow: str = ""
+    """allow-list mode: a directory of NAME.key public key files, or a file with one public key
+    (Z85, 40 characters) per line."""
+
+    def __post_init__(self) -> None:
+        _require(self.mode in SECURITY_MODES, "mode", f"must be one of {', '.join(SECURITY_MODES)}")
+        if self.mode == "none":
+            _require(not self.key and not self.allow, "mode",
+                     "is 'none' but key/allow are set; set mode = 'swarm-key' or 'allow-list'")
+            return
+        _require(bool(self.key), "key", f"mode '{self.mode}' needs this peer's secret key file; "
+                 "create one with `swarmnet keys generate --out keys --name NAME`")
+        _require(os.path.isfile(self.key), "key", f"{self.key!r} is not a file; create one with "
+                 "`swarmnet keys generate --out keys --name NAME`")
+        if self.mode == "allow-list":
+            _require(bool(self.allow), "allow", "mode 'allow-list' needs a directory of NAME.key "
+                     "public key files (or a file of public keys, one per line)")
+            _require(os.path.exists(self.allow), "allow", f"{self.allow!r} does not exist")
+        else:
+            _require(not self.allow, "allow", "only applies to mode = 'allow-list' (a swarm key "
+                     "admits exactly its own public key)")
+
+
 @dataclass(kw_only=True, slots=True)
 class SwarmConfig:
     run: RunConfig = field(default_factory=RunConfig)
@@ -202,6 +239,7 @@ class SwarmConfig:
     codec: CodecConfig = field(default_factory=CodecConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
 
 @dataclass(kw_only=True, slots=True)

@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import secrets
 import socket
 import time
@@ -43,6 +44,7 @@ from swarmnet.peer.membership import MembershipService, PeerTable
 from swarmnet.peer.server import PeerServer
 from swarmnet.peer.state import Mailbox, SnapshotStore
 from swarmnet.peer.stats import PeerStats
+from swarmnet.security import exposure_warning, peer_keys, split_address, with_key
 from swarmnet.tasks import load_task
 from swarmnet.transport import TransportSet
 from swarmnet.wire import Limits, MsgType, request
@@ -51,10 +53,19 @@ RANK_VARIABLES = ("SWARMNET_RANK", "RANK", "SLURM_PROCID", "LOCAL_RANK")
 LOCAL_RANK_VARIABLES = ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK")
 
 
+PEER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+
+
 @dataclass(frozen=True, slots=True)
 class PeerIdentity:
     name: str
+    """Names the peer's directory <run.dir>/<name>: one path component, so it cannot escape."""
     rank: int
+
+    def __post_init__(self) -> None:
+        if not PEER_NAME.fullmatch(self.name):
+            raise ConfigError(f"peer name {self.name!r}: use 1-128 letters, digits, '.', '_' or '-' "
+                              "(not starting with '.' or '-'); it names the peer's run directory")
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -121,7 +132,8 @@ class Peer:
         self.codec = make_codec(cfg.codec.name, **cfg.codec.options)
         net = cfg.network
         self.limits = Limits(max_header_bytes=net.max_header_bytes, max_frame_bytes=net.max_message_bytes)
-        self.transports = TransportSet()
+        self.curve = peer_keys(cfg.security, on_refused=self._count_refused)
+        self.transports = TransportSet(self.curve)
         self.client = PeerClient(sender=self.id, transports=self.transports, limits=self.limits,
                                  timeout=net.request_timeout, stats=self.stats, max_frame_bytes=net.max_message_bytes)
         self.table = PeerTable(self.id, dead_after=net.dead_after, backoff=net.failure_backoff)
@@ -130,6 +142,10 @@ class Peer:
         self.started = time.time()
         self._stop_requested = False
         self._force = False
+
+    def _count_refused(self, client_key: bytes) -> None:
+        """A handshake refused by the ZAP handler (its thread): counted under rejected."""
+        self.stats.rejected["unauthenticated"] += 1
 
     # -- identity and status ------------------------------------------------------------------
 
@@ -178,9 +194,14 @@ class Peer:
             self.compute.resume()
         self.compute.publish()  # neighbours can pull from us from the first moment on
         net = self.cfg.network
+        exposed = exposure_warning(net.listen, secured=self.curve is not None)
+        if exposed:
+            self.log.warning("%s", exposed)
         listener = await self.transports.for_url(net.listen).listen(net.listen, max_frame_bytes=net.max_message_bytes)
-        self.address = net.advertise or (with_interface_host(listener.address, net.interface)
-                                         if net.interface else listener.address)
+        bound, _ = split_address(listener.address)
+        self.address = net.advertise or (with_interface_host(bound, net.interface) if net.interface else bound)
+        if self.curve is not None and self.curve.per_peer:
+            self.address = with_key(self.address, self.curve.public)
         if "0.0.0.0" in self.address or "://*" in self.address:
             raise ConfigError(f"listening on {listener.address}: set network.advertise (--advertise) to the "
                               "address other peers should dial, or network.interface (--interface) to "
@@ -291,7 +312,11 @@ async def run_peer(cfg: SwarmConfig, identity: PeerIdentity, *, resume: bool = T
                    install_signals: bool = True) -> int:
     import signal
 
-    peer = Peer(cfg, identity, resume=resume)
+    try:
+        peer = Peer(cfg, identity, resume=resume)
+    except ConfigError as exc:
+        get_logger("peer").error("%s", exc)
+        return 2
     if install_signals:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
