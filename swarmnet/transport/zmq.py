@@ -78,15 +78,15 @@ class _KeyPolicy:
 
 
 class _ZapGate:
-    """The ZAP handler of the shared zmq context (libzmq takes one per context), started with the
-    first secured listener and stopped with the last. Each listener gets its own ZAP domain, so
-    listeners with different allow-lists can share a process."""
+    """The ZAP handler of the shared zmq context (libzmq takes one per context): started with
+    the first secured listener and kept for the life of the process (libzmq frees its inproc
+    endpoint lazily, so a stopped handler cannot be restarted at once). Each listener gets its
+    own ZAP domain, so listeners with different allow-lists can share a process."""
 
     _domains = itertools.count(1)
 
     def __init__(self) -> None:
         self._auth: Any = None
-        self._open: set[str] = set()
 
     def open(self, ctx: zmq.asyncio.Context, policy: _KeyPolicy) -> str:
         if self._auth is None:
@@ -97,17 +97,12 @@ class _ZapGate:
             self._auth = auth
         domain = f"swarmnet-{next(self._domains)}"
         self._auth.configure_curve_callback(domain, policy)
-        self._open.add(domain)
         return domain
 
     def close(self, domain: str) -> None:
-        if domain not in self._open:
-            return
-        self._open.discard(domain)
-        self._auth.credentials_providers.pop(domain, None)
-        if not self._open:
-            self._auth.stop()
-            self._auth = None
+        """Forget a closed listener's domain: a handshake naming it is refused ("Unknown domain")."""
+        if self._auth is not None:
+            self._auth.credentials_providers.pop(domain, None)
 
 
 _GATE = _ZapGate()
