@@ -71,6 +71,7 @@ def peer(
     device: Annotated[Optional[str], typer.Option(help="auto (GPU from LOCAL_RANK/SLURM_LOCALID, else CPU), cpu or cuda:N.")] = None,
     run_dir: Annotated[Optional[str], typer.Option(help="Run directory (overrides run.dir).")] = None,
     rank: Annotated[int, typer.Option(help="Index in the swarm for partition sharding (-1: from RANK/SLURM_PROCID).")] = -1,
+    key: Annotated[Optional[str], typer.Option(help="This peer's secret key file (overrides security.key).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Budget in local steps (overrides train.*).")] = None,
     fresh: Annotated[bool, typer.Option(help="Ignore an existing checkpoint instead of resuming from it.")] = False,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: section.key=VALUE (VALUE as JSON or text), repeatable.")] = None,
@@ -86,7 +87,7 @@ def peer(
             network__listen=listen or manifest.listen, network__advertise=advertise or manifest.advertise,
             network__interface=interface,
             network__seeds=(seed or []) + manifest.seeds, device__device=device or manifest.device,
-            run__dir=run_dir,
+            run__dir=run_dir, security__key=key or manifest.key,
         )
         overrides.update(parse_settings(set_ or []))
         if steps is not None:

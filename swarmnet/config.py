@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import tomllib
 import types
 import typing
@@ -253,6 +254,19 @@ class PeerManifest:
     seeds: list[str] = field(default_factory=list)
     rank: int = -1
     """Index of this peer in the swarm, for partition sharding (-1: from the environment)."""
+    key: str = ""
+    """This peer's secret key file (overrides security.key; allow-list swarms give each peer its own)."""
+
+
+PEER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+
+
+def check_peer_name(name: str) -> str:
+    """A peer's name names its directory <run.dir>/<name>: one path component, so it cannot escape."""
+    if not PEER_NAME.fullmatch(name):
+        raise ConfigError(f"peer name {name!r}: use 1-128 letters, digits, '.', '_' or '-' (not starting "
+                          "with '.' or '-'); it names the peer's run directory")
+    return name
 
 
 def load_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None) -> SwarmConfig:
@@ -270,6 +284,10 @@ def load_manifest(path: str | os.PathLike[str]) -> PeerManifest:
     manifest = _build(PeerManifest, _read_toml(path), str(path), "")
     if not manifest.name:
         manifest.name = Path(path).stem
+    try:
+        check_peer_name(manifest.name)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     return manifest
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import stat
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,7 +162,7 @@ def load_keypair(path: str | os.PathLike[str]) -> tuple[bytes, bytes]:
 
 def load_allow_list(path: str | os.PathLike[str]) -> frozenset[bytes]:
     """Public keys from a directory of ``*.key`` files, or a file with one Z85 key per line
-    (blank lines and ``#`` comments ignored; text after the key on a line is ignored)."""
+    (blank and ``#`` comment lines ignored, and anything after the key on its line)."""
     path = Path(path)
     keys: set[bytes] = set()
     if path.is_dir():
@@ -181,9 +182,12 @@ def load_allow_list(path: str | os.PathLike[str]) -> frozenset[bytes]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"allow-list {path}: cannot read it ({exc})") from None
     for number, line in enumerate(lines, 1):
-        words = line.split("#", 1)[0].split() if not line.lstrip().startswith("#") else []
-        if words:
-            keys.add(_check_key(words[0].encode(), f"{path}:{number}"))
+        words = line.split()
+        if not words:
+            continue
+        if words[0].startswith("#"):  # a comment: no key starts with '#' (it is Z85's top digit)
+            continue
+        keys.add(_check_key(words[0].encode(), f"{path}:{number}"))
     if not keys:
         raise ConfigError(f"allow-list {path} lists no public keys; put one Z85 key per line "
                           "(the public-key value of each NAME.key)")
@@ -193,7 +197,7 @@ def load_allow_list(path: str | os.PathLike[str]) -> frozenset[bytes]:
 def _check_key(key: bytes, where: str) -> bytes:
     try:
         ok = len(key) == 40 and len(z85.decode(key)) == 32
-    except (ValueError, KeyError, IndexError):
+    except (ValueError, KeyError, IndexError, struct.error):
         ok = False
     if not ok:
         raise ConfigError(f"{where}: {key[:48]!r} is not a CURVE key (40 Z85 characters); {KEYGEN_HINT}")

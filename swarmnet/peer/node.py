@@ -19,7 +19,6 @@ import contextlib
 import json
 import os
 import random
-import re
 import secrets
 import socket
 import time
@@ -34,7 +33,7 @@ import torch
 from swarmnet import __version__
 from swarmnet.algorithms import PhaseClock, parse_topology
 from swarmnet.codecs import make_codec
-from swarmnet.config import SwarmConfig, to_dict
+from swarmnet.config import SwarmConfig, check_peer_name, to_dict
 from swarmnet.errors import ConfigError, SwarmError, TransportError
 from swarmnet.log import PeerLogAdapter, get_logger
 from swarmnet.peer.client import PeerClient
@@ -53,9 +52,6 @@ RANK_VARIABLES = ("SWARMNET_RANK", "RANK", "SLURM_PROCID", "LOCAL_RANK")
 LOCAL_RANK_VARIABLES = ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK")
 
 
-PEER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
-
-
 @dataclass(frozen=True, slots=True)
 class PeerIdentity:
     name: str
@@ -63,9 +59,7 @@ class PeerIdentity:
     rank: int
 
     def __post_init__(self) -> None:
-        if not PEER_NAME.fullmatch(self.name):
-            raise ConfigError(f"peer name {self.name!r}: use 1-128 letters, digits, '.', '_' or '-' "
-                              "(not starting with '.' or '-'); it names the peer's run directory")
+        check_peer_name(self.name)
 
 
 def resolve_device(spec: str) -> torch.device:

@@ -107,3 +107,10 @@ async def test_schemes_that_cannot_authenticate_are_refused(keys):
     with pytest.raises(ConfigError, match="ucx:// addresses cannot authenticate peers"):
         transports.for_url("ucx://127.0.0.1:0")
     await transports.aclose()
+
+
+async def test_curve_pull_bench_reports_both_sides():
+    from swarmnet.bench.curve import measure
+
+    result = await measure(size_mb=1, repeats=2)
+    assert result["plain_s"] > 0 and result["curve_s"] > 0 and result["ratio"] > 0

@@ -87,6 +87,13 @@ def test_allow_list_from_a_directory_or_a_file(tmp_path):
     listing = tmp_path / "allowed.txt"
     listing.write_text(f"# admitted peers\n{publics[0].decode()}  a\n\n{publics[1].decode()} # b\n")
     assert load_allow_list(listing) == frozenset(publics)
+    # '#' is a Z85 digit: inside a key it does not start a comment.
+    hashed = next(k for k in (zmq.curve_keypair()[0] for _ in range(5000)) if b"#" in k)
+    listing.write_text(f"#comment\n{hashed.decode()} # peer9\n")
+    assert load_allow_list(listing) == {hashed}
+    listing.write_text("~" * 40 + "\n")  # Z85 digits, but not a number a key can be
+    with pytest.raises(ConfigError, match=":1: .* is not a CURVE key"):
+        load_allow_list(listing)
     listing.write_text(f"{publics[0].decode()}\nnot-a-key\n")
     with pytest.raises(ConfigError, match=f"{listing}:2: b'not-a-key' is not a CURVE key"):
         load_allow_list(listing)
@@ -175,3 +182,14 @@ def test_peer_names_cannot_leave_the_run_directory(name):
     with pytest.raises(ConfigError, match="names the peer's run directory"):
         PeerIdentity(name, 0)
     assert PeerIdentity("gpu-3.node_1", 0).name == "gpu-3.node_1"
+
+
+def test_manifest_names_are_checked_too(tmp_path):
+    from swarmnet.config import load_manifest
+
+    path = tmp_path / "p.toml"
+    path.write_text('name = "../../etc"\nkey = "keys/p.key_secret"\n')
+    with pytest.raises(ConfigError, match=f"{path}: peer name '../../etc'"):
+        load_manifest(path)
+    path.write_text('key = "keys/p.key_secret"\n')
+    assert load_manifest(path).key == "keys/p.key_secret"
