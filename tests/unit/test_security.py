@@ -193,3 +193,18 @@ def test_manifest_names_are_checked_too(tmp_path):
         load_manifest(path)
     path.write_text('key = "keys/p.key_secret"\n')
     assert load_manifest(path).key == "keys/p.key_secret"
+
+
+def test_peers_and_tools_refuse_unusable_keys_with_the_fix(tmp_path, caplog):
+    import asyncio
+
+    from swarmnet.peer.node import run_peer
+
+    _, secret = generate_keys(tmp_path / "keys", "swarm")
+    os.chmod(secret, 0o640)
+    config = _config(tmp_path, f'mode = "swarm-key"\nkey = "{secret}"\n[run]\ndir = "{tmp_path / "run"}"')
+    code = asyncio.run(run_peer(load_config(config), PeerIdentity("p", 0), install_signals=False))
+    assert code == 2 and f"chmod 600 {secret}" in caplog.text
+    status = subprocess.run([sys.executable, "-m", "swarmnet", "status", "--seed", "tcp://127.0.0.1:9",
+                             "--config", str(config), "--once"], capture_output=True, text=True, timeout=60)
+    assert status.returncode == 2 and f"chmod 600 {secret}" in status.stderr
