@@ -259,40 +259,30 @@ class ZmqTransport(Transport):
         self._connections: list[ZmqConnection] = []
 
     async def listen(self, url: str, *, max_frame_bytes: int = 2**31 - 1) -> Listener:
-        if self._curve is not None:
-            return self._listen_secured(url, self._curve, max_frame_bytes)
+        curve, policy, domain = self._curve, None, None
+        if curve is not None:
+            _refuse_inproc(url)
+            url, _ = split_address(url)
         sock = self._ctx.socket(zmq.ROUTER)
         _configure(sock, max_frame_bytes)
+        if curve is not None:
+            sock.curve_secretkey = curve.secret
+            sock.curve_publickey = curve.public
+            sock.curve_server = True
+            policy = _KeyPolicy(curve, url)
+            domain = _GATE.open(self._ctx, policy)
+            sock.zap_domain = domain.encode()
         try:
             sock.bind(_bind_url(url))
         except zmq.ZMQError as exc:
             sock.close(linger=0)
+            if domain is not None:
+                _GATE.close(domain)
             raise TransportError(f"cannot bind {url}: {exc}") from exc
         address = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
-        listener = ZmqListener(sock, address, max_frame_bytes)
-        self._listeners.append(listener)
-        return listener
-
-    def _listen_secured(self, url: str, curve: CurveKeys, max_frame_bytes: int) -> Listener:
-        _refuse_inproc(url)
-        bind, _ = split_address(url)
-        sock = self._ctx.socket(zmq.ROUTER)
-        _configure(sock, max_frame_bytes)
-        sock.curve_secretkey = curve.secret
-        sock.curve_publickey = curve.public
-        sock.curve_server = True
-        policy = _KeyPolicy(curve, bind)
-        domain = _GATE.open(self._ctx, policy)
-        sock.zap_domain = domain.encode()
-        try:
-            sock.bind(_bind_url(bind))
-        except zmq.ZMQError as exc:
-            sock.close(linger=0)
-            _GATE.close(domain)
-            raise TransportError(f"cannot bind {bind}: {exc}") from exc
-        address = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
-        policy.address = address
-        if curve.per_peer:
+        if policy is not None:
+            policy.address = address
+        if curve is not None and curve.per_peer:
             address = with_key(address, curve.public)
         listener = ZmqListener(sock, address, max_frame_bytes, zap_domain=domain)
         self._listeners.append(listener)
