@@ -102,8 +102,15 @@ _SECRET_BANNER = "#   swarmnet CURVE secret key: keep it owner-only (0600), neve
 _PUBLIC_BANNER = "#   swarmnet CURVE public key: give it to the peers that should admit this one.\n"
 
 
+def _require_curve() -> None:
+    if not zmq.has("curve"):
+        raise ConfigError(f"this libzmq ({zmq.zmq_version()}) was built without CURVE support; "
+                          "install pyzmq's wheels from PyPI, which bundle libsodium")
+
+
 def generate_keys(out_dir: Path, name: str, *, force: bool = False) -> tuple[Path, Path]:
     """Write a fresh keypair as ``NAME.key`` (public) and ``NAME.key_secret`` (owner-only)."""
+    _require_curve()
     if not name or not all(c.isalnum() or c in "._-" for c in name) or name.startswith("."):
         raise ConfigError(f"key name {name!r}: use letters, digits, '.', '_' and '-' (e.g. peer0)")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -139,6 +146,7 @@ def _write(path: Path, text: str, mode: int) -> None:
 
 def load_keypair(path: str | os.PathLike[str]) -> tuple[bytes, bytes]:
     """(public, secret) Z85 keys from a secret key file; refuses files others can read."""
+    _require_curve()
     path = Path(path)
     try:
         mode = path.stat().st_mode
