@@ -23,6 +23,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="Decentralized asynchronous data-parallel training (PopSGD, SwarmSGD).")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: ratios measured side by side in one run.")
 app.add_typer(bench_app, name="bench")
+keys_app = typer.Typer(no_args_is_help=True, help="CURVE keys that close a swarm to strangers (docs/operations.md, Security).")
+app.add_typer(keys_app, name="keys")
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Swarm config (TOML), e.g. configs/quickstart.toml.")]
 LogLevel = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")]
@@ -69,6 +71,7 @@ def peer(
     device: Annotated[Optional[str], typer.Option(help="auto (GPU from LOCAL_RANK/SLURM_LOCALID, else CPU), cpu or cuda:N.")] = None,
     run_dir: Annotated[Optional[str], typer.Option(help="Run directory (overrides run.dir).")] = None,
     rank: Annotated[int, typer.Option(help="Index in the swarm for partition sharding (-1: from RANK/SLURM_PROCID).")] = -1,
+    key: Annotated[Optional[str], typer.Option(help="This peer's secret key file (overrides security.key).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Budget in local steps (overrides train.*).")] = None,
     fresh: Annotated[bool, typer.Option(help="Ignore an existing checkpoint instead of resuming from it.")] = False,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: section.key=VALUE (VALUE as JSON or text), repeatable.")] = None,
@@ -84,15 +87,15 @@ def peer(
             network__listen=listen or manifest.listen, network__advertise=advertise or manifest.advertise,
             network__interface=interface,
             network__seeds=(seed or []) + manifest.seeds, device__device=device or manifest.device,
-            run__dir=run_dir,
+            run__dir=run_dir, security__key=key or manifest.key,
         )
         overrides.update(parse_settings(set_ or []))
         if steps is not None:
             overrides.update(budget_override(steps=steps))
         cfg = load_config(config, overrides)
+        identity = PeerIdentity(name or manifest.name or socket.gethostname(), resolve_rank(rank if rank >= 0 else manifest.rank))
     except ConfigError as exc:
         fail(str(exc))
-    identity = PeerIdentity(name or manifest.name or socket.gethostname(), resolve_rank(rank if rank >= 0 else manifest.rank))
     code = run_event_loop(run_peer(cfg, identity, resume=not fresh))
     # The loop is closed and its handlers are gone: a late SIGTERM (honcho stopping the others)
     # must not turn a clean exit into a death by signal.
@@ -196,6 +199,23 @@ def bench_sim(
     from swarmnet.bench.sim import run
 
     run(nodes=nodes, interactions=interactions, device=device, json_path=json_path, progress=True)
+
+
+@keys_app.command("generate")
+def keys_generate(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write NAME.key and NAME.key_secret into.")],
+    name: Annotated[str, typer.Option("--name", "-n", help="Key name, e.g. the peer's name, or 'swarm' for a shared swarm key.")],
+    force: Annotated[bool, typer.Option(help="Replace existing key files.")] = False,
+) -> None:
+    """Write a new keypair: NAME.key (public, for allow-lists) and NAME.key_secret (owner-only)."""
+    from swarmnet.security import generate_keys
+
+    try:
+        public, secret = generate_keys(out, name, force=force)
+    except (ConfigError, OSError) as exc:
+        fail(str(exc))
+    typer.echo(f"wrote {secret} (secret, mode 0600: this peer's security.key; never share it)")
+    typer.echo(f"wrote {public} (public: put it in the allow-list of every peer that should admit this one)")
 
 
 def _register_tools() -> None:

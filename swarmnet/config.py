@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import tomllib
 import types
 import typing
@@ -199,6 +200,43 @@ class DeviceConfig:
         _require(self.threads >= 1, "threads", "must be >= 1")
 
 
+SECURITY_MODES = ("none", "swarm-key", "allow-list")
+
+
+@dataclass(kw_only=True, slots=True)
+class SecurityConfig:
+    """Who may talk to this peer (ZeroMQ CURVE; docs/operations.md, "Security")."""
+
+    mode: str = "none"
+    """none: no authentication (loopback demos); swarm-key: every peer uses the same keypair and
+    admits only it; allow-list: every peer has its own keypair and admits the public keys listed
+    in ``allow``."""
+    key: str = ""
+    """This peer's secret key file (written by `swarmnet keys generate`: NAME.key_secret). In
+    swarm-key mode, the swarm's shared key file."""
+    allow: str = ""
+    """allow-list mode: a directory of NAME.key public key files, or a file with one public key
+    (Z85, 40 characters) per line."""
+
+    def __post_init__(self) -> None:
+        _require(self.mode in SECURITY_MODES, "mode", f"must be one of {', '.join(SECURITY_MODES)}")
+        if self.mode == "none":
+            _require(not self.key and not self.allow, "mode",
+                     "is 'none' but key/allow are set; set mode = 'swarm-key' or 'allow-list'")
+            return
+        _require(bool(self.key), "key", f"mode '{self.mode}' needs this peer's secret key file; "
+                 "create one with `swarmnet keys generate --out keys --name NAME`")
+        _require(os.path.isfile(self.key), "key", f"{self.key!r} is not a file; create one with "
+                 "`swarmnet keys generate --out keys --name NAME`")
+        if self.mode == "allow-list":
+            _require(bool(self.allow), "allow", "mode 'allow-list' needs a directory of NAME.key "
+                     "public key files (or a file of public keys, one per line)")
+            _require(os.path.exists(self.allow), "allow", f"{self.allow!r} does not exist")
+        else:
+            _require(not self.allow, "allow", "only applies to mode = 'allow-list' (a swarm key "
+                     "admits exactly its own public key)")
+
+
 @dataclass(kw_only=True, slots=True)
 class SwarmConfig:
     run: RunConfig = field(default_factory=RunConfig)
@@ -208,6 +246,7 @@ class SwarmConfig:
     codec: CodecConfig = field(default_factory=CodecConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -221,6 +260,19 @@ class PeerManifest:
     seeds: list[str] = field(default_factory=list)
     rank: int = -1
     """Index of this peer in the swarm, for partition sharding (-1: from the environment)."""
+    key: str = ""
+    """This peer's secret key file (overrides security.key; allow-list swarms give each peer its own)."""
+
+
+PEER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+
+
+def check_peer_name(name: str) -> str:
+    """A peer's name names its directory <run.dir>/<name>: one path component, so it cannot escape."""
+    if not PEER_NAME.fullmatch(name):
+        raise ConfigError(f"peer name {name!r}: use 1-128 letters, digits, '.', '_' or '-' (not starting "
+                          "with '.' or '-'); it names the peer's run directory")
+    return name
 
 
 def load_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None) -> SwarmConfig:
@@ -238,6 +290,10 @@ def load_manifest(path: str | os.PathLike[str]) -> PeerManifest:
     manifest = _build(PeerManifest, _read_toml(path), str(path), "")
     if not manifest.name:
         manifest.name = Path(path).stem
+    try:
+        check_peer_name(manifest.name)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     return manifest
 
 

@@ -45,6 +45,7 @@ class PeerProcess:
     listen: str
     seeds: list[str]
     device: str = ""
+    key: str = ""
     proc: subprocess.Popen[bytes] | None = None
     exit_code: int | None = None
 
@@ -69,7 +70,7 @@ class LaunchPlan:
             peers = []
             for i, path in enumerate(files):
                 m = load_manifest(path)
-                peers.append(PeerProcess(m.name, m.rank if m.rank >= 0 else i, m.listen or _listen(transport, run_dir, m.name), m.seeds, m.device))
+                peers.append(PeerProcess(m.name, m.rank if m.rank >= 0 else i, m.listen or _listen(transport, run_dir, m.name), m.seeds, m.device, m.key))
         else:
             peers = [PeerProcess(f"peer{i}", i, _listen(transport, run_dir, f"peer{i}"), []) for i in range(cfg.run.peers)]
         if len({p.name for p in peers}) != len(peers):
@@ -112,6 +113,8 @@ def _start(plan: LaunchPlan, peer: PeerProcess, seeds: list[str]) -> None:
         cmd += ["--seed", seed]
     if peer.device:
         cmd += ["--device", peer.device]
+    if peer.key:
+        cmd += ["--key", peer.key]
     peer_dir = plan.run_dir / peer.name
     peer_dir.mkdir(parents=True, exist_ok=True)
     log = open(peer_dir / "peer.log", "ab")

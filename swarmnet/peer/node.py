@@ -33,7 +33,7 @@ import torch
 from swarmnet import __version__
 from swarmnet.algorithms import PhaseClock, parse_topology
 from swarmnet.codecs import make_codec
-from swarmnet.config import SwarmConfig, to_dict
+from swarmnet.config import SwarmConfig, check_peer_name, to_dict
 from swarmnet.errors import ConfigError, SwarmError, TransportError
 from swarmnet.log import PeerLogAdapter, get_logger
 from swarmnet.peer.budget import auto_cores
@@ -44,6 +44,7 @@ from swarmnet.peer.membership import MembershipService, PeerTable
 from swarmnet.peer.server import PeerServer
 from swarmnet.peer.state import Mailbox, MergeGate, SnapshotStore
 from swarmnet.peer.stats import PeerStats
+from swarmnet.security import exposure_warning, peer_keys, split_address, with_key
 from swarmnet.tasks import load_task
 from swarmnet.transport import TransportSet
 from swarmnet.wire import Limits, MsgType, request
@@ -55,7 +56,11 @@ LOCAL_RANK_VARIABLES = ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RA
 @dataclass(frozen=True, slots=True)
 class PeerIdentity:
     name: str
+    """Names the peer's directory <run.dir>/<name>: one path component, so it cannot escape."""
     rank: int
+
+    def __post_init__(self) -> None:
+        check_peer_name(self.name)
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -123,7 +128,8 @@ class Peer:
         self.codec = make_codec(cfg.codec.name, **cfg.codec.options)
         net = cfg.network
         self.limits = Limits(max_header_bytes=net.max_header_bytes, max_frame_bytes=net.max_message_bytes)
-        self.transports = TransportSet()
+        self.curve = peer_keys(cfg.security, on_refused=self._count_refused)
+        self.transports = TransportSet(self.curve)
         self.client = PeerClient(sender=self.id, transports=self.transports, limits=self.limits,
                                  timeout=net.request_timeout, stats=self.stats, max_frame_bytes=net.max_message_bytes)
         self.table = PeerTable(self.id, dead_after=net.dead_after, backoff=net.failure_backoff)
@@ -132,6 +138,10 @@ class Peer:
         self.started = time.time()
         self._stop_requested = False
         self._force = False
+
+    def _count_refused(self, client_key: bytes) -> None:
+        """A handshake refused by the ZAP handler (its thread): counted under rejected."""
+        self.stats.rejected["unauthenticated"] += 1
 
     # -- identity and status ------------------------------------------------------------------
 
@@ -180,9 +190,14 @@ class Peer:
             self.compute.resume()
         self.compute.publish()  # neighbours can pull from us from the first moment on
         net = self.cfg.network
+        exposed = exposure_warning(net.listen, secured=self.curve is not None)
+        if exposed:
+            self.log.warning("%s", exposed)
         listener = await self.transports.for_url(net.listen).listen(net.listen, max_frame_bytes=net.max_message_bytes)
-        self.address = net.advertise or (with_interface_host(listener.address, net.interface)
-                                         if net.interface else listener.address)
+        bound, _ = split_address(listener.address)
+        self.address = net.advertise or (with_interface_host(bound, net.interface) if net.interface else bound)
+        if self.curve is not None and self.curve.per_peer:
+            self.address = with_key(self.address, self.curve.public)
         if "0.0.0.0" in self.address or "://*" in self.address:
             raise ConfigError(f"listening on {listener.address}: set network.advertise (--advertise) to the "
                               "address other peers should dial, or network.interface (--interface) to "
@@ -298,7 +313,11 @@ async def run_peer(cfg: SwarmConfig, identity: PeerIdentity, *, resume: bool = T
                    install_signals: bool = True) -> int:
     import signal
 
-    peer = Peer(cfg, identity, resume=resume)
+    try:
+        peer = Peer(cfg, identity, resume=resume)
+    except ConfigError as exc:
+        get_logger("peer").error("%s", exc)
+        return 2
     if install_signals:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
