@@ -141,6 +141,7 @@ class ComputeLoop:
         self._loss_count = 0
         self._staleness_sum = 0.0
         self._last_checkpoint = time.monotonic()
+        self._step_seconds = 0.0
         self.last_eval: dict[str, float] = {}
         self.started = time.monotonic()
         stats.total_steps = self.plan.total_steps
@@ -202,6 +203,8 @@ class ComputeLoop:
                 break
             self.train_step()
             self.merge_pending()
+            if self.cfg.train.slowdown > 1:
+                self.pad_step()
             if self.step % self.cfg.train.metrics_every == 0 and not self.write_metrics():
                 reason = "diverged"
                 break
@@ -214,6 +217,7 @@ class ComputeLoop:
         return reason
 
     def train_step(self) -> None:
+        started = time.monotonic()
         indices = self.sampler.next_indices()
         batch = tuple(t[indices.to(t.device)] for t in self.train_data)
         lr = self.plan.schedule(self.step, self.clock.value)
@@ -230,6 +234,11 @@ class ComputeLoop:
         self.stats.step = self.step
         self.stats.lr = lr
         self.stats.epoch = self.step / self.plan.steps_per_epoch
+        self._step_seconds = time.monotonic() - started
+
+    def pad_step(self) -> None:
+        """Artificial straggler (train.slowdown): stretch the step just taken by sleeping."""
+        self.stop.wait((self.cfg.train.slowdown - 1) * self._step_seconds)
 
     def merge_pending(self, *, final: bool = False) -> None:
         """Between steps: neighbours' nudges, then our own merge when H steps are done."""
