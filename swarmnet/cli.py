@@ -218,7 +218,7 @@ def bench_baselines(
         chart = json_path.with_suffix(".png")
     result = run(QUICK if quick else FULL, json_path=json_path, chart_path=chart, hivemind_python=hivemind_python,
                  command=" ".join(["swarmnet", *sys.argv[1:]]))
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 150)
     for table in (methods_table(result), straggler_table(result), averaging_table(result)):
         console.print(table)
 

@@ -28,7 +28,6 @@ import importlib.util
 import json
 import os
 import platform
-import signal
 import socket
 import statistics
 import subprocess
@@ -138,10 +137,13 @@ def run_world(suite: Suite, world: int, work: Path, *, on_phase: Any = None, tim
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     procs = []
     for rank in range(world):
+        # All ranks stay in this session, as `swarmnet up` keeps its peers in its own: with the
+        # kernel's autogroup scheduling a session per rank would let each compete with the rest
+        # of the machine on its own (uneven paces between ranks on a loaded machine).
         with open(out / f"rank{rank}.log", "wb") as log:
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "swarmnet.bench.baseline_workers", str(rank), str(plan_path), str(out)],
-                env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True))
+                env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
     deadline = time.monotonic() + timeout
     done = 0
     try:
@@ -160,7 +162,7 @@ def run_world(suite: Suite, world: int, work: Path, *, on_phase: Any = None, tim
     finally:
         for p in procs:
             if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
+                p.kill()
                 p.wait(10)
     failed = [(rank, p.returncode) for rank, p in enumerate(procs) if p.returncode != 0]
     if failed:
@@ -243,17 +245,19 @@ def aggregate(records: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any
 
 def _method_row(method: str, runs: list[list[dict[str, Any]]], solos: list[list[dict[str, Any]]]) -> dict[str, Any]:
     """One method over the repeats: ``runs[i]`` and ``solos[i]`` hold repeat i's rank records."""
-    step, share, target, nbytes, loss = [], [], [], [], []
+    step, share, vs_solo, target, nbytes, loss = [], [], [], [], [], []
     for rows, solo in zip(runs, solos):
         t, t0 = _step_s(rows), _step_s(solo)
         step.append(t)
         share.append(min(1.0, max(0.0, 1 - t0 / t)))
+        vs_solo.append(t / t0)
         reached = [r["time_to_target_s"] for r in rows]
         target.append(None if None in reached else max(reached))
         nbytes.append(_mean(r["bytes_per_step"] for r in rows))
         loss.append(_mean(r["final_loss"] for r in rows))
     return {"backend": runs[0][0]["backend"], "step_time_s": spread(step),
             "comm_share": spread(share) if method in SOLO_OF else None,
+            "step_vs_solo": spread(vs_solo) if method in SOLO_OF else None,
             "time_to_target_s": spread(target), "bytes_per_step": spread(nbytes), "final_loss": spread(loss),
             "bytes_per_step_source": runs[0][0].get("bytes_per_step_source", "")}
 
@@ -268,7 +272,9 @@ def _straggler_row(runs: list[list[dict[str, Any]]], solos: list[list[dict[str, 
         others_step.append(_step_s(others))
         straggler_step.append(_step_s(rows[-1:]))
     return {"others_step_time_s": spread(others_step), "straggler_step_time_s": spread(straggler_step),
-            "others_pace_vs_solo": spread(ratios)}
+            "step_vs_solo": "T_method / T_solo, unclipped (below 1: faster than its own compute-only run, i.e. noise "
+                    "or the scheduler favouring it on a shared machine)",
+    "others_pace_vs_solo": spread(ratios)}
 
 
 # -- hivemind ----------------------------------------------------------------------------------
@@ -322,6 +328,8 @@ DEFINITIONS = {
     "step_time_s": "1 / steps per second of a process over the middle 60% of its run, mean over processes",
     "comm_share": "1 - T_solo / T_method, clipped to [0, 1]; T_solo: same processes and steps without "
                   "communication (solo for ddp/localsgd, swarm-solo = exchange off for swarmnet)",
+    "step_vs_solo": "T_method / T_solo, unclipped (below 1: faster than its own compute-only run, i.e. noise "
+                    "or the scheduler favouring it on a shared machine)",
     "others_pace_vs_solo": "non-straggler processes' steps/s with one process slowed down, over their solo steps/s",
     "time_to_target_s": "end of the first 10 steps to the end of the first 10-step window with mean training "
                         "loss <= target, slowest process",
@@ -351,6 +359,7 @@ def run(suite: Suite = FULL, *, json_path: Path | None = None, chart_path: Path 
         result["hivemind"] = run_hivemind(python, sizes=suite.hivemind_sizes,
                                           compressions=suite.hivemind_compressions, numel=numel)
     result["environment"]["load_average_end"] = list(os.getloadavg())
+    result["records"] = records  # per rank and phase: what the rows above were computed from
     result["elapsed_s"] = time.monotonic() - started
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -371,11 +380,11 @@ def _fmt(s: dict[str, float] | None, scale: float = 1.0, digits: int = 1) -> str
 
 def methods_table(result: dict[str, Any]) -> Table:
     table = Table(title=escape("time per step and the rest: median [min-max] over repeats"))
-    for col in ("model", "n", "method", "step ms", "comm share", "to target s", "KB in/step", "final loss"):
+    for col in ("model", "n", "method", "step ms", "vs solo", "comm share", "to target s", "KB in/step", "final loss"):
         table.add_column(col, justify="left" if col in ("model", "method") else "right")
     for row in result["methods"]:
         table.add_row(row["model"], str(row["processes"]), row["method"], _fmt(row["step_time_s"], 1e3, 2),
-                      _fmt(row["comm_share"], 1, 2), _fmt(row["time_to_target_s"], 1, 2) if row["time_to_target_s"]
+                      _fmt(row["step_vs_solo"], 1, 2), _fmt(row["comm_share"], 1, 2), _fmt(row["time_to_target_s"], 1, 2) if row["time_to_target_s"]
                       else "not reached",
                       _fmt(row["bytes_per_step"], 1e-3, 0), _fmt(row["final_loss"], 1, 3))
     return table
@@ -401,7 +410,7 @@ def averaging_table(result: dict[str, Any]) -> Table:
                       _fmt(row["seconds"], 1e3, 1))
     hm = result.get("hivemind") or {}
     for row in hm.get("rows", []):
-        ms = "error: " + row["error"][-80:] if "error" in row else f"{row['allreduce_s'] * 1e3:.1f}"
+        ms = "error: " + row["error"][-80:] if "error" in row else f"{row['allreduce_s'] * 1e3:.1f} (max error {row['max_error']:.2g})"
         table.add_row(f"hivemind ({row['compression']})", str(row["peers"]), f"{row.get('numel', 0):,}", ms)
     if "skipped" in hm:
         table.caption = f"hivemind: {hm['skipped']}"
@@ -418,7 +427,7 @@ def plot(result: dict[str, Any], output: Path) -> Path:
     models = list(dict.fromkeys(r["model"] for r in result["methods"]))
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
     for ax, model in zip(axes[0], models):
-        for method in ("solo", *METHODS):
+        for method in ("solo", "swarm-solo", *METHODS):
             rows = sorted((r for r in result["methods"] if r["model"] == model and r["method"] == method),
                           key=lambda r: r["processes"])
             if not rows:
@@ -427,9 +436,9 @@ def plot(result: dict[str, Any], output: Path) -> Path:
             med = [r["step_time_s"]["median"] * 1e3 for r in rows]
             err = [[m - r["step_time_s"]["min"] * 1e3 for m, r in zip(med, rows)],
                    [r["step_time_s"]["max"] * 1e3 - m for m, r in zip(med, rows)]]
-            label = "compute only (torch)" if method == "solo" else method
+            label = {"solo": "compute only (torch)", "swarm-solo": "compute only (swarmnet peer)"}.get(method, method)
             ax.errorbar(xs, med, yerr=err, marker="o", capsize=3, label=label,
-                        linestyle="--" if method == "solo" else "-")
+                        linestyle="--" if method.endswith("solo") else "-")
         params = next(r["parameters"] for r in result["methods"] if r["model"] == model)
         ax.set_title(f"{model} ({params:,} parameters)" if params else model)
         ax.set_xlabel("processes")

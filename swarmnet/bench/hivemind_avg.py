@@ -47,7 +47,10 @@ def _peer(rank: int, args: argparse.Namespace, maddrs: Any, barrier: Any, result
             maddrs.put([str(a) for a in dht.get_visible_maddrs()])
     else:
         dht = hivemind.DHT(start=True, initial_peers=maddrs.get(timeout=120), **p2p)
-    tensor = torch.full((args.numel,), float(rank))
+    def values(r: int) -> torch.Tensor:  # each peer's data, reproducible by every peer
+        return torch.randn(args.numel, generator=torch.Generator().manual_seed(r))
+
+    tensor = values(rank)
     averager = hivemind.averaging.DecentralizedAverager(
         [tensor], dht, start=True, prefix="swarmnet-bench", target_group_size=args.peers,
         min_group_size=args.peers, min_matchmaking_time=args.matchmaking, request_timeout=args.matchmaking / 2,
@@ -71,7 +74,8 @@ def _peer(rank: int, args: argparse.Namespace, maddrs: Any, barrier: Any, result
                 times.append(finished - triggered)
                 steps.append(finished - started)
         with averager.get_tensors() as (averaged,):
-            expected = (args.peers - 1) / 2  # the mean of the ranks' initial values, kept by averaging
+            # averaging the average again keeps it: compare with the mean of the initial values
+            expected = torch.stack([values(r) for r in range(args.peers)]).mean(0)
             error = float((averaged - expected).abs().max())
         results.put({"rank": rank, "allreduce_s": statistics.median(times), "step_s": statistics.median(steps),
                      "max_error": error})

@@ -21,6 +21,7 @@ def test_tiny_suite_measures_every_method_side_by_side(tmp_path):
     assert json.loads(json_path.read_text()) == json.loads(json.dumps(result))
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert {"torch", "pyzmq", "python"} <= set(result["environment"])
+    assert len(result["records"]) == 2 * 9  # 2 ranks x (6 methods, allreduce, 2 straggler runs)
     rows = {r["method"]: r for r in result["methods"]}
     assert set(rows) == METHODS
     params = 64 * 64 + 64 + 64 * 64 + 64 + 64 * 10 + 10
@@ -31,7 +32,7 @@ def test_tiny_suite_measures_every_method_side_by_side(tmp_path):
         if method in ("solo", "swarm-solo"):
             assert row["comm_share"] is None
         else:
-            assert 0.0 <= row["comm_share"]["median"] <= 1.0
+            assert 0.0 <= row["comm_share"]["median"] <= 1.0 and row["step_vs_solo"]["median"] > 0
         assert row["final_loss"]["median"] < 2.5  # it trained: log(10) = 2.30 at the start
     # a ring all-reduce between 2 processes: each receives one model's worth of bytes
     assert rows["ddp"]["bytes_per_step"]["median"] == 4 * params
