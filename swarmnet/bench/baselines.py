@@ -148,11 +148,7 @@ def run_world(suite: Suite, world: int, work: Path, *, on_phase: Any = None, tim
     done = 0
     try:
         while any(p.poll() is None for p in procs):
-            failed = [(rank, p.returncode) for rank, p in enumerate(procs) if p.returncode not in (None, 0)]
-            if failed:
-                rank, code = failed[0]
-                log = (out / f"rank{rank}.log").read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"bench baselines: rank {rank} of {world} exited with {code}:\n{log}")
+            _raise_if_failed(procs, out)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"bench baselines with {world} processes did not finish in {timeout:g}s")
             if on_phase is not None and (lines := _count_lines(out / "rank0.jsonl")) > done:
@@ -164,11 +160,7 @@ def run_world(suite: Suite, world: int, work: Path, *, on_phase: Any = None, tim
             if p.poll() is None:
                 p.kill()
                 p.wait(10)
-    failed = [(rank, p.returncode) for rank, p in enumerate(procs) if p.returncode != 0]
-    if failed:
-        rank, code = failed[0]
-        log = (out / f"rank{rank}.log").read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"bench baselines: rank {rank} of {world} exited with {code}:\n{log}")
+    _raise_if_failed(procs, out)
     if on_phase is not None:
         on_phase(_count_lines(out / "rank0.jsonl") - done)
     records = []
@@ -178,6 +170,14 @@ def run_world(suite: Suite, world: int, work: Path, *, on_phase: Any = None, tim
     for r in records:
         r["backend"] = plan["backend"]
     return records
+
+
+def _raise_if_failed(procs: list[subprocess.Popen[bytes]], out: Path) -> None:
+    """The first rank that exited with an error, with the tail of its log."""
+    for rank, p in enumerate(procs):
+        if p.returncode not in (None, 0):
+            log = (out / f"rank{rank}.log").read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"bench baselines: rank {rank} of {len(procs)} exited with {p.returncode}:\n{log}")
 
 
 def _count_lines(path: Path) -> int:
