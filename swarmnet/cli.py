@@ -218,6 +218,43 @@ def keys_generate(
     typer.echo(f"wrote {public} (public: put it in the allow-list of every peer that should admit this one)")
 
 
+@bench_app.command("baselines")
+def bench_baselines(
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the figures as JSON here.")] = None,
+    chart: Annotated[Optional[Path], typer.Option(help="PNG chart of time per step vs processes (default: next to --json).")] = None,
+    quick: Annotated[bool, typer.Option(help="Reduced suite: 2 and 4 processes, shorter phases (under 10 min on 2 cores).")] = False,
+    hivemind_python: Annotated[Optional[str], typer.Option(help="Python with hivemind installed (default: this one, if it has it).")] = None,
+    processes: Annotated[Optional[list[int]], typer.Option("--processes", "-n", help="Process counts to measure (repeatable; default 2, 4, 8; 2, 4 with --quick).")] = None,
+) -> None:
+    """DDP, local SGD and hivemind against swarmnet: same model, data and processes, one run."""
+    import dataclasses
+
+    from rich.console import Console
+
+    from swarmnet.bench.baselines import (
+        FULL,
+        QUICK,
+        averaging_table,
+        methods_table,
+        run,
+        straggler_table,
+    )
+
+    suite = QUICK if quick else FULL
+    if processes:
+        try:
+            suite = dataclasses.replace(suite, sizes=tuple(processes))
+        except ValueError as exc:
+            fail(f"--processes: {exc}")
+    if chart is None and json_path is not None:
+        chart = json_path.with_suffix(".png")
+    result = run(suite, json_path=json_path, chart_path=chart, hivemind_python=hivemind_python,
+                 command=" ".join(["swarmnet", *sys.argv[1:]]))
+    console = Console(width=None if sys.stdout.isatty() else 150)
+    for table in (methods_table(result), straggler_table(result), averaging_table(result)):
+        console.print(table)
+
+
 def _register_tools() -> None:
     from swarmnet.sim.command import simulate_command
     from swarmnet.ui.commands import init_command, plot_command, status_command

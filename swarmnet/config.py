@@ -85,6 +85,9 @@ class TrainConfig:
     """Seconds between checkpoints (0: only the final one)."""
     tensorboard: bool = True
     """Mirror the metrics to TensorBoard when the tensorboard package is installed."""
+    slowdown: float = 1.0
+    """Make this peer an artificial straggler: after each step, sleep (slowdown - 1) times that
+    step's duration (3.0: a peer 3x slower). For benchmarks and fault tests; 1.0 in training."""
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "batch_size", "must be >= 1")
@@ -99,6 +102,8 @@ class TrainConfig:
         _require(self.shard in ("random", "partition"), "shard", "must be 'random' or 'partition'")
         _require(self.metrics_every >= 1, "metrics_every", "must be >= 1")
         _require(self.clock_scale > 0, "clock_scale", "must be > 0")
+        _require(math.isfinite(self.slowdown) and self.slowdown >= 1, "slowdown",
+                 "must be a finite number >= 1 (1.0: no artificial delay)")
 
 
 @dataclass(kw_only=True, slots=True)

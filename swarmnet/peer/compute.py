@@ -141,6 +141,7 @@ class ComputeLoop:
         self._loss_count = 0
         self._staleness_sum = 0.0
         self._last_checkpoint = time.monotonic()
+        self._step_seconds = 0.0
         self.last_eval: dict[str, float] = {}
         self.started = time.monotonic()
         self.merge_cpu = 0.0
@@ -204,6 +205,8 @@ class ComputeLoop:
                 break
             self.train_step()
             self.merge_pending()
+            if self.cfg.train.slowdown > 1:
+                self.pad_step()
             if self.step % self.cfg.train.metrics_every == 0 and not self.write_metrics():
                 reason = "diverged"
                 break
@@ -216,6 +219,7 @@ class ComputeLoop:
         return reason
 
     def train_step(self) -> None:
+        started = time.monotonic()
         indices = self.sampler.next_indices()
         batch = tuple(t[indices.to(t.device)] for t in self.train_data)
         lr = self.plan.schedule(self.step, self.clock.value)
@@ -232,6 +236,11 @@ class ComputeLoop:
         self.stats.step = self.step
         self.stats.lr = lr
         self.stats.epoch = self.step / self.plan.steps_per_epoch
+        self._step_seconds = time.monotonic() - started
+
+    def pad_step(self) -> None:
+        """Artificial straggler (train.slowdown): stretch the step just taken by sleeping."""
+        self.stop.wait((self.cfg.train.slowdown - 1) * self._step_seconds)
 
     def merge_pending(self, *, final: bool = False) -> None:
         """Between steps: neighbours' nudges, then our own merge when H steps are done."""
