@@ -181,6 +181,28 @@ class NetworkConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class ScreeningConfig:
+    """How a neighbour's model is screened before merging (rule in docs/reliability.md)."""
+
+    distance_ratio: float = 10.0
+    """Refuse a neighbour farther than this many times the larger of our model's norm and the
+    typical distance (0: off)."""
+    max_distance: float = 0.0
+    """Refuse a neighbour farther than this, absolutely (0: off)."""
+    clip_ratio: float = 0.0
+    """Scale a neighbour's pull down to at most this many typical distances (0: off)."""
+    warmup: int = 8
+    """Accepted distances needed before clipping applies."""
+
+    def __post_init__(self) -> None:
+        for name in ("distance_ratio", "max_distance", "clip_ratio"):
+            value = getattr(self, name)
+            _require(math.isfinite(value) and value >= 0, name, "must be a finite number >= 0 (0: off)")
+        _require(self.clip_ratio == 0 or self.clip_ratio >= 1, "clip_ratio", "must be 0 (off) or >= 1")
+        _require(self.warmup >= 1, "warmup", "must be >= 1")
+
+
+@dataclass(kw_only=True, slots=True)
 class DeviceConfig:
     device: str = "auto"
     """auto (GPU from LOCAL_RANK / SLURM_LOCALID when CUDA is present, else CPU), cpu, cuda:N."""
@@ -201,6 +223,7 @@ class SwarmConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    screening: ScreeningConfig = field(default_factory=ScreeningConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
 
 

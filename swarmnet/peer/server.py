@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from swarmnet.errors import CodecError, ProtocolError, TransportError
+from swarmnet.peer.screening import Poisoned
 from swarmnet.transport import Listener
 from swarmnet.transport.base import Route
 from swarmnet.wire import Limits, Message, MsgType, RejectCode, decode, encode, reject, reply
@@ -80,8 +81,11 @@ class PeerServer:
         try:
             return await handler(msg)
         except (ProtocolError, CodecError) as exc:
-            code = exc.code if isinstance(exc, ProtocolError) else "bad_payload"
-            self._count_reject(code, str(exc), msg.sender)
+            if isinstance(exc, Poisoned):  # the screen counted it under its own code
+                self.log.warning("refused a nudge from %s: %s", msg.sender, exc)
+            else:
+                code = exc.code if isinstance(exc, ProtocolError) else "bad_payload"
+                self._count_reject(code, str(exc), msg.sender)
             self.peer.table.record_failure(msg.sender)
             return reject(msg, me, RejectCode.MALFORMED, str(exc))
 

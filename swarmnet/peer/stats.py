@@ -32,6 +32,8 @@ class PeerStats:
     bits_per_coord: float = 0.0
     rejected: collections.Counter[str] = field(default_factory=collections.Counter)
     """Malformed or refused incoming messages by reason code."""
+    clipped: int = 0
+    """Neighbours' pulls scaled down by distance clipping (screening.clip_ratio)."""
     checkpoint_errors: int = 0
     peers_alive: int = 0
 
