@@ -45,6 +45,10 @@ class RejectCode(enum.StrEnum):
     BUSY = "busy"  # too many requests in progress
 
 
+FULL = "full"
+"""``want`` of a pull asking for the snapshot losslessly, as fp32 whatever the swarm's codec
+(a newcomer adopting a neighbour's model); such a pull moves no clock."""
+
 _CARD = {"id": str, "addr": str, "hb": int}
 
 # Required header fields per message type (beyond v, t, id, mid, sizes) and their types.

@@ -36,6 +36,9 @@ class PeerStats:
     """Neighbours' pulls scaled down by distance clipping (screening.clip_ratio)."""
     checkpoint_errors: int = 0
     peers_alive: int = 0
+    adopted_from: str = ""
+    """The neighbour whose model this peer started from (a newcomer), if any."""
+    adopted_step: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
