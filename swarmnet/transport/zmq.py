@@ -5,6 +5,11 @@ at a time. Payload frames go out with ``copy=False`` (zero-copy) and come back a
 viewed through memoryviews. ``MAXMSGSIZE`` makes libzmq drop any connection that sends a frame
 larger than the configured limit before it is buffered. inproc:// needs both ends in one
 process, so all transports of a process share one zmq context.
+
+A request fails fast when its peer goes away: each DEALER has a monitor socket, and a
+disconnect (the peer died mid-transfer) or a refused connection (nobody listens there any more)
+seen while the request is pending ends it at once with a TransportError, instead of waiting out
+its deadline.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from collections.abc import Sequence
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from swarmnet.buffers import Buffer
 from swarmnet.errors import EndpointClosed, RequestTimeout, TransportError
@@ -40,6 +46,10 @@ def _closed_under_us() -> bool:
     closed, rather than from our own task being cancelled."""
     task = asyncio.current_task()
     return task is None or task.cancelling() == 0
+
+
+LOST = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+"""Monitor events that end a pending request: the peer went away, or refused the connection."""
 
 
 class ZmqListener(Listener):
@@ -93,6 +103,7 @@ class ZmqConnection(Connection):
         self.address = address
         self._max = max_frame_bytes
         self._sock: zmq.asyncio.Socket | None = None
+        self._monitor: zmq.asyncio.Socket | None = None
         self._lock = asyncio.Lock()
         self._closed = False
 
@@ -105,18 +116,37 @@ class ZmqConnection(Connection):
             sock.setsockopt(zmq.IMMEDIATE, 1)
             sock.setsockopt(zmq.RECONNECT_IVL, 100)
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+            monitor = sock.get_monitor_socket(LOST)
             try:
                 sock.connect(self.address)
             except zmq.ZMQError as exc:
+                sock.disable_monitor()
+                monitor.close(linger=0)
                 sock.close(linger=0)
                 raise TransportError(f"cannot connect to {self.address}: {exc}") from exc
-            self._sock = sock
+            self._sock, self._monitor = sock, monitor
         return self._sock
 
     def _reset(self) -> None:
         if self._sock is not None:
+            self._sock.disable_monitor()
             self._sock.close(linger=0)
             self._sock = None
+        if self._monitor is not None:
+            self._monitor.close(linger=0)
+            self._monitor = None
+
+    async def _lost(self, monitor: zmq.asyncio.Socket) -> str:
+        """Wait for the connection to be lost or refused; returns which."""
+        # Events from before this request (a peer that restarted in between) do not count.
+        while monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            await monitor.recv_multipart(flags=zmq.NOBLOCK)
+        event = parse_monitor_message(await monitor.recv_multipart())["event"]
+        return "lost" if event == zmq.EVENT_DISCONNECTED else "refused"
+
+    async def _round_trip(self, sock: zmq.asyncio.Socket, frames: Sequence[Buffer]) -> list[zmq.Frame]:
+        await sock.send_multipart(frames, copy=False)
+        return await sock.recv_multipart(copy=False)
 
     async def request(self, frames: Sequence[Buffer], timeout: float) -> list[memoryview]:
         if self._closed:
@@ -127,8 +157,18 @@ class ZmqConnection(Connection):
             try:
                 async with asyncio.timeout(timeout):
                     sock = self._socket()
-                    await sock.send_multipart(frames, copy=False)
-                    parts = await sock.recv_multipart(copy=False)
+                    assert self._monitor is not None
+                    work = asyncio.ensure_future(self._round_trip(sock, frames))
+                    lost = asyncio.ensure_future(self._lost(self._monitor))
+                    try:
+                        await asyncio.wait((work, lost), return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        for fut in (work, lost):
+                            fut.cancel()
+                    if not work.done() or work.cancelled():
+                        self._reset()
+                        raise TransportError(f"connection to {self.address} {lost.result()} mid-request")
+                    parts = work.result()
             except TimeoutError:
                 self._reset()
                 raise RequestTimeout(f"no reply from {self.address} within {timeout:g}s") from None
