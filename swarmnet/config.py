@@ -84,6 +84,8 @@ class TrainConfig:
     """Seconds between checkpoints (0: only the final one)."""
     tensorboard: bool = True
     """Mirror the metrics to TensorBoard when the tensorboard package is installed."""
+    step_delay: float = 0.0
+    """Seconds to sleep after every local step: an artificially slow peer (tests, benchmarks)."""
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "batch_size", "must be >= 1")
@@ -98,6 +100,7 @@ class TrainConfig:
         _require(self.shard in ("random", "partition"), "shard", "must be 'random' or 'partition'")
         _require(self.metrics_every >= 1, "metrics_every", "must be >= 1")
         _require(self.clock_scale > 0, "clock_scale", "must be > 0")
+        _require(math.isfinite(self.step_delay) and self.step_delay >= 0, "step_delay", "must be >= 0 seconds")
 
 
 @dataclass(kw_only=True, slots=True)

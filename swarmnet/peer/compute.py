@@ -237,6 +237,8 @@ class ComputeLoop:
         self.stats.step = self.step
         self.stats.lr = lr
         self.stats.epoch = self.step / self.plan.steps_per_epoch
+        if self.cfg.train.step_delay:
+            time.sleep(self.cfg.train.step_delay)  # an artificially slow peer (tests, benchmarks)
 
     def merge_pending(self, *, final: bool = False) -> None:
         """Between steps: neighbours' nudges, then our own merge when H steps are done."""
