@@ -145,8 +145,11 @@ def decode(frames: Sequence[Buffer], limits: Limits = Limits()) -> Message:
         raise ProtocolError("size_mismatch", f"{mtype}: header declares frame sizes {sizes[:8]}, got {payload[:8]}")
     if mtype in (MsgType.HELLO, MsgType.PEERS):
         _check_cards(header, mtype)
+    re = header.get("re", 0)
+    if not isinstance(re, int) or isinstance(re, bool):
+        raise ProtocolError("malformed", f"{mtype}: field 're' has type {type(re).__name__}")
     body = {k: header[k] for k in SCHEMA[mtype]}
-    return Message(mtype, header["id"], body, tuple(frames[1:]), header["mid"], int(header.get("re", 0) or 0))
+    return Message(mtype, header["id"], body, tuple(frames[1:]), header["mid"], re)
 
 
 def _check(header: Mapping[str, Any], schema: Mapping[str, Any], mtype: MsgType) -> None:

@@ -57,7 +57,13 @@ class PeerServer:
 
     async def _serve(self, route: Route, frames: list[memoryview]) -> None:
         try:
-            answer = await self._answer(frames)
+            try:
+                answer = await self._answer(frames)
+            except Exception as exc:  # a bug of ours: count it, log it loudly, still answer
+                self.peer.stats.rejected["internal_error"] += 1
+                self.log.exception("error answering a request")
+                answer = Message(MsgType.REJECT, self.peer.id, {"code": str(RejectCode.MALFORMED),
+                                                                 "reason": f"internal error: {exc.__class__.__name__}"})
             if answer is not None:
                 out = encode(answer)
                 await self.listener.send(route, out)
