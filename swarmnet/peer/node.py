@@ -203,11 +203,12 @@ class Peer:
             async with asyncio.TaskGroup() as tg:
                 services = [tg.create_task(server.run(), name="server"),
                             tg.create_task(self.membership.run(), name="membership")]
-                exchange_task = tg.create_task(
-                    self.exchange.run() if net.exchange else asyncio.sleep(0), name="exchange")
                 await self._await_swarm()
                 if not resumed and net.adopt_model and self.cfg.run.init == "shared":
                     await self._adopt_model(compute_thread)
+                # Pulls start now: a merge computed against the model before adoption would be wrong.
+                exchange_task = tg.create_task(
+                    self.exchange.run() if net.exchange else asyncio.sleep(0), name="exchange")
                 reason = await loop.run_in_executor(compute_thread, self.compute.run)
                 self.stats.state = "draining"
                 self.inbox.close()
