@@ -170,6 +170,9 @@ class NetworkConfig:
     """Before the first step, wait until this many other peers are known (or join_timeout
     passes): lets a launcher start a swarm without giving the first peer a head start."""
     join_timeout: float = 30.0
+    adopt_model: bool = True
+    """A peer starting without a checkpoint first takes the model of a neighbour that has trained
+    (a lossless pull), instead of its own initialization; never with run.init = independent."""
     linger: float = 1.0
     """After its budget, keep serving the final snapshot this long (others may be finishing)."""
     max_header_bytes: int = 65536
@@ -190,6 +193,28 @@ class NetworkConfig:
         _require(self.min_peers >= 0 and self.join_timeout >= 0, "min_peers", "must be >= 0")
         _require(1024 <= self.max_header_bytes <= 2**24, "max_header_bytes", "must be in [1 KiB, 16 MiB]")
         _require(self.max_message_bytes >= 1024, "max_message_bytes", "must be >= 1024")
+
+
+@dataclass(kw_only=True, slots=True)
+class ScreeningConfig:
+    """How a neighbour's model is screened before merging (rule in docs/reliability.md)."""
+
+    distance_ratio: float = 10.0
+    """Refuse a neighbour farther than this many times the larger of our model's norm and the
+    typical distance (0: off)."""
+    max_distance: float = 0.0
+    """Refuse a neighbour farther than this, absolutely (0: off)."""
+    clip_ratio: float = 0.0
+    """Scale a neighbour's pull down to at most this many typical distances (0: off)."""
+    warmup: int = 8
+    """Accepted distances needed before clipping applies."""
+
+    def __post_init__(self) -> None:
+        for name in ("distance_ratio", "max_distance", "clip_ratio"):
+            value = getattr(self, name)
+            _require(math.isfinite(value) and value >= 0, name, "must be a finite number >= 0 (0: off)")
+        _require(self.clip_ratio == 0 or self.clip_ratio >= 1, "clip_ratio", "must be 0 (off) or >= 1")
+        _require(self.warmup >= 1, "warmup", "must be >= 1")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -250,6 +275,7 @@ class SwarmConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    screening: ScreeningConfig = field(default_factory=ScreeningConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
 

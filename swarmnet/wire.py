@@ -45,6 +45,10 @@ class RejectCode(enum.StrEnum):
     BUSY = "busy"  # too many requests in progress
 
 
+FULL = "full"
+"""``want`` of a pull asking for the snapshot losslessly, as fp32 whatever the swarm's codec
+(a newcomer adopting a neighbour's model); such a pull moves no clock."""
+
 _CARD = {"id": str, "addr": str, "hb": int}
 
 # Required header fields per message type (beyond v, t, id, mid, sizes) and their types.
@@ -141,8 +145,11 @@ def decode(frames: Sequence[Buffer], limits: Limits = Limits()) -> Message:
         raise ProtocolError("size_mismatch", f"{mtype}: header declares frame sizes {sizes[:8]}, got {payload[:8]}")
     if mtype in (MsgType.HELLO, MsgType.PEERS):
         _check_cards(header, mtype)
+    re = header.get("re", 0)
+    if not isinstance(re, int) or isinstance(re, bool):
+        raise ProtocolError("malformed", f"{mtype}: field 're' has type {type(re).__name__}")
     body = {k: header[k] for k in SCHEMA[mtype]}
-    return Message(mtype, header["id"], body, tuple(frames[1:]), header["mid"], int(header.get("re", 0) or 0))
+    return Message(mtype, header["id"], body, tuple(frames[1:]), header["mid"], re)
 
 
 def _check(header: Mapping[str, Any], schema: Mapping[str, Any], mtype: MsgType) -> None:

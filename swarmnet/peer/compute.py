@@ -165,6 +165,13 @@ class ComputeLoop:
         self.log.info("resumed from %s at step %d", self.checkpoint_path, self.step)
         return True
 
+    def adopt(self, values_N: torch.Tensor, clock: int) -> None:
+        """Before the first step: take a neighbour's model and clock (a newcomer, newcomer.py)."""
+        self.live_N.copy_(values_N)  # host->device copy when the model lives on a GPU
+        self.stale_N.copy_(self.live_N)
+        self.clock.restore(clock)
+        self.publish()
+
     def save_checkpoint(self) -> None:
         state: dict[str, Any] = {
             "model": self.model.state_dict(),

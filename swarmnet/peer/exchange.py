@@ -29,6 +29,7 @@ from swarmnet.errors import CodecError, ProtocolError, SwarmError
 from swarmnet.peer.budget import CpuBudget, thread_cpu_clock
 from swarmnet.peer.client import Rejected
 from swarmnet.peer.membership import PeerRecord
+from swarmnet.peer.screening import Screen
 from swarmnet.peer.state import MergeEntry, Snapshot
 from swarmnet.wire import Message, MsgType, RejectCode, request
 
@@ -54,6 +55,7 @@ class Exchange:
         self.pull_interval = pull_interval
         self.rng = rng
         self.log = log
+        self.screen = Screen(peer.cfg.screening, peer.stats)
         self.worker = ThreadPoolExecutor(1, thread_name_prefix=f"codec-{peer.name}")
         # What the budget charges: this (event-loop) thread, which pulls and serves, the decode
         # worker, and the compute thread's merges and republishing.
@@ -177,6 +179,7 @@ class Exchange:
         ||Q(C_j) - K|| / sqrt(2) = sqrt(2) ||delta|| for lossless codecs (SPEC 4 item 12)."""
         pull_delta(self._remote_N, own.encoded.quantized, own.values_N, out=delta_N)
         norm = float(torch.linalg.vector_norm(delta_N))  # CPU<->GPU sync point
+        self.screen.check(2 * norm, own, delta_N)  # poisoned neighbours raise (screening.py)
         if not math.isfinite(norm):
             raise CodecError("the neighbour's snapshot holds non-finite or overflowing values")
         return math.sqrt(2) * norm
@@ -203,7 +206,9 @@ class Exchange:
             if not result.complete:
                 raise CodecError("a nudge must carry a complete snapshot")
             check_finite(decoded, "the nudge")
-            return apply_nudge(decoded, used.encoded.quantized, out=decoded)
+            delta = apply_nudge(decoded, used.encoded.quantized, out=decoded)
+            self.screen.check(2 * float(torch.linalg.vector_norm(delta)), used, delta, "nudge")
+            return delta
         return await self._run(work)
 
     async def _run(self, fn: Any, *args: Any) -> Any:

@@ -107,6 +107,13 @@ class PeerTable:
             rec.avoid_until = 0.0
             rec.last_seen = self.now()
 
+    def record_seen(self, pid: str) -> None:
+        """The peer answered gossip: alive, but that says nothing about the models it serves,
+        so a back-off earned by bad snapshots stays in force."""
+        rec = self.records.get(pid)
+        if rec is not None:
+            rec.last_seen = self.now()
+
     def is_alive(self, rec: PeerRecord) -> bool:
         return not rec.left and self.now() - rec.last_seen <= self.dead_after
 
@@ -194,7 +201,7 @@ class MembershipService:
                 self.table.record_failure(rec.id)
             else:
                 self.merge_reply(reply)
-                self.table.record_success(rec.id)
+                self.table.record_seen(rec.id)
         # Seeds are asked until the swarm is known, then now and then (healing partitions).
         if not targets or self.rng.random() < 0.05:
             await self._contact_seeds()

@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any, TextIO
 
+from swarmnet.log import get_logger
+
 
 def _clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
@@ -45,17 +47,28 @@ class MetricsWriter:
         self.path = path
         self._fh: TextIO | None = open(path, "a", buffering=1, encoding="utf-8")
         self._tb = _tensorboard(path.parent / "tensorboard") if tensorboard else None
+        self.errors = 0
 
     def write(self, record: dict[str, Any]) -> None:
         if self._fh is not None:
-            self._fh.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+            try:
+                self._fh.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+            except OSError as exc:  # a full or read-only disk must not stop training
+                self.errors += 1
+                if self.errors == 1 or self.errors % 100 == 0:
+                    get_logger("metrics").error("writing %s failed (%s, %d times so far); training goes on, "
+                                                "free space or fix permissions", self.path,
+                                                exc.strerror or exc, self.errors)
         if self._tb is not None and "step" in record:
             for key, value in _scalars(record):
                 self._tb.add_scalar(key, value, record["step"])
 
     def close(self) -> None:
         if self._fh is not None:
-            self._fh.close()
+            try:
+                self._fh.close()
+            except OSError as exc:
+                get_logger("metrics").error("closing %s failed: %s", self.path, exc.strerror or exc)
             self._fh = None
         if self._tb is not None:
             self._tb.close()

@@ -41,6 +41,7 @@ from swarmnet.peer.client import PeerClient
 from swarmnet.peer.compute import ComputeLoop, peer_seed_of
 from swarmnet.peer.exchange import Exchange
 from swarmnet.peer.membership import MembershipService, PeerTable
+from swarmnet.peer.newcomer import fetch_donation
 from swarmnet.peer.server import PeerServer
 from swarmnet.peer.state import Mailbox, MergeGate, SnapshotStore
 from swarmnet.peer.stats import PeerStats
@@ -186,8 +187,7 @@ class Peer:
         self.inbox = self.compute.inbox
         if self._stop_requested:
             self.compute.stop.set()
-        if self.resume:
-            self.compute.resume()
+        resumed = self.resume and self.compute.resume()
         self.compute.publish()  # neighbours can pull from us from the first moment on
         net = self.cfg.network
         exposed = exposure_warning(net.listen, secured=self.curve is not None)
@@ -223,9 +223,12 @@ class Peer:
             async with asyncio.TaskGroup() as tg:
                 services = [tg.create_task(server.run(), name="server"),
                             tg.create_task(self.membership.run(), name="membership")]
+                await self._await_swarm()
+                if not resumed and net.adopt_model and self.cfg.run.init == "shared":
+                    await self._adopt_model(compute_thread)
+                # Pulls start now: a merge computed against the model before adoption would be wrong.
                 exchange_task = tg.create_task(
                     self.exchange.run() if net.exchange else asyncio.sleep(0), name="exchange")
-                await self._await_swarm()
                 reason = await loop.run_in_executor(compute_thread, self.compute.run)
                 self.stats.state = "draining"
                 self.inbox.close()
@@ -261,6 +264,21 @@ class Peer:
                                  len(self.table.alive()), want, net.join_timeout)
                 return
             await asyncio.sleep(0.02)
+
+    async def _adopt_model(self, compute_thread: ThreadPoolExecutor) -> None:
+        """A newcomer starts from a trained neighbour's model when there is one (newcomer.py)."""
+        if self.membership.seeds and not self._stop_requested:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(5.0, self.cfg.network.join_timeout)):
+                    await self.membership.joined.wait()
+        donation = await fetch_donation(self.client, self.table, self.rng, self.compute.flat.numel, self.log)
+        if donation is None:
+            return
+        await asyncio.get_running_loop().run_in_executor(compute_thread, self.compute.adopt, donation.values_N,
+                                                         donation.clock)
+        self.stats.adopted_from, self.stats.adopted_step = donation.donor, donation.step
+        self.log.info("adopted the model of %s (step %d, clock %d) in %.2fs", donation.donor, donation.step,
+                      donation.clock, donation.seconds)
 
     async def _linger(self) -> None:
         """Keep serving the final snapshot while others, still training, may pull it."""
@@ -300,6 +318,7 @@ class Peer:
             "eval": self.compute.last_eval, "clock": self.clock.value, "staleness_s": s.staleness_s,
             "consensus": s.consensus, "exchange_cpu": s.exchange_cpu, "budget_wait_s": s.budget_wait_s,
             "rejected": dict(s.rejected), "checkpoint_errors": s.checkpoint_errors,
+            "adopted_from": s.adopted_from, "adopted_step": s.adopted_step,
             "config": to_dict(self.cfg),
         }
         path = self.peer_dir / "summary.json"

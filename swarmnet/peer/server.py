@@ -14,10 +14,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from swarmnet.codecs.hostbuf import host_bytes
 from swarmnet.errors import CodecError, ProtocolError, TransportError
+from swarmnet.peer.screening import Poisoned
 from swarmnet.transport import Listener
 from swarmnet.transport.base import Route
-from swarmnet.wire import Limits, Message, MsgType, RejectCode, decode, encode, reject, reply
+from swarmnet.wire import FULL, Limits, Message, MsgType, RejectCode, decode, encode, reject, reply
 
 if TYPE_CHECKING:
     from swarmnet.peer.node import Peer
@@ -55,7 +57,13 @@ class PeerServer:
 
     async def _serve(self, route: Route, frames: list[memoryview]) -> None:
         try:
-            answer = await self._answer(frames)
+            try:
+                answer = await self._answer(frames)
+            except Exception as exc:  # a bug of ours: count it, log it loudly, still answer
+                self.peer.stats.rejected["internal_error"] += 1
+                self.log.exception("error answering a request")
+                answer = Message(MsgType.REJECT, self.peer.id, {"code": str(RejectCode.MALFORMED),
+                                                                 "reason": f"internal error: {exc.__class__.__name__}"})
             if answer is not None:
                 out = encode(answer)
                 await self.listener.send(route, out)
@@ -80,8 +88,11 @@ class PeerServer:
         try:
             return await handler(msg)
         except (ProtocolError, CodecError) as exc:
-            code = exc.code if isinstance(exc, ProtocolError) else "bad_payload"
-            self._count_reject(code, str(exc), msg.sender)
+            if isinstance(exc, Poisoned):  # the screen counted it under its own code
+                self.log.warning("refused a nudge from %s: %s", msg.sender, exc)
+            else:
+                code = exc.code if isinstance(exc, ProtocolError) else "bad_payload"
+                self._count_reject(code, str(exc), msg.sender)
             self.peer.table.record_failure(msg.sender)
             return reject(msg, me, RejectCode.MALFORMED, str(exc))
 
@@ -102,11 +113,15 @@ class PeerServer:
         if snap is None:
             code = RejectCode.NOT_READY if version is None else RejectCode.GONE
             return reject(msg, peer.id, code, "no snapshot" if version is None else f"version {version} is gone")
+        age = time.monotonic() - snap.created
+        if msg.body["want"] == FULL:  # a newcomer adopting our model: lossless, no interaction
+            return reply(msg, MsgType.SNAPSHOT, peer.id, [host_bytes(snap.values_N)], version=snap.version,
+                         codec="fp32", meta={"n": snap.values_N.numel()}, clock=peer.clock.value, age=age)
         # Only the first pull of an interaction moves the phase clocks (SPEC 1.2 step 1).
         clock = peer.clock.serve(msg.body["clock"]) if version is None else peer.clock.value
         meta, frames = peer.codec.select(snap.encoded, msg.body["want"])
         return reply(msg, MsgType.SNAPSHOT, peer.id, frames, version=snap.version,
-                     codec=peer.codec.name, meta=meta, clock=clock, age=time.monotonic() - snap.created)
+                     codec=peer.codec.name, meta=meta, clock=clock, age=age)
 
     async def handle_nudge(self, msg: Message) -> Message:
         peer = self.peer

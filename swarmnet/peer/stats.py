@@ -39,8 +39,13 @@ class PeerStats:
     bits_per_coord: float = 0.0
     rejected: collections.Counter[str] = field(default_factory=collections.Counter)
     """Malformed or refused incoming messages by reason code."""
+    clipped: int = 0
+    """Neighbours' pulls scaled down by distance clipping (screening.clip_ratio)."""
     checkpoint_errors: int = 0
     peers_alive: int = 0
+    adopted_from: str = ""
+    """The neighbour whose model this peer started from (a newcomer), if any."""
+    adopted_step: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)

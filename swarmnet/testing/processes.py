@@ -123,6 +123,13 @@ class PeerProcessHandle(_Process):
         return json.loads((self.run_dir / self.name / "summary.json").read_text())
 
 
+class ScriptProcess(_Process):
+    """A helper script run in its own process with the project importable (a rogue peer, a proxy)."""
+
+    def __init__(self, script: Path, *args: str, log: Path) -> None:
+        super().__init__([sys.executable, str(script), *args], log)
+
+
 def query_status(address: str, timeout: float = 5.0, key: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Ask a peer for its status over the wire protocol (a real client, as `swarmnet status` is);
     ``key``: a secret key file, for a swarm with [security] enabled."""

@@ -10,6 +10,11 @@ With :class:`~swarmnet.security.CurveKeys` the transport is closed to strangers:
 runs CURVE (encrypted, both ends authenticated), and a listener's handshakes go to a ZAP handler
 that admits only allowed client keys. A refused client gets no reply at all: its requests time
 out. inproc:// is refused then, as libzmq skips the security handshake inside a process.
+
+A request fails fast when its peer goes away: each DEALER has a monitor socket, and a
+disconnect (the peer died mid-transfer) or a refused connection (nobody listens there any more)
+seen while the request is pending ends it at once with a TransportError, instead of waiting out
+its deadline.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from swarmnet.buffers import Buffer
 from swarmnet.errors import ConfigError, EndpointClosed, RequestTimeout, TransportError
@@ -115,6 +121,10 @@ def _closed_under_us() -> bool:
     return task is None or task.cancelling() == 0
 
 
+LOST = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+"""Monitor events that end a pending request: the peer went away, or refused the connection."""
+
+
 class ZmqListener(Listener):
     def __init__(self, sock: zmq.asyncio.Socket, address: str, max_frame_bytes: int,
                  zap_domain: str | None = None) -> None:
@@ -188,6 +198,7 @@ class ZmqConnection(Connection):
             self._refusal = (f"{address} is a CURVE-secured peer; configure [security] (peers) or "
                              "pass --key (tools) to talk to it")
         self._sock: zmq.asyncio.Socket | None = None
+        self._monitor: zmq.asyncio.Socket | None = None
         self._lock = asyncio.Lock()
         self._closed = False
 
@@ -204,18 +215,37 @@ class ZmqConnection(Connection):
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
             if self._curve is not None:
                 _secure_client(sock, self._curve, self._server_key)
+            monitor = sock.get_monitor_socket(LOST)
             try:
                 sock.connect(self._dial)
             except zmq.ZMQError as exc:
+                sock.disable_monitor()
+                monitor.close(linger=0)
                 sock.close(linger=0)
                 raise TransportError(f"cannot connect to {self.address}: {exc}") from exc
-            self._sock = sock
+            self._sock, self._monitor = sock, monitor
         return self._sock
 
     def _reset(self) -> None:
         if self._sock is not None:
+            self._sock.disable_monitor()
             self._sock.close(linger=0)
             self._sock = None
+        if self._monitor is not None:
+            self._monitor.close(linger=0)
+            self._monitor = None
+
+    async def _lost(self, monitor: zmq.asyncio.Socket) -> str:
+        """Wait for the connection to be lost or refused; returns which."""
+        # Events from before this request (a peer that restarted in between) do not count.
+        while monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            await monitor.recv_multipart(flags=zmq.NOBLOCK)
+        event = parse_monitor_message(await monitor.recv_multipart())["event"]
+        return "lost" if event == zmq.EVENT_DISCONNECTED else "refused"
+
+    async def _round_trip(self, sock: zmq.asyncio.Socket, frames: Sequence[Buffer]) -> list[zmq.Frame]:
+        await sock.send_multipart(frames, copy=False)
+        return await sock.recv_multipart(copy=False)
 
     async def request(self, frames: Sequence[Buffer], timeout: float) -> list[memoryview]:
         if self._closed:
@@ -226,8 +256,18 @@ class ZmqConnection(Connection):
             try:
                 async with asyncio.timeout(timeout):
                     sock = self._socket()
-                    await sock.send_multipart(frames, copy=False)
-                    parts = await sock.recv_multipart(copy=False)
+                    assert self._monitor is not None
+                    work = asyncio.ensure_future(self._round_trip(sock, frames))
+                    lost = asyncio.ensure_future(self._lost(self._monitor))
+                    try:
+                        await asyncio.wait((work, lost), return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        for fut in (work, lost):
+                            fut.cancel()
+                    if not work.done() or work.cancelled():
+                        self._reset()
+                        raise TransportError(f"connection to {self.address} {lost.result()} mid-request")
+                    parts = work.result()
             except TimeoutError:
                 self._reset()
                 raise RequestTimeout(f"no reply from {self.address} within {timeout:g}s") from None

@@ -1,8 +1,6 @@
 """`swarmnet peer` daemons started by hand: seeds, gossip, status, two hosts in namespaces."""
 
-import secrets
 import signal
-import subprocess
 
 import pytest
 
@@ -69,44 +67,6 @@ def test_unreachable_seed_is_reported_and_retried_without_hanging(tmp_path, daem
     assert "seed tcp://127.0.0.1:9 unreachable" in log and "retrying in" in log
     assert "only 0 of 2 peers known" in log
     assert peer.summary()["steps"] == 200
-
-
-def _ip(*args):
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=20)
-
-
-@pytest.fixture
-def two_hosts():
-    """Two network namespaces joined by a veth pair: hosts 10.200.1.1 and 10.200.1.2."""
-    tag = secrets.token_hex(3)
-    ns = [f"swn-a-{tag}", f"swn-b-{tag}"]
-    try:
-        made = _ip("netns", "add", ns[0])
-    except (FileNotFoundError, subprocess.TimeoutExpired):
-        pytest.skip("iproute2 is not installed: cannot create network namespaces")
-    if made.returncode != 0:
-        pytest.skip(f"this machine does not allow network namespaces: {made.stderr.strip()}")
-    try:
-        steps = [
-            ("netns", "add", ns[1]),
-            ("link", "add", f"va{tag}", "type", "veth", "peer", "name", f"vb{tag}"),
-            ("link", "set", f"va{tag}", "netns", ns[0]),
-            ("link", "set", f"vb{tag}", "netns", ns[1]),
-            ("-n", ns[0], "addr", "add", "10.200.1.1/24", "dev", f"va{tag}"),
-            ("-n", ns[1], "addr", "add", "10.200.1.2/24", "dev", f"vb{tag}"),
-            ("-n", ns[0], "link", "set", f"va{tag}", "up"),
-            ("-n", ns[1], "link", "set", f"vb{tag}", "up"),
-            ("-n", ns[0], "link", "set", "lo", "up"),
-            ("-n", ns[1], "link", "set", "lo", "up"),
-        ]
-        for step in steps:
-            result = _ip(*step)
-            if result.returncode != 0:
-                pytest.skip(f"could not set up namespaces (ip {' '.join(step)}): {result.stderr.strip()}")
-        yield ns
-    finally:
-        for name in ns:
-            _ip("netns", "del", name)
 
 
 def test_two_hosts_in_network_namespaces_form_one_swarm(tmp_path, daemons, two_hosts):

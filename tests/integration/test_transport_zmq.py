@@ -70,13 +70,13 @@ async def test_close_twice_and_use_after_close(url):
     await transports.aclose()
 
 
-async def test_unreachable_peer_times_out_fast():
+async def test_unreachable_peer_fails_fast():
     transports = TransportSet()
     conn = transports.for_url("tcp://127.0.0.1:9").connect("tcp://127.0.0.1:9")
     loop = asyncio.get_running_loop()
     start = loop.time()
-    with pytest.raises(RequestTimeout):
-        await conn.request([b"x"], timeout=0.3)
+    with pytest.raises(TransportError, match="refused mid-request"):  # nobody listens: no need to wait 5 s
+        await conn.request([b"x"], timeout=5.0)
     assert loop.time() - start < 2
     await transports.aclose()
 
@@ -87,4 +87,24 @@ async def test_bind_conflict_is_a_transport_error():
     first = await transport.listen("tcp://127.0.0.1:0")
     with pytest.raises(TransportError, match="cannot bind"):
         await transport.listen(first.address)
+    await transports.aclose()
+
+
+async def test_peer_vanishing_mid_request_fails_it_at_once():
+    transports = TransportSet()
+    transport = transports.for_url("tcp://127.0.0.1:0")
+    listener = await transport.listen("tcp://127.0.0.1:0")
+    conn = transport.connect(listener.address)
+    loop = asyncio.get_running_loop()
+
+    async def receive_then_vanish():
+        await listener.recv()  # the request arrived; the server dies before answering
+        await listener.aclose()
+
+    vanish = asyncio.create_task(receive_then_vanish())
+    start = loop.time()
+    with pytest.raises(TransportError, match="lost mid-request"):
+        await conn.request([b"x" * 1000], timeout=5.0)
+    assert loop.time() - start < 2
+    await vanish
     await transports.aclose()

@@ -48,6 +48,18 @@ def test_failures_back_off_exponentially_and_success_clears():
     assert ("a", "suspected") in [(who, what) for _, who, what in table.events]
 
 
+def test_gossip_keeps_a_peer_alive_but_does_not_lift_its_back_off():
+    clock = FakeClock()
+    table = PeerTable("me", dead_after=5.0, backoff=10.0, now=clock)
+    table.merge(card("a", 1))
+    table.record_failure("a")  # e.g. it served a poisoned snapshot
+    clock.t = 6.0
+    table.record_seen("a")  # it still answers gossip
+    assert [r.id for r in table.alive()] == ["a"] and table.candidates() == []
+    clock.t = 10.01
+    assert [r.id for r in table.candidates()] == ["a"]
+
+
 def test_left_and_forgotten_peers_and_restart_under_a_new_id():
     clock = FakeClock()
     table = PeerTable("me", dead_after=1.0, backoff=1.0, now=clock, forget_after=5.0)

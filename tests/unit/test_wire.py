@@ -44,6 +44,8 @@ def test_round_trip_with_payload_frames():
         ([header(sizes=[]), b"abc"], "size_mismatch"),
         ([header(sizes=[-1]), b""], "oversized"),
         ([header(id=5)], "malformed"),
+        ([header(re=float("inf"))], "malformed"),
+        ([header(re="7")], "malformed"),
         ([b"x" * 70000], "oversized"),
         ([msgpack.packb({"v": PROTOCOL_VERSION, "t": "hello", "id": "a", "mid": 1, "sizes": [],
                          "card": {"id": "a"}, "peers": []})], "malformed"),

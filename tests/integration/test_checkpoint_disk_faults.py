@@ -1,0 +1,117 @@
+"""A peer whose run directory turns read-only or fills up keeps training, says so, and never
+leaves a torn checkpoint; once space is back, checkpoints resume."""
+
+import os
+import signal
+import subprocess
+
+import pytest
+
+from swarmnet.peer import checkpoint
+from swarmnet.testing import PeerProcessHandle, query_status, wait_until
+
+from .conftest import write_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+
+def _mount(*args):
+    try:
+        return subprocess.run(["mount", *args], capture_output=True, text=True, timeout=20)
+    except (FileNotFoundError, subprocess.TimeoutExpired) as exc:
+        pytest.skip(f"cannot run mount: {exc}")
+
+
+def _umount(path):
+    subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=20)
+
+
+def start_peer(run_dir, tmp_path):
+    config = write_config(tmp_path / "disk.toml", {
+        "run": {"peers": 1},
+        "task": {"spec": "swarmnet.tasks.digits:task"},
+        "train": {"batch_size": 32, "lr": 0.05, "momentum": 0.9, "steps": 10**9, "metrics_every": 20,
+                  "checkpoint_every": 0.3, "tensorboard": False},
+    })
+    peer = PeerProcessHandle(run_dir, "disk", config)
+    card = peer.card()
+    ckpt = run_dir / "disk" / "checkpoint.pt"
+    wait_until(ckpt.exists, 60, what="a first checkpoint")
+    return peer, card, ckpt
+
+
+def assert_survives(peer, card, ckpt, expected_error):
+    """The fault is in place: errors are logged and counted, training goes on, the file stays whole."""
+    before = checkpoint.load(ckpt)["step"]
+    status = query_status(card["addr"])
+    wait_until(lambda: query_status(card["addr"])["checkpoint_errors"] >= status["checkpoint_errors"] + 3, 30,
+               what="checkpoint errors counted")
+    after = query_status(card["addr"])
+    assert after["state"] == "training" and after["step"] > status["step"]
+    assert peer.proc.poll() is None
+    assert expected_error in peer.log(400) and "training goes on" in peer.log(400)
+    assert checkpoint.load(ckpt)["step"] == before  # the last good checkpoint, intact
+    assert not list(ckpt.parent.glob(".checkpoint.pt.*")), "a temporary file was left behind"
+    return after
+
+
+@pytest.fixture
+def mounts():
+    made = []
+    yield made
+    for path in reversed(made):
+        _umount(path)
+
+
+def test_read_only_run_directory(tmp_path, mounts):
+    run = tmp_path / "run"
+    peer, card, ckpt = start_peer(run, tmp_path)
+    try:
+        peer_dir = ckpt.parent
+        if os.geteuid() == 0:  # root ignores permission bits: make the directory a read-only mount
+            if _mount("--bind", str(peer_dir), str(peer_dir)).returncode != 0:
+                pytest.skip("bind mounts are not permitted here")
+            mounts.append(peer_dir)
+            result = _mount("-o", "remount,bind,ro", str(peer_dir))
+            if result.returncode != 0:
+                pytest.skip(f"cannot remount read-only: {result.stderr.strip()}")
+            expected = "Read-only file system"
+        else:
+            peer_dir.chmod(0o555)
+            expected = "Permission denied"
+        assert_survives(peer, card, ckpt, expected)
+    finally:
+        peer.kill_tree()
+        if os.geteuid() != 0:
+            ckpt.parent.chmod(0o755)
+
+
+def test_full_disk_then_space_freed(tmp_path, mounts):
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    result = _mount("-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk))
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill up (needs root or CAP_SYS_ADMIN): {result.stderr.strip()}")
+    mounts.append(disk)
+    peer, card, ckpt = start_peer(disk / "run", tmp_path)
+    try:
+        filler = disk / "filler"
+        with open(filler, "wb") as fh:  # take every free byte
+            try:
+                while True:
+                    fh.write(b"\0" * 65536)
+                    fh.flush()
+            except OSError:
+                pass
+        status = assert_survives(peer, card, ckpt, "No space left on device")
+        filler.unlink()
+        stuck = checkpoint.load(ckpt)["step"]
+        wait_until(lambda: checkpoint.load(ckpt)["step"] > stuck, 30, what="checkpoints again after space is freed")
+        errors = query_status(card["addr"])["checkpoint_errors"]
+        assert errors >= status["checkpoint_errors"]
+        peer.signal(signal.SIGTERM)
+        assert peer.wait(30) == 0, peer.log()
+        final = checkpoint.load(ckpt)
+        assert final["step"] == peer.summary()["steps"]
+    finally:
+        peer.kill_tree()

@@ -1,0 +1,284 @@
+"""Fuzz a live peer's socket with thousands of random and mutated messages.
+
+The messages start from real, well-formed ones (pulls, status, gossip, nudges carrying a real
+snapshot, replies sent as requests) and are broken the ways the network breaks them: wrong
+version, unknown type, missing or mistyped fields, frames truncated, added or dropped, sizes
+that disagree with the header, oversized headers and frames, flipped bytes, garbage msgpack.
+Between them, real snapshot pulls and status requests must keep being answered; the peer must
+not crash, its memory must stay bounded, and every refusal must show in its status counters.
+
+``SWARMNET_FUZZ_EXAMPLES`` sets the number of messages (default 4000, about 30 s); the long run
+of docs/reliability.md is ``SWARMNET_FUZZ_EXAMPLES=50000 pytest -s tests/integration/test_fuzz_live_peer.py``.
+"""
+
+import os
+import signal
+import time
+
+import msgpack
+import pytest
+import torch
+import zmq
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from swarmnet import PROTOCOL_VERSION
+from swarmnet.testing import PeerProcessHandle, query_status
+from swarmnet.wire import MsgType, encode, request
+
+from .conftest import write_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+EXAMPLES = int(os.environ.get("SWARMNET_FUZZ_EXAMPLES", "4000"))
+MAX_FRAME = 1 << 20
+"""The peer's network.max_message_bytes: larger frames make the transport drop the sender."""
+PROBE_EVERY = 50
+BATCH = 8
+RSS_SLACK_MB = 64
+
+MSGPACK_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats()
+    | st.text(max_size=16) | st.binary(max_size=16),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=8,
+)
+HEADER_KEYS = ["v", "t", "id", "mid", "sizes", "re", "clock", "want", "version", "card", "peers", "used",
+               "codec", "meta", "status", "code", "reason", "age"]
+
+
+def rss_mb(pid):
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+class Client:
+    """A bare DEALER socket: sends whatever frames it is given, as a hostile peer could."""
+
+    def __init__(self, address):
+        self.address = address
+        self.ctx = zmq.Context()
+        self.sock = self._open()
+
+    def _open(self):
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVTIMEO, 10_000)
+        sock.connect(self.address)
+        return sock
+
+    def ask(self, frames):
+        self.sock.send_multipart(frames)
+        return self.receive()
+
+    def receive(self):
+        try:
+            return self.sock.recv_multipart()
+        except zmq.Again:
+            raise AssertionError("the peer did not answer within 10 s") from None
+
+    def send_and_drop(self, frames):
+        """For frames the transport refuses: it drops the connection, so use a throwaway socket."""
+        sock = self._open()
+        sock.send_multipart(frames)
+        time.sleep(0.01)
+        sock.close(0)
+
+    def close(self):
+        self.sock.close(0)
+        self.ctx.term()
+
+
+def header_of(frames):
+    return msgpack.unpackb(frames[0], raw=False)
+
+
+def pull_snapshot(client):
+    """A well-formed pull; returns (header, values) after checking the reply fully."""
+    reply = client.ask(encode(request(MsgType.PULL, "prober", clock=0, want=None, version=None)))
+    head = header_of(reply)
+    assert head["t"] == "snapshot", head
+    assert head["sizes"] == [len(f) for f in reply[1:]]
+    values = torch.frombuffer(bytearray(reply[1]), dtype=torch.float32)
+    assert values.numel() == head["meta"]["n"] and bool(torch.isfinite(values).all())
+    return head, values
+
+
+def base_messages(snapshot_head, values):
+    """Well-formed messages of every type, as (header dict, payload frames)."""
+    payload = values.numpy().tobytes()
+    card = {"id": "fuzz-card", "addr": "tcp://127.0.0.1:9", "hb": 1, "name": "fz"}
+    bodies = {
+        MsgType.PULL: ({"clock": 3, "want": None, "version": None}, []),
+        MsgType.STATUS: ({}, []),
+        MsgType.HELLO: ({"card": card, "peers": [dict(card, id="fuzz-other")]}, []),
+        MsgType.NUDGE: ({"used": snapshot_head["version"], "codec": "fp32", "meta": snapshot_head["meta"]},
+                        [payload]),
+        MsgType.BYE: ({}, []),
+        MsgType.SNAPSHOT: ({k: snapshot_head[k] for k in ("version", "codec", "meta", "clock", "age")}, [payload]),
+        MsgType.ACK: ({}, []),
+        MsgType.PEERS: ({"card": card, "peers": []}, []),
+        MsgType.REJECT: ({"code": "busy", "reason": "x"}, []),
+        MsgType.STATUS_REPLY: ({"status": {"step": 1}}, []),
+    }
+    out = []
+    for mtype, (body, frames) in bodies.items():
+        header = dict(body, v=PROTOCOL_VERSION, t=str(mtype), id="fuzzer", mid=1, sizes=[len(f) for f in frames])
+        out.append((header, frames))
+    return out
+
+
+@st.composite
+def hostile_messages(draw, bases):
+    """(frames, note): one broken (or, now and then, intact) message."""
+    kind = draw(st.sampled_from(["mutated"] * 6 + ["random_frames", "random_msgpack", "oversized_header"]))
+    if kind == "random_frames":
+        return draw(st.lists(st.binary(max_size=300), min_size=1, max_size=5)), kind
+    if kind == "random_msgpack":
+        head = msgpack.packb(draw(MSGPACK_VALUES), use_bin_type=True)
+        return [head, *draw(st.lists(st.binary(max_size=64), max_size=3))], kind
+    if kind == "oversized_header":
+        base, _ = draw(st.sampled_from(bases))
+        big = dict(base, pad="x" * draw(st.integers(65_536, 200_000)))
+        return [msgpack.packb(big, use_bin_type=True)], kind
+    base_header, base_frames = draw(st.sampled_from(bases))
+    header = dict(base_header)
+    frames = [bytes(f) for f in base_frames]
+    notes = [header["t"]]
+    for _ in range(draw(st.integers(0, 3))):
+        op = draw(st.sampled_from(["version", "type", "drop_key", "set_key", "add_key", "sizes", "truncate",
+                                   "extra_frame", "drop_frame", "flip_payload", "big_frame", "meta", "card"]))
+        notes.append(op)
+        if op == "version":
+            header["v"] = draw(st.one_of(st.integers(-5, 10), MSGPACK_VALUES))
+        elif op == "type":
+            header["t"] = draw(st.one_of(st.text(max_size=12), st.sampled_from([str(t) for t in MsgType]),
+                                         MSGPACK_VALUES))
+        elif op == "drop_key" and header:
+            header.pop(draw(st.sampled_from(sorted(header))))
+        elif op == "set_key":
+            header[draw(st.sampled_from(HEADER_KEYS))] = draw(MSGPACK_VALUES)
+        elif op == "add_key":
+            header[draw(st.text(max_size=10))] = draw(MSGPACK_VALUES)
+        elif op == "sizes":
+            header["sizes"] = draw(st.lists(st.integers(-(2**40), 2**40), max_size=4))
+        elif op == "truncate" and frames:
+            i = draw(st.integers(0, len(frames) - 1))
+            frames[i] = frames[i][: draw(st.integers(0, max(0, len(frames[i]) - 1)))]
+        elif op == "extra_frame":
+            frames.append(draw(st.binary(max_size=64)))
+        elif op == "drop_frame" and frames:
+            frames.pop(draw(st.integers(0, len(frames) - 1)))
+        elif op == "flip_payload" and frames:
+            i = draw(st.integers(0, len(frames) - 1))
+            if frames[i]:
+                data = bytearray(frames[i])
+                for _ in range(draw(st.integers(1, 8))):
+                    data[draw(st.integers(0, len(data) - 1))] = draw(st.integers(0, 255))
+                frames[i] = bytes(data)
+        elif op == "big_frame":
+            frames.append(b"\0" * draw(st.integers(100_000, MAX_FRAME)))
+        elif op == "meta":
+            header["meta"] = dict(header.get("meta") if isinstance(header.get("meta"), dict) else {},
+                                  **{draw(st.sampled_from(["n", "v", "scale", "bits"])): draw(MSGPACK_VALUES)})
+        elif op == "card":
+            header["card"] = draw(st.one_of(MSGPACK_VALUES, st.fixed_dictionaries(
+                {"id": st.text(max_size=200), "addr": st.text(max_size=600), "hb": MSGPACK_VALUES})))
+    try:
+        packed = msgpack.packb(header, use_bin_type=True)
+    except (OverflowError, ValueError, TypeError):
+        packed = msgpack.packb({"t": "unpackable"})
+    if draw(st.integers(0, 9)) == 0:  # break the msgpack itself now and then
+        packed = packed[: draw(st.integers(0, len(packed)))] + draw(st.binary(max_size=4))
+    return [packed, *frames], "/".join(notes)
+
+
+@pytest.fixture
+def live_peer(tmp_path):
+    config = write_config(tmp_path / "fuzz.toml", {
+        "run": {"peers": 1},
+        "task": {"spec": "swarmnet.tasks.digits:task"},
+        "train": {"batch_size": 32, "lr": 0.05, "steps": 10**9, "metrics_every": 50, "checkpoint_every": 0.0},
+        "network": {"request_timeout": 1.0, "dead_after": 2.0, "failure_backoff": 0.5,
+                    "max_message_bytes": MAX_FRAME},
+    })
+    peer = PeerProcessHandle(tmp_path / "run", "target", config)
+    try:
+        yield peer, peer.card()
+    finally:
+        peer.kill_tree()
+
+
+def test_thousands_of_hostile_messages_never_crash_a_live_peer(live_peer):
+    peer, card = live_peer
+    address, pid = card["addr"], card["pid"]
+    client = Client(address)
+    try:
+        snapshot_head, values = pull_snapshot(client)
+        bases = base_messages(snapshot_head, values)
+        before = query_status(address)
+        rss = {"start": rss_mb(pid), "max": 0.0}
+        tally = {"sent": 0, "rejected": 0, "answered": 0, "probes": 0, "probe_max_s": 0.0, "kinds": {}}
+
+        def probe():
+            started = time.monotonic()
+            pull_snapshot(client)
+            tally["probe_max_s"] = max(tally["probe_max_s"], time.monotonic() - started)
+            tally["probes"] += 1
+            assert peer.proc.poll() is None, peer.log()
+            rss["max"] = max(rss["max"], rss_mb(pid))
+
+        @settings(max_examples=EXAMPLES // BATCH, deadline=None, database=None, phases=[Phase.generate],
+                  suppress_health_check=list(HealthCheck))
+        @given(st.lists(hostile_messages(bases), min_size=BATCH, max_size=BATCH))
+        def fuzz(batch):
+            for frames, note in batch:  # pipelined: the peer holds several requests at once
+                client.sock.send_multipart(frames)
+                kind = note.split("/")[0]
+                tally["kinds"][kind] = tally["kinds"].get(kind, 0) + 1
+            for _, note in batch:
+                head = header_of(client.receive())
+                assert head["t"] in ("reject", "snapshot", "status_reply", "peers", "ack"), (note, head)
+                if head["t"] == "reject":
+                    tally["rejected"] += head["code"] == "malformed"
+                else:
+                    tally["answered"] += 1
+            tally["sent"] += len(batch)
+            if tally["sent"] % PROBE_EVERY < BATCH:
+                probe()
+
+        started = time.monotonic()
+        fuzz()
+        # Frames over the transport's limit: the sender is dropped, the peer goes on.
+        for size in (MAX_FRAME + 1, 4 * MAX_FRAME):
+            client.send_and_drop([encode(request(MsgType.STATUS, "big"))[0], b"\0" * size])
+        probe()
+        # Poisoned nudges against the current snapshot: NaN and a model a million times ours.
+        head, values = pull_snapshot(client)
+        for poison, why in ((torch.full_like(values, float("nan")), "non-finite"), (values * 1e6, "away from ours")):
+            nudge = request(MsgType.NUDGE, "poisoner", [poison.numpy().tobytes()], used=head["version"],
+                            codec="fp32", meta=head["meta"])
+            refusal = header_of(client.ask(encode(nudge)))
+            assert refusal["t"] == "reject" and refusal["code"] == "malformed", refusal
+            assert why in refusal["reason"], refusal
+            tally["rejected"] += 1
+        elapsed = time.monotonic() - started
+        after = query_status(address)
+        counted = sum(after["rejected"].values()) - sum(before["rejected"].values())
+        print(f"\nfuzz: {tally['sent']} messages in {elapsed:.1f}s, {tally['rejected']} refused as malformed, "
+              f"{tally['answered']} answered; by kind {tally['kinds']}; status counters {after['rejected']}; "
+              f"{tally['probes']} well-formed pulls, slowest {tally['probe_max_s'] * 1000:.0f} ms; "
+              f"RSS {rss['start']:.0f} MB at start, max {rss['max']:.0f} MB")
+        assert tally["sent"] >= EXAMPLES * 0.9
+        assert counted == tally["rejected"] > EXAMPLES / 2
+        assert after["rejected"]["bad_payload"] >= 1 and after["rejected"]["too_far"] >= 1
+        assert "internal_error" not in after["rejected"], peer.log(200)  # no handler crashed
+        assert after["step"] > before["step"] and after["state"] == "training"
+        assert rss["max"] < rss["start"] + RSS_SLACK_MB
+    finally:
+        client.close()
+    peer.signal(signal.SIGTERM)
+    assert peer.wait(30) == 0, peer.log()

@@ -1,0 +1,103 @@
+"""Peers joining a running swarm: newcomers adopt a trained neighbour's model, a killed and
+restarted peer resumes from its checkpoint and rejoins."""
+
+import os
+import signal
+import time
+
+import pytest
+
+from swarmnet.peer import checkpoint
+from swarmnet.peer.metrics import read_metrics
+from swarmnet.testing import PeerProcessHandle, query_status, wait_until
+
+from .test_swarm_faults import digits_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+SWARM = ["peer0", "peer1", "peer2"]
+NEWCOMERS = ["new0", "new1"]
+
+
+def first_loss(handle):
+    path = handle.run_dir / handle.name / "metrics.jsonl"
+    records = [r for r in read_records(path) if "loss" in r and "lr" in r]
+    return records[0]["loss"] if records else None
+
+
+def read_records(path):
+    return read_metrics(path) if path.exists() else []
+
+
+def test_newcomers_adopt_a_trained_model_and_a_restarted_peer_resumes(swarm_factory, tmp_path):
+    config = digits_config(checkpoint_every=1.0)
+    config["run"]["peers"] = 3
+    # A lossy codec: a lattice snapshot cannot be decoded against a fresh model, so adoption must
+    # (and does) go through the lossless full pull.
+    config["codec"] = {"name": "lattice", "options": {"eps_scale": 4.0}}
+    swarm = swarm_factory(config)
+    cards = {n: swarm.card(n) for n in SWARM}
+    wait_until(lambda: all(swarm.metrics(n) and swarm.metrics(n)[-1]["step"] >= 200 for n in SWARM), 90,
+               what="the swarm trained a while")
+    started = time.monotonic()
+    newcomers = [PeerProcessHandle(tmp_path / "newcomers", name, tmp_path / "run.toml",
+                                   "--seed", cards["peer0"]["addr"]) for name in NEWCOMERS]
+    try:
+        addrs = {h.name: h.card()["addr"] for h in newcomers}
+        joined = {}
+
+        def merging():
+            for name, addr in addrs.items():
+                if name not in joined and query_status(addr)["interactions"] > 0:
+                    joined[name] = time.monotonic() - started
+            return len(joined) == len(addrs)
+        wait_until(merging, 60, interval=0.1, what="every newcomer merging")
+        status = {name: query_status(addr) for name, addr in addrs.items()}
+        wait_until(lambda: all(first_loss(h) is not None for h in newcomers), 30, what="first metrics")
+        losses = {h.name: first_loss(h) for h in newcomers}
+    finally:
+        for h in newcomers:
+            h.kill_tree()
+    swarm_loss = max(swarm.metrics(n)[-1]["loss"] for n in SWARM)
+    donors = {name: s["adopted_from"] for name, s in status.items()}
+    print(f"\nnewcomers: donors {donors}, first losses {losses} (swarm {swarm_loss:.3f}), "
+          f"merging {joined} s after launch")
+    for name, s in status.items():
+        # From the swarm, or from a newcomer that adopted and trained a little already.
+        assert s["adopted_from"] in SWARM + NEWCOMERS and s["adopted_from"] != name and s["adopted_step"] > 0, s
+        # A fresh MLP starts near ln(10) = 2.3 on ten classes; an adopted one near the swarm's loss.
+        assert losses[name] < 0.5, losses
+        assert "adopted the model of" in next(h for h in newcomers if h.name == name).log(200)
+
+    # A peer killed and restarted resumes from its checkpoint (model, optimizer, clock, data
+    # position) and the swarm takes it back under its new id.
+    victim = cards["peer1"]
+    os.kill(victim["pid"], signal.SIGKILL)
+    saved = checkpoint.load(swarm.run_dir / "peer1" / "checkpoint.pt")
+    assert saved["optimizer"]["state"] and saved["sampler"] and saved["step"] > 0
+    (swarm.run_dir / "peer1" / "card.json").unlink()  # the dead process's card
+    restarted_at = time.monotonic()
+    again = PeerProcessHandle(swarm.run_dir, "peer1", tmp_path / "run.toml", "--seed", cards["peer0"]["addr"],
+                              "--set", "network.min_peers=0")
+    try:
+        addr = again.card()["addr"]
+        wait_until(lambda: query_status(addr)["interactions"] > 0, 60, interval=0.1, what="peer1 merging again")
+        rejoin_s = time.monotonic() - restarted_at
+        new_id = query_status(addr)["id"]
+
+        def taken_back():
+            return all(any(p["id"] == new_id and p["alive"] for p in query_status(cards[n]["addr"])["peers"])
+                       for n in ("peer0", "peer2"))
+        wait_until(taken_back, 30, interval=0.2, what="the others knowing the restarted peer")
+        status = query_status(addr)
+        log = again.log(200)
+    finally:
+        again.kill_tree()
+    card_written = (swarm.run_dir / "peer1" / "card.json").stat().st_mtime
+    merged = [r["time"] for r in read_records(swarm.run_dir / "peer1" / "metrics.jsonl")
+              if r.get("interactions", 0) > 0 and r["time"] > card_written]
+    after_listening = f"{merged[0] - card_written:.2f}s" if merged else "(no metrics line yet)"
+    print(f"restart: resumed at step {saved['step']}, merging {rejoin_s:.1f}s after the restart, "
+          f"{after_listening} after listening (metrics resolution: 10 steps)")
+    assert "resumed from" in log and status["adopted_from"] == ""
+    assert status["step"] > saved["step"] and status["clock"] >= saved["clock"]
