@@ -9,7 +9,7 @@ process, so all transports of a process share one zmq context.
 With :class:`~swarmnet.security.CurveKeys` the transport is closed to strangers: every socket
 runs CURVE (encrypted, both ends authenticated), and a listener's handshakes go to a ZAP handler
 that admits only allowed client keys. A refused client gets no reply at all: its requests time
-out. inproc:// is refused then, as libzmq skips the security handshake inside a process.
+out or fail as the refused connection drops. inproc:// is refused then, as libzmq skips the security handshake inside a process.
 
 A request fails fast when its peer goes away: each DEALER has a monitor socket, and a
 disconnect (the peer died mid-transfer) or a refused connection (nobody listens there any more)
