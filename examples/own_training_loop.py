@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--classes", default="", help="train on these labels only (comma separated)")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--min-peers", type=int, default=0, help="others to know before training")
+    parser.add_argument("--join-timeout", type=float, default=30.0, help="longest wait for them, seconds")
     parser.add_argument("--no-exchange", action="store_true", help="train alone (baseline)")
     parser.add_argument("--save", default="", help="write the final state_dict here")
     args = parser.parse_args()
@@ -48,7 +49,8 @@ def main() -> None:
 
     with swarmnet.SwarmOptimizer(
         optimizer, model, name=args.name, listen=args.listen, seeds=args.seed, run_dir=args.run_dir,
-        settings={"network.min_peers": args.min_peers, "network.exchange": not args.no_exchange,
+        settings={"network.min_peers": args.min_peers, "network.join_timeout": args.join_timeout,
+                  "network.exchange": not args.no_exchange,
                   "network.linger": 2.0},
     ) as opt:
         for _ in range(args.steps):
