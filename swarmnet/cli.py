@@ -23,6 +23,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="Decentralized asynchronous data-parallel training (PopSGD, SwarmSGD).")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: ratios measured side by side in one run.")
 app.add_typer(bench_app, name="bench")
+keys_app = typer.Typer(no_args_is_help=True, help="CURVE keys that close a swarm to strangers (docs/operations.md, Security).")
+app.add_typer(keys_app, name="keys")
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Swarm config (TOML), e.g. configs/quickstart.toml.")]
 LogLevel = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")]
@@ -69,6 +71,7 @@ def peer(
     device: Annotated[Optional[str], typer.Option(help="auto (GPU from LOCAL_RANK/SLURM_LOCALID, else CPU), cpu or cuda:N.")] = None,
     run_dir: Annotated[Optional[str], typer.Option(help="Run directory (overrides run.dir).")] = None,
     rank: Annotated[int, typer.Option(help="Index in the swarm for partition sharding (-1: from RANK/SLURM_PROCID).")] = -1,
+    key: Annotated[Optional[str], typer.Option(help="This peer's secret key file (overrides security.key).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Budget in local steps (overrides train.*).")] = None,
     fresh: Annotated[bool, typer.Option(help="Ignore an existing checkpoint instead of resuming from it.")] = False,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: section.key=VALUE (VALUE as JSON or text), repeatable.")] = None,
@@ -84,15 +87,15 @@ def peer(
             network__listen=listen or manifest.listen, network__advertise=advertise or manifest.advertise,
             network__interface=interface,
             network__seeds=(seed or []) + manifest.seeds, device__device=device or manifest.device,
-            run__dir=run_dir,
+            run__dir=run_dir, security__key=key or manifest.key,
         )
         overrides.update(parse_settings(set_ or []))
         if steps is not None:
             overrides.update(budget_override(steps=steps))
         cfg = load_config(config, overrides)
+        identity = PeerIdentity(name or manifest.name or socket.gethostname(), resolve_rank(rank if rank >= 0 else manifest.rank))
     except ConfigError as exc:
         fail(str(exc))
-    identity = PeerIdentity(name or manifest.name or socket.gethostname(), resolve_rank(rank if rank >= 0 else manifest.rank))
     code = run_event_loop(run_peer(cfg, identity, resume=not fresh))
     # The loop is closed and its handlers are gone: a late SIGTERM (honcho stopping the others)
     # must not turn a clean exit into a death by signal.
@@ -145,6 +148,7 @@ def eval_(
     bn_batches: Annotated[int, typer.Option("--bn-batches", help="Training batches to recompute BatchNorm statistics on (0: keep none, leaves them reset).")] = 20,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON here.")] = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Deadline of one status request, seconds.")] = 5.0,
+    key: Annotated[Optional[Path], typer.Option("--key", help="Secret key file for a swarm with [security] (default: the config's key).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: section.key=VALUE, repeatable.")] = None,
     log_level: LogLevel = "WARNING",
 ) -> None:
@@ -163,7 +167,7 @@ def eval_(
     try:
         cfg = load_config(config, parse_settings(set_ or []))
         result = evaluate_swarm(cfg, seeds=seed or [], run_dir=run_dir, peers=peers, bn_batches=bn_batches,
-                                timeout=timeout)
+                                timeout=timeout, key_file=key)
     except SwarmError as exc:
         fail(str(exc))
     text = json.dumps(result, indent=2)
@@ -187,8 +191,11 @@ def bench_exchange(
     p = result["pull"]
     console = Console()
     for c in (result["compute"], result["compute_large_batch"]):
-        console.print(f"compute (batch {c['batch_size']}): {c['steps_per_s_on']:.1f} steps/s with exchange, "
-                      f"{c['steps_per_s_off']:.1f} without -> ratio {c['ratio']:.3f} (target >= 0.95)")
+        rate, per_merge = c["steps_per_s"], c["steps_per_merge"]
+        console.print(f"compute (batch {c['batch_size']}, H = {c['local_steps']}): {rate['on']:.1f} steps/s with the "
+                      f"exchange (a merge every {per_merge['on']:.1f} steps), {rate['off']:.1f} without -> ratio "
+                      f"{c['ratio']:.3f} (target >= 0.95); no CPU budget: {rate['unlimited']:.1f} steps/s, a merge "
+                      f"every {per_merge['unlimited']:.1f} steps, ratio {c['ratio_unlimited']:.3f}")
     console.print(f"pull {p['bytes'] / 1e6:.1f} MB: swarmnet {p['swarmnet_pull_ms']:.1f} ms (+{p['swarmnet_decode_ms']:.1f} ms "
                   f"decode), raw pyzmq {p['raw_pyzmq_ms']:.1f} ms -> ratio {p['ratio']:.3f} (target >= 0.8), "
                   f"{p['ratio_with_decode']:.3f} with decode")
@@ -230,6 +237,60 @@ def bench_sim(
     from swarmnet.bench.sim import run
 
     run(nodes=nodes, interactions=interactions, device=device, json_path=json_path, progress=True)
+
+
+@keys_app.command("generate")
+def keys_generate(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write NAME.key and NAME.key_secret into.")],
+    name: Annotated[str, typer.Option("--name", "-n", help="Key name, e.g. the peer's name, or 'swarm' for a shared swarm key.")],
+    force: Annotated[bool, typer.Option(help="Replace existing key files.")] = False,
+) -> None:
+    """Write a new keypair: NAME.key (public, for allow-lists) and NAME.key_secret (owner-only)."""
+    from swarmnet.security import generate_keys
+
+    try:
+        public, secret = generate_keys(out, name, force=force)
+    except (ConfigError, OSError) as exc:
+        fail(str(exc))
+    typer.echo(f"wrote {secret} (secret, mode 0600: this peer's security.key; never share it)")
+    typer.echo(f"wrote {public} (public: put it in the allow-list of every peer that should admit this one)")
+
+
+@bench_app.command("baselines")
+def bench_baselines(
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the figures as JSON here.")] = None,
+    chart: Annotated[Optional[Path], typer.Option(help="PNG chart of time per step vs processes (default: next to --json).")] = None,
+    quick: Annotated[bool, typer.Option(help="Reduced suite: 2 and 4 processes, shorter phases (under 10 min on 2 cores).")] = False,
+    hivemind_python: Annotated[Optional[str], typer.Option(help="Python with hivemind installed (default: this one, if it has it).")] = None,
+    processes: Annotated[Optional[list[int]], typer.Option("--processes", "-n", help="Process counts to measure (repeatable; default 2, 4, 8; 2, 4 with --quick).")] = None,
+) -> None:
+    """DDP, local SGD and hivemind against swarmnet: same model, data and processes, one run."""
+    import dataclasses
+
+    from rich.console import Console
+
+    from swarmnet.bench.baselines import (
+        FULL,
+        QUICK,
+        averaging_table,
+        methods_table,
+        run,
+        straggler_table,
+    )
+
+    suite = QUICK if quick else FULL
+    if processes:
+        try:
+            suite = dataclasses.replace(suite, sizes=tuple(processes))
+        except ValueError as exc:
+            fail(f"--processes: {exc}")
+    if chart is None and json_path is not None:
+        chart = json_path.with_suffix(".png")
+    result = run(suite, json_path=json_path, chart_path=chart, hivemind_python=hivemind_python,
+                 command=" ".join(["swarmnet", *sys.argv[1:]]))
+    console = Console(width=None if sys.stdout.isatty() else 150)
+    for table in (methods_table(result), straggler_table(result), averaging_table(result)):
+        console.print(table)
 
 
 def _register_tools() -> None:

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import tomllib
 import types
 import typing
@@ -84,6 +85,9 @@ class TrainConfig:
     """Seconds between checkpoints (0: only the final one)."""
     tensorboard: bool = True
     """Mirror the metrics to TensorBoard when the tensorboard package is installed."""
+    slowdown: float = 1.0
+    """Make this peer an artificial straggler: after each step, sleep (slowdown - 1) times that
+    step's duration (3.0: a peer 3x slower). For benchmarks and fault tests; 1.0 in training."""
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "batch_size", "must be >= 1")
@@ -98,6 +102,8 @@ class TrainConfig:
         _require(self.shard in ("random", "partition"), "shard", "must be 'random' or 'partition'")
         _require(self.metrics_every >= 1, "metrics_every", "must be >= 1")
         _require(self.clock_scale > 0, "clock_scale", "must be > 0")
+        _require(math.isfinite(self.slowdown) and self.slowdown >= 1, "slowdown",
+                 "must be a finite number >= 1 (1.0: no artificial delay)")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -111,9 +117,8 @@ class AlgorithmConfig:
     symmetric: bool = False
     """Also update the neighbour (a nudge in delta form, SPEC 2.9 item 4). Off by default for both
     algorithms: pull-only, as SPEC 2.9 recommends and as PopSGD's reference runs did (SPEC 1.7).
-    Caution: nudges are not yet exclusive per peer, so with dense concurrent interactions several
-    half-steps computed against the same version can add up and overshoot (seen diverging on
-    least squares with 4 peers pulling nonstop); keep interactions sparse (pull_interval)."""
+    A peer admits at most one nudge per published version, and refuses the rest as busy (the
+    initiator then drops its half too), so every merge stays a convex combination."""
     topology: str = "complete"
     """complete, ring or random-regular:K, over the membership sorted by peer id."""
 
@@ -156,6 +161,11 @@ class NetworkConfig:
     """Pull neighbours. False: train alone while still serving snapshots (baselines, benches)."""
     pull_interval: float = 0.0
     """Minimum seconds between two pulls (0: pull as soon as the last one was applied)."""
+    exchange_cpu: float = -1.0
+    """CPU cores' worth of time the peer may spend outside its training steps (exchange,
+    serving, gossip), averaged over about a second; short steps then stretch H rather than slow
+    down (swarmnet/peer/budget.py). -1: auto, the spare cores of this peer's share of the machine
+    but at least 5% of that share; 0: no limit."""
     min_peers: int = 0
     """Before the first step, wait until this many other peers are known (or join_timeout
     passes): lets a launcher start a swarm without giving the first peer a head start."""
@@ -175,6 +185,8 @@ class NetworkConfig:
         for name in ("request_timeout", "gossip_interval", "dead_after", "failure_backoff"):
             _require(getattr(self, name) > 0, name, "must be > 0")
         _require(self.pull_interval >= 0 and self.linger >= 0, "linger", "must be >= 0")
+        _require(self.exchange_cpu >= 0 or self.exchange_cpu == -1, "exchange_cpu",
+                 "must be -1 (auto), 0 (no limit) or a number of cores > 0")
         _require(self.min_peers >= 0 and self.join_timeout >= 0, "min_peers", "must be >= 0")
         _require(1024 <= self.max_header_bytes <= 2**24, "max_header_bytes", "must be in [1 KiB, 16 MiB]")
         _require(self.max_message_bytes >= 1024, "max_message_bytes", "must be >= 1024")
@@ -193,6 +205,43 @@ class DeviceConfig:
         _require(self.threads >= 1, "threads", "must be >= 1")
 
 
+SECURITY_MODES = ("none", "swarm-key", "allow-list")
+
+
+@dataclass(kw_only=True, slots=True)
+class SecurityConfig:
+    """Who may talk to this peer (ZeroMQ CURVE; docs/operations.md, "Security")."""
+
+    mode: str = "none"
+    """none: no authentication (loopback demos); swarm-key: every peer uses the same keypair and
+    admits only it; allow-list: every peer has its own keypair and admits the public keys listed
+    in ``allow``."""
+    key: str = ""
+    """This peer's secret key file (written by `swarmnet keys generate`: NAME.key_secret). In
+    swarm-key mode, the swarm's shared key file."""
+    allow: str = ""
+    """allow-list mode: a directory of NAME.key public key files, or a file with one public key
+    (Z85, 40 characters) per line."""
+
+    def __post_init__(self) -> None:
+        _require(self.mode in SECURITY_MODES, "mode", f"must be one of {', '.join(SECURITY_MODES)}")
+        if self.mode == "none":
+            _require(not self.key and not self.allow, "mode",
+                     "is 'none' but key/allow are set; set mode = 'swarm-key' or 'allow-list'")
+            return
+        _require(bool(self.key), "key", f"mode '{self.mode}' needs this peer's secret key file; "
+                 "create one with `swarmnet keys generate --out keys --name NAME`")
+        _require(os.path.isfile(self.key), "key", f"{self.key!r} is not a file; create one with "
+                 "`swarmnet keys generate --out keys --name NAME`")
+        if self.mode == "allow-list":
+            _require(bool(self.allow), "allow", "mode 'allow-list' needs a directory of NAME.key "
+                     "public key files (or a file of public keys, one per line)")
+            _require(os.path.exists(self.allow), "allow", f"{self.allow!r} does not exist")
+        else:
+            _require(not self.allow, "allow", "only applies to mode = 'allow-list' (a swarm key "
+                     "admits exactly its own public key)")
+
+
 @dataclass(kw_only=True, slots=True)
 class SwarmConfig:
     run: RunConfig = field(default_factory=RunConfig)
@@ -202,6 +251,7 @@ class SwarmConfig:
     codec: CodecConfig = field(default_factory=CodecConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -215,6 +265,19 @@ class PeerManifest:
     seeds: list[str] = field(default_factory=list)
     rank: int = -1
     """Index of this peer in the swarm, for partition sharding (-1: from the environment)."""
+    key: str = ""
+    """This peer's secret key file (overrides security.key; allow-list swarms give each peer its own)."""
+
+
+PEER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+
+
+def check_peer_name(name: str) -> str:
+    """A peer's name names its directory <run.dir>/<name>: one path component, so it cannot escape."""
+    if not PEER_NAME.fullmatch(name):
+        raise ConfigError(f"peer name {name!r}: use 1-128 letters, digits, '.', '_' or '-' (not starting "
+                          "with '.' or '-'); it names the peer's run directory")
+    return name
 
 
 def load_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None) -> SwarmConfig:
@@ -238,6 +301,10 @@ def load_manifest(path: str | os.PathLike[str]) -> PeerManifest:
     manifest = _build(PeerManifest, _read_toml(path), str(path), "")
     if not manifest.name:
         manifest.name = Path(path).stem
+    try:
+        check_peer_name(manifest.name)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     return manifest
 
 

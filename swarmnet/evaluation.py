@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from swarmnet.errors import CodecError, ProtocolError, SwarmError
 from swarmnet.peer.client import PeerClient
 from swarmnet.peer.state import FlatParameters
 from swarmnet.peer.stats import PeerStats
+from swarmnet.security import CurveKeys, client_keys
 from swarmnet.tasks import Task, load_task
 from swarmnet.transport import TransportSet
 from swarmnet.wire import Limits, MsgType, request
@@ -96,9 +98,9 @@ class SnapshotReader:
     """Pulls peers' current snapshots without taking part in the swarm: it moves nobody's phase
     clock (it sends clock -1, below any peer's) and is never gossiped about (it sends no HELLO)."""
 
-    def __init__(self, codec: Codec, *, timeout: float = 30.0) -> None:
+    def __init__(self, codec: Codec, *, timeout: float = 30.0, curve: CurveKeys | None = None) -> None:
         self.codec = codec
-        self.transports = TransportSet()
+        self.transports = TransportSet(curve)
         self.client = PeerClient(sender=f"eval-{secrets.token_hex(3)}", transports=self.transports,
                                  limits=Limits(), timeout=timeout, stats=PeerStats(),
                                  max_frame_bytes=2**31 - 1)
@@ -130,11 +132,12 @@ class SnapshotReader:
         await self.transports.aclose()
 
 
-async def discover(seeds: list[str], run_dir: Path | None, timeout: float) -> list[tuple[str, str, int]]:
+async def discover(seeds: list[str], run_dir: Path | None, timeout: float,
+                   curve: CurveKeys | None = None) -> list[tuple[str, str, int]]:
     """(name, address, step) of every peer that answers, found from seeds or a run dir's cards."""
     from swarmnet.ui.collect import StatusCollector
 
-    collector = StatusCollector(seeds, timeout=timeout, run_dir=run_dir)
+    collector = StatusCollector(seeds, timeout=timeout, run_dir=run_dir, curve=curve)
     try:
         snapshot = await collector.poll()
     finally:
@@ -143,9 +146,12 @@ async def discover(seeds: list[str], run_dir: Path | None, timeout: float) -> li
 
 
 def evaluate_swarm(cfg: SwarmConfig, *, seeds: list[str], run_dir: Path | None = None, peers: int = 0,
-                   bn_batches: int = BN_BATCHES, timeout: float = 5.0) -> dict[str, Any]:
+                   bn_batches: int = BN_BATCHES, timeout: float = 5.0,
+                   key_file: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Pull the current snapshots of all (or the first ``peers``, by name) live peers, average
-    them, recompute BatchNorm statistics and evaluate the average on the task's held-out data."""
+    them, recompute BatchNorm statistics and evaluate the average on the task's held-out data.
+    A closed swarm is read with ``key_file``, else with the key of the config's [security]."""
+    curve = client_keys(key_file, None if key_file else cfg.security)
     task = load_task(cfg.task.spec, cfg.task.options)
     torch.manual_seed(cfg.run.seed)
     model = task.build_model()
@@ -153,11 +159,11 @@ def evaluate_swarm(cfg: SwarmConfig, *, seeds: list[str], run_dir: Path | None =
     codec = make_codec(cfg.codec.name, **cfg.codec.options)
 
     async def pull_all() -> tuple[list[PulledModel], Tensor, float]:
-        found = sorted(await discover(seeds, run_dir, timeout))
+        found = sorted(await discover(seeds, run_dir, timeout, curve))
         if not found:
             raise SwarmError("no peer answered; check --seed / --run-dir and that the swarm is running")
         chosen = found[:peers] if peers > 0 else found
-        reader = SnapshotReader(codec, timeout=max(timeout, cfg.network.request_timeout))
+        reader = SnapshotReader(codec, timeout=max(timeout, cfg.network.request_timeout), curve=curve)
         key_N = flat.vector_N.clone()  # the initial model; then the first pulled one (closer)
         out_N = torch.empty_like(key_N)
         sum_N = torch.zeros(flat.numel, dtype=torch.float64)

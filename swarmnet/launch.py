@@ -46,6 +46,7 @@ class PeerProcess:
     listen: str
     seeds: list[str]
     device: str = ""
+    key: str = ""
     proc: subprocess.Popen[bytes] | None = None
     exit_code: int | None = None
 
@@ -70,7 +71,7 @@ class LaunchPlan:
             peers = []
             for i, path in enumerate(files):
                 m = load_manifest(path)
-                peers.append(PeerProcess(m.name, m.rank if m.rank >= 0 else i, m.listen or _listen(transport, run_dir, m.name), m.seeds, m.device))
+                peers.append(PeerProcess(m.name, m.rank if m.rank >= 0 else i, m.listen or _listen(transport, run_dir, m.name), m.seeds, m.device, m.key))
         else:
             peers = [PeerProcess(f"peer{i}", i, _listen(transport, run_dir, f"peer{i}"), []) for i in range(cfg.run.peers)]
         if len({p.name for p in peers}) != len(peers):
@@ -85,7 +86,8 @@ class LaunchPlan:
             base += ["--set", f"{key}={json.dumps(value)}"]
         if fresh:
             base.append("--fresh")
-        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(cfg.device.threads))
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(cfg.device.threads),
+                   SWARMNET_LOCAL_PEERS=str(n))
         # Fresh receive buffers on hugepages: much faster large pulls (docs/benchmarks.md).
         env.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
         plan = cls(cfg, run_dir, peers, base, env)
@@ -112,6 +114,8 @@ def _start(plan: LaunchPlan, peer: PeerProcess, seeds: list[str]) -> None:
         cmd += ["--seed", seed]
     if peer.device:
         cmd += ["--device", peer.device]
+    if peer.key:
+        cmd += ["--key", peer.key]
     peer_dir = plan.run_dir / peer.name
     peer_dir.mkdir(parents=True, exist_ok=True)
     log = open(peer_dir / "peer.log", "ab")

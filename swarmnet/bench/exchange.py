@@ -1,7 +1,8 @@
 """``swarmnet bench exchange``: what the exchange costs the compute loop, and how fast a pull is.
 
-1. Compute ratio: the same 2-peer swarm (real processes, digits MLP) with the exchange on versus
-   off; steps per second per peer over the middle of each run. Target >= 0.95.
+1. Compute ratio: the same 2-peer swarm (real processes, digits MLP) with the exchange on (its
+   default CPU budget) versus off, and with no budget at all; steps per second per peer over the
+   middle of each run, and how many steps each merge took. Target >= 0.95.
 2. Pull ratio: one real peer daemon serves an fp32 snapshot of a ~37 MB model; a client pulls it
    through the swarmnet protocol (PULL, validation, decode into a preallocated vector) and, on the
    same socket types, a raw pyzmq ROUTER/DEALER pair moves the same bytes (copy=False). Both run
@@ -48,17 +49,23 @@ def _rate(metrics: list[dict[str, Any]]) -> float:
     return (b["step"] - a["step"]) / max(1e-9, b["time"] - a["time"])
 
 
+EXCHANGE_MODES = {"off": {"exchange": False}, "on": {}, "unlimited": {"exchange_cpu": 0.0}}
+"""off: no exchange; on: the default CPU budget for the exchange (network.exchange_cpu auto);
+unlimited: pull again as soon as the last merge was applied, whatever it costs."""
+
+
 def compute_ratio(workdir: Path, *, hidden: int = 512, steps: int = 3000, local_steps: int = 2,
                   batch_size: int = 32) -> dict[str, Any]:
-    rates: dict[str, list[float]] = {}
-    for mode in ("off", "on"):
+    rates: dict[str, float] = {}
+    steps_per_merge: dict[str, float] = {}
+    for mode, network in EXCHANGE_MODES.items():
         config = _write_toml(workdir / f"compute-{mode}-{batch_size}.toml", {
             "run": {"peers": 2},
             "task": {"spec": "swarmnet.tasks.digits:task", "options": {"hidden": hidden}},
             "train": {"batch_size": batch_size, "lr": 0.02, "steps": steps, "metrics_every": 20,
                       "checkpoint_every": 0.0},
             "algorithm": {"name": "swarmsgd", "local_steps": local_steps},
-            "network": {"exchange": mode == "on"},
+            "network": network,
         })
         swarm = LocalSwarm(workdir / f"compute-{mode}-{batch_size}", config)
         try:
@@ -66,12 +73,14 @@ def compute_ratio(workdir: Path, *, hidden: int = 512, steps: int = 3000, local_
                 raise RuntimeError(f"bench swarm failed:\n{swarm.log()}")
         finally:
             swarm.kill_tree()
-        rates[mode] = [_rate(swarm.metrics(f"peer{i}")) for i in range(2)]
-        if mode == "on":
-            interactions = [p["interactions"] for p in swarm.summary()["peers"]]
-    off, on = statistics.mean(rates["off"]), statistics.mean(rates["on"])
-    return {"steps_per_s_off": off, "steps_per_s_on": on, "ratio": on / off, "peers": 2, "hidden": hidden,
-            "batch_size": batch_size, "local_steps": local_steps, "interactions_on": interactions}
+        rates[mode] = statistics.mean(_rate(swarm.metrics(f"peer{i}")) for i in range(2))
+        peers = swarm.summary()["peers"]
+        merges = sum(p["interactions"] for p in peers)
+        steps_per_merge[mode] = sum(p["steps"] for p in peers) / merges if merges else float("inf")
+    return {"steps_per_s": rates, "ratio": rates["on"] / rates["off"],
+            "ratio_unlimited": rates["unlimited"] / rates["off"],
+            "steps_per_merge": {k: v for k, v in steps_per_merge.items() if k != "off"},
+            "peers": 2, "hidden": hidden, "batch_size": batch_size, "local_steps": local_steps}
 
 
 def pull_ratio(workdir: Path, *, hidden: int = 3000, repeats: int = 30) -> dict[str, Any]:

@@ -54,6 +54,8 @@ from swarmnet.codecs.workspace import scratch
 from swarmnet.errors import CodecError, ConfigError
 
 MODES = ("stochastic", "dither")
+LAYOUT_VERSION = 2
+"""Snapshot meta layout; 2: XXH3-64 chunk digests (1 used truncated SHA-256)."""
 MAX_CHUNK = 1 << 24
 MAX_CHUNKS = 1 << 22
 STAT_SAMPLES = 512
@@ -113,7 +115,7 @@ class _Header:
 
     @classmethod
     def parse(cls, meta: Any, n: int, codec: str) -> _Header:
-        m = versioned_meta(meta, codec, n)
+        m = versioned_meta(meta, codec, n, LAYOUT_VERSION)
         chunk = get_int(m, "chunk", codec, 8, MAX_CHUNK)
         if chunk % 8:
             raise CodecError(f"{codec}: chunk size {chunk} is not a multiple of 8")
@@ -298,7 +300,7 @@ class LatticeCodec(Codec):
             lattice.dequantize(k[:, : g.cols], eps, theta, out=g.view(quantized))
         nch = len(bf)
         meta = {
-            "v": 1,
+            "v": LAYOUT_VERSION,
             "n": n,
             "chunk": self.chunk,
             "g": self.width,

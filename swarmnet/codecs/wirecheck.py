@@ -118,9 +118,12 @@ def check_count(m: Mapping[str, Any], codec: str, n: int) -> None:
         raise CodecError(f"{codec}: snapshot has {got} coordinates, the model has {n}")
 
 
-def versioned_meta(meta: Any, codec: str, n: int) -> Mapping[str, Any]:
-    """The common head of a received ``meta``: a map, layout version 1, ``n`` coordinates."""
+def versioned_meta(meta: Any, codec: str, n: int, version: int = 1) -> Mapping[str, Any]:
+    """The common head of a received ``meta``: a map, layout ``version``, ``n`` coordinates."""
     m = as_mapping(meta, codec, "meta")
-    get_int(m, "v", codec, 1, 1)
+    got = m.get("v")
+    if got != version:
+        raise CodecError(f"{codec}: snapshot layout version {got!r}, this swarmnet reads version {version}; "
+                         "run the same swarmnet release on every peer")
     check_count(m, codec, n)
     return m

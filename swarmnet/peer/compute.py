@@ -118,6 +118,8 @@ class Replica:
         self.since_merge = 0
         self.target_h = self.local_steps.sample(self.rng)
         self._staleness_sum = 0.0
+        self.merge_cpu = 0.0
+        """CPU seconds this thread spent merging and republishing (the exchange's budget reads it)."""
 
     def current_lr(self) -> float:
         """The learning rate in force, a hint for codecs that follow it."""
@@ -136,6 +138,7 @@ class Replica:
 
     def merge_pending(self, *, final: bool = False) -> None:
         """Between steps: neighbours' nudges, then our own merge when H steps are done."""
+        began = time.thread_time()
         nudged = self.inbox.drain_into(self.live_N, self.stale_N)
         self.stats.nudges_applied += nudged
         entry = None
@@ -146,6 +149,7 @@ class Replica:
             self.stale_N.copy_(self.live_N)
         if entry is not None or nudged:
             self.publish()
+            self.merge_cpu += time.thread_time() - began
 
     def apply(self, entry: MergeEntry) -> None:
         self.live_N.add_(entry.delta_N)
@@ -205,6 +209,7 @@ class ComputeLoop(Replica):
         self._loss_sum = torch.zeros((), device=device)
         self._loss_count = 0
         self._last_checkpoint = time.monotonic()
+        self._step_seconds = 0.0
         self.last_eval: dict[str, float] = {}
         self.started = time.monotonic()
         stats.total_steps = self.plan.total_steps
@@ -262,6 +267,8 @@ class ComputeLoop(Replica):
                 break
             self.train_step()
             self.merge_pending()
+            if self.cfg.train.slowdown > 1:
+                self.pad_step()
             if self.step % self.cfg.train.metrics_every == 0 and not self.write_metrics():
                 reason = "diverged"
                 break
@@ -274,6 +281,7 @@ class ComputeLoop(Replica):
         return reason
 
     def train_step(self) -> None:
+        started = time.monotonic()
         indices = self.sampler.next_indices()
         batch = tuple(t[indices.to(t.device)] for t in self.train_data)
         lr = self.plan.schedule(self.step, self.clock.value)
@@ -288,6 +296,11 @@ class ComputeLoop(Replica):
         self.after_step()
         self.stats.lr = lr
         self.stats.epoch = self.step / self.plan.steps_per_epoch
+        self._step_seconds = time.monotonic() - started
+
+    def pad_step(self) -> None:
+        """Artificial straggler (train.slowdown): stretch the step just taken by sleeping."""
+        self.stop.wait((self.cfg.train.slowdown - 1) * self._step_seconds)
 
     def write_metrics(self) -> bool:
         loss = float(self._loss_sum / max(1, self._loss_count))  # CPU<->GPU sync point

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import math
 import random
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,7 @@ from torch import Tensor
 from swarmnet.algorithms import Topology, apply_nudge, pull_delta
 from swarmnet.codecs import Codec
 from swarmnet.errors import CodecError, ProtocolError, SwarmError
+from swarmnet.peer.budget import CpuBudget, thread_cpu_clock
 from swarmnet.peer.client import Rejected
 from swarmnet.peer.membership import PeerRecord
 from swarmnet.peer.state import MergeEntry, Snapshot
@@ -44,7 +46,7 @@ def check_finite(values_N: Tensor, what: str) -> None:
 
 class Exchange:
     def __init__(self, peer: Peer, *, topology: Topology, symmetric: bool, pull_interval: float,
-                 rng: random.Random, log: logging.LoggerAdapter) -> None:  # type: ignore[type-arg]
+                 cpu_cores: float, rng: random.Random, log: logging.LoggerAdapter) -> None:  # type: ignore[type-arg]
         self.peer = peer
         self.codec: Codec = peer.codec
         self.topology = topology
@@ -53,6 +55,12 @@ class Exchange:
         self.rng = rng
         self.log = log
         self.worker = ThreadPoolExecutor(1, thread_name_prefix=f"codec-{peer.name}")
+        # What the budget charges: this (event-loop) thread, which pulls and serves, the decode
+        # worker, and the compute thread's merges and republishing.
+        loop_cpu = thread_cpu_clock(threading.get_ident())
+        worker_cpu = thread_cpu_clock(self.worker.submit(threading.get_ident).result())
+        compute = peer.compute
+        self.budget = CpuBudget(cpu_cores, lambda: loop_cpu() + worker_cpu() + compute.merge_cpu)
         numel, device = peer.compute.flat.numel, peer.compute.device
         self._remote_N = torch.empty(numel, dtype=torch.float32, device=device)
         # Two delta buffers: the compute thread may still be adding one while we fill the other.
@@ -70,9 +78,11 @@ class Exchange:
         mailbox = self.peer.mailbox
         while not self._stopping.is_set():
             await mailbox.emptied.wait()
-            wait = self.pull_interval - (time.monotonic() - last)
+            self.peer.gate.end_own()  # our last merge, if any, has been applied
+            wait = max(self.pull_interval - (time.monotonic() - last), self.budget.delay())
             if wait > 0:
                 await asyncio.sleep(wait)
+                self.peer.stats.budget_wait_s = self.budget.waited
             target = self.pick()
             if target is None or self.peer.store.latest() is None:
                 await asyncio.sleep(0.05)  # nobody to talk to yet, or nothing of ours to merge
@@ -83,7 +93,7 @@ class Exchange:
                 await self.interact(target)
             except Rejected as exc:
                 self.peer.stats.pulls_failed += 1
-                if exc.code != RejectCode.NOT_READY:  # a starting peer is not a faulty one
+                if exc.code not in (RejectCode.NOT_READY, RejectCode.BUSY):  # busy or starting is not faulty
                     self.peer.table.record_failure(target.id)
                 self.log.debug("%s refused: %s", target.name or target.id, exc)
                 await asyncio.sleep(0.01)
@@ -113,6 +123,15 @@ class Exchange:
         peer = self.peer
         own = peer.store.latest()
         assert own is not None, "run() checks that a snapshot was published"
+        peer.gate.begin_own(own.version)
+        try:
+            await self._interact(target, own)
+        except BaseException:
+            peer.gate.end_own()
+            raise
+
+    async def _interact(self, target: PeerRecord, own: Snapshot) -> None:
+        peer = self.peer
         state = self._codec_state.setdefault(target.id, {})
         sent_clock = peer.clock.value
         reply = await peer.client.call(

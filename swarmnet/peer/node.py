@@ -37,16 +37,18 @@ import torch
 from swarmnet import __version__
 from swarmnet.algorithms import PhaseClock, parse_topology
 from swarmnet.codecs import make_codec
-from swarmnet.config import SwarmConfig, to_dict
+from swarmnet.config import SwarmConfig, check_peer_name, to_dict
 from swarmnet.errors import ConfigError, SwarmError, TransportError
 from swarmnet.log import PeerLogAdapter, get_logger
+from swarmnet.peer.budget import auto_cores
 from swarmnet.peer.client import PeerClient
 from swarmnet.peer.compute import ComputeLoop, Replica, peer_seed_of
 from swarmnet.peer.exchange import Exchange
 from swarmnet.peer.membership import MembershipService, PeerTable
 from swarmnet.peer.server import PeerServer
-from swarmnet.peer.state import Mailbox, SnapshotStore
+from swarmnet.peer.state import Mailbox, MergeGate, SnapshotStore
 from swarmnet.peer.stats import PeerStats
+from swarmnet.security import exposure_warning, peer_keys, split_address, with_key
 from swarmnet.tasks import load_task
 from swarmnet.transport import TransportSet
 from swarmnet.wire import Limits, MsgType, request
@@ -58,7 +60,11 @@ LOCAL_RANK_VARIABLES = ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RA
 @dataclass(frozen=True, slots=True)
 class PeerIdentity:
     name: str
+    """Names the peer's directory <run.dir>/<name>: one path component, so it cannot escape."""
     rank: int
+
+    def __post_init__(self) -> None:
+        check_peer_name(self.name)
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -122,10 +128,12 @@ class Peer:
         self.stats = PeerStats()
         self.clock = PhaseClock()
         self.store = SnapshotStore(history=8)
+        self.gate = MergeGate()
         self.codec = make_codec(cfg.codec.name, **cfg.codec.options)
         net = cfg.network
         self.limits = Limits(max_header_bytes=net.max_header_bytes, max_frame_bytes=net.max_message_bytes)
-        self.transports = TransportSet()
+        self.curve = peer_keys(cfg.security, on_refused=self._count_refused)
+        self.transports = TransportSet(self.curve)
         self.client = PeerClient(sender=self.id, transports=self.transports, limits=self.limits,
                                  timeout=net.request_timeout, stats=self.stats, max_frame_bytes=net.max_message_bytes)
         self.table = PeerTable(self.id, dead_after=net.dead_after, backoff=net.failure_backoff)
@@ -134,6 +142,10 @@ class Peer:
         self.started = time.time()
         self._stop_requested = False
         self._force = False
+
+    def _count_refused(self, client_key: bytes) -> None:
+        """A handshake refused by the ZAP handler (its thread): counted under rejected."""
+        self.stats.rejected["unauthenticated"] += 1
 
     # -- identity and status ------------------------------------------------------------------
 
@@ -213,9 +225,14 @@ class Peer:
         """Bind the listener, then run the server, membership and exchange around the body."""
         net = self.cfg.network
         try:
+            exposed = exposure_warning(net.listen, secured=self.curve is not None)
+            if exposed:
+                self.log.warning("%s", exposed)
             listener = await self.transports.for_url(net.listen).listen(net.listen, max_frame_bytes=net.max_message_bytes)
-            self.address = net.advertise or (with_interface_host(listener.address, net.interface)
-                                             if net.interface else listener.address)
+            bound, _ = split_address(listener.address)
+            self.address = net.advertise or (with_interface_host(bound, net.interface) if net.interface else bound)
+            if self.curve is not None and self.curve.per_peer:
+                self.address = with_key(self.address, self.curve.public)
             if "0.0.0.0" in self.address or "://*" in self.address:
                 raise ConfigError(f"listening on {listener.address}: set network.advertise (--advertise) to the "
                                   "address other peers should dial, or network.interface (--interface) to "
@@ -225,13 +242,16 @@ class Peer:
                 seeds=[s for s in net.seeds if s != self.address],
                 interval=net.gossip_interval, rng=self.rng, log=self.log,
             )
+            cores = net.exchange_cpu if net.exchange_cpu >= 0 else auto_cores(self.device, self.cfg.device.threads)
+            self.stats.exchange_cpu = cores
             self.exchange = Exchange(self, topology=parse_topology(self.cfg.algorithm.topology, self.cfg.run.seed),
                                      symmetric=self.cfg.algorithm.symmetric, pull_interval=net.pull_interval,
-                                     rng=self.rng, log=self.log)
+                                     cpu_cores=cores, rng=self.rng, log=self.log)
             server = PeerServer(self, listener, self.limits, net.max_concurrent_requests, self.log)
             self._write_card()
-            self.log.info("listening on %s (device %s, %d parameters, %s, codec %s)", self.address, self.device,
-                          self.compute.flat.numel, self.cfg.algorithm.name, self.codec.name)
+            self.log.info("listening on %s (device %s, %d parameters, %s, codec %s, exchange CPU budget %s)",
+                          self.address, self.device, self.compute.flat.numel, self.cfg.algorithm.name,
+                          self.codec.name, f"{cores:.2f} cores" if cores > 0 else "unlimited")
             async with asyncio.TaskGroup() as tg:
                 services = [tg.create_task(server.run(), name="server"),
                             tg.create_task(self.membership.run(), name="membership")]
@@ -308,10 +328,12 @@ class Peer:
             "name": self.name, "id": self.id, "addr": self.address, "device": str(self.device),
             "reason": reason, "elapsed_s": elapsed, "steps": compute.step,
             "total_steps": compute.plan.total_steps, "interactions": s.interactions,
-            "nudges_applied": s.nudges_applied, "pulls_ok": s.pulls_ok, "pulls_failed": s.pulls_failed,
+            "nudges_applied": s.nudges_applied, "nudges_refused": s.nudges_refused,
+            "nudges_rejected": s.nudges_rejected, "pulls_ok": s.pulls_ok, "pulls_failed": s.pulls_failed,
             "bytes_sent": s.bytes_out, "bytes_received": s.bytes_in, "final_loss": s.loss,
             "eval": compute.last_eval, "clock": self.clock.value, "staleness_s": s.staleness_s,
-            "consensus": s.consensus, "rejected": dict(s.rejected), "checkpoint_errors": s.checkpoint_errors,
+            "consensus": s.consensus, "exchange_cpu": s.exchange_cpu, "budget_wait_s": s.budget_wait_s,
+            "rejected": dict(s.rejected), "checkpoint_errors": s.checkpoint_errors,
             "config": to_dict(self.cfg),
         }
         path = self.peer_dir / "summary.json"
@@ -325,7 +347,11 @@ async def run_peer(cfg: SwarmConfig, identity: PeerIdentity, *, resume: bool = T
                    install_signals: bool = True) -> int:
     import signal
 
-    peer = Peer(cfg, identity, resume=resume)
+    try:
+        peer = Peer(cfg, identity, resume=resume)
+    except ConfigError as exc:
+        get_logger("peer").error("%s", exc)
+        return 2
     if install_signals:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -114,11 +114,20 @@ class PeerServer:
             return reject(msg, peer.id, RejectCode.DRAINING, "peer is stopping")
         if msg.body["codec"] != peer.codec.name:
             return reject(msg, peer.id, RejectCode.MISMATCH, f"codec {msg.body['codec']}, ours is {peer.codec.name}")
-        used = peer.store.get(msg.body["used"])
-        if used is None:
+        used, latest = peer.store.get(msg.body["used"]), peer.store.latest()
+        if used is None or latest is None:
             return reject(msg, peer.id, RejectCode.GONE, f"version {msg.body['used']} is gone")
-        nudge = await peer.exchange.decode_nudge(msg, used)
+        refusal = peer.gate.admit_nudge(used.version, latest.version, unapplied=peer.inbox.pending)
+        if refusal is not None:
+            peer.stats.nudges_refused += 1
+            return reject(msg, peer.id, RejectCode.BUSY, refusal)
+        try:
+            nudge = await peer.exchange.decode_nudge(msg, used)
+        except BaseException:
+            peer.gate.cancel_nudge(used.version)
+            raise
         if not peer.inbox.add(nudge):
+            peer.gate.cancel_nudge(used.version)
             return reject(msg, peer.id, RejectCode.DRAINING, "peer is stopping")
         return reply(msg, MsgType.ACK, peer.id)
 

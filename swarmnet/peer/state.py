@@ -8,6 +8,8 @@ Legend: N = number of floating-point parameter coordinates.
   always get a complete one and never hold a lock across the network (SPEC 4 item 8).
 - :class:`Mailbox` hands the exchange's result to the compute thread (one slot, latest wins).
 - :class:`NudgeInbox` accumulates symmetric-mode updates from neighbours in delta form.
+- :class:`MergeGate` admits symmetric-mode updates only where they keep the model a convex
+  combination of snapshots.
 
 Only the compute thread writes the live model; everything here is how others talk to it.
 """
@@ -168,5 +170,52 @@ class NudgeInbox:
             self._closed = True
 
     @property
+    def pending(self) -> int:
+        """Nudges added and not yet drained."""
+        return self._count
+
+    @property
     def closed(self) -> bool:
         return self._closed
+
+
+class MergeGate:
+    """Which symmetric-mode nudges a peer may accept (event-loop side only; no lock needed).
+
+    Merges are applied in delta form, each computed against one published version K of our
+    model. Two updates against the same K, our own merge ``(Q(C_k) - K) / 2`` and one nudge
+    ``(Q(C_i) - K) / 2``, still leave a convex combination, ``(C_k + C_i) / 2``; a third would
+    give K a negative weight, and many at once overshoot and diverge. So a nudge is admitted
+    only against our latest version, only once per version, only when no earlier nudge is still
+    waiting to be applied, and only while our own interaction in flight (if any) was computed
+    against that same version.
+    """
+
+    def __init__(self) -> None:
+        self._own_base: int | None = None
+        self._nudged: int | None = None
+
+    def begin_own(self, version: int) -> None:
+        """Our exchange computes a merge against ``version``."""
+        self._own_base = version
+
+    def end_own(self) -> None:
+        """That merge was applied (or dropped)."""
+        self._own_base = None
+
+    def admit_nudge(self, used: int, latest: int, *, unapplied: int = 0) -> str | None:
+        """Reserve ``latest`` for a nudge computed against ``used``; None, or why not.
+        ``unapplied``: nudges already accepted that the compute thread has not applied yet."""
+        if used != latest:
+            return f"version {used} is no longer our latest ({latest})"
+        if self._nudged == latest or unapplied:
+            return f"version {latest} already took a nudge"
+        if self._own_base not in (None, latest):
+            return "our own merge in flight was computed against an older version"
+        self._nudged = latest
+        return None
+
+    def cancel_nudge(self, version: int) -> None:
+        """The admitted nudge could not be applied after all."""
+        if self._nudged == version:
+            self._nudged = None

@@ -20,9 +20,16 @@ class PeerStats:
     """Merges applied by the compute thread (pulled snapshots)."""
     nudges_applied: int = 0
     pulls_ok: int = 0
+    exchange_cpu: float = 0.0
+    """CPU cores the peer may spend outside training steps (0: no limit)."""
+    budget_wait_s: float = 0.0
+    """Seconds the exchange waited for that budget."""
     pulls_failed: int = 0
     nudges_sent: int = 0
     nudges_rejected: int = 0
+    """Our nudges a neighbour refused (we then dropped our half of the interaction too)."""
+    nudges_refused: int = 0
+    """Neighbours' nudges we refused to keep our model a convex combination (MergeGate)."""
     bytes_in: int = 0
     bytes_out: int = 0
     staleness_s: float = 0.0

@@ -123,16 +123,18 @@ class PeerProcessHandle(_Process):
         return json.loads((self.run_dir / self.name / "summary.json").read_text())
 
 
-def query_status(address: str, timeout: float = 5.0) -> dict[str, Any]:
-    """Ask a peer for its status over the wire protocol (a real client, as `swarmnet status` is)."""
+def query_status(address: str, timeout: float = 5.0, key: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Ask a peer for its status over the wire protocol (a real client, as `swarmnet status` is);
+    ``key``: a secret key file, for a swarm with [security] enabled."""
 
     async def ask() -> dict[str, Any]:
         from swarmnet.peer.client import PeerClient
         from swarmnet.peer.stats import PeerStats
+        from swarmnet.security import client_keys
         from swarmnet.transport import TransportSet
         from swarmnet.wire import Limits, MsgType, request
 
-        transports = TransportSet()
+        transports = TransportSet(client_keys(key))
         client = PeerClient(sender="status-client", transports=transports, limits=Limits(),
                             timeout=timeout, stats=PeerStats(), max_frame_bytes=2**31 - 1)
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 
 from swarmnet.errors import ConfigError
+from swarmnet.security import CurveKeys
 from swarmnet.transport.base import Transport
 from swarmnet.transport.ucx import UcxTransport
 from swarmnet.transport.zmq import ZmqTransport
@@ -42,15 +43,26 @@ def transport_class(url: str) -> type[Transport]:
 
 
 class TransportSet:
-    """One transport instance per class, created on first use; closes them all together."""
+    """One transport instance per class, created on first use; closes them all together.
 
-    def __init__(self) -> None:
+    With ``curve`` keys every transport must authenticate: classes that declare
+    ``supports_curve = True`` are built as ``cls(curve=curve)``; any other scheme is refused.
+    """
+
+    def __init__(self, curve: CurveKeys | None = None) -> None:
         self._by_class: dict[type[Transport], Transport] = {}
+        self._curve = curve
 
     def for_url(self, url: str) -> Transport:
         cls = transport_class(url)
         if cls not in self._by_class:
-            self._by_class[cls] = cls()
+            if self._curve is None:
+                self._by_class[cls] = cls()
+            elif getattr(cls, "supports_curve", False):
+                self._by_class[cls] = cls(curve=self._curve)  # type: ignore[call-arg]
+            else:
+                raise ConfigError(f"{scheme_of(url)}:// addresses cannot authenticate peers; with "
+                                  "[security] enabled use tcp:// or ipc:// addresses")
         return self._by_class[cls]
 
     async def aclose(self) -> None:

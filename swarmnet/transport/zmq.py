@@ -5,19 +5,30 @@ at a time. Payload frames go out with ``copy=False`` (zero-copy) and come back a
 viewed through memoryviews. ``MAXMSGSIZE`` makes libzmq drop any connection that sends a frame
 larger than the configured limit before it is buffered. inproc:// needs both ends in one
 process, so all transports of a process share one zmq context.
+
+With :class:`~swarmnet.security.CurveKeys` the transport is closed to strangers: every socket
+runs CURVE (encrypted, both ends authenticated), and a listener's handshakes go to a ZAP handler
+that admits only allowed client keys. A refused client gets no reply at all: its requests time
+out. inproc:// is refused then, as libzmq skips the security handshake inside a process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
 from collections.abc import Sequence
+from typing import Any
 
 import zmq
 import zmq.asyncio
 
 from swarmnet.buffers import Buffer
-from swarmnet.errors import EndpointClosed, RequestTimeout, TransportError
+from swarmnet.errors import ConfigError, EndpointClosed, RequestTimeout, TransportError
+from swarmnet.security import KEY_FRAGMENT, CurveKeys, split_address, with_key
 from swarmnet.transport.base import Connection, Listener, Route, Transport
+
+log = logging.getLogger(__name__)
 
 
 def _bind_url(url: str) -> str:
@@ -35,6 +46,68 @@ def _configure(sock: zmq.asyncio.Socket, max_frame_bytes: int) -> None:
     sock.setsockopt(zmq.RCVBUF, 4 * 1024 * 1024)
 
 
+def _secure_client(sock: zmq.asyncio.Socket, curve: CurveKeys, server_key: bytes) -> None:
+    sock.curve_secretkey = curve.secret
+    sock.curve_publickey = curve.public
+    sock.curve_serverkey = server_key
+
+
+def _refuse_inproc(url: str) -> None:
+    if url.startswith("inproc://"):
+        raise ConfigError(f"{url}: inproc:// skips CURVE authentication; with [security] enabled "
+                          "use tcp:// or ipc:// addresses")
+
+
+class _KeyPolicy:
+    """ZAP credentials provider for one listener: admits allowed keys, reports refusals."""
+
+    def __init__(self, curve: CurveKeys, address: str) -> None:
+        self.curve = curve
+        self.address = address
+        self.refused: set[bytes] = set()
+
+    def callback(self, domain: str, client_key: bytes) -> bool:
+        if self.curve.admits(client_key):
+            return True
+        if client_key not in self.refused and len(self.refused) < 1024:
+            self.refused.add(client_key)  # log each stranger once, not every reconnect
+            log.warning("%s refused a client with unknown key %s", self.address, client_key.decode())
+        if self.curve.on_refused is not None:
+            self.curve.on_refused(client_key)
+        return False
+
+
+class _ZapGate:
+    """The ZAP handler of the shared zmq context (libzmq takes one per context): started with
+    the first secured listener and kept for the life of the process (libzmq frees its inproc
+    endpoint lazily, so a stopped handler cannot be restarted at once). Each listener gets its
+    own ZAP domain, so listeners with different allow-lists can share a process."""
+
+    _domains = itertools.count(1)
+
+    def __init__(self) -> None:
+        self._auth: Any = None
+
+    def open(self, ctx: zmq.asyncio.Context, policy: _KeyPolicy) -> str:
+        if self._auth is None:
+            from zmq.auth.thread import ThreadAuthenticator
+
+            auth = ThreadAuthenticator(ctx, log=logging.getLogger("swarmnet.zap"))
+            auth.start()
+            self._auth = auth
+        domain = f"swarmnet-{next(self._domains)}"
+        self._auth.configure_curve_callback(domain, policy)
+        return domain
+
+    def close(self, domain: str) -> None:
+        """Forget a closed listener's domain: a handshake naming it is refused ("Unknown domain")."""
+        if self._auth is not None:
+            self._auth.credentials_providers.pop(domain, None)
+
+
+_GATE = _ZapGate()
+
+
 def _closed_under_us() -> bool:
     """True when a CancelledError came from pyzmq cancelling the pending future of a socket we
     closed, rather than from our own task being cancelled."""
@@ -43,10 +116,12 @@ def _closed_under_us() -> bool:
 
 
 class ZmqListener(Listener):
-    def __init__(self, sock: zmq.asyncio.Socket, address: str, max_frame_bytes: int) -> None:
+    def __init__(self, sock: zmq.asyncio.Socket, address: str, max_frame_bytes: int,
+                 zap_domain: str | None = None) -> None:
         self._sock: zmq.asyncio.Socket | None = sock
         self.address = address
         self._max = max_frame_bytes
+        self._zap_domain = zap_domain
 
     def _socket(self) -> zmq.asyncio.Socket:
         if self._sock is None:
@@ -85,19 +160,41 @@ class ZmqListener(Listener):
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
+        if self._zap_domain is not None:
+            _GATE.close(self._zap_domain)
+            self._zap_domain = None
 
 
 class ZmqConnection(Connection):
-    def __init__(self, ctx: zmq.asyncio.Context, address: str, max_frame_bytes: int) -> None:
+    def __init__(self, ctx: zmq.asyncio.Context, address: str, max_frame_bytes: int,
+                 curve: CurveKeys | None = None) -> None:
         self._ctx = ctx
         self.address = address
         self._max = max_frame_bytes
+        self._curve = curve
+        self._dial = address
+        self._server_key = b""
+        self._refusal = ""
+        """Why this address cannot be dialled; addresses come from gossip, so a bad one fails
+        its requests (a TransportError) instead of the code that merely looked it up."""
+        if curve is not None:
+            try:
+                _refuse_inproc(address)
+                self._dial, _ = split_address(address)
+                self._server_key = curve.server_key(address)
+            except ConfigError as exc:
+                self._refusal = str(exc)
+        elif KEY_FRAGMENT in address:
+            self._refusal = (f"{address} is a CURVE-secured peer; configure [security] (peers) or "
+                             "pass --key (tools) to talk to it")
         self._sock: zmq.asyncio.Socket | None = None
         self._lock = asyncio.Lock()
         self._closed = False
 
     def _socket(self) -> zmq.asyncio.Socket:
         if self._sock is None:
+            if self._refusal:
+                raise TransportError(self._refusal)
             sock = self._ctx.socket(zmq.DEALER)
             _configure(sock, self._max)
             # Queue nothing for a peer that is not connected: a dead peer costs a timeout,
@@ -105,8 +202,10 @@ class ZmqConnection(Connection):
             sock.setsockopt(zmq.IMMEDIATE, 1)
             sock.setsockopt(zmq.RECONNECT_IVL, 100)
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+            if self._curve is not None:
+                _secure_client(sock, self._curve, self._server_key)
             try:
-                sock.connect(self.address)
+                sock.connect(self._dial)
             except zmq.ZMQError as exc:
                 sock.close(linger=0)
                 raise TransportError(f"cannot connect to {self.address}: {exc}") from exc
@@ -148,28 +247,49 @@ class ZmqConnection(Connection):
 
 
 class ZmqTransport(Transport):
-    schemes = ("tcp", "ipc", "inproc")
+    """``curve``: authenticate every socket with these keys (None: plain ZeroMQ)."""
 
-    def __init__(self) -> None:
+    schemes = ("tcp", "ipc", "inproc")
+    supports_curve = True
+
+    def __init__(self, curve: CurveKeys | None = None) -> None:
         self._ctx = zmq.asyncio.Context.instance()
+        self._curve = curve
         self._listeners: list[ZmqListener] = []
         self._connections: list[ZmqConnection] = []
 
     async def listen(self, url: str, *, max_frame_bytes: int = 2**31 - 1) -> Listener:
+        curve, policy, domain = self._curve, None, None
+        if curve is not None:
+            _refuse_inproc(url)
+            url, _ = split_address(url)
         sock = self._ctx.socket(zmq.ROUTER)
         _configure(sock, max_frame_bytes)
+        if curve is not None:
+            sock.curve_secretkey = curve.secret
+            sock.curve_publickey = curve.public
+            sock.curve_server = True
+            policy = _KeyPolicy(curve, url)
+            domain = _GATE.open(self._ctx, policy)
+            sock.zap_domain = domain.encode()
         try:
             sock.bind(_bind_url(url))
         except zmq.ZMQError as exc:
             sock.close(linger=0)
+            if domain is not None:
+                _GATE.close(domain)
             raise TransportError(f"cannot bind {url}: {exc}") from exc
         address = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
-        listener = ZmqListener(sock, address, max_frame_bytes)
+        if policy is not None:
+            policy.address = address
+        if curve is not None and curve.per_peer:
+            address = with_key(address, curve.public)
+        listener = ZmqListener(sock, address, max_frame_bytes, zap_domain=domain)
         self._listeners.append(listener)
         return listener
 
     def connect(self, url: str, *, max_frame_bytes: int = 2**31 - 1) -> Connection:
-        conn = ZmqConnection(self._ctx, url, max_frame_bytes)
+        conn = ZmqConnection(self._ctx, url, max_frame_bytes, self._curve)
         self._connections.append(conn)
         return conn
 

@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 
 from swarmnet.peer.client import PeerClient
 from swarmnet.peer.stats import PeerStats
+from swarmnet.security import CurveKeys
 from swarmnet.transport import TransportSet
 from swarmnet.ui.model import Event, PeerStatus, SwarmSnapshot
 from swarmnet.wire import Limits, MsgType, request
@@ -71,13 +72,15 @@ class StatusCollector:
         seeds: addresses (``tcp://``, ``ipc://``, ``file:///.../card.json``) to start discovery from.
         timeout: deadline of one STATUS request, seconds.
         run_dir: optional run directory, re-read on each poll for new cards and the final summary.
+        curve: keys for a swarm with [security] enabled (swarmnet.security.client_keys).
     """
 
-    def __init__(self, seeds: Iterable[str], *, timeout: float = 0.8, run_dir: Path | None = None) -> None:
+    def __init__(self, seeds: Iterable[str], *, timeout: float = 0.8, run_dir: Path | None = None,
+                 curve: CurveKeys | None = None) -> None:
         self.seeds = list(seeds)
         self.run_dir = run_dir
         self.timeout = timeout
-        self.transports = TransportSet()
+        self.transports = TransportSet(curve)
         self.client = PeerClient(sender="status-client", transports=self.transports, limits=Limits(),
                                  timeout=timeout, stats=PeerStats(), max_frame_bytes=2**24)
         self.rows: dict[str, PeerStatus] = {}

@@ -29,8 +29,12 @@ def status_command(
     json_: Annotated[bool, typer.Option("--json", help="Print one machine-readable JSON document and exit.")] = False,
     interval: Annotated[float, typer.Option("--interval", "-i", help="Seconds between refreshes.")] = 1.0,
     timeout: Annotated[float, typer.Option("--timeout", help="Deadline of one STATUS request, seconds.")] = 0.8,
+    key: Annotated[Optional[Path], typer.Option("--key", "-k", help="Secret key file (NAME.key_secret) for a swarm with [security] enabled; in allow-list mode its public key must be admitted.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Swarm config whose [security] key to use (when --key is not given).")] = None,
 ) -> None:
     """Watch a running swarm: one row per peer, swarm totals and recent events, refreshed live."""
+    from swarmnet.config import load_config
+    from swarmnet.security import client_keys
     from swarmnet.ui.collect import StatusCollector, resolve_seed, seeds_from_run_dir
     from swarmnet.ui.live import run_status
 
@@ -44,9 +48,13 @@ def status_command(
         _fail(f"--seed {' '.join(seed)}: no readable card.json (is the peer running?)")
     if interval <= 0 or timeout <= 0:
         _fail("--interval and --timeout must be > 0")
+    try:
+        curve = client_keys(key, load_config(config).security if config and not key else None)
+    except ConfigError as exc:
+        _fail(str(exc))
 
     async def main() -> None:
-        collector = StatusCollector(seed or [], timeout=timeout, run_dir=run_dir)
+        collector = StatusCollector(seed or [], timeout=timeout, run_dir=run_dir, curve=curve)
         await run_status(collector, console=Console(), interval=interval, once=once, as_json=json_)
 
     try:

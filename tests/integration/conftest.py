@@ -51,7 +51,7 @@ def lsq_config(**train):
         "task": {"spec": "swarmnet.tasks.lsq:task"},
         "train": {"batch_size": 1, "lr": 0.01, "steps": 8000, "metrics_every": 100, "checkpoint_every": 0.0},
         "algorithm": {"name": "swarmsgd", "local_steps": 1},
-        "network": {"linger": 2.0},
+        "network": {"linger": 2.0, "exchange_cpu": 0.0},  # dense interactions, as SPEC 1.5 assumes
     }
     base["train"].update(train)
     return base

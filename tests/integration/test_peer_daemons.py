@@ -183,3 +183,67 @@ def test_garbage_is_rejected_counted_and_the_peer_keeps_serving(tmp_path, daemon
     wait_until(lambda: query_status(address)["step"] > step, 20, what="the peer still training")
     peer.signal(signal.SIGTERM)
     assert peer.wait(30) == 0
+
+
+def test_a_peer_takes_at_most_one_nudge_per_version(tmp_path, daemons):
+    """Symmetric merges: three neighbours nudge the same snapshot version at once; exactly one
+    is admitted (two updates against one version average, three would overshoot), the others
+    are refused as busy and the model moves by exactly that one half-step."""
+    import asyncio
+
+    import torch
+
+    from swarmnet.codecs import make_codec
+    from swarmnet.peer.client import PeerClient, Rejected
+    from swarmnet.peer.stats import PeerStats
+    from swarmnet.transport import TransportSet
+    from swarmnet.wire import Limits, MsgType, request
+
+    config = write_config(tmp_path / "still.toml", {
+        "task": {"spec": "swarmnet.tasks.lsq:task"},
+        "train": {"batch_size": 1, "lr": 0.0, "steps": 10**9, "checkpoint_every": 0.0},
+        "network": {"exchange": False, "min_peers": 0},
+    })
+    peer = PeerProcessHandle(tmp_path / "run", "target", config)
+    daemons.append(peer)
+    address = peer.card()["addr"]
+    codec = make_codec("fp32")
+
+    async def scenario():
+        transports = TransportSet()
+        clients = [PeerClient(sender=f"nudger{i}", transports=transports, limits=Limits(), timeout=10,
+                              stats=PeerStats(), max_frame_bytes=2**31 - 1) for i in range(3)]
+
+        async def pull():
+            reply = await clients[0].call(address, request(MsgType.PULL, "nudger0", clock=0, want=None, version=None))
+            values = torch.empty(reply.body["meta"]["n"])
+            codec.decode(reply.body["meta"], reply.frames, values, values, {})
+            return reply.body["version"], values
+
+        async def nudge(client, used, model):
+            encoded = codec.encode(model)
+            msg = request(MsgType.NUDGE, client.sender, encoded.frames, used=used, codec="fp32", meta=encoded.meta)
+            try:
+                return (await client.call(address, msg)).type
+            except Rejected as exc:
+                return exc.code
+
+        try:
+            version, k = await pull()
+            answers = await asyncio.gather(*(nudge(c, version, k + 1.0) for c in clients))
+            deadline = asyncio.get_running_loop().time() + 30
+            while (latest := await pull())[0] == version and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+            stale = await nudge(clients[1], version, k + 1.0)  # against a version no longer the latest
+            return k, answers, latest, stale
+        finally:
+            for c in clients:
+                await c.aclose()
+            await transports.aclose()
+
+    k, answers, (new_version, moved), stale = asyncio.run(scenario())
+    assert sorted(map(str, answers)) == ["ack", "busy", "busy"], answers
+    assert torch.allclose(moved, k + 0.5), float((moved - k).mean())
+    assert str(stale) == "busy"
+    status = query_status(address)
+    assert status["nudges_applied"] == 1 and status["nudges_refused"] == 3

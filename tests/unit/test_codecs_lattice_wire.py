@@ -277,7 +277,7 @@ def _pair(n: int = 700):
 BAD_META = {
     "not a map": lambda m: "meta",
     "missing v": lambda m: _drop(m, "v"),
-    "version": lambda m: {**m, "v": 2},
+    "version": lambda m: {**m, "v": 1},  # layout 1 digests were SHA-256,
     "n": lambda m: {**m, "n": m["n"] - 1},
     "chunk zero": lambda m: {**m, "chunk": 0},
     "chunk odd": lambda m: {**m, "chunk": 100},

@@ -29,6 +29,7 @@ def test_defaults_and_bundled_configs_load():
         ("[network]\nseeds = ['localhost:7000']", "must be a URL"),
         ("[network]\nrequest_timeout = 0", "network.request_timeout: must be > 0"),
         ("[train]\nbatch_size = true", "train.batch_size must be int"),
+        ("[train]\nslowdown = 0.5", "train.slowdown: must be a finite number >= 1"),
         ("train = 3", "[train] must be a table"),
         ("[train\n", "not valid TOML"),
     ],

@@ -4,9 +4,17 @@ import pytest
 import torch
 from torch import nn
 
+from swarmnet.algorithms import apply_nudge, pull_delta
 from swarmnet.codecs import make_codec
 from swarmnet.peer.data import ShardSampler
-from swarmnet.peer.state import FlatParameters, Mailbox, MergeEntry, NudgeInbox, SnapshotStore
+from swarmnet.peer.state import (
+    FlatParameters,
+    Mailbox,
+    MergeEntry,
+    MergeGate,
+    NudgeInbox,
+    SnapshotStore,
+)
 
 
 def test_flat_parameters_are_views_of_one_vector_and_buffers_stay_out():
@@ -95,3 +103,32 @@ def test_metrics_go_to_jsonl_and_to_tensorboard(tmp_path):
     events.Reload()
     assert set(events.Tags()["scalars"]) == {"loss", "lr", "eval/accuracy"}
     assert [(e.step, e.value) for e in events.Scalars("eval/accuracy")] == [(20, 0.75)]
+
+
+def test_merge_gate_admits_one_nudge_per_version_against_the_latest_only():
+    gate = MergeGate()
+    assert gate.admit_nudge(3, 4) is not None  # computed against an older version
+    assert gate.admit_nudge(4, 4) is None
+    assert "already" in gate.admit_nudge(4, 4)  # a second one would give version 4 a negative weight
+    gate.cancel_nudge(4)  # the first could not be applied after all
+    assert gate.admit_nudge(4, 4) is None
+    assert gate.admit_nudge(5, 5, unapplied=1) is not None  # the last nudge is still waiting
+    assert gate.admit_nudge(5, 5) is None
+
+
+def test_merge_gate_pairs_a_nudge_only_with_our_own_merge_on_the_same_version():
+    gate = MergeGate()
+    gate.begin_own(7)
+    assert gate.admit_nudge(8, 8) is not None  # our merge in flight was computed against 7
+    assert gate.admit_nudge(7, 7) is None  # own merge + one nudge on 7: (C_k + C_i) / 2
+    gate.end_own()
+    assert gate.admit_nudge(8, 8) is None
+
+
+def test_own_merge_plus_one_nudge_on_a_version_stays_a_convex_combination():
+    """The arithmetic the gate protects: two delta updates on K average, three overshoot."""
+    k, c_k, c_i, c_m = (torch.full((4,), v) for v in (0.0, 1.0, 2.0, 3.0))
+    two = k + pull_delta(c_k, k, k) + apply_nudge(c_i, k)
+    assert torch.allclose(two, (c_k + c_i) / 2)
+    three = two + apply_nudge(c_m, k)
+    assert torch.allclose(three, (c_k + c_i + c_m - k) / 2)  # K's weight is -1/2

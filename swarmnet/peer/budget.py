@@ -1,0 +1,94 @@
+"""How much CPU a peer may spend outside its training steps.
+
+Everything a peer does besides stepping (pulling, decoding, computing deltas, merging and
+republishing, serving neighbours' pulls, gossip, metrics) competes with the compute loop for the
+same cores. Where cores are plentiful that costs nothing; where peers already fill every core
+(several peers per CPU socket, small models with millisecond steps), each interaction's fixed
+cost comes straight out of training. :class:`CpuBudget` caps that cost: the exchange starts its
+next interaction only while the CPU time of the exchange's own work (the event-loop thread,
+which also serves neighbours, the decode worker, and the compute thread's merges) stays within
+``cores`` CPU-seconds per wall-clock second (a token bucket over about one second), so short
+steps stretch the effective H instead of slowing the steps themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping
+
+import torch
+
+LOCAL_PEERS_VARIABLES = ("SWARMNET_LOCAL_PEERS", "LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE")
+MIN_SHARE = 0.05
+"""With no spare core, overhead may still take this fraction of the peer's share of the CPU."""
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def local_peers(environ: Mapping[str, str] = os.environ) -> int:
+    """Peers sharing this machine: set by `swarmnet up`, torchrun or Slurm; 1 when unknown."""
+    for name in LOCAL_PEERS_VARIABLES:
+        value = environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
+
+def auto_cores(device: torch.device, threads: int, *, cores: int | None = None, peers: int | None = None) -> float:
+    """The spare cores of this peer's share of the machine, at least MIN_SHARE of the share.
+
+    A CPU peer's steps use ``threads`` cores; a GPU peer's compute thread needs about one.
+    """
+    share = (cores or usable_cores()) / (peers or local_peers())
+    busy = threads if device.type == "cpu" else 1
+    return max(MIN_SHARE * share, share - busy)
+
+
+def thread_cpu_clock(ident: int) -> Callable[[], float]:
+    """CPU seconds one thread of this process has used so far (``threading.get_ident()``)."""
+    clock = time.pthread_getcpuclockid(ident)
+    last = [0.0]
+
+    def read() -> float:
+        try:
+            last[0] = time.clock_gettime(clock)
+        except OSError:  # the thread has ended: its time no longer grows
+            pass
+        return last[0]
+    return read
+
+
+class CpuBudget:
+    """Token bucket on the CPU time of the exchange's work.
+
+    ``cores <= 0`` means no limit. ``spent`` returns the CPU seconds that work has used so far;
+    it may read clocks of other threads.
+    """
+
+    def __init__(self, cores: float, spent: Callable[[], float], window: float = 1.0) -> None:
+        self.cores = cores
+        self._spent_so_far = spent
+        self._capacity = max(cores, 0.0) * window
+        self._credit = self._capacity
+        self._at = time.monotonic()
+        self._spent = spent()
+        self.waited = 0.0
+        """Seconds the exchange has waited for the budget so far."""
+
+    def delay(self) -> float:
+        """Seconds to wait before the next interaction (0 when within budget)."""
+        if self.cores <= 0:
+            return 0.0
+        now, spent = time.monotonic(), self._spent_so_far()
+        refill = self.cores * (now - self._at)
+        self._credit = min(self._capacity, self._credit + refill) - (spent - self._spent)
+        self._at, self._spent = now, spent
+        wait = max(0.0, -self._credit / self.cores)
+        self.waited += wait
+        return wait

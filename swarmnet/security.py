@@ -1,0 +1,265 @@
+"""Keys and the admission rule of a closed swarm (ZeroMQ CURVE; docs/operations.md, "Security").
+
+Every secured endpoint holds a CURVE keypair. A listener presents its keypair as the CURVE server
+and admits a client only if the client's public key is allowed; a client presents its keypair
+and must know the server's public key before it dials:
+
+- ``swarm-key``: every peer holds the same keypair, so the server key is the client's own public
+  key and the only key admitted is that one. Addresses stay plain.
+- ``allow-list``: every peer has its own keypair and admits the public keys of an allow-list. A
+  peer advertises its address with its public key appended, ``tcp://host:port#curve=<hex>``, so
+  the key travels wherever the address does (gossip, card.json, status); seeds need it too.
+
+Key files use pyzmq's certificate format (``zmq.auth.load_certificate`` reads them): NAME.key
+holds the public key, NAME.key_secret both keys and is created owner-only (0600).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import stat
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import zmq
+import zmq.auth
+from zmq.utils import z85
+
+from swarmnet.errors import ConfigError
+
+if TYPE_CHECKING:
+    from swarmnet.config import SecurityConfig
+
+KEY_FRAGMENT = "#curve="
+"""Separates a dialable address from the hex public key of the listener behind it."""
+KEYGEN_HINT = "create keys with `swarmnet keys generate --out keys --name NAME`"
+
+
+@dataclass(frozen=True, slots=True)
+class CurveKeys:
+    """What a transport needs to authenticate: our keypair and whom we admit (Z85 keys)."""
+
+    public: bytes
+    secret: bytes = field(repr=False)
+    allowed: frozenset[bytes] = frozenset()
+    """Client public keys a listener admits (empty for clients that never listen)."""
+    per_peer: bool = False
+    """allow-list mode: every listener has its own key, so addresses carry it (ours too)."""
+    check_servers: bool = False
+    """Dial only listeners whose key is allowed too (peers: a stranger's address that reached
+    the membership table must not feed us a model). Tools that only read status trust the key
+    an address carries."""
+    on_refused: Callable[[bytes], None] | None = field(default=None, compare=False)
+    """Called with the client key of every refused handshake (from the authenticator thread)."""
+
+    def admits(self, client_key: bytes) -> bool:
+        return client_key in self.allowed
+
+    def server_key(self, address: str) -> bytes:
+        """Public key of the listener at ``address``: the one the address carries, else ours
+        (in a swarm-key swarm every listener presents the swarm key)."""
+        _, key = split_address(address)
+        if key is None:
+            if self.per_peer:
+                raise ConfigError(
+                    f"{address}: no key in the address; in allow-list mode give peer addresses as "
+                    f"tcp://host:port{KEY_FRAGMENT}<hex> (the peer logs it and writes it to its "
+                    "card.json) or a file:// seed card")
+            key = self.public
+        if self.check_servers and key not in self.allowed:
+            raise ConfigError(f"{address}: its key is not in the allow-list; not dialling it")
+        return key
+
+
+def split_address(address: str) -> tuple[str, bytes | None]:
+    """``tcp://h:p#curve=<hex>`` -> (``tcp://h:p``, Z85 key); a plain address -> (address, None)."""
+    base, sep, hex_key = address.partition(KEY_FRAGMENT)
+    if not sep:
+        return address, None
+    try:
+        raw = bytes.fromhex(hex_key)
+    except ValueError:
+        raw = b""
+    if len(raw) != 32:
+        raise ConfigError(f"address {address!r}: the part after {KEY_FRAGMENT} must be a 64-digit "
+                          "hex public key (copy the address from the peer's card.json or log)")
+    return base, z85.encode(raw)
+
+
+def with_key(address: str, public: bytes) -> str:
+    """``address`` carrying the Z85 ``public`` key (replacing any key it carried)."""
+    base, _ = split_address(address)
+    return f"{base}{KEY_FRAGMENT}{z85.decode(public).hex()}"
+
+
+# -- key files --------------------------------------------------------------------------------
+
+_SECRET_BANNER = "#   swarmnet CURVE secret key: keep it owner-only (0600), never share it.\n"
+_PUBLIC_BANNER = "#   swarmnet CURVE public key: give it to the peers that should admit this one.\n"
+
+
+def _require_curve() -> None:
+    if not zmq.has("curve"):
+        raise ConfigError(f"this libzmq ({zmq.zmq_version()}) was built without CURVE support; "
+                          "install pyzmq's wheels from PyPI, which bundle libsodium")
+
+
+def generate_keys(out_dir: Path, name: str, *, force: bool = False) -> tuple[Path, Path]:
+    """Write a fresh keypair as ``NAME.key`` (public) and ``NAME.key_secret`` (owner-only)."""
+    _require_curve()
+    if not name or not all(c.isalnum() or c in "._-" for c in name) or name.startswith("."):
+        raise ConfigError(f"key name {name!r}: use letters, digits, '.', '_' and '-' (e.g. peer0)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    public_path, secret_path = out_dir / f"{name}.key", out_dir / f"{name}.key_secret"
+    if not force:
+        for path in (public_path, secret_path):
+            if path.exists():
+                raise ConfigError(f"{path} exists; pass --force to replace it (peers using the old "
+                                  "key will be refused until they get the new public key)")
+    public, secret = zmq.curve_keypair()
+    _write(secret_path, _SECRET_BANNER + _cert_body(public, secret), 0o600)
+    _write(public_path, _PUBLIC_BANNER + _cert_body(public, None), 0o644)
+    return public_path, secret_path
+
+
+def _cert_body(public: bytes, secret: bytes | None) -> str:
+    lines = ["metadata", "curve", f'    public-key = "{public.decode()}"']
+    if secret is not None:
+        lines.append(f'    secret-key = "{secret.decode()}"')
+    return "\n".join(lines) + "\n"
+
+
+def _write(path: Path, text: str, mode: int) -> None:
+    """Create ``path`` with ``mode`` from the start (never briefly readable by others)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.chmod(tmp, mode)  # the umask may have removed bits we asked for
+    os.replace(tmp, path)
+
+
+def load_keypair(path: str | os.PathLike[str]) -> tuple[bytes, bytes]:
+    """(public, secret) Z85 keys from a secret key file; refuses files others can read."""
+    _require_curve()
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+        public, secret = zmq.auth.load_certificate(path)
+    except OSError as exc:
+        raise ConfigError(f"secret key file {path}: {exc.strerror or exc}; {KEYGEN_HINT}") from None
+    except ValueError:
+        raise ConfigError(f"{path}: no public-key line; is it a key file? {KEYGEN_HINT}") from None
+    if secret is None:
+        raise ConfigError(f"{path} holds only a public key; point security.key (or --key) at the "
+                          f"NAME.key_secret file next to it")
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(f"secret key file {path} is readable by others (mode {stat.S_IMODE(mode):o}); "
+                          f"run: chmod 600 {path}")
+    _check_key(public, f"{path}: public-key")
+    _check_key(secret, f"{path}: secret-key")
+    if zmq.curve_public(secret) != public:
+        raise ConfigError(f"{path}: public-key does not belong to secret-key; regenerate the file")
+    return public, secret
+
+
+def load_allow_list(path: str | os.PathLike[str]) -> frozenset[bytes]:
+    """Public keys from a directory of ``*.key`` files, or a file with one Z85 key per line
+    (blank and ``#`` comment lines ignored, and anything after the key on its line)."""
+    path = Path(path)
+    keys: set[bytes] = set()
+    if path.is_dir():
+        files = sorted(path.glob("*.key"))
+        if not files:
+            raise ConfigError(f"allow-list directory {path} has no *.key public key files; "
+                              "copy every admitted peer's NAME.key there")
+        for file in files:
+            try:
+                public, _ = zmq.auth.load_certificate(file)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"allow-list file {file}: {exc}") from None
+            keys.add(_check_key(public, f"{file}: public-key"))
+        return frozenset(keys)
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"allow-list {path}: cannot read it ({exc})") from None
+    for number, line in enumerate(lines, 1):
+        words = line.split()
+        if not words:
+            continue
+        if words[0].startswith("#"):  # a comment: no key starts with '#' (it is Z85's top digit)
+            continue
+        keys.add(_check_key(words[0].encode(), f"{path}:{number}"))
+    if not keys:
+        raise ConfigError(f"allow-list {path} lists no public keys; put one Z85 key per line "
+                          "(the public-key value of each NAME.key)")
+    return frozenset(keys)
+
+
+def _check_key(key: bytes, where: str) -> bytes:
+    try:
+        ok = len(key) == 40 and len(z85.decode(key)) == 32
+    except (ValueError, KeyError, IndexError, struct.error):
+        ok = False
+    if not ok:
+        raise ConfigError(f"{where}: {key[:48]!r} is not a CURVE key (40 Z85 characters); {KEYGEN_HINT}")
+    return key
+
+
+# -- from config ------------------------------------------------------------------------------
+
+def peer_keys(cfg: SecurityConfig, on_refused: Callable[[bytes], None] | None = None) -> CurveKeys | None:
+    """The keys a peer listens and dials with (None when ``mode = "none"``)."""
+    if cfg.mode == "none":
+        return None
+    public, secret = load_keypair(cfg.key)
+    if cfg.mode == "swarm-key":
+        return CurveKeys(public, secret, frozenset({public}), check_servers=True, on_refused=on_refused)
+    allowed = load_allow_list(cfg.allow)
+    if public not in allowed:
+        raise ConfigError(f"security.key {cfg.key}: its public key is not in the allow-list "
+                          f"{cfg.allow}; peers sharing that list would refuse this one. Add "
+                          f"{Path(cfg.key).name.removesuffix('_secret')} to it")
+    return CurveKeys(public, secret, allowed, per_peer=True, check_servers=True,
+                     on_refused=on_refused)
+
+
+def client_keys(key_file: str | os.PathLike[str] | None, cfg: SecurityConfig | None = None) -> CurveKeys | None:
+    """Keys for a tool that only asks (``swarmnet status``, tests): ``key_file`` if given, else the
+    key of a config's ``[security]`` section, else None (plain connections)."""
+    if key_file:
+        public, secret = load_keypair(key_file)
+        return CurveKeys(public, secret)
+    if cfg is not None and cfg.mode != "none":
+        public, secret = load_keypair(cfg.key)
+        return CurveKeys(public, secret)
+    return None
+
+
+# -- exposure ---------------------------------------------------------------------------------
+
+def exposure_warning(listen: str, secured: bool) -> str | None:
+    """A warning when ``listen`` is reachable from other machines without authentication."""
+    if secured:
+        return None
+    scheme, sep, rest = listen.partition("://")
+    if not sep or scheme in ("ipc", "inproc"):
+        return None
+    host = rest.rpartition(":")[0].strip("[]") if ":" in rest else rest
+    if host in ("localhost", "lo"):
+        return None
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:
+        pass
+    where = "all interfaces" if host in ("*", "0.0.0.0", "::", "") else f"{host}, not loopback"
+    return (f"listening on {listen} ({where}) without authentication: anyone who can reach this "
+            "port can pull the model, push updates into it, join the swarm and read its status. "
+            "Set [security] mode = \"swarm-key\" or \"allow-list\" (docs/operations.md, Security)")

@@ -1,0 +1,58 @@
+"""`swarmnet bench baselines` at a tiny size: real rank processes (gloo, swarmnet peers), the
+result's shape and its sanity. Timings are only checked for sign and order of magnitude."""
+
+import json
+
+import pytest
+
+from swarmnet.bench.baselines import ModelSpec, Suite, methods_table, plot, run, straggler_table
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
+
+METHODS = {"solo", "swarm-solo", "ddp", "localsgd", "swarm-fp32", "swarm-lattice"}
+
+
+def test_tiny_suite_measures_every_method_side_by_side(tmp_path):
+    suite = Suite(sizes=(2,), repeats=1, models=(ModelSpec("digits", 64, 60),),
+                  straggler_methods=("ddp", "swarm-fp32"), hivemind_sizes=())
+    json_path, chart = tmp_path / "baselines.json", tmp_path / "baselines.png"
+    result = run(suite, json_path=json_path, chart_path=chart, progress=False)
+
+    assert json.loads(json_path.read_text()) == json.loads(json.dumps(result))
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {"torch", "pyzmq", "python"} <= set(result["environment"])
+    assert len(result["records"]) == 2 * 9  # 2 ranks x (6 methods, allreduce, 2 straggler runs)
+    rows = {r["method"]: r for r in result["methods"]}
+    assert set(rows) == METHODS
+    params = 64 * 64 + 64 + 64 * 64 + 64 + 64 * 10 + 10
+    for method, row in rows.items():
+        assert (row["model"], row["processes"], row["parameters"]) == ("digits", 2, params)
+        step = row["step_time_s"]
+        assert 0 < step["min"] <= step["median"] <= step["max"] < 1.0, method
+        if method in ("solo", "swarm-solo"):
+            assert row["comm_share"] is None
+        else:
+            assert 0.0 <= row["comm_share"]["median"] <= 1.0 and row["step_vs_solo"]["median"] > 0
+        assert row["final_loss"]["median"] < 2.5  # it trained: log(10) = 2.30 at the start
+    # a ring all-reduce between 2 processes: each receives one model's worth of bytes
+    assert rows["ddp"]["bytes_per_step"]["median"] == 4 * params
+    assert rows["localsgd"]["bytes_per_step"]["median"] == 4 * params / 5
+    assert rows["solo"]["bytes_per_step"]["median"] == 0
+    assert rows["swarm-fp32"]["bytes_per_step"]["median"] > 0  # the peers did pull each other
+
+    stragglers = {r["method"]: r for r in result["straggler"]}
+    assert set(stragglers) == {"ddp", "swarm-fp32"}
+    for row in stragglers.values():
+        assert row["straggler_step_time_s"]["median"] > 0 and row["others_pace_vs_solo"]["median"] > 0
+    (allreduce,) = result["allreduce"]
+    assert allreduce["numel"] == params and allreduce["seconds"]["median"] > 0
+    assert methods_table(result).row_count == len(METHODS)
+    assert straggler_table(result).row_count == 2
+    assert plot(result, tmp_path / "again.png").stat().st_size > 1000
+
+
+def test_suite_refuses_settings_it_cannot_measure():
+    with pytest.raises(ValueError, match="at least one, each >= 2"):
+        Suite(sizes=(1, 2))
+    with pytest.raises(ValueError, match=">= 50 steps"):
+        Suite(models=(ModelSpec("digits", 64, 20),))

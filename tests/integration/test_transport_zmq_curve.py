@@ -1,0 +1,116 @@
+"""CURVE on the ZeroMQ transport over real sockets: who is admitted, who gets nothing."""
+
+import asyncio
+import contextlib
+
+import pytest
+
+from swarmnet.errors import ConfigError, RequestTimeout, TransportError
+from swarmnet.security import CurveKeys, generate_keys, load_allow_list, load_keypair, with_key
+from swarmnet.transport import TransportSet
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def keys(tmp_path):
+    """Keypairs a, b, stranger; an allow-list holding a and b."""
+    allow = tmp_path / "allow"
+    pairs = {}
+    for name in ("a", "b", "stranger"):
+        public_path, secret_path = generate_keys(tmp_path / "keys", name)
+        pairs[name] = load_keypair(secret_path)
+        if name != "stranger":
+            allow.mkdir(exist_ok=True)
+            (allow / public_path.name).write_bytes(public_path.read_bytes())
+    return pairs, load_allow_list(allow)
+
+
+def swarm_key(pair, **kw):
+    return CurveKeys(pair[0], pair[1], frozenset({pair[0]}), check_servers=True, **kw)
+
+
+def listed(pair, allowed, **kw):
+    return CurveKeys(pair[0], pair[1], allowed, per_peer=True, check_servers=True, **kw)
+
+
+@contextlib.asynccontextmanager
+async def echo_server(curve, url="tcp://127.0.0.1:0"):
+    transports = TransportSet(curve)
+    listener = await transports.for_url(url).listen(url)
+
+    async def serve():
+        while True:
+            route, frames = await listener.recv()
+            await listener.send(route, [b"echo", *[bytes(f) for f in frames]])
+
+    task = asyncio.create_task(serve())
+    try:
+        yield listener
+    finally:
+        task.cancel()
+        await transports.aclose()
+
+
+async def ask(curve, address, timeout=1.0):
+    transports = TransportSet(curve)
+    try:
+        reply = await transports.for_url(address).connect(address).request([b"hi"], timeout=timeout)
+        return [bytes(f) for f in reply]
+    finally:
+        await transports.aclose()
+
+
+@pytest.mark.parametrize("scheme", ["tcp", "ipc"])
+async def test_swarm_key_admits_its_holders_and_nobody_else(keys, scheme, tmp_path):
+    pairs, _ = keys
+    refused = []
+    url = "tcp://127.0.0.1:0" if scheme == "tcp" else f"ipc://{tmp_path}/s.sock"
+    async with echo_server(swarm_key(pairs["a"], on_refused=refused.append), url) as listener:
+        assert "#curve=" not in listener.address  # everyone knows the swarm key: plain addresses
+        assert await ask(swarm_key(pairs["a"]), listener.address) == [b"echo", b"hi"]
+        with pytest.raises(RequestTimeout):
+            await ask(None, listener.address)  # no key: the handshake never completes
+        with pytest.raises(RequestTimeout):
+            # A wrong key, even one that names the right server key: refused by the ZAP handler.
+            await ask(CurveKeys(*pairs["stranger"]), with_key(listener.address, pairs["a"][0]))
+        assert pairs["stranger"][0] in refused
+        assert await ask(swarm_key(pairs["a"]), listener.address) == [b"echo", b"hi"]  # still serving
+
+
+async def test_allow_list_peers_admit_listed_keys_and_carry_theirs_in_the_address(keys):
+    pairs, allowed = keys
+    refused = []
+    async with echo_server(listed(pairs["a"], allowed, on_refused=refused.append)) as listener:
+        assert "#curve=" in listener.address
+        assert await ask(listed(pairs["b"], allowed), listener.address) == [b"echo", b"hi"]
+        with pytest.raises(RequestTimeout):
+            await ask(CurveKeys(*pairs["stranger"]), listener.address)
+        assert refused == [pairs["stranger"][0]] * len(refused) and refused
+        with pytest.raises(TransportError, match="CURVE-secured peer; configure \\[security\\]"):
+            await ask(None, listener.address)  # a plain client is told why, not left waiting
+        with pytest.raises(TransportError, match="no key in the address"):
+            await ask(listed(pairs["b"], allowed), listener.address.partition("#")[0])
+    # A stranger's listener: a peer with the allow-list will not dial it (it could feed us a model).
+    async with echo_server(listed(pairs["stranger"], allowed | {pairs["stranger"][0]})) as listener:
+        with pytest.raises(TransportError, match="not in the allow-list; not dialling it"):
+            await ask(listed(pairs["b"], allowed), listener.address)
+
+
+async def test_schemes_that_cannot_authenticate_are_refused(keys):
+    pairs, _ = keys
+    transports = TransportSet(swarm_key(pairs["a"]))
+    with pytest.raises(ConfigError, match="inproc:// skips CURVE authentication"):
+        await transports.for_url("inproc://x").listen("inproc://x")
+    with pytest.raises(TransportError, match="inproc:// skips CURVE"):
+        await transports.for_url("inproc://x").connect("inproc://x").request([b"x"], timeout=1)
+    with pytest.raises(ConfigError, match="ucx:// addresses cannot authenticate peers"):
+        transports.for_url("ucx://127.0.0.1:0")
+    await transports.aclose()
+
+
+async def test_curve_pull_bench_reports_both_sides():
+    from swarmnet.bench.curve import measure
+
+    result = await measure(size_mb=1, repeats=2)
+    assert result["plain_s"] > 0 and result["curve_s"] > 0 and result["ratio"] > 0

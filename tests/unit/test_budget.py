@@ -1,0 +1,56 @@
+import threading
+import time
+
+import pytest
+import torch
+
+from swarmnet.peer.budget import CpuBudget, auto_cores, local_peers, thread_cpu_clock
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def burn(seconds: float) -> float:
+    """Spend about ``seconds`` of this thread's CPU time; returns what was spent."""
+    start = time.thread_time()
+    while time.thread_time() - start < seconds:
+        sum(range(1000))
+    return time.thread_time() - start
+
+
+def test_work_beyond_the_budget_asks_for_a_proportional_wait():
+    budget = CpuBudget(0.1, thread_cpu_clock(threading.get_ident()), window=1.0)
+    assert budget.delay() == 0.0
+    burn(0.4)  # 0.4 CPU-s of exchange work against a 0.1-core budget with 0.1 s of credit
+    wait = budget.delay()
+    assert 1.5 < wait < 4.0, wait
+    assert budget.waited == pytest.approx(wait)
+
+
+def test_only_the_charged_threads_count():
+    clock = thread_cpu_clock(threading.get_ident())
+    budget = CpuBudget(0.1, clock)
+    other = threading.Thread(target=burn, args=(0.4,))  # e.g. the compute thread's steps
+    other.start()
+    other.join()
+    assert budget.delay() < 0.2
+
+
+def test_no_limit_never_waits():
+    budget = CpuBudget(0.0, thread_cpu_clock(threading.get_ident()))
+    burn(0.1)
+    assert budget.delay() == 0.0
+
+
+def test_auto_leaves_spare_cores_alone_and_keeps_a_floor_when_there_are_none():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert auto_cores(cpu, 1, cores=2, peers=2) == pytest.approx(0.05)  # every core is training
+    assert auto_cores(cpu, 1, cores=2, peers=4) == pytest.approx(0.025)
+    assert auto_cores(cpu, 2, cores=16, peers=2) == pytest.approx(6.0)
+    assert auto_cores(gpu, 1, cores=64, peers=8) == pytest.approx(7.0)
+
+
+def test_local_peers_come_from_the_launcher_or_the_scheduler():
+    assert local_peers({}) == 1
+    assert local_peers({"SWARMNET_LOCAL_PEERS": "4", "LOCAL_WORLD_SIZE": "8"}) == 4
+    assert local_peers({"SLURM_NTASKS_PER_NODE": "8"}) == 8
+    assert local_peers({"LOCAL_WORLD_SIZE": "zero"}) == 1
