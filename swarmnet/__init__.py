@@ -5,6 +5,8 @@ network, pulls random neighbours' model snapshots in the background and merges t
 PopSGD or SwarmSGD (see SPEC.md in the project documentation).
 """
 
+from typing import Any
+
 from swarmnet.errors import CodecError, ConfigError, ProtocolError, SwarmError, TransportError
 
 __version__ = "0.1.0"
@@ -16,6 +18,16 @@ __all__ = [
     "ConfigError",
     "ProtocolError",
     "SwarmError",
+    "SwarmOptimizer",
     "TransportError",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``swarmnet.SwarmOptimizer`` loads torch on first use, not on ``import swarmnet``."""
+    if name == "SwarmOptimizer":
+        from swarmnet.api import SwarmOptimizer
+
+        return SwarmOptimizer
+    raise AttributeError(f"module 'swarmnet' has no attribute {name!r}")

@@ -139,6 +139,44 @@ def up(
 
 
 
+@app.command("eval")
+def eval_(
+    config: ConfigOpt = Path("configs/quickstart.toml"),
+    seed: Annotated[Optional[list[str]], typer.Option("--seed", "-s", help="Address of any peer of the swarm (tcp://... or file:///.../card.json), repeatable.")] = None,
+    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", "-r", help="Run directory: peers come from its */card.json files.")] = None,
+    peers: Annotated[int, typer.Option("--peers", "-k", help="Average only the first k live peers by name (0: all).")] = 0,
+    bn_batches: Annotated[int, typer.Option("--bn-batches", help="Training batches to recompute BatchNorm statistics on (0: keep none, leaves them reset).")] = 20,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON here.")] = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="Deadline of one status request, seconds.")] = 5.0,
+    key: Annotated[Optional[Path], typer.Option("--key", help="Secret key file for a swarm with [security] (default: the config's key).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: section.key=VALUE, repeatable.")] = None,
+    log_level: LogLevel = "WARNING",
+) -> None:
+    """Average the current models of a running swarm and evaluate the average.
+
+    Pulls every live peer's snapshot (or k of them), averages the parameters, recomputes
+    BatchNorm statistics on a few training batches and runs the task's evaluation. The config
+    must be the swarm's (task and codec)."""
+    from swarmnet.evaluation import evaluate_swarm
+
+    setup_logging(log_level)
+    if not seed and run_dir is None:
+        fail("give --seed ADDRESS or --run-dir DIR")
+    if peers < 0 or bn_batches < 0:
+        fail("--peers and --bn-batches must be >= 0")
+    try:
+        cfg = load_config(config, parse_settings(set_ or []))
+        result = evaluate_swarm(cfg, seeds=seed or [], run_dir=run_dir, peers=peers, bn_batches=bn_batches,
+                                timeout=timeout, key_file=key)
+    except SwarmError as exc:
+        fail(str(exc))
+    text = json.dumps(result, indent=2)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(text)
+    typer.echo(text)
+
+
 @bench_app.command("exchange")
 def bench_exchange(
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the figures as JSON here.")] = None,

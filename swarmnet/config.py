@@ -310,10 +310,16 @@ def load_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any] |
     """Load a swarm config file (None: built-in defaults), then apply dotted ``overrides``
     such as {"train.steps": 100}."""
     data = _read_toml(path) if path else {}
+    return build_config(data, str(path) if path else "<defaults>", overrides)
+
+
+def build_config(data: dict[str, Any], source: str, overrides: dict[str, Any] | None = None) -> SwarmConfig:
+    """A validated config from plain data (e.g. ``to_dict`` of another one) plus dotted overrides;
+    ``source`` names where the data came from in error messages."""
+    data = {section: dict(values) if isinstance(values, dict) else values for section, values in data.items()}
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
         data.setdefault(section, {})[key] = value
-    source = str(path) if path else "<defaults>"
     return _build(SwarmConfig, data, source, "")
 
 

@@ -28,6 +28,7 @@ from rich.table import Table
 
 from swarmnet.config import SwarmConfig, load_manifest, to_dict
 from swarmnet.errors import ConfigError
+from swarmnet.evaluation import evaluate_averaged
 from swarmnet.peer import checkpoint
 from swarmnet.peer.compute import plan_training
 from swarmnet.peer.metrics import read_metrics
@@ -284,8 +285,8 @@ def _last_metrics(path: Path) -> dict[str, Any] | None:
 
 
 def average_models(plan: LaunchPlan, peers: list[PeerProcess]) -> dict[str, Any]:
-    """Average the float parameters of the given peers' final checkpoints and evaluate it.
-    Buffers (BatchNorm statistics) come from the first peer (SPEC 4 item 2)."""
+    """Average the float parameters of the given peers' final checkpoints and evaluate it, with
+    BatchNorm statistics recomputed on a few training batches (swarmnet.evaluation)."""
     states = []
     for p in peers:
         try:
@@ -306,12 +307,8 @@ def average_models(plan: LaunchPlan, peers: list[PeerProcess]) -> dict[str, Any]
         merged[name] = mean
         squared += float((stack - mean).pow(2).sum())
     model.load_state_dict(merged)
-    model.eval()
-    evaluation = {}
-    if task.evaluate is not None:
-        with torch.no_grad():
-            evaluation = {k: float(v) for k, v in task.evaluate(model).items()}
-    return {"peers_averaged": len(states), "eval": evaluation,
+    evaluation = evaluate_averaged(model, task, batch_size=plan.cfg.train.batch_size, seed=plan.cfg.run.seed)
+    return {"peers_averaged": len(states), **evaluation,
             "consensus_distance": math.sqrt(squared / len(states))}
 
 

@@ -1,7 +1,8 @@
-"""The compute loop: local SGD steps on the live model, merges between steps, publishing.
+"""The compute side of a peer: merges between steps and publishing (:class:`Replica`), and the
+daemon's training loop over a task (:class:`ComputeLoop`).
 
-Runs in one dedicated thread and never waits on the network: it only polls the mailbox and the
-nudge inbox between steps (SPEC 2.9). Legend: N = number of float parameter coordinates.
+Runs in one thread and never waits on the network: it only polls the mailbox and the nudge
+inbox between steps (SPEC 2.9). Legend: N = number of float parameter coordinates.
 
     live_N   W: the model the optimizer steps (the parameters are views into it)
     stale_N  X^: the communication copy as of the last own merge; what gets published
@@ -82,7 +83,86 @@ def peer_seed_of(cfg: SwarmConfig, name: str) -> int:
     return zlib.crc32(f"{cfg.run.seed}:{name}".encode())
 
 
-class ComputeLoop:
+class Replica:
+    """The merge side of one model: its parameters laid over ``live_N``, the communication copy
+    ``stale_N``, the nudge inbox, publishing and merges between steps. Whoever steps the model
+    (the compute loop below, or a user's own loop through :mod:`swarmnet.api`) calls
+    :meth:`after_step` after each optimizer step and :meth:`merge_pending` between steps; the
+    optimizer's state (momentum buffers) and the model's buffers (BatchNorm statistics) are never
+    touched, so they stay local and survive every merge (SPEC 4 item 2)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        codec: Codec,
+        store: SnapshotStore,
+        mailbox: Mailbox,
+        stats: PeerStats,
+        local_steps: LocalSteps,
+        rng: random.Random,
+    ) -> None:
+        self.model = model
+        self.codec = codec
+        self.store = store
+        self.mailbox = mailbox
+        self.stats = stats
+        self.flat = FlatParameters(model)
+        self.device = self.flat.vector_N.device
+        self.live_N = self.flat.vector_N
+        self.stale_N = self.live_N.clone()
+        self.inbox = NudgeInbox(self.flat.numel, self.device)
+        self.local_steps = local_steps
+        self.rng = rng
+        self.step = 0
+        self.since_merge = 0
+        self.target_h = self.local_steps.sample(self.rng)
+        self._staleness_sum = 0.0
+        self.merge_cpu = 0.0
+        """CPU seconds this thread spent merging and republishing (the exchange's budget reads it)."""
+
+    def current_lr(self) -> float:
+        """The learning rate in force, a hint for codecs that follow it."""
+        return 0.0
+
+    def publish(self) -> None:
+        """Encode the communication copy once; the server hands it to any number of readers."""
+        encoded = self.codec.encode(self.stale_N, {"lr": self.current_lr(), "local_steps": self.local_steps.mean})
+        values = encoded.quantized if self.codec.lossless else self.stale_N.clone()
+        self.store.publish(values, encoded, self.step)
+
+    def after_step(self) -> None:
+        self.step += 1
+        self.since_merge += 1
+        self.stats.step = self.step
+
+    def merge_pending(self, *, final: bool = False) -> None:
+        """Between steps: neighbours' nudges, then our own merge when H steps are done."""
+        began = time.thread_time()
+        nudged = self.inbox.drain_into(self.live_N, self.stale_N)
+        self.stats.nudges_applied += nudged
+        entry = None
+        if final or self.since_merge >= self.target_h:
+            entry = self.mailbox.take()
+        if entry is not None:
+            self.apply(entry)
+            self.stale_N.copy_(self.live_N)
+        if entry is not None or nudged:
+            self.publish()
+            self.merge_cpu += time.thread_time() - began
+
+    def apply(self, entry: MergeEntry) -> None:
+        self.live_N.add_(entry.delta_N)
+        self.stats.interactions += 1
+        self._staleness_sum += entry.age + (time.monotonic() - entry.received)
+        self.stats.staleness_s = self._staleness_sum / self.stats.interactions
+        self.since_merge = 0
+        self.target_h = self.local_steps.sample(self.rng)
+
+
+class ComputeLoop(Replica):
+    """The daemon's own training loop over a task: sampler, SGD recipe, metrics, checkpoints."""
+
     def __init__(
         self,
         *,
@@ -101,23 +181,19 @@ class ComputeLoop:
     ) -> None:
         self.cfg = cfg
         self.task = task
-        self.device = device
-        self.codec = codec
-        self.store = store
-        self.mailbox = mailbox
         self.clock = clock
-        self.stats = stats
         self.log = log
         self.peer_dir = peer_dir
         self.checkpoint_path = peer_dir / "checkpoint.pt"
         self.stop = threading.Event()
-
+        algo = cfg.algorithm
+        self.popsgd = algo.name == "popsgd"
         torch.manual_seed(init_seed(cfg, peer_seed))
-        self.model: nn.Module = task.build_model().to(device)
-        self.flat = FlatParameters(self.model)
-        self.live_N = self.flat.vector_N
-        self.stale_N = self.live_N.clone()
-        self.inbox = NudgeInbox(self.flat.numel, device)
+        super().__init__(
+            task.build_model().to(device), codec=codec, store=store, mailbox=mailbox, stats=stats,
+            local_steps=LocalSteps(1 if self.popsgd else algo.local_steps, algo.geometric),
+            rng=random.Random(peer_seed),
+        )
         train = cfg.train
         self.optimizer = torch.optim.SGD(
             self.model.parameters(), lr=train.lr, momentum=train.momentum,
@@ -128,24 +204,14 @@ class ComputeLoop:
             task.num_samples, train.batch_size, shard=train.shard, rank=rank, peers=cfg.run.peers,
             seed=cfg.run.seed, peer_seed=peer_seed,
         )
-        algo = cfg.algorithm
-        self.popsgd = algo.name == "popsgd"
-        self.local_steps = LocalSteps(1 if self.popsgd else algo.local_steps, algo.geometric)
-        self.rng = random.Random(peer_seed)
         self.train_data = tuple(t.to(device) for t in task.train)
-        self.step = 0
-        self.since_merge = 0
-        self.target_h = self.local_steps.sample(self.rng)
         self.metrics = MetricsWriter(peer_dir / "metrics.jsonl", tensorboard=train.tensorboard)
         self._loss_sum = torch.zeros((), device=device)
         self._loss_count = 0
-        self._staleness_sum = 0.0
         self._last_checkpoint = time.monotonic()
         self._step_seconds = 0.0
         self.last_eval: dict[str, float] = {}
         self.started = time.monotonic()
-        self.merge_cpu = 0.0
-        """CPU seconds this thread spent merging and republishing (the exchange's budget reads it)."""
         stats.total_steps = self.plan.total_steps
 
     # -- state --------------------------------------------------------------------------------
@@ -192,12 +258,8 @@ class ComputeLoop:
                            self.checkpoint_path, exc.strerror or exc)
         self._last_checkpoint = time.monotonic()
 
-    def publish(self) -> None:
-        """Encode the communication copy once; the server hands it to any number of readers."""
-        lr = self.plan.schedule(self.step, self.clock.value)
-        encoded = self.codec.encode(self.stale_N, {"lr": lr, "local_steps": self.local_steps.mean})
-        values = encoded.quantized if self.codec.lossless else self.stale_N.clone()
-        self.store.publish(values, encoded, self.step)
+    def current_lr(self) -> float:
+        return self.plan.schedule(self.step, self.clock.value)
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -238,9 +300,7 @@ class ComputeLoop:
         self.optimizer.step()
         self._loss_sum += loss.detach()
         self._loss_count += 1
-        self.step += 1
-        self.since_merge += 1
-        self.stats.step = self.step
+        self.after_step()
         self.stats.lr = lr
         self.stats.epoch = self.step / self.plan.steps_per_epoch
         self._step_seconds = time.monotonic() - started
@@ -248,29 +308,6 @@ class ComputeLoop:
     def pad_step(self) -> None:
         """Artificial straggler (train.slowdown): stretch the step just taken by sleeping."""
         self.stop.wait((self.cfg.train.slowdown - 1) * self._step_seconds)
-
-    def merge_pending(self, *, final: bool = False) -> None:
-        """Between steps: neighbours' nudges, then our own merge when H steps are done."""
-        began = time.thread_time()
-        nudged = self.inbox.drain_into(self.live_N, self.stale_N)
-        self.stats.nudges_applied += nudged
-        entry = None
-        if final or self.since_merge >= self.target_h:
-            entry = self.mailbox.take()
-        if entry is not None:
-            self.apply(entry)
-            self.stale_N.copy_(self.live_N)
-        if entry is not None or nudged:
-            self.publish()
-            self.merge_cpu += time.thread_time() - began
-
-    def apply(self, entry: MergeEntry) -> None:
-        self.live_N.add_(entry.delta_N)
-        self.stats.interactions += 1
-        self._staleness_sum += entry.age + (time.monotonic() - entry.received)
-        self.stats.staleness_s = self._staleness_sum / self.stats.interactions
-        self.since_merge = 0
-        self.target_h = self.local_steps.sample(self.rng)
 
     def write_metrics(self) -> bool:
         loss = float(self._loss_sum / max(1, self._loss_count))  # CPU<->GPU sync point

@@ -5,6 +5,9 @@
     exchange        -- pulls random neighbours, decodes in a worker thread (event loop)
     membership      -- heartbeats and peer-list gossip (event loop)
 
+The networking half (:meth:`Peer.attach`, :meth:`Peer.serving`, :meth:`Peer.drain`,
+:meth:`Peer.finish`) also hosts a user's own training loop (swarmnet.api).
+
 Shutdown order (budget reached, SIGINT or SIGTERM): the compute thread finishes its step; the
 peer refuses new nudges; the interaction in flight completes; the compute thread merges what was
 acknowledged, evaluates and writes its final checkpoint; the peer keeps serving its final
@@ -23,6 +26,7 @@ import secrets
 import socket
 import time
 import zlib
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +42,7 @@ from swarmnet.errors import ConfigError, SwarmError, TransportError
 from swarmnet.log import PeerLogAdapter, get_logger
 from swarmnet.peer.budget import auto_cores
 from swarmnet.peer.client import PeerClient
-from swarmnet.peer.compute import ComputeLoop, peer_seed_of
+from swarmnet.peer.compute import ComputeLoop, Replica, peer_seed_of
 from swarmnet.peer.exchange import Exchange
 from swarmnet.peer.membership import MembershipService, PeerTable
 from swarmnet.peer.newcomer import fetch_donation
@@ -139,6 +143,7 @@ class Peer:
         self.started = time.time()
         self._stop_requested = False
         self._force = False
+        self._exchange_task: asyncio.Task[None] | None = None
 
     def _count_refused(self, client_key: bytes) -> None:
         """A handshake refused by the ZAP handler (its thread): counted under rejected."""
@@ -167,7 +172,7 @@ class Peer:
             self._force = True
             self.log.warning("second stop request: skipping the grace period")
         self._stop_requested = True
-        if hasattr(self, "compute"):
+        if isinstance(getattr(self, "compute", None), ComputeLoop):
             self.compute.stop.set()
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -177,84 +182,138 @@ class Peer:
         loop = asyncio.get_running_loop()
         torch.set_num_threads(self.cfg.device.threads)
         task = load_task(self.cfg.task.spec, self.cfg.task.options)
-        self.mailbox = Mailbox(loop)
-        peer_seed = peer_seed_of(self.cfg, self.name)
-        self.compute = ComputeLoop(
+        mailbox = Mailbox(loop)
+        compute = ComputeLoop(
             cfg=self.cfg, task=task, device=self.device, codec=self.codec, store=self.store,
-            mailbox=self.mailbox, clock=self.clock, stats=self.stats, peer_dir=self.peer_dir,
-            rank=self.rank, peer_seed=peer_seed, log=self.log,
+            mailbox=mailbox, clock=self.clock, stats=self.stats, peer_dir=self.peer_dir,
+            rank=self.rank, peer_seed=peer_seed_of(self.cfg, self.name), log=self.log,
         )
-        self.inbox = self.compute.inbox
+        self.attach(compute, mailbox)
         if self._stop_requested:
-            self.compute.stop.set()
-        resumed = self.resume and self.compute.resume()
-        self.compute.publish()  # neighbours can pull from us from the first moment on
-        net = self.cfg.network
-        exposed = exposure_warning(net.listen, secured=self.curve is not None)
-        if exposed:
-            self.log.warning("%s", exposed)
-        listener = await self.transports.for_url(net.listen).listen(net.listen, max_frame_bytes=net.max_message_bytes)
-        bound, _ = split_address(listener.address)
-        self.address = net.advertise or (with_interface_host(bound, net.interface) if net.interface else bound)
-        if self.curve is not None and self.curve.per_peer:
-            self.address = with_key(self.address, self.curve.public)
-        if "0.0.0.0" in self.address or "://*" in self.address:
-            raise ConfigError(f"listening on {listener.address}: set network.advertise (--advertise) to the "
-                              "address other peers should dial, or network.interface (--interface) to "
-                              "advertise an interface's address")
-        self.membership = MembershipService(
-            table=self.table, client=self.client, card=self.card, seeds=[s for s in net.seeds if s != self.address],
-            interval=net.gossip_interval, rng=self.rng, log=self.log,
-        )
-        cores = net.exchange_cpu if net.exchange_cpu >= 0 else auto_cores(self.device, self.cfg.device.threads)
-        self.stats.exchange_cpu = cores
-        self.exchange = Exchange(self, topology=parse_topology(self.cfg.algorithm.topology, self.cfg.run.seed),
-                                 symmetric=self.cfg.algorithm.symmetric, pull_interval=net.pull_interval,
-                                 cpu_cores=cores, rng=self.rng, log=self.log)
-        server = PeerServer(self, listener, self.limits, net.max_concurrent_requests, self.log)
-        self._write_card()
-        self.log.info("listening on %s (device %s, %d parameters, %s, codec %s, exchange CPU budget %s)",
-                      self.address, self.device, self.compute.flat.numel, self.cfg.algorithm.name,
-                      self.codec.name, f"{cores:.2f} cores" if cores > 0 else "unlimited")
+            compute.stop.set()
+        resumed = self.resume and compute.resume()
+        compute.publish()  # neighbours can pull from us from the first moment on
         compute_thread = ThreadPoolExecutor(1, thread_name_prefix=f"compute-{self.name}")
         started = time.monotonic()
         reason = "error"
         try:
+            async with self.serving():
+                try:
+                    await self.await_swarm()
+                    if not resumed and self.cfg.network.adopt_model and self.cfg.run.init == "shared":
+                        await self._adopt_model(compute, compute_thread)
+                    self.start_exchange()
+                    reason = await loop.run_in_executor(compute_thread, compute.run)
+                    await self.drain()
+                    await loop.run_in_executor(compute_thread, compute.finalize)
+                    self._write_summary(compute, reason, time.monotonic() - started)
+                    self.log.info("finished (%s) at step %d after %d interactions", reason, compute.step,
+                                  self.stats.interactions)
+                    await self.finish()
+                finally:
+                    compute.stop.set()  # whatever ended the loop, the compute thread must not outlive it
+        finally:
+            compute_thread.shutdown(wait=False)
+        return 0 if reason in ("budget", "stopped") else 1
+
+    def attach(self, replica: Replica, mailbox: Mailbox) -> None:
+        """The model this peer serves and merges into: the daemon's compute loop, or a user's
+        own training loop (swarmnet.api). Must precede :meth:`serving`."""
+        self.compute = replica
+        self.mailbox = mailbox
+        self.inbox = replica.inbox
+        self.device = replica.device
+
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[None]:
+        """Bind the listener, then run the server and membership around the body; the body
+        starts the exchange (:meth:`start_exchange`) once the model it merges into is set."""
+        net = self.cfg.network
+        try:
+            exposed = exposure_warning(net.listen, secured=self.curve is not None)
+            if exposed:
+                self.log.warning("%s", exposed)
+            listener = await self.transports.for_url(net.listen).listen(net.listen, max_frame_bytes=net.max_message_bytes)
+            bound, _ = split_address(listener.address)
+            self.address = net.advertise or (with_interface_host(bound, net.interface) if net.interface else bound)
+            if self.curve is not None and self.curve.per_peer:
+                self.address = with_key(self.address, self.curve.public)
+            if "0.0.0.0" in self.address or "://*" in self.address:
+                raise ConfigError(f"listening on {listener.address}: set network.advertise (--advertise) to the "
+                                  "address other peers should dial, or network.interface (--interface) to "
+                                  "advertise an interface's address")
+            self.membership = MembershipService(
+                table=self.table, client=self.client, card=self.card,
+                seeds=[s for s in net.seeds if s != self.address],
+                interval=net.gossip_interval, rng=self.rng, log=self.log,
+            )
+            cores = net.exchange_cpu if net.exchange_cpu >= 0 else auto_cores(self.device, self.cfg.device.threads)
+            self.stats.exchange_cpu = cores
+            self.exchange = Exchange(self, topology=parse_topology(self.cfg.algorithm.topology, self.cfg.run.seed),
+                                     symmetric=self.cfg.algorithm.symmetric, pull_interval=net.pull_interval,
+                                     cpu_cores=cores, rng=self.rng, log=self.log)
+            server = PeerServer(self, listener, self.limits, net.max_concurrent_requests, self.log)
+            self._write_card()
+            self.log.info("listening on %s (device %s, %d parameters, %s, codec %s, exchange CPU budget %s)",
+                          self.address, self.device, self.compute.flat.numel, self.cfg.algorithm.name,
+                          self.codec.name, f"{cores:.2f} cores" if cores > 0 else "unlimited")
             async with asyncio.TaskGroup() as tg:
                 services = [tg.create_task(server.run(), name="server"),
                             tg.create_task(self.membership.run(), name="membership")]
-                await self._await_swarm()
-                if not resumed and net.adopt_model and self.cfg.run.init == "shared":
-                    await self._adopt_model(compute_thread)
-                # Pulls start now: a merge computed against the model before adoption would be wrong.
-                exchange_task = tg.create_task(
-                    self.exchange.run() if net.exchange else asyncio.sleep(0), name="exchange")
-                reason = await loop.run_in_executor(compute_thread, self.compute.run)
-                self.stats.state = "draining"
-                self.inbox.close()
-                if not self._force:
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(2 * net.request_timeout):
-                            await self.exchange.stop()
-                exchange_task.cancel()
-                await loop.run_in_executor(compute_thread, self.compute.finalize)
-                self._write_summary(reason, time.monotonic() - started)
-                self.stats.state = "done"
-                self.log.info("finished (%s) at step %d after %d interactions", reason, self.compute.step,
-                              self.stats.interactions)
-                await self._linger()
-                await self._say_goodbye()
-                for svc in services:
-                    svc.cancel()
+                self._services = tg
+                try:
+                    yield
+                finally:
+                    for task in (*services, self._exchange_task):
+                        if task is not None:
+                            task.cancel()
         finally:
-            self.compute.stop.set()  # whatever ended the loop, the compute thread must not outlive it
-            self.exchange.close()
-            compute_thread.shutdown(wait=False)
+            if hasattr(self, "exchange"):
+                self.exchange.close()
             await self.client.aclose()
             await self.transports.aclose()
-        return 0 if reason in ("budget", "stopped") else 1
 
-    async def _await_swarm(self) -> None:
+    def start_exchange(self) -> None:
+        """Start pulling neighbours (inside :meth:`serving`). Not earlier than the start
+        condition and a newcomer's adoption: a merge computed against the model from before
+        the adoption would undo it."""
+        if self.cfg.network.exchange and self._exchange_task is None:
+            self._exchange_task = self._services.create_task(self.exchange.run(), name="exchange")
+
+    async def _adopt_model(self, compute: ComputeLoop, compute_thread: ThreadPoolExecutor) -> None:
+        """A newcomer starts from a trained neighbour's model when there is one (newcomer.py)."""
+        if self.membership.seeds and not self._stop_requested:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(5.0, self.cfg.network.join_timeout)):
+                    await self.membership.joined.wait()
+        donation = await fetch_donation(self.client, self.table, self.rng, compute.flat.numel, self.log)
+        if donation is None:
+            return
+        await asyncio.get_running_loop().run_in_executor(compute_thread, compute.adopt, donation.values_N,
+                                                         donation.clock)
+        self.stats.adopted_from, self.stats.adopted_step = donation.donor, donation.step
+        self.log.info("adopted the model of %s (step %d, clock %d) in %.2fs", donation.donor, donation.step,
+                      donation.clock, donation.seconds)
+
+    async def drain(self) -> None:
+        """Stop interacting: refuse new nudges, let the interaction in flight complete (bounded),
+        start no other. The compute side then merges what was acknowledged."""
+        self.stats.state = "draining"
+        self.inbox.close()
+        if not self._force:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2 * self.cfg.network.request_timeout):
+                    await self.exchange.stop()
+        if self._exchange_task is not None:
+            self._exchange_task.cancel()
+
+    async def finish(self) -> None:
+        """After the final merge: serve the final snapshot a while, then say goodbye."""
+        self.stats.state = "done"
+        await self._linger()
+        await self._say_goodbye()
+
+    async def await_swarm(self) -> None:
         """Start condition (not a barrier): wait to know ``min_peers`` others, bounded in time."""
         want, net = self.cfg.network.min_peers, self.cfg.network
         deadline = time.monotonic() + net.join_timeout
@@ -264,21 +323,6 @@ class Peer:
                                  len(self.table.alive()), want, net.join_timeout)
                 return
             await asyncio.sleep(0.02)
-
-    async def _adopt_model(self, compute_thread: ThreadPoolExecutor) -> None:
-        """A newcomer starts from a trained neighbour's model when there is one (newcomer.py)."""
-        if self.membership.seeds and not self._stop_requested:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(5.0, self.cfg.network.join_timeout)):
-                    await self.membership.joined.wait()
-        donation = await fetch_donation(self.client, self.table, self.rng, self.compute.flat.numel, self.log)
-        if donation is None:
-            return
-        await asyncio.get_running_loop().run_in_executor(compute_thread, self.compute.adopt, donation.values_N,
-                                                         donation.clock)
-        self.stats.adopted_from, self.stats.adopted_step = donation.donor, donation.step
-        self.log.info("adopted the model of %s (step %d, clock %d) in %.2fs", donation.donor, donation.step,
-                      donation.clock, donation.seconds)
 
     async def _linger(self) -> None:
         """Keep serving the final snapshot while others, still training, may pull it."""
@@ -306,16 +350,16 @@ class Peer:
             json.dump(card, fh)
         os.replace(tmp, path)
 
-    def _write_summary(self, reason: str, elapsed: float) -> None:
+    def _write_summary(self, compute: ComputeLoop, reason: str, elapsed: float) -> None:
         s = self.stats
         summary = {
             "name": self.name, "id": self.id, "addr": self.address, "device": str(self.device),
-            "reason": reason, "elapsed_s": elapsed, "steps": self.compute.step,
-            "total_steps": self.compute.plan.total_steps, "interactions": s.interactions,
+            "reason": reason, "elapsed_s": elapsed, "steps": compute.step,
+            "total_steps": compute.plan.total_steps, "interactions": s.interactions,
             "nudges_applied": s.nudges_applied, "nudges_refused": s.nudges_refused,
             "nudges_rejected": s.nudges_rejected, "pulls_ok": s.pulls_ok, "pulls_failed": s.pulls_failed,
             "bytes_sent": s.bytes_out, "bytes_received": s.bytes_in, "final_loss": s.loss,
-            "eval": self.compute.last_eval, "clock": self.clock.value, "staleness_s": s.staleness_s,
+            "eval": compute.last_eval, "clock": self.clock.value, "staleness_s": s.staleness_s,
             "consensus": s.consensus, "exchange_cpu": s.exchange_cpu, "budget_wait_s": s.budget_wait_s,
             "rejected": dict(s.rejected), "checkpoint_errors": s.checkpoint_errors,
             "adopted_from": s.adopted_from, "adopted_step": s.adopted_step,

@@ -1,8 +1,12 @@
-"""Real data that ships inside installed packages (nothing is downloaded at run time)."""
+"""Real data: sets that ship inside installed packages, and readers for standard file formats
+the user points to (nothing is downloaded at run time)."""
 
 from __future__ import annotations
 
 import functools
+import gzip
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,3 +44,32 @@ def breast_cancer(test_fraction: float = 0.2, seed: int = 0) -> tuple[Tensor, Te
     xtr, xte = (xtr - mean) / std, (xte - mean) / std
     f32 = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
     return f32(xtr), f32(ytr), f32(xte), f32(yte)
+
+
+IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+             0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
+    """An IDX file (the MNIST family's format), gzipped or not, as a numpy array."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        raw = fh.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_TYPES:
+        raise ValueError(f"{path}: not an IDX file (bad magic number)")
+    dtype, ndim = np.dtype(IDX_TYPES[raw[2]]), raw[3]
+    header = 4 + 4 * ndim
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise ValueError(f"{path}: IDX header announces shape {shape} ({expected} bytes), "
+                         f"the file holds {len(raw) - header}; the file is truncated or corrupt")
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+
+
+def find_file(directory: Path, stem: str) -> Path | None:
+    """``stem`` or ``stem.gz`` in ``directory``."""
+    for candidate in (directory / stem, directory / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None

@@ -48,7 +48,7 @@ def test_peers_seeded_in_a_chain_form_one_swarm_and_report_status(tmp_path, daem
 
     status = wait_until(everyone_known, 60, interval=0.5, what="c learning the whole swarm and merging")
     assert status["name"] == "c" and status["state"] == "training" and status["step"] > 0
-    assert query_status(a_addr)["interactions"] > 0
+    wait_until(lambda: query_status(a_addr)["interactions"] > 0, 30, interval=0.5, what="a merging too")
     for d in daemons:
         d.signal(signal.SIGTERM)
     for d in daemons:

@@ -5,7 +5,7 @@ import contextlib
 
 import pytest
 
-from swarmnet.errors import ConfigError, RequestTimeout, TransportError
+from swarmnet.errors import ConfigError, TransportError
 from swarmnet.security import CurveKeys, generate_keys, load_allow_list, load_keypair, with_key
 from swarmnet.transport import TransportSet
 
@@ -69,9 +69,10 @@ async def test_swarm_key_admits_its_holders_and_nobody_else(keys, scheme, tmp_pa
     async with echo_server(swarm_key(pairs["a"], on_refused=refused.append), url) as listener:
         assert "#curve=" not in listener.address  # everyone knows the swarm key: plain addresses
         assert await ask(swarm_key(pairs["a"]), listener.address) == [b"echo", b"hi"]
-        with pytest.raises(RequestTimeout):
+        # A refused handshake ends in a timeout or, as libzmq drops it, a lost connection.
+        with pytest.raises(TransportError):
             await ask(None, listener.address)  # no key: the handshake never completes
-        with pytest.raises(RequestTimeout):
+        with pytest.raises(TransportError):
             # A wrong key, even one that names the right server key: refused by the ZAP handler.
             await ask(CurveKeys(*pairs["stranger"]), with_key(listener.address, pairs["a"][0]))
         assert pairs["stranger"][0] in refused
@@ -84,7 +85,7 @@ async def test_allow_list_peers_admit_listed_keys_and_carry_theirs_in_the_addres
     async with echo_server(listed(pairs["a"], allowed, on_refused=refused.append)) as listener:
         assert "#curve=" in listener.address
         assert await ask(listed(pairs["b"], allowed), listener.address) == [b"echo", b"hi"]
-        with pytest.raises(RequestTimeout):
+        with pytest.raises(TransportError):  # a timeout, or the refused connection dropping
             await ask(CurveKeys(*pairs["stranger"]), listener.address)
         assert refused == [pairs["stranger"][0]] * len(refused) and refused
         with pytest.raises(TransportError, match="CURVE-secured peer; configure \\[security\\]"):

@@ -1,0 +1,238 @@
+"""Join a swarm from your own training loop, the way you use a torch optimizer.
+
+    model = Net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    with swarmnet.SwarmOptimizer(optimizer, model, seeds=["tcp://10.0.0.1:7000"]) as opt:
+        for x, y in loader:
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()          # the optimizer's step, then whatever merge is ready
+
+The peer's networking half (server, exchange, membership: the same code as the daemon's) runs
+on an event loop in a background thread of this process. ``step()`` never waits on the network:
+it applies a neighbour's model only if the exchange already pulled and decoded one. Momentum
+buffers and model buffers (BatchNorm statistics) stay local. Learning-rate schedulers attach to
+the wrapped optimizer as usual.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import random
+import socket
+import threading
+import weakref
+import zlib
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from swarmnet.algorithms import LocalSteps
+from swarmnet.config import SwarmConfig, build_config, load_config, to_dict
+from swarmnet.errors import ConfigError, SwarmError
+from swarmnet.peer.compute import Replica
+from swarmnet.peer.node import Peer, PeerIdentity, resolve_rank
+from swarmnet.peer.state import Mailbox
+
+_IN_SWARM: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+"""Models wrapped by an open SwarmOptimizer: a second wrap would re-home their parameters."""
+
+START_TIMEOUT = 60.0
+"""Seconds to bind and, with network.min_peers, to wait for the others (plus join_timeout)."""
+
+
+class SwarmOptimizer:
+    """Wraps ``optimizer`` (which steps ``model``) and makes this process one peer of a swarm.
+
+    ``config`` is a swarm config (a TOML path or a :class:`SwarmConfig`); its ``algorithm``,
+    ``codec`` and ``network`` sections apply, the ``train`` and ``task`` sections do not (your
+    loop is the training). ``listen``, ``seeds``, ``run_dir`` and ``settings`` (dotted keys, as
+    ``--set`` on the command line) override it. ``name`` defaults to host-pid.
+
+    Call :meth:`close` (or use ``with``) when done: it stops the exchange, merges what was
+    already acknowledged, serves the final model for ``network.linger`` seconds and leaves.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: nn.Module,
+        *,
+        config: SwarmConfig | str | os.PathLike[str] | None = None,
+        listen: str | None = None,
+        seeds: Iterable[str] = (),
+        name: str | None = None,
+        run_dir: str | os.PathLike[str] | None = None,
+        settings: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if not any(id(p) in owned for p in model.parameters()):
+            raise ValueError("the optimizer does not step any parameter of the model; build it "
+                             "from model.parameters()")
+        if model in _IN_SWARM:
+            raise ValueError("this model is already in a swarm through another SwarmOptimizer; "
+                             "close() that one first")
+        self.optimizer = optimizer
+        self.model = model
+        self.cfg = _resolve_config(config, listen=listen, seeds=list(seeds), run_dir=run_dir,
+                                   settings=settings)
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.peer = Peer(self.cfg, PeerIdentity(self.name, resolve_rank(-1)), resume=False)
+        algo = self.cfg.algorithm
+        self._loop = _new_event_loop()
+        self.replica = _UserReplica(
+            optimizer, model, codec=self.peer.codec, store=self.peer.store, mailbox=Mailbox(self._loop),
+            stats=self.peer.stats, rng=random.Random(zlib.crc32(self.peer.id.encode())),
+            local_steps=LocalSteps(1 if algo.name == "popsgd" else algo.local_steps, algo.geometric),
+        )
+        self.replica.publish()
+        self.peer.attach(self.replica, self.replica.mailbox)
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"swarmnet-{self.name}",
+                                        daemon=True)
+        self._thread.start()
+        self._started: concurrent.futures.Future[str] = concurrent.futures.Future()
+        self._drained: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._stop = asyncio.Event()
+        self._merged = asyncio.Event()
+        self._hosting = asyncio.run_coroutine_threadsafe(self._host(), self._loop)
+        self._closed = False
+        concurrent.futures.wait([self._started, self._hosting], START_TIMEOUT + self.cfg.network.join_timeout,
+                                return_when=concurrent.futures.FIRST_COMPLETED)
+        if not self._started.done():
+            self._shutdown_loop()
+            error = self._hosting.exception() if self._hosting.done() else None
+            if isinstance(error, SwarmError):
+                raise error
+            raise SwarmError(f"peer {self.name} did not start: {error or 'timed out'}") from error
+        self.peer.stats.state = "training"
+        _IN_SWARM.add(model)
+
+    async def _host(self) -> None:
+        """Background loop: serve, pull and gossip until close(), then leave cleanly."""
+        async with self.peer.serving():
+            await self.peer.await_swarm()
+            self.peer.start_exchange()
+            self._started.set_result(self.peer.address)
+            await self._stop.wait()
+            await self.peer.drain()
+            self._drained.set_result(None)
+            await self._merged.wait()
+            await self.peer.finish()
+
+    # -- the optimizer interface ---------------------------------------------------------------
+
+    def step(self, closure: Callable[[], float] | None = None) -> Any:
+        """The wrapped optimizer's step, then the merges that are ready (never waits)."""
+        if self._closed:
+            raise SwarmError("step() after close(): this peer has left the swarm")
+        result = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        self.replica.after_step()
+        self.replica.merge_pending()
+        return result
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)
+
+    # -- the swarm -----------------------------------------------------------------------------
+
+    @property
+    def address(self) -> str:
+        """Where this peer listens: give it to others as a seed."""
+        return self.peer.address
+
+    def status(self) -> dict[str, Any]:
+        """The same status a ``swarmnet status`` query returns (steps, merges, peers, bytes)."""
+        return self._call(_status_of(self.peer))
+
+    def close(self) -> None:
+        """Leave the swarm: stop pulling, merge what was acknowledged, linger, say goodbye."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._loop.call_soon_threadsafe(self._stop.set)
+            concurrent.futures.wait([self._drained, self._hosting], return_when=concurrent.futures.FIRST_COMPLETED)
+            if self._drained.done():
+                self.replica.merge_pending(final=True)  # here, in the training thread
+                self._loop.call_soon_threadsafe(self._merged.set)
+            self._hosting.result()
+        finally:
+            _IN_SWARM.discard(self.model)
+            self._shutdown_loop()
+
+    def __enter__(self) -> SwarmOptimizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=30)
+
+    def _shutdown_loop(self) -> None:
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=30)
+        if not self._loop.is_running():
+            self._loop.close()
+
+
+class _UserReplica(Replica):
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, **kwargs: Any) -> None:
+        self.optimizer = optimizer
+        super().__init__(model, **kwargs)
+
+    def current_lr(self) -> float:
+        """Read at each publish (a tensor lr on a GPU makes this a CPU<->GPU sync point)."""
+        self.stats.lr = float(self.optimizer.param_groups[0].get("lr", 0.0))
+        return self.stats.lr
+
+
+async def _status_of(peer: Peer) -> dict[str, Any]:
+    return peer.status()
+
+
+def _new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def _resolve_config(config: SwarmConfig | str | os.PathLike[str] | None, *, listen: str | None,
+                    seeds: list[str], run_dir: str | os.PathLike[str] | None,
+                    settings: Mapping[str, Any] | None) -> SwarmConfig:
+    overrides: dict[str, Any] = {}
+    if listen:
+        overrides["network.listen"] = listen
+    if seeds:
+        overrides["network.seeds"] = seeds
+    if run_dir is not None:
+        overrides["run.dir"] = str(run_dir)
+    for key, value in (settings or {}).items():
+        if key.count(".") != 1:
+            raise ConfigError(f"setting {key!r}: expected section.key, e.g. network.pull_interval")
+        overrides[key] = value
+    if isinstance(config, SwarmConfig):
+        return build_config(to_dict(config), "<SwarmConfig>", overrides)
+    return load_config(Path(config) if config is not None else None, overrides)

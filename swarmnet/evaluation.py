@@ -1,0 +1,194 @@
+"""Evaluating the average of a swarm's models (SPEC 4 item 2).
+
+BatchNorm statistics are buffers: they never travel and are never averaged, each peer keeps
+its own. The average of several peers' parameters therefore has no statistics of its own, so
+before evaluating it :func:`recompute_batchnorm` runs a few training batches through it in
+training mode with the statistics reset. The launcher's summary and ``swarmnet eval`` (which
+pulls the live snapshots of a running swarm) both evaluate this way.
+
+Legend: N = number of float parameter coordinates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from swarmnet.codecs import Codec, make_codec
+from swarmnet.config import SwarmConfig
+from swarmnet.errors import CodecError, ProtocolError, SwarmError
+from swarmnet.peer.client import PeerClient
+from swarmnet.peer.state import FlatParameters
+from swarmnet.peer.stats import PeerStats
+from swarmnet.security import CurveKeys, client_keys
+from swarmnet.tasks import Task, load_task
+from swarmnet.transport import TransportSet
+from swarmnet.wire import Limits, MsgType, request
+
+BN_BATCHES = 20
+"""Training batches run through an averaged model to recompute its BatchNorm statistics."""
+MAX_ROUNDS = 16
+"""Pulls of one snapshot a codec may ask for before giving up (lattice escalation)."""
+
+
+def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@torch.no_grad()
+def recompute_batchnorm(model: nn.Module, task: Task, *, batches: int = BN_BATCHES, batch_size: int = 128,
+                        seed: int = 0) -> int:
+    """Reset every BatchNorm layer's running statistics and re-estimate them as the plain mean
+    over ``batches`` random training batches. Returns the batches used (0: the model has no
+    BatchNorm, nothing to do). Leaves the model in eval mode."""
+    layers = batchnorm_layers(model)
+    if not layers or batches <= 0:
+        model.eval()
+        return 0
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches, not an EMA
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    try:
+        for _ in range(batches):
+            indices = torch.randint(task.num_samples, (min(batch_size, task.num_samples),), generator=generator)
+            task.loss(model, tuple(t[indices].to(device) for t in task.train))
+    finally:
+        for m, momentum in zip(layers, momenta):
+            m.momentum = momentum
+        model.eval()
+    return batches
+
+
+def evaluate_averaged(model: nn.Module, task: Task, *, batch_size: int, seed: int,
+                      bn_batches: int = BN_BATCHES) -> dict[str, Any]:
+    """Recompute BatchNorm statistics (if any), then the task's held-out metrics."""
+    used = recompute_batchnorm(model, task, batches=bn_batches, batch_size=batch_size, seed=seed)
+    result: dict[str, Any] = {"batchnorm_batches": used, "eval": {}}
+    if task.evaluate is not None:
+        with torch.no_grad():
+            result["eval"] = {k: float(v) for k, v in task.evaluate(model).items()}
+    return result
+
+
+# -- swarmnet eval: average live snapshots ------------------------------------------------------
+
+
+@dataclass(slots=True)
+class PulledModel:
+    name: str
+    addr: str
+    step: int
+    """The peer's step as of discovery (its status reply)."""
+    version: int
+
+
+class SnapshotReader:
+    """Pulls peers' current snapshots without taking part in the swarm: it moves nobody's phase
+    clock (it sends clock -1, below any peer's) and is never gossiped about (it sends no HELLO)."""
+
+    def __init__(self, codec: Codec, *, timeout: float = 30.0, curve: CurveKeys | None = None) -> None:
+        self.codec = codec
+        self.transports = TransportSet(curve)
+        self.client = PeerClient(sender=f"eval-{secrets.token_hex(3)}", transports=self.transports,
+                                 limits=Limits(), timeout=timeout, stats=PeerStats(),
+                                 max_frame_bytes=2**31 - 1)
+
+    async def pull(self, addr: str, key_N: Tensor, out_N: Tensor) -> int:
+        """Decode ``addr``'s latest snapshot into ``out_N`` (relative to ``key_N``, for codecs
+        that need a nearby model); returns the snapshot's version."""
+        state: dict[str, Any] = {}
+        want, version = self.codec.plan(state), None
+        for _ in range(MAX_ROUNDS):
+            reply = await self.client.call(addr, request(MsgType.PULL, self.client.sender, clock=-1, want=want,
+                                                         version=version))
+            if reply.type is not MsgType.SNAPSHOT:
+                raise ProtocolError("unexpected_type", f"{addr} answered {reply.type}, not a snapshot")
+            if reply.body["codec"] != self.codec.name:
+                raise SwarmError(f"{addr} publishes codec {reply.body['codec']}, the config says "
+                                 f"{self.codec.name}; pass the swarm's own config")
+            version = reply.body["version"]
+            result = self.codec.decode(reply.body["meta"], reply.frames, key_N, out_N, state)
+            if result.complete:
+                if not bool(torch.isfinite(out_N).all()):
+                    raise CodecError(f"{addr}'s snapshot holds non-finite values")
+                return int(version)
+            want = result.more
+        raise CodecError(f"{addr}'s snapshot {version} still unverified after {MAX_ROUNDS} pulls")
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+        await self.transports.aclose()
+
+
+async def discover(seeds: list[str], run_dir: Path | None, timeout: float,
+                   curve: CurveKeys | None = None) -> list[tuple[str, str, int]]:
+    """(name, address, step) of every peer that answers, found from seeds or a run dir's cards."""
+    from swarmnet.ui.collect import StatusCollector
+
+    collector = StatusCollector(seeds, timeout=timeout, run_dir=run_dir, curve=curve)
+    try:
+        snapshot = await collector.poll()
+    finally:
+        await collector.aclose()
+    return [(row.name, row.addr, row.step) for row in snapshot.peers if not row.stale]
+
+
+def evaluate_swarm(cfg: SwarmConfig, *, seeds: list[str], run_dir: Path | None = None, peers: int = 0,
+                   bn_batches: int = BN_BATCHES, timeout: float = 5.0,
+                   key_file: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Pull the current snapshots of all (or the first ``peers``, by name) live peers, average
+    them, recompute BatchNorm statistics and evaluate the average on the task's held-out data.
+    A closed swarm is read with ``key_file``, else with the key of the config's [security]."""
+    curve = client_keys(key_file, None if key_file else cfg.security)
+    task = load_task(cfg.task.spec, cfg.task.options)
+    torch.manual_seed(cfg.run.seed)
+    model = task.build_model()
+    flat = FlatParameters(model)
+    codec = make_codec(cfg.codec.name, **cfg.codec.options)
+
+    async def pull_all() -> tuple[list[PulledModel], Tensor, float]:
+        found = sorted(await discover(seeds, run_dir, timeout, curve))
+        if not found:
+            raise SwarmError("no peer answered; check --seed / --run-dir and that the swarm is running")
+        chosen = found[:peers] if peers > 0 else found
+        reader = SnapshotReader(codec, timeout=max(timeout, cfg.network.request_timeout), curve=curve)
+        key_N = flat.vector_N.clone()  # the initial model; then the first pulled one (closer)
+        out_N = torch.empty_like(key_N)
+        sum_N = torch.zeros(flat.numel, dtype=torch.float64)
+        squares, pulled = 0.0, []
+        try:
+            for name, addr, step in chosen:
+                try:
+                    version = await reader.pull(addr, key_N, out_N)
+                except SwarmError as exc:
+                    raise SwarmError(f"pulling {name} at {addr}: {exc}") from None
+                sum_N += out_N
+                squares += float(out_N.double().pow(2).sum())
+                if not pulled:
+                    key_N.copy_(out_N)
+                pulled.append(PulledModel(name, addr, step, version))
+        finally:
+            await reader.aclose()
+        mean_N = sum_N / len(pulled)
+        spread = max(0.0, squares - len(pulled) * float(mean_N.pow(2).sum()))
+        return pulled, mean_N, math.sqrt(spread / len(pulled))
+
+    pulled, mean_N, consensus = asyncio.run(pull_all())
+    flat.vector_N.copy_(mean_N)
+    result = evaluate_averaged(model, task, batch_size=cfg.train.batch_size, seed=cfg.run.seed,
+                               bn_batches=bn_batches)
+    return {"task": task.name, "metric": task.metric, "peers_averaged": len(pulled),
+            "peers": [{"name": p.name, "addr": p.addr, "step": p.step, "version": p.version} for p in pulled],
+            "consensus_distance": consensus, **result}

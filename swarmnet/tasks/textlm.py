@@ -1,0 +1,102 @@
+"""A small byte-level transformer language model on Python's own standard library sources.
+
+The corpus is guaranteed wherever Python runs: the ``.py`` files at the top of the stdlib
+directory, in name order, concatenated up to ``corpus_bytes`` (the exact text differs a little
+between Python versions, so compare runs made with the same interpreter). The last
+``test_fraction`` of it is held out. Samples are non-overlapping windows of ``context + 1``
+bytes; the model predicts each next byte. Evaluation reports the held-out loss in nats per byte
+and bits per byte.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import sysconfig
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from swarmnet.errors import ConfigError
+from swarmnet.tasks import Batch, Task
+
+
+@functools.lru_cache(maxsize=2)
+def stdlib_corpus(corpus_bytes: int) -> bytes:
+    folder = Path(sysconfig.get_paths()["stdlib"])
+    chunks, size = [], 0
+    for file in sorted(folder.glob("*.py")):
+        try:
+            data = file.read_bytes()
+        except OSError:
+            continue
+        chunks.append(data)
+        size += len(data)
+        if size >= corpus_bytes:
+            break
+    corpus = b"".join(chunks)[:corpus_bytes]
+    if len(corpus) < 10_000:
+        raise ConfigError(f"the standard library sources in {folder} hold only {len(corpus)} bytes; "
+                          "this Python install ships without its .py files")
+    return corpus
+
+
+def windows(data: bytes, length: int) -> Tensor:
+    """uint8 [len(data) // length, length]: consecutive non-overlapping windows."""
+    n = len(data) // length
+    return torch.frombuffer(bytearray(data[: n * length]), dtype=torch.uint8).view(n, length)
+
+
+class ByteTransformer(nn.Module):
+    """Pre-norm causal transformer over bytes: embeddings, ``layers`` blocks, a tied output."""
+
+    def __init__(self, context: int, width: int, layers: int, heads: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(256, width)
+        nn.init.normal_(self.embed.weight, std=0.02)  # tied output: small initial logits (loss ln 256)
+        self.position = nn.Parameter(torch.zeros(context, width))
+        nn.init.normal_(self.position, std=0.02)
+        block = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(context), persistent=False)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        t = tokens.shape[1]
+        h = self.embed(tokens) + self.position[:t]
+        h = self.blocks(h, mask=self.mask[:t, :t], is_causal=True)
+        return self.norm(h) @ self.embed.weight.T  # logits [B, T, 256]
+
+
+def task(corpus_bytes: int = 2_000_000, context: int = 64, width: int = 64, layers: int = 2, heads: int = 4,
+         test_fraction: float = 0.05, test_windows: int = 512) -> Task:
+    if width % heads:
+        raise ConfigError(f"textlm: width {width} must be a multiple of heads {heads}")
+    corpus = stdlib_corpus(corpus_bytes)
+    split = int(len(corpus) * (1 - test_fraction))
+    train = windows(corpus[:split], context + 1)
+    test = windows(corpus[split:], context + 1)[:test_windows]
+
+    def next_byte_loss(model: nn.Module, w: Tensor) -> Tensor:
+        w = w.long()
+        logits = model(w[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, 256), w[:, 1:].reshape(-1))
+
+    def loss(model: nn.Module, batch: Batch) -> Tensor:
+        return next_byte_loss(model, batch[0])
+
+    @torch.no_grad()
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        device = next(model.parameters()).device
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for start in range(0, len(test), 128):
+            chunk = test[start : start + 128].to(device)
+            total += next_byte_loss(model, chunk) * len(chunk)
+        nats = float(total) / max(1, len(test))  # CPU<->GPU sync point
+        return {"loss": nats, "bits_per_byte": nats / math.log(2)}
+
+    return Task(name="textlm", build_model=lambda: ByteTransformer(context, width, layers, heads),
+                train=(train,), loss=loss, evaluate=evaluate, metric="bits_per_byte")

@@ -1,0 +1,67 @@
+"""`swarmnet eval` against a live swarm: pull every (or k) peers' current snapshot, average,
+recompute BatchNorm statistics, evaluate."""
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from swarmnet.cli import app
+from swarmnet.config import load_config
+from swarmnet.evaluation import evaluate_swarm
+from swarmnet.testing import query_status, wait_until
+
+from .conftest import write_config
+from .test_real_tasks import write_cifar
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+def run_eval(*args):
+    done = subprocess.run([sys.executable, "-m", "swarmnet", "eval", *args], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_eval_averages_the_live_models_of_a_resnet_swarm(tmp_path, swarm_factory):
+    data = write_cifar(tmp_path / "cifar", n_train=512)
+    sections = {
+        "run": {"peers": 2, "seed": 0},
+        "device": {"threads": 1},
+        "task": {"spec": "swarmnet.tasks.cifar:task", "options": {"path": str(data), "blocks": 1, "width": 4}},
+        "train": {"batch_size": 32, "lr": 0.05, "momentum": 0.9, "steps": 1_000_000, "metrics_every": 20,
+                  "checkpoint_every": 0.0},
+        "network": {"linger": 0.5},
+    }
+    config = write_config(tmp_path / "eval.toml", sections)
+    swarm = swarm_factory(sections, name="live")
+    cards = [swarm.card(f"peer{i}") for i in range(2)]
+    wait_until(lambda: all(query_status(c["addr"])["step"] > 80 for c in cards), 180, interval=1.0,
+               what="every peer past step 80")
+
+    everyone = run_eval("--config", str(config), "--run-dir", str(swarm.run_dir), "--json", str(tmp_path / "e.json"))
+    assert json.loads((tmp_path / "e.json").read_text()) == everyone
+    assert everyone["peers_averaged"] == 2 and {p["name"] for p in everyone["peers"]} == {"peer0", "peer1"}
+    assert everyone["batchnorm_batches"] == 20 and everyone["metric"] == "accuracy"
+    assert everyone["eval"]["accuracy"] > 0.5, everyone  # chance 0.1; ~0.8-1.0 measured
+    assert everyone["consensus_distance"] > 0  # two live models, never exactly equal
+
+    one = evaluate_swarm(load_config(config), seeds=[cards[1]["addr"]], peers=1, bn_batches=3)
+    assert one["peers_averaged"] == 1 and one["peers"][0]["name"] == "peer0"  # found through peer1's view
+    assert one["batchnorm_batches"] == 3 and one["consensus_distance"] == 0
+    assert one["eval"]["accuracy"] > 0.3, one
+
+    swarm.signal(signal.SIGTERM)
+    assert swarm.wait(60) == 130
+
+
+def test_eval_without_a_swarm_is_a_clear_error(tmp_path):
+    runner = CliRunner()
+    done = runner.invoke(app, ["eval", "--run-dir", str(tmp_path)])
+    assert done.exit_code == 2 and "no peer answered" in done.output
+    done = runner.invoke(app, ["eval"])
+    assert done.exit_code == 2 and "--seed ADDRESS or --run-dir" in done.output

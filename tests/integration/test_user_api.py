@@ -1,0 +1,115 @@
+"""swarmnet.SwarmOptimizer: users' own torch loops in separate processes form a swarm."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import swarmnet
+from swarmnet.errors import ConfigError, SwarmError, TransportError
+from swarmnet.tasks import datasets
+from swarmnet.testing import wait_until
+
+EXAMPLE = "examples/own_training_loop.py"
+SPLIT = ["0,1,2", "3,4,5", "6,7,8,9"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_three_processes_with_disjoint_classes_learn_all_classes_through_the_swarm(tmp_path):
+    """Each process runs a plain torch loop on a third of the classes only: alone, its model
+    could score at most the share of the test set in its classes (<= 0.4); through the swarm's
+    merges every model learns all ten."""
+    _, _, _, y_test = datasets.digits()
+    alone_best = max(float(torch.isin(y_test, torch.tensor([int(c) for c in s.split(",")])).float().mean())
+                     for s in SPLIT)
+    run_dir = tmp_path / "run"
+    card = run_dir / "p0" / "card.json"
+    procs = []
+    try:
+        # All start at once (as `swarmnet up` starts its peers): the others' seed is p0's card,
+        # which they retry until it appears; each waits (bounded) to know the other two.
+        for i, classes in enumerate(SPLIT):
+            seeds = ["--seed", f"file://{card}"] if i else []
+            cmd = [sys.executable, EXAMPLE, "--name", f"p{i}", "--classes", classes, "--steps", "1500",
+                   "--run-dir", str(run_dir), "--min-peers", "2", "--join-timeout", "150", *seeds]
+            procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                          env=dict(os.environ, PYTHONPATH=str(Path.cwd()))))
+        results = []
+        for p in procs:
+            out, err = p.communicate(timeout=240)
+            assert p.returncode == 0, err
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for p in procs:
+            p.kill()
+    print(f"user loops: {results}; best possible alone {alone_best:.3f}")
+    for r in results:
+        assert r["steps"] == 1500 and r["merges"] > 50, r
+        # 0.95-0.98 measured; alone each is capped near 0.3-0.4.
+        assert r["accuracy"] > max(0.85, alone_best + 0.4), r
+
+
+def _model_and_optimizer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+@pytest.mark.timeout(60)
+def test_two_in_process_peers_merge_while_buffers_and_momentum_stay_local(tmp_path):
+    a_model, a_opt = _model_and_optimizer()
+    b_model, b_opt = _model_and_optimizer()
+    with torch.no_grad():
+        b_model[0].weight.add_(1.0)  # b starts elsewhere: a's merges must pull a toward it
+    settings = {"network.linger": 0.0}
+    x = torch.randn(16, 4)
+    with swarmnet.SwarmOptimizer(a_opt, a_model, name="a", run_dir=tmp_path, settings=settings) as a, \
+         swarmnet.SwarmOptimizer(b_opt, b_model, name="b", run_dir=tmp_path, seeds=[a.address],
+                                 settings=settings) as b:
+        assert a.address.startswith("tcp://127.0.0.1:")
+        b_running_mean = b_model[1].running_mean.clone()
+        start_gap = float((a_model[0].weight - b_model[0].weight).detach().norm())
+
+        def a_step():
+            a.zero_grad()
+            a_model(x).pow(2).mean().mul(0.0).backward()  # zero gradient: only merges move a
+            a.step()
+            return a.status()["interactions"] >= 3
+
+        wait_until(a_step, 30, interval=0.01, what="three merges into a")
+        momentum = a_opt.state[a_model[0].weight]["momentum_buffer"]
+        assert torch.count_nonzero(momentum) == 0  # merges never enter the optimizer's state
+        assert float((a_model[0].weight - b_model[0].weight).detach().norm()) < 0.5 * start_gap
+        assert torch.equal(b_model[1].running_mean, b_running_mean)  # b's BatchNorm stats untouched
+        assert b.status()["name"] == "b"
+    with pytest.raises(SwarmError, match="after close"):
+        a.step()
+    a.close()  # a second close is a no-op
+
+
+@pytest.mark.timeout(60)
+def test_bad_use_is_a_clear_error(tmp_path):
+    model, opt = _model_and_optimizer()
+    other = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="does not step any parameter"):
+        swarmnet.SwarmOptimizer(other, model, run_dir=tmp_path)
+    with pytest.raises(ConfigError, match="expected section.key"):
+        swarmnet.SwarmOptimizer(opt, model, run_dir=tmp_path, settings={"pull_interval": 1})
+    with pytest.raises(ConfigError, match="network.listen"):
+        swarmnet.SwarmOptimizer(opt, model, run_dir=tmp_path, listen="127.0.0.1:7000")
+    with swarmnet.SwarmOptimizer(opt, model, run_dir=tmp_path, settings={"network.linger": 0.0}) as first:
+        with pytest.raises(ValueError, match="already in a swarm"):
+            swarmnet.SwarmOptimizer(opt, model, run_dir=tmp_path)
+        other_model, other_opt = _model_and_optimizer()
+        started = time.monotonic()
+        with pytest.raises(TransportError):
+            swarmnet.SwarmOptimizer(other_opt, other_model, run_dir=tmp_path, listen=first.address)
+        assert time.monotonic() - started < 30
+    swarmnet.SwarmOptimizer(opt, model, run_dir=tmp_path, settings={"network.linger": 0.0}).close()

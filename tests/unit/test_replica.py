@@ -1,0 +1,65 @@
+"""The merge side of a model: merges move parameters only; momentum and BatchNorm stay local."""
+
+import asyncio
+import random
+import time
+
+import torch
+from torch import nn
+
+from swarmnet.algorithms import LocalSteps
+from swarmnet.codecs import make_codec
+from swarmnet.peer.compute import Replica
+from swarmnet.peer.state import Mailbox, MergeEntry, SnapshotStore
+from swarmnet.peer.stats import PeerStats
+
+
+def test_a_merge_adds_its_delta_and_leaves_momentum_and_batchnorm_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    loop = asyncio.new_event_loop()
+    try:
+        store = SnapshotStore()
+        replica = Replica(model, codec=make_codec("fp32"), store=store, mailbox=Mailbox(loop),
+                          stats=PeerStats(), local_steps=LocalSteps(2), rng=random.Random(0))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        replica.publish()
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(torch.randn(16, 3)).pow(2).mean().backward()
+            optimizer.step()
+            replica.after_step()
+        momentum = {p: optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()}
+        running_mean = model[1].running_mean.clone()
+        before = replica.live_N.clone()
+        delta = torch.randn(replica.flat.numel)
+        replica.mailbox.put(MergeEntry(delta, "other", 0.0, time.monotonic(), 1.0))
+        replica.merge_pending()
+        assert torch.equal(replica.live_N, before + delta)  # the parameters moved, in place
+        assert torch.equal(model[0].weight.detach().flatten(), replica.live_N[:24])
+        assert torch.equal(replica.stale_N, replica.live_N) and store.latest().version == 2
+        for p in model.parameters():  # the optimizer's momentum survives the merge untouched
+            assert optimizer.state[p]["momentum_buffer"] is not None
+            assert torch.equal(optimizer.state[p]["momentum_buffer"], momentum[p])
+        assert torch.equal(model[1].running_mean, running_mean)
+        assert replica.stats.interactions == 1 and replica.since_merge == 0
+    finally:
+        loop.close()
+
+
+def test_no_merge_before_h_local_steps():
+    loop = asyncio.new_event_loop()
+    try:
+        replica = Replica(nn.Linear(2, 2), codec=make_codec("fp32"), store=SnapshotStore(), mailbox=Mailbox(loop),
+                          stats=PeerStats(), local_steps=LocalSteps(3), rng=random.Random(0))
+        replica.mailbox.put(MergeEntry(torch.ones(6), "other", 0.0, time.monotonic(), 1.0))
+        before = replica.live_N.clone()
+        for _ in range(2):
+            replica.after_step()
+            replica.merge_pending()
+        assert torch.equal(replica.live_N, before) and replica.mailbox.full
+        replica.after_step()
+        replica.merge_pending()
+        assert torch.equal(replica.live_N, before + 1) and not replica.mailbox.full
+    finally:
+        loop.close()
