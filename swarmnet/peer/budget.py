@@ -6,7 +6,8 @@ same cores. Where cores are plentiful that costs nothing; where peers already fi
 (several peers per CPU socket, small models with millisecond steps), each interaction's fixed
 cost comes straight out of training. :class:`CpuBudget` caps that cost: the exchange starts its
 next interaction only while the CPU time of the exchange's own work (the event-loop thread,
-which also serves neighbours, the decode worker, and the compute thread's merges) stays within
+which also serves neighbours, the decode worker, the compute thread's merges and libzmq's I/O
+thread) stays within
 ``cores`` CPU-seconds per wall-clock second (a token bucket over about one second), so short
 steps stretch the effective H instead of slowing the steps themselves.
 """
@@ -62,6 +63,34 @@ def thread_cpu_clock(ident: int) -> Callable[[], float]:
             pass
         return last[0]
     return read
+
+
+def named_threads_cpu(prefix: str) -> Callable[[], float]:
+    """CPU seconds used so far by this process's threads whose name starts with ``prefix``
+    (Linux /proc; 0 elsewhere). For threads Python did not start, e.g. libzmq's "ZMQbg/IO/0",
+    which copies every byte the peer sends and receives."""
+    task_dir = "/proc/self/task"
+    try:
+        tids = [t for t in os.listdir(task_dir) if _read(f"{task_dir}/{t}/comm").startswith(prefix)]
+    except OSError:
+        tids = []
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def read() -> float:
+        ticks = 0
+        for tid in tids:
+            try:
+                fields = _read(f"{task_dir}/{tid}/stat").rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            ticks += int(fields[11]) + int(fields[12])  # utime + stime
+        return ticks / tick
+    return read
+
+
+def _read(path: str) -> str:
+    with open(path) as fh:
+        return fh.read()
 
 
 class CpuBudget:

@@ -26,7 +26,7 @@ from torch import Tensor
 from swarmnet.algorithms import Topology, apply_nudge, pull_delta
 from swarmnet.codecs import Codec
 from swarmnet.errors import CodecError, ProtocolError, SwarmError
-from swarmnet.peer.budget import CpuBudget, thread_cpu_clock
+from swarmnet.peer.budget import CpuBudget, named_threads_cpu, thread_cpu_clock
 from swarmnet.peer.client import Rejected
 from swarmnet.peer.membership import PeerRecord
 from swarmnet.peer.screening import Screen
@@ -58,11 +58,12 @@ class Exchange:
         self.screen = Screen(peer.cfg.screening, peer.stats)
         self.worker = ThreadPoolExecutor(1, thread_name_prefix=f"codec-{peer.name}")
         # What the budget charges: this (event-loop) thread, which pulls and serves, the decode
-        # worker, and the compute thread's merges and republishing.
+        # worker, the compute thread's merges and republishing, and libzmq's I/O thread.
         loop_cpu = thread_cpu_clock(threading.get_ident())
         worker_cpu = thread_cpu_clock(self.worker.submit(threading.get_ident).result())
+        io_cpu = named_threads_cpu("ZMQbg/IO")
         compute = peer.compute
-        self.budget = CpuBudget(cpu_cores, lambda: loop_cpu() + worker_cpu() + compute.merge_cpu)
+        self.budget = CpuBudget(cpu_cores, lambda: loop_cpu() + worker_cpu() + io_cpu() + compute.merge_cpu)
         numel, device = peer.compute.flat.numel, peer.compute.device
         self._remote_N = torch.empty(numel, dtype=torch.float32, device=device)
         # Two delta buffers: the compute thread may still be adding one while we fill the other.

@@ -4,7 +4,13 @@ import time
 import pytest
 import torch
 
-from swarmnet.peer.budget import CpuBudget, auto_cores, local_peers, thread_cpu_clock
+from swarmnet.peer.budget import (
+    CpuBudget,
+    auto_cores,
+    local_peers,
+    named_threads_cpu,
+    thread_cpu_clock,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -54,3 +60,25 @@ def test_local_peers_come_from_the_launcher_or_the_scheduler():
     assert local_peers({"SWARMNET_LOCAL_PEERS": "4", "LOCAL_WORLD_SIZE": "8"}) == 4
     assert local_peers({"SLURM_NTASKS_PER_NODE": "8"}) == 8
     assert local_peers({"LOCAL_WORLD_SIZE": "zero"}) == 1
+
+
+def test_libzmq_io_threads_are_charged_for_the_bytes_they_move():
+    import zmq
+
+    ctx = zmq.Context()
+    push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+    try:
+        port = pull.bind_to_random_port("tcp://127.0.0.1")
+        push.connect(f"tcp://127.0.0.1:{port}")
+        io_cpu = named_threads_cpu("ZMQbg/IO")
+        before = io_cpu()
+        payload = bytes(8 << 20)
+        for _ in range(40):  # 320 MB through the I/O threads of both ends
+            push.send(payload, copy=False)
+            pull.recv(copy=False)
+        assert io_cpu() - before > 0.01
+        assert named_threads_cpu("no-such-thread")() == 0.0
+    finally:
+        push.close(0)
+        pull.close(0)
+        ctx.term()
