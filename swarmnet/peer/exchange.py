@@ -25,7 +25,7 @@ from torch import Tensor
 
 from swarmnet.algorithms import Topology, apply_nudge, pull_delta
 from swarmnet.codecs import Codec
-from swarmnet.errors import CodecError, ProtocolError, SwarmError
+from swarmnet.errors import CodecError, ProtocolError, SwarmError, TransportError
 from swarmnet.peer.budget import CpuBudget, named_threads_cpu, thread_cpu_clock
 from swarmnet.peer.client import Rejected
 from swarmnet.peer.membership import PeerRecord
@@ -102,7 +102,7 @@ class Exchange:
                 await asyncio.sleep(0.01)
             except SwarmError as exc:
                 self.peer.stats.pulls_failed += 1
-                self.peer.table.record_failure(target.id)
+                self.peer.table.record_failure(target.id, unreachable=isinstance(exc, TransportError))
                 level = logging.WARNING if isinstance(exc, (CodecError, ProtocolError)) else logging.DEBUG
                 self.log.log(level, "interaction with %s failed: %s", target.name or target.id, exc)
             finally:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from swarmnet.errors import SwarmError
+from swarmnet.errors import SwarmError, TransportError
 from swarmnet.peer.client import PeerClient
 from swarmnet.wire import Message, MsgType, request
 
@@ -37,6 +37,9 @@ class PeerRecord:
     last_seen: float
     failures: int = 0
     avoid_until: float = 0.0
+    unreachable_only: bool = False
+    """Every failure since the last success was a lost or refused connection or a timeout
+    (never a bad message or model): the back-off ends as soon as the peer answers again."""
     left: bool = False
     done: bool = False
     """The peer has spent its budget and only serves its final snapshot."""
@@ -92,9 +95,12 @@ class PeerTable:
             rec.left = True
             self._event(rec, "left")
 
-    def record_failure(self, pid: str) -> None:
+    def record_failure(self, pid: str, *, unreachable: bool = False) -> None:
+        """``unreachable``: the peer could not be reached (connection lost or refused, timeout),
+        as opposed to answering with something bad."""
         rec = self.records.get(pid)
         if rec is not None:
+            rec.unreachable_only = unreachable and (rec.unreachable_only or rec.failures == 0)
             rec.failures += 1
             rec.avoid_until = self.now() + min(MAX_BACKOFF, self.backoff * 2 ** (rec.failures - 1))
             if rec.failures == 1:
@@ -103,16 +109,19 @@ class PeerTable:
     def record_success(self, pid: str) -> None:
         rec = self.records.get(pid)
         if rec is not None:
-            rec.failures = 0
+            rec.failures, rec.unreachable_only = 0, False
             rec.avoid_until = 0.0
             rec.last_seen = self.now()
 
     def record_seen(self, pid: str) -> None:
         """The peer answered gossip: alive, but that says nothing about the models it serves,
-        so a back-off earned by bad snapshots stays in force."""
+        so a back-off earned by bad snapshots stays in force; one earned only by being
+        unreachable (a partition, now healed) ends."""
         rec = self.records.get(pid)
         if rec is not None:
             rec.last_seen = self.now()
+            if rec.unreachable_only:
+                rec.failures, rec.avoid_until, rec.unreachable_only = 0, 0.0, False
 
     def is_alive(self, rec: PeerRecord) -> bool:
         return not rec.left and self.now() - rec.last_seen <= self.dead_after
@@ -198,7 +207,7 @@ class MembershipService:
                 reply = await self.client.call(rec.addr, self.hello())
             except SwarmError as exc:
                 self.log.debug("gossip with %s failed: %s", rec.name or rec.id, exc)
-                self.table.record_failure(rec.id)
+                self.table.record_failure(rec.id, unreachable=isinstance(exc, TransportError))
             else:
                 self.merge_reply(reply)
                 self.table.record_seen(rec.id)

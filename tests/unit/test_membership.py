@@ -60,6 +60,22 @@ def test_gossip_keeps_a_peer_alive_but_does_not_lift_its_back_off():
     assert [r.id for r in table.candidates()] == ["a"]
 
 
+def test_a_peer_that_was_only_unreachable_is_picked_again_once_it_answers():
+    clock = FakeClock()
+    table = PeerTable("me", dead_after=5.0, backoff=1.0, now=clock)
+    table.merge(card("a", 1))
+    table.merge(card("b", 1))
+    for _ in range(8):  # a partition: every pull and gossip to them fails to connect
+        table.record_failure("a", unreachable=True)
+        table.record_failure("b", unreachable=True)
+    table.record_failure("b")  # ... and b also once sent something bad
+    assert table.candidates() == []  # both on a back-off of up to a minute
+    clock.t = 1.0
+    table.record_seen("a")  # healed: they answer gossip again
+    table.record_seen("b")
+    assert [r.id for r in table.candidates()] == ["a"]  # b's back-off stands
+
+
 def test_left_and_forgotten_peers_and_restart_under_a_new_id():
     clock = FakeClock()
     table = PeerTable("me", dead_after=1.0, backoff=1.0, now=clock, forget_after=5.0)
