@@ -32,6 +32,15 @@ def write_config(path: Path, sections: dict) -> Path:
 
 
 @pytest.fixture
+def daemons():
+    """`swarmnet peer` handles a test starts; every process tree is killed at teardown."""
+    started = []
+    yield started
+    for d in started:
+        d.kill_tree()
+
+
+@pytest.fixture
 def swarm_factory(tmp_path):
     """Start `swarmnet up` swarms; every process tree is killed at teardown."""
     started = []

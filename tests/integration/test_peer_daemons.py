@@ -21,14 +21,6 @@ def daemon_config(tmp_path, steps):
     })
 
 
-@pytest.fixture
-def daemons():
-    started = []
-    yield started
-    for d in started:
-        d.kill_tree()
-
-
 def test_peers_seeded_in_a_chain_form_one_swarm_and_report_status(tmp_path, daemons):
     config = daemon_config(tmp_path, steps=1_000_000)
     run = tmp_path / "run"

@@ -38,14 +38,6 @@ def peer_config(path, security, **network):
     })
 
 
-@pytest.fixture
-def daemons():
-    started = []
-    yield started
-    for d in started:
-        d.kill_tree()
-
-
 def start(daemons, *args, **kw):
     handle = PeerProcessHandle(*args, **kw)
     daemons.append(handle)
