@@ -34,3 +34,10 @@ def case(request, tmp_path, monkeypatch):
 
 class TestZmqCurveConformance(TransportConformance):
     pass
+
+
+
+def test_the_suite_runs_with_curve_on(case):
+    """The suite above must exercise a closed transport, not a plain one."""
+    keys = SwarmKeyZmqTransport()._curve
+    assert keys is not None and keys.check_servers and keys.allowed == {keys.public}
