@@ -231,11 +231,16 @@ class ComputeLoop(Replica):
         self.log.info("resumed from %s at step %d", self.checkpoint_path, self.step)
         return True
 
-    def adopt(self, values_N: torch.Tensor, clock: int) -> None:
-        """Before the first step: take a neighbour's model and clock (a newcomer, newcomer.py)."""
+    def adopt(self, values_N: torch.Tensor, clock: int, step: int) -> None:
+        """Before the first step: take a neighbour's model, clock and place in the schedule (a
+        newcomer, newcomer.py). Joining at the donor's step keeps the newcomer's learning rate
+        where the swarm's is (a newcomer restarting a decayed schedule would pull the swarm up
+        again) and ends it with the others instead of training on alone."""
         self.live_N.copy_(values_N)  # host->device copy when the model lives on a GPU
         self.stale_N.copy_(self.live_N)
         self.clock.restore(clock)
+        self.step = min(step, self.plan.total_steps)
+        self.stats.step = self.step
         self.publish()
 
     def save_checkpoint(self) -> None:

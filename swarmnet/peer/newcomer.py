@@ -1,11 +1,15 @@
 """A newcomer's first model: a trained neighbour's snapshot instead of a fresh initialization.
 
-A peer that starts without a checkpoint asks alive neighbours, in a random order of its own (so
-newcomers arriving together spread over different donors), for their status; the first one that
-has trained (step > 0) sends its snapshot losslessly (a pull with ``want = FULL``: float32,
-whatever the swarm's codec, moving no clock). That becomes the newcomer's model and the donor's
-phase clock its clock; momentum starts empty. When every neighbour is still at step 0 (a swarm
-started together), or none answers, the peer keeps its own initialization.
+A peer that starts without a checkpoint asks a random sample of alive neighbours for their
+status and picks, among those that have trained (step > 0), the one that has given its model
+to the fewest newcomers so far (ties at random). That donor sends its snapshot losslessly (a
+pull with ``want = FULL``: float32, whatever the swarm's codec, moving no clock); it becomes the
+newcomer's model, the donor's phase clock its clock and the donor's step its step (its place
+in the learning-rate schedule and budget); momentum starts empty. A donor sends
+one donation at a time and answers BUSY meanwhile (server.py), so newcomers arriving together
+spread over different donors; when every donor asked is busy the newcomer tries again shortly.
+When every neighbour is still at step 0 (a swarm started together), or none answers, the peer
+keeps its own initialization.
 """
 
 from __future__ import annotations
@@ -21,12 +25,16 @@ from torch import Tensor
 
 from swarmnet.codecs.fp32 import Fp32Codec
 from swarmnet.errors import CodecError, ProtocolError, SwarmError
-from swarmnet.peer.client import PeerClient
-from swarmnet.peer.membership import PeerTable
-from swarmnet.wire import FULL, MsgType, request
+from swarmnet.peer.client import PeerClient, Rejected
+from swarmnet.peer.membership import PeerRecord, PeerTable
+from swarmnet.wire import FULL, MsgType, RejectCode, request
 
+ASKED = 8
+"""Neighbours whose status a newcomer compares."""
 ATTEMPTS = 3
-"""Donors asked at most, one after the other."""
+"""Donors asked for their model per round, least used first."""
+PATIENCE = 10.0
+"""Seconds a newcomer keeps retrying while every donor it asked is busy with another newcomer."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,25 +51,56 @@ class Donation:
 async def fetch_donation(client: PeerClient, table: PeerTable, rng: random.Random, numel: int,
                          log: logging.LoggerAdapter) -> Donation | None:  # type: ignore[type-arg]
     started = time.monotonic()
-    donors = table.candidates()
-    rng.shuffle(donors)
-    for rec in donors[:ATTEMPTS]:
-        who = rec.name or rec.id
-        try:
-            status = (await client.call(rec.addr, request(MsgType.STATUS, client.sender))).body["status"]
-            step = status.get("step")
-            if not isinstance(step, int) or step <= 0:
+    while True:
+        busy = False
+        for rec, step in (await _trained_donors(client, table, rng, log))[:ATTEMPTS]:
+            who = rec.name or rec.id
+            try:
+                values_N, clock = await _pull_full(client, rec.addr, numel)
+            except SwarmError as exc:
+                if isinstance(exc, Rejected) and exc.code == RejectCode.BUSY:
+                    busy = True
+                    continue
+                table.record_failure(rec.id)
+                log.warning("could not adopt %s's model: %s", who, exc)
                 continue
-            reply = await client.call(rec.addr, request(MsgType.PULL, client.sender, clock=0, want=FULL, version=None))
-            if reply.type is not MsgType.SNAPSHOT or reply.body["codec"] != "fp32":
-                raise ProtocolError("unexpected_type", f"expected an fp32 snapshot, got {reply.type}")
-            values_N = torch.empty(numel, dtype=torch.float32)
-            await asyncio.to_thread(Fp32Codec().decode, reply.body["meta"], reply.frames, values_N, values_N, {})
-            if not bool(torch.isfinite(values_N).all()):
-                raise CodecError("the donor's snapshot holds non-finite values")
-        except SwarmError as exc:
+            return Donation(who, step, clock, values_N, time.monotonic() - started)
+        if not busy or time.monotonic() - started > PATIENCE:
+            return None
+        await asyncio.sleep(rng.uniform(0.02, 0.1))  # every donor asked is serving another newcomer
+
+
+async def _trained_donors(client: PeerClient, table: PeerTable, rng: random.Random,
+                          log: logging.LoggerAdapter) -> list[tuple[PeerRecord, int]]:  # type: ignore[type-arg]
+    """Alive neighbours that have trained, with their step, least used as donors first."""
+    asked = table.candidates()
+    rng.shuffle(asked)  # a random sample, and random order among equally used donors
+    asked = asked[:ASKED]
+    answers = await asyncio.gather(*(client.call(r.addr, request(MsgType.STATUS, client.sender)) for r in asked),
+                                   return_exceptions=True)
+    trained = []
+    for rec, answer in zip(asked, answers, strict=True):
+        if isinstance(answer, SwarmError):
             table.record_failure(rec.id)
-            log.warning("could not adopt %s's model: %s", who, exc)
+            log.warning("could not ask %s for its status: %s", rec.name or rec.id, answer)
             continue
-        return Donation(who, step, int(reply.body["clock"]), values_N, time.monotonic() - started)
-    return None
+        if isinstance(answer, BaseException):
+            raise answer
+        status = answer.body["status"]
+        step, donations = status.get("step"), status.get("donations", 0)
+        if isinstance(step, int) and step > 0 and isinstance(donations, int):
+            trained.append((donations, rec, step))
+    trained.sort(key=lambda t: t[0])  # stable: keeps the random order among ties
+    return [(rec, step) for _, rec, step in trained]
+
+
+async def _pull_full(client: PeerClient, addr: str, numel: int) -> tuple[Tensor, int]:
+    """The donor's current snapshot, lossless, and its phase clock."""
+    reply = await client.call(addr, request(MsgType.PULL, client.sender, clock=0, want=FULL, version=None))
+    if reply.type is not MsgType.SNAPSHOT or reply.body["codec"] != "fp32":
+        raise ProtocolError("unexpected_type", f"expected an fp32 snapshot, got {reply.type}")
+    values_N = torch.empty(numel, dtype=torch.float32)
+    await asyncio.to_thread(Fp32Codec().decode, reply.body["meta"], reply.frames, values_N, values_N, {})
+    if not bool(torch.isfinite(values_N).all()):
+        raise CodecError("the donor's snapshot holds non-finite values")
+    return values_N, int(reply.body["clock"])

@@ -192,7 +192,9 @@ class Peer:
         if self._stop_requested:
             compute.stop.set()
         resumed = self.resume and compute.resume()
-        compute.publish()  # neighbours can pull from us from the first moment on
+        adopting = not resumed and self.cfg.network.adopt_model and self.cfg.run.init == "shared"
+        if not adopting:
+            compute.publish()  # neighbours can pull from us from the first moment on
         compute_thread = ThreadPoolExecutor(1, thread_name_prefix=f"compute-{self.name}")
         started = time.monotonic()
         reason = "error"
@@ -200,7 +202,7 @@ class Peer:
             async with self.serving():
                 try:
                     await self.await_swarm()
-                    if not resumed and self.cfg.network.adopt_model and self.cfg.run.init == "shared":
+                    if adopting:
                         await self._adopt_model(compute, compute_thread)
                     self.start_exchange()
                     reason = await loop.run_in_executor(compute_thread, compute.run)
@@ -281,16 +283,19 @@ class Peer:
             self._exchange_task = self._services.create_task(self.exchange.run(), name="exchange")
 
     async def _adopt_model(self, compute: ComputeLoop, compute_thread: ThreadPoolExecutor) -> None:
-        """A newcomer starts from a trained neighbour's model when there is one (newcomer.py)."""
+        """A newcomer starts from a trained neighbour's model when there is one (newcomer.py).
+        Only then does it publish: until the choice is made, pulls get NOT_READY, so nobody
+        averages with a fresh initialization that is about to be replaced."""
         if self.membership.seeds and not self._stop_requested:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(5.0, self.cfg.network.join_timeout)):
                     await self.membership.joined.wait()
         donation = await fetch_donation(self.client, self.table, self.rng, compute.flat.numel, self.log)
         if donation is None:
+            await asyncio.get_running_loop().run_in_executor(compute_thread, compute.publish)
             return
         await asyncio.get_running_loop().run_in_executor(compute_thread, compute.adopt, donation.values_N,
-                                                         donation.clock)
+                                                         donation.clock, donation.step)
         self.stats.adopted_from, self.stats.adopted_step = donation.donor, donation.step
         self.log.info("adopted the model of %s (step %d, clock %d) in %.2fs", donation.donor, donation.step,
                       donation.clock, donation.seconds)

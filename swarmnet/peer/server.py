@@ -33,6 +33,9 @@ class PeerServer:
         self.limits = limits
         self.log = log
         self._slots = asyncio.Semaphore(max_concurrent)
+        self._donation: Message | None = None
+        """The lossless full snapshot on its way to a newcomer, if any: one at a time, so that
+        newcomers arriving together spread over donors (newcomer.py) instead of queueing here."""
         self._tasks: set[asyncio.Task[None]] = set()
         self.handlers: dict[MsgType, Callable[[Message], Awaitable[Message]]] = {
             MsgType.HELLO: self.handle_hello,
@@ -56,6 +59,7 @@ class PeerServer:
                 task.cancel()
 
     async def _serve(self, route: Route, frames: list[memoryview]) -> None:
+        answer: Message | None = None
         try:
             try:
                 answer = await self._answer(frames)
@@ -66,11 +70,15 @@ class PeerServer:
                                                                  "reason": f"internal error: {exc.__class__.__name__}"})
             if answer is not None:
                 out = encode(answer)
-                await self.listener.send(route, out)
+                # A donation holds its slot until it has left (bounded like any request).
+                until_sent = self.peer.cfg.network.request_timeout if answer is self._donation else 0.0
+                await self.listener.send(route, out, until_sent=until_sent)
                 self.peer.stats.bytes_out += sum(memoryview(f).nbytes for f in out)
         except TransportError as exc:
             self.log.debug("reply failed: %s", exc)
         finally:
+            if answer is not None and answer is self._donation:
+                self._donation = None
             self._slots.release()
 
     async def _answer(self, frames: list[memoryview]) -> Message | None:
@@ -115,8 +123,12 @@ class PeerServer:
             return reject(msg, peer.id, code, "no snapshot" if version is None else f"version {version} is gone")
         age = time.monotonic() - snap.created
         if msg.body["want"] == FULL:  # a newcomer adopting our model: lossless, no interaction
-            return reply(msg, MsgType.SNAPSHOT, peer.id, [host_bytes(snap.values_N)], version=snap.version,
-                         codec="fp32", meta={"n": snap.values_N.numel()}, clock=peer.clock.value, age=age)
+            if self._donation is not None:
+                return reject(msg, peer.id, RejectCode.BUSY, "sending our model to another newcomer; ask another peer")
+            self._donation = reply(msg, MsgType.SNAPSHOT, peer.id, [host_bytes(snap.values_N)], version=snap.version,
+                                   codec="fp32", meta={"n": snap.values_N.numel()}, clock=peer.clock.value, age=age)
+            peer.stats.donations += 1
+            return self._donation
         # Only the first pull of an interaction moves the phase clocks (SPEC 1.2 step 1).
         clock = peer.clock.serve(msg.body["clock"]) if version is None else peer.clock.value
         meta, frames = peer.codec.select(snap.encoded, msg.body["want"])

@@ -46,6 +46,8 @@ class PeerStats:
     adopted_from: str = ""
     """The neighbour whose model this peer started from (a newcomer), if any."""
     adopted_step: int = 0
+    donations: int = 0
+    """Newcomers that adopted this peer's model (lossless full pulls served)."""
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)

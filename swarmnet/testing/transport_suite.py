@@ -162,6 +162,30 @@ async def check_large_payload(case: TransportCase) -> None:
         assert got.size == payload.size and np.array_equal(got, payload)
 
 
+async def check_reply_until_sent(case: TransportCase) -> None:
+    """``send(..., until_sent=...)`` returns only once the transport has let go of the frames:
+    overwriting the buffer then changes nothing the requester receives."""
+    payload = _pattern(case.large_bytes, 11)
+    expected = payload.copy()
+    async with _transport(case) as transport:
+        listener = await transport.listen(case.bind_url())
+        conn = transport.connect(listener.address)
+
+        async def answer_then_overwrite() -> None:
+            route, _ = await listener.recv()
+            await listener.send(route, [memoryview(payload)], until_sent=30)
+            payload[:] = 0
+
+        server = asyncio.create_task(answer_then_overwrite())
+        try:
+            reply = await conn.request([b"give"], timeout=60)
+            assert np.array_equal(np.frombuffer(reply[0], dtype=np.uint8), expected)
+            del reply  # in-process transports share the buffer until the requester drops it
+            await asyncio.wait_for(server, 30)
+        finally:
+            server.cancel()
+
+
 async def check_concurrent_connections(case: TransportCase) -> None:
     """Several connections hold requests at one listener at once; each gets its own reply."""
     n = 6

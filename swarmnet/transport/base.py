@@ -35,8 +35,11 @@ class Listener(ABC):
         """Next request: the route to answer on and the frames."""
 
     @abstractmethod
-    async def send(self, route: Route, frames: Sequence[Buffer]) -> None:
-        """Reply to the requester identified by ``route``; never blocks on a vanished peer."""
+    async def send(self, route: Route, frames: Sequence[Buffer], *, until_sent: float = 0.0) -> None:
+        """Reply to the requester identified by ``route``; never blocks on a vanished peer.
+        With ``until_sent`` > 0, return only once the transport has let go of the frames (they
+        have left this process, or an in-process requester has dropped them), or after that
+        many seconds: a caller can then tell a transfer in progress, and reuse the buffers."""
 
     @abstractmethod
     async def aclose(self) -> None: ...

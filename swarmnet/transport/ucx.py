@@ -166,7 +166,8 @@ class UcxListener(Listener):
             raise EndpointClosed(f"listener {self.address} closed while receiving")
         return item
 
-    async def send(self, route: Route, frames: Sequence[Buffer]) -> None:
+    async def send(self, route: Route, frames: Sequence[Buffer], *, until_sent: float = 0.0) -> None:
+        # A UCX send completes when the transfer has, so until_sent needs nothing more.
         if self._closed:
             raise EndpointClosed(f"listener {self.address} is closed")
         peer_id, msg_id = _ROUTE.unpack(route)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -155,10 +156,15 @@ class ZmqListener(Listener):
             if len(parts) >= 2:  # a ROUTER always prepends the route; anything else is noise
                 return parts[0].bytes, [p.buffer for p in parts[1:]]
 
-    async def send(self, route: Route, frames: Sequence[Buffer]) -> None:
+    async def send(self, route: Route, frames: Sequence[Buffer], *, until_sent: float = 0.0) -> None:
         try:
             # ROUTER drops messages for vanished routes instead of blocking.
-            await self._socket().send_multipart([route, *frames], copy=False)
+            tracker = await self._socket().send_multipart([route, *frames], copy=False, track=until_sent > 0)
+            if until_sent > 0:
+                # libzmq lets go of zero-copy frames once they are written out (or dropped).
+                deadline = time.monotonic() + until_sent
+                while not tracker.done and time.monotonic() < deadline:
+                    await asyncio.sleep(0.002)
         except zmq.ZMQError as exc:
             raise TransportError(f"reply on {self.address} failed: {exc}") from exc
         except asyncio.CancelledError:

@@ -49,14 +49,25 @@ class CloseNotIdempotent(ZmqTransport):
         return CloseTwiceFails(self._ctx, url, max_frame_bytes)
 
 
+class ReturnsBeforeSent(ZmqTransport):
+    """Ignores until_sent: hands zero-copy frames to libzmq and returns at once."""
+
+    async def listen(self, url, **kw):
+        listener = await super().listen(url, **kw)
+        plain = listener.send
+        listener.send = lambda route, frames, until_sent=0.0: plain(route, frames)
+        return listener
+
+
 @pytest.mark.parametrize(("fault", "check", "error"), [
     (AdvertisesTheBindUrl, "advertised_address", SUITE_FAILURE),
     (IgnoresDeadlines, "timeout_and_recovery", SUITE_FAILURE),
     (DropsEmptyFrames, "round_trip", SUITE_FAILURE),
     (CloseNotIdempotent, "close_twice_and_use_after_close", RuntimeError),
+    (ReturnsBeforeSent, "reply_until_sent", SUITE_FAILURE),
 ])
 async def test_check_fails_a_faulty_transport(fault, check, error):
-    scheme = "tcp" if check == "advertised_address" else "inproc"
+    scheme = "tcp" if check in ("advertised_address", "reply_until_sent") else "inproc"
     case = TransportCase(
         name=fault.__name__, transport=f"{__name__}:{fault.__name__}", cross_process=False,
         bind_url=lambda: "tcp://127.0.0.1:0" if scheme == "tcp" else f"inproc://fault-{next(_names)}",

@@ -1,15 +1,26 @@
 """Peers joining a running swarm: newcomers adopt a trained neighbour's model, a killed and
 restarted peer resumes from its checkpoint and rejoins."""
 
+import asyncio
+import logging
 import os
+import random
 import signal
 import time
 
 import pytest
+import torch
 
 from swarmnet.peer import checkpoint
+from swarmnet.peer.client import PeerClient
+from swarmnet.peer.membership import PeerTable
 from swarmnet.peer.metrics import read_metrics
+from swarmnet.peer.newcomer import fetch_donation
+from swarmnet.peer.stats import PeerStats
+from swarmnet.tasks import digits
 from swarmnet.testing import PeerProcessHandle, query_status, wait_until
+from swarmnet.transport import TransportSet
+from swarmnet.wire import Limits
 
 from .test_swarm_faults import digits_config
 
@@ -39,7 +50,7 @@ def test_newcomers_adopt_a_trained_model_and_a_restarted_peer_resumes(swarm_fact
     cards = {n: swarm.card(n) for n in SWARM}
     wait_until(lambda: all(swarm.metrics(n) and swarm.metrics(n)[-1]["step"] >= 200 for n in SWARM), 90,
                what="the swarm trained a while")
-    started = time.monotonic()
+    started, launched_at = time.monotonic(), time.time()
     newcomers = [PeerProcessHandle(tmp_path / "newcomers", name, tmp_path / "run.toml",
                                    "--seed", cards["peer0"]["addr"]) for name in NEWCOMERS]
     try:
@@ -59,14 +70,16 @@ def test_newcomers_adopt_a_trained_model_and_a_restarted_peer_resumes(swarm_fact
         for h in newcomers:
             h.kill_tree()
     swarm_loss = max(swarm.metrics(n)[-1]["loss"] for n in SWARM)
+    while_joining = max(r["loss"] for n in SWARM for r in swarm.metrics(n) if "loss" in r and r["time"] >= launched_at)
     donors = {name: s["adopted_from"] for name, s in status.items()}
     print(f"\nnewcomers: donors {donors}, first losses {losses} (swarm {swarm_loss:.3f}), "
-          f"merging {joined} s after launch")
+          f"merging {joined} s after launch; the swarm's worst loss meanwhile {while_joining:.3f}")
     for name, s in status.items():
         # From the swarm, or from a newcomer that adopted and trained a little already.
         assert s["adopted_from"] in SWARM + NEWCOMERS and s["adopted_from"] != name and s["adopted_step"] > 0, s
-        # A fresh MLP starts near ln(10) = 2.3 on ten classes; an adopted one near the swarm's loss.
-        assert losses[name] < 0.5, losses
+        # A fresh MLP starts near ln(10) = 2.3 on ten classes (about 2 over its first ten steps);
+        # an adopted one near the swarm's loss, which at lr 0.05 with momentum spikes up to ~0.6.
+        assert losses[name] < 1.0, losses
         assert "adopted the model of" in next(h for h in newcomers if h.name == name).log(200)
 
     # A peer killed and restarted resumes from its checkpoint (model, optimizer, clock, data
@@ -101,3 +114,42 @@ def test_newcomers_adopt_a_trained_model_and_a_restarted_peer_resumes(swarm_fact
           f"{after_listening} after listening (metrics resolution: 10 steps)")
     assert "resumed from" in log and status["adopted_from"] == ""
     assert status["step"] > saved["step"] and status["clock"] >= saved["clock"]
+
+
+def test_newcomers_arriving_together_spread_over_donors(swarm_factory):
+    """Six newcomers ask three trained donors for their model at the same moment (one asyncio
+    loop, a client each: closer together than separate processes could start). A donor sends one
+    model at a time and answers BUSY meanwhile; newcomers take the least used donor, so each
+    donor serves two, and every newcomer gets a model."""
+    # A 4.3M-parameter MLP (17 MB): a donation is on the wire long enough for the others to meet it.
+    config = digits_config(checkpoint_every=0.0)
+    config["run"]["peers"] = 3
+    config["task"]["options"] = {"hidden": 2048}
+    config["network"]["adopt_model"] = False  # a late starter among the donors adopts nothing: counts start at 0
+    numel = sum(p.numel() for p in digits.task(hidden=2048).build_model().parameters())
+    swarm = swarm_factory(config)
+    cards = {n: swarm.card(n) for n in SWARM}
+    wait_until(lambda: all(swarm.metrics(n) for n in SWARM), 90, what="every donor trained a little")
+    log = logging.LoggerAdapter(logging.getLogger("newcomers"), {})
+
+    async def arrive(i):
+        transports = TransportSet()  # its own sockets, as a newcomer process has
+        client = PeerClient(sender=f"newcomer{i}", transports=transports, limits=Limits(), timeout=20,
+                            stats=PeerStats(), max_frame_bytes=2**31 - 1)
+        table = PeerTable(f"newcomer{i}", dead_after=60, backoff=1)
+        for card in cards.values():
+            table.merge({"id": card["id"], "name": card["name"], "addr": card["addr"], "hb": 0}, direct=True)
+        try:
+            return await fetch_donation(client, table, random.Random(i), numel, log)
+        finally:
+            await transports.aclose()
+
+    async def arrive_together():
+        return await asyncio.gather(*(arrive(i) for i in range(6)))
+
+    donations = asyncio.run(arrive_together())
+    served = {n: query_status(cards[n]["addr"])["donations"] for n in SWARM}
+    print(f"\ndonors {[d.donor for d in donations]}, donations per donor {served}")
+    assert all(d is not None and bool(torch.isfinite(d.values_N).all()) for d in donations)
+    assert served == {n: 2 for n in SWARM}
+    assert sorted(d.donor for d in donations) == sorted(SWARM * 2)
