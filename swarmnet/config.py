@@ -171,8 +171,9 @@ class NetworkConfig:
     passes): lets a launcher start a swarm without giving the first peer a head start."""
     join_timeout: float = 30.0
     adopt_model: bool = True
-    """A peer starting without a checkpoint first takes the model of a neighbour that has trained
-    (a lossless pull), instead of its own initialization; never with run.init = independent."""
+    """A peer starting without a checkpoint first takes the model, phase clock and step of a
+    neighbour that has trained (a lossless pull), instead of its own initialization; never with
+    run.init = independent. Until then it serves no snapshot (pulls get not_ready)."""
     linger: float = 1.0
     """After its budget, keep serving the final snapshot this long (others may be finishing)."""
     max_header_bytes: int = 65536
