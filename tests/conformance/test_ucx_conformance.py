@@ -14,6 +14,9 @@ UCX_ENV = {"UCX_TLS": os.environ.get("UCX_TLS", "tcp"), "UCX_WARN_UNUSED_ENV_VAR
 
 
 def _ucx_unusable() -> str | None:
+    # UCX reads its variables when it initialises, and ucxx.init() adds some of its own; put the
+    # environment back afterwards so that the processes later tests start never inherit them.
+    saved = dict(os.environ)
     for key, value in UCX_ENV.items():
         os.environ.setdefault(key, value)
     try:
@@ -24,6 +27,9 @@ def _ucx_unusable() -> str | None:
         ucxx.init()
     except Exception as exc:
         return f"UCX fails to initialise: {exc!r}"
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     return None
 
 
