@@ -25,6 +25,9 @@ def test_poisoned_snapshots_are_refused_and_their_servers_avoided(swarm_factory,
     swarm = swarm_factory(config)
     cards = {name: swarm.card(name) for name in HONEST}
     wait_until(lambda: all(len(swarm.metrics(n)) > 5 for n in HONEST), 60, what="training under way")
+    before = {n: query_status(cards[n]["addr"])["interactions"] for n in HONEST}
+    time.sleep(10)
+    pace = {n: query_status(cards[n]["addr"])["interactions"] - before[n] for n in HONEST}
     rogues = {}
     for mode in ("nan", "huge"):
         out = tmp_path / f"rogue-{mode}"
@@ -43,12 +46,15 @@ def test_poisoned_snapshots_are_refused_and_their_servers_avoided(swarm_factory,
         for proc, _ in rogues.values():
             proc.kill_tree()
     print("\nrefusals", {n: s["rejected"] for n, s in status.items()}, "pulls served by the rogues", served,
-          "interactions in 10 s", {n: status[n]["interactions"] - start[n]["interactions"] for n in HONEST})
+          "interactions in 10 s", {n: status[n]["interactions"] - start[n]["interactions"] for n in HONEST},
+          "before the rogues", pace)
     for name in HONEST:
         s = status[name]
         assert s["rejected"].get("non_finite", 0) >= 1 and s["rejected"].get("too_far", 0) >= 1, s["rejected"]
         assert s["state"] == "training" and s["loss"] < 1.0, s
-        assert s["interactions"] - start[name]["interactions"] > 50
+        # Honest pulls go on at no less than half their pace of the 10 s before the rogues came (a loaded CI
+        # machine measured 50-61 in 10 s); that the rogues are avoided is checked by their served counts below.
+        assert s["interactions"] - start[name]["interactions"] >= 0.5 * pace[name] > 0, (pace, s["interactions"])
         # Avoided: back-off doubles from 0.5 s per refusal (0.5 + 1 + 2 + 4 + 8 s): a handful of pulls.
         for mode in served:
             assert served[mode].get(s["id"], 0) <= 7, (mode, served[mode])
