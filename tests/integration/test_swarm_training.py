@@ -81,8 +81,8 @@ def test_quickstart_matches_sequential_sgd_on_digits(swarm_factory, tmp_path):
     finally:
         sequential.kill_tree()
     # Paced by the default exchange CPU budget, as the fp32 quickstart above is. (Unpaced, as the
-    # config has it, two CI runs of the whole suite ended at 95.5-95.8% with the peers still 0.4-0.9
-    # apart, which 30 standalone runs never did; see docs/results.md.)
+    # config has it, peers that merge more often compute slower; inside the full suite they ended up
+    # finishing seconds apart, at 95.5-95.8% with the models 0.4-0.9 apart; see docs/results.md.)
     lattice = LocalSwarm(tmp_path / "lattice", Path("configs/quickstart-lattice.toml"),
                          "--set", "network.exchange_cpu=-1")
     try:
