@@ -13,6 +13,10 @@ on an event loop in a background thread of this process. ``step()`` never waits 
 it applies a neighbour's model only if the exchange already pulled and decoded one. Momentum
 buffers and model buffers (BatchNorm statistics) stay local. Learning-rate schedulers attach to
 the wrapped optimizer as usual.
+
+Like a daemon, the peer writes ``run_dir/<name>/metrics.jsonl`` (every ``train.metrics_every``
+steps; the loss is the mean of what ``step(closure)`` returned or :meth:`report_loss` was given
+since the last row) and, on close, ``run_dir/<name>/summary.json``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import os
 import random
 import socket
 import threading
+import time
 import weakref
 import zlib
 from collections.abc import Callable, Iterable, Mapping
@@ -36,6 +41,7 @@ from swarmnet.algorithms import LocalSteps
 from swarmnet.config import SwarmConfig, build_config, load_config, to_dict
 from swarmnet.errors import ConfigError, SwarmError
 from swarmnet.peer.compute import Replica
+from swarmnet.peer.metrics import MetricsWriter, progress_record
 from swarmnet.peer.node import Peer, PeerIdentity, resolve_rank
 from swarmnet.peer.state import Mailbox
 
@@ -50,9 +56,10 @@ class SwarmOptimizer:
     """Wraps ``optimizer`` (which steps ``model``) and makes this process one peer of a swarm.
 
     ``config`` is a swarm config (a TOML path or a :class:`SwarmConfig`); its ``algorithm``,
-    ``codec`` and ``network`` sections apply, the ``train`` and ``task`` sections do not (your
-    loop is the training). ``listen``, ``seeds``, ``run_dir`` and ``settings`` (dotted keys, as
-    ``--set`` on the command line) override it. ``name`` defaults to host-pid.
+    ``codec`` and ``network`` sections apply, and of ``train`` only ``metrics_every`` and
+    ``tensorboard`` (your loop is the training; ``task`` does not apply). ``listen``,
+    ``seeds``, ``run_dir`` and ``settings`` (dotted keys, as ``--set`` on the command line)
+    override it. ``name`` defaults to host-pid.
 
     Call :meth:`close` (or use ``with``) when done: it stops the exchange, merges what was
     already acknowledged, serves the final model for ``network.linger`` seconds and leaves.
@@ -96,6 +103,11 @@ class SwarmOptimizer:
         )
         self.replica.publish()
         self.peer.attach(self.replica, self.replica.mailbox)
+        self.metrics = MetricsWriter(self.peer.peer_dir / "metrics.jsonl", tensorboard=self.cfg.train.tensorboard)
+        self._began = time.monotonic()
+        self._loss_sum: torch.Tensor | float = 0.0
+        self._loss_count = 0
+        self._last_row_step = 0
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"swarmnet-{self.name}",
                                         daemon=True)
         self._thread.start()
@@ -108,6 +120,7 @@ class SwarmOptimizer:
         concurrent.futures.wait([self._started, self._hosting], START_TIMEOUT + self.cfg.network.join_timeout,
                                 return_when=concurrent.futures.FIRST_COMPLETED)
         if not self._started.done():
+            self.metrics.close()
             self._shutdown_loop()
             error = self._hosting.exception() if self._hosting.done() else None
             if isinstance(error, SwarmError):
@@ -135,9 +148,26 @@ class SwarmOptimizer:
         if self._closed:
             raise SwarmError("step() after close(): this peer has left the swarm")
         result = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        if result is not None:
+            self.report_loss(result)
         self.replica.after_step()
         self.replica.merge_pending()
+        if self.replica.step % self.cfg.train.metrics_every == 0:
+            self._write_metrics()
         return result
+
+    def report_loss(self, loss: torch.Tensor | float) -> None:
+        """Count a training loss into the next metrics row (``step(closure)`` does it for you)."""
+        value = loss.detach() if isinstance(loss, torch.Tensor) else float(loss)
+        self._loss_sum = self._loss_sum + value
+        self._loss_count += 1
+
+    def _write_metrics(self) -> None:
+        loss = float(self._loss_sum) / self._loss_count if self._loss_count else None  # CPU<->GPU sync point
+        self._loss_sum, self._loss_count = 0.0, 0
+        self.peer.stats.loss = loss if loss is not None else self.peer.stats.loss
+        self.metrics.write(progress_record(self.peer.stats, elapsed=time.monotonic() - self._began, loss=loss))
+        self._last_row_step = self.replica.step
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -173,9 +203,14 @@ class SwarmOptimizer:
             concurrent.futures.wait([self._drained, self._hosting], return_when=concurrent.futures.FIRST_COMPLETED)
             if self._drained.done():
                 self.replica.merge_pending(final=True)  # here, in the training thread
+                if self.replica.step != self._last_row_step:
+                    self._write_metrics()
+                self.peer.write_summary("closed", time.monotonic() - self._began, steps=self.replica.step,
+                                        total_steps=None, evaluation={})
                 self._loop.call_soon_threadsafe(self._merged.set)
             self._hosting.result()
         finally:
+            self.metrics.close()
             _IN_SWARM.discard(self.model)
             self._shutdown_loop()
 

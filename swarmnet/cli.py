@@ -177,24 +177,30 @@ def eval_(
     typer.echo(text)
 
 
+def _span(values: list[float]) -> str:
+    return f"{min(values):.3f}-{max(values):.3f}"
+
+
 @bench_app.command("exchange")
 def bench_exchange(
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the figures as JSON here.")] = None,
     quick: Annotated[bool, typer.Option(help="Shorter runs.")] = False,
+    rounds: Annotated[int, typer.Option(min=1, help="Rounds of off / on / unlimited runs (median ratio).")] = 3,
 ) -> None:
     """Compute steps/s with the exchange on vs off, and snapshot pulls vs raw pyzmq."""
     from rich.console import Console
 
     from swarmnet.bench.exchange import run
 
-    result = run(json_path=json_path, quick=quick)
+    result = run(json_path=json_path, quick=quick, rounds=rounds)
     p = result["pull"]
     console = Console()
     for c in (result["compute"], result["compute_large_batch"]):
         rate, per_merge = c["steps_per_s"], c["steps_per_merge"]
         console.print(f"compute (batch {c['batch_size']}, H = {c['local_steps']}): {rate['on']:.1f} steps/s with the "
                       f"exchange (a merge every {per_merge['on']:.1f} steps), {rate['off']:.1f} without -> ratio "
-                      f"{c['ratio']:.3f} (target >= 0.95); no CPU budget: {rate['unlimited']:.1f} steps/s, a merge "
+                      f"{c['ratio']:.3f} (median of {c['rounds']}: {_span(c['ratio_rounds'])}; target >= 0.95); "
+                      f"no CPU budget: {rate['unlimited']:.1f} steps/s, a merge "
                       f"every {per_merge['unlimited']:.1f} steps, ratio {c['ratio_unlimited']:.3f}")
     console.print(f"pull {p['bytes'] / 1e6:.1f} MB: swarmnet {p['swarmnet_pull_ms']:.1f} ms (+{p['swarmnet_decode_ms']:.1f} ms "
                   f"decode), raw pyzmq {p['raw_pyzmq_ms']:.1f} ms -> ratio {p['ratio']:.3f} (target >= 0.8), "

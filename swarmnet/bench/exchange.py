@@ -2,7 +2,8 @@
 
 1. Compute ratio: the same 2-peer swarm (real processes, digits MLP) with the exchange on (its
    default CPU budget) versus off, and with no budget at all; steps per second per peer over the
-   middle of each run, and how many steps each merge took. Target >= 0.95.
+   middle of each run, and how many steps each merge took; the median over rounds of the three
+   runs back to back. Target >= 0.95.
 2. Pull ratio: one real peer daemon serves an fp32 snapshot of a ~37 MB model; a client pulls it
    through the swarmnet protocol (PULL, validation, decode into a preallocated vector) and, on the
    same socket types, a raw pyzmq ROUTER/DEALER pair moves the same bytes (copy=False). Both run
@@ -54,33 +55,50 @@ EXCHANGE_MODES = {"off": {"exchange": False}, "on": {}, "unlimited": {"exchange_
 unlimited: pull again as soon as the last merge was applied, whatever it costs."""
 
 
+def _compute_run(workdir: Path, mode: str, *, hidden: int, steps: int, local_steps: int,
+                 batch_size: int) -> tuple[float, float]:
+    """One 2-peer swarm in ``mode``: (steps per second per peer, steps per merge)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = _write_toml(workdir / f"compute-{mode}-{batch_size}.toml", {
+        "run": {"peers": 2},
+        "task": {"spec": "swarmnet.tasks.digits:task", "options": {"hidden": hidden}},
+        "train": {"batch_size": batch_size, "lr": 0.02, "steps": steps, "metrics_every": 20,
+                  "checkpoint_every": 0.0},
+        "algorithm": {"name": "swarmsgd", "local_steps": local_steps},
+        "network": EXCHANGE_MODES[mode],
+    })
+    swarm = LocalSwarm(workdir / f"compute-{mode}-{batch_size}", config)
+    try:
+        if swarm.wait(600) != 0:
+            raise RuntimeError(f"bench swarm failed:\n{swarm.log()}")
+    finally:
+        swarm.kill_tree()
+    rate = statistics.mean(_rate(swarm.metrics(f"peer{i}")) for i in range(2))
+    peers = swarm.summary()["peers"]
+    merges = sum(p["interactions"] for p in peers)
+    return rate, (sum(p["steps"] for p in peers) / merges if merges else float("inf"))
+
+
 def compute_ratio(workdir: Path, *, hidden: int = 512, steps: int = 3000, local_steps: int = 2,
-                  batch_size: int = 32) -> dict[str, Any]:
-    rates: dict[str, float] = {}
-    steps_per_merge: dict[str, float] = {}
-    for mode, network in EXCHANGE_MODES.items():
-        config = _write_toml(workdir / f"compute-{mode}-{batch_size}.toml", {
-            "run": {"peers": 2},
-            "task": {"spec": "swarmnet.tasks.digits:task", "options": {"hidden": hidden}},
-            "train": {"batch_size": batch_size, "lr": 0.02, "steps": steps, "metrics_every": 20,
-                      "checkpoint_every": 0.0},
-            "algorithm": {"name": "swarmsgd", "local_steps": local_steps},
-            "network": network,
-        })
-        swarm = LocalSwarm(workdir / f"compute-{mode}-{batch_size}", config)
-        try:
-            if swarm.wait(600) != 0:
-                raise RuntimeError(f"bench swarm failed:\n{swarm.log()}")
-        finally:
-            swarm.kill_tree()
-        rates[mode] = statistics.mean(_rate(swarm.metrics(f"peer{i}")) for i in range(2))
-        peers = swarm.summary()["peers"]
-        merges = sum(p["interactions"] for p in peers)
-        steps_per_merge[mode] = sum(p["steps"] for p in peers) / merges if merges else float("inf")
-    return {"steps_per_s": rates, "ratio": rates["on"] / rates["off"],
-            "ratio_unlimited": rates["unlimited"] / rates["off"],
-            "steps_per_merge": {k: v for k, v in steps_per_merge.items() if k != "off"},
-            "peers": 2, "hidden": hidden, "batch_size": batch_size, "local_steps": local_steps}
+                  batch_size: int = 32, rounds: int = 3) -> dict[str, Any]:
+    """Rounds of the three modes back to back (the order rotating each round); each round's
+    ratio compares runs minutes apart at most, and the median over rounds is reported, since
+    the machine's pace alone drifts by about 10% between runs."""
+    runs: dict[str, list[tuple[float, float]]] = {mode: [] for mode in EXCHANGE_MODES}
+    modes = list(EXCHANGE_MODES)
+    for r in range(rounds):
+        for mode in modes[r % len(modes):] + modes[: r % len(modes)]:
+            runs[mode].append(_compute_run(workdir / f"round{r}", mode, hidden=hidden, steps=steps,
+                                           local_steps=local_steps, batch_size=batch_size))
+    rates = {mode: [rate for rate, _ in values] for mode, values in runs.items()}
+    ratios = [on / off for on, off in zip(rates["on"], rates["off"])]
+    ratios_unlimited = [u / off for u, off in zip(rates["unlimited"], rates["off"])]
+    return {"steps_per_s": {mode: statistics.median(v) for mode, v in rates.items()},
+            "steps_per_s_rounds": rates,
+            "ratio": statistics.median(ratios), "ratio_rounds": ratios,
+            "ratio_unlimited": statistics.median(ratios_unlimited), "ratio_unlimited_rounds": ratios_unlimited,
+            "steps_per_merge": {mode: statistics.median(m for _, m in runs[mode]) for mode in ("on", "unlimited")},
+            "rounds": rounds, "peers": 2, "hidden": hidden, "batch_size": batch_size, "local_steps": local_steps}
 
 
 def pull_ratio(workdir: Path, *, hidden: int = 3000, repeats: int = 30) -> dict[str, Any]:
@@ -158,14 +176,16 @@ async def _pull_client(address: str, repeats: int) -> dict[str, Any]:
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
 
 
-def run(*, json_path: Path | None = None, quick: bool = False, progress: bool = True) -> dict[str, Any]:
+def run(*, json_path: Path | None = None, quick: bool = False, rounds: int = 3,
+        progress: bool = True) -> dict[str, Any]:
     from rich.progress import Progress
 
     # A small step (batch 32, about 2 ms) shows the exchange's own CPU cost; a larger one
     # (batch 512) is closer to real training, where the step dominates.
     stages = {
-        "compute": lambda work: compute_ratio(work, steps=1500 if quick else 3000),
-        "compute_large_batch": lambda work: compute_ratio(work, steps=600 if quick else 1200, batch_size=512),
+        "compute": lambda work: compute_ratio(work, steps=1500 if quick else 3000, rounds=rounds),
+        "compute_large_batch": lambda work: compute_ratio(work, steps=600 if quick else 1200, batch_size=512,
+                                                          rounds=rounds),
         "pull": lambda work: pull_ratio(work, repeats=10 if quick else 30),
     }
     result: dict[str, Any] = {}

@@ -33,7 +33,7 @@ from swarmnet.codecs import Codec
 from swarmnet.config import SwarmConfig, TrainConfig
 from swarmnet.peer import checkpoint
 from swarmnet.peer.data import ShardSampler
-from swarmnet.peer.metrics import MetricsWriter
+from swarmnet.peer.metrics import MetricsWriter, progress_record
 from swarmnet.peer.state import FlatParameters, Mailbox, MergeEntry, NudgeInbox, SnapshotStore
 from swarmnet.peer.stats import PeerStats
 from swarmnet.tasks import Task
@@ -320,14 +320,7 @@ class ComputeLoop(Replica):
         self._loss_count = 0
         self.stats.loss = loss
         self.stats.clock = self.clock.value
-        s = self.stats
-        self.metrics.write({
-            "time": time.time(), "elapsed": time.monotonic() - self.started, "step": s.step,
-            "epoch": s.epoch, "loss": loss, "lr": s.lr, "clock": s.clock,
-            "interactions": s.interactions, "nudges": s.nudges_applied, "pulls_failed": s.pulls_failed,
-            "bytes_in": s.bytes_in, "bytes_out": s.bytes_out, "staleness_s": s.staleness_s,
-            "consensus": s.consensus, "bits_per_coord": s.bits_per_coord, "peers": s.peers_alive,
-        })
+        self.metrics.write(progress_record(self.stats, elapsed=time.monotonic() - self.started, loss=loss))
         if not math.isfinite(loss):
             self.log.error("training loss is %s at step %d: the model diverged; lower train.lr "
                            "or check the data", loss, self.step)

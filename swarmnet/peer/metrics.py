@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any, TextIO
 
 from swarmnet.log import get_logger
+from swarmnet.peer.stats import PeerStats
 
 
 def _clean(value: Any) -> Any:
@@ -18,6 +20,18 @@ def _clean(value: Any) -> Any:
 
 
 NOT_SCALARS = ("time", "elapsed", "step")
+
+
+def progress_record(stats: PeerStats, *, elapsed: float, loss: float | None) -> dict[str, Any]:
+    """One row of the metrics stream: where training and the exchange stand now."""
+    s = stats
+    return {
+        "time": time.time(), "elapsed": elapsed, "step": s.step, "epoch": s.epoch, "loss": loss,
+        "lr": s.lr, "clock": s.clock, "interactions": s.interactions, "nudges": s.nudges_applied,
+        "pulls_failed": s.pulls_failed, "bytes_in": s.bytes_in, "bytes_out": s.bytes_out,
+        "staleness_s": s.staleness_s, "consensus": s.consensus, "bits_per_coord": s.bits_per_coord,
+        "peers": s.peers_alive,
+    }
 
 
 def _tensorboard(logdir: Path) -> Any:

@@ -208,7 +208,8 @@ class Peer:
                     reason = await loop.run_in_executor(compute_thread, compute.run)
                     await self.drain()
                     await loop.run_in_executor(compute_thread, compute.finalize)
-                    self._write_summary(compute, reason, time.monotonic() - started)
+                    self.write_summary(reason, time.monotonic() - started, steps=compute.step,
+                                       total_steps=compute.plan.total_steps, evaluation=compute.last_eval)
                     self.log.info("finished (%s) at step %d after %d interactions", reason, compute.step,
                                   self.stats.interactions)
                     await self.finish()
@@ -355,16 +356,18 @@ class Peer:
             json.dump(card, fh)
         os.replace(tmp, path)
 
-    def _write_summary(self, compute: ComputeLoop, reason: str, elapsed: float) -> None:
+    def write_summary(self, reason: str, elapsed: float, *, steps: int, total_steps: int | None,
+                      evaluation: dict[str, float]) -> None:
+        """run_dir/<peer>/summary.json: how this peer's run ended (what `swarmnet up` collects)."""
         s = self.stats
         summary = {
             "name": self.name, "id": self.id, "addr": self.address, "device": str(self.device),
-            "reason": reason, "elapsed_s": elapsed, "steps": compute.step,
-            "total_steps": compute.plan.total_steps, "interactions": s.interactions,
+            "reason": reason, "elapsed_s": elapsed, "steps": steps,
+            "total_steps": total_steps, "interactions": s.interactions,
             "nudges_applied": s.nudges_applied, "nudges_refused": s.nudges_refused,
             "nudges_rejected": s.nudges_rejected, "pulls_ok": s.pulls_ok, "pulls_failed": s.pulls_failed,
             "bytes_sent": s.bytes_out, "bytes_received": s.bytes_in, "final_loss": s.loss,
-            "eval": compute.last_eval, "clock": self.clock.value, "staleness_s": s.staleness_s,
+            "eval": evaluation, "clock": self.clock.value, "staleness_s": s.staleness_s,
             "consensus": s.consensus, "exchange_cpu": s.exchange_cpu, "budget_wait_s": s.budget_wait_s,
             "rejected": dict(s.rejected), "checkpoint_errors": s.checkpoint_errors,
             "adopted_from": s.adopted_from, "adopted_step": s.adopted_step,

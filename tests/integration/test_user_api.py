@@ -68,7 +68,7 @@ def test_two_in_process_peers_merge_while_buffers_and_momentum_stay_local(tmp_pa
     b_model, b_opt = _model_and_optimizer()
     with torch.no_grad():
         b_model[0].weight.add_(1.0)  # b starts elsewhere: a's merges must pull a toward it
-    settings = {"network.linger": 0.0}
+    settings = {"network.linger": 0.0, "train.metrics_every": 5}
     x = torch.randn(16, 4)
     with swarmnet.SwarmOptimizer(a_opt, a_model, name="a", run_dir=tmp_path, settings=settings) as a, \
          swarmnet.SwarmOptimizer(b_opt, b_model, name="b", run_dir=tmp_path, seeds=[a.address],
@@ -77,11 +77,15 @@ def test_two_in_process_peers_merge_while_buffers_and_momentum_stay_local(tmp_pa
         b_running_mean = b_model[1].running_mean.clone()
         start_gap = float((a_model[0].weight - b_model[0].weight).detach().norm())
 
-        def a_step():
+        def zero_loss():
             a.zero_grad()
-            a_model(x).pow(2).mean().mul(0.0).backward()  # zero gradient: only merges move a
-            a.step()
-            return a.status()["interactions"] >= 3
+            loss = a_model(x).pow(2).mean().mul(0.0)  # zero gradient: only merges move a
+            loss.backward()
+            return loss
+
+        def a_step():
+            a.step(zero_loss)
+            return a.status()["interactions"] >= 3 and a.replica.step >= 10
 
         wait_until(a_step, 30, interval=0.01, what="three merges into a")
         momentum = a_opt.state[a_model[0].weight]["momentum_buffer"]
@@ -92,6 +96,13 @@ def test_two_in_process_peers_merge_while_buffers_and_momentum_stay_local(tmp_pa
     with pytest.raises(SwarmError, match="after close"):
         a.step()
     a.close()  # a second close is a no-op
+    # Like a daemon: a metrics stream while training and a summary on close.
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["reason"] == "closed" and summary["steps"] >= 10 and summary["interactions"] >= 3, summary
+    assert [r["step"] for r in rows[:2]] == [5, 10] and all(r["loss"] == 0.0 for r in rows), rows
+    assert rows[-1]["step"] == summary["steps"] and 3 <= rows[-1]["interactions"] <= summary["interactions"]
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["steps"] == 0
 
 
 @pytest.mark.timeout(60)
