@@ -174,8 +174,10 @@ class NetworkConfig:
     """A peer starting without a checkpoint first takes the model, phase clock and step of a
     neighbour that has trained (a lossless pull), instead of its own initialization; never with
     run.init = independent. Until then it serves no snapshot (pulls get not_ready)."""
-    linger: float = 1.0
-    """After its budget, keep serving the final snapshot this long (others may be finishing)."""
+    linger: float = 5.0
+    """Seconds a peer that spent its budget stays while others still train: first merging their
+    snapshots without stepping (so the first to finish does not keep a model the others moved
+    away from), then serving its final snapshot."""
     max_header_bytes: int = 65536
     max_message_bytes: int = 2**31 - 1
     """Largest single frame accepted (ZeroMQ drops connections that send more)."""

@@ -8,17 +8,20 @@
 The networking half (:meth:`Peer.attach`, :meth:`Peer.serving`, :meth:`Peer.drain`,
 :meth:`Peer.finish`) also hosts a user's own training loop (swarmnet.api).
 
-Shutdown order (budget reached, SIGINT or SIGTERM): the compute thread finishes its step; the
-peer refuses new nudges; the interaction in flight completes; the compute thread merges what was
-acknowledged, evaluates and writes its final checkpoint; the peer keeps serving its final
-snapshot for ``linger`` seconds while others finish, says goodbye, closes its sockets with
-linger 0. A second signal skips the grace steps.
+Shutdown order (budget reached, SIGINT or SIGTERM): the compute thread finishes its step; after
+a spent budget, while neighbours still train, the peer keeps merging their snapshots without
+stepping (at most ``linger`` seconds: a peer that finished first must not keep a model the
+others have moved away from); it refuses new nudges; the interaction in flight completes; the
+compute thread merges what was acknowledged, evaluates and writes its final checkpoint; the peer
+keeps serving its final snapshot while others finish (within the same ``linger``), says goodbye,
+closes its sockets with linger 0. A second signal skips the grace steps.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import random
@@ -53,6 +56,9 @@ from swarmnet.security import exposure_warning, peer_keys, split_address, with_k
 from swarmnet.tasks import load_task
 from swarmnet.transport import TransportSet
 from swarmnet.wire import Limits, MsgType, request
+
+FINISHED = ("settling", "done")
+"""States of a peer whose budget is spent: its card says ``done`` (it no longer steps)."""
 
 RANK_VARIABLES = ("SWARMNET_RANK", "RANK", "SLURM_PROCID", "LOCAL_RANK")
 LOCAL_RANK_VARIABLES = ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK")
@@ -153,7 +159,7 @@ class Peer:
 
     def card(self) -> dict[str, Any]:
         return {"id": self.id, "addr": self.address, "hb": self.membership.heartbeat, "name": self.name,
-                "done": self.stats.state == "done"}
+                "done": self.stats.state in FINISHED}
 
     def status(self) -> dict[str, Any]:
         return {
@@ -206,13 +212,16 @@ class Peer:
                         await self._adopt_model(compute, compute_thread)
                     self.start_exchange()
                     reason = await loop.run_in_executor(compute_thread, compute.run)
+                    linger_until = time.monotonic() + self.cfg.network.linger
+                    if reason == "budget":
+                        await self._settle(compute, compute_thread, linger_until)
                     await self.drain()
                     await loop.run_in_executor(compute_thread, compute.finalize)
                     self.write_summary(reason, time.monotonic() - started, steps=compute.step,
                                        total_steps=compute.plan.total_steps, evaluation=compute.last_eval)
                     self.log.info("finished (%s) at step %d after %d interactions", reason, compute.step,
                                   self.stats.interactions)
-                    await self.finish()
+                    await self.finish(linger_until)
                 finally:
                     compute.stop.set()  # whatever ended the loop, the compute thread must not outlive it
         finally:
@@ -313,10 +322,25 @@ class Peer:
         if self._exchange_task is not None:
             self._exchange_task.cancel()
 
-    async def finish(self) -> None:
-        """After the final merge: serve the final snapshot a while, then say goodbye."""
+    async def _settle(self, compute: ComputeLoop, compute_thread: ThreadPoolExecutor, until: float) -> None:
+        """Budget spent: merge what the exchange pulls, without stepping, while neighbours still
+        train (until ``until``). Peers finish at different times (a faster one, or one that
+        merged less often); without this the first to finish would keep a model the others
+        have moved away from, and the swarm would end apart."""
+        self.stats.state = "settling"
+        loop = asyncio.get_running_loop()
+        merge_now = functools.partial(compute.merge_pending, final=True)
+        while not self._peers_finished(until):
+            await loop.run_in_executor(compute_thread, merge_now)
+            await asyncio.sleep(0.02)
+
+    async def finish(self, linger_until: float | None = None) -> None:
+        """After the final merge: serve the final snapshot while others still train (until
+        ``linger_until``, by default ``linger`` seconds from now), then say goodbye."""
         self.stats.state = "done"
-        await self._linger()
+        until = time.monotonic() + self.cfg.network.linger if linger_until is None else linger_until
+        while not self._peers_finished(until):
+            await asyncio.sleep(0.05)
         await self._say_goodbye()
 
     async def await_swarm(self) -> None:
@@ -330,13 +354,12 @@ class Peer:
                 return
             await asyncio.sleep(0.02)
 
-    async def _linger(self) -> None:
-        """Keep serving the final snapshot while others, still training, may pull it."""
-        deadline = time.monotonic() + self.cfg.network.linger
-        while not (self._force or self._stop_requested) and time.monotonic() < deadline:
-            if all(r.done for r in self.table.alive()):
-                return
-            await asyncio.sleep(0.05)
+    def _peers_finished(self, until: float) -> bool:
+        """Whether to stop waiting on the others: all live peers finished, ``until`` passed, or
+        a stop was requested."""
+        if self._force or self._stop_requested or time.monotonic() >= until:
+            return True
+        return all(r.done for r in self.table.alive())
 
     async def _say_goodbye(self) -> None:
         bye = [self.client.call(r.addr, request(MsgType.BYE, self.id), timeout=0.5) for r in self.table.alive()]

@@ -17,7 +17,7 @@ from rich.text import Text
 
 from swarmnet.ui.model import PeerStatus, SwarmSnapshot
 
-STATE_STYLES = {"training": "green", "starting": "yellow", "draining": "cyan", "done": "blue"}
+STATE_STYLES = {"training": "green", "starting": "yellow", "settling": "cyan", "draining": "cyan", "done": "blue"}
 
 
 def fmt_float(value: float | None, digits: int = 4) -> str:
