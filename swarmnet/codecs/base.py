@@ -64,11 +64,15 @@ class Codec(ABC):
 
     name: ClassVar[str]
     lossless: ClassVar[bool] = False
+    uses_progress: ClassVar[bool] = False
+    """Wants ``hints["progress"]``: what the owner's own training steps moved since the last
+    publish (merges excluded), a vector like the encoded one, over ``hints["progress_steps"]``."""
 
     @abstractmethod
-    def encode(self, flat_N: Tensor, hints: Mapping[str, float] | None = None) -> Encoded:
+    def encode(self, flat_N: Tensor, hints: Mapping[str, Any] | None = None) -> Encoded:
         """Called by the compute thread once per publish. ``hints`` carries training state a
-        codec may follow (``lr``, ``local_steps``); a codec ignores what it does not use."""
+        codec may follow (``lr``, ``local_steps``, and ``progress`` for codecs that set
+        ``uses_progress``); a codec ignores what it does not use."""
 
     @abstractmethod
     def decode(

@@ -4,12 +4,19 @@ Legend: R = chunks (rows) of one snapshot.
 
 Theory wants the quantization error comparable to one interaction's update, (R^2+7) eps =
 eta H M (SPEC 2.5). The adaptive policy measures that scale directly: the RMS, per chunk, of
-the difference between this snapshot and the previous published one (about eta H times the
-gradient RMS plus averaging moves), smoothed by an EMA, and sets eps = scale * that. When the
-runtime passes ``hints`` with ``lr`` (and ``local_steps``, default 1) the EMA runs on the
-difference divided by lr*H and eps is multiplied back by the current lr*H, so eps follows a
-decaying learning rate at once instead of lagging the EMA; consensus distances shrink with the
-learning rate too (SPEC 3.4), so bits per coordinate stay roughly constant.
+what the peer's own training steps moved since the previous snapshot (``hints["progress"]``,
+over ``hints["progress_steps"]`` steps), smoothed by an EMA, and sets eps = scale * that. When
+the runtime passes ``lr`` (and ``local_steps``, default 1) the EMA runs on that RMS per unit of
+lr*steps and eps is multiplied back by the current lr*H, so eps follows a decaying learning rate
+at once instead of lagging the EMA; consensus distances shrink with the learning rate too
+(SPEC 3.4), so bits per coordinate stay roughly constant.
+
+Averaging moves must stay out of that measure. A snapshot follows a merge, so the plain
+difference between successive snapshots holds the merge's move as well, which is half the
+distance to the neighbour: eps would then grow with the distance, and with it the rounding noise
+every merge adds, until the noise keeps the peers as far apart as they are (seen: peers stuck
+0.5 apart at a learning rate of zero). Without ``progress`` (a caller that does not track it)
+the policy falls back to that plain difference.
 
 Fallbacks: the first snapshot (nothing to difference against), or a chunk that has never
 changed, uses ``init`` times the chunk's RMS (or the vector's, or ``init`` itself if all is
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -65,24 +73,27 @@ class StepPolicy:
         rms_x: Callable[[], Tensor],
         rms_diff_R: Tensor | None,
         max_abs_R: Tensor,
-        hints: Mapping[str, float] | None,
+        hints: Mapping[str, Any] | None,
     ) -> Tensor:
-        """Exponents (int64, CPU [R]) from the per-chunk RMS of x minus the previous snapshot
-        (None on the first snapshot) and max |x| (float64 CPU tensors [R]); ``rms_x()`` gives
-        the per-chunk RMS of x itself and is called only when a fallback needs it."""
+        """Exponents (int64, CPU [R]) from the per-chunk RMS of the training progress since the
+        previous snapshot (or of x minus the previous snapshot; None on the first snapshot) and
+        max |x| (float64 CPU tensors [R]); ``rms_x()`` gives the per-chunk RMS of x itself and is
+        called only when a fallback needs it."""
         if self.fixed is not None:
             return torch.full_like(max_abs_R, math.floor(math.log2(self.fixed)), dtype=torch.int64)
         lr = float(hints.get("lr", 0.0)) if hints else 0.0
         steps = float(hints.get("local_steps", 1.0)) if hints else 1.0
         normalized = math.isfinite(lr) and lr > 0 and math.isfinite(steps) and steps > 0
         per_update = lr * steps if normalized else 1.0
+        measured_steps = float(hints.get("progress_steps", steps)) if hints and "progress" in hints else steps
+        per_measured = lr * measured_steps if normalized and measured_steps > 0 else per_update
         if normalized != self._normalized or (
             self._ema_R is not None and self._ema_R.shape != max_abs_R.shape
         ):
             self._ema_R = None
         self._normalized = normalized
         if rms_diff_R is not None:
-            observed = rms_diff_R / per_update
+            observed = rms_diff_R / per_measured
             valid = torch.isfinite(observed) & (observed > 0)
             if self._ema_R is None:
                 self._ema_R = torch.where(valid, observed, torch.nan)

@@ -195,6 +195,7 @@ class LatticeCodec(Codec):
     """
 
     name = "lattice"
+    uses_progress = True
 
     def __init__(
         self,
@@ -250,7 +251,7 @@ class LatticeCodec(Codec):
 
     # ----------------------------------------------------------------------------- sender
 
-    def encode(self, flat_N: Tensor, hints: Mapping[str, float] | None = None) -> Encoded:
+    def encode(self, flat_N: Tensor, hints: Mapping[str, Any] | None = None) -> Encoded:
         x = flat_float32(flat_N, self.name)
         n, dev = x.numel(), x.device
         groups = _layout(n, self.chunk)
@@ -262,7 +263,8 @@ class LatticeCodec(Codec):
         max_abs_R = max_abs.double().cpu()  # CPU<->GPU sync point: the header needs the values
         if not torch.isfinite(max_abs_R).all():
             raise CodecError("lattice: the vector has non-finite values")
-        e_R = self.policy.exponents(*self._chunk_rms(x, groups), max_abs_R, hints)
+        progress = hints.get("progress") if hints else None
+        e_R = self.policy.exponents(*self._chunk_rms(x, groups, progress), max_abs_R, hints)
         bound_R = torch.ldexp(max_abs_R, -e_R)
         bound = float(bound_R.max()) if groups else 0.0
         if not bound < lattice.INT64_SAFE:
@@ -320,9 +322,11 @@ class LatticeCodec(Codec):
         return Encoded(self.name, meta, tuple(frames), quantized)
 
     def _chunk_rms(
-        self, x: Tensor, groups: list[_Group]
+        self, x: Tensor, groups: list[_Group], progress: Tensor | None = None
     ) -> tuple[Callable[[], Tensor], Tensor | None]:
-        """Per-chunk RMS of x (lazily) and of x minus the previous snapshot's x, float64 CPU.
+        """Per-chunk RMS of x (lazily) and of the training progress since the previous snapshot
+        (``progress``, when the owner tracks it) or else of x minus the previous snapshot's x,
+        float64 CPU.
 
         Both are estimated on about 512 evenly spaced coordinates per chunk, which pins an RMS
         to a few percent, plenty to pick a power of two. Keeping those samples of the exact
@@ -348,6 +352,9 @@ class LatticeCodec(Codec):
         ):
             self.policy.reset()
             return lambda: rms(samples), None
+        if progress is not None:
+            moved = flat_float32(progress, self.name)
+            return lambda: rms(samples), rms([g.view(moved)[:, :: _stride(g)] for g in groups])
         return lambda: rms(samples), rms([a - b for a, b in zip(samples, prev, strict=True)])
 
     def select(self, encoded: Encoded, want: Any) -> tuple[dict[str, Any], tuple[Buffer, ...]]:

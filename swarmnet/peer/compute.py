@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from swarmnet.algorithms import LocalSteps, PhaseClock, Schedule, compress_epochs
 from swarmnet.codecs import Codec
@@ -116,6 +116,8 @@ class Replica:
         self.rng = rng
         self.step = 0
         self.since_merge = 0
+        self.since_publish = 0
+        self._progress_N: Tensor | None = None
         self.target_h = self.local_steps.sample(self.rng)
         self._staleness_sum = 0.0
         self.merge_cpu = 0.0
@@ -125,16 +127,31 @@ class Replica:
         """The learning rate in force, a hint for codecs that follow it."""
         return 0.0
 
-    def publish(self) -> None:
-        """Encode the communication copy once; the server hands it to any number of readers."""
-        encoded = self.codec.encode(self.stale_N, {"lr": self.current_lr(), "local_steps": self.local_steps.mean})
+    def publish(self, progress_N: Tensor | None = None) -> None:
+        """Encode the communication copy once; the server hands it to any number of readers.
+        ``progress_N``: what our own steps moved since the last publish, for codecs that follow it."""
+        hints: dict[str, Any] = {"lr": self.current_lr(), "local_steps": self.local_steps.mean}
+        if progress_N is not None:
+            hints.update(progress=progress_N, progress_steps=self.since_publish)
+        encoded = self.codec.encode(self.stale_N, hints)
         values = encoded.quantized if self.codec.lossless else self.stale_N.clone()
         self.store.publish(values, encoded, self.step)
+        self.since_publish = 0
 
     def after_step(self) -> None:
         self.step += 1
         self.since_merge += 1
+        self.since_publish += 1
         self.stats.step = self.step
+
+    def _progress(self) -> Tensor | None:
+        """live - stale between publishes: the training steps' move alone, since nudges land on
+        both and the stale copy was the live model at the last publish (lattice step size)."""
+        if not self.codec.uses_progress or self.since_publish == 0:
+            return None
+        if self._progress_N is None:
+            self._progress_N = torch.empty_like(self.live_N)
+        return torch.sub(self.live_N, self.stale_N, out=self._progress_N)
 
     def merge_pending(self, *, final: bool = False) -> None:
         """Between steps: neighbours' nudges, then our own merge when H steps are done."""
@@ -144,12 +161,14 @@ class Replica:
         entry = None
         if final or self.since_merge >= self.target_h:
             entry = self.mailbox.take()
+        if entry is None and not nudged:
+            return
+        progress = self._progress()
         if entry is not None:
             self.apply(entry)
             self.stale_N.copy_(self.live_N)
-        if entry is not None or nudged:
-            self.publish()
-            self.merge_cpu += time.thread_time() - began
+        self.publish(progress)
+        self.merge_cpu += time.thread_time() - began
 
     def apply(self, entry: MergeEntry) -> None:
         self.live_N.add_(entry.delta_N)

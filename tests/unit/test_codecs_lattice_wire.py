@@ -221,6 +221,66 @@ def test_eps_follows_the_learning_rate() -> None:
     assert all(e == -7 for e in exps[3] + exps[4])
 
 
+def test_eps_follows_the_training_progress_not_the_merge_moves() -> None:
+    """Each snapshot follows a merge that moves x by far more than the training steps did; with
+    the steps' own move given as ``progress``, eps follows that, not the merge."""
+    codec = LatticeCodec(chunk=1024, seed=11)
+    plain = LatticeCodec(chunk=1024, seed=11)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4096, generator=g)
+    for c in (codec, plain):
+        c.encode(x, {"lr": 0.1, "local_steps": 2})
+    for _ in range(5):
+        progress = 1.5e-3 * torch.randn(4096, generator=g)  # what 2 training steps moved
+        x = x + progress + 0.3 * torch.randn(4096, generator=g)  # plus the merge's move
+        hinted = codec.encode(x, {"lr": 0.1, "local_steps": 2, "progress": progress, "progress_steps": 2})
+        unhinted = plain.encode(x, {"lr": 0.1, "local_steps": 2})
+    # eps = 0.5 * rms(progress) = 7.5e-4 -> 2^-11; the plain difference (rms 0.3) gives 2^-3.
+    assert all(e == -11 for e in hinted.meta["e"]), hinted.meta["e"]
+    assert all(e == -3 for e in unhinted.meta["e"]), unhinted.meta["e"]
+
+
+def test_a_replica_hands_its_steps_move_to_the_codec() -> None:
+    """What the Replica passes as progress: live - stale before the merge, over the steps since
+    the last publish; the merge's delta is not part of it."""
+    import asyncio
+    import random
+    import time
+
+    from torch import nn
+
+    from swarmnet.algorithms import LocalSteps
+    from swarmnet.peer.compute import Replica
+    from swarmnet.peer.state import Mailbox, MergeEntry, SnapshotStore
+    from swarmnet.peer.stats import PeerStats
+
+    seen = []
+
+    class Recording(LatticeCodec):
+        def encode(self, flat_N, hints=None):
+            if hints and "progress" in hints:
+                seen.append((hints["progress"].clone(), hints["progress_steps"]))
+            return super().encode(flat_N, hints)
+
+    model = nn.Linear(64, 16)
+    loop = asyncio.new_event_loop()
+    try:
+        replica = Replica(model, codec=Recording(chunk=64, seed=1), store=SnapshotStore(), mailbox=Mailbox(loop),
+                          stats=PeerStats(), local_steps=LocalSteps(2), rng=random.Random(0))
+        replica.publish()
+        start = replica.live_N.clone()
+        for _ in range(3):
+            with torch.no_grad():
+                replica.live_N.add_(0.01)  # a "training step"
+            replica.after_step()
+        replica.mailbox.put(MergeEntry(torch.full_like(start, 5.0), "other", 0.0, time.monotonic(), 1.0))
+        replica.merge_pending()
+    finally:
+        loop.close()
+    (progress, steps), = seen
+    assert steps == 3 and torch.allclose(progress, torch.full_like(start, 0.03))
+
+
 def test_eps_without_hints_tracks_the_update_size_and_falls_back_first() -> None:
     codec = LatticeCodec(chunk=1024, seed=10, eps_init=2.0**-8)
     g = torch.Generator().manual_seed(1)
