@@ -5,10 +5,11 @@ Legend: R = chunks (rows) of one snapshot.
 Theory wants the quantization error comparable to one interaction's update, (R^2+7) eps =
 eta H M (SPEC 2.5). The adaptive policy measures that scale directly: the RMS, per chunk, of
 what the peer's own training steps moved since the previous snapshot (``hints["progress"]``,
-over ``hints["progress_steps"]`` steps), smoothed by an EMA, and sets eps = scale * that. When
-the runtime passes ``lr`` (and ``local_steps``, default 1) the EMA runs on that RMS per unit of
-lr*steps and eps is multiplied back by the current lr*H, so eps follows a decaying learning rate
-at once instead of lagging the EMA; consensus distances shrink with the learning rate too
+over ``hints["progress_steps"]`` steps: the H this interaction actually had, which a CPU budget
+may stretch), smoothed by an EMA, and sets eps = scale * that. When the runtime passes ``lr``
+(and, without ``progress``, ``local_steps``, default 1) the EMA runs on that RMS per unit of
+lr*steps and eps is multiplied back by the current lr*steps, so eps follows a decaying learning
+rate at once instead of lagging the EMA; consensus distances shrink with the learning rate too
 (SPEC 3.4), so bits per coordinate stay roughly constant.
 
 Averaging moves must stay out of that measure. A snapshot follows a merge, so the plain
@@ -83,17 +84,17 @@ class StepPolicy:
             return torch.full_like(max_abs_R, math.floor(math.log2(self.fixed)), dtype=torch.int64)
         lr = float(hints.get("lr", 0.0)) if hints else 0.0
         steps = float(hints.get("local_steps", 1.0)) if hints else 1.0
+        if hints and "progress" in hints:  # the steps this snapshot actually follows
+            steps = float(hints.get("progress_steps", steps))
         normalized = math.isfinite(lr) and lr > 0 and math.isfinite(steps) and steps > 0
         per_update = lr * steps if normalized else 1.0
-        measured_steps = float(hints.get("progress_steps", steps)) if hints and "progress" in hints else steps
-        per_measured = lr * measured_steps if normalized and measured_steps > 0 else per_update
         if normalized != self._normalized or (
             self._ema_R is not None and self._ema_R.shape != max_abs_R.shape
         ):
             self._ema_R = None
         self._normalized = normalized
         if rms_diff_R is not None:
-            observed = rms_diff_R / per_measured
+            observed = rms_diff_R / per_update
             valid = torch.isfinite(observed) & (observed > 0)
             if self._ema_R is None:
                 self._ema_R = torch.where(valid, observed, torch.nan)
