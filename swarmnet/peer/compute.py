@@ -116,7 +116,6 @@ class Replica:
         self.rng = rng
         self.step = 0
         self.since_merge = 0
-        self.since_publish = 0
         self._progress_N: Tensor | None = None
         self.target_h = self.local_steps.sample(self.rng)
         self._staleness_sum = 0.0
@@ -127,27 +126,25 @@ class Replica:
         """The learning rate in force, a hint for codecs that follow it."""
         return 0.0
 
-    def publish(self, progress_N: Tensor | None = None) -> None:
+    def publish(self, progress_N: Tensor | None = None, progress_steps: int = 0) -> None:
         """Encode the communication copy once; the server hands it to any number of readers.
-        ``progress_N``: what our own steps moved since the last publish, for codecs that follow it."""
+        ``progress_N``: what our own ``progress_steps`` steps moved, for codecs that follow it."""
         hints: dict[str, Any] = {"lr": self.current_lr(), "local_steps": self.local_steps.mean}
         if progress_N is not None:
-            hints.update(progress=progress_N, progress_steps=self.since_publish)
+            hints.update(progress=progress_N, progress_steps=progress_steps)
         encoded = self.codec.encode(self.stale_N, hints)
         values = encoded.quantized if self.codec.lossless else self.stale_N.clone()
         self.store.publish(values, encoded, self.step)
-        self.since_publish = 0
 
     def after_step(self) -> None:
         self.step += 1
         self.since_merge += 1
-        self.since_publish += 1
         self.stats.step = self.step
 
     def _progress(self) -> Tensor | None:
-        """live - stale between publishes: the training steps' move alone, since nudges land on
-        both and the stale copy was the live model at the last publish (lattice step size)."""
-        if not self.codec.uses_progress or self.since_publish == 0:
+        """live - stale before a merge: what the ``since_merge`` training steps moved, alone (the
+        stale copy was the live model at the last merge, and nudges land on both)."""
+        if not self.codec.uses_progress or self.since_merge == 0:
             return None
         if self._progress_N is None:
             self._progress_N = torch.empty_like(self.live_N)
@@ -163,11 +160,11 @@ class Replica:
             entry = self.mailbox.take()
         if entry is None and not nudged:
             return
-        progress = self._progress()
+        progress, steps = self._progress(), self.since_merge
         if entry is not None:
             self.apply(entry)
             self.stale_N.copy_(self.live_N)
-        self.publish(progress)
+        self.publish(progress, steps)
         self.merge_cpu += time.thread_time() - began
 
     def apply(self, entry: MergeEntry) -> None:
