@@ -165,7 +165,8 @@ class SwarmOptimizer:
     def _write_metrics(self) -> None:
         loss = float(self._loss_sum) / self._loss_count if self._loss_count else None  # CPU<->GPU sync point
         self._loss_sum, self._loss_count = 0.0, 0
-        self.peer.stats.loss = loss if loss is not None else self.peer.stats.loss
+        if loss is not None:
+            self.peer.stats.loss = loss
         self.metrics.write(progress_record(self.peer.stats, elapsed=time.monotonic() - self._began, loss=loss))
         self._last_row_step = self.replica.step
 

@@ -24,7 +24,7 @@ NOT_SCALARS = ("time", "elapsed", "step")
 
 def progress_record(stats: PeerStats, *, elapsed: float, loss: float | None) -> dict[str, Any]:
     """One row of the metrics stream: where training and the exchange stand now."""
-    s = stats
+    s = stats  # short, for the long literal below
     return {
         "time": time.time(), "elapsed": elapsed, "step": s.step, "epoch": s.epoch, "loss": loss,
         "lr": s.lr, "clock": s.clock, "interactions": s.interactions, "nudges": s.nudges_applied,
