@@ -252,6 +252,10 @@ async def check_listener_closed_mid_request(case: TransportCase) -> None:
     async with _transport(case) as transport:
         listener = await transport.listen(case.bind_url())
         conn = transport.connect(listener.address)
+        # Dial first: on a loaded machine a UCX connection setup alone can outlast the deadline
+        # below, and then the listener never sees the request the check is about.
+        async with _serving(listener, _reversed_copies):
+            await conn.request([b"dial"], timeout=10)
         request = asyncio.create_task(conn.request([b"x" * 100_000], timeout=2))
         await asyncio.wait_for(listener.recv(), 5)
         await listener.aclose()
