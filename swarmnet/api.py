@@ -167,6 +167,7 @@ class SwarmOptimizer:
         self._loss_sum, self._loss_count = 0.0, 0
         if loss is not None:
             self.peer.stats.loss = loss
+        self.replica.count_cpu()
         self.metrics.write(progress_record(self.peer.stats, elapsed=time.monotonic() - self._began, loss=loss))
         self._last_row_step = self.replica.step
 

@@ -202,6 +202,10 @@ def bench_exchange(
                       f"{c['ratio']:.3f} (median of {c['rounds']}: {_span(c['ratio_rounds'])}; target >= 0.95); "
                       f"no CPU budget: {rate['unlimited']:.1f} steps/s, a merge "
                       f"every {per_merge['unlimited']:.1f} steps, ratio {c['ratio_unlimited']:.3f}")
+        share, per_step = c["compute_share"], c["cpu_ms_per_step"]
+        console.print(f"  split: the training thread kept {c['share_ratio']:.3f} of its share of a core "
+                      f"({share['on']:.3f} vs {share['off']:.3f}; the exchange used {c['exchange_share']['on']:.3f}) and "
+                      f"took {c['cpu_per_step_ratio']:.3f}x the CPU per step ({per_step['on']:.2f} vs {per_step['off']:.2f} ms)")
     console.print(f"pull {p['bytes'] / 1e6:.1f} MB: swarmnet {p['swarmnet_pull_ms']:.1f} ms (+{p['swarmnet_decode_ms']:.1f} ms "
                   f"decode), raw pyzmq {p['raw_pyzmq_ms']:.1f} ms -> ratio {p['ratio']:.3f} (target >= 0.8), "
                   f"{p['ratio_with_decode']:.3f} with decode")

@@ -3,7 +3,8 @@
 1. Compute ratio: the same 2-peer swarm (real processes, digits MLP) with the exchange on (its
    default CPU budget) versus off, and with no budget at all; steps per second per peer over the
    middle of each run, and how many steps each merge took; the median over rounds of the three
-   runs back to back. Target >= 0.95.
+   runs back to back. Target >= 0.95. The ratio is split into the share of a core the training
+   thread kept and its CPU time per step (Linux thread clocks, from the peers' metrics).
 2. Pull ratio: one real peer daemon serves an fp32 snapshot of a ~37 MB model; a client pulls it
    through the swarmnet protocol (PULL, validation, decode into a preallocated vector) and, on the
    same socket types, a raw pyzmq ROUTER/DEALER pair moves the same bytes (copy=False). Both run
@@ -42,12 +43,20 @@ def _write_toml(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
     return path
 
 
-def _rate(metrics: list[dict[str, Any]]) -> float:
-    """Steps per second over the middle 60% of a peer's run (start-up and tail excluded)."""
-    if len(metrics) < 5:
-        return float("nan")
-    a, b = metrics[len(metrics) // 5], metrics[(4 * len(metrics)) // 5]
-    return (b["step"] - a["step"]) / max(1e-9, b["time"] - a["time"])
+def _window(metrics: list[dict[str, Any]]) -> dict[str, float]:
+    """Over the middle 60% of a peer's run (start-up and tail excluded): steps per second, the
+    share of a core its training thread got, that thread's CPU milliseconds per step, and the
+    share of a core the exchange used (every figure per peer)."""
+    rows = [r for r in metrics if "compute_cpu_s" in r]
+    if len(rows) < 5:
+        nan = float("nan")
+        return {"steps_per_s": nan, "compute_share": nan, "cpu_ms_per_step": nan, "exchange_share": nan}
+    a, b = rows[len(rows) // 5], rows[(4 * len(rows)) // 5]
+    seconds, steps = max(1e-9, b["time"] - a["time"]), max(1, b["step"] - a["step"])
+    compute = b["compute_cpu_s"] - a["compute_cpu_s"]
+    return {"steps_per_s": steps / seconds, "compute_share": compute / seconds,
+            "cpu_ms_per_step": 1e3 * compute / steps,
+            "exchange_share": (b["exchange_cpu_s"] - a["exchange_cpu_s"]) / seconds}
 
 
 EXCHANGE_MODES = {"off": {"exchange": False}, "on": {}, "unlimited": {"exchange_cpu": 0.0}}
@@ -56,8 +65,9 @@ unlimited: pull again as soon as the last merge was applied, whatever it costs."
 
 
 def _compute_run(workdir: Path, mode: str, *, hidden: int, steps: int, local_steps: int,
-                 batch_size: int) -> tuple[float, float]:
-    """One 2-peer swarm in ``mode``: (steps per second per peer, steps per merge)."""
+                 batch_size: int) -> dict[str, float]:
+    """One 2-peer swarm in ``mode``: the figures of :func:`_window` averaged over the two peers,
+    plus steps per merge."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = _write_toml(workdir / f"compute-{mode}-{batch_size}.toml", {
         "run": {"peers": 2},
@@ -73,31 +83,50 @@ def _compute_run(workdir: Path, mode: str, *, hidden: int, steps: int, local_ste
             raise RuntimeError(f"bench swarm failed:\n{swarm.log()}")
     finally:
         swarm.kill_tree()
-    rate = statistics.mean(_rate(swarm.metrics(f"peer{i}")) for i in range(2))
+    windows = [_window(swarm.metrics(f"peer{i}")) for i in range(2)]
+    figures = {key: statistics.mean(w[key] for w in windows) for key in windows[0]}
     peers = swarm.summary()["peers"]
     merges = sum(p["interactions"] for p in peers)
-    return rate, (sum(p["steps"] for p in peers) / merges if merges else float("inf"))
+    figures["steps_per_merge"] = sum(p["steps"] for p in peers) / merges if merges else float("inf")
+    return figures
 
 
 def compute_ratio(workdir: Path, *, hidden: int = 512, steps: int = 3000, local_steps: int = 2,
                   batch_size: int = 32, rounds: int = 3) -> dict[str, Any]:
     """Rounds of the three modes back to back (the order rotating each round); each round's
     ratio compares runs minutes apart at most, and the median over rounds is reported, since
-    the machine's pace alone drifts by about 10% between runs."""
-    runs: dict[str, list[tuple[float, float]]] = {mode: [] for mode in EXCHANGE_MODES}
+    the machine's pace alone drifts by about 10% between runs.
+
+    Each round's step ratio splits exactly into two factors, each reported: how much of a core the
+    training thread still got (``share_ratio``, what the exchange's threads took from it) and
+    how much longer each step took on that core (``cpu_per_step_ratio``: the merges' work is
+    not counted there, so this is caches, memory bandwidth and the machine's drift)."""
+    runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in EXCHANGE_MODES}
     modes = list(EXCHANGE_MODES)
     for r in range(rounds):
         for mode in modes[r % len(modes):] + modes[: r % len(modes)]:
             runs[mode].append(_compute_run(workdir / f"round{r}", mode, hidden=hidden, steps=steps,
                                            local_steps=local_steps, batch_size=batch_size))
-    rates = {mode: [rate for rate, _ in values] for mode, values in runs.items()}
-    ratios = [on / off for on, off in zip(rates["on"], rates["off"])]
-    ratios_unlimited = [u / off for u, off in zip(rates["unlimited"], rates["off"])]
+
+    def median(mode: str, key: str) -> float:
+        return statistics.median(run[key] for run in runs[mode])
+
+    def ratios(mode: str, key: str) -> list[float]:
+        return [x[key] / off[key] for x, off in zip(runs[mode], runs["off"])]
+
+    rates = {mode: [run["steps_per_s"] for run in values] for mode, values in runs.items()}
     return {"steps_per_s": {mode: statistics.median(v) for mode, v in rates.items()},
             "steps_per_s_rounds": rates,
-            "ratio": statistics.median(ratios), "ratio_rounds": ratios,
-            "ratio_unlimited": statistics.median(ratios_unlimited), "ratio_unlimited_rounds": ratios_unlimited,
-            "steps_per_merge": {mode: statistics.median(m for _, m in runs[mode]) for mode in ("on", "unlimited")},
+            "ratio": statistics.median(ratios("on", "steps_per_s")), "ratio_rounds": ratios("on", "steps_per_s"),
+            "ratio_unlimited": statistics.median(ratios("unlimited", "steps_per_s")),
+            "ratio_unlimited_rounds": ratios("unlimited", "steps_per_s"),
+            "share_ratio": statistics.median(ratios("on", "compute_share")),
+            "cpu_per_step_ratio": statistics.median(ratios("on", "cpu_ms_per_step")),
+            "compute_share": {mode: median(mode, "compute_share") for mode in modes},
+            "cpu_ms_per_step": {mode: median(mode, "cpu_ms_per_step") for mode in modes},
+            "exchange_share": {mode: median(mode, "exchange_share") for mode in modes},
+            "steps_per_merge": {mode: median(mode, "steps_per_merge") for mode in ("on", "unlimited")},
+            "runs": runs,
             "rounds": rounds, "peers": 2, "hidden": hidden, "batch_size": batch_size, "local_steps": local_steps}
 
 

@@ -106,15 +106,18 @@ class CpuBudget:
         self._capacity = max(cores, 0.0) * window
         self._credit = self._capacity
         self._at = time.monotonic()
-        self._spent = spent()
+        self._spent = self._start = spent()
         self.waited = 0.0
         """Seconds the exchange has waited for the budget so far."""
+        self.used = 0.0
+        """CPU seconds the work has used since the budget was made, as of the last ``delay``."""
 
     def delay(self) -> float:
         """Seconds to wait before the next interaction (0 when within budget)."""
+        now, spent = time.monotonic(), self._spent_so_far()
+        self.used = spent - self._start
         if self.cores <= 0:
             return 0.0
-        now, spent = time.monotonic(), self._spent_so_far()
         refill = self.cores * (now - self._at)
         self._credit = min(self._capacity, self._credit + refill) - (spent - self._spent)
         self._at, self._spent = now, spent

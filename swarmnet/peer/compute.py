@@ -121,6 +121,9 @@ class Replica:
         self._staleness_sum = 0.0
         self.merge_cpu = 0.0
         """CPU seconds this thread spent merging and republishing (the exchange's budget reads it)."""
+        self.step_seconds = 0.0
+        """Moving average of the time from one step's end to the next (merges and pauses included)."""
+        self._step_ended: float | None = None
 
     def current_lr(self) -> float:
         """The learning rate in force, a hint for codecs that follow it."""
@@ -136,7 +139,20 @@ class Replica:
         values = encoded.quantized if self.codec.lossless else self.stale_N.clone()
         self.store.publish(values, encoded, self.step)
 
+    def count_cpu(self) -> None:
+        """From the training thread: its CPU time outside merges, into the stats."""
+        self.stats.compute_cpu_s = time.thread_time() - self.merge_cpu
+
+    def seconds_to_merge(self) -> float:
+        """About how long until this replica will want a neighbour's model (0: it wants one now)."""
+        return max(0, self.target_h - self.since_merge) * self.step_seconds
+
     def after_step(self) -> None:
+        now = time.monotonic()
+        if self._step_ended is not None:
+            gap = now - self._step_ended
+            self.step_seconds = gap if self.step_seconds == 0 else 0.8 * self.step_seconds + 0.2 * gap
+        self._step_ended = now
         self.step += 1
         self.since_merge += 1
         self.stats.step = self.step
@@ -336,6 +352,7 @@ class ComputeLoop(Replica):
         self._loss_count = 0
         self.stats.loss = loss
         self.stats.clock = self.clock.value
+        self.count_cpu()
         self.metrics.write(progress_record(self.stats, elapsed=time.monotonic() - self.started, loss=loss))
         if not math.isfinite(loss):
             self.log.error("training loss is %s at step %d: the model diverged; lower train.lr "

@@ -69,6 +69,8 @@ class Exchange:
         # Two delta buffers: the compute thread may still be adding one while we fill the other.
         self._deltas_N = [torch.empty(numel, dtype=torch.float32, device=device) for _ in range(2)]
         self._next = 0
+        self.pull_seconds = 0.0
+        """Moving average of an interaction's duration: pull, decode, delta (see _until_due)."""
         self._codec_state: dict[str, dict[str, Any]] = {}
         self._stopping = asyncio.Event()
         self._idle = asyncio.Event()
@@ -82,7 +84,8 @@ class Exchange:
         while not self._stopping.is_set():
             await mailbox.emptied.wait()
             self.peer.gate.end_own()  # our last merge, if any, has been applied
-            wait = max(self.pull_interval - (time.monotonic() - last), self.budget.delay())
+            wait = max(self.pull_interval - (time.monotonic() - last), self.budget.delay(), self._until_due())
+            self.peer.stats.exchange_cpu_s = self.budget.used
             if wait > 0:
                 await asyncio.sleep(wait)
                 self.peer.stats.budget_wait_s = self.budget.waited
@@ -94,6 +97,8 @@ class Exchange:
             self._idle.clear()
             try:
                 await self.interact(target)
+                took = time.monotonic() - last
+                self.pull_seconds = took if self.pull_seconds == 0 else 0.8 * self.pull_seconds + 0.2 * took
             except Rejected as exc:
                 self.peer.stats.pulls_failed += 1
                 if exc.code not in (RejectCode.NOT_READY, RejectCode.BUSY):  # busy or starting is not faulty
@@ -107,6 +112,15 @@ class Exchange:
                 self.log.log(level, "interaction with %s failed: %s", target.name or target.id, exc)
             finally:
                 self._idle.set()
+
+    def _until_due(self) -> float:
+        """Seconds to hold the next pull so that it lands about when the compute thread wants
+        it. A snapshot pulled at once after the last merge waits H steps in the mailbox while
+        its sender moves on; averaging with an older model than our own stale copy undoes part
+        of the swarm's progress, which costs most where every step counts (SPEC 2.9 item 5)."""
+        if self.peer.stats.state != "training":
+            return 0.0  # settling or stopping: merge whatever comes, as soon as it comes
+        return self.peer.compute.seconds_to_merge() - self.pull_seconds
 
     async def stop(self) -> None:
         """Let the interaction in flight finish (it is bounded by timeouts), start no other."""

@@ -24,6 +24,11 @@ class PeerStats:
     """CPU cores the peer may spend outside training steps (0: no limit)."""
     budget_wait_s: float = 0.0
     """Seconds the exchange waited for that budget."""
+    exchange_cpu_s: float = 0.0
+    """CPU seconds the exchange has used, as its budget counts them (event loop, decode worker,
+    libzmq's I/O thread, merges and republishing in the training thread)."""
+    compute_cpu_s: float = 0.0
+    """CPU seconds of the training thread outside merges: steps, metrics, checkpoints."""
     pulls_failed: int = 0
     nudges_sent: int = 0
     nudges_rejected: int = 0

@@ -41,10 +41,11 @@ def test_only_the_charged_threads_count():
     assert budget.delay() < 0.2
 
 
-def test_no_limit_never_waits():
+def test_no_limit_never_waits_yet_counts_what_was_used():
     budget = CpuBudget(0.0, thread_cpu_clock(threading.get_ident()))
-    burn(0.1)
+    spent = burn(0.1)
     assert budget.delay() == 0.0
+    assert budget.used == pytest.approx(spent, abs=0.02)
 
 
 def test_auto_leaves_spare_cores_alone_and_keeps_a_floor_when_there_are_none():

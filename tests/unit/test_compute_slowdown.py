@@ -11,6 +11,7 @@ from swarmnet.codecs import make_codec
 from swarmnet.config import load_config
 from swarmnet.log import PeerLogAdapter, get_logger
 from swarmnet.peer.compute import ComputeLoop
+from swarmnet.peer.metrics import read_metrics
 from swarmnet.peer.state import Mailbox, SnapshotStore
 from swarmnet.peer.stats import PeerStats
 from swarmnet.tasks import load_task
@@ -18,10 +19,10 @@ from swarmnet.tasks import load_task
 pytestmark = pytest.mark.timeout(60)
 
 
-def compute_loop(tmp_path, *, steps: int, slowdown: float) -> ComputeLoop:
+def compute_loop(tmp_path, *, steps: int, slowdown: float, metrics_every: int = 1000) -> ComputeLoop:
     cfg = load_config(None, {"task.spec": "swarmnet.tasks.digits:task", "train.steps": steps,
                              "train.slowdown": slowdown, "train.tensorboard": False,
-                             "train.checkpoint_every": 0.0, "train.metrics_every": 1000})
+                             "train.checkpoint_every": 0.0, "train.metrics_every": metrics_every})
     loop = asyncio.new_event_loop()
     try:
         return ComputeLoop(cfg=cfg, task=load_task(cfg.task.spec), device=torch.device("cpu"),
@@ -47,3 +48,16 @@ def test_each_step_is_stretched_by_the_slowdown(tmp_path):
     assert elapsed >= 0.5 * (slowdown - 1) * (steps - 5) * fastest
     assert compute.step == steps
 
+
+
+def test_metrics_rows_count_the_training_threads_cpu_not_its_sleep(tmp_path):
+    """compute_cpu_s is CPU time: a straggler sleeping 5/6 of each step shows far less than its wall time."""
+    compute = compute_loop(tmp_path, steps=60, slowdown=6.0, metrics_every=10)
+    assert compute.run() == "budget"
+    compute.metrics.close()
+    rows = [r for r in read_metrics(compute.peer_dir / "metrics.jsonl") if "compute_cpu_s" in r]
+    assert len(rows) == 6
+    cpu = [r["compute_cpu_s"] for r in rows]
+    assert all(b > a for a, b in zip(cpu, cpu[1:])), cpu
+    wall = rows[-1]["elapsed"] - rows[0]["elapsed"]
+    assert 0 < cpu[-1] - cpu[0] < 0.5 * wall, (cpu, wall)

@@ -63,3 +63,22 @@ def test_no_merge_before_h_local_steps():
         assert torch.equal(replica.live_N, before + 1) and not replica.mailbox.full
     finally:
         loop.close()
+
+
+def test_the_next_merge_is_due_after_the_remaining_local_steps_at_the_observed_pace():
+    model = nn.Linear(3, 2)
+    loop = asyncio.new_event_loop()
+    try:
+        replica = Replica(model, codec=make_codec("fp32"), store=SnapshotStore(), mailbox=Mailbox(loop),
+                          stats=PeerStats(), local_steps=LocalSteps(4), rng=random.Random(0))
+        replica.publish()
+        assert replica.seconds_to_merge() == 0.0  # no pace seen yet: pull at once
+        for _ in range(3):
+            time.sleep(0.05)
+            replica.after_step()
+        assert 0.04 < replica.step_seconds < 0.5
+        assert replica.seconds_to_merge() == replica.step_seconds  # one local step to go
+        replica.after_step()
+        assert replica.seconds_to_merge() == 0.0  # H = 4 steps done: due now
+    finally:
+        loop.close()

@@ -1,0 +1,29 @@
+"""``swarmnet bench exchange``'s compute figures from a real two-peer swarm: the step rate and
+its split into the training thread's share of a core and its CPU time per step."""
+
+import math
+
+import pytest
+
+from swarmnet.bench.exchange import _compute_run, _window
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def test_window_splits_the_step_rate_into_cpu_share_and_cpu_per_step():
+    rows = [{"time": t, "step": 100 * t, "compute_cpu_s": 0.8 * t, "exchange_cpu_s": 0.05 * t} for t in range(10)]
+    w = _window(rows)
+    assert w["steps_per_s"] == pytest.approx(100)
+    assert w["compute_share"] == pytest.approx(0.8) and w["exchange_share"] == pytest.approx(0.05)
+    assert w["cpu_ms_per_step"] == pytest.approx(8.0)
+    assert w["steps_per_s"] == pytest.approx(w["compute_share"] / (w["cpu_ms_per_step"] / 1e3))
+    assert all(math.isnan(v) for v in _window(rows[:3]).values())  # too short to have a middle
+
+
+def test_a_real_swarm_reports_where_its_cpu_went(tmp_path):
+    figures = _compute_run(tmp_path, "on", hidden=128, steps=1500, local_steps=2, batch_size=32)
+    assert figures["steps_per_s"] > 0 and figures["steps_per_merge"] < 1500  # it trained and merged
+    assert 0.2 < figures["compute_share"] <= 1.05  # a share of one core: CPU time, not wall time
+    assert 0 < figures["exchange_share"] < figures["compute_share"]
+    rate = figures["compute_share"] / (figures["cpu_ms_per_step"] / 1e3)
+    assert rate == pytest.approx(figures["steps_per_s"], rel=0.15)  # the two peers' figures averaged
