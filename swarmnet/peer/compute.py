@@ -151,7 +151,9 @@ class Replica:
         now = time.monotonic()
         if self._step_ended is not None:
             gap = now - self._step_ended
-            self.step_seconds = gap if self.step_seconds == 0 else 0.8 * self.step_seconds + 0.2 * gap
+            if self.step_seconds:  # an evaluation or checkpoint between two steps is not the pace
+                gap = min(gap, 4 * self.step_seconds)
+            self.step_seconds = 0.8 * self.step_seconds + 0.2 * gap if self.step_seconds else gap
         self._step_ended = now
         self.step += 1
         self.since_merge += 1

@@ -78,7 +78,10 @@ def test_the_next_merge_is_due_after_the_remaining_local_steps_at_the_observed_p
             replica.after_step()
         assert 0.04 < replica.step_seconds < 0.5
         assert replica.seconds_to_merge() == replica.step_seconds  # one local step to go
+        pace = replica.step_seconds
+        time.sleep(10 * pace)  # a long pause (an evaluation, a checkpoint) between two steps
         replica.after_step()
         assert replica.seconds_to_merge() == 0.0  # H = 4 steps done: due now
+        assert replica.step_seconds <= 1.61 * pace  # the pause moved the pace by at most 0.2 x 4
     finally:
         loop.close()
