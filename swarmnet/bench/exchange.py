@@ -61,7 +61,7 @@ def _window(metrics: list[dict[str, Any]]) -> dict[str, float]:
 
 EXCHANGE_MODES = {"off": {"exchange": False}, "on": {}, "unlimited": {"exchange_cpu": 0.0}}
 """off: no exchange; on: the default CPU budget for the exchange (network.exchange_cpu auto);
-unlimited: pull again as soon as the last merge was applied, whatever it costs."""
+unlimited: pull for every merge as soon as it is due, whatever it costs."""
 
 
 def _compute_run(workdir: Path, mode: str, *, hidden: int, steps: int, local_steps: int,
@@ -98,7 +98,8 @@ def compute_ratio(workdir: Path, *, hidden: int = 512, steps: int = 3000, local_
     the machine's pace alone drifts by about 10% between runs.
 
     Each round's step ratio splits exactly into two factors, each reported: how much of a core the
-    training thread still got (``share_ratio``, what the exchange's threads took from it) and
+    training thread still got (``share_ratio``: on a full machine every peer's exchange takes
+    from some training thread, not only its own) and
     how much longer each step took on that core (``cpu_per_step_ratio``: the merges' work is
     not counted there, so this is caches, memory bandwidth and the machine's drift)."""
     runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in EXCHANGE_MODES}
