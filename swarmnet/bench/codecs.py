@@ -13,6 +13,7 @@ reference simulation saw 3.6-4.2 bits per coordinate at its working distances.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -26,7 +27,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from swarmnet.codecs import make_codec
+from swarmnet.codecs import kernels, make_codec
 from swarmnet.codecs.base import Codec, Encoded
 
 RESULT_VERSION = 1
@@ -38,9 +39,12 @@ CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
     ("blockwise8", "blockwise8", {}),
     ("blockwise4", "blockwise4", {}),
     ("lattice", "lattice", {}),
+    ("lattice/torch passes", "lattice", {}),
     ("lattice/g4", "lattice", {"width": 4}),
     ("lattice/g8", "lattice", {"width": 8}),
 ]
+UNFUSED = {"lattice/torch passes"}
+"""Rows timed with the torch passes instead of the fused CPU loops (kernels.py), side by side."""
 DEFAULT_DISTANCES = [0.5, 2.0, 8.0, 32.0, 128.0, 1024.0]
 DECODE_DISTANCE = 8.0
 """Key distance (in eps) of the lattice pulls whose decode is timed."""
@@ -194,7 +198,8 @@ def run(
     for label, name, params in CONFIGS:
         if console:
             console.log(f"codec {label} ...")
-        codecs[label] = _throughput(label, name, params, x, repeats, gen)
+        with kernels.torch_passes() if label in UNFUSED else contextlib.nullcontext():
+            codecs[label] = _throughput(label, name, params, x, repeats, gen)
     if console:
         console.log("lattice bytes per pull ...")
     wire = _wire_sizes(x, distances if distances is not None else DEFAULT_DISTANCES, gen)
@@ -206,6 +211,7 @@ def run(
         "environment": {
             "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
+            "numba": kernels.numba_version(),
             "cpu_count": os.cpu_count(),
             "platform": platform.platform(),
             "thp_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", ""),

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from swarmnet.codecs import lattice
+from swarmnet.codecs import kernels, lattice
 from swarmnet.codecs.base import Buffer, Codec, DecodeResult, Encoded
 from swarmnet.codecs.bitplanes import WIDTHS
 from swarmnet.codecs.epsilon import E_MAX, E_MIN, StepPolicy
@@ -168,6 +168,13 @@ def _pow2(exponents: list[int], device: torch.device) -> Tensor:
     return torch.ldexp(torch.ones(len(exponents), 1), torch.tensor(exponents)[:, None]).to(device)
 
 
+def _max_abs(x_RC: Tensor, fused: bool) -> Tensor:
+    """max |x| per row, inf or NaN where a row is not finite."""
+    if fused:
+        return kernels.max_abs(x_RC)
+    return torch.maximum(x_RC.amax(1), x_RC.amin(1).neg())
+
+
 def _dither_rows(seed: int, chunks: list[int], cols: int, device: torch.device) -> Tensor:
     """Dither offsets of the listed chunks: chunk i uses the stream of (seed, i)."""
     host = np.empty((len(chunks), cols), dtype=np.uint16)
@@ -177,6 +184,39 @@ def _dither_rows(seed: int, chunks: list[int], cols: int, device: torch.device) 
     if device.type != "cpu":  # widen on the host: accelerators need not convert uint16
         return out.copy_(torch.from_numpy(host.astype(np.int32)))
     return out.copy_(torch.from_numpy(host))
+
+
+def _nearest(
+    r: Tensor,
+    key_rows: Tensor,
+    e: list[int],
+    keyless: list[bool],
+    bits: list[int],
+    theta: Tensor | None,
+    k_hat: Tensor,
+) -> Tensor:
+    """The torch passes of :func:`kernels.nearest`: k_hat into ``k_hat``, and per row the
+    window statistic max(D_max - h + 1, h - D_min) (float64 [m], h = 2^(b-1))."""
+    dev, kdtype = k_hat.device, k_hat.dtype
+    m, cols = k_hat.shape
+    mask = torch.tensor([(1 << b) - 1 for b in bits], dtype=kdtype)[:, None].to(dev)
+    shift = torch.tensor([1 - (1 << (b - 1)) for b in bits], dtype=kdtype)[:, None].to(dev)
+    inv = torch.tensor([0.0 if kl else 2.0**-x for x, kl in zip(e, keyless, strict=True)])
+    u = scratch("lattice.u", m * cols, torch.float32, dev).view(m, cols)
+    torch.mul(key_rows, inv[:, None].to(dev), out=u)
+    if any(keyless) and not all(keyless):  # key * 0 is not 0 for a non-finite key
+        u.masked_fill_(torch.tensor(keyless, device=dev)[:, None], 0.0)
+    elif all(keyless):
+        u.zero_()
+    if theta is not None:
+        u.sub_(theta)
+    # Far keys may overflow the window start; the digest rejects what they decode.
+    start = lattice.nearest(r, mask, u, k_hat, shift, clamp=False)
+    half = torch.tensor([float(1 << (b - 1)) for b in bits], dtype=torch.float64)[:, None]
+    half = half.to(dev)
+    dist = torch.maximum(k_hat.amax(1, keepdim=True) - half + 1, half - k_hat.amin(1, keepdim=True))
+    k_hat.add_(start)
+    return dist.view(-1).double()
 
 
 class LatticeCodec(Codec):
@@ -255,10 +295,9 @@ class LatticeCodec(Codec):
         x = flat_float32(flat_N, self.name)
         n, dev = x.numel(), x.device
         groups = _layout(n, self.chunk)
+        fused = kernels.usable(x)
         max_abs = (
-            torch.cat([torch.maximum(g.view(x).amax(1), g.view(x).amin(1).neg()) for g in groups])
-            if groups
-            else torch.empty(0)
+            torch.cat([_max_abs(g.view(x), fused) for g in groups]) if groups else torch.empty(0)
         )
         max_abs_R = max_abs.double().cpu()  # CPU<->GPU sync point: the header needs the values
         if not torch.isfinite(max_abs_R).all():
@@ -279,27 +318,39 @@ class LatticeCodec(Codec):
         quantized = torch.empty_like(x)
         digests, frames = [], []
         for g in groups:
-            eps = _pow2(e_R[g.first : g.first + g.rows].tolist(), dev)
+            e_rows = e_R[g.first : g.first + g.rows].tolist()
             offsets = (
                 _dither_rows(seed, list(range(g.first, g.first + g.rows)), g.cols, dev)
                 if self.mode == "dither"
-                else self._bits.fill(
-                    scratch("lattice.offsets", g.rows * g.cols, torch.int32, dev)
-                ).view(g.rows, g.cols)
+                else None
             )
             k = scratch("lattice.k", g.rows * g.pad, kdtype, dev).view(g.rows, g.pad)
-            work = scratch("lattice.work", g.rows * g.cols, torch.float32, dev).view(g.rows, g.cols)
-            lattice.quantize(g.view(x), eps, offsets, bound=bound, out=k[:, : g.cols], work=work)
             k[:, g.cols :].zero_()
-            planes = lattice.to_planes(k, self.width, sb // 8).view(g.rows, -1)
+            if fused:
+                kernels.quantize(
+                    g.view(x),
+                    e_rows,
+                    k[:, : g.cols],
+                    g.view(quantized),
+                    seed=(self._bits.next_seed(), g.first),
+                    offsets=offsets,
+                    dither=offsets is not None,
+                )
+            else:
+                self._quantize(g, x, e_rows, offsets, bound, k, quantized)
+            if fused and self.width == 1:
+                planes = kernels.pack(
+                    k, sb, torch.empty(g.rows * sb * g.pad // 8, dtype=torch.uint8)
+                )
+            else:
+                planes = lattice.to_planes(k, self.width, sb // 8)
+            planes = planes.reshape(g.rows, -1)
             if planes.device.type != "cpu":
                 planes = planes.cpu()  # CPU<->GPU sync point: only the wire bytes go to host
             row_bytes = planes.shape[1]
             flat = memoryview(planes.view(-1).numpy())
             frames.extend(flat[i * row_bytes : (i + 1) * row_bytes] for i in range(g.rows))
             digests.append(lattice.chunk_hashes(k[:, : g.cols]))
-            theta = lattice.dither(offsets, out=work) if self.mode == "dither" else None
-            lattice.dequantize(k[:, : g.cols], eps, theta, out=g.view(quantized))
         nch = len(bf)
         meta = {
             "v": LAYOUT_VERSION,
@@ -320,6 +371,28 @@ class LatticeCodec(Codec):
             "hi": [sb] * nch,
         }
         return Encoded(self.name, meta, tuple(frames), quantized)
+
+    def _quantize(
+        self,
+        g: _Group,
+        x: Tensor,
+        e_rows: list[int],
+        offsets: Tensor | None,
+        bound: float,
+        k: Tensor,
+        quantized: Tensor,
+    ) -> None:
+        """The torch passes of :func:`kernels.quantize` (accelerators, or fused loops off)."""
+        eps = _pow2(e_rows, x.device)
+        if offsets is None:
+            offsets = self._bits.fill(
+                scratch("lattice.offsets", g.rows * g.cols, torch.int32, x.device)
+            ).view(g.rows, g.cols)
+        work = scratch("lattice.work", g.rows * g.cols, torch.float32, x.device)
+        work = work.view(g.rows, g.cols)
+        lattice.quantize(g.view(x), eps, offsets, bound=bound, out=k[:, : g.cols], work=work)
+        theta = lattice.dither(offsets, out=work) if self.mode == "dither" else None
+        lattice.dequantize(k[:, : g.cols], eps, theta, out=g.view(quantized))
 
     def _chunk_rms(
         self, x: Tensor, groups: list[_Group], progress: Tensor | None = None
@@ -498,47 +571,37 @@ class LatticeCodec(Codec):
             host[row, start:stop] = np.frombuffer(frames[j], dtype=np.uint8)
         if dev.type != "cpu":
             buf.copy_(torch.from_numpy(host))  # host->device: the received planes only
+        fused = kernels.usable(out, key) and key.dtype == torch.float32
         r = scratch("lattice.r", m * g.pad, kdtype, dev).view(m, g.pad)
-        lattice.from_planes(buf, h.g, nbytes, r)
+        if fused and h.g == 1:
+            kernels.unpack(buf, 8 * nbytes, r)
+        else:
+            lattice.from_planes(buf, h.g, nbytes, r)
 
         e = [h.e[i] for i in chunks]
         bf = [h.bf[i] for i in chunks]
+        # A keyless chunk (all b_full planes) decodes by plain sign extension: u = 0.
         keyless = [b >= f for b, f in zip(his, bf, strict=True)]
         bits = [min(b, f) for b, f in zip(his, bf, strict=True)]
-        mask = torch.tensor([(1 << b) - 1 for b in bits], dtype=kdtype)[:, None].to(dev)
-        shift = torch.tensor([1 - (1 << (b - 1)) for b in bits], dtype=kdtype)[:, None].to(dev)
-        eps = _pow2(e, dev)
-        # u = 0 for keyless chunks: the decode is then plain sign extension of b_full bits.
-        inv = torch.tensor([0.0 if kl else 2.0**-x for x, kl in zip(e, keyless, strict=True)])[
-            :, None
-        ].to(dev)
         key_rows = g.view(key)
         if m < g.rows:
             index = torch.tensor(chunks, device=dev) - g.first
             sel = scratch("lattice.key", m * g.cols, key.dtype, dev).view(m, g.cols)
             key_rows = torch.index_select(key_rows, 0, index, out=sel)
-        u = scratch("lattice.u", m * g.cols, torch.float32, dev).view(m, g.cols)
-        torch.mul(key_rows, inv, out=u)
-        if any(keyless) and not all(keyless):  # key * 0 is not 0 for a non-finite key
-            u.masked_fill_(torch.tensor(keyless, device=dev)[:, None], 0.0)
-        elif all(keyless):
-            u.zero_()
         theta = None
         if h.mode == "dither":
             theta = scratch("lattice.theta", m * g.cols, torch.float32, dev).view(m, g.cols)
             lattice.dither(_dither_rows(h.seed, chunks, g.cols, dev), out=theta)
-            u.sub_(theta)
         k_hat = scratch("lattice.khat", m * g.cols, kdtype, dev).view(m, g.cols)
-        # Far keys may overflow the window start; the digest below rejects what they decode.
-        start = lattice.nearest(r[:, : g.cols], mask, u, k_hat, shift, clamp=False)
-        half_dev = torch.tensor([float(1 << (b - 1)) for b in bits], dtype=torch.float64)[
-            :, None
-        ].to(dev)
-        dist = torch.maximum(
-            k_hat.amax(1, keepdim=True) - half_dev + 1, half_dev - k_hat.amin(1, keepdim=True)
-        )
-        dist = dist.view(-1).double()
-        k_hat.add_(start)
+        half = [1 << (b - 1) for b in bits]
+        if fused:
+            dmax, dmin = kernels.nearest(
+                r[:, : g.cols], key_rows, e, keyless, bits, k_hat, theta=theta
+            )
+            window = np.maximum(dmax - np.asarray(half) + 1, np.asarray(half) - dmin)
+            dist = torch.from_numpy(window.astype(np.float64))
+        else:
+            dist = _nearest(r[:, : g.cols], key_rows, e, keyless, bits, theta, k_hat)
         if any(keyless):
             rows = torch.tensor(keyless, device=dev)
             exact_u = key_rows[rows] * _pow2(
@@ -551,7 +614,7 @@ class LatticeCodec(Codec):
         good = [
             digests[8 * row : 8 * row + 8] == h.h[8 * i : 8 * i + 8] for row, i in enumerate(chunks)
         ]
-        self._write(g, chunks, good, k_hat, eps, theta, out)
+        self._write(g, chunks, good, k_hat, e, theta, out, fused)
         dist_list = dist.tolist()
         for row, (i, j) in enumerate(mine):
             if good[row]:
@@ -575,13 +638,19 @@ class LatticeCodec(Codec):
         chunks: list[int],
         good: list[bool],
         k_hat: Tensor,
-        eps: Tensor,
+        e: list[int],
         theta: Tensor | None,
         out: Tensor,
+        fused: bool,
     ) -> None:
         if not any(good):
             return
         out_rows = g.view(out)
+        if fused:
+            rows = [i - g.first if ok else -1 for i, ok in zip(chunks, good, strict=True)]
+            kernels.dequantize(k_hat, e, rows, out_rows, theta=theta)
+            return
+        eps = _pow2(e, out.device)
         if all(good) and len(chunks) == g.rows:
             lattice.dequantize(k_hat, eps, theta, out=out_rows)
             return

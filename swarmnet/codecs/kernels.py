@@ -1,0 +1,240 @@
+"""Fused CPU loops of the lattice codec, compiled with numba.
+
+Legend: R = rows (chunks), C = coordinates per row, P = padded row length (a multiple of 8).
+
+On a CPU every eager torch operation is one pass over the vector, and the lattice codec chains
+about a dozen of them per encode and per decode (docs/benchmarks.md, Codecs). Each loop here
+reads its inputs once and writes its outputs once, and gives bit for bit what the torch passes
+of lattice.py and bitplanes.py give, which stay the path for tensors on an accelerator (a CPU
+reader decodes a GPU sender's snapshot and the other way round; tests/unit/test_kernels.py
+holds the two paths to each other).
+
+    usable(*tensors) -> bool                       fused loops apply (CPU, numba, not disabled)
+    max_abs(x_RC) -> float32 [R]                   max |x| per row, inf where a row is not finite
+    quantize(x_RC, e_R, k_RC, q_RC, *, seed=, offsets=, dither=False)
+                                                   k = floor(x/eps + V/2^16), Q = eps*k
+                                                   (eps*(k + theta) with dither), one pass
+    pack(k_RP, bits, out)                          LSB-first 1-bit planes, as bitplanes.pack
+    unpack(planes, bits, out_RP)                   and back (bits planes read, the rest zero)
+    nearest(r_RC, key_RC, e_R, keyless_R, bits_R, k_RC, *, theta=None) -> (dmax_R, dmin_R)
+                                                   lattice.decode with the window statistics
+    dequantize(k_RC, e_R, rows_R, out_RC, *, theta=None)
+                                                   Q of row i into out row rows_R[i] (>= 0)
+
+Stochastic rounding draws its offsets V inside the loop from a counter-based hash of (seed,
+chunk, coordinate): private randomness needs no shared stream, and generating 40 MB of offsets
+up front cost more than the rounding itself. Subtractive dither passes the shared offsets in.
+
+The loops release the GIL and ``_rows`` splits the rows over ``torch.get_num_threads()``
+threads, so the compute thread (encode) and the exchange's workers (decode) run at once.
+numba compiles a loop at its first use and caches the machine code on disk (``cache=True``).
+Set ``SWARMNET_FUSED=0`` to take the torch passes everywhere (benchmarks compare the two).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.metadata
+import importlib.util
+import os
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+_forced_off = False
+_POOL_LOCK = threading.Lock()
+_pool: tuple[ThreadPoolExecutor, int] | None = None  # the helpers and their number
+
+
+@functools.cache
+def _have_numba() -> bool:
+    return importlib.util.find_spec("numba") is not None
+
+
+def usable(*tensors: Tensor) -> bool:
+    """True when the fused loops serve these tensors: all on the CPU, numba installed,
+    ``SWARMNET_FUSED`` not set to 0 and no :func:`torch_passes` block open."""
+    return (
+        not _forced_off
+        and os.environ.get("SWARMNET_FUSED", "1") != "0"
+        and all(t.device.type == "cpu" for t in tensors)
+        and _have_numba()
+    )
+
+
+@contextlib.contextmanager
+def torch_passes() -> Iterator[None]:
+    """Within the block every thread takes the torch passes (benchmarks time both paths)."""
+    global _forced_off
+    _forced_off = True
+    try:
+        yield
+    finally:
+        _forced_off = False
+
+
+def numba_version() -> str | None:
+    """The installed numba's version, None without numba."""
+    return importlib.metadata.version("numba") if _have_numba() else None
+
+
+def _loops() -> ModuleType:
+    from swarmnet.codecs import loops  # numba: imported on first use
+
+    return loops
+
+
+def _rows(kernel: Callable[..., Any], rows: int, *args: Any) -> None:
+    """Run ``kernel(lo, hi, *args)`` over [0, rows) split into torch.get_num_threads() slices,
+    the calling thread taking the first."""
+    global _pool
+    parts = max(1, min(torch.get_num_threads(), rows))
+    if parts == 1:
+        kernel(0, rows, *args)
+        return
+    with _POOL_LOCK:
+        if _pool is None or _pool[1] < parts - 1:  # grows with torch.set_num_threads
+            _pool = (ThreadPoolExecutor(parts - 1, thread_name_prefix="swarmnet-codec"), parts - 1)
+        pool = _pool[0]
+    cuts = [rows * i // parts for i in range(parts + 1)]
+    futures = [pool.submit(kernel, cuts[i], cuts[i + 1], *args) for i in range(1, parts)]
+    kernel(cuts[0], cuts[1], *args)
+    for future in futures:
+        future.result()
+
+
+def _np(t: Tensor) -> np.ndarray:
+    return t.detach().numpy()
+
+
+def _pow2(exponents: list[int]) -> np.ndarray:
+    """2^e as float32, exactly."""
+    return np.ldexp(np.ones(len(exponents), dtype=np.float32), np.asarray(exponents, np.int64))
+
+
+def max_abs(x_RC: Tensor) -> Tensor:
+    """max |x| of every float32 row, inf for a row with an inf or NaN."""
+    out = torch.empty(x_RC.shape[0], dtype=torch.int32)
+    _rows(_loops().max_abs_rows, x_RC.shape[0], _np(x_RC.view(torch.int32)), _np(out))
+    return out.view(torch.float32)
+
+
+def quantize(
+    x_RC: Tensor,
+    e_R: list[int],
+    k_RC: Tensor,
+    q_RC: Tensor,
+    *,
+    seed: tuple[int, ...] = (0,),
+    offsets: Tensor | None = None,
+    dither: bool = False,
+) -> None:
+    """Lattice coordinates of every row on its own step 2^e into ``k_RC`` (int32 or int64) and
+    the reconstruction Q into ``q_RC``; V from ``offsets`` (int32 [R, C]) or, when None, hashed
+    from ``seed`` (non-negative ints, unique per call: a snapshot seed and the first chunk's
+    index) and the row (stochastic rounding only)."""
+    rows = x_RC.shape[0]
+    eps = _pow2(e_R)
+    scale = _pow2([16 - e for e in e_R])
+    keys = np.random.SeedSequence(list(seed)).generate_state(rows, dtype=np.uint32)
+    use = offsets is not None
+    off = _np(offsets) if use else np.zeros((1, 1), dtype=np.int32)
+    _rows(
+        _loops().quantize_rows,
+        rows,
+        _np(x_RC),
+        scale,
+        eps,
+        keys,
+        off,
+        use,
+        dither,
+        _np(k_RC),
+        _np(q_RC),
+    )
+
+
+def pack(k_RP: Tensor, bits: int, out: Tensor) -> Tensor:
+    """1-bit planes of the low ``bits`` bits (a multiple of 8) of ``k_RP``, laid out as
+    ``bitplanes.pack(k_RP, 1, bits // 8)``; returns ``out`` viewed as uint8 [R, bits, P/8]."""
+    rows, p = k_RP.shape
+    planes = out.view(rows, bits, p // 8)
+    _rows(_loops().pack_rows, rows, _np(k_RP), bits, _np(planes))
+    return planes
+
+
+def unpack(planes: Tensor, bits: int, out_RP: Tensor) -> Tensor:
+    """Inverse of :func:`pack` reading the first ``bits`` planes (a multiple of 8) of each row
+    of ``planes`` (uint8, R rows of at least bits * P/8 bytes); ``out_RP`` gets their unsigned
+    value."""
+    rows, p = out_RP.shape
+    grid = planes.view(rows, -1)[:, : bits * (p // 8)].view(rows, bits, p // 8)
+    _rows(_loops().unpack_rows, rows, _np(grid), bits, _np(out_RP))
+    return out_RP
+
+
+def nearest(
+    r_RC: Tensor,
+    key_RC: Tensor,
+    e_R: list[int],
+    keyless_R: list[bool],
+    bits_R: list[int],
+    k_RC: Tensor,
+    *,
+    theta: Tensor | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """k_hat of ``lattice.decode`` per row (bits_R planes of colour, step 2^e, the key scaled
+    to u = key/eps - theta, or u = 0 for keyless rows) into ``k_RC``; returns each row's largest
+    and smallest window offset D = k_hat - s (``lattice.nearest``'s statistics)."""
+    rows = r_RC.shape[0]
+    limit = float(1 << (8 * k_RC.element_size() - 2))
+    dmax, dmin = np.empty(rows, dtype=np.int64), np.empty(rows, dtype=np.int64)
+    use = theta is not None
+    th = _np(theta) if use else np.zeros((1, 1), dtype=np.float32)
+    _rows(
+        _loops().nearest_rows,
+        rows,
+        _np(r_RC),
+        _np(key_RC),
+        _pow2([-e for e in e_R]),
+        np.asarray(keyless_R, dtype=np.bool_),
+        np.asarray(bits_R, dtype=np.int64),
+        np.float32(limit),
+        th,
+        use,
+        _np(k_RC),
+        dmax,
+        dmin,
+    )
+    return dmax, dmin
+
+
+def dequantize(
+    k_RC: Tensor,
+    e_R: list[int],
+    rows_R: list[int],
+    out_RC: Tensor,
+    *,
+    theta: Tensor | None = None,
+) -> None:
+    """Q = 2^e * k (or 2^e * (k + theta)) of row i into ``out_RC[rows_R[i]]``, rows with a
+    negative destination skipped (a chunk that failed its digest is never written)."""
+    rows = k_RC.shape[0]
+    use = theta is not None
+    _rows(
+        _loops().dequantize_rows,
+        rows,
+        _np(k_RC),
+        _pow2(e_R),
+        np.asarray(rows_R, dtype=np.int64),
+        _np(theta) if use else np.zeros((1, 1), dtype=np.float32),
+        use,
+        _np(out_RC),
+    )
