@@ -189,7 +189,8 @@ def swarm_phase(method: str, *, rank: int, plan: dict[str, Any], model_spec: dic
     steps = max(1, summary["steps"])
     return {"pace": pace([(r["step"], r["time"]) for r in records]),
             "time_to_target_s": time_to_target([(r["time"], r["loss"]) for r in records], plan["target_loss"]),
-            "final_loss": records[-1]["loss"] if records else None,
+            # the last row that carries a loss (rows written while settling or stopping may not)
+            "final_loss": next((r["loss"] for r in reversed(records) if r.get("loss") is not None), None),
             "bytes_per_step": summary["bytes_received"] / steps, "bytes_sent_per_step": summary["bytes_sent"] / steps,
             "bytes_per_step_source": "measured: bytes received by the peer / its steps",
             "interactions": summary["interactions"]}

@@ -205,6 +205,12 @@ def _mean(values: Iterable[float]) -> float:
     return statistics.fmean(values)
 
 
+def _mean_or_none(values: Iterable[float | None]) -> float | None:
+    """The mean, or None when some value is missing (the table then shows "-")."""
+    vals = list(values)
+    return None if not vals or None in vals else statistics.fmean(vals)  # type: ignore[arg-type]
+
+
 Records = dict[tuple[str, int, str, int], list[dict[str, Any]]]
 
 
@@ -256,7 +262,7 @@ def _method_row(method: str, runs: list[list[dict[str, Any]]], solos: list[list[
         reached = [r["time_to_target_s"] for r in rows]
         target.append(None if None in reached else max(reached))
         nbytes.append(_mean(r["bytes_per_step"] for r in rows))
-        loss.append(_mean(r["final_loss"] for r in rows))
+        loss.append(_mean_or_none(r["final_loss"] for r in rows))
     return {"backend": runs[0][0]["backend"], "step_time_s": spread(step),
             "comm_share": spread(share) if method in SOLO_OF else None,
             "step_vs_solo": spread(vs_solo) if method in SOLO_OF else None,
@@ -354,6 +360,9 @@ def run(suite: Suite = FULL, *, json_path: Path | None = None, chart_path: Path 
         for world in suite.sizes:
             bar.update(task, description=f"bench baselines: {world} processes")
             records += run_world(suite, world, Path(tmp), on_phase=lambda k: bar.advance(task, k))
+            if json_path is not None:  # what is measured so far survives a later failure
+                json_path.parent.mkdir(parents=True, exist_ok=True)
+                json_path.write_text(json.dumps({**result, "partial": True, "records": records}, indent=2))
     result.update(aggregate(records))
     python = find_hivemind_python(hivemind_python)
     if suite.hivemind_sizes:

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from swarmnet.codecs import kernels
 from swarmnet.codecs.base import Buffer, Codec, DecodeResult, Encoded
 from swarmnet.codecs.hostbuf import buffer_tensor, flat_float32, host_bytes
 from swarmnet.codecs.rounding import ONE, RandomBits, round_with_offsets
@@ -115,6 +116,27 @@ class BlockwiseCodec(Codec):
         scales = torch.empty(rows, dtype=torch.float32, device=dev)
         q = torch.empty(n + (n & 1 if self.bits == 4 else 0), dtype=torch.int8, device=dev)
         q[n:] = 0  # the pad nibble of an odd count
+        quantized = torch.empty_like(x)
+        if kernels.usable(x):
+            kernels.blockwise_quantize(
+                x, self.block, self.levels, self._bits.next_seed(), q, scales, quantized
+            )
+        else:
+            self._quantize(x, q, scales, quantized)
+        if n and not torch.isfinite(scales).all():
+            raise CodecError(f"{self.name}: the vector has non-finite values")
+        if self.bits == 8:
+            values = q
+        else:
+            packed = torch.empty(q.numel() // 2, dtype=torch.uint8, device=dev)
+            values = (kernels.pack_nibbles if kernels.usable(q) else pack_nibbles)(q, packed)
+        meta = {"v": 1, "n": n, "block": self.block, "bits": self.bits}
+        return Encoded(self.name, meta, (host_bytes(values), host_bytes(scales)), quantized)
+
+    def _quantize(self, x: Tensor, q: Tensor, scales: Tensor, quantized: Tensor) -> None:
+        """The torch passes of :func:`kernels.blockwise_quantize` (accelerators, or fused loops
+        off); offsets from the codec's private generator."""
+        n, dev = x.numel(), x.device
         scaled = scratch("bw.scaled", n, torch.float32, dev)
         ints = scratch("bw.ints", n, torch.int32, dev)
         offsets = self._bits.fill(scratch("bw.offsets", n, torch.int32, dev))
@@ -137,16 +159,10 @@ class BlockwiseCodec(Codec):
             torch.mul(x_rows, inv[:, None], out=scaled_rows)
             round_with_offsets(scaled_rows, off_rows, out=int_rows)
             start += r
-        if n and not torch.isfinite(scales).all():
-            raise CodecError(f"{self.name}: the vector has non-finite values")
+        if not torch.isfinite(scales).all():
+            return  # the caller reports it
         q[:n].copy_(ints)
-        quantized = dequantize_blocks(q[:n], scales, self.levels, self.block, torch.empty_like(x))
-        if self.bits == 8:
-            values = q
-        else:
-            values = pack_nibbles(q, torch.empty(q.numel() // 2, dtype=torch.uint8, device=dev))
-        meta = {"v": 1, "n": n, "block": self.block, "bits": self.bits}
-        return Encoded(self.name, meta, (host_bytes(values), host_bytes(scales)), quantized)
+        dequantize_blocks(q[:n], scales, self.levels, self.block, quantized)
 
     def decode(
         self,
@@ -167,6 +183,11 @@ class BlockwiseCodec(Codec):
         if rows and not (torch.isfinite(scales).all() and scales.min() >= 0):
             raise CodecError(f"{self.name}: scales must be finite and >= 0")
         values = buffer_tensor(frames[0], torch.uint8, f"{self.name}.values").to(dev)
+        if kernels.usable(out_N):
+            kernels.blockwise_dequantize(
+                values, self.bits, scales, block, self.levels, out_N.view(-1)
+            )
+            return DecodeResult(True, stats={"bits_per_coord": self.bits + 32.0 / block})
         if self.bits == 8:
             q = values.view(torch.int8)
         else:

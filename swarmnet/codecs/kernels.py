@@ -1,4 +1,4 @@
-"""Fused CPU loops of the lattice codec, compiled with numba.
+"""Fused CPU loops of the lossy codecs (lattice, blockwise), compiled with numba.
 
 Legend: R = rows (chunks), C = coordinates per row, P = padded row length (a multiple of 8).
 
@@ -20,6 +20,9 @@ holds the two paths to each other).
                                                    lattice.decode with the window statistics
     dequantize(k_RC, e_R, rows_R, out_RC, *, theta=None)
                                                    Q of row i into out row rows_R[i] (>= 0)
+    blockwise_quantize(x_N, block, levels, seed, q, scales, quantized)
+    pack_nibbles(q_2M, out_M), blockwise_dequantize(values, bits, scales, block, levels, out_N)
+                                                   the blockwise codecs, one pass each
 
 Stochastic rounding draws its offsets V inside the loop from a counter-based hash of (seed,
 chunk, coordinate): private randomness needs no shared stream, and generating 40 MB of offsets
@@ -238,3 +241,46 @@ def dequantize(
         use,
         _np(out_RC),
     )
+
+
+def blockwise_quantize(
+    x_N: Tensor, block: int, levels: int, seed: int, q: Tensor, scales: Tensor, quantized: Tensor
+) -> None:
+    """The blockwise codecs' encode (blockwise.py) in one pass: per block the absmax scale
+    (NaN for a block that is not finite), the int8 values ``q`` with stochastic rounding, and
+    Q into ``quantized``; offsets hashed from ``seed`` and the coordinate."""
+    key = int(np.random.SeedSequence(seed).generate_state(1, dtype=np.uint32)[0])
+    _rows(
+        _loops().blockwise_quantize,
+        scales.numel(),
+        _np(x_N),
+        block,
+        levels,
+        np.uint64(key),
+        _np(q),
+        _np(scales),
+        _np(quantized),
+    )
+
+
+def pack_nibbles(q_2M: Tensor, out_M: Tensor) -> Tensor:
+    """int8 values in [-8, 7] -> bytes, as ``blockwise.pack_nibbles``."""
+    _rows(_loops().pack_nibbles, out_M.numel(), _np(q_2M), _np(out_M))
+    return out_M
+
+
+def blockwise_dequantize(
+    values: Tensor, bits: int, scales: Tensor, block: int, levels: int, out_N: Tensor
+) -> Tensor:
+    """out = q (s / L) per block from the wire's values (uint8: int8 or packed nibbles)."""
+    _rows(
+        _loops().blockwise_dequantize,
+        scales.numel(),
+        _np(values),
+        bits,
+        _np(scales),
+        block,
+        levels,
+        _np(out_N),
+    )
+    return out_N

@@ -159,3 +159,55 @@ def dequantize_rows(lo, hi, k, eps, rows, theta, use_theta, out):
                 out[dest, j] = (np.float32(k[r, j]) + theta[r, j]) * e
             else:
                 out[dest, j] = np.float32(k[r, j]) * e
+
+
+@jit
+def blockwise_quantize(lo, hi, x, block, levels, key, q, scales, quantized):
+    """Blocks [lo, hi) of x: scale s = max |x| (NaN when a value is not finite), q =
+    floor(x L 2^16 / s + V) >> 16 with V hashed from (key, index), Q = q (s / L)."""
+    n = x.shape[0]
+    lv = np.float32(levels)
+    big = np.float32(levels * 65536)
+    inf = np.float32(np.inf)
+    for b in range(lo, hi):
+        start = b * block
+        stop = min(start + block, n)
+        s = np.float32(0.0)
+        finite = True
+        for i in range(start, stop):
+            a = abs(x[i])
+            finite &= a < inf  # False for inf and NaN
+            s = a if a > s else s
+        if not finite:
+            scales[b] = np.float32(np.nan)
+            continue
+        scales[b] = s
+        inv = np.nextafter(big / s, np.float32(0.0)) if s > 0 else np.float32(0.0)
+        step = s / lv
+        for i in range(start, stop):
+            k = (np.int64(np.rint(x[i] * inv)) + hash16(i, key)) >> 16
+            q[i] = k
+            quantized[i] = np.float32(k) * step
+
+
+@jit
+def pack_nibbles(lo, hi, q, out):
+    """Bytes [lo, hi): value 2j in the low nibble, 2j+1 in the high nibble."""
+    for j in range(lo, hi):
+        out[j] = np.uint8((q[2 * j] & 0x0F) | ((q[2 * j + 1] & 0x0F) << 4))
+
+
+@jit
+def blockwise_dequantize(lo, hi, values, bits, scales, block, levels, out):
+    """Blocks [lo, hi): out = q (s / L), q the int8 values or the sign-extended nibbles."""
+    n = out.shape[0]
+    lv = np.float32(levels)
+    for b in range(lo, hi):
+        step = scales[b] / lv
+        for i in range(b * block, min(b * block + block, n)):
+            if bits == 8:
+                k = np.int64(np.int8(values[i]))
+            else:
+                k = (np.int64(values[i >> 1]) >> (4 * (i & 1))) & 0xF
+                k = k - 16 if k >= 8 else k
+            out[i] = np.float32(k) * step

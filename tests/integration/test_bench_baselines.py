@@ -56,3 +56,21 @@ def test_suite_refuses_settings_it_cannot_measure():
         Suite(sizes=(1, 2))
     with pytest.raises(ValueError, match=">= 50 steps"):
         Suite(models=(ModelSpec("digits", 64, 20),))
+
+
+def test_a_rank_without_a_final_loss_leaves_that_cell_empty_not_the_run():
+    """A peer whose last metrics rows carry no loss (it settled early) once crashed the whole
+    aggregation after minutes of measuring."""
+    from swarmnet.bench.baselines import aggregate
+
+    def record(phase, rank, loss):
+        return {"model": "digits", "world": 2, "phase": phase, "repeat": 0, "rank": rank,
+                "pace": 100.0, "time_to_target_s": 1.0, "bytes_per_step": 10.0,
+                "final_loss": loss, "backend": "gloo", "parameters": 5}
+
+    records = [record("swarm-solo", 0, 0.5), record("swarm-solo", 1, 0.4),
+               record("swarm-fp32", 0, 0.3), record("swarm-fp32", 1, None)]
+    rows = {r["method"]: r for r in aggregate(records)["methods"]}
+    assert rows["swarm-fp32"]["final_loss"] is None
+    assert rows["swarm-solo"]["final_loss"]["median"] == pytest.approx(0.45)
+    assert rows["swarm-fp32"]["step_time_s"]["median"] == pytest.approx(0.01)

@@ -1,6 +1,7 @@
-"""The fused CPU loops of the lattice codec give bit for bit what the torch passes give (those
-serve accelerators, so a CPU peer and a GPU peer must agree), and the codec built on them keeps
-its guarantees: unbiased private rounding, exact decodes across the two paths."""
+"""The fused CPU loops of the lossy codecs give bit for bit what the torch passes give (those
+serve accelerators, so a CPU peer and a GPU peer must agree), and the codecs built on them keep
+their guarantees: unbiased private rounding, exact decodes across the two paths. (The blockwise
+codecs' error bounds and unbiasedness on both paths are in test_codecs_basic.py.)"""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from swarmnet.codecs import bitplanes, kernels, lattice
+from swarmnet.codecs import bitplanes, blockwise, kernels, lattice, make_codec
 from swarmnet.codecs.lattice_codec import LatticeCodec
 
 pytestmark = [
@@ -192,3 +193,29 @@ def test_snapshots_decode_exactly_across_the_fused_and_torch_paths(
     enc = codec.encode(x)
     monkeypatch.setenv("SWARMNET_FUSED", reader)
     assert torch.equal(_pull(LatticeCodec(chunk=4096, mode=mode, seed=6), enc, key), enc.quantized)
+
+
+@FAST
+@given(seed=st.integers(0, 2**20), pairs=st.integers(1, 500))
+def test_pack_nibbles_is_the_torch_layout(seed, pairs) -> None:
+    q = torch.randint(-8, 8, (2 * pairs,), generator=torch.Generator().manual_seed(seed))
+    q = q.to(torch.int8)
+    got = kernels.pack_nibbles(q, torch.empty(pairs, dtype=torch.uint8))
+    want = blockwise.pack_nibbles(q, torch.empty(pairs, dtype=torch.uint8))
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name", ["blockwise8", "blockwise4"])
+@pytest.mark.parametrize("n", [1, 63, 1001])
+@pytest.mark.parametrize(("sender", "reader"), [("1", "0"), ("0", "1")])
+def test_blockwise_snapshots_decode_exactly_across_the_two_paths(
+    monkeypatch, name, n, sender, reader
+) -> None:
+    x = torch.randn(n) * 3
+    x[::7] = 0.0
+    monkeypatch.setenv("SWARMNET_FUSED", sender)
+    enc = make_codec(name, block=5, seed=1).encode(x)
+    monkeypatch.setenv("SWARMNET_FUSED", reader)
+    out = torch.full_like(x, math.nan)
+    make_codec(name, block=5).decode(enc.meta, tuple(bytes(f) for f in enc.frames), x, out, {})
+    assert torch.equal(out, enc.quantized)
