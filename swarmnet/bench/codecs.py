@@ -38,12 +38,13 @@ CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
     ("bf16/stochastic", "bf16", {"rounding": "stochastic"}),
     ("blockwise8", "blockwise8", {}),
     ("blockwise4", "blockwise4", {}),
+    ("blockwise8/torch passes", "blockwise8", {}),
     ("lattice", "lattice", {}),
     ("lattice/torch passes", "lattice", {}),
     ("lattice/g4", "lattice", {"width": 4}),
     ("lattice/g8", "lattice", {"width": 8}),
 ]
-UNFUSED = {"lattice/torch passes"}
+UNFUSED = {"lattice/torch passes", "blockwise8/torch passes"}
 """Rows timed with the torch passes instead of the fused CPU loops (kernels.py), side by side."""
 DEFAULT_DISTANCES = [0.5, 2.0, 8.0, 32.0, 128.0, 1024.0]
 DECODE_DISTANCE = 8.0

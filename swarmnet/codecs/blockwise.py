@@ -183,16 +183,14 @@ class BlockwiseCodec(Codec):
         if rows and not (torch.isfinite(scales).all() and scales.min() >= 0):
             raise CodecError(f"{self.name}: scales must be finite and >= 0")
         values = buffer_tensor(frames[0], torch.uint8, f"{self.name}.values").to(dev)
-        if kernels.usable(out_N):
-            kernels.blockwise_dequantize(
-                values, self.bits, scales, block, self.levels, out_N.view(-1)
-            )
-            return DecodeResult(True, stats={"bits_per_coord": self.bits + 32.0 / block})
+        fused = kernels.usable(out_N)
         if self.bits == 8:
             q = values.view(torch.int8)
         else:
-            q = unpack_nibbles(values, scratch("bw.unpacked", 2 * values.numel(), torch.int8, dev))
-        dequantize_blocks(q[:n], scales, self.levels, block, out_N.view(-1))
+            unpacked = scratch("bw.unpacked", 2 * values.numel(), torch.int8, dev)
+            q = (kernels.unpack_nibbles if fused else unpack_nibbles)(values, unpacked)
+        dequantize = kernels.blockwise_dequantize if fused else dequantize_blocks
+        dequantize(q[:n], scales, self.levels, block, out_N.view(-1))
         return DecodeResult(True, stats={"bits_per_coord": self.bits + 32.0 / block})
 
 

@@ -21,8 +21,8 @@ holds the two paths to each other).
     dequantize(k_RC, e_R, rows_R, out_RC, *, theta=None)
                                                    Q of row i into out row rows_R[i] (>= 0)
     blockwise_quantize(x_N, block, levels, seed, q, scales, quantized)
-    pack_nibbles(q_2M, out_M), blockwise_dequantize(values, bits, scales, block, levels, out_N)
-                                                   the blockwise codecs, one pass each
+    blockwise_dequantize(q_N, scales_R, levels, block, out_N), pack_nibbles, unpack_nibbles
+                                                   the blockwise codecs
 
 Stochastic rounding draws its offsets V inside the loop from a counter-based hash of (seed,
 chunk, coordinate): private randomness needs no shared stream, and generating 40 MB of offsets
@@ -243,24 +243,39 @@ def dequantize(
     )
 
 
+def _blocks(n: int, block: int) -> Iterator[tuple[slice, slice, int, int]]:
+    """(coordinates, blocks, rows, cols) of the full blocks as one [rows, block] matrix, then of
+    the short tail block as a [1, n mod block] one."""
+    full, tail = divmod(n, block)
+    if full:
+        yield slice(0, full * block), slice(0, full), full, block
+    if tail:
+        yield slice(full * block, n), slice(full, full + 1), 1, tail
+
+
 def blockwise_quantize(
     x_N: Tensor, block: int, levels: int, seed: int, q: Tensor, scales: Tensor, quantized: Tensor
 ) -> None:
-    """The blockwise codecs' encode (blockwise.py) in one pass: per block the absmax scale
-    (NaN for a block that is not finite), the int8 values ``q`` with stochastic rounding, and
-    Q into ``quantized``; offsets hashed from ``seed`` and the coordinate."""
+    """The blockwise codecs' encode (blockwise.py): per block the absmax scale (inf for a
+    block that is not finite, which the caller rejects), the int8 values ``q`` with stochastic
+    rounding, and Q into ``quantized``; offsets hashed from ``seed``, the block and the
+    coordinate."""
     key = int(np.random.SeedSequence(seed).generate_state(1, dtype=np.uint32)[0])
-    _rows(
-        _loops().blockwise_quantize,
-        scales.numel(),
-        _np(x_N),
-        block,
-        levels,
-        np.uint64(key),
-        _np(q),
-        _np(scales),
-        _np(quantized),
-    )
+    for coords, blocks, rows, cols in _blocks(x_N.numel(), block):
+        x_RB = x_N[coords].view(rows, cols)
+        s_R = scales[blocks]
+        s_R.copy_(max_abs(x_RB))
+        _rows(
+            _loops().blockwise_quantize_rows,
+            rows,
+            _np(x_RB),
+            _np(s_R),
+            levels,
+            np.uint64(key),
+            blocks.start,
+            _np(q[coords].view(rows, cols)),
+            _np(quantized[coords].view(rows, cols)),
+        )
 
 
 def pack_nibbles(q_2M: Tensor, out_M: Tensor) -> Tensor:
@@ -269,18 +284,23 @@ def pack_nibbles(q_2M: Tensor, out_M: Tensor) -> Tensor:
     return out_M
 
 
+def unpack_nibbles(packed_M: Tensor, out_2M: Tensor) -> Tensor:
+    """Inverse of :func:`pack_nibbles`, as ``blockwise.unpack_nibbles``."""
+    _rows(_loops().unpack_nibbles, packed_M.numel(), _np(packed_M), _np(out_2M))
+    return out_2M
+
+
 def blockwise_dequantize(
-    values: Tensor, bits: int, scales: Tensor, block: int, levels: int, out_N: Tensor
+    q_N: Tensor, scales_R: Tensor, levels: int, block: int, out_N: Tensor
 ) -> Tensor:
-    """out = q (s / L) per block from the wire's values (uint8: int8 or packed nibbles)."""
-    _rows(
-        _loops().blockwise_dequantize,
-        scales.numel(),
-        _np(values),
-        bits,
-        _np(scales),
-        block,
-        levels,
-        _np(out_N),
-    )
+    """out = q (s / L) per block of the int8 values ``q_N``, as ``blockwise.dequantize_blocks``."""
+    for coords, blocks, rows, cols in _blocks(out_N.numel(), block):
+        _rows(
+            _loops().blockwise_dequantize_rows,
+            rows,
+            _np(q_N[coords].view(rows, cols)),
+            _np(scales_R[blocks]),
+            levels,
+            _np(out_N[coords].view(rows, cols)),
+        )
     return out_N

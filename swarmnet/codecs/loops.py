@@ -14,18 +14,24 @@ jit = numba.njit(nogil=True, cache=True, boundscheck=False)
 
 
 @jit
-def hash16(j, key):
-    """16 uniform bits from a 32-bit integer hash of j ^ key (two multiply-xorshift
-    rounds, bijective on 32 bits; numba widens integer arithmetic, hence the masks)."""
+def hash32(x):
+    """A bijective 32-bit integer hash (two multiply-xorshift rounds on the low 32 bits;
+    numba widens integer arithmetic, hence the masks)."""
     low = np.uint64(0xFFFFFFFF)
-    x = (np.uint64(j) ^ key) & low
+    x = np.uint64(x) & low
     for _ in range(2):
         x ^= x >> np.uint64(16)
         x = (x * np.uint64(0x7FEB352D)) & low
         x ^= x >> np.uint64(15)
         x = (x * np.uint64(0x846CA68B)) & low
         x ^= x >> np.uint64(16)
-    return np.int64(x >> np.uint64(16))
+    return x
+
+
+@jit
+def hash16(j, key):
+    """16 uniform bits from the hash of j ^ key."""
+    return np.int64(hash32(np.uint64(j) ^ key) >> np.uint64(16))
 
 
 @jit
@@ -162,32 +168,23 @@ def dequantize_rows(lo, hi, k, eps, rows, theta, use_theta, out):
 
 
 @jit
-def blockwise_quantize(lo, hi, x, block, levels, key, q, scales, quantized):
-    """Blocks [lo, hi) of x: scale s = max |x| (NaN when a value is not finite), q =
-    floor(x L 2^16 / s + V) >> 16 with V hashed from (key, index), Q = q (s / L)."""
-    n = x.shape[0]
+def blockwise_quantize_rows(lo, hi, x, scales, levels, seed, first, q, quantized):
+    """Blocks (rows) [lo, hi) of x with their scales s = max |x| (rows whose s is not finite
+    are skipped): q = floor(x L 2^16 / s + V) >> 16 with V hashed from (seed, first + row,
+    column), and Q = q (s / L)."""
     lv = np.float32(levels)
     big = np.float32(levels * 65536)
-    inf = np.float32(np.inf)
-    for b in range(lo, hi):
-        start = b * block
-        stop = min(start + block, n)
-        s = np.float32(0.0)
-        finite = True
-        for i in range(start, stop):
-            a = abs(x[i])
-            finite &= a < inf  # False for inf and NaN
-            s = a if a > s else s
-        if not finite:
-            scales[b] = np.float32(np.nan)
+    for r in range(lo, hi):
+        s = scales[r]
+        if not s < np.float32(np.inf):
             continue
-        scales[b] = s
         inv = np.nextafter(big / s, np.float32(0.0)) if s > 0 else np.float32(0.0)
         step = s / lv
-        for i in range(start, stop):
-            k = (np.int64(np.rint(x[i] * inv)) + hash16(i, key)) >> 16
-            q[i] = k
-            quantized[i] = np.float32(k) * step
+        key = hash32(np.uint64(first + r) ^ seed)
+        for j in range(x.shape[1]):
+            k = (np.int64(np.rint(x[r, j] * inv)) + hash16(j, key)) >> 16
+            q[r, j] = k
+            quantized[r, j] = np.float32(k) * step
 
 
 @jit
@@ -198,16 +195,20 @@ def pack_nibbles(lo, hi, q, out):
 
 
 @jit
-def blockwise_dequantize(lo, hi, values, bits, scales, block, levels, out):
-    """Blocks [lo, hi): out = q (s / L), q the int8 values or the sign-extended nibbles."""
-    n = out.shape[0]
+def unpack_nibbles(lo, hi, packed, out):
+    """Bytes [lo, hi) to values 2j and 2j+1, sign-extended from 4 bits."""
+    for j in range(lo, hi):
+        b = np.int64(packed[j])
+        low, high = b & 0xF, b >> 4
+        out[2 * j] = low - 16 if low >= 8 else low
+        out[2 * j + 1] = high - 16 if high >= 8 else high
+
+
+@jit
+def blockwise_dequantize_rows(lo, hi, q, scales, levels, out):
+    """Blocks (rows) [lo, hi): out = q (s / L)."""
     lv = np.float32(levels)
-    for b in range(lo, hi):
-        step = scales[b] / lv
-        for i in range(b * block, min(b * block + block, n)):
-            if bits == 8:
-                k = np.int64(np.int8(values[i]))
-            else:
-                k = (np.int64(values[i >> 1]) >> (4 * (i & 1))) & 0xF
-                k = k - 16 if k >= 8 else k
-            out[i] = np.float32(k) * step
+    for r in range(lo, hi):
+        step = scales[r] / lv
+        for j in range(q.shape[1]):
+            out[r, j] = np.float32(q[r, j]) * step

@@ -123,7 +123,9 @@ def versioned_meta(meta: Any, codec: str, n: int, version: int = 1) -> Mapping[s
     m = as_mapping(meta, codec, "meta")
     got = m.get("v")
     if got != version:
-        raise CodecError(f"{codec}: snapshot layout version {got!r}, this swarmnet reads version {version}; "
-                         "run the same swarmnet release on every peer")
+        raise CodecError(
+            f"{codec}: snapshot layout version {got!r}, this swarmnet reads version {version}; "
+            "run the same swarmnet release on every peer"
+        )
     check_count(m, codec, n)
     return m
