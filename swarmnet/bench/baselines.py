@@ -241,7 +241,8 @@ def aggregate(records: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any
         for method in METHODS:
             if ranks(f"{method}+straggler", repeats[0]):
                 row = _straggler_row([ranks(f"{method}+straggler", rep) for rep in repeats],
-                                     [ranks(SOLO_OF[method], rep) for rep in repeats])
+                                     [ranks(SOLO_OF[method], rep) for rep in repeats],
+                                     [ranks(method, rep) for rep in repeats])
                 out["straggler"].append({"model": model, "processes": world, "method": method, **row})
         if ranks("allreduce", repeats[0]):
             first = ranks("allreduce", repeats[0])[0]
@@ -270,19 +271,21 @@ def _method_row(method: str, runs: list[list[dict[str, Any]]], solos: list[list[
             "bytes_per_step_source": runs[0][0].get("bytes_per_step_source", "")}
 
 
-def _straggler_row(runs: list[list[dict[str, Any]]], solos: list[list[dict[str, Any]]]) -> dict[str, Any]:
-    """The last rank is the straggler; the others' pace is compared with their own solo pace."""
-    ratios, others_step, straggler_step = [], [], []
-    for rows, solo in zip(runs, solos):
+def _straggler_row(runs: list[list[dict[str, Any]]], solos: list[list[dict[str, Any]]],
+                   normals: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """The last rank is the straggler; the others' pace is compared with their own pace in the
+    compute-only phase (``solos``) and in the same method's phase without a straggler."""
+    ratios, own, others_step, straggler_step = [], [], [], []
+    for rows, solo, normal in zip(runs, solos, normals):
         solo_pace = {r["rank"]: r["pace"] for r in solo}
+        normal_pace = {r["rank"]: r["pace"] for r in normal}
         others = rows[:-1]
         ratios.append(_mean(r["pace"] / solo_pace[r["rank"]] for r in others))
+        own.append(_mean(r["pace"] / normal_pace[r["rank"]] for r in others))
         others_step.append(_step_s(others))
         straggler_step.append(_step_s(rows[-1:]))
     return {"others_step_time_s": spread(others_step), "straggler_step_time_s": spread(straggler_step),
-            "step_vs_solo": "T_method / T_solo, unclipped (below 1: faster than its own compute-only run, i.e. noise "
-                    "or the scheduler favouring it on a shared machine)",
-    "others_pace_vs_solo": spread(ratios)}
+            "others_pace_vs_solo": spread(ratios), "others_pace_vs_no_straggler": spread(own)}
 
 
 # -- hivemind ----------------------------------------------------------------------------------
@@ -339,6 +342,8 @@ DEFINITIONS = {
     "step_vs_solo": "T_method / T_solo, unclipped (below 1: faster than its own compute-only run, i.e. noise "
                     "or the scheduler favouring it on a shared machine)",
     "others_pace_vs_solo": "non-straggler processes' steps/s with one process slowed down, over their solo steps/s",
+    "others_pace_vs_no_straggler": "non-straggler processes' steps/s with one process slowed down, over their "
+                                   "steps/s in the same method without it (what the straggler costs them)",
     "time_to_target_s": "end of the first 10 steps to the end of the first 10-step window with mean training "
                         "loss <= target, slowest process",
     "bytes_per_step": "bytes one process receives per training step (ring formula for torch, measured for swarmnet)",
@@ -404,11 +409,13 @@ def methods_table(result: dict[str, Any]) -> Table:
 def straggler_table(result: dict[str, Any]) -> Table:
     slowdown = result["suite"]["slowdown"]
     table = Table(title=f"one process {slowdown:g}x slower: the others' pace vs their solo pace (target >= 0.9)")
-    for col in ("model", "n", "method", "others step ms", "straggler step ms", "others pace / solo"):
+    for col in ("model", "n", "method", "others step ms", "straggler step ms", "others pace / solo",
+                "others pace / no straggler"):
         table.add_column(col, justify="left" if col in ("model", "method") else "right")
     for row in result["straggler"]:
         table.add_row(row["model"], str(row["processes"]), row["method"], _fmt(row["others_step_time_s"], 1e3, 2),
-                      _fmt(row["straggler_step_time_s"], 1e3, 2), _fmt(row["others_pace_vs_solo"], 1, 2))
+                      _fmt(row["straggler_step_time_s"], 1e3, 2), _fmt(row["others_pace_vs_solo"], 1, 2),
+                      _fmt(row.get("others_pace_vs_no_straggler"), 1, 2))
     return table
 
 

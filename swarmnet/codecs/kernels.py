@@ -117,6 +117,12 @@ def _np(t: Tensor) -> np.ndarray:
     return t.detach().numpy()
 
 
+def _optional(t: Tensor | None, dtype: type) -> tuple[np.ndarray, bool]:
+    """(array, present) for an optional 2-D input: numba needs an array of the right type
+    either way, so an absent one is a 1x1 placeholder the loop never reads."""
+    return (_np(t), True) if t is not None else (np.zeros((1, 1), dtype=dtype), False)
+
+
 def _pow2(exponents: list[int]) -> np.ndarray:
     """2^e as float32, exactly."""
     return np.ldexp(np.ones(len(exponents), dtype=np.float32), np.asarray(exponents, np.int64))
@@ -147,8 +153,7 @@ def quantize(
     eps = _pow2(e_R)
     scale = _pow2([16 - e for e in e_R])
     keys = np.random.SeedSequence(list(seed)).generate_state(rows, dtype=np.uint32)
-    use = offsets is not None
-    off = _np(offsets) if use else np.zeros((1, 1), dtype=np.int32)
+    off, use = _optional(offsets, np.int32)
     _rows(
         _loops().quantize_rows,
         rows,
@@ -199,8 +204,7 @@ def nearest(
     rows = r_RC.shape[0]
     limit = float(1 << (8 * k_RC.element_size() - 2))
     dmax, dmin = np.empty(rows, dtype=np.int64), np.empty(rows, dtype=np.int64)
-    use = theta is not None
-    th = _np(theta) if use else np.zeros((1, 1), dtype=np.float32)
+    th, use = _optional(theta, np.float32)
     _rows(
         _loops().nearest_rows,
         rows,
@@ -229,15 +233,14 @@ def dequantize(
 ) -> None:
     """Q = 2^e * k (or 2^e * (k + theta)) of row i into ``out_RC[rows_R[i]]``, rows with a
     negative destination skipped (a chunk that failed its digest is never written)."""
-    rows = k_RC.shape[0]
-    use = theta is not None
+    th, use = _optional(theta, np.float32)
     _rows(
         _loops().dequantize_rows,
-        rows,
+        k_RC.shape[0],
         _np(k_RC),
         _pow2(e_R),
         np.asarray(rows_R, dtype=np.int64),
-        _np(theta) if use else np.zeros((1, 1), dtype=np.float32),
+        th,
         use,
         _np(out_RC),
     )

@@ -44,6 +44,7 @@ def test_tiny_suite_measures_every_method_side_by_side(tmp_path):
     assert set(stragglers) == {"ddp", "swarm-fp32"}
     for row in stragglers.values():
         assert row["straggler_step_time_s"]["median"] > 0 and row["others_pace_vs_solo"]["median"] > 0
+        assert row["others_pace_vs_no_straggler"]["median"] > 0
     (allreduce,) = result["allreduce"]
     assert allreduce["numel"] == params and allreduce["seconds"]["median"] > 0
     assert methods_table(result).row_count == len(METHODS)
