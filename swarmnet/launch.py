@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from swarmnet.codecs import kernels
 from swarmnet.config import SwarmConfig, load_manifest, to_dict
 from swarmnet.errors import ConfigError
 from swarmnet.evaluation import evaluate_averaged
@@ -157,6 +158,9 @@ def launch(plan: LaunchPlan, *, summary_path: Path | None = None, console: Conso
     interrupt = _Interrupt()
     previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     started = time.monotonic()
+    on_cpu = not plan.cfg.device.device.startswith("cuda")
+    if plan.cfg.codec.name in kernels.FUSED_CODECS and on_cpu:
+        kernels.warm_up()  # compile the codec's CPU loops once here, not once per peer
     try:
         # All peers start at once; the first one's card (written once it is bound) is the seed.
         first = plan.peers[0]

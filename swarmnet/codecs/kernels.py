@@ -88,6 +88,37 @@ def numba_version() -> str | None:
     return importlib.metadata.version("numba") if _have_numba() else None
 
 
+FUSED_CODECS = ("lattice", "blockwise8", "blockwise4")
+
+
+def warm_up() -> None:
+    """Compile the loops once (or load them from numba's disk cache) with the argument types a
+    CPU peer uses: encode, then decode from read-only wire frames. A launcher calls it before
+    starting several peers, which would otherwise each compile them, seconds of CPU apiece, at
+    their first snapshot."""
+    if not usable(torch.empty(0)):
+        return
+    from swarmnet.codecs import make_codec  # the codecs import this module
+
+    x = torch.linspace(-1.0, 1.0, 200)
+    for name, params in (
+        ("lattice", {"chunk": 64}),
+        ("lattice", {"chunk": 64, "mode": "dither"}),
+        ("blockwise8", {}),
+        ("blockwise4", {}),
+    ):
+        codec = make_codec(name, seed=0, **params)
+        enc = codec.encode(x)
+        out, state = torch.empty_like(x), {}
+        want = codec.plan(state)
+        for _ in range(8):
+            meta, frames = codec.select(enc, want)
+            res = codec.decode(meta, tuple(bytes(f) for f in frames), x, out, state)
+            if res.complete:
+                break
+            want = res.more
+
+
 def _loops() -> ModuleType:
     from swarmnet.codecs import loops  # numba: imported on first use
 
