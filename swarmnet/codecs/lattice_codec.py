@@ -59,6 +59,8 @@ LAYOUT_VERSION = 2
 MAX_CHUNK = 1 << 24
 MAX_CHUNKS = 1 << 22
 STAT_SAMPLES = 512
+SAMPLE_STRIDE = 16777619
+"""A prime above MAX_CHUNK, so ``j * SAMPLE_STRIDE % cols`` never repeats for j < cols."""
 U63 = (1 << 63) - 1
 _plan_ids = random.Random()
 
@@ -85,8 +87,13 @@ def _layout(n: int, chunk: int) -> list[_Group]:
     return groups
 
 
-def _stride(g: _Group) -> int:
-    return max(1, g.cols // STAT_SAMPLES)
+def _sample_index(cols: int) -> Tensor:
+    """Up to STAT_SAMPLES coordinates of a chunk for its statistics, scattered by a prime stride
+    taken modulo the chunk. An even stride would alias with the layers' shapes: every 16th
+    coordinate of a [128, 64] weight is one input column, which can be a dead input whose
+    weights never move, and the step size measured there came out 32x too small."""
+    count = min(cols, STAT_SAMPLES)
+    return torch.arange(count, dtype=torch.int64) * SAMPLE_STRIDE % cols
 
 
 def _chunk_pads(n: int, chunk: int) -> list[int]:
@@ -229,7 +236,7 @@ class LatticeCodec(Codec):
         mode: "stochastic" rounding or seeded subtractive "dither" (SPEC 3.2).
         eps: a fixed step (rounded down to a power of two) instead of the adaptive one.
         eps_scale, eps_ema, eps_init: the adaptive step policy (epsilon.py).
-        first_bits: bits per coordinate of the first pull from a neighbour with no history.
+        first_bits: bits per coordinate of the reader's very first pull (no distance seen yet).
         margin: growth allowed for the distance since the last decode (the "R" of SPEC 3.4).
         seed: seeds the private randomness (tests and benchmarks).
     """
@@ -248,7 +255,7 @@ class LatticeCodec(Codec):
         eps_ema: float = 0.9,
         eps_init: float = 2.0**-10,
         first_bits: int = 8,
-        margin: float = 2.0,
+        margin: float = 1.25,
         seed: int | None = None,
     ) -> None:
         if not isinstance(chunk, int) or not 64 <= chunk <= MAX_CHUNK or chunk % 64:
@@ -275,6 +282,9 @@ class LatticeCodec(Codec):
         self.policy = StepPolicy(fixed=eps, scale=eps_scale, ema=eps_ema, init=eps_init)
         self._bits = RandomBits(seed)
         self._prev_samples: list[Tensor] | None = None
+        self._latest_dist: float | None = None
+        """Largest D of the last complete pull from any neighbour: the prior for a neighbour
+        this reader has no history of (the distances in a swarm are alike)."""
 
     def params(self) -> dict[str, Any]:
         return {
@@ -401,13 +411,14 @@ class LatticeCodec(Codec):
         (``progress``, when the owner tracks it) or else of x minus the previous snapshot's x,
         float64 CPU.
 
-        Both are estimated on about 512 evenly spaced coordinates per chunk, which pins an RMS
+        Both are estimated on 512 scattered coordinates per chunk (``_sample_index``), which pins an RMS
         to a few percent, plenty to pick a power of two. Keeping those samples of the exact
         previous input (not of its Q) matters: against Q the quantization noise itself would
         read as an update, and the step of a chunk that stopped changing would shrink by half
         an octave per snapshot.
         """
-        samples = [g.view(x)[:, :: _stride(g)].clone() for g in groups]
+        index = [_sample_index(g.cols).to(x.device) for g in groups]
+        samples = [g.view(x)[:, i] for g, i in zip(groups, index, strict=True)]
 
         def rms(parts: list[Tensor]) -> Tensor:
             if not parts:
@@ -427,7 +438,8 @@ class LatticeCodec(Codec):
             return lambda: rms(samples), None
         if progress is not None:
             moved = flat_float32(progress, self.name)
-            return lambda: rms(samples), rms([g.view(moved)[:, :: _stride(g)] for g in groups])
+            parts = [g.view(moved)[:, i] for g, i in zip(groups, index, strict=True)]
+            return lambda: rms(samples), rms(parts)
         return lambda: rms(samples), rms([a - b for a, b in zip(samples, prev, strict=True)])
 
     def select(self, encoded: Encoded, want: Any) -> tuple[dict[str, Any], tuple[Buffer, ...]]:
@@ -466,16 +478,20 @@ class LatticeCodec(Codec):
     # ----------------------------------------------------------------------------- reader
 
     def plan(self, state: Mapping[str, Any]) -> dict[str, Any]:
-        """First request of a pull: per chunk b = 2 + floor(log2(margin * D + 1)) bits, D the
-        distance seen last time (SPEC 3.4 reader step 1); ``first_bits`` without history."""
+        """First request of a pull: per chunk b = 1 + ceil(log2(margin * D)) bits, D the window
+        statistic of that chunk at the last pull from this neighbour (SPEC 3.4 reader step 1;
+        the decode is exact iff D <= 2^(b-1)). A neighbour with no history gets the bits the
+        last pull from any neighbour needed; the very first pull, ``first_bits``."""
         dist = state.get("dist")
-        to: int | list[int] = self.first_bits if dist is None else [self._predict(d) for d in dist]
+        to: int | list[int] = (
+            self._predict(self._latest_dist) if dist is None else [self._predict(d) for d in dist]
+        )
         return {"v": 1, "p": _plan_ids.getrandbits(62) + 1, "from": 0, "to": to}
 
     def _predict(self, dist: float | None) -> int:
         if dist is None or not math.isfinite(dist):
             return self.first_bits
-        return min(64, int(lattice.bits_needed(self.margin * dist)))
+        return min(64, 1 + math.ceil(math.log2(max(self.margin * dist, 1.0))))
 
     def decode(
         self,
@@ -527,6 +543,7 @@ class LatticeCodec(Codec):
                 "sid": h.sid,
                 "done": [False] * nch,
                 "held": {},
+                "misses": {},
                 "dist": [None] * nch,
                 "bytes": 0,
                 "rounds": 0,
@@ -628,6 +645,7 @@ class LatticeCodec(Codec):
                     "(corrupted snapshot)"
                 )
             pull["failed"] += 1
+            pull["misses"][i] = pull["misses"].get(i, 0) + 1
             held = pull["held"].get(i)
             prefix = held[1][: h.lo[j] // h.g * plane_bytes] if h.lo[j] else b""
             pull["held"][i] = (h.hi[j], bytearray(prefix) + memoryview(frames[j]).cast("B"))
@@ -676,6 +694,7 @@ class LatticeCodec(Codec):
             state["dist"] = dist
             state.pop("pull", None)
             stats["dist_max"] = max((d for d in dist if d is not None), default=0.0)
+            self._latest_dist = stats["dist_max"]
             return DecodeResult(True, stats=stats)
         old = state.get("dist")
         lo, hi = [0] * nch, [0] * nch
@@ -683,7 +702,7 @@ class LatticeCodec(Codec):
             held = pull["held"].get(i)
             if held is None:  # never received in this pull: ask as a first request would
                 hi[i] = self._predict(old[i] if old is not None and len(old) == nch else None)
-            else:  # failed: the next planes, doubling the bits (SPEC 3.4 reader step 2)
+            else:  # failed: the next 1, 2, 4, ... planes (SPEC 3.4 reader step 2)
                 lo[i] = held[0]
-                hi[i] = min(h.bf[i], 2 * held[0])
+                hi[i] = min(h.bf[i], held[0] + (1 << min(pull["misses"][i] - 1, 6)))
         return DecodeResult(False, more={"v": 1, "p": h.p, "from": lo, "to": hi}, stats=stats)

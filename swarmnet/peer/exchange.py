@@ -176,6 +176,7 @@ class Exchange:
         self._next ^= 1
         stats = peer.stats
         stats.pulls_ok += 1
+        stats.pull_rounds += rounds
         stats.consensus = distance if stats.pulls_ok == 1 else 0.9 * stats.consensus + 0.1 * distance
         if "bits_per_coord" in result.stats:
             stats.bits_per_coord = result.stats["bits_per_coord"]

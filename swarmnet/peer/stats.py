@@ -29,6 +29,8 @@ class PeerStats:
     libzmq's I/O thread, merges and republishing in the training thread)."""
     compute_cpu_s: float = 0.0
     """CPU seconds of the training thread outside merges: steps, metrics, checkpoints."""
+    pull_rounds: int = 0
+    """Requests the successful pulls took; over pulls_ok, how often lattice readers escalate."""
     pulls_failed: int = 0
     nudges_sent: int = 0
     nudges_rejected: int = 0

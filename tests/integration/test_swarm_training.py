@@ -115,8 +115,12 @@ def test_quickstart_matches_sequential_sgd_on_digits(swarm_factory, tmp_path):
           f"adopted {[(p['adopted_from'], p['adopted_step']) for p in lattice_result['peers']]}, "
           f"bytes received per merge {per_merge}")
     assert lat_acc >= seq_acc - 0.02
-    # Paced, merges are rarer and farther apart than at H: 21-24% of fp32's bytes (5 runs).
+    # Paced, merges are rarer and farther apart than at H: 19-22% of fp32's bytes.
     assert per_merge["lattice"] <= per_merge["fp32"] / 3
+    # Readers ask for the planes their last decode of that neighbour needed and escalate by 1, 2,
+    # 4 planes when the distance grew: 1.3-1.6 requests per pull merging every H steps; paced,
+    # with a dozen pulls far apart, up to about 2 (the cap asserts that misses stay few).
+    assert all(p["pulls_ok"] <= p["pull_rounds"] <= 3 * p["pulls_ok"] for p in lattice_result["peers"])
 
 
 def test_popsgd_with_symmetric_merges_converges_under_dense_interactions(swarm_factory):

@@ -71,10 +71,25 @@ def test_drifted_neighbour_escalates_and_ends_exact(width, mode) -> None:
     assert failing and len(failing) < len(enc.meta["bf"])
     for i in failing:
         assert more["from"][i] == log[0][1]["hi"][log[0][1]["ck"].index(i)]
-        assert more["to"][i] >= min(2 * more["from"][i], enc.meta["bf"][i])
+        assert more["to"][i] == min(more["from"][i] + 1, enc.meta["bf"][i])
     second_meta = log[1][1]
     assert set(second_meta["ck"]) == set(failing)
     assert "pull" not in state and len(state["dist"]) == len(enc.meta["bf"])
+
+
+def test_a_failing_chunk_is_asked_for_1_2_4_more_planes_until_exact() -> None:
+    # Small steps first (a pull that just missed costs one plane more, not twice the planes),
+    # growing so that a far key still ends in a few rounds.
+    codec = LatticeCodec(chunk=64, width=1, eps=2.0**-10, seed=7, first_bits=4)
+    x = torch.randn(64)
+    enc = codec.encode(x)
+    key = x.clone()
+    key[3] += 200 * 2.0**-10  # needs 1 + ceil(log2(201)) = 9 bits
+    state: dict = {}
+    out, log = run_pull(codec, enc, key, state)
+    assert torch.equal(out, enc.quantized)
+    asked = [want["to"] if isinstance(want["to"], int) else want["to"][0] for want, _, _ in log]
+    assert asked == [4, 5, 7, 11]
 
 
 def test_verified_chunks_are_written_at_once_and_never_requested_again() -> None:
@@ -109,11 +124,22 @@ def test_history_lowers_the_next_request_to_the_distance() -> None:
     state: dict = {}
     run_pull(codec, codec.encode(x), key, state)
     nxt = codec.plan(state)
-    # b = 2 + floor(log2(margin * D + 1)) with D <= 21, margin 2 -> at most 7 bits.
-    assert isinstance(nxt["to"], list) and all(5 <= b <= 7 for b in nxt["to"])
+    # b = 1 + ceil(log2(margin * D)), D (window statistic) about 21, margin 1.25 -> 6 bits.
+    assert nxt["to"] == [6] * 4
     x2 = x + torch.randn(2048) * 1e-4
     _out, log = run_pull(codec, codec.encode(x2), key, state)
-    assert len(log) == 1 and log[0][2].stats["bits_per_coord"] <= 7
+    assert len(log) == 1 and log[0][2].stats["bits_per_coord"] <= 6
+
+
+def test_a_new_neighbour_is_first_asked_for_what_the_last_pull_needed() -> None:
+    codec = LatticeCodec(chunk=512, width=1, eps=2.0**-10, seed=4)
+    assert codec.plan({})["to"] == codec.first_bits  # nothing seen yet
+    x = torch.randn(2048)
+    key = x + (torch.rand(2048) * 2 - 1) * 300 * 2.0**-10  # 300 eps away: 10 bits
+    _out, log = run_pull(codec, codec.encode(x), key, {})
+    assert len(log) > 1  # 8 bits did not reach
+    assert codec.plan({})["to"] == 1 + math.ceil(math.log2(1.25 * log[-1][2].stats["dist_max"]))
+    assert codec.plan({})["to"] in (10, 11)
 
 
 def test_select_is_zero_copy_and_none_serves_everything() -> None:
@@ -238,6 +264,23 @@ def test_eps_follows_the_training_progress_not_the_merge_moves() -> None:
     # eps = 0.5 * rms(progress) = 7.5e-4 -> 2^-11; the plain difference (rms 0.3) gives 2^-3.
     assert all(e == -11 for e in hinted.meta["e"]), hinted.meta["e"]
     assert all(e == -3 for e in unhinted.meta["e"]), unhinted.meta["e"]
+
+
+def test_eps_sees_every_column_of_a_weight_whose_dead_inputs_never_move() -> None:
+    """A [64, 64] weight whose inputs 0, 8, ..., 56 are always zero (image borders): their
+    weights never move. Sampled every 8th coordinate, the step size saw only those, found no
+    movement and fell back to the first-snapshot step; scattered samples see the real one."""
+    codec = LatticeCodec(chunk=4096, seed=12)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4096, generator=g)
+    live = (torch.arange(4096) % 8 != 0).float()
+    codec.encode(x, {"lr": 0.1, "local_steps": 2})
+    for _ in range(3):
+        progress = 1e-3 * torch.randn(4096, generator=g) * live
+        x = x + progress
+        enc = codec.encode(x, {"lr": 0.1, "local_steps": 2, "progress": progress, "progress_steps": 2})
+    # eps = 0.5 * rms(progress) = 0.5 * 1e-3 * sqrt(7/8) = 4.7e-4 -> 2^-12 (2^-11 is 4.9e-4).
+    assert enc.meta["e"] == [-12]
 
 
 def test_a_replica_hands_its_steps_move_to_the_codec() -> None:
