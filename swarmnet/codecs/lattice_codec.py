@@ -411,11 +411,11 @@ class LatticeCodec(Codec):
         (``progress``, when the owner tracks it) or else of x minus the previous snapshot's x,
         float64 CPU.
 
-        Both are estimated on 512 scattered coordinates per chunk (``_sample_index``), which pins an RMS
-        to a few percent, plenty to pick a power of two. Keeping those samples of the exact
-        previous input (not of its Q) matters: against Q the quantization noise itself would
-        read as an update, and the step of a chunk that stopped changing would shrink by half
-        an octave per snapshot.
+        Both are estimated on 512 scattered coordinates per chunk (``_sample_index``), which
+        pins an RMS to a few percent, plenty to pick a power of two. Keeping those samples of
+        the exact previous input (not of its Q) matters: against Q the quantization noise itself
+        would read as an update, and the step of a chunk that stopped changing would shrink by
+        half an octave per snapshot.
         """
         index = [_sample_index(g.cols).to(x.device) for g in groups]
         samples = [g.view(x)[:, i] for g, i in zip(groups, index, strict=True)]
