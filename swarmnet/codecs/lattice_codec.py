@@ -701,7 +701,8 @@ class LatticeCodec(Codec):
         for i in waiting:
             held = pull["held"].get(i)
             if held is None:  # never received in this pull: ask as a first request would
-                hi[i] = self._predict(old[i] if old is not None and len(old) == nch else None)
+                seen = old[i] if old is not None and len(old) == nch else self._latest_dist
+                hi[i] = self._predict(seen)
             else:  # failed: the next 1, 2, 4, ... planes (SPEC 3.4 reader step 2)
                 lo[i] = held[0]
                 hi[i] = min(h.bf[i], held[0] + (1 << min(pull["misses"][i] - 1, 6)))
