@@ -68,20 +68,15 @@ def thread_cpu_clock(ident: int) -> Callable[[], float]:
 def named_threads_cpu(prefix: str) -> Callable[[], float]:
     """CPU seconds used so far by this process's threads whose name starts with ``prefix``
     (Linux /proc; 0 elsewhere). For threads Python did not start, e.g. libzmq's "ZMQbg/IO/0",
-    which copies every byte the peer sends and receives.
-
-    Threads are looked up again at every read until one is found: a new thread names itself
-    only once it runs, so a lookup right after it was started can still miss it."""
+    which copies every byte the peer sends and receives."""
     task_dir = "/proc/self/task"
-    tids: list[str] = []
+    try:
+        tids = [t for t in os.listdir(task_dir) if _read(f"{task_dir}/{t}/comm").startswith(prefix)]
+    except OSError:
+        tids = []
     tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
     def read() -> float:
-        if not tids:
-            try:
-                tids.extend(t for t in os.listdir(task_dir) if _read(f"{task_dir}/{t}/comm").startswith(prefix))
-            except OSError:
-                tids.clear()
         ticks = 0
         for tid in tids:
             try:

