@@ -22,6 +22,7 @@ Reader state (the per-neighbour ``state`` dict the runtime keeps):
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import random
@@ -87,13 +88,15 @@ def _layout(n: int, chunk: int) -> list[_Group]:
     return groups
 
 
-def _sample_index(cols: int) -> Tensor:
+@functools.lru_cache(maxsize=16)
+def _sample_index(cols: int, device: torch.device) -> Tensor:
     """Up to STAT_SAMPLES coordinates of a chunk for its statistics, scattered by a prime stride
     taken modulo the chunk. An even stride would alias with the layers' shapes: every 16th
     coordinate of a [128, 64] weight is one input column, which can be a dead input whose
-    weights never move, and the step size measured there came out 32x too small."""
+    weights never move, and the step size measured there came out 32x too small. Cached: every
+    snapshot of a model uses the same few chunk lengths (read-only, only used to index)."""
     count = min(cols, STAT_SAMPLES)
-    return torch.arange(count, dtype=torch.int64) * SAMPLE_STRIDE % cols
+    return (torch.arange(count, dtype=torch.int64) * SAMPLE_STRIDE % cols).to(device)
 
 
 def _chunk_pads(n: int, chunk: int) -> list[int]:
@@ -417,7 +420,7 @@ class LatticeCodec(Codec):
         would read as an update, and the step of a chunk that stopped changing would shrink by
         half an octave per snapshot.
         """
-        index = [_sample_index(g.cols).to(x.device) for g in groups]
+        index = [_sample_index(g.cols, x.device) for g in groups]
         samples = [g.view(x)[:, i] for g, i in zip(groups, index, strict=True)]
 
         def rms(parts: list[Tensor]) -> Tensor:
