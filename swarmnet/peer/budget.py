@@ -65,26 +65,40 @@ def thread_cpu_clock(ident: int) -> Callable[[], float]:
     return read
 
 
-def named_threads_cpu(prefix: str) -> Callable[[], float]:
+def named_threads_cpu(prefix: str, rescan_s: float = 1.0) -> Callable[[], float]:
     """CPU seconds used so far by this process's threads whose name starts with ``prefix``
     (Linux /proc; 0 elsewhere). For threads Python did not start, e.g. libzmq's "ZMQbg/IO/0",
-    which copies every byte the peer sends and receives."""
+    which copies every byte the peer sends and receives.
+
+    Such a thread names itself only once it runs, which may be after this clock is made, and
+    contexts made later bring their own: the thread list is read again at most every
+    ``rescan_s`` seconds. Threads that have ended keep counting what they used.
+    """
     task_dir = "/proc/self/task"
-    try:
-        tids = [t for t in os.listdir(task_dir) if _read(f"{task_dir}/{t}/comm").startswith(prefix)]
-    except OSError:
-        tids = []
     tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    ticks: dict[str, int] = {}
+    scanned = [-float("inf")]
+
+    def rescan() -> None:
+        try:
+            for tid in os.listdir(task_dir):
+                if tid not in ticks and _read(f"{task_dir}/{tid}/comm").startswith(prefix):
+                    ticks[tid] = 0
+        except OSError:  # no /proc, or a thread ended while we looked
+            pass
 
     def read() -> float:
-        ticks = 0
-        for tid in tids:
+        now = time.monotonic()
+        if now - scanned[0] >= rescan_s:
+            scanned[0] = now
+            rescan()
+        for tid in ticks:
             try:
                 fields = _read(f"{task_dir}/{tid}/stat").rsplit(")", 1)[1].split()
+                ticks[tid] = int(fields[11]) + int(fields[12])  # utime + stime
             except (OSError, IndexError):
                 continue
-            ticks += int(fields[11]) + int(fields[12])  # utime + stime
-        return ticks / tick
+        return sum(ticks.values()) / tick
     return read
 
 

@@ -66,13 +66,14 @@ def test_local_peers_come_from_the_launcher_or_the_scheduler():
 def test_libzmq_io_threads_are_charged_for_the_bytes_they_move():
     import zmq
 
+    # Made before the context: its I/O threads start, and name themselves, only afterwards.
+    io_cpu = named_threads_cpu("ZMQbg/IO", rescan_s=0.0)
+    before = io_cpu()
     ctx = zmq.Context()
     push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
     try:
         port = pull.bind_to_random_port("tcp://127.0.0.1")
         push.connect(f"tcp://127.0.0.1:{port}")
-        io_cpu = named_threads_cpu("ZMQbg/IO")
-        before = io_cpu()
         payload = bytes(8 << 20)
         for _ in range(40):  # 320 MB through the I/O threads of both ends
             push.send(payload, copy=False)
@@ -83,3 +84,23 @@ def test_libzmq_io_threads_are_charged_for_the_bytes_they_move():
         push.close(0)
         pull.close(0)
         ctx.term()
+
+
+def test_io_thread_time_is_not_lost_when_the_thread_ends():
+    import zmq
+
+    io_cpu = named_threads_cpu("ZMQbg/IO", rescan_s=0.0)
+    ctx = zmq.Context()
+    push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    push.connect(f"tcp://127.0.0.1:{port}")
+    payload = bytes(8 << 20)
+    for _ in range(40):
+        push.send(payload, copy=False)
+        pull.recv(copy=False)
+    used = io_cpu()
+    assert used > 0.01
+    push.close(0)
+    pull.close(0)
+    ctx.term()  # its I/O threads end
+    assert io_cpu() >= used
