@@ -42,12 +42,7 @@ MAX_BLOCK = 1 << 20
 
 def _row_views(flat: Tensor, block: int) -> list[Tensor]:
     """``flat`` as at most two 2-D views: full blocks [R, B] and the short tail [1, N mod B]."""
-    n = flat.numel()
-    full = n // block
-    views = [flat[: full * block].view(full, block)] if full else []
-    if n % block:
-        views.append(flat[full * block :].view(1, n % block))
-    return views
+    return [flat[coords].view(rows, cols) for coords, _, rows, cols in kernels.block_spans(flat.numel(), block)]
 
 
 def dequantize_blocks(

@@ -277,7 +277,7 @@ def dequantize(
     )
 
 
-def _blocks(n: int, block: int) -> Iterator[tuple[slice, slice, int, int]]:
+def block_spans(n: int, block: int) -> Iterator[tuple[slice, slice, int, int]]:
     """(coordinates, blocks, rows, cols) of the full blocks as one [rows, block] matrix, then of
     the short tail block as a [1, n mod block] one."""
     full, tail = divmod(n, block)
@@ -295,7 +295,7 @@ def blockwise_quantize(
     rounding, and Q into ``quantized``; offsets hashed from ``seed``, the block and the
     coordinate."""
     key = int(np.random.SeedSequence(seed).generate_state(1, dtype=np.uint32)[0])
-    for coords, blocks, rows, cols in _blocks(x_N.numel(), block):
+    for coords, blocks, rows, cols in block_spans(x_N.numel(), block):
         x_RB = x_N[coords].view(rows, cols)
         s_R = scales[blocks]
         s_R.copy_(max_abs(x_RB))
@@ -328,7 +328,7 @@ def blockwise_dequantize(
     q_N: Tensor, scales_R: Tensor, levels: int, block: int, out_N: Tensor
 ) -> Tensor:
     """out = q (s / L) per block of the int8 values ``q_N``, as ``blockwise.dequantize_blocks``."""
-    for coords, blocks, rows, cols in _blocks(out_N.numel(), block):
+    for coords, blocks, rows, cols in block_spans(out_N.numel(), block):
         _rows(
             _loops().blockwise_dequantize_rows,
             rows,
