@@ -179,14 +179,18 @@ class Replica:
         if entry is None and not self.inbox.pending:
             return
         began = time.thread_time()
-        nudged = self.inbox.drain_into(self.live_N, self.stale_N)
-        self.stats.nudges_applied += nudged
-        if entry is not None or nudged:
-            progress, steps = self._progress(), self.since_merge
+        try:
+            nudged = self.inbox.drain_into(self.live_N, self.stale_N)
+            self.stats.nudges_applied += nudged
+            if entry is not None or nudged:
+                progress, steps = self._progress(), self.since_merge
+                if entry is not None:
+                    self.apply(entry)
+                    self.stale_N.copy_(self.live_N)
+                self.publish(progress, steps)
+        finally:
             if entry is not None:
-                self.apply(entry)
-                self.stale_N.copy_(self.live_N)
-            self.publish(progress, steps)
+                self.mailbox.release()  # the exchange's next pull keys on what we just published
         self.merge_cpu += time.thread_time() - began
 
     def apply(self, entry: MergeEntry) -> None:

@@ -1,6 +1,6 @@
 """The exchange: pick a random neighbour, pull its snapshot, decode it against our own, hand the
 merge to the compute thread. One interaction at a time, paced by the compute loop: the next pull
-starts once the previous merge was taken from the mailbox (and ``pull_interval`` has passed).
+starts once the previous merge was applied and republished (and ``pull_interval`` has passed).
 
 Decoding and the delta arithmetic run in a dedicated worker thread, never on the event loop.
 Any failure of a neighbour (timeout, garbage, reject, non-finite values) puts it on back-off and

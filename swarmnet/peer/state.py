@@ -106,7 +106,13 @@ class MergeEntry:
 
 
 class Mailbox:
-    """One slot, latest wins. The exchange awaits ``emptied`` before its next interaction."""
+    """One slot, latest wins. The exchange awaits ``emptied`` before its next interaction.
+
+    ``emptied`` is set by :meth:`release`, once the compute thread has applied the entry it took
+    and published the merged model, not by :meth:`take`: the next interaction keys its delta on
+    our latest snapshot, and keyed on the one before the merge it would add that merge and the
+    local steps since (live += (C_j - K) / 2 against an older K) a second time.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -121,12 +127,16 @@ class Mailbox:
             self.emptied.clear()
 
     def take(self) -> MergeEntry | None:
-        """Compute thread: the pending entry, if any."""
+        """Compute thread: the pending entry, if any; call :meth:`release` once it is merged
+        and republished (or dropped)."""
         with self._lock:
             entry, self._entry = self._entry, None
-        if entry is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self.emptied.set)
         return entry
+
+    def release(self) -> None:
+        """Compute thread: the entry taken last is applied and our snapshot republished."""
+        if not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.emptied.set)
 
     @property
     def full(self) -> bool:

@@ -47,6 +47,28 @@ def test_a_merge_adds_its_delta_and_leaves_momentum_and_batchnorm_alone():
         loop.close()
 
 
+async def test_the_exchange_wakes_only_once_the_merged_model_is_published():
+    """The next pull keys its delta on our latest snapshot; woken before the merged model is
+    published, it would key on the one before and add the last merge a second time."""
+    store = SnapshotStore()
+    replica = Replica(nn.Linear(2, 2), codec=make_codec("fp32"), store=store, mailbox=Mailbox(asyncio.get_running_loop()),
+                      stats=PeerStats(), local_steps=LocalSteps(1), rng=random.Random(0))
+    replica.publish()
+    publish = store.publish
+
+    def slow_publish(*args, **kwargs):  # type: ignore[no-untyped-def]
+        time.sleep(0.2)  # an encode that takes a while, e.g. a large model on a busy core
+        return publish(*args, **kwargs)
+
+    store.publish = slow_publish  # type: ignore[method-assign]
+    replica.mailbox.put(MergeEntry(torch.ones(6), "other", 0.0, time.monotonic(), 1.0))
+    replica.after_step()
+    merging = asyncio.get_running_loop().run_in_executor(None, replica.merge_pending)
+    await asyncio.wait_for(replica.mailbox.emptied.wait(), 5)
+    assert store.latest().version == 2  # what the exchange reads as K for its next pull
+    await merging
+
+
 def test_no_merge_before_h_local_steps():
     loop = asyncio.new_event_loop()
     try:

@@ -56,6 +56,9 @@ async def test_mailbox_latest_wins_and_signals_the_loop():
     assert not box.emptied.is_set()
     taken = await asyncio.to_thread(box.take)
     assert taken.delta_N[0] == 2.0 and box.take() is None
+    await asyncio.sleep(0.05)
+    assert not box.emptied.is_set()  # taken is not merged yet
+    await asyncio.to_thread(box.release)
     await asyncio.wait_for(box.emptied.wait(), 1)
 
 
