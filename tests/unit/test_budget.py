@@ -1,5 +1,7 @@
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -63,44 +65,39 @@ def test_local_peers_come_from_the_launcher_or_the_scheduler():
     assert local_peers({"LOCAL_WORLD_SIZE": "zero"}) == 1
 
 
-def test_libzmq_io_threads_are_charged_for_the_bytes_they_move():
+@contextlib.contextmanager
+def libzmq_context_that_moved_bytes() -> Iterator[None]:
+    """A fresh context whose I/O threads (they start, and name themselves, only once it exists)
+    moved 320 MB from a PUSH to a PULL socket; they end when the block does."""
     import zmq
 
-    # Made before the context: its I/O threads start, and name themselves, only afterwards.
-    io_cpu = named_threads_cpu("ZMQbg/IO", rescan_s=0.0)
-    before = io_cpu()
     ctx = zmq.Context()
     push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
     try:
         port = pull.bind_to_random_port("tcp://127.0.0.1")
         push.connect(f"tcp://127.0.0.1:{port}")
         payload = bytes(8 << 20)
-        for _ in range(40):  # 320 MB through the I/O threads of both ends
+        for _ in range(40):
             push.send(payload, copy=False)
             pull.recv(copy=False)
-        assert io_cpu() - before > 0.01
-        assert named_threads_cpu("no-such-thread")() == 0.0
+        yield
     finally:
         push.close(0)
         pull.close(0)
         ctx.term()
 
 
-def test_io_thread_time_is_not_lost_when_the_thread_ends():
-    import zmq
+def test_libzmq_io_threads_are_charged_for_the_bytes_they_move():
+    io_cpu = named_threads_cpu("ZMQbg/IO", rescan_s=0.0)  # made before the context exists
+    before = io_cpu()
+    with libzmq_context_that_moved_bytes():
+        assert io_cpu() - before > 0.01
+    assert named_threads_cpu("no-such-thread")() == 0.0
 
+
+def test_io_thread_time_is_not_lost_when_the_thread_ends():
     io_cpu = named_threads_cpu("ZMQbg/IO", rescan_s=0.0)
-    ctx = zmq.Context()
-    push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
-    port = pull.bind_to_random_port("tcp://127.0.0.1")
-    push.connect(f"tcp://127.0.0.1:{port}")
-    payload = bytes(8 << 20)
-    for _ in range(40):
-        push.send(payload, copy=False)
-        pull.recv(copy=False)
-    used = io_cpu()
-    assert used > 0.01
-    push.close(0)
-    pull.close(0)
-    ctx.term()  # its I/O threads end
-    assert io_cpu() >= used
+    with libzmq_context_that_moved_bytes():
+        used = io_cpu()
+        assert used > 0.01
+    assert io_cpu() >= used  # the context's I/O threads have ended
