@@ -487,9 +487,14 @@ class LatticeCodec(Codec):
         last pull from any neighbour needed; the very first pull, ``first_bits``."""
         dist = state.get("dist")
         to: int | list[int] = (
-            self._predict(self._latest_dist) if dist is None else [self._predict(d) for d in dist]
+            self._prior(None, 0) if dist is None else [self._prior(dist, i) for i in range(len(dist))]
         )
         return {"v": 1, "p": _plan_ids.getrandbits(62) + 1, "from": 0, "to": to}
+
+    def _prior(self, dist: list[float | None] | None, i: int) -> int:
+        """Bits a first request asks for chunk ``i``: from its window statistic at the last pull
+        from this neighbour (``dist``, None when there is none), else from the last pull."""
+        return self._predict(self._latest_dist if dist is None else dist[i])
 
     def _predict(self, dist: float | None) -> int:
         if dist is None or not math.isfinite(dist):
@@ -704,8 +709,7 @@ class LatticeCodec(Codec):
         for i in waiting:
             held = pull["held"].get(i)
             if held is None:  # never received in this pull: ask as a first request would
-                seen = old[i] if old is not None and len(old) == nch else self._latest_dist
-                hi[i] = self._predict(seen)
+                hi[i] = self._prior(old if old is not None and len(old) == nch else None, i)
             else:  # failed: the next 1, 2, 4, ... planes (SPEC 3.4 reader step 2)
                 lo[i] = held[0]
                 hi[i] = min(h.bf[i], held[0] + (1 << min(pull["misses"][i] - 1, 6)))
