@@ -4,8 +4,8 @@ The corpus is guaranteed wherever Python runs: the ``.py`` files at the top of t
 directory, in name order, concatenated up to ``corpus_bytes`` (the exact text differs a little
 between Python versions, so compare runs made with the same interpreter). The last
 ``test_fraction`` of it is held out. Samples are non-overlapping windows of ``context + 1``
-bytes; the model predicts each next byte. Evaluation reports the held-out loss in nats per byte
-and bits per byte.
+bytes; the model predicts each next byte. Evaluation reports the held-out loss in nats per byte,
+bits per byte, and next-byte accuracy (top-1, in percent).
 """
 
 from __future__ import annotations
@@ -92,11 +92,16 @@ def task(corpus_bytes: int = 2_000_000, context: int = 64, width: int = 64, laye
     def evaluate(model: nn.Module) -> dict[str, float]:
         device = next(model.parameters()).device
         total = torch.zeros((), dtype=torch.float64, device=device)
+        hits = torch.zeros((), dtype=torch.float64, device=device)
         for start in range(0, len(test), 128):
-            chunk = test[start : start + 128].to(device)
-            total += next_byte_loss(model, chunk) * len(chunk)
-        nats = float(total) / max(1, len(test))  # CPU<->GPU sync point
-        return {"loss": nats, "bits_per_byte": nats / math.log(2)}
+            chunk = test[start : start + 128].to(device).long()
+            logits = model(chunk[:, :-1]).reshape(-1, 256)
+            targets = chunk[:, 1:].reshape(-1)
+            total += F.cross_entropy(logits, targets, reduction="sum")
+            hits += (logits.argmax(dim=1) == targets).sum()
+        predicted = max(1, test[:, 1:].numel())
+        nats = float(total) / predicted  # CPU<->GPU sync point
+        return {"loss": nats, "bits_per_byte": nats / math.log(2), "accuracy": 100.0 * float(hits) / predicted}
 
     return Task(name="textlm", build_model=lambda: ByteTransformer(context, width, layers, heads),
                 train=(train,), loss=loss, evaluate=evaluate, metric="bits_per_byte")
