@@ -59,6 +59,8 @@ LAYOUT_VERSION = 2
 """Snapshot meta layout; 2: XXH3-64 chunk digests (1 used truncated SHA-256)."""
 MAX_CHUNK = 1 << 24
 MAX_CHUNKS = 1 << 22
+AUTO_CHUNK_MIN = 4096
+AUTO_CHUNKS = 1024
 STAT_SAMPLES = 512
 SAMPLE_STRIDE = 16777619
 """A prime above MAX_CHUNK, so ``j * SAMPLE_STRIDE % cols`` never repeats for j < cols."""
@@ -97,6 +99,17 @@ def _sample_index(cols: int, device: torch.device) -> Tensor:
     snapshot of a model uses the same few chunk lengths (read-only, only used to index)."""
     count = min(cols, STAT_SAMPLES)
     return (torch.arange(count, dtype=torch.int64) * SAMPLE_STRIDE % cols).to(device)
+
+
+def auto_chunk(n: int) -> int:
+    """The chunk length when none is configured: the smallest power of two from AUTO_CHUNK_MIN
+    up that cuts ``n`` coordinates into at most AUTO_CHUNKS chunks. Each chunk gets its own step
+    size and its own bit count, so short chunks fit the planes to their coordinates (the largest
+    distance in a chunk decides its bits); the header carries about 15 bytes per chunk."""
+    chunk = AUTO_CHUNK_MIN
+    while chunk * AUTO_CHUNKS < n and chunk < MAX_CHUNK:
+        chunk *= 2
+    return chunk
 
 
 def _chunk_pads(n: int, chunk: int) -> list[int]:
@@ -234,6 +247,7 @@ class LatticeCodec(Codec):
 
     Args:
         chunk: coordinates per chunk (multiple of 64); eps, b_full and the digest are per chunk.
+            None (the default) picks it from the vector's size (``auto_chunk``).
         width: plane width G in bits (1, 4 or 8): 1 reads exactly the bits needed, 4 and 8
             round them up to a multiple of G and are cheaper to pack and unpack.
         mode: "stochastic" rounding or seeded subtractive "dither" (SPEC 3.2).
@@ -250,7 +264,7 @@ class LatticeCodec(Codec):
     def __init__(
         self,
         *,
-        chunk: int = 1 << 16,
+        chunk: int | None = None,
         width: int = 1,
         mode: str = "stochastic",
         eps: float | None = None,
@@ -261,7 +275,7 @@ class LatticeCodec(Codec):
         margin: float = 1.25,
         seed: int | None = None,
     ) -> None:
-        if not isinstance(chunk, int) or not 64 <= chunk <= MAX_CHUNK or chunk % 64:
+        if chunk is not None and (not isinstance(chunk, int) or not 64 <= chunk <= MAX_CHUNK or chunk % 64):
             raise ConfigError(
                 f"lattice: chunk must be a multiple of 64 in [64, {MAX_CHUNK}], got {chunk!r}"
             )
@@ -307,7 +321,8 @@ class LatticeCodec(Codec):
     def encode(self, flat_N: Tensor, hints: Mapping[str, Any] | None = None) -> Encoded:
         x = flat_float32(flat_N, self.name)
         n, dev = x.numel(), x.device
-        groups = _layout(n, self.chunk)
+        chunk = self.chunk or auto_chunk(n)
+        groups = _layout(n, chunk)
         fused = kernels.usable(x)
         max_abs = (
             torch.cat([_max_abs(g.view(x), fused) for g in groups]) if groups else torch.empty(0)
@@ -368,7 +383,7 @@ class LatticeCodec(Codec):
         meta = {
             "v": LAYOUT_VERSION,
             "n": n,
-            "chunk": self.chunk,
+            "chunk": chunk,
             "g": self.width,
             "mode": self.mode,
             "seed": seed,

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from swarmnet.codecs import make_codec
-from swarmnet.codecs.lattice_codec import LatticeCodec
+from swarmnet.codecs.lattice_codec import MAX_CHUNK, LatticeCodec, auto_chunk
 from swarmnet.errors import CodecError, ConfigError
 
 pytestmark = pytest.mark.timeout(60)
@@ -227,6 +227,37 @@ def test_any_size_and_distance_pulls_exactly(n, chunk, width, mode, far, seed) -
     key = drifted(x, eps, 0.01, seed, far) if n else x
     out, _ = run_pull(codec, enc, key, {})
     assert torch.equal(out, enc.quantized)
+
+
+def test_the_default_chunk_grows_with_the_model_and_keeps_headers_small() -> None:
+    assert [auto_chunk(n) for n in (10, 26_122, 4096 * 1024, 4096 * 1024 + 1, 10_000_000)] == [
+        4096, 4096, 4096, 8192, 16384]
+    assert auto_chunk(10**12) == MAX_CHUNK
+    codec = LatticeCodec(seed=13)
+    for n in (5000, 10_000_000):
+        meta = codec.encode(torch.zeros(n)).meta
+        assert meta["chunk"] == auto_chunk(n)
+        assert len(msgpack.packb(meta)) < 16 * 1024  # far inside the 64 KiB header limit
+
+
+def test_short_chunks_send_far_coordinates_high_bits_only_where_they_are() -> None:
+    """One layer's worth of coordinates far from the reader's copy: a chunk holding it needs more
+    planes, and with the default short chunks only the chunks around it pay for them."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(65536, generator=g)
+    bits = {}
+    for chunk in (None, 65536):
+        codec = LatticeCodec(chunk=chunk, seed=14, eps=2.0**-10)
+        enc = codec.encode(x)
+        key = x + torch.randn(x.shape, generator=g) * 2.0**-9
+        key[:3000] += torch.randn(3000, generator=g) * 2.0**-2  # 256 eps
+        state: dict = {}
+        run_pull(codec, enc, key, state)  # learns the per-chunk distances
+        out, log = run_pull(codec, enc, key, state)
+        assert torch.equal(out, enc.quantized)
+        bits[chunk] = log[-1][2].stats["bits_per_coord"]
+    # 65536: every coordinate needs the far ones' 10-11 bits; 4096: only the first chunk does
+    assert bits[None] < 0.6 * bits[65536], bits
 
 
 # ------------------------------------------------------------------- step policy and overflow
