@@ -171,7 +171,11 @@ def test_byte_transformer_learns_the_stdlib_corpus():
     model.eval()
     after = task.evaluate(model)
     assert after["bits_per_byte"] < 5.5, after  # ~4.1-4.5 measured: it learned the byte statistics of Python code
-    assert after["accuracy"] > 15.0, after  # spaces alone are about 16% of Python source
+    # better than always guessing the held-out set's most common byte (a space: 23%); 26% measured
+    corpus = textlm.stdlib_corpus(300_000)
+    targets = textlm.windows(corpus[int(len(corpus) * 0.95):], 65)[:512, 1:]
+    most_common = 100.0 * targets.flatten().bincount().max().item() / targets.numel()
+    assert after["accuracy"] > most_common + 1.0, (after, most_common)
 
 
 def test_byte_transformer_is_causal():
