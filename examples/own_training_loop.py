@@ -45,19 +45,27 @@ def main() -> None:
     torch.manual_seed(0)  # every peer starts from the same model
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    # Schedulers wrap the inner optimizer as usual. Decaying to zero also lets the last merges
+    # settle the models: at a constant rate each one's final steps on its own classes pull it
+    # away from the others (three peers ended 0.68-0.97 apart in accuracy; decayed, within 0.03).
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.steps)
     generator = torch.Generator().manual_seed(sum(map(ord, args.name)))
 
     with swarmnet.SwarmOptimizer(
         optimizer, model, name=args.name, listen=args.listen, seeds=args.seed, run_dir=args.run_dir,
         settings={"network.min_peers": args.min_peers, "network.join_timeout": args.join_timeout,
                   "network.exchange": not args.no_exchange,
-                  "network.linger": 2.0},
+                  # A loop that ends first keeps serving its final model until the others have
+                  # finished too (at most 30 s; leaving ends as soon as they have): a slower peer
+                  # left to train its last steps alone on its own classes would forget the rest.
+                  "network.linger": 30.0},
     ) as opt:
         for _ in range(args.steps):
             batch = torch.randint(len(x), (32,), generator=generator)
             opt.zero_grad()
             F.cross_entropy(model(x[batch]), y[batch]).backward()
             opt.step()
+            scheduler.step()
         status = opt.status()
 
     with torch.no_grad():

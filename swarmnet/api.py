@@ -62,7 +62,8 @@ class SwarmOptimizer:
     override it. ``name`` defaults to host-pid.
 
     Call :meth:`close` (or use ``with``) when done: it stops the exchange, merges what was
-    already acknowledged, serves the final model for ``network.linger`` seconds and leaves.
+    already acknowledged, serves the final model while others still train (at most
+    ``network.linger`` seconds) and leaves.
     """
 
     def __init__(

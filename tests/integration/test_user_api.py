@@ -52,8 +52,10 @@ def test_three_processes_with_disjoint_classes_learn_all_classes_through_the_swa
     print(f"user loops: {results}; best possible alone {alone_best:.3f}")
     for r in results:
         assert r["steps"] == 1500 and r["merges"] > 50, r
-        # 0.95-0.98 measured; alone each is capped near 0.3-0.4.
-        assert r["accuracy"] > max(0.85, alone_best + 0.4), r
+        # 0.83-0.93 measured (the learning rate decays to zero); alone each is capped near 0.3-0.4.
+        assert r["accuracy"] > max(0.75, alone_best + 0.3), r
+    accuracies = [r["accuracy"] for r in results]
+    assert max(accuracies) - min(accuracies) < 0.1, results  # the final merges settle them together
 
 
 def _model_and_optimizer():
