@@ -80,13 +80,13 @@ def task(corpus_bytes: int = 2_000_000, context: int = 64, width: int = 64, laye
     train = windows(corpus[:split], context + 1)
     test = windows(corpus[split:], context + 1)[:test_windows]
 
-    def next_byte_loss(model: nn.Module, w: Tensor) -> Tensor:
+    def next_byte_logits(model: nn.Module, w: Tensor) -> tuple[Tensor, Tensor]:
+        """Logits [B*T, 256] for every position of windows ``w`` and the bytes that follow."""
         w = w.long()
-        logits = model(w[:, :-1])
-        return F.cross_entropy(logits.reshape(-1, 256), w[:, 1:].reshape(-1))
+        return model(w[:, :-1]).reshape(-1, 256), w[:, 1:].reshape(-1)
 
     def loss(model: nn.Module, batch: Batch) -> Tensor:
-        return next_byte_loss(model, batch[0])
+        return F.cross_entropy(*next_byte_logits(model, batch[0]))
 
     @torch.no_grad()
     def evaluate(model: nn.Module) -> dict[str, float]:
@@ -94,9 +94,7 @@ def task(corpus_bytes: int = 2_000_000, context: int = 64, width: int = 64, laye
         total = torch.zeros((), dtype=torch.float64, device=device)
         hits = torch.zeros((), dtype=torch.float64, device=device)
         for start in range(0, len(test), 128):
-            chunk = test[start : start + 128].to(device).long()
-            logits = model(chunk[:, :-1]).reshape(-1, 256)
-            targets = chunk[:, 1:].reshape(-1)
+            logits, targets = next_byte_logits(model, test[start : start + 128].to(device))
             total += F.cross_entropy(logits, targets, reduction="sum")
             hits += (logits.argmax(dim=1) == targets).sum()
         predicted = max(1, test[:, 1:].numel())
