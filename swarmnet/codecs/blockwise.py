@@ -27,6 +27,7 @@ from torch import Tensor
 from swarmnet.codecs import kernels
 from swarmnet.codecs.base import Buffer, Codec, DecodeResult, Encoded
 from swarmnet.codecs.hostbuf import buffer_tensor, flat_float32, host_bytes
+from swarmnet.codecs.published import published
 from swarmnet.codecs.rounding import ONE, RandomBits, round_with_offsets
 from swarmnet.codecs.wirecheck import (
     check_frames,
@@ -108,10 +109,12 @@ class BlockwiseCodec(Codec):
         x = flat_float32(flat_N, self.name)
         n, dev = x.numel(), x.device
         rows = -(-n // self.block)
-        scales = torch.empty(rows, dtype=torch.float32, device=dev)
-        q = torch.empty(n + (n & 1 if self.bits == 4 else 0), dtype=torch.int8, device=dev)
+        scales = published(rows, torch.float32, dev)
+        q_n = n + (n & 1 if self.bits == 4 else 0)
+        # 8-bit values are published as they are; 4-bit ones are packed into a published buffer
+        q = published(q_n, torch.int8, dev) if self.bits == 8 else scratch("bw.q", q_n, torch.int8, dev)
         q[n:] = 0  # the pad nibble of an odd count
-        quantized = torch.empty_like(x)
+        quantized = published(n, torch.float32, dev)
         if kernels.usable(x):
             kernels.blockwise_quantize(
                 x, self.block, self.levels, self._bits.next_seed(), q, scales, quantized
@@ -123,7 +126,7 @@ class BlockwiseCodec(Codec):
         if self.bits == 8:
             values = q
         else:
-            packed = torch.empty(q.numel() // 2, dtype=torch.uint8, device=dev)
+            packed = published(q.numel() // 2, torch.uint8, dev)
             values = (kernels.pack_nibbles if kernels.usable(q) else pack_nibbles)(q, packed)
         meta = {"v": 1, "n": n, "block": self.block, "bits": self.bits}
         return Encoded(self.name, meta, (host_bytes(values), host_bytes(scales)), quantized)

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from swarmnet.codecs.base import Buffer, Codec, DecodeResult, Encoded
 from swarmnet.codecs.hostbuf import buffer_tensor, flat_float32, host_bytes
+from swarmnet.codecs.published import published
 from swarmnet.codecs.wirecheck import as_mapping, check_count, check_frames
 
 __all__ = ["Fp32Codec", "host_bytes"]
@@ -20,7 +21,8 @@ class Fp32Codec(Codec):
     lossless = True
 
     def encode(self, flat_N: Tensor, hints: Mapping[str, float] | None = None) -> Encoded:
-        values = flat_float32(flat_N, self.name).clone()
+        x = flat_float32(flat_N, self.name)
+        values = published(x.numel(), torch.float32, x.device).copy_(x)
         return Encoded(self.name, {"n": values.numel()}, (host_bytes(values),), values)
 
     def decode(

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from swarmnet.codecs.base import Buffer, Codec, DecodeResult, Encoded
 from swarmnet.codecs.hostbuf import buffer_tensor, flat_float32, host_bytes
+from swarmnet.codecs.published import published
 from swarmnet.codecs.rounding import FRAC_BITS, ONE, RandomBits, round_with_offsets
 from swarmnet.codecs.wirecheck import check_frames, versioned_meta
 from swarmnet.codecs.workspace import scratch
@@ -44,15 +45,17 @@ class HalfCodec(Codec):
 
     def encode(self, flat_N: Tensor, hints: Mapping[str, float] | None = None) -> Encoded:
         x = flat_float32(flat_N, self.name)
-        h = x.to(self.dtype) if self.rounding == "nearest" else self._stochastic(x)
-        quantized = h.to(torch.float32)
+        n, dev = x.numel(), x.device
+        # copy_ casts: round to nearest even, as .to() would, into memory that can be published
+        h = published(n, self.dtype, dev).copy_(x if self.rounding == "nearest" else self._stochastic(x))
+        quantized = published(n, torch.float32, dev).copy_(h)
         if quantized.numel() and not (
             torch.isfinite(quantized.amax()) and torch.isfinite(quantized.amin())
         ):
             raise CodecError(
                 f"{self.name}: the vector has values that are not finite in {self.dtype}"
             )
-        meta = {"v": 1, "n": x.numel(), "r": int(self.rounding == "stochastic")}
+        meta = {"v": 1, "n": n, "r": int(self.rounding == "stochastic")}
         return Encoded(self.name, meta, (host_bytes(h),), quantized)
 
     def _stochastic(self, x: Tensor) -> Tensor:
@@ -82,7 +85,7 @@ class HalfCodec(Codec):
             k = round_with_offsets(scaled, offsets, out=carry)
             small = torch.abs(x, out=scaled) < info.tiny
             torch.where(small, scaled.copy_(k).mul_(step), rounded, out=rounded)
-        return rounded.to(self.dtype)
+        return rounded  # float32 values the format holds exactly: the caller's cast is exact
 
     def decode(
         self,

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from swarmnet.codecs.base import Buffer
+from swarmnet.codecs.published import host_copy
 from swarmnet.codecs.workspace import scratch
 
 _CPU = torch.device("cpu")
@@ -15,7 +16,7 @@ _CPU = torch.device("cpu")
 def host_bytes(t: Tensor) -> memoryview:
     """A byte view of a contiguous tensor's memory; GPU tensors are copied to host first."""
     if t.device.type != "cpu":
-        t = t.to("cpu")  # CPU<->GPU sync point: the wire needs host memory
+        t = host_copy(t)  # CPU<->GPU sync point: the wire needs host memory
     return memoryview(t.contiguous().view(-1).view(torch.uint8).numpy())
 
 

@@ -39,6 +39,7 @@ from swarmnet.codecs.base import Buffer, Codec, DecodeResult, Encoded
 from swarmnet.codecs.bitplanes import WIDTHS
 from swarmnet.codecs.epsilon import E_MAX, E_MIN, StepPolicy
 from swarmnet.codecs.hostbuf import flat_float32
+from swarmnet.codecs.published import published
 from swarmnet.codecs.rounding import RandomBits, seeded_bits16
 from swarmnet.codecs.wirecheck import (
     as_mapping,
@@ -343,7 +344,7 @@ class LatticeCodec(Codec):
         bf = lattice.bits_for_bound(torch.floor(bound_R) + 1).tolist()
         sb = 8 * -(-max(bf, default=1) // 8)
         seed = self._bits.next_seed() if self.mode == "dither" else 0
-        quantized = torch.empty_like(x)
+        quantized = published(n, torch.float32, dev)
         digests, frames = [], []
         for g in groups:
             e_rows = e_R[g.first : g.first + g.rows].tolist()
@@ -367,9 +368,7 @@ class LatticeCodec(Codec):
             else:
                 self._quantize(g, x, e_rows, offsets, bound, k, quantized)
             if fused and self.width == 1:
-                planes = kernels.pack(
-                    k, sb, torch.empty(g.rows * sb * g.pad // 8, dtype=torch.uint8)
-                )
+                planes = kernels.pack(k, sb, published(g.rows * sb * g.pad // 8, torch.uint8, dev))
             else:
                 planes = lattice.to_planes(k, self.width, sb // 8)
             planes = planes.reshape(g.rows, -1)

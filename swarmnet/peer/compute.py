@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from swarmnet.algorithms import LocalSteps, PhaseClock, Schedule, compress_epochs
 from swarmnet.codecs import Codec
+from swarmnet.codecs.published import published
 from swarmnet.config import SwarmConfig, TrainConfig
 from swarmnet.peer import checkpoint
 from swarmnet.peer.data import ShardSampler
@@ -136,7 +137,8 @@ class Replica:
         if progress_N is not None:
             hints.update(progress=progress_N, progress_steps=progress_steps)
         encoded = self.codec.encode(self.stale_N, hints)
-        values = encoded.quantized if self.codec.lossless else self.stale_N.clone()
+        values = (encoded.quantized if self.codec.lossless
+                  else published(self.stale_N.numel(), torch.float32, self.device).copy_(self.stale_N))
         self.store.publish(values, encoded, self.step)
 
     def count_cpu(self) -> None:

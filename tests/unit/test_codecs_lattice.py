@@ -56,7 +56,10 @@ def pull(codec: LatticeCodec, enc, key: torch.Tensor, state: dict, limit: int = 
 @pytest.mark.parametrize(("eps", "offset"), [(0.25, 0.0), (2.0**-7, 1e4), (0.3, 1e4), (1.0, -3e6)])
 def test_1_unbiased(mode, eps, offset) -> None:
     trials, d = 4000, 32
-    x = (torch.rand(d, dtype=torch.float64) * 8 - 4) * eps + offset
+    # Seeded: each case is a fixed draw, whatever ran before it (at 4 sigma over 32 coordinates
+    # about 3% of draws fail for the dither mode).
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(d, dtype=torch.float64, generator=g) * 8 - 4) * eps + offset
     x = x.float()  # the values the codec sees; the oracle is E[Q(x)] = x for these
     xs = x.expand(trials, d).contiguous()
     if mode == "dither":  # one dither seed per encoding, as per snapshot

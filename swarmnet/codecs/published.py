@@ -1,0 +1,116 @@
+"""Host memory for published snapshots, handed out again once nothing refers to it.
+
+A published snapshot's buffers leave as zero-copy frames and stay referenced by the snapshot
+store's history and by every send still in flight, so they cannot be scratch tensors
+(workspace.py). Allocated fresh at every publish they cost a page fault on each page first
+touched: copying a 40 MB model into fresh memory took 60 ms on the development machine, ten
+times the copy itself (docs/benchmarks.md, Codecs). The pool below recycles that memory, and
+knows exactly when it may: each hand-out is a tensor over a private numpy view of the pooled
+block, torch keeps that view alive for as long as any tensor, array or memoryview derived from
+the tensor exists, and the view's weak-reference callback returns the block to the pool when the
+last one goes, whichever thread drops it (the compute thread, the event loop, pyzmq's I/O).
+
+Only host memory is pooled: on an accelerator torch's caching allocator already reuses device
+memory. Host copies of accelerator tensors (what crosses the wire) come from pinned blocks so
+the device-to-host copy can run asynchronously.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import deque
+
+import numpy as np
+import torch
+from torch import Tensor
+
+_ALIGN = 64
+"""Byte alignment of every block (torch's own CPU allocations are 64-byte aligned)."""
+
+_FORGET_AFTER = 64
+"""Idle blocks of a size not asked for in this many hand-outs are released: a size that stopped
+being used (a codec's plane count changed, a model was replaced) does not hold memory forever."""
+
+
+class HostPool:
+    """Recycled host blocks, keyed by exact byte size and pinning; thread-safe."""
+
+    def __init__(self) -> None:
+        self._idle: dict[tuple[int, bool], deque[np.ndarray]] = {}
+        self._last_asked: dict[tuple[int, bool], int] = {}
+        self._asked = 0
+        self._lock = threading.Lock()
+        self.allocated = 0
+        """Blocks allocated so far (a steady state allocates none)."""
+
+    def empty(self, numel: int, dtype: torch.dtype, *, pinned: bool = False) -> Tensor:
+        """A flat CPU tensor of ``numel`` elements, contents undefined, that may be published:
+        its memory returns to the pool only after every reference to it is gone."""
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        key = (numel * itemsize, pinned)
+        with self._lock:
+            self._asked += 1
+            self._last_asked[key] = self._asked
+            idle = self._idle.setdefault(key, deque())
+            block = idle.popleft() if idle else None
+            self._forget_unused()
+        if block is None:
+            block = self._allocate(*key)
+        view = block[:]  # private: only the tensor below refers to it
+        weakref.finalize(view, self._give_back, key, block).atexit = False
+        return torch.from_numpy(view).view(dtype)
+
+    def _allocate(self, nbytes: int, pinned: bool) -> np.ndarray:
+        self.allocated += 1
+        if pinned:
+            return torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=True).numpy()[:nbytes]
+        raw = np.empty(nbytes + _ALIGN, dtype=np.uint8)
+        start = -raw.ctypes.data % _ALIGN
+        return raw[start : start + nbytes]
+
+    def _give_back(self, key: tuple[int, bool], block: np.ndarray) -> None:
+        # Runs on whichever thread dropped the last reference: a deque append needs no lock.
+        idle = self._idle.get(key)
+        if idle is not None:
+            idle.append(block)
+        # else: the size was forgotten in the meantime, and the block goes with its last reference.
+
+    def _forget_unused(self) -> None:
+        stale = [k for k, t in self._last_asked.items() if self._asked - t > _FORGET_AFTER]
+        for key in stale:
+            del self._last_asked[key]
+            self._idle.pop(key, None)
+
+    def idle_blocks(self) -> int:
+        """Blocks waiting in the pool now (tests and diagnostics)."""
+        return sum(len(d) for d in self._idle.values())
+
+
+_pool = HostPool()
+
+
+def published(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """An empty flat tensor for a snapshot about to be published, on ``device``."""
+    if device.type == "cpu":
+        return _pool.empty(numel, dtype)
+    return torch.empty(numel, dtype=dtype, device=device)
+
+
+def host_copy(t: Tensor) -> Tensor:
+    """A flat host copy of an accelerator tensor, in pool memory (pinned for CUDA, so the copy
+    runs as one DMA transfer); returns once the bytes are there.
+
+    CPU<->GPU sync point: the wire needs the bytes in host memory.
+    """
+    cuda = t.device.type == "cuda"
+    out = _pool.empty(t.numel(), t.dtype, pinned=cuda)
+    out.copy_(t.reshape(-1), non_blocking=cuda)
+    if cuda:
+        torch.cuda.current_stream(t.device).synchronize()
+    return out
+
+
+def pool() -> HostPool:
+    """The process's pool (tests and diagnostics)."""
+    return _pool
