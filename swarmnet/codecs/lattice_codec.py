@@ -39,7 +39,7 @@ from swarmnet.codecs.base import Buffer, Codec, DecodeResult, Encoded
 from swarmnet.codecs.bitplanes import WIDTHS
 from swarmnet.codecs.epsilon import E_MAX, E_MIN, StepPolicy
 from swarmnet.codecs.hostbuf import flat_float32
-from swarmnet.codecs.published import published
+from swarmnet.codecs.published import host_copy, published
 from swarmnet.codecs.rounding import RandomBits, seeded_bits16
 from swarmnet.codecs.wirecheck import (
     as_mapping,
@@ -367,13 +367,18 @@ class LatticeCodec(Codec):
                 )
             else:
                 self._quantize(g, x, e_rows, offsets, bound, k, quantized)
+            # The planes are published where they are made on a CPU; on a GPU only their host
+            # copy is, and the device buffer is scratch.
+            size = g.rows * sb * g.pad // 8
+            on_host = dev.type == "cpu"
+            out = published(size, torch.uint8, dev) if on_host else scratch("lattice.packed", size, torch.uint8, dev)
             if fused and self.width == 1:
-                planes = kernels.pack(k, sb, published(g.rows * sb * g.pad // 8, torch.uint8, dev))
+                planes = kernels.pack(k, sb, out)
             else:
-                planes = lattice.to_planes(k, self.width, sb // 8)
+                planes = lattice.to_planes(k, self.width, sb // 8, out=out)
+            if not on_host:
+                planes = host_copy(planes)  # CPU<->GPU sync point: only the wire bytes go to host
             planes = planes.reshape(g.rows, -1)
-            if planes.device.type != "cpu":
-                planes = planes.cpu()  # CPU<->GPU sync point: only the wire bytes go to host
             row_bytes = planes.shape[1]
             flat = memoryview(planes.view(-1).numpy())
             frames.extend(flat[i * row_bytes : (i + 1) * row_bytes] for i in range(g.rows))
