@@ -30,8 +30,7 @@ def buffer_tensor(buf: Buffer, dtype: torch.dtype, name: str) -> Tensor:
     mv = memoryview(buf).cast("B")
     if not mv.readonly:
         return torch.frombuffer(mv, dtype=dtype) if mv.nbytes else torch.empty(0, dtype=dtype)
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    out = scratch(name, mv.nbytes // itemsize, dtype, _CPU)
+    out = scratch(name, mv.nbytes // dtype.itemsize, dtype, _CPU)
     out.view(torch.uint8).numpy()[:] = np.frombuffer(mv, dtype=np.uint8)
     return out
 

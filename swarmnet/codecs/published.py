@@ -11,8 +11,8 @@ the tensor exists, and the view's weak-reference callback returns the block to t
 last one goes, whichever thread drops it (the compute thread, the event loop, pyzmq's I/O).
 
 Only host memory is pooled: on an accelerator torch's caching allocator already reuses device
-memory. Host copies of accelerator tensors (what crosses the wire) come from pinned blocks so
-the device-to-host copy can run asynchronously.
+memory. Host copies of accelerator tensors (what crosses the wire) come from pinned blocks, so
+the device-to-host copy is one DMA transfer into memory that stays registered.
 """
 
 from __future__ import annotations
@@ -47,8 +47,7 @@ class HostPool:
     def empty(self, numel: int, dtype: torch.dtype, *, pinned: bool = False) -> Tensor:
         """A flat CPU tensor of ``numel`` elements, contents undefined, that may be published:
         its memory returns to the pool only after every reference to it is gone."""
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        key = (numel * itemsize, pinned)
+        key = (numel * dtype.itemsize, pinned)
         with self._lock:
             self._asked += 1
             self._last_asked[key] = self._asked
@@ -110,7 +109,3 @@ def host_copy(t: Tensor) -> Tensor:
         torch.cuda.current_stream(t.device).synchronize()
     return out
 
-
-def pool() -> HostPool:
-    """The process's pool (tests and diagnostics)."""
-    return _pool

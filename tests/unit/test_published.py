@@ -21,10 +21,6 @@ pytestmark = pytest.mark.timeout(60)
 N = 4096
 
 
-def _address(t: torch.Tensor) -> int:
-    return t.data_ptr()
-
-
 def _bytes(obj: object) -> bytes:
     return obj.numpy().tobytes() if isinstance(obj, torch.Tensor) else np.asarray(obj).tobytes()
 
@@ -42,10 +38,10 @@ def _wait_for(cond, seconds: float = 10.0) -> bool:
 def test_a_dropped_block_is_reused_without_a_new_allocation():
     pool = HostPool()
     first = pool.empty(N, torch.float32)
-    addr = _address(first)
+    addr = first.data_ptr()
     del first
     again = pool.empty(N, torch.float32)
-    assert _address(again) == addr
+    assert again.data_ptr() == addr
     assert pool.allocated == 1
 
 
@@ -59,12 +55,12 @@ def test_a_block_is_never_handed_out_while_anything_derived_from_it_lives(derive
     pool = HostPool()
     t = pool.empty(N, torch.float32)
     t.fill_(7.0)
-    addr = _address(t)
+    addr = t.data_ptr()
     held = derive(t)
     before = _bytes(held)
     del t
     other = pool.empty(N, torch.float32)
-    assert _address(other) != addr
+    assert other.data_ptr() != addr
     other.fill_(-1.0)
     assert _bytes(held) == before
     del held, other
@@ -83,11 +79,11 @@ def test_held_contents_survive_new_hand_outs():
 def test_a_reference_dropped_on_another_thread_returns_the_block():
     pool = HostPool()
     box = [pool.empty(N, torch.float32)]
-    addr = _address(box[0])
+    addr = box[0].data_ptr()
     thread = threading.Thread(target=box.clear)
     thread.start()
     thread.join()
-    assert _address(pool.empty(N, torch.float32)) == addr
+    assert pool.empty(N, torch.float32).data_ptr() == addr
 
 
 def test_a_zero_copy_frame_in_flight_keeps_its_block_until_the_receiver_lets_go():
@@ -98,7 +94,7 @@ def test_a_zero_copy_frame_in_flight_keeps_its_block_until_the_receiver_lets_go(
         rx.bind("inproc://published")
         tx.connect("inproc://published")
         payload = pool.empty(1 << 18, torch.uint8).fill_(5)  # above pyzmq's copy threshold
-        addr = _address(payload)
+        addr = payload.data_ptr()
         tx.send(memoryview(payload.numpy()), copy=False)
         del payload
         gc.collect()
