@@ -11,10 +11,11 @@ holds the two paths to each other).
 
     usable(*tensors) -> bool                       fused loops apply (CPU, numba, not disabled)
     max_abs(x_RC) -> float32 [R]                   max |x| per row, inf where a row is not finite
-    quantize(x_RC, e_R, k_RC, q_RC, *, seed=, offsets=, dither=False)
+    quantize(x_RC, e_R, k_RP, q_RC, *, seed=, offsets=, dither=False, planes_RSP=, bits_R=)
                                                    k = floor(x/eps + V/2^16), Q = eps*k
-                                                   (eps*(k + theta) with dither), one pass
-    pack(k_RP, bits, out)                          LSB-first 1-bit planes, as bitplanes.pack
+                                                   (eps*(k + theta) with dither), and the
+                                                   LSB-first 1-bit planes of k, as
+                                                   bitplanes.pack, in one pass
     unpack(planes, bits, out_RP)                   and back (bits planes read, the rest zero)
     nearest(r_RC, key_RC, e_R, keyless_R, bits_R, k_RC, *, theta=None) -> (dmax_R, dmin_R)
                                                    lattice.decode with the window statistics
@@ -169,22 +170,33 @@ def max_abs(x_RC: Tensor) -> Tensor:
 def quantize(
     x_RC: Tensor,
     e_R: list[int],
-    k_RC: Tensor,
+    k_RP: Tensor,
     q_RC: Tensor,
     *,
     seed: tuple[int, ...] = (0,),
     offsets: Tensor | None = None,
     dither: bool = False,
+    planes_RSP: Tensor | None = None,
+    bits_R: list[int] | None = None,
 ) -> None:
-    """Lattice coordinates of every row on its own step 2^e into ``k_RC`` (int32 or int64) and
-    the reconstruction Q into ``q_RC``; V from ``offsets`` (int32 [R, C]) or, when None, hashed
-    from ``seed`` (non-negative ints, unique per call: a snapshot seed and the first chunk's
-    index) and the row (stochastic rounding only)."""
-    rows = x_RC.shape[0]
+    """Lattice coordinates of every row on its own step 2^e into the first C columns of
+    ``k_RP`` (int32 or int64; columns C.. are zeroed) and the reconstruction Q into ``q_RC``;
+    V from ``offsets`` (int32 [R, C]) or, when None, hashed from ``seed`` (non-negative ints,
+    unique per call: a snapshot seed and the first chunk's index) and the row (stochastic
+    rounding only). With ``planes_RSP`` (uint8 [R, S, P/8]), also row r's low ``bits_R[r]``
+    bits, rounded up to whole bytes, as 1-bit planes laid out as ``bitplanes.pack(k_RP, 1, S/8)``,
+    packed while the row is still in cache (planes above those are left as they were)."""
+    rows, cols = x_RC.shape
     eps = _pow2(e_R)
     scale = _pow2([16 - e for e in e_R])
     keys = np.random.SeedSequence(list(seed)).generate_state(rows, dtype=np.uint32)
     off, use = _optional(offsets, np.int32)
+    if planes_RSP is None:
+        nbytes, grid = np.zeros(rows, dtype=np.int64), np.zeros((1, 1, 1), dtype=np.uint8)
+    else:
+        assert bits_R is not None and k_RP.shape[1] % 8 == 0
+        nbytes, grid = np.asarray([-(-b // 8) for b in bits_R], dtype=np.int64), _np(planes_RSP)
+        assert int(nbytes.max(initial=0)) * 8 <= grid.shape[1]
     _rows(
         _loops().quantize_rows,
         rows,
@@ -195,22 +207,15 @@ def quantize(
         off,
         use,
         dither,
-        _np(k_RC),
+        _np(k_RP),
         _np(q_RC),
+        nbytes,
+        grid,
     )
 
 
-def pack(k_RP: Tensor, bits: int, out: Tensor) -> Tensor:
-    """1-bit planes of the low ``bits`` bits (a multiple of 8) of ``k_RP``, laid out as
-    ``bitplanes.pack(k_RP, 1, bits // 8)``; returns ``out`` viewed as uint8 [R, bits, P/8]."""
-    rows, p = k_RP.shape
-    planes = out.view(rows, bits, p // 8)
-    _rows(_loops().pack_rows, rows, _np(k_RP), bits, _np(planes))
-    return planes
-
-
 def unpack(planes: Tensor, bits: int, out_RP: Tensor) -> Tensor:
-    """Inverse of :func:`pack` reading the first ``bits`` planes (a multiple of 8) of each row
+    """Inverse of the packing in :func:`quantize`, reading the first ``bits`` planes (a multiple of 8) of each row
     of ``planes`` (uint8, R rows of at least bits * P/8 bytes); ``out_RP`` gets their unsigned
     value."""
     rows, p = out_RP.shape

@@ -354,34 +354,39 @@ class LatticeCodec(Codec):
                 else None
             )
             k = scratch("lattice.k", g.rows * g.pad, kdtype, dev).view(g.rows, g.pad)
-            k[:, g.cols :].zero_()
-            if fused:
-                kernels.quantize(
-                    g.view(x),
-                    e_rows,
-                    k[:, : g.cols],
-                    g.view(quantized),
-                    seed=(self._bits.next_seed(), g.first),
-                    offsets=offsets,
-                    dither=offsets is not None,
-                )
-            else:
-                self._quantize(g, x, e_rows, offsets, bound, k, quantized)
             # The planes are published where they are made on a CPU; on a GPU only their host
             # copy is, and the device buffer is scratch.
             size = g.rows * sb * g.pad // 8
             on_host = dev.type == "cpu"
             out = published(size, torch.uint8, dev) if on_host else scratch("lattice.packed", size, torch.uint8, dev)
-            if fused and self.width == 1:
-                planes = kernels.pack(k, sb, out)
+            bf_rows = bf[g.first : g.first + g.rows]
+            packed = fused and self.width == 1  # the loop packs each row while it is in cache
+            if fused:
+                kernels.quantize(
+                    g.view(x),
+                    e_rows,
+                    k,
+                    g.view(quantized),
+                    seed=(self._bits.next_seed(), g.first),
+                    offsets=offsets,
+                    dither=offsets is not None,
+                    planes_RSP=out.view(g.rows, sb, g.pad // 8) if packed else None,
+                    bits_R=bf_rows,
+                )
             else:
-                planes = lattice.to_planes(k, self.width, sb // 8, out=out)
+                k[:, g.cols :].zero_()
+                self._quantize(g, x, e_rows, offsets, bound, k, quantized)
+            planes = out if packed else lattice.to_planes(k, self.width, sb // 8, out=out)
             if not on_host:
                 planes = host_copy(planes)  # CPU<->GPU sync point: only the wire bytes go to host
+            # A chunk's frame stops at b_full: the planes above it are sign extension.
             planes = planes.reshape(g.rows, -1)
-            row_bytes = planes.shape[1]
+            row_bytes, plane_bytes = planes.shape[1], g.pad * self.width // 8
             flat = memoryview(planes.view(-1).numpy())
-            frames.extend(flat[i * row_bytes : (i + 1) * row_bytes] for i in range(g.rows))
+            frames.extend(
+                flat[i * row_bytes : i * row_bytes + -(-b // self.width) * plane_bytes]
+                for i, b in enumerate(bf_rows)
+            )
             digests.append(lattice.chunk_hashes(k[:, : g.cols]))
         nch = len(bf)
         meta = {
@@ -400,7 +405,7 @@ class LatticeCodec(Codec):
             "p": 0,
             "ck": list(range(nch)),
             "lo": [0] * nch,
-            "hi": [sb] * nch,
+            "hi": [-(-b // self.width) * self.width for b in bf],
         }
         return Encoded(self.name, meta, tuple(frames), quantized)
 

@@ -13,25 +13,27 @@ import numpy as np
 jit = numba.njit(nogil=True, cache=True, boundscheck=False)
 
 
-@jit
+@numba.njit(inline="always")
 def hash32(x):
-    """A bijective 32-bit integer hash (two multiply-xorshift rounds on the low 32 bits;
-    numba widens integer arithmetic, hence the masks)."""
-    low = np.uint64(0xFFFFFFFF)
-    x = np.uint64(x) & low
+    """A bijective hash of the low 32 bits of x (two multiply-xorshift rounds). Every step is
+    cast back to uint32: numba widens integer arithmetic to 64 bits, and 32-bit lanes are what
+    lets the compiler vectorize a row of hashes."""
+    x = np.uint32(x)
     for _ in range(2):
-        x ^= x >> np.uint64(16)
-        x = (x * np.uint64(0x7FEB352D)) & low
-        x ^= x >> np.uint64(15)
-        x = (x * np.uint64(0x846CA68B)) & low
-        x ^= x >> np.uint64(16)
+        x = np.uint32(x ^ (x >> np.uint32(16)))
+        x = np.uint32(x * np.uint32(0x7FEB352D))
+        x = np.uint32(x ^ (x >> np.uint32(15)))
+        x = np.uint32(x * np.uint32(0x846CA68B))
+        x = np.uint32(x ^ (x >> np.uint32(16)))
     return x
 
 
-@jit
-def hash16(j, key):
-    """16 uniform bits from the hash of j ^ key."""
-    return np.int64(hash32(np.uint64(j) ^ key) >> np.uint64(16))
+@numba.njit(inline="always")
+def hashed_offsets(key, v):
+    """v[j] = 16 uniform bits from the hash of j ^ key (the private offsets of one row)."""
+    key = np.uint32(key)
+    for j in range(v.shape[0]):
+        v[j] = np.int32(hash32(np.uint32(j) ^ key) >> np.uint32(16))
 
 
 @jit
@@ -46,85 +48,102 @@ def max_abs_rows(lo, hi, bits, out):
         out[r] = top if top < np.int32(0x7F800000) else np.int32(0x7F800000)
 
 
-@jit
-def quantize_rows(lo, hi, x, scale, eps, keys, offsets, use_offsets, dither, k, q):
-    half = np.float32(32767.5)
-    inv_one = np.float32(1.0 / 65536.0)
-    for r in range(lo, hi):
-        s, e, key = scale[r], eps[r], np.uint64(keys[r])
-        for j in range(x.shape[1]):
-            if use_offsets:
-                v = np.int64(offsets[r, j])
-            else:
-                v = hash16(j, key)
-            kk = (np.int64(np.rint(x[r, j] * s)) + v) >> 16
-            k[r, j] = kk
-            if dither:
-                q[r, j] = (np.float32(kk) + (half - np.float32(v)) * inv_one) * e
-            else:
-                q[r, j] = np.float32(kk) * e
+@numba.njit(inline="always")
+def floor_offset(a, v):
+    """(rint(a) + v) >> 16 for a float32 a and an offset v in [0, 2^16), as an integer-valued
+    float64: the high part floor(rint(a) / 2^16) and the low 16 bits plus v are both exact in
+    float64 for any |a| < 2^63, and unlike the int64 form the float arithmetic vectorizes."""
+    s = np.float64(np.rint(a))
+    high = np.floor(s * (1.0 / 65536.0))
+    return high + np.floor((s - high * 65536.0 + np.float64(v)) * (1.0 / 65536.0))
 
 
 @numba.njit(inline="always")
-def bit_byte(a0, a1, a2, a3, a4, a5, a6, a7, i):
-    """The byte whose bit t is bit i of a_t (integers; numba widens them to int64)."""
-    return (
-        ((a0 >> i) & 1)
-        | (((a1 >> i) & 1) << 1)
-        | (((a2 >> i) & 1) << 2)
-        | (((a3 >> i) & 1) << 3)
-        | (((a4 >> i) & 1) << 4)
-        | (((a5 >> i) & 1) << 5)
-        | (((a6 >> i) & 1) << 6)
-        | (((a7 >> i) & 1) << 7)
-    )
+def transpose8(x):
+    """The 8x8 bit matrix in x (byte t = row t, bit i = column i) transposed: byte i of the
+    result holds bit i of every input byte. Its own inverse (three delta swaps)."""
+    t = (x ^ (x >> np.uint64(7))) & np.uint64(0x00AA00AA00AA00AA)
+    x = x ^ t ^ (t << np.uint64(7))
+    t = (x ^ (x >> np.uint64(14))) & np.uint64(0x0000CCCC0000CCCC)
+    x = x ^ t ^ (t << np.uint64(14))
+    t = (x ^ (x >> np.uint64(28))) & np.uint64(0x00000000F0F0F0F0)
+    return x ^ t ^ (t << np.uint64(28))
 
 
-# Both loops move 8 planes at a time, j innermost but one, so that the compiler vectorizes
-# over j: byte j of plane p gathers bit p of the coordinates j + t*P/8, t = 0..7.
+@numba.njit(inline="always")
+def byte_at(a, shift):
+    """Byte ``shift / 8`` of the integer a, as uint64."""
+    return np.uint64(a >> shift) & np.uint64(0xFF)
+
+
+# The 1-bit plane layout (bitplanes.pack with g = 1): byte j of plane p holds bit p of the
+# coordinates j + t*P/8, t = 0..7. So for each j the 8 bytes of 8 consecutive planes are the
+# transpose of one byte of those 8 coordinates: one 8x8 bit transpose per j and group of 8
+# planes, vectorized over j.
+
+
+@numba.njit(inline="always")
+def pack_row(k, nbytes, out):
+    """Planes 0 .. 8 nbytes - 1 of the integers k (length P) into out [planes, P/8]."""
+    m = k.shape[0] // 8
+    for b in range(0, 8 * nbytes, 8):
+        for j in range(m):
+            x = np.uint64(0)
+            for t in range(8):
+                x |= byte_at(k[t * m + j], b) << np.uint64(8 * t)
+            x = transpose8(x)
+            for p in range(8):
+                out[b + p, j] = np.uint8(x >> np.uint64(8 * p))
 
 
 @jit
-def pack_rows(lo, hi, k, bits, out):
-    m = k.shape[1] // 8
+def quantize_rows(lo, hi, x, scale, eps, keys, offsets, use_offsets, dither, k, q, nbytes, planes):
+    """Rows [lo, hi): k = (rint(x * scale) + V) >> 16 into the first C columns of k (the rest
+    zeroed) and Q into q, V from offsets or hashed from keys; then, while the row is in cache,
+    its first 8 nbytes[r] planes into planes[r] (none where nbytes[r] = 0)."""
+    half = np.float32(32767.5)
+    inv_one = np.float32(1.0 / 65536.0)
+    cols = x.shape[1]
+    hashed = np.empty(0 if use_offsets else cols, dtype=np.int32)
     for r in range(lo, hi):
-        for b in range(0, bits, 8):
-            for j in range(m):
-                a0, a1, a2, a3 = k[r, j], k[r, m + j], k[r, 2 * m + j], k[r, 3 * m + j]
-                a4, a5, a6, a7 = (
-                    k[r, 4 * m + j],
-                    k[r, 5 * m + j],
-                    k[r, 6 * m + j],
-                    k[r, 7 * m + j],
-                )
-                for p in range(b, b + 8):
-                    out[r, p, j] = np.uint8(bit_byte(a0, a1, a2, a3, a4, a5, a6, a7, p))
+        s, e = scale[r], eps[r]
+        if use_offsets:
+            v = offsets[r]
+        else:
+            hashed_offsets(keys[r], hashed)
+            v = hashed
+        if dither:
+            for j in range(cols):
+                kk = floor_offset(x[r, j] * s, v[j])
+                k[r, j] = kk
+                q[r, j] = (np.float32(kk) + (half - np.float32(v[j])) * inv_one) * e
+        else:
+            for j in range(cols):
+                kk = floor_offset(x[r, j] * s, v[j])
+                k[r, j] = kk
+                q[r, j] = np.float32(kk) * e
+        k[r, cols:] = 0
+        if nbytes[r]:
+            pack_row(k[r], nbytes[r], planes[r])
 
 
 @jit
 def unpack_rows(lo, hi, planes, bits, out):
+    """Rows [lo, hi): the unsigned value of the first ``bits`` (a multiple of 8) planes."""
     m = out.shape[1] // 8
     for r in range(lo, hi):
         for b in range(0, bits, 8):
             for j in range(m):
-                a0, a1, a2, a3 = (
-                    planes[r, b, j],
-                    planes[r, b + 1, j],
-                    planes[r, b + 2, j],
-                    planes[r, b + 3, j],
-                )
-                a4, a5, a6, a7 = (
-                    planes[r, b + 4, j],
-                    planes[r, b + 5, j],
-                    planes[r, b + 6, j],
-                    planes[r, b + 7, j],
-                )
+                x = np.uint64(0)
+                for p in range(8):
+                    x |= np.uint64(planes[r, b + p, j]) << np.uint64(8 * p)
+                x = transpose8(x)
                 for t in range(8):
-                    byte = bit_byte(a0, a1, a2, a3, a4, a5, a6, a7, t)
+                    byte = (x >> np.uint64(8 * t)) & np.uint64(0xFF)
                     if b == 0:
                         out[r, t * m + j] = byte
                     else:
-                        out[r, t * m + j] |= byte << b
+                        out[r, t * m + j] |= byte << np.uint64(b)
 
 
 @jit
@@ -170,19 +189,20 @@ def dequantize_rows(lo, hi, k, eps, rows, theta, use_theta, out):
 @jit
 def blockwise_quantize_rows(lo, hi, x, scales, levels, seed, first, q, quantized):
     """Blocks (rows) [lo, hi) of x with their scales s = max |x| (rows whose s is not finite
-    are skipped): q = floor(x L 2^16 / s + V) >> 16 with V hashed from (seed, first + row,
+    are skipped): q = (rint(x L 2^16 / s) + V) >> 16 with V hashed from (seed, first + row,
     column), and Q = q (s / L)."""
     lv = np.float32(levels)
     big = np.float32(levels * 65536)
+    v = np.empty(x.shape[1], dtype=np.int32)
     for r in range(lo, hi):
         s = scales[r]
         if not s < np.float32(np.inf):
             continue
         inv = np.nextafter(big / s, np.float32(0.0)) if s > 0 else np.float32(0.0)
         step = s / lv
-        key = hash32(np.uint64(first + r) ^ seed)
+        hashed_offsets(hash32(np.uint64(first + r) ^ seed), v)
         for j in range(x.shape[1]):
-            k = (np.int64(np.rint(x[r, j] * inv)) + hash16(j, key)) >> 16
+            k = floor_offset(x[r, j] * inv, v[j])
             q[r, j] = k
             quantized[r, j] = np.float32(k) * step
 

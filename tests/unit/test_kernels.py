@@ -97,23 +97,53 @@ def test_private_offsets_round_without_bias_and_depend_on_the_seed() -> None:
 @given(
     seed=st.integers(0, 2**20),
     rows=st.integers(1, 3),
+    cols=st.integers(1, 300),
+    e=st.integers(-22, 0),
+    wide=st.booleans(),
+    data=st.data(),
+)
+def test_quantize_packs_each_row_as_the_bitplanes_layout(seed, rows, cols, e, wide, data) -> None:
+    """The planes quantize packs are bitplanes.pack of the k it returns, up to each row's bits
+    rounded to whole bytes, padding columns zero, the planes above untouched."""
+    x = rows_of(seed, rows, cols, 2.0**20)
+    dtype = torch.int64 if wide else torch.int32
+    if not wide:
+        e = max(e, -7)  # |x| / eps (up to about 2^29) stays within int32
+    pad = -(-cols // 8) * 8
+    stored = 8 * (8 if wide else 4)
+    bits = data.draw(st.lists(st.integers(0, stored), min_size=rows, max_size=rows))
+    k = torch.full((rows, pad), -1, dtype=dtype)
+    planes = torch.full((rows, stored, pad // 8), 0xAB, dtype=torch.uint8)
+    v = torch.randint(0, 1 << 16, (rows, cols), generator=torch.Generator().manual_seed(seed))
+    v = v.to(torch.int32)
+    q = torch.empty_like(x)
+    kernels.quantize(x, [e] * rows, k, q, offsets=v, planes_RSP=planes, bits_R=bits)
+    assert torch.equal(k[:, :cols], lattice.quantize(x, pow2([e] * rows), v).to(dtype))
+    assert not k[:, cols:].any()
+    want = bitplanes.pack(k, 1, stored // 8).view(rows, stored, pad // 8)
+    for r, b in enumerate(bits):
+        top = 8 * -(-b // 8)
+        assert torch.equal(planes[r, :top], want[r, :top])
+        assert (planes[r, top:] == 0xAB).all()
+
+
+@FAST
+@given(
+    seed=st.integers(0, 2**20),
+    rows=st.integers(1, 3),
     eighths=st.integers(1, 40),
     nbytes=st.integers(1, 8),
 )
-def test_pack_and_unpack_are_the_bitplanes_layout(seed, rows, eighths, nbytes) -> None:
+def test_unpack_reads_the_bitplanes_layout(seed, rows, eighths, nbytes) -> None:
     dtype = torch.int32 if nbytes <= 4 else torch.int64
     info = torch.iinfo(dtype)
     g = torch.Generator().manual_seed(seed)
     k = torch.randint(info.min, info.max, (rows, 8 * eighths), generator=g, dtype=dtype)
-    bits = 8 * nbytes
-    planes = torch.empty(rows * bits * eighths, dtype=torch.uint8)
-    got = kernels.pack(k, bits, planes)
-    want = bitplanes.pack(k, 1, nbytes)
-    assert torch.equal(got.reshape(want.shape), want)
-    back, want_back = torch.empty_like(k), torch.empty_like(k)
-    kernels.unpack(planes, bits, back)
-    bitplanes.unpack(want.clone(), 1, nbytes, want_back)
-    assert torch.equal(back, want_back)
+    planes = bitplanes.pack(k, 1, nbytes)
+    back, want = torch.empty_like(k), torch.empty_like(k)
+    kernels.unpack(planes.clone(), 8 * nbytes, back)
+    bitplanes.unpack(planes.clone(), 1, nbytes, want)
+    assert torch.equal(back, want)
 
 
 @FAST
