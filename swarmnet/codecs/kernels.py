@@ -255,6 +255,7 @@ def nearest(
         _np(k_RC),
         dmax,
         dmin,
+        np.int32 if k_RC.dtype == torch.int32 else np.int64,
     )
     return dmax, dmin
 

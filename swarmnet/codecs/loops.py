@@ -146,29 +146,48 @@ def unpack_rows(lo, hi, planes, bits, out):
                         out[r, t * m + j] |= byte << np.uint64(b)
 
 
+@numba.njit(inline="always")
+def nearest_one(r, u, limit, mask, shift, T):
+    """The integer congruent to r mod 2^b nearest to u (mask = 2^b - 1, shift = 1 - 2^(b-1)),
+    and its window offset d in [0, 2^b), all in the integer type T of k; floor(u) is clamped to
+    +-limit, which also sends a NaN key to -limit: a far key decodes garbage the digest rejects.
+    T(...) around every step keeps the arithmetic in T's width (numba would widen it to 64 bits
+    and the loops would not vectorize); the differences wrap, which is right modulo 2^b."""
+    f = np.floor(u)
+    if not f >= -limit:
+        f = -limit
+    elif f > limit:
+        f = limit
+    s = T(T(f) + shift)
+    d = T(T(r - s) & mask)
+    return T(s + d), d
+
+
 @jit
-def nearest_rows(lo, hi, rr, key, inv, keyless, bits, limit, theta, use_theta, k, dmax, dmin):
+def nearest_rows(lo, hi, rr, key, inv, keyless, bits, limit, theta, use_theta, k, dmax, dmin, T):
+    """Rows [lo, hi): k_hat from the b = bits[row] low bits rr and u = key * inv - theta (u = 0
+    for keyless rows), with the largest and smallest window offset of each row. The per-row
+    cases are separate loops so that each vectorizes."""
+    cols = rr.shape[1]
     for row in range(lo, hi):
-        mask = (np.int64(1) << bits[row]) - 1
-        shift = 1 - (np.int64(1) << (bits[row] - 1))
+        mask = T((np.int64(1) << bits[row]) - 1)
+        shift = T(1 - (np.int64(1) << (bits[row] - 1)))
         w = inv[row]
-        top, bottom = np.int64(0), mask
-        for j in range(rr.shape[1]):
-            u = np.float32(0.0)
-            if not keyless[row]:
+        top, bottom = T(0), mask
+        if keyless[row]:
+            for j in range(cols):
+                k[row, j], d = nearest_one(rr[row, j], np.float32(0.0), limit, mask, shift, T)
+                top, bottom = max(top, d), min(bottom, d)
+        elif use_theta:
+            for j in range(cols):
+                u = key[row, j] * w - theta[row, j]
+                k[row, j], d = nearest_one(rr[row, j], u, limit, mask, shift, T)
+                top, bottom = max(top, d), min(bottom, d)
+        else:
+            for j in range(cols):
                 u = key[row, j] * w
-                if use_theta:
-                    u -= theta[row, j]
-            f = np.floor(u)
-            if not f >= -limit:  # also NaN: a far key decodes garbage the digest rejects
-                f = -limit
-            elif f > limit:
-                f = limit
-            s = np.int64(f) + shift
-            d = (np.int64(rr[row, j]) - s) & mask
-            k[row, j] = s + d
-            top = d if d > top else top
-            bottom = d if d < bottom else bottom
+                k[row, j], d = nearest_one(rr[row, j], u, limit, mask, shift, T)
+                top, bottom = max(top, d), min(bottom, d)
         dmax[row] = top
         dmin[row] = bottom
 
@@ -179,10 +198,11 @@ def dequantize_rows(lo, hi, k, eps, rows, theta, use_theta, out):
         dest, e = rows[r], eps[r]
         if dest < 0:
             continue
-        for j in range(k.shape[1]):
-            if use_theta:
+        if use_theta:
+            for j in range(k.shape[1]):
                 out[dest, j] = (np.float32(k[r, j]) + theta[r, j]) * e
-            else:
+        else:
+            for j in range(k.shape[1]):
                 out[dest, j] = np.float32(k[r, j]) * e
 
 

@@ -73,6 +73,9 @@ def check_int_list(value: Any, what: str, codec: str, length: int, lo: int, hi: 
         raise CodecError(f"{codec}: field {what} must be a list, got {type(value).__name__}")
     if len(value) != length:
         raise CodecError(f"{codec}: field {what} has {len(value)} entries, expected {length}")
+    # A lattice reply carries several of these per chunk, so the common case is checked in C.
+    if not value or ({*map(type, value)} == {int} and lo <= min(value) and max(value) <= hi):
+        return list(value)
     for i, v in enumerate(value):
         if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
             raise CodecError(f"{codec}: field {what}[{i}] = {v!r} is not an int in [{lo}, {hi}]")
