@@ -215,9 +215,9 @@ def quantize(
 
 
 def unpack(planes: Tensor, bits: int, out_RP: Tensor) -> Tensor:
-    """Inverse of the packing in :func:`quantize`, reading the first ``bits`` planes (a multiple of 8) of each row
-    of ``planes`` (uint8, R rows of at least bits * P/8 bytes); ``out_RP`` gets their unsigned
-    value."""
+    """Inverse of the packing in :func:`quantize`, reading the first ``bits`` planes (a multiple
+    of 8) of each row of ``planes`` (uint8, R rows of at least bits * P/8 bytes); ``out_RP``
+    gets their unsigned value."""
     rows, p = out_RP.shape
     grid = planes.view(rows, -1)[:, : bits * (p // 8)].view(rows, bits, p // 8)
     _rows(_loops().unpack_rows, rows, _np(grid), bits, _np(out_RP))
