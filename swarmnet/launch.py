@@ -207,7 +207,9 @@ def _supervise(plan: LaunchPlan, interrupt: _Interrupt, console: Console) -> boo
                     p.exit_code = p.proc.poll()
                 latest = _tail_metrics(plan.run_dir / p.name / "metrics.jsonl", offsets, p.name)
                 if latest:
-                    info = f"loss {latest.get('loss', float('nan')):.4f}  merges {latest.get('interactions', 0)}"
+                    loss = latest.get("loss")  # null once the loss is no longer finite
+                    shown = "not finite" if loss is None else f"{loss:.4f}"
+                    info = f"loss {shown}  merges {latest.get('interactions', 0)}"
                     progress.update(tasks[p.name], completed=latest.get("step", 0), info=info)
                 if p.exit_code is not None:
                     state = "done" if p.exit_code == 0 else f"exit {p.exit_code}"

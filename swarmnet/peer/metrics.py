@@ -14,8 +14,13 @@ from swarmnet.peer.stats import PeerStats
 
 
 def _clean(value: Any) -> Any:
+    """JSON has no NaN or infinity: readers see null, inside nested maps (``eval``) too."""
     if isinstance(value, float) and not math.isfinite(value):
-        return None  # JSON has no NaN/inf; readers see null
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
     return value
 
 
@@ -67,7 +72,7 @@ class MetricsWriter:
     def write(self, record: dict[str, Any]) -> None:
         if self._fh is not None:
             try:
-                self._fh.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+                self._fh.write(json.dumps(_clean(record), allow_nan=False) + "\n")
             except OSError as exc:  # a full or read-only disk must not stop training
                 self.errors += 1
                 if self.errors == 1 or self.errors % 100 == 0:

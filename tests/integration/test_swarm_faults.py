@@ -139,3 +139,22 @@ def test_pure_gossip_preserves_the_sum_and_contracts(swarm_factory):
     # Upper tail of Gamma_T / E[Gamma_T] from 20,000 simulated n = 4 runs: 99.99th percentile 530.
     assert gamma_t <= 1000 * expected
     assert gamma_t < 0.5 * gamma0
+
+
+def not_json(constant):
+    raise AssertionError(f"{constant} is not JSON")
+
+
+def test_a_diverging_swarm_ends_with_a_clear_reason_not_a_crash(swarm_factory):
+    swarm = swarm_factory(lsq_config(lr=50.0, steps=5000) | {"run": {"peers": 2, "seed": 0}})
+    assert swarm.wait(120) == 1
+    log = (swarm.run_dir / "up.log").read_text()
+    assert "Traceback" not in log, log[-2000:]
+    summary = swarm.summary()
+    assert not summary["ok"]
+    for row in summary["peers"]:
+        assert not row["ok"] and "diverged" in row["reason"], row
+        # The metrics stream stays strict JSON: the non-finite loss is written as null.
+        lines = (swarm.run_dir / row["name"] / "metrics.jsonl").read_text().splitlines()
+        records = [json.loads(line, parse_constant=not_json) for line in lines]
+        assert any(r.get("loss", 0.0) is None for r in records)

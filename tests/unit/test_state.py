@@ -1,4 +1,5 @@
 import asyncio
+import json
 
 import pytest
 import torch
@@ -91,6 +92,20 @@ def test_sampler_resumes_where_it_stopped():
     b = ShardSampler(50, 8, shard="random", rank=0, peers=1, seed=0, peer_seed=3)
     b.load_state_dict(a.state_dict())
     assert torch.equal(a.next_indices(), b.next_indices())
+
+
+def test_metrics_lines_are_strict_json_when_the_loss_diverges(tmp_path):
+    from swarmnet.peer.metrics import MetricsWriter
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    writer = MetricsWriter(tmp_path / "p" / "metrics.jsonl", tensorboard=False)
+    writer.write({"step": 100, "loss": float("nan"), "eval": {"loss": float("inf"), "excess": [float("nan"), 1.0]}})
+    writer.close()
+    line = (tmp_path / "p" / "metrics.jsonl").read_text().strip()
+    assert json.loads(line, parse_constant=refuse) == {"step": 100, "loss": None,
+                                                       "eval": {"loss": None, "excess": [None, 1.0]}}
 
 
 def test_metrics_go_to_jsonl_and_to_tensorboard(tmp_path):
