@@ -56,8 +56,9 @@ from swarmnet.codecs.workspace import scratch
 from swarmnet.errors import CodecError, ConfigError
 
 MODES = ("stochastic", "dither")
-LAYOUT_VERSION = 2
-"""Snapshot meta layout; 2: XXH3-64 chunk digests (1 used truncated SHA-256)."""
+LAYOUT_VERSION = 3
+"""Snapshot meta layout; 3: the served planes in one payload frame (2 sent a frame per chunk,
+1 used truncated SHA-256 digests)."""
 MAX_CHUNK = 1 << 24
 MAX_CHUNKS = 1 << 22
 AUTO_CHUNK_MIN = 4096
@@ -115,6 +116,32 @@ def auto_chunk(n: int) -> int:
 
 def _chunk_pads(n: int, chunk: int) -> list[int]:
     return [g.pad for g in _layout(n, chunk) for _ in range(g.rows)]
+
+
+def _one_frame(parts: tuple[Buffer, ...] | list[Buffer]) -> tuple[Buffer, ...]:
+    """The wire form of a reply's per-chunk plane ranges: one frame, none for no chunk."""
+    if len(parts) <= 1:
+        return tuple(parts)
+    return (b"".join(parts),)
+
+
+def _split(frames: Any, sizes: list[int], codec: str) -> list[memoryview]:
+    """The per-chunk plane ranges of a reply's one frame (see :func:`_one_frame`)."""
+    got = frame_sizes(frames, codec)
+    total = sum(sizes)
+    if got != ([total] if sizes else []):
+        raise CodecError(
+            f"{codec}: the reply's {len(got)} frame(s) of {sum(got)} bytes do not match its header: "
+            f"{len(sizes)} chunk range(s) of {total} bytes in one frame"
+        )
+    if not sizes:
+        return []
+    try:
+        whole = memoryview(frames[0]).cast("B")
+    except TypeError:
+        raise CodecError(f"{codec}: the reply's frame is not a contiguous buffer") from None
+    ends = list(itertools.accumulate(sizes))
+    return [whole[end - size : end] for end, size in zip(ends, sizes, strict=True)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -471,10 +498,15 @@ class LatticeCodec(Codec):
 
     def select(self, encoded: Encoded, want: Any) -> tuple[dict[str, Any], tuple[Buffer, ...]]:
         """Planes ``want["from"]``..``want["to"]`` (bits, per chunk or one int for all) of every
-        chunk, capped at b_full and rounded out to whole G-bit planes; zero-copy slices."""
+        chunk, capped at b_full and rounded out to whole G-bit planes, back to back in one frame.
+
+        ``Encoded.frames`` holds one buffer per chunk; the wire gets a single frame because a
+        frame costs more than its bytes: 610 frames of 12 KB (a 10M model) took 19.5 ms per
+        ZeroMQ round trip on loopback, copied into one 4.5 ms (pyzmq copies frames under 64 KB
+        anyway), and 30 frames of 2 KB 0.38 ms against 0.24."""
         meta = encoded.meta
         if want is None:
-            return meta, encoded.frames
+            return meta, _one_frame(encoded.frames)
         w = as_mapping(want, self.name, "want")
         get_int(w, "v", self.name, 1, 1)
         nch, g = len(meta["bf"]), meta["g"]
@@ -492,7 +524,7 @@ class LatticeCodec(Codec):
             lo.append(start)
             hi.append(stop)
             frames.append(encoded.frames[i][start // g * plane_bytes : stop // g * plane_bytes])
-        return {**meta, "p": p, "ck": ck, "lo": lo, "hi": hi}, tuple(frames)
+        return {**meta, "p": p, "ck": ck, "lo": lo, "hi": hi}, _one_frame(frames)
 
     def _per_chunk(self, want: Mapping[str, Any], key: str, nch: int) -> list[int]:
         if key not in want:
@@ -539,21 +571,16 @@ class LatticeCodec(Codec):
         expected = [
             (b - a) // h.g * pads[i] * h.g // 8 for i, a, b in zip(h.ck, h.lo, h.hi, strict=True)
         ]
-        sizes = frame_sizes(frames, self.name)
-        if sizes != expected:
-            raise CodecError(
-                f"{self.name}: frame sizes {sizes[:8]} do not match the header's {expected[:8]}"
-                f" ({len(sizes)} frames, {len(expected)} expected)"
-            )
+        parts = _split(frames, expected, self.name)
         pull = self._pull(state, h)
         pull["rounds"] += 1
-        pull["bytes"] += sum(sizes)
+        pull["bytes"] += sum(expected)
         key, out = key_N.view(-1), out_N.view(-1)
         entries = {i: j for j, i in enumerate(h.ck) if not pull["done"][i]}
         for g in _layout(n, h.chunk):
             mine = [(i, entries[i]) for i in range(g.first, g.first + g.rows) if i in entries]
             if mine:
-                self._decode_group(h, g, mine, frames, key, out, pull)
+                self._decode_group(h, g, mine, parts, key, out, pull)
         return self._finish(h, state, pull, n)
 
     def _pull(self, state: dict[str, Any], h: _Header) -> dict[str, Any]:
@@ -589,7 +616,7 @@ class LatticeCodec(Codec):
         h: _Header,
         g: _Group,
         mine: list[tuple[int, int]],
-        frames: tuple[Buffer, ...],
+        frames: list[memoryview],
         key: Tensor,
         out: Tensor,
         pull: dict[str, Any],

@@ -142,19 +142,47 @@ def test_a_new_neighbour_is_first_asked_for_what_the_last_pull_needed() -> None:
     assert codec.plan({})["to"] in (10, 11)
 
 
-def test_select_is_zero_copy_and_none_serves_everything() -> None:
+def test_select_serves_the_planes_back_to_back_in_one_frame() -> None:
     codec = LatticeCodec(chunk=256, seed=5)
     enc = codec.encode(torch.randn(1000))
     meta, frames = codec.select(enc, None)
-    assert meta is enc.meta and frames is enc.frames
+    assert meta is enc.meta and frames == (b"".join(enc.frames),)
     out = torch.empty(1000)
     assert codec.decode(meta, frames, torch.zeros(1000), out, {}).complete  # no key needed
     assert torch.equal(out, enc.quantized)
-    _, part = codec.select(enc, {"v": 1, "from": 0, "to": 3})
-    for f, full in zip(part, enc.frames, strict=True):
-        assert isinstance(f, memoryview) and np.shares_memory(np.asarray(f), np.asarray(full))
+    meta, part = codec.select(enc, {"v": 1, "from": 0, "to": 3})
+    prefixes = [bytes(full)[: 3 * 256 // 8] if i < 3 else bytes(full)[: 3 * 232 // 8]
+                for i, full in enumerate(enc.frames)]  # 3 planes; the tail chunk has 232 coordinates
+    assert meta["hi"] == [3] * 4 and part == (b"".join(prefixes),)
     assert enc.nbytes == sum(memoryview(f).nbytes for f in enc.frames)
     assert len(msgpack.packb(enc.meta)) < 600
+    _, one = codec.select(enc, {"v": 1, "from": 0, "to": [3, 0, 0, 0]})  # a single range: no copy
+    assert len(one) == 1 and np.shares_memory(np.asarray(one[0]), np.asarray(enc.frames[0]))
+
+
+def test_a_model_of_more_chunks_than_a_message_has_frames_travels() -> None:
+    """Replies carry one payload frame whatever the number of chunks: a 400k-parameter model
+    in 98 chunks once exceeded the wire's 64-frame limit and every pull of it was refused."""
+    from swarmnet.wire import Limits, MsgType, decode, encode, reply, request
+
+    n = 98 * 4096
+    codec = LatticeCodec(seed=8)
+    x = torch.randn(n)
+    enc = codec.encode(x)
+    assert len(enc.frames) == 98 > Limits().max_frames
+    state: dict = {}
+    out = torch.empty(n)
+    want = codec.plan(state)
+    for _ in range(8):
+        meta, frames = codec.select(enc, want)
+        asked = request(MsgType.PULL, "reader", clock=0, want=want, version=None)
+        sent = reply(asked, MsgType.SNAPSHOT, "server", frames, version=1, codec="lattice", meta=meta, clock=0, age=0.0)
+        got = decode([bytes(memoryview(f)) for f in encode(sent)])
+        res = codec.decode(got.body["meta"], got.frames, x, out, state)
+        if res.complete:
+            break
+        want = res.more
+    assert res.complete and torch.equal(out, enc.quantized)
 
 
 def test_snapshot_change_within_a_pull_is_an_error_and_a_new_pull_resets() -> None:
