@@ -35,13 +35,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import torch
 
 from swarmnet import __version__
 from swarmnet.algorithms import PhaseClock, parse_topology
 from swarmnet.codecs import make_codec
 from swarmnet.config import SwarmConfig, check_peer_name, to_dict
-from swarmnet.errors import ConfigError, SwarmError, TransportError
+from swarmnet.errors import ConfigError, SwarmError
 from swarmnet.log import PeerLogAdapter, get_logger
 from swarmnet.peer.budget import auto_cores
 from swarmnet.peer.client import PeerClient
@@ -57,6 +58,9 @@ from swarmnet.tasks import load_task
 from swarmnet.transport import TransportSet
 from swarmnet.wire import Limits, MsgType, request
 
+REPLY_HEADER_SLACK = 1024
+"""Bytes of a snapshot reply's header besides the codec's meta (type, ids, version, clock, age,
+frame sizes), with room to spare."""
 FINISHED = ("settling", "done")
 """States of a peer whose budget is spent: its card says ``done`` (it no longer steps)."""
 
@@ -201,6 +205,7 @@ class Peer:
         adopting = not resumed and self.cfg.network.adopt_model and self.cfg.run.init == "shared"
         if not adopting:
             compute.publish()  # neighbours can pull from us from the first moment on
+            self._check_snapshot_header()
         compute_thread = ThreadPoolExecutor(1, thread_name_prefix=f"compute-{self.name}")
         started = time.monotonic()
         reason = "error"
@@ -210,6 +215,7 @@ class Peer:
                     await self.await_swarm()
                     if adopting:
                         await self._adopt_model(compute, compute_thread)
+                        self._check_snapshot_header()
                     self.start_exchange()
                     reason = await loop.run_in_executor(compute_thread, compute.run)
                     linger_until = time.monotonic() + self.cfg.network.linger
@@ -291,6 +297,22 @@ class Peer:
         the adoption would undo it."""
         if self.cfg.network.exchange and self._exchange_task is None:
             self._exchange_task = self._services.create_task(self.exchange.run(), name="exchange")
+
+    def _check_snapshot_header(self) -> None:
+        """Readers refuse a reply whose header exceeds network.max_header_bytes before unpacking
+        it; a codec whose meta alone comes near that (a lattice chunk far shorter than the model
+        needs: about 15 bytes per chunk) would have every pull of ours refused. Say so at start."""
+        latest = self.store.latest()
+        if latest is None:
+            return
+        size = len(msgpack.packb(latest.encoded.meta, use_bin_type=True)) + REPLY_HEADER_SLACK
+        limit = self.limits.max_header_bytes
+        if size > limit:
+            chunks = len(latest.encoded.meta.get("bf", ()))
+            fix = f"set a longer codec.options.chunk ({chunks} chunks now) or " if chunks else ""
+            raise ConfigError(
+                f"codec {self.codec.name}: a snapshot reply's header takes about {size} bytes, over "
+                f"network.max_header_bytes = {limit}: {fix}raise network.max_header_bytes on every peer")
 
     async def _adopt_model(self, compute: ComputeLoop, compute_thread: ThreadPoolExecutor) -> None:
         """A newcomer starts from a trained neighbour's model when there is one (newcomer.py).
@@ -419,12 +441,23 @@ async def run_peer(cfg: SwarmConfig, identity: PeerIdentity, *, resume: bool = T
             loop.add_signal_handler(sig, peer.request_stop)
     try:
         return await peer.run()
-    except TransportError as exc:
-        peer.log.error("%s", exc)
-        return 2
     except SwarmError as exc:
         peer.log.error("%s", exc)
         return 2
+    except BaseExceptionGroup as group:  # raised inside serving()'s task group
+        errors, others = group.split(SwarmError)
+        if others is not None or errors is None:
+            raise
+        for exc in _leaves(errors):
+            peer.log.error("%s", exc)
+        return 2
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:  # type: ignore[type-arg]
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return out
 
 
 def run_event_loop(coro: Any) -> Any:

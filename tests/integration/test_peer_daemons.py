@@ -199,3 +199,20 @@ def test_a_peer_takes_at_most_one_nudge_per_version(tmp_path, daemons):
     assert str(stale) == "busy"
     status = query_status(address)
     assert status["nudges_applied"] == 1 and status["nudges_refused"] == 3
+
+
+@pytest.mark.parametrize("adopt", [True, False])
+def test_a_codec_header_over_the_wire_limit_is_refused_at_start(tmp_path, daemons, adopt):
+    """Readers would refuse every reply of this peer (409 lattice chunks of 64 coordinates: a
+    6.9 KB header against a 4 KB limit): the peer says so and exits instead of serving them,
+    whether it publishes at once or first looks for a model to adopt (inside its services)."""
+    config = write_config(tmp_path / "swarm.toml", {
+        "task": {"spec": "swarmnet.tasks.digits:task"},
+        "train": {"batch_size": 32, "lr": 0.05, "steps": 100, "checkpoint_every": 0.0},
+        "codec": {"name": "lattice", "options": {"chunk": 64}},
+        "network": {"max_header_bytes": 4096, "adopt_model": adopt},
+    })
+    peer = PeerProcessHandle(tmp_path / "run", "a", config)
+    daemons.append(peer)
+    assert peer.wait(60) == 2
+    assert "409 chunks" in peer.log() and "max_header_bytes = 4096" in peer.log(), peer.log()
