@@ -35,8 +35,6 @@ from swarmnet.wire import Limits, MsgType, request
 
 BN_BATCHES = 20
 """Training batches run through an averaged model to recompute its BatchNorm statistics."""
-MAX_ROUNDS = 16
-"""Pulls of one snapshot a codec may ask for before giving up (lattice escalation)."""
 
 
 def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -105,27 +103,27 @@ class SnapshotReader:
                                  limits=Limits(), timeout=timeout, stats=PeerStats(),
                                  max_frame_bytes=2**31 - 1)
 
-    async def pull(self, addr: str, key_N: Tensor, out_N: Tensor) -> int:
-        """Decode ``addr``'s latest snapshot into ``out_N`` (relative to ``key_N``, for codecs
-        that need a nearby model); returns the snapshot's version."""
-        state: dict[str, Any] = {}
-        want, version = self.codec.plan(state), None
-        for _ in range(MAX_ROUNDS):
-            reply = await self.client.call(addr, request(MsgType.PULL, self.client.sender, clock=-1, want=want,
-                                                         version=version))
-            if reply.type is not MsgType.SNAPSHOT:
-                raise ProtocolError("unexpected_type", f"{addr} answered {reply.type}, not a snapshot")
-            if reply.body["codec"] != self.codec.name:
-                raise SwarmError(f"{addr} publishes codec {reply.body['codec']}, the config says "
-                                 f"{self.codec.name}; pass the swarm's own config")
-            version = reply.body["version"]
-            result = self.codec.decode(reply.body["meta"], reply.frames, key_N, out_N, state)
-            if result.complete:
-                if not bool(torch.isfinite(out_N).all()):
-                    raise CodecError(f"{addr}'s snapshot holds non-finite values")
-                return int(version)
-            want = result.more
-        raise CodecError(f"{addr}'s snapshot {version} still unverified after {MAX_ROUNDS} pulls")
+    async def pull(self, addr: str, out_N: Tensor) -> int:
+        """Decode ``addr``'s latest snapshot into ``out_N``; returns the snapshot's version.
+
+        A one-off reader asks for the whole snapshot in one request (``want`` None: every
+        lattice plane, decoded without a key). Keyed lattice pulls escalate in rounds against
+        one snapshot version, and a peer that merges every few milliseconds retires that
+        version before the rounds end: ``swarmnet eval`` once failed with "version 421 is gone"
+        on the lattice quickstart."""
+        reply = await self.client.call(addr, request(MsgType.PULL, self.client.sender, clock=-1, want=None,
+                                                     version=None))
+        if reply.type is not MsgType.SNAPSHOT:
+            raise ProtocolError("unexpected_type", f"{addr} answered {reply.type}, not a snapshot")
+        if reply.body["codec"] != self.codec.name:
+            raise SwarmError(f"{addr} publishes codec {reply.body['codec']}, the config says "
+                             f"{self.codec.name}; pass the swarm's own config")
+        result = self.codec.decode(reply.body["meta"], reply.frames, out_N, out_N, {})
+        if not result.complete:
+            raise CodecError(f"{addr}'s whole snapshot did not decode")
+        if not bool(torch.isfinite(out_N).all()):
+            raise CodecError(f"{addr}'s snapshot holds non-finite values")
+        return int(reply.body["version"])
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -164,20 +162,17 @@ def evaluate_swarm(cfg: SwarmConfig, *, seeds: list[str], run_dir: Path | None =
             raise SwarmError("no peer answered; check --seed / --run-dir and that the swarm is running")
         chosen = found[:peers] if peers > 0 else found
         reader = SnapshotReader(codec, timeout=max(timeout, cfg.network.request_timeout), curve=curve)
-        key_N = flat.vector_N.clone()  # the initial model; then the first pulled one (closer)
-        out_N = torch.empty_like(key_N)
+        out_N = torch.empty_like(flat.vector_N)
         sum_N = torch.zeros(flat.numel, dtype=torch.float64)
         squares, pulled = 0.0, []
         try:
             for name, addr, step in chosen:
                 try:
-                    version = await reader.pull(addr, key_N, out_N)
+                    version = await reader.pull(addr, out_N)
                 except SwarmError as exc:
                     raise SwarmError(f"pulling {name} at {addr}: {exc}") from None
                 sum_N += out_N
                 squares += float(out_N.double().pow(2).sum())
-                if not pulled:
-                    key_N.copy_(out_N)
                 pulled.append(PulledModel(name, addr, step, version))
         finally:
             await reader.aclose()

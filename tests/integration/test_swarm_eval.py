@@ -59,6 +59,30 @@ def test_eval_averages_the_live_models_of_a_resnet_swarm(tmp_path, swarm_factory
     assert swarm.wait(60) == 130
 
 
+def test_eval_reads_a_lattice_swarm_that_merges_every_few_milliseconds(tmp_path, swarm_factory):
+    """Digits peers republish every two steps (a few ms): a reader that escalated its lattice
+    planes in rounds against one version found it retired ("version ... is gone")."""
+    sections = {
+        "run": {"peers": 2, "seed": 0},
+        "task": {"spec": "swarmnet.tasks.digits:task"},
+        "train": {"batch_size": 32, "lr": 0.05, "momentum": 0.9, "steps": 1_000_000, "metrics_every": 50,
+                  "checkpoint_every": 0.0},
+        "algorithm": {"name": "swarmsgd", "local_steps": 2},
+        "codec": {"name": "lattice", "options": {"eps_scale": 4.0, "chunk": 1024}},
+        "network": {"linger": 0.5, "exchange_cpu": 0.0},
+    }
+    config = write_config(tmp_path / "eval.toml", sections)
+    swarm = swarm_factory(sections, name="live")
+    cards = [swarm.card(f"peer{i}") for i in range(2)]
+    wait_until(lambda: all(query_status(c["addr"])["step"] > 1000 for c in cards), 120, interval=0.5,
+               what="every peer past step 1000")
+    for _ in range(3):
+        result = run_eval("--config", str(config), "--run-dir", str(swarm.run_dir), "--bn-batches", "0")
+        assert result["peers_averaged"] == 2 and result["eval"]["accuracy"] > 0.9, result
+    swarm.signal(signal.SIGTERM)
+    assert swarm.wait(60) == 130
+
+
 def test_eval_without_a_swarm_is_a_clear_error(tmp_path):
     runner = CliRunner()
     done = runner.invoke(app, ["eval", "--run-dir", str(tmp_path)])
