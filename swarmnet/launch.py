@@ -181,6 +181,9 @@ def launch(plan: LaunchPlan, *, summary_path: Path | None = None, console: Conso
         summary_path.parent.mkdir(parents=True, exist_ok=True)
         summary_path.write_text(json.dumps(result, indent=2, default=str))
     console.print(render_summary(result))
+    for r in result["peers"]:
+        if not r["ok"] and ": " in str(r.get("reason", "")):
+            console.print(f"{r['name']}: {r['reason']}", markup=False, highlight=False)
     if interrupted:
         return 130
     return 0 if result["ok"] else 1
@@ -262,7 +265,8 @@ def summarize(plan: LaunchPlan, elapsed: float, interrupted: bool) -> dict[str, 
             peer_summary.pop("config", None)
             row.update(peer_summary)
         except (OSError, json.JSONDecodeError):
-            row["reason"] = "no summary (the peer died before finishing)"
+            error = _last_error(plan.run_dir / p.name / "peer.log")
+            row["reason"] = "no summary (the peer died before finishing)" + (f": {error}" if error else "")
             metrics = _last_metrics(peer_dir / "metrics.jsonl")
             if metrics:
                 row.update(steps=metrics.get("step"), final_loss=metrics.get("loss"),
@@ -280,6 +284,16 @@ def summarize(plan: LaunchPlan, elapsed: float, interrupted: bool) -> dict[str, 
         "config": to_dict(plan.cfg),
     }
     return result
+
+
+def _last_error(log: Path) -> str | None:
+    """The message of the last ERROR line of a peer's log, which says why it stopped."""
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    errors = [line.split(" ERROR ", 1)[1] for line in lines if " ERROR " in line]
+    return errors[-1].split("] ", 1)[-1] if errors else None
 
 
 def _last_metrics(path: Path) -> dict[str, Any] | None:
@@ -330,7 +344,9 @@ def render_summary(result: dict[str, Any]) -> Table:
         return f"{value:.4f}" if isinstance(value, (int, float)) else "?"
 
     for r in result["peers"]:
-        status = r.get("reason", "?") if r["ok"] else f"{r.get('signal') or 'exit ' + str(r['exit_code'])}: {r.get('reason', '')}"
+        # The table keeps the reason's head; the whole of it (why the peer stopped) follows the table.
+        reason = str(r.get("reason", "?")).split(": ", 1)[0]
+        status = reason if r["ok"] else f"{r.get('signal') or 'exit ' + str(r['exit_code'])}: {reason}"
         loss = r.get("final_loss")
         table.add_row(r["name"], status, str(r.get("steps", "?")), str(r.get("interactions", "?")),
                       f"{(r.get('bytes_sent') or 0) / 1e6:.1f}", f"{(r.get('bytes_received') or 0) / 1e6:.1f}",

@@ -158,3 +158,18 @@ def test_a_diverging_swarm_ends_with_a_clear_reason_not_a_crash(swarm_factory):
         lines = (swarm.run_dir / row["name"] / "metrics.jsonl").read_text().splitlines()
         records = [json.loads(line, parse_constant=not_json) for line in lines]
         assert any(r.get("loss", 0.0) is None for r in records)
+
+
+def test_the_launcher_says_why_a_peer_stopped_without_a_summary(swarm_factory):
+    config = lsq_config(steps=5000) | {"run": {"peers": 2, "seed": 0}}
+    config["task"]["options"] = {"dim": 8192, "samples": 64}
+    config["codec"] = {"name": "lattice", "options": {"chunk": 64}}  # 128 chunks: about 2.2 KB of header
+    config["network"]["max_header_bytes"] = 2048
+    swarm = swarm_factory(config)
+    assert swarm.wait(120) == 1
+    rows = {r["name"]: r for r in swarm.summary()["peers"]}
+    log = (swarm.run_dir / "up.log").read_text()
+    for name, row in rows.items():
+        assert not row["ok"] and row["reason"].startswith("no summary"), row
+        assert "max_header_bytes = 2048" in row["reason"], row
+        assert f"{name}: no summary (the peer died before finishing): codec" in log, log  # under the table
