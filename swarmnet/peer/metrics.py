@@ -72,7 +72,7 @@ class MetricsWriter:
     def write(self, record: dict[str, Any]) -> None:
         if self._fh is not None:
             try:
-                self._fh.write(json.dumps(_clean(record), allow_nan=False) + "\n")
+                self._fh.write(json.dumps(_clean(record)) + "\n")
             except OSError as exc:  # a full or read-only disk must not stop training
                 self.errors += 1
                 if self.errors == 1 or self.errors % 100 == 0:
