@@ -56,6 +56,19 @@ def swarm_factory(tmp_path):
         swarm.kill_tree()
 
 
+def digits_config(**train):
+    config = {
+        "run": {"peers": 4, "seed": 0},
+        "task": {"spec": "swarmnet.tasks.digits:task"},
+        "train": {"batch_size": 32, "lr": 0.05, "momentum": 0.9, "steps": 100_000, "metrics_every": 10,
+                  "checkpoint_every": 2.0},
+        "algorithm": {"name": "swarmsgd", "local_steps": 2},
+        "network": {"request_timeout": 1.0, "dead_after": 2.0, "failure_backoff": 0.5},
+    }
+    config["train"].update(train)
+    return config
+
+
 def lsq_config(**train):
     base = {
         "run": {"peers": 4, "seed": 0},

@@ -14,7 +14,7 @@ from swarmnet.config import load_config
 from swarmnet.evaluation import evaluate_swarm
 from swarmnet.testing import query_status, wait_until
 
-from .conftest import write_config
+from .conftest import digits_config, write_config
 from .test_real_tasks import write_cifar
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -62,15 +62,10 @@ def test_eval_averages_the_live_models_of_a_resnet_swarm(tmp_path, swarm_factory
 def test_eval_reads_a_lattice_swarm_that_merges_every_few_milliseconds(tmp_path, swarm_factory):
     """Digits peers republish every two steps (a few ms): a reader that escalated its lattice
     planes in rounds against one version found it retired ("version ... is gone")."""
-    sections = {
-        "run": {"peers": 2, "seed": 0},
-        "task": {"spec": "swarmnet.tasks.digits:task"},
-        "train": {"batch_size": 32, "lr": 0.05, "momentum": 0.9, "steps": 1_000_000, "metrics_every": 50,
-                  "checkpoint_every": 0.0},
-        "algorithm": {"name": "swarmsgd", "local_steps": 2},
-        "codec": {"name": "lattice", "options": {"eps_scale": 4.0, "chunk": 1024}},
-        "network": {"linger": 0.5, "exchange_cpu": 0.0},
-    }
+    sections = digits_config(steps=1_000_000, metrics_every=50, checkpoint_every=0.0)
+    sections["run"]["peers"] = 2
+    sections["codec"] = {"name": "lattice", "options": {"eps_scale": 4.0, "chunk": 1024}}
+    sections["network"].update(linger=0.5, exchange_cpu=0.0)
     config = write_config(tmp_path / "eval.toml", sections)
     swarm = swarm_factory(sections, name="live")
     cards = [swarm.card(f"peer{i}") for i in range(2)]

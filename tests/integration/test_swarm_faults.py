@@ -16,24 +16,11 @@ from swarmnet.peer.metrics import read_metrics
 from swarmnet.tasks import load_task
 from swarmnet.testing import wait_until
 
-from .conftest import lsq_config
+from .conftest import digits_config, lsq_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 PEERS = ["peer0", "peer1", "peer2", "peer3"]
-
-
-def digits_config(**train):
-    config = {
-        "run": {"peers": 4, "seed": 0},
-        "task": {"spec": "swarmnet.tasks.digits:task"},
-        "train": {"batch_size": 32, "lr": 0.05, "momentum": 0.9, "steps": 100_000, "metrics_every": 10,
-                  "checkpoint_every": 2.0},
-        "algorithm": {"name": "swarmsgd", "local_steps": 2},
-        "network": {"request_timeout": 1.0, "dead_after": 2.0, "failure_backoff": 0.5},
-    }
-    config["train"].update(train)
-    return config
 
 
 def step_rate(swarm, name, start, end):
