@@ -7,7 +7,7 @@ publish; the snapshot server then answers any number of pulls from it without re
 Codecs with partial reads (the lattice codec serves only the low bit-planes a reader asks for)
 take part in a small dialogue, driven by the exchange and opaque to it:
 
-    want = codec.plan(state)                        # reader: what to ask for first
+    want = codec.plan(state, hints)                 # reader: what to ask for first
     meta, frames = codec.select(encoded, want)      # server: that subset of the snapshot
     result = codec.decode(meta, frames, key, out, state)   # reader
     if not result.complete: pull again with want = result.more (same snapshot version)
@@ -87,8 +87,10 @@ class Codec(ABC):
         decodes relative to it); ``state`` is per-neighbour memory the codec may keep between
         pulls (e.g. the last distance seen). Raises CodecError on malformed input."""
 
-    def plan(self, state: Mapping[str, Any]) -> Any:
-        """What to ask for in the first pull from a neighbour; None means everything."""
+    def plan(self, state: Mapping[str, Any], hints: Mapping[str, Any] | None = None) -> Any:
+        """What to ask for in the first pull from a neighbour; None means everything. ``hints``
+        carries the exchange's circumstances: ``cpu_bound`` is True while its CPU budget, not
+        the network, sets the pace of the pulls (peer/budget.py)."""
         return None
 
     def select(self, encoded: Encoded, want: Any) -> tuple[dict[str, Any], tuple[Buffer, ...]]:

@@ -35,8 +35,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
-from torch import Tensor
+import numpy as np
 
 E_MIN, E_MAX = -100, 100
 """Exponent range of eps on the wire (2^-100 .. 2^100)."""
@@ -62,7 +61,7 @@ class StepPolicy:
         self.scale = scale
         self.ema = ema
         self.init = init
-        self._ema_R: Tensor | None = None
+        self._ema_R: np.ndarray | None = None
         self._normalized: bool | None = None
 
     def reset(self) -> None:
@@ -71,17 +70,18 @@ class StepPolicy:
 
     def exponents(
         self,
-        rms_x: Callable[[], Tensor],
-        rms_diff_R: Tensor | None,
-        max_abs_R: Tensor,
+        rms_x: Callable[[], np.ndarray],
+        rms_diff_R: np.ndarray | None,
+        max_abs_R: np.ndarray,
         hints: Mapping[str, Any] | None,
-    ) -> Tensor:
-        """Exponents (int64, CPU [R]) from the per-chunk RMS of the training progress since the
+    ) -> np.ndarray:
+        """Exponents (int64 [R]) from the per-chunk RMS of the training progress since the
         previous snapshot (or of x minus the previous snapshot; None on the first snapshot) and
-        max |x| (float64 CPU tensors [R]); ``rms_x()`` gives the per-chunk RMS of x itself and is
-        called only when a fallback needs it."""
+        max |x| (float64 [R]); ``rms_x()`` gives the per-chunk RMS of x itself and is called
+        only when a fallback needs it. NumPy: a few dozen values, where each torch call would
+        cost more than the arithmetic."""
         if self.fixed is not None:
-            return torch.full_like(max_abs_R, math.floor(math.log2(self.fixed)), dtype=torch.int64)
+            return np.full(max_abs_R.shape, math.floor(math.log2(self.fixed)), dtype=np.int64)
         lr = float(hints.get("lr", 0.0)) if hints else 0.0
         steps = float(hints.get("local_steps", 1.0)) if hints else 1.0
         if hints and "progress" in hints:  # the steps this snapshot actually follows
@@ -93,35 +93,29 @@ class StepPolicy:
         ):
             self._ema_R = None
         self._normalized = normalized
-        if rms_diff_R is not None:
-            observed = rms_diff_R / per_update
-            valid = torch.isfinite(observed) & (observed > 0)
-            if self._ema_R is None:
-                self._ema_R = torch.where(valid, observed, torch.nan)
-            else:
-                blended = torch.where(
-                    torch.isnan(self._ema_R),
-                    observed,
-                    self.ema * self._ema_R + (1 - self.ema) * observed,
-                )
-                self._ema_R = torch.where(valid, blended, self._ema_R)
-        eps = (
-            self.scale
-            * per_update
-            * (self._ema_R if self._ema_R is not None else torch.full_like(max_abs_R, torch.nan))
-        )
-        missing = ~(torch.isfinite(eps) & (eps > 0))
-        if missing.any():
-            rms_x_R = rms_x()
-            overall = float(rms_x_R.square().mean().sqrt()) if rms_x_R.numel() else 0.0
-            fallback = self.init * torch.where(
-                rms_x_R > 0,
-                rms_x_R,
-                torch.tensor(overall if overall > 0 else 1.0, dtype=rms_x_R.dtype),
-            )
-            eps = torch.where(missing, fallback, eps)
-        e = torch.floor(torch.log2(eps)).clamp_(E_MIN, E_MAX)
-        # |x| / 2^e < 2^29: e >= log2(max|x|) - 29 (no constraint for all-zero chunks).
-        floor_e = torch.ceil(torch.log2(max_abs_R)) - HEADROOM_BITS
-        e = torch.maximum(e, floor_e.nan_to_num(neginf=E_MIN)).clamp_(E_MIN, E_MAX)
-        return e.to(torch.int64)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            if rms_diff_R is not None:
+                observed = rms_diff_R / per_update
+                valid = np.isfinite(observed) & (observed > 0)
+                if self._ema_R is None:
+                    self._ema_R = np.where(valid, observed, np.nan)
+                else:
+                    blended = np.where(
+                        np.isnan(self._ema_R),
+                        observed,
+                        self.ema * self._ema_R + (1 - self.ema) * observed,
+                    )
+                    self._ema_R = np.where(valid, blended, self._ema_R)
+            ema = self._ema_R if self._ema_R is not None else np.full(max_abs_R.shape, np.nan)
+            eps = self.scale * per_update * ema
+            missing = ~(np.isfinite(eps) & (eps > 0))
+            if missing.any():
+                rms_x_R = rms_x()
+                overall = float(np.sqrt(np.mean(np.square(rms_x_R)))) if rms_x_R.size else 0.0
+                fallback = self.init * np.where(rms_x_R > 0, rms_x_R, overall if overall > 0 else 1.0)
+                eps = np.where(missing, fallback, eps)
+            e = np.clip(np.floor(np.log2(eps)), E_MIN, E_MAX)
+            # |x| / 2^e < 2^29: e >= log2(max|x|) - 29 (no constraint for all-zero chunks).
+            floor_e = np.ceil(np.log2(max_abs_R)) - HEADROOM_BITS
+        e = np.maximum(e, np.nan_to_num(floor_e, neginf=E_MIN))
+        return np.clip(e, E_MIN, E_MAX).astype(np.int64)

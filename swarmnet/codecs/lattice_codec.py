@@ -92,15 +92,41 @@ def _layout(n: int, chunk: int) -> list[_Group]:
     return groups
 
 
+@dataclass(frozen=True, slots=True)
+class _Samples:
+    """Where each chunk's statistics are read: ``index`` holds the flat coordinates of every
+    chunk's samples back to back, chunk i's from ``starts[i]``, ``counts[i]`` of them."""
+
+    index: Tensor
+    starts: np.ndarray
+    counts: np.ndarray
+
+    def rms(self, values: Tensor) -> np.ndarray:
+        """Per chunk, the RMS of ``values`` (gathered at ``index``), float64."""
+        if not self.counts.size:
+            return np.empty(0)
+        v = values.cpu().numpy().astype(np.float64)  # CPU<->GPU sync point (R x 512 values)
+        return np.sqrt(np.add.reduceat(v * v, self.starts) / self.counts)
+
+
 @functools.lru_cache(maxsize=16)
-def _sample_index(cols: int, device: torch.device) -> Tensor:
-    """Up to STAT_SAMPLES coordinates of a chunk for its statistics, scattered by a prime stride
+def _samples(n: int, chunk: int, device: torch.device) -> _Samples:
+    """Up to STAT_SAMPLES coordinates per chunk for its statistics, scattered by a prime stride
     taken modulo the chunk. An even stride would alias with the layers' shapes: every 16th
     coordinate of a [128, 64] weight is one input column, which can be a dead input whose
     weights never move, and the step size measured there came out 32x too small. Cached: every
-    snapshot of a model uses the same few chunk lengths (read-only, only used to index)."""
-    count = min(cols, STAT_SAMPLES)
-    return (torch.arange(count, dtype=torch.int64) * SAMPLE_STRIDE % cols).to(device)
+    snapshot of a model uses the same layout (read-only, only used to index)."""
+    index, counts = [], []
+    for g in _layout(n, chunk):
+        count = min(g.cols, STAT_SAMPLES)
+        offsets = torch.arange(count, dtype=torch.int64) * SAMPLE_STRIDE % g.cols
+        rows = torch.arange(g.rows, dtype=torch.int64)[:, None] * g.cols + g.start
+        index.append((rows + offsets).view(-1))
+        counts += [count] * g.rows
+    sizes = np.asarray(counts, dtype=np.int64)
+    starts = np.cumsum(sizes) - sizes
+    flat = torch.cat(index) if index else torch.empty(0, dtype=torch.int64)
+    return _Samples(flat.to(device), starts, sizes)
 
 
 def auto_chunk(n: int) -> int:
@@ -283,6 +309,9 @@ class LatticeCodec(Codec):
         eps_scale, eps_ema, eps_init: the adaptive step policy (epsilon.py).
         first_bits: bits per coordinate of the reader's very first pull (no distance seen yet).
         margin: growth allowed for the distance since the last decode (the "R" of SPEC 3.4).
+        margin_cpu: the same while the exchange is CPU-bound (``plan``'s ``cpu_bound`` hint):
+            a larger margin moves a few more bytes and saves second requests, each of which
+            costs both peers a round trip of CPU.
         seed: seeds the private randomness (tests and benchmarks).
     """
 
@@ -301,6 +330,7 @@ class LatticeCodec(Codec):
         eps_init: float = 2.0**-10,
         first_bits: int = 8,
         margin: float = 1.25,
+        margin_cpu: float = 1.6,
         seed: int | None = None,
     ) -> None:
         if chunk is not None and (not isinstance(chunk, int) or not 64 <= chunk <= MAX_CHUNK or chunk % 64):
@@ -315,7 +345,8 @@ class LatticeCodec(Codec):
             raise ConfigError(
                 f"lattice: eps must be a finite number in [2^{E_MIN}, 2^{E_MAX + 1}), got {eps!r}"
             )
-        for label, value in (("eps_scale", eps_scale), ("eps_init", eps_init), ("margin", margin)):
+        positive = (("eps_scale", eps_scale), ("eps_init", eps_init), ("margin", margin), ("margin_cpu", margin_cpu))
+        for label, value in positive:
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"lattice: {label} must be a positive number, got {value!r}")
         if not 0 <= eps_ema < 1:
@@ -323,10 +354,10 @@ class LatticeCodec(Codec):
         if not isinstance(first_bits, int) or not 1 <= first_bits <= 64:
             raise ConfigError(f"lattice: first_bits must be an int in [1, 64], got {first_bits!r}")
         self.chunk, self.width, self.mode = chunk, width, mode
-        self.first_bits, self.margin = first_bits, float(margin)
+        self.first_bits, self.margin, self.margin_cpu = first_bits, float(margin), float(margin_cpu)
         self.policy = StepPolicy(fixed=eps, scale=eps_scale, ema=eps_ema, init=eps_init)
         self._bits = RandomBits(seed)
-        self._prev_samples: list[Tensor] | None = None
+        self._prev_samples: Tensor | None = None
         self._latest_dist: float | None = None
         """Largest D of the last complete pull from any neighbour: the prior for a neighbour
         this reader has no history of (the distances in a swarm are alike)."""
@@ -342,6 +373,7 @@ class LatticeCodec(Codec):
             "eps_init": self.policy.init,
             "first_bits": self.first_bits,
             "margin": self.margin,
+            "margin_cpu": self.margin_cpu,
         }
 
     # ----------------------------------------------------------------------------- sender
@@ -355,12 +387,13 @@ class LatticeCodec(Codec):
         max_abs = (
             torch.cat([_max_abs(g.view(x), fused) for g in groups]) if groups else torch.empty(0)
         )
-        max_abs_R = max_abs.double().cpu()  # CPU<->GPU sync point: the header needs the values
-        if not torch.isfinite(max_abs_R).all():
+        # CPU<->GPU sync point: the header needs the values.
+        max_abs_R = max_abs.cpu().numpy().astype(np.float64)
+        if not np.isfinite(max_abs_R).all():
             raise CodecError("lattice: the vector has non-finite values")
         progress = hints.get("progress") if hints else None
-        e_R = self.policy.exponents(*self._chunk_rms(x, groups, progress), max_abs_R, hints)
-        bound_R = torch.ldexp(max_abs_R, -e_R)
+        e_R = self.policy.exponents(*self._chunk_rms(x, chunk, progress), max_abs_R, hints)
+        bound_R = np.ldexp(max_abs_R, -e_R)
         bound = float(bound_R.max()) if groups else 0.0
         if not bound < lattice.INT64_SAFE:
             raise CodecError(
@@ -368,7 +401,7 @@ class LatticeCodec(Codec):
             )
         ib = 32 if bound < lattice.INT32_SAFE else 64
         kdtype = torch.int32 if ib == 32 else torch.int64
-        bf = lattice.bits_for_bound(torch.floor(bound_R) + 1).tolist()
+        bf = lattice.bits_for_bound(torch.from_numpy(np.floor(bound_R) + 1)).tolist()
         sb = 8 * -(-max(bf, default=1) // 8)
         seed = self._bits.next_seed() if self.mode == "dither" else 0
         quantized = published(n, torch.float32, dev)
@@ -459,42 +492,30 @@ class LatticeCodec(Codec):
         lattice.dequantize(k[:, : g.cols], eps, theta, out=g.view(quantized))
 
     def _chunk_rms(
-        self, x: Tensor, groups: list[_Group], progress: Tensor | None = None
-    ) -> tuple[Callable[[], Tensor], Tensor | None]:
+        self, x: Tensor, chunk: int, progress: Tensor | None = None
+    ) -> tuple[Callable[[], np.ndarray], np.ndarray | None]:
         """Per-chunk RMS of x (lazily) and of the training progress since the previous snapshot
         (``progress``, when the owner tracks it) or else of x minus the previous snapshot's x,
-        float64 CPU.
+        float64.
 
-        Both are estimated on 512 scattered coordinates per chunk (``_sample_index``), which
-        pins an RMS to a few percent, plenty to pick a power of two. Keeping those samples of
-        the exact previous input (not of its Q) matters: against Q the quantization noise itself
-        would read as an update, and the step of a chunk that stopped changing would shrink by
-        half an octave per snapshot.
+        Both are estimated on 512 scattered coordinates per chunk (``_samples``), which pins an
+        RMS to a few percent, plenty to pick a power of two. Keeping those samples of the exact
+        previous input (not of its Q) matters: against Q the quantization noise itself would
+        read as an update, and the step of a chunk that stopped changing would shrink by half
+        an octave per snapshot.
         """
-        index = [_sample_index(g.cols, x.device) for g in groups]
-        samples = [g.view(x)[:, i] for g, i in zip(groups, index, strict=True)]
-
-        def rms(parts: list[Tensor]) -> Tensor:
-            if not parts:
-                return torch.empty(0, dtype=torch.float64)
-            norms = [torch.linalg.vector_norm(p, dim=1) / math.sqrt(p.shape[1]) for p in parts]
-            return torch.cat(norms).double().cpu()
-
+        where = _samples(x.numel(), chunk, x.device)
+        samples = x.index_select(0, where.index)
         prev, self._prev_samples = self._prev_samples, samples
         if self.policy.fixed is not None:
-            return lambda: rms(samples), None
-        if (
-            prev is None
-            or [p.shape for p in prev] != [q.shape for q in samples]
-            or (prev and prev[0].device != x.device)
-        ):
+            return lambda: where.rms(samples), None
+        if prev is None or prev.shape != samples.shape or prev.device != x.device:
             self.policy.reset()
-            return lambda: rms(samples), None
+            return lambda: where.rms(samples), None
         if progress is not None:
-            moved = flat_float32(progress, self.name)
-            parts = [g.view(moved)[:, i] for g, i in zip(groups, index, strict=True)]
-            return lambda: rms(samples), rms(parts)
-        return lambda: rms(samples), rms([a - b for a, b in zip(samples, prev, strict=True)])
+            moved = flat_float32(progress, self.name).index_select(0, where.index)
+            return lambda: where.rms(samples), where.rms(moved)
+        return lambda: where.rms(samples), where.rms(samples - prev)
 
     def select(self, encoded: Encoded, want: Any) -> tuple[dict[str, Any], tuple[Buffer, ...]]:
         """Planes ``want["from"]``..``want["to"]`` (bits, per chunk or one int for all) of every
@@ -536,26 +557,30 @@ class LatticeCodec(Codec):
 
     # ----------------------------------------------------------------------------- reader
 
-    def plan(self, state: Mapping[str, Any]) -> dict[str, Any]:
+    def plan(self, state: Mapping[str, Any], hints: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """First request of a pull: per chunk b = 1 + ceil(log2(margin * D)) bits, D the window
         statistic of that chunk at the last pull from this neighbour (SPEC 3.4 reader step 1;
         the decode is exact iff D <= 2^(b-1)). A neighbour with no history gets the bits the
-        last pull from any neighbour needed; the very first pull, ``first_bits``."""
+        last pull from any neighbour needed; the very first pull, ``first_bits``. The margin is
+        ``margin_cpu`` while ``hints["cpu_bound"]``: then CPU, not bytes, limits the merges."""
+        margin = self.margin_cpu if hints and hints.get("cpu_bound") else self.margin
         dist = state.get("dist")
         to: int | list[int] = (
-            self._prior(None, 0) if dist is None else [self._prior(dist, i) for i in range(len(dist))]
+            self._prior(None, 0, margin)
+            if dist is None
+            else [self._prior(dist, i, margin) for i in range(len(dist))]
         )
         return {"v": 1, "p": _plan_ids.getrandbits(62) + 1, "from": 0, "to": to}
 
-    def _prior(self, dist: list[float | None] | None, i: int) -> int:
+    def _prior(self, dist: list[float | None] | None, i: int, margin: float) -> int:
         """Bits a first request asks for chunk ``i``: from its window statistic at the last pull
         from this neighbour (``dist``, None when there is none), else from the last pull."""
-        return self._predict(self._latest_dist if dist is None else dist[i])
+        return self._predict(self._latest_dist if dist is None else dist[i], margin)
 
-    def _predict(self, dist: float | None) -> int:
+    def _predict(self, dist: float | None, margin: float) -> int:
         if dist is None or not math.isfinite(dist):
             return self.first_bits
-        return min(64, 1 + math.ceil(math.log2(max(self.margin * dist, 1.0))))
+        return min(64, 1 + math.ceil(math.log2(max(margin * dist, 1.0))))
 
     def decode(
         self,
@@ -760,7 +785,7 @@ class LatticeCodec(Codec):
         for i in waiting:
             held = pull["held"].get(i)
             if held is None:  # never received in this pull: ask as a first request would
-                hi[i] = self._prior(old if old is not None and len(old) == nch else None, i)
+                hi[i] = self._prior(old if old is not None and len(old) == nch else None, i, self.margin)
             else:  # failed: the next 1, 2, 4, ... planes (SPEC 3.4 reader step 2)
                 lo[i] = held[0]
                 hi[i] = min(h.bf[i], held[0] + (1 << min(pull["misses"][i] - 1, 6)))

@@ -125,6 +125,9 @@ class CpuBudget:
         """Seconds the exchange has waited for the budget so far."""
         self.used = 0.0
         """CPU seconds the work has used since the budget was made, as of the last ``delay``."""
+        self.pressure = 0.0
+        """Moving average, over the last ten or so ``delay`` calls, of whether the budget asked
+        for a wait: near 1 when CPU time, not the network, sets the pace of the interactions."""
 
     def delay(self) -> float:
         """Seconds to wait before the next interaction (0 when within budget)."""
@@ -137,4 +140,5 @@ class CpuBudget:
         self._at, self._spent = now, spent
         wait = max(0.0, -self._credit / self.cores)
         self.waited += wait
+        self.pressure = 0.9 * self.pressure + 0.1 * (wait > 0)
         return wait

@@ -151,8 +151,9 @@ class Exchange:
         peer = self.peer
         state = self._codec_state.setdefault(target.id, {})
         sent_clock = peer.clock.value
+        want = self.codec.plan(state, {"cpu_bound": self.budget.pressure > 0.5})
         reply = await peer.client.call(
-            target.addr, request(MsgType.PULL, peer.id, clock=sent_clock, want=self.codec.plan(state), version=None)
+            target.addr, request(MsgType.PULL, peer.id, clock=sent_clock, want=want, version=None)
         )
         self._expect_snapshot(reply)
         peer.clock.initiate(sent_clock, reply.body["clock"])

@@ -34,6 +34,17 @@ def test_work_beyond_the_budget_asks_for_a_proportional_wait():
     assert budget.waited == pytest.approx(wait)
 
 
+def test_pressure_tells_whether_the_budget_sets_the_pace():
+    clock = thread_cpu_clock(threading.get_ident())
+    tight, ample = CpuBudget(0.05, clock, window=0.01), CpuBudget(10.0, clock)
+    for _ in range(20):
+        burn(0.002)  # 2 ms of work per interaction; the tight budget refills 0.5 ms at most
+        tight.delay()
+        ample.delay()
+    assert tight.pressure > 0.8  # 1 - 0.9^20 if every call asked for a wait
+    assert ample.pressure == 0.0
+
+
 def test_only_the_charged_threads_count():
     clock = thread_cpu_clock(threading.get_ident())
     budget = CpuBudget(0.1, clock)

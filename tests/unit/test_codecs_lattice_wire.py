@@ -131,6 +131,15 @@ def test_history_lowers_the_next_request_to_the_distance() -> None:
     assert len(log) == 1 and log[0][2].stats["bits_per_coord"] <= 6
 
 
+def test_a_cpu_bound_reader_asks_for_more_planes_up_front() -> None:
+    codec = LatticeCodec(margin=1.25, margin_cpu=1.6)
+    state = {"dist": [22.0, 3.0]}
+    # b = 1 + ceil(log2(margin * D)): 27.5 -> 6 and 3.75 -> 3 bits; 35.2 -> 7 and 4.8 -> 4 bits.
+    assert codec.plan(state)["to"] == [6, 3]
+    assert codec.plan(state, {"cpu_bound": False})["to"] == [6, 3]
+    assert codec.plan(state, {"cpu_bound": True})["to"] == [7, 4]
+
+
 def test_a_new_neighbour_is_first_asked_for_what_the_last_pull_needed() -> None:
     codec = LatticeCodec(chunk=512, width=1, eps=2.0**-10, seed=4)
     assert codec.plan({})["to"] == codec.first_bits  # nothing seen yet
