@@ -108,3 +108,23 @@ async def test_peer_vanishing_mid_request_fails_it_at_once():
     assert loop.time() - start < 2
     await vanish
     await transports.aclose()
+
+
+async def test_a_neighbour_restarted_between_requests_answers_the_next_one():
+    """The connection saw the old listener go away while idle; that must not fail the next
+    request to the new one on the same address."""
+    transports = TransportSet()
+    transport = transports.for_url("tcp://127.0.0.1:0")
+    listener = await transport.listen("tcp://127.0.0.1:0")
+    address = listener.address
+    conn = transport.connect(address)
+    server = asyncio.create_task(echo(listener, times=1))
+    assert [bytes(f) for f in await conn.request([b"a", b"b"], timeout=5)] == [b"b", b"a"]
+    await server
+    await listener.aclose()
+    await asyncio.sleep(0.5)  # disconnected, then reconnection attempts refused, all while idle
+    listener = await transport.listen(address)
+    server = asyncio.create_task(echo(listener, times=1))
+    assert [bytes(f) for f in await conn.request([b"c", b"d"], timeout=5)] == [b"d", b"c"]
+    await server
+    await transports.aclose()
