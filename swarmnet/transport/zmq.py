@@ -253,8 +253,8 @@ class ZmqConnection(Connection):
 
     async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
         """For the socket's lifetime: end the request in flight, if any, when the connection is
-        lost or refused. One task per connection rather than one per request, which cost a
-        request a third of its CPU time. Events while no request is in flight (a neighbour that
+        lost or refused. One task per connection rather than two per request, which cost more
+        than half of a request's CPU time (docs/benchmarks.md, Profiling). Events while no request is in flight (a neighbour that
         restarted in between) are read and dropped."""
         with contextlib.suppress(asyncio.CancelledError, zmq.ZMQError):
             while True:
