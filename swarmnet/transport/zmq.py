@@ -206,6 +206,10 @@ class ZmqConnection(Connection):
                              "pass --key (tools) to talk to it")
         self._sock: zmq.asyncio.Socket | None = None
         self._monitor: zmq.asyncio.Socket | None = None
+        self._queued: zmq.Socket | None = None
+        """A blocking view of the monitor, to drop the events queued before a request starts."""
+        self._event: asyncio.Future[Any] | None = None
+        """The watcher's pending read of the monitor."""
         self._watcher: asyncio.Task[None] | None = None
         self._waiting: asyncio.Future[Any] | None = None
         """The send or receive of the request in flight, which the watcher cancels when the
@@ -236,6 +240,7 @@ class ZmqConnection(Connection):
                 sock.close(linger=0)
                 raise TransportError(f"cannot connect to {self.address}: {exc}") from exc
             self._sock, self._monitor = sock, monitor
+            self._queued = zmq.Socket.shadow(monitor.underlying)
             self._watcher = asyncio.ensure_future(self._watch(monitor))
         return self._sock
 
@@ -249,7 +254,7 @@ class ZmqConnection(Connection):
             self._sock = None
         if self._monitor is not None:
             self._monitor.close(linger=0)
-            self._monitor = None
+            self._monitor = self._queued = self._event = None
 
     async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
         """For the socket's lifetime: end the request in flight, if any, when the connection is
@@ -258,11 +263,22 @@ class ZmqConnection(Connection):
         restarted in between) are read and dropped."""
         with contextlib.suppress(asyncio.CancelledError, zmq.ZMQError):
             while True:
-                event = parse_monitor_message(await monitor.recv_multipart())["event"]
+                self._event = monitor.recv_multipart()
+                event = parse_monitor_message(await self._event)["event"]
                 waiting = self._waiting
                 if waiting is not None and not waiting.done():
                     self._lost = "lost" if event == zmq.EVENT_DISCONNECTED else "refused"
                     waiting.cancel()
+
+    async def _forget_earlier_events(self) -> None:
+        """Drop what the monitor reported before this request, which the loop may not have had
+        a turn to read yet (a neighbour that restarted while we were busy): it is about an
+        earlier connection, not this request."""
+        assert self._queued is not None
+        while self._queued.get(zmq.EVENTS) & zmq.POLLIN:
+            self._queued.recv_multipart(zmq.DONTWAIT)
+        if self._event is not None and self._event.done():
+            await asyncio.sleep(0)  # the watcher's wake-up is already due; let it go first
 
     async def _await(self, fut: asyncio.Future[Any]) -> Any:
         """Await one step of the request; a cancellation by the watcher (not of our own task)
@@ -286,6 +302,7 @@ class ZmqConnection(Connection):
             try:
                 async with asyncio.timeout(timeout):
                     sock = self._socket()
+                    await self._forget_earlier_events()
                     await self._await(sock.send_multipart(frames, copy=False))
                     parts = await self._await(sock.recv_multipart(copy=False))
             except TimeoutError:

@@ -1,8 +1,11 @@
 """The ZeroMQ transport over real sockets: tcp on loopback, ipc, inproc."""
 
 import asyncio
+import threading
+import time
 
 import pytest
+import zmq
 
 from swarmnet.errors import EndpointClosed, RequestTimeout, TransportError
 from swarmnet.transport import TransportSet
@@ -128,3 +131,48 @@ async def test_a_neighbour_restarted_between_requests_answers_the_next_one():
     assert [bytes(f) for f in await conn.request([b"c", b"d"], timeout=5)] == [b"d", b"c"]
     await server
     await transports.aclose()
+
+
+def _echo_once(ctx, port):
+    """A plain ROUTER on its own thread that answers one request, so that the test can replace
+    a listener without giving the event loop a turn."""
+    sock = ctx.socket(zmq.ROUTER)
+    for _ in range(100):  # the previous listener's port is released by libzmq's I/O thread
+        try:
+            sock.bind(f"tcp://127.0.0.1:{port}")
+            break
+        except zmq.ZMQError:
+            time.sleep(0.02)
+
+    def serve():
+        route, *frames = sock.recv_multipart()
+        sock.send_multipart([route, *reversed(frames)])
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return sock, thread
+
+
+async def test_a_loss_the_loop_has_not_seen_yet_does_not_fail_the_next_request():
+    """The listener went away and a new one took its place while the event loop was busy: the
+    disconnection is still queued on the connection's monitor when the next request starts,
+    and that request must not be failed as lost."""
+    ctx = zmq.Context()
+    probe = ctx.socket(zmq.ROUTER)
+    port = probe.bind_to_random_port("tcp://127.0.0.1")
+    probe.close(linger=0)
+    transports = TransportSet()
+    conn = transports.for_url("tcp://127.0.0.1:0").connect(f"tcp://127.0.0.1:{port}")
+    for round_ in range(3):
+        old, thread = _echo_once(ctx, port)
+        assert [bytes(f) for f in await conn.request([b"a", b"b"], timeout=5)] == [b"b", b"a"]
+        thread.join(5)
+        old.close(linger=0)  # from here on the loop gets no turn until the next request
+        time.sleep(0.3)
+        new, thread = _echo_once(ctx, port)
+        time.sleep(1.0)  # reconnected (retry interval 100 ms, doubling)
+        assert [bytes(f) for f in await conn.request([b"c", b"d"], timeout=5)] == [b"d", b"c"], round_
+        thread.join(5)
+        new.close(linger=0)
+    await transports.aclose()
+    ctx.term()
