@@ -3,6 +3,8 @@ pickles, at small size; the Fashion-MNIST swarm runs as real processes."""
 
 import gzip
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +121,31 @@ def test_cifar_task_reads_the_python_format_and_a_resnet_learns_it(tmp_path):
         opt.step()
     model.eval()
     assert task.evaluate(model)["accuracy"] > 0.5  # chance is 0.1
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+def test_fashion_written_as_cifar_reads_back_padded_in_three_channels(tmp_path):
+    """examples/fashion_as_cifar.py, run as a user would, on a small IDX folder."""
+    rng = np.random.default_rng(0)
+    source = tmp_path / "fashion"
+    source.mkdir()
+    sets = {"train": (rng.integers(1, 256, (23, 28, 28)), rng.integers(0, 10, 23)),
+            "t10k": (rng.integers(1, 256, (7, 28, 28)), rng.integers(0, 10, 7))}
+    for split, (x, y) in sets.items():
+        write_idx(source / f"{split}-images-idx3-ubyte.gz", x)
+        write_idx(source / f"{split}-labels-idx1-ubyte.gz", y)
+    out = tmp_path / "as-cifar"
+    subprocess.run([sys.executable, "examples/fashion_as_cifar.py", str(out), "--fashion", str(source)],
+                   check=True, capture_output=True, timeout=60)
+    x_train, y_train, x_test, y_test = cifar.load(str(out))
+    for x, y, (want_x, want_y) in ((x_train, y_train, sets["train"]), (x_test, y_test, sets["t10k"])):
+        assert x.shape == (len(want_y), 3, 32, 32) and y.tolist() == want_y.tolist()
+        assert all(np.array_equal(x[:, c, 2:30, 2:30].numpy(), want_x) for c in range(3))
+        assert x.sum().item() == 3 * int(want_x.sum())  # the border is zero
 
 
 def test_cifar_augmentation_crops_and_flips_within_the_padding():
