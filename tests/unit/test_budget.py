@@ -1,4 +1,5 @@
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -102,8 +103,17 @@ def test_libzmq_io_threads_are_charged_for_the_bytes_they_move():
     io_cpu = named_threads_cpu("ZMQbg/IO", rescan_s=0.0)  # made before the context exists
     before = io_cpu()
     with libzmq_context_that_moved_bytes():
-        assert io_cpu() - before > 0.01
+        used = io_cpu() - before
+        assert used > 0.01
+        ticks = sum(proc_ticks(tid) for tid in os.listdir("/proc/self/task")
+                    if open(f"/proc/self/task/{tid}/comm").read().startswith("ZMQbg/IO"))
+        assert abs(used - ticks / os.sysconf("SC_CLK_TCK")) < 0.05  # the kernel's own count agrees
     assert named_threads_cpu("no-such-thread")() == 0.0
+
+
+def proc_ticks(tid: str) -> int:
+    fields = open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
 
 
 def test_io_thread_time_is_not_lost_when_the_thread_ends():
