@@ -6,9 +6,11 @@
    runs back to back. Target >= 0.95. The ratio is split into the share of a core the training
    thread kept and its CPU time per step (Linux thread clocks, from the peers' metrics).
 2. Pull ratio: one real peer daemon serves an fp32 snapshot of a ~37 MB model; a client pulls it
-   through the swarmnet protocol (PULL, validation, decode into a preallocated vector) and, on the
-   same socket types, a raw pyzmq ROUTER/DEALER pair moves the same bytes (copy=False). Both run
-   in one client process, alternating, with the glibc hugetlb tunable set. Target >= 0.8.
+   through the swarmnet protocol (PULL, validation) and, on the same socket types, a raw pyzmq
+   ROUTER/DEALER pair moves the same bytes (copy=False). Both run in one client process,
+   alternating, with the glibc hugetlb tunable set. Target >= 0.8. Then what the exchange does
+   with the reply, each timed: reading the vector (``codec.view``, in place; and, for
+   comparison, ``decode``'s copy into a preallocated vector) and the delta pass of the merge.
 """
 
 from __future__ import annotations
@@ -156,6 +158,7 @@ async def _pull_client(address: str, repeats: int) -> dict[str, Any]:
     import zmq
     import zmq.asyncio
 
+    from swarmnet.algorithms import pull_delta
     from swarmnet.codecs import make_codec
     from swarmnet.peer.client import PeerClient
     from swarmnet.peer.stats import PeerStats
@@ -168,7 +171,7 @@ async def _pull_client(address: str, repeats: int) -> dict[str, Any]:
     codec = make_codec("fp32")
     first = await client.call(address, request(MsgType.PULL, "bench", clock=0, want=None, version=None))
     n = first.body["meta"]["n"]
-    out = torch.empty(n)
+    out, own, delta = torch.empty(n), torch.randn(n), torch.empty(n)
     nbytes = 4 * n
 
     # The raw server runs in its own process, as the peer does: neither side shares a GIL.
@@ -178,30 +181,37 @@ async def _pull_client(address: str, repeats: int) -> dict[str, Any]:
     ctx = zmq.asyncio.Context.instance()
     dealer = ctx.socket(zmq.DEALER)
     dealer.connect(raw.stdout.readline().strip())
-    swarm_times, raw_times, decode_times = [], [], []
+    times: dict[str, list[float]] = {"pull": [], "view": [], "copy": [], "delta": [], "raw": []}
     for _ in range(repeats):
         t0 = time.perf_counter()
         reply = await client.call(address, request(MsgType.PULL, "bench", clock=0, want=None, version=None))
         t1 = time.perf_counter()
-        codec.decode(reply.body["meta"], reply.frames, out, out, {})
+        remote = codec.view(reply.body["meta"], reply.frames, own)
         t2 = time.perf_counter()
-        del reply
+        codec.decode(reply.body["meta"], reply.frames, own, out, {})
+        t3 = time.perf_counter()
+        assert remote is not None  # a writable frame and a CPU model: read in place
+        pull_delta(remote, own, own, out=delta)
+        t4 = time.perf_counter()
+        del reply, remote
         await dealer.send(b"pull")
         frames = await dealer.recv_multipart(copy=False)
-        t3 = time.perf_counter()
+        t5 = time.perf_counter()
         assert frames[1].buffer.nbytes == nbytes
         del frames
-        swarm_times.append(t1 - t0)
-        decode_times.append(t2 - t1)
-        raw_times.append(t3 - t2)
+        for key, seconds in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+            times[key].append(seconds)
     raw.kill()
     raw.wait()
     dealer.close(0)
     await client.aclose()
     await transports.aclose()
-    swarm_s, raw_s, decode_s = (statistics.median(x) for x in (swarm_times, raw_times, decode_times))
-    return {"bytes": nbytes, "swarmnet_pull_ms": swarm_s * 1e3, "swarmnet_decode_ms": decode_s * 1e3,
-            "raw_pyzmq_ms": raw_s * 1e3, "ratio": raw_s / swarm_s, "ratio_with_decode": raw_s / (swarm_s + decode_s),
+    swarm_s, view_s, copy_s, delta_s, raw_s = (statistics.median(x) for x in times.values())
+    return {"bytes": nbytes, "swarmnet_pull_ms": swarm_s * 1e3, "swarmnet_decode_ms": view_s * 1e3,
+            "copying_decode_ms": copy_s * 1e3, "delta_ms": delta_s * 1e3,
+            "raw_pyzmq_ms": raw_s * 1e3, "ratio": raw_s / swarm_s, "ratio_with_decode": raw_s / (swarm_s + view_s),
+            "ratio_with_copying_decode": raw_s / (swarm_s + copy_s),
+            "ratio_with_decode_and_delta": raw_s / (swarm_s + view_s + delta_s),
             "swarmnet_GBps": nbytes / swarm_s / 1e9, "raw_GBps": nbytes / raw_s / 1e9, "repeats": repeats,
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
 

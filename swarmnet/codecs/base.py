@@ -12,6 +12,9 @@ take part in a small dialogue, driven by the exchange and opaque to it:
     result = codec.decode(meta, frames, key, out, state)   # reader
     if not result.complete: pull again with want = result.more (same snapshot version)
 
+A codec whose wire form is the vector itself may also offer ``codec.view(meta, frames, key)``,
+the received vector without a copy, which the reader uses instead of ``decode`` when it can.
+
 ``meta`` and ``want`` are msgpack-able (they ride in the message header); frames are raw
 buffers sent zero-copy. Codecs are pure tensor code: no sockets, no asyncio. Only floating-point
 parameters ever reach a codec; integer buffers and BatchNorm statistics never travel (SPEC 4.2).
@@ -86,6 +89,13 @@ class Codec(ABC):
         """Called by the exchange worker. ``key_N`` is the reader's own model (the lattice codec
         decodes relative to it); ``state`` is per-neighbour memory the codec may keep between
         pulls (e.g. the last distance seen). Raises CodecError on malformed input."""
+
+    def view(self, meta: Mapping[str, Any], frames: tuple[Buffer, ...], key_N: Tensor) -> Tensor | None:
+        """The neighbour's vector read in place, a view of the received frames, when a reply
+        carries it as is in memory the reader's model can use (fp32 on a CPU model): the reader
+        then skips ``decode`` and its copy, and keeps the frames alive while it uses the view.
+        None (the default): ``decode``. Raises CodecError on malformed input."""
+        return None
 
     def plan(self, state: Mapping[str, Any], hints: Mapping[str, Any] | None = None) -> Any:
         """What to ask for in the first pull from a neighbour; None means everything. ``hints``

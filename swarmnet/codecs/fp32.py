@@ -33,9 +33,19 @@ class Fp32Codec(Codec):
         out_N: Tensor,
         state: dict[str, Any],
     ) -> DecodeResult:
-        n = out_N.numel()
-        check_count(as_mapping(meta, self.name, "meta"), self.name, n)
-        check_frames(frames, [4 * n], self.name)
-        received = buffer_tensor(frames[0], torch.float32, "fp32.recv")
+        received = self._received(meta, frames, out_N.numel())
         out_N.copy_(received.view_as(out_N))  # host->device copy when the model lives on a GPU
         return DecodeResult(True, stats={"bits_per_coord": 32.0})
+
+    def view(self, meta: Mapping[str, Any], frames: tuple[Buffer, ...], key_N: Tensor) -> Tensor | None:
+        if key_N.device.type != "cpu":
+            return None  # a model on a GPU needs the vector there: decode copies it over
+        received = self._received(meta, frames, key_N.numel())
+        if memoryview(frames[0]).readonly:
+            return None  # ``received`` is a scratch copy (torch cannot hold read-only memory)
+        return received.view_as(key_N)
+
+    def _received(self, meta: Mapping[str, Any], frames: tuple[Buffer, ...], n: int) -> Tensor:
+        check_count(as_mapping(meta, self.name, "meta"), self.name, n)
+        check_frames(frames, [4 * n], self.name)
+        return buffer_tensor(frames[0], torch.float32, "fp32.recv")

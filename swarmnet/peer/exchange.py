@@ -159,19 +159,14 @@ class Exchange:
         peer.clock.initiate(sent_clock, reply.body["clock"])
         received = time.monotonic()
         version = reply.body["version"]
-        result = await self._run(self.codec.decode, reply.body["meta"], reply.frames, own.values_N, self._remote_N, state)
-        rounds = 1
-        while not result.complete:
-            if rounds >= MAX_ROUNDS:
-                raise CodecError(f"snapshot {version} still unverified after {rounds} pulls")
-            reply = await peer.client.call(
-                target.addr, request(MsgType.PULL, peer.id, clock=peer.clock.value, want=result.more, version=version)
-            )
-            self._expect_snapshot(reply)
-            result = await self._run(self.codec.decode, reply.body["meta"], reply.frames, own.values_N, self._remote_N, state)
-            rounds += 1
+        remote_N = self.codec.view(reply.body["meta"], reply.frames, own.values_N)  # held by `reply`
+        if remote_N is None:
+            rounds, codec_stats = await self._decode(target, reply, own, state)
+            remote_N = self._remote_N
+        else:
+            rounds, codec_stats = 1, {"bits_per_coord": 8.0 * remote_N.element_size()}
         delta_N = self._deltas_N[self._next]
-        distance = await self._run(self._merge_delta, own, delta_N)
+        distance = await self._run(self._merge_delta, own, remote_N, delta_N)
         if self.symmetric:
             await self._nudge(target, own, version)
         self._next ^= 1
@@ -179,10 +174,29 @@ class Exchange:
         stats.pulls_ok += 1
         stats.pull_rounds += rounds
         stats.consensus = distance if stats.pulls_ok == 1 else 0.9 * stats.consensus + 0.1 * distance
-        if "bits_per_coord" in result.stats:
-            stats.bits_per_coord = result.stats["bits_per_coord"]
+        if "bits_per_coord" in codec_stats:
+            stats.bits_per_coord = codec_stats["bits_per_coord"]
         peer.table.record_success(target.id)
         peer.mailbox.put(MergeEntry(delta_N, target.id, float(reply.body["age"]), received, distance))
+
+    async def _decode(self, target: PeerRecord, reply: Message, own: Snapshot,
+                      state: dict[str, Any]) -> tuple[int, dict[str, float]]:
+        """Decode into ``_remote_N``, pulling more of the same snapshot while the codec asks;
+        returns the number of pulls and the codec's statistics."""
+        version = reply.body["version"]
+        result = await self._run(self.codec.decode, reply.body["meta"], reply.frames, own.values_N, self._remote_N, state)
+        rounds = 1
+        while not result.complete:
+            if rounds >= MAX_ROUNDS:
+                raise CodecError(f"snapshot {version} still unverified after {rounds} pulls")
+            reply = await self.peer.client.call(
+                target.addr, request(MsgType.PULL, self.peer.id, clock=self.peer.clock.value, want=result.more,
+                                     version=version)
+            )
+            self._expect_snapshot(reply)
+            result = await self._run(self.codec.decode, reply.body["meta"], reply.frames, own.values_N, self._remote_N, state)
+            rounds += 1
+        return rounds, result.stats
 
     def _expect_snapshot(self, reply: Message) -> None:
         if reply.type is not MsgType.SNAPSHOT:
@@ -190,11 +204,11 @@ class Exchange:
         if reply.body["codec"] != self.codec.name:
             raise ProtocolError("mismatch", f"neighbour uses codec {reply.body['codec']}, we use {self.codec.name}")
 
-    def _merge_delta(self, own: Snapshot, delta_N: Tensor) -> float:
+    def _merge_delta(self, own: Snapshot, remote_N: Tensor, delta_N: Tensor) -> float:
         """Worker thread: delta = (Q(C_j) + Q(K)) / 2 - K, then one pass over it both to refuse
         non-finite (or overflowing) neighbours and to estimate the consensus distance:
         ||Q(C_j) - K|| / sqrt(2) = sqrt(2) ||delta|| for lossless codecs (SPEC 4 item 12)."""
-        pull_delta(self._remote_N, own.encoded.quantized, own.values_N, out=delta_N)
+        pull_delta(remote_N, own.encoded.quantized, own.values_N, out=delta_N)
         norm = float(torch.linalg.vector_norm(delta_N))  # CPU<->GPU sync point
         self.screen.check(2 * norm, own, delta_N)  # poisoned neighbours raise (screening.py)
         if not math.isfinite(norm):

@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from swarmnet.bench.exchange import _compute_run, _window
+from swarmnet.bench.exchange import _compute_run, _window, pull_ratio
+from swarmnet.tasks import load_task
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -27,3 +28,12 @@ def test_a_real_swarm_reports_where_its_cpu_went(tmp_path):
     assert 0 < figures["exchange_share"] < figures["compute_share"]
     rate = figures["compute_share"] / (figures["cpu_ms_per_step"] / 1e3)
     assert rate == pytest.approx(figures["steps_per_s"], rel=0.15)  # the two peers' figures averaged
+
+
+def test_the_pull_figures_come_from_a_real_daemon_and_a_raw_pyzmq_server(tmp_path):
+    p = pull_ratio(tmp_path, hidden=256, repeats=3)
+    model = load_task("swarmnet.tasks.digits:task", {"hidden": 256}).build_model()
+    assert p["bytes"] == 4 * sum(t.numel() for t in model.parameters())  # the served snapshot, whole
+    assert all(p[key] > 0 for key in ("swarmnet_pull_ms", "swarmnet_decode_ms", "copying_decode_ms", "delta_ms",
+                                      "raw_pyzmq_ms"))
+    assert p["ratio"] > p["ratio_with_decode"] > p["ratio_with_decode_and_delta"] > 0

@@ -248,3 +248,25 @@ def test_frames_are_host_bytes_of_the_right_size() -> None:
         "blockwise8": 1001 + 4 * 16,
         "blockwise4": 501 + 4 * 16,
     }
+
+
+def test_fp32_view_reads_a_writable_frame_in_place_and_nothing_else() -> None:
+    codec = make_codec("fp32")
+    x = vector(0, 1000, 1.0)
+    enc = codec.encode(x)
+    frame = bytearray(memoryview(enc.frames[0]))  # what the transport hands over: writable
+    view = codec.view(enc.meta, (frame,), x)
+    assert view is not None and torch.equal(view, x)
+    assert view.data_ptr() == torch.frombuffer(frame, dtype=torch.uint8).data_ptr()  # no copy
+    assert codec.view(enc.meta, (bytes(frame),), x) is None  # read-only: decode copies it
+    assert codec.view(enc.meta, (frame,), torch.empty(1000, device="meta")) is None  # not on the CPU
+    for bad in ((), (frame[:-4],), (frame, b"x")):
+        with pytest.raises(CodecError):
+            codec.view(enc.meta, bad, x)
+    with pytest.raises(CodecError):
+        codec.view({"n": 999}, (frame,), x)
+    for name in CODECS:
+        if name != "fp32":
+            other = make_codec(name)
+            enc = other.encode(x)
+            assert other.view(enc.meta, enc.frames, x) is None
