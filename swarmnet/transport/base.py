@@ -52,7 +52,9 @@ class Connection(ABC):
     async def request(self, frames: Sequence[Buffer], timeout: float) -> list[memoryview]:
         """Send one request and return its reply. Requests on one connection are serialized,
         so a reply always belongs to the request in flight; after a timeout or failure the
-        connection is rebuilt so a late reply can never be taken for the next one.
+        connection is rebuilt so a late reply can never be taken for the next one. The reply's
+        frames belong to the caller: the transport never writes to their memory again (an fp32
+        merge reads the neighbour's vector straight from them, codecs/base.py ``view``).
         Raises RequestTimeout after ``timeout`` seconds, TransportError on failure."""
 
     @abstractmethod
