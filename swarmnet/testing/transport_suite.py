@@ -148,6 +148,21 @@ async def check_many_frames(case: TransportCase) -> None:
                 assert bytes(reply[0]) == i.to_bytes(4, "little")
 
 
+async def check_replies_belong_to_the_caller(case: TransportCase) -> None:
+    """A reply's frames keep their bytes while later requests come and go on the connection:
+    the caller may read them long after (an fp32 merge reads the neighbour's vector in place)."""
+    async with _transport(case) as transport:
+        listener = await transport.listen(case.bind_url())
+        conn = transport.connect(listener.address)
+        size = 1 << 20
+        async with _serving(listener, _reversed_copies):
+            kept = [await conn.request([memoryview(_pattern(size, seed))], timeout=10) for seed in range(3)]
+            for seed in range(3, 9):
+                await conn.request([memoryview(_pattern(size, seed))], timeout=10)
+        for seed, reply in enumerate(kept):
+            assert np.array_equal(np.frombuffer(reply[0], dtype=np.uint8), _pattern(size, seed))
+
+
 async def check_large_payload(case: TransportCase) -> None:
     """A payload of ``case.large_bytes`` goes out from array memory and comes back intact."""
     payload = _pattern(case.large_bytes, 3)
