@@ -210,7 +210,8 @@ def bench_exchange(
                   f"{p['raw_pyzmq_ms']:.1f} ms -> ratio {p['ratio']:.3f} (target >= 0.8); reading the vector in place "
                   f"+{p['swarmnet_decode_ms']:.2f} ms (ratio {p['ratio_with_decode']:.3f}; a copying decode "
                   f"+{p['copying_decode_ms']:.1f} ms, {p['ratio_with_copying_decode']:.3f}); the merge's delta pass "
-                  f"+{p['delta_ms']:.1f} ms ({p['ratio_with_decode_and_delta']:.3f} with it)")
+                  f"+{p['delta_ms']:.1f} ms ({p['ratio_with_decode_and_delta']:.3f} with it; after a copying decode "
+                  f"+{p['delta_after_copy_ms']:.1f} ms, {p['ratio_with_copying_decode_and_delta']:.3f})")
 
 
 @bench_app.command("codecs")
