@@ -71,8 +71,8 @@ def thread_cpu_clock(ident: int) -> Callable[[], float]:
 
 def _linux_thread_clock(tid: int) -> int:
     """The CPU clock of thread ``tid`` of this process, encoded as Linux encodes it (what glibc's
-    pthread_getcpuclockid returns): nanosecond resolution for about 2 us a read, where its /proc
-    stat file costs 20 us and counts 10 ms ticks."""
+    pthread_getcpuclockid returns): nanoseconds for a few microseconds a read, where its /proc
+    stat file costs tens of microseconds and counts 10 ms ticks."""
     return (~tid << 3) | 6  # per-thread (4) scheduler clock (2)
 
 
