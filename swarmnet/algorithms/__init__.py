@@ -13,9 +13,10 @@ from typing import Any
 # Exports resolve on first use, so light users (configs, the status view) never import torch.
 _EXPORTS = {
     "apply_nudge": "averaging",
+    "apply_pull": "averaging",
     "consensus_distance": "averaging",
     "pop_average": "averaging",
-    "pull_delta": "averaging",
+    "pull_gap": "averaging",
     "swarm_interaction": "averaging",
     "PhaseClock": "clock",
     "clock_exchange": "clock",
@@ -43,11 +44,12 @@ __all__ = [
     "Schedule",
     "Topology",
     "apply_nudge",
+    "apply_pull",
     "clock_exchange",
     "compress_epochs",
     "consensus_distance",
     "parse_topology",
     "pop_average",
-    "pull_delta",
+    "pull_gap",
     "swarm_interaction",
 ]

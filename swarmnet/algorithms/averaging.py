@@ -27,17 +27,24 @@ def swarm_interaction(q_i: Tensor, q_j: Tensor, delta_i: Tensor) -> tuple[Tensor
     return average - delta_i, average
 
 
-def pull_delta(q_remote: Tensor, q_own: Tensor, own: Tensor, out: Tensor | None = None) -> Tensor:
-    """What the initiator adds to its live model after pulling (SPEC 2.9 item 3, delta form).
+def pull_gap(q_remote: Tensor, q_own: Tensor, own: Tensor, out: Tensor | None = None) -> Tensor:
+    """``q_remote + q_own - 2 own``: twice what the initiator adds to its live model after
+    pulling (SPEC 2.9 item 3, delta form); :func:`apply_pull` adds half of it.
 
     With the own snapshot ``own`` (exact) and its published quantization ``q_own``:
     ``C <- Q(C)/2 + Q(C_j)/2 - (stale - live)`` becomes ``live += (q_remote + q_own)/2 - own``.
+    The halving is left to the add that applies the gap, where it costs nothing, so building the
+    gap takes one pass over the model for a lossless codec (Q(K) = K) and two for a lossy one.
     """
-    if q_own is own:  # lossless codec: Q(K) = K, one fused pass instead of three
-        return torch.sub(q_remote, own, out=out).mul_(0.5)
+    if q_own is own:
+        return torch.sub(q_remote, own, out=out)
     out = torch.add(q_remote, q_own, out=out)
-    out.mul_(0.5).sub_(own)
-    return out
+    return out.sub_(own, alpha=2)
+
+
+def apply_pull(live: Tensor, gap: Tensor) -> Tensor:
+    """``live += gap / 2`` in place, one pass: the merge of a pull (see :func:`pull_gap`)."""
+    return live.add_(gap, alpha=0.5)
 
 
 def apply_nudge(q_initiator: Tensor, q_used: Tensor, out: Tensor | None = None) -> Tensor:

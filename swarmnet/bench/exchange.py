@@ -158,7 +158,7 @@ async def _pull_client(address: str, repeats: int) -> dict[str, Any]:
     import zmq
     import zmq.asyncio
 
-    from swarmnet.algorithms import pull_delta
+    from swarmnet.algorithms import pull_gap
     from swarmnet.codecs import make_codec
     from swarmnet.peer.client import PeerClient
     from swarmnet.peer.stats import PeerStats
@@ -192,9 +192,9 @@ async def _pull_client(address: str, repeats: int) -> dict[str, Any]:
         codec.decode(reply.body["meta"], reply.frames, own, out, {})
         t3 = time.perf_counter()
         assert remote is not None  # a writable frame and a CPU model: read in place
-        pull_delta(remote, own, own, out=delta)
+        pull_gap(remote, own, own, out=delta)
         t4 = time.perf_counter()
-        pull_delta(out, own, own, out=delta)  # the same pass from the copy, as before views
+        pull_gap(out, own, own, out=delta)  # the same pass from the copy, as before views
         t5 = time.perf_counter()
         del reply, remote
         await dealer.send(b"pull")

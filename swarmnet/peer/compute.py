@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from swarmnet.algorithms import LocalSteps, PhaseClock, Schedule, compress_epochs
+from swarmnet.algorithms import LocalSteps, PhaseClock, Schedule, apply_pull, compress_epochs
 from swarmnet.codecs import Codec
 from swarmnet.codecs.published import published
 from swarmnet.config import SwarmConfig, TrainConfig
@@ -196,7 +196,7 @@ class Replica:
         self.merge_cpu += time.thread_time() - began
 
     def apply(self, entry: MergeEntry) -> None:
-        self.live_N.add_(entry.delta_N)
+        apply_pull(self.live_N, entry.gap_N)
         self.stats.interactions += 1
         self._staleness_sum += entry.age + (time.monotonic() - entry.received)
         self.stats.staleness_s = self._staleness_sum / self.stats.interactions

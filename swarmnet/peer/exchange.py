@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from swarmnet.algorithms import Topology, apply_nudge, pull_delta
+from swarmnet.algorithms import Topology, apply_nudge, pull_gap
 from swarmnet.codecs import Codec
 from swarmnet.errors import CodecError, ProtocolError, SwarmError, TransportError
 from swarmnet.peer.budget import CpuBudget, named_threads_cpu, thread_cpu_clock
@@ -66,8 +66,8 @@ class Exchange:
         self.budget = CpuBudget(cpu_cores, lambda: loop_cpu() + worker_cpu() + io_cpu() + compute.merge_cpu)
         numel, device = peer.compute.flat.numel, peer.compute.device
         self._remote_N = torch.empty(numel, dtype=torch.float32, device=device)
-        # Two delta buffers: the compute thread may still be adding one while we fill the other.
-        self._deltas_N = [torch.empty(numel, dtype=torch.float32, device=device) for _ in range(2)]
+        # Two gap buffers: the compute thread may still be adding one while we fill the other.
+        self._gaps_N = [torch.empty(numel, dtype=torch.float32, device=device) for _ in range(2)]
         self._next = 0
         self.pull_seconds = 0.0
         """Moving average of an interaction's duration: pull, decode, delta (see _until_due)."""
@@ -165,8 +165,8 @@ class Exchange:
             remote_N = self._remote_N
         else:
             rounds, codec_stats = 1, {"bits_per_coord": 8.0 * remote_N.element_size()}
-        delta_N = self._deltas_N[self._next]
-        distance = await self._run(self._merge_delta, own, remote_N, delta_N)
+        gap_N = self._gaps_N[self._next]
+        distance = await self._run(self._merge_gap, own, remote_N, gap_N)
         if self.symmetric:
             await self._nudge(target, own, version)
         self._next ^= 1
@@ -177,7 +177,7 @@ class Exchange:
         if "bits_per_coord" in codec_stats:
             stats.bits_per_coord = codec_stats["bits_per_coord"]
         peer.table.record_success(target.id)
-        peer.mailbox.put(MergeEntry(delta_N, target.id, float(reply.body["age"]), received, distance))
+        peer.mailbox.put(MergeEntry(gap_N, target.id, float(reply.body["age"]), received, distance))
 
     async def _decode(self, target: PeerRecord, reply: Message, own: Snapshot,
                       state: dict[str, Any]) -> tuple[int, dict[str, float]]:
@@ -204,16 +204,16 @@ class Exchange:
         if reply.body["codec"] != self.codec.name:
             raise ProtocolError("mismatch", f"neighbour uses codec {reply.body['codec']}, we use {self.codec.name}")
 
-    def _merge_delta(self, own: Snapshot, remote_N: Tensor, delta_N: Tensor) -> float:
-        """Worker thread: delta = (Q(C_j) + Q(K)) / 2 - K, then one pass over it both to refuse
+    def _merge_gap(self, own: Snapshot, remote_N: Tensor, gap_N: Tensor) -> float:
+        """Worker thread: gap = Q(C_j) + Q(K) - 2K (pull_gap), then one pass over it both to refuse
         non-finite (or overflowing) neighbours and to estimate the consensus distance:
-        ||Q(C_j) - K|| / sqrt(2) = sqrt(2) ||delta|| for lossless codecs (SPEC 4 item 12)."""
-        pull_delta(remote_N, own.encoded.quantized, own.values_N, out=delta_N)
-        norm = float(torch.linalg.vector_norm(delta_N))  # CPU<->GPU sync point
-        self.screen.check(2 * norm, own, delta_N)  # poisoned neighbours raise (screening.py)
+        ||Q(C_j) - K|| / sqrt(2) = ||gap|| / sqrt(2) for lossless codecs (SPEC 4 item 12)."""
+        pull_gap(remote_N, own.encoded.quantized, own.values_N, out=gap_N)
+        norm = float(torch.linalg.vector_norm(gap_N))  # CPU<->GPU sync point
+        self.screen.check(norm, own, gap_N)  # poisoned neighbours raise (screening.py)
         if not math.isfinite(norm):
             raise CodecError("the neighbour's snapshot holds non-finite or overflowing values")
-        return math.sqrt(2) * norm
+        return norm / math.sqrt(2)
 
     async def _nudge(self, target: PeerRecord, own: Snapshot, used: int) -> None:
         """Symmetric mode: send our snapshot so the neighbour moves halfway too. If it refuses,

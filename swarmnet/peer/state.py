@@ -95,8 +95,8 @@ class SnapshotStore:
 class MergeEntry:
     """What the exchange hands the compute thread after one interaction."""
 
-    delta_N: Tensor
-    """Added to the live model (delta form, SPEC 2.9 item 3)."""
+    gap_N: Tensor
+    """Half of it is added to the live model (delta form, SPEC 2.9 item 3; see pull_gap)."""
     peer: str
     age: float
     """Seconds between the neighbour's publish and our receipt of it."""

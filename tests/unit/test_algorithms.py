@@ -11,11 +11,12 @@ from swarmnet.algorithms import (
     PhaseClock,
     Schedule,
     apply_nudge,
+    apply_pull,
     clock_exchange,
     compress_epochs,
     consensus_distance,
     parse_topology,
-    pull_delta,
+    pull_gap,
     swarm_interaction,
 )
 
@@ -119,10 +120,15 @@ def test_topology_neighbours_by_sorted_membership():
 def test_delta_form_matches_the_swarmsgd_interaction(d, seed):
     # SPEC 2.9 item 3: live += (Q(Cj) + Q(K)) / 2 - K equals C <- avg - (stale - live) with stale = K.
     g = torch.Generator().manual_seed(seed)
-    own, remote, live = (torch.randn(d, generator=g, dtype=torch.float64) for _ in range(3))
+    own, remote, live, rounding = (torch.randn(d, generator=g, dtype=torch.float64) for _ in range(4))
     expected, neighbour = swarm_interaction(own, remote, own - live)
-    got = live + pull_delta(remote, own, own)
+    got = apply_pull(live.clone(), pull_gap(remote, own, own))
     assert torch.allclose(got, expected)
+    # A lossy codec publishes Q(K) != K: the same formula with Q(K) where the average takes it.
+    q_own = own + 0.01 * rounding
+    lossy, _ = swarm_interaction(q_own, remote, own - live)
+    assert torch.allclose(apply_pull(live.clone(), pull_gap(remote, q_own, own)), lossy)
+    assert not torch.allclose(lossy, expected)
     # The symmetric nudge moves the neighbour to the same average: the sum is preserved.
     moved = remote + apply_nudge(own, remote)
     assert torch.allclose(moved, neighbour)

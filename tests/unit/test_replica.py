@@ -14,7 +14,7 @@ from swarmnet.peer.state import Mailbox, MergeEntry, SnapshotStore
 from swarmnet.peer.stats import PeerStats
 
 
-def test_a_merge_adds_its_delta_and_leaves_momentum_and_batchnorm_alone():
+def test_a_merge_adds_half_its_gap_and_leaves_momentum_and_batchnorm_alone():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
     loop = asyncio.new_event_loop()
@@ -32,10 +32,10 @@ def test_a_merge_adds_its_delta_and_leaves_momentum_and_batchnorm_alone():
         momentum = {p: optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()}
         running_mean = model[1].running_mean.clone()
         before = replica.live_N.clone()
-        delta = torch.randn(replica.flat.numel)
-        replica.mailbox.put(MergeEntry(delta, "other", 0.0, time.monotonic(), 1.0))
+        gap = torch.randn(replica.flat.numel)
+        replica.mailbox.put(MergeEntry(gap, "other", 0.0, time.monotonic(), 1.0))
         replica.merge_pending()
-        assert torch.equal(replica.live_N, before + delta)  # the parameters moved, in place
+        assert torch.equal(replica.live_N, before + gap / 2)  # the parameters moved, in place
         assert torch.equal(model[0].weight.detach().flatten(), replica.live_N[:24])
         assert torch.equal(replica.stale_N, replica.live_N) and store.latest().version == 2
         for p in model.parameters():  # the optimizer's momentum survives the merge untouched
@@ -82,7 +82,7 @@ def test_no_merge_before_h_local_steps():
         assert torch.equal(replica.live_N, before) and replica.mailbox.full
         replica.after_step()
         replica.merge_pending()
-        assert torch.equal(replica.live_N, before + 1) and not replica.mailbox.full
+        assert torch.equal(replica.live_N, before + 0.5) and not replica.mailbox.full
     finally:
         loop.close()
 

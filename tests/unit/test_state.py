@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from swarmnet.algorithms import apply_nudge, pull_delta
+from swarmnet.algorithms import apply_nudge, apply_pull, pull_gap
 from swarmnet.codecs import make_codec
 from swarmnet.peer.data import ShardSampler
 from swarmnet.peer.state import (
@@ -56,7 +56,7 @@ async def test_mailbox_latest_wins_and_signals_the_loop():
     box.put(entry(2.0))
     assert not box.emptied.is_set()
     taken = await asyncio.to_thread(box.take)
-    assert taken.delta_N[0] == 2.0 and box.take() is None
+    assert taken.gap_N[0] == 2.0 and box.take() is None
     await asyncio.sleep(0.05)
     assert not box.emptied.is_set()  # taken is not merged yet
     await asyncio.to_thread(box.release)
@@ -146,7 +146,7 @@ def test_merge_gate_pairs_a_nudge_only_with_our_own_merge_on_the_same_version():
 def test_own_merge_plus_one_nudge_on_a_version_stays_a_convex_combination():
     """The arithmetic the gate protects: two delta updates on K average, three overshoot."""
     k, c_k, c_i, c_m = (torch.full((4,), v) for v in (0.0, 1.0, 2.0, 3.0))
-    two = k + pull_delta(c_k, k, k) + apply_nudge(c_i, k)
+    two = apply_pull(k.clone(), pull_gap(c_k, k, k)) + apply_nudge(c_i, k)
     assert torch.allclose(two, (c_k + c_i) / 2)
     three = two + apply_nudge(c_m, k)
     assert torch.allclose(three, (c_k + c_i + c_m - k) / 2)  # K's weight is -1/2
