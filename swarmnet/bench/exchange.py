@@ -158,9 +158,10 @@ async def _pull_client(address: str, repeats: int) -> dict[str, Any]:
     import zmq
     import zmq.asyncio
 
-    from swarmnet.algorithms import pull_gap
+    from swarmnet.algorithms import apply_pull
     from swarmnet.codecs import make_codec
     from swarmnet.peer.client import PeerClient
+    from swarmnet.peer.exchange import gap_and_norm
     from swarmnet.peer.stats import PeerStats
     from swarmnet.transport import TransportSet
     from swarmnet.wire import Limits, MsgType, request
@@ -171,7 +172,7 @@ async def _pull_client(address: str, repeats: int) -> dict[str, Any]:
     codec = make_codec("fp32")
     first = await client.call(address, request(MsgType.PULL, "bench", clock=0, want=None, version=None))
     n = first.body["meta"]["n"]
-    out, own, delta = torch.empty(n), torch.randn(n), torch.empty(n)
+    out, own, delta, live = torch.empty(n), torch.randn(n), torch.empty(n), torch.zeros(n)
     nbytes = 4 * n
 
     # The raw server runs in its own process, as the peer does: neither side shares a GIL.
@@ -182,7 +183,7 @@ async def _pull_client(address: str, repeats: int) -> dict[str, Any]:
     dealer = ctx.socket(zmq.DEALER)
     dealer.connect(raw.stdout.readline().strip())
     times: dict[str, list[float]] = {"pull": [], "view": [], "copy": [], "delta": [], "delta_after_copy": [],
-                                     "raw": []}
+                                     "apply": [], "raw": []}
     for _ in range(repeats):
         t0 = time.perf_counter()
         reply = await client.call(address, request(MsgType.PULL, "bench", clock=0, want=None, version=None))
@@ -192,30 +193,34 @@ async def _pull_client(address: str, repeats: int) -> dict[str, Any]:
         codec.decode(reply.body["meta"], reply.frames, own, out, {})
         t3 = time.perf_counter()
         assert remote is not None  # a writable frame and a CPU model: read in place
-        pull_gap(remote, own, own, out=delta)
+        gap_and_norm(remote, own, own, delta)  # the exchange worker's pass
         t4 = time.perf_counter()
-        pull_gap(out, own, own, out=delta)  # the same pass from the copy, as before views
+        gap_and_norm(out, own, own, delta)  # the same from the copy
         t5 = time.perf_counter()
+        apply_pull(live, delta)  # the compute thread's pass
+        t6 = time.perf_counter()
         del reply, remote
         await dealer.send(b"pull")
         frames = await dealer.recv_multipart(copy=False)
-        t6 = time.perf_counter()
+        t7 = time.perf_counter()
         assert frames[1].buffer.nbytes == nbytes
         del frames
-        for key, seconds in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)):
+        for key, seconds in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t6)):
             times[key].append(seconds)
     raw.kill()
     raw.wait()
     dealer.close(0)
     await client.aclose()
     await transports.aclose()
-    swarm_s, view_s, copy_s, delta_s, delta_copy_s, raw_s = (statistics.median(x) for x in times.values())
+    swarm_s, view_s, copy_s, delta_s, delta_copy_s, apply_s, raw_s = (statistics.median(x) for x in times.values())
     return {"bytes": nbytes, "swarmnet_pull_ms": swarm_s * 1e3, "swarmnet_decode_ms": view_s * 1e3,
             "copying_decode_ms": copy_s * 1e3, "delta_ms": delta_s * 1e3, "delta_after_copy_ms": delta_copy_s * 1e3,
+            "apply_ms": apply_s * 1e3,
             "raw_pyzmq_ms": raw_s * 1e3, "ratio": raw_s / swarm_s, "ratio_with_decode": raw_s / (swarm_s + view_s),
             "ratio_with_copying_decode": raw_s / (swarm_s + copy_s),
             "ratio_with_decode_and_delta": raw_s / (swarm_s + view_s + delta_s),
             "ratio_with_copying_decode_and_delta": raw_s / (swarm_s + copy_s + delta_copy_s),
+            "ratio_with_merge": raw_s / (swarm_s + view_s + delta_s + apply_s),
             "swarmnet_GBps": nbytes / swarm_s / 1e9, "raw_GBps": nbytes / raw_s / 1e9, "repeats": repeats,
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
 

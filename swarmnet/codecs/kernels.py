@@ -1,4 +1,4 @@
-"""Fused CPU loops of the lossy codecs (lattice, blockwise), compiled with numba.
+"""Fused CPU loops of the lossy codecs (lattice, blockwise) and of the merge, compiled with numba.
 
 Legend: R = rows (chunks), C = coordinates per row, P = padded row length (a multiple of 8).
 
@@ -21,6 +21,7 @@ holds the two paths to each other).
                                                    lattice.decode with the window statistics
     dequantize(k_RC, e_R, rows_R, out_RC, *, theta=None)
                                                    Q of row i into out row rows_R[i] (>= 0)
+    gap_norm(q_remote, q_own, own, out) -> float  the merge's gap (pull_gap) and its norm, one pass
     blockwise_quantize(x_N, block, levels, seed, q, scales, quantized)
     blockwise_dequantize(q_N, scales_R, levels, block, out_N), pack_nibbles, unpack_nibbles
                                                    the blockwise codecs
@@ -38,9 +39,11 @@ Set ``SWARMNET_FUSED=0`` to take the torch passes everywhere (benchmarks compare
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import importlib.metadata
 import importlib.util
+import math
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -53,6 +56,8 @@ import torch
 from torch import Tensor
 
 _forced_off = False
+HELPER_THREADS = "swarmnet-codec"
+"""Name prefix of the threads ``_rows`` adds (a peer's CPU budget charges them)."""
 _POOL_LOCK = threading.Lock()
 _pool: tuple[ThreadPoolExecutor, int] | None = None  # the helpers and their number
 
@@ -102,6 +107,7 @@ def warm_up() -> None:
     from swarmnet.codecs import make_codec  # the codecs import this module
 
     x = torch.linspace(-1.0, 1.0, 200)
+    gap_norm(x, x, x, torch.empty_like(x))
     for name, params in (
         ("lattice", {"chunk": 64}),
         ("lattice", {"chunk": 64, "mode": "dither"}),
@@ -126,6 +132,13 @@ def _loops() -> ModuleType:
     return loops
 
 
+def _tell_the_os_its_name() -> None:
+    """Pool initializer: Python 3.11 keeps a thread's name to itself; the OS's copy (/proc, top -H)
+    is what a peer's CPU budget reads to charge the helpers (budget.named_threads_cpu)."""
+    with contextlib.suppress(OSError, AttributeError):  # AttributeError: no prctl (not Linux)
+        ctypes.CDLL(None).prctl(15, threading.current_thread().name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+
+
 def _rows(kernel: Callable[..., Any], rows: int, *args: Any) -> None:
     """Run ``kernel(lo, hi, *args)`` over [0, rows) split into torch.get_num_threads() slices,
     the calling thread taking the first."""
@@ -136,7 +149,7 @@ def _rows(kernel: Callable[..., Any], rows: int, *args: Any) -> None:
         return
     with _POOL_LOCK:
         if _pool is None or _pool[1] < parts - 1:  # grows with torch.set_num_threads
-            _pool = (ThreadPoolExecutor(parts - 1, thread_name_prefix="swarmnet-codec"), parts - 1)
+            _pool = (ThreadPoolExecutor(parts - 1, HELPER_THREADS, initializer=_tell_the_os_its_name), parts - 1)
         pool = _pool[0]
     cuts = [rows * i // parts for i in range(parts + 1)]
     futures = [pool.submit(kernel, cuts[i], cuts[i + 1], *args) for i in range(1, parts)]
@@ -165,6 +178,19 @@ def max_abs(x_RC: Tensor) -> Tensor:
     out = torch.empty(x_RC.shape[0], dtype=torch.int32)
     _rows(_loops().max_abs_rows, x_RC.shape[0], _np(x_RC.view(torch.int32)), _np(out))
     return out.view(torch.float32)
+
+
+def gap_norm(q_remote: Tensor, q_own: Tensor, own: Tensor, out: Tensor) -> float:
+    """:func:`swarmnet.algorithms.averaging.pull_gap` into ``out`` (flat float32 vectors) and the
+    gap's 2-norm from the same pass, inf or NaN when the gap is not finite. The two torch passes
+    read the gap back from memory to take its norm; here each row is summed while it is still in
+    registers. Summed (and, for a lossy codec, added) in another order than torch's, so the norm
+    and a lossy gap may differ from the torch passes' in their last bits."""
+    loops = _loops()
+    rows = -(-out.shape[0] // loops.GAP_ROW)
+    sumsq = np.empty(rows)
+    _rows(loops.gap_rows, rows, _np(q_remote), _np(q_own), _np(own), q_own is own, _np(out), sumsq)
+    return math.sqrt(sumsq.sum())
 
 
 def quantize(

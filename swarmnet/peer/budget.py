@@ -76,10 +76,10 @@ def _linux_thread_clock(tid: int) -> int:
     return (~tid << 3) | 6  # per-thread (4) scheduler clock (2)
 
 
-def named_threads_cpu(prefix: str, rescan_s: float = 1.0) -> Callable[[], float]:
-    """CPU seconds used so far by this process's threads whose name starts with ``prefix``
-    (Linux; 0 elsewhere). For threads Python did not start, e.g. libzmq's "ZMQbg/IO/0",
-    which copies every byte the peer sends and receives.
+def named_threads_cpu(prefix: str | tuple[str, ...], rescan_s: float = 1.0) -> Callable[[], float]:
+    """CPU seconds used so far by this process's threads whose name starts with ``prefix`` (or
+    one of them; Linux; 0 elsewhere). For threads Python did not start or does not keep, e.g.
+    libzmq's "ZMQbg/IO/0", which copies every byte the peer sends and receives.
 
     Such a thread names itself only once it runs, which may be after this clock is made, and
     contexts made later bring their own: the thread list (/proc) is read again at most every

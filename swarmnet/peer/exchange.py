@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from swarmnet.algorithms import Topology, apply_nudge, pull_gap
-from swarmnet.codecs import Codec
+from swarmnet.codecs import Codec, kernels
 from swarmnet.errors import CodecError, ProtocolError, SwarmError, TransportError
 from swarmnet.peer.budget import CpuBudget, named_threads_cpu, thread_cpu_clock
 from swarmnet.peer.client import Rejected
@@ -38,6 +38,14 @@ if TYPE_CHECKING:
 
 MAX_ROUNDS = 8
 """Pulls of one snapshot version a codec may ask for (lattice escalation) before giving up."""
+
+
+def gap_and_norm(remote_N: Tensor, q_own_N: Tensor, own_N: Tensor, gap_N: Tensor) -> float:
+    """:func:`pull_gap` into ``gap_N`` and its 2-norm (not finite when the gap is not): one fused
+    pass on a CPU, two torch passes on an accelerator."""
+    if kernels.usable(remote_N, own_N):
+        return kernels.gap_norm(remote_N, q_own_N, own_N, gap_N)
+    return float(torch.linalg.vector_norm(pull_gap(remote_N, q_own_N, own_N, out=gap_N)))  # CPU<->GPU sync point
 
 
 def check_finite(values_N: Tensor, what: str) -> None:
@@ -58,12 +66,13 @@ class Exchange:
         self.screen = Screen(peer.cfg.screening, peer.stats)
         self.worker = ThreadPoolExecutor(1, thread_name_prefix=f"codec-{peer.name}")
         # What the budget charges: this (event-loop) thread, which pulls and serves, the decode
-        # worker, the compute thread's merges and republishing, and libzmq's I/O thread.
+        # worker, the compute thread's merges and republishing, libzmq's I/O thread, and the
+        # helper threads of the fused loops (encode, decode and gap, with device.threads > 1).
         loop_cpu = thread_cpu_clock(threading.get_ident())
         worker_cpu = thread_cpu_clock(self.worker.submit(threading.get_ident).result())
-        io_cpu = named_threads_cpu("ZMQbg/IO")
+        unnamed_cpu = named_threads_cpu(("ZMQbg/IO", kernels.HELPER_THREADS))  # threads with no ident to ask
         compute = peer.compute
-        self.budget = CpuBudget(cpu_cores, lambda: loop_cpu() + worker_cpu() + io_cpu() + compute.merge_cpu)
+        self.budget = CpuBudget(cpu_cores, lambda: loop_cpu() + worker_cpu() + unnamed_cpu() + compute.merge_cpu)
         numel, device = peer.compute.flat.numel, peer.compute.device
         self._remote_N = torch.empty(numel, dtype=torch.float32, device=device)
         # Two gap buffers: the compute thread may still be adding one while we fill the other.
@@ -208,8 +217,7 @@ class Exchange:
         """Worker thread: gap = Q(C_j) + Q(K) - 2K (pull_gap), then one pass over it both to refuse
         non-finite (or overflowing) neighbours and to estimate the consensus distance:
         ||Q(C_j) - K|| / sqrt(2) = ||gap|| / sqrt(2) for lossless codecs (SPEC 4 item 12)."""
-        pull_gap(remote_N, own.encoded.quantized, own.values_N, out=gap_N)
-        norm = float(torch.linalg.vector_norm(gap_N))  # CPU<->GPU sync point
+        norm = gap_and_norm(remote_N, own.encoded.quantized, own.values_N, gap_N)
         self.screen.check(norm, own, gap_N)  # poisoned neighbours raise (screening.py)
         if not math.isfinite(norm):
             raise CodecError("the neighbour's snapshot holds non-finite or overflowing values")

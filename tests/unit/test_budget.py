@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from swarmnet.codecs import kernels
 from swarmnet.peer.budget import (
     CpuBudget,
     auto_cores,
@@ -110,6 +111,20 @@ def test_libzmq_io_threads_are_charged_for_the_bytes_they_move():
         # The kernel's own count of every such thread agrees, to its 10 ms ticks.
         assert abs(io_cpu() - ticks) < 0.05 + 0.01 * len(threads)
     assert named_threads_cpu("no-such-thread")() == 0.0
+
+
+@pytest.mark.skipif(not kernels.usable(torch.empty(0)), reason="numba is not installed")
+def test_the_helper_threads_of_the_fused_loops_are_charged():
+    charged = named_threads_cpu(("no-such-thread", kernels.HELPER_THREADS), rescan_s=0.0)
+    before, threads = charged(), torch.get_num_threads()
+    x = torch.randn(1 << 22)
+    torch.set_num_threads(2)  # the loops add one helper thread
+    try:
+        for _ in range(20):
+            kernels.gap_norm(x, x, x, torch.empty_like(x))
+    finally:
+        torch.set_num_threads(threads)
+    assert charged() - before > 0.005  # the helper's share of 20 passes over 16 MB (a few ms each)
 
 
 def proc_ticks(tid: str) -> int:
