@@ -160,7 +160,7 @@ def launch(plan: LaunchPlan, *, summary_path: Path | None = None, console: Conso
     started = time.monotonic()
     on_cpu = not plan.cfg.device.device.startswith("cuda")
     if plan.cfg.codec.name in kernels.FUSED_CODECS and on_cpu:
-        kernels.warm_up()  # compile the codec's CPU loops once here, not once per peer
+        kernels.warm_up([plan.cfg.codec.name])  # compile the codec's CPU loops once here, not once per peer
     try:
         # All peers start at once; the first one's card (written once it is bound) is the seed.
         first = plan.peers[0]

@@ -46,7 +46,7 @@ import importlib.util
 import math
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 from typing import Any
@@ -97,11 +97,11 @@ def numba_version() -> str | None:
 FUSED_CODECS = ("lattice", "blockwise8", "blockwise4")
 
 
-def warm_up() -> None:
+def warm_up(codecs: Iterable[str] = FUSED_CODECS) -> None:
     """Compile the loops once (or load them from numba's disk cache) with the argument types a
-    CPU peer uses: encode, then decode from read-only wire frames. A launcher calls it before
-    starting several peers, which would otherwise each compile them, seconds of CPU apiece, at
-    their first snapshot."""
+    CPU peer uses: the merge's gap, then each of ``codecs``' encode and decode from read-only
+    wire frames. A launcher calls it before starting several peers, which would otherwise each
+    compile them, seconds of CPU apiece, at their first snapshot."""
     if not usable(torch.empty(0)):
         return
     from swarmnet.codecs import make_codec  # the codecs import this module
@@ -114,6 +114,8 @@ def warm_up() -> None:
         ("blockwise8", {}),
         ("blockwise4", {}),
     ):
+        if name not in codecs:
+            continue
         codec = make_codec(name, seed=0, **params)
         enc = codec.encode(x)
         out, state = torch.empty_like(x), {}

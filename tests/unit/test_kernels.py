@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from swarmnet.codecs import bitplanes, blockwise, kernels, lattice, make_codec
 from swarmnet.codecs.lattice_codec import LatticeCodec
+from swarmnet.peer.exchange import FUSED_GAP_MIN, gap_and_norm
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -277,3 +278,17 @@ def test_the_fused_gap_matches_the_torch_passes_and_flags_non_finite_gaps(thread
             assert not math.isfinite(kernels.gap_norm(remote, q_own, own, out))
     finally:
         torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("n", [1000, FUSED_GAP_MIN])  # the torch passes, the fused loop
+def test_the_merge_takes_the_gap_and_its_norm_from_either_path(n) -> None:
+    from swarmnet.algorithms import pull_gap
+
+    g = torch.Generator().manual_seed(n)
+    remote, own, rounding = (torch.randn(n, generator=g) for _ in range(3))
+    q_own = own + 0.01 * rounding  # a lossy codec's Q(K)
+    gap = torch.empty(n)
+    norm = gap_and_norm(remote, q_own, own, gap)
+    expected = pull_gap(remote, q_own, own)
+    assert torch.allclose(gap, expected, rtol=0, atol=1e-6)
+    assert norm == pytest.approx(float(torch.linalg.vector_norm(expected.double())), rel=1e-5)
