@@ -8,7 +8,7 @@ import torch
 from swarmnet.peer import checkpoint
 from swarmnet.tasks.lsq import make_problem, objective
 
-from .conftest import lsq_config
+from .conftest import digits_config, lsq_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
@@ -141,3 +141,26 @@ def test_popsgd_with_symmetric_merges_converges_under_dense_interactions(swarm_f
     assert sum(p["nudges_applied"] for p in peers) > 200, peers
     assert all(p["eval"]["excess_loss"] < 0.5 for p in peers), peers
     assert summary["average"]["eval"]["excess_loss"] < 0.08
+
+
+def test_a_model_over_two_million_coordinates_merges_through_the_fused_gap(swarm_factory):
+    """From FUSED_GAP_MIN coordinates a CPU peer's merges take the numba loop (gap and norm in one
+    pass): two peers on a 2.4M-parameter digits MLP merge, agree and learn."""
+    from swarmnet.peer.exchange import FUSED_GAP_MIN
+    from swarmnet.tasks import load_task
+
+    options = {"hidden": 1500}
+    model = load_task("swarmnet.tasks.digits:task", options).build_model()
+    assert sum(p.numel() for p in model.parameters()) >= FUSED_GAP_MIN
+    config = digits_config(steps=150, eval_every=0)
+    config["run"]["peers"] = 2
+    config["task"]["options"] = options
+    config["network"].update(exchange_cpu=0.0, linger=2.0)  # merge as often as H allows
+    swarm = swarm_factory(config)
+    assert swarm.wait(240) == 0, swarm.log()
+    summary = swarm.summary()
+    peers = summary["peers"]
+    print("2.4M digits MLP:", [(p["interactions"], p["consensus"], p["eval"]) for p in peers], summary["average"])
+    assert all(p["interactions"] >= 10 and not p["rejected"] for p in peers), peers
+    assert summary["average"]["eval"]["accuracy"] > 0.9
+    assert summary["average"]["consensus_distance"] < 0.05  # 2.1 apart after a single merge (one run)
