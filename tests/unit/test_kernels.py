@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from swarmnet.algorithms import pull_gap
 from swarmnet.codecs import bitplanes, blockwise, kernels, lattice, make_codec
 from swarmnet.codecs.lattice_codec import LatticeCodec
 from swarmnet.peer.exchange import FUSED_GAP_MIN, gap_and_norm
@@ -257,8 +258,6 @@ def test_blockwise_snapshots_decode_exactly_across_the_two_paths(
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("lossless", [True, False])
 def test_the_fused_gap_matches_the_torch_passes_and_flags_non_finite_gaps(threads, lossless) -> None:
-    from swarmnet.algorithms import pull_gap
-
     n = 3 * (1 << 16) + 123  # rows of 2^16 coordinates, the last one short
     g = torch.Generator().manual_seed(threads)
     remote, own = torch.randn(n, generator=g), torch.randn(n, generator=g)
@@ -282,8 +281,6 @@ def test_the_fused_gap_matches_the_torch_passes_and_flags_non_finite_gaps(thread
 
 @pytest.mark.parametrize("n", [1000, FUSED_GAP_MIN])  # the torch passes, the fused loop
 def test_the_merge_takes_the_gap_and_its_norm_from_either_path(n) -> None:
-    from swarmnet.algorithms import pull_gap
-
     g = torch.Generator().manual_seed(n)
     remote, own, rounding = (torch.randn(n, generator=g) for _ in range(3))
     q_own = own + 0.01 * rounding  # a lossy codec's Q(K)
