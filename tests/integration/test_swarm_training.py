@@ -108,8 +108,12 @@ def test_quickstart_matches_sequential_sgd_on_digits(swarm_factory, tmp_path):
     # lattice run with one fp32 run more tightly would test the noise; docs/results.md compares
     # the means over repeated runs instead.
     lat_acc = lattice_result["average"]["eval"]["accuracy"]
-    per_merge = {name: sum(p["bytes_received"] for p in r["peers"]) / sum(p["interactions"] for p in r["peers"])
-                 for name, r in (("fp32", swarm_result), ("lattice", lattice_result))}
+    # A peer that started late and adopted a neighbour's model (newcomer.py) also received that
+    # model whole, as fp32: one such peer among 4 paced lattice peers took them to 35% of fp32's.
+    merging = {name: [p for p in r["peers"] if not p["adopted_from"]]
+               for name, r in (("fp32", swarm_result), ("lattice", lattice_result))}
+    per_merge = {name: sum(p["bytes_received"] for p in peers) / sum(p["interactions"] for p in peers)
+                 for name, peers in merging.items()}
     print(f"digits lattice: average {lat_acc:.4f}, peers {[p['eval']['accuracy'] for p in lattice_result['peers']]}, "
           f"consensus distance {lattice_result['average']['consensus_distance']:.4f}, "
           f"adopted {[(p['adopted_from'], p['adopted_step']) for p in lattice_result['peers']]}, "
