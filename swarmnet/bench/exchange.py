@@ -9,8 +9,9 @@
    through the swarmnet protocol (PULL, validation) and, on the same socket types, a raw pyzmq
    ROUTER/DEALER pair moves the same bytes (copy=False). Both run in one client process,
    alternating, with the glibc hugetlb tunable set. Target >= 0.8. Then what the exchange does
-   with the reply, each timed: reading the vector (``codec.view``, in place) and the merge's delta
-   pass from it, against ``decode``'s copy into a preallocated vector and the pass from that.
+   with the reply, each timed: reading the vector (``codec.view``, in place), the exchange
+   worker's gap and norm from it (against ``decode``'s copy into a preallocated vector and the
+   same from that), and the compute thread's add of half the gap to the live model.
 """
 
 from __future__ import annotations

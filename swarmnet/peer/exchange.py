@@ -45,10 +45,15 @@ FUSED_GAP_MIN = 1 << 21
 passes take about a millisecond or less, and loading numba costs a process 0.4-0.7 s once."""
 
 
+def fused_gap(*vectors_N: Tensor) -> bool:
+    """Whether the merge's gap over these model-sized vectors takes the fused loop."""
+    return vectors_N[0].numel() >= FUSED_GAP_MIN and kernels.usable(*vectors_N)
+
+
 def gap_and_norm(remote_N: Tensor, q_own_N: Tensor, own_N: Tensor, gap_N: Tensor) -> float:
     """:func:`pull_gap` into ``gap_N`` and its 2-norm (not finite when the gap is not): one fused
     pass for a large model on a CPU, otherwise two torch passes."""
-    if remote_N.numel() >= FUSED_GAP_MIN and kernels.usable(remote_N, own_N):
+    if fused_gap(remote_N, own_N):
         return kernels.gap_norm(remote_N, q_own_N, own_N, gap_N)
     return float(torch.linalg.vector_norm(pull_gap(remote_N, q_own_N, own_N, out=gap_N)))  # CPU<->GPU sync point
 
@@ -82,7 +87,7 @@ class Exchange:
         self._remote_N = torch.empty(numel, dtype=torch.float32, device=device)
         # Two gap buffers: the compute thread may still be adding one while we fill the other.
         self._gaps_N = [torch.empty(numel, dtype=torch.float32, device=device) for _ in range(2)]
-        if numel >= FUSED_GAP_MIN and kernels.usable(self._remote_N):
+        if fused_gap(self._remote_N):
             kernels.warm_up(codecs=())  # numba loads (or compiles) the gap loop now, not mid-training
         self._next = 0
         self.pull_seconds = 0.0
