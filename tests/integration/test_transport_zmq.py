@@ -143,6 +143,8 @@ def _echo_once(ctx, port):
             break
         except zmq.ZMQError:
             time.sleep(0.02)
+    else:
+        raise AssertionError(f"port {port} still held after 2 s")
 
     def serve():
         route, *frames = sock.recv_multipart()
@@ -165,6 +167,9 @@ async def test_a_loss_the_loop_has_not_seen_yet_does_not_fail_the_next_request()
     conn = transports.for_url("tcp://127.0.0.1:0").connect(f"tcp://127.0.0.1:{port}")
     for round_ in range(3):
         old, thread = _echo_once(ctx, port)
+        # Setup, with loop turns: the previous round's listener is gone and this one is connected
+        # (a request sent before the client notices the loss goes down the dead connection).
+        await asyncio.sleep(1.0)
         assert [bytes(f) for f in await conn.request([b"a", b"b"], timeout=5)] == [b"b", b"a"]
         thread.join(5)
         old.close(linger=0)  # from here on the loop gets no turn until the next request
