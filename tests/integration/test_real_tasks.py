@@ -49,6 +49,24 @@ def test_idx_reader_round_trip_and_truncation(tmp_path):
 
 
 @needs_fashion
+def test_bundled_sklearn_sets_are_read_as_sklearn_loads_them_without_importing_it():
+    """The digits and breast cancer tasks read the CSVs in scikit-learn's wheel directly (a peer
+    then starts without scikit-learn's import); the values are scikit-learn's own."""
+    code = ("import sys; from swarmnet.tasks import datasets; datasets.digits(); datasets.breast_cancer(); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'scipy')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+    from sklearn.datasets import load_breast_cancer, load_digits
+
+    for rows, ours in ((datasets._sklearn_csv("digits.csv.gz"), load_digits()),
+                       (datasets._sklearn_csv("breast_cancer.csv", header=True), load_breast_cancer())):
+        assert np.array_equal(rows[:, :-1], ours.data)
+        assert np.array_equal(rows[:, -1], ours.target)
+    xtr, ytr, xte, yte = datasets.digits()
+    assert (xtr.shape, xte.shape, xtr.dtype, ytr.dtype) == ((1438, 64), (359, 64), torch.float32, torch.int64)
+    assert float(xtr.max()) == 1.0 and set(ytr.tolist()) == set(range(10))
+
+
 def test_fashion_task_reads_the_full_set_and_a_cnn_learns_it():
     full = fashion.task()
     assert full.train[0].shape == (60000, 28, 28) and full.train[0].dtype == torch.uint8
