@@ -123,6 +123,23 @@ def test_metrics_go_to_jsonl_and_to_tensorboard(tmp_path):
     assert [(e.step, e.value) for e in events.Scalars("eval/accuracy")] == [(20, 0.75)]
 
 
+def test_tensorboard_gets_progress_rows_at_most_once_a_period_and_every_evaluation(tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    from swarmnet.peer.metrics import MetricsWriter, read_metrics
+
+    writer = MetricsWriter(tmp_path / "p" / "metrics.jsonl", tensorboard_every=3600.0)
+    for step in range(10, 510, 10):
+        writer.write({"time": 1.0, "step": step, "loss": 1.0 / step})
+        if step % 100 == 0:
+            writer.write({"time": 1.0, "step": step, "eval": {"accuracy": step / 1000}})
+    writer.close()
+    assert len(read_metrics(tmp_path / "p" / "metrics.jsonl")) == 55  # the JSON stream keeps every row
+    events = event_accumulator.EventAccumulator(str(tmp_path / "p" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [10, 500]  # the first, then the last at close
+    assert [e.step for e in events.Scalars("eval/accuracy")] == [100, 200, 300, 400, 500]
+
+
 def test_merge_gate_admits_one_nudge_per_version_against_the_latest_only():
     gate = MergeGate()
     assert gate.admit_nudge(3, 4) is not None  # computed against an older version
