@@ -48,7 +48,6 @@ def test_idx_reader_round_trip_and_truncation(tmp_path):
         datasets.read_idx(tmp_path / "text")
 
 
-@needs_fashion
 def test_bundled_sklearn_sets_are_read_as_sklearn_loads_them_without_importing_it():
     """The digits and breast cancer tasks read the CSVs in scikit-learn's wheel directly (a peer
     then starts without scikit-learn's import); the values are scikit-learn's own."""
@@ -67,6 +66,7 @@ def test_bundled_sklearn_sets_are_read_as_sklearn_loads_them_without_importing_i
     assert float(xtr.max()) == 1.0 and set(ytr.tolist()) == set(range(10))
 
 
+@needs_fashion
 def test_fashion_task_reads_the_full_set_and_a_cnn_learns_it():
     full = fashion.task()
     assert full.train[0].shape == (60000, 28, 28) and full.train[0].dtype == torch.uint8

@@ -81,7 +81,7 @@ def test_quickstart_matches_sequential_sgd_on_digits(swarm_factory, tmp_path):
     finally:
         sequential.kill_tree()
     # As the config has it: merging every H steps whatever the CPU cost. Under the default budget's
-    # 5% floor a lattice merge (about 11 ms of CPU here) fits 3-10 times into the 4 s each peer
+    # 5% floor a lattice merge (about 12 ms of CPU here) fits 3-10 times into the 4 s each peer
     # trains, the peers end 0.3-4.5 apart, and one such run inside the full suite ended at 95.5%
     # (docs/results.md, Lattice under the default budget).
     lattice = LocalSwarm(tmp_path / "lattice", Path("configs/quickstart-lattice.toml"))
@@ -109,7 +109,8 @@ def test_quickstart_matches_sequential_sgd_on_digits(swarm_factory, tmp_path):
     # noise; docs/results.md compares the means over repeated runs instead.
     lat_acc = lattice_result["average"]["eval"]["accuracy"]
     # A peer that started late and adopted a neighbour's model (newcomer.py) also received that
-    # model whole, as fp32: one such peer among 4 lattice peers merging under the CPU budget took them to 35% of fp32's.
+    # model whole, as fp32: one such peer among 4 lattice peers merging under the CPU budget took
+    # them to 35% of fp32's.
     merging = {name: [p for p in r["peers"] if not p["adopted_from"]]
                for name, r in (("fp32", swarm_result), ("lattice", lattice_result))}
     per_merge = {name: sum(p["bytes_received"] for p in peers) / sum(p["interactions"] for p in peers)
