@@ -97,17 +97,19 @@ def numba_version() -> str | None:
 FUSED_CODECS = ("lattice", "blockwise8", "blockwise4")
 
 
-def warm_up(codecs: Iterable[str] = FUSED_CODECS) -> None:
+def warm_up(codecs: Iterable[str] = FUSED_CODECS, *, gap: bool = True) -> None:
     """Compile the loops once (or load them from numba's disk cache) with the argument types a
-    CPU peer uses: the merge's gap, then each of ``codecs``' encode and decode from read-only
-    wire frames. A launcher calls it before starting several peers, which would otherwise each
-    compile them, seconds of CPU apiece, at their first snapshot."""
+    CPU peer uses: the merge's gap (``gap``), then each of ``codecs``' encode and decode from
+    read-only wire frames. A launcher calls it before starting several peers, which would
+    otherwise each compile them, seconds of CPU apiece, at their first snapshot; a peer calls it
+    before training, so that loading them is not charged to its first interactions."""
     if not usable(torch.empty(0)):
         return
     from swarmnet.codecs import make_codec  # the codecs import this module
 
     x = torch.linspace(-1.0, 1.0, 200)
-    gap_norm(x, x, x, torch.empty_like(x))
+    if gap:
+        gap_norm(x, x, x, torch.empty_like(x))
     for name, params in (
         ("lattice", {"chunk": 64}),
         ("lattice", {"chunk": 64, "mode": "dither"}),

@@ -75,6 +75,15 @@ class Exchange:
         self.log = log
         self.screen = Screen(peer.cfg.screening, peer.stats)
         self.worker = ThreadPoolExecutor(1, thread_name_prefix=f"codec-{peer.name}")
+        numel, device = peer.compute.flat.numel, peer.compute.device
+        self._remote_N = torch.empty(numel, dtype=torch.float32, device=device)
+        # Two gap buffers: the compute thread may still be adding one while we fill the other.
+        self._gaps_N = [torch.empty(numel, dtype=torch.float32, device=device) for _ in range(2)]
+        # numba loads (or compiles) the loops this peer will use now, before training and outside
+        # the budget: loading them at the first pull charged a lattice peer's first interaction
+        # about 15 ms of CPU, 0.6 s of waiting under the budget's 5% floor.
+        if kernels.usable(self._remote_N):
+            kernels.warm_up(codecs=(self.codec.name,), gap=fused_gap(self._remote_N))
         # What the budget charges: this (event-loop) thread, which pulls and serves, the decode
         # worker, the compute thread's merges and republishing, libzmq's I/O thread, and the
         # helper threads of the fused loops (encode, decode and gap, with device.threads > 1).
@@ -83,12 +92,6 @@ class Exchange:
         unnamed_cpu = named_threads_cpu(("ZMQbg/IO", kernels.HELPER_THREADS))  # threads with no ident to ask
         compute = peer.compute
         self.budget = CpuBudget(cpu_cores, lambda: loop_cpu() + worker_cpu() + unnamed_cpu() + compute.merge_cpu)
-        numel, device = peer.compute.flat.numel, peer.compute.device
-        self._remote_N = torch.empty(numel, dtype=torch.float32, device=device)
-        # Two gap buffers: the compute thread may still be adding one while we fill the other.
-        self._gaps_N = [torch.empty(numel, dtype=torch.float32, device=device) for _ in range(2)]
-        if fused_gap(self._remote_N):
-            kernels.warm_up(codecs=())  # numba loads (or compiles) the gap loop now, not mid-training
         self._next = 0
         self.pull_seconds = 0.0
         """Moving average of an interaction's duration: pull, decode, delta (see _until_due)."""

@@ -289,3 +289,54 @@ def test_the_merge_takes_the_gap_and_its_norm_from_either_path(n) -> None:
     expected = pull_gap(remote, q_own, own)
     assert torch.allclose(gap, expected, rtol=0, atol=1e-6)
     assert norm == pytest.approx(float(torch.linalg.vector_norm(expected.double())), rel=1e-5)
+
+
+WARMED_PULL = """
+import asyncio, torch, numba
+from swarmnet.codecs import kernels, loops, make_codec
+from swarmnet.transport.zmq import ZmqTransport
+
+kernels.warm_up(codecs=("lattice",), gap=False)  # what a CPU lattice peer's exchange does at start
+def loaded():
+    return {name: len(f.signatures) for name, f in vars(loops).items() if isinstance(f, numba.core.dispatcher.Dispatcher)}
+before = loaded()
+torch.manual_seed(0)
+x = torch.randn(26122) * 0.1
+codec = make_codec("lattice", seed=0, chunk=1024, eps_scale=4.0)
+encoded = codec.encode(x, {"lr": 0.05, "local_steps": 2, "progress": torch.randn(26122) * 0.01, "progress_steps": 2})
+
+async def pull():
+    transport = ZmqTransport()
+    listener = await transport.listen("tcp://127.0.0.1:0")
+    conn = transport.connect(listener.address)
+    own, out, state = x + 0.01 * torch.randn(26122), torch.empty(26122), {}
+    want = codec.plan(state)
+    for _ in range(8):
+        request = asyncio.ensure_future(conn.request([b"pull"], timeout=10))
+        route, _ = await listener.recv()
+        meta, frames = codec.select(encoded, want)
+        await listener.send(route, list(frames))
+        result = codec.decode(meta, tuple(await request), own, out, state)  # frames as a pull receives them
+        if result.complete:
+            break
+        want = result.more
+    await conn.aclose(); await listener.aclose(); await transport.aclose()
+    return result.complete
+
+assert asyncio.run(pull())
+print(sorted(name for name, n in loaded().items() if n != before.get(name)))
+"""
+
+
+def test_a_warmed_up_peer_loads_no_loop_at_its_first_pull() -> None:
+    """The exchange warms the codec's loops up before its CPU budget starts counting: numba then
+    loads nothing more when the first snapshot arrives over a real socket (loading there charged
+    a lattice peer's first interaction about 15 ms of CPU). In a fresh process, so that what this
+    one has loaded does not hide a missing signature."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("numba")
+    out = subprocess.run([sys.executable, "-c", WARMED_PULL], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", f"loops loaded at the first pull: {out.stdout}"
