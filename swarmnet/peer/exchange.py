@@ -58,6 +58,15 @@ def gap_and_norm(remote_N: Tensor, q_own_N: Tensor, own_N: Tensor, gap_N: Tensor
     return float(torch.linalg.vector_norm(pull_gap(remote_N, q_own_N, own_N, out=gap_N)))  # CPU<->GPU sync point
 
 
+def warm_up_loops(codec: Codec, model_N: Tensor) -> None:
+    """Have numba load (or compile) the CPU loops a peer with this codec and model will use.
+    A peer does it before it joins the swarm: at the first pull it charged a lattice peer's first
+    interaction about 15 ms of CPU (0.6 s of waiting under the budget's 5% floor), and between
+    joining and training it held the peer back until it adopted a neighbour's model instead."""
+    if kernels.usable(model_N):
+        kernels.warm_up(codecs=(codec.name,), gap=fused_gap(model_N))
+
+
 def check_finite(values_N: Tensor, what: str) -> None:
     if not bool(torch.isfinite(values_N).all()):  # CPU<->GPU sync point
         raise CodecError(f"{what} holds non-finite values")
@@ -79,11 +88,6 @@ class Exchange:
         self._remote_N = torch.empty(numel, dtype=torch.float32, device=device)
         # Two gap buffers: the compute thread may still be adding one while we fill the other.
         self._gaps_N = [torch.empty(numel, dtype=torch.float32, device=device) for _ in range(2)]
-        # numba loads (or compiles) the loops this peer will use now, before training and outside
-        # the budget: loading them at the first pull charged a lattice peer's first interaction
-        # about 15 ms of CPU, 0.6 s of waiting under the budget's 5% floor.
-        if kernels.usable(self._remote_N):
-            kernels.warm_up(codecs=(self.codec.name,), gap=fused_gap(self._remote_N))
         # What the budget charges: this (event-loop) thread, which pulls and serves, the decode
         # worker, the compute thread's merges and republishing, libzmq's I/O thread, and the
         # helper threads of the fused loops (encode, decode and gap, with device.threads > 1).

@@ -47,7 +47,7 @@ from swarmnet.log import PeerLogAdapter, get_logger
 from swarmnet.peer.budget import auto_cores
 from swarmnet.peer.client import PeerClient
 from swarmnet.peer.compute import ComputeLoop, Replica, peer_seed_of
-from swarmnet.peer.exchange import Exchange
+from swarmnet.peer.exchange import Exchange, warm_up_loops
 from swarmnet.peer.membership import MembershipService, PeerTable
 from swarmnet.peer.newcomer import fetch_donation
 from swarmnet.peer.server import PeerServer
@@ -241,6 +241,7 @@ class Peer:
         self.mailbox = mailbox
         self.inbox = replica.inbox
         self.device = replica.device
+        warm_up_loops(self.codec, replica.live_N)
 
     @contextlib.asynccontextmanager
     async def serving(self) -> AsyncIterator[None]:

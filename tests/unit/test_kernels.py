@@ -293,16 +293,17 @@ def test_the_merge_takes_the_gap_and_its_norm_from_either_path(n) -> None:
 
 WARMED_PULL = """
 import asyncio, torch, numba
-from swarmnet.codecs import kernels, loops, make_codec
+from swarmnet.codecs import loops, make_codec
+from swarmnet.peer.exchange import warm_up_loops
 from swarmnet.transport.zmq import ZmqTransport
 
-kernels.warm_up(codecs=("lattice",), gap=False)  # what a CPU lattice peer's exchange does at start
-def loaded():
-    return {name: len(f.signatures) for name, f in vars(loops).items() if isinstance(f, numba.core.dispatcher.Dispatcher)}
-before = loaded()
 torch.manual_seed(0)
 x = torch.randn(26122) * 0.1
 codec = make_codec("lattice", seed=0, chunk=1024, eps_scale=4.0)
+warm_up_loops(codec, x)  # what a peer does before it joins
+def loaded():
+    return {name: len(f.signatures) for name, f in vars(loops).items() if isinstance(f, numba.core.dispatcher.Dispatcher)}
+before = loaded()
 encoded = codec.encode(x, {"lr": 0.05, "local_steps": 2, "progress": torch.randn(26122) * 0.01, "progress_steps": 2})
 
 async def pull():
@@ -329,7 +330,7 @@ print(sorted(name for name, n in loaded().items() if n != before.get(name)))
 
 
 def test_a_warmed_up_peer_loads_no_loop_at_its_first_pull() -> None:
-    """The exchange warms the codec's loops up before its CPU budget starts counting: numba then
+    """A peer warms its codec's loops up before it joins (exchange.warm_up_loops): numba then
     loads nothing more when the first snapshot arrives over a real socket (loading there charged
     a lattice peer's first interaction about 15 ms of CPU). In a fresh process, so that what this
     one has loaded does not hide a missing signature."""
