@@ -60,9 +60,9 @@ def gap_and_norm(remote_N: Tensor, q_own_N: Tensor, own_N: Tensor, gap_N: Tensor
 
 def warm_up_loops(codec: Codec, model_N: Tensor) -> None:
     """Have numba load (or compile) the CPU loops a peer with this codec and model will use.
-    A peer does it before it joins the swarm: at the first pull it charged a lattice peer's first
-    interaction about 15 ms of CPU (0.6 s of waiting under the budget's 5% floor), and between
-    joining and training it held the peer back until it adopted a neighbour's model instead."""
+    A peer does it before it joins the swarm: loaded at the first pull, they charged a lattice
+    peer's first interaction about 15 ms of CPU (0.6 s of waiting under the budget's 5% floor);
+    loaded once the peer serves, they would block a loop that answers neighbours."""
     if kernels.usable(model_N):
         kernels.warm_up(codecs=(codec.name,), gap=fused_gap(model_N))
 
@@ -84,10 +84,6 @@ class Exchange:
         self.log = log
         self.screen = Screen(peer.cfg.screening, peer.stats)
         self.worker = ThreadPoolExecutor(1, thread_name_prefix=f"codec-{peer.name}")
-        numel, device = peer.compute.flat.numel, peer.compute.device
-        self._remote_N = torch.empty(numel, dtype=torch.float32, device=device)
-        # Two gap buffers: the compute thread may still be adding one while we fill the other.
-        self._gaps_N = [torch.empty(numel, dtype=torch.float32, device=device) for _ in range(2)]
         # What the budget charges: this (event-loop) thread, which pulls and serves, the decode
         # worker, the compute thread's merges and republishing, libzmq's I/O thread, and the
         # helper threads of the fused loops (encode, decode and gap, with device.threads > 1).
@@ -96,6 +92,10 @@ class Exchange:
         unnamed_cpu = named_threads_cpu(("ZMQbg/IO", kernels.HELPER_THREADS))  # threads with no ident to ask
         compute = peer.compute
         self.budget = CpuBudget(cpu_cores, lambda: loop_cpu() + worker_cpu() + unnamed_cpu() + compute.merge_cpu)
+        numel, device = peer.compute.flat.numel, peer.compute.device
+        self._remote_N = torch.empty(numel, dtype=torch.float32, device=device)
+        # Two gap buffers: the compute thread may still be adding one while we fill the other.
+        self._gaps_N = [torch.empty(numel, dtype=torch.float32, device=device) for _ in range(2)]
         self._next = 0
         self.pull_seconds = 0.0
         """Moving average of an interaction's duration: pull, decode, delta (see _until_due)."""
