@@ -173,7 +173,9 @@ class NetworkConfig:
     adopt_model: bool = True
     """A peer starting without a checkpoint first takes the model, phase clock and step of a
     neighbour that has trained (a lossless pull), instead of its own initialization; never with
-    run.init = independent. Until then it serves no snapshot (pulls get not_ready)."""
+    run.init = independent or with the exchange off. Neighbours it started together with (they
+    knew it when they met their start condition) are no donors. Until then it serves no
+    snapshot (pulls get not_ready)."""
     linger: float = 5.0
     """Seconds a peer that spent its budget stays while others still train: first merging their
     snapshots without stepping (so the first to finish does not keep a model the others moved

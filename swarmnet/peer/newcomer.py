@@ -1,15 +1,20 @@
 """A newcomer's first model: a trained neighbour's snapshot instead of a fresh initialization.
 
 A peer that starts without a checkpoint asks a random sample of alive neighbours for their
-status and picks, among those that have trained (step > 0), the one that has given its model
-to the fewest newcomers so far (ties at random). That donor sends its snapshot losslessly (a
+status and picks, among those that have trained (step > 0) and did not start together with it,
+the one that has given its model to the fewest newcomers so far (ties at random). That donor sends its snapshot losslessly (a
 pull with ``want = FULL``: float32, whatever the swarm's codec, moving no clock); it becomes the
 newcomer's model, the donor's phase clock its clock and the donor's step its step (its place
 in the learning-rate schedule and budget); momentum starts empty. A donor sends
 one donation at a time and answers BUSY meanwhile (server.py), so newcomers arriving together
 spread over different donors; when every donor asked is busy the newcomer tries again shortly.
-When every neighbour is still at step 0 (a swarm started together), or none answers, the peer
-keeps its own initialization.
+When no neighbour has trained, or none answers, the peer keeps its own initialization.
+
+Started together: a neighbour that already knew this peer when it met its start condition
+(``started_with_you`` in its status) counted it as one of the swarm it started with. Peers that
+``swarmnet up`` launches at once learn of each other up to a gossip round apart, and the first
+to start trains several hundred steps of a small model meanwhile; taking its model would throw
+away the later peer's share of the work. Such a neighbour is no donor.
 """
 
 from __future__ import annotations
@@ -72,7 +77,8 @@ async def fetch_donation(client: PeerClient, table: PeerTable, rng: random.Rando
 
 async def _trained_donors(client: PeerClient, table: PeerTable, rng: random.Random,
                           log: logging.LoggerAdapter) -> list[tuple[PeerRecord, int]]:  # type: ignore[type-arg]
-    """Alive neighbours that have trained, with their step, least used as donors first."""
+    """Alive neighbours that have trained and did not start with this peer, with their step,
+    least used as donors first."""
     asked = table.candidates()
     rng.shuffle(asked)  # a random sample, and random order among equally used donors
     asked = asked[:ASKED]
@@ -88,6 +94,9 @@ async def _trained_donors(client: PeerClient, table: PeerTable, rng: random.Rand
             raise answer
         status = answer.body["status"]
         step, donations = status.get("step"), status.get("donations", 0)
+        if status.get("started_with_you") is True:
+            log.info("%s started together with this peer (step %s): not a donor", rec.name or rec.id, step)
+            continue
         if isinstance(step, int) and step > 0 and isinstance(donations, int):
             trained.append((donations, rec, step))
     trained.sort(key=lambda t: t[0])  # stable: keeps the random order among ties

@@ -154,6 +154,9 @@ class Peer:
         self._stop_requested = False
         self._force = False
         self._exchange_task: asyncio.Task[None] | None = None
+        self.started_with: frozenset[str] | None = None
+        """Ids of the peers alive in the table when this one met its start condition: the swarm
+        it started with (a newcomer among them does not adopt this peer's model, newcomer.py)."""
 
     def _count_refused(self, client_key: bytes) -> None:
         """A handshake refused by the ZAP handler (its thread): counted under rejected."""
@@ -165,7 +168,11 @@ class Peer:
         return {"id": self.id, "addr": self.address, "hb": self.membership.heartbeat, "name": self.name,
                 "done": self.stats.state in FINISHED}
 
-    def status(self) -> dict[str, Any]:
+    def status(self, asker: str | None = None) -> dict[str, Any]:
+        """What a status request gets; ``started_with_you`` (whether ``asker`` was in the swarm
+        this peer started with) once this peer has started."""
+        together = {} if asker is None or self.started_with is None else {
+            "started_with_you": asker in self.started_with}
         return {
             "id": self.id, "name": self.name, "addr": self.address, "host": socket.gethostname(),
             "pid": os.getpid(), "device": str(self.device), "algorithm": self.cfg.algorithm.name,
@@ -174,6 +181,7 @@ class Peer:
             "peers": [{**r.card(), "alive": self.table.is_alive(r), "failures": r.failures}
                       for r in self.table.records.values()][:256],
             "events": [list(e) for e in self.table.events[-20:]],
+            **together,
         }
 
     def request_stop(self) -> None:
@@ -202,7 +210,8 @@ class Peer:
         if self._stop_requested:
             compute.stop.set()
         resumed = self.resume and compute.resume()
-        adopting = not resumed and self.cfg.network.adopt_model and self.cfg.run.init == "shared"
+        net = self.cfg.network
+        adopting = not resumed and net.adopt_model and net.exchange and self.cfg.run.init == "shared"
         if not adopting:
             compute.publish()  # neighbours can pull from us from the first moment on
             self._check_snapshot_header()
@@ -374,8 +383,9 @@ class Peer:
             if time.monotonic() > deadline:
                 self.log.warning("only %d of %d peers known after %.0fs; training anyway",
                                  len(self.table.alive()), want, net.join_timeout)
-                return
+                break
             await asyncio.sleep(0.02)
+        self.started_with = frozenset(r.id for r in self.table.alive())
 
     def _peers_finished(self, until: float) -> bool:
         """Whether to stop waiting on the others: all live peers finished, ``until`` passed, or

@@ -159,7 +159,7 @@ class PeerServer:
         return reply(msg, MsgType.ACK, peer.id)
 
     async def handle_status(self, msg: Message) -> Message:
-        return reply(msg, MsgType.STATUS_REPLY, self.peer.id, status=self.peer.status())
+        return reply(msg, MsgType.STATUS_REPLY, self.peer.id, status=self.peer.status(msg.sender))
 
     async def handle_bye(self, msg: Message) -> Message:
         self.peer.table.mark_left(msg.sender)

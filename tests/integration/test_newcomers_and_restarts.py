@@ -40,6 +40,22 @@ def read_records(path):
     return read_metrics(path) if path.exists() else []
 
 
+async def ask_for_donation(sender, cards, numel, seed):
+    """fetch_donation as a newcomer with id ``sender`` that knows ``cards``: its own sockets, as
+    a newcomer process has."""
+    transports = TransportSet()
+    client = PeerClient(sender=sender, transports=transports, limits=Limits(), timeout=20,
+                        stats=PeerStats(), max_frame_bytes=2**31 - 1)
+    table = PeerTable(sender, dead_after=60, backoff=1)
+    for card in cards:
+        table.merge({"id": card["id"], "name": card["name"], "addr": card["addr"], "hb": 0}, direct=True)
+    try:
+        return await fetch_donation(client, table, random.Random(seed), numel,
+                                    logging.LoggerAdapter(logging.getLogger("newcomers"), {}))
+    finally:
+        await transports.aclose()
+
+
 def test_newcomers_adopt_a_trained_model_and_a_restarted_peer_resumes(swarm_factory, tmp_path):
     config = digits_config(checkpoint_every=1.0)
     config["run"]["peers"] = 3
@@ -50,9 +66,20 @@ def test_newcomers_adopt_a_trained_model_and_a_restarted_peer_resumes(swarm_fact
     cards = {n: swarm.card(n) for n in SWARM}
     wait_until(lambda: all(swarm.metrics(n) and swarm.metrics(n)[-1]["step"] >= 200 for n in SWARM), 90,
                what="the swarm trained a while")
+    # Peers started together are no donors to each other: each counted the others when it met
+    # its start condition (started_with_you). Otherwise the one that learns of the others last
+    # would take the first one's model and step (in the 4-peer quickstart, 2 of 4 peers did so
+    # in each of three runs, at steps 10-677 of 1350).
+    assert all(query_status(cards[n]["addr"])["adopted_from"] == "" for n in SWARM)
+    numel = sum(p.numel() for p in digits.task().build_model().parameters())
+    as_peer1 = asyncio.run(ask_for_donation(cards["peer1"]["id"], [cards["peer0"], cards["peer2"]], numel, 0))
+    assert as_peer1 is None
     started, launched_at = time.monotonic(), time.time()
     newcomers = [PeerProcessHandle(tmp_path / "newcomers", name, tmp_path / "run.toml",
                                    "--seed", cards["peer0"]["addr"]) for name in NEWCOMERS]
+    # With the exchange off a peer trains alone: it adopts no model either.
+    loner = PeerProcessHandle(tmp_path / "newcomers", "loner", tmp_path / "run.toml",
+                              "--seed", cards["peer0"]["addr"], "--set", "network.exchange=false")
     try:
         addrs = {h.name: h.card()["addr"] for h in newcomers}
         joined = {}
@@ -66,8 +93,10 @@ def test_newcomers_adopt_a_trained_model_and_a_restarted_peer_resumes(swarm_fact
         status = {name: query_status(addr) for name, addr in addrs.items()}
         wait_until(lambda: all(first_loss(h) is not None for h in newcomers), 30, what="first metrics")
         losses = {h.name: first_loss(h) for h in newcomers}
+        wait_until(lambda: first_loss(loner) is not None, 30, what="the loner's first metrics")
+        loner_status, loner_loss = query_status(loner.card()["addr"]), first_loss(loner)
     finally:
-        for h in newcomers:
+        for h in (*newcomers, loner):
             h.kill_tree()
     swarm_loss = max(swarm.metrics(n)[-1]["loss"] for n in SWARM)
     while_joining = max(r["loss"] for n in SWARM for r in swarm.metrics(n) if "loss" in r and r["time"] >= launched_at)
@@ -75,12 +104,13 @@ def test_newcomers_adopt_a_trained_model_and_a_restarted_peer_resumes(swarm_fact
     print(f"\nnewcomers: donors {donors}, first losses {losses} (swarm {swarm_loss:.3f}), "
           f"merging {joined} s after launch; the swarm's worst loss meanwhile {while_joining:.3f}")
     for name, s in status.items():
-        # From the swarm, or from a newcomer that adopted and trained a little already.
-        assert s["adopted_from"] in SWARM + NEWCOMERS and s["adopted_from"] != name and s["adopted_step"] > 0, s
+        # From the swarm, or from a newcomer that adopted (or the loner) and trained a little.
+        assert s["adopted_from"] in [*SWARM, *NEWCOMERS, "loner"] and s["adopted_from"] != name and s["adopted_step"] > 0, s
         # A fresh MLP starts near ln(10) = 2.3 on ten classes (about 2 over its first ten steps);
         # an adopted one near the swarm's loss, which at lr 0.05 with momentum spikes up to ~0.6.
         assert losses[name] < 1.0, losses
         assert "adopted the model of" in next(h for h in newcomers if h.name == name).log(200)
+    assert loner_status["adopted_from"] == "" and loner_loss > 1.0, (loner_status["adopted_from"], loner_loss)
 
     # A peer killed and restarted resumes from its checkpoint (model, optimizer, clock, data
     # position) and the swarm takes it back under its new id.
@@ -125,27 +155,13 @@ def test_newcomers_arriving_together_spread_over_donors(swarm_factory):
     config = digits_config(checkpoint_every=0.0)
     config["run"]["peers"] = 3
     config["task"]["options"] = {"hidden": 2048}
-    config["network"]["adopt_model"] = False  # a late starter among the donors adopts nothing: counts start at 0
     numel = sum(p.numel() for p in digits.task(hidden=2048).build_model().parameters())
     swarm = swarm_factory(config)
     cards = {n: swarm.card(n) for n in SWARM}
     wait_until(lambda: all(swarm.metrics(n) for n in SWARM), 90, what="every donor trained a little")
-    log = logging.LoggerAdapter(logging.getLogger("newcomers"), {})
-
-    async def arrive(i):
-        transports = TransportSet()  # its own sockets, as a newcomer process has
-        client = PeerClient(sender=f"newcomer{i}", transports=transports, limits=Limits(), timeout=20,
-                            stats=PeerStats(), max_frame_bytes=2**31 - 1)
-        table = PeerTable(f"newcomer{i}", dead_after=60, backoff=1)
-        for card in cards.values():
-            table.merge({"id": card["id"], "name": card["name"], "addr": card["addr"], "hb": 0}, direct=True)
-        try:
-            return await fetch_donation(client, table, random.Random(i), numel, log)
-        finally:
-            await transports.aclose()
 
     async def arrive_together():
-        return await asyncio.gather(*(arrive(i) for i in range(6)))
+        return await asyncio.gather(*(ask_for_donation(f"newcomer{i}", cards.values(), numel, i) for i in range(6)))
 
     donations = asyncio.run(arrive_together())
     served = {n: query_status(cards[n]["addr"])["donations"] for n in SWARM}
