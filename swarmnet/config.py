@@ -168,7 +168,8 @@ class NetworkConfig:
     but at least 5% of that share; 0: no limit."""
     min_peers: int = 0
     """Before the first step, wait until this many other peers are known (or join_timeout
-    passes): lets a launcher start a swarm without giving the first peer a head start."""
+    passes): lets a launcher start a swarm without giving the first peer a head start. A peer
+    gossips every 50 ms while it waits."""
     join_timeout: float = 30.0
     adopt_model: bool = True
     """A peer starting without a checkpoint first takes the model, phase clock and step of a

@@ -1,8 +1,9 @@
 """A newcomer's first model: a trained neighbour's snapshot instead of a fresh initialization.
 
 A peer that starts without a checkpoint asks a random sample of alive neighbours for their
-status and picks, among those that have trained (step > 0) and did not start together with it,
-the one that has given its model to the fewest newcomers so far (ties at random). That donor sends its snapshot losslessly (a
+status and picks, among those that have trained (step > 0, and at least half the steps of the
+most advanced one) and did not start together with it, the one that has given its model to the
+fewest newcomers so far (ties at random). That donor sends its snapshot losslessly (a
 pull with ``want = FULL``: float32, whatever the swarm's codec, moving no clock); it becomes the
 newcomer's model, the donor's phase clock its clock and the donor's step its step (its place
 in the learning-rate schedule and budget); momentum starts empty. A donor sends
@@ -12,9 +13,10 @@ When no neighbour has trained, or none answers, the peer keeps its own initializ
 
 Started together: a neighbour that already knew this peer when it met its start condition
 (``started_with_you`` in its status) counted it as one of the swarm it started with. Peers that
-``swarmnet up`` launches at once learn of each other up to a gossip round apart, and the first
-to start trains several hundred steps of a small model meanwhile; taking its model would throw
-away the later peer's share of the work. Such a neighbour is no donor.
+``swarmnet up`` launches at once meet their start condition at slightly different times, and
+the first to start may have trained hundreds of steps of a small model when the last one looks
+for a donor; taking its model would throw away the later peer's share of the work. Such a
+neighbour is no donor.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ ASKED = 8
 """Neighbours whose status a newcomer compares."""
 ATTEMPTS = 3
 """Donors asked for their model per round, least used first."""
+BEHIND = 0.5
+"""A neighbour with fewer than this fraction of the steps of the most advanced one asked has
+barely trained (it started on its own later, e.g. with the exchange off): it is no donor."""
 PATIENCE = 10.0
 """Seconds a newcomer keeps retrying while every donor it asked is busy with another newcomer."""
 
@@ -99,6 +104,8 @@ async def _trained_donors(client: PeerClient, table: PeerTable, rng: random.Rand
             continue
         if isinstance(step, int) and step > 0 and isinstance(donations, int):
             trained.append((donations, rec, step))
+    lead = max((step for _, _, step in trained), default=0)
+    trained = [t for t in trained if t[2] >= lead * BEHIND]
     trained.sort(key=lambda t: t[0])  # stable: keeps the random order among ties
     return [(rec, step) for _, rec, step in trained]
 

@@ -386,6 +386,7 @@ class Peer:
                 break
             await asyncio.sleep(0.02)
         self.started_with = frozenset(r.id for r in self.table.alive())
+        self.membership.starting = False
 
     def _peers_finished(self, until: float) -> bool:
         """Whether to stop waiting on the others: all live peers finished, ``until`` passed, or

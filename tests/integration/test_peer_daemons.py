@@ -49,6 +49,31 @@ def test_peers_seeded_in_a_chain_form_one_swarm_and_report_status(tmp_path, daem
         assert summary["reason"] == "stopped" and summary["interactions"] > 0
 
 
+def test_peers_waiting_for_their_start_condition_gossip_fast_and_start_together(tmp_path, daemons):
+    """c joins through b, so b and c can start at once, while a hears of c only by gossip. A peer
+    waiting for its start condition gossips every STARTING_INTERVAL (50 ms), not every
+    gossip_interval (here 60 s: a would wait for its next round, or b's, or its 30 s join
+    timeout), so all three start within a fraction of a second."""
+    config = daemon_config(tmp_path, steps=300)
+    slow_gossip = ("--set", "network.gossip_interval=60", "--set", "network.dead_after=300")
+    run = tmp_path / "run"
+    a = PeerProcessHandle(run, "a", config, *slow_gossip)
+    daemons.append(a)
+    b = PeerProcessHandle(run, "b", config, "--seed", a.card()["addr"], *slow_gossip)
+    daemons.append(b)
+    b.card()
+    c = PeerProcessHandle(run, "c", config, "--seed", b.card()["addr"], *slow_gossip)
+    daemons.append(c)
+    for d in daemons:
+        assert d.wait(90) == 0, d.log()
+    first_row = {d.name: next(r["time"] for r in read_metrics(run / d.name / "metrics.jsonl") if "step" in r)
+                 for d in daemons}
+    print(f"first metrics row (step 10) after the earliest: "
+          f"{ {n: round(t - min(first_row.values()), 3) for n, t in first_row.items()} } s")
+    assert max(first_row.values()) - min(first_row.values()) < 2.0, first_row
+    assert "only" not in a.log(200)  # a met its start condition, it did not time out
+
+
 def test_unreachable_seed_is_reported_and_retried_without_hanging(tmp_path, daemons):
     config = daemon_config(tmp_path, steps=200)
     peer = PeerProcessHandle(tmp_path / "run", "lonely", config, "--seed", "tcp://127.0.0.1:9",
