@@ -172,8 +172,9 @@ def swarm_phase(method: str, *, rank: int, plan: dict[str, Any], model_spec: dic
         "codec.name": codec, "codec.options": options,
         "network.exchange": method != "swarm-solo", "network.listen": "tcp://127.0.0.1:0",
         "network.min_peers": plan["world"] - 1,
-        # All ranks start together, as DDP's do: a rank that comes up a little late must not
-        # adopt a neighbour's model and step (a newcomer's start), which would skip its phase.
+        # All ranks start together, as DDP's do, and peers started together adopt nothing; even a
+        # rank whose start condition timed out must not take a neighbour's model and step (a
+        # newcomer's start), which would skip its phase.
         "network.adopt_model": False,
         # Merge every H steps as the algorithm says, unpaced, like the baselines' fixed rates
         # (`swarmnet bench exchange` measures the default CPU budget).

@@ -61,7 +61,6 @@ def test_peers_waiting_for_their_start_condition_gossip_fast_and_start_together(
     daemons.append(a)
     b = PeerProcessHandle(run, "b", config, "--seed", a.card()["addr"], *slow_gossip)
     daemons.append(b)
-    b.card()
     c = PeerProcessHandle(run, "c", config, "--seed", b.card()["addr"], *slow_gossip)
     daemons.append(c)
     for d in daemons:
