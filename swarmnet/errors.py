@@ -33,6 +33,8 @@ class ProtocolError(SwarmError):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.reason = message
+        self.mid = 0
+        """The offending message's id, when its header could be read (0 otherwise)."""
 
 
 class CodecError(SwarmError):

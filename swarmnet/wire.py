@@ -50,6 +50,13 @@ FULL = "full"
 (a newcomer adopting a neighbour's model); such a pull moves no clock."""
 
 _CARD = {"id": str, "addr": str, "hb": int}
+_CARD_OPTIONAL = {"name": str, "done": bool}
+MAX_CARDS = 128
+"""Peer cards per message: the card and the list together."""
+CARD_BYTES = 32768
+"""Packed bytes of the cards a peer puts in one message (half the default header limit), so
+that cards with long names or addresses still leave a reply well under any peer's limit."""
+_CARD_FIELD_CHARS = {"id": 128, "addr": 512, "name": 128}
 
 # Required header fields per message type (beyond v, t, id, mid, sizes) and their types.
 SCHEMA: dict[MsgType, dict[str, Any]] = {
@@ -113,8 +120,22 @@ class Limits:
     max_frames: int = 64
 
 
+def fit_cards(cards: Sequence[Mapping[str, Any]], budget: int = CARD_BYTES,
+              limit: int = MAX_CARDS - 1) -> list[Mapping[str, Any]]:
+    """The leading cards, at most ``limit`` (by default what a gossip message carries beside
+    the sender's own card), whose packed size stays within ``budget`` bytes."""
+    fitted: list[Mapping[str, Any]] = []
+    for card in cards[:limit]:
+        budget -= len(msgpack.packb(card, use_bin_type=True))
+        if budget < 0:
+            break
+        fitted.append(card)
+    return fitted
+
+
 def decode(frames: Sequence[Buffer], limits: Limits = Limits()) -> Message:
-    """Validate and decode a received multipart; raises ProtocolError with a stable code."""
+    """Validate and decode a received multipart; raises ProtocolError with a stable code, and
+    with the message's ``mid`` once the header could be read (so the refusal can answer it)."""
     if not frames:
         raise ProtocolError("malformed", "empty message")
     if len(frames) - 1 > limits.max_frames:
@@ -128,6 +149,15 @@ def decode(frames: Sequence[Buffer], limits: Limits = Limits()) -> Message:
         raise ProtocolError("malformed", f"header is not msgpack: {exc.__class__.__name__}") from None
     if not isinstance(header, dict):
         raise ProtocolError("malformed", "header is not a map")
+    try:
+        return _validated(header, frames, limits)
+    except ProtocolError as exc:
+        mid = header.get("mid")
+        exc.mid = mid if type(mid) is int and mid > 0 else 0
+        raise
+
+
+def _validated(header: dict[str, Any], frames: Sequence[Buffer], limits: Limits) -> Message:
     version = header.get("v")
     if version != PROTOCOL_VERSION:
         raise ProtocolError("version", f"protocol version {version!r}, this peer speaks {PROTOCOL_VERSION}")
@@ -139,7 +169,7 @@ def decode(frames: Sequence[Buffer], limits: Limits = Limits()) -> Message:
     _check(header, SCHEMA[mtype], mtype)
     sizes = header["sizes"]
     payload = [memoryview(f).nbytes for f in frames[1:]]
-    if not all(isinstance(s, int) and 0 <= s <= limits.max_frame_bytes for s in sizes):
+    if not all(type(s) is int and 0 <= s <= limits.max_frame_bytes for s in sizes):
         raise ProtocolError("oversized", f"{mtype}: declared frame sizes out of range")
     if sizes != payload:
         raise ProtocolError("size_mismatch", f"{mtype}: header declares frame sizes {sizes[:8]}, got {payload[:8]}")
@@ -159,16 +189,26 @@ def _check(header: Mapping[str, Any], schema: Mapping[str, Any], mtype: MsgType)
         value = header[key]
         if kind is object:
             continue
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            continue
-        if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        if not _is(value, kind):
             raise ProtocolError("malformed", f"{mtype}: field {key!r} has type {type(value).__name__}")
 
 
+def _is(value: Any, kind: type | tuple[type, ...]) -> bool:
+    """msgpack's types: booleans are not integers, integers are floats."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool):
+        return bool in kinds
+    return isinstance(value, kinds) or (float in kinds and isinstance(value, int))
+
+
 def _check_cards(header: Mapping[str, Any], mtype: MsgType) -> None:
-    for card in [header["card"], *header["peers"]]:
+    cards = [header["card"], *header["peers"]]
+    if len(cards) > MAX_CARDS:
+        raise ProtocolError("malformed", f"{mtype}: {len(cards)} peer cards (limit {MAX_CARDS})")
+    for card in cards:
         if not isinstance(card, dict):
             raise ProtocolError("malformed", f"{mtype}: peer card is not a map")
         _check(card, _CARD, mtype)
-        if len(card["addr"]) > 512 or len(card["id"]) > 128:
+        _check(card, {k: v for k, v in _CARD_OPTIONAL.items() if k in card}, mtype)
+        if any(len(card.get(k, "")) > n for k, n in _CARD_FIELD_CHARS.items()):
             raise ProtocolError("malformed", f"{mtype}: peer card field too long")

@@ -39,12 +39,25 @@ class PeerClient:
         self.stats.bytes_out += sum(memoryview(f).nbytes for f in frames)
         raw = await self.connection(address).request(frames, timeout or self.timeout)
         self.stats.bytes_in += sum(f.nbytes for f in raw)
-        reply = decode(raw, self.limits)
-        if reply.re != msg.mid:
-            raise ProtocolError("malformed", f"reply to message {reply.re}, expected {msg.mid}")
-        if reply.type is MsgType.REJECT:
+        try:
+            reply = decode(raw, self.limits)
+        except ProtocolError:
+            await self.forget(address)
+            raise
+        if reply.type is MsgType.REJECT and reply.re in (0, msg.mid):  # 0: our header was unreadable
             raise Rejected(reply.body["code"], reply.body["reason"])
+        if reply.re != msg.mid:
+            # A stray reply: later ones on this connection could be off by one, so start afresh.
+            await self.forget(address)
+            raise ProtocolError("malformed", f"reply to message {reply.re}, expected {msg.mid}")
         return reply
+
+    async def forget(self, address: str) -> None:
+        """Close the connection to ``address`` (a peer that left, or one whose replies no longer
+        line up with our requests); the next call opens a new one."""
+        conn = self._connections.pop(address, None)
+        if conn is not None:
+            await conn.aclose()
 
     async def aclose(self) -> None:
         for conn in self._connections.values():

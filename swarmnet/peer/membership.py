@@ -21,10 +21,8 @@ from typing import Any
 
 from swarmnet.errors import SwarmError, TransportError
 from swarmnet.peer.client import PeerClient
-from swarmnet.wire import Message, MsgType, request
+from swarmnet.wire import Message, MsgType, fit_cards, request
 
-MAX_CARDS = 128
-"""Peer cards per gossip message (keeps headers small in large swarms)."""
 MAX_BACKOFF = 60.0
 STARTING_INTERVAL = 0.05
 """Gossip period (seconds) while a peer waits for its start condition. Peers launched together
@@ -78,17 +76,25 @@ class PeerTable:
             return
         now = self.now()
         rec = self.records.get(pid)
+        if rec is None or direct:
+            # A restarted peer comes back under a new id at the same address: drop the old one,
+            # on the new one's own word, or once the old one has gone quiet (anyone can relay a
+            # card, so a relayed one alone must not evict a live peer).
+            for old in [r for r in self.records.values() if r.addr == card["addr"] and r.id != pid]:
+                if direct or not self.is_alive(old):
+                    del self.records[old.id]
         if rec is None:
-            # A restarted peer comes back under a new id at the same address: drop the old one.
-            for old in [r for r in self.records.values() if r.addr == card["addr"]]:
-                del self.records[old.id]
             rec = PeerRecord(pid, str(card["addr"]), str(card.get("name", "")), int(card["hb"]), now,
                              done=card.get("done") is True)
             self.records[pid] = rec
             self._event(rec, "joined")
             return
         if rec.left:
-            return
+            if not (direct and int(card["hb"]) > rec.hb):
+                return
+            # Still gossiping after a bye: the bye was not its own (ids are claims), or it came back.
+            rec.left = False
+            self._event(rec, "back")
         if int(card["hb"]) > rec.hb or direct:
             rec.hb = max(rec.hb, int(card["hb"]))
             rec.last_seen = now
@@ -143,18 +149,20 @@ class PeerTable:
             if r.avoid_until <= now and (allowed_set is None or r.id in allowed_set)
         ]
 
-    def sample_cards(self, rng: random.Random, limit: int = MAX_CARDS) -> list[dict[str, Any]]:
+    def sample_cards(self, rng: random.Random) -> list[dict[str, Any]]:
+        """A random sample of the live peers' cards, as many as one message carries."""
         alive = self.alive()
-        if len(alive) > limit:
-            alive = rng.sample(alive, limit)
-        return [r.card() for r in alive]
+        rng.shuffle(alive)
+        return fit_cards([r.card() for r in alive])  # type: ignore[return-value]
 
-    def prune(self) -> None:
+    def prune(self) -> list[PeerRecord]:
+        """Forget the records silent for ``forget_after``; returns them."""
         now = self.now()
-        for rec in list(self.records.values()):
-            if now - rec.last_seen > self.forget_after:
-                del self.records[rec.id]
-                self._event(rec, "forgotten")
+        gone = [rec for rec in self.records.values() if now - rec.last_seen > self.forget_after]
+        for rec in gone:
+            del self.records[rec.id]
+            self._event(rec, "forgotten")
+        return gone
 
 
 def read_seed_card(seed: str) -> str | None:
@@ -221,7 +229,11 @@ class MembershipService:
         # Seeds are asked until the swarm is known, then now and then (healing partitions).
         if not targets or self.rng.random() < 0.05:
             await self._contact_seeds()
-        self.table.prune()
+        gone = self.table.prune()
+        known = {r.addr for r in self.table.records.values()}
+        for rec in gone:
+            if rec.addr not in known and rec.addr not in self.seeds:
+                await self.client.forget(rec.addr)  # its socket would redial a dead address forever
 
     async def _contact_seeds(self) -> None:
         now = time.monotonic()

@@ -56,7 +56,7 @@ from swarmnet.peer.stats import PeerStats
 from swarmnet.security import exposure_warning, peer_keys, split_address, with_key
 from swarmnet.tasks import load_task
 from swarmnet.transport import TransportSet
-from swarmnet.wire import Limits, MsgType, request
+from swarmnet.wire import Limits, MsgType, fit_cards, request
 
 REPLY_HEADER_SLACK = 1024
 """Bytes of a snapshot reply's header besides the codec's meta (type, ids, version, clock, age,
@@ -178,8 +178,8 @@ class Peer:
             "pid": os.getpid(), "device": str(self.device), "algorithm": self.cfg.algorithm.name,
             "codec": self.codec.name, "version": __version__, "uptime": time.time() - self.started,
             **self.stats.as_dict(),
-            "peers": [{**r.card(), "alive": self.table.is_alive(r), "failures": r.failures}
-                      for r in self.table.records.values()][:256],
+            "peers": fit_cards([{**r.card(), "alive": self.table.is_alive(r), "failures": r.failures}
+                                for r in self.table.records.values()], limit=256),
             "events": [list(e) for e in self.table.events[-20:]],
             **together,
         }

@@ -87,8 +87,9 @@ class PeerServer:
             msg = decode(frames, self.limits)
         except ProtocolError as exc:
             self._count_reject(exc.code, exc.reason, None)
-            # Too broken to know whom or what to answer: a bare reject with message id 0.
-            return Message(MsgType.REJECT, me, {"code": str(RejectCode.MALFORMED), "reason": exc.reason[:500]})
+            code = RejectCode.VERSION if exc.code == RejectCode.VERSION else RejectCode.MALFORMED
+            # Answers the request's mid when its header could be read, else 0.
+            return Message(MsgType.REJECT, me, {"code": str(code), "reason": exc.reason[:500]}, re=exc.mid)
         handler = self.handlers.get(msg.type)
         if handler is None:
             self._count_reject("unexpected_type", f"{msg.type} is not a request", msg.sender)
@@ -101,7 +102,9 @@ class PeerServer:
             else:
                 code = exc.code if isinstance(exc, ProtocolError) else "bad_payload"
                 self._count_reject(code, str(exc), msg.sender)
-            self.peer.table.record_failure(msg.sender)
+            # No back-off for msg.sender: a request's sender id is a claim (even with a shared
+            # swarm key), so charging it would let anyone sideline an honest peer. A peer that
+            # serves bad models is caught by our own pulls from its address.
             return reject(msg, me, RejectCode.MALFORMED, str(exc))
 
     def _count_reject(self, code: str, reason: str, sender: str | None) -> None:

@@ -23,6 +23,7 @@ stops answering costs the request deadline, which swarmnet enforces itself with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import struct
@@ -42,8 +43,12 @@ log = logging.getLogger(__name__)
 _PRELUDE = struct.Struct("<IIQ")
 _MAGIC = 0x53574E31  # "SWN1"
 _ROUTE = struct.Struct("<QQ")  # (peer id at this listener, message id)
-MAX_FRAMES = 1 << 16
-"""Frames per message accepted from the network; more drops the connection."""
+MAX_FRAMES = 1024
+"""Frames per message accepted from the network; more drops the connection (the wire protocol
+uses at most 65; the transport contract asks for hundreds)."""
+QUEUED = 1000
+"""Received requests a listener holds for the server; when full, it stops reading from the
+endpoints until the server catches up (libzmq's default receive high-water mark)."""
 REPLY_TIMEOUT = 30.0
 """Seconds a listener spends pushing one reply before it gives up on the requester."""
 CONNECT_TIMEOUT = 5.0
@@ -120,7 +125,7 @@ class UcxListener(Listener):
     def __init__(self, ucxx: Any, host: str, port: int, max_frame_bytes: int) -> None:
         self._ucxx = ucxx
         self._max = max_frame_bytes
-        self._queue: asyncio.Queue[tuple[Route, list[memoryview]] | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[Route, list[memoryview]] | None] = asyncio.Queue(QUEUED)
         self._peers: dict[int, _Peer] = {}
         self._handlers: set[asyncio.Task[None]] = set()
         self._next_peer = 0
@@ -147,7 +152,7 @@ class UcxListener(Listener):
         try:
             while True:
                 msg_id, frames = await _recv_message(ep, self._max)
-                self._queue.put_nowait((_ROUTE.pack(peer_id, msg_id), frames))
+                await self._queue.put((_ROUTE.pack(peer_id, msg_id), frames))
         except Exception as exc:
             if not _failure(self._ucxx, exc):
                 raise
@@ -196,7 +201,8 @@ class UcxListener(Listener):
         self._peers.clear()
         for task in list(self._handlers):
             task.cancel()
-        self._queue.put_nowait(None)
+        with contextlib.suppress(asyncio.QueueFull):  # full: nobody waits to be woken
+            self._queue.put_nowait(None)
 
 
 class UcxConnection(Connection):

@@ -318,6 +318,10 @@ class ZmqConnection(Connection):
                 raise
             return [p.buffer for p in parts]
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     async def aclose(self) -> None:
         self._closed = True
         self._reset()
@@ -367,6 +371,7 @@ class ZmqTransport(Transport):
 
     def connect(self, url: str, *, max_frame_bytes: int = 2**31 - 1) -> Connection:
         conn = ZmqConnection(self._ctx, url, max_frame_bytes, self._curve)
+        self._connections = [c for c in self._connections if not c.closed]
         self._connections.append(conn)
         return conn
 

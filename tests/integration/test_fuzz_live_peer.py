@@ -243,7 +243,7 @@ def test_thousands_of_hostile_messages_never_crash_a_live_peer(live_peer):
                 head = header_of(client.receive())
                 assert head["t"] in ("reject", "snapshot", "status_reply", "peers", "ack"), (note, head)
                 if head["t"] == "reject":
-                    tally["rejected"] += head["code"] == "malformed"
+                    tally["rejected"] += head["code"] in ("malformed", "version")
                 else:
                     tally["answered"] += 1
             tally["sent"] += len(batch)
@@ -282,3 +282,29 @@ def test_thousands_of_hostile_messages_never_crash_a_live_peer(live_peer):
         client.close()
     peer.signal(signal.SIGTERM)
     assert peer.wait(30) == 0, peer.log()
+
+
+def test_fat_cards_and_refusals_keep_every_reply_readable(live_peer):
+    """Hellos stuffed with the largest cards the protocol admits: the peer's gossip and status
+    replies still fit the header limit every peer enforces; a refusal answers the request's mid."""
+    peer, card = live_peer
+    client = Client(card["addr"])
+    try:
+        for batch in range(6):
+            fat = [{"id": f"fat-{batch}-{i:03d}".ljust(128, "x"), "addr": f"tcp://127.0.0.{batch}:{i}".ljust(512, "0"),
+                    "hb": 2**40, "name": "n" * 128, "done": False} for i in range(70)]
+            head = header_of(client.ask(encode(request(MsgType.HELLO, "stuffer", card=fat[0], peers=fat[1:]))))
+            assert head["t"] == "peers", head
+        gossip = client.ask(encode(request(MsgType.HELLO, "prober", card=dict(fat[0], id="prober"), peers=[])))
+        status = client.ask(encode(request(MsgType.STATUS, "prober")))
+        for reply in (gossip, status):
+            assert len(reply[0]) <= 65536, (len(reply[0]), header_of(reply)["t"])
+        assert len(header_of(gossip)["peers"]) > 10 and len(header_of(status)["status"]["peers"]) > 10
+        assert query_status(card["addr"])["state"] == "training"
+        stranger = request(MsgType.PULL, "stranger", clock=0, want=None, version=None)
+        frames = encode(stranger)
+        frames[0] = msgpack.packb(dict(header_of(frames), v=PROTOCOL_VERSION + 1))
+        head = header_of(client.ask(frames))
+        assert (head["t"], head["code"], head["re"]) == ("reject", "version", stranger.mid), head
+    finally:
+        client.close()

@@ -82,13 +82,34 @@ def test_left_and_forgotten_peers_and_restart_under_a_new_id():
     table.merge(card("a", 1, "tcp://h:1"))
     table.merge(card("b", 1, "tcp://h:2"))
     table.mark_left("b")
-    table.merge(card("b", 5, "tcp://h:2"))  # a departed id does not come back
+    table.merge(card("b", 5, "tcp://h:2"))  # a departed id does not come back on hearsay
     assert [r.id for r in table.alive()] == ["a"]
-    table.merge(card("a2", 1, "tcp://h:1"))  # a restarted at the same address
+    table.merge(card("a2", 1, "tcp://h:1"))  # a relayed claim to a's address while a is alive...
+    assert {"a", "a2"} <= set(table.records)
+    table.merge(card("a2", 2, "tcp://h:1"), direct=True)  # ...but a2 itself there: a restarted
     assert "a" not in table.records and "a2" in table.records
     clock.t = 10.0
-    table.prune()
+    assert {r.id for r in table.prune()} == {"a2", "b"}
     assert table.records == {}
+
+
+def test_a_bye_in_someone_elses_name_lasts_until_the_peer_speaks_for_itself():
+    table = PeerTable("me", dead_after=10.0, backoff=1.0, now=FakeClock())
+    table.merge(card("b", 1))
+    table.mark_left("b")  # anyone can send a bye with b's id
+    table.merge(card("b", 1), direct=True)  # no newer heartbeat: nothing new from b
+    assert table.alive() == []
+    table.merge(card("b", 2), direct=True)
+    assert [r.id for r in table.alive()] == ["b"]
+
+
+def test_a_quiet_peer_is_replaced_by_a_relayed_card_for_its_address():
+    clock = FakeClock()
+    table = PeerTable("me", dead_after=1.0, backoff=1.0, now=clock)
+    table.merge(card("a", 1, "tcp://h:1"))
+    clock.t = 2.0  # a has gone quiet (restarted, say)
+    table.merge(card("a2", 1, "tcp://h:1"))
+    assert list(table.records) == ["a2"]
 
 
 def test_candidates_restricted_to_topology_and_sampled_cards_bounded():
@@ -96,5 +117,6 @@ def test_candidates_restricted_to_topology_and_sampled_cards_bounded():
     for i in range(300):
         table.merge(card(f"p{i}", 1))
     assert {r.id for r in table.candidates(["p1", "p2", "zzz"])} == {"p1", "p2"}
-    cards = table.sample_cards(random.Random(0), limit=50)
-    assert len(cards) == 50 and len({c["id"] for c in cards}) == 50
+    cards = table.sample_cards(random.Random(0))
+    assert len(cards) == 127 and len({c["id"] for c in cards}) == 127
+    assert {c["id"] for c in cards} != {c["id"] for c in table.sample_cards(random.Random(1))}

@@ -5,7 +5,19 @@ from hypothesis import strategies as st
 
 from swarmnet import PROTOCOL_VERSION
 from swarmnet.errors import ProtocolError
-from swarmnet.wire import Limits, MsgType, RejectCode, decode, encode, reject, reply, request
+from swarmnet.wire import (
+    CARD_BYTES,
+    MAX_CARDS,
+    Limits,
+    MsgType,
+    RejectCode,
+    decode,
+    encode,
+    fit_cards,
+    reject,
+    reply,
+    request,
+)
 
 
 def header(**fields):
@@ -13,6 +25,12 @@ def header(**fields):
             "clock": 0, "want": None, "version": None}
     base.update(fields)
     return msgpack.packb(base)
+
+
+def hello(card=None, peers=()):
+    card = card or {"id": "a", "addr": "tcp://h:1", "hb": 1}
+    return msgpack.packb({"v": PROTOCOL_VERSION, "t": "hello", "id": "a", "mid": 1, "sizes": [],
+                          "card": card, "peers": list(peers)})
 
 
 def test_round_trip_with_payload_frames():
@@ -47,16 +65,43 @@ def test_round_trip_with_payload_frames():
         ([header(re=float("inf"))], "malformed"),
         ([header(re="7")], "malformed"),
         ([b"x" * 70000], "oversized"),
-        ([msgpack.packb({"v": PROTOCOL_VERSION, "t": "hello", "id": "a", "mid": 1, "sizes": [],
-                         "card": {"id": "a"}, "peers": []})], "malformed"),
-        ([msgpack.packb({"v": PROTOCOL_VERSION, "t": "hello", "id": "a", "mid": 1, "sizes": [],
-                         "card": {"id": "a", "addr": "x" * 600, "hb": 1}, "peers": []})], "malformed"),
+        ([header(version=True)], "malformed"),
+        ([header(sizes=[True]), b"x"], "oversized"),
+        ([hello({"id": "a"})], "malformed"),
+        ([hello({"id": "a", "addr": "x" * 600, "hb": 1})], "malformed"),
+        ([hello({"id": "a", "addr": "tcp://h:1", "hb": 1, "name": "n" * 200})], "malformed"),
+        ([hello({"id": "a", "addr": "tcp://h:1", "hb": 1, "name": 7})], "malformed"),
+        ([hello({"id": "a", "addr": "tcp://h:1", "hb": 1, "done": "yes"})], "malformed"),
+        ([hello(peers=[{"id": f"p{i}", "addr": "tcp://h:1", "hb": 1} for i in range(MAX_CARDS)])], "malformed"),
     ],
 )
 def test_malformed_messages_are_rejected_with_a_reason_code(frames, code):
     with pytest.raises(ProtocolError) as info:
         decode(frames)
     assert info.value.code == code
+
+
+def test_a_refusal_knows_the_message_id_once_the_header_is_readable():
+    with pytest.raises(ProtocolError) as info:
+        decode([header(v=PROTOCOL_VERSION + 1, mid=7)])
+    assert (info.value.code, info.value.mid) == ("version", 7)
+    with pytest.raises(ProtocolError) as info:
+        decode([header(clock="soon", mid=True)])
+    assert info.value.mid == 0
+    with pytest.raises(ProtocolError) as info:
+        decode([b"\xc1garbage"])
+    assert info.value.mid == 0
+
+
+def test_cards_fit_a_message_by_count_and_by_bytes():
+    small = [{"id": f"p{i}", "addr": "tcp://h:1", "hb": 1, "name": "n", "done": False} for i in range(300)]
+    assert fit_cards(small) == small[: MAX_CARDS - 1]
+    # The longest cards the protocol admits still make a message every peer can read.
+    long = [{"id": "i" * 128, "addr": "a" * 512, "hb": 2**40, "name": "n" * 128, "done": False}] * MAX_CARDS
+    fitted = fit_cards(long)
+    assert 0 < len(fitted) < MAX_CARDS - 1
+    assert len(msgpack.packb(fitted)) <= CARD_BYTES
+    decode([hello(long[0], fitted)])
 
 
 def test_frame_limits():

@@ -1,0 +1,88 @@
+"""A peer's outgoing side over real ZeroMQ sockets: replies that do not line up with requests,
+and connections to peers the swarm has forgotten."""
+
+import asyncio
+import logging
+import random
+
+import pytest
+
+from swarmnet.errors import ProtocolError
+from swarmnet.peer.client import PeerClient
+from swarmnet.peer.membership import MembershipService, PeerTable
+from swarmnet.peer.stats import PeerStats
+from swarmnet.transport import TransportSet
+from swarmnet.wire import Limits, MsgType, decode, encode, reply, request
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def make_client(transports):
+    return PeerClient(sender="me", transports=transports, limits=Limits(), timeout=2.0, stats=PeerStats(),
+                      max_frame_bytes=2**20)
+
+
+async def serve(listener, card, *, echo_first=1):
+    """Answers hellos with ``card``; its first answer is sent ``echo_first`` times."""
+    answered = 0
+    while True:
+        route, frames = await listener.recv()
+        msg = decode(frames)
+        answered += 1
+        for _ in range(echo_first if answered == 1 else 1):
+            await listener.send(route, encode(reply(msg, MsgType.PEERS, card["id"], card=card, peers=[])))
+
+
+def hello(card):
+    return request(MsgType.HELLO, "me", card=card, peers=[])
+
+
+async def test_a_stray_reply_costs_one_request_not_the_connection():
+    transports = TransportSet()
+    listener = await transports.for_url("tcp://127.0.0.1:0").listen("tcp://127.0.0.1:0")
+    card = {"id": "far", "addr": listener.address, "hb": 1}
+    server = asyncio.create_task(serve(listener, card, echo_first=2))  # answers the first request twice
+    client = make_client(transports)
+    mine = {"id": "me", "addr": "tcp://127.0.0.1:9", "hb": 1}
+    first = hello(mine)
+    assert (await client.call(listener.address, first)).re == first.mid
+    with pytest.raises(ProtocolError, match=f"reply to message {first.mid}"):
+        await client.call(listener.address, hello(mine))  # gets the duplicate
+    for _ in range(3):  # every later request gets its own reply again
+        msg = hello(mine)
+        assert (await client.call(listener.address, msg)).re == msg.mid
+    server.cancel()
+    await client.aclose()
+    await transports.aclose()
+
+
+async def test_connections_to_forgotten_peers_are_closed():
+    transports = TransportSet()
+    client = make_client(transports)
+    table = PeerTable("me", dead_after=1.0, backoff=0.1, forget_after=1.5)
+    membership = MembershipService(table=table, client=client, seeds=[], interval=0.05, rng=random.Random(0),
+                                   card=lambda: {"id": "me", "addr": "tcp://127.0.0.1:9", "hb": 0},
+                                   log=logging.LoggerAdapter(logging.getLogger("test")))
+    listeners, servers, cards = [], [], []
+    for i in range(4):
+        listener = await transports.for_url("tcp://127.0.0.1:0").listen("tcp://127.0.0.1:0")
+        cards.append({"id": f"p{i}", "addr": listener.address, "hb": 1})
+        listeners.append(listener)
+        servers.append(asyncio.create_task(serve(listener, cards[-1])))
+    for card in cards:  # talk to each, as gossip would
+        membership.merge_reply(await client.call(card["addr"], membership.hello()))
+    connections = [client.connection(card["addr"]) for card in cards]
+    assert not any(c.closed for c in connections)
+    for server, listener in zip(servers[1:], listeners[1:]):  # three of them leave without a word
+        server.cancel()
+        await listener.aclose()
+    for _ in range(100):
+        await membership.gossip_once()  # p0 keeps answering; the others are forgotten
+        await asyncio.sleep(0.05)
+        if set(table.records) == {"p0"}:
+            break
+    assert set(table.records) == {"p0"}
+    assert [c.closed for c in connections] == [False, True, True, True]
+    servers[0].cancel()
+    await client.aclose()
+    await transports.aclose()
