@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from swarmnet.algorithms import LocalSteps
+from swarmnet.algorithms import LocalSteps, clock_rate
 from swarmnet.config import SwarmConfig, build_config, load_config, to_dict
 from swarmnet.errors import ConfigError, SwarmError
 from swarmnet.peer.compute import Replica
@@ -56,8 +56,11 @@ class SwarmOptimizer:
     """Wraps ``optimizer`` (which steps ``model``) and makes this process one peer of a swarm.
 
     ``config`` is a swarm config (a TOML path or a :class:`SwarmConfig`); its ``algorithm``,
-    ``codec`` and ``network`` sections apply, and of ``train`` only ``metrics_every`` and
-    ``tensorboard`` (your loop is the training; ``task`` does not apply). ``listen``,
+    ``codec`` and ``network`` sections apply, and of ``train`` only ``metrics_every``,
+    ``tensorboard`` and, with ``algorithm.name = "popsgd"``, ``schedule = "popsgd"`` (your loop
+    is the training; ``task`` does not apply). With the latter, PopSGD's learning rate follows
+    the phase clock (SPEC 1.3): before each step every parameter group's rate is set to its rate
+    when wrapped divided by ``1 + V / train.clock_scale``, so attach no other scheduler. ``listen``,
     ``seeds``, ``run_dir`` and ``settings`` (dotted keys, as ``--set`` on the command line)
     override it. ``name`` defaults to host-pid.
 
@@ -103,6 +106,9 @@ class SwarmOptimizer:
             local_steps=LocalSteps(1 if algo.name == "popsgd" else algo.local_steps, algo.geometric),
         )
         self.replica.publish()
+        self._clocked_lrs = ([float(g["lr"]) for g in optimizer.param_groups]
+                             if algo.name == "popsgd" and self.cfg.train.schedule == "popsgd" else None)
+        """PopSGD's base rates per parameter group, when the phase clock drives them."""
         self.peer.attach(self.replica, self.replica.mailbox)
         self.metrics = MetricsWriter(self.peer.peer_dir / "metrics.jsonl", tensorboard=self.cfg.train.tensorboard)
         self._began = time.monotonic()
@@ -148,6 +154,10 @@ class SwarmOptimizer:
         """The wrapped optimizer's step, then the merges that are ready (never waits)."""
         if self._closed:
             raise SwarmError("step() after close(): this peer has left the swarm")
+        self.peer.stats.clock = clock = self.peer.clock.value
+        if self._clocked_lrs is not None:
+            for group, base in zip(self.optimizer.param_groups, self._clocked_lrs):
+                group["lr"] = clock_rate(base, self.cfg.train.clock_scale, clock)
         result = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
         if result is not None:
             self.report_loss(result)
@@ -186,6 +196,11 @@ class SwarmOptimizer:
         self.optimizer.load_state_dict(state)
 
     # -- the swarm -----------------------------------------------------------------------------
+
+    @property
+    def clock(self) -> int:
+        """This peer's phase clock V: its count of the swarm's interactions (SPEC 1.2)."""
+        return self.peer.clock.value
 
     @property
     def address(self) -> str:

@@ -22,6 +22,7 @@ _EXPORTS = {
     "clock_exchange": "clock",
     "LocalSteps": "local_steps",
     "Schedule": "schedules",
+    "clock_rate": "schedules",
     "compress_epochs": "schedules",
     "Topology": "topology",
     "parse_topology": "topology",

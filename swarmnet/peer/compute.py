@@ -139,7 +139,7 @@ class Replica:
         encoded = self.codec.encode(self.stale_N, hints)
         values = (encoded.quantized if self.codec.lossless
                   else published(self.stale_N.numel(), torch.float32, self.device).copy_(self.stale_N))
-        self.store.publish(values, encoded, self.step)
+        self.store.publish(values, encoded, self.step, self.inbox.drained)
 
     def count_cpu(self) -> None:
         """From the training thread: its CPU time outside merges, into the stats."""

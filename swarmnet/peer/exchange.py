@@ -167,6 +167,12 @@ class Exchange:
     async def interact(self, target: PeerRecord) -> None:
         peer = self.peer
         own = peer.store.latest()
+        deadline = time.monotonic() + peer.cfg.network.request_timeout
+        while own is not None and not peer.gate.may_key_on(own):  # a nudge is on its way in (symmetric)
+            if time.monotonic() > deadline or self._stopping.is_set():
+                return
+            await asyncio.sleep(0.001)
+            own = peer.store.latest()
         assert own is not None, "run() checks that a snapshot was published"
         peer.gate.begin_own(own.version)
         try:

@@ -61,6 +61,8 @@ class Snapshot:
     """The exact vector that was encoded (the owner's communication copy C)."""
     encoded: Encoded
     step: int
+    nudges: int = 0
+    """Neighbours' nudges applied to the model, in all, when this snapshot was published."""
     created: float = field(default_factory=time.monotonic)
 
 
@@ -73,9 +75,9 @@ class SnapshotStore:
         self._lock = threading.Lock()
         self._next_version = 1
 
-    def publish(self, values_N: Tensor, encoded: Encoded, step: int) -> Snapshot:
+    def publish(self, values_N: Tensor, encoded: Encoded, step: int, nudges: int = 0) -> Snapshot:
         with self._lock:
-            snap = Snapshot(self._next_version, values_N, encoded, step)
+            snap = Snapshot(self._next_version, values_N, encoded, step, nudges)
             self._next_version += 1
             self._snapshots[snap.version] = snap
             while len(self._snapshots) > self._history:
@@ -153,6 +155,8 @@ class NudgeInbox:
     def __init__(self, numel: int, device: torch.device) -> None:
         self._sum_N = torch.zeros(numel, dtype=torch.float32, device=device)
         self._count = 0
+        self.drained = 0
+        """Nudges applied so far, in all."""
         self._closed = False
         self._lock = threading.Lock()
 
@@ -173,6 +177,7 @@ class NudgeInbox:
                 target.add_(self._sum_N)
             self._sum_N.zero_()
             count, self._count = self._count, 0
+            self.drained += count
             return count
 
     def close(self) -> None:
@@ -198,12 +203,20 @@ class MergeGate:
     give K a negative weight, and many at once overshoot and diverge. So a nudge is admitted
     only against our latest version, only once per version, only when no earlier nudge is still
     waiting to be applied, and only while our own interaction in flight (if any) was computed
-    against that same version.
+    against that same version. Conversely our next merge waits for a version that holds every
+    nudge admitted (:meth:`may_key_on`): keyed on one without it, the nudge would land on top of
+    a merge computed as if it were not there.
     """
 
     def __init__(self) -> None:
         self._own_base: int | None = None
         self._nudged: int | None = None
+        self._admitted = 0
+
+    def may_key_on(self, snapshot: Snapshot) -> bool:
+        """Whether our own merge may be computed against ``snapshot``: every admitted nudge has
+        been applied before it was published."""
+        return snapshot.nudges >= self._admitted
 
     def begin_own(self, version: int) -> None:
         """Our exchange computes a merge against ``version``."""
@@ -223,9 +236,11 @@ class MergeGate:
         if self._own_base not in (None, latest):
             return "our own merge in flight was computed against an older version"
         self._nudged = latest
+        self._admitted += 1
         return None
 
     def cancel_nudge(self, version: int) -> None:
         """The admitted nudge could not be applied after all."""
+        self._admitted -= 1
         if self._nudged == version:
             self._nudged = None

@@ -108,6 +108,34 @@ def test_two_in_process_peers_merge_while_buffers_and_momentum_stay_local(tmp_pa
 
 
 @pytest.mark.timeout(60)
+def test_popsgd_rates_follow_the_phase_clock(tmp_path):
+    """With algorithm popsgd and its schedule, each group's rate is its own rate / (1 + V / V0)."""
+    settings = {"network.linger": 0.0, "algorithm.name": "popsgd", "train.schedule": "popsgd",
+                "train.clock_scale": 4.0}
+    a_model, _ = _model_and_optimizer()
+    b_model, b_opt = _model_and_optimizer()
+    a_opt = torch.optim.SGD([{"params": a_model[0].parameters(), "lr": 0.4},
+                             {"params": [p for m in list(a_model)[1:] for p in m.parameters()], "lr": 0.1}])
+    x = torch.randn(16, 4)
+    with swarmnet.SwarmOptimizer(a_opt, a_model, name="a", run_dir=tmp_path, settings=settings) as a, \
+         swarmnet.SwarmOptimizer(b_opt, b_model, name="b", run_dir=tmp_path, seeds=[a.address],
+                                 settings=settings) as b:
+        def steps():
+            for opt, model in ((a, a_model), (b, b_model)):
+                opt.zero_grad()
+                model(x).pow(2).mean().backward()
+                opt.step()
+            return a.clock >= 8
+        wait_until(steps, 30, interval=0.005, what="eight clock ticks at a")
+        clock = a.status()["clock"]
+        assert clock >= 8
+        # The rates the last step used: set from the clock as it was then (it may have moved since).
+        lrs = [g["lr"] for g in a_opt.param_groups]
+        used = round(4.0 * (0.4 / lrs[0] - 1.0))
+        assert 0 < used <= a.clock and lrs == pytest.approx([0.4 / (1 + used / 4), 0.1 / (1 + used / 4)])
+
+
+@pytest.mark.timeout(60)
 def test_bad_use_is_a_clear_error(tmp_path):
     model, opt = _model_and_optimizer()
     other = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)

@@ -1,12 +1,15 @@
 import asyncio
 import json
+import random
 
 import pytest
 import torch
 from torch import nn
 
 from swarmnet.algorithms import apply_nudge, apply_pull, pull_gap
+from swarmnet.algorithms.local_steps import LocalSteps
 from swarmnet.codecs import make_codec
+from swarmnet.peer.compute import Replica
 from swarmnet.peer.data import ShardSampler
 from swarmnet.peer.state import (
     FlatParameters,
@@ -16,6 +19,7 @@ from swarmnet.peer.state import (
     NudgeInbox,
     SnapshotStore,
 )
+from swarmnet.peer.stats import PeerStats
 
 
 def test_flat_parameters_are_views_of_one_vector_and_buffers_stay_out():
@@ -167,3 +171,34 @@ def test_own_merge_plus_one_nudge_on_a_version_stays_a_convex_combination():
     assert torch.allclose(two, (c_k + c_i) / 2)
     three = two + apply_nudge(c_m, k)
     assert torch.allclose(three, (c_k + c_i + c_m - k) / 2)  # K's weight is -1/2
+
+
+async def test_our_next_merge_waits_for_a_version_holding_the_nudge_admitted_meanwhile():
+    """Symmetric mode, one model: a neighbour's nudge against version v is admitted while our own
+    merge against v is in flight, and reaches the inbox only after that merge was applied and
+    v+1 published. Keyed on v+1, our next merge would give v's model a negative weight."""
+    model = nn.Linear(4, 1, bias=False)
+    nn.init.constant_(model.weight, 100.0)
+    me = Replica(model, codec=make_codec("fp32"), store=SnapshotStore(), mailbox=Mailbox(asyncio.get_running_loop()),
+                 stats=PeerStats(), local_steps=LocalSteps(1), rng=random.Random(0))
+    gate, zeros = MergeGate(), torch.zeros(4)
+    me.publish()
+    v = me.store.latest()
+    gate.begin_own(v.version)  # our merge with a neighbour at 0, against v
+    me.mailbox.put(MergeEntry(pull_gap(zeros, v.values_N, v.values_N), "j", 0.0, 0.0, 0.0))
+    assert gate.admit_nudge(v.version, v.version) is None  # another neighbour at 0 nudges us against v
+    nudge = apply_nudge(zeros, v.values_N)  # ... still decoding
+    me.since_merge = 1
+    me.merge_pending()  # our merge lands: v+1 = 50
+    me.mailbox.release()
+    gate.end_own()
+    assert not gate.may_key_on(me.store.latest())
+    me.inbox.add(nudge)
+    me.merge_pending()  # the nudge lands: v+2 = 0, as (0 + 0) / 2 of the two updates against v
+    latest = me.store.latest()
+    assert gate.may_key_on(latest) and latest.values_N.tolist() == [0.0] * 4
+    far = torch.full((4,), 40.0)  # the next merge, keyed on v+2, stays between its two models
+    assert apply_pull(latest.values_N.clone(), pull_gap(far, latest.values_N, latest.values_N)).tolist() == [20.0] * 4
+    assert gate.admit_nudge(latest.version, latest.version) is None and not gate.may_key_on(latest)
+    gate.cancel_nudge(latest.version)  # that nudge could not be applied after all: nothing to wait for
+    assert gate.may_key_on(latest)
