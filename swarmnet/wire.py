@@ -13,7 +13,7 @@ import enum
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 
@@ -74,6 +74,7 @@ SCHEMA: dict[MsgType, dict[str, Any]] = {
 REPLIES = {MsgType.PEERS, MsgType.SNAPSHOT, MsgType.STATUS_REPLY, MsgType.ACK, MsgType.REJECT}
 
 _ids = itertools.count(1)
+CardT = TypeVar("CardT", bound=Mapping[str, Any])
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,11 +121,10 @@ class Limits:
     max_frames: int = 64
 
 
-def fit_cards(cards: Sequence[Mapping[str, Any]], budget: int = CARD_BYTES,
-              limit: int = MAX_CARDS - 1) -> list[Mapping[str, Any]]:
+def fit_cards(cards: Sequence[CardT], budget: int = CARD_BYTES, limit: int = MAX_CARDS - 1) -> list[CardT]:
     """The leading cards, at most ``limit`` (by default what a gossip message carries beside
     the sender's own card), whose packed size stays within ``budget`` bytes."""
-    fitted: list[Mapping[str, Any]] = []
+    fitted: list[CardT] = []
     for card in cards[:limit]:
         budget -= len(msgpack.packb(card, use_bin_type=True))
         if budget < 0:

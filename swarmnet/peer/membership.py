@@ -21,7 +21,7 @@ from typing import Any
 
 from swarmnet.errors import SwarmError, TransportError
 from swarmnet.peer.client import PeerClient
-from swarmnet.wire import Message, MsgType, fit_cards, request
+from swarmnet.wire import MAX_CARDS, Message, MsgType, fit_cards, request
 
 MAX_BACKOFF = 60.0
 STARTING_INTERVAL = 0.05
@@ -152,8 +152,7 @@ class PeerTable:
     def sample_cards(self, rng: random.Random) -> list[dict[str, Any]]:
         """A random sample of the live peers' cards, as many as one message carries."""
         alive = self.alive()
-        rng.shuffle(alive)
-        return fit_cards([r.card() for r in alive])  # type: ignore[return-value]
+        return fit_cards([r.card() for r in rng.sample(alive, min(len(alive), MAX_CARDS))])
 
     def prune(self) -> list[PeerRecord]:
         """Forget the records silent for ``forget_after``; returns them."""
