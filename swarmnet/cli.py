@@ -7,6 +7,7 @@ the event loop. Behaviour lives below the CLI and is tested there.
 from __future__ import annotations
 
 import json
+import math
 import signal
 import socket
 import sys
@@ -35,6 +36,12 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+FLAGS = {"network.listen": "--listen", "network.advertise": "--advertise", "network.interface": "--interface",
+         "network.seeds": "--seed", "device.device": "--device", "run.dir": "--run-dir", "run.peers": "--peers",
+         "security.key": "--key"}
+"""The flag behind each config key a flag sets, named when its value is refused."""
+
+
 def build_overrides(**flags: Any) -> dict[str, Any]:
     """CLI flags given as {'section.key': value}; None means not given."""
     return {key.replace("__", "."): value for key, value in flags.items() if value not in (None, [], "")}
@@ -56,6 +63,10 @@ def parse_settings(items: list[str]) -> dict[str, Any]:
 
 def budget_override(*, steps: int | None = None, epochs: float | None = None) -> dict[str, Any]:
     """A budget flag replaces whichever budget the config file set."""
+    if steps is not None and epochs is not None:
+        raise ConfigError(f"--steps {steps} and --epochs {epochs:g} both set the budget; give one of them")
+    if epochs is not None and not (math.isfinite(epochs) and epochs > 0):
+        raise ConfigError(f"--epochs {epochs:g}: must be a finite number > 0")
     return {"train.steps": steps or 0, "train.epochs": float(epochs or 0.0), "train.sequential_epochs": 0.0}
 
 
@@ -72,7 +83,7 @@ def peer(
     run_dir: Annotated[Optional[str], typer.Option(help="Run directory (overrides run.dir).")] = None,
     rank: Annotated[int, typer.Option(help="Index in the swarm for partition sharding (-1: from RANK/SLURM_PROCID).")] = -1,
     key: Annotated[Optional[str], typer.Option(help="This peer's secret key file (overrides security.key).")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Budget in local steps (overrides train.*).")] = None,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Budget in local steps (overrides train.*).")] = None,
     fresh: Annotated[bool, typer.Option(help="Ignore an existing checkpoint instead of resuming from it.")] = False,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: section.key=VALUE (VALUE as JSON or text), repeatable.")] = None,
     log_level: LogLevel = "INFO",
@@ -83,16 +94,20 @@ def peer(
     setup_logging(log_level)
     try:
         manifest = load_manifest(peer_file) if peer_file else PeerManifest()
-        overrides = build_overrides(
-            network__listen=listen or manifest.listen, network__advertise=advertise or manifest.advertise,
-            network__interface=interface,
-            network__seeds=(seed or []) + manifest.seeds, device__device=device or manifest.device,
-            run__dir=run_dir, security__key=key or manifest.key,
-        )
-        overrides.update(parse_settings(set_ or []))
-        if steps is not None:
-            overrides.update(budget_override(steps=steps))
-        cfg = load_config(config, overrides)
+        listed = build_overrides(network__listen=manifest.listen, network__advertise=manifest.advertise,
+                                 network__seeds=manifest.seeds, device__device=manifest.device,
+                                 security__key=manifest.key)
+        flags = build_overrides(network__listen=listen, network__advertise=advertise, network__interface=interface,
+                                network__seeds=seed, device__device=device, run__dir=run_dir, security__key=key)
+        settings = parse_settings(set_ or [])
+        budget = budget_override(steps=steps) if steps is not None else {}
+        overrides = {**listed, **flags, **settings, **budget}
+        origins = {**dict.fromkeys(listed, str(peer_file)), **{k: FLAGS[k] for k in flags},
+                   **dict.fromkeys(settings, "--set"), **dict.fromkeys(budget, "--steps")}
+        if seed and manifest.seeds and "network.seeds" not in settings:
+            overrides["network.seeds"] = seed + manifest.seeds
+            origins["network.seeds"] = f"--seed and {peer_file}"
+        cfg = load_config(config, overrides, origins)
         identity = PeerIdentity(name or manifest.name or socket.gethostname(), resolve_rank(rank if rank >= 0 else manifest.rank))
     except ConfigError as exc:
         fail(str(exc))
@@ -107,8 +122,8 @@ def peer(
 def up(
     config: ConfigOpt = Path("configs/quickstart.toml"),
     peers: Annotated[Optional[int], typer.Option("--peers", "-n", help="Number of local peers (default: run.peers).")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Budget in local steps per peer.")] = None,
-    epochs: Annotated[Optional[float], typer.Option(help="Budget in epochs per peer.")] = None,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Budget in local steps per peer.")] = None,
+    epochs: Annotated[Optional[float], typer.Option(help="Budget in epochs per peer (> 0).")] = None,
     summary: Annotated[Optional[Path], typer.Option(help="Write the JSON summary here.")] = None,
     run_dir: Annotated[Optional[str], typer.Option(help="Run directory (overrides run.dir).")] = None,
     peer_dir: Annotated[Optional[Path], typer.Option("--manifests", help="Start one peer per manifest in this folder instead of --peers.")] = None,
@@ -121,12 +136,14 @@ def up(
     from swarmnet.launch import LaunchPlan, launch
 
     setup_logging(log_level)
-    overrides = build_overrides(run__peers=peers, run__dir=run_dir)
+    flags = build_overrides(run__peers=peers, run__dir=run_dir)
     try:
-        overrides.update(parse_settings(set_ or []))
-        if steps is not None or epochs is not None:
-            overrides.update(budget_override(steps=steps, epochs=epochs))
-        cfg = load_config(config, overrides)
+        settings = parse_settings(set_ or [])
+        budget = budget_override(steps=steps, epochs=epochs) if steps is not None or epochs is not None else {}
+        overrides = {**flags, **settings, **budget}
+        origins = {**{k: FLAGS[k] for k in flags}, **dict.fromkeys(settings, "--set"),
+                   **dict.fromkeys(budget, "--steps" if steps is not None else "--epochs")}
+        cfg = load_config(config, overrides, origins)
         plan = LaunchPlan.build(cfg, config_path=config, overrides=overrides, manifests=peer_dir,
                                 transport=transport, fresh=fresh, log_level=log_level)
     except ConfigError as exc:
@@ -165,16 +182,21 @@ def eval_(
     if peers < 0 or bn_batches < 0:
         fail("--peers and --bn-batches must be >= 0")
     try:
-        cfg = load_config(config, parse_settings(set_ or []))
+        settings = parse_settings(set_ or [])
+        cfg = load_config(config, settings, dict.fromkeys(settings, "--set"))
         result = evaluate_swarm(cfg, seeds=seed or [], run_dir=run_dir, peers=peers, bn_batches=bn_batches,
                                 timeout=timeout, key_file=key)
     except SwarmError as exc:
         fail(str(exc))
     text = json.dumps(result, indent=2)
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(text)
     typer.echo(text)
+    if json_path is not None:
+        try:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(text)
+        except OSError as exc:
+            fail(f"--json {json_path}: cannot write {exc.filename or json_path} ({exc.strerror or exc}); the result "
+                 "is printed above, pass a writable path to keep a copy", code=1)
 
 
 def _span(values: list[float]) -> str:

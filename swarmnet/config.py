@@ -15,9 +15,11 @@ import re
 import tomllib
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from swarmnet.algorithms.schedules import SCHEDULES
 from swarmnet.algorithms.topology import parse_topology
@@ -52,11 +54,16 @@ class TaskConfig:
         _require(":" in self.spec, "spec", "must look like 'module:function'")
 
 
+BUDGETS = ("steps", "epochs", "sequential_epochs")
+DEFAULT_STEPS = 1000
+"""The budget when none of BUDGETS is set."""
+
+
 @dataclass(kw_only=True, slots=True)
 class TrainConfig:
     batch_size: int = 32
     steps: int = 0
-    """Budget in local steps per peer (0: use epochs)."""
+    """Budget in local steps per peer (0: use epochs; none of the budgets set: 1000 steps)."""
     epochs: float = 0.0
     """Budget in epochs per peer; one epoch is ceil(|D| / batch_size) local steps (SPEC 1.4)."""
     sequential_epochs: float = 0.0
@@ -71,6 +78,8 @@ class TrainConfig:
     """Epochs (of the recipe given) at which multistep multiplies the rate by gamma."""
     gamma: float = 0.1
     warmup_epochs: float = 0.0
+    """Linear warm-up over this many of the peer's own epochs: unlike milestones, not rescaled by
+    the epoch multiplier (a warm-up steadies each model's first steps, whatever the swarm size)."""
     final_lr_ratio: float = 0.0
     momentum: float = 0.0
     weight_decay: float = 0.0
@@ -91,17 +100,28 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "batch_size", "must be >= 1")
-        _require(self.steps >= 0 and self.epochs >= 0, "steps", "budgets must be >= 0")
-        budgets = sum(x > 0 for x in (self.steps, self.epochs, self.sequential_epochs))
+        _require(self.steps >= 0, "steps", "must be >= 1 (or 0 to budget in epochs)")
+        for name in ("epochs", "sequential_epochs"):
+            _require(_at_least(getattr(self, name), 0), name, "must be a finite number >= 0 (0: not this budget)")
+        budgets = sum(getattr(self, name) > 0 for name in BUDGETS)
         _require(budgets <= 1, "steps", "set only one of steps, epochs, sequential_epochs")
-        _require(math.isfinite(self.lr) and self.lr >= 0, "lr", "must be a finite number >= 0")
+        if not budgets:
+            self.steps = DEFAULT_STEPS
+        _require(_at_least(self.lr, 0), "lr", "must be a finite number >= 0")
         _require(self.schedule in SCHEDULES, "schedule", f"must be one of {', '.join(SCHEDULES)}")
-        _require(self.multiplier > 0, "multiplier", "must be > 0")
+        _require(_above(self.multiplier, 0), "multiplier", "must be a finite number > 0")
+        _require(all(_at_least(m, 0) for m in self.milestones), "milestones", "must be finite epochs >= 0")
+        _require(_at_least(self.gamma, 0), "gamma", "must be a finite number >= 0 (it multiplies the rate)")
+        _require(_at_least(self.warmup_epochs, 0), "warmup_epochs", "must be a finite number >= 0 (0: no warm-up)")
+        _require(_at_least(self.final_lr_ratio, 0), "final_lr_ratio", "must be a finite number >= 0")
         _require(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
-        _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _require(_at_least(self.weight_decay, 0), "weight_decay", "must be a finite number >= 0")
         _require(self.shard in ("random", "partition"), "shard", "must be 'random' or 'partition'")
         _require(self.metrics_every >= 1, "metrics_every", "must be >= 1")
-        _require(self.clock_scale > 0, "clock_scale", "must be > 0")
+        _require(self.eval_every >= 0, "eval_every", "must be >= 0 (0: evaluate only at the end)")
+        _require(_at_least(self.checkpoint_every, 0), "checkpoint_every",
+                 "must be a finite number of seconds >= 0 (0: only the final checkpoint)")
+        _require(_above(self.clock_scale, 0), "clock_scale", "must be a finite number > 0")
         _require(math.isfinite(self.slowdown) and self.slowdown >= 1, "slowdown",
                  "must be a finite number >= 1 (1.0: no artificial delay)")
 
@@ -124,7 +144,7 @@ class AlgorithmConfig:
 
     def __post_init__(self) -> None:
         _require(self.name in ("swarmsgd", "popsgd"), "name", "must be 'swarmsgd' or 'popsgd'")
-        _require(self.local_steps >= 1, "local_steps", "must be >= 1")
+        _require(_at_least(self.local_steps, 1), "local_steps", "must be a finite number >= 1")
         _require(self.geometric or self.local_steps == int(self.local_steps), "local_steps",
                  "must be an integer unless geometric = true")
         try:
@@ -187,16 +207,19 @@ class NetworkConfig:
     max_concurrent_requests: int = 64
 
     def __post_init__(self) -> None:
-        _require("://" in self.listen, "listen", "must be a URL such as tcp://127.0.0.1:0")
+        _check_address("listen", self.listen, "tcp://127.0.0.1:0", lowest_port=0)
+        if self.advertise:
+            _check_address("advertise", self.advertise, "tcp://10.0.0.1:7000")
         for seed in self.seeds:
-            _require("://" in seed, "seeds", f"{seed!r} must be a URL such as tcp://host:port "
-                     "(or file:///path/card.json)")
+            _check_address("seeds", seed, "tcp://host:port (or file:///path/card.json)")
         for name in ("request_timeout", "gossip_interval", "dead_after", "failure_backoff"):
-            _require(getattr(self, name) > 0, name, "must be > 0")
-        _require(self.pull_interval >= 0 and self.linger >= 0, "linger", "must be >= 0")
-        _require(self.exchange_cpu >= 0 or self.exchange_cpu == -1, "exchange_cpu",
+            _require(_above(getattr(self, name), 0), name, "must be a finite number of seconds > 0")
+        for name in ("pull_interval", "linger", "join_timeout"):
+            _require(_at_least(getattr(self, name), 0), name, "must be a finite number of seconds >= 0")
+        _require(_at_least(self.exchange_cpu, 0) or self.exchange_cpu == -1, "exchange_cpu",
                  "must be -1 (auto), 0 (no limit) or a number of cores > 0")
-        _require(self.min_peers >= 0 and self.join_timeout >= 0, "min_peers", "must be >= 0")
+        _require(self.min_peers >= 0, "min_peers", "must be >= 0")
+        _require(self.max_concurrent_requests >= 1, "max_concurrent_requests", "must be >= 1")
         _require(1024 <= self.max_header_bytes <= 2**24, "max_header_bytes", "must be in [1 KiB, 16 MiB]")
         _require(self.max_message_bytes >= 1024, "max_message_bytes", "must be >= 1024")
 
@@ -277,13 +300,20 @@ class SecurityConfig:
 class SwarmConfig:
     run: RunConfig = field(default_factory=RunConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1000))
+    train: TrainConfig = field(default_factory=TrainConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     screening: ScreeningConfig = field(default_factory=ScreeningConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+
+    def __post_init__(self) -> None:
+        # Each side of a symmetric merge screens on its own history, so each would clip by its own
+        # factor: the two halves would no longer cancel and the swarm's sum would drift.
+        _require(not (self.screening.clip_ratio and self.algorithm.symmetric), "screening.clip_ratio",
+                 "cannot be combined with algorithm.symmetric = true (each side would clip its half by "
+                 "its own factor, so the sum of the models would drift); turn one of them off")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -312,25 +342,38 @@ def check_peer_name(name: str) -> str:
     return name
 
 
-def load_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None) -> SwarmConfig:
+def load_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None,
+                origins: Mapping[str, str] | None = None) -> SwarmConfig:
     """Load a swarm config file (None: built-in defaults), then apply dotted ``overrides``
-    such as {"train.steps": 100}."""
+    such as {"train.steps": 100}; ``origins`` as in :func:`build_config`."""
     data = _read_toml(path) if path else {}
-    return build_config(data, str(path) if path else "<defaults>", overrides)
+    return build_config(data, str(path) if path else "<defaults>", overrides, origins)
 
 
-def build_config(data: dict[str, Any], source: str, overrides: dict[str, Any] | None = None) -> SwarmConfig:
+def build_config(data: dict[str, Any], source: str, overrides: dict[str, Any] | None = None,
+                 origins: Mapping[str, str] | None = None) -> SwarmConfig:
     """A validated config from plain data (e.g. ``to_dict`` of another one) plus dotted overrides;
-    ``source`` names where the data came from in error messages."""
+    ``source`` names where the data came from in error messages, ``origins`` where each override
+    came from (e.g. {"train.steps": "--steps"}; default "override KEY")."""
     data = {section: dict(values) if isinstance(values, dict) else values for section, values in data.items()}
+    origins = {dotted: (origins or {}).get(dotted, f"override {dotted}") for dotted in overrides or {}}
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
-        data.setdefault(section, {})[key] = value
-    return _build(SwarmConfig, data, source, "")
+        table = data.setdefault(section, {})
+        if isinstance(table, dict):  # else _build reports the file's bad section
+            table[key] = value
+    config = _build(SwarmConfig, data, source, "", origins)
+    train = data.get("train", {})
+    given = [name for name in BUDGETS if name in train]
+    if given and not any(train[name] > 0 for name in given):
+        key = f"train.{given[0]}"
+        raise ConfigError(f"{_origin(source, origins, key)}: {key}: leaves no budget; set train.steps >= 1 "
+                          f"or train.epochs > 0 (or none of them for {DEFAULT_STEPS} steps)")
+    return config
 
 
 def load_manifest(path: str | os.PathLike[str]) -> PeerManifest:
-    manifest = _build(PeerManifest, _read_toml(path), str(path), "")
+    manifest = _build(PeerManifest, _read_toml(path), str(path), "", {})
     if not manifest.name:
         manifest.name = Path(path).stem
     try:
@@ -351,11 +394,17 @@ def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
             return tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file; check the path (configs/ holds examples)") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory; pass a config file such as configs/quickstart.toml") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc}); check its permissions") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8 TOML") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
-def _build(cls: type, data: Any, source: str, prefix: str) -> Any:
+def _build(cls: type, data: Any, source: str, prefix: str, origins: Mapping[str, str]) -> Any:
     where = f"[{prefix.rstrip('.')}]" if prefix else "top level"
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: {where} must be a table, got {type(data).__name__}")
@@ -366,25 +415,33 @@ def _build(cls: type, data: Any, source: str, prefix: str) -> Any:
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(names)}"
-            raise ConfigError(f"{source}: unknown key '{prefix}{key}' in {where}; {hint}")
-        kwargs[key] = _coerce(hints[key], value, source, f"{prefix}{key}")
+            raise ConfigError(f"{_origin(source, origins, prefix + key)}: unknown key '{prefix}{key}' in {where}; {hint}")
+        kwargs[key] = _coerce(hints[key], value, source, f"{prefix}{key}", origins)
     try:
         return cls(**kwargs)
     except ValueError as exc:
         key, _, why = str(exc).partition(": ")
-        raise ConfigError(f"{source}: {prefix}{key}: {why or exc}") from None
+        raise ConfigError(f"{_origin(source, origins, prefix + key)}: {prefix}{key}: {why or exc}") from None
 
 
-def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
+def _origin(source: str, origins: Mapping[str, str], key: str) -> str:
+    """Where ``key`` (or, for a section, any key in it) was set: an override's origin, else ``source``."""
+    for dotted, origin in origins.items():
+        if dotted == key or dotted.startswith(key + "."):
+            return origin
+    return source
+
+
+def _coerce(hint: Any, value: Any, source: str, key: str, origins: Mapping[str, str]) -> Any:
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, source, key + ".")
+        return _build(hint, value, source, key + ".", origins)
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, source, key)
+        return _coerce(inner[0], value, source, key, origins)
     expected = origin or hint
     ok = isinstance(value, expected)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
@@ -393,13 +450,33 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
         ok = False
     if not ok:
         raise ConfigError(
-            f"{source}: {key} must be {getattr(expected, '__name__', expected)}, got {value!r}"
+            f"{_origin(source, origins, key)}: {key} must be {getattr(expected, '__name__', expected)}, got {value!r}"
         )
     if origin is list:
-        return [_coerce(args[0], item, source, key) for item in value]
+        return [_coerce(args[0], item, source, key, origins) for item in value]
     return value
 
 
 def _require(condition: bool, key: str, why: str) -> None:
     if not condition:
         raise ValueError(f"{key}: {why}")
+
+
+def _at_least(value: float, low: float) -> bool:
+    return math.isfinite(value) and value >= low
+
+
+def _above(value: float, low: float) -> bool:
+    return math.isfinite(value) and value > low
+
+
+def _check_address(key: str, url: str, example: str, *, lowest_port: int = 1) -> None:
+    """A URL with a scheme; a tcp:// one with a port a socket can use (0 only to bind any port)."""
+    _require("://" in url, key, f"{url!r} must be a URL such as {example}")
+    if url.startswith("tcp://"):
+        try:
+            port = urlsplit(url).port
+        except ValueError:
+            port = None
+        _require(port is not None and lowest_port <= port <= 65535, key,
+                 f"{url!r} needs a port in {lowest_port}..65535, e.g. {example}")

@@ -118,6 +118,10 @@ class SnapshotReader:
         if reply.body["codec"] != self.codec.name:
             raise SwarmError(f"{addr} publishes codec {reply.body['codec']}, the config says "
                              f"{self.codec.name}; pass the swarm's own config")
+        n = reply.body["meta"].get("n")
+        if isinstance(n, int) and n != out_N.numel():
+            raise SwarmError(f"{addr}'s model has {n} coordinates, this config's {out_N.numel()}; pass the "
+                             "swarm's own config (--config, and the --set overrides it ran with)")
         result = self.codec.decode(reply.body["meta"], reply.frames, out_N, out_N, {})
         if not result.complete:
             raise CodecError(f"{addr}'s whole snapshot did not decode")

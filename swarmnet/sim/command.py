@@ -7,6 +7,7 @@ parses; behaviour lives in :mod:`swarmnet.sim.runner` and is tested there.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -116,10 +117,28 @@ def simulate_command(
             progress=progress,
         )
         span = parse_window(window) if window else None
+        prepare_out(out)
         result = run_simulation(config)
     except ConfigError as exc:
         raise typer.BadParameter(str(exc)) from None
+    except OSError as exc:
+        typer.secho(f"error: writing the results under {out} failed: {exc.filename or out} "
+                    f"({exc.strerror or exc}); pass a writable directory with --out", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
     print_summary(result, span)
+
+
+def prepare_out(out: Path) -> None:
+    """Create ``--out`` before the run, so a bad path fails before the simulation, not after it."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"--out {out}: exists and is not a directory; pass a directory") from None
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot create this directory ({exc.strerror or exc}); "
+                          "pass a writable directory") from None
+    if not os.access(out, os.W_OK):
+        raise ConfigError(f"--out {out}: the directory is not writable; pass a writable directory")
 
 
 def parse_nodes(text: str) -> tuple[int, ...]:

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
 
 from swarmnet.errors import ConfigError
+
+if TYPE_CHECKING:
+    from swarmnet.ui.model import SwarmSnapshot
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -40,6 +43,9 @@ def status_command(
 
     if not seed and run_dir is None:
         _fail("give --seed ADDRESS or --run-dir DIR")
+    for s in seed or []:
+        if "://" not in s:
+            _fail(f"--seed {s!r} is not an address; use e.g. tcp://10.0.0.1:7100 or file:///run/peer0/card.json")
     if run_dir is not None and not run_dir.is_dir():
         _fail(f"--run-dir {run_dir}: no such directory")
     if not seed and run_dir is not None and not seeds_from_run_dir(run_dir):
@@ -53,14 +59,17 @@ def status_command(
     except ConfigError as exc:
         _fail(str(exc))
 
-    async def main() -> None:
+    async def main() -> SwarmSnapshot:
         collector = StatusCollector(seed or [], timeout=timeout, run_dir=run_dir, curve=curve)
-        await run_status(collector, console=Console(), interval=interval, once=once, as_json=json_)
+        return await run_status(collector, console=Console(), interval=interval, once=once, as_json=json_)
 
     try:
-        asyncio.run(main())
+        snap = asyncio.run(main())
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+    if not snap.alive:
+        _fail("no peer answered; check --seed / --run-dir and that the swarm is running "
+              "(and --key for a swarm with [security])", code=1)
 
 
 def plot_command(
@@ -72,9 +81,11 @@ def plot_command(
 
     target = output or run_dir / "swarm.png"
     try:
-        plot_run(run_dir, target)
+        target = plot_run(run_dir, target)
     except FileNotFoundError as exc:
         _fail(str(exc))
+    except OSError as exc:
+        _fail(f"cannot write {exc.filename or target} ({exc.strerror or exc}); pass a writable path with -o")
     typer.echo(f"wrote {target}")
 
 
@@ -95,4 +106,7 @@ def init_command(
         written = write_bootstrap(plan, out, force=force)
     except ConfigError as exc:
         _fail(str(exc))
+    except OSError as exc:
+        _fail(f"--out {out}: cannot write {exc.filename or out} ({exc.strerror or exc}); "
+              "pass a writable directory with --out")
     typer.echo(f"wrote {len(written)} files for {plan.size} peers under {out}; seed {plan.seed}")

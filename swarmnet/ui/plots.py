@@ -76,13 +76,15 @@ def mean_curve(xs: list[np.ndarray], ys: list[np.ndarray], points: int = 200) ->
 
 
 def plot_run(run_dir: Path, output: Path) -> Path:
-    """Draw the four panels for ``run_dir`` into ``output`` (PNG); raises FileNotFoundError when no
-    peer has written a loss record yet."""
+    """Draw the four panels for ``run_dir`` into ``output`` (PNG, ``.png`` appended when missing) and
+    return the path written; raises FileNotFoundError when no peer has written a loss record yet."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if output.suffix.lower() != ".png":
+        output = output.with_name(output.name + ".png")
     series = load_series(run_dir)
     if not series:
         raise FileNotFoundError(f"no */metrics.jsonl with loss records under {run_dir}")

@@ -74,6 +74,18 @@ def test_eval_reads_a_lattice_swarm_that_merges_every_few_milliseconds(tmp_path,
     for _ in range(3):
         result = run_eval("--config", str(config), "--run-dir", str(swarm.run_dir), "--bn-batches", "0")
         assert result["peers_averaged"] == 2 and result["eval"]["accuracy"] > 0.9, result
+    # Another swarm's config: a model of another size, which the refusal says how to fix.
+    other = subprocess.run([sys.executable, "-m", "swarmnet", "eval", "--config", str(config), "--run-dir",
+                            str(swarm.run_dir), "--set", 'task.options={"hidden": 16}'],
+                           capture_output=True, text=True, timeout=120)
+    assert other.returncode == 2 and "pass the swarm's own config (--config" in other.stderr, other.stderr
+    # An unwritable --json path: the result is still printed, then the failed write reported.
+    (tmp_path / "a-file").write_text("")
+    unwritable = subprocess.run([sys.executable, "-m", "swarmnet", "eval", "--config", str(config), "--run-dir",
+                                 str(swarm.run_dir), "--bn-batches", "0", "--json", str(tmp_path / "a-file" / "e.json")],
+                                capture_output=True, text=True, timeout=120)
+    assert unwritable.returncode == 1 and "cannot write" in unwritable.stderr, unwritable.stderr
+    assert json.loads(unwritable.stdout)["peers_averaged"] == 2
     swarm.signal(signal.SIGTERM)
     assert swarm.wait(60) == 130
 

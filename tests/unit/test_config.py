@@ -26,12 +26,33 @@ def test_defaults_and_bundled_configs_load():
         ("[train]\nsteps = 10\nepochs = 2", "set only one of steps"),
         ("[algorithm]\nname = 'adam'", "algorithm.name"),
         ("[algorithm]\nlocal_steps = 2.5", "must be an integer unless geometric"),
+        ("[algorithm]\nsymmetric = true\n[screening]\nclip_ratio = 3.0",
+         "screening.clip_ratio: cannot be combined with algorithm.symmetric"),
         ("[network]\nseeds = ['localhost:7000']", "must be a URL"),
-        ("[network]\nrequest_timeout = 0", "network.request_timeout: must be > 0"),
+        ("[network]\nrequest_timeout = 0", "network.request_timeout: must be a finite number of seconds > 0"),
         ("[train]\nbatch_size = true", "train.batch_size must be int"),
         ("[train]\nslowdown = 0.5", "train.slowdown: must be a finite number >= 1"),
         ("train = 3", "[train] must be a table"),
         ("[train\n", "not valid TOML"),
+        ("[train]\nsteps = 0", "train.steps: leaves no budget"),
+        ("[train]\nepochs = -1", "train.epochs: must be a finite number >= 0"),
+        ("[train]\nsequential_epochs = -3", "train.sequential_epochs: must be a finite number >= 0"),
+        ("[train]\nepochs = inf", "train.epochs: must be a finite number"),
+        ("[train]\ngamma = -0.1", "train.gamma: must be a finite number >= 0"),
+        ("[train]\nfinal_lr_ratio = -1.0", "train.final_lr_ratio: must be a finite number >= 0"),
+        ("[train]\nwarmup_epochs = -1.0", "train.warmup_epochs: must be a finite number >= 0"),
+        ("[train]\neval_every = -5", "train.eval_every: must be >= 0 (0: evaluate only at the end)"),
+        ("[train]\ncheckpoint_every = -1.0", "train.checkpoint_every: must be a finite number of seconds >= 0"),
+        ("[train]\nmilestones = [-1.0]", "train.milestones: must be finite epochs >= 0"),
+        ("[algorithm]\nlocal_steps = inf", "algorithm.local_steps: must be a finite number >= 1"),
+        ("[network]\npull_interval = -1.0", "network.pull_interval: must be a finite number of seconds >= 0"),
+        ("[network]\njoin_timeout = -1.0", "network.join_timeout: must be a finite number of seconds >= 0"),
+        ("[network]\nlinger = nan", "network.linger: must be a finite number of seconds >= 0"),
+        ("[network]\nmax_concurrent_requests = 0", "network.max_concurrent_requests: must be >= 1"),
+        ("[network]\nadvertise = 'foo'", "network.advertise: 'foo' must be a URL"),
+        ("[network]\nlisten = 'tcp://127.0.0.1:99999'", "network.listen: 'tcp://127.0.0.1:99999' needs a port in 0..65535"),
+        ("[network]\nadvertise = 'tcp://10.0.0.1:0'", "network.advertise: 'tcp://10.0.0.1:0' needs a port in 1..65535"),
+        ("[network]\nseeds = ['tcp://10.0.0.1']", "network.seeds: 'tcp://10.0.0.1' needs a port in 1..65535"),
     ],
 )
 def test_bad_configs_name_file_key_and_fix(tmp_path, text, fragment):
@@ -47,11 +68,49 @@ def test_missing_file_is_a_clear_error(tmp_path):
         load_config(tmp_path / "nope.toml")
 
 
+def test_a_directory_or_a_binary_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory; pass a config file"):
+        load_config(tmp_path)
+    binary = tmp_path / "c.toml"
+    binary.write_bytes(b"\xff\xfe[train]\n")
+    with pytest.raises(ConfigError, match="c.toml: not UTF-8 text .*save it as UTF-8"):
+        load_config(binary)
+
+
+def test_good_addresses_and_zero_budgets_beside_a_budget_load(tmp_path):
+    path = write(tmp_path, "[train]\nsteps = 0\nepochs = 2.5\n[network]\nlisten = 'tcp://0.0.0.0:65535'\n"
+                           "advertise = 'tcp://[::1]:7000'\nseeds = ['ipc:///tmp/p.sock', 'file:///r/card.json']\n")
+    cfg = load_config(path)
+    assert cfg.train.epochs == 2.5 and cfg.network.listen == "tcp://0.0.0.0:65535"
+
+
+def test_no_budget_means_the_default_steps_and_survives_a_round_trip(tmp_path):
+    from swarmnet.config import build_config, to_dict
+
+    cfg = load_config(write(tmp_path, "[train]\nlr = 0.01\n"))
+    assert cfg.train.steps == 1000
+    assert build_config(to_dict(cfg), "<SwarmConfig>").train.steps == 1000
+
+
 def test_overrides_win_and_are_validated(tmp_path):
     path = write(tmp_path, "[train]\nsteps = 10\n")
     assert load_config(path, {"train.steps": 99}).train.steps == 99
     with pytest.raises(ConfigError, match="train.steps must be int"):
         load_config(path, {"train.steps": "many"})
+
+
+def test_errors_in_overrides_name_the_override_not_the_file(tmp_path):
+    path = write(tmp_path, "[train]\nsteps = 10\n")
+    cases = [({"run.dir": 2024}, "--set: run.dir must be str, got 2024"),
+             ({"network.pull_interval": -1}, "--set: network.pull_interval: must be"),
+             ({"train.stepz": 3}, "--set: unknown key 'train.stepz'"),
+             ({"trian.steps": 3}, "--set: unknown key 'trian'")]
+    for overrides, message in cases:
+        with pytest.raises(ConfigError) as info:
+            load_config(path, overrides, dict.fromkeys(overrides, "--set"))
+        assert str(info.value).startswith(message) and str(path) not in str(info.value)
+    with pytest.raises(ConfigError, match="^override train.lr: train.lr: must be"):
+        load_config(path, {"train.lr": -1.0})
 
 
 def test_manifest_name_defaults_to_file_stem(tmp_path):
@@ -84,6 +143,42 @@ def test_cli_reports_config_errors_with_exit_status_2(tmp_path):
     assert "train.lr: must be a finite number >= 0" in result.output
     result = CliRunner().invoke(app, ["peer", "--set", "train.lr"])
     assert result.exit_code == 2 and "expected section.key=VALUE" in result.output
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["peer", "--steps", "0"], "'--steps'"),
+        (["up", "--steps", "0"], "'--steps'"),
+        (["up", "--steps", "100", "--epochs", "2"], "--steps 100 and --epochs 2 both set the budget"),
+        (["up", "--epochs", "0"], "--epochs 0: must be a finite number > 0"),
+        (["up", "--epochs", "inf"], "--epochs inf: must be a finite number > 0"),
+        (["up", "--set", "run.dir=2024"], "--set: run.dir must be str, got 2024"),
+        (["up", "--set", "train.epochs=-1"], "--set: train.epochs: must be"),
+        (["up", "--set", "train.sequential_epochs=-3"], "--set: train.sequential_epochs: must be"),
+        (["peer", "--listen", "tcp://127.0.0.1:99999"], "--listen: network.listen: 'tcp://127.0.0.1:99999' needs a port"),
+        (["peer", "--seed", "tcp://127.0.0.1"], "--seed: network.seeds:"),
+        (["peer", "--advertise", "foo"], "--advertise: network.advertise: 'foo' must be a URL"),
+    ],
+)
+def test_cli_refuses_bad_flags_and_names_them(args, message):
+    from typer.testing import CliRunner
+
+    from swarmnet.cli import app
+
+    result = CliRunner().invoke(app, [*args, "--config", "configs/quickstart.toml"] if args[0] == "up" else args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "quickstart.toml" not in result.output
+
+
+def test_manifest_values_are_named_by_the_manifest(tmp_path):
+    from typer.testing import CliRunner
+
+    from swarmnet.cli import app
+
+    manifest = write(tmp_path, "listen = 'tcp://127.0.0.1:70000'\n", "gpu0.toml")
+    result = CliRunner().invoke(app, ["peer", "--peer", str(manifest)])
+    assert result.exit_code == 2 and f"{manifest}: network.listen:" in result.output
 
 
 def test_advertised_address_from_an_interface():

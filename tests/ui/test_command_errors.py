@@ -1,0 +1,53 @@
+"""Commands given a path they cannot write, or a swarm that does not answer: a message and an exit
+status, never a traceback, and no result lost."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from swarmnet.cli import app
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def a_file(tmp_path: Path) -> Path:
+    path = tmp_path / "afile"
+    path.write_text("x")
+    return path
+
+
+def test_status_exits_non_zero_when_no_peer_answers() -> None:
+    runner = CliRunner()
+    for mode in ("--once", "--json"):
+        result = runner.invoke(app, ["status", "--seed", "tcp://127.0.0.1:1", mode, "--timeout", "0.2"])
+        assert result.exit_code == 1 and "no peer answered" in result.output
+    bad = runner.invoke(app, ["status", "--seed", "foo", "--once"])
+    assert bad.exit_code == 2 and "--seed 'foo' is not an address" in bad.output
+
+
+def test_plot_writes_a_png_where_it_says(tmp_path: Path) -> None:
+    from tests.ui.test_plots import write_run
+
+    write_run(tmp_path / "run")
+    result = CliRunner().invoke(app, ["plot", str(tmp_path / "run"), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out.png").is_file() and f"wrote {tmp_path / 'out.png'}" in result.output
+    blocked = CliRunner().invoke(app, ["plot", str(tmp_path / "run"), "-o", str(a_file(tmp_path) / "x.png")])
+    assert blocked.exit_code == 2 and "cannot write" in blocked.output and "-o" in blocked.output
+    assert blocked.exception is None or isinstance(blocked.exception, SystemExit)
+
+
+def test_init_into_a_file_is_refused(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["init", "--hosts", "h1", "--out", str(a_file(tmp_path))])
+    assert result.exit_code == 2 and "cannot write" in result.output and "--out" in result.output
+    assert isinstance(result.exception, SystemExit)
+
+
+def test_simulate_into_a_file_is_refused_before_it_runs(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["simulate", "--nodes", "2", "--interactions-per-node", "5", "--no-progress",
+                                      "--out", str(a_file(tmp_path))], env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and "exists and is not a directory" in result.output
+    assert isinstance(result.exception, SystemExit)
