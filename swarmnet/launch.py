@@ -4,12 +4,15 @@ Each peer is its own ``swarmnet peer`` process (the same code path as a hand-sta
 The first peer binds a free port and announces it in its peer card; the others get it as their
 seed, and every peer waits (bounded) until it knows the rest before its first step, so nobody
 gets a head start. Ctrl-C or SIGTERM forwards SIGTERM to every peer, which stops cleanly; a
-second one kills them. When all have exited, the launcher averages the peers' final models,
-evaluates the average and writes the summary.
+second one kills them. Peers run in their own sessions, so a terminal's Ctrl-C reaches only the
+launcher (which forwards it once), and on Linux they get SIGTERM when the launcher dies, even
+killed. When all have exited, the launcher averages the peers' final models, evaluates the
+average and writes the summary.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -17,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +50,7 @@ class PeerProcess:
     rank: int
     listen: str
     seeds: list[str]
+    advertise: str = ""
     device: str = ""
     key: str = ""
     proc: subprocess.Popen[bytes] | None = None
@@ -72,7 +77,8 @@ class LaunchPlan:
             peers = []
             for i, path in enumerate(files):
                 m = load_manifest(path)
-                peers.append(PeerProcess(m.name, m.rank if m.rank >= 0 else i, m.listen or _listen(transport, run_dir, m.name), m.seeds, m.device, m.key))
+                peers.append(PeerProcess(m.name, m.rank if m.rank >= 0 else i, m.listen or _listen(transport, run_dir, m.name),
+                                         m.seeds, m.advertise, m.device, m.key))
         else:
             peers = [PeerProcess(f"peer{i}", i, _listen(transport, run_dir, f"peer{i}"), []) for i in range(cfg.run.peers)]
         if len({p.name for p in peers}) != len(peers):
@@ -94,11 +100,20 @@ class LaunchPlan:
         plan = cls(cfg, run_dir, peers, base, env)
         task = load_task(cfg.task.spec, cfg.task.options)
         plan.total_steps = plan_training(cfg.train, n, task.num_samples).total_steps
-        if fresh:
-            for p in peers:
-                for name in PEER_FILES:
+        # A card left by an earlier run would pass for the new peer's (its address, its being up).
+        stale = PEER_FILES if fresh else ("card.json",)
+        for p in peers:
+            try:
+                (run_dir / p.name).mkdir(parents=True, exist_ok=True)
+                for name in stale:
                     (run_dir / p.name / name).unlink(missing_ok=True)
+            except OSError as exc:
+                raise _unwritable(run_dir / p.name, exc) from None
         return plan
+
+
+def _unwritable(path: Path, exc: OSError) -> ConfigError:
+    return ConfigError(f"cannot write to {path}: {exc.strerror or exc}; choose a writable --run-dir (run.dir)")
 
 
 def _listen(transport: str, run_dir: Path, name: str) -> str:
@@ -113,20 +128,44 @@ def _start(plan: LaunchPlan, peer: PeerProcess, seeds: list[str]) -> None:
     cmd = [*plan.base_command, "--name", peer.name, "--rank", str(peer.rank), "--listen", peer.listen]
     for seed in [*peer.seeds, *seeds]:
         cmd += ["--seed", seed]
+    if peer.advertise:
+        cmd += ["--advertise", peer.advertise]
     if peer.device:
         cmd += ["--device", peer.device]
     if peer.key:
         cmd += ["--key", peer.key]
-    peer_dir = plan.run_dir / peer.name
-    peer_dir.mkdir(parents=True, exist_ok=True)
-    log = open(peer_dir / "peer.log", "ab")
-    peer.proc = subprocess.Popen(cmd, env=plan.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    log.close()
+    try:
+        log = open(plan.run_dir / peer.name / "peer.log", "ab")
+    except OSError as exc:
+        raise _unwritable(plan.run_dir / peer.name, exc) from None
+    with log:
+        peer.proc = subprocess.Popen(cmd, env=plan.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True, preexec_fn=_die_with_launcher())
 
 
-def _card(plan: LaunchPlan, peer: PeerProcess, deadline: float) -> str:
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_launcher() -> Callable[[], None] | None:
+    """A preexec_fn that has the kernel send the peer SIGTERM once the launcher's thread that
+    started it dies, however it dies (Linux prctl; None where there is no prctl)."""
+    prctl = getattr(ctypes.CDLL(None), "prctl", None)
+    launcher = os.getpid()
+
+    def in_child() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != launcher:  # the launcher died before the prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return in_child if prctl is not None else None
+
+
+def _card(plan: LaunchPlan, peer: PeerProcess, deadline: float, interrupt: _Interrupt) -> str | None:
+    """The peer's address once its card is written; None on Ctrl-C or SIGTERM meanwhile."""
     path = plan.run_dir / peer.name / "card.json"
     while time.monotonic() < deadline:
+        if interrupt.count:
+            return None
         if path.exists():
             return str(json.loads(path.read_text())["addr"])
         if peer.proc is not None and peer.proc.poll() is not None:
@@ -148,9 +187,11 @@ class _Interrupt:
 
     def __init__(self) -> None:
         self.count = 0
+        self.signum = 0
 
     def __call__(self, signum: int, frame: Any) -> None:
         self.count += 1
+        self.signum = self.signum or signum
 
 
 def launch(plan: LaunchPlan, *, summary_path: Path | None = None, console: Console | None = None) -> int:
@@ -167,8 +208,9 @@ def launch(plan: LaunchPlan, *, summary_path: Path | None = None, console: Conso
         seed = f"file://{(plan.run_dir / first.name / 'card.json').resolve()}"
         for peer in plan.peers:
             _start(plan, peer, [] if peer is first else [seed])
-        address = _card(plan, first, time.monotonic() + CARD_TIMEOUT)
-        console.print(f"swarmnet: {len(plan.peers)} peers, seed {address}, run dir {plan.run_dir}")
+        address = _card(plan, first, time.monotonic() + CARD_TIMEOUT, interrupt)
+        if address is not None:
+            console.print(f"swarmnet: {len(plan.peers)} peers, seed {address}, run dir {plan.run_dir}")
         interrupted = _supervise(plan, interrupt, console)
     except ConfigError:
         _stop_all(plan, kill=True)
@@ -177,15 +219,20 @@ def launch(plan: LaunchPlan, *, summary_path: Path | None = None, console: Conso
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     result = summarize(plan, time.monotonic() - started, interrupted)
-    if summary_path is not None:
-        summary_path.parent.mkdir(parents=True, exist_ok=True)
-        summary_path.write_text(json.dumps(result, indent=2, default=str))
     console.print(render_summary(result))
     for r in result["peers"]:
         if not r["ok"] and ": " in str(r.get("reason", "")):
             console.print(f"{r['name']}: {r['reason']}", markup=False, highlight=False)
+    if summary_path is not None:
+        try:
+            summary_path.parent.mkdir(parents=True, exist_ok=True)
+            summary_path.write_text(json.dumps(result, indent=2, default=str))
+        except OSError as exc:
+            raise ConfigError(f"could not write the summary to {summary_path}: {exc.strerror or exc}; the table "
+                              "above has the results (each peer's are in its summary.json); choose a writable "
+                              "--summary path next time") from None
     if interrupted:
-        return 130
+        return 128 + interrupt.signum
     return 0 if result["ok"] else 1
 
 
@@ -270,7 +317,8 @@ def summarize(plan: LaunchPlan, elapsed: float, interrupted: bool) -> dict[str, 
             metrics = _last_metrics(peer_dir / "metrics.jsonl")
             if metrics:
                 row.update(steps=metrics.get("step"), final_loss=metrics.get("loss"),
-                           interactions=metrics.get("interactions"))
+                           interactions=metrics.get("interactions"), bytes_sent=metrics.get("bytes_out"),
+                           bytes_received=metrics.get("bytes_in"))
         row["ok"] = code == 0 and row.get("reason") in ("budget", "stopped")
         rows.append(row)
     finished = [p for p, r in zip(plan.peers, rows) if r["ok"]]

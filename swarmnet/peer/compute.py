@@ -264,14 +264,29 @@ class ComputeLoop(Replica):
         """Continue from this peer's checkpoint if there is one (model, optimizer, clock, data)."""
         if not self.checkpoint_path.exists():
             return False
-        state = checkpoint.load(self.checkpoint_path)
-        self.model.load_state_dict(state["model"])  # copies into the flat views in place
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.stale_N.copy_(state["stale"])
-        self.step = int(state["step"])
-        self.clock.restore(int(state["clock"]))
-        self.sampler.load_state_dict(state["sampler"])
-        self.rng.setstate(state["rng"])
+        from swarmnet.errors import ConfigError
+
+        path = self.checkpoint_path
+        fix = "start with --fresh, or use another --run-dir, or the config the run was made with"
+        try:
+            state = checkpoint.load(path)
+        except Exception as exc:  # unpickling garbage raises nearly anything
+            raise ConfigError(f"{path} cannot be read as a checkpoint ({type(exc).__name__}: {exc}); {fix}") from None
+        task = state.get("task") if isinstance(state, dict) else None
+        if task is not None and task != self.cfg.task.spec:
+            raise ConfigError(f"{path} was made for task {task}, this config trains {self.cfg.task.spec}; {fix}")
+        try:
+            self.model.load_state_dict(state["model"])  # copies into the flat views in place
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.stale_N.copy_(state["stale"])
+            self.step = int(state["step"])
+            self.clock.restore(int(state["clock"]))
+            self.sampler.load_state_dict(state["sampler"])
+            self.rng.setstate(state["rng"])
+        except Exception as exc:
+            detail = " ".join(str(exc).split())[:300]
+            raise ConfigError(f"{path} does not fit this peer's model or settings ({type(exc).__name__}: "
+                              f"{detail}); {fix}") from None
         self.log.info("resumed from %s at step %d", self.checkpoint_path, self.step)
         return True
 

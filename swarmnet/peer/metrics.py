@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from swarmnet.errors import ConfigError
 from swarmnet.log import get_logger
 from swarmnet.peer.stats import PeerStats
 
@@ -69,9 +70,12 @@ JSON line costs 17 us, and small models write a row every few milliseconds."""
 
 class MetricsWriter:
     def __init__(self, path: Path, *, tensorboard: bool = True, tensorboard_every: float = TENSORBOARD_EVERY_S) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._fh: TextIO | None = open(path, "a", buffering=1, encoding="utf-8")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh: TextIO | None = open(path, "a", buffering=1, encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot write {path}: {exc.strerror or exc}; choose a writable --run-dir (run.dir)") from None
         self._tb = _tensorboard(path.parent / "tensorboard") if tensorboard else None
         self._tb_every = tensorboard_every
         self._tb_at = -float("inf")

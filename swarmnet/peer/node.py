@@ -44,6 +44,7 @@ from swarmnet.codecs import make_codec
 from swarmnet.config import SwarmConfig, check_peer_name, to_dict
 from swarmnet.errors import ConfigError, SwarmError
 from swarmnet.log import PeerLogAdapter, get_logger
+from swarmnet.peer import checkpoint
 from swarmnet.peer.budget import auto_cores
 from swarmnet.peer.client import PeerClient
 from swarmnet.peer.compute import ComputeLoop, Replica, peer_seed_of
@@ -133,7 +134,11 @@ class Peer:
         self.id = f"{identity.name}-{secrets.token_hex(3)}"
         self.log = PeerLogAdapter(get_logger("peer"), {"peer": self.name})
         self.peer_dir = Path(cfg.run.dir) / self.name
-        self.peer_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.peer_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the peer's directory {self.peer_dir}: {exc.strerror or exc}; "
+                              "choose a writable --run-dir (run.dir)") from None
         self.resume = resume
         self.device = resolve_device(cfg.device.device)
         self.stats = PeerStats()
@@ -433,9 +438,11 @@ class Peer:
         }
         path = self.peer_dir / "summary.json"
         try:
-            path.write_text(json.dumps(summary, indent=2, default=str))
+            checkpoint.write_atomic(path, json.dumps(summary, indent=2, default=str).encode())
         except OSError as exc:
             self.log.error("could not write %s: %s", path, exc)
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)  # an earlier run's would pass for this one's
 
 
 async def run_peer(cfg: SwarmConfig, identity: PeerIdentity, *, resume: bool = True,

@@ -34,6 +34,37 @@ def _env() -> dict[str, str]:
     return dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=f"{root}{os.pathsep}{path}" if path else root)
 
 
+def _descendants(pid: int) -> list[int]:
+    """Children of ``pid``, theirs and so on, from /proc (Linux; elsewhere none)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = [e for e in Path("/proc").iterdir() if e.name.isdigit()]
+    except OSError:
+        return []
+    for entry in entries:
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state; the name may hold spaces
+        children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie no longer does: an orphan's reaper may not reap it at once)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
 class _Process:
     """Owns one child process (its own session, so the whole tree can be killed)."""
 
@@ -55,10 +86,18 @@ class _Process:
             self.proc.send_signal(sig)
 
     def kill_tree(self) -> None:
+        """SIGKILL the process, its group and its descendants (``swarmnet up`` starts each peer
+        in a session of its own)."""
+        descendants = _descendants(self.proc.pid)
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        for pid in descendants:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:

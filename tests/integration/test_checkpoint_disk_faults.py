@@ -86,23 +86,35 @@ def test_read_only_run_directory(tmp_path, mounts):
             ckpt.parent.chmod(0o755)
 
 
-def test_full_disk_then_space_freed(tmp_path, mounts):
+def small_disk(tmp_path, mounts):
     disk = tmp_path / "small-disk"
     disk.mkdir()
     result = _mount("-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk))
     if result.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs to fill up (needs root or CAP_SYS_ADMIN): {result.stderr.strip()}")
     mounts.append(disk)
+    return disk
+
+
+def fill(filler, leave=0):
+    """Take the disk's free space but ``leave`` bytes."""
+    vfs = os.statvfs(filler.parent)
+    left = vfs.f_bavail * vfs.f_frsize - leave
+    with open(filler, "wb") as fh:
+        try:
+            while left > 0:
+                left -= fh.write(b"\0" * min(65536, left))
+                fh.flush()
+        except OSError:
+            pass
+
+
+def test_full_disk_then_space_freed(tmp_path, mounts):
+    disk = small_disk(tmp_path, mounts)
     peer, card, ckpt = start_peer(disk / "run", tmp_path)
     try:
         filler = disk / "filler"
-        with open(filler, "wb") as fh:  # take every free byte
-            try:
-                while True:
-                    fh.write(b"\0" * 65536)
-                    fh.flush()
-            except OSError:
-                pass
+        fill(filler)
         status = assert_survives(peer, card, ckpt, "No space left on device")
         filler.unlink()
         stuck = checkpoint.load(ckpt)["step"]
@@ -113,5 +125,39 @@ def test_full_disk_then_space_freed(tmp_path, mounts):
         assert peer.wait(30) == 0, peer.log()
         final = checkpoint.load(ckpt)
         assert final["step"] == peer.summary()["steps"]
+    finally:
+        peer.kill_tree()
+
+
+def test_disk_filling_up_part_way_through_a_checkpoint(tmp_path, mounts):
+    """Room for half a checkpoint: the write fails part-way (torch's own file writer would turn
+    that into a RuntimeError and kill the peer); the peer reports the full disk and goes on."""
+    disk = small_disk(tmp_path, mounts)
+    peer, card, ckpt = start_peer(disk / "run", tmp_path)
+    try:
+        filler = disk / "filler"
+        fill(filler, leave=ckpt.stat().st_size // 2)
+        assert_survives(peer, card, ckpt, "No space left on device")
+        filler.unlink()
+        peer.signal(signal.SIGTERM)
+        assert peer.wait(30) == 0, peer.log()
+        assert peer.summary()["checkpoint_errors"] >= 3
+    finally:
+        peer.kill_tree()
+
+
+def test_a_summary_that_cannot_be_written_leaves_no_torn_file(tmp_path, mounts):
+    """Stopped on a full disk: the peer says it could not write its summary, and leaves none
+    (never an empty or half-written one that `swarmnet up` would read)."""
+    disk = small_disk(tmp_path, mounts)
+    peer, card, ckpt = start_peer(disk / "run", tmp_path)
+    try:
+        fill(disk / "filler")
+        assert_survives(peer, card, ckpt, "No space left on device")
+        peer.signal(signal.SIGTERM)
+        peer.wait(30)
+        assert "could not write" in peer.log(400) and "summary.json" in peer.log(400)
+        assert not (ckpt.parent / "summary.json").exists()
+        assert not list(ckpt.parent.glob(".summary.json.*")), "a temporary file was left behind"
     finally:
         peer.kill_tree()

@@ -56,7 +56,7 @@ def test_eval_averages_the_live_models_of_a_resnet_swarm(tmp_path, swarm_factory
     assert one["eval"]["accuracy"] > 0.3, one
 
     swarm.signal(signal.SIGTERM)
-    assert swarm.wait(60) == 130
+    assert swarm.wait(60) == 143
 
 
 def test_eval_reads_a_lattice_swarm_that_merges_every_few_milliseconds(tmp_path, swarm_factory):
@@ -87,7 +87,7 @@ def test_eval_reads_a_lattice_swarm_that_merges_every_few_milliseconds(tmp_path,
     assert unwritable.returncode == 1 and "cannot write" in unwritable.stderr, unwritable.stderr
     assert json.loads(unwritable.stdout)["peers_averaged"] == 2
     swarm.signal(signal.SIGTERM)
-    assert swarm.wait(60) == 130
+    assert swarm.wait(60) == 143
 
 
 def test_eval_without_a_swarm_is_a_clear_error(tmp_path):

@@ -1,0 +1,123 @@
+"""`swarmnet up` and its peers under signals, manifests and leftovers of an earlier run."""
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import time
+
+import pytest
+
+from swarmnet.testing import query_status, wait_until
+from swarmnet.testing.processes import pid_alive
+
+from .conftest import digits_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+PEERS = ("peer0", "peer1")
+
+
+def two_peers(**train):
+    sections = digits_config(checkpoint_every=0.0, **train)
+    sections["run"]["peers"] = 2
+    sections["network"]["linger"] = 1.0
+    return sections
+
+
+def test_ctrl_c_reaches_the_peers_once_so_they_keep_their_grace_period(swarm_factory):
+    """A terminal's Ctrl-C goes to the whole foreground process group. The peers must get it
+    only as the launcher's SIGTERM: both would make the second a request to skip the grace
+    steps. The launcher is held stopped meanwhile, so what reaches the peers came from the
+    terminal."""
+    swarm = swarm_factory(two_peers(steps=1_000_000))
+    addresses = [swarm.card(name)["addr"] for name in PEERS]
+    wait_until(lambda: all(swarm.metrics(name) for name in PEERS), 60, what="every peer training")
+    os.kill(swarm.proc.pid, signal.SIGSTOP)
+    try:
+        os.killpg(swarm.proc.pid, signal.SIGINT)
+        time.sleep(1.0)
+        for address in addresses:
+            assert query_status(address)["state"] == "training"
+    finally:
+        os.kill(swarm.proc.pid, signal.SIGCONT)  # the launcher takes its pending SIGINT now
+    assert swarm.wait(60) == 130, swarm.log()
+    for row in swarm.summary()["peers"]:
+        assert row["exit_code"] == 0 and row["reason"] == "stopped", row
+        log = (swarm.run_dir / row["name"] / "peer.log").read_text()
+        assert "second stop request" not in log, log[-2000:]
+
+
+def test_peers_stop_cleanly_when_their_launcher_is_killed(swarm_factory):
+    swarm = swarm_factory(two_peers(steps=1_000_000))
+    pids = [swarm.card(name)["pid"] for name in PEERS]
+    try:
+        os.kill(swarm.proc.pid, signal.SIGKILL)
+        swarm.wait(10)
+        wait_until(lambda: not any(pid_alive(pid) for pid in pids), 60, what="the orphaned peers stopping")
+        for name in PEERS:  # they got SIGTERM: a clean stop with a summary, not a kill
+            assert json.loads((swarm.run_dir / name / "summary.json").read_text())["reason"] == "stopped"
+    finally:
+        for pid in pids:
+            if pid_alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def test_sigterm_while_the_first_peer_starts_stops_the_swarm_at_once(swarm_factory):
+    """The launcher waits for the first peer's card (up to two minutes) before it watches the
+    peers: a stop request meanwhile must not wait for it. SIGTERM: exit status 128 + 15."""
+    sections = two_peers(steps=100)
+    sections["task"]["spec"] = "tests.integration.slow_task:task"
+    swarm = swarm_factory(sections)
+    wait_until(lambda: all((swarm.run_dir / n / "peer.log").exists() for n in PEERS), 60, what="the peers started")
+    swarm.signal(signal.SIGTERM)
+    assert swarm.wait(30) == 143, swarm.log()
+    summary = swarm.summary()
+    assert summary["interrupted"] and [r["signal"] for r in summary["peers"]] == ["SIGTERM", "SIGTERM"]
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_manifests_advertised_address_is_the_one_peers_use(tmp_path, swarm_factory):
+    manifests = tmp_path / "peers"
+    manifests.mkdir()
+    advertised = []
+    for name in PEERS:
+        port = free_port()
+        advertised.append(f"tcp://localhost:{port}")
+        (manifests / f"{name}.toml").write_text(f'listen = "tcp://127.0.0.1:{port}"\nadvertise = "{advertised[-1]}"\n')
+    swarm = swarm_factory(two_peers(steps=200), "--manifests", str(manifests))
+    assert swarm.wait(120) == 0, swarm.log()
+    rows = swarm.summary()["peers"]
+    assert [r["addr"] for r in rows] == advertised
+    assert all(r["interactions"] > 0 for r in rows), rows
+
+
+def test_a_card_left_by_an_earlier_run_is_not_taken_for_the_first_peer(tmp_path, swarm_factory):
+    stale = tmp_path / "run" / "peer0" / "card.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text(json.dumps({"id": "peer0-old", "name": "peer0", "addr": "tcp://127.0.0.1:9", "pid": 1}))
+    swarm = swarm_factory(two_peers(steps=200), "--no-fresh")
+    assert swarm.wait(120) == 0, swarm.log()
+    rows = swarm.summary()["peers"]
+    assert f"seed {rows[0]['addr']}," in swarm.log(), swarm.log()
+    assert all(r["interactions"] > 0 for r in rows), rows
+
+
+def test_the_summary_shows_the_traffic_of_a_peer_that_died(swarm_factory):
+    swarm = swarm_factory(two_peers(steps=1000))
+    victim = swarm.card("peer1")["pid"]
+    wait_until(lambda: (m := swarm.metrics("peer1")) and m[-1]["step"] >= 200 and m[-1]["bytes_in"] > 0, 60,
+               what="peer1 training and merging")
+    os.kill(victim, signal.SIGKILL)
+    assert swarm.wait(120) == 1, swarm.log()
+    row = swarm.summary()["peers"][1]
+    last = swarm.metrics("peer1")[-1]
+    assert row["signal"] == "SIGKILL"
+    assert row["bytes_sent"] == last["bytes_out"] > 0 and row["bytes_received"] == last["bytes_in"] > 0, row

@@ -1,0 +1,134 @@
+"""Run directories and checkpoints a peer cannot use: a clear error naming the path and the fix,
+exit status 2, nothing lost."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from swarmnet.peer import checkpoint
+
+from .conftest import write_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+FIX = "start with --fresh, or use another --run-dir, or the config the run was made with"
+
+
+def swarmnet(*args, timeout=120):
+    """Run the CLI to its end; its output (logs included) as one text."""
+    result = subprocess.run([sys.executable, "-m", "swarmnet", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    return result.returncode, result.stdout
+
+
+def config(tmp_path, task="digits"):
+    return write_config(tmp_path / f"{task}.toml", {
+        "run": {"peers": 2},
+        "task": {"spec": f"swarmnet.tasks.{task}:task"},
+        "train": {"batch_size": 32, "lr": 0.01, "steps": 30, "checkpoint_every": 0.0, "tensorboard": False},
+        "network": {"min_peers": 0, "linger": 0.5},
+    })
+
+
+def peer(cfg, run_dir, *args):
+    return swarmnet("peer", "--config", str(cfg), "--name", "solo", "--run-dir", str(run_dir), *args)
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """A directory nobody may write to, holding a peer directory ``solo``: a read-only tmpfs for
+    root (who ignores permission bits), else mode 0555."""
+    path = tmp_path / "read-only"
+    (path / "solo").mkdir(parents=True)
+    if os.geteuid() != 0:
+        for p in (path / "solo", path):
+            p.chmod(0o555)
+        yield path
+        for p in (path, path / "solo"):
+            p.chmod(0o755)
+        return
+    try:
+        made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)],
+                              capture_output=True, text=True, timeout=20)
+    except (FileNotFoundError, subprocess.TimeoutExpired) as exc:
+        pytest.skip(f"cannot run mount: {exc}")
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root or CAP_SYS_ADMIN): {made.stderr.strip()}")
+    try:
+        (path / "solo").mkdir()
+        subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True, capture_output=True, timeout=20)
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=20)
+
+
+@pytest.fixture
+def a_file(tmp_path):
+    path = tmp_path / "a-file"
+    path.write_text("not a directory\n")
+    return path
+
+
+@pytest.mark.parametrize("where", ["a file", "read-only", "read-only peer directory"])
+def test_peer_refuses_a_run_dir_it_cannot_write(tmp_path, where, request):
+    if where == "a file":
+        run_dir = request.getfixturevalue("a_file")
+    else:
+        run_dir = request.getfixturevalue("read_only")
+        if where == "read-only":  # the peer must create its directory there (not only write in it)
+            run_dir = run_dir / "new"
+    code, out = peer(config(tmp_path), run_dir)
+    assert code == 2, out
+    assert f"{run_dir}/solo" in out and "choose a writable --run-dir" in out and "Traceback" not in out, out
+
+
+@pytest.mark.parametrize("where", ["a file", "read-only"])
+def test_up_refuses_a_run_dir_it_cannot_write(tmp_path, where, request):
+    run_dir = request.getfixturevalue("a_file" if where == "a file" else "read_only")
+    code, out = swarmnet("up", "--config", str(config(tmp_path)), "--run-dir", str(run_dir))
+    assert code == 2, out
+    assert f"{run_dir}/peer0" in out and "choose a writable --run-dir" in out and "Traceback" not in out, out
+
+
+def test_up_shows_its_summary_when_the_summary_file_cannot_be_written(tmp_path, a_file):
+    code, out = swarmnet("up", "--config", str(config(tmp_path)), "--run-dir", str(tmp_path / "run"),
+                         "--summary", str(a_file / "summary.json"))
+    assert code == 2, out
+    table, _, error = out.partition("could not write the summary")
+    assert "swarm summary" in table and "budget" in table, out
+    assert str(a_file / "summary.json") in error and "Traceback" not in out, out
+    assert (tmp_path / "run" / "peer0" / "summary.json").exists()
+
+
+def test_resume_refuses_the_checkpoint_of_another_task_and_keeps_it(tmp_path):
+    run = tmp_path / "run"
+    digits, lsq = config(tmp_path), config(tmp_path, "lsq")
+    code, out = peer(digits, run)
+    assert code == 0, out
+    code, out = peer(lsq, run)
+    assert code == 2, out
+    assert (f"{run}/solo/checkpoint.pt was made for task swarmnet.tasks.digits:task, this config trains "
+            f"swarmnet.tasks.lsq:task; {FIX}") in out and "Traceback" not in out, out
+    assert checkpoint.load(run / "solo" / "checkpoint.pt")["step"] == 30
+    code, out = peer(lsq, run, "--fresh")
+    assert code == 0, out
+
+
+@pytest.mark.parametrize("content", ["garbage", "another model"])
+def test_resume_refuses_an_unusable_checkpoint_and_keeps_it(tmp_path, content):
+    path = tmp_path / "run" / "solo" / "checkpoint.pt"
+    path.parent.mkdir(parents=True)
+    if content == "garbage":
+        path.write_bytes(b"garbage\n")
+        expected = "cannot be read as a checkpoint"
+    else:  # an older checkpoint, without the task it was made for
+        torch.save({"model": {"weight": torch.zeros(3)}, "step": 5}, path)
+        expected = "does not fit this peer's model or settings"
+    before = path.read_bytes()
+    code, out = peer(config(tmp_path), tmp_path / "run")
+    assert code == 2, out
+    assert f"{path} {expected}" in out and FIX in out and "Traceback" not in out, out
+    assert path.read_bytes() == before
