@@ -32,6 +32,7 @@ from swarmnet.algorithms import LocalSteps, PhaseClock, Schedule, apply_pull, co
 from swarmnet.codecs import Codec
 from swarmnet.codecs.published import published
 from swarmnet.config import SwarmConfig, TrainConfig
+from swarmnet.errors import ConfigError
 from swarmnet.peer import checkpoint
 from swarmnet.peer.data import ShardSampler
 from swarmnet.peer.metrics import MetricsWriter, progress_record
@@ -264,8 +265,6 @@ class ComputeLoop(Replica):
         """Continue from this peer's checkpoint if there is one (model, optimizer, clock, data)."""
         if not self.checkpoint_path.exists():
             return False
-        from swarmnet.errors import ConfigError
-
         path = self.checkpoint_path
         fix = "start with --fresh, or use another --run-dir, or the config the run was made with"
         try:
