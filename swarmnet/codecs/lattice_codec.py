@@ -619,12 +619,13 @@ class LatticeCodec(Codec):
             or len(pull["done"]) != nch
             or any(pull["done"][i] for i in h.ck)
         )
-        if not fresh and pull is not None and pull["sid"] != h.sid:
-            raise CodecError(f"{self.name}: the snapshot changed between rounds of one pull")
+        layout = (h.sid, h.chunk, h.g, h.mode, h.seed, h.ib, h.sb, h.e, h.bf, h.h)
+        if not fresh and pull is not None and pull["layout"] != layout:
+            raise CodecError(f"{self.name}: the snapshot or its layout changed between rounds of one pull")
         if fresh:
             pull = state["pull"] = {
                 "p": h.p,
-                "sid": h.sid,
+                "layout": layout,
                 "done": [False] * nch,
                 "held": {},
                 "misses": {},
@@ -662,7 +663,7 @@ class LatticeCodec(Codec):
             start = h.lo[j] // h.g * plane_bytes
             if start:
                 held = pull["held"].get(i)
-                if held is None or held[0] < h.lo[j]:
+                if held is None or held[0] < h.lo[j] or len(held[1]) < start:
                     raise CodecError(
                         f"{self.name}: chunk {i} starts at bit {h.lo[j]} but only "
                         f"{0 if held is None else held[0]} bits were received before"

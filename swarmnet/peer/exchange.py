@@ -138,6 +138,12 @@ class Exchange:
                 self.peer.table.record_failure(target.id, unreachable=isinstance(exc, TransportError))
                 level = logging.WARNING if isinstance(exc, (CodecError, ProtocolError)) else logging.DEBUG
                 self.log.log(level, "interaction with %s failed: %s", target.name or target.id, exc)
+            except Exception:  # a reply no check of ours foresaw: a bug to fix, never fatal to the peer
+                self.peer.stats.pulls_failed += 1
+                self.peer.stats.rejected["internal_error"] += 1
+                self.peer.table.record_failure(target.id)
+                self.log.exception("interaction with %s failed unexpectedly (please report this)",
+                                   target.name or target.id)
             finally:
                 self._idle.set()
 

@@ -214,6 +214,27 @@ def test_snapshot_change_within_a_pull_is_an_error_and_a_new_pull_resets() -> No
     assert torch.equal(out2, enc2.quantized)
 
 
+@pytest.mark.parametrize("field,value", [("chunk", 56), ("e", None), ("seed", 2)])
+def test_a_layout_change_within_a_pull_is_an_error(field, value) -> None:
+    """A later round whose layout differs from the first one's (a chunk size giving the same
+    number of chunks and plane bytes, another scale, another dither seed) is refused, not read
+    against the planes the first round left (it once escaped as a ValueError and stopped the peer)."""
+    codec = LatticeCodec(chunk=64, width=1, seed=1, first_bits=1, mode="dither")
+    x = torch.randn(200, generator=torch.Generator().manual_seed(0))
+    enc = codec.encode(x)
+    key = x + 50 * 2.0 ** max(enc.meta["e"]) * torch.randn(200, generator=torch.Generator().manual_seed(1))
+    state: dict = {}
+    out = torch.empty(200)
+    meta, frames = codec.select(enc, codec.plan(state))
+    first = codec.decode(msgpack.unpackb(msgpack.packb(meta)), tuple(bytes(f) for f in frames), key, out, state)
+    assert not first.complete
+    meta, frames = codec.select(enc, first.more)
+    meta = msgpack.unpackb(msgpack.packb(meta))
+    meta[field] = [e + 1 for e in meta["e"]] if field == "e" else value
+    with pytest.raises(CodecError, match="layout changed"):
+        codec.decode(meta, tuple(bytes(f) for f in frames), key, out, state)
+
+
 @pytest.mark.parametrize("where", ["low", "high"])
 def test_corrupted_planes_are_never_accepted(where) -> None:
     # One flipped bit in plane 0 (first round) or in the first escalated plane of chunk 0: the
