@@ -87,7 +87,7 @@ class _Process:
 
     def kill_tree(self) -> None:
         """SIGKILL the process, its group and its descendants (``swarmnet up`` starts each peer
-        in a session of its own)."""
+        in a process group of its own)."""
         descendants = _descendants(self.proc.pid)
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
