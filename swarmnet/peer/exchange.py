@@ -206,7 +206,7 @@ class Exchange:
         else:
             rounds, codec_stats = 1, {"bits_per_coord": 8.0 * remote_N.element_size()}
         gap_N = self._gaps_N[self._next]
-        distance = await self._run(self._merge_gap, own, remote_N, gap_N)
+        distance = await self._run(self._merge_gap, own, remote_N, gap_N, target.id)
         if self.symmetric:
             await self._nudge(target, own, version)
         self._next ^= 1
@@ -244,12 +244,12 @@ class Exchange:
         if reply.body["codec"] != self.codec.name:
             raise ProtocolError("mismatch", f"neighbour uses codec {reply.body['codec']}, we use {self.codec.name}")
 
-    def _merge_gap(self, own: Snapshot, remote_N: Tensor, gap_N: Tensor) -> float:
+    def _merge_gap(self, own: Snapshot, remote_N: Tensor, gap_N: Tensor, source: str) -> float:
         """Worker thread: gap = Q(C_j) + Q(K) - 2K (pull_gap), then one pass over it both to refuse
         non-finite (or overflowing) neighbours and to estimate the consensus distance:
         ||Q(C_j) - K|| / sqrt(2) = ||gap|| / sqrt(2) for lossless codecs (SPEC 4 item 12)."""
         norm = gap_and_norm(remote_N, own.encoded.quantized, own.values_N, gap_N)
-        self.screen.check(norm, own, gap_N)  # poisoned neighbours raise (screening.py)
+        self.screen.check(norm, own, gap_N, source=source)  # poisoned neighbours raise (screening.py)
         if not math.isfinite(norm):
             raise CodecError("the neighbour's snapshot holds non-finite or overflowing values")
         return norm / math.sqrt(2)

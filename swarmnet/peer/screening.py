@@ -8,7 +8,10 @@ codecs), and :meth:`Screen.check` applies the rule of docs/reliability.md:
 - d not finite                              -> refused ("non_finite")
 - d > ``max_distance`` (absolute, if set)   -> refused ("too_far")
 - d > ``distance_ratio`` * reference        -> refused ("too_far"), where reference is the
-  larger of our own model's norm ||x_i|| and the median of the last accepted distances
+  larger of our own model's norm ||x_i|| and the median of the last accepted distances; unless
+  most of the distinct neighbours we pulled from lately (three at least) are that far too: then
+  the swarm has moved away from us (we adopted a young model, restarted, or sat in a partition),
+  not they from it, and refusing them all would leave our reference stale for good
 - otherwise, with ``clip_ratio`` > 0 and at least ``warmup`` accepted distances: if
   d > clip_ratio * median, the delta is scaled by clip_ratio * median / d (the neighbour pulls
   us at most that far); the accepted distance recorded is the clipped one.
@@ -35,6 +38,10 @@ from swarmnet.peer.stats import PeerStats
 
 WINDOW = 32
 """Accepted distances kept for the running median."""
+MOVED_AWAY = 3
+"""Distinct neighbours, and a majority of those pulled from lately, that must all be too far
+before we take it that the swarm moved away from us: fewer could be colluding poisoners met by
+chance in our first pulls."""
 
 
 class Poisoned(CodecError):
@@ -50,6 +57,8 @@ class Screen:
         self.config = config
         self.stats = stats
         self._accepted: collections.deque[float] = collections.deque(maxlen=WINDOW)
+        self._far: collections.deque[tuple[str, bool]] = collections.deque(maxlen=WINDOW)
+        """(neighbour, found too far) for the last pulls screened."""
         self._own_norm: tuple[int, float] = (-1, 0.0)
         self._lock = threading.Lock()
 
@@ -65,9 +74,12 @@ class Screen:
             self._own_norm = (own.version, norm)
         return norm
 
-    def check(self, distance: float, own: Snapshot, delta_N: Tensor, what: str = "snapshot") -> float:
+    def check(self, distance: float, own: Snapshot, delta_N: Tensor, what: str = "snapshot",
+              source: str | None = None) -> float:
         """Refuse (raise Poisoned) or accept the neighbour at ``distance`` = ||x_j - x_i||,
-        clipping ``delta_N`` in place when clipping is on; returns the accepted distance."""
+        clipping ``delta_N`` in place when clipping is on; returns the accepted distance.
+        ``source``: the neighbour, for pulls (a nudge's sender is only a claim, so nudges never
+        count towards "the swarm moved away")."""
         cfg = self.config
         if not math.isfinite(distance):
             self._refuse("non_finite", f"the neighbour's {what} holds non-finite or overflowing values")
@@ -77,7 +89,10 @@ class Screen:
         typical = self.typical()
         if cfg.distance_ratio:
             reference = max(self.own_norm(own), typical)
-            if reference > 0 and distance > cfg.distance_ratio * reference:
+            far = reference > 0 and distance > cfg.distance_ratio * reference
+            if source is not None:
+                self._far.append((source, far))
+            if far and not self._swarm_moved_away():
                 self._refuse("too_far", f"the neighbour's {what} is {distance:.3g} away from ours, over "
                              f"{cfg.distance_ratio:g} x {reference:.3g} (the larger of our model's norm and "
                              "the typical distance; screening.distance_ratio)")
@@ -90,6 +105,12 @@ class Screen:
         with self._lock:
             self._accepted.append(distance)
         return distance
+
+    def _swarm_moved_away(self) -> bool:
+        """Most distinct neighbours in the window, three at least, were too far when last pulled."""
+        latest = dict(self._far)
+        far = sum(latest.values())
+        return far >= MOVED_AWAY and 2 * far > len(latest)
 
     def _refuse(self, code: str, message: str) -> None:
         self.stats.rejected[code] += 1

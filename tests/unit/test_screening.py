@@ -46,6 +46,28 @@ def test_typical_distance_raises_the_bound_when_models_are_small():
         s.check(4.5, own, delta)
 
 
+def test_a_swarm_that_moved_away_is_followed_not_refused_forever():
+    """A peer that adopted a young model (norm 0.1) meets a swarm whose models all sit 2 away
+    (each half of it trained on its own data): refusing them all would freeze its reference.
+    Once most distinct neighbours, three at least, are that far, they are accepted again; one
+    far neighbour among near ones is still refused, and a nudge's claimed sender counts for nothing."""
+    own = own_snapshot(torch.full((4,), 0.05))  # norm 0.1
+    s = screen()
+    delta = torch.zeros(4)
+    s.check(0.1, own, delta, source="a")
+    s.check(0.1, own, delta, source="b")
+    with pytest.raises(Poisoned):
+        s.check(2.0, own, delta, source="a")  # one far, one near: a is refused
+    for _ in range(3):
+        with pytest.raises(Poisoned):
+            s.check(2.0, own, delta, "nudge")  # claims do not move the verdict
+    with pytest.raises(Poisoned):
+        s.check(2.0, own, delta, source="b")  # two far: could be two poisoners met first
+    assert s.check(2.0, own, delta, source="c") == 2.0  # three of three: the swarm is there
+    assert s.check(2.0, own, delta, source="a") == 2.0
+    assert s.stats.rejected == {"too_far": 5}
+
+
 def test_absolute_bound():
     s = screen(distance_ratio=0.0, max_distance=2.0)
     own = own_snapshot(torch.ones(4))
