@@ -37,5 +37,10 @@ class ProtocolError(SwarmError):
         """The offending message's id, when its header could be read (0 otherwise)."""
 
 
+def unwritable_run_dir(path: object, exc: OSError) -> ConfigError:
+    """A run directory, or a file in it, that cannot be written: what failed and the fix."""
+    return ConfigError(f"cannot write {path}: {exc.strerror or exc}; choose a writable --run-dir (run.dir)")
+
+
 class CodecError(SwarmError):
     """A snapshot could not be encoded or decoded (bad parameters, failed verification)."""

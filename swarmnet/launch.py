@@ -34,7 +34,7 @@ from rich.table import Table
 
 from swarmnet.codecs import kernels
 from swarmnet.config import SwarmConfig, load_manifest, to_dict
-from swarmnet.errors import ConfigError
+from swarmnet.errors import ConfigError, unwritable_run_dir
 from swarmnet.evaluation import evaluate_averaged
 from swarmnet.peer import checkpoint
 from swarmnet.peer.compute import plan_training
@@ -110,12 +110,8 @@ class LaunchPlan:
                 for name in stale:
                     (run_dir / p.name / name).unlink(missing_ok=True)
             except OSError as exc:
-                raise _unwritable(run_dir / p.name, exc) from None
+                raise unwritable_run_dir(run_dir / p.name, exc) from None
         return plan
-
-
-def _unwritable(path: Path, exc: OSError) -> ConfigError:
-    return ConfigError(f"cannot write to {path}: {exc.strerror or exc}; choose a writable --run-dir (run.dir)")
 
 
 def _listen(transport: str, run_dir: Path, name: str) -> str:
@@ -139,7 +135,7 @@ def _start(plan: LaunchPlan, peer: PeerProcess, seeds: list[str]) -> None:
     try:
         log = open(plan.run_dir / peer.name / "peer.log", "ab")
     except OSError as exc:
-        raise _unwritable(plan.run_dir / peer.name, exc) from None
+        raise unwritable_run_dir(plan.run_dir / peer.name, exc) from None
     with log:
         peer.proc = subprocess.Popen(cmd, env=plan.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      process_group=0, preexec_fn=_die_with_launcher())

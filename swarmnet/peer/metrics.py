@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from swarmnet.errors import ConfigError
+from swarmnet.errors import unwritable_run_dir
 from swarmnet.log import get_logger
 from swarmnet.peer.stats import PeerStats
 
@@ -75,7 +75,7 @@ class MetricsWriter:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._fh: TextIO | None = open(path, "a", buffering=1, encoding="utf-8")
         except OSError as exc:
-            raise ConfigError(f"cannot write {path}: {exc.strerror or exc}; choose a writable --run-dir (run.dir)") from None
+            raise unwritable_run_dir(path, exc) from None
         self._tb = _tensorboard(path.parent / "tensorboard") if tensorboard else None
         self._tb_every = tensorboard_every
         self._tb_at = -float("inf")

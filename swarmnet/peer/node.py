@@ -42,7 +42,7 @@ from swarmnet import __version__
 from swarmnet.algorithms import PhaseClock, parse_topology
 from swarmnet.codecs import make_codec
 from swarmnet.config import SwarmConfig, check_peer_name, to_dict
-from swarmnet.errors import ConfigError, SwarmError
+from swarmnet.errors import ConfigError, SwarmError, unwritable_run_dir
 from swarmnet.log import PeerLogAdapter, get_logger
 from swarmnet.peer import checkpoint
 from swarmnet.peer.budget import auto_cores
@@ -137,8 +137,7 @@ class Peer:
         try:
             self.peer_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise ConfigError(f"cannot create the peer's directory {self.peer_dir}: {exc.strerror or exc}; "
-                              "choose a writable --run-dir (run.dir)") from None
+            raise unwritable_run_dir(self.peer_dir, exc) from None
         self.resume = resume
         self.device = resolve_device(cfg.device.device)
         self.stats = PeerStats()
