@@ -8,8 +8,8 @@ second one kills them. Peers run in process groups of their own, so a terminal's
 only the launcher (which forwards it once), and on Linux they get SIGTERM when the launcher dies,
 even killed. They stay in the launcher's session: Linux's scheduler (autogroup) splits the CPU
 between sessions first, and a peer alone in its session answers its neighbours' pulls late
-(4 lsq peers on 2 cores merged 2-3 times less). When all have exited, the launcher averages the peers' final models, evaluates the
-average and writes the summary.
+(4 lsq peers on 2 cores merged 2-3 times less). When all have exited, the launcher averages
+the peers' final models, evaluates the average and writes the summary.
 """
 
 from __future__ import annotations
@@ -223,8 +223,7 @@ def launch(plan: LaunchPlan, *, summary_path: Path | None = None, console: Conso
             console.print(f"{r['name']}: {r['reason']}", markup=False, highlight=False)
     if summary_path is not None:
         try:
-            summary_path.parent.mkdir(parents=True, exist_ok=True)
-            summary_path.write_text(json.dumps(result, indent=2, default=str))
+            checkpoint.write_atomic(summary_path, json.dumps(result, indent=2, default=str).encode())
         except OSError as exc:
             raise ConfigError(f"could not write the summary to {summary_path}: {exc.strerror or exc}; the table "
                               "above has the results (each peer's are in its summary.json); choose a writable "

@@ -183,7 +183,7 @@ class Peer:
             "codec": self.codec.name, "version": __version__, "uptime": time.time() - self.started,
             **self.stats.as_dict(),
             "peers": fit_cards([{**r.card(), "alive": self.table.is_alive(r), "failures": r.failures}
-                                for r in self.table.records.values()], limit=256),
+                                for r in list(self.table.records.values())[:256]], limit=256),
             "events": [list(e) for e in self.table.events[-20:]],
             **together,
         }
