@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 from swarmnet.algorithms.schedules import SCHEDULES
 from swarmnet.algorithms.topology import parse_topology
 from swarmnet.errors import ConfigError
+from swarmnet.wire import snapshot_frame_limit
 
 
 @dataclass(kw_only=True, slots=True)
@@ -202,8 +203,14 @@ class NetworkConfig:
     snapshots without stepping (so the first to finish does not keep a model the others moved
     away from), then serving its final snapshot."""
     max_header_bytes: int = 65536
-    max_message_bytes: int = 2**31 - 1
-    """Largest single frame accepted (ZeroMQ drops connections that send more)."""
+    max_message_bytes: int = 0
+    """Largest single frame accepted (ZeroMQ drops connections that send more). 0: auto, room
+    for any snapshot of this peer's model (twice its fp32 size plus 1 MiB), so a stranger's
+    frame costs at most about one model of memory, and a model of any size can be pulled."""
+    min_transfer_rate: float = 50e6
+    """Slowest rate (bytes per second) a snapshot may move at: a request that moves one (pull,
+    nudge, a newcomer's model) gets request_timeout plus the model's fp32 size over this rate
+    (+0.02 s for a 1.2 MB model, +8 s for 400 MB). Lower it for slow or shared links."""
     max_concurrent_requests: int = 64
 
     def __post_init__(self) -> None:
@@ -221,7 +228,17 @@ class NetworkConfig:
         _require(self.min_peers >= 0, "min_peers", "must be >= 0")
         _require(self.max_concurrent_requests >= 1, "max_concurrent_requests", "must be >= 1")
         _require(1024 <= self.max_header_bytes <= 2**24, "max_header_bytes", "must be in [1 KiB, 16 MiB]")
-        _require(self.max_message_bytes >= 1024, "max_message_bytes", "must be >= 1024")
+        _require(self.max_message_bytes == 0 or self.max_message_bytes >= 1024, "max_message_bytes",
+                 "must be 0 (auto: room for any snapshot of the model) or a number of bytes >= 1024")
+        _require(_above(self.min_transfer_rate, 0), "min_transfer_rate", "must be a finite number of bytes per second > 0")
+
+    def frame_limit(self, n: int) -> int:
+        """``max_message_bytes`` for a model of ``n`` float coordinates."""
+        return self.max_message_bytes or snapshot_frame_limit(n)
+
+    def transfer_timeout(self, n: int) -> float:
+        """Deadline of a request that moves a snapshot of a model of ``n`` float coordinates."""
+        return self.request_timeout + 4 * n / self.min_transfer_rate
 
 
 @dataclass(kw_only=True, slots=True)

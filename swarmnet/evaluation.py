@@ -96,12 +96,13 @@ class SnapshotReader:
     """Pulls peers' current snapshots without taking part in the swarm: it moves nobody's phase
     clock (it sends clock -1, below any peer's) and is never gossiped about (it sends no HELLO)."""
 
-    def __init__(self, codec: Codec, *, timeout: float = 30.0, curve: CurveKeys | None = None) -> None:
+    def __init__(self, codec: Codec, *, max_frame_bytes: int, timeout: float = 30.0,
+                 curve: CurveKeys | None = None) -> None:
         self.codec = codec
         self.transports = TransportSet(curve)
         self.client = PeerClient(sender=f"eval-{secrets.token_hex(3)}", transports=self.transports,
-                                 limits=Limits(), timeout=timeout, stats=PeerStats(),
-                                 max_frame_bytes=2**31 - 1)
+                                 limits=Limits(max_frame_bytes=max_frame_bytes), timeout=timeout,
+                                 stats=PeerStats(), max_frame_bytes=max_frame_bytes)
 
     async def pull(self, addr: str, out_N: Tensor) -> int:
         """Decode ``addr``'s latest snapshot into ``out_N``; returns the snapshot's version.
@@ -165,7 +166,9 @@ def evaluate_swarm(cfg: SwarmConfig, *, seeds: list[str], run_dir: Path | None =
         if not found:
             raise SwarmError("no peer answered; check --seed / --run-dir and that the swarm is running")
         chosen = found[:peers] if peers > 0 else found
-        reader = SnapshotReader(codec, timeout=max(timeout, cfg.network.request_timeout), curve=curve)
+        net = cfg.network
+        reader = SnapshotReader(codec, max_frame_bytes=net.frame_limit(flat.numel),
+                                timeout=max(timeout, net.transfer_timeout(flat.numel)), curve=curve)
         out_N = torch.empty_like(flat.vector_N)
         sum_N = torch.zeros(flat.numel, dtype=torch.float64)
         squares, pulled = 0.0, []

@@ -121,6 +121,13 @@ class Limits:
     max_frames: int = 64
 
 
+def snapshot_frame_limit(n: int) -> int:
+    """A frame limit that every snapshot of a model of ``n`` float coordinates fits: no codec
+    sends more than its fp32 form (4 bytes a coordinate) plus padding and side data, so twice
+    that, plus 1 MiB for the smallest models."""
+    return 8 * n + (1 << 20)
+
+
 def fit_cards(cards: Sequence[CardT], budget: int = CARD_BYTES, limit: int = MAX_CARDS - 1) -> list[CardT]:
     """The leading cards, at most ``limit`` (by default what a gossip message carries beside
     the sender's own card), whose packed size stays within ``budget`` bytes."""

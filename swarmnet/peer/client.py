@@ -15,12 +15,14 @@ class Rejected(ProtocolError):
 class PeerClient:
     def __init__(
         self, *, sender: str, transports: TransportSet, limits: Limits, timeout: float,
-        stats: PeerStats, max_frame_bytes: int,
+        stats: PeerStats, max_frame_bytes: int, transfer_timeout: float | None = None,
     ) -> None:
         self.sender = sender
         self.transports = transports
         self.limits = limits
         self.timeout = timeout
+        self.transfer_timeout = max(timeout, transfer_timeout or 0.0)
+        """Deadline of a request that moves a snapshot (network.transfer_timeout)."""
         self.stats = stats
         self.max_frame_bytes = max_frame_bytes
         self._connections: dict[str, Connection] = {}

@@ -193,7 +193,8 @@ class Exchange:
         sent_clock = peer.clock.value
         want = self.codec.plan(state, {"cpu_bound": self.budget.pressure > 0.5})
         reply = await peer.client.call(
-            target.addr, request(MsgType.PULL, peer.id, clock=sent_clock, want=want, version=None)
+            target.addr, request(MsgType.PULL, peer.id, clock=sent_clock, want=want, version=None),
+            timeout=peer.client.transfer_timeout,
         )
         self._expect_snapshot(reply)
         peer.clock.initiate(sent_clock, reply.body["clock"])
@@ -231,7 +232,8 @@ class Exchange:
                 raise CodecError(f"snapshot {version} still unverified after {rounds} pulls")
             reply = await self.peer.client.call(
                 target.addr, request(MsgType.PULL, self.peer.id, clock=self.peer.clock.value, want=result.more,
-                                     version=version)
+                                     version=version),
+                timeout=self.peer.client.transfer_timeout,
             )
             self._expect_snapshot(reply)
             result = await self._run(self.codec.decode, reply.body["meta"], reply.frames, own.values_N, self._remote_N, state)
@@ -260,7 +262,7 @@ class Exchange:
         meta, frames = self.codec.select(own.encoded, None)
         msg = request(MsgType.NUDGE, self.peer.id, frames, used=used, codec=self.codec.name, meta=meta)
         try:
-            reply = await self.peer.client.call(target.addr, msg)
+            reply = await self.peer.client.call(target.addr, msg, timeout=self.peer.client.transfer_timeout)
         except Rejected:
             self.peer.stats.nudges_rejected += 1
             raise

@@ -112,7 +112,8 @@ async def _trained_donors(client: PeerClient, table: PeerTable, rng: random.Rand
 
 async def _pull_full(client: PeerClient, addr: str, numel: int) -> tuple[Tensor, int]:
     """The donor's current snapshot, lossless, and its phase clock."""
-    reply = await client.call(addr, request(MsgType.PULL, client.sender, clock=0, want=FULL, version=None))
+    reply = await client.call(addr, request(MsgType.PULL, client.sender, clock=0, want=FULL, version=None),
+                              timeout=client.transfer_timeout)
     if reply.type is not MsgType.SNAPSHOT or reply.body["codec"] != "fp32":
         raise ProtocolError("unexpected_type", f"expected an fp32 snapshot, got {reply.type}")
     values_N = torch.empty(numel, dtype=torch.float32)

@@ -146,11 +146,8 @@ class Peer:
         self.gate = MergeGate()
         self.codec = make_codec(cfg.codec.name, **cfg.codec.options)
         net = cfg.network
-        self.limits = Limits(max_header_bytes=net.max_header_bytes, max_frame_bytes=net.max_message_bytes)
         self.curve = peer_keys(cfg.security, on_refused=self._count_refused)
         self.transports = TransportSet(self.curve)
-        self.client = PeerClient(sender=self.id, transports=self.transports, limits=self.limits,
-                                 timeout=net.request_timeout, stats=self.stats, max_frame_bytes=net.max_message_bytes)
         self.table = PeerTable(self.id, dead_after=net.dead_after, backoff=net.failure_backoff)
         self.rng = random.Random(zlib.crc32(self.id.encode()))
         self.address = ""
@@ -218,7 +215,6 @@ class Peer:
         adopting = not resumed and net.adopt_model and net.exchange and self.cfg.run.init == "shared"
         if not adopting:
             compute.publish()  # neighbours can pull from us from the first moment on
-            self._check_snapshot_header()
         compute_thread = ThreadPoolExecutor(1, thread_name_prefix=f"compute-{self.name}")
         started = time.monotonic()
         reason = "error"
@@ -228,7 +224,7 @@ class Peer:
                     await self.await_swarm()
                     if adopting:
                         await self._adopt_model(compute, compute_thread)
-                        self._check_snapshot_header()
+                        self._check_snapshot_fits()
                     self.start_exchange()
                     reason = await loop.run_in_executor(compute_thread, compute.run)
                     linger_until = time.monotonic() + self.cfg.network.linger
@@ -254,6 +250,12 @@ class Peer:
         self.mailbox = mailbox
         self.inbox = replica.inbox
         self.device = replica.device
+        net, n = self.cfg.network, replica.flat.numel
+        self.limits = Limits(max_header_bytes=net.max_header_bytes, max_frame_bytes=net.frame_limit(n))
+        self.transfer_timeout = net.transfer_timeout(n)
+        self.client = PeerClient(sender=self.id, transports=self.transports, limits=self.limits,
+                                 timeout=net.request_timeout, transfer_timeout=self.transfer_timeout,
+                                 stats=self.stats, max_frame_bytes=self.limits.max_frame_bytes)
         warm_up_loops(self.codec, replica.live_N)
 
     @contextlib.asynccontextmanager
@@ -261,11 +263,12 @@ class Peer:
         """Bind the listener, then run the server and membership around the body; the body
         starts the exchange (:meth:`start_exchange`) once the model it merges into is set."""
         net = self.cfg.network
+        self._check_snapshot_fits()
         try:
             exposed = exposure_warning(net.listen, secured=self.curve is not None)
             if exposed:
                 self.log.warning("%s", exposed)
-            listener = await self.transports.for_url(net.listen).listen(net.listen, max_frame_bytes=net.max_message_bytes)
+            listener = await self.transports.for_url(net.listen).listen(net.listen, max_frame_bytes=self.limits.max_frame_bytes)
             bound, _ = split_address(listener.address)
             self.address = net.advertise or (with_interface_host(bound, net.interface) if net.interface else bound)
             if self.curve is not None and self.curve.per_peer:
@@ -312,10 +315,12 @@ class Peer:
         if self.cfg.network.exchange and self._exchange_task is None:
             self._exchange_task = self._services.create_task(self.exchange.run(), name="exchange")
 
-    def _check_snapshot_header(self) -> None:
+    def _check_snapshot_fits(self) -> None:
         """Readers refuse a reply whose header exceeds network.max_header_bytes before unpacking
-        it; a codec whose meta alone comes near that (a lattice chunk far shorter than the model
-        needs: about 15 bytes per chunk) would have every pull of ours refused. Say so at start."""
+        it, and libzmq drops a sender whose frame exceeds network.max_message_bytes: a snapshot
+        over either limit would have every pull of ours fail. Say so at start. A codec's meta
+        alone can come near the header limit (a lattice chunk far shorter than the model needs:
+        about 15 bytes per chunk); any model's lossless form (a newcomer's pull) may be sent."""
         latest = self.store.latest()
         if latest is None:
             return
@@ -327,6 +332,12 @@ class Peer:
             raise ConfigError(
                 f"codec {self.codec.name}: a snapshot reply's header takes about {size} bytes, over "
                 f"network.max_header_bytes = {limit}: {fix}raise network.max_header_bytes on every peer")
+        frame = max(4 * latest.values_N.numel(), latest.encoded.nbytes)
+        if frame > self.limits.max_frame_bytes:
+            raise ConfigError(
+                f"network.max_message_bytes = {self.limits.max_frame_bytes}: this model's snapshots take "
+                f"frames of up to {frame} bytes, which every peer would refuse; set it to 0 (auto, room "
+                f"for any snapshot of the model) or to at least {frame} on every peer")
 
     async def _adopt_model(self, compute: ComputeLoop, compute_thread: ThreadPoolExecutor) -> None:
         """A newcomer starts from a trained neighbour's model when there is one (newcomer.py).

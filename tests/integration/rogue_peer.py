@@ -1,9 +1,11 @@
-"""A rogue peer for tests: speaks the wire protocol faithfully but serves a poisoned model.
+"""A rogue peer for tests: speaks the wire protocol faithfully but serves a poisoned model, or
+a sound one slowly.
 
     python tests/integration/rogue_peer.py --task swarmnet.tasks.digits:task --mode nan \\
         --seed tcp://127.0.0.1:PORT --out DIR
 
-Modes: ``nan`` (every value NaN), ``inf``, ``huge`` (a real model scaled by 1e6). It gossips
+Modes: ``nan`` (every value NaN), ``inf``, ``huge`` (a real model scaled by 1e6), ``slow`` (a
+real model, each pull answered ``--delay`` seconds late, like a slow link). It gossips
 with its seed like a peer, answers pulls with the poisoned snapshot and writes ``DIR/card.json``
 (its address) and ``DIR/served.json`` (pulls answered, per asking peer id).
 """
@@ -26,7 +28,17 @@ from swarmnet.peer.client import PeerClient
 from swarmnet.peer.stats import PeerStats
 from swarmnet.tasks import load_task
 from swarmnet.transport import TransportSet
-from swarmnet.wire import Limits, MsgType, RejectCode, decode, encode, reject, reply, request
+from swarmnet.wire import (
+    Limits,
+    Message,
+    MsgType,
+    RejectCode,
+    decode,
+    encode,
+    reject,
+    reply,
+    request,
+)
 
 
 def poisoned_model(task_spec: str, mode: str) -> torch.Tensor:
@@ -37,7 +49,7 @@ def poisoned_model(task_spec: str, mode: str) -> torch.Tensor:
         return torch.full_like(flat, float("nan"))
     if mode == "inf":
         return torch.full_like(flat, float("inf"))
-    return flat * 1e6
+    return flat if mode == "slow" else flat * 1e6
 
 
 def write_json(path: Path, data: object) -> None:
@@ -73,7 +85,12 @@ async def run(args: argparse.Namespace) -> None:
                 pass
             await asyncio.sleep(0.5)
 
+    async def answer_late(route: object, answer: Message) -> None:
+        await asyncio.sleep(args.delay)
+        await listener.send(route, encode(answer))
+
     async def serve() -> None:
+        late: set[asyncio.Task[None]] = set()
         while True:
             route, frames = await listener.recv()
             try:
@@ -88,6 +105,11 @@ async def run(args: argparse.Namespace) -> None:
                 meta, payload = codec.select(encoded, msg.body["want"])
                 answer = reply(msg, MsgType.SNAPSHOT, me, payload, version=1, codec=codec.name, meta=meta,
                                clock=msg.body["clock"], age=0.0)
+                if args.delay > 0:
+                    task = asyncio.create_task(answer_late(route, answer))
+                    late.add(task)
+                    task.add_done_callback(late.discard)
+                    continue
             elif msg.type is MsgType.STATUS:
                 answer = reply(msg, MsgType.STATUS_REPLY, me, status={"id": me, "served": dict(served)})
             elif msg.type is MsgType.BYE:
@@ -103,7 +125,8 @@ async def run(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", required=True)
-    parser.add_argument("--mode", choices=["nan", "inf", "huge"], required=True)
+    parser.add_argument("--mode", choices=["nan", "inf", "huge", "slow"], required=True)
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds to hold each pull's answer")
     parser.add_argument("--seed", required=True, help="address of a real peer")
     parser.add_argument("--out", required=True, help="folder for card.json and served.json")
     asyncio.run(run(parser.parse_args()))

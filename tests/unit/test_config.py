@@ -1,6 +1,6 @@
 import pytest
 
-from swarmnet.config import load_config, load_manifest
+from swarmnet.config import NetworkConfig, load_config, load_manifest
 from swarmnet.errors import ConfigError
 
 
@@ -49,6 +49,8 @@ def test_defaults_and_bundled_configs_load():
         ("[network]\njoin_timeout = -1.0", "network.join_timeout: must be a finite number of seconds >= 0"),
         ("[network]\nlinger = nan", "network.linger: must be a finite number of seconds >= 0"),
         ("[network]\nmax_concurrent_requests = 0", "network.max_concurrent_requests: must be >= 1"),
+        ("[network]\nmax_message_bytes = 100", "network.max_message_bytes: must be 0 (auto"),
+        ("[network]\nmin_transfer_rate = 0.0", "network.min_transfer_rate: must be a finite number of bytes"),
         ("[network]\nadvertise = 'foo'", "network.advertise: 'foo' must be a URL"),
         ("[network]\nlisten = 'tcp://127.0.0.1:99999'", "network.listen: 'tcp://127.0.0.1:99999' needs a port in 0..65535"),
         ("[network]\nadvertise = 'tcp://10.0.0.1:0'", "network.advertise: 'tcp://10.0.0.1:0' needs a port in 1..65535"),
@@ -190,3 +192,11 @@ def test_advertised_address_from_an_interface():
         interface_ipv4("no-such-if0")
     with pytest.raises(ConfigError, match="host:port"):
         with_interface_host("ipc:///tmp/peer.sock", "lo")
+
+
+def test_network_limits_follow_the_models_size():
+    net = NetworkConfig(request_timeout=10.0, min_transfer_rate=50e6)
+    assert net.frame_limit(26_122) == 8 * 26_122 + (1 << 20)  # auto: any snapshot of the model fits
+    assert net.frame_limit(600_000_000) > 2**31  # models past 2 GiB of fp32 are pulled too
+    assert NetworkConfig(max_message_bytes=4096).frame_limit(10**9) == 4096  # set by hand: as set
+    assert net.transfer_timeout(100_000_000) == pytest.approx(10.0 + 8.0)  # 400 MB at 50 MB/s
