@@ -178,9 +178,9 @@ class BlockwiseCodec(Codec):
         check_frames(frames, [self._values_bytes(n), 4 * rows], self.name)
         dev = out_N.device
         scales = buffer_tensor(frames[1], torch.float32, f"{self.name}.scales").to(dev)
-        if rows and not (torch.isfinite(scales).all() and scales.min() >= 0):
+        if rows and not (torch.isfinite(scales).all() and scales.min() >= 0):  # CPU<->GPU sync point
             raise CodecError(f"{self.name}: scales must be finite and >= 0")
-        values = buffer_tensor(frames[0], torch.uint8, f"{self.name}.values").to(dev)
+        values = buffer_tensor(frames[0], torch.uint8, f"{self.name}.values").to(dev)  # pageable host->device copy
         fused = kernels.usable(out_N)
         if self.bits == 8:
             q = values.view(torch.int8)

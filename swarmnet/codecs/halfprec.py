@@ -99,7 +99,7 @@ class HalfCodec(Codec):
         versioned_meta(meta, self.name, n)
         check_frames(frames, [2 * n], self.name)
         received = buffer_tensor(frames[0], self.dtype, f"{self.name}.recv")
-        out_N.copy_(received.view_as(out_N))  # host->device and widening in one copy
+        out_N.copy_(received.view_as(out_N))  # host->device and widening in one copy: CPU<->GPU sync point
         return DecodeResult(True, stats={"bits_per_coord": 16.0})
 
 

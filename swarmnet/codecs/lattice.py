@@ -141,7 +141,7 @@ def quantize(
     scale = _as_scale(eps, x).reciprocal().mul_(ONE)
     scaled = torch.mul(x, scale, out=work)
     if bound is None:
-        bound = float(torch.maximum(scaled.amax(), scaled.amin().neg())) / ONE if x.numel() else 0.0
+        bound = float(torch.maximum(scaled.amax(), scaled.amin().neg())) / ONE if x.numel() else 0.0  # CPU<->GPU sync point
     if not bound < INT64_SAFE:  # also catches NaN
         raise ValueError(f"|x/eps| = {bound} is not below 2^46 (or not finite)")
     dtype = out.dtype if out is not None else torch.int32 if bound < INT32_SAFE else torch.int64

@@ -717,7 +717,7 @@ class LatticeCodec(Codec):
             digests[8 * row : 8 * row + 8] == h.h[8 * i : 8 * i + 8] for row, i in enumerate(chunks)
         ]
         self._write(g, chunks, good, k_hat, e, theta, out, fused)
-        dist_list = dist.tolist()
+        dist_list = dist.tolist()  # CPU<->GPU sync point (one value per chunk)
         for row, (i, j) in enumerate(mine):
             if good[row]:
                 pull["done"][i] = True

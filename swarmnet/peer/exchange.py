@@ -279,7 +279,7 @@ class Exchange:
                 raise CodecError("a nudge must carry a complete snapshot")
             check_finite(decoded, "the nudge")
             delta = apply_nudge(decoded, used.encoded.quantized, out=decoded)
-            self.screen.check(2 * float(torch.linalg.vector_norm(delta)), used, delta, "nudge")
+            self.screen.check(2 * float(torch.linalg.vector_norm(delta)), used, delta, "nudge")  # CPU<->GPU sync point
             return delta
         return await self._run(work)
 
