@@ -67,6 +67,9 @@ class Codec(ABC):
 
     name: ClassVar[str]
     lossless: ClassVar[bool] = False
+    partial_reads: ClassVar[bool] = False
+    """A reader may ask for more of a snapshot version it already pulled from (``select``
+    honours ``want``): the server then keeps a few older versions' wire form for it."""
     uses_progress: ClassVar[bool] = False
     """Wants ``hints["progress"]``: what the owner's own training steps moved since the last
     publish (merges excluded), a vector like the encoded one, over ``hints["progress_steps"]``."""

@@ -316,6 +316,7 @@ class LatticeCodec(Codec):
     """
 
     name = "lattice"
+    partial_reads = True
     uses_progress = True
 
     def __init__(

@@ -142,9 +142,9 @@ class Peer:
         self.device = resolve_device(cfg.device.device)
         self.stats = PeerStats()
         self.clock = PhaseClock()
-        self.store = SnapshotStore(history=8)
         self.gate = MergeGate()
         self.codec = make_codec(cfg.codec.name, **cfg.codec.options)
+        self.store = SnapshotStore(history=8 if self.codec.partial_reads else 1)
         net = cfg.network
         self.curve = peer_keys(cfg.security, on_refused=self._count_refused)
         self.transports = TransportSet(self.curve)

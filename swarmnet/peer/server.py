@@ -126,6 +126,8 @@ class PeerServer:
             return reject(msg, peer.id, code, "no snapshot" if version is None else f"version {version} is gone")
         age = time.monotonic() - snap.created
         if msg.body["want"] == FULL:  # a newcomer adopting our model: lossless, no interaction
+            if version is not None:
+                return reject(msg, peer.id, RejectCode.MALFORMED, "a full pull takes the latest snapshot (version nil)")
             if self._donation is not None:
                 return reject(msg, peer.id, RejectCode.BUSY, "sending our model to another newcomer; ask another peer")
             self._donation = reply(msg, MsgType.SNAPSHOT, peer.id, [host_bytes(snap.values_N)], version=snap.version,
@@ -144,20 +146,20 @@ class PeerServer:
             return reject(msg, peer.id, RejectCode.DRAINING, "peer is stopping")
         if msg.body["codec"] != peer.codec.name:
             return reject(msg, peer.id, RejectCode.MISMATCH, f"codec {msg.body['codec']}, ours is {peer.codec.name}")
-        used, latest = peer.store.get(msg.body["used"]), peer.store.latest()
-        if used is None or latest is None:
+        latest = peer.store.latest()  # the only version a nudge may be keyed on (MergeGate)
+        if latest is None:
             return reject(msg, peer.id, RejectCode.GONE, f"version {msg.body['used']} is gone")
-        refusal = peer.gate.admit_nudge(used.version, latest.version, unapplied=peer.inbox.pending)
+        refusal = peer.gate.admit_nudge(msg.body["used"], latest.version, unapplied=peer.inbox.pending)
         if refusal is not None:
             peer.stats.nudges_refused += 1
             return reject(msg, peer.id, RejectCode.BUSY, refusal)
         try:
-            nudge = await peer.exchange.decode_nudge(msg, used)
+            nudge = await peer.exchange.decode_nudge(msg, latest)
         except BaseException:
-            peer.gate.cancel_nudge(used.version)
+            peer.gate.cancel_nudge(latest.version)
             raise
         if not peer.inbox.add(nudge):
-            peer.gate.cancel_nudge(used.version)
+            peer.gate.cancel_nudge(latest.version)
             return reject(msg, peer.id, RejectCode.DRAINING, "peer is stopping")
         return reply(msg, MsgType.ACK, peer.id)
 

@@ -4,8 +4,9 @@ Legend: N = number of floating-point parameter coordinates.
 
 - :class:`FlatParameters` lays a model's floating-point parameters over one contiguous vector,
   so merging a neighbour is a single vector operation and the codec sees one buffer.
-- :class:`SnapshotStore` keeps the last few published snapshots, immutable and versioned: readers
-  always get a complete one and never hold a lock across the network (SPEC 4 item 8).
+- :class:`SnapshotStore` keeps the latest published snapshot, immutable and versioned (and, for
+  codecs with partial reads, the wire form of a few before it): readers always get a complete
+  one and never hold a lock across the network (SPEC 4 item 8).
 - :class:`Mailbox` hands the exchange's result to the compute thread (one slot, latest wins).
 - :class:`NudgeInbox` accumulates symmetric-mode updates from neighbours in delta form.
 - :class:`MergeGate` admits symmetric-mode updates only where they keep the model a convex
@@ -17,6 +18,7 @@ Only the compute thread writes the live model; everything here is how others tal
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from collections import OrderedDict
@@ -66,10 +68,27 @@ class Snapshot:
     created: float = field(default_factory=time.monotonic)
 
 
-class SnapshotStore:
-    """Latest-first history of published snapshots; publish and get are thread-safe."""
+    def wire_form(self) -> Snapshot:
+        """This snapshot without its model-sized vectors: what serving more of it to a reader
+        takes (``Codec.select`` reads the frames and meta only)."""
+        return dataclasses.replace(self, values_N=_NOTHING,
+                                   encoded=dataclasses.replace(self.encoded, quantized=_NOTHING))
 
-    def __init__(self, history: int = 4) -> None:
+
+_NOTHING = torch.empty(0)
+
+
+class SnapshotStore:
+    """The latest published snapshot and the wire form of up to ``history - 1`` before it;
+    publish and get are thread-safe.
+
+    Only readers of a codec with partial reads ask for an older version (more planes of the
+    snapshot they started on), and only its frames serve them. A merge, a nudge and a
+    newcomer's lossless pull all use the latest. Each whole snapshot holds one or two copies of
+    the model: kept whole, a history of 8 put about 12 copies of a 9.2M-parameter model (450 MB)
+    in a lattice peer's 1.8 GB above the interpreter's own, and 7 (250 MB) in an fp32 one's."""
+
+    def __init__(self, history: int = 1) -> None:
         self._history = history
         self._snapshots: OrderedDict[int, Snapshot] = OrderedDict()
         self._lock = threading.Lock()
@@ -79,6 +98,9 @@ class SnapshotStore:
         with self._lock:
             snap = Snapshot(self._next_version, values_N, encoded, step, nudges)
             self._next_version += 1
+            if self._snapshots:
+                previous = next(reversed(self._snapshots.values()))
+                self._snapshots[previous.version] = previous.wire_form()
             self._snapshots[snap.version] = snap
             while len(self._snapshots) > self._history:
                 self._snapshots.popitem(last=False)
@@ -89,6 +111,7 @@ class SnapshotStore:
             return next(reversed(self._snapshots.values()), None)
 
     def get(self, version: int) -> Snapshot | None:
+        """That version: the latest whole, an older one in its wire form only."""
         with self._lock:
             return self._snapshots.get(version)
 

@@ -1,6 +1,8 @@
 import asyncio
+import gc
 import json
 import random
+import weakref
 
 import pytest
 import torch
@@ -51,6 +53,28 @@ def test_snapshot_store_keeps_a_bounded_history():
         x = torch.full((4,), float(i))
         store.publish(x, codec.encode(x), step=i)
     assert store.get(1) is None and store.get(2).step == 1 and store.latest().version == 3
+
+
+def test_older_snapshots_keep_only_their_wire_form_and_let_the_model_copies_go():
+    """A lattice history of 8 whole snapshots held up to 16 copies of the model: an older
+    version serves further planes only, from its frames."""
+    store = SnapshotStore(history=3)
+    codec = make_codec("lattice", chunk=64, seed=0)
+    x = torch.randn(256)
+    first = store.publish(x.clone(), codec.encode(x), step=0)
+    held = weakref.ref(first.values_N), weakref.ref(first.encoded.quantized)
+    first_frames, exact = first.encoded.frames, first.encoded.quantized.clone()
+    del first
+    store.publish(x.clone(), codec.encode(x), step=1)
+    gc.collect()
+    assert held[0]() is None and held[1]() is None  # both model-sized vectors were freed
+    older = store.get(1)
+    assert older.values_N.numel() == 0 and older.encoded.quantized.numel() == 0
+    assert older.encoded.frames is first_frames and older.encoded.meta and older.version == 1
+    meta, frames = codec.select(older.encoded, None)  # still served in full
+    out = torch.empty(256)
+    assert codec.decode(meta, frames, out, out, {}).complete and torch.equal(out, exact)
+    assert store.latest().values_N.numel() == 256  # the latest stays whole
 
 
 async def test_mailbox_latest_wins_and_signals_the_loop():
