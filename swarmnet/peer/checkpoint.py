@@ -1,53 +1,81 @@
 """Atomic checkpoints: a crash, a full disk or a read-only directory never leaves a torn file.
 
-The state is serialized in memory, written to a temporary file in the same directory, flushed
-and fsynced, then renamed over the old checkpoint (rename is atomic on POSIX). On failure the
-temporary file is removed, the previous checkpoint stays intact and the caller gets an OSError
-to report. (Serializing in memory first matters: torch's zip writer turns an ENOSPC part-way
-through into a RuntimeError, "unexpected pos"; a plain write keeps the real error.)
+The state is written to a temporary file in the same directory, flushed and fsynced, then
+renamed over the old checkpoint (rename is atomic on POSIX). On failure the temporary file is
+removed, the previous checkpoint stays intact and the caller gets an OSError to report. torch
+writes straight into the file (no copy of the state in memory: for a large model that was up to
+three more copies of it, with the optimizer's), through a wrapper that keeps a failed write's
+OSError, since torch's zip writer reports a full disk part-way through as a RuntimeError
+("unexpected pos").
 """
 
 from __future__ import annotations
 
-import io
+import contextlib
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
 
+class _WriteErrors:
+    """The file torch.save writes to, remembering the first OSError a write raised."""
+
+    def __init__(self, fh: IO[bytes]) -> None:
+        self._fh = fh
+        self.error: OSError | None = None
+
+    def write(self, data: bytes | memoryview) -> int:
+        try:
+            return self._fh.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self._fh.flush()
+
+
 def save_atomic(state: dict[str, Any], path: Path) -> None:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    write_atomic(path, buffer.getbuffer())
+    def write(fh: IO[bytes]) -> None:
+        sink = _WriteErrors(fh)
+        try:
+            torch.save(state, sink)  # type: ignore[arg-type]  # any object with write() will do
+        except RuntimeError:
+            if sink.error is not None:
+                raise sink.error from None
+            raise
+
+    _replace_atomically(path, write)
 
 
 def write_atomic(path: Path, data: bytes | memoryview) -> None:
     """``path`` holds ``data`` or, if writing failed (OSError), what it held before."""
+    _replace_atomically(path, lambda fh: fh.write(data))
+
+
+def _replace_atomically(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
-    try:  # make the rename itself durable
+    with contextlib.suppress(OSError):  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except OSError:
-        pass
 
 
 def load(path: Path) -> dict[str, Any]:
