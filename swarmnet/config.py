@@ -206,7 +206,7 @@ class NetworkConfig:
     max_message_bytes: int = 0
     """Largest single frame accepted (ZeroMQ drops connections that send more). 0: auto, room
     for any snapshot of this peer's model (twice its fp32 size plus 1 MiB), so a stranger's
-    frame costs at most about one model of memory, and a model of any size can be pulled."""
+    frame costs at most about two models of memory, and a model of any size can be pulled."""
     min_transfer_rate: float = 50e6
     """Slowest rate (bytes per second) a snapshot may move at: a request that moves one (pull,
     nudge, a newcomer's model) gets request_timeout plus the model's fp32 size over this rate

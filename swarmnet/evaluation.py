@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from swarmnet.codecs import Codec, make_codec
 from swarmnet.config import SwarmConfig
-from swarmnet.errors import CodecError, ProtocolError, SwarmError
+from swarmnet.errors import CodecError, ProtocolError, SwarmError, TransportError
 from swarmnet.peer.client import PeerClient
 from swarmnet.peer.state import FlatParameters
 from swarmnet.peer.stats import PeerStats
@@ -176,6 +176,10 @@ def evaluate_swarm(cfg: SwarmConfig, *, seeds: list[str], run_dir: Path | None =
             for name, addr, step in chosen:
                 try:
                     version = await reader.pull(addr, out_N)
+                except TransportError as exc:  # libzmq drops a frame over the limit without a word
+                    raise SwarmError(f"pulling {name} at {addr}: {exc} (a snapshot over this config's frame "
+                                     f"limit, {reader.client.max_frame_bytes} bytes, ends the same way: pass the "
+                                     "swarm's own config)") from None
                 except SwarmError as exc:
                     raise SwarmError(f"pulling {name} at {addr}: {exc}") from None
                 sum_N += out_N

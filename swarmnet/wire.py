@@ -122,9 +122,10 @@ class Limits:
 
 
 def snapshot_frame_limit(n: int) -> int:
-    """A frame limit that every snapshot of a model of ``n`` float coordinates fits: no codec
-    sends more than its fp32 form (4 bytes a coordinate) plus padding and side data, so twice
-    that, plus 1 MiB for the smallest models."""
+    """A frame limit that every snapshot of a model of ``n`` float coordinates fits: twice its
+    fp32 form (4 bytes a coordinate, what a newcomer pulls), plus 1 MiB for the smallest models.
+    The largest codec frame is a lattice snapshot at its finest step, about 6 bytes a coordinate
+    (48-bit planes)."""
     return 8 * n + (1 << 20)
 
 

@@ -113,7 +113,7 @@ class Replica:
         self.device = self.flat.vector_N.device
         self.live_N = self.flat.vector_N
         self.stale_N = self.live_N.clone()
-        self.inbox = NudgeInbox(self.flat.numel, self.device)
+        self.inbox = NudgeInbox()
         self.local_steps = local_steps
         self.rng = rng
         self.step = 0

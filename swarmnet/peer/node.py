@@ -320,7 +320,9 @@ class Peer:
         it, and libzmq drops a sender whose frame exceeds network.max_message_bytes: a snapshot
         over either limit would have every pull of ours fail. Say so at start. A codec's meta
         alone can come near the header limit (a lattice chunk far shorter than the model needs:
-        about 15 bytes per chunk); any model's lossless form (a newcomer's pull) may be sent."""
+        about 15 bytes per chunk); where newcomers adopt a model, its lossless form is sent too.
+        (A lattice snapshot can grow later, up to 6 bytes a coordinate at its finest step: the
+        server warns if one outgrows the limit, PeerServer.handle_pull.)"""
         latest = self.store.latest()
         if latest is None:
             return
@@ -332,12 +334,14 @@ class Peer:
             raise ConfigError(
                 f"codec {self.codec.name}: a snapshot reply's header takes about {size} bytes, over "
                 f"network.max_header_bytes = {limit}: {fix}raise network.max_header_bytes on every peer")
-        frame = max(4 * latest.values_N.numel(), latest.encoded.nbytes)
+        frame, what = latest.encoded.nbytes, f"this model's {self.codec.name} snapshots take {latest.encoded.nbytes} bytes"
+        if self.cfg.network.adopt_model and 4 * latest.values_N.numel() > frame:
+            frame = 4 * latest.values_N.numel()
+            what = f"a newcomer's lossless pull of this model (network.adopt_model) takes a {frame}-byte frame"
         if frame > self.limits.max_frame_bytes:
             raise ConfigError(
-                f"network.max_message_bytes = {self.limits.max_frame_bytes}: this model's snapshots take "
-                f"frames of up to {frame} bytes, which every peer would refuse; set it to 0 (auto, room "
-                f"for any snapshot of the model) or to at least {frame} on every peer")
+                f"network.max_message_bytes = {self.limits.max_frame_bytes}: {what}, which every peer would "
+                f"refuse; set it to 0 (auto, room for any snapshot of the model) or to at least {frame} on every peer")
 
     async def _adopt_model(self, compute: ComputeLoop, compute_thread: ThreadPoolExecutor) -> None:
         """A newcomer starts from a trained neighbour's model when there is one (newcomer.py).
@@ -364,7 +368,8 @@ class Peer:
         self.inbox.close()
         if not self._force:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(2 * self.cfg.network.request_timeout):
+                # an interaction: its pulls and, in symmetric mode, the nudge, each bounded
+                async with asyncio.timeout(self.cfg.network.request_timeout + 2 * self.transfer_timeout):
                     await self.exchange.stop()
         if self._exchange_task is not None:
             self._exchange_task.cancel()

@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from swarmnet.buffers import Buffer
 from swarmnet.codecs.hostbuf import host_bytes
 from swarmnet.errors import CodecError, ProtocolError, TransportError
 from swarmnet.peer.screening import Poisoned
@@ -36,6 +37,7 @@ class PeerServer:
         self._donation: Message | None = None
         """The lossless full snapshot on its way to a newcomer, if any: one at a time, so that
         newcomers arriving together spread over donors (newcomer.py) instead of queueing here."""
+        self._oversize_told = False
         self._tasks: set[asyncio.Task[None]] = set()
         self.handlers: dict[MsgType, Callable[[Message], Awaitable[Message]]] = {
             MsgType.HELLO: self.handle_hello,
@@ -137,8 +139,20 @@ class PeerServer:
         # Only the first pull of an interaction moves the phase clocks (SPEC 1.2 step 1).
         clock = peer.clock.serve(msg.body["clock"]) if version is None else peer.clock.value
         meta, frames = peer.codec.select(snap.encoded, msg.body["want"])
+        self._tell_if_oversized(frames)
         return reply(msg, MsgType.SNAPSHOT, peer.id, frames, version=snap.version,
                      codec=peer.codec.name, meta=meta, clock=clock, age=age)
+
+    def _tell_if_oversized(self, frames: tuple[Buffer, ...]) -> None:
+        """A frame over the frame limit (every peer's, when their configs agree) is dropped by
+        the reader's libzmq, which tells neither side why. A hand-set limit passed the start
+        check, but a lattice snapshot grows as its step size shrinks: say so, once."""
+        largest = max((memoryview(f).nbytes for f in frames), default=0)
+        if largest > self.limits.max_frame_bytes and not self._oversize_told:
+            self._oversize_told = True
+            self.log.warning("serving a %d-byte snapshot frame, over network.max_message_bytes = %d: readers "
+                             "drop it; set network.max_message_bytes = 0 (auto) on every peer",
+                             largest, self.limits.max_frame_bytes)
 
     async def handle_nudge(self, msg: Message) -> Message:
         peer = self.peer

@@ -89,7 +89,8 @@ class SnapshotStore:
     in a lattice peer's 1.8 GB above the interpreter's own, and 7 (250 MB) in an fp32 one's."""
 
     def __init__(self, history: int = 1) -> None:
-        self._history = history
+        self.history = history
+        """Versions held: the latest and ``history - 1`` older ones in their wire form."""
         self._snapshots: OrderedDict[int, Snapshot] = OrderedDict()
         self._lock = threading.Lock()
         self._next_version = 1
@@ -102,7 +103,7 @@ class SnapshotStore:
                 previous = next(reversed(self._snapshots.values()))
                 self._snapshots[previous.version] = previous.wire_form()
             self._snapshots[snap.version] = snap
-            while len(self._snapshots) > self._history:
+            while len(self._snapshots) > self.history:
                 self._snapshots.popitem(last=False)
             return snap
 
@@ -175,8 +176,10 @@ class NudgeInbox:
     the sender drops its half of the interaction too: the swarm's total mass is preserved.
     """
 
-    def __init__(self, numel: int, device: torch.device) -> None:
-        self._sum_N = torch.zeros(numel, dtype=torch.float32, device=device)
+    def __init__(self) -> None:
+        self._sum_N: Tensor | None = None
+        """Allocated at the first nudge: a pull-only peer never holds this copy of the model.
+        Valid while ``_count`` > 0 (the first nudge after a drain overwrites it)."""
         self._count = 0
         self.drained = 0
         """Nudges applied so far, in all."""
@@ -187,7 +190,12 @@ class NudgeInbox:
         with self._lock:
             if self._closed:
                 return False
-            self._sum_N.add_(delta_N)
+            if self._sum_N is None:
+                self._sum_N = torch.empty_like(delta_N)
+            if self._count:
+                self._sum_N.add_(delta_N)
+            else:
+                self._sum_N.copy_(delta_N)
             self._count += 1
             return True
 
@@ -196,9 +204,9 @@ class NudgeInbox:
         with self._lock:
             if not self._count:
                 return 0
+            assert self._sum_N is not None
             for target in targets:
                 target.add_(self._sum_N)
-            self._sum_N.zero_()
             count, self._count = self._count, 0
             self.drained += count
             return count

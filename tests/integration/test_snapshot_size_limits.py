@@ -8,6 +8,8 @@ import msgpack
 import pytest
 import zmq
 
+from swarmnet.config import load_config
+from swarmnet.peer.node import Peer, PeerIdentity
 from swarmnet.testing import PeerProcessHandle, query_status, wait_until
 from swarmnet.testing.processes import ScriptProcess
 from swarmnet.wire import MsgType, encode, request
@@ -44,15 +46,31 @@ def ask(address, frames, timeout_ms):
         sock.close()
 
 
-def test_a_frame_limit_below_the_models_snapshot_is_refused_at_start(tmp_path, daemons):
-    """Every neighbour's libzmq would drop this peer's 104,488-byte replies at a 64 KiB limit:
-    the peer says so and exits instead of serving pulls that all fail."""
-    config = digits_peer_config(tmp_path / "swarm.toml", max_message_bytes=65536)
-    peer = PeerProcessHandle(tmp_path / "run", "a", config)
+@pytest.mark.parametrize("codec, adopt, refusal", [
+    ("fp32", False, "this model's fp32 snapshots take 104488 bytes"),
+    ("blockwise8", True, "a newcomer's lossless pull of this model (network.adopt_model) takes a 104488-byte frame"),
+    ("blockwise8", False, None),  # 27,758-byte snapshots: within 64 KiB
+])
+def test_a_frame_limit_below_what_the_peer_sends_is_refused_at_start(tmp_path, daemons, codec, adopt, refusal):
+    """Every neighbour's libzmq would drop a frame over the limit (here 64 KiB): the peer says so
+    and exits instead of serving pulls that all fail. Newcomers pull a lossless model (4 bytes a
+    coordinate) only where they adopt one."""
+    config = digits_peer_config(tmp_path / "swarm.toml", max_message_bytes=65536, adopt_model=adopt)
+    peer = PeerProcessHandle(tmp_path / "run", "a", config, "--set", f'codec.name="{codec}"')
     daemons.append(peer)
+    if refusal is None:
+        assert query_status(peer.card()["addr"])["codec"] == codec
+        return
     assert peer.wait(60) == 2
-    assert f"frames of up to {4 * DIGITS_N} bytes" in peer.log() and "max_message_bytes = 65536" in peer.log(), \
-        peer.log()
+    assert refusal in peer.log() and "max_message_bytes = 65536" in peer.log(), peer.log()
+
+
+def test_peers_keep_older_snapshots_only_for_codecs_with_partial_reads(tmp_path):
+    """Lattice readers ask for more planes of the version they started on; no other reader asks
+    for an older version, so other peers keep none (each one held a copy of the model)."""
+    for codec, history in (("fp32", 1), ("blockwise8", 1), ("lattice", 8)):
+        cfg = load_config(None, {"run.dir": str(tmp_path), "codec.name": codec})
+        assert Peer(cfg, PeerIdentity("a", 0)).store.history == history, codec
 
 
 def test_the_automatic_frame_limit_admits_snapshots_and_drops_larger_frames(tmp_path, daemons):
@@ -67,8 +85,10 @@ def test_the_automatic_frame_limit_admits_snapshots_and_drops_larger_frames(tmp_
     under = ask(address, [header, b"\0" * (limit - 1000)], timeout_ms=5000)
     assert under is not None and under["t"] == "reject" and under["code"] == "malformed", under
     assert ask(address, [header, b"\0" * (limit + 1000)], timeout_ms=1500) is None
+    full = ask(address, encode(request(MsgType.PULL, "stranger", clock=0, want="full", version=1)), timeout_ms=5000)
+    assert full["t"] == "reject" and "takes the latest snapshot" in full["reason"], full  # never an older one
     status = query_status(address)
-    assert status["state"] == "training" and status["rejected"] == {"size_mismatch": 1}, status  # counted once, by reason
+    assert status["state"] == "training" and status["rejected"] == {"size_mismatch": 1}, status  # counted by reason
 
 
 @pytest.mark.parametrize("rate, merges", [(50e3, True), (50e6, False)])

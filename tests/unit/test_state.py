@@ -92,12 +92,14 @@ async def test_mailbox_latest_wins_and_signals_the_loop():
 
 
 def test_nudge_inbox_sums_and_refuses_after_close():
-    inbox = NudgeInbox(3, torch.device("cpu"))
+    inbox = NudgeInbox()
     assert inbox.add(torch.ones(3)) and inbox.add(torch.ones(3))
     live, stale = torch.zeros(3), torch.zeros(3)
     assert inbox.drain_into(live, stale) == 2
     assert torch.equal(live, torch.full((3,), 2.0)) and torch.equal(stale, live)
     assert inbox.drain_into(live) == 0
+    assert inbox.add(torch.full((3,), 3.0)) and inbox.drain_into(live) == 1  # a fresh sum after a drain
+    assert torch.equal(live, torch.full((3,), 5.0))
     inbox.close()
     assert not inbox.add(torch.ones(3))
 
