@@ -237,6 +237,25 @@ def bench_exchange(
                   f"delta to the live model +{p['apply_ms']:.1f} ms (the whole merge: {p['ratio_with_merge']:.3f})")
 
 
+@bench_app.command("memory")
+def bench_memory(
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the figures as JSON here.")] = None,
+    codec: Annotated[Optional[list[str]], typer.Option("--codec", help="Snapshot codec (repeatable).")] = None,
+    hidden: Annotated[int, typer.Option(min=32, help="Hidden width of the larger digits MLP (3,000: 9.2M parameters); the other has half.")] = 3000,
+    steps: Annotated[int, typer.Option(min=50, help="Steps per peer.")] = 300,
+) -> None:
+    """A peer's peak host memory in copies of its model, per snapshot codec."""
+    from swarmnet.bench.memory import run
+
+    result = run(codecs=tuple(codec or ("fp32", "lattice")), hidden=hidden, steps=steps, json_path=json_path)
+    (half, full), (small_mb, large_mb) = result["hidden"], (b / 1e6 for b in result["model_bytes"])
+    typer.echo(f"digits MLP, hidden {half} and {full} ({small_mb:.1f} and {large_mb:.1f} MB of fp32 parameters); "
+               f"2 peers, {steps} steps each")
+    for name, c in result["codecs"].items():
+        typer.echo(f"{name}: peak RSS per peer {max(c['peak_rss_mb'][0]):.0f} and {max(c['peak_rss_mb'][1]):.0f} MB "
+                   f"-> {c['model_copies']:.1f} copies of the model")
+
+
 @bench_app.command("codecs")
 def bench_codecs(
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the figures as JSON here.")] = None,
