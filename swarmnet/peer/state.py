@@ -67,7 +67,6 @@ class Snapshot:
     """Neighbours' nudges applied to the model, in all, when this snapshot was published."""
     created: float = field(default_factory=time.monotonic)
 
-
     def wire_form(self) -> Snapshot:
         """This snapshot without its model-sized vectors: what serving more of it to a reader
         takes (``Codec.select`` reads the frames and meta only)."""
