@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from swarmnet import PROTOCOL_VERSION
+from swarmnet.bench.memory import resident_mb
 from swarmnet.testing import PeerProcessHandle, query_status
 from swarmnet.wire import MsgType, encode, request
 
@@ -45,14 +46,6 @@ MSGPACK_VALUES = st.recursive(
 )
 HEADER_KEYS = ["v", "t", "id", "mid", "sizes", "re", "clock", "want", "version", "card", "peers", "used",
                "codec", "meta", "status", "code", "reason", "age"]
-
-
-def rss_mb(pid):
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
 
 
 class Client:
@@ -220,7 +213,7 @@ def test_thousands_of_hostile_messages_never_crash_a_live_peer(live_peer):
         snapshot_head, values = pull_snapshot(client)
         bases = base_messages(snapshot_head, values)
         before = query_status(address)
-        rss = {"start": rss_mb(pid), "max": 0.0}
+        rss = {"start": resident_mb(pid), "max": 0.0}
         tally = {"sent": 0, "rejected": 0, "answered": 0, "probes": 0, "probe_max_s": 0.0, "kinds": {}}
 
         def probe():
@@ -229,7 +222,7 @@ def test_thousands_of_hostile_messages_never_crash_a_live_peer(live_peer):
             tally["probe_max_s"] = max(tally["probe_max_s"], time.monotonic() - started)
             tally["probes"] += 1
             assert peer.proc.poll() is None, peer.log()
-            rss["max"] = max(rss["max"], rss_mb(pid))
+            rss["max"] = max(rss["max"], resident_mb(pid))
 
         @settings(max_examples=EXAMPLES // BATCH, deadline=None, database=None, phases=[Phase.generate],
                   suppress_health_check=list(HealthCheck))
