@@ -252,9 +252,8 @@ class Peer:
         self.device = replica.device
         net, n = self.cfg.network, replica.flat.numel
         self.limits = Limits(max_header_bytes=net.max_header_bytes, max_frame_bytes=net.frame_limit(n))
-        self.transfer_timeout = net.transfer_timeout(n)
         self.client = PeerClient(sender=self.id, transports=self.transports, limits=self.limits,
-                                 timeout=net.request_timeout, transfer_timeout=self.transfer_timeout,
+                                 timeout=net.request_timeout, transfer_timeout=net.transfer_timeout(n),
                                  stats=self.stats, max_frame_bytes=self.limits.max_frame_bytes)
         warm_up_loops(self.codec, replica.live_N)
 
@@ -369,7 +368,7 @@ class Peer:
         if not self._force:
             with contextlib.suppress(TimeoutError):
                 # an interaction: its pulls and, in symmetric mode, the nudge, each bounded
-                async with asyncio.timeout(self.cfg.network.request_timeout + 2 * self.transfer_timeout):
+                async with asyncio.timeout(self.cfg.network.request_timeout + 2 * self.client.transfer_timeout):
                     await self.exchange.stop()
         if self._exchange_task is not None:
             self._exchange_task.cancel()

@@ -73,7 +73,7 @@ class PeerServer:
             if answer is not None:
                 out = encode(answer)
                 # A donation holds its slot until it has left (bounded like any request).
-                until_sent = self.peer.transfer_timeout if answer is self._donation else 0.0
+                until_sent = self.peer.client.transfer_timeout if answer is self._donation else 0.0
                 await self.listener.send(route, out, until_sent=until_sent)
                 self.peer.stats.bytes_out += sum(memoryview(f).nbytes for f in out)
         except TransportError as exc:
