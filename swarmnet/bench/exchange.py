@@ -27,23 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from swarmnet.testing.processes import LocalSwarm, PeerProcessHandle
+from swarmnet.testing.processes import LocalSwarm, PeerProcessHandle, write_config
 
 HUGETLB = "glibc.malloc.hugetlb=1"
-
-
-def _write_toml(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
-    lines = []
-    for name, values in sections.items():
-        lines.append(f"[{name}]")
-        for key, value in values.items():
-            if isinstance(value, dict):
-                value = "{" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in value.items()) + "}"
-            else:
-                value = json.dumps(value)
-            lines.append(f"{key} = {value}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def _window(metrics: list[dict[str, Any]]) -> dict[str, float]:
@@ -72,7 +58,7 @@ def _compute_run(workdir: Path, mode: str, *, hidden: int, steps: int, local_ste
     """One 2-peer swarm in ``mode``: the figures of :func:`_window` averaged over the two peers,
     plus steps per merge."""
     workdir.mkdir(parents=True, exist_ok=True)
-    config = _write_toml(workdir / f"compute-{mode}-{batch_size}.toml", {
+    config = write_config(workdir / f"compute-{mode}-{batch_size}.toml", {
         "run": {"peers": 2},
         "task": {"spec": "swarmnet.tasks.digits:task", "options": {"hidden": hidden}},
         "train": {"batch_size": batch_size, "lr": 0.02, "steps": steps, "metrics_every": 20,
@@ -135,7 +121,7 @@ def compute_ratio(workdir: Path, *, hidden: int = 512, steps: int = 3000, local_
 
 
 def pull_ratio(workdir: Path, *, hidden: int = 3000, repeats: int = 30) -> dict[str, Any]:
-    config = _write_toml(workdir / "serve.toml", {
+    config = write_config(workdir / "serve.toml", {
         "task": {"spec": "swarmnet.tasks.digits:task", "options": {"hidden": hidden}},
         "train": {"batch_size": 8, "lr": 0.0, "steps": 10**9, "metrics_every": 1000, "checkpoint_every": 0.0},
         "network": {"exchange": False},

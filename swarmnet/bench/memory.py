@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from swarmnet.bench.exchange import _write_toml
 from swarmnet.tasks import load_task
-from swarmnet.testing.processes import LocalSwarm
+from swarmnet.testing.processes import LocalSwarm, write_config
 
 TASK = "swarmnet.tasks.digits:task"
 
@@ -47,7 +46,7 @@ def model_bytes(hidden: int) -> int:
 def peak_rss(workdir: Path, *, codec: str, hidden: int, steps: int) -> list[float]:
     """Each peer's peak resident set (MB) over a 2-peer run."""
     workdir.mkdir(parents=True, exist_ok=True)
-    config = _write_toml(workdir / "memory.toml", {
+    config = write_config(workdir / "memory.toml", {
         "run": {"peers": 2},
         "task": {"spec": TASK, "options": {"hidden": hidden}},
         "train": {"batch_size": 32, "lr": 0.01, "momentum": 0.9, "steps": steps, "metrics_every": 20,

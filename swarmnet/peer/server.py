@@ -147,8 +147,10 @@ class PeerServer:
         """A frame over the frame limit (every peer's, when their configs agree) is dropped by
         the reader's libzmq, which tells neither side why. A hand-set limit passed the start
         check, but a lattice snapshot grows as its step size shrinks: say so, once."""
+        if self._oversize_told:
+            return
         largest = max((memoryview(f).nbytes for f in frames), default=0)
-        if largest > self.limits.max_frame_bytes and not self._oversize_told:
+        if largest > self.limits.max_frame_bytes:
             self._oversize_told = True
             self.log.warning("serving a %d-byte snapshot frame, over network.max_message_bytes = %d: readers "
                              "drop it; set network.max_message_bytes = 0 (auto) on every peer",

@@ -1,34 +1,9 @@
-import json
 import secrets
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from swarmnet.testing import LocalSwarm
-
-
-def toml_value(value):
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
-    raise TypeError(value)
-
-
-def write_config(path: Path, sections: dict) -> Path:
-    lines = []
-    for section, values in sections.items():
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+from swarmnet.testing import LocalSwarm, write_config  # noqa: F401  (tests import write_config from here)
 
 
 @pytest.fixture
