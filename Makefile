@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # A CPU machine gets the CPU build from the local wheel cache; a GPU machine gets the CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: quickstart test venv clean
+.PHONY: quickstart test gpu-check venv clean
 
 $(BIN)/swarmnet: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,14 @@ quickstart: venv
 
 test: venv
 	$(BIN)/python -m pytest
+
+# On a GPU machine: the CUDA path's tests, then codec throughput and the step rate of 4 peers
+# sharing GPU 0 with the exchange on and off (docs/operations.md, GPUs), into runs/gpu/.
+gpu-check: venv
+	mkdir -p runs/gpu
+	$(BIN)/python -m pytest tests/gpu -v -rs
+	$(BIN)/swarmnet bench codecs --device cuda --json runs/gpu/bench-codecs.json
+	$(BIN)/swarmnet bench exchange --device cuda:0 --peers 4 --quick --rounds 1 --json runs/gpu/bench-exchange.json
 
 clean:
 	rm -rf $(VENV) runs

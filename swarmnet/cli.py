@@ -208,18 +208,20 @@ def bench_exchange(
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the figures as JSON here.")] = None,
     quick: Annotated[bool, typer.Option(help="Shorter runs.")] = False,
     rounds: Annotated[int, typer.Option(min=1, help="Rounds of off / on / unlimited runs (median ratio).")] = 3,
+    peers: Annotated[int, typer.Option(min=2, help="Peers in the compute runs' swarm.")] = 2,
+    device: Annotated[str, typer.Option(help="The compute runs' peers' device: auto, cpu or cuda:N (all peers on that GPU).")] = "auto",
 ) -> None:
     """Compute steps/s with the exchange on vs off, and snapshot pulls vs raw pyzmq."""
     from rich.console import Console
 
     from swarmnet.bench.exchange import run
 
-    result = run(json_path=json_path, quick=quick, rounds=rounds)
+    result = run(json_path=json_path, quick=quick, rounds=rounds, peers=peers, device=device)
     p = result["pull"]
     console = Console()
     for c in (result["compute"], result["compute_large_batch"]):
         rate, per_merge = c["steps_per_s"], c["steps_per_merge"]
-        console.print(f"compute (batch {c['batch_size']}, H = {c['local_steps']}): {rate['on']:.1f} steps/s with the "
+        console.print(f"compute ({c['peers']} peers, device {c['device']}, batch {c['batch_size']}, H = {c['local_steps']}): {rate['on']:.1f} steps/s with the "
                       f"exchange (a merge every {per_merge['on']:.1f} steps), {rate['off']:.1f} without -> ratio "
                       f"{c['ratio']:.3f} (median of {c['rounds']}: {_span(c['ratio_rounds'])}; target >= 0.95); "
                       f"no CPU budget: {rate['unlimited']:.1f} steps/s, a merge "

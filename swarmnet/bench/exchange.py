@@ -1,6 +1,7 @@
 """``swarmnet bench exchange``: what the exchange costs the compute loop, and how fast a pull is.
 
-1. Compute ratio: the same 2-peer swarm (real processes, digits MLP) with the exchange on (its
+1. Compute ratio: the same swarm (2 peers unless told, real processes, digits MLP; on the device a
+   peer would pick unless told: several peers share a GPU) with the exchange on (its
    default CPU budget) versus off, and with no budget at all; steps per second per peer over the
    middle of each run, and how many steps each merge took; the median over rounds of the three
    runs back to back. Target >= 0.95. The ratio is split into the share of a core the training
@@ -54,12 +55,13 @@ unlimited: pull for every merge as soon as it is due, whatever it costs."""
 
 
 def _compute_run(workdir: Path, mode: str, *, hidden: int, steps: int, local_steps: int,
-                 batch_size: int) -> dict[str, float]:
-    """One 2-peer swarm in ``mode``: the figures of :func:`_window` averaged over the two peers,
-    plus steps per merge."""
+                 batch_size: int, peers: int, device: str) -> dict[str, float]:
+    """One swarm of ``peers`` in ``mode``: the figures of :func:`_window` averaged over the
+    peers, plus steps per merge."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = write_config(workdir / f"compute-{mode}-{batch_size}.toml", {
-        "run": {"peers": 2},
+        "run": {"peers": peers},
+        "device": {"device": device},
         "task": {"spec": "swarmnet.tasks.digits:task", "options": {"hidden": hidden}},
         "train": {"batch_size": batch_size, "lr": 0.02, "steps": steps, "metrics_every": 20,
                   "checkpoint_every": 0.0},
@@ -72,16 +74,16 @@ def _compute_run(workdir: Path, mode: str, *, hidden: int, steps: int, local_ste
             raise RuntimeError(f"bench swarm failed:\n{swarm.log()}")
     finally:
         swarm.kill_tree()
-    windows = [_window(swarm.metrics(f"peer{i}")) for i in range(2)]
+    windows = [_window(swarm.metrics(f"peer{i}")) for i in range(peers)]
     figures = {key: statistics.mean(w[key] for w in windows) for key in windows[0]}
-    peers = swarm.summary()["peers"]
-    merges = sum(p["interactions"] for p in peers)
-    figures["steps_per_merge"] = sum(p["steps"] for p in peers) / merges if merges else float("inf")
+    summaries = swarm.summary()["peers"]
+    merges = sum(p["interactions"] for p in summaries)
+    figures["steps_per_merge"] = sum(p["steps"] for p in summaries) / merges if merges else float("inf")
     return figures
 
 
 def compute_ratio(workdir: Path, *, hidden: int = 512, steps: int = 3000, local_steps: int = 2,
-                  batch_size: int = 32, rounds: int = 3) -> dict[str, Any]:
+                  batch_size: int = 32, rounds: int = 3, peers: int = 2, device: str = "auto") -> dict[str, Any]:
     """Rounds of the three modes back to back (the order rotating each round); each round's
     ratio compares runs minutes apart at most, and the median over rounds is reported, since
     the machine's pace alone drifts by about 10% between runs.
@@ -96,7 +98,8 @@ def compute_ratio(workdir: Path, *, hidden: int = 512, steps: int = 3000, local_
     for r in range(rounds):
         for mode in modes[r % len(modes):] + modes[: r % len(modes)]:
             runs[mode].append(_compute_run(workdir / f"round{r}", mode, hidden=hidden, steps=steps,
-                                           local_steps=local_steps, batch_size=batch_size))
+                                           local_steps=local_steps, batch_size=batch_size, peers=peers,
+                                           device=device))
 
     def median(mode: str, key: str) -> float:
         return statistics.median(run[key] for run in runs[mode])
@@ -117,7 +120,7 @@ def compute_ratio(workdir: Path, *, hidden: int = 512, steps: int = 3000, local_
             "exchange_share": {mode: median(mode, "exchange_share") for mode in modes},
             "steps_per_merge": {mode: median(mode, "steps_per_merge") for mode in ("on", "unlimited")},
             "runs": runs,
-            "rounds": rounds, "peers": 2, "hidden": hidden, "batch_size": batch_size, "local_steps": local_steps}
+            "rounds": rounds, "peers": peers, "device": device, "hidden": hidden, "batch_size": batch_size, "local_steps": local_steps}
 
 
 def pull_ratio(workdir: Path, *, hidden: int = 3000, repeats: int = 30) -> dict[str, Any]:
@@ -212,16 +215,17 @@ async def _pull_client(address: str, repeats: int) -> dict[str, Any]:
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
 
 
-def run(*, json_path: Path | None = None, quick: bool = False, rounds: int = 3,
-        progress: bool = True) -> dict[str, Any]:
+def run(*, json_path: Path | None = None, quick: bool = False, rounds: int = 3, peers: int = 2,
+        device: str = "auto", progress: bool = True) -> dict[str, Any]:
     from rich.progress import Progress
 
     # A small step (batch 32, about 2 ms) shows the exchange's own CPU cost; a larger one
     # (batch 512) is closer to real training, where the step dominates.
     stages = {
-        "compute": lambda work: compute_ratio(work, steps=1500 if quick else 3000, rounds=rounds),
+        "compute": lambda work: compute_ratio(work, steps=1500 if quick else 3000, rounds=rounds, peers=peers,
+                                              device=device),
         "compute_large_batch": lambda work: compute_ratio(work, steps=600 if quick else 1200, batch_size=512,
-                                                          rounds=rounds),
+                                                          rounds=rounds, peers=peers, device=device),
         "pull": lambda work: pull_ratio(work, repeats=10 if quick else 30),
     }
     result: dict[str, Any] = {}

@@ -46,6 +46,10 @@ class Encoded:
     quantized: Tensor
     """Q(x) exactly as readers will decode it (x itself for lossless codecs); the owner averages
     with this value (SPEC 4 item 9), on the model's device."""
+    ready: Any = None
+    """For frames copied from an accelerator: the event after which their bytes are in host
+    memory (``published.copies_done``; the server awaits it with ``published.until_copied``).
+    ``None``: the frames are ready now."""
 
     @property
     def nbytes(self) -> int:

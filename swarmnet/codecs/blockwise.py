@@ -27,7 +27,7 @@ from torch import Tensor
 from swarmnet.codecs import kernels
 from swarmnet.codecs.base import Buffer, Codec, DecodeResult, Encoded
 from swarmnet.codecs.hostbuf import buffer_tensor, flat_float32, host_bytes
-from swarmnet.codecs.published import published
+from swarmnet.codecs.published import copies_done, published
 from swarmnet.codecs.rounding import ONE, RandomBits, round_with_offsets
 from swarmnet.codecs.wirecheck import (
     check_frames,
@@ -121,7 +121,7 @@ class BlockwiseCodec(Codec):
             )
         else:
             self._quantize(x, q, scales, quantized)
-        if n and not torch.isfinite(scales).all():
+        if n and not torch.isfinite(scales).all():  # CPU<->GPU sync point: refuse before publishing
             raise CodecError(f"{self.name}: the vector has non-finite values")
         if self.bits == 8:
             values = q
@@ -129,7 +129,7 @@ class BlockwiseCodec(Codec):
             packed = published(q.numel() // 2, torch.uint8, dev)
             values = (kernels.pack_nibbles if kernels.usable(q) else pack_nibbles)(q, packed)
         meta = {"v": 1, "n": n, "block": self.block, "bits": self.bits}
-        return Encoded(self.name, meta, (host_bytes(values), host_bytes(scales)), quantized)
+        return Encoded(self.name, meta, (host_bytes(values), host_bytes(scales)), quantized, copies_done(dev))
 
     def _quantize(self, x: Tensor, q: Tensor, scales: Tensor, quantized: Tensor) -> None:
         """The torch passes of :func:`kernels.blockwise_quantize` (accelerators, or fused loops

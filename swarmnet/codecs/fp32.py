@@ -10,7 +10,7 @@ from torch import Tensor
 
 from swarmnet.codecs.base import Buffer, Codec, DecodeResult, Encoded
 from swarmnet.codecs.hostbuf import buffer_tensor, flat_float32, host_bytes
-from swarmnet.codecs.published import published
+from swarmnet.codecs.published import copies_done, published
 from swarmnet.codecs.wirecheck import as_mapping, check_count, check_frames
 
 __all__ = ["Fp32Codec", "host_bytes"]
@@ -23,7 +23,7 @@ class Fp32Codec(Codec):
     def encode(self, flat_N: Tensor, hints: Mapping[str, float] | None = None) -> Encoded:
         x = flat_float32(flat_N, self.name)
         values = published(x.numel(), torch.float32, x.device).copy_(x)
-        return Encoded(self.name, {"n": values.numel()}, (host_bytes(values),), values)
+        return Encoded(self.name, {"n": values.numel()}, (host_bytes(values),), values, copies_done(x.device))
 
     def decode(
         self,
@@ -34,7 +34,7 @@ class Fp32Codec(Codec):
         state: dict[str, Any],
     ) -> DecodeResult:
         received = self._received(meta, frames, out_N.numel())
-        out_N.copy_(received.view_as(out_N))  # host->device copy when the model lives on a GPU
+        out_N.copy_(received.view_as(out_N))  # host->device on a GPU: CPU<->GPU sync point (exchange worker)
         return DecodeResult(True, stats={"bits_per_coord": 32.0})
 
     def view(self, meta: Mapping[str, Any], frames: tuple[Buffer, ...], key_N: Tensor) -> Tensor | None:

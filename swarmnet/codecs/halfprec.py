@@ -20,7 +20,7 @@ from torch import Tensor
 
 from swarmnet.codecs.base import Buffer, Codec, DecodeResult, Encoded
 from swarmnet.codecs.hostbuf import buffer_tensor, flat_float32, host_bytes
-from swarmnet.codecs.published import published
+from swarmnet.codecs.published import copies_done, published
 from swarmnet.codecs.rounding import FRAC_BITS, ONE, RandomBits, round_with_offsets
 from swarmnet.codecs.wirecheck import check_frames, versioned_meta
 from swarmnet.codecs.workspace import scratch
@@ -49,14 +49,14 @@ class HalfCodec(Codec):
         # copy_ casts: round to nearest even, as .to() would, into memory that can be published
         h = published(n, self.dtype, dev).copy_(x if self.rounding == "nearest" else self._stochastic(x))
         quantized = published(n, torch.float32, dev).copy_(h)
-        if quantized.numel() and not (
+        if quantized.numel() and not (  # CPU<->GPU sync point: refuse before publishing
             torch.isfinite(quantized.amax()) and torch.isfinite(quantized.amin())
         ):
             raise CodecError(
                 f"{self.name}: the vector has values that are not finite in {self.dtype}"
             )
         meta = {"v": 1, "n": n, "r": int(self.rounding == "stochastic")}
-        return Encoded(self.name, meta, (host_bytes(h),), quantized)
+        return Encoded(self.name, meta, (host_bytes(h),), quantized, copies_done(dev))
 
     def _stochastic(self, x: Tensor) -> Tensor:
         """Round each value to its neighbour below or above in the format, picking the upper

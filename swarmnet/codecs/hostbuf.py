@@ -14,9 +14,10 @@ _CPU = torch.device("cpu")
 
 
 def host_bytes(t: Tensor) -> memoryview:
-    """A byte view of a contiguous tensor's memory; GPU tensors are copied to host first."""
+    """A byte view of a contiguous tensor's memory. A GPU tensor's host copy is only queued: its
+    bytes are there once ``published.copies_done(t.device)``, asked for afterwards, completes."""
     if t.device.type != "cpu":
-        t = host_copy(t)  # CPU<->GPU sync point: the wire needs host memory
+        t = host_copy(t)
     return memoryview(t.contiguous().view(-1).view(torch.uint8).numpy())
 
 

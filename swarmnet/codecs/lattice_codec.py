@@ -39,7 +39,7 @@ from swarmnet.codecs.base import Buffer, Codec, DecodeResult, Encoded
 from swarmnet.codecs.bitplanes import WIDTHS
 from swarmnet.codecs.epsilon import E_MAX, E_MIN, StepPolicy
 from swarmnet.codecs.hostbuf import flat_float32
-from swarmnet.codecs.published import host_copy, published
+from swarmnet.codecs.published import copies_done, host_copy, published
 from swarmnet.codecs.rounding import RandomBits, seeded_bits16
 from swarmnet.codecs.wirecheck import (
     as_mapping,
@@ -415,11 +415,10 @@ class LatticeCodec(Codec):
                 else None
             )
             k = scratch("lattice.k", g.rows * g.pad, kdtype, dev).view(g.rows, g.pad)
-            # The planes are published where they are made on a CPU; on a GPU only their host
-            # copy is, and the device buffer is scratch.
+            # The planes are published where they are made on a CPU; on a GPU their host copy
+            # is, and the device buffer is freed once that copy has read it.
             size = g.rows * sb * g.pad // 8
-            on_host = dev.type == "cpu"
-            out = published(size, torch.uint8, dev) if on_host else scratch("lattice.packed", size, torch.uint8, dev)
+            out = published(size, torch.uint8, dev)
             bf_rows = bf[g.first : g.first + g.rows]
             packed = fused and self.width == 1  # the loop packs each row while it is in cache
             if fused:
@@ -438,8 +437,8 @@ class LatticeCodec(Codec):
                 k[:, g.cols :].zero_()
                 self._quantize(g, x, e_rows, offsets, bound, k, quantized)
             planes = out if packed else lattice.to_planes(k, self.width, sb // 8, out=out)
-            if not on_host:
-                planes = host_copy(planes)  # CPU<->GPU sync point: only the wire bytes go to host
+            if dev.type != "cpu":
+                planes = host_copy(planes)  # only the wire bytes go to host (queued, see ready)
             # A chunk's frame stops at b_full: the planes above it are sign extension.
             planes = planes.reshape(g.rows, -1)
             row_bytes, plane_bytes = planes.shape[1], g.pad * self.width // 8
@@ -468,7 +467,7 @@ class LatticeCodec(Codec):
             "lo": [0] * nch,
             "hi": [-(-b // self.width) * self.width for b in bf],
         }
-        return Encoded(self.name, meta, tuple(frames), quantized)
+        return Encoded(self.name, meta, tuple(frames), quantized, copies_done(dev))
 
     def _quantize(
         self,

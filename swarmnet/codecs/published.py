@@ -12,14 +12,19 @@ last one goes, whichever thread drops it (the compute thread, the event loop, py
 
 Only host memory is pooled: on an accelerator torch's caching allocator already reuses device
 memory. Host copies of accelerator tensors (what crosses the wire) come from pinned blocks, so
-the device-to-host copy is one DMA transfer into memory that stays registered.
+the device-to-host copy is one DMA transfer into memory that stays registered. The copies run on
+a stream of their own, after the work already queued on the caller's stream and beside whatever
+the training thread queues next; an event recorded after them (:func:`copies_done`) tells the
+server when the bytes may leave, so neither thread waits for the transfer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import weakref
 from collections import deque
+from typing import Any
 
 import numpy as np
 import torch
@@ -96,16 +101,61 @@ def published(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.empty(numel, dtype=dtype, device=device)
 
 
-def host_copy(t: Tensor) -> Tensor:
-    """A flat host copy of an accelerator tensor, in pool memory (pinned for CUDA, so the copy
-    runs as one DMA transfer); returns once the bytes are there.
+_copy_streams: dict[torch.device, Any] = {}
+_in_flight: deque[tuple[Any, Tensor]] = deque()
+"""Host copies whose transfer may still be running, with the event that ends it: their pinned
+blocks must not return to the pool before the bytes land, even if every reader dropped them."""
+_in_flight_lock = threading.Lock()  # the training thread encodes, the event loop donates
 
-    CPU<->GPU sync point: the wire needs the bytes in host memory.
+
+def _copy_stream(device: torch.device) -> Any:
+    stream = _copy_streams.get(device)
+    if stream is None:
+        stream = _copy_streams.setdefault(device, torch.cuda.Stream(device))
+    return stream
+
+
+def host_copy(t: Tensor) -> Tensor:
+    """A flat host copy of an accelerator tensor, in pool memory.
+
+    For CUDA the copy is queued and the call returns at once: on the device's copy stream, after
+    the work already queued on the caller's stream, into pinned memory (one DMA transfer). The
+    bytes may be read once :func:`copies_done` (asked for after this call) has completed; ``t``
+    stays allocated until then even if the caller drops it. Other devices copy synchronously.
     """
-    cuda = t.device.type == "cuda"
-    out = _pool.empty(t.numel(), t.dtype, pinned=cuda)
-    out.copy_(t.reshape(-1), non_blocking=cuda)
-    if cuda:
-        torch.cuda.current_stream(t.device).synchronize()
+    if t.device.type != "cuda":
+        return _pool.empty(t.numel(), t.dtype).copy_(t.reshape(-1))
+    out = _pool.empty(t.numel(), t.dtype, pinned=True)
+    stream = _copy_stream(t.device)
+    with _in_flight_lock:
+        while _in_flight and _in_flight[0][0].query():
+            _in_flight.popleft()
+        stream.wait_stream(torch.cuda.current_stream(t.device))
+        with torch.cuda.stream(stream):
+            out.copy_(t.reshape(-1), non_blocking=True)
+        t.record_stream(stream)  # the caching allocator keeps t's memory until the copy has read it
+        done = torch.cuda.Event()
+        done.record(stream)
+        _in_flight.append((done, out))
     return out
 
+
+def copies_done(device: torch.device) -> Any:
+    """An event that completes once every host copy queued so far for ``device`` has landed
+    (``None`` where :func:`host_copy` copies synchronously). Created blocking, so a thread that
+    waits for it sleeps instead of spinning."""
+    if device.type != "cuda":
+        return None
+    done = torch.cuda.Event(blocking=True)
+    done.record(_copy_stream(device))
+    return done
+
+
+async def until_copied(done: Any) -> None:
+    """For the event loop: return once ``done`` (from :func:`copies_done`) has completed,
+    waiting in a thread of the default executor when it has not yet.
+
+    CPU<->GPU sync point, off the loop and off the training thread: a frame leaves host memory
+    only after its device-to-host copy."""
+    if done is not None and not done.query():
+        await asyncio.to_thread(done.synchronize)

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from swarmnet.algorithms import Topology, apply_nudge, pull_gap
 from swarmnet.codecs import Codec, kernels
+from swarmnet.codecs.published import until_copied
 from swarmnet.errors import CodecError, ProtocolError, SwarmError, TransportError
 from swarmnet.peer.budget import CpuBudget, named_threads_cpu, thread_cpu_clock
 from swarmnet.peer.client import Rejected
@@ -261,6 +262,7 @@ class Exchange:
         we drop our half as well (raising), so the swarm's sum stays what it was."""
         meta, frames = self.codec.select(own.encoded, None)
         msg = request(MsgType.NUDGE, self.peer.id, frames, used=used, codec=self.codec.name, meta=meta)
+        await until_copied(own.encoded.ready)
         try:
             reply = await self.peer.client.call(target.addr, msg, timeout=self.peer.client.transfer_timeout)
         except Rejected:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from swarmnet.buffers import Buffer
 from swarmnet.codecs.hostbuf import host_bytes
+from swarmnet.codecs.published import copies_done, until_copied
 from swarmnet.errors import CodecError, ProtocolError, TransportError
 from swarmnet.peer.screening import Poisoned
 from swarmnet.transport import Listener
@@ -130,9 +131,14 @@ class PeerServer:
         if msg.body["want"] == FULL:  # a newcomer adopting our model: lossless, no interaction
             if version is not None:
                 return reject(msg, peer.id, RejectCode.MALFORMED, "a full pull takes the latest snapshot (version nil)")
+            busy = "sending our model to another newcomer; ask another peer"
             if self._donation is not None:
-                return reject(msg, peer.id, RejectCode.BUSY, "sending our model to another newcomer; ask another peer")
-            self._donation = reply(msg, MsgType.SNAPSHOT, peer.id, [host_bytes(snap.values_N)], version=snap.version,
+                return reject(msg, peer.id, RejectCode.BUSY, busy)
+            frame = host_bytes(snap.values_N)
+            await until_copied(copies_done(snap.values_N.device))  # at once on a CPU
+            if self._donation is not None:  # another newcomer's came first while ours was copied
+                return reject(msg, peer.id, RejectCode.BUSY, busy)
+            self._donation = reply(msg, MsgType.SNAPSHOT, peer.id, [frame], version=snap.version,
                                    codec="fp32", meta={"n": snap.values_N.numel()}, clock=peer.clock.value, age=age)
             peer.stats.donations += 1
             return self._donation
@@ -140,6 +146,7 @@ class PeerServer:
         clock = peer.clock.serve(msg.body["clock"]) if version is None else peer.clock.value
         meta, frames = peer.codec.select(snap.encoded, msg.body["want"])
         self._tell_if_oversized(frames)
+        await until_copied(snap.encoded.ready)
         return reply(msg, MsgType.SNAPSHOT, peer.id, frames, version=snap.version,
                      codec=peer.codec.name, meta=meta, clock=clock, age=age)
 

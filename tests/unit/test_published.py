@@ -131,3 +131,16 @@ def test_snapshots_kept_by_their_readers_stay_intact_while_others_are_encoded(na
         codec.encode(torch.randn(50_000, generator=gen) * (i + 2))
     assert [bytes(f) for f in kept.frames] == frames_before
     assert torch.equal(kept.quantized, quantized_before)
+
+
+@pytest.mark.parametrize("name", ["fp32", "fp16", "blockwise4", "lattice"])
+def test_host_frames_are_ready_at_once_and_nothing_is_awaited(name):
+    """On a CPU the frames are the published memory itself: no copy, no event to wait for
+    (tests/gpu covers the copies queued from a GPU)."""
+    import asyncio
+
+    from swarmnet.codecs.published import copies_done, until_copied
+
+    encoded = make_codec(name).encode(torch.randn(5000))
+    assert encoded.ready is None and copies_done(torch.device("cpu")) is None
+    asyncio.run(until_copied(encoded.ready))
