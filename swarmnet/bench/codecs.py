@@ -58,6 +58,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _encoded(codec: Codec, x: torch.Tensor, hints: dict[str, Any] | None = None) -> Encoded:
+    """An encode whose frames are readable (on a GPU their host copy is queued; see ``ready``)."""
+    enc = codec.encode(x, hints)
+    if enc.ready is not None:
+        enc.ready.synchronize()
+    return enc
+
+
 def _median_seconds(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
     fn()  # warm-up: scratch buffers, allocator, lazy initialisation
     _sync(device)
@@ -107,7 +115,7 @@ def _throughput(
         return codec.encode(x, hints)
 
     encode_s = _median_seconds(encode, repeats, device)
-    enc = codec.encode(x, hints)
+    enc = _encoded(codec, x, hints)
     out = torch.empty_like(x)
     if name == "lattice":
         eps = 2.0 ** max(enc.meta["e"])
@@ -154,12 +162,12 @@ def _wire_sizes(
         codec = make_codec("lattice", eps=BENCH_EPS, seed=2)
         state: dict[str, Any] = {}
         out = torch.empty_like(x)
-        enc = codec.encode(x)
+        enc = _encoded(codec, x)
         key = _keyed(enc.quantized, distance, BENCH_EPS, gen)
         first_bytes, first_rounds = _pull(codec, enc, key, out, state)
         exact = torch.equal(out, enc.quantized)
         moved = x + 1e-3 * BENCH_EPS * torch.randn(x.shape, generator=gen).to(x.device)
-        enc2 = codec.encode(moved)
+        enc2 = _encoded(codec, moved)
         key2 = _keyed(enc2.quantized, distance, BENCH_EPS, gen)
         steady_bytes, steady_rounds = _pull(codec, enc2, key2, out, state)
         exact = exact and torch.equal(out, enc2.quantized)

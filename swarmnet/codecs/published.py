@@ -109,10 +109,37 @@ _in_flight_lock = threading.Lock()  # the training thread encodes, the event loo
 
 
 def _copy_stream(device: torch.device) -> Any:
+    """The device's stream for host copies (one of torch's pooled streams: other work may share
+    it, which orders copies after that work but never breaks them)."""
     stream = _copy_streams.get(device)
     if stream is None:
         stream = _copy_streams.setdefault(device, torch.cuda.Stream(device))
     return stream
+
+
+class CopiesDone:
+    """The end of the host copies queued for one device so far (see :func:`copies_done`).
+
+    Event calls run on the event's device: on a thread that never chose one, CUDA would
+    otherwise set up a context on GPU 0 (hundreds of MB there for every peer of the node)."""
+
+    __slots__ = ("device", "_event")
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        with torch.cuda.device(device):
+            # Blocking: a thread that waits for it sleeps instead of spinning.
+            self._event = torch.cuda.Event(blocking=True)
+            self._event.record(_copy_stream(device))
+
+    def query(self) -> bool:
+        with torch.cuda.device(self.device):
+            return bool(self._event.query())
+
+    def synchronize(self) -> None:
+        """CPU<->GPU sync point: returns once the copies have landed."""
+        with torch.cuda.device(self.device):
+            self._event.synchronize()
 
 
 def host_copy(t: Tensor) -> Tensor:
@@ -127,7 +154,7 @@ def host_copy(t: Tensor) -> Tensor:
         return _pool.empty(t.numel(), t.dtype).copy_(t.reshape(-1))
     out = _pool.empty(t.numel(), t.dtype, pinned=True)
     stream = _copy_stream(t.device)
-    with _in_flight_lock:
+    with _in_flight_lock, torch.cuda.device(t.device):
         while _in_flight and _in_flight[0][0].query():
             _in_flight.popleft()
         stream.wait_stream(torch.cuda.current_stream(t.device))
@@ -140,18 +167,13 @@ def host_copy(t: Tensor) -> Tensor:
     return out
 
 
-def copies_done(device: torch.device) -> Any:
-    """An event that completes once every host copy queued so far for ``device`` has landed
-    (``None`` where :func:`host_copy` copies synchronously). Created blocking, so a thread that
-    waits for it sleeps instead of spinning."""
-    if device.type != "cuda":
-        return None
-    done = torch.cuda.Event(blocking=True)
-    done.record(_copy_stream(device))
-    return done
+def copies_done(device: torch.device) -> CopiesDone | None:
+    """What completes once every host copy queued so far for ``device`` has landed (``None``
+    where :func:`host_copy` copies synchronously)."""
+    return CopiesDone(device) if device.type == "cuda" else None
 
 
-async def until_copied(done: Any) -> None:
+async def until_copied(done: CopiesDone | None) -> None:
     """For the event loop: return once ``done`` (from :func:`copies_done`) has completed,
     waiting in a thread of the default executor when it has not yet.
 

@@ -260,9 +260,9 @@ class Exchange:
     async def _nudge(self, target: PeerRecord, own: Snapshot, used: int) -> None:
         """Symmetric mode: send our snapshot so the neighbour moves halfway too. If it refuses,
         we drop our half as well (raising), so the swarm's sum stays what it was."""
+        await until_copied(own.encoded.ready)  # select may read the frames' bytes
         meta, frames = self.codec.select(own.encoded, None)
         msg = request(MsgType.NUDGE, self.peer.id, frames, used=used, codec=self.codec.name, meta=meta)
-        await until_copied(own.encoded.ready)
         try:
             reply = await self.peer.client.call(target.addr, msg, timeout=self.peer.client.transfer_timeout)
         except Rejected:

@@ -144,9 +144,9 @@ class PeerServer:
             return self._donation
         # Only the first pull of an interaction moves the phase clocks (SPEC 1.2 step 1).
         clock = peer.clock.serve(msg.body["clock"]) if version is None else peer.clock.value
+        await until_copied(snap.encoded.ready)  # select may read the frames' bytes
         meta, frames = peer.codec.select(snap.encoded, msg.body["want"])
         self._tell_if_oversized(frames)
-        await until_copied(snap.encoded.ready)
         return reply(msg, MsgType.SNAPSHOT, peer.id, frames, version=snap.version,
                      codec=peer.codec.name, meta=meta, clock=clock, age=age)
 
