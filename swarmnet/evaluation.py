@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from swarmnet.codecs import Codec, make_codec
 from swarmnet.config import SwarmConfig
-from swarmnet.errors import CodecError, ProtocolError, SwarmError, TransportError
+from swarmnet.errors import CodecError, SwarmError, TransportError
 from swarmnet.peer.client import PeerClient
 from swarmnet.peer.state import FlatParameters
 from swarmnet.peer.stats import PeerStats
@@ -113,9 +113,7 @@ class SnapshotReader:
         version before the rounds end: ``swarmnet eval`` once failed with "version 421 is gone"
         on the lattice quickstart."""
         reply = await self.client.call(addr, request(MsgType.PULL, self.client.sender, clock=-1, want=None,
-                                                     version=None))
-        if reply.type is not MsgType.SNAPSHOT:
-            raise ProtocolError("unexpected_type", f"{addr} answered {reply.type}, not a snapshot")
+                                                     version=None), expect=MsgType.SNAPSHOT)
         if reply.body["codec"] != self.codec.name:
             raise SwarmError(f"{addr} publishes codec {reply.body['codec']}, the config says "
                              f"{self.codec.name}; pass the swarm's own config")

@@ -34,9 +34,11 @@ class PeerClient:
             self._connections[address] = conn
         return conn
 
-    async def call(self, address: str, msg: Message, timeout: float | None = None) -> Message:
-        """Send ``msg`` and return the validated reply. Raises TransportError, RequestTimeout,
-        ProtocolError for a malformed reply, or Rejected."""
+    async def call(self, address: str, msg: Message, timeout: float | None = None, *,
+                   expect: MsgType | None = None) -> Message:
+        """Send ``msg`` and return the validated reply, of type ``expect`` when given. Raises
+        TransportError, RequestTimeout, ProtocolError for a malformed reply or one of another
+        type (its fields would be missing), or Rejected."""
         frames = encode(msg)
         self.stats.bytes_out += sum(memoryview(f).nbytes for f in frames)
         raw = await self.connection(address).request(frames, timeout or self.timeout)
@@ -52,6 +54,8 @@ class PeerClient:
             # A stray reply: later ones on this connection could be off by one, so start afresh.
             await self.forget(address)
             raise ProtocolError("malformed", f"reply to message {reply.re}, expected {msg.mid}")
+        if expect is not None and reply.type is not expect:
+            raise ProtocolError("unexpected_type", f"{address} answered {msg.type} with {reply.type}, not {expect}")
         return reply
 
     async def forget(self, address: str) -> None:

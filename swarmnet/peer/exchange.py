@@ -195,9 +195,9 @@ class Exchange:
         want = self.codec.plan(state, {"cpu_bound": self.budget.pressure > 0.5})
         reply = await peer.client.call(
             target.addr, request(MsgType.PULL, peer.id, clock=sent_clock, want=want, version=None),
-            timeout=peer.client.transfer_timeout,
+            timeout=peer.client.transfer_timeout, expect=MsgType.SNAPSHOT,
         )
-        self._expect_snapshot(reply)
+        self._check_codec(reply)
         peer.clock.initiate(sent_clock, reply.body["clock"])
         received = time.monotonic()
         version = reply.body["version"]
@@ -234,16 +234,14 @@ class Exchange:
             reply = await self.peer.client.call(
                 target.addr, request(MsgType.PULL, self.peer.id, clock=self.peer.clock.value, want=result.more,
                                      version=version),
-                timeout=self.peer.client.transfer_timeout,
+                timeout=self.peer.client.transfer_timeout, expect=MsgType.SNAPSHOT,
             )
-            self._expect_snapshot(reply)
+            self._check_codec(reply)
             result = await self._run(self.codec.decode, reply.body["meta"], reply.frames, own.values_N, self._remote_N, state)
             rounds += 1
         return rounds, result.stats
 
-    def _expect_snapshot(self, reply: Message) -> None:
-        if reply.type is not MsgType.SNAPSHOT:
-            raise ProtocolError("unexpected_type", f"expected a snapshot, got {reply.type}")
+    def _check_codec(self, reply: Message) -> None:
         if reply.body["codec"] != self.codec.name:
             raise ProtocolError("mismatch", f"neighbour uses codec {reply.body['codec']}, we use {self.codec.name}")
 
@@ -264,12 +262,11 @@ class Exchange:
         meta, frames = self.codec.select(own.encoded, None)
         msg = request(MsgType.NUDGE, self.peer.id, frames, used=used, codec=self.codec.name, meta=meta)
         try:
-            reply = await self.peer.client.call(target.addr, msg, timeout=self.peer.client.transfer_timeout)
+            await self.peer.client.call(target.addr, msg, timeout=self.peer.client.transfer_timeout,
+                                        expect=MsgType.ACK)
         except Rejected:
             self.peer.stats.nudges_rejected += 1
             raise
-        if reply.type is not MsgType.ACK:
-            raise ProtocolError("unexpected_type", f"expected ack, got {reply.type}")
         self.peer.stats.nudges_sent += 1
 
     async def decode_nudge(self, msg: Message, used: Snapshot) -> Tensor:

@@ -218,7 +218,7 @@ class MembershipService:
         if targets:
             rec = self.rng.choice(targets)
             try:
-                reply = await self.client.call(rec.addr, self.hello())
+                reply = await self.client.call(rec.addr, self.hello(), expect=MsgType.PEERS)
             except SwarmError as exc:
                 self.log.debug("gossip with %s failed: %s", rec.name or rec.id, exc)
                 self.table.record_failure(rec.id, unreachable=isinstance(exc, TransportError))
@@ -243,7 +243,7 @@ class MembershipService:
             if address is None:
                 continue  # the seed's card is not written yet: try again next round
             try:
-                reply = await self.client.call(address, self.hello())
+                reply = await self.client.call(address, self.hello(), expect=MsgType.PEERS)
             except SwarmError as exc:
                 failures = self._seed_failures.get(seed, 0) + 1
                 self._seed_failures[seed] = failures
@@ -260,6 +260,9 @@ class MembershipService:
 
     async def run(self) -> None:
         while True:
-            await self.gossip_once()
+            try:
+                await self.gossip_once()
+            except Exception:  # a reply no check of ours foresaw: a bug to fix, never fatal to the peer
+                self.log.exception("gossip failed unexpectedly (please report this)")
             period = min(self.interval, STARTING_INTERVAL) if self.starting else self.interval
             await asyncio.sleep(period * (0.5 + self.rng.random()))

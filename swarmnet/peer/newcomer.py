@@ -87,7 +87,8 @@ async def _trained_donors(client: PeerClient, table: PeerTable, rng: random.Rand
     asked = table.candidates()
     rng.shuffle(asked)  # a random sample, and random order among equally used donors
     asked = asked[:ASKED]
-    answers = await asyncio.gather(*(client.call(r.addr, request(MsgType.STATUS, client.sender)) for r in asked),
+    answers = await asyncio.gather(*(client.call(r.addr, request(MsgType.STATUS, client.sender),
+                                                 expect=MsgType.STATUS_REPLY) for r in asked),
                                    return_exceptions=True)
     trained = []
     for rec, answer in zip(asked, answers, strict=True):
@@ -113,9 +114,9 @@ async def _trained_donors(client: PeerClient, table: PeerTable, rng: random.Rand
 async def _pull_full(client: PeerClient, addr: str, numel: int) -> tuple[Tensor, int]:
     """The donor's current snapshot, lossless, and its phase clock."""
     reply = await client.call(addr, request(MsgType.PULL, client.sender, clock=0, want=FULL, version=None),
-                              timeout=client.transfer_timeout)
-    if reply.type is not MsgType.SNAPSHOT or reply.body["codec"] != "fp32":
-        raise ProtocolError("unexpected_type", f"expected an fp32 snapshot, got {reply.type}")
+                              timeout=client.transfer_timeout, expect=MsgType.SNAPSHOT)
+    if reply.body["codec"] != "fp32":
+        raise ProtocolError("mismatch", f"expected an fp32 snapshot, got codec {reply.body['codec']}")
     values_N = torch.empty(numel, dtype=torch.float32)
     await asyncio.to_thread(Fp32Codec().decode, reply.body["meta"], reply.frames, values_N, values_N, {})
     if not bool(torch.isfinite(values_N).all()):

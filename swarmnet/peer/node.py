@@ -415,7 +415,8 @@ class Peer:
         return all(r.done for r in self.table.alive())
 
     async def _say_goodbye(self) -> None:
-        bye = [self.client.call(r.addr, request(MsgType.BYE, self.id), timeout=0.5) for r in self.table.alive()]
+        bye = [self.client.call(r.addr, request(MsgType.BYE, self.id), timeout=0.5, expect=MsgType.ACK)
+               for r in self.table.alive()]
         if bye and not self._force:
             await asyncio.gather(*bye, return_exceptions=True)
         else:

@@ -209,7 +209,7 @@ def query_status(address: str, timeout: float = 5.0, key: str | os.PathLike[str]
         client = PeerClient(sender="status-client", transports=transports, limits=Limits(),
                             timeout=timeout, stats=PeerStats(), max_frame_bytes=2**31 - 1)
         try:
-            reply = await client.call(address, request(MsgType.STATUS, client.sender))
+            reply = await client.call(address, request(MsgType.STATUS, client.sender), expect=MsgType.STATUS_REPLY)
             return dict(reply.body["status"])
         finally:
             await client.aclose()

@@ -98,7 +98,8 @@ class StatusCollector:
                 self.addresses.setdefault(addr, None)
 
     async def _ask(self, addr: str) -> dict[str, Any]:
-        reply = await self.client.call(addr, request(MsgType.STATUS, self.client.sender), self.timeout)
+        reply = await self.client.call(addr, request(MsgType.STATUS, self.client.sender), self.timeout,
+                                       expect=MsgType.STATUS_REPLY)
         return dict(reply.body["status"])
 
     async def poll(self) -> SwarmSnapshot:

@@ -5,9 +5,10 @@ a sound one slowly.
         --seed tcp://127.0.0.1:PORT --out DIR
 
 Modes: ``nan`` (every value NaN), ``inf``, ``huge`` (a real model scaled by 1e6), ``slow`` (a
-real model, each pull answered ``--delay`` seconds late, like a slow link). It gossips
-with its seed like a peer, answers pulls with the poisoned snapshot and writes ``DIR/card.json``
-(its address) and ``DIR/served.json`` (pulls answered, per asking peer id).
+real model, each pull answered ``--delay`` seconds late, like a slow link), ``confused`` (every
+request answered with a well-formed ACK, whatever it asked). It gossips with its seed like a
+peer, answers pulls with the poisoned snapshot and writes ``DIR/card.json`` (its address) and
+``DIR/served.json`` (pulls answered, per asking peer id; in ``confused`` mode every request).
 """
 
 from __future__ import annotations
@@ -97,6 +98,11 @@ async def run(args: argparse.Namespace) -> None:
                 msg = decode(frames)
             except ProtocolError:
                 continue
+            if args.mode == "confused":
+                served[msg.sender] += 1
+                write_json(out / "served.json", served)
+                await listener.send(route, encode(reply(msg, MsgType.ACK, me)))
+                continue
             if msg.type is MsgType.HELLO:
                 answer = reply(msg, MsgType.PEERS, me, card=card(), peers=[])
             elif msg.type is MsgType.PULL:
@@ -125,7 +131,7 @@ async def run(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", required=True)
-    parser.add_argument("--mode", choices=["nan", "inf", "huge", "slow"], required=True)
+    parser.add_argument("--mode", choices=["nan", "inf", "huge", "slow", "confused"], required=True)
     parser.add_argument("--delay", type=float, default=0.0, help="seconds to hold each pull's answer")
     parser.add_argument("--seed", required=True, help="address of a real peer")
     parser.add_argument("--out", required=True, help="folder for card.json and served.json")

@@ -62,3 +62,32 @@ def test_poisoned_snapshots_are_refused_and_their_servers_avoided(swarm_factory,
     assert swarm.wait(60) == 130
     for row in swarm.summary()["peers"]:
         assert row["reason"] == "stopped" and row["eval"]["accuracy"] > 0.9, row
+
+
+def test_a_neighbour_answering_with_the_wrong_message_type_is_avoided_not_fatal(swarm_factory, tmp_path):
+    """A process that answers gossip, status and pulls alike with a well-formed ACK: each such
+    reply is a failed request of the asking peer, never a crash of its gossip or exchange."""
+    config = digits_config()
+    config["run"]["peers"] = 2
+    config["network"].update(failure_backoff=0.5)
+    swarm = swarm_factory(config)
+    honest = ["peer0", "peer1"]
+    cards = {name: swarm.card(name) for name in honest}
+    wait_until(lambda: all(len(swarm.metrics(n)) > 3 for n in honest), 60, what="training under way")
+    out = tmp_path / "rogue-confused"
+    rogue = ScriptProcess(ROGUE, "--task", config["task"]["spec"], "--mode", "confused",
+                          "--seed", cards["peer0"]["addr"], "--out", str(out), log=out / "log")
+    try:
+        def asked_by_both() -> bool:
+            path = out / "served.json"
+            served = json.loads(path.read_text()) if path.exists() else {}
+            return all(served.get(cards[n]["id"], 0) >= 3 for n in honest)
+        wait_until(asked_by_both, 60, interval=0.5, what="both peers asking the rogue")
+        status = {n: query_status(cards[n]["addr"]) for n in honest}
+    finally:
+        rogue.kill_tree()
+    for name in honest:
+        assert status[name]["state"] == "training", status[name]
+    swarm.signal(signal.SIGINT)
+    assert swarm.wait(60) == 130
+    assert [row["reason"] for row in swarm.summary()["peers"]] == ["stopped", "stopped"]
