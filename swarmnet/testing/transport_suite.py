@@ -252,6 +252,25 @@ async def check_timeout_and_recovery(case: TransportCase) -> None:
         assert [bytes(f) for f in reply] == [b"second"]
 
 
+async def check_queued_request_keeps_its_own_deadline(case: TransportCase) -> None:
+    """A request queued behind a long one on the same connection times out on its own deadline,
+    the wait for its turn included, and leaves the one in flight alone."""
+    async with _transport(case) as transport:
+        listener = await transport.listen(case.bind_url())
+        conn = transport.connect(listener.address)
+        async with _serving(listener, _reversed_copies):
+            await conn.request([b"dial"], timeout=10)  # connected: only the queueing is timed below
+        long = asyncio.create_task(conn.request([b"long"], timeout=4 * SLACK))
+        route, frames = await asyncio.wait_for(listener.recv(), 5)  # held: no answer yet
+        start = time.monotonic()
+        with pytest.raises(RequestTimeout):
+            await conn.request([b"short"], timeout=0.3)
+        assert time.monotonic() - start < 0.3 + SLACK
+        assert not long.done()
+        await listener.send(route, [b"re:" + bytes(frames[0])])
+        assert [bytes(f) for f in await asyncio.wait_for(long, 5)] == [b"re:long"]
+
+
 async def check_unreachable_address(case: TransportCase) -> None:
     """Dialling an address nobody listens on fails within the deadline, never hangs."""
     async with _transport(case) as transport:

@@ -16,11 +16,14 @@ Contract every implementation keeps (checked by the conformance suite in swarmne
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import ClassVar
 
 from swarmnet.buffers import Buffer
+from swarmnet.errors import RequestTimeout
 
 Route = bytes
 """Opaque identity of the requester, handed back to ``Listener.send``."""
@@ -55,10 +58,30 @@ class Connection(ABC):
         connection is rebuilt so a late reply can never be taken for the next one. The reply's
         frames belong to the caller: the transport never writes to their memory again (an fp32
         merge reads the neighbour's vector straight from them, codecs/base.py ``view``).
-        Raises RequestTimeout after ``timeout`` seconds, TransportError on failure."""
+        Raises RequestTimeout after ``timeout`` seconds, the wait behind earlier requests
+        included (:func:`request_turn`), TransportError on failure."""
 
     @abstractmethod
     async def aclose(self) -> None: ...
+
+
+@asynccontextmanager
+async def request_turn(lock: asyncio.Lock, address: str, timeout: float) -> AsyncIterator[float]:
+    """A connection's turn for one request: ``lock`` held, waited for within the request's own
+    ``timeout``; yields the loop time by which the request must be done. A gossip queued behind
+    a large pull, or behind a request to a frozen neighbour, then times out on its own deadline
+    instead of waiting the other one's out first."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    try:
+        async with asyncio.timeout_at(deadline):
+            await lock.acquire()
+    except TimeoutError:
+        raise RequestTimeout(f"no reply from {address} within {timeout:g}s (an earlier request to it "
+                             "still held the connection)") from None
+    try:
+        yield deadline
+    finally:
+        lock.release()
 
 
 class Transport(ABC):

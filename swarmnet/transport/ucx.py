@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from swarmnet.errors import ConfigError, EndpointClosed, RequestTimeout, TransportError
-from swarmnet.transport.base import Connection, Listener, Route, Transport
+from swarmnet.transport.base import Connection, Listener, Route, Transport, request_turn
 
 if TYPE_CHECKING:
     from swarmnet.buffers import Buffer
@@ -235,12 +235,12 @@ class UcxConnection(Connection):
     async def request(self, frames: Sequence[Buffer], timeout: float) -> list[memoryview]:
         if self._closed:
             raise EndpointClosed(f"connection to {self.address} is closed")
-        async with self._lock:
+        async with request_turn(self._lock, self.address, timeout) as deadline:
             if self._closed:
                 raise EndpointClosed(f"connection to {self.address} is closed")
             self._next_id += 1
             try:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout_at(deadline):
                     ep = await self._endpoint()
                     await _send_message(ep, self._next_id, frames)
                     msg_id, reply = await _recv_message(ep, self._max)

@@ -34,7 +34,7 @@ from zmq.utils.monitor import parse_monitor_message
 from swarmnet.buffers import Buffer
 from swarmnet.errors import ConfigError, EndpointClosed, RequestTimeout, TransportError
 from swarmnet.security import KEY_FRAGMENT, CurveKeys, split_address, with_key
-from swarmnet.transport.base import Connection, Listener, Route, Transport
+from swarmnet.transport.base import Connection, Listener, Route, Transport, request_turn
 
 log = logging.getLogger(__name__)
 
@@ -296,11 +296,11 @@ class ZmqConnection(Connection):
     async def request(self, frames: Sequence[Buffer], timeout: float) -> list[memoryview]:
         if self._closed:
             raise EndpointClosed(f"connection to {self.address} is closed")
-        async with self._lock:
+        async with request_turn(self._lock, self.address, timeout) as deadline:
             if self._closed:  # closed while this caller waited for the lock
                 raise EndpointClosed(f"connection to {self.address} is closed")
             try:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout_at(deadline):
                     sock = self._socket()
                     await self._forget_earlier_events()
                     await self._await(sock.send_multipart(frames, copy=False))
