@@ -213,7 +213,6 @@ class MembershipService:
             self.joined.set()
 
     async def gossip_once(self) -> None:
-        self.heartbeat += 1
         targets = self.table.alive()
         if targets:
             rec = self.rng.choice(targets)
@@ -259,10 +258,24 @@ class MembershipService:
                 self.merge_reply(reply)
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self.gossip_once()
-            except Exception:  # a reply no check of ours foresaw: a bug to fix, never fatal to the peer
-                self.log.exception("gossip failed unexpectedly (please report this)")
-            period = min(self.interval, STARTING_INTERVAL) if self.starting else self.interval
-            await asyncio.sleep(period * (0.5 + self.rng.random()))
+        """Beat every round, and start a round of gossip unless the last one is still waiting:
+        a round can wait a whole request timeout on a frozen neighbour or an unreachable seed,
+        longer than ``dead_after``, and our heartbeat, which our replies to others' gossip carry
+        too, must not stop meanwhile."""
+        gossip: asyncio.Task[None] | None = None
+        try:
+            while True:
+                self.heartbeat += 1
+                if gossip is None or gossip.done():
+                    gossip = asyncio.create_task(self._gossip_round())
+                period = min(self.interval, STARTING_INTERVAL) if self.starting else self.interval
+                await asyncio.sleep(period * (0.5 + self.rng.random()))
+        finally:
+            if gossip is not None:
+                gossip.cancel()
+
+    async def _gossip_round(self) -> None:
+        try:
+            await self.gossip_once()
+        except Exception:  # a reply no check of ours foresaw: a bug to fix, never fatal to the peer
+            self.log.exception("gossip failed unexpectedly (please report this)")
