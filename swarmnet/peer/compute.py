@@ -302,6 +302,14 @@ class ComputeLoop(Replica):
         self.publish()
 
     def save_checkpoint(self) -> None:
+        """Write the checkpoint, unless the model is no longer finite: the last good one stays
+        (a diverged peer restarted with a lower learning rate resumes from it)."""
+        self._last_checkpoint = time.monotonic()
+        if not bool(torch.isfinite(self.live_N).all()):  # CPU<->GPU sync point, once per checkpoint
+            self.stats.checkpoint_errors += 1
+            self.log.error("the model holds non-finite values at step %d: checkpoint not written, %s keeps the "
+                           "last finite one", self.step, self.checkpoint_path)
+            return
         state: dict[str, Any] = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -319,7 +327,6 @@ class ComputeLoop(Replica):
             self.log.error("checkpoint to %s failed (%s); training goes on, the previous "
                            "checkpoint is intact; free space or fix permissions",
                            self.checkpoint_path, exc.strerror or exc)
-        self._last_checkpoint = time.monotonic()
 
     def current_lr(self) -> float:
         return self.plan.schedule(self.step, self.clock.value)

@@ -145,6 +145,12 @@ def test_a_diverging_swarm_ends_with_a_clear_reason_not_a_crash(swarm_factory):
         lines = (swarm.run_dir / row["name"] / "metrics.jsonl").read_text().splitlines()
         records = [json.loads(line, parse_constant=not_json) for line in lines]
         assert any(r.get("loss", 0.0) is None for r in records)
+        # No checkpoint of the diverged model: a restart with a lower lr resumes from a finite one.
+        peer_dir = swarm.run_dir / row["name"]
+        assert "checkpoint not written" in (peer_dir / "peer.log").read_text()
+        if (peer_dir / "checkpoint.pt").exists():
+            state = checkpoint.load(peer_dir / "checkpoint.pt")
+            assert all(bool(torch.isfinite(v).all()) for v in state["model"].values())
 
 
 def test_the_launcher_says_why_a_peer_stopped_without_a_summary(swarm_factory):
