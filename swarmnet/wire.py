@@ -173,12 +173,15 @@ def _validated(header: dict[str, Any], frames: Sequence[Buffer], limits: Limits)
         mtype = MsgType(header.get("t"))
     except ValueError:
         raise ProtocolError("unknown_type", f"unknown message type {header.get('t')!r}") from None
-    _check(header, {"id": str, "mid": int, "sizes": list}, mtype)
-    _check(header, SCHEMA[mtype], mtype)
+    _check(header, {"id": str, "mid": int, "sizes": list}, str(mtype))
+    _check(header, SCHEMA[mtype], str(mtype))
     sizes = header["sizes"]
     payload = [memoryview(f).nbytes for f in frames[1:]]
-    if not all(type(s) is int and 0 <= s <= limits.max_frame_bytes for s in sizes):
-        raise ProtocolError("oversized", f"{mtype}: declared frame sizes out of range")
+    if not all(type(s) is int and s >= 0 for s in sizes):
+        raise ProtocolError("malformed", f"{mtype}: declared frame sizes must be integers >= 0")
+    if any(s > limits.max_frame_bytes for s in sizes):
+        raise ProtocolError("oversized", f"{mtype}: a declared frame size is over the limit of "
+                            f"{limits.max_frame_bytes} bytes (network.max_message_bytes)")
     if sizes != payload:
         raise ProtocolError("size_mismatch", f"{mtype}: header declares frame sizes {sizes[:8]}, got {payload[:8]}")
     if mtype in (MsgType.HELLO, MsgType.PEERS):
@@ -190,15 +193,15 @@ def _validated(header: dict[str, Any], frames: Sequence[Buffer], limits: Limits)
     return Message(mtype, header["id"], body, tuple(frames[1:]), header["mid"], re)
 
 
-def _check(header: Mapping[str, Any], schema: Mapping[str, Any], mtype: MsgType) -> None:
+def _check(header: Mapping[str, Any], schema: Mapping[str, Any], where: str) -> None:
     for key, kind in schema.items():
         if key not in header:
-            raise ProtocolError("malformed", f"{mtype}: missing field {key!r}")
+            raise ProtocolError("malformed", f"{where}: missing field {key!r}")
         value = header[key]
         if kind is object:
             continue
         if not _is(value, kind):
-            raise ProtocolError("malformed", f"{mtype}: field {key!r} has type {type(value).__name__}")
+            raise ProtocolError("malformed", f"{where}: field {key!r} has type {type(value).__name__}")
 
 
 def _is(value: Any, kind: type | tuple[type, ...]) -> bool:
@@ -213,10 +216,11 @@ def _check_cards(header: Mapping[str, Any], mtype: MsgType) -> None:
     cards = [header["card"], *header["peers"]]
     if len(cards) > MAX_CARDS:
         raise ProtocolError("malformed", f"{mtype}: {len(cards)} peer cards (limit {MAX_CARDS})")
-    for card in cards:
+    for i, card in enumerate(cards):
+        where = f"{mtype}: peer card {i}"
         if not isinstance(card, dict):
-            raise ProtocolError("malformed", f"{mtype}: peer card is not a map")
-        _check(card, _CARD, mtype)
-        _check(card, {k: v for k, v in _CARD_OPTIONAL.items() if k in card}, mtype)
+            raise ProtocolError("malformed", f"{where} is not a map")
+        _check(card, _CARD, where)
+        _check(card, {k: v for k, v in _CARD_OPTIONAL.items() if k in card}, where)
         if any(len(card.get(k, "")) > n for k, n in _CARD_FIELD_CHARS.items()):
-            raise ProtocolError("malformed", f"{mtype}: peer card field too long")
+            raise ProtocolError("malformed", f"{where}: a field is too long")

@@ -190,6 +190,8 @@ class Exchange:
 
     async def _interact(self, target: PeerRecord, own: Snapshot) -> None:
         peer = self.peer
+        if len(self._codec_state) > 2 * len(peer.table.records) + 8:  # neighbours forgotten (churn, restarts)
+            self._codec_state = {k: v for k, v in self._codec_state.items() if k in peer.table.records}
         state = self._codec_state.setdefault(target.id, {})
         sent_clock = peer.clock.value
         want = self.codec.plan(state, {"cpu_bound": self.budget.pressure > 0.5})

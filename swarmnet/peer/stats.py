@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import collections
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
@@ -57,6 +57,8 @@ class PeerStats:
     """Newcomers that adopted this peer's model (lossless full pulls served)."""
 
     def as_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        # Field by field: the exchange's worker and the authenticator's thread count refusals
+        # into ``rejected`` meanwhile, and only a one-call copy of it is safe from their inserts.
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["rejected"] = dict(self.rejected)
         return data

@@ -284,6 +284,8 @@ class UcxTransport(Transport):
 
     def connect(self, url: str, *, max_frame_bytes: int = 2**31 - 1) -> Connection:
         conn = UcxConnection(self._ucxx, url, max_frame_bytes)
+        # Connections to peers that left are closed by their owner: only the open ones stay here.
+        self._endpoints = [e for e in self._endpoints if not e._closed]
         self._endpoints.append(conn)
         return conn
 

@@ -60,13 +60,14 @@ def test_round_trip_with_payload_frames():
         ([msgpack.packb({"v": PROTOCOL_VERSION, "t": "pull", "id": "a", "mid": 1, "sizes": []})], "malformed"),
         ([header(sizes=[4]), b"abc"], "size_mismatch"),
         ([header(sizes=[]), b"abc"], "size_mismatch"),
-        ([header(sizes=[-1]), b""], "oversized"),
+        ([header(sizes=[-1]), b""], "malformed"),
+        ([header(sizes=["a"]), b""], "malformed"),
         ([header(id=5)], "malformed"),
         ([header(re=float("inf"))], "malformed"),
         ([header(re="7")], "malformed"),
         ([b"x" * 70000], "oversized"),
         ([header(version=True)], "malformed"),
-        ([header(sizes=[True]), b"x"], "oversized"),
+        ([header(sizes=[True]), b"x"], "malformed"),
         ([hello({"id": "a"})], "malformed"),
         ([hello({"id": "a", "addr": "x" * 600, "hb": 1})], "malformed"),
         ([hello({"id": "a", "addr": "tcp://h:1", "hb": 1, "name": "n" * 200})], "malformed"),
@@ -79,6 +80,11 @@ def test_malformed_messages_are_rejected_with_a_reason_code(frames, code):
     with pytest.raises(ProtocolError) as info:
         decode(frames)
     assert info.value.code == code
+
+
+def test_a_bad_peer_card_is_named_as_one():
+    with pytest.raises(ProtocolError, match=r"hello: peer card 1: missing field 'hb'"):
+        decode([hello({"id": "a", "addr": "tcp://h:1", "hb": 1}, [{"id": "b", "addr": "tcp://h:2"}])])
 
 
 def test_a_refusal_knows_the_message_id_once_the_header_is_readable():
