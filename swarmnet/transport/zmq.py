@@ -123,6 +123,12 @@ def _closed_under_us() -> bool:
     return task is None or task.cancelling() == 0
 
 
+LISTENER_HWM = 16
+"""Messages a listener queues per requester, each way. An honest requester has one request in
+flight per connection; one that sends on without reading the replies would otherwise have
+libzmq hold up to 1,000 of them, each a zero-copy reference to a published snapshot (1,000
+model copies kept alive). Past the mark a reply is dropped, as for a vanished route."""
+
 LOST = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
 """Monitor events that end a pending request: the peer went away, or refused the connection."""
 
@@ -346,6 +352,8 @@ class ZmqTransport(Transport):
             url, _ = split_address(url)
         sock = self._ctx.socket(zmq.ROUTER)
         _configure(sock, max_frame_bytes)
+        sock.setsockopt(zmq.SNDHWM, LISTENER_HWM)
+        sock.setsockopt(zmq.RCVHWM, LISTENER_HWM)
         if curve is not None:
             sock.curve_secretkey = curve.secret
             sock.curve_publickey = curve.public

@@ -181,3 +181,35 @@ async def test_a_loss_the_loop_has_not_seen_yet_does_not_fail_the_next_request()
         new.close(linger=0)
     await transports.aclose()
     ctx.term()
+
+
+async def test_a_requester_that_never_reads_cannot_pile_up_replies_at_the_listener():
+    """100 requests of a client that reads no reply: the listener answers each at once and keeps
+    at most LISTENER_HWM replies queued for it (zero-copy snapshot frames would stay alive);
+    the rest are dropped, so the client gets only those that fit in the queues and the kernel."""
+    from swarmnet.transport.zmq import LISTENER_HWM
+
+    transports = TransportSet()
+    listener = await transports.for_url("tcp://127.0.0.1:0").listen("tcp://127.0.0.1:0")
+    ctx = zmq.Context.instance()
+    client = ctx.socket(zmq.DEALER)
+    client.setsockopt(zmq.RCVHWM, 1)
+    client.setsockopt(zmq.RCVBUF, 65536)
+    client.connect(listener.address)
+    reply = bytes(1 << 20)
+    for i in range(100):
+        client.send(b"%d" % i)
+    started = time.monotonic()
+    for _ in range(100):
+        route, _ = await asyncio.wait_for(listener.recv(), 5)
+        await listener.send(route, [reply])
+    assert time.monotonic() - started < 5  # never blocked on the reader
+    received = 0
+    while client.poll(1000):
+        client.recv_multipart()
+        received += 1
+    print(f"{received} of 100 replies reached the client (LISTENER_HWM {LISTENER_HWM})")
+    # The listener's queue, the client's and what the kernel buffers hold (24 seen); 100 without the mark.
+    assert 0 < received <= 50 and LISTENER_HWM <= 32
+    client.close(0)
+    await transports.aclose()
