@@ -154,6 +154,11 @@ class SwarmOptimizer:
         """The wrapped optimizer's step, then the merges that are ready (never waits)."""
         if self._closed:
             raise SwarmError("step() after close(): this peer has left the swarm")
+        device = self.replica.device
+        if device.type == "cuda" and torch.cuda.current_stream(device) != torch.cuda.default_stream(device):
+            raise SwarmError("step() under a CUDA stream of your own: the exchange's threads read the model "
+                             "on the default stream, unordered with yours; call step() outside "
+                             "torch.cuda.stream(...)")
         self.peer.stats.clock = clock = self.peer.clock.value
         if self._clocked_lrs is not None:
             for group, base in zip(self.optimizer.param_groups, self._clocked_lrs):

@@ -102,3 +102,19 @@ def test_peers_sharing_one_gpu_train_together(tmp_path, codec: str) -> None:
     for p in summary["peers"]:
         assert p["steps"] == 600 and p["interactions"] >= 3, p
     assert summary["average"]["eval"]["accuracy"] > 0.85, summary["average"]
+
+
+def test_the_user_api_steps_a_gpu_model_and_refuses_a_stream_of_its_own(tmp_path) -> None:
+    import swarmnet
+    from swarmnet.errors import SwarmError
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1)).to(CUDA)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(32, 8, device=CUDA)
+    with swarmnet.SwarmOptimizer(optimizer, model, run_dir=tmp_path, settings={"network.linger": 0.0}) as opt:
+        for _ in range(3):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+        with torch.cuda.stream(torch.cuda.Stream()), pytest.raises(SwarmError, match="default stream"):
+            opt.step()
