@@ -41,6 +41,10 @@ from swarmnet.peer.compute import plan_training
 from swarmnet.peer.metrics import read_metrics
 from swarmnet.tasks import load_task
 
+GLIBC_TUNABLES = "glibc.malloc.hugetlb=1"
+"""Set for the peers unless the environment says otherwise: fresh receive buffers on huge pages,
+much faster large pulls (docs/benchmarks.md, Exchange and Receive buffers)."""
+
 PEER_FILES = ("card.json", "summary.json", "metrics.jsonl", "checkpoint.pt", "peer.log")
 CARD_TIMEOUT = 120.0
 STOP_GRACE = 20.0
@@ -97,8 +101,7 @@ class LaunchPlan:
             base.append("--fresh")
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(cfg.device.threads),
                    SWARMNET_LOCAL_PEERS=str(n))
-        # Fresh receive buffers on hugepages: much faster large pulls (docs/benchmarks.md).
-        env.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+        env.setdefault("GLIBC_TUNABLES", GLIBC_TUNABLES)
         plan = cls(cfg, run_dir, peers, base, env)
         task = load_task(cfg.task.spec, cfg.task.options)
         plan.total_steps = plan_training(cfg.train, n, task.num_samples).total_steps

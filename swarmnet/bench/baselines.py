@@ -44,13 +44,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from swarmnet.bench.baseline_workers import SWARM_CODECS, TORCH_METHODS, phases
+from swarmnet.launch import GLIBC_TUNABLES
 
 RESULT_VERSION = 1
 TASK = "swarmnet.tasks.digits:task"
 METHODS = (*TORCH_METHODS, *SWARM_CODECS)
 SOLO_OF = {"ddp": "solo", "localsgd": "solo", "swarm-fp32": "swarm-solo", "swarm-lattice": "swarm-solo"}
 HIVEMIND_SCRIPT = Path(__file__).with_name("hivemind_avg.py")
-HUGETLB = "glibc.malloc.hugetlb=1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +134,7 @@ def run_world(suite: Suite, world: int, work: Path, *, on_phase: Any = None, tim
     # and the count of local peers the exchange's CPU budget divides the machine by.
     env = dict(os.environ, OMP_NUM_THREADS=str(suite.threads), PYTHONUNBUFFERED="1",
                SWARMNET_LOCAL_PEERS=str(world))
-    env.setdefault("GLIBC_TUNABLES", HUGETLB)
+    env.setdefault("GLIBC_TUNABLES", GLIBC_TUNABLES)
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     procs = []

@@ -28,9 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from swarmnet.launch import GLIBC_TUNABLES
 from swarmnet.testing.processes import LocalSwarm, PeerProcessHandle, write_config
-
-HUGETLB = "glibc.malloc.hugetlb=1"
 
 
 def _window(metrics: list[dict[str, Any]]) -> dict[str, float]:
@@ -123,7 +122,7 @@ def compute_ratio(workdir: Path, *, hidden: int = 512, steps: int = 3000, local_
             "rounds": rounds, "peers": peers, "device": device, "hidden": hidden, "batch_size": batch_size, "local_steps": local_steps}
 
 
-def pull_ratio(workdir: Path, *, hidden: int = 3000, repeats: int = 30, tunables: str = HUGETLB) -> dict[str, Any]:
+def pull_ratio(workdir: Path, *, hidden: int = 3000, repeats: int = 30) -> dict[str, Any]:
     config = write_config(workdir / "serve.toml", {
         "task": {"spec": "swarmnet.tasks.digits:task", "options": {"hidden": hidden}},
         "train": {"batch_size": 8, "lr": 0.0, "steps": 10**9, "metrics_every": 1000, "checkpoint_every": 0.0},
@@ -132,7 +131,8 @@ def pull_ratio(workdir: Path, *, hidden: int = 3000, repeats: int = 30, tunables
     server = PeerProcessHandle(workdir, "server", config)
     try:
         address = server.card(timeout=120)["addr"]
-        env = dict(os.environ, GLIBC_TUNABLES=tunables)
+        env = dict(os.environ)
+        env.setdefault("GLIBC_TUNABLES", GLIBC_TUNABLES)  # as swarmnet up sets for its peers, unless told otherwise
         out = subprocess.run([sys.executable, "-m", "swarmnet.bench.exchange", "pull-client", address, str(repeats)],
                              env=env, capture_output=True, text=True, timeout=600)
         if out.returncode != 0:
