@@ -41,7 +41,8 @@ def get_choice(m: Mapping[str, Any], key: str, codec: str, choices: Sequence[Any
     if key not in m:
         raise CodecError(f"{codec}: missing field {key!r}")
     value = m[key]
-    if isinstance(value, bool) or value not in choices:
+    # Of the same type too: 1.0 == 1 (and True == 1) in Python, but a float width breaks slicing.
+    if not any(type(value) is type(c) and value == c for c in choices):
         raise CodecError(f"{codec}: field {key!r} = {value!r} is not one of {list(choices)}")
     return value
 
@@ -125,7 +126,7 @@ def versioned_meta(meta: Any, codec: str, n: int, version: int = 1) -> Mapping[s
     """The common head of a received ``meta``: a map, layout ``version``, ``n`` coordinates."""
     m = as_mapping(meta, codec, "meta")
     got = m.get("v")
-    if got != version:
+    if type(got) is not int or got != version:
         raise CodecError(
             f"{codec}: snapshot layout version {got!r}, this swarmnet reads version {version}; "
             "run the same swarmnet release on every peer"

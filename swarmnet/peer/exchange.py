@@ -132,11 +132,16 @@ class Exchange:
                 self.peer.stats.pulls_failed += 1
                 if exc.code not in (RejectCode.NOT_READY, RejectCode.BUSY):  # busy or starting is not faulty
                     self.peer.table.record_failure(target.id)
+                    # What we knew of its snapshots may be what it refused (a plan for its chunk
+                    # layout before it restarted with another): start afresh with it.
+                    self._codec_state.pop(target.id, None)
                 self.log.debug("%s refused: %s", target.name or target.id, exc)
                 await asyncio.sleep(0.01)
             except SwarmError as exc:
                 self.peer.stats.pulls_failed += 1
                 self.peer.table.record_failure(target.id, unreachable=isinstance(exc, TransportError))
+                if isinstance(exc, (CodecError, ProtocolError)):
+                    self._codec_state.pop(target.id, None)
                 level = logging.WARNING if isinstance(exc, (CodecError, ProtocolError)) else logging.DEBUG
                 self.log.log(level, "interaction with %s failed: %s", target.name or target.id, exc)
             except Exception:  # a reply no check of ours foresaw: a bug to fix, never fatal to the peer
