@@ -14,6 +14,7 @@ the peers' final models, evaluates the average and writes the summary.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import math
@@ -61,6 +62,8 @@ class PeerProcess:
     key: str = ""
     proc: subprocess.Popen[bytes] | None = None
     exit_code: int | None = None
+    log_start: int = 0
+    """Where this launch's lines begin in ``peer.log`` (appended to across runs of a run dir)."""
 
 
 @dataclass(slots=True)
@@ -105,8 +108,9 @@ class LaunchPlan:
         plan = cls(cfg, run_dir, peers, base, env)
         task = load_task(cfg.task.spec, cfg.task.options)
         plan.total_steps = plan_training(cfg.train, n, task.num_samples).total_steps
-        # A card left by an earlier run would pass for the new peer's (its address, its being up).
-        stale = PEER_FILES if fresh else ("card.json",)
+        # A card left by an earlier run would pass for the new peer's (its address, its being up),
+        # and a summary for its result if it dies before writing its own.
+        stale = PEER_FILES if fresh else ("card.json", "summary.json")
         for p in peers:
             try:
                 (run_dir / p.name).mkdir(parents=True, exist_ok=True)
@@ -140,6 +144,7 @@ def _start(plan: LaunchPlan, peer: PeerProcess, seeds: list[str]) -> None:
     except OSError as exc:
         raise unwritable_run_dir(plan.run_dir / peer.name, exc) from None
     with log:
+        peer.log_start = log.seek(0, os.SEEK_END)
         peer.proc = subprocess.Popen(cmd, env=plan.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      process_group=0, preexec_fn=_die_with_launcher())
 
@@ -213,8 +218,14 @@ def launch(plan: LaunchPlan, *, summary_path: Path | None = None, console: Conso
         if address is not None:
             console.print(f"swarmnet: {len(plan.peers)} peers, seed {address}, run dir {plan.run_dir}")
         interrupted = _supervise(plan, interrupt, console)
-    except ConfigError:
+    except ConfigError as exc:
         _stop_all(plan, kill=True)
+        if summary_path is not None:  # scripts reading it learn why, as from a run that ended badly
+            _wait_all(plan)
+            result = summarize(plan, time.monotonic() - started, False)
+            result.update(ok=False, error=str(exc))
+            with contextlib.suppress(ConfigError):
+                _write_summary(summary_path, result)
         raise
     finally:
         for sig, handler in previous.items():
@@ -225,15 +236,28 @@ def launch(plan: LaunchPlan, *, summary_path: Path | None = None, console: Conso
         if not r["ok"] and ": " in str(r.get("reason", "")):
             console.print(f"{r['name']}: {r['reason']}", markup=False, highlight=False)
     if summary_path is not None:
-        try:
-            checkpoint.write_atomic(summary_path, json.dumps(result, indent=2, default=str).encode())
-        except OSError as exc:
-            raise ConfigError(f"could not write the summary to {summary_path}: {exc.strerror or exc}; the table "
-                              "above has the results (each peer's are in its summary.json); choose a writable "
-                              "--summary path next time") from None
+        _write_summary(summary_path, result)
     if interrupted:
         return 128 + interrupt.signum
     return 0 if result["ok"] else 1
+
+
+def _write_summary(path: Path, result: dict[str, Any]) -> None:
+    try:
+        checkpoint.write_atomic(path, json.dumps(result, indent=2, default=str).encode())
+    except OSError as exc:
+        raise ConfigError(f"could not write the summary to {path}: {exc.strerror or exc}; the table "
+                          "above has the results (each peer's are in its summary.json); choose a writable "
+                          "--summary path next time") from None
+
+
+def _wait_all(plan: LaunchPlan, timeout: float = 10.0) -> None:
+    """Reap the peers (after _stop_all) and record their exit codes."""
+    for p in plan.peers:
+        if p.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.proc.wait(timeout)
+            p.exit_code = p.proc.poll()
 
 
 def _supervise(plan: LaunchPlan, interrupt: _Interrupt, console: Console) -> bool:
@@ -312,7 +336,7 @@ def summarize(plan: LaunchPlan, elapsed: float, interrupted: bool) -> dict[str, 
             peer_summary.pop("config", None)
             row.update(peer_summary)
         except (OSError, json.JSONDecodeError):
-            error = _last_error(plan.run_dir / p.name / "peer.log")
+            error = _last_error(plan.run_dir / p.name / "peer.log", p.log_start)
             row["reason"] = "no summary (the peer died before finishing)" + (f": {error}" if error else "")
             metrics = _last_metrics(peer_dir / "metrics.jsonl")
             if metrics:
@@ -334,10 +358,13 @@ def summarize(plan: LaunchPlan, elapsed: float, interrupted: bool) -> dict[str, 
     return result
 
 
-def _last_error(log: Path) -> str | None:
-    """The message of the last ERROR line of a peer's log, which says why it stopped."""
+def _last_error(log: Path, start: int = 0) -> str | None:
+    """The message of the last ERROR line of a peer's log from byte ``start`` on (this launch's
+    part), which says why it stopped."""
     try:
-        lines = log.read_text(errors="replace").splitlines()
+        with log.open("rb") as f:
+            f.seek(start)
+            lines = f.read().decode(errors="replace").splitlines()
     except OSError:
         return None
     errors = [line.split(" ERROR ", 1)[1] for line in lines if " ERROR " in line]

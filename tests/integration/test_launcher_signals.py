@@ -121,3 +121,33 @@ def test_the_summary_shows_the_traffic_of_a_peer_that_died(swarm_factory):
     last = swarm.metrics("peer1")[-1]
     assert row["signal"] == "SIGKILL"
     assert row["bytes_sent"] == last["bytes_out"] > 0 and row["bytes_received"] == last["bytes_in"] > 0, row
+
+
+def test_a_peer_that_dies_in_a_rerun_is_not_reported_with_the_earlier_runs_result(tmp_path, swarm_factory):
+    earlier = tmp_path / "run" / "peer1"
+    earlier.mkdir(parents=True)
+    (earlier / "summary.json").write_text(json.dumps({"reason": "budget", "steps": 100, "ok": True}))
+    (earlier / "peer.log").write_text("12:00:00 ERROR [peer1] an error of the earlier run\n")
+    swarm = swarm_factory(two_peers(steps=100_000), "--no-fresh")
+    victim = swarm.card("peer1")["pid"]
+    wait_until(lambda: (m := swarm.metrics("peer1")) and m[-1]["step"] >= 50, 60, what="peer1 training")
+    os.kill(victim, signal.SIGKILL)
+    swarm.signal(signal.SIGINT)
+    swarm.wait(120)
+    row = swarm.summary()["peers"][1]
+    assert row["signal"] == "SIGKILL" and row["reason"] == "no summary (the peer died before finishing)", row
+
+
+def test_the_summary_says_why_when_the_first_peer_does_not_come_up(tmp_path, swarm_factory):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        manifests = tmp_path / "manifests"
+        manifests.mkdir()
+        (manifests / "peer0.toml").write_text(f'listen = "tcp://127.0.0.1:{taken.getsockname()[1]}"\n')
+        swarm = swarm_factory(two_peers(steps=200), "--manifests", str(manifests))
+        assert swarm.wait(120) == 2, swarm.log()
+    summary = swarm.summary()
+    assert not summary["ok"] and "peer peer0 did not come up" in summary["error"], summary
+    row = summary["peers"][0]
+    assert row["name"] == "peer0" and row["exit_code"] != 0 and not row["ok"], row
