@@ -35,7 +35,6 @@ A_S^T r / B a weighted row sum, both without materializing the gathered rows A_S
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from swarmnet.errors import ConfigError
-from swarmnet.tasks import datasets
+from swarmnet.tasks import datasets, import_factory
 from swarmnet.tasks.lsq import make_problem, objective
 
 
@@ -336,21 +335,8 @@ def load_vector_task(
 ) -> Any:
     """Build ``lsq``, ``logreg``, ``gossip`` or ``module:function`` (called with ``batch``,
     ``seed`` and ``options``); ConfigError when it cannot or when the result lacks the protocol."""
-    if spec in BUILTIN:
-        factory = BUILTIN[spec]
-    else:
-        module_name, sep, func_name = spec.partition(":")
-        if not sep or not module_name or not func_name:
-            raise ConfigError(
-                f"task {spec!r}: use lsq, logreg, gossip or module:function returning a vectorized task"
-            )
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise ConfigError(f"task {spec!r}: cannot import {module_name!r}: {exc}") from None
-        factory = getattr(module, func_name, None)
-        if not callable(factory):
-            raise ConfigError(f"task {spec!r}: {module_name} has no callable {func_name!r}")
+    factory = BUILTIN.get(spec) or import_factory(
+        spec, "is none of lsq, logreg, gossip, or module:function returning a vectorized task")
     try:
         task = factory(batch=batch, seed=seed, **dict(options or {}))
     except TypeError as exc:

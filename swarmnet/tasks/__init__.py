@@ -12,6 +12,7 @@ Bundled tasks: ``swarmnet.tasks.lsq:task`` (synthetic least squares),
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -44,17 +45,21 @@ class Task:
         n = self.train[0].shape[0]
         if any(t.shape[0] != n for t in self.train):
             raise ValueError(f"task {self.name}: training tensors disagree on the sample count")
+        if n == 0:
+            raise ValueError(f"task {self.name}: no training samples")
 
     @property
     def num_samples(self) -> int:
         return int(self.train[0].shape[0])
 
 
-def load_task(spec: str, options: Mapping[str, Any] | None = None) -> Task:
-    """Import ``module:function`` and call it with ``options``."""
+def import_factory(spec: str, form: str = "must be 'module:function', e.g. swarmnet.tasks.digits:task"
+                   ) -> Callable[..., Any]:
+    """The callable ``module:function`` names; ConfigError (``form`` says what is expected) when
+    it cannot be had."""
     module_name, sep, func_name = spec.partition(":")
     if not sep or not module_name or not func_name:
-        raise ConfigError(f"task {spec!r} must be 'module:function', e.g. swarmnet.tasks.digits:task")
+        raise ConfigError(f"task {spec!r} {form}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -62,10 +67,38 @@ def load_task(spec: str, options: Mapping[str, Any] | None = None) -> Task:
     factory = getattr(module, func_name, None)
     if not callable(factory):
         raise ConfigError(f"task {spec!r}: {module_name} has no callable {func_name!r}")
+    return factory
+
+
+def load_task(spec: str, options: Mapping[str, Any] | None = None) -> Task:
+    """Import ``module:function`` and call it with ``options``."""
+    factory = import_factory(spec)
+    options = dict(options or {})
+    _check_option_types(spec, factory, options)
     try:
-        task = factory(**dict(options or {}))
-    except TypeError as exc:
-        raise ConfigError(f"task {spec!r}: bad options {dict(options or {})}: {exc}") from None
+        task = factory(**options)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, ArithmeticError) as exc:
+        raise ConfigError(f"task {spec!r}: bad task.options {options}: {exc}") from None
     if not isinstance(task, Task):
         raise ConfigError(f"task {spec!r} returned {type(task).__name__}, expected swarmnet.tasks.Task")
     return task
+
+
+def _check_option_types(spec: str, factory: Callable[..., Any], options: Mapping[str, Any]) -> None:
+    """Each option of the type of the factory's default for it (a float option takes an int): a
+    string where a width belongs would otherwise fail deep inside torch, or only in each peer."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a factory without an inspectable signature
+        return
+    for key, value in options.items():
+        param = params.get(key)
+        if param is None or param.default is inspect.Parameter.empty or param.default is None:
+            continue  # unknown keys fail at the call, with Python's own message
+        kind = type(param.default)
+        fits = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+        if not fits and not (kind is float and type(value) is int):
+            raise ConfigError(f"task {spec!r}: task.options.{key} = {value!r} must be of type {kind.__name__} "
+                              f"(its default is {param.default!r})")

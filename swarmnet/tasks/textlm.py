@@ -46,6 +46,8 @@ def stdlib_corpus(corpus_bytes: int) -> bytes:
 def windows(data: bytes, length: int) -> Tensor:
     """uint8 [len(data) // length, length]: consecutive non-overlapping windows."""
     n = len(data) // length
+    if n == 0:
+        return torch.empty((0, length), dtype=torch.uint8)
     return torch.frombuffer(bytearray(data[: n * length]), dtype=torch.uint8).view(n, length)
 
 
@@ -73,12 +75,20 @@ class ByteTransformer(nn.Module):
 
 def task(corpus_bytes: int = 2_000_000, context: int = 64, width: int = 64, layers: int = 2, heads: int = 4,
          test_fraction: float = 0.05, test_windows: int = 512) -> Task:
-    if width % heads:
-        raise ConfigError(f"textlm: width {width} must be a multiple of heads {heads}")
+    if heads < 1 or width % heads:
+        raise ConfigError(f"textlm: task.options.width {width} must be a multiple of task.options.heads {heads} (>= 1)")
+    if not 0 < test_fraction < 1:
+        raise ConfigError(f"textlm: task.options.test_fraction {test_fraction} must be between 0 and 1")
+    if corpus_bytes < 10_000:
+        raise ConfigError(f"textlm: task.options.corpus_bytes {corpus_bytes} must be at least 10,000")
     corpus = stdlib_corpus(corpus_bytes)
     split = int(len(corpus) * (1 - test_fraction))
     train = windows(corpus[:split], context + 1)
     test = windows(corpus[split:], context + 1)[:test_windows]
+    if not len(train) or not len(test):
+        raise ConfigError(f"textlm: a corpus of {len(corpus)} bytes split {1 - test_fraction:g} / {test_fraction:g} "
+                          f"leaves no window of task.options.context + 1 = {context + 1} bytes for "
+                          f"{'training' if not len(train) else 'testing'}; lower context or raise corpus_bytes")
 
     def next_byte_logits(model: nn.Module, w: Tensor) -> tuple[Tensor, Tensor]:
         """Logits [B*T, 256] for every position of windows ``w`` and the bytes that follow."""

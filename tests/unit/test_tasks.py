@@ -1,0 +1,28 @@
+"""Task options are checked where they are read: a wrong value is a ConfigError naming the
+option, never a traceback from deep inside torch or a peer that does not come up."""
+
+import pytest
+
+from swarmnet.errors import ConfigError
+from swarmnet.tasks import load_task
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.mark.parametrize("spec,options,message", [
+    ("swarmnet.tasks.digits:task", {"hidden": "128"}, r"task.options.hidden = '128' must be of type int"),
+    ("swarmnet.tasks.digits:task", {"hidden": True}, r"task.options.hidden = True must be of type int"),
+    ("swarmnet.tasks.digits:task", {"nope": 1}, r"bad task.options .*unexpected keyword argument 'nope'"),
+    ("swarmnet.tasks.lsq:task", {"samples": 0}, r"no training samples"),
+    ("swarmnet.tasks.textlm:task", {"heads": 0}, r"task.options.heads 0"),
+    ("swarmnet.tasks.textlm:task", {"test_fraction": 0.0}, r"task.options.test_fraction 0.0 must be between 0 and 1"),
+    ("swarmnet.tasks.textlm:task", {"context": 100_000}, r"leaves no window .* for testing; lower context"),
+    ("swarmnet.tasks.textlm:task", {"corpus_bytes": 5000}, r"task.options.corpus_bytes 5000 must be at least"),
+])
+def test_a_bad_task_option_is_a_config_error_that_names_it(spec, options, message):
+    with pytest.raises(ConfigError, match=message):
+        load_task(spec, options)
+
+
+def test_an_int_where_a_float_is_expected_is_fine():
+    assert load_task("swarmnet.tasks.lsq:task", {"noise": 2, "samples": 64}).num_samples == 64
