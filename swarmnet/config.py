@@ -104,8 +104,11 @@ class TrainConfig:
         _require(self.steps >= 0, "steps", "must be >= 1 (or 0 to budget in epochs)")
         for name in ("epochs", "sequential_epochs"):
             _require(_at_least(getattr(self, name), 0), name, "must be a finite number >= 0 (0: not this budget)")
-        budgets = sum(getattr(self, name) > 0 for name in BUDGETS)
-        _require(budgets <= 1, "steps", "set only one of steps, epochs, sequential_epochs")
+        budgets = [name for name in BUDGETS if getattr(self, name) > 0]
+        _require(len(budgets) <= 1, budgets[-1] if budgets else "steps",
+                 f"set only one of steps, epochs, sequential_epochs; here {' and '.join(budgets)} are set "
+                 "(an override of one should set the other to 0, or use swarmnet up's --steps / --epochs, "
+                 "which replace the file's budget)")
         if not budgets:
             self.steps = DEFAULT_STEPS
         _require(_at_least(self.lr, 0), "lr", "must be a finite number >= 0")
@@ -159,6 +162,16 @@ class AlgorithmConfig:
 class CodecConfig:
     name: str = "fp32"
     options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """The codec is built here once, so that a typo fails when the config is read, not in
+        every peer at its start."""
+        from swarmnet.codecs import CODECS, make_codec  # here: the codecs import torch
+
+        try:
+            make_codec(self.name, **self.options)
+        except ConfigError as exc:
+            _require(False, "options" if self.name in CODECS else "name", str(exc))
 
 
 @dataclass(kw_only=True, slots=True)
@@ -263,6 +276,10 @@ class ScreeningConfig:
         _require(self.warmup >= 1, "warmup", "must be >= 1")
 
 
+MAX_THREADS = 1024
+"""device.threads above this are a typo (each is an OS thread of every peer)."""
+
+
 @dataclass(kw_only=True, slots=True)
 class DeviceConfig:
     device: str = "auto"
@@ -271,9 +288,9 @@ class DeviceConfig:
     """torch intra-op threads per peer (several peers usually share a machine)."""
 
     def __post_init__(self) -> None:
-        _require(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device",
-                 "must be auto, cpu or cuda:N")
-        _require(self.threads >= 1, "threads", "must be >= 1")
+        _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "device",
+                 "must be auto, cpu, cuda or cuda:N")
+        _require(1 <= self.threads <= MAX_THREADS, "threads", f"must be between 1 and {MAX_THREADS}")
 
 
 SECURITY_MODES = ("none", "swarm-key", "allow-list")
