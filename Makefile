@@ -5,13 +5,16 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # A CPU machine gets the CPU build from the local wheel cache; a GPU machine gets the CUDA build.
 TORCH_PIN ?= torch==2.13.0
+# Where a GPU answers, a local cache's CPU-only wheel (torch 2.13.0+cpu ranks above PyPI's
+# 2.13.0, the CUDA build for Linux) must not be taken: torch then comes from the index alone.
+TORCH_ENV := $(shell nvidia-smi -L >/dev/null 2>&1 && echo PIP_FIND_LINKS=)
 
 .PHONY: quickstart test gpu-check venv clean
 
 $(BIN)/swarmnet: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH_PIN)"
+	$(TORCH_ENV) $(BIN)/python -m pip install -q "$(TORCH_PIN)"
 	$(BIN)/python -m pip install -q -e ".[test]"
 	# UCX bindings are optional: where they cannot be installed the UCX tests skip with the reason.
 	$(BIN)/python -m pip install -q -e ".[ucx]" || echo "swarmnet: UCX bindings not installed; UCX transport tests will be skipped"
