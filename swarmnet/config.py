@@ -427,7 +427,7 @@ def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
         with open(path, "rb") as fh:
             return tomllib.load(fh)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file; check the path (configs/ holds examples)") from None
+        raise ConfigError(f"{path}: no such config file; check the path (relative paths start where you run the command; the examples are in the swarmnet checkout's configs/)") from None
     except IsADirectoryError:
         raise ConfigError(f"{path}: is a directory; pass a config file such as configs/quickstart.toml") from None
     except OSError as exc:

@@ -175,6 +175,20 @@ def read_seed_card(seed: str) -> str | None:
         return None
 
 
+async def _unresolved(address: str) -> str | None:
+    """Why a tcp:// address's host name does not resolve, if it does not (a name lookup failure
+    otherwise shows only as a connection that never comes up)."""
+    scheme, _, rest = address.partition("://")
+    host = rest.rpartition(":")[0].strip("[]")
+    if scheme != "tcp" or not host:
+        return None
+    try:
+        await asyncio.get_running_loop().getaddrinfo(host, None)
+    except OSError as exc:
+        return f"its host {host!r} does not resolve: {exc.strerror or exc}; check the name"
+    return None
+
+
 class MembershipService:
     """Heartbeats and peer-list gossip; learns the swarm from seeds."""
 
@@ -248,9 +262,10 @@ class MembershipService:
                 self._seed_failures[seed] = failures
                 delay = min(30.0, self.interval * 2**failures)
                 self._seed_retry[seed] = now + delay
-                level = logging.WARNING if failures in (1, 3) or failures % 10 == 0 else logging.DEBUG
-                self.log.log(level, "seed %s unreachable (%s); retrying in %.1fs. Check the address "
-                             "and that a peer is running there", seed, exc, delay)
+                if failures in (1, 3) or failures % 10 == 0:
+                    why = await _unresolved(address) or f"{exc}; check the address and that a peer is running there"
+                    alone = "" if self.table.alive() else "; no other peer known yet"
+                    self.log.warning("seed %s unreachable (%s); retrying in %.1fs%s", seed, why, delay, alone)
             else:
                 if self._seed_failures.pop(seed, 0) >= 1:
                     self.log.info("seed %s reached", seed)

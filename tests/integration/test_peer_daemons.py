@@ -76,11 +76,15 @@ def test_peers_waiting_for_their_start_condition_gossip_fast_and_start_together(
 def test_unreachable_seed_is_reported_and_retried_without_hanging(tmp_path, daemons):
     config = daemon_config(tmp_path, steps=200)
     peer = PeerProcessHandle(tmp_path / "run", "lonely", config, "--seed", "tcp://127.0.0.1:9",
+                             "--seed", "tcp://no-such-host.invalid:7000",
                              "--set", "network.join_timeout=3", "--set", "network.request_timeout=0.5")
     daemons.append(peer)
     assert peer.wait(60) == 0, peer.log()
     log = peer.log(200)
     assert "seed tcp://127.0.0.1:9 unreachable" in log and "retrying in" in log
+    assert "no other peer known yet" in log
+    # A name that does not resolve is called that, not a refused connection.
+    assert "its host 'no-such-host.invalid' does not resolve" in log
     assert "only 0 of 2 peers known" in log
     assert peer.summary()["steps"] == 200
 
