@@ -142,9 +142,9 @@ class PeerServer:
                                    codec="fp32", meta={"n": snap.values_N.numel()}, clock=peer.clock.value, age=age)
             peer.stats.donations += 1
             return self._donation
+        await until_copied(snap.encoded.ready)  # select may read the frames' bytes
         # Only the first pull of an interaction moves the phase clocks (SPEC 1.2 step 1).
         clock = peer.clock.serve(msg.body["clock"]) if version is None else peer.clock.value
-        await until_copied(snap.encoded.ready)  # select may read the frames' bytes
         meta, frames = peer.codec.select(snap.encoded, msg.body["want"])
         self._tell_if_oversized(frames)
         return reply(msg, MsgType.SNAPSHOT, peer.id, frames, version=snap.version,
