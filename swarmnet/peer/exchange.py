@@ -132,8 +132,8 @@ class Exchange:
                 self.peer.stats.pulls_failed += 1
                 if exc.code not in (RejectCode.NOT_READY, RejectCode.BUSY):  # busy or starting is not faulty
                     self.peer.table.record_failure(target.id)
-                    # What we knew of its snapshots may be what it refused (a plan for its chunk
-                    # layout before it restarted with another): start afresh with it.
+                    # What we knew of its snapshots may be what it refused (a plan for a chunk
+                    # layout it no longer has): start afresh with it.
                     self._codec_state.pop(target.id, None)
                 self.log.debug("%s refused: %s", target.name or target.id, exc)
                 await asyncio.sleep(0.01)
