@@ -232,9 +232,9 @@ def bench_exchange(
                       f"took {c['cpu_per_step_ratio']:.3f}x the CPU per step ({per_step['on']:.2f} vs {per_step['off']:.2f} ms)")
     console.print(f"pull {p['bytes'] / 1e6:.1f} MB: swarmnet {p['swarmnet_pull_ms']:.1f} ms, raw pyzmq "
                   f"{p['raw_pyzmq_ms']:.1f} ms -> ratio {p['ratio']:.3f} (target >= 0.8); reading the vector in place "
-                  f"+{p['swarmnet_decode_ms']:.2f} ms (ratio {p['ratio_with_decode']:.3f}; a copying decode "
+                  f"+{p['view_ms']:.2f} ms (ratio {p['ratio_with_view']:.3f}; a copying decode "
                   f"+{p['copying_decode_ms']:.1f} ms, {p['ratio_with_copying_decode']:.3f}); the merge's delta and norm "
-                  f"+{p['delta_ms']:.1f} ms ({p['ratio_with_decode_and_delta']:.3f} with them; after a copying decode "
+                  f"+{p['delta_ms']:.1f} ms ({p['ratio_with_view_and_delta']:.3f} with them; after a copying decode "
                   f"+{p['delta_after_copy_ms']:.1f} ms, {p['ratio_with_copying_decode_and_delta']:.3f}); applying the "
                   f"delta to the live model +{p['apply_ms']:.1f} ms (the whole merge: {p['ratio_with_merge']:.3f})")
 

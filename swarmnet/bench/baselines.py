@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import platform
 import socket
@@ -194,9 +195,10 @@ def _count_lines(path: Path) -> int:
 
 
 def spread(values: Iterable[float | None]) -> dict[str, float] | None:
-    """Median and min-max of the repeats; None when a value is missing (e.g. target not reached)."""
+    """Median and min-max of the repeats; None when a value is missing (e.g. target not reached)
+    or not a number (a run too short to measure)."""
     vals = list(values)
-    if not vals or any(v is None for v in vals):
+    if not vals or any(v is None or math.isnan(v) for v in vals):
         return None
     return {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}  # type: ignore[type-var]
 

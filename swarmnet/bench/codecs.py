@@ -1,8 +1,10 @@
 """Codec benchmark: encode/decode throughput of every codec and the lattice codec's bytes per pull.
 
 Throughput is GB/s of fp32 input (4 bytes per coordinate), the median of ``repeats`` timed calls
-after one warm-up call. Encode includes allocating the published snapshot (fresh memory each
-time, as in the runtime); decode writes into a preallocated output, as the exchange does.
+after one warm-up call. Encode includes taking the published snapshot's memory from the host
+pool (recycled here as soon as each snapshot is dropped, sooner than in a peer that keeps a
+history, so per publish a peer can take somewhat longer; docs/benchmarks.md, Codecs); decode
+writes into a preallocated output, as the exchange does.
 
 Wire size: the lattice reader's bytes per pull relative to fp32 when its key is D lattice steps
 away from the sender (key = x + U(-D, D) eps per coordinate, so D is the sup distance in units

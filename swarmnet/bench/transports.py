@@ -33,7 +33,7 @@ from rich.table import Table
 from swarmnet.errors import SwarmError
 from swarmnet.transport.base import Transport
 from swarmnet.transport.ucx import UcxTransport
-from swarmnet.transport.zmq import ZmqTransport
+from swarmnet.transport.zmq import ZmqTransport, size_kernel_buffers
 
 RESULT_VERSION = 1
 TRANSPORTS = ("tcp", "ipc", "inproc", "ucx")
@@ -105,6 +105,8 @@ async def _raw_zmq_puller(url: str, payload: np.ndarray) -> AsyncIterator[Pull]:
     ctx = zmq.Context.instance()
     router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
     try:
+        for sock in (router, dealer):
+            size_kernel_buffers(sock)  # as swarmnet's sockets
         router.bind(url.replace(":0", ":*") if url.startswith("tcp") else url)
         dealer.connect(router.getsockopt(zmq.LAST_ENDPOINT).decode())
 

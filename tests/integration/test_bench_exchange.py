@@ -36,6 +36,6 @@ def test_the_pull_figures_come_from_a_real_daemon_and_a_raw_pyzmq_server(tmp_pat
     p = pull_ratio(tmp_path, hidden=256, repeats=3)
     model = load_task("swarmnet.tasks.digits:task", {"hidden": 256}).build_model()
     assert p["bytes"] == 4 * sum(t.numel() for t in model.parameters())  # the served snapshot, whole
-    assert all(p[key] > 0 for key in ("swarmnet_pull_ms", "swarmnet_decode_ms", "copying_decode_ms", "delta_ms",
+    assert all(p[key] > 0 for key in ("swarmnet_pull_ms", "view_ms", "copying_decode_ms", "delta_ms",
                                       "apply_ms", "raw_pyzmq_ms"))
-    assert p["ratio"] > p["ratio_with_decode"] > p["ratio_with_decode_and_delta"] > p["ratio_with_merge"] > 0
+    assert p["ratio"] > p["ratio_with_view"] > p["ratio_with_view_and_delta"] > p["ratio_with_merge"] > 0
