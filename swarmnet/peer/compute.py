@@ -276,7 +276,12 @@ class ComputeLoop(Replica):
             raise ConfigError(f"{path} was made for task {task}, this config trains {self.cfg.task.spec}; {fix}")
         try:
             self.model.load_state_dict(state["model"])  # copies into the flat views in place
+            # The momentum buffers come from the checkpoint, the recipe (momentum, weight decay)
+            # from this config: torch's load would put back the recipe the run was saved with.
+            recipe = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
             self.optimizer.load_state_dict(state["optimizer"])
+            for group, own in zip(self.optimizer.param_groups, recipe, strict=True):
+                group.update(own)
             self.stale_N.copy_(state["stale"])
             self.step = int(state["step"])
             self.clock.restore(int(state["clock"]))

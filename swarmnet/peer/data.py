@@ -60,14 +60,23 @@ class ShardSampler:
         start = pos.batch * self.batch_size
         indices = self._order[start : start + self.batch_size]
         pos.batch += 1
-        if pos.batch == self.steps_per_epoch:
+        if pos.batch >= self.steps_per_epoch:
             pos.epoch, pos.batch = pos.epoch + 1, 0
         return indices
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.position.epoch, "batch": self.position.batch}
+        return {"epoch": self.position.epoch, "batch": self.position.batch, "batch_size": self.batch_size,
+                "num_samples": self.num_samples}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.position = SamplerPosition(int(state["epoch"]), int(state["batch"]))
+        """Resume at the saved place. Saved with another batch size or data set size (the config
+        changed between runs), the batch index is rescaled to the same share of the epoch: taken
+        as it is, it could lie past the new epoch's end, where every batch is empty."""
+        epoch, batch = int(state["epoch"]), int(state["batch"])
+        saved = (int(state.get("batch_size", self.batch_size)), int(state.get("num_samples", self.num_samples)))
+        if saved != (self.batch_size, self.num_samples):
+            share = batch * saved[0] / max(1, saved[1])
+            batch = min(int(share * self.steps_per_epoch), self.steps_per_epoch - 1)
+        self.position = SamplerPosition(epoch, batch)
         if self.position.batch:
             self._order = self._epoch_order(self.position.epoch)

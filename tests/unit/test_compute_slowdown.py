@@ -1,4 +1,5 @@
-"""train.slowdown: the compute loop of a real peer (real model and data) becomes a straggler."""
+"""The compute loop of a real peer (real model and data): train.slowdown makes it a straggler, and a
+resumed loop takes its recipe from the config and its momentum from the checkpoint."""
 
 import asyncio
 import time
@@ -61,3 +62,30 @@ def test_metrics_rows_count_the_training_threads_cpu_not_its_sleep(tmp_path):
     assert all(b > a for a, b in zip(cpu, cpu[1:])), cpu
     wall = rows[-1]["elapsed"] - rows[0]["elapsed"]
     assert 0 < cpu[-1] - cpu[0] < 0.5 * wall, (cpu, wall)
+
+
+def test_a_resumed_peer_takes_its_recipe_from_the_config_and_its_momentum_from_the_checkpoint(tmp_path):
+    def loop_with(momentum: float, weight_decay: float) -> ComputeLoop:
+        cfg = load_config(None, {"task.spec": "swarmnet.tasks.digits:task", "train.steps": 20,
+                                 "train.tensorboard": False, "train.checkpoint_every": 0.0,
+                                 "train.momentum": momentum, "train.weight_decay": weight_decay})
+        loop = asyncio.new_event_loop()
+        try:
+            return ComputeLoop(cfg=cfg, task=load_task(cfg.task.spec), device=torch.device("cpu"),
+                               codec=make_codec("fp32"), store=SnapshotStore(), mailbox=Mailbox(loop),
+                               clock=PhaseClock(), stats=PeerStats(), peer_dir=tmp_path / "peer",
+                               rank=0, peer_seed=1, log=PeerLogAdapter(get_logger("peer"), {"peer": "test"}))
+        finally:
+            loop.close()
+
+    first = loop_with(0.9, 5e-4)
+    for _ in range(5):
+        first.train_step()
+    first.save_checkpoint()
+    buffers = [first.optimizer.state[p]["momentum_buffer"].clone() for p in first.model.parameters()]
+    second = loop_with(0.5, 0.0)
+    assert second.resume() and second.step == 5
+    group = second.optimizer.param_groups[0]
+    assert (group["momentum"], group["weight_decay"]) == (0.5, 0.0)
+    for p, saved in zip(second.model.parameters(), buffers, strict=True):
+        assert torch.equal(second.optimizer.state[p]["momentum_buffer"], saved)

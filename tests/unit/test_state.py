@@ -228,3 +228,18 @@ async def test_our_next_merge_waits_for_a_version_holding_the_nudge_admitted_mea
     assert gate.admit_nudge(latest.version, latest.version) is None and not gate.may_key_on(latest)
     gate.cancel_nudge(latest.version)  # that nudge could not be applied after all: nothing to wait for
     assert gate.may_key_on(latest)
+
+
+@pytest.mark.parametrize("batch_size,num_samples", [(128, 1000), (8, 1000), (32, 200)])
+def test_sampler_resumed_with_other_batches_keeps_its_share_of_the_epoch(batch_size, num_samples):
+    """Saved 30 batches of 32 into an epoch of 1,000 samples; resumed with a config whose batches
+    or data set differ: the same share of the epoch, and never an empty batch."""
+    a = ShardSampler(1000, 32, shard="random", rank=0, peers=1, seed=0, peer_seed=3)
+    for _ in range(30):
+        a.next_indices()
+    b = ShardSampler(num_samples, batch_size, shard="random", rank=0, peers=1, seed=0, peer_seed=3)
+    b.load_state_dict(a.state_dict())
+    assert b.position.epoch == 0
+    assert b.position.batch == min(int(30 * 32 / 1000 * b.steps_per_epoch), b.steps_per_epoch - 1)
+    for _ in range(3 * b.steps_per_epoch):
+        assert len(b.next_indices()) == min(batch_size, num_samples)
