@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import os
 import random
 import socket
@@ -124,17 +125,31 @@ class SwarmOptimizer:
         self._merged = asyncio.Event()
         self._hosting = asyncio.run_coroutine_threadsafe(self._host(), self._loop)
         self._closed = False
-        concurrent.futures.wait([self._started, self._hosting], START_TIMEOUT + self.cfg.network.join_timeout,
-                                return_when=concurrent.futures.FIRST_COMPLETED)
+        self._error: SwarmError | None = None
+        """The error that failed a step, for the summary."""
+        try:
+            concurrent.futures.wait([self._started, self._hosting], START_TIMEOUT + self.cfg.network.join_timeout,
+                                    return_when=concurrent.futures.FIRST_COMPLETED)
+        except BaseException:  # Ctrl-C while waiting for the swarm: no object is left to close
+            self._abandon_start()
+            raise
         if not self._started.done():
-            self.metrics.close()
-            self._shutdown_loop()
             error = self._hosting.exception() if self._hosting.done() else None
+            self._abandon_start()
             if isinstance(error, SwarmError):
                 raise error
             raise SwarmError(f"peer {self.name} did not start: {error or 'timed out'}") from error
         self.peer.stats.state = "training"
         _IN_SWARM.add(model)
+
+    def _abandon_start(self) -> None:
+        """Undo a start that did not complete: cancel the peer's task, give it a moment to
+        unwind (its sockets close, its port is free again), stop the loop and its thread."""
+        self._hosting.cancel()
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(asyncio.sleep(0.2), self._loop).result(5)
+        self.metrics.close()
+        self._shutdown_loop()
 
     async def _host(self) -> None:
         """Background loop: serve, pull and gossip until close(), then leave cleanly."""
@@ -167,7 +182,11 @@ class SwarmOptimizer:
         if result is not None:
             self.report_loss(result)
         self.replica.after_step()
-        self.replica.merge_pending()
+        try:
+            self.replica.merge_pending()
+        except SwarmError as exc:  # e.g. a model gone non-finite: its snapshot cannot be published
+            self._error = exc
+            raise
         if self.replica.step % self.cfg.train.metrics_every == 0:
             self._write_metrics()
         return result
@@ -225,12 +244,17 @@ class SwarmOptimizer:
             self._loop.call_soon_threadsafe(self._stop.set)
             concurrent.futures.wait([self._drained, self._hosting], return_when=concurrent.futures.FIRST_COMPLETED)
             if self._drained.done():
-                self.replica.merge_pending(final=True)  # here, in the training thread
-                if self.replica.step != self._last_row_step:
-                    self._write_metrics()
-                self.peer.write_summary("closed", time.monotonic() - self._began, steps=self.replica.step,
-                                        total_steps=None, evaluation={})
-                self._loop.call_soon_threadsafe(self._merged.set)
+                reason = f"error: {self._error}" if self._error else "closed"
+                try:
+                    self.replica.merge_pending(final=True)  # here, in the training thread
+                    if self.replica.step != self._last_row_step:
+                        self._write_metrics()
+                except SwarmError as exc:  # e.g. a model gone non-finite, which step() has raised already
+                    reason = f"error: {exc}"
+                finally:
+                    self.peer.write_summary(reason, time.monotonic() - self._began, steps=self.replica.step,
+                                            total_steps=None, evaluation={})
+                    self._loop.call_soon_threadsafe(self._merged.set)  # the peer says goodbye either way
             self._hosting.result()
         finally:
             self.metrics.close()

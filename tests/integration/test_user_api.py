@@ -154,3 +154,56 @@ def test_bad_use_is_a_clear_error(tmp_path):
             swarmnet.SwarmOptimizer(other_opt, other_model, run_dir=tmp_path, listen=first.address)
         assert time.monotonic() - started < 30
     swarmnet.SwarmOptimizer(opt, model, run_dir=tmp_path, settings={"network.linger": 0.0}).close()
+
+
+def test_ctrl_c_while_waiting_for_the_swarm_leaves_nothing_running(tmp_path):
+    """Interrupted while it waits for the peers it was told to expect, the constructor stops its
+    background peer: the port is free again and no thread of it is left."""
+    import signal
+    import socket
+    import threading
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    model, opt = _model_and_optimizer()
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 1.5)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            swarmnet.SwarmOptimizer(opt, model, run_dir=tmp_path, listen=f"tcp://127.0.0.1:{port}",
+                                    settings={"network.min_peers": 1, "network.join_timeout": 60.0})
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert not [t for t in threading.enumerate() if t.name.startswith("swarmnet-")]
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", port))  # raises if the peer still held it
+
+
+def test_a_model_gone_non_finite_fails_its_step_and_still_leaves_cleanly(tmp_path):
+    """b's model turns NaN; its next merge republishes it and the quantizing codec refuses: step()
+    raises, and leaving the with-block still ends the peer with a summary saying why."""
+    a_model, a_opt = _model_and_optimizer()
+    b_model, b_opt = _model_and_optimizer()
+    settings = {"network.linger": 0.0, "codec.name": "blockwise8"}
+    x = torch.randn(16, 4)
+    with swarmnet.SwarmOptimizer(a_opt, a_model, name="a", run_dir=tmp_path, settings=settings) as a:
+        with pytest.raises(SwarmError, match="non-finite"):
+            with swarmnet.SwarmOptimizer(b_opt, b_model, name="b", run_dir=tmp_path, seeds=[a.address],
+                                         settings=settings) as b:
+                with torch.no_grad():
+                    b_model[0].weight.fill_(float("nan"))
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    for opt, model in ((a, a_model), (b, b_model)):
+                        opt.zero_grad()
+                        model(x).pow(2).mean().backward()
+                        opt.step()
+                    time.sleep(0.002)
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["reason"].startswith("error:") and "non-finite" in summary["reason"], summary
