@@ -280,8 +280,11 @@ class SwarmOptimizer:
 
 class _UserReplica(Replica):
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, **kwargs: Any) -> None:
+        """Only what the optimizer trains is averaged: a frozen backbone (or any parameter the
+        optimizer does not step) stays as it is, untouched by quantized merges and never sent."""
         self.optimizer = optimizer
-        super().__init__(model, **kwargs)
+        trained = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+        super().__init__(model, averaged=trained, **kwargs)
 
     def current_lr(self) -> float:
         """Read at each publish (a tensor lr on a GPU makes this a CPU<->GPU sync point)."""

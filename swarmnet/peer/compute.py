@@ -21,6 +21,7 @@ import random
 import threading
 import time
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,13 +104,15 @@ class Replica:
         stats: PeerStats,
         local_steps: LocalSteps,
         rng: random.Random,
+        averaged: Iterable[nn.Parameter] | None = None,
     ) -> None:
+        """``averaged``: the parameters that take part in merges (all of the model's when None)."""
         self.model = model
         self.codec = codec
         self.store = store
         self.mailbox = mailbox
         self.stats = stats
-        self.flat = FlatParameters(model)
+        self.flat = FlatParameters(model, averaged)
         self.device = self.flat.vector_N.device
         self.live_N = self.flat.vector_N
         self.stale_N = self.live_N.clone()

@@ -22,6 +22,7 @@ import dataclasses
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -31,14 +32,16 @@ from swarmnet.codecs.base import Encoded
 
 
 class FlatParameters:
-    """Re-homes every floating-point parameter of ``model`` into one flat float32 vector.
+    """Re-homes every floating-point parameter of ``model`` (or only those in ``only``) into one
+    flat float32 vector, in the model's order.
 
     Must run before the optimizer is built. Buffers (BatchNorm statistics, counters) stay where
-    they are and are never averaged (SPEC 4 item 2).
+    they are and are never averaged (SPEC 4 item 2); so do parameters left out of ``only``.
     """
 
-    def __init__(self, model: nn.Module) -> None:
-        params = [p for p in model.parameters() if p.is_floating_point()]
+    def __init__(self, model: nn.Module, only: Iterable[nn.Parameter] | None = None) -> None:
+        chosen = None if only is None else {id(p) for p in only}
+        params = [p for p in model.parameters() if p.is_floating_point() and (chosen is None or id(p) in chosen)]
         if not params:
             raise ValueError("the model has no floating-point parameters to train")
         if any(p.dtype != torch.float32 for p in params):

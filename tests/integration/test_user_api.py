@@ -207,3 +207,32 @@ def test_a_model_gone_non_finite_fails_its_step_and_still_leaves_cleanly(tmp_pat
                     time.sleep(0.002)
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert summary["reason"].startswith("error:") and "non-finite" in summary["reason"], summary
+
+
+def test_a_frozen_backbone_is_neither_averaged_nor_sent(tmp_path):
+    """Fine-tuning: only the head is trained. Merges move the head towards the other peer's and
+    leave each peer's frozen layer exactly as it was (a lossy codec would otherwise drift it)."""
+    def fine_tuning(seed):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        model[0].requires_grad_(False)
+        return model, torch.optim.SGD(model[2].parameters(), lr=0.05)
+
+    (a_model, a_opt), (b_model, b_opt) = fine_tuning(0), fine_tuning(1)
+    frozen = [m[0].weight.detach().clone() for m in (a_model, b_model)]
+    settings = {"network.linger": 0.0, "codec.name": "blockwise4"}
+    x = torch.randn(16, 4)
+    with swarmnet.SwarmOptimizer(a_opt, a_model, name="a", run_dir=tmp_path, settings=settings) as a, \
+         swarmnet.SwarmOptimizer(b_opt, b_model, name="b", run_dir=tmp_path, seeds=[a.address],
+                                 settings=settings) as b:
+        assert a.replica.flat.numel == 8 * 2 + 2  # the head only
+
+        def steps():
+            for opt, model in ((a, a_model), (b, b_model)):
+                opt.zero_grad()
+                model(x).pow(2).mean().backward()
+                opt.step()
+            return a.replica.stats.interactions >= 5 and b.replica.stats.interactions >= 5
+        wait_until(steps, 30, interval=0.005, what="five merges each")
+    for model, weight in zip((a_model, b_model), frozen, strict=True):
+        assert torch.equal(model[0].weight, weight)
