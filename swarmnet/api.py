@@ -214,10 +214,25 @@ class SwarmOptimizer:
         return self.optimizer.param_groups
 
     def state_dict(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
+        """The wrapped optimizer's state, plus (under ``"swarmnet"``) this peer's phase clock, its
+        step count and PopSGD's base rates: the clock drives PopSGD's rate, and the inner
+        optimizer's saved ``lr`` is already the decayed one."""
+        state = self.optimizer.state_dict()
+        state["swarmnet"] = {"clock": self.peer.clock.value, "step": self.replica.step, "base_lrs": self._clocked_lrs}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved (a plain optimizer state dict also loads). Load
+        through this wrapper, not into the inner optimizer before wrapping it: that would make
+        PopSGD's decayed rate its new base rate."""
+        state = dict(state)
+        swarm = state.pop("swarmnet", None)
         self.optimizer.load_state_dict(state)
+        if swarm is not None:
+            self.peer.clock.restore(int(swarm["clock"]))
+            self.replica.step = int(swarm["step"])
+            if swarm.get("base_lrs") is not None and self._clocked_lrs is not None:
+                self._clocked_lrs = [float(lr) for lr in swarm["base_lrs"]]
 
     # -- the swarm -----------------------------------------------------------------------------
 

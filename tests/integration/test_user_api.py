@@ -133,6 +133,18 @@ def test_popsgd_rates_follow_the_phase_clock(tmp_path):
         lrs = [g["lr"] for g in a_opt.param_groups]
         used = round(4.0 * (0.4 / lrs[0] - 1.0))
         assert 0 < used <= a.clock and lrs == pytest.approx([0.4 / (1 + used / 4), 0.1 / (1 + used / 4)])
+        saved = a.state_dict()
+    # Restored through a new wrapper: the clock goes on where it was, from the original base rates.
+    c_opt = torch.optim.SGD([{"params": a_model[0].parameters(), "lr": 0.4},
+                             {"params": [p for m in list(a_model)[1:] for p in m.parameters()], "lr": 0.1}])
+    with swarmnet.SwarmOptimizer(c_opt, a_model, name="c", run_dir=tmp_path, settings=settings) as c:
+        c.load_state_dict(saved)
+        assert c.clock == saved["swarmnet"]["clock"] >= 8
+        c.zero_grad()
+        a_model(x).pow(2).mean().backward()
+        c.step()
+        v = saved["swarmnet"]["clock"]
+        assert [g["lr"] for g in c_opt.param_groups] == pytest.approx([0.4 / (1 + v / 4), 0.1 / (1 + v / 4)])
 
 
 @pytest.mark.timeout(60)
