@@ -75,6 +75,12 @@ class CurveKeys:
         return key
 
 
+def url_host(url: str) -> str:
+    """The host of ``scheme://host:port`` (IPv6 brackets stripped; the whole rest without a port)."""
+    rest = url.partition("://")[2]
+    return rest.rpartition(":")[0].strip("[]") if ":" in rest else rest
+
+
 def split_address(address: str) -> tuple[str, bytes | None]:
     """``tcp://h:p#curve=<hex>`` -> (``tcp://h:p``, Z85 key); a plain address -> (address, None)."""
     base, sep, hex_key = address.partition(KEY_FRAGMENT)
@@ -248,10 +254,10 @@ def exposure_warning(listen: str, secured: bool) -> str | None:
     """A warning when ``listen`` is reachable from other machines without authentication."""
     if secured:
         return None
-    scheme, sep, rest = listen.partition("://")
+    scheme, sep, _ = listen.partition("://")
     if not sep or scheme in ("ipc", "inproc"):
         return None
-    host = rest.rpartition(":")[0].strip("[]") if ":" in rest else rest
+    host = url_host(listen)
     if host in ("localhost", "lo"):
         return None
     try:

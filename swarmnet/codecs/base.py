@@ -25,11 +25,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor
 
 from swarmnet.buffers import Buffer
+
+if TYPE_CHECKING:
+    from swarmnet.codecs.published import CopiesDone
 
 __all__ = ["Buffer", "Codec", "DecodeResult", "Encoded"]
 
@@ -46,7 +49,7 @@ class Encoded:
     quantized: Tensor
     """Q(x) exactly as readers will decode it (x itself for lossless codecs); the owner averages
     with this value (SPEC 4 item 9), on the model's device."""
-    ready: Any = None
+    ready: CopiesDone | None = None
     """For frames copied from an accelerator: the event after which their bytes are in host
     memory (``published.copies_done``; the server awaits it with ``published.until_copied``).
     ``None``: the frames are ready now."""

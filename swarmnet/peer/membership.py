@@ -21,6 +21,7 @@ from typing import Any
 
 from swarmnet.errors import SwarmError, TransportError
 from swarmnet.peer.client import PeerClient
+from swarmnet.security import url_host
 from swarmnet.wire import MAX_CARDS, Message, MsgType, fit_cards, request
 
 MAX_BACKOFF = 60.0
@@ -178,9 +179,8 @@ def read_seed_card(seed: str) -> str | None:
 async def _unresolved(address: str) -> str | None:
     """Why a tcp:// address's host name does not resolve, if it does not (a name lookup failure
     otherwise shows only as a connection that never comes up)."""
-    scheme, _, rest = address.partition("://")
-    host = rest.rpartition(":")[0].strip("[]")
-    if scheme != "tcp" or not host:
+    host = url_host(address)
+    if not address.startswith("tcp://") or not host:
         return None
     try:
         await asyncio.get_running_loop().getaddrinfo(host, None)
