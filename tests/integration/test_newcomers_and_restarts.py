@@ -15,7 +15,7 @@ from swarmnet.peer import checkpoint
 from swarmnet.peer.client import PeerClient
 from swarmnet.peer.membership import PeerTable
 from swarmnet.peer.metrics import read_metrics
-from swarmnet.peer.newcomer import fetch_donation
+from swarmnet.peer.newcomer import BEHIND, fetch_donation
 from swarmnet.peer.stats import PeerStats
 from swarmnet.tasks import digits
 from swarmnet.testing import PeerProcessHandle, query_status, wait_until
@@ -28,6 +28,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 SWARM = ["peer0", "peer1", "peer2"]
 NEWCOMERS = ["new0", "new1"]
+BEHIND_MARGIN = min(1.0, BEHIND + 0.25)
+"""Donors this close to the lead stay eligible while the newcomers ask (steps move meanwhile)."""
 
 
 def first_loss(handle):
@@ -162,16 +164,25 @@ def test_newcomers_arriving_together_spread_over_donors(swarm_factory):
     numel = sum(p.numel() for p in digits.task(hidden=2048).build_model().parameters())
     swarm = swarm_factory(config)
     cards = {n: swarm.card(n) for n in SWARM}
-    wait_until(lambda: all(swarm.metrics(n) for n in SWARM), 90, what="every donor trained a little")
+
+    def steps():
+        return {n: query_status(cards[n]["addr"])["step"] for n in SWARM}
+
+    # Every donor eligible: a newcomer passes over a neighbour with under BEHIND of the lead's
+    # steps. On a loaded 2-core machine one of three peers can start seconds late and trail
+    # (3-3-0 seen in CI); over time their step counts draw level.
+    wait_until(lambda: min(s := steps().values()) >= max(20, BEHIND_MARGIN * max(s)), 120,
+               interval=0.5, what="every donor trained, none far behind")
 
     async def arrive_together():
         return await asyncio.gather(*(ask_for_donation(f"newcomer{i}", cards.values(), numel, i) for i in range(6)))
 
+    before = steps()
     donations = asyncio.run(arrive_together())
     served = {n: query_status(cards[n]["addr"])["donations"] for n in SWARM}
-    print(f"\ndonors {[d.donor for d in donations]}, donations per donor {served}")
+    print(f"\ndonors {[d.donor for d in donations]}, donations per donor {served}, donors' steps {before}")
     assert all(d is not None and bool(torch.isfinite(d.values_N).all()) for d in donations)
     # Two each when the six meet at the donors (3 of 3 runs alone); inside the loaded full suite
     # a donation can end before the next newcomer arrives (3-1-2 seen). Random choice alone gives
     # an idle donor or one with four or more in about half of all draws.
-    assert sum(served.values()) == 6 and min(served.values()) >= 1 and max(served.values()) <= 3, served
+    assert sum(served.values()) == 6 and min(served.values()) >= 1 and max(served.values()) <= 3, (served, before)
