@@ -14,6 +14,9 @@ other ranks, a barrier before each:
                             a real swarmnet peer (SwarmSGD) with fp32 or lattice snapshots
     <method>+straggler      the same with the last rank slowed down ``slowdown`` times
 
+Every phase records each rank's (step, wall-clock time) every ``WINDOW`` steps; the paces are
+read from them where all ranks step at once (:func:`swarmnet.bench.baselines.common_window`).
+
 Each rank is a process of its own (``python -m swarmnet.bench.baseline_workers``, started by
 :func:`swarmnet.bench.baselines.run_world`). The swarmnet peers run in that process itself
 (``run_peer``, the code path of ``swarmnet peer``), so each rank imports torch once for all phases: on a loaded 2-core machine a
@@ -40,15 +43,6 @@ WINDOW = 10
 
 TORCH_METHODS = ("ddp", "localsgd")
 SWARM_CODECS = {"swarm-fp32": ("fp32", {}), "swarm-lattice": ("lattice", {"eps_scale": 4.0})}
-
-
-def pace(points: list[tuple[int, float]]) -> float:
-    """Steps per second over the middle 60% of a run's (step, time) records: start-up and the
-    tail, where others may already have finished, are left out."""
-    if len(points) < 5:
-        return float("nan")
-    (s0, t0), (s1, t1) = points[len(points) // 5], points[(4 * len(points)) // 5]
-    return (s1 - s0) / max(1e-9, t1 - t0)
 
 
 def time_to_target(windows: list[tuple[float, float]], target: float) -> float | None:
@@ -115,9 +109,9 @@ def torch_phase(method: str, *, rank: int, plan: dict[str, Any], model_spec: dic
         loss_sum += loss.item()  # also the device sync that makes the step time true
         if straggler_pad_s:
             time.sleep(straggler_pad_s)
-        now = time.perf_counter()
-        step_times.append(now - started)
+        step_times.append(time.perf_counter() - started)
         if step % WINDOW == 0:
+            now = time.time()  # the clock of the peers' metrics, shared by all ranks on this machine
             points.append((step, now))
             windows.append((now, loss_sum / WINDOW))
             loss_sum = 0.0
@@ -126,7 +120,7 @@ def torch_phase(method: str, *, rank: int, plan: dict[str, Any], model_spec: dic
     n = plan["world"]
     ring = 2 * (n - 1) / n * model_bytes  # bytes each rank receives (and sends) per ring all-reduce
     per_step = {"solo": 0.0, "ddp": ring, "localsgd": ring / plan["average_every"]}[method]
-    return {"pace": pace(points), "median_step_s": statistics.median(step_times),
+    return {"points": points, "median_step_s": statistics.median(step_times),
             "time_to_target_s": time_to_target(windows, plan["target_loss"]),
             "final_loss": windows[-1][1] if windows else None, "bytes_per_step": per_step,
             "bytes_per_step_source": "ring all-reduce formula 2(n-1)/n x model bytes",
@@ -194,7 +188,7 @@ def swarm_phase(method: str, *, rank: int, plan: dict[str, Any], model_spec: dic
     records = [r for r in read_metrics(run_dir / name / "metrics.jsonl") if "lr" in r]
     summary = json.loads((run_dir / name / "summary.json").read_text())
     steps = max(1, summary["steps"])
-    return {"pace": pace([(r["step"], r["time"]) for r in records]),
+    return {"points": [(r["step"], r["time"]) for r in records],
             "time_to_target_s": time_to_target([(r["time"], r["loss"]) for r in records], plan["target_loss"]),
             # the last row that carries a loss (rows written while settling or stopping may not)
             "final_loss": next((r["loss"] for r in reversed(records) if r.get("loss") is not None), None),

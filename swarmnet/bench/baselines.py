@@ -7,7 +7,8 @@ lattice snapshots; then the same with one straggler; optionally hivemind's avera
 processes and phases are described in :mod:`swarmnet.bench.baseline_workers`.
 
 Definitions (also written into the JSON):
-- step time: 1 / (steps per second of a process over the middle 60% of its run), averaged over
+- step time: 1 / (steps per second of a process in the phase's common window: from the moment
+  the last process is past its first 20 steps to the moment the first one is done), averaged over
   the processes; per repeat, then median and min-max over repeats.
 - communication share: 1 - T_solo / T_method, clipped to [0, 1], where T_solo is the step time
   of the same processes running the same steps without communication, side by side (``solo``:
@@ -52,6 +53,9 @@ TASK = "swarmnet.tasks.digits:task"
 METHODS = (*TORCH_METHODS, *SWARM_CODECS)
 SOLO_OF = {"ddp": "solo", "localsgd": "solo", "swarm-fp32": "swarm-solo", "swarm-lattice": "swarm-solo"}
 HIVEMIND_SCRIPT = Path(__file__).with_name("hivemind_avg.py")
+WARM_UP_RECORDS = 1
+"""Records (one every 10 steps) of each rank that count as start-up: the common window opens at
+the next one, after its first 20 steps."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +95,12 @@ class Suite:
             raise ValueError("each model needs >= 50 steps per phase (the pace is read from 10-step records)")
         if self.slowdown < 1:
             raise ValueError("slowdown must be >= 1")
+        # The others' pace beside a straggler is read while it steps too, past its warm-up.
+        need = math.ceil(2 * self.slowdown * (WARM_UP_RECORDS + 1) * 10)
+        slowed = [m for m in self.models if self.straggler_models is None or m.name in self.straggler_models]
+        if self.straggler_methods and any(m.steps < need for m in slowed):
+            raise ValueError(f"with a straggler {self.slowdown:g}x slower each model needs >= {need} steps per "
+                             "phase (the others must still be stepping when it is past its warm-up)")
 
 
 QUICK = Suite(sizes=(2, 4), repeats=2, models=(ModelSpec("digits", 128, 400), ModelSpec("mlp-1M", 1024, 100)),
@@ -216,8 +226,41 @@ def _mean_or_none(values: Iterable[float | None]) -> float | None:
 Records = dict[tuple[str, int, str, int], list[dict[str, Any]]]
 
 
-def _step_s(rows: list[dict[str, Any]]) -> float:
-    return _mean(1 / r["pace"] for r in rows)
+def common_window(rows: list[dict[str, Any]]) -> tuple[float, float] | None:
+    """The wall-clock span in which every rank of one phase was stepping: from the last rank
+    past its warm-up to the first rank done. None when they never stepped at the same time.
+
+    Paces taken over each rank's own run would credit a rank that stepped while the others were
+    still starting (or already done) with a core of its own: peers meet their start condition up
+    to a gossip round apart, which is the whole of a short phase."""
+    if any(len(r["points"]) <= WARM_UP_RECORDS for r in rows):
+        return None
+    start = max(r["points"][WARM_UP_RECORDS][1] for r in rows)
+    end = min(r["points"][-1][1] for r in rows)
+    return (start, end) if end > start else None
+
+
+def _step_at(points: list[tuple[int, float]], when: float) -> float:
+    """The step a rank had reached at wall-clock time ``when``, interpolated between records."""
+    for (s0, t0), (s1, t1) in zip(points, points[1:]):
+        if t0 <= when <= t1:
+            return s0 + (s1 - s0) * (when - t0) / max(1e-12, t1 - t0)
+    raise ValueError(f"{when} lies outside the records")
+
+
+def paces(rows: list[dict[str, Any]]) -> dict[int, float]:
+    """Each rank's steps per second in the phase's common window (NaN for all without one)."""
+    window = common_window(rows)
+    if window is None:
+        return {r["rank"]: math.nan for r in rows}
+    start, end = window
+    return {r["rank"]: (_step_at(r["points"], end) - _step_at(r["points"], start)) / (end - start) for r in rows}
+
+
+def _step_s(rows: list[dict[str, Any]], among: list[dict[str, Any]] | None = None) -> float:
+    """Mean step time of ``rows``, measured in the common window of ``among`` (default: rows)."""
+    pace = paces(among or rows)
+    return _mean(1 / pace[r["rank"]] for r in rows)
 
 
 def aggregate(records: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -256,9 +299,11 @@ def aggregate(records: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any
 
 def _method_row(method: str, runs: list[list[dict[str, Any]]], solos: list[list[dict[str, Any]]]) -> dict[str, Any]:
     """One method over the repeats: ``runs[i]`` and ``solos[i]`` hold repeat i's rank records."""
-    step, share, vs_solo, target, nbytes, loss = [], [], [], [], [], []
+    step, share, vs_solo, target, nbytes, loss, window = [], [], [], [], [], [], []
     for rows, solo in zip(runs, solos):
         t, t0 = _step_s(rows), _step_s(solo)
+        span = common_window(rows)
+        window.append(span[1] - span[0] if span else None)
         step.append(t)
         share.append(min(1.0, max(0.0, 1 - t0 / t)))
         vs_solo.append(t / t0)
@@ -270,7 +315,7 @@ def _method_row(method: str, runs: list[list[dict[str, Any]]], solos: list[list[
             "comm_share": spread(share) if method in SOLO_OF else None,
             "step_vs_solo": spread(vs_solo) if method in SOLO_OF else None,
             "time_to_target_s": spread(target), "bytes_per_step": spread(nbytes), "final_loss": spread(loss),
-            "bytes_per_step_source": runs[0][0].get("bytes_per_step_source", "")}
+            "common_window_s": spread(window), "bytes_per_step_source": runs[0][0].get("bytes_per_step_source", "")}
 
 
 def _straggler_row(runs: list[list[dict[str, Any]]], solos: list[list[dict[str, Any]]],
@@ -279,13 +324,12 @@ def _straggler_row(runs: list[list[dict[str, Any]]], solos: list[list[dict[str, 
     compute-only phase (``solos``) and in the same method's phase without a straggler."""
     ratios, own, others_step, straggler_step = [], [], [], []
     for rows, solo, normal in zip(runs, solos, normals):
-        solo_pace = {r["rank"]: r["pace"] for r in solo}
-        normal_pace = {r["rank"]: r["pace"] for r in normal}
+        pace, solo_pace, normal_pace = paces(rows), paces(solo), paces(normal)
         others = rows[:-1]
-        ratios.append(_mean(r["pace"] / solo_pace[r["rank"]] for r in others))
-        own.append(_mean(r["pace"] / normal_pace[r["rank"]] for r in others))
-        others_step.append(_step_s(others))
-        straggler_step.append(_step_s(rows[-1:]))
+        ratios.append(_mean(pace[r["rank"]] / solo_pace[r["rank"]] for r in others))
+        own.append(_mean(pace[r["rank"]] / normal_pace[r["rank"]] for r in others))
+        others_step.append(_step_s(others, among=rows))
+        straggler_step.append(_step_s(rows[-1:], among=rows))
     return {"others_step_time_s": spread(others_step), "straggler_step_time_s": spread(straggler_step),
             "others_pace_vs_solo": spread(ratios), "others_pace_vs_no_straggler": spread(own)}
 
@@ -338,7 +382,8 @@ def environment() -> dict[str, Any]:
 
 
 DEFINITIONS = {
-    "step_time_s": "1 / steps per second of a process over the middle 60% of its run, mean over processes",
+    "step_time_s": "1 / steps per second of a process while all processes step (from the last one past its "
+                   "first 20 steps to the first one done), mean over processes",
     "comm_share": "1 - T_solo / T_method, clipped to [0, 1]; T_solo: same processes and steps without "
                   "communication (solo for ddp/localsgd, swarm-solo = exchange off for swarmnet)",
     "step_vs_solo": "T_method / T_solo, unclipped (below 1: faster than its own compute-only run, i.e. noise "
@@ -349,6 +394,7 @@ DEFINITIONS = {
     "time_to_target_s": "end of the first 10 steps to the end of the first 10-step window with mean training "
                         "loss <= target, slowest process",
     "bytes_per_step": "bytes one process receives per training step (ring formula for torch, measured for swarmnet)",
+    "common_window_s": "length of the span in which every process stepped, over which the paces are read",
 }
 
 

@@ -2,6 +2,7 @@
 result's shape and its sanity. Timings are only checked for sign and order of magnitude."""
 
 import json
+import math
 
 import pytest
 
@@ -13,7 +14,7 @@ METHODS = {"solo", "swarm-solo", "ddp", "localsgd", "swarm-fp32", "swarm-lattice
 
 
 def test_tiny_suite_measures_every_method_side_by_side(tmp_path):
-    suite = Suite(sizes=(2,), repeats=1, models=(ModelSpec("digits", 64, 60),),
+    suite = Suite(sizes=(2,), repeats=1, models=(ModelSpec("digits", 64, 120),),
                   straggler_methods=("ddp", "swarm-fp32"), hivemind_sizes=())
     json_path, chart = tmp_path / "baselines.json", tmp_path / "baselines.png"
     result = run(suite, json_path=json_path, chart_path=chart, progress=False)
@@ -57,6 +58,9 @@ def test_suite_refuses_settings_it_cannot_measure():
         Suite(sizes=(1, 2))
     with pytest.raises(ValueError, match=">= 50 steps"):
         Suite(models=(ModelSpec("digits", 64, 20),))
+    with pytest.raises(ValueError, match="straggler 3x slower each model needs >= 120 steps"):
+        Suite(models=(ModelSpec("digits", 64, 100),))
+    Suite(models=(ModelSpec("digits", 64, 100),), straggler_methods=())
 
 
 def test_a_rank_without_a_final_loss_leaves_that_cell_empty_not_the_run():
@@ -66,7 +70,7 @@ def test_a_rank_without_a_final_loss_leaves_that_cell_empty_not_the_run():
 
     def record(phase, rank, loss):
         return {"model": "digits", "world": 2, "phase": phase, "repeat": 0, "rank": rank,
-                "pace": 100.0, "time_to_target_s": 1.0, "bytes_per_step": 10.0,
+                "points": [(10 * i, 0.1 * i) for i in range(1, 7)], "time_to_target_s": 1.0, "bytes_per_step": 10.0,
                 "final_loss": loss, "backend": "gloo", "parameters": 5}
 
     records = [record("swarm-solo", 0, 0.5), record("swarm-solo", 1, 0.4),
@@ -75,3 +79,23 @@ def test_a_rank_without_a_final_loss_leaves_that_cell_empty_not_the_run():
     assert rows["swarm-fp32"]["final_loss"] is None
     assert rows["swarm-solo"]["final_loss"]["median"] == pytest.approx(0.45)
     assert rows["swarm-fp32"]["step_time_s"]["median"] == pytest.approx(0.01)
+
+
+def test_paces_are_read_where_every_rank_steps():
+    """A rank that stepped alone while the other was still starting (or already done) had a core
+    of its own then: only the span in which both stepped counts, after each one's warm-up."""
+    from swarmnet.bench.baselines import common_window, paces
+
+    def record(rank, points):
+        return {"rank": rank, "points": points}
+
+    # rank 0: 200 steps/s alone for 1 s, then 100 steps/s beside rank 1 until t = 2;
+    # rank 1: from t = 1, 100 steps/s beside rank 0, then 200 steps/s alone until t = 3.
+    first = [(10 * i, 0.05 * i) for i in range(1, 21)] + [(200 + 10 * i, 1 + 0.1 * i) for i in range(1, 11)]
+    second = [(10 * i, 1 + 0.1 * i) for i in range(1, 11)] + [(100 + 10 * i, 2 + 0.05 * i) for i in range(1, 21)]
+    rows = [record(0, first), record(1, second)]
+    assert common_window(rows) == pytest.approx((1.2, 2.0))  # rank 1 past its first 20 steps
+    assert paces(rows) == pytest.approx({0: 100.0, 1: 100.0})  # over each one's own run: 133 and 133
+    # never side by side: no pace at all rather than a solo one
+    apart = [record(0, [(10 * i, 0.1 * i) for i in range(1, 6)]), record(1, [(10 * i, 1 + 0.1 * i) for i in range(1, 6)])]
+    assert common_window(apart) is None and all(math.isnan(p) for p in paces(apart).values())
