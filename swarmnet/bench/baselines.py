@@ -345,12 +345,13 @@ def find_hivemind_python(explicit: str | None) -> str | None:
 
 
 def run_hivemind(python: str | None, *, sizes: Sequence[int], compressions: Sequence[str], numel: int,
-                 steps: int = 3, timeout: float = 600) -> dict[str, Any]:
+                 steps: int = 5, timeout: float = 600) -> dict[str, Any]:
     if python is None:
         return {"skipped": "hivemind is not installed here: pip install 'swarmnet[bench-hivemind]' (or pass "
                            "--hivemind-python with an interpreter that has it)"}
     rows, env = [], dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("PYTHONPATH", None)  # the script needs only torch and hivemind, from that interpreter
+    env.setdefault("GLIBC_TUNABLES", GLIBC_TUNABLES)  # as for the ranks
     for n in sizes:
         for compression in compressions:
             cmd = [python, str(HIVEMIND_SCRIPT), "--peers", str(n), "--numel", str(numel),
@@ -364,7 +365,9 @@ def run_hivemind(python: str | None, *, sizes: Sequence[int], compressions: Sequ
             if out.returncode != 0:
                 rows.append({"peers": n, "compression": compression, "error": out.stderr.strip()[-600:]})
                 continue
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            row["seconds"] = spread(row.get("allreduce_s_steps", [row["allreduce_s"]]))
+            rows.append(row)
     return {"python": python, "rows": rows}
 
 
@@ -468,7 +471,8 @@ def straggler_table(result: dict[str, Any]) -> Table:
 
 
 def averaging_table(result: dict[str, Any]) -> Table:
-    table = Table(title="one averaging of a model-sized fp32 tensor")
+    table = Table(title="one averaging of a model-sized fp32 tensor: median [min-max] over repeats (gloo) or "
+                        "steps (hivemind)")
     for col in ("method", "n", "coordinates", "ms"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for row in result["allreduce"]:
@@ -476,7 +480,8 @@ def averaging_table(result: dict[str, Any]) -> Table:
                       _fmt(row["seconds"], 1e3, 1))
     hm = result.get("hivemind") or {}
     for row in hm.get("rows", []):
-        ms = "error: " + row["error"][-80:] if "error" in row else f"{row['allreduce_s'] * 1e3:.1f} (max error {row['max_error']:.2g})"
+        ms = ("error: " + row["error"][-80:] if "error" in row
+              else f"{_fmt(row['seconds'], 1e3, 1)} (max error {row['max_error']:.2g})")
         table.add_row(f"hivemind ({row['compression']})", str(row["peers"]), f"{row.get('numel', 0):,}", ms)
     if "skipped" in hm:
         table.caption = f"hivemind: {hm['skipped']}"

@@ -99,3 +99,18 @@ def test_paces_are_read_where_every_rank_steps():
     # never side by side: no pace at all rather than a solo one
     apart = [record(0, [(10 * i, 0.1 * i) for i in range(1, 6)]), record(1, [(10 * i, 1 + 0.1 * i) for i in range(1, 6)])]
     assert common_window(apart) is None and all(math.isnan(p) for p in paces(apart).values())
+
+
+def test_averaging_table_shows_hivemind_steps_with_their_spread_and_failures():
+    from rich.console import Console
+
+    from swarmnet.bench.baselines import averaging_table, spread
+
+    result = {"allreduce": [{"processes": 2, "numel": 1000, "backend": "gloo", "seconds": spread([0.004, 0.005])}],
+              "hivemind": {"rows": [{"peers": 2, "numel": 1000, "compression": "8bit", "max_error": 0.9,
+                                     "allreduce_s": 0.06, "seconds": spread([0.05, 0.06, 0.08])},
+                                    {"peers": 4, "compression": "none", "error": "timed out after 600s"}]}}
+    console = Console(width=200, record=True)
+    console.print(averaging_table(result))
+    text = console.export_text()
+    assert "4.5 [4.0-5.0]" in text and "60.0 [50.0-80.0] (max error 0.9)" in text and "timed out after 600s" in text
