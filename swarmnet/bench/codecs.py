@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from swarmnet.codecs import kernels, make_codec
@@ -68,8 +69,9 @@ def _encoded(codec: Codec, x: torch.Tensor, hints: dict[str, Any] | None = None)
     return enc
 
 
-def _median_seconds(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
-    fn()  # warm-up: scratch buffers, allocator, lazy initialisation
+def _seconds(fn: Callable[[], Any], repeats: int, device: torch.device) -> list[float]:
+    """``repeats`` timed calls after one warm-up call (scratch buffers, allocator, lazy init)."""
+    fn()
     _sync(device)
     times = []
     for _ in range(repeats):
@@ -77,7 +79,7 @@ def _median_seconds(fn: Callable[[], Any], repeats: int, device: torch.device) -
         fn()
         _sync(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
 
 
 def _pull(
@@ -116,7 +118,7 @@ def _throughput(
     def encode() -> Encoded:
         return codec.encode(x, hints)
 
-    encode_s = _median_seconds(encode, repeats, device)
+    encode_times = _seconds(encode, repeats, device)
     enc = _encoded(codec, x, hints)
     out = torch.empty_like(x)
     if name == "lattice":
@@ -139,7 +141,8 @@ def _throughput(
             codec.decode(enc.meta, enc.frames, key, out, {})
 
         wire = enc.nbytes
-    decode_s = _median_seconds(decode, repeats, device)
+    decode_times = _seconds(decode, repeats, device)
+    encode_s, decode_s = statistics.median(encode_times), statistics.median(decode_times)
     fp32_bytes = 4 * x.numel()
     return {
         "codec": name,
@@ -148,6 +151,9 @@ def _throughput(
         "decode_ms": 1e3 * decode_s,
         "encode_gbps": fp32_bytes / encode_s / 1e9,
         "decode_gbps": fp32_bytes / decode_s / 1e9,
+        # slowest and fastest call
+        "encode_gbps_range": [fp32_bytes / max(encode_times) / 1e9, fp32_bytes / min(encode_times) / 1e9],
+        "decode_gbps_range": [fp32_bytes / max(decode_times) / 1e9, fp32_bytes / min(decode_times) / 1e9],
         "wire_bytes": wire,
         "ratio_vs_fp32": wire / fp32_bytes,
         "bits_per_coord": 8.0 * wire / x.numel(),
@@ -242,15 +248,13 @@ def run(
 def main_table(result: dict[str, Any]) -> Table:
     """Throughput and size per codec, as a rich table."""
     table = Table(
-        title=f"codecs, {result['size']:,} coordinates on {result['device']} "
-        f"(median of {result['repeats']})"
+        title=escape(f"codecs, {result['size']:,} coordinates on {result['device']} "
+                     f"(GB/s of fp32 input: median [min-max] of {result['repeats']} calls)")
     )
     for col in (
         "codec",
         "encode GB/s",
         "decode GB/s",
-        "encode ms",
-        "decode ms",
         "bits/coord",
         "vs fp32",
     ):
@@ -258,14 +262,18 @@ def main_table(result: dict[str, Any]) -> Table:
     for label, row in result["codecs"].items():
         table.add_row(
             label,
-            f"{row['encode_gbps']:.2f}",
-            f"{row['decode_gbps']:.2f}",
-            f"{row['encode_ms']:.1f}",
-            f"{row['decode_ms']:.1f}",
+            _gbps(row, "encode"),
+            _gbps(row, "decode"),
             f"{row['bits_per_coord']:.2f}",
             f"{row['ratio_vs_fp32']:.3f}",
         )
     return table
+
+
+def _gbps(row: dict[str, Any], what: str) -> str:
+    lo, hi = row.get(f"{what}_gbps_range", (None, None))
+    median = f"{row[f'{what}_gbps']:.2f}"
+    return median if lo is None else f"{median} [{lo:.1f}-{hi:.1f}]"
 
 
 def wire_table(result: dict[str, Any]) -> Table:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import zmq
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from swarmnet.errors import SwarmError
@@ -61,17 +62,17 @@ async def _timed(pull: Pull, nbytes: int) -> float:
     return elapsed
 
 
-async def _paired_medians(ours: Pull, raw: Pull, nbytes: int, repeats: int
-                          ) -> tuple[float, float]:
-    """Median pull times of both sides, alternating pulls so that load from other processes
-    falls on both alike; one warm-up pull each (connection setup, first page faults)."""
+async def _paired_times(ours: Pull, raw: Pull, nbytes: int, repeats: int
+                       ) -> tuple[list[float], list[float]]:
+    """Pull times of both sides, alternating pulls so that load from other processes falls on
+    both alike; one warm-up pull each (connection setup, first page faults)."""
     await _timed(ours, nbytes)
     await _timed(raw, nbytes)
     times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
         times[0].append(await _timed(ours, nbytes))
         times[1].append(await _timed(raw, nbytes))
-    return statistics.median(times[0]), statistics.median(times[1])
+    return times
 
 
 @contextlib.asynccontextmanager
@@ -174,11 +175,14 @@ async def _measure(names: list[str], sizes_mb: Iterable[float], repeats: int
                                   _raw_zmq_puller(url.replace("bench", "bench-raw"), payload))
                     async with _swarmnet_puller(transport, url, payload) as ours_pull, \
                             raw_puller as raw_pull:
-                        ours, raw = await _paired_medians(
+                        ours_times, raw_times = await _paired_times(
                             ours_pull, raw_pull, payload.nbytes, repeats)
+                    ours, raw = statistics.median(ours_times), statistics.median(raw_times)
                     rows.append({
                         "transport": name, "size_mb": size_mb,
                         "swarmnet_s": ours, "raw_s": raw,
+                        "swarmnet_s_range": [min(ours_times), max(ours_times)],
+                        "raw_s_range": [min(raw_times), max(raw_times)],
                         "swarmnet_gb_per_s": payload.nbytes / ours / 1e9,
                         "raw_gb_per_s": payload.nbytes / raw / 1e9,
                         "swarmnet_over_raw": ours / raw,
@@ -203,8 +207,8 @@ def run(*, sizes_mb: Iterable[float] = (40, 400), repeats: int = 5,
 
     Returns:
         ``{"version", "machine", "repeats", "results": [row...], "skipped": {name: reason}}``,
-        each row with ``transport, size_mb, swarmnet_s, raw_s, swarmnet_gb_per_s,
-        raw_gb_per_s, swarmnet_over_raw``.
+        each row with ``transport, size_mb, swarmnet_s, raw_s`` (medians), ``swarmnet_s_range,
+        raw_s_range`` ([min, max]), ``swarmnet_gb_per_s, raw_gb_per_s, swarmnet_over_raw``.
     """
     names = list(transports or TRANSPORTS)
     unknown = sorted(set(names) - set(TRANSPORTS))
@@ -229,14 +233,19 @@ def run(*, sizes_mb: Iterable[float] = (40, 400), repeats: int = 5,
     return result
 
 
+def _ms(row: dict[str, Any], key: str) -> str:
+    lo, hi = row[f"{key}_range"]
+    return f"{row[key] * 1e3:.1f} ms [{lo * 1e3:.1f}-{hi * 1e3:.1f}]"
+
+
 def _print(result: dict[str, Any]) -> None:
-    table = Table(title=f"pull time, median of {result['repeats']} (loopback, one process)")
+    table = Table(title=escape(f"pull time, median [min-max] of {result['repeats']} (loopback, one process)"))
     for column in ("transport", "MiB", "swarmnet", "raw library", "swarmnet GB/s", "raw GB/s",
                    "swarmnet / raw"):
         table.add_column(column, justify="left" if column == "transport" else "right")
     for row in result["results"]:
-        table.add_row(row["transport"], f"{row['size_mb']:g}", f"{row['swarmnet_s'] * 1e3:.1f} ms",
-                      f"{row['raw_s'] * 1e3:.1f} ms", f"{row['swarmnet_gb_per_s']:.2f}",
+        table.add_row(row["transport"], f"{row['size_mb']:g}", _ms(row, "swarmnet_s"), _ms(row, "raw_s"),
+                      f"{row['swarmnet_gb_per_s']:.2f}",
                       f"{row['raw_gb_per_s']:.2f}", f"{row['swarmnet_over_raw']:.2f}x")
     console = Console()
     console.print(table)

@@ -19,6 +19,9 @@ def test_bench_reports_every_transport_and_size_with_stable_keys(tmp_path):
     assert sorted(rows) == [("inproc", 0.5), ("inproc", 1), ("tcp", 0.5), ("tcp", 1)]
     for row in rows.values():
         assert row["swarmnet_s"] > 0 and row["raw_s"] > 0
+        for key in ("swarmnet_s", "raw_s"):
+            lo, hi = row[f"{key}_range"]
+            assert 0 < lo <= row[key] <= hi
         assert row["swarmnet_over_raw"] == pytest.approx(row["swarmnet_s"] / row["raw_s"])
         size = row["size_mb"] * 2**20
         assert row["swarmnet_gb_per_s"] == pytest.approx(size / row["swarmnet_s"] / 1e9)
