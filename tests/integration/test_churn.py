@@ -3,6 +3,7 @@ else waits on them."""
 
 import os
 import signal
+import statistics
 import time
 
 import pytest
@@ -106,7 +107,8 @@ def test_a_five_times_slower_peer_does_not_slow_the_others(tmp_path):
             h.kill_tree()
     print(f"\nslow peer: steps/s with a normal third peer {normal}, with a slow one {rates}; "
           f"interactions in 4 s {interactions}")
-    assert rates["slow"] <= 0.2 * normal["third"]
+    # Against the three peers' mean pace, not one peer's 4 s sample (which swings by tens of percent).
+    assert rates["slow"] <= 0.2 * statistics.mean(normal.values()), (normal, rates)
     # Peers that waited on the slow one would drop towards its pace (a fifth); on a shared 2-core
     # machine the fast peers' own rates swing by tens of percent, hence the loose bound.
     assert rates["fast0"] + rates["fast1"] >= 0.5 * (normal["fast0"] + normal["fast1"]), (normal, rates)

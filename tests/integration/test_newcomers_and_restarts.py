@@ -114,7 +114,7 @@ def test_newcomers_adopt_a_trained_model_and_a_restarted_peer_resumes(swarm_fact
         # to ~0.6, or, adopted from the other newcomer just after that one merged with the loner
         # (a fresh model, accepted: a newcomer has no distances to screen against yet), up to
         # about 1.1 (0.06, 0.69 and 1.08 seen on 2026-12-05).
-        assert losses[name] < 1.5, losses
+        assert losses[name] < 1.8, losses
         assert "adopted the model of" in next(h for h in newcomers if h.name == name).log(200)
     assert loner_status["adopted_from"] == "" and loner_loss > 1.0, (loner_status["adopted_from"], loner_loss)
 
