@@ -37,11 +37,13 @@ from swarmnet.codecs import kernels
 from swarmnet.config import SwarmConfig, load_manifest, to_dict
 from swarmnet.errors import ConfigError, unwritable_run_dir
 from swarmnet.evaluation import evaluate_averaged
+from swarmnet.log import get_logger
 from swarmnet.peer import checkpoint
 from swarmnet.peer.compute import plan_training
 from swarmnet.peer.metrics import read_metrics
 from swarmnet.tasks import load_task
 
+log = get_logger("launch")
 GLIBC_TUNABLES = "glibc.malloc.hugetlb=1"
 """Set for the peers unless the environment says otherwise: fresh receive buffers on huge pages,
 much faster large pulls (docs/benchmarks.md, Exchange and Receive buffers)."""
@@ -94,7 +96,15 @@ class LaunchPlan:
             raise ConfigError("peer names must be unique")
         n = len(peers)
         settings = dict(overrides)
-        settings.update({"run.peers": n, "run.dir": str(run_dir), "network.min_peers": n - 1})
+        settings.update({"run.peers": n, "run.dir": str(run_dir)})
+        if "network.min_peers" not in overrides and cfg.network.min_peers == 0:
+            # Peers launched together start together: each waits (join_timeout at most) to know
+            # the others, unless the config or --set says how many to wait for.
+            settings["network.min_peers"] = n - 1
+        elif cfg.network.min_peers > n - 1:
+            log.warning("network.min_peers = %d but only %d other peers are launched: each peer waits "
+                        "network.join_timeout (%gs) for the rest, then trains anyway", cfg.network.min_peers,
+                        n - 1, cfg.network.join_timeout)
         base = [sys.executable, "-m", "swarmnet", "peer", "--log-level", log_level]
         if config_path is not None:
             base += ["--config", str(config_path)]
