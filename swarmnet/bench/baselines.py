@@ -471,8 +471,8 @@ def straggler_table(result: dict[str, Any]) -> Table:
 
 
 def averaging_table(result: dict[str, Any]) -> Table:
-    table = Table(title="one averaging of a model-sized fp32 tensor: median [min-max] over repeats (gloo) or "
-                        "steps (hivemind)")
+    table = Table(title=escape("one averaging of a model-sized fp32 tensor: median [min-max] over repeats (gloo) "
+                               "or steps (hivemind)"))
     for col in ("method", "n", "coordinates", "ms"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for row in result["allreduce"]:

@@ -115,4 +115,4 @@ def test_averaging_table_shows_hivemind_steps_with_their_spread_and_failures():
     console = Console(width=200, record=True)
     console.print(averaging_table(result))
     text = console.export_text()
-    assert "4.5 [4.0-5.0]" in text and "60.0 [50.0-80.0] (max error 0.9)" in text and "timed out after 600s" in text
+    assert "median [min-max] over repeats" in text and "4.5 [4.0-5.0]" in text and "60.0 [50.0-80.0] (max error 0.9)" in text and "timed out after 600s" in text
