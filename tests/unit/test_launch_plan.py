@@ -4,7 +4,7 @@ import logging
 
 from swarmnet.config import load_config
 from swarmnet.launch import LaunchPlan
-from swarmnet.testing.processes import write_config
+from swarmnet.testing import write_config
 
 
 def plan(tmp_path, overrides, config_path=None):
