@@ -143,11 +143,10 @@ class SwarmOptimizer:
         _IN_SWARM.add(model)
 
     def _abandon_start(self) -> None:
-        """Undo a start that did not complete: cancel the peer's task, give it a moment to
-        unwind (its sockets close, its port is free again), stop the loop and its thread."""
-        self._hosting.cancel()
+        """Undo a start that did not complete: cancel the peer's tasks and wait until they have
+        unwound (its sockets closed, its port free again), then stop the loop and its thread."""
         with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(asyncio.sleep(0.2), self._loop).result(5)
+            asyncio.run_coroutine_threadsafe(_cancel_other_tasks(), self._loop).result(5)
         self.metrics.close()
         self._shutdown_loop()
 
@@ -305,6 +304,13 @@ class _UserReplica(Replica):
         """Read at each publish (a tensor lr on a GPU makes this a CPU<->GPU sync point)."""
         self.stats.lr = float(self.optimizer.param_groups[0].get("lr", 0.0))
         return self.stats.lr
+
+
+async def _cancel_other_tasks() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _status_of(peer: Peer) -> dict[str, Any]:
