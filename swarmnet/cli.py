@@ -15,16 +15,18 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.markup import escape
 
 from swarmnet.config import PeerManifest, load_config, load_manifest
 from swarmnet.errors import ConfigError, SwarmError
 from swarmnet.log import setup_logging
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+# Help texts are rich markup (escape() a literal "[word]"), whatever typer's default mode.
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich",
                   help="Decentralized asynchronous data-parallel training (PopSGD, SwarmSGD).")
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: ratios measured side by side in one run.")
+bench_app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich", help="Benchmarks: ratios measured side by side in one run.")
 app.add_typer(bench_app, name="bench")
-keys_app = typer.Typer(no_args_is_help=True, help="CURVE keys that close a swarm to strangers (docs/operations.md, Security).")
+keys_app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich", help="CURVE keys that close a swarm to strangers (docs/operations.md, Security).")
 app.add_typer(keys_app, name="keys")
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Swarm config (TOML), e.g. configs/quickstart.toml.")]
@@ -165,7 +167,7 @@ def eval_(
     bn_batches: Annotated[int, typer.Option("--bn-batches", help="Training batches to recompute BatchNorm statistics on (0: keep none, leaves them reset).")] = 20,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON here.")] = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Deadline of one status request, seconds.")] = 5.0,
-    key: Annotated[Optional[Path], typer.Option("--key", help="Secret key file for a swarm with [security] (default: the config's key).")] = None,
+    key: Annotated[Optional[Path], typer.Option("--key", help=escape("Secret key file for a swarm with [security] (default: the config's key)."))] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: section.key=VALUE, repeatable.")] = None,
     log_level: LogLevel = "WARNING",
 ) -> None:

@@ -226,7 +226,7 @@ def launch(plan: LaunchPlan, *, summary_path: Path | None = None, console: Conso
             _start(plan, peer, [] if peer is first else [seed])
         address = _card(plan, first, time.monotonic() + CARD_TIMEOUT, interrupt)
         if address is not None:
-            console.print(f"swarmnet: {len(plan.peers)} peers, seed {address}, run dir {plan.run_dir}")
+            console.print(f"swarmnet: {len(plan.peers)} peers, seed {address}, run dir {plan.run_dir}", markup=False)
         interrupted = _supervise(plan, interrupt, console)
     except ConfigError as exc:
         _stop_all(plan, kill=True)

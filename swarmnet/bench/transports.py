@@ -250,4 +250,4 @@ def _print(result: dict[str, Any]) -> None:
     console = Console()
     console.print(table)
     for name, reason in result["skipped"].items():
-        console.print(f"[yellow]{name} skipped:[/] {reason}")
+        console.print(f"[yellow]{escape(name)} skipped:[/] {escape(reason)}")

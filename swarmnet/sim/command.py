@@ -222,4 +222,4 @@ def print_summary(result: SimResult, window: tuple[float, float] | None = None) 
     console = Console(width=max(100, Console().width))
     console.print(table)
     if result.plot is not None:
-        console.print(f"curves and plot in {result.plot.parent} ({result.plot.name})")
+        console.print(f"curves and plot in {result.plot.parent} ({result.plot.name})", markup=False)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from swarmnet.errors import ConfigError
 
@@ -32,8 +33,8 @@ def status_command(
     json_: Annotated[bool, typer.Option("--json", help="Print one machine-readable JSON document and exit.")] = False,
     interval: Annotated[float, typer.Option("--interval", "-i", help="Seconds between refreshes.")] = 1.0,
     timeout: Annotated[float, typer.Option("--timeout", help="Deadline of one STATUS request, seconds.")] = 0.8,
-    key: Annotated[Optional[Path], typer.Option("--key", "-k", help="Secret key file (NAME.key_secret) for a swarm with [security] enabled; in allow-list mode its public key must be admitted.")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Swarm config whose [security] key to use (when --key is not given).")] = None,
+    key: Annotated[Optional[Path], typer.Option("--key", "-k", help=escape("Secret key file (NAME.key_secret) for a swarm with [security] enabled; in allow-list mode its public key must be admitted."))] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help=escape("Swarm config whose [security] key to use (when --key is not given)."))] = None,
 ) -> None:
     """Watch a running swarm: one row per peer, swarm totals and recent events, refreshed live."""
     from swarmnet.config import load_config

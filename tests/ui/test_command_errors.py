@@ -3,7 +3,9 @@ status, never a traceback, and no result lost."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -51,3 +53,27 @@ def test_simulate_into_a_file_is_refused_before_it_runs(tmp_path: Path) -> None:
                                       "--out", str(a_file(tmp_path))], env={"COLUMNS": "200"})
     assert result.exit_code == 2 and "exists and is not a directory" in result.output
     assert isinstance(result.exception, SystemExit)
+
+
+def test_every_help_text_shows_its_bracketed_words() -> None:
+    """Help texts are rich markup: a literal "[security]" left unescaped vanishes from --help."""
+    import re
+
+    import typer
+
+    def commands(command: Any, path: list[str]) -> Iterator[tuple[list[str], Any]]:
+        yield path, command
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from commands(sub, [*path, name])
+
+    checked = 0
+    for path, command in commands(typer.main.get_command(app), []):
+        texts = [command.help or ""] + [getattr(param, "help", None) or "" for param in command.params]
+        words = {word for text in texts for word in re.findall(r"\[[a-z_.]+\]", text)}
+        if not words:
+            continue
+        shown = CliRunner().invoke(app, [*path, "--help"], terminal_width=200).output
+        for word in words:
+            assert word in shown, f"swarmnet {' '.join(path)} --help lost {word!r}"
+            checked += 1
+    assert checked >= 2  # "[security]" in status and eval
