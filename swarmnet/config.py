@@ -384,6 +384,17 @@ def load_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any] |
     return build_config(data, str(path) if path else "<defaults>", overrides, origins)
 
 
+def load_section(path: str | os.PathLike[str], name: str) -> Any:
+    """Section ``name`` of a config file, validated alone: for tools that need one part of a
+    swarm's config (`swarmnet status` its [security] keys) without building the rest, whose codec
+    section imports torch (1.5-2 s)."""
+    hint = typing.get_type_hints(SwarmConfig).get(name)
+    if hint is None:
+        raise ValueError(f"a swarm config has no section {name!r}")
+    data = _read_toml(path)
+    return _build(hint, data.get(name, {}), str(path), f"{name}.", {})
+
+
 def build_config(data: dict[str, Any], source: str, overrides: dict[str, Any] | None = None,
                  origins: Mapping[str, str] | None = None) -> SwarmConfig:
     """A validated config from plain data (e.g. ``to_dict`` of another one) plus dotted overrides;

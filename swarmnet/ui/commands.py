@@ -37,7 +37,7 @@ def status_command(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help=escape("Swarm config whose [security] key to use (when --key is not given)."))] = None,
 ) -> None:
     """Watch a running swarm: one row per peer, swarm totals and recent events, refreshed live."""
-    from swarmnet.config import load_config
+    from swarmnet.config import load_section
     from swarmnet.security import client_keys
     from swarmnet.ui.collect import StatusCollector, resolve_seed, seeds_from_run_dir
     from swarmnet.ui.live import run_status
@@ -56,7 +56,7 @@ def status_command(
     if interval <= 0 or timeout <= 0:
         _fail("--interval and --timeout must be > 0")
     try:
-        curve = client_keys(key, load_config(config).security if config and not key else None)
+        curve = client_keys(key, load_section(config, "security") if config and not key else None)
     except ConfigError as exc:
         _fail(str(exc))
 

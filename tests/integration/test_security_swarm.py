@@ -10,7 +10,9 @@ import subprocess
 import sys
 
 import pytest
+from typer.testing import CliRunner
 
+from swarmnet.cli import app
 from swarmnet.errors import TransportError
 from swarmnet.peer.client import PeerClient
 from swarmnet.peer.stats import PeerStats
@@ -129,6 +131,12 @@ def test_swarm_key_peers_train_and_strangers_get_nothing(tmp_path, daemons):
     status_a = query_status(a_addr, timeout=3, key=swarm)
     assert status_a["rejected"].get("unauthenticated", 0) > 0  # refusals are counted and logged
     assert "refused a client with unknown key" in a.log(400)
+    # The operator's view takes the key from the swarm's config; without it, nobody answers.
+    view = CliRunner().invoke(app, ["status", "--seed", a_addr, "--config", str(config), "--json", "--timeout", "3"])
+    assert view.exit_code == 0, view.output
+    assert {"a", "b"} <= {p["name"] for p in json.loads(view.output)["peers"] if p["step"] > 0}
+    blind = CliRunner().invoke(app, ["status", "--seed", a_addr, "--json", "--timeout", "1"])
+    assert blind.exit_code == 1 and "no peer answered" in blind.output
     stop_all(daemons, a, b)
 
 

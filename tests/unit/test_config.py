@@ -204,3 +204,21 @@ def test_network_limits_follow_the_models_size():
     assert net.frame_limit(600_000_000) > 2**31  # models past 2 GiB of fp32 are pulled too
     assert NetworkConfig(max_message_bytes=4096).frame_limit(10**9) == 4096  # set by hand: as set
     assert net.transfer_timeout(100_000_000) == pytest.approx(10.0 + 8.0)  # 400 MB at 50 MB/s
+
+
+def test_one_section_is_validated_alone_without_importing_torch(tmp_path):
+    import subprocess
+    import sys
+
+    from swarmnet.config import SecurityConfig, load_section
+
+    path = write(tmp_path, "[security]\nmode = 'none'\n[codec]\nname = 'fp33'\n")
+    assert load_section(path, "security") == SecurityConfig()
+    with pytest.raises(ConfigError, match="unknown codec 'fp33'"):
+        load_config(path)  # the whole config still refuses what the section alone ignores
+    with pytest.raises(ConfigError, match="unknown key 'security.mod' in \\[security\\]; did you mean 'security.mode'"):
+        load_section(write(tmp_path, "[security]\nmod = 'none'\n", "bad.toml"), "security")
+    probe = ("import sys; from swarmnet.config import load_section; "
+             f"load_section({str(path)!r}, 'security'); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "False"
