@@ -185,7 +185,8 @@ class NetworkConfig:
     when ``advertise`` is not set: handy when binding 0.0.0.0 on a multi-homed host."""
     seeds: list[str] = field(default_factory=list)
     request_timeout: float = 10.0
-    """Deadline of one request (a snapshot pull included)."""
+    """Deadline of one request; requests that move a snapshot (pulls, nudges) add the model's fp32
+    size over ``min_transfer_rate``."""
     gossip_interval: float = 0.5
     dead_after: float = 5.0
     """A peer whose heartbeat has not advanced for this long is suspected and not picked."""
