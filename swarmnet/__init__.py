@@ -2,7 +2,7 @@
 
 Each peer is one process bound to one device. It trains locally without ever waiting on the
 network, pulls random neighbours' model snapshots in the background and merges them following
-PopSGD or SwarmSGD (see SPEC.md in the project documentation).
+PopSGD or SwarmSGD (docs/algorithms.md).
 """
 
 from typing import Any

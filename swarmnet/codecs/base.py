@@ -17,7 +17,7 @@ the received vector without a copy, which the reader uses instead of ``decode`` 
 
 ``meta`` and ``want`` are msgpack-able (they ride in the message header); frames are raw
 buffers sent zero-copy. Codecs are pure tensor code: no sockets, no asyncio. Only floating-point
-parameters ever reach a codec; integer buffers and BatchNorm statistics never travel (SPEC 4.2).
+parameters ever reach a codec; integer buffers and BatchNorm statistics never travel (SPEC 4 item 2).
 """
 
 from __future__ import annotations
