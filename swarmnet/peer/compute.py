@@ -11,6 +11,12 @@ SwarmSGD: after at least H local steps and once the mailbox holds a pulled neigh
 model takes the delta the exchange computed, ``W += (Q(C_j) + Q(K)) / 2 - K`` with K the own
 snapshot used as key; then X^ <- W and a new snapshot is published. PopSGD is the same cycle
 with H = 1 and the phase-clock learning rate (SPEC 1.2, 2.4); symmetric merges are optional.
+
+A peer whose merge is due but whom no neighbour's model reaches (alone, its neighbours gone or
+slow, the exchange off) refreshes instead: X^ <- W and a new snapshot, what a merge with itself
+would give, at most every REFRESH_MIN_S seconds. Without it, its snapshot would stay the model of
+its last merge, or the untrained one of its start: a newcomer adopting from it, or the first
+neighbour merging with it, would take that old model for its current one.
 """
 
 from __future__ import annotations
@@ -40,6 +46,12 @@ from swarmnet.peer.metrics import MetricsWriter, progress_record
 from swarmnet.peer.state import FlatParameters, Mailbox, MergeEntry, NudgeInbox, SnapshotStore
 from swarmnet.peer.stats import PeerStats
 from swarmnet.tasks import Task
+
+REFRESH_MIN_S = 1.0
+"""Seconds between two refreshes of a peer no neighbour's model reaches (see the module's doc)."""
+REFRESH_MAX_SHARE = 0.02
+"""...and at least the time of a publish over this, so refreshing costs at most this share of
+training when publishing is slow (a large model, a lossy codec)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +141,8 @@ class Replica:
         self.step_seconds = 0.0
         """Moving average of the time from one step's end to the next (merges and pauses included)."""
         self._step_ended: float | None = None
+        self._published_at = 0.0
+        self._publish_seconds = 0.0
 
     def current_lr(self) -> float:
         """The learning rate in force, a hint for codecs that follow it."""
@@ -137,6 +151,7 @@ class Replica:
     def publish(self, progress_N: Tensor | None = None, progress_steps: int = 0) -> None:
         """Encode the communication copy once; the server hands it to any number of readers.
         ``progress_N``: what our own ``progress_steps`` steps moved, for codecs that follow it."""
+        began = time.monotonic()
         hints: dict[str, Any] = {"lr": self.current_lr(), "local_steps": self.local_steps.mean}
         if progress_N is not None:
             hints.update(progress=progress_N, progress_steps=progress_steps)
@@ -144,6 +159,8 @@ class Replica:
         values = (encoded.quantized if self.codec.lossless
                   else published(self.stale_N.numel(), torch.float32, self.device).copy_(self.stale_N))
         self.store.publish(values, encoded, self.step, self.inbox.drained)
+        self._published_at = time.monotonic()
+        self._publish_seconds = self._published_at - began
 
     def count_cpu(self) -> None:
         """From the training thread: its CPU time outside merges, into the stats."""
@@ -183,6 +200,8 @@ class Replica:
         when it was read after every step)."""
         entry = self.mailbox.take() if final or self.since_merge >= self.target_h else None
         if entry is None and not self.inbox.pending:
+            if self._refresh_due(final):
+                self.refresh()
             return
         began = time.thread_time()
         try:
@@ -197,6 +216,23 @@ class Replica:
         finally:
             if entry is not None:
                 self.mailbox.release()  # the exchange's next pull keys on what we just published
+        self.merge_cpu += time.thread_time() - began
+
+    def _refresh_due(self, final: bool) -> bool:
+        """Nothing to merge: whether to refresh the snapshot anyway. ``final``: no more steps
+        come, so the last ones are published at once."""
+        if self.since_merge == 0 or not (final or self.since_merge >= self.target_h):
+            return False  # nothing new since the last publish, or a merge may still come in time
+        wait = max(REFRESH_MIN_S, self._publish_seconds / REFRESH_MAX_SHARE)
+        return final or time.monotonic() - self._published_at >= wait
+
+    def refresh(self) -> None:
+        """Publish the live model without a merge: X^ <- W, what a merge with itself gives."""
+        began = time.thread_time()
+        progress, steps = self._progress(), self.since_merge
+        self.stale_N.copy_(self.live_N)
+        self.since_merge = 0
+        self.publish(progress, steps)
         self.merge_cpu += time.thread_time() - began
 
     def apply(self, entry: MergeEntry) -> None:

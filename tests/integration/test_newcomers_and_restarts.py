@@ -18,7 +18,7 @@ from swarmnet.peer.metrics import read_metrics
 from swarmnet.peer.newcomer import BEHIND, fetch_donation
 from swarmnet.peer.stats import PeerStats
 from swarmnet.tasks import digits
-from swarmnet.testing import PeerProcessHandle, query_status, wait_until
+from swarmnet.testing import PeerProcessHandle, query_status, wait_until, write_config
 from swarmnet.transport import TransportSet
 from swarmnet.wire import Limits
 
@@ -186,3 +186,28 @@ def test_newcomers_arriving_together_spread_over_donors(swarm_factory):
     # a donation can end before the next newcomer arrives (3-1-2 seen). Random choice alone gives
     # an idle donor or one with four or more in about half of all draws.
     assert sum(served.values()) == 6 and min(served.values()) >= 1 and max(served.values()) <= 3, (served, before)
+
+
+def test_a_newcomer_to_a_peer_that_trained_alone_gets_its_trained_model(tmp_path, daemons):
+    """A peer that has merged with nobody still publishes what it learned (compute.REFRESH_MIN_S):
+    a newcomer adopts that, not the untrained model of the loner's start, and the two merging
+    afterwards do not drag the loner back (before: the newcomer's first loss 2.31, an untrained
+    model's, and the loner's loss up from 0.03 to 2.1 within 10 steps of merging)."""
+    config = write_config(tmp_path / "run.toml", digits_config(steps=100_000, metrics_every=2, slowdown=8.0))
+    loner = PeerProcessHandle(tmp_path, "loner", config)
+    daemons.append(loner)
+    addr = loner.card()["addr"]
+    wait_until(lambda: query_status(addr)["step"] >= 300, 120, what="the loner training alone")
+    newcomer = PeerProcessHandle(tmp_path, "newcomer", config, "--seed", addr)
+    daemons.append(newcomer)
+    wait_until(lambda: query_status(addr)["interactions"] >= 5, 60, what="the two merging")
+    wait_until(lambda: first_loss(newcomer) is not None, 30, what="the newcomer's first metrics")
+    joined = query_status(newcomer.card()["addr"])
+    records = read_records(tmp_path / "loner" / "metrics.jsonl")
+    alone = [r["loss"] for r in records if "lr" in r and r.get("interactions", 0) == 0][-20:]
+    merging = [r["loss"] for r in records if "lr" in r and r.get("interactions", 0) > 0]
+    print(f"\nnewcomer's first loss {first_loss(newcomer):.3f}; the loner's last losses alone "
+          f"{max(alone):.3f} at most, while merging {max(merging):.3f} at most ({len(merging)} rows)")
+    assert joined["adopted_from"] == "loner" and joined["adopted_step"] >= 300, joined
+    assert first_loss(newcomer) < 1.0  # an untrained model starts at ln(10) = 2.3
+    assert merging and max(merging) < 1.0, merging
