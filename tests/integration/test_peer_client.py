@@ -60,9 +60,10 @@ async def test_connections_to_forgotten_peers_are_closed():
     transports = TransportSet()
     client = make_client(transports)
     table = PeerTable("me", dead_after=1.0, backoff=0.1, forget_after=1.5)
+    stats = PeerStats()
     membership = MembershipService(table=table, client=client, seeds=[], interval=0.05, rng=random.Random(0),
                                    card=lambda: {"id": "me", "addr": "tcp://127.0.0.1:9", "hb": 0},
-                                   log=logging.LoggerAdapter(logging.getLogger("test")))
+                                   log=logging.LoggerAdapter(logging.getLogger("test")), stats=stats)
     listeners, servers, cards = [], [], []
     for i in range(4):
         listener = await transports.for_url("tcp://127.0.0.1:0").listen("tcp://127.0.0.1:0")
@@ -73,6 +74,8 @@ async def test_connections_to_forgotten_peers_are_closed():
         membership.merge_reply(await client.call(card["addr"], membership.hello()))
     connections = [client.connection(card["addr"]) for card in cards]
     assert not any(c.closed for c in connections)
+    await membership.gossip_once()
+    assert stats.peers_alive == 4  # what status and the metrics report
     for server, listener in zip(servers[1:], listeners[1:]):  # three of them leave without a word
         server.cancel()
         await listener.aclose()
@@ -83,6 +86,7 @@ async def test_connections_to_forgotten_peers_are_closed():
             break
     assert set(table.records) == {"p0"}
     assert [c.closed for c in connections] == [False, True, True, True]
+    assert stats.peers_alive == 0  # p0 answers, but its heartbeat (always 1 here) never advances
     servers[0].cancel()
     await client.aclose()
     await transports.aclose()
