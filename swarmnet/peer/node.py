@@ -236,6 +236,9 @@ class Peer:
                                        total_steps=compute.plan.total_steps, evaluation=compute.last_eval)
                     self.log.info("finished (%s) at step %d after %d interactions", reason, compute.step,
                                   self.stats.interactions)
+                    if self.membership.seeds and not self.membership.joined.is_set():
+                        self.log.warning("trained alone: no other peer was ever reached (seeds: %s); check --seed and that a peer "
+                                         "is listening there", ", ".join(self.membership.seeds))
                     await self.finish(linger_until)
                 finally:
                     compute.stop.set()  # whatever ended the loop, the compute thread must not outlive it
@@ -398,6 +401,9 @@ class Peer:
         """Start condition (not a barrier): wait to know ``min_peers`` others, bounded in time."""
         want, net = self.cfg.network.min_peers, self.cfg.network
         deadline = time.monotonic() + net.join_timeout
+        if len(self.table.alive()) < want:
+            self.log.info("waiting until %d other peer(s) are known (network.min_peers), for up to %.0fs, before the first step",
+                          want, net.join_timeout)
         while len(self.table.alive()) < want and not self._stop_requested:
             if time.monotonic() > deadline:
                 self.log.warning("only %d of %d peers known after %.0fs; training anyway",

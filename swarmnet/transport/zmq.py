@@ -278,7 +278,7 @@ class ZmqConnection(Connection):
                 event = parse_monitor_message(await self._event)["event"]
                 waiting = self._waiting
                 if waiting is not None and not waiting.done():
-                    self._lost = "lost" if event == zmq.EVENT_DISCONNECTED else "refused"
+                    self._lost = "lost mid-request" if event == zmq.EVENT_DISCONNECTED else "refused"
                     waiting.cancel()
 
     async def _forget_earlier_events(self) -> None:
@@ -299,7 +299,7 @@ class ZmqConnection(Connection):
             return await fut
         except asyncio.CancelledError:
             if self._lost and _closed_under_us():
-                raise TransportError(f"connection to {self.address} {self._lost} mid-request") from None
+                raise TransportError(f"connection to {self.address} {self._lost}") from None
             raise
         finally:
             self._waiting = None

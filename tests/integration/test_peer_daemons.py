@@ -83,12 +83,14 @@ def test_unreachable_seed_is_reported_and_retried_without_hanging(tmp_path, daem
     daemons.append(peer)
     assert peer.wait(60) == 0, peer.log()
     log = peer.log(200)
-    assert "seed tcp://127.0.0.1:9 unreachable" in log and "retrying in" in log
-    assert "no other peer known yet" in log
+    assert "seed tcp://127.0.0.1:9 unreachable (connection to tcp://127.0.0.1:9 refused;" in log
+    assert "retrying in" in log and "no other peer known yet" in log
+    assert "waiting until 2 other peer(s) are known (network.min_peers)" in log  # why nothing happens yet
     # A name that does not resolve is called that, not a refused connection.
     assert "its host 'no-such-host.invalid' does not resolve" in log
     assert "only 0 of 2 peers known" in log
     assert peer.summary()["steps"] == 200
+    assert "trained alone: no other peer was ever reached" in log  # said again at the end
 
 
 def test_two_hosts_in_network_namespaces_form_one_swarm(tmp_path, daemons, two_hosts):

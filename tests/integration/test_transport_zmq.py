@@ -78,7 +78,7 @@ async def test_unreachable_peer_fails_fast():
     conn = transports.for_url("tcp://127.0.0.1:9").connect("tcp://127.0.0.1:9")
     loop = asyncio.get_running_loop()
     start = loop.time()
-    with pytest.raises(TransportError, match="refused mid-request"):  # nobody listens: no need to wait 5 s
+    with pytest.raises(TransportError, match="refused"):  # nobody listens: no need to wait 5 s
         await conn.request([b"x"], timeout=5.0)
     assert loop.time() - start < 2
     await transports.aclose()
