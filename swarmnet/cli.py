@@ -81,12 +81,12 @@ def peer(
     advertise: Annotated[Optional[str], typer.Option(help="Address others should dial, if not the bound one.")] = None,
     interface: Annotated[Optional[str], typer.Option(help="Advertise this interface's IPv4 address (e.g. ib0) with the bound port.")] = None,
     seed: Annotated[Optional[list[str]], typer.Option("--seed", "-s", help="Address of a peer already in the swarm (repeatable).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto (GPU from LOCAL_RANK/SLURM_LOCALID/OMPI_COMM_WORLD_LOCAL_RANK, else CPU), cpu or cuda:N.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto (the GPU that LOCAL_RANK, SLURM_LOCALID or OMPI_COMM_WORLD_LOCAL_RANK names, else CPU), cpu or cuda:N.")] = None,
     run_dir: Annotated[Optional[str], typer.Option(help="Run directory (overrides run.dir).")] = None,
-    rank: Annotated[int, typer.Option(help="Index in the swarm for partition sharding (-1: from SWARMNET_RANK/RANK/SLURM_PROCID/LOCAL_RANK).")] = -1,
+    rank: Annotated[int, typer.Option(help="Index in the swarm for partition sharding (-1: from SWARMNET_RANK, RANK, SLURM_PROCID or LOCAL_RANK).")] = -1,
     key: Annotated[Optional[str], typer.Option(help="This peer's secret key file (overrides security.key).")] = None,
     steps: Annotated[Optional[int], typer.Option(min=1, help="Budget in local steps (overrides train.*).")] = None,
-    fresh: Annotated[bool, typer.Option(help="Ignore an existing checkpoint instead of resuming from it.")] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Ignore an existing checkpoint instead of resuming from it.")] = False,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: section.key=VALUE (VALUE as JSON or text), repeatable.")] = None,
     log_level: LogLevel = "INFO",
 ) -> None:
@@ -130,7 +130,7 @@ def up(
     run_dir: Annotated[Optional[str], typer.Option(help="Run directory (overrides run.dir).")] = None,
     peer_dir: Annotated[Optional[Path], typer.Option("--manifests", help="Start one peer per manifest in this folder instead of --peers.")] = None,
     transport: Annotated[str, typer.Option(help="tcp (127.0.0.1) or ipc (unix sockets under the run dir).")] = "tcp",
-    fresh: Annotated[bool, typer.Option(help="Start from scratch even if checkpoints exist.")] = True,
+    no_fresh: Annotated[bool, typer.Option("--no-fresh", help="Resume each peer from its checkpoint in the run dir (default: start from scratch).")] = False,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: section.key=VALUE, repeatable.")] = None,
     log_level: LogLevel = "WARNING",
 ) -> None:
@@ -147,7 +147,7 @@ def up(
                    **dict.fromkeys(budget, "--steps" if steps is not None else "--epochs")}
         cfg = load_config(config, overrides, origins)
         plan = LaunchPlan.build(cfg, config_path=config, overrides=overrides, manifests=peer_dir,
-                                transport=transport, fresh=fresh, log_level=log_level)
+                                transport=transport, fresh=not no_fresh, log_level=log_level)
     except ConfigError as exc:
         fail(str(exc))
     try:
@@ -158,6 +158,7 @@ def up(
 
 
 
+# Its help is one paragraph: typer keeps the line breaks inside any later paragraph.
 @app.command("eval")
 def eval_(
     config: ConfigOpt = Path("configs/quickstart.toml"),
@@ -171,11 +172,10 @@ def eval_(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: section.key=VALUE, repeatable.")] = None,
     log_level: LogLevel = "WARNING",
 ) -> None:
-    """Average the current models of a running swarm and evaluate the average.
-
-    Pulls every live peer's snapshot (or k of them), averages the parameters, recomputes
-    BatchNorm statistics on a few training batches and runs the task's evaluation. The config
-    must be the swarm's (task and codec)."""
+    """Average the current models of a running swarm and evaluate the average: pulls every live
+    peer's snapshot (or k of them), averages the parameters, recomputes BatchNorm statistics on a
+    few training batches and runs the task's evaluation. The config must be the swarm's (task and
+    codec)."""
     from swarmnet.evaluation import evaluate_swarm
 
     setup_logging(log_level)
@@ -208,7 +208,7 @@ def _span(values: list[float]) -> str:
 @bench_app.command("exchange")
 def bench_exchange(
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the figures as JSON here.")] = None,
-    quick: Annotated[bool, typer.Option(help="Shorter runs.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="Shorter runs.")] = False,
     rounds: Annotated[int, typer.Option(min=1, help="Rounds of off / on / unlimited runs (median ratio).")] = 3,
     peers: Annotated[int, typer.Option(min=2, help="Peers in the compute runs' swarm.")] = 2,
     device: Annotated[str, typer.Option(help="The compute runs' peers' device: auto, cpu or cuda:N (all peers on that GPU).")] = "auto",
@@ -302,7 +302,7 @@ def bench_sim(
 def keys_generate(
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory to write NAME.key and NAME.key_secret into.")],
     name: Annotated[str, typer.Option("--name", "-n", help="Key name, e.g. the peer's name, or 'swarm' for a shared swarm key.")],
-    force: Annotated[bool, typer.Option(help="Replace existing key files.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing key files.")] = False,
 ) -> None:
     """Write a new keypair: NAME.key (public, for allow-lists) and NAME.key_secret (owner-only)."""
     from swarmnet.security import generate_keys
@@ -319,7 +319,7 @@ def keys_generate(
 def bench_baselines(
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the figures as JSON here.")] = None,
     chart: Annotated[Optional[Path], typer.Option(help="PNG chart of time per step vs processes (default: next to --json).")] = None,
-    quick: Annotated[bool, typer.Option(help="Reduced suite: 2 and 4 processes, shorter phases (under 10 min on 2 cores).")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="Reduced suite: 2 and 4 processes, shorter phases (under 10 min on 2 cores).")] = False,
     hivemind_python: Annotated[Optional[str], typer.Option(help="Python with hivemind installed (default: this one, if it has it).")] = None,
     processes: Annotated[Optional[list[int]], typer.Option("--processes", "-n", help="Process counts to measure (repeatable; default 2, 4, 8; 2, 4 with --quick).")] = None,
 ) -> None:

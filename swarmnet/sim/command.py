@@ -37,7 +37,7 @@ def simulate_command(
         float, typer.Option(help="SwarmSGD local steps H (the mean if --geometric).")
     ] = 1,
     geometric: Annotated[
-        bool, typer.Option(help="Geometric H with mean --local-steps (SPEC 2.3).")
+        bool, typer.Option("--geometric", help="Geometric H with mean --local-steps (SPEC 2.3).")
     ] = False,
     codec: Annotated[
         str, typer.Option(help="SwarmSGD registers: none, or lattice (quantized, SPEC 3.2-3.4).")
@@ -66,10 +66,10 @@ def simulate_command(
     seed: Annotated[int, typer.Option(help="Seed of every random choice of the run.")] = 0,
     records: Annotated[int, typer.Option(help="Curve points per run.")] = 200,
     baseline: Annotated[
-        bool, typer.Option(help="Also run mini-batch SGD with batch n x B for each n (SPEC 1.5).")
+        bool, typer.Option("--baseline", help="Also run mini-batch SGD with batch n x B for each n (SPEC 1.5).")
     ] = False,
     naive: Annotated[
-        bool, typer.Option(help="Use the one-pair-at-a-time reference loop (identical results).")
+        bool, typer.Option("--naive", help="Use the one-pair-at-a-time reference loop (identical results).")
     ] = False,
     device: Annotated[str, typer.Option(help="torch device, e.g. cpu or cuda.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32 or float64 models.")] = "float32",
@@ -85,7 +85,7 @@ def simulate_command(
             help="START:STOP node-0 steps: also print mean (std) of the losses over them."
         ),
     ] = None,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
 ) -> None:
     """Simulate PopSGD or SwarmSGD on many nodes with exact sequential semantics (SPEC 1, 2)."""
     try:
@@ -114,7 +114,7 @@ def simulate_command(
             dtype=dtype,
             threads=threads,
             out=out,
-            progress=progress,
+            progress=not no_progress,
         )
         span = parse_window(window) if window else None
         prepare_out(out)

@@ -55,19 +55,22 @@ def test_simulate_into_a_file_is_refused_before_it_runs(tmp_path: Path) -> None:
     assert isinstance(result.exception, SystemExit)
 
 
+def commands(command: Any = None, path: tuple[str, ...] = ()) -> Iterator[tuple[list[str], Any]]:
+    """Every command of the CLI (groups included) with the words that invoke it."""
+    import typer
+
+    command = typer.main.get_command(app) if command is None else command
+    yield list(path), command
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from commands(sub, (*path, name))
+
+
 def test_every_help_text_shows_its_bracketed_words() -> None:
     """Help texts are rich markup: a literal "[security]" left unescaped vanishes from --help."""
     import re
 
-    import typer
-
-    def commands(command: Any, path: list[str]) -> Iterator[tuple[list[str], Any]]:
-        yield path, command
-        for name, sub in getattr(command, "commands", {}).items():
-            yield from commands(sub, [*path, name])
-
     checked = 0
-    for path, command in commands(typer.main.get_command(app), []):
+    for path, command in commands():
         texts = [command.help or ""] + [getattr(param, "help", None) or "" for param in command.params]
         words = {word for text in texts for word in re.findall(r"\[[a-z_.]+\]", text)}
         if not words:
@@ -77,3 +80,11 @@ def test_every_help_text_shows_its_bracketed_words() -> None:
             assert word in shown, f"swarmnet {' '.join(path)} --help lost {word!r}"
             checked += 1
     assert checked >= 2  # "[security]" in status and eval
+
+
+def test_every_help_fits_an_80_column_terminal() -> None:
+    """No option name or description cut short with an ellipsis (a --no-X twin of every flag
+    once squeezed '--interactions-per-node' to '--interactions-per-n…')."""
+    for path, _ in commands():
+        shown = CliRunner().invoke(app, [*path, "--help"], terminal_width=80).output
+        assert "…" not in shown, f"swarmnet {' '.join(path)} --help:\n{shown}"
