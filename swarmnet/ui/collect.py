@@ -30,12 +30,17 @@ SAME_EVENT_S = 10.0
 
 def seeds_from_run_dir(run_dir: Path) -> list[str]:
     """Addresses from the ``<run_dir>/<peer>/card.json`` files peers write once they are bound."""
-    seeds = []
-    for card in sorted(run_dir.glob("*/card.json")):
-        addr = _card_addr(card)
-        if addr:
-            seeds.append(addr)
-    return seeds
+    return list(names_from_run_dir(run_dir))
+
+
+def names_from_run_dir(run_dir: Path) -> dict[str, str]:
+    """Address -> peer name from the run directory's cards (the directory's name if a card has none)."""
+    found = {}
+    for path in sorted(run_dir.glob("*/card.json")):
+        card = _read_card(path)
+        if card and card.get("addr"):
+            found[str(card["addr"])] = str(card.get("name") or path.parent.name)
+    return found
 
 
 def resolve_seed(seed: str) -> str | None:
@@ -46,11 +51,16 @@ def resolve_seed(seed: str) -> str | None:
 
 
 def _card_addr(path: Path) -> str | None:
+    card = _read_card(path)
+    return str(card["addr"]) if card and card.get("addr") else None
+
+
+def _read_card(path: Path) -> dict[str, Any] | None:
     try:
-        addr = json.loads(path.read_text()).get("addr")
-    except (OSError, ValueError, AttributeError):
+        card = json.loads(path.read_text())
+    except (OSError, ValueError):
         return None
-    return str(addr) if addr else None
+    return card if isinstance(card, dict) else None
 
 
 def mean_model_loss(run_dir: Path | None) -> float | None:
@@ -87,12 +97,16 @@ class StatusCollector:
         """Last row per address."""
         self.addresses: dict[str, None] = {}
         """Every address known, in discovery order."""
+        self.names: dict[str, str] = {}
+        """Peer names learned from cards, for rows of peers that never answered us."""
         self._events: dict[tuple[str, str], Event] = {}
 
     def _discover(self) -> None:
         found = [resolve_seed(s) for s in self.seeds]
         if self.run_dir is not None:
-            found += seeds_from_run_dir(self.run_dir)
+            named = names_from_run_dir(self.run_dir)
+            self.names.update(named)
+            found += list(named)
         for addr in found:
             if addr:
                 self.addresses.setdefault(addr, None)
@@ -135,6 +149,8 @@ class StatusCollector:
         for card in status.get("peers") or []:
             if isinstance(card, dict) and isinstance(card.get("addr"), str):
                 self.addresses.setdefault(card["addr"], None)
+                if isinstance(card.get("name"), str) and card["name"]:
+                    self.names.setdefault(card["addr"], card["name"])
         for item in status.get("events") or []:
             if isinstance(item, (list, tuple)) and len(item) == 3 and isinstance(item[0], (int, float)):
                 self._note(Event(float(item[0]), str(item[1]), str(item[2]), row.name))
@@ -142,7 +158,7 @@ class StatusCollector:
     def _failed(self, addr: str, exc: Exception, now: float) -> None:
         row = self.rows.get(addr)
         if row is None:
-            row = PeerStatus(name=addr, addr=addr, sampled_at=0.0)
+            row = PeerStatus(name=self.names.get(addr, addr), addr=addr, sampled_at=0.0)
         if not row.stale:
             self._note(Event(now, row.name, "not answering", "status"))
         self.rows[addr] = row.gone_stale(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)

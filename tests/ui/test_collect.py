@@ -109,14 +109,18 @@ async def test_run_dir_cards_are_seeds(tmp_path: Path) -> None:
             (tmp_path / f"peer{i}" / "card.json").write_text(json.dumps({"id": "x", "name": f"peer{i}", "addr": addr}))
         (tmp_path / "peer9").mkdir()
         (tmp_path / "peer9" / "card.json").write_text("{not json")
-        assert seeds_from_run_dir(tmp_path) == swarm.addrs
+        # A peer that has stopped: its card stays, nothing answers at its address.
+        (tmp_path / "bob").mkdir()
+        (tmp_path / "bob" / "card.json").write_text(json.dumps({"id": "y", "name": "bob", "addr": "tcp://127.0.0.1:9"}))
+        assert seeds_from_run_dir(tmp_path) == ["tcp://127.0.0.1:9", *swarm.addrs]  # bob sorts first
         collector = StatusCollector([], timeout=0.5, run_dir=tmp_path)
         try:
             await collector.poll()
             snap = await collector.poll()
         finally:
             await collector.aclose()
-        assert [p.name for p in snap.peers] == ["peer0", "peer1"]
+        assert [p.name for p in snap.peers if not p.stale] == ["peer0", "peer1"]
+        assert [(p.name, p.addr) for p in snap.peers if p.stale] == [("bob", "tcp://127.0.0.1:9")]  # not its address
         # Every reply repeats the peers' recent events (at new times here); each is shown once.
         assert len([e for e in snap.events if e.what == "joined"]) == 2
 
