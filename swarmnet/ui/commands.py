@@ -48,7 +48,7 @@ def status_command(
         if "://" not in s:
             _fail(f"--seed {s!r} is not an address; use e.g. tcp://10.0.0.1:7100 or file:///run/peer0/card.json")
     if run_dir is not None and not run_dir.is_dir():
-        _fail(f"--run-dir {run_dir}: no such directory")
+        _fail(f"--run-dir {run_dir}: {'not a directory' if run_dir.exists() else 'no such directory'}")
     if not seed and run_dir is not None and not seeds_from_run_dir(run_dir):
         _fail(f"--run-dir {run_dir}: no */card.json yet (are the peers running?)")
     if seed and run_dir is None and not any(resolve_seed(s) for s in seed):

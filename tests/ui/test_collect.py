@@ -140,3 +140,7 @@ def test_status_command_refuses_seeds_it_cannot_use(tmp_path: Path) -> None:
     assert missing.exit_code == 2 and "card.json" in missing.output
     empty = runner.invoke(app, ["status", "--run-dir", str(tmp_path)])
     assert empty.exit_code == 2 and "card.json" in empty.output
+    (tmp_path / "afile").write_text("x")
+    for path, why in ((tmp_path / "afile", "not a directory"), (tmp_path / "nowhere", "no such directory")):
+        refused = runner.invoke(app, ["status", "--run-dir", str(path)])
+        assert refused.exit_code == 2 and f"{path}: {why}" in refused.output, refused.output
