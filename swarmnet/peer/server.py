@@ -123,14 +123,14 @@ class PeerServer:
     async def handle_pull(self, msg: Message) -> Message:
         peer = self.peer
         version = msg.body["version"]
+        if msg.body["want"] == FULL and version is not None:  # malformed, whatever versions we hold
+            return reject(msg, peer.id, RejectCode.MALFORMED, "a full pull takes the latest snapshot (version nil)")
         snap = peer.store.latest() if version is None else peer.store.get(version)
         if snap is None:
             code = RejectCode.NOT_READY if version is None else RejectCode.GONE
             return reject(msg, peer.id, code, "no snapshot" if version is None else f"version {version} is gone")
         age = time.monotonic() - snap.created
         if msg.body["want"] == FULL:  # a newcomer adopting our model: lossless, no interaction
-            if version is not None:
-                return reject(msg, peer.id, RejectCode.MALFORMED, "a full pull takes the latest snapshot (version nil)")
             busy = "sending our model to another newcomer; ask another peer"
             if self._donation is not None:
                 return reject(msg, peer.id, RejectCode.BUSY, busy)
