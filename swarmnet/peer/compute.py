@@ -50,8 +50,8 @@ from swarmnet.tasks import Task
 REFRESH_MIN_S = 1.0
 """Seconds between two refreshes of a peer no neighbour's model reaches (see the module's doc)."""
 REFRESH_MAX_SHARE = 0.02
-"""...and at least the time of a publish over this, so refreshing costs at most this share of
-training when publishing is slow (a large model, a lossy codec)."""
+"""Where publishing is slow (a large model, a lossy codec), refreshes are further apart: at least
+the last publish's time over this share, so refreshing takes at most this share of training."""
 
 
 @dataclass(frozen=True, slots=True)
