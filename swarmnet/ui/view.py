@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 import time
 
-from rich.console import Group, RenderableType
+from rich.cells import cell_len
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -63,19 +64,48 @@ def render_header(snap: SwarmSnapshot) -> Panel:
                  subtitle=f"query {snap.query_s * 1000:.0f} ms", title_align="left", subtitle_align="right")
 
 
-def render_peers(snap: SwarmSnapshot) -> Table:
+PEER_COLUMNS = (("peer", "left", 4), ("host", "left", 4), ("device", "left", 6), ("state", "left", 9),
+                ("step", "right", 5), ("clock", "right", 0), ("loss", "right", 6), ("lr", "right", 0),
+                ("inter/s", "right", 0), ("in/s", "right", 0), ("out/s", "right", 0), ("stale", "right", 0),
+                ("seen", "right", 5))
+"""Name, justification and least width of each column of the peers table."""
+DROP_FIRST = ("host", "device", "seen", "stale", "clock", "lr")
+"""Columns left out, in this order, while the table is wider than the terminal."""
+
+
+class PeerTable:
+    """The peers table, laid out when the terminal's width is known: on a narrow one the least
+    telling columns are left out rather than every number cut short with an ellipsis."""
+
+    def __init__(self, snap: SwarmSnapshot) -> None:
+        self.snap = snap
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield render_peers(self.snap, options.max_width)
+
+
+def render_peers(snap: SwarmSnapshot, width: int | None = None) -> Table:
+    rows = [_cells(row, snap.taken_at) for row in snap.peers]
+    widths = [max([len(name), least, *(_width(cells[i]) for cells in rows)])
+              for i, (name, _, least) in enumerate(PEER_COLUMNS)]
+    shown = list(range(len(PEER_COLUMNS)))
+    names = [name for name, _, _ in PEER_COLUMNS]
+    for name in DROP_FIRST:
+        if width is None or sum(widths[i] for i in shown) + 2 * (len(shown) - 1) <= width:
+            break
+        shown.remove(names.index(name))
     table = Table(expand=True, pad_edge=False, box=None, header_style="bold")
-    # The identifying columns keep their width; numbers give way first on a narrow terminal.
-    name_width = max([4, *(len(p.name) for p in snap.peers)])
-    for name, justify, width in (("peer", "left", name_width), ("host", "left", 4), ("device", "left", 6),
-                                 ("state", "left", 9), ("step", "right", 5), ("clock", "right", 0),
-                                 ("loss", "right", 6), ("lr", "right", 0), ("inter/s", "right", 0),
-                                 ("in/s", "right", 0), ("out/s", "right", 0), ("stale", "right", 0),
-                                 ("seen", "right", 5)):
-        table.add_column(name, justify=justify, no_wrap=True, min_width=width or None)  # type: ignore[arg-type]
-    for row in snap.peers:
-        table.add_row(*_cells(row, snap.taken_at), style="dim" if row.stale else None)
+    for i in shown:  # a peer's name keeps its whole width; numbers give way first
+        name, justify, least = PEER_COLUMNS[i]
+        table.add_column(name, justify=justify, no_wrap=True,  # type: ignore[arg-type]
+                         min_width=widths[i] if name == "peer" else least or None)
+    for row, cells in zip(snap.peers, rows, strict=True):
+        table.add_row(*(cells[i] for i in shown), style="dim" if row.stale else None)
     return table
+
+
+def _width(cell: RenderableType) -> int:
+    return cell.cell_len if isinstance(cell, Text) else cell_len(str(cell))
 
 
 def _cells(row: PeerStatus, now: float) -> list[RenderableType]:
@@ -110,4 +140,4 @@ def render_events(snap: SwarmSnapshot) -> Table:
 
 def render(snap: SwarmSnapshot) -> RenderableType:
     """The whole status screen for one snapshot."""
-    return Group(render_header(snap), render_peers(snap), Text(""), render_events(snap))
+    return Group(render_header(snap), PeerTable(snap), Text(""), render_events(snap))

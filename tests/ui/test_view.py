@@ -91,3 +91,19 @@ def test_render_64_peers_is_fast() -> None:
     names = [line.split()[0] for line in text.splitlines() if re.match(r"peer\d+ ", line)]
     assert names == [f"peer{i}" for i in range(64)]
     assert elapsed < 1.0
+
+
+def test_a_narrow_terminal_leaves_columns_out_instead_of_cutting_numbers() -> None:
+    rows = swarm_rows(3, 1000.0, 1.0)
+    snap = SwarmSnapshot(taken_at=1001.5, peers=tuple(rows))
+
+    def header(text: str) -> list[str]:
+        return next(line for line in text.splitlines() if line.startswith("peer ")).split()
+
+    wide, narrow = screen(render(snap), width=200), screen(render(snap), width=80)
+    assert header(wide) == ["peer", "host", "device", "state", "step", "clock", "loss", "lr", "inter/s", "in/s",
+                            "out/s", "stale", "seen"]
+    assert "…" not in narrow
+    assert {"peer", "state", "step", "loss", "inter/s", "in/s", "out/s"} <= set(header(narrow)) < set(header(wide))
+    for row in rows:  # every peer's name and step in full
+        assert any(line.split()[0] == row.name and str(row.step) in line.split() for line in narrow.splitlines())
