@@ -271,9 +271,8 @@ def main_table(result: dict[str, Any]) -> Table:
 
 
 def _gbps(row: dict[str, Any], what: str) -> str:
-    lo, hi = row.get(f"{what}_gbps_range", (None, None))
-    median = f"{row[f'{what}_gbps']:.2f}"
-    return median if lo is None else f"{median} [{lo:.1f}-{hi:.1f}]"
+    lo, hi = row[f"{what}_gbps_range"]
+    return f"{row[f'{what}_gbps']:.2f} [{lo:.1f}-{hi:.1f}]"
 
 
 def wire_table(result: dict[str, Any]) -> Table:

@@ -21,7 +21,6 @@ from typing import Any
 
 from swarmnet.errors import SwarmError, TransportError
 from swarmnet.peer.client import PeerClient
-from swarmnet.peer.stats import PeerStats
 from swarmnet.security import url_host
 from swarmnet.wire import MAX_CARDS, Message, MsgType, fit_cards, request
 
@@ -196,11 +195,8 @@ class MembershipService:
     def __init__(
         self, *, table: PeerTable, client: PeerClient, card: Callable[[], dict[str, Any]],
         seeds: list[str], interval: float, rng: random.Random, log: logging.LoggerAdapter,  # type: ignore[type-arg]
-        stats: PeerStats | None = None,
     ) -> None:
-        """``stats``: where each round leaves the count of peers alive (status, metrics)."""
         self.table = table
-        self.stats = stats
         self.client = client
         self.card = card
         self.seeds = [s for s in seeds if s]
@@ -246,8 +242,7 @@ class MembershipService:
         if not targets or self.rng.random() < 0.05:
             await self._contact_seeds()
         gone = self.table.prune()
-        if self.stats is not None:
-            self.stats.peers_alive = len(self.table.alive())
+        self.client.stats.peers_alive = len(self.table.alive())  # the peer's stats: status, metrics
         known = {r.addr for r in self.table.records.values()}
         for rec in gone:
             if rec.addr not in known and rec.addr not in self.seeds:

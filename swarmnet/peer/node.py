@@ -282,7 +282,7 @@ class Peer:
             self.membership = MembershipService(
                 table=self.table, client=self.client, card=self.card,
                 seeds=[s for s in net.seeds if s != self.address],
-                interval=net.gossip_interval, rng=self.rng, log=self.log, stats=self.stats,
+                interval=net.gossip_interval, rng=self.rng, log=self.log,
             )
             cores = net.exchange_cpu if net.exchange_cpu >= 0 else auto_cores(self.device, self.cfg.device.threads)
             self.stats.exchange_cpu = cores

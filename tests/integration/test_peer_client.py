@@ -60,10 +60,10 @@ async def test_connections_to_forgotten_peers_are_closed():
     transports = TransportSet()
     client = make_client(transports)
     table = PeerTable("me", dead_after=1.0, backoff=0.1, forget_after=1.5)
-    stats = PeerStats()
+    stats = client.stats
     membership = MembershipService(table=table, client=client, seeds=[], interval=0.05, rng=random.Random(0),
                                    card=lambda: {"id": "me", "addr": "tcp://127.0.0.1:9", "hb": 0},
-                                   log=logging.LoggerAdapter(logging.getLogger("test")), stats=stats)
+                                   log=logging.LoggerAdapter(logging.getLogger("test")))
     listeners, servers, cards = [], [], []
     try:
         for i in range(4):
