@@ -26,6 +26,8 @@ import functools
 import itertools
 import math
 import random
+import statistics
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -67,6 +69,8 @@ STAT_SAMPLES = 512
 SAMPLE_STRIDE = 16777619
 """A prime above MAX_CHUNK, so ``j * SAMPLE_STRIDE % cols`` never repeats for j < cols."""
 U63 = (1 << 63) - 1
+RECENT_PULLS = 5
+"""Complete pulls whose distances set the first request to a neighbour with no history."""
 _plan_ids = random.Random()
 
 
@@ -359,9 +363,10 @@ class LatticeCodec(Codec):
         self.policy = StepPolicy(fixed=eps, scale=eps_scale, ema=eps_ema, init=eps_init)
         self._bits = RandomBits(seed)
         self._prev_samples: Tensor | None = None
-        self._latest_dist: float | None = None
-        """Largest D of the last complete pull from any neighbour: the prior for a neighbour
-        this reader has no history of (the distances in a swarm are alike)."""
+        self._recent_dists: deque[float] = deque(maxlen=RECENT_PULLS)
+        """Largest D of each of the last complete pulls from any neighbour: their median is the
+        prior for a neighbour this reader has no history of (the distances in a swarm are
+        alike; the median, so that one far or hostile neighbour does not set it)."""
 
     def params(self) -> dict[str, Any]:
         return {
@@ -561,7 +566,7 @@ class LatticeCodec(Codec):
         """First request of a pull: per chunk b = 1 + ceil(log2(margin * D)) bits, D the window
         statistic of that chunk at the last pull from this neighbour (SPEC 3.4 reader step 1;
         the decode is exact iff D <= 2^(b-1)). A neighbour with no history gets the bits the
-        last pull from any neighbour needed; the very first pull, ``first_bits``. The margin is
+        last few pulls from any neighbour needed (their median); the very first pull, ``first_bits``. The margin is
         ``margin_cpu`` while ``hints["cpu_bound"]``: then CPU, not bytes, limits the merges."""
         margin = self.margin_cpu if hints and hints.get("cpu_bound") else self.margin
         dist = state.get("dist")
@@ -574,8 +579,10 @@ class LatticeCodec(Codec):
 
     def _prior(self, dist: list[float | None] | None, i: int, margin: float) -> int:
         """Bits a first request asks for chunk ``i``: from its window statistic at the last pull
-        from this neighbour (``dist``, None when there is none), else from the last pull."""
-        return self._predict(self._latest_dist if dist is None else dist[i], margin)
+        from this neighbour (``dist``, None when there is none), else from the last few pulls."""
+        if dist is None:
+            return self._predict(statistics.median(self._recent_dists) if self._recent_dists else None, margin)
+        return self._predict(dist[i], margin)
 
     def _predict(self, dist: float | None, margin: float) -> int:
         if dist is None or not math.isfinite(dist):
@@ -779,7 +786,7 @@ class LatticeCodec(Codec):
             state["dist"] = dist
             state.pop("pull", None)
             stats["dist_max"] = max((d for d in dist if d is not None), default=0.0)
-            self._latest_dist = stats["dist_max"]
+            self._recent_dists.append(stats["dist_max"])
             return DecodeResult(True, stats=stats)
         old = state.get("dist")
         lo, hi = [0] * nch, [0] * nch

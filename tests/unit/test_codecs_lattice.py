@@ -226,6 +226,20 @@ def test_5_reader_policy_mean_planes_on_stationary_distance(distance) -> None:
     assert sum(bits) / len(bits) <= lattice.bits_needed(distance) + 1
 
 
+def test_5_one_far_neighbour_does_not_set_the_first_request_to_a_new_one() -> None:
+    # A neighbour with no history gets the bits recent pulls from others needed: three near
+    # neighbours (D <= 3) and then one far or hostile one (D = 10^5) leave it near the three.
+    eps, d = 2.0**-8, 4096
+    codec = LatticeCodec(chunk=1024, width=1, eps=eps, seed=3)
+    g = torch.Generator().manual_seed(5)
+    enc = codec.encode(torch.randn(d, generator=g))
+    for distance in (3.0, 3.0, 3.0, 1e5):
+        noise = torch.rand(d, generator=g) * 2 - 1
+        out, _, _ = pull(codec, enc, enc.quantized + noise / noise.abs().max() * distance * eps, {})
+        assert torch.equal(out, enc.quantized)
+    assert codec.plan({})["to"] <= lattice.bits_needed(3.0) + 1 < lattice.bits_needed(1e5)
+
+
 # ------------------------------------------------------------------- 6. failure detection
 
 
