@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -57,6 +58,8 @@ CARD_BYTES = 32768
 """Packed bytes of the cards a peer puts in one message (half the default header limit), so
 that cards with long names or addresses still leave a reply well under any peer's limit."""
 _CARD_FIELD_CHARS = {"id": 128, "addr": 512, "name": 128}
+_ADDRESS = re.compile(r"[a-z][a-z0-9+.-]*://\S+")
+"""A card's address: a transport scheme, then a location (tcp://host:port, ipc://path, ...)."""
 
 # Required header fields per message type (beyond v, t, id, mid, sizes) and their types.
 SCHEMA: dict[MsgType, dict[str, Any]] = {
@@ -167,13 +170,15 @@ def decode(frames: Sequence[Buffer], limits: Limits = Limits()) -> Message:
 
 def _validated(header: dict[str, Any], frames: Sequence[Buffer], limits: Limits) -> Message:
     version = header.get("v")
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise ProtocolError("version", f"protocol version {version!r}, this peer speaks {PROTOCOL_VERSION}")
     try:
         mtype = MsgType(header.get("t"))
     except ValueError:
         raise ProtocolError("unknown_type", f"unknown message type {header.get('t')!r}") from None
     _check(header, {"id": str, "mid": int, "sizes": list}, str(mtype))
+    if header["mid"] < 0:
+        raise ProtocolError("malformed", f"{mtype}: field 'mid' is negative (use 1, 2, ... per request; 0: none)")
     _check(header, SCHEMA[mtype], str(mtype))
     sizes = header["sizes"]
     payload = [memoryview(f).nbytes for f in frames[1:]]
@@ -186,11 +191,11 @@ def _validated(header: dict[str, Any], frames: Sequence[Buffer], limits: Limits)
         raise ProtocolError("size_mismatch", f"{mtype}: header declares frame sizes {sizes[:8]}, got {payload[:8]}")
     if mtype in (MsgType.HELLO, MsgType.PEERS):
         _check_cards(header, mtype)
-    re = header.get("re", 0)
-    if not isinstance(re, int) or isinstance(re, bool):
-        raise ProtocolError("malformed", f"{mtype}: field 're' has type {type(re).__name__}")
+    answers = header.get("re", 0)
+    if type(answers) is not int or answers < 0:
+        raise ProtocolError("malformed", f"{mtype}: field 're' must be an integer >= 0, got {answers!r:.40}")
     body = {k: header[k] for k in SCHEMA[mtype]}
-    return Message(mtype, header["id"], body, tuple(frames[1:]), header["mid"], re)
+    return Message(mtype, header["id"], body, tuple(frames[1:]), header["mid"], answers)
 
 
 def _check(header: Mapping[str, Any], schema: Mapping[str, Any], where: str) -> None:
@@ -224,3 +229,7 @@ def _check_cards(header: Mapping[str, Any], mtype: MsgType) -> None:
         _check(card, {k: v for k, v in _CARD_OPTIONAL.items() if k in card}, where)
         if any(len(card.get(k, "")) > n for k, n in _CARD_FIELD_CHARS.items()):
             raise ProtocolError("malformed", f"{where}: a field is too long")
+        if not _ADDRESS.fullmatch(card["addr"]):
+            raise ProtocolError("malformed", f"{where}: address {card['addr']!r:.80} is not scheme://location")
+    if header["card"]["id"] != header["id"]:
+        raise ProtocolError("malformed", f"{mtype}: the card's id {header['card']['id']!r:.140} is not the sender's")

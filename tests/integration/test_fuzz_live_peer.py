@@ -103,7 +103,7 @@ def pull_snapshot(client):
 def base_messages(snapshot_head, values):
     """Well-formed messages of every type, as (header dict, payload frames)."""
     payload = values.numpy().tobytes()
-    card = {"id": "fuzz-card", "addr": "tcp://127.0.0.1:9", "hb": 1, "name": "fz"}
+    card = {"id": "fuzzer", "addr": "tcp://127.0.0.1:9", "hb": 1, "name": "fz"}  # the sender's own
     bodies = {
         MsgType.PULL: ({"clock": 3, "want": None, "version": None}, []),
         MsgType.STATUS: ({}, []),
@@ -286,7 +286,7 @@ def test_fat_cards_and_refusals_keep_every_reply_readable(live_peer):
         for batch in range(6):
             fat = [{"id": f"fat-{batch}-{i:03d}".ljust(128, "x"), "addr": f"tcp://127.0.0.{batch}:{i}".ljust(512, "0"),
                     "hb": 2**40, "name": "n" * 128, "done": False} for i in range(70)]
-            head = header_of(client.ask(encode(request(MsgType.HELLO, "stuffer", card=fat[0], peers=fat[1:]))))
+            head = header_of(client.ask(encode(request(MsgType.HELLO, fat[0]["id"], card=fat[0], peers=fat[1:]))))
             assert head["t"] == "peers", head
         gossip = client.ask(encode(request(MsgType.HELLO, "prober", card=dict(fat[0], id="prober"), peers=[])))
         status = client.ask(encode(request(MsgType.STATUS, "prober")))

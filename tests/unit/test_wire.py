@@ -27,9 +27,9 @@ def header(**fields):
     return msgpack.packb(base)
 
 
-def hello(card=None, peers=()):
-    card = card or {"id": "a", "addr": "tcp://h:1", "hb": 1}
-    return msgpack.packb({"v": PROTOCOL_VERSION, "t": "hello", "id": "a", "mid": 1, "sizes": [],
+def hello(card=None, peers=(), sender="a"):
+    card = card or {"id": sender, "addr": "tcp://h:1", "hb": 1}
+    return msgpack.packb({"v": PROTOCOL_VERSION, "t": "hello", "id": sender, "mid": 1, "sizes": [],
                           "card": card, "peers": list(peers)})
 
 
@@ -54,6 +54,9 @@ def test_round_trip_with_payload_frames():
         ([b"\xc1garbage"], "malformed"),
         ([msgpack.packb([1, 2])], "malformed"),
         ([header(v=PROTOCOL_VERSION + 1)], "version"),
+        ([header(v=True)], "version"),  # a boolean is not the integer 1
+        ([header(mid=-1)], "malformed"),
+        ([header(re=-1)], "malformed"),
         ([header(t="launch_missiles")], "unknown_type"),
         ([header(clock="soon")], "malformed"),
         ([header(clock=True)], "malformed"),
@@ -73,6 +76,10 @@ def test_round_trip_with_payload_frames():
         ([hello({"id": "a", "addr": "tcp://h:1", "hb": 1, "name": "n" * 200})], "malformed"),
         ([hello({"id": "a", "addr": "tcp://h:1", "hb": 1, "name": 7})], "malformed"),
         ([hello({"id": "a", "addr": "tcp://h:1", "hb": 1, "done": "yes"})], "malformed"),
+        ([hello({"id": "a", "addr": "nonsense", "hb": 1})], "malformed"),
+        ([hello({"id": "a", "addr": "tcp://", "hb": 1})], "malformed"),
+        ([hello(peers=[{"id": "b", "addr": "127.0.0.1:7000", "hb": 1}])], "malformed"),
+        ([hello({"id": "b", "addr": "tcp://h:1", "hb": 1})], "malformed"),  # not the sender's card
         ([hello(peers=[{"id": f"p{i}", "addr": "tcp://h:1", "hb": 1} for i in range(MAX_CARDS)])], "malformed"),
     ],
 )
@@ -103,11 +110,11 @@ def test_cards_fit_a_message_by_count_and_by_bytes():
     small = [{"id": f"p{i}", "addr": "tcp://h:1", "hb": 1, "name": "n", "done": False} for i in range(300)]
     assert fit_cards(small) == small[: MAX_CARDS - 1]
     # The longest cards the protocol admits still make a message every peer can read.
-    long = [{"id": "i" * 128, "addr": "a" * 512, "hb": 2**40, "name": "n" * 128, "done": False}] * MAX_CARDS
+    long = [{"id": "i" * 128, "addr": "ipc://" + "a" * 506, "hb": 2**40, "name": "n" * 128, "done": False}] * MAX_CARDS
     fitted = fit_cards(long)
     assert 0 < len(fitted) < MAX_CARDS - 1
     assert len(msgpack.packb(fitted)) <= CARD_BYTES
-    decode([hello(long[0], fitted)])
+    decode([hello(long[0], fitted, sender="i" * 128)])
 
 
 def test_frame_limits():
