@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import itertools
 import os
 import random
 import socket
@@ -48,6 +49,12 @@ from swarmnet.peer.state import Mailbox
 
 _IN_SWARM: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 """Models wrapped by an open SwarmOptimizer: a second wrap would re-home their parameters."""
+_opened = itertools.count(1)
+
+
+def _default_name() -> str:
+    n = next(_opened)
+    return f"{socket.gethostname()}-{os.getpid()}" + (f"-{n}" if n > 1 else "")
 
 START_TIMEOUT = 60.0
 """Seconds to bind and, with network.min_peers, to wait for the others (plus join_timeout)."""
@@ -63,7 +70,8 @@ class SwarmOptimizer:
     the phase clock (SPEC 1.3): before each step every parameter group's rate is set to its rate
     when wrapped divided by ``1 + V / train.clock_scale``, so attach no other scheduler. ``listen``,
     ``seeds``, ``run_dir`` and ``settings`` (dotted keys, as ``--set`` on the command line)
-    override it. ``name`` defaults to host-pid.
+    override it. ``name`` defaults to host-pid (host-pid-2, -3, ... for the next ones a process
+    opens: two peers may not share a name and run directory).
 
     Call :meth:`close` (or use ``with``) when done: it stops the exchange, merges what was
     already acknowledged, serves the final model while others still train (at most
@@ -97,7 +105,7 @@ class SwarmOptimizer:
         self.model = model
         self.cfg = _resolve_config(config, listen=listen, seeds=list(seeds), run_dir=run_dir,
                                    settings=settings)
-        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.name = name or _default_name()
         self.peer = Peer(self.cfg, PeerIdentity(self.name, resolve_rank(-1)), resume=False)
         algo = self.cfg.algorithm
         self._loop = _new_event_loop()
@@ -149,6 +157,7 @@ class SwarmOptimizer:
             asyncio.run_coroutine_threadsafe(_cancel_other_tasks(), self._loop).result(5)
         self.metrics.close()
         self._shutdown_loop()
+        self.peer.release_dir()
 
     async def _host(self) -> None:
         """Background loop: serve, pull and gossip until close(), then leave cleanly."""
@@ -274,6 +283,7 @@ class SwarmOptimizer:
             self.metrics.close()
             _IN_SWARM.discard(self.model)
             self._shutdown_loop()
+            self.peer.release_dir()
 
     def __enter__(self) -> SwarmOptimizer:
         return self

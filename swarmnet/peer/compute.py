@@ -293,6 +293,8 @@ class ComputeLoop(Replica):
         self._loss_sum = torch.zeros((), device=device)
         self._loss_count = 0
         self._last_checkpoint = time.monotonic()
+        self._saved_step: int | None = None
+        """The step of the checkpoint on disk, once one was written or resumed from."""
         self._step_seconds = 0.0
         self.last_eval: dict[str, float] = {}
         self.started = time.monotonic()
@@ -305,7 +307,8 @@ class ComputeLoop(Replica):
         if not self.checkpoint_path.exists():
             return False
         path = self.checkpoint_path
-        fix = "start with --fresh, or use another --run-dir, or the config the run was made with"
+        fix = ("start with --fresh (under swarmnet up: without --no-fresh), or use another --run-dir, "
+               "or the config the run was made with")
         try:
             state = checkpoint.load(path)
         except Exception as exc:  # unpickling garbage raises nearly anything
@@ -330,6 +333,7 @@ class ComputeLoop(Replica):
             detail = " ".join(str(exc).split())[:300]
             raise ConfigError(f"{path} does not fit this peer's model or settings ({type(exc).__name__}: "
                               f"{detail}); {fix}") from None
+        self._saved_step = self.step
         self.log.info("resumed from %s at step %d", self.checkpoint_path, self.step)
         return True
 
@@ -345,15 +349,16 @@ class ComputeLoop(Replica):
         self.stats.step = self.step
         self.publish()
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, *, final: bool = False) -> bool:
         """Write the checkpoint, unless the model is no longer finite: the last good one stays
-        (a diverged peer restarted with a lower learning rate resumes from it)."""
+        (a diverged peer restarted with a lower learning rate resumes from it). Whether it was
+        written; ``final``: the peer stops after this one."""
         self._last_checkpoint = time.monotonic()
         if not bool(torch.isfinite(self.live_N).all()):  # CPU<->GPU sync point, once per checkpoint
             self.stats.checkpoint_errors += 1
             self.log.error("the model holds non-finite values at step %d: checkpoint not written, %s keeps the "
                            "last finite one", self.step, self.checkpoint_path)
-            return
+            return False
         state: dict[str, Any] = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -368,9 +373,18 @@ class ComputeLoop(Replica):
             checkpoint.save_atomic(state, self.checkpoint_path)
         except OSError as exc:
             self.stats.checkpoint_errors += 1
-            self.log.error("checkpoint to %s failed (%s); training goes on, the previous "
-                           "checkpoint is intact; free space or fix permissions",
-                           self.checkpoint_path, exc.strerror or exc)
+            if final:
+                self.log.error("the final checkpoint to %s failed (%s): the model of step %d is lost, the file keeps "
+                               "the last one written (%s); free space or fix permissions before restarting this peer",
+                               self.checkpoint_path, exc.strerror or exc, self.step,
+                               f"step {self._saved_step}" if self._saved_step is not None else "none yet")
+            else:
+                self.log.error("checkpoint to %s failed (%s); training goes on, the previous "
+                               "checkpoint is intact; free space or fix permissions",
+                               self.checkpoint_path, exc.strerror or exc)
+            return False
+        self._saved_step = self.step
+        return True
 
     def current_lr(self) -> float:
         return self.plan.schedule(self.step, self.clock.value)
@@ -447,12 +461,14 @@ class ComputeLoop(Replica):
         self.metrics.write({"time": time.time(), "step": self.step, "eval": self.last_eval})
         return self.last_eval
 
-    def finalize(self) -> None:
-        """After the exchange has stopped: merge what was acknowledged, publish, checkpoint."""
+    def finalize(self) -> bool:
+        """After the exchange has stopped: merge what was acknowledged, publish, checkpoint.
+        Whether the final checkpoint was written."""
         self.inbox.close()
         self.merge_pending(final=True)
         if self._loss_count:
             self.write_metrics()
         self.evaluate()
-        self.save_checkpoint()
+        saved = self.save_checkpoint(final=True)
         self.metrics.close()
+        return saved

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import threading
 import time
 from pathlib import Path
 from typing import Any, TextIO
@@ -42,12 +44,38 @@ def progress_record(stats: PeerStats, *, elapsed: float, loss: float | None) -> 
 
 
 def _tensorboard(logdir: Path) -> Any:
-    """A SummaryWriter when tensorboard is installed, else None (it is an optional extra)."""
+    """A SummaryWriter when tensorboard is installed, else None (it is an optional extra, and a
+    run directory it cannot write to leaves the JSON stream alone)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(str(logdir))
+    _quiet_writer_threads()
+    try:
+        return SummaryWriter(str(logdir))
+    except OSError as exc:
+        get_logger("metrics").error("no TensorBoard mirror at %s (%s); metrics.jsonl goes on", logdir,
+                                    exc.strerror or exc)
+        return None
+
+
+def _quiet_writer_threads() -> None:
+    """TensorBoard's writer thread dies on a failed write (a full disk) and Python prints its
+    traceback; the writer hands the same error to our next call, which reports it in one line
+    (:meth:`MetricsWriter._drop_tensorboard`). Other threads' errors print as before."""
+    try:
+        from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+    except ImportError:  # another layout: its tracebacks print
+        return
+    previous = threading.excepthook
+    if getattr(previous, "swarmnet_quiet", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if not (isinstance(args.thread, _AsyncWriterThread) and issubclass(args.exc_type, OSError)):
+            previous(args)
+    hook.swarmnet_quiet = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 def _scalars(record: dict[str, Any], prefix: str = "") -> list[tuple[str, float]]:
@@ -61,6 +89,9 @@ def _scalars(record: dict[str, Any], prefix: str = "") -> list[tuple[str, float]
                 out.append((prefix + key, float(value)))
     return out
 
+
+ERRORS_EVERY_S = 30.0
+"""A failing metrics file is reported at its first failure, then at most this often."""
 
 TENSORBOARD_EVERY_S = 1.0
 """Progress rows reach TensorBoard at most this often (evaluations always, the last row at close):
@@ -82,6 +113,7 @@ class MetricsWriter:
         self._tb_held: dict[str, Any] | None = None
         """The latest progress row not mirrored yet (mirrored at close)."""
         self.errors = 0
+        self._reported_at = -float("inf")
 
     def write(self, record: dict[str, Any]) -> None:
         if self._fh is not None:
@@ -89,7 +121,9 @@ class MetricsWriter:
                 self._fh.write(json.dumps(_clean(record)) + "\n")
             except OSError as exc:  # a full or read-only disk must not stop training
                 self.errors += 1
-                if self.errors == 1 or self.errors % 100 == 0:
+                now = time.monotonic()
+                if now - self._reported_at >= ERRORS_EVERY_S:
+                    self._reported_at = now
                     get_logger("metrics").error("writing %s failed (%s, %d times so far); training goes on, "
                                                 "free space or fix permissions", self.path,
                                                 exc.strerror or exc, self.errors)
@@ -105,8 +139,22 @@ class MetricsWriter:
 
     def _mirror(self, record: dict[str, Any]) -> None:
         assert self._tb is not None
-        for key, value in _scalars(record):
-            self._tb.add_scalar(key, value, record["step"])
+        try:
+            for key, value in _scalars(record):
+                self._tb.add_scalar(key, value, record["step"])
+        except Exception as exc:  # its writer thread re-raises here what failed it (a full disk)
+            self._drop_tensorboard(exc)
+
+    def _drop_tensorboard(self, exc: Exception) -> None:
+        """Stop mirroring for good: TensorBoard's writer cannot resume after a failed write, and
+        the JSON stream holds every row anyway."""
+        tb, self._tb, self._tb_held = self._tb, None, None
+        self.errors += 1
+        get_logger("metrics").error("the TensorBoard mirror in %s stopped: %s; training and metrics.jsonl "
+                                    "go on (free space or fix permissions, then restart the peer to mirror again)",
+                                    self.path.parent / "tensorboard", getattr(exc, "strerror", None) or exc)
+        with contextlib.suppress(Exception):
+            tb.close()
 
     def close(self) -> None:
         if self._fh is not None:
@@ -115,12 +163,14 @@ class MetricsWriter:
             except OSError as exc:
                 get_logger("metrics").error("closing %s failed: %s", self.path, exc.strerror or exc)
             self._fh = None
+        if self._tb is not None and self._tb_held is not None:
+            self._mirror(self._tb_held)
         if self._tb is not None:
-            if self._tb_held is not None:
-                self._mirror(self._tb_held)
-                self._tb_held = None
-            self._tb.close()
-            self._tb = None
+            try:
+                self._tb.close()
+            except Exception as exc:
+                self._drop_tensorboard(exc)
+            self._tb, self._tb_held = None, None
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -46,6 +46,7 @@ from swarmnet.errors import ConfigError, SwarmError, unwritable_run_dir
 from swarmnet.log import PeerLogAdapter, get_logger
 from swarmnet.peer import checkpoint
 from swarmnet.peer.budget import auto_cores
+from swarmnet.peer.claim import DirectoryClaim
 from swarmnet.peer.client import PeerClient
 from swarmnet.peer.compute import ComputeLoop, Replica, peer_seed_of
 from swarmnet.peer.exchange import Exchange, warm_up_loops
@@ -64,6 +65,8 @@ REPLY_HEADER_SLACK = 1024
 frame sizes), with room to spare."""
 FINISHED = ("settling", "done")
 """States of a peer whose budget is spent: its card says ``done`` (it no longer steps)."""
+FINISHED_WELL = ("budget", "stopped")
+"""Why a run may end with exit status 0 (its final checkpoint and summary written)."""
 
 RANK_VARIABLES = ("SWARMNET_RANK", "RANK", "SLURM_PROCID", "LOCAL_RANK")
 LOCAL_RANK_VARIABLES = ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK")
@@ -158,6 +161,12 @@ class Peer:
         self.started_with: frozenset[str] | None = None
         """Ids of the peers alive in the table when this one met its start condition: the swarm
         it started with (a newcomer among them does not adopt this peer's model, newcomer.py)."""
+        self.claim = DirectoryClaim(self.peer_dir, self.log)
+        """Held until the peer has stopped (:meth:`release_dir`): one live peer per directory."""
+
+    def release_dir(self) -> None:
+        """Give up this peer's directory to a later peer of the same name (in this process too)."""
+        self.claim.release()
 
     def _count_refused(self, client_key: bytes) -> None:
         """A handshake refused by the ZAP handler (its thread): counted under rejected."""
@@ -198,6 +207,12 @@ class Peer:
 
     async def run(self) -> int:
         """Run until the budget is spent or a stop is requested; returns the exit status."""
+        try:
+            return await self._run()
+        finally:
+            self.release_dir()
+
+    async def _run(self) -> int:
         loop = asyncio.get_running_loop()
         torch.set_num_threads(self.cfg.device.threads)
         task = load_task(self.cfg.task.spec, self.cfg.task.options)
@@ -231,9 +246,13 @@ class Peer:
                     if reason == "budget":
                         await self._settle(compute, compute_thread, linger_until)
                     await self.drain()
-                    await loop.run_in_executor(compute_thread, compute.finalize)
-                    self.write_summary(reason, time.monotonic() - started, steps=compute.step,
-                                       total_steps=compute.plan.total_steps, evaluation=compute.last_eval)
+                    saved = await loop.run_in_executor(compute_thread, compute.finalize)
+                    if not saved and reason in FINISHED_WELL:  # a script must not take the model for saved
+                        reason = "final checkpoint failed: the last steps are lost (see the peer's log)"
+                    summarized = self.write_summary(reason, time.monotonic() - started, steps=compute.step,
+                                                    total_steps=compute.plan.total_steps, evaluation=compute.last_eval)
+                    if not summarized and reason in FINISHED_WELL:
+                        reason = "summary not written"
                     self.log.info("finished (%s) at step %d after %d interactions", reason, compute.step,
                                   self.stats.interactions)
                     if self.membership.seeds and not self.membership.joined.is_set():
@@ -244,7 +263,7 @@ class Peer:
                     compute.stop.set()  # whatever ended the loop, the compute thread must not outlive it
         finally:
             compute_thread.shutdown(wait=False)
-        return 0 if reason in ("budget", "stopped") else 1
+        return 0 if reason in FINISHED_WELL else 1
 
     def attach(self, replica: Replica, mailbox: Mailbox) -> None:
         """The model this peer serves and merges into: the daemon's compute loop, or a user's
@@ -434,14 +453,15 @@ class Peer:
         card = {"id": self.id, "name": self.name, "addr": self.address, "pid": os.getpid(),
                 "device": str(self.device), "version": __version__}
         path = self.peer_dir / "card.json"
-        tmp = path.with_suffix(".tmp")
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
-            json.dump(card, fh)
-        os.replace(tmp, path)
+        try:
+            checkpoint.write_atomic(path, json.dumps(card).encode())  # owner-only, as mkstemp makes it
+        except OSError as exc:
+            raise unwritable_run_dir(path, exc) from None
 
     def write_summary(self, reason: str, elapsed: float, *, steps: int, total_steps: int | None,
-                      evaluation: dict[str, float]) -> None:
-        """run_dir/<peer>/summary.json: how this peer's run ended (what `swarmnet up` collects)."""
+                      evaluation: dict[str, float]) -> bool:
+        """run_dir/<peer>/summary.json: how this peer's run ended (what `swarmnet up` collects);
+        whether it was written."""
         s = self.stats
         summary = {
             "name": self.name, "id": self.id, "addr": self.address, "device": str(self.device),
@@ -461,9 +481,12 @@ class Peer:
         try:
             checkpoint.write_atomic(path, json.dumps(summary, indent=2, default=str).encode())
         except OSError as exc:
-            self.log.error("could not write %s: %s", path, exc)
+            self.log.error("could not write %s (%s): this run's results are in the log only; free space or fix "
+                           "permissions", path, exc.strerror or exc)
             with contextlib.suppress(OSError):
                 path.unlink(missing_ok=True)  # an earlier run's would pass for this one's
+            return False
+        return True
 
 
 async def run_peer(cfg: SwarmConfig, identity: PeerIdentity, *, resume: bool = True,

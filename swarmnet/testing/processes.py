@@ -169,12 +169,14 @@ class LocalSwarm(_Process):
 class PeerProcessHandle(_Process):
     """One ``swarmnet peer`` daemon; ``prefix`` runs it under e.g. ``ip netns exec NAME``."""
 
-    def __init__(self, run_dir: Path, name: str, config: Path, *args: str, prefix: Sequence[str] = ()) -> None:
+    def __init__(self, run_dir: Path, name: str, config: Path, *args: str, prefix: Sequence[str] = (),
+                 log: Path | None = None) -> None:
+        """``log``: where its output goes (default ``run_dir/<name>.log``)."""
         self.run_dir = run_dir
         self.name = name
         cmd = [sys.executable, "-m", "swarmnet", "peer", "--config", str(config), "--name", name,
                "--run-dir", str(run_dir), *args]
-        super().__init__(cmd, run_dir / f"{name}.log", prefix)
+        super().__init__(cmd, log or run_dir / f"{name}.log", prefix)
 
     def card(self, timeout: float = 120) -> dict[str, Any]:
         path = self.run_dir / self.name / "card.json"

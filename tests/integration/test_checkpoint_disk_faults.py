@@ -1,6 +1,8 @@
 """A peer whose run directory turns read-only or fills up keeps training, says so, and never
-leaves a torn checkpoint; once space is back, checkpoints resume."""
+leaves a torn checkpoint; once space is back, checkpoints resume. The peers mirror their metrics
+to TensorBoard, as they do by default wherever it is installed (the test extra installs it)."""
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -14,6 +16,7 @@ from swarmnet.testing import PeerProcessHandle, query_status, wait_until
 from .conftest import write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 
 
 def _mount(*args):
@@ -31,10 +34,10 @@ def start_peer(run_dir, tmp_path):
     config = write_config(tmp_path / "disk.toml", {
         "run": {"peers": 1},
         "task": {"spec": "swarmnet.tasks.digits:task"},
-        "train": {"batch_size": 32, "lr": 0.05, "momentum": 0.9, "steps": 10**9, "metrics_every": 20,
-                  "checkpoint_every": 0.3, "tensorboard": False},
+        "train": {"batch_size": 32, "lr": 0.05, "momentum": 0.9, "steps": 10**9, "metrics_every": 5,
+                  "checkpoint_every": 0.3},
     })
-    peer = PeerProcessHandle(run_dir, "disk", config)
+    peer = PeerProcessHandle(run_dir, "disk", config, log=tmp_path / "disk.log")  # the log off the faulty disk
     card = peer.card()
     ckpt = run_dir / "disk" / "checkpoint.pt"
     wait_until(ckpt.exists, 60, what="a first checkpoint")
@@ -55,6 +58,9 @@ def assert_survives(peer, card, ckpt, expected_error):
     assert peer.proc.poll() is None
     assert expected_error in peer.log(400) and "training goes on" in peer.log(400)
     assert checkpoint.load(ckpt)["step"] == before  # the last good checkpoint, intact
+    if TENSORBOARD:  # its writer fails too (on its own thread, within seconds): only the mirror stops
+        wait_until(lambda: "the TensorBoard mirror" in peer.log(400), 30, what="the TensorBoard mirror to stop")
+        assert query_status(card["addr"])["step"] > after["step"] and peer.proc.poll() is None
     # A save in flight has its temporary file for a moment; a leaked one is still there later.
     in_flight = set(ckpt.parent.glob(".checkpoint.pt.*"))
     time.sleep(1.0)  # three more attempts
@@ -162,9 +168,24 @@ def test_a_summary_that_cannot_be_written_leaves_no_torn_file(tmp_path, mounts):
         fill(disk / "filler")
         assert_survives(peer, card, ckpt, "No space left on device")
         peer.signal(signal.SIGTERM)
-        peer.wait(30)
+        assert peer.wait(30) == 1, peer.log()  # not 0: neither the model nor the results were saved
+        assert "the final checkpoint to" in peer.log(400) and "free space" in peer.log(400)
         assert "could not write" in peer.log(400) and "summary.json" in peer.log(400)
         assert not (ckpt.parent / "summary.json").exists()
         assert not list(ckpt.parent.glob(".summary.json.*")), "a temporary file was left behind"
+    finally:
+        peer.kill_tree()
+
+
+def test_a_peer_that_cannot_write_its_card_at_start_says_so(tmp_path, mounts):
+    disk = small_disk(tmp_path, mounts)
+    fill(disk / "filler")
+    config = write_config(tmp_path / "start.toml", {"task": {"spec": "swarmnet.tasks.digits:task"}})
+    peer = PeerProcessHandle(disk / "run", "late", config, log=tmp_path / "late.log")
+    try:
+        assert peer.wait(60) == 2, peer.log()
+        log = peer.log()
+        assert "card.json" in log and "No space left on device" in log and "Traceback" not in log, log
+        assert not list((disk / "run" / "late").glob("*.tmp")) and not list((disk / "run" / "late").glob(".*.tmp"))
     finally:
         peer.kill_tree()

@@ -9,12 +9,14 @@ import pytest
 import torch
 
 from swarmnet.peer import checkpoint
+from swarmnet.testing import PeerProcessHandle
 
 from .conftest import write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
-FIX = "start with --fresh, or use another --run-dir, or the config the run was made with"
+FIX = ("start with --fresh (under swarmnet up: without --no-fresh), or use another --run-dir, or the config "
+       "the run was made with")
 
 
 def swarmnet(*args, timeout=120):
@@ -132,3 +134,27 @@ def test_resume_refuses_an_unusable_checkpoint_and_keeps_it(tmp_path, content):
     assert code == 2, out
     assert f"{path} {expected}" in out and FIX in out and "Traceback" not in out, out
     assert path.read_bytes() == before
+
+
+def test_a_second_peer_with_the_same_name_and_run_dir_is_refused(tmp_path):
+    """A pasted command or a requeued job must not interleave metrics with a running peer or
+    replace its checkpoint; once that peer has stopped, the name and directory are free again,
+    and the temporary files of a write it was killed in are cleaned up."""
+    run, cfg = tmp_path / "run", config(tmp_path)
+    first = PeerProcessHandle(run, "solo", cfg, "--set", "train.steps=1000000000")
+    try:
+        first.card()
+        code, out = peer(cfg, run)
+        assert code == 2, out
+        assert (f"{run}/solo belongs to a peer that is still running (pid {first.proc.pid})" in out
+                and "another --name or --run-dir" in out and "Traceback" not in out), out
+        assert first.proc.poll() is None
+        first.kill_tree()  # SIGKILL: the kernel drops its claim, and a write it was in stays behind
+        first.wait(30)
+        leftover = run / "solo" / ".checkpoint.pt.a1b2c3.tmp"
+        leftover.write_bytes(b"half a checkpoint")
+        code, out = peer(cfg, run, "--fresh")
+        assert code == 0, out
+        assert not leftover.exists() and "removed 1 temporary file(s)" in out, out
+    finally:
+        first.kill_tree()

@@ -70,7 +70,9 @@ def test_peers_keep_older_snapshots_only_for_codecs_with_partial_reads(tmp_path)
     for an older version, so other peers keep none (each one held a copy of the model)."""
     for codec, history in (("fp32", 1), ("blockwise8", 1), ("lattice", 8)):
         cfg = load_config(None, {"run.dir": str(tmp_path), "codec.name": codec})
-        assert Peer(cfg, PeerIdentity("a", 0)).store.history == history, codec
+        peer = Peer(cfg, PeerIdentity("a", 0))
+        peer.release_dir()
+        assert peer.store.history == history, codec
 
 
 def test_the_automatic_frame_limit_admits_snapshots_and_drops_larger_frames(tmp_path, daemons):

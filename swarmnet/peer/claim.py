@@ -1,0 +1,66 @@
+"""One live peer per peer directory (run_dir/<name>/).
+
+Two peers started with the same name and run directory (a requeued job whose first instance
+still runs, a command pasted twice) would interleave their metrics, overwrite each other's card
+and let whichever stops last replace the other's checkpoint. A peer therefore holds an exclusive
+``flock`` on ``<peer dir>/.lock`` for as long as it runs; the kernel drops it when the process
+ends, however it ends, so a crashed peer never leaves a stale claim. Holding the claim also
+makes it safe to remove the temporary files an earlier peer left when it was killed mid-write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+from pathlib import Path
+
+from swarmnet.errors import ConfigError
+
+LOCK_NAME = ".lock"
+LEFTOVERS = ".*.tmp"
+"""Temporary files of atomic writes (checkpoint.py) that a killed peer left behind."""
+
+
+class DirectoryClaim:
+    """The exclusive claim on a peer directory; :meth:`release` (or process exit) gives it up."""
+
+    def __init__(self, peer_dir: Path, log: logging.Logger | logging.LoggerAdapter[logging.Logger]) -> None:
+        path = peer_dir / LOCK_NAME
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise ConfigError(f"cannot write {path}: {exc.strerror or exc}; choose a writable --run-dir (run.dir)") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ConfigError(f"{peer_dir} belongs to a peer that is still running (pid {holder}): two peers with one "
+                              "name and run directory would overwrite each other's checkpoint and metrics; stop "
+                              "that peer first, or give this one another --name or --run-dir") from None
+        except OSError as exc:  # a file system without locks (some network mounts): run unguarded
+            log.warning("cannot lock %s (%s): nothing stops a second peer with this name and run directory",
+                        path, exc.strerror or exc)
+        with contextlib.suppress(OSError):  # for the message above; a full disk must not stop a start
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd: int | None = fd
+        self._sweep(peer_dir, log)
+
+    @staticmethod
+    def _sweep(peer_dir: Path, log: logging.Logger | logging.LoggerAdapter[logging.Logger]) -> None:
+        removed = 0
+        for leftover in peer_dir.glob(LEFTOVERS):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+                removed += 1
+        if removed:
+            log.info("removed %d temporary file(s) in %s that an earlier run left when it stopped mid-write",
+                     removed, peer_dir)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the lock
+            self._fd = None
