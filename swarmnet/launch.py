@@ -346,8 +346,9 @@ def summarize(plan: LaunchPlan, elapsed: float, interrupted: bool) -> dict[str, 
             peer_summary.pop("config", None)
             row.update(peer_summary)
         except (OSError, json.JSONDecodeError):
-            error = _last_error(plan.run_dir / p.name / "peer.log", p.log_start)
-            row["reason"] = "no summary (the peer died before finishing)" + (f": {error}" if error else "")
+            error = _last_error(plan.run_dir / p.name / "peer.log", p.log_start) or _disk_trouble(peer_dir)
+            how = "stopped on an error" if code is not None and code > 0 else "died before finishing"
+            row["reason"] = f"no summary (the peer {how})" + (f": {error}" if error else "")
             metrics = _last_metrics(peer_dir / "metrics.jsonl")
             if metrics:
                 row.update(steps=metrics.get("step"), final_loss=metrics.get("loss"),
@@ -379,6 +380,19 @@ def _last_error(log: Path, start: int = 0) -> str | None:
         return None
     errors = [line.split(" ERROR ", 1)[1] for line in lines if " ERROR " in line]
     return errors[-1].split("] ", 1)[-1] if errors else None
+
+
+def _disk_trouble(path: Path) -> str | None:
+    """Why nothing may have been written under ``path`` (its log included): a full or read-only disk."""
+    try:
+        vfs = os.statvfs(path)
+    except OSError:
+        return None
+    if vfs.f_flag & os.ST_RDONLY:
+        return f"{path} is on a read-only file system"
+    if vfs.f_bavail * vfs.f_frsize < 1 << 20:
+        return f"the disk of {path} is full; free space and check its checkpoint"
+    return None
 
 
 def _last_metrics(path: Path) -> dict[str, Any] | None:

@@ -165,4 +165,4 @@ def test_the_launcher_says_why_a_peer_stopped_without_a_summary(swarm_factory):
     for name, row in rows.items():
         assert not row["ok"] and row["reason"].startswith("no summary"), row
         assert "max_header_bytes = 2048" in row["reason"], row
-        assert f"{name}: no summary (the peer died before finishing): codec" in log, log  # under the table
+        assert f"{name}: no summary (the peer stopped on an error): codec" in log, log  # under the table
