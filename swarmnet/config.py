@@ -519,6 +519,12 @@ def _above(value: float, low: float) -> bool:
 def _check_address(key: str, url: str, example: str, *, lowest_port: int = 1) -> None:
     """A URL with a scheme; a tcp:// one with a port a socket can use (0 only to bind any port)."""
     _require("://" in url, key, f"{url!r} must be a URL such as {example}")
+    from swarmnet.transport.registry import known_schemes  # here: it imports pyzmq
+
+    schemes = known_schemes() | ({"file"} if key == "seeds" else set())
+    scheme = url.partition("://")[0]
+    _require(scheme in schemes, key, f"{url!r}: no transport for {scheme}:// addresses; use one of "
+                                     f"{', '.join(s + '://' for s in sorted(schemes))}, e.g. {example}")
     if url.startswith("tcp://"):
         try:
             port = urlsplit(url).port

@@ -38,8 +38,12 @@ def transport_class(url: str) -> type[Transport]:
             if not (isinstance(cls, type) and issubclass(cls, Transport)):
                 raise ConfigError(f"entry point {ep.value} for {scheme}:// is not a Transport")
             return cls
-    known = sorted(set(BUILTIN) | {ep.name for ep in entry_points(group="swarmnet.transports")})
-    raise ConfigError(f"no transport for {scheme}:// addresses; installed: {', '.join(known)}")
+    raise ConfigError(f"no transport for {scheme}:// addresses; installed: {', '.join(sorted(known_schemes()))}")
+
+
+def known_schemes() -> set[str]:
+    """Address schemes with a transport: the built-in ones and those of installed plugins."""
+    return set(BUILTIN) | {ep.name for ep in entry_points(group="swarmnet.transports")}
 
 
 class TransportSet:

@@ -59,6 +59,9 @@ def test_defaults_and_bundled_configs_load():
         ("[network]\nlisten = 'tcp://127.0.0.1:99999'", "network.listen: 'tcp://127.0.0.1:99999' needs a port in 0..65535"),
         ("[network]\nadvertise = 'tcp://10.0.0.1:0'", "network.advertise: 'tcp://10.0.0.1:0' needs a port in 1..65535"),
         ("[network]\nseeds = ['tcp://10.0.0.1']", "network.seeds: 'tcp://10.0.0.1' needs a port in 1..65535"),
+        ("[network]\nseeds = ['tpc://10.0.0.1:7000']", "network.seeds: 'tpc://10.0.0.1:7000': no transport for tpc://"),
+        ("[network]\nseeds = ['http://10.0.0.1:7000']", "use one of file://, inproc://, ipc://, tcp://"),
+        ("[network]\nlisten = 'file:///tmp/x'", "network.listen: 'file:///tmp/x': no transport for file://"),
     ],
 )
 def test_bad_configs_name_file_key_and_fix(tmp_path, text, fragment):
