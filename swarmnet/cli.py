@@ -6,6 +6,7 @@ the event loop. Behaviour lives below the CLI and is tested there.
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 import signal
@@ -30,7 +31,16 @@ keys_app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich", help="CURV
 app.add_typer(keys_app, name="keys")
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Swarm config (TOML), e.g. configs/quickstart.toml.")]
-LogLevel = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")]
+
+
+class Level(enum.StrEnum):
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+
+
+LogLevel = Annotated[Level, typer.Option("--log-level", case_sensitive=False, help="How much to log.")]
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -88,12 +98,12 @@ def peer(
     steps: Annotated[Optional[int], typer.Option(min=1, help="Budget in local steps (overrides train.*).")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore an existing checkpoint instead of resuming from it.")] = False,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: section.key=VALUE (VALUE as JSON or text), repeatable.")] = None,
-    log_level: LogLevel = "INFO",
+    log_level: LogLevel = Level.INFO,
 ) -> None:
     """Run one peer daemon until its budget is spent or it is stopped (SIGINT/SIGTERM)."""
     from swarmnet.peer.node import PeerIdentity, resolve_rank, run_event_loop, run_peer
 
-    setup_logging(log_level)
+    setup_logging(log_level.value)
     try:
         manifest = load_manifest(peer_file) if peer_file else PeerManifest()
         listed = build_overrides(network__listen=manifest.listen, network__advertise=manifest.advertise,
@@ -132,12 +142,12 @@ def up(
     transport: Annotated[str, typer.Option(help="tcp (127.0.0.1) or ipc (unix sockets under the run dir).")] = "tcp",
     no_fresh: Annotated[bool, typer.Option("--no-fresh", help="Resume each peer from its checkpoint in the run dir (default: start from scratch).")] = False,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: section.key=VALUE, repeatable.")] = None,
-    log_level: LogLevel = "WARNING",
+    log_level: LogLevel = Level.WARNING,
 ) -> None:
     """Launch a local swarm as real processes, show progress, write a summary."""
     from swarmnet.launch import LaunchPlan, launch
 
-    setup_logging(log_level)
+    setup_logging(log_level.value)
     flags = build_overrides(run__peers=peers, run__dir=run_dir)
     try:
         settings = parse_settings(set_ or [])
@@ -147,7 +157,7 @@ def up(
                    **dict.fromkeys(budget, "--steps" if steps is not None else "--epochs")}
         cfg = load_config(config, overrides, origins)
         plan = LaunchPlan.build(cfg, config_path=config, overrides=overrides, manifests=peer_dir,
-                                transport=transport, fresh=not no_fresh, log_level=log_level)
+                                transport=transport, fresh=not no_fresh, log_level=log_level.value)
     except ConfigError as exc:
         fail(str(exc))
     try:
@@ -170,7 +180,7 @@ def eval_(
     timeout: Annotated[float, typer.Option("--timeout", help="Deadline of one status request, seconds.")] = 5.0,
     key: Annotated[Optional[Path], typer.Option("--key", help=escape("Secret key file for a swarm with [security] (default: the config's key)."))] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: section.key=VALUE, repeatable.")] = None,
-    log_level: LogLevel = "WARNING",
+    log_level: LogLevel = Level.WARNING,
 ) -> None:
     """Average the current models of a running swarm and evaluate the average: pulls every live
     peer's snapshot (or k of them), averages the parameters, recomputes BatchNorm statistics on a
@@ -178,7 +188,7 @@ def eval_(
     codec)."""
     from swarmnet.evaluation import evaluate_swarm
 
-    setup_logging(log_level)
+    setup_logging(log_level.value)
     if not seed and run_dir is None:
         fail("give --seed ADDRESS or --run-dir DIR")
     if peers < 0 or bn_batches < 0:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +65,8 @@ def import_factory(spec: str, form: str = "must be 'module:function', e.g. swarm
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigError(f"task {spec!r}: cannot import {module_name!r}: {exc}") from None
+    except Exception as exc:  # the module itself fails: a syntax error, an error at import time
+        raise ConfigError(f"task {spec!r}: importing {module_name!r} failed: {_what_failed(exc)}") from None
     factory = getattr(module, func_name, None)
     if not callable(factory):
         raise ConfigError(f"task {spec!r}: {module_name} has no callable {func_name!r}")
@@ -76,14 +79,30 @@ def load_task(spec: str, options: Mapping[str, Any] | None = None) -> Task:
     options = dict(options or {})
     _check_option_types(spec, factory, options)
     try:
+        inspect.signature(factory).bind(**options)
+    except TypeError as exc:
+        raise ConfigError(f"task {spec!r}: bad task.options {options}: {exc}") from None
+    except ValueError:  # a factory without an inspectable signature: the call will tell
+        pass
+    try:
         task = factory(**options)
     except ConfigError:
         raise
-    except (TypeError, ValueError, ArithmeticError) as exc:
-        raise ConfigError(f"task {spec!r}: bad task.options {options}: {exc}") from None
+    except Exception as exc:  # the bundled tasks refuse a bad option value with a ValueError
+        raise ConfigError(f"task {spec!r} with task.options {options} failed: {_what_failed(exc)}; "
+                          "fix the task or its options") from None
     if not isinstance(task, Task):
         raise ConfigError(f"task {spec!r} returned {type(task).__name__}, expected swarmnet.tasks.Task")
     return task
+
+
+def _what_failed(exc: BaseException) -> str:
+    """An exception in a user's code in one line: its type, message and where it was raised."""
+    if isinstance(exc, SyntaxError):
+        return f"SyntaxError: {exc.msg} ({exc.filename}, line {exc.lineno})"
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return f"{type(exc).__name__}: {exc}{where}"
 
 
 def _check_option_types(spec: str, factory: Callable[..., Any], options: Mapping[str, Any]) -> None:

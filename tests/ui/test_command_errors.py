@@ -88,3 +88,10 @@ def test_every_help_fits_an_80_column_terminal() -> None:
     for path, _ in commands():
         shown = CliRunner().invoke(app, [*path, "--help"], terminal_width=80).output
         assert "…" not in shown, f"swarmnet {' '.join(path)} --help:\n{shown}"
+
+
+def test_an_unknown_log_level_is_refused_naming_the_levels() -> None:
+    for command in ("peer", "up"):
+        result = CliRunner().invoke(app, [command, "--log-level", "LOUD"])
+        assert result.exit_code == 2 and "'LOUD' is not one of" in result.output and "'debug'" in result.output
+        assert isinstance(result.exception, SystemExit)

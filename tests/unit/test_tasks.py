@@ -26,3 +26,14 @@ def test_a_bad_task_option_is_a_config_error_that_names_it(spec, options, messag
 
 def test_an_int_where_a_float_is_expected_is_fine():
     assert load_task("swarmnet.tasks.lsq:task", {"noise": 2, "samples": 64}).num_samples == 64
+
+
+def test_a_task_that_fails_is_named_with_where_it_failed(tmp_path, monkeypatch):
+    (tmp_path / "broken_task.py").write_text("def task():\n    raise RuntimeError('dataset not found at /data/x')\n")
+    (tmp_path / "typo_task.py").write_text("def task(:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"task 'broken_task:task' with task.options \{\} failed: RuntimeError: "
+                                          r"dataset not found at /data/x \(at .*broken_task.py:2\); fix the task"):
+        load_task("broken_task:task")
+    with pytest.raises(ConfigError, match=r"importing 'typo_task' failed: SyntaxError: .*typo_task.py, line 1"):
+        load_task("typo_task:task")
