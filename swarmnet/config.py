@@ -40,6 +40,7 @@ class RunConfig:
     draws its own initialization (for gossip and consensus experiments)."""
 
     def __post_init__(self) -> None:
+        _require(bool(self.dir.strip()), "dir", "must name a directory, e.g. runs/default")
         _require(self.peers >= 1, "peers", "must be >= 1")
         _require(self.init in ("shared", "independent"), "init", "must be 'shared' or 'independent'")
 

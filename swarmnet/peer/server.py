@@ -26,6 +26,8 @@ from swarmnet.wire import FULL, Limits, Message, MsgType, RejectCode, decode, en
 if TYPE_CHECKING:
     from swarmnet.peer.node import Peer
 
+REJECT_LOG_EVERY_S = 10.0
+
 
 class PeerServer:
     def __init__(self, peer: Peer, listener: Listener, limits: Limits, max_concurrent: int,
@@ -35,6 +37,8 @@ class PeerServer:
         self.limits = limits
         self.log = log
         self._slots = asyncio.Semaphore(max_concurrent)
+        self._reject_log: dict[str, tuple[float, int]] = {}
+        """Per refusal reason: when it was last logged, and how many were not logged since."""
         self._donation: Message | None = None
         """The lossless full snapshot on its way to a newcomer, if any: one at a time, so that
         newcomers arriving together spread over donors (newcomer.py) instead of queueing here."""
@@ -111,8 +115,17 @@ class PeerServer:
             return reject(msg, me, RejectCode.MALFORMED, str(exc))
 
     def _count_reject(self, code: str, reason: str, sender: str | None) -> None:
+        """Count every refusal; log the first of each reason, then at most one a REJECT_LOG_EVERY_S
+        (a stranger sending garbage must not flood the log)."""
         self.peer.stats.rejected[code] += 1
-        self.log.warning("rejected a message from %s: %s (%s)", sender or "an unknown sender", reason, code)
+        now = time.monotonic()
+        logged_at, held = self._reject_log.get(code, (-float("inf"), 0))
+        if now - logged_at < REJECT_LOG_EVERY_S:
+            self._reject_log[code] = (logged_at, held + 1)
+            return
+        self._reject_log[code] = (now, 0)
+        more = f"; {held} more refused for this reason since the last such line" if held else ""
+        self.log.warning("rejected a message from %s: %s (%s)%s", sender or "an unknown sender", reason, code, more)
 
     # -- handlers ------------------------------------------------------------------------------
 

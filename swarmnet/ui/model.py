@@ -74,8 +74,9 @@ class PeerStatus:
         """The same row, marked as not answering; ``sampled_at`` keeps the last seen time."""
         return replace(self, stale=True, rates=None, error=error)
 
-    def last_seen_age(self, now: float) -> float:
-        return max(0.0, now - self.sampled_at)
+    def last_seen_age(self, now: float) -> float | None:
+        """Seconds since this peer last answered; None when it never has."""
+        return max(0.0, now - self.sampled_at) if self.sampled_at else None
 
 
 def _rates(prev: PeerStatus | None, cur: PeerStatus) -> Rates | None:

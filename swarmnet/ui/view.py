@@ -114,7 +114,8 @@ def _cells(row: PeerStatus, now: float) -> list[RenderableType]:
         state = Text("stale" if row.sampled_at else "no answer", style="red")
     else:
         state = Text(row.state, style=STATE_STYLES.get(row.state, ""))
-    seen = fmt_age(row.last_seen_age(now)) if row.sampled_at else "never"
+    age = row.last_seen_age(now)
+    seen = "never" if age is None else fmt_age(age)
     return [
         row.name, row.host or "-", row.device or "-", state, str(row.step), str(row.clock), fmt_float(row.loss),
         fmt_float(row.lr, 3), fmt_float(rates.interactions, 3) if rates else "-",

@@ -271,6 +271,10 @@ def test_thousands_of_hostile_messages_never_crash_a_live_peer(live_peer):
         assert "internal_error" not in after["rejected"], peer.log(200)  # no handler crashed
         assert after["step"] > before["step"] and after["state"] == "training"
         assert rss["max"] < rss["start"] + RSS_SLACK_MB
+        # Thousands of refusals, a few log lines: per reason the first, then one every 10 s.
+        lines = [line for line in peer.log(100_000).splitlines() if "rejected a message" in line]
+        reasons = {code for code in after["rejected"] if code not in ("non_finite", "too_far")}
+        assert len(reasons) <= len(lines) <= len(reasons) * (elapsed // 10 + 1), lines
     finally:
         client.close()
     peer.signal(signal.SIGTERM)

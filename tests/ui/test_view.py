@@ -60,6 +60,9 @@ def test_header_totals_and_consensus_skip_stale_peers() -> None:
     doc = json.loads(json.dumps(snap.to_json(), allow_nan=False))
     assert doc["swarm"]["alive"] == 3
     assert doc["peers"][3]["stale"] is True and doc["peers"][3]["last_seen_s"] == pytest.approx(2.0)
+    never = PeerStatus(name="peer9", addr="tcp://127.0.0.1:7109", sampled_at=0.0).gone_stale("RequestTimeout")
+    doc = SwarmSnapshot(taken_at=1003.0, peers=(*rows, never)).to_json()
+    assert doc["peers"][4]["last_seen_s"] is None  # not the seconds since 1970
 
 
 def test_render_shows_every_peer_and_marks_stale_ones() -> None:

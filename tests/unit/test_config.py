@@ -58,6 +58,7 @@ def test_defaults_and_bundled_configs_load():
         ("[network]\nadvertise = 'foo'", "network.advertise: 'foo' must be a URL"),
         ("[network]\nlisten = 'tcp://127.0.0.1:99999'", "network.listen: 'tcp://127.0.0.1:99999' needs a port in 0..65535"),
         ("[network]\nadvertise = 'tcp://10.0.0.1:0'", "network.advertise: 'tcp://10.0.0.1:0' needs a port in 1..65535"),
+        ("[run]\ndir = ''", "run.dir: must name a directory"),
         ("[network]\nseeds = ['tcp://10.0.0.1']", "network.seeds: 'tcp://10.0.0.1' needs a port in 1..65535"),
         ("[network]\nseeds = ['tpc://10.0.0.1:7000']", "network.seeds: 'tpc://10.0.0.1:7000': no transport for tpc://"),
         ("[network]\nseeds = ['http://10.0.0.1:7000']", "use one of file://, inproc://, ipc://, tcp://"),
