@@ -145,7 +145,7 @@ def up(
     log_level: LogLevel = Level.WARNING,
 ) -> None:
     """Launch a local swarm as real processes, show progress, write a summary."""
-    from swarmnet.launch import LaunchPlan, launch
+    from swarmnet.launch import LaunchPlan, check_summary_path, launch
 
     setup_logging(log_level.value)
     flags = build_overrides(run__peers=peers, run__dir=run_dir)
@@ -156,6 +156,8 @@ def up(
         origins = {**{k: FLAGS[k] for k in flags}, **dict.fromkeys(settings, "--set"),
                    **dict.fromkeys(budget, "--steps" if steps is not None else "--epochs")}
         cfg = load_config(config, overrides, origins)
+        if summary is not None:
+            check_summary_path(summary)
         plan = LaunchPlan.build(cfg, config_path=config, overrides=overrides, manifests=peer_dir,
                                 transport=transport, fresh=not no_fresh, log_level=log_level.value)
     except ConfigError as exc:

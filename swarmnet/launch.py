@@ -252,6 +252,19 @@ def launch(plan: LaunchPlan, *, summary_path: Path | None = None, console: Conso
     return 0 if result["ok"] else 1
 
 
+def check_summary_path(path: Path) -> None:
+    """Refuse a --summary path that cannot be written before the run, not after it."""
+    if path.is_dir():
+        raise ConfigError(f"--summary {path}: is a directory; name a file, e.g. {path / 'summary.json'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--summary {path}: cannot create {path.parent} ({exc.strerror or exc}); "
+                          "choose a writable path") from None
+    if not os.access(path.parent, os.W_OK):
+        raise ConfigError(f"--summary {path}: {path.parent} is not writable; choose a writable path")
+
+
 def _write_summary(path: Path, result: dict[str, Any]) -> None:
     try:
         checkpoint.write_atomic(path, json.dumps(result, indent=2, default=str).encode())

@@ -95,14 +95,13 @@ def test_up_refuses_a_run_dir_it_cannot_write(tmp_path, where, request):
     assert f"{run_dir}/peer0" in out and "choose a writable --run-dir" in out and "Traceback" not in out, out
 
 
-def test_up_shows_its_summary_when_the_summary_file_cannot_be_written(tmp_path, a_file):
-    code, out = swarmnet("up", "--config", str(config(tmp_path)), "--run-dir", str(tmp_path / "run"),
-                         "--summary", str(a_file / "summary.json"))
-    assert code == 2, out
-    table, _, error = out.partition("could not write the summary")
-    assert "swarm summary" in table and "budget" in table, out
-    assert str(a_file / "summary.json") in error and "Traceback" not in out, out
-    assert (tmp_path / "run" / "peer0" / "summary.json").exists()
+def test_up_refuses_a_summary_path_it_cannot_write_before_the_run(tmp_path, a_file):
+    for path, why in ((a_file / "summary.json", "cannot create"), (tmp_path, "is a directory")):
+        code, out = swarmnet("up", "--config", str(config(tmp_path)), "--run-dir", str(tmp_path / "run"),
+                             "--summary", str(path))
+        assert code == 2, out
+        assert f"--summary {path}: {why}" in out and "Traceback" not in out, out
+        assert not (tmp_path / "run").exists()  # refused before any peer started
 
 
 def test_resume_refuses_the_checkpoint_of_another_task_and_keeps_it(tmp_path):
