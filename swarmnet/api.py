@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from swarmnet.algorithms import LocalSteps, clock_rate
-from swarmnet.config import SwarmConfig, build_config, load_config, to_dict
+from swarmnet.config import SwarmConfig, build_config, dotted_key, load_config, to_dict
 from swarmnet.errors import ConfigError, SwarmError
 from swarmnet.peer.compute import Replica
 from swarmnet.peer.metrics import MetricsWriter, progress_record
@@ -346,8 +346,9 @@ def _resolve_config(config: SwarmConfig | str | os.PathLike[str] | None, *, list
     if run_dir is not None:
         overrides["run.dir"] = str(run_dir)
     for key, value in (settings or {}).items():
-        if key.count(".") != 1:
-            raise ConfigError(f"setting {key!r}: expected section.key, e.g. network.pull_interval")
+        if not dotted_key(key):
+            raise ConfigError(f"setting {key!r}: expected section.key, e.g. network.pull_interval "
+                              "(an entry of a table: codec.options.block)")
         overrides[key] = value
     if isinstance(config, SwarmConfig):
         return build_config(to_dict(config), "<SwarmConfig>", overrides)

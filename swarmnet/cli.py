@@ -18,7 +18,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.markup import escape
 
-from swarmnet.config import PeerManifest, load_config, load_manifest
+from swarmnet.config import PeerManifest, dotted_key, load_config, load_manifest
 from swarmnet.errors import ConfigError, SwarmError
 from swarmnet.log import setup_logging
 
@@ -60,12 +60,14 @@ def build_overrides(**flags: Any) -> dict[str, Any]:
 
 
 def parse_settings(items: list[str]) -> dict[str, Any]:
-    """``section.key=VALUE`` pairs; VALUE is read as JSON when it parses, else as text."""
+    """``section.key=VALUE`` (or ``section.key.option=VALUE`` for an entry of task.options or
+    codec.options) pairs; VALUE is read as JSON when it parses, else as text."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
-        if not sep or key.count(".") != 1:
-            raise ConfigError(f"--set {item!r}: expected section.key=VALUE, e.g. train.lr=0.05")
+        if not sep or not dotted_key(key):
+            raise ConfigError(f"--set {item!r}: expected section.key=VALUE, e.g. train.lr=0.05 (an entry of a "
+                              "table: task.options.hidden=128)")
         try:
             out[key] = json.loads(raw)
         except json.JSONDecodeError:

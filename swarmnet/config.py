@@ -397,17 +397,30 @@ def load_section(path: str | os.PathLike[str], name: str) -> Any:
     return _build(hint, data.get(name, {}), str(path), f"{name}.", {})
 
 
+def dotted_key(key: str) -> bool:
+    """Whether ``key`` names a config key: section.key, or section.key.option (see build_config)."""
+    parts = key.split(".")
+    return len(parts) in (2, 3) and all(parts)
+
+
 def build_config(data: dict[str, Any], source: str, overrides: dict[str, Any] | None = None,
                  origins: Mapping[str, str] | None = None) -> SwarmConfig:
-    """A validated config from plain data (e.g. ``to_dict`` of another one) plus dotted overrides;
+    """A validated config from plain data (e.g. ``to_dict`` of another one) plus dotted overrides
+    (``section.key``, or ``section.key.option`` for one entry of a table such as task.options);
     ``source`` names where the data came from in error messages, ``origins`` where each override
     came from (e.g. {"train.steps": "--steps"}; default "override KEY")."""
     data = {section: dict(values) if isinstance(values, dict) else values for section, values in data.items()}
     origins = {dotted: (origins or {}).get(dotted, f"override {dotted}") for dotted in overrides or {}}
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
+        key, _, option = key.partition(".")  # task.options.hidden: one entry of a table of options
         table = data.setdefault(section, {})
-        if isinstance(table, dict):  # else _build reports the file's bad section
+        if not isinstance(table, dict):  # _build reports the file's bad section
+            continue
+        if option:
+            inner = table.get(key)
+            table[key] = {**(inner if isinstance(inner, dict) else {}), option: value}
+        else:
             table[key] = value
     config = _build(SwarmConfig, data, source, "", origins)
     train = data.get("train", {})

@@ -109,6 +109,17 @@ def test_overrides_win_and_are_validated(tmp_path):
         load_config(path, {"train.steps": "many"})
 
 
+def test_an_override_may_set_one_entry_of_a_table_of_options(tmp_path):
+    path = write(tmp_path, "[task]\nspec = 'swarmnet.tasks.digits:task'\noptions = {hidden = 64, seed = 3}\n"
+                           "[codec]\nname = 'blockwise8'\n")
+    cfg = load_config(path, {"task.options.hidden": 128, "codec.options.block": 32})
+    assert cfg.task.options == {"hidden": 128, "seed": 3} and cfg.codec.options == {"block": 32}
+    with pytest.raises(ConfigError, match="^--set: codec.options: .*block must be an int"):
+        load_config(path, {"codec.options.block": "big"}, {"codec.options.block": "--set"})
+    with pytest.raises(ConfigError, match="^--set: train.lr must be float"):
+        load_config(path, {"train.lr.x": 1}, {"train.lr.x": "--set"})
+
+
 def test_errors_in_overrides_name_the_override_not_the_file(tmp_path):
     path = write(tmp_path, "[train]\nsteps = 10\n")
     cases = [({"run.dir": 2024}, "--set: run.dir must be str, got 2024"),
