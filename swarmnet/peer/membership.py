@@ -30,6 +30,8 @@ STARTING_INTERVAL = 0.05
 learn of the last one to come up from whomever it joined through; at the usual period the
 first ones then trained up to 0.7 s (hundreds of small-model steps) before the last knew them
 all. Idle while waiting, a peer can afford a few rounds more."""
+CARD_WAIT_WARN_S = 10.0
+"""A file:// seed whose card is still missing after this long is worth a warning (once)."""
 
 
 @dataclass(slots=True)
@@ -209,6 +211,9 @@ class MembershipService:
         """Until the peer meets its start condition it gossips every STARTING_INTERVAL."""
         self._seed_retry: dict[str, float] = {}
         self._seed_failures: dict[str, int] = {}
+        self._card_missing_since: dict[str, float] = {}
+        """file:// seeds: since when their card has been missing."""
+        self._card_warned: set[str] = set()
 
     def hello(self) -> Message:
         return request(MsgType.HELLO, self.client.sender, card=self.card(),
@@ -254,8 +259,13 @@ class MembershipService:
             if self._seed_retry.get(seed, 0.0) > now:
                 continue
             address = read_seed_card(seed) if seed.startswith("file://") else seed
-            if address is None:
-                continue  # the seed's card is not written yet: try again next round
+            if address is None:  # the seed's card is not written yet: try again next round
+                since = self._card_missing_since.setdefault(seed, now)
+                if now - since >= CARD_WAIT_WARN_S and seed not in self._card_warned:
+                    self._card_warned.add(seed)
+                    self.log.warning("seed %s: no peer card there after %.0fs (its peer has not bound yet, or the path "
+                                     "is wrong); still looking", seed, now - since)
+                continue
             try:
                 reply = await self.client.call(address, self.hello(), expect=MsgType.PEERS)
             except SwarmError as exc:

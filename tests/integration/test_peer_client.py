@@ -115,3 +115,23 @@ async def test_a_frozen_neighbour_does_not_stop_our_heartbeat():
     await asyncio.gather(gossip, return_exceptions=True)
     await membership.client.aclose()
     await transports.aclose()
+
+
+async def test_a_file_seed_whose_card_never_appears_is_reported_once(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr("swarmnet.peer.membership.CARD_WAIT_WARN_S", 0.2)
+    transports = TransportSet()
+    seed = f"file://{tmp_path}/nobody/card.json"
+    membership = MembershipService(table=PeerTable("me", dead_after=1.0, backoff=0.1), client=make_client(transports),
+                                   seeds=[seed], interval=0.05, rng=random.Random(0),
+                                   card=lambda: {"id": "me", "addr": "tcp://127.0.0.1:9", "hb": 0},
+                                   log=logging.LoggerAdapter(logging.getLogger("test")))
+    try:
+        with caplog.at_level(logging.WARNING, logger="test"):
+            for _ in range(10):
+                await membership.gossip_once()
+                await asyncio.sleep(0.05)
+        warnings = [r.getMessage() for r in caplog.records if "no peer card there" in r.getMessage()]
+        assert len(warnings) == 1 and seed in warnings[0] and "the path is wrong" in warnings[0], caplog.text
+    finally:
+        await membership.client.aclose()
+        await transports.aclose()
