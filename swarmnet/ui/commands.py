@@ -8,8 +8,12 @@ then run the event loop or write files.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional, TextIO
 
 import typer
 from rich.console import Console
@@ -19,6 +23,30 @@ from swarmnet.errors import ConfigError
 
 if TYPE_CHECKING:
     from swarmnet.ui.model import SwarmSnapshot
+
+
+@contextlib.contextmanager
+def _stdout_for_the_document(json_: bool) -> Iterator[TextIO]:
+    """Where the output goes: with --json, stdout carries the document alone. Native libraries
+    (UCX, when a peer advertises a ucx:// address) print their errors on file descriptor 1; while
+    the status is collected, that descriptor points at stderr."""
+    try:
+        real = json_ and sys.stdout.fileno() == 1
+    except (AttributeError, ValueError, OSError):  # a replaced stdout (tests, notebooks)
+        real = False
+    if not real:
+        yield sys.stdout
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    out = os.fdopen(os.dup(saved), "w")
+    try:
+        yield out
+    finally:
+        out.close()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -60,12 +88,13 @@ def status_command(
     except ConfigError as exc:
         _fail(str(exc))
 
-    async def main() -> SwarmSnapshot:
+    async def main(out: TextIO) -> SwarmSnapshot:
         collector = StatusCollector(seed or [], timeout=timeout, run_dir=run_dir, curve=curve)
-        return await run_status(collector, console=Console(), interval=interval, once=once, as_json=json_)
+        return await run_status(collector, console=Console(file=out), interval=interval, once=once, as_json=json_)
 
     try:
-        snap = asyncio.run(main())
+        with _stdout_for_the_document(json_) as out:
+            snap = asyncio.run(main(out))
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     if not snap.alive:

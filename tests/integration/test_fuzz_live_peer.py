@@ -305,3 +305,25 @@ def test_fat_cards_and_refusals_keep_every_reply_readable(live_peer):
         assert (head["t"], head["code"], head["re"]) == ("reject", "version", stranger.mid), head
     finally:
         client.close()
+
+
+def test_status_json_stays_one_document_when_a_member_advertises_ucx(live_peer):
+    """A card with a ucx:// address (any stranger can send one to a swarm without [security]):
+    dialing it, UCX's native library prints errors on file descriptor 1, which went into the
+    document `swarmnet status --json` prints there."""
+    import json
+    import subprocess
+    import sys
+
+    peer, card = live_peer
+    client = Client(card["addr"])
+    try:
+        ghost = {"id": "ghost", "addr": "ucx://127.0.0.1:1", "hb": 1, "name": "ghost"}
+        assert header_of(client.ask(encode(request(MsgType.HELLO, "ghost", card=ghost, peers=[]))))["t"] == "peers"
+    finally:
+        client.close()
+    result = subprocess.run([sys.executable, "-m", "swarmnet", "status", "--seed", card["addr"], "--json"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert {p["name"] for p in doc["peers"]} >= {"target", "ghost"}, doc
