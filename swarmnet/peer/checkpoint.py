@@ -79,4 +79,6 @@ def _replace_atomically(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
 
 
 def load(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """Tensors, numbers, strings and containers of them only (``weights_only``): unpickling a
+    file may not run code, whoever put it in the run directory."""
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,6 +1,7 @@
 """Run directories and checkpoints a peer cannot use: a clear error naming the path and the fix,
 exit status 2, nothing lost."""
 
+import datetime
 import os
 import subprocess
 import sys
@@ -118,12 +119,15 @@ def test_resume_refuses_the_checkpoint_of_another_task_and_keeps_it(tmp_path):
     assert code == 0, out
 
 
-@pytest.mark.parametrize("content", ["garbage", "another model"])
+@pytest.mark.parametrize("content", ["garbage", "another model", "a pickled object"])
 def test_resume_refuses_an_unusable_checkpoint_and_keeps_it(tmp_path, content):
     path = tmp_path / "run" / "solo" / "checkpoint.pt"
     path.parent.mkdir(parents=True)
     if content == "garbage":
         path.write_bytes(b"garbage\n")
+        expected = "cannot be read as a checkpoint"
+    elif content == "a pickled object":  # unpickling anything but tensors and plain data could run code
+        torch.save({"model": {"weight": torch.zeros(3)}, "step": 5, "when": datetime.date(2026, 1, 1)}, path)
         expected = "cannot be read as a checkpoint"
     else:  # an older checkpoint, without the task it was made for
         torch.save({"model": {"weight": torch.zeros(3)}, "step": 5}, path)
