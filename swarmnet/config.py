@@ -530,6 +530,18 @@ def _above(value: float, low: float) -> bool:
     return math.isfinite(value) and value > low
 
 
+IPC_PATH_MAX = 107
+"""Bytes of a Unix socket path (sockaddr_un.sun_path, less its terminating zero) on Linux."""
+
+
+def ipc_path_error(url: str) -> str | None:
+    """What is wrong with an ipc:// address whose path no Unix socket can hold; None if nothing."""
+    path = url.removeprefix("ipc://")
+    if url.startswith("ipc://") and len(path.encode()) > IPC_PATH_MAX:
+        return f"the socket path {path} is {len(path.encode())} bytes, over the {IPC_PATH_MAX} a Unix socket allows"
+    return None
+
+
 def _check_address(key: str, url: str, example: str, *, lowest_port: int = 1) -> None:
     """A URL with a scheme; a tcp:// one with a port a socket can use (0 only to bind any port)."""
     _require("://" in url, key, f"{url!r} must be a URL such as {example}")
@@ -539,6 +551,8 @@ def _check_address(key: str, url: str, example: str, *, lowest_port: int = 1) ->
     scheme = url.partition("://")[0]
     _require(scheme in schemes, key, f"{url!r}: no transport for {scheme}:// addresses; use one of "
                                      f"{', '.join(s + '://' for s in sorted(schemes))}, e.g. {example}")
+    too_long = ipc_path_error(url)
+    _require(too_long is None, key, f"{too_long}; use a shorter path")
     if url.startswith("tcp://"):
         try:
             port = urlsplit(url).port

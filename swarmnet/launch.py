@@ -34,7 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from swarmnet.codecs import kernels
-from swarmnet.config import SwarmConfig, load_manifest, to_dict
+from swarmnet.config import SwarmConfig, ipc_path_error, load_manifest, to_dict
 from swarmnet.errors import ConfigError, unwritable_run_dir
 from swarmnet.evaluation import evaluate_averaged
 from swarmnet.log import get_logger
@@ -135,7 +135,11 @@ def _listen(transport: str, run_dir: Path, name: str) -> str:
     if transport == "tcp":
         return "tcp://127.0.0.1:0"
     if transport == "ipc":
-        return f"ipc://{(run_dir / name / 'peer.sock').resolve()}"
+        address = f"ipc://{(run_dir / name / 'peer.sock').resolve()}"
+        too_long = ipc_path_error(address)
+        if too_long:
+            raise ConfigError(f"--transport ipc: {too_long}; use a shorter --run-dir, or --transport tcp")
+        return address
     raise ConfigError(f"--transport {transport!r}: use tcp or ipc")
 
 

@@ -59,6 +59,7 @@ def test_defaults_and_bundled_configs_load():
         ("[network]\nlisten = 'tcp://127.0.0.1:99999'", "network.listen: 'tcp://127.0.0.1:99999' needs a port in 0..65535"),
         ("[network]\nadvertise = 'tcp://10.0.0.1:0'", "network.advertise: 'tcp://10.0.0.1:0' needs a port in 1..65535"),
         ("[run]\ndir = ''", "run.dir: must name a directory"),
+        ("[network]\nlisten = 'ipc:///tmp/" + "s" * 110 + "'", "network.listen: the socket path /tmp/sss"),
         ("[network]\nseeds = ['tcp://10.0.0.1']", "network.seeds: 'tcp://10.0.0.1' needs a port in 1..65535"),
         ("[network]\nseeds = ['tpc://10.0.0.1:7000']", "network.seeds: 'tpc://10.0.0.1:7000': no transport for tpc://"),
         ("[network]\nseeds = ['http://10.0.0.1:7000']", "use one of file://, inproc://, ipc://, tcp://"),

@@ -2,7 +2,10 @@
 
 import logging
 
+import pytest
+
 from swarmnet.config import load_config
+from swarmnet.errors import ConfigError
 from swarmnet.launch import LaunchPlan
 from swarmnet.testing import write_config
 
@@ -31,3 +34,11 @@ def test_peers_launched_together_wait_for_each_other_unless_told_otherwise(tmp_p
     with caplog.at_level(logging.WARNING, logger="swarmnet.launch"):
         plan(tmp_path, {"run.peers": 2}, config)
     assert "network.min_peers = 2 but only 1 other peers are launched" in caplog.text
+
+
+def test_ipc_sockets_under_a_run_dir_too_deep_for_them_are_refused_before_any_start(tmp_path):
+    deep = tmp_path / ("d" * 110)
+    cfg = load_config(None, {"run.dir": str(deep)})
+    with pytest.raises(ConfigError, match=r"over the 107 a Unix socket allows; use a shorter --run-dir, or --transport tcp"):
+        LaunchPlan.build(cfg, config_path=None, overrides={"run.dir": str(deep)}, manifests=None, transport="ipc",
+                         fresh=True, log_level="WARNING")
