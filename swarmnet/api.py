@@ -107,19 +107,23 @@ class SwarmOptimizer:
                                    settings=settings)
         self.name = name or _default_name()
         self.peer = Peer(self.cfg, PeerIdentity(self.name, resolve_rank(-1)), resume=False)
-        algo = self.cfg.algorithm
-        self._loop = _new_event_loop()
-        self.replica = _UserReplica(
-            optimizer, model, codec=self.peer.codec, store=self.peer.store, mailbox=Mailbox(self._loop),
-            stats=self.peer.stats, rng=random.Random(zlib.crc32(self.peer.id.encode())),
-            local_steps=LocalSteps(1 if algo.name == "popsgd" else algo.local_steps, algo.geometric),
-        )
-        self.replica.publish()
-        self._clocked_lrs = ([float(g["lr"]) for g in optimizer.param_groups]
-                             if algo.name == "popsgd" and self.cfg.train.schedule == "popsgd" else None)
-        """PopSGD's base rates per parameter group, when the phase clock drives them."""
-        self.peer.attach(self.replica, self.replica.mailbox)
-        self.metrics = MetricsWriter(self.peer.peer_dir / "metrics.jsonl", tensorboard=self.cfg.train.tensorboard)
+        try:  # until the background loop runs, a failure here must give the directory back
+            algo = self.cfg.algorithm
+            self._loop = _new_event_loop()
+            self.replica = _UserReplica(
+                optimizer, model, codec=self.peer.codec, store=self.peer.store, mailbox=Mailbox(self._loop),
+                stats=self.peer.stats, rng=random.Random(zlib.crc32(self.peer.id.encode())),
+                local_steps=LocalSteps(1 if algo.name == "popsgd" else algo.local_steps, algo.geometric),
+            )
+            self.replica.publish()
+            self._clocked_lrs = ([float(g["lr"]) for g in optimizer.param_groups]
+                                 if algo.name == "popsgd" and self.cfg.train.schedule == "popsgd" else None)
+            """PopSGD's base rates per parameter group, when the phase clock drives them."""
+            self.peer.attach(self.replica, self.replica.mailbox)
+            self.metrics = MetricsWriter(self.peer.peer_dir / "metrics.jsonl", tensorboard=self.cfg.train.tensorboard)
+        except BaseException:
+            self.peer.release_dir()
+            raise
         self._began = time.monotonic()
         self._loss_sum: torch.Tensor | float = 0.0
         self._loss_count = 0

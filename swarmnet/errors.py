@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class SwarmError(Exception):
     """Base class of every error swarmnet raises on purpose."""
@@ -39,6 +41,9 @@ class ProtocolError(SwarmError):
 
 def unwritable_run_dir(path: object, exc: OSError) -> ConfigError:
     """A run directory, or a file in it, that cannot be written: what failed and the fix."""
+    if exc.errno == errno.ENOSPC:
+        return ConfigError(f"cannot write {path}: {exc.strerror}; free space on its disk, or choose another --run-dir "
+                           "(run.dir)")
     return ConfigError(f"cannot write {path}: {exc.strerror or exc}; choose a writable --run-dir (run.dir)")
 
 

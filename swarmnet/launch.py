@@ -39,8 +39,10 @@ from swarmnet.errors import ConfigError, unwritable_run_dir
 from swarmnet.evaluation import evaluate_averaged
 from swarmnet.log import get_logger
 from swarmnet.peer import checkpoint
+from swarmnet.peer.claim import check_free
 from swarmnet.peer.compute import plan_training
 from swarmnet.peer.metrics import read_metrics
+from swarmnet.peer.node import FINISHED_WELL
 from swarmnet.tasks import load_task
 
 log = get_logger("launch")
@@ -121,6 +123,8 @@ class LaunchPlan:
         # A card left by an earlier run would pass for the new peer's (its address, its being up),
         # and a summary for its result if it dies before writing its own.
         stale = PEER_FILES if fresh else ("card.json", "summary.json")
+        for p in peers:
+            check_free(run_dir / p.name)  # before anything is removed: a second `up` must not wipe a running swarm
         for p in peers:
             try:
                 (run_dir / p.name).mkdir(parents=True, exist_ok=True)
@@ -260,13 +264,12 @@ def check_summary_path(path: Path) -> None:
     """Refuse a --summary path that cannot be written before the run, not after it."""
     if path.is_dir():
         raise ConfigError(f"--summary {path}: is a directory; name a file, e.g. {path / 'summary.json'}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"--summary {path}: cannot create {path.parent} ({exc.strerror or exc}); "
-                          "choose a writable path") from None
-    if not os.access(path.parent, os.W_OK):
-        raise ConfigError(f"--summary {path}: {path.parent} is not writable; choose a writable path")
+    existing = next(p for p in path.absolute().parents if p.exists())  # the rest is made at the end
+    if not existing.is_dir():
+        raise ConfigError(f"--summary {path}: cannot create it under {existing}, which is not a directory; "
+                          "choose a writable path")
+    if not os.access(existing, os.W_OK):
+        raise ConfigError(f"--summary {path}: {existing} is not writable; choose a writable path")
 
 
 def _write_summary(path: Path, result: dict[str, Any]) -> None:
@@ -371,7 +374,7 @@ def summarize(plan: LaunchPlan, elapsed: float, interrupted: bool) -> dict[str, 
                 row.update(steps=metrics.get("step"), final_loss=metrics.get("loss"),
                            interactions=metrics.get("interactions"), bytes_sent=metrics.get("bytes_out"),
                            bytes_received=metrics.get("bytes_in"))
-        row["ok"] = code == 0 and row.get("reason") in ("budget", "stopped")
+        row["ok"] = code == 0 and row.get("reason") in FINISHED_WELL
         rows.append(row)
     finished = [p for p, r in zip(plan.peers, rows) if r["ok"]]
     result: dict[str, Any] = {
@@ -425,9 +428,12 @@ def average_models(plan: LaunchPlan, peers: list[PeerProcess]) -> dict[str, Any]
     BatchNorm statistics recomputed on a few training batches (swarmnet.evaluation)."""
     states = []
     for p in peers:
+        path = plan.run_dir / p.name / "checkpoint.pt"
         try:
-            states.append(checkpoint.load(plan.run_dir / p.name / "checkpoint.pt")["model"])
-        except (OSError, KeyError, RuntimeError):
+            states.append(checkpoint.load(path)["model"])
+        except Exception as exc:  # unreadable, truncated or refused (objects other than tensors)
+            log.warning("%s left out of the average model: %s cannot be read (%s)", p.name, path,
+                        type(exc).__name__)
             continue
     if not states:
         return {"peers_averaged": 0}

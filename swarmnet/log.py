@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 
 
 def get_logger(area: str) -> logging.Logger:
@@ -15,6 +16,26 @@ class PeerLogAdapter(logging.LoggerAdapter):  # type: ignore[type-arg]
 
     def process(self, msg, kwargs):  # type: ignore[no-untyped-def]
         return f"[{self.extra['peer']}] {msg}", kwargs
+
+
+class Throttle:
+    """For a failure that can recur many times a second (a full disk, a stranger's garbage): log
+    each kind at its first occurrence, then at most every ``every_s`` seconds."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self._kinds: dict[str, tuple[float, int]] = {}
+
+    def due(self, kind: str = "") -> int | None:
+        """None when ``kind`` was logged less than ``every_s`` ago (this one is counted); else how
+        many were left out since its last line."""
+        now = time.monotonic()
+        logged_at, held = self._kinds.get(kind, (-float("inf"), 0))
+        if now - logged_at < self.every_s:
+            self._kinds[kind] = (logged_at, held + 1)
+            return None
+        self._kinds[kind] = (now, 0)
+        return held
 
 
 def setup_logging(level: str = "INFO", *, rich: bool | None = None) -> None:

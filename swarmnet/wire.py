@@ -58,8 +58,9 @@ CARD_BYTES = 32768
 """Packed bytes of the cards a peer puts in one message (half the default header limit), so
 that cards with long names or addresses still leave a reply well under any peer's limit."""
 _CARD_FIELD_CHARS = {"id": 128, "addr": 512, "name": 128}
-_ADDRESS = re.compile(r"[a-z][a-z0-9+.-]*://\S+")
-"""A card's address: a transport scheme, then a location (tcp://host:port, ipc://path, ...)."""
+_ADDRESS = re.compile(r"[a-z][a-z0-9+.-]*://[^\x00-\x1f\x7f]+")
+"""A card's address: a transport scheme, then a location (tcp://host:port, ipc://path with
+spaces, ...) without control characters."""
 
 # Required header fields per message type (beyond v, t, id, mid, sizes) and their types.
 SCHEMA: dict[MsgType, dict[str, Any]] = {
@@ -229,7 +230,11 @@ def _check_cards(header: Mapping[str, Any], mtype: MsgType) -> None:
         _check(card, {k: v for k, v in _CARD_OPTIONAL.items() if k in card}, where)
         if any(len(card.get(k, "")) > n for k, n in _CARD_FIELD_CHARS.items()):
             raise ProtocolError("malformed", f"{where}: a field is too long")
-        if not _ADDRESS.fullmatch(card["addr"]):
-            raise ProtocolError("malformed", f"{where}: address {card['addr']!r:.80} is not scheme://location")
+    if not _ADDRESS.fullmatch(header["card"]["addr"]):
+        raise ProtocolError("malformed", f"{mtype}: the sender's address {header['card']['addr']!r:.80} is not "
+                            "scheme://location")
+    # A relayed card with an unusable address is left out, not the message: one such card, which
+    # a peer of an older version may pass on, would otherwise stop the gossip of every peer.
+    header["peers"] = [card for card in header["peers"] if _ADDRESS.fullmatch(card["addr"])]
     if header["card"]["id"] != header["id"]:
         raise ProtocolError("malformed", f"{mtype}: the card's id {header['card']['id']!r:.140} is not the sender's")

@@ -37,9 +37,7 @@ class DirectoryClaim:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise ConfigError(f"{peer_dir} belongs to a peer that is still running (pid {holder}): two peers with one "
-                              "name and run directory would overwrite each other's checkpoint and metrics; stop "
-                              "that peer first, or give this one another --name or --run-dir") from None
+            raise in_use_error(peer_dir, holder) from None
         except OSError as exc:  # a file system without locks (some network mounts): run unguarded
             log.warning("cannot lock %s (%s): nothing stops a second peer with this name and run directory",
                         path, exc.strerror or exc)
@@ -62,5 +60,32 @@ class DirectoryClaim:
 
     def release(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the lock
+            # Unlocked explicitly: a child process forked meanwhile (a DataLoader worker) shares
+            # the open file and would otherwise hold the lock after we close our descriptor.
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
             self._fd = None
+
+
+def in_use_error(peer_dir: Path, holder: str) -> ConfigError:
+    return ConfigError(f"{peer_dir} belongs to a peer that is still running (pid {holder}): two peers with one "
+                       "name and run directory would overwrite each other's checkpoint and metrics; stop "
+                       "that peer first, or give this one another --name or --run-dir")
+
+
+def check_free(peer_dir: Path) -> None:
+    """Raise :func:`in_use_error` if a running peer holds ``peer_dir``; take nothing (for a
+    launcher about to clear the directory for the peer it starts)."""
+    try:
+        fd = os.open(peer_dir / LOCK_NAME, os.O_RDWR)
+    except OSError:  # no lock file, or none we can open: no peer has run there
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise in_use_error(peer_dir, os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown") from None
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 import random
+import re
 import threading
 import time
 import zlib
@@ -311,8 +313,14 @@ class ComputeLoop(Replica):
                "or the config the run was made with")
         try:
             state = checkpoint.load(path)
+        except pickle.UnpicklingError as exc:  # torch's text would suggest weights_only=False
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+            what = (f"it holds a {found[1]} object, and loading objects other than tensors and plain data "
+                    "could run code" if found else "not a torch checkpoint file")
+            raise ConfigError(f"{path} cannot be read as a checkpoint ({what}); {fix}") from None
         except Exception as exc:  # unpickling garbage raises nearly anything
-            raise ConfigError(f"{path} cannot be read as a checkpoint ({type(exc).__name__}: {exc}); {fix}") from None
+            detail = " ".join(str(exc).split())[:300]
+            raise ConfigError(f"{path} cannot be read as a checkpoint ({type(exc).__name__}: {detail}); {fix}") from None
         task = state.get("task") if isinstance(state, dict) else None
         if task is not None and task != self.cfg.task.spec:
             raise ConfigError(f"{path} was made for task {task}, this config trains {self.cfg.task.spec}; {fix}")
@@ -349,16 +357,16 @@ class ComputeLoop(Replica):
         self.stats.step = self.step
         self.publish()
 
-    def save_checkpoint(self, *, final: bool = False) -> bool:
+    def save_checkpoint(self, *, final: bool = False) -> str | None:
         """Write the checkpoint, unless the model is no longer finite: the last good one stays
-        (a diverged peer restarted with a lower learning rate resumes from it). Whether it was
-        written; ``final``: the peer stops after this one."""
+        (a diverged peer restarted with a lower learning rate resumes from it). What kept it
+        from being written, None when it was; ``final``: the peer stops after this one."""
         self._last_checkpoint = time.monotonic()
         if not bool(torch.isfinite(self.live_N).all()):  # CPU<->GPU sync point, once per checkpoint
             self.stats.checkpoint_errors += 1
             self.log.error("the model holds non-finite values at step %d: checkpoint not written, %s keeps the "
                            "last finite one", self.step, self.checkpoint_path)
-            return False
+            return "the model holds non-finite values"
         state: dict[str, Any] = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -382,9 +390,9 @@ class ComputeLoop(Replica):
                 self.log.error("checkpoint to %s failed (%s); training goes on, the previous "
                                "checkpoint is intact; free space or fix permissions",
                                self.checkpoint_path, exc.strerror or exc)
-            return False
+            return str(exc.strerror or exc)
         self._saved_step = self.step
-        return True
+        return None
 
     def current_lr(self) -> float:
         return self.plan.schedule(self.step, self.clock.value)
@@ -461,14 +469,14 @@ class ComputeLoop(Replica):
         self.metrics.write({"time": time.time(), "step": self.step, "eval": self.last_eval})
         return self.last_eval
 
-    def finalize(self) -> bool:
+    def finalize(self) -> str | None:
         """After the exchange has stopped: merge what was acknowledged, publish, checkpoint.
-        Whether the final checkpoint was written."""
+        What kept the final checkpoint from being written, None when it was."""
         self.inbox.close()
         self.merge_pending(final=True)
         if self._loss_count:
             self.write_metrics()
         self.evaluate()
-        saved = self.save_checkpoint(final=True)
+        unsaved = self.save_checkpoint(final=True)
         self.metrics.close()
-        return saved
+        return unsaved

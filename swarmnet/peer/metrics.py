@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from swarmnet.errors import unwritable_run_dir
-from swarmnet.log import get_logger
+from swarmnet.log import Throttle, get_logger
 from swarmnet.peer.stats import PeerStats
 
 
@@ -62,7 +62,9 @@ def _tensorboard(logdir: Path) -> Any:
 def _quiet_writer_threads() -> None:
     """TensorBoard's writer thread dies on a failed write (a full disk) and Python prints its
     traceback; the writer hands the same error to our next call, which reports it in one line
-    (:meth:`MetricsWriter._drop_tensorboard`). Other threads' errors print as before."""
+    (:meth:`MetricsWriter._drop_tensorboard`). Other threads' errors print as before. The hook
+    is the process's: in a user's own loop (swarmnet.api) it quiets their writers' threads too,
+    whose errors their next call raises just the same."""
     try:
         from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
     except ImportError:  # another layout: its tracebacks print
@@ -113,7 +115,7 @@ class MetricsWriter:
         self._tb_held: dict[str, Any] | None = None
         """The latest progress row not mirrored yet (mirrored at close)."""
         self.errors = 0
-        self._reported_at = -float("inf")
+        self._failures = Throttle(ERRORS_EVERY_S)
 
     def write(self, record: dict[str, Any]) -> None:
         if self._fh is not None:
@@ -121,9 +123,7 @@ class MetricsWriter:
                 self._fh.write(json.dumps(_clean(record)) + "\n")
             except OSError as exc:  # a full or read-only disk must not stop training
                 self.errors += 1
-                now = time.monotonic()
-                if now - self._reported_at >= ERRORS_EVERY_S:
-                    self._reported_at = now
+                if self._failures.due() is not None:
                     get_logger("metrics").error("writing %s failed (%s, %d times so far); training goes on, "
                                                 "free space or fix permissions", self.path,
                                                 exc.strerror or exc, self.errors)

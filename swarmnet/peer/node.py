@@ -246,9 +246,9 @@ class Peer:
                     if reason == "budget":
                         await self._settle(compute, compute_thread, linger_until)
                     await self.drain()
-                    saved = await loop.run_in_executor(compute_thread, compute.finalize)
-                    if not saved and reason in FINISHED_WELL:  # a script must not take the model for saved
-                        reason = "final checkpoint failed: the last steps are lost (see the peer's log)"
+                    unsaved = await loop.run_in_executor(compute_thread, compute.finalize)
+                    if unsaved and reason in FINISHED_WELL:  # a script must not take the model for saved
+                        reason = f"final checkpoint not written: {unsaved}"
                     summarized = self.write_summary(reason, time.monotonic() - started, steps=compute.step,
                                                     total_steps=compute.plan.total_steps, evaluation=compute.last_eval)
                     if not summarized and reason in FINISHED_WELL:

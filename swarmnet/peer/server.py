@@ -18,6 +18,7 @@ from swarmnet.buffers import Buffer
 from swarmnet.codecs.hostbuf import host_bytes
 from swarmnet.codecs.published import copies_done, until_copied
 from swarmnet.errors import CodecError, ProtocolError, TransportError
+from swarmnet.log import Throttle
 from swarmnet.peer.screening import Poisoned
 from swarmnet.transport import Listener
 from swarmnet.transport.base import Route
@@ -29,6 +30,10 @@ if TYPE_CHECKING:
 REJECT_LOG_EVERY_S = 10.0
 
 
+def _more(held: int) -> str:
+    return f"; {held} more refused for this reason since the last such line" if held else ""
+
+
 class PeerServer:
     def __init__(self, peer: Peer, listener: Listener, limits: Limits, max_concurrent: int,
                  log: logging.LoggerAdapter) -> None:  # type: ignore[type-arg]
@@ -37,8 +42,8 @@ class PeerServer:
         self.limits = limits
         self.log = log
         self._slots = asyncio.Semaphore(max_concurrent)
-        self._reject_log: dict[str, tuple[float, int]] = {}
-        """Per refusal reason: when it was last logged, and how many were not logged since."""
+        self._reject_log = Throttle(REJECT_LOG_EVERY_S)
+        """Refusals are logged per reason: a stranger sending garbage must not flood the log."""
         self._donation: Message | None = None
         """The lossless full snapshot on its way to a newcomer, if any: one at a time, so that
         newcomers arriving together spread over donors (newcomer.py) instead of queueing here."""
@@ -105,7 +110,9 @@ class PeerServer:
             return await handler(msg)
         except (ProtocolError, CodecError) as exc:
             if isinstance(exc, Poisoned):  # the screen counted it under its own code
-                self.log.warning("refused a nudge from %s: %s", msg.sender, exc)
+                held = self._reject_log.due(exc.code)
+                if held is not None:
+                    self.log.warning("refused a nudge from %s: %s%s", msg.sender, exc, _more(held))
             else:
                 code = exc.code if isinstance(exc, ProtocolError) else "bad_payload"
                 self._count_reject(code, str(exc), msg.sender)
@@ -115,17 +122,11 @@ class PeerServer:
             return reject(msg, me, RejectCode.MALFORMED, str(exc))
 
     def _count_reject(self, code: str, reason: str, sender: str | None) -> None:
-        """Count every refusal; log the first of each reason, then at most one a REJECT_LOG_EVERY_S
-        (a stranger sending garbage must not flood the log)."""
         self.peer.stats.rejected[code] += 1
-        now = time.monotonic()
-        logged_at, held = self._reject_log.get(code, (-float("inf"), 0))
-        if now - logged_at < REJECT_LOG_EVERY_S:
-            self._reject_log[code] = (logged_at, held + 1)
-            return
-        self._reject_log[code] = (now, 0)
-        more = f"; {held} more refused for this reason since the last such line" if held else ""
-        self.log.warning("rejected a message from %s: %s (%s)%s", sender or "an unknown sender", reason, code, more)
+        held = self._reject_log.due(code)
+        if held is not None:
+            self.log.warning("rejected a message from %s: %s (%s)%s", sender or "an unknown sender", reason, code,
+                             _more(held))
 
     # -- handlers ------------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ A third-party package registers ``myscheme = "mypkg.transport:MyTransport"`` in 
 
 from __future__ import annotations
 
+import functools
 from importlib.metadata import entry_points
 
 from swarmnet.errors import ConfigError
@@ -41,9 +42,10 @@ def transport_class(url: str) -> type[Transport]:
     raise ConfigError(f"no transport for {scheme}:// addresses; installed: {', '.join(sorted(known_schemes()))}")
 
 
-def known_schemes() -> set[str]:
+@functools.cache
+def known_schemes() -> frozenset[str]:
     """Address schemes with a transport: the built-in ones and those of installed plugins."""
-    return set(BUILTIN) | {ep.name for ep in entry_points(group="swarmnet.transports")}
+    return frozenset(BUILTIN) | {ep.name for ep in entry_points(group="swarmnet.transports")}
 
 
 class TransportSet:

@@ -45,6 +45,7 @@ def _stdout_for_the_document(json_: bool) -> Iterator[TextIO]:
         yield out
     finally:
         out.close()
+        sys.stdout.flush()  # what Python printed meanwhile belongs to stderr too
         os.dup2(saved, 1)
         os.close(saved)
 

