@@ -262,7 +262,9 @@ class Peer:
                 finally:
                     compute.stop.set()  # whatever ended the loop, the compute thread must not outlive it
         finally:
-            compute_thread.shutdown(wait=False)
+            # Its stop is set: it ends with its current step or write. Waited for, so that the
+            # directory's claim is given back only once nothing of this peer writes there.
+            compute_thread.shutdown(wait=True)
         return 0 if reason in FINISHED_WELL else 1
 
     def attach(self, replica: Replica, mailbox: Mailbox) -> None:
