@@ -3,8 +3,11 @@
 Each process trains an MLP on scikit-learn's digits, optionally on a subset of the classes only
 (--classes 0,1,2,3,4), so that without the swarm its model could not know the other classes:
 
-    python examples/own_training_loop.py --name a --classes 0,1,2,3,4 --listen tcp://127.0.0.1:7000
-    python examples/own_training_loop.py --name b --classes 5,6,7,8,9 --seed tcp://127.0.0.1:7000
+    python examples/own_training_loop.py --name a --classes 0,1,2,3,4 --listen tcp://127.0.0.1:7000 --min-peers 1
+    python examples/own_training_loop.py --name b --classes 5,6,7,8,9 --seed tcp://127.0.0.1:7000 --min-peers 1
+
+(--min-peers 1: each waits for the other before its first step; without it, the first one
+trains alone to the end of its budget before the second has started.)
 
 It prints one JSON line: its steps, merges, and the accuracy of its final model on all classes.
 """

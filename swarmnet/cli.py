@@ -18,7 +18,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.markup import escape
 
-from swarmnet.config import PeerManifest, dotted_key, load_config, load_manifest
+from swarmnet.config import PeerManifest, check_device, dotted_key, load_config, load_manifest
 from swarmnet.errors import ConfigError, SwarmError
 from swarmnet.log import setup_logging
 
@@ -274,6 +274,12 @@ def bench_memory(
                    f"-> {c['model_copies']:.1f} copies of the model")
 
 
+def _require_positive(**values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise ConfigError(f"--{name} must be >= 1, got {value}")
+
+
 @bench_app.command("codecs")
 def bench_codecs(
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the figures as JSON here.")] = None,
@@ -284,6 +290,11 @@ def bench_codecs(
     """Encode/decode throughput per codec, and lattice bytes per pull against key distance."""
     from swarmnet.bench.codecs import run
 
+    try:
+        _require_positive(size=size, repeats=repeats)
+        check_device(device)
+    except ConfigError as exc:
+        fail(str(exc))
     run(size=size, repeats=repeats, device=device, json_path=json_path, progress=True)
 
 
@@ -309,6 +320,11 @@ def bench_sim(
     """Simulator interactions per second: layers of disjoint pairs vs the one-pair loop."""
     from swarmnet.bench.sim import run
 
+    try:
+        _require_positive(nodes=nodes, interactions=interactions)
+        check_device(device)
+    except ConfigError as exc:
+        fail(str(exc))
     run(nodes=nodes, interactions=interactions, device=device, json_path=json_path, progress=True)
 
 
@@ -325,8 +341,10 @@ def keys_generate(
         public, secret = generate_keys(out, name, force=force)
     except (ConfigError, OSError) as exc:
         fail(str(exc))
-    typer.echo(f"wrote {secret} (secret, mode 0600: this peer's security.key; never share it)")
-    typer.echo(f"wrote {public} (public: put it in the allow-list of every peer that should admit this one)")
+    typer.echo(f"wrote {secret} (secret, mode 0600: security.key of the peer it names, or of every peer in "
+               "swarm-key mode; never share it beyond them)")
+    typer.echo(f"wrote {public} (public: in allow-list mode, list it in every peer's allow-list that should "
+               "admit this one)")
 
 
 @bench_app.command("baselines")

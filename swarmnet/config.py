@@ -370,6 +370,22 @@ class PeerManifest:
 PEER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 
 
+def check_device(spec: str) -> None:
+    """A torch device this machine has (cpu, cuda, cuda:N); a ConfigError naming the fix otherwise."""
+    import torch  # here: reading a config does not need it
+
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f"device {spec!r}: not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device {spec!r} asked for, but CUDA is not available here; use --device cpu")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {spec!r}: only {torch.cuda.device_count()} GPU(s) here")
+
+
 def check_peer_name(name: str) -> str:
     """A peer's name names its directory <run.dir>/<name>: one path component, so it cannot escape."""
     if not PEER_NAME.fullmatch(name):

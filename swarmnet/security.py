@@ -119,7 +119,11 @@ def generate_keys(out_dir: Path, name: str, *, force: bool = False) -> tuple[Pat
     _require_curve()
     if not name or not all(c.isalnum() or c in "._-" for c in name) or name.startswith("."):
         raise ConfigError(f"key name {name!r}: use letters, digits, '.', '_' and '-' (e.g. peer0)")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        what = "exists and is not a directory" if isinstance(exc, FileExistsError) else exc.strerror or exc
+        raise ConfigError(f"--out {out_dir}: {what}; pass a directory to write the keys into") from None
     public_path, secret_path = out_dir / f"{name}.key", out_dir / f"{name}.key_secret"
     if not force:
         for path in (public_path, secret_path):

@@ -41,7 +41,7 @@ import torch
 from swarmnet import __version__
 from swarmnet.algorithms import PhaseClock, parse_topology
 from swarmnet.codecs import make_codec
-from swarmnet.config import SwarmConfig, check_peer_name, to_dict
+from swarmnet.config import SwarmConfig, check_device, check_peer_name, to_dict
 from swarmnet.errors import ConfigError, SwarmError, unwritable_run_dir
 from swarmnet.log import PeerLogAdapter, get_logger
 from swarmnet.peer import checkpoint
@@ -87,12 +87,8 @@ def resolve_device(spec: str) -> torch.device:
     if spec == "cpu":
         return torch.device("cpu")
     if spec.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {spec!r} asked for, but CUDA is not available here; use --device cpu or auto")
-        device = torch.device(spec)
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"device {spec!r}: only {torch.cuda.device_count()} GPU(s) here")
-        return device
+        check_device(spec)
+        return torch.device(spec)
     if torch.cuda.is_available():
         local = next((int(os.environ[v]) for v in LOCAL_RANK_VARIABLES if os.environ.get(v, "").isdigit()), 0)
         return torch.device(f"cuda:{local % torch.cuda.device_count()}")

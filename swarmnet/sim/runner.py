@@ -30,6 +30,7 @@ import torch
 
 from swarmnet.algorithms.local_steps import LocalSteps
 from swarmnet.algorithms.topology import parse_topology
+from swarmnet.config import check_device
 from swarmnet.errors import ConfigError
 from swarmnet.sim import output
 from swarmnet.sim.engine import ALGORITHMS, EngineConfig, make_engine
@@ -81,6 +82,9 @@ class SimConfig:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}")
         if self.interactions_per_node <= 0 or self.records < 1:
             raise ConfigError("--interactions-per-node and --records must be positive")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {self.threads}")
+        check_device(self.device)
         if self.codec != "none" and self.algorithm != "swarmsgd":
             raise ConfigError(
                 "--codec lattice: quantized registers are simulated for SwarmSGD only"

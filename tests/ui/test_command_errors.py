@@ -111,3 +111,18 @@ def test_with_json_what_native_code_prints_on_stdout_goes_to_stderr() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout == '{"doc": 1}\n'
     assert "native noise" in result.stderr and "python noise" in result.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["simulate", "--nodes", "4", "--threads", "0", "--no-progress"], "--threads must be >= 1"),
+    (["simulate", "--nodes", "4", "--device", "gpu", "--no-progress"], "device 'gpu': not a torch device"),
+    (["bench", "sim", "--nodes", "0"], "--nodes must be >= 1"),
+    (["bench", "sim", "--interactions", "-1"], "--interactions must be >= 1"),
+    (["bench", "codecs", "--size", "0"], "--size must be >= 1"),
+    (["bench", "codecs", "--repeats", "0"], "--repeats must be >= 1"),
+    (["bench", "codecs", "--device", "cuda:7"], "device 'cuda:7'"),
+])
+def test_bad_simulator_and_benchmark_values_are_refused_before_any_work(args, message) -> None:
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+    assert isinstance(result.exception, SystemExit)
