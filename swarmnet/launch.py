@@ -33,6 +33,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from swarmnet.bootstrap import GLIBC_TUNABLES
 from swarmnet.codecs import kernels
 from swarmnet.config import SwarmConfig, ipc_path_error, load_manifest, to_dict
 from swarmnet.errors import ConfigError, unwritable_run_dir
@@ -46,9 +47,6 @@ from swarmnet.peer.node import FINISHED_WELL
 from swarmnet.tasks import load_task
 
 log = get_logger("launch")
-GLIBC_TUNABLES = "glibc.malloc.hugetlb=1"
-"""Set for the peers unless the environment says otherwise: fresh receive buffers on huge pages,
-much faster large pulls (docs/benchmarks.md, Exchange and Receive buffers)."""
 
 PEER_FILES = ("card.json", "summary.json", "metrics.jsonl", "checkpoint.pt", "peer.log")
 CARD_TIMEOUT = 120.0

@@ -45,7 +45,8 @@ def test_procfile_runs_the_first_hosts_peers(tmp_path: Path) -> None:
     write_bootstrap(SwarmPlan(hosts=("h1", "h2"), gpus_per_host=2), tmp_path)
     lines = [line for line in (tmp_path / "Procfile").read_text().splitlines() if not line.startswith("#")]
     assert lines == [
-        f"peer{i}: exec env PYTHONUNBUFFERED=1 swarmnet peer --config configs/swarm.toml --peer peers/peer{i}.toml"
+        f"peer{i}: exec env PYTHONUNBUFFERED=1 GLIBC_TUNABLES=glibc.malloc.hugetlb=1 swarmnet peer "
+        f"--config configs/swarm.toml --peer peers/peer{i}.toml"
         for i in (0, 1)
     ]
     for line in lines:  # every path a Procfile line names exists relative to the output directory
