@@ -173,7 +173,7 @@ def up(
 
 
 # Its help is one paragraph: typer keeps the line breaks inside any later paragraph.
-@app.command("eval")
+@app.command("eval", short_help="Average the current models of a running swarm and evaluate the average.")
 def eval_(
     config: ConfigOpt = Path("configs/quickstart.toml"),
     seed: Annotated[Optional[list[str]], typer.Option("--seed", "-s", help="Address of any peer of the swarm (tcp://... or file:///.../card.json), repeatable.")] = None,
@@ -197,6 +197,8 @@ def eval_(
         fail("give --seed ADDRESS or --run-dir DIR")
     if peers < 0 or bn_batches < 0:
         fail("--peers and --bn-batches must be >= 0")
+    if run_dir is not None and not run_dir.is_dir():
+        fail(f"--run-dir {run_dir}: no such directory")
     try:
         settings = parse_settings(set_ or [])
         cfg = load_config(config, settings, dict.fromkeys(settings, "--set"))

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from swarmnet.codecs import Codec, make_codec
 from swarmnet.config import SwarmConfig
 from swarmnet.errors import CodecError, SwarmError, TransportError
+from swarmnet.log import get_logger
 from swarmnet.peer.client import PeerClient
 from swarmnet.peer.state import FlatParameters
 from swarmnet.peer.stats import PeerStats
@@ -32,6 +33,8 @@ from swarmnet.security import CurveKeys, client_keys
 from swarmnet.tasks import Task, load_task
 from swarmnet.transport import TransportSet
 from swarmnet.wire import Limits, MsgType, request
+
+log = get_logger("eval")
 
 BN_BATCHES = 20
 """Training batches run through an averaged model to recompute its BatchNorm statistics."""
@@ -162,7 +165,10 @@ def evaluate_swarm(cfg: SwarmConfig, *, seeds: list[str], run_dir: Path | None =
     async def pull_all() -> tuple[list[PulledModel], Tensor, float]:
         found = sorted(await discover(seeds, run_dir, timeout, curve))
         if not found:
-            raise SwarmError("no peer answered; check --seed / --run-dir and that the swarm is running")
+            raise SwarmError("no peer answered; check --seed / --run-dir and that the swarm is running "
+                             "(and --key for a swarm with [security])")
+        if peers > len(found):
+            log.warning("--peers %d: only %d peer(s) answered; averaging those", peers, len(found))
         chosen = found[:peers] if peers > 0 else found
         net = cfg.network
         reader = SnapshotReader(codec, max_frame_bytes=net.frame_limit(flat.numel),

@@ -310,7 +310,7 @@ def _supervise(plan: LaunchPlan, interrupt: _Interrupt, console: Console) -> boo
                 latest = _tail_metrics(plan.run_dir / p.name / "metrics.jsonl", offsets, p.name)
                 if latest:
                     loss = latest.get("loss")  # null once the loss is no longer finite
-                    shown = "not finite" if loss is None else f"{loss:.4f}"
+                    shown = "not finite" if loss is None else f"{loss:.4g}"
                     info = f"loss {shown}  merges {latest.get('interactions', 0)}"
                     progress.update(tasks[p.name], completed=latest.get("step", 0), info=info)
                 if p.exit_code is not None:
@@ -470,7 +470,7 @@ def render_summary(result: dict[str, Any]) -> Table:
         loss = r.get("final_loss")
         table.add_row(r["name"], status, str(r.get("steps", "?")), str(r.get("interactions", "?")),
                       f"{(r.get('bytes_sent') or 0) / 1e6:.1f}", f"{(r.get('bytes_received') or 0) / 1e6:.1f}",
-                      f"{loss:.4f}" if isinstance(loss, (int, float)) else "?", fmt_eval(r.get("eval")))
+                      f"{loss:.4g}" if isinstance(loss, (int, float)) else "?", fmt_eval(r.get("eval")))
     avg = result["average"]
     if avg.get("peers_averaged"):
         table.add_row("average", f"{avg['peers_averaged']} models, spread {avg['consensus_distance']:.3g}",

@@ -150,6 +150,8 @@ def parse_nodes(text: str) -> tuple[int, ...]:
         ) from None
     if not values:
         raise ConfigError("--nodes is empty")
+    if len(set(values)) < len(values):
+        raise ConfigError(f"--nodes {text}: lists a node count twice (each run writes its files by node count)")
     return values
 
 

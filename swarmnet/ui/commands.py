@@ -110,6 +110,8 @@ def plot_command(
     """Plot loss (per peer and mean) against steps and time, consensus distance and bytes per interaction."""
     from swarmnet.ui.plots import plot_run
 
+    if not run_dir.is_dir():
+        _fail(f"{run_dir}: {'not a directory' if run_dir.exists() else 'no such directory'}; pass a run directory")
     target = output or run_dir / "swarm.png"
     try:
         target = plot_run(run_dir, target)

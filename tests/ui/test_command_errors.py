@@ -116,6 +116,7 @@ def test_with_json_what_native_code_prints_on_stdout_goes_to_stderr() -> None:
 @pytest.mark.parametrize("args,message", [
     (["simulate", "--nodes", "4", "--threads", "0", "--no-progress"], "--threads must be >= 1"),
     (["simulate", "--nodes", "4", "--device", "gpu", "--no-progress"], "device 'gpu': not a torch device"),
+    (["simulate", "--nodes", "4,8,4", "--no-progress"], "lists a node count twice"),
     (["bench", "sim", "--nodes", "0"], "--nodes must be >= 1"),
     (["bench", "sim", "--interactions", "-1"], "--interactions must be >= 1"),
     (["bench", "codecs", "--size", "0"], "--size must be >= 1"),
@@ -126,3 +127,10 @@ def test_bad_simulator_and_benchmark_values_are_refused_before_any_work(args, me
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
     assert isinstance(result.exception, SystemExit)
+
+
+def test_plot_and_eval_name_a_run_directory_that_does_not_exist(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    for args in (["plot", str(missing)], ["eval", "--run-dir", str(missing)]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2 and f"{missing}: no such directory" in result.output, result.output
