@@ -197,8 +197,10 @@ def eval_(
         fail("give --seed ADDRESS or --run-dir DIR")
     if peers < 0 or bn_batches < 0:
         fail("--peers and --bn-batches must be >= 0")
-    if run_dir is not None and not run_dir.is_dir():
-        fail(f"--run-dir {run_dir}: no such directory")
+    if run_dir is not None:
+        from swarmnet.ui.commands import require_run_dir
+
+        require_run_dir(run_dir, "--run-dir ")
     try:
         settings = parse_settings(set_ or [])
         cfg = load_config(config, settings, dict.fromkeys(settings, "--set"))

@@ -50,6 +50,12 @@ def _stdout_for_the_document(json_: bool) -> Iterator[TextIO]:
         os.close(saved)
 
 
+def require_run_dir(path: Path, flag: str = "") -> None:
+    """Exit naming ``path`` (given as ``flag``) when it is not an existing directory."""
+    if not path.is_dir():
+        _fail(f"{flag}{path}: {'not a directory' if path.exists() else 'no such directory'}; pass a run directory")
+
+
 def _fail(message: str, code: int = 2) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
@@ -76,8 +82,8 @@ def status_command(
     for s in seed or []:
         if "://" not in s:
             _fail(f"--seed {s!r} is not an address; use e.g. tcp://10.0.0.1:7100 or file:///run/peer0/card.json")
-    if run_dir is not None and not run_dir.is_dir():
-        _fail(f"--run-dir {run_dir}: {'not a directory' if run_dir.exists() else 'no such directory'}")
+    if run_dir is not None:
+        require_run_dir(run_dir, "--run-dir ")
     if not seed and run_dir is not None and not seeds_from_run_dir(run_dir):
         _fail(f"--run-dir {run_dir}: no */card.json yet (are the peers running?)")
     if seed and run_dir is None and not any(resolve_seed(s) for s in seed):
@@ -110,8 +116,7 @@ def plot_command(
     """Plot loss (per peer and mean) against steps and time, consensus distance and bytes per interaction."""
     from swarmnet.ui.plots import plot_run
 
-    if not run_dir.is_dir():
-        _fail(f"{run_dir}: {'not a directory' if run_dir.exists() else 'no such directory'}; pass a run directory")
+    require_run_dir(run_dir)
     target = output or run_dir / "swarm.png"
     try:
         target = plot_run(run_dir, target)
