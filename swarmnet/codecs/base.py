@@ -113,6 +113,12 @@ class Codec(ABC):
         the network, sets the pace of the pulls (peer/budget.py)."""
         return None
 
+    def accepted(self, stats: Mapping[str, float]) -> None:
+        """A pull this codec decoded (``stats`` from its DecodeResult) passed screening and is
+        merged: a codec that learns from pulls (the lattice reader's first request to a new
+        neighbour) learns here, never from nudges or refused models. Called on the event loop."""
+        return None  # most codecs learn nothing
+
     def select(self, encoded: Encoded, want: Any) -> tuple[dict[str, Any], tuple[Buffer, ...]]:
         """Server side: the part of ``encoded`` that ``want`` asks for. Raises CodecError for a
         malformed ``want``."""

@@ -364,7 +364,7 @@ class LatticeCodec(Codec):
         self._bits = RandomBits(seed)
         self._prev_samples: Tensor | None = None
         self._recent_dists: deque[float] = deque(maxlen=RECENT_PULLS)
-        """Largest D of each of the last complete pulls from any neighbour: their median is the
+        """Largest D of each of the last accepted pulls from any neighbour: their median is the
         prior for a neighbour this reader has no history of (the distances in a swarm are
         alike; the median, so that one far or hostile neighbour does not set it)."""
 
@@ -566,7 +566,7 @@ class LatticeCodec(Codec):
         """First request of a pull: per chunk b = 1 + ceil(log2(margin * D)) bits, D the window
         statistic of that chunk at the last pull from this neighbour (SPEC 3.4 reader step 1;
         the decode is exact iff D <= 2^(b-1)). A neighbour with no history gets the bits the
-        last few pulls from any neighbour needed (their median); the very first pull, ``first_bits``. The margin is
+        last few accepted pulls from any neighbour needed (their median); the very first pull, ``first_bits``. The margin is
         ``margin_cpu`` while ``hints["cpu_bound"]``: then CPU, not bytes, limits the merges."""
         margin = self.margin_cpu if hints and hints.get("cpu_bound") else self.margin
         dist = state.get("dist")
@@ -577,9 +577,13 @@ class LatticeCodec(Codec):
         )
         return {"v": 1, "p": _plan_ids.getrandbits(62) + 1, "from": 0, "to": to}
 
+    def accepted(self, stats: Mapping[str, float]) -> None:
+        if "dist_max" in stats:
+            self._recent_dists.append(stats["dist_max"])
+
     def _prior(self, dist: list[float | None] | None, i: int, margin: float) -> int:
         """Bits a first request asks for chunk ``i``: from its window statistic at the last pull
-        from this neighbour (``dist``, None when there is none), else from the last few pulls."""
+        from this neighbour (``dist``, None when there is none), else from the last few accepted pulls."""
         if dist is None:
             return self._predict(statistics.median(self._recent_dists) if self._recent_dists else None, margin)
         return self._predict(dist[i], margin)
@@ -786,7 +790,6 @@ class LatticeCodec(Codec):
             state["dist"] = dist
             state.pop("pull", None)
             stats["dist_max"] = max((d for d in dist if d is not None), default=0.0)
-            self._recent_dists.append(stats["dist_max"])
             return DecodeResult(True, stats=stats)
         old = state.get("dist")
         lo, hi = [0] * nch, [0] * nch

@@ -216,6 +216,7 @@ class Exchange:
             rounds, codec_stats = 1, {"bits_per_coord": 8.0 * remote_N.element_size()}
         gap_N = self._gaps_N[self._next]
         distance = await self._run(self._merge_gap, own, remote_N, gap_N, target.id)
+        self.codec.accepted(codec_stats)  # screened: what it learns from this pull may steer the next ones
         if self.symmetric:
             await self._nudge(target, own, version)
         self._next ^= 1

@@ -227,16 +227,19 @@ def test_5_reader_policy_mean_planes_on_stationary_distance(distance) -> None:
 
 
 def test_5_one_far_neighbour_does_not_set_the_first_request_to_a_new_one() -> None:
-    # A neighbour with no history gets the bits recent pulls from others needed: three near
-    # neighbours (D <= 3) and then one far or hostile one (D = 10^5) leave it near the three.
+    # A neighbour with no history gets the bits recent accepted pulls from others needed: three
+    # near neighbours (D <= 3) and then one far or hostile one (D = 10^5) leave it near the three;
+    # decodes the runtime does not accept (nudges, screened-out models) do not count at all.
     eps, d = 2.0**-8, 4096
     codec = LatticeCodec(chunk=1024, width=1, eps=eps, seed=3)
     g = torch.Generator().manual_seed(5)
     enc = codec.encode(torch.randn(d, generator=g))
-    for distance in (3.0, 3.0, 3.0, 1e5):
+    for distance, accepted in ((3.0, True), (3.0, True), (3.0, True), (1e5, True), (1e5, False), (1e5, False)):
         noise = torch.rand(d, generator=g) * 2 - 1
-        out, _, _ = pull(codec, enc, enc.quantized + noise / noise.abs().max() * distance * eps, {})
+        out, res, _ = pull(codec, enc, enc.quantized + noise / noise.abs().max() * distance * eps, {})
         assert torch.equal(out, enc.quantized)
+        if accepted:
+            codec.accepted(res.stats)
     assert codec.plan({})["to"] <= lattice.bits_needed(3.0) + 1 < lattice.bits_needed(1e5)
 
 

@@ -147,6 +147,8 @@ def test_a_new_neighbour_is_first_asked_for_what_the_last_pull_needed() -> None:
     key = x + (torch.rand(2048) * 2 - 1) * 300 * 2.0**-10  # 300 eps away: 10 bits
     _out, log = run_pull(codec, codec.encode(x), key, {})
     assert len(log) > 1  # 8 bits did not reach
+    assert codec.plan({})["to"] == codec.first_bits  # decoded, not yet accepted by the runtime
+    codec.accepted(log[-1][2].stats)
     assert codec.plan({})["to"] == 1 + math.ceil(math.log2(1.25 * log[-1][2].stats["dist_max"]))
     assert codec.plan({})["to"] in (10, 11)
 
