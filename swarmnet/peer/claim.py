@@ -16,7 +16,7 @@ import logging
 import os
 from pathlib import Path
 
-from swarmnet.errors import ConfigError
+from swarmnet.errors import ConfigError, unwritable_run_dir
 
 LOCK_NAME = ".lock"
 LEFTOVERS = ".*.tmp"
@@ -31,13 +31,13 @@ class DirectoryClaim:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         except OSError as exc:
-            raise ConfigError(f"cannot write {path}: {exc.strerror or exc}; choose a writable --run-dir (run.dir)") from None
+            raise unwritable_run_dir(path, exc) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            error = in_use_error(peer_dir, fd)
             os.close(fd)
-            raise in_use_error(peer_dir, holder) from None
+            raise error from None
         except OSError as exc:  # a file system without locks (some network mounts): run unguarded
             log.warning("cannot lock %s (%s): nothing stops a second peer with this name and run directory",
                         path, exc.strerror or exc)
@@ -68,7 +68,9 @@ class DirectoryClaim:
             self._fd = None
 
 
-def in_use_error(peer_dir: Path, holder: str) -> ConfigError:
+def in_use_error(peer_dir: Path, lock_fd: int) -> ConfigError:
+    """What to say when another process holds the lock ``lock_fd`` is open on (it wrote its pid there)."""
+    holder = os.pread(lock_fd, 32, 0).decode(errors="replace").strip() or "unknown"
     return ConfigError(f"{peer_dir} belongs to a peer that is still running (pid {holder}): two peers with one "
                        "name and run directory would overwrite each other's checkpoint and metrics; stop "
                        "that peer first, or give this one another --name or --run-dir")
@@ -84,7 +86,7 @@ def check_free(peer_dir: Path) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise in_use_error(peer_dir, os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown") from None
+        raise in_use_error(peer_dir, fd) from None
     except OSError:
         pass
     finally:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -212,8 +213,7 @@ class MembershipService:
         self._seed_retry: dict[str, float] = {}
         self._seed_failures: dict[str, int] = {}
         self._card_missing_since: dict[str, float] = {}
-        """file:// seeds: since when their card has been missing."""
-        self._card_warned: set[str] = set()
+        """file:// seeds: since when their card has been missing (infinity once warned about)."""
 
     def hello(self) -> Message:
         return request(MsgType.HELLO, self.client.sender, card=self.card(),
@@ -261,8 +261,8 @@ class MembershipService:
             address = read_seed_card(seed) if seed.startswith("file://") else seed
             if address is None:  # the seed's card is not written yet: try again next round
                 since = self._card_missing_since.setdefault(seed, now)
-                if now - since >= CARD_WAIT_WARN_S and seed not in self._card_warned:
-                    self._card_warned.add(seed)
+                if now - since >= CARD_WAIT_WARN_S:
+                    self._card_missing_since[seed] = math.inf
                     self.log.warning("seed %s: no peer card there after %.0fs (its peer has not bound yet, or the path "
                                      "is wrong); still looking", seed, now - since)
                 continue
