@@ -111,14 +111,14 @@ def small_disk(tmp_path, mounts):
 
 
 def fill(filler, leave=0):
-    """Take the disk's free space but ``leave`` bytes."""
+    """Take the disk's free space but ``leave`` bytes. The peer keeps writing meanwhile, so the
+    disk may fill before the filler does: unbuffered, so no write is left to fail again on close."""
     vfs = os.statvfs(filler.parent)
     left = vfs.f_bavail * vfs.f_frsize - leave
-    with open(filler, "wb") as fh:
+    with open(filler, "wb", buffering=0) as fh:
         try:
             while left > 0:
                 left -= fh.write(b"\0" * min(65536, left))
-                fh.flush()
         except OSError:
             pass
 
