@@ -16,6 +16,7 @@ holds the public key, NAME.key_secret both keys and is created owner-only (0600)
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import stat
@@ -55,6 +56,9 @@ class CurveKeys:
     an address carries."""
     on_refused: Callable[[bytes], None] | None = field(default=None, compare=False)
     """Called with the client key of every refused handshake (from the authenticator thread)."""
+    on_broken_handshake: Callable[[], None] | None = field(default=None, compare=False)
+    """Called for every handshake that failed before it reached the key check: a client
+    without our key or without CURVE (from the listener's event loop)."""
 
     def admits(self, client_key: bytes) -> bool:
         return client_key in self.allowed
@@ -224,20 +228,22 @@ def _check_key(key: bytes, where: str) -> bytes:
 
 # -- from config ------------------------------------------------------------------------------
 
-def peer_keys(cfg: SecurityConfig, on_refused: Callable[[bytes], None] | None = None) -> CurveKeys | None:
+def peer_keys(cfg: SecurityConfig, on_refused: Callable[[bytes], None] | None = None,
+              on_broken_handshake: Callable[[], None] | None = None) -> CurveKeys | None:
     """The keys a peer listens and dials with (None when ``mode = "none"``)."""
     if cfg.mode == "none":
         return None
     public, secret = load_keypair(cfg.key)
+    keys = functools.partial(CurveKeys, public, secret, check_servers=True, on_refused=on_refused,
+                             on_broken_handshake=on_broken_handshake)
     if cfg.mode == "swarm-key":
-        return CurveKeys(public, secret, frozenset({public}), check_servers=True, on_refused=on_refused)
+        return keys(frozenset({public}))
     allowed = load_allow_list(cfg.allow)
     if public not in allowed:
         raise ConfigError(f"security.key {cfg.key}: its public key is not in the allow-list "
                           f"{cfg.allow}; peers sharing that list would refuse this one. Add "
                           f"{Path(cfg.key).name.removesuffix('_secret')} to it")
-    return CurveKeys(public, secret, allowed, per_peer=True, check_servers=True,
-                     on_refused=on_refused)
+    return keys(allowed, per_peer=True)
 
 
 def client_keys(key_file: str | os.PathLike[str] | None, cfg: SecurityConfig | None = None) -> CurveKeys | None:

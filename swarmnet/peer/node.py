@@ -145,7 +145,8 @@ class Peer:
         self.codec = make_codec(cfg.codec.name, **cfg.codec.options)
         self.store = SnapshotStore(history=8 if self.codec.partial_reads else 1)
         net = cfg.network
-        self.curve = peer_keys(cfg.security, on_refused=self._count_refused)
+        self.curve = peer_keys(cfg.security, on_refused=self._count_refused,
+                               on_broken_handshake=self._count_broken_handshake)
         self.transports = TransportSet(self.curve)
         self.table = PeerTable(self.id, dead_after=net.dead_after, backoff=net.failure_backoff)
         self.rng = random.Random(zlib.crc32(self.id.encode()))
@@ -167,6 +168,10 @@ class Peer:
     def _count_refused(self, client_key: bytes) -> None:
         """A handshake refused by the ZAP handler (its thread): counted under rejected."""
         self.stats.rejected["unauthenticated"] += 1
+
+    def _count_broken_handshake(self) -> None:
+        """A handshake that failed before the key check (no CURVE, or not our key)."""
+        self.stats.rejected["handshake"] += 1
 
     # -- identity and status ------------------------------------------------------------------
 

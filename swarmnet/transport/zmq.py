@@ -10,6 +10,9 @@ With :class:`~swarmnet.security.CurveKeys` the transport is closed to strangers:
 runs CURVE (encrypted, both ends authenticated), and a listener's handshakes go to a ZAP handler
 that admits only allowed client keys. A refused client gets no reply at all: its requests time
 out or fail as the refused connection drops. inproc:// is refused then, as libzmq skips the security handshake inside a process.
+Handshakes that fail before the key check (a client without CURVE, or one that does not hold the
+listener's key) are logged and counted by the listener from its monitor events, and a client's
+request ends at once saying which side of the handshake to look at.
 
 A request fails fast when its peer goes away: each DEALER has a monitor socket, and a
 disconnect (the peer died mid-transfer) or a refused connection (nobody listens there any more)
@@ -24,7 +27,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import zmq
@@ -33,6 +36,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from swarmnet.buffers import Buffer
 from swarmnet.errors import ConfigError, EndpointClosed, RequestTimeout, TransportError
+from swarmnet.log import Throttle
 from swarmnet.security import KEY_FRAGMENT, CurveKeys, split_address, with_key
 from swarmnet.transport.base import Connection, Listener, Route, Transport, request_turn
 
@@ -137,14 +141,80 @@ model copies kept alive). Past the mark a reply is dropped, as for a vanished ro
 LOST = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
 """Monitor events that end a pending request: the peer went away, or refused the connection."""
 
+BROKEN_HANDSHAKE = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+"""Handshake failures, which end a pending request too, saying why."""
+
+HANDSHAKE_LOG_EVERY_S = 10.0
+
+
+def _lost_because(event: int, value: int, secured: bool) -> str:
+    """What a client's monitor event says about the connection, after "connection to ADDR";
+    ``secured``: the client runs CURVE."""
+    if event == zmq.EVENT_CONNECT_RETRIED:
+        return " refused"
+    if event == zmq.EVENT_DISCONNECTED:
+        return " lost mid-request"
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+        return (": the peer does not run CURVE (its config has no [security] section, ours has one)" if secured
+                else ": the peer requires CURVE (its config has a [security] section): configure "
+                "[security] (peers) or pass --key (tools)")
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+        return f": the handshake failed (ZeroMQ protocol error {value:#x}); is it a swarmnet peer?"
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return (": the peer refused our key (allow-list mode: its list lacks this side's public "
+                "key; swarm-key mode: the two sides hold different swarm key files)")
+    if secured:
+        return (" dropped during the CURVE handshake: the peer does not hold the key we expect (the "
+                "two sides hold different swarm key files, or the address carries an old key), or "
+                "it stopped meanwhile")
+    return (" dropped during the handshake: the peer requires CURVE (configure [security] for "
+            "peers, pass --key to tools), or it is not a swarmnet peer, or it stopped meanwhile")
+
+
+def _refused_handshake(value: int) -> str | None:
+    """A listener's view of a failed handshake (HANDSHAKE_FAILED_PROTOCOL), None for noise."""
+    if value == zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC:
+        return ("a client that does not hold this peer's key (another swarm key file, or an old "
+                "key in the address it dials)")
+    if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+        return ("a client without CURVE (a peer with no [security] section, or `swarmnet status` "
+                "without --key)")
+    return None
+
+
+async def _watch_handshakes(monitor: zmq.asyncio.Socket, address: str,
+                            count: Callable[[], None] | None) -> None:
+    """For a secured listener's lifetime: log (throttled) and count the handshakes that failed
+    before the key check, which libzmq ends without a word to the peer otherwise."""
+    throttle = Throttle(HANDSHAKE_LOG_EVERY_S)
+    with contextlib.suppress(asyncio.CancelledError, zmq.ZMQError):
+        while True:
+            event = parse_monitor_message(await monitor.recv_multipart())
+            who = _refused_handshake(int(event["value"]))
+            if who is None:
+                continue
+            if count is not None:
+                count()
+            held = throttle.due(who)
+            if held is not None:
+                more = f" ({held} more since the last line)" if held else ""
+                log.warning("%s refused a CURVE handshake from %s%s", address, who, more)
+
 
 class ZmqListener(Listener):
     def __init__(self, sock: zmq.asyncio.Socket, address: str, max_frame_bytes: int,
-                 zap_domain: str | None = None) -> None:
+                 zap_domain: str | None = None, curve: CurveKeys | None = None) -> None:
         self._sock: zmq.asyncio.Socket | None = sock
         self.address = address
         self._max = max_frame_bytes
         self._zap_domain = zap_domain
+        self._monitor: zmq.asyncio.Socket | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        if curve is not None:
+            self._monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+            self._watcher = asyncio.ensure_future(
+                _watch_handshakes(self._monitor, address, curve.on_broken_handshake))
 
     def _socket(self) -> zmq.asyncio.Socket:
         if self._sock is None:
@@ -185,9 +255,17 @@ class ZmqListener(Listener):
             raise
 
     async def aclose(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
         if self._sock is not None:
+            if self._monitor is not None:
+                self._sock.disable_monitor()
             self._sock.close(linger=0)
             self._sock = None
+        if self._monitor is not None:
+            self._monitor.close(linger=0)
+            self._monitor = None
         if self._zap_domain is not None:
             _GATE.close(self._zap_domain)
             self._zap_domain = None
@@ -242,7 +320,7 @@ class ZmqConnection(Connection):
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
             if self._curve is not None:
                 _secure_client(sock, self._curve, self._server_key)
-            monitor = sock.get_monitor_socket(LOST)
+            monitor = sock.get_monitor_socket(LOST | BROKEN_HANDSHAKE)
             try:
                 sock.connect(self._dial)
             except zmq.ZMQError as exc:
@@ -275,10 +353,10 @@ class ZmqConnection(Connection):
         with contextlib.suppress(asyncio.CancelledError, zmq.ZMQError):
             while True:
                 self._event = monitor.recv_multipart()
-                event = parse_monitor_message(await self._event)["event"]
+                event = parse_monitor_message(await self._event)
                 waiting = self._waiting
                 if waiting is not None and not waiting.done():
-                    self._lost = "lost mid-request" if event == zmq.EVENT_DISCONNECTED else "refused"
+                    self._lost = _lost_because(event["event"], int(event["value"]), self._curve is not None)
                     waiting.cancel()
 
     async def _forget_earlier_events(self) -> None:
@@ -299,7 +377,7 @@ class ZmqConnection(Connection):
             return await fut
         except asyncio.CancelledError:
             if self._lost and _closed_under_us():
-                raise TransportError(f"connection to {self.address} {self._lost}") from None
+                raise TransportError(f"connection to {self.address}{self._lost}") from None
             raise
         finally:
             self._waiting = None
@@ -312,8 +390,9 @@ class ZmqConnection(Connection):
                 raise EndpointClosed(f"connection to {self.address} is closed")
             try:
                 async with asyncio.timeout_at(deadline):
+                    if self._sock is not None:  # a fresh socket's events are all about this request
+                        await self._forget_earlier_events()
                     sock = self._socket()
-                    await self._forget_earlier_events()
                     await self._await(sock.send_multipart(frames, copy=False))
                     parts = await self._await(sock.recv_multipart(copy=False))
             except TimeoutError:
@@ -378,7 +457,7 @@ class ZmqTransport(Transport):
             policy.address = address
         if curve is not None and curve.per_peer:
             address = with_key(address, curve.public)
-        listener = ZmqListener(sock, address, max_frame_bytes, zap_domain=domain)
+        listener = ZmqListener(sock, address, max_frame_bytes, zap_domain=domain, curve=curve)
         self._listeners.append(listener)
         return listener
 

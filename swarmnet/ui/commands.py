@@ -105,8 +105,9 @@ def status_command(
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     if not snap.alive:
+        why = sorted({p.error for p in snap.peers if p.error})
         _fail("no peer answered; check --seed / --run-dir and that the swarm is running "
-              "(and --key for a swarm with [security])", code=1)
+              "(and --key for a swarm with [security])" + "".join(f"\n  {w}" for w in why[:3]), code=1)
 
 
 def plot_command(

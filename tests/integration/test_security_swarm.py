@@ -126,17 +126,22 @@ def test_swarm_key_peers_train_and_strangers_get_nothing(tmp_path, daemons):
     assert stranger_view["interactions"] == 0 and stranger_view["pulls_ok"] == 0
     assert [p for p in stranger_view["peers"] if p["alive"]] == []
     assert f"seed {a_addr} unreachable" in stranger.log(400)
+    assert "different swarm key files" in stranger.log(400)  # the stranger is told where to look
     for addr in (a_addr, b.card()["addr"]):
         assert members(addr, swarm) <= {"a", "b"}  # never the stranger, never the spy
     status_a = query_status(a_addr, timeout=3, key=swarm)
     assert status_a["rejected"].get("unauthenticated", 0) > 0  # refusals are counted and logged
     assert "refused a client with unknown key" in a.log(400)
+    # The stranger's own handshakes fail before the key check: counted and logged as well.
+    assert status_a["rejected"].get("handshake", 0) > 0
+    assert "refused a CURVE handshake from a client that does not hold this peer's key" in a.log(400)
     # The operator's view takes the key from the swarm's config; without it, nobody answers.
     view = CliRunner().invoke(app, ["status", "--seed", a_addr, "--config", str(config), "--json", "--timeout", "3"])
     assert view.exit_code == 0, view.output
     assert {"a", "b"} <= {p["name"] for p in json.loads(view.output)["peers"] if p["step"] > 0}
     blind = CliRunner().invoke(app, ["status", "--seed", a_addr, "--json", "--timeout", "1"])
     assert blind.exit_code == 1 and "no peer answered" in blind.output
+    assert "the peer requires CURVE" in blind.output and "pass --key" in blind.output  # and why
     stop_all(daemons, a, b)
 
 

@@ -2,6 +2,8 @@
 
 import asyncio
 import contextlib
+import logging
+import time
 
 import pytest
 
@@ -77,6 +79,47 @@ async def test_swarm_key_admits_its_holders_and_nobody_else(keys, scheme, tmp_pa
             await ask(CurveKeys(*pairs["stranger"]), with_key(listener.address, pairs["a"][0]))
         assert pairs["stranger"][0] in refused
         assert await ask(swarm_key(pairs["a"]), listener.address) == [b"echo", b"hi"]  # still serving
+
+
+async def refusal(curve, address):
+    """The error a request gets and how long it took, with time enough to wait out a timeout."""
+    started = time.monotonic()
+    with pytest.raises(TransportError) as failed:
+        await ask(curve, address, timeout=20)
+    return str(failed.value), time.monotonic() - started
+
+
+async def test_a_failed_handshake_says_which_side_to_look_at_on_both_ends(keys, caplog):
+    """libzmq ends a failed CURVE handshake without a word: the client's request would wait out
+    its timeout and the listener would see nothing. Both ends now say what went wrong."""
+    pairs, allowed = keys
+    broken = []
+    caplog.set_level(logging.WARNING, logger="swarmnet")
+    async with echo_server(swarm_key(pairs["a"], on_broken_handshake=lambda: broken.append(1))) as listener:
+        # Another swarm's key: the listener cannot read the client's hello.
+        message, took = await refusal(swarm_key(pairs["stranger"]), listener.address)
+        assert "different swarm key files" in message and took < 10, (message, took)
+        await asyncio.sleep(0.2)  # the listener's monitor reports on the event loop
+        assert broken and "refused a CURVE handshake from a client that does not hold" in caplog.text
+        # A client without CURVE: the peer drops it, or it sees the mechanisms differ.
+        message, took = await refusal(None, listener.address)
+        assert "the peer requires CURVE" in message and took < 10, (message, took)
+        await asyncio.sleep(0.2)
+        assert "from a client without CURVE" in caplog.text
+        many = len(broken)
+        for _ in range(3):  # a stranger that keeps knocking is counted every time, logged once
+            with contextlib.suppress(TransportError):
+                await ask(swarm_key(pairs["stranger"]), listener.address, timeout=5)
+        await asyncio.sleep(0.2)
+        assert len(broken) >= many + 3
+        assert caplog.text.count("does not hold this peer's key") == 1
+        assert await ask(swarm_key(pairs["a"]), listener.address) == [b"echo", b"hi"]  # still serving
+    async with echo_server(listed(pairs["a"], allowed)) as listener:  # a key the allow-list lacks
+        message, took = await refusal(CurveKeys(*pairs["stranger"]), listener.address)
+        assert "the peer refused our key" in message and took < 10, (message, took)
+    async with echo_server(None) as listener:  # a secured client dialling a plain peer
+        message, took = await refusal(swarm_key(pairs["a"]), listener.address)
+        assert "does not run CURVE" in message and took < 10, (message, took)
 
 
 async def test_allow_list_peers_admit_listed_keys_and_carry_theirs_in_the_address(keys):
