@@ -32,6 +32,17 @@ LEADING = (
 )
 
 
+COUNTS = frozenset({"nodes", "draws", "interactions", "node_steps"})
+"""Columns that count things: written as integers (the engine keeps every point's values as floats)."""
+
+
+def _cell(key: str, value: float) -> float | int | None:
+    """A point's value as the files hold it: counts as integers, non-finite values as None."""
+    if not math.isfinite(value):
+        return None
+    return int(value) if key in COUNTS else value
+
+
 def columns(points: Sequence[Mapping[str, float]]) -> list[str]:
     keys: set[str] = set()
     for point in points:
@@ -45,7 +56,7 @@ def write_csv(path: Path, points: Sequence[Mapping[str, float]]) -> None:
         writer = csv.DictWriter(fh, fieldnames=names)
         writer.writeheader()
         for point in points:
-            writer.writerow({k: repr(point[k]) if k in point else "" for k in names})
+            writer.writerow({k: _csv_cell(k, point[k]) if k in point else "" for k in names})
 
 
 def write_jsonl(path: Path, points: Sequence[Mapping[str, float]], meta: Mapping[str, Any]) -> None:
@@ -53,15 +64,16 @@ def write_jsonl(path: Path, points: Sequence[Mapping[str, float]], meta: Mapping
     with path.open("w") as fh:
         fh.write(json.dumps({"run": dict(meta)}, default=str) + "\n")
         for point in points:
-            fh.write(json.dumps({k: _finite(v) for k, v in point.items()}) + "\n")
+            fh.write(json.dumps({k: _cell(k, v) for k, v in point.items()}) + "\n")
 
 
 def write_summary(path: Path, summary: Mapping[str, Any]) -> None:
     path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
 
 
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None
+def _csv_cell(key: str, value: float) -> str:
+    """repr keeps every float's digits; NaN and inf stay as Python spells them."""
+    return repr(value) if not math.isfinite(value) else repr(_cell(key, value))
 
 
 def plot(

@@ -89,8 +89,10 @@ def test_run_writes_curves_plot_and_summary(tmp_path: Path) -> None:
     ):
         assert column in rows[0]
     assert float(rows[-1]["draws"]) == 150 and float(rows[-1]["time"]) == pytest.approx(50)
+    assert (rows[-1]["nodes"], rows[-1]["draws"]) == ("6", "150")  # counts read as integers
     lines = run.files["jsonl"].read_text().splitlines()
     assert json.loads(lines[0])["run"]["nodes"] == 6 and len(lines) == 12
+    assert isinstance(json.loads(lines[-1])["draws"], int) and isinstance(json.loads(lines[-1])["time"], float)
     assert result.plot is not None and result.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads(result.summary.read_text())  # type: ignore[union-attr]
     assert len(summary["runs"]) == 4 and summary["config"]["codec"] == "lattice"
