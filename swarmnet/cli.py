@@ -178,16 +178,16 @@ def eval_(
     config: ConfigOpt = Path("configs/quickstart.toml"),
     seed: Annotated[Optional[list[str]], typer.Option("--seed", "-s", help="Address of any peer of the swarm (tcp://... or file:///.../card.json), repeatable.")] = None,
     run_dir: Annotated[Optional[Path], typer.Option("--run-dir", "-r", help="Run directory: peers come from its */card.json files.")] = None,
-    peers: Annotated[int, typer.Option("--peers", "-k", help="Average only the first k live peers by name (0: all).")] = 0,
+    peers: Annotated[int, typer.Option("--peers", "-n", help="Average only the first N live peers by name (0: all).")] = 0,
     bn_batches: Annotated[int, typer.Option("--bn-batches", help="Training batches to recompute BatchNorm statistics on (0: keep none, leaves them reset).")] = 20,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON here.")] = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Deadline of one status request, seconds.")] = 5.0,
-    key: Annotated[Optional[Path], typer.Option("--key", help=escape("Secret key file for a swarm with [security] (default: the config's key)."))] = None,
+    key: Annotated[Optional[Path], typer.Option("--key", "-k", help=escape("Secret key file for a swarm with [security] (default: the config's key)."))] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: section.key=VALUE, repeatable.")] = None,
     log_level: LogLevel = Level.WARNING,
 ) -> None:
     """Average the current models of a running swarm and evaluate the average: pulls every live
-    peer's snapshot (or k of them), averages the parameters, recomputes BatchNorm statistics on a
+    peer's snapshot (or N of them), averages the parameters, recomputes BatchNorm statistics on a
     few training batches and runs the task's evaluation. The config must be the swarm's (task and
     codec)."""
     from swarmnet.evaluation import evaluate_swarm
