@@ -168,8 +168,8 @@ def _lost_because(event: int, value: int, secured: bool) -> str:
         return (" dropped during the CURVE handshake: the peer does not hold the key we expect (the "
                 "two sides hold different swarm key files, or the address carries an old key), or "
                 "it stopped meanwhile")
-    return (" dropped during the handshake: the peer requires CURVE (configure [security] for "
-            "peers, pass --key to tools), or it is not a swarmnet peer, or it stopped meanwhile")
+    return (" dropped during the handshake: the peer stopped meanwhile, or it requires CURVE "
+            "(configure [security] for peers, pass --key to tools), or it is not a swarmnet peer")
 
 
 def _refused_handshake(value: int) -> str | None:
