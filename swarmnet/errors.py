@@ -25,6 +25,11 @@ class RequestTimeout(TransportError):
     """A request got no reply within its deadline."""
 
 
+class HandshakeFailed(TransportError):
+    """The far end answered the connection but the two could not agree on security (keys,
+    or one side without CURVE); the message says which side to look at."""
+
+
 class ProtocolError(SwarmError):
     """A message broke the wire protocol (bad header, sizes, version, type, values).
 

@@ -138,15 +138,18 @@ class SnapshotReader:
 
 async def discover(seeds: list[str], run_dir: Path | None, timeout: float,
                    curve: CurveKeys | None = None) -> list[tuple[str, str, int]]:
-    """(name, address, step) of every peer that answers, found from seeds or a run dir's cards."""
-    from swarmnet.ui.collect import StatusCollector
+    """(name, address, step) of every peer that answers, found from seeds or a run dir's cards;
+    a SwarmError saying what the requests ran into when none does."""
+    from swarmnet.ui.collect import StatusCollector, nobody_answered
 
     collector = StatusCollector(seeds, timeout=timeout, run_dir=run_dir, curve=curve)
     try:
         snapshot = await collector.poll()
     finally:
         await collector.aclose()
-    return [(row.name, row.addr, row.step) for row in snapshot.peers if not row.stale]
+    if not snapshot.alive:
+        raise SwarmError(nobody_answered(snapshot))
+    return [(row.name, row.addr, row.step) for row in snapshot.alive]
 
 
 def evaluate_swarm(cfg: SwarmConfig, *, seeds: list[str], run_dir: Path | None = None, peers: int = 0,
@@ -164,9 +167,6 @@ def evaluate_swarm(cfg: SwarmConfig, *, seeds: list[str], run_dir: Path | None =
 
     async def pull_all() -> tuple[list[PulledModel], Tensor, float]:
         found = sorted(await discover(seeds, run_dir, timeout, curve))
-        if not found:
-            raise SwarmError("no peer answered; check --seed / --run-dir and that the swarm is running "
-                             "(and --key for a swarm with [security])")
         if peers > len(found):
             log.warning("--peers %d: only %d peer(s) answered; averaging those", peers, len(found))
         chosen = found[:peers] if peers > 0 else found

@@ -75,6 +75,10 @@ class CurveKeys:
                     "card.json) or a file:// seed card")
             key = self.public
         if self.check_servers and key not in self.allowed:
+            if not self.per_peer:
+                raise ConfigError(f"{address}: its key is not this swarm's key, and in swarm-key mode every peer "
+                                  "presents the swarm key: the address is a peer of an allow-list swarm or of "
+                                  "another swarm; not dialling it")
             raise ConfigError(f"{address}: its key is not in the allow-list; not dialling it")
         return key
 
@@ -98,6 +102,21 @@ def split_address(address: str) -> tuple[str, bytes | None]:
         raise ConfigError(f"address {address!r}: the part after {KEY_FRAGMENT} must be a 64-digit "
                           "hex public key (copy the address from the peer's card.json or log)")
     return base, z85.encode(raw)
+
+
+def dial_problem(address: str, curve: CurveKeys | None) -> str:
+    """Why a side with these keys (None: no [security]) can never dial ``address``; "" when it can."""
+    if curve is None:
+        if KEY_FRAGMENT in address:
+            return (f"{address} is a CURVE-secured peer; configure [security] (peers) or pass --key "
+                    "(tools) to talk to it")
+        return ""
+    try:
+        split_address(address)
+        curve.server_key(address)
+    except ConfigError as exc:
+        return str(exc)
+    return ""
 
 
 def with_key(address: str, public: bytes) -> str:
@@ -183,15 +202,16 @@ def load_keypair(path: str | os.PathLike[str]) -> tuple[bytes, bytes]:
 
 
 def load_allow_list(path: str | os.PathLike[str]) -> frozenset[bytes]:
-    """Public keys from a directory of ``*.key`` files, or a file with one Z85 key per line
+    """Public keys from a directory of ``*.key`` files, one such file, or a file with one key
+    per line: Z85 (a ``.key`` file's public-key) or the 64 hex digits of a ``#curve=`` address
     (blank and ``#`` comment lines ignored, and anything after the key on its line)."""
     path = Path(path)
-    keys: set[bytes] = set()
-    if path.is_dir():
-        files = sorted(path.glob("*.key"))
+    if path.is_dir() or path.suffix == ".key":
+        files = sorted(path.glob("*.key")) if path.is_dir() else [path]
         if not files:
             raise ConfigError(f"allow-list directory {path} has no *.key public key files; "
                               "copy every admitted peer's NAME.key there")
+        keys: set[bytes] = set()
         for file in files:
             try:
                 public, _ = zmq.auth.load_certificate(file)
@@ -199,6 +219,7 @@ def load_allow_list(path: str | os.PathLike[str]) -> frozenset[bytes]:
                 raise ConfigError(f"allow-list file {file}: {exc}") from None
             keys.add(_check_key(public, f"{file}: public-key"))
         return frozenset(keys)
+    keys = set()
     try:
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
@@ -209,20 +230,24 @@ def load_allow_list(path: str | os.PathLike[str]) -> frozenset[bytes]:
             continue
         if words[0].startswith("#"):  # a comment: no key starts with '#' (it is Z85's top digit)
             continue
-        keys.add(_check_key(words[0].encode(), f"{path}:{number}"))
+        key = words[0].encode()
+        if len(key) == 64 and all(c in b"0123456789abcdefABCDEF" for c in key):  # as in #curve= addresses
+            key = z85.encode(bytes.fromhex(key.decode()))
+        keys.add(_check_key(key, f"{path}:{number}", "40 Z85 characters, or the 64 hex digits after #curve= in an address"))
     if not keys:
-        raise ConfigError(f"allow-list {path} lists no public keys; put one Z85 key per line "
-                          "(the public-key value of each NAME.key)")
+        raise ConfigError(f"allow-list {path} lists no public keys; put one key per line (the "
+                          "public-key value of each NAME.key, or the hex after #curve= in its address)")
     return frozenset(keys)
 
 
-def _check_key(key: bytes, where: str) -> bytes:
+def _check_key(key: bytes, where: str, forms: str = "40 Z85 characters") -> bytes:
     try:
         ok = len(key) == 40 and len(z85.decode(key)) == 32
     except (ValueError, KeyError, IndexError, struct.error):
         ok = False
     if not ok:
-        raise ConfigError(f"{where}: {key[:48]!r} is not a CURVE key (40 Z85 characters); {KEYGEN_HINT}")
+        shown = key[:72].decode(errors="replace")
+        raise ConfigError(f"{where}: {shown!r} is not a CURVE key ({forms}); {KEYGEN_HINT}")
     return key
 
 

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from swarmnet.errors import SwarmError, TransportError
+from swarmnet.errors import HandshakeFailed, SwarmError, TransportError
 from swarmnet.peer.client import PeerClient
 from swarmnet.security import url_host
 from swarmnet.wire import MAX_CARDS, Message, MsgType, fit_cards, request
@@ -212,6 +212,9 @@ class MembershipService:
         """Until the peer meets its start condition it gossips every STARTING_INTERVAL."""
         self._seed_retry: dict[str, float] = {}
         self._seed_failures: dict[str, int] = {}
+        self.seed_errors: dict[str, str] = {}
+        """The last error of each seed that has failed (kept once reached: a peer that never
+        joined reports them at the end)."""
         self._card_missing_since: dict[str, float] = {}
         """file:// seeds: since when their card has been missing (infinity once warned about)."""
 
@@ -273,8 +276,11 @@ class MembershipService:
                 self._seed_failures[seed] = failures
                 delay = min(30.0, self.interval * 2**failures)
                 self._seed_retry[seed] = now + delay
+                self.seed_errors[seed] = str(exc)
                 if failures in (1, 3) or failures % 10 == 0:
-                    why = await _unresolved(address) or f"{exc}; check the address and that a peer is running there"
+                    # A failed handshake says what to check; anything else may be a wrong address.
+                    why = await _unresolved(address) or (str(exc) if isinstance(exc, HandshakeFailed) else
+                                                         f"{exc}; check the address and that a peer is running there")
                     alone = "" if self.table.alive() else "; no other peer known yet"
                     self.log.warning("seed %s unreachable (%s); retrying in %.1fs%s", seed, why, delay, alone)
             else:

@@ -55,7 +55,7 @@ from swarmnet.peer.newcomer import fetch_donation
 from swarmnet.peer.server import PeerServer
 from swarmnet.peer.state import Mailbox, MergeGate, SnapshotStore
 from swarmnet.peer.stats import PeerStats
-from swarmnet.security import exposure_warning, peer_keys, split_address, with_key
+from swarmnet.security import dial_problem, exposure_warning, peer_keys, split_address, with_key
 from swarmnet.tasks import load_task
 from swarmnet.transport import TransportSet
 from swarmnet.wire import Limits, MsgType, fit_cards, request
@@ -257,8 +257,10 @@ class Peer:
                     self.log.info("finished (%s) at step %d after %d interactions", reason, compute.step,
                                   self.stats.interactions)
                     if self.membership.seeds and not self.membership.joined.is_set():
+                        errors = self.membership.seed_errors
                         self.log.warning("trained alone: no other peer was ever reached (seeds: %s); check --seed and that a peer "
-                                         "is listening there", ", ".join(self.membership.seeds))
+                                         "is listening there%s", ", ".join(self.membership.seeds),
+                                         "".join(f"; {seed}: {errors[seed]}" for seed in self.membership.seeds if seed in errors))
                     await self.finish(linger_until)
                 finally:
                     compute.stop.set()  # whatever ended the loop, the compute thread must not outlive it
@@ -282,12 +284,21 @@ class Peer:
                                  stats=self.stats, max_frame_bytes=self.limits.max_frame_bytes)
         warm_up_loops(self.codec, replica.live_N)
 
+    def _check_seeds(self) -> None:
+        """A seed this peer's keys can never dial is a mistake in the config, not a seed to retry
+        for the whole run (file:// seeds are read later, their addresses checked as they come)."""
+        for seed in self.cfg.network.seeds:
+            problem = "" if seed.startswith("file://") else dial_problem(seed, self.curve)
+            if problem:
+                raise ConfigError(f"seed {problem}")
+
     @contextlib.asynccontextmanager
     async def serving(self) -> AsyncIterator[None]:
         """Bind the listener, then run the server and membership around the body; the body
         starts the exchange (:meth:`start_exchange`) once the model it merges into is set."""
         net = self.cfg.network
         self._check_snapshot_fits()
+        self._check_seeds()
         try:
             exposed = exposure_warning(net.listen, secured=self.curve is not None)
             if exposed:

@@ -11,8 +11,9 @@ runs CURVE (encrypted, both ends authenticated), and a listener's handshakes go 
 that admits only allowed client keys. A refused client gets no reply at all: its requests time
 out or fail as the refused connection drops. inproc:// is refused then, as libzmq skips the security handshake inside a process.
 Handshakes that fail before the key check (a client without CURVE, or one that does not hold the
-listener's key) are logged and counted by the listener from its monitor events, and a client's
-request ends at once saying which side of the handshake to look at.
+listener's key; on a plain listener, a client with CURVE) are logged and, when secured, counted
+by the listener from its monitor events, and a client's request ends at once saying which side
+of the handshake to look at.
 
 A request fails fast when its peer goes away: each DEALER has a monitor socket, and a
 disconnect (the peer died mid-transfer) or a refused connection (nobody listens there any more)
@@ -27,17 +28,24 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import zmq
 import zmq.asyncio
+from zmq.utils import z85
 from zmq.utils.monitor import parse_monitor_message
 
 from swarmnet.buffers import Buffer
-from swarmnet.errors import ConfigError, EndpointClosed, RequestTimeout, TransportError
+from swarmnet.errors import (
+    ConfigError,
+    EndpointClosed,
+    HandshakeFailed,
+    RequestTimeout,
+    TransportError,
+)
 from swarmnet.log import Throttle
-from swarmnet.security import KEY_FRAGMENT, CurveKeys, split_address, with_key
+from swarmnet.security import CurveKeys, dial_problem, split_address, with_key
 from swarmnet.transport.base import Connection, Listener, Route, Transport, request_turn
 
 log = logging.getLogger(__name__)
@@ -88,7 +96,8 @@ class _KeyPolicy:
             return True
         if client_key not in self.refused and len(self.refused) < 1024:
             self.refused.add(client_key)  # log each stranger once, not every reconnect
-            log.warning("%s refused a client with unknown key %s", self.address, client_key.decode())
+            log.warning("%s refused a client with unknown key %s (hex %s)", self.address, client_key.decode(),
+                        z85.decode(client_key).hex())
         if self.curve.on_refused is not None:
             self.curve.on_refused(client_key)
         return False
@@ -165,33 +174,38 @@ def _lost_because(event: int, value: int, secured: bool) -> str:
         return (": the peer refused our key (allow-list mode: its list lacks this side's public "
                 "key; swarm-key mode: the two sides hold different swarm key files)")
     if secured:
-        return (" dropped during the CURVE handshake: the peer does not hold the key we expect (the "
-                "two sides hold different swarm key files, or the address carries an old key), or "
-                "it stopped meanwhile")
+        return (" dropped during the CURVE handshake: the peer does not hold the key we dialled it "
+                "with (the two sides hold different swarm key files, or an allow-list address lacks "
+                "its #curve= key or carries an old one), or it runs without [security], or it "
+                "stopped meanwhile")
     return (" dropped during the handshake: the peer stopped meanwhile, or it requires CURVE "
             "(configure [security] for peers, pass --key to tools), or it is not a swarmnet peer")
 
 
-def _refused_handshake(value: int) -> str | None:
-    """A listener's view of a failed handshake (HANDSHAKE_FAILED_PROTOCOL), None for noise."""
+def _refused_handshake(value: int, secured: bool) -> str | None:
+    """A listener's view of a failed handshake (HANDSHAKE_FAILED_PROTOCOL), None for noise;
+    ``secured``: the listener runs CURVE."""
     if value == zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC:
         return ("a client that does not hold this peer's key (another swarm key file, or an old "
                 "key in the address it dials)")
-    if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+    if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH and secured:
         return ("a client without CURVE (a peer with no [security] section, or `swarmnet status` "
                 "without --key)")
+    if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+        return ("a client with CURVE (a peer with a [security] section; this one has none, so the "
+                "two cannot talk)")
     return None
 
 
-async def _watch_handshakes(monitor: zmq.asyncio.Socket, address: str,
-                            count: Callable[[], None] | None) -> None:
-    """For a secured listener's lifetime: log (throttled) and count the handshakes that failed
-    before the key check, which libzmq ends without a word to the peer otherwise."""
+async def _watch_handshakes(monitor: zmq.asyncio.Socket, address: str, curve: CurveKeys | None) -> None:
+    """For a listener's lifetime: log (throttled) and count the handshakes that failed before
+    the key check, which libzmq ends without a word to the peer otherwise."""
     throttle = Throttle(HANDSHAKE_LOG_EVERY_S)
+    count = curve.on_broken_handshake if curve is not None else None
     with contextlib.suppress(asyncio.CancelledError, zmq.ZMQError):
         while True:
             event = parse_monitor_message(await monitor.recv_multipart())
-            who = _refused_handshake(int(event["value"]))
+            who = _refused_handshake(int(event["value"]), curve is not None)
             if who is None:
                 continue
             if count is not None:
@@ -211,10 +225,9 @@ class ZmqListener(Listener):
         self._zap_domain = zap_domain
         self._monitor: zmq.asyncio.Socket | None = None
         self._watcher: asyncio.Task[None] | None = None
-        if curve is not None:
+        if not address.startswith("inproc://"):  # no handshake inside a process
             self._monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
-            self._watcher = asyncio.ensure_future(
-                _watch_handshakes(self._monitor, address, curve.on_broken_handshake))
+            self._watcher = asyncio.ensure_future(_watch_handshakes(self._monitor, address, curve))
 
     def _socket(self) -> zmq.asyncio.Socket:
         if self._sock is None:
@@ -290,9 +303,8 @@ class ZmqConnection(Connection):
                 self._server_key = curve.server_key(address)
             except ConfigError as exc:
                 self._refusal = str(exc)
-        elif KEY_FRAGMENT in address:
-            self._refusal = (f"{address} is a CURVE-secured peer; configure [security] (peers) or "
-                             "pass --key (tools) to talk to it")
+        else:
+            self._refusal = dial_problem(address, None)
         self._sock: zmq.asyncio.Socket | None = None
         self._monitor: zmq.asyncio.Socket | None = None
         self._queued: zmq.Socket | None = None
@@ -304,6 +316,7 @@ class ZmqConnection(Connection):
         """The send or receive of the request in flight, which the watcher cancels when the
         connection is lost or refused (``_lost`` then says which)."""
         self._lost = ""
+        self._lost_in_handshake = False
         self._lock = asyncio.Lock()
         self._closed = False
 
@@ -357,6 +370,7 @@ class ZmqConnection(Connection):
                 waiting = self._waiting
                 if waiting is not None and not waiting.done():
                     self._lost = _lost_because(event["event"], int(event["value"]), self._curve is not None)
+                    self._lost_in_handshake = bool(event["event"] & BROKEN_HANDSHAKE)
                     waiting.cancel()
 
     async def _forget_earlier_events(self) -> None:
@@ -377,7 +391,8 @@ class ZmqConnection(Connection):
             return await fut
         except asyncio.CancelledError:
             if self._lost and _closed_under_us():
-                raise TransportError(f"connection to {self.address}{self._lost}") from None
+                error = HandshakeFailed if self._lost_in_handshake else TransportError
+                raise error(f"connection to {self.address}{self._lost}") from None
             raise
         finally:
             self._waiting = None
@@ -453,10 +468,10 @@ class ZmqTransport(Transport):
                 _GATE.close(domain)
             raise TransportError(f"cannot bind {url}: {exc}") from exc
         address = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
-        if policy is not None:
-            policy.address = address
         if curve is not None and curve.per_peer:
             address = with_key(address, curve.public)
+        if policy is not None:
+            policy.address = address  # its log lines name the address the peer advertises
         listener = ZmqListener(sock, address, max_frame_bytes, zap_domain=domain, curve=curve)
         self._listeners.append(listener)
         return listener

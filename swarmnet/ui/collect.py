@@ -28,6 +28,13 @@ MAX_EVENTS = 12
 SAME_EVENT_S = 10.0
 
 
+def nobody_answered(snapshot: SwarmSnapshot) -> str:
+    """The error for a poll that no peer answered, with what the requests ran into."""
+    why = sorted({p.error for p in snapshot.peers if p.error})
+    return ("no peer answered; check --seed / --run-dir and that the swarm is running (and --key for "
+            "a swarm with [security])" + "".join(f"\n  {w}" for w in why[:3]))
+
+
 def seeds_from_run_dir(run_dir: Path) -> list[str]:
     """Addresses from the ``<run_dir>/<peer>/card.json`` files peers write once they are bound."""
     return list(names_from_run_dir(run_dir))

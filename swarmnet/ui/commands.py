@@ -74,7 +74,12 @@ def status_command(
     """Watch a running swarm: one row per peer, swarm totals and recent events, refreshed live."""
     from swarmnet.config import load_section
     from swarmnet.security import client_keys
-    from swarmnet.ui.collect import StatusCollector, resolve_seed, seeds_from_run_dir
+    from swarmnet.ui.collect import (
+        StatusCollector,
+        nobody_answered,
+        resolve_seed,
+        seeds_from_run_dir,
+    )
     from swarmnet.ui.live import run_status
 
     if not seed and run_dir is None:
@@ -105,9 +110,7 @@ def status_command(
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     if not snap.alive:
-        why = sorted({p.error for p in snap.peers if p.error})
-        _fail("no peer answered; check --seed / --run-dir and that the swarm is running "
-              "(and --key for a swarm with [security])" + "".join(f"\n  {w}" for w in why[:3]), code=1)
+        _fail(nobody_answered(snap), code=1)
 
 
 def plot_command(

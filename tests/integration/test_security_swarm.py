@@ -142,7 +142,37 @@ def test_swarm_key_peers_train_and_strangers_get_nothing(tmp_path, daemons):
     blind = CliRunner().invoke(app, ["status", "--seed", a_addr, "--json", "--timeout", "1"])
     assert blind.exit_code == 1 and "no peer answered" in blind.output
     assert "requires CURVE" in blind.output and "pass --key" in blind.output  # and why
+    blind = CliRunner().invoke(app, ["eval", "--seed", a_addr, "--config", str(peer_config(tmp_path / "plain.toml", {})),
+                                     "--timeout", "1"])
+    assert blind.exit_code != 0 and "no peer answered" in blind.output and "requires CURVE" in blind.output
     stop_all(daemons, a, b)
+    stranger.wait(30)
+    alone = [line for line in stranger.log(400).splitlines() if "trained alone" in line]
+    assert alone and "different swarm key files" in alone[0], alone  # the end-of-run line keeps the cause
+
+
+def test_a_seed_the_peer_can_never_dial_stops_it_at_start(tmp_path, daemons):
+    """Seeds that no retry can fix are config errors (exit 2), not "unreachable" for a whole run."""
+    keys, allow = tmp_path / "keys", tmp_path / "allow"
+    public, secret = generate_keys(keys, "a")
+    allow.mkdir()
+    shutil.copy(public, allow)
+    other = load_keypair(generate_keys(keys, "other")[1])[0]
+    listed = peer_config(tmp_path / "listed.toml", {"mode": "allow-list", "key": str(secret), "allow": str(allow)})
+    swarm = peer_config(tmp_path / "swarm.toml", {"mode": "swarm-key", "key": str(secret)})
+    plain = peer_config(tmp_path / "plain.toml", {})
+    cases = {  # config, seed, what the peer says
+        "keyless": (listed, "tcp://127.0.0.1:9", "no key in the address"),
+        "unlisted": (listed, with_key("tcp://127.0.0.1:9", other), "its key is not in the allow-list"),
+        "other-swarm": (swarm, with_key("tcp://127.0.0.1:9", other), "is not this swarm's key"),
+        "plain": (plain, with_key("tcp://127.0.0.1:9", other), "is a CURVE-secured peer"),
+    }
+    peers = {name: start(daemons, tmp_path / "run", name, config, "--seed", seed)
+             for name, (config, seed, _) in cases.items()}
+    for name, (_, seed, says) in cases.items():
+        assert peers[name].wait(60) == 2, peers[name].log()
+        assert f"seed {seed}" in peers[name].log() or "seed address" in peers[name].log(), peers[name].log()
+        assert says in peers[name].log() and "Traceback" not in peers[name].log()
 
 
 def test_allow_list_admits_listed_peers_and_an_operator_key_only(tmp_path, daemons):

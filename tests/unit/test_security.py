@@ -8,6 +8,7 @@ import sys
 import pytest
 import zmq
 import zmq.auth
+from zmq.utils import z85
 
 from swarmnet.config import load_config
 from swarmnet.errors import ConfigError
@@ -95,8 +96,12 @@ def test_allow_list_from_a_directory_or_a_file(tmp_path):
     with pytest.raises(ConfigError, match=":1: .* is not a CURVE key"):
         load_allow_list(listing)
     listing.write_text(f"{publics[0].decode()}\nnot-a-key\n")
-    with pytest.raises(ConfigError, match=f"{listing}:2: b'not-a-key' is not a CURVE key"):
+    with pytest.raises(ConfigError, match=f"{listing}:2: 'not-a-key' is not a CURVE key"):
         load_allow_list(listing)
+    # The hex form of #curve= addresses, and a single NAME.key file, serve as well.
+    listing.write_text(f"{z85.decode(publics[0]).hex()}  a, copied from its address\n")
+    assert load_allow_list(listing) == {publics[0]}
+    assert load_allow_list(keys / "b.key") == {publics[1]}
     listing.write_text("# nobody\n")
     with pytest.raises(ConfigError, match="lists no public keys"):
         load_allow_list(listing)
