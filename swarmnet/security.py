@@ -104,16 +104,29 @@ def split_address(address: str) -> tuple[str, bytes | None]:
     return base, z85.encode(raw)
 
 
-def dial_problem(address: str, curve: CurveKeys | None) -> str:
-    """Why a side with these keys (None: no [security]) can never dial ``address``; "" when it can."""
+def refuse_inproc(url: str) -> None:
+    """libzmq skips the security handshake inside a process: no inproc:// with [security]."""
+    if url.startswith("inproc://"):
+        raise ConfigError(f"{url}: inproc:// skips CURVE authentication; with [security] enabled "
+                          "use tcp:// or ipc:// addresses")
+
+
+def dial_target(address: str, curve: CurveKeys | None) -> tuple[str, bytes | None]:
+    """(the address to dial, the listener's public key) for a side with these keys (None: no
+    [security], no key); a ConfigError when they can never dial ``address``."""
     if curve is None:
         if KEY_FRAGMENT in address:
-            return (f"{address} is a CURVE-secured peer; configure [security] (peers) or pass --key "
-                    "(tools) to talk to it")
-        return ""
+            raise ConfigError(f"{address} is a CURVE-secured peer; configure [security] (peers) or pass "
+                              "--key (tools) to talk to it")
+        return address, None
+    refuse_inproc(address)
+    return split_address(address)[0], curve.server_key(address)
+
+
+def dial_problem(address: str, curve: CurveKeys | None) -> str:
+    """Why a side with these keys can never dial ``address``; "" when it can."""
     try:
-        split_address(address)
-        curve.server_key(address)
+        dial_target(address, curve)
     except ConfigError as exc:
         return str(exc)
     return ""
@@ -206,7 +219,7 @@ def load_allow_list(path: str | os.PathLike[str]) -> frozenset[bytes]:
     per line: Z85 (a ``.key`` file's public-key) or the 64 hex digits of a ``#curve=`` address
     (blank and ``#`` comment lines ignored, and anything after the key on its line)."""
     path = Path(path)
-    if path.is_dir() or path.suffix == ".key":
+    if path.is_dir() or _is_certificate(path):
         files = sorted(path.glob("*.key")) if path.is_dir() else [path]
         if not files:
             raise ConfigError(f"allow-list directory {path} has no *.key public key files; "
@@ -238,6 +251,15 @@ def load_allow_list(path: str | os.PathLike[str]) -> frozenset[bytes]:
         raise ConfigError(f"allow-list {path} lists no public keys; put one key per line (the "
                           "public-key value of each NAME.key, or the hex after #curve= in its address)")
     return frozenset(keys)
+
+
+def _is_certificate(path: Path) -> bool:
+    """A NAME.key file as ``keys generate`` writes it (rather than a list of keys that happens
+    to be named *.key)."""
+    try:
+        return path.suffix == ".key" and "public-key" in path.read_text(errors="replace")
+    except OSError:
+        return False
 
 
 def _check_key(key: bytes, where: str, forms: str = "40 Z85 characters") -> bytes:

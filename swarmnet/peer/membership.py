@@ -276,13 +276,13 @@ class MembershipService:
                 self._seed_failures[seed] = failures
                 delay = min(30.0, self.interval * 2**failures)
                 self._seed_retry[seed] = now + delay
-                self.seed_errors[seed] = str(exc)
                 if failures in (1, 3) or failures % 10 == 0:
                     # Silence or a refused connection may be a wrong address; a failed handshake or
                     # a reply says itself what to check.
                     unanswered = isinstance(exc, TransportError) and not isinstance(exc, HandshakeFailed)
                     why = await _unresolved(address) or (
                         f"{exc}; check the address and that a peer is running there" if unanswered else str(exc))
+                    self.seed_errors[seed] = why
                     alone = "" if self.table.alive() else "; no other peer known yet"
                     self.log.warning("seed %s unreachable (%s); retrying in %.1fs%s", seed, why, delay, alone)
             else:

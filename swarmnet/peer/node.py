@@ -258,9 +258,10 @@ class Peer:
                                   self.stats.interactions)
                     if self.membership.seeds and not self.membership.joined.is_set():
                         errors = self.membership.seed_errors
-                        self.log.warning("trained alone: no other peer was ever reached (seeds: %s); check --seed and that a peer "
-                                         "is listening there%s", ", ".join(self.membership.seeds),
-                                         "".join(f"; {seed}: {errors[seed]}" for seed in self.membership.seeds if seed in errors))
+                        why = "".join(f"; {seed}: {errors[seed]}" for seed in self.membership.seeds if seed in errors)
+                        self.log.warning("trained alone: no other peer was ever reached (seeds: %s)%s",
+                                         ", ".join(self.membership.seeds),
+                                         why or "; check --seed and that a peer is listening there")
                     await self.finish(linger_until)
                 finally:
                     compute.stop.set()  # whatever ended the loop, the compute thread must not outlive it

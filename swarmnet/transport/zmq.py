@@ -45,7 +45,7 @@ from swarmnet.errors import (
     TransportError,
 )
 from swarmnet.log import Throttle
-from swarmnet.security import CurveKeys, dial_problem, split_address, with_key
+from swarmnet.security import CurveKeys, dial_target, refuse_inproc, split_address, with_key
 from swarmnet.transport.base import Connection, Listener, Route, Transport, request_turn
 
 log = logging.getLogger(__name__)
@@ -75,12 +75,6 @@ def _secure_client(sock: zmq.asyncio.Socket, curve: CurveKeys, server_key: bytes
     sock.curve_secretkey = curve.secret
     sock.curve_publickey = curve.public
     sock.curve_serverkey = server_key
-
-
-def _refuse_inproc(url: str) -> None:
-    if url.startswith("inproc://"):
-        raise ConfigError(f"{url}: inproc:// skips CURVE authentication; with [security] enabled "
-                          "use tcp:// or ipc:// addresses")
 
 
 class _KeyPolicy:
@@ -157,29 +151,36 @@ BROKEN_HANDSHAKE = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_F
 HANDSHAKE_LOG_EVERY_S = 10.0
 
 
-def _lost_because(event: int, value: int, secured: bool) -> str:
-    """What a client's monitor event says about the connection, after "connection to ADDR";
-    ``secured``: the client runs CURVE."""
+def _lost_because(event: int, value: int, secured: bool, handshake_s: float,
+                  handshake_ivl: float) -> tuple[type[TransportError], str]:
+    """The error a client's monitor event ends a request with, and what to say after
+    "connection to ADDR". ``secured``: the client runs CURVE; ``handshake_s``: seconds since
+    the TCP connection was made; ``handshake_ivl``: libzmq's deadline for the handshake."""
     if event == zmq.EVENT_CONNECT_RETRIED:
-        return " refused"
+        return TransportError, " refused"
     if event == zmq.EVENT_DISCONNECTED:
-        return " lost mid-request"
+        return TransportError, " lost mid-request"
+    if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and handshake_s >= handshake_ivl / 2:
+        # A peer that drops a bad handshake does so at once; this one never answered it.
+        return TransportError, f": no handshake within {handshake_ivl:g}s (a frozen or overloaded peer)"
     if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
-        return (": the peer does not run CURVE (its config has no [security] section, ours has one)" if secured
-                else ": the peer requires CURVE (its config has a [security] section): configure "
-                "[security] (peers) or pass --key (tools)")
+        return HandshakeFailed, (
+            ": the peer does not run CURVE (its config has no [security] section, ours has one)" if secured
+            else ": the peer requires CURVE (its config has a [security] section): configure "
+            "[security] (peers) or pass --key (tools)")
     if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
-        return f": the handshake failed (ZeroMQ protocol error {value:#x}); is it a swarmnet peer?"
+        return HandshakeFailed, f": the handshake failed (ZeroMQ protocol error {value:#x}); is it a swarmnet peer?"
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-        return (": the peer refused our key (allow-list mode: its list lacks this side's public "
-                "key; swarm-key mode: the two sides hold different swarm key files)")
+        return HandshakeFailed, (": the peer refused our key (allow-list mode: its list lacks this side's "
+                                 "public key; swarm-key mode: the two sides hold different swarm key files)")
     if secured:
-        return (" dropped during the CURVE handshake: the peer does not hold the key we dialled it "
-                "with (the two sides hold different swarm key files, or an allow-list address lacks "
-                "its #curve= key or carries an old one), or it runs without [security], or it "
-                "stopped meanwhile")
-    return (" dropped during the handshake: the peer stopped meanwhile, or it requires CURVE "
-            "(configure [security] for peers, pass --key to tools), or it is not a swarmnet peer")
+        return HandshakeFailed, (" dropped during the CURVE handshake: the peer does not hold the key we "
+                                 "dialled it with (the two sides hold different swarm key files, or an "
+                                 "allow-list address lacks its #curve= key or carries an old one), or it "
+                                 "runs without [security], or it stopped meanwhile")
+    return HandshakeFailed, (" dropped during the handshake: the peer stopped meanwhile, or it requires "
+                             "CURVE (configure [security] for peers, pass --key to tools), or it is not a "
+                             "swarmnet peer")
 
 
 def _refused_handshake(value: int, secured: bool) -> str | None:
@@ -291,20 +292,15 @@ class ZmqConnection(Connection):
         self.address = address
         self._max = max_frame_bytes
         self._curve = curve
-        self._dial = address
-        self._server_key = b""
+        self._dial, self._server_key = address, b""
         self._refusal = ""
         """Why this address cannot be dialled; addresses come from gossip, so a bad one fails
         its requests (a TransportError) instead of the code that merely looked it up."""
-        if curve is not None:
-            try:
-                _refuse_inproc(address)
-                self._dial, _ = split_address(address)
-                self._server_key = curve.server_key(address)
-            except ConfigError as exc:
-                self._refusal = str(exc)
-        else:
-            self._refusal = dial_problem(address, None)
+        try:
+            self._dial, server_key = dial_target(address, curve)
+            self._server_key = server_key or b""
+        except ConfigError as exc:
+            self._refusal = str(exc)
         self._sock: zmq.asyncio.Socket | None = None
         self._monitor: zmq.asyncio.Socket | None = None
         self._queued: zmq.Socket | None = None
@@ -315,8 +311,10 @@ class ZmqConnection(Connection):
         self._waiting: asyncio.Future[Any] | None = None
         """The send or receive of the request in flight, which the watcher cancels when the
         connection is lost or refused (``_lost`` then says which)."""
-        self._lost = ""
-        self._lost_in_handshake = False
+        self._lost: tuple[type[TransportError], str] | None = None
+        self._connected_at = time.monotonic()
+        """When the monitor last reported a TCP connection made (the handshake starts there)."""
+        self._handshake_ivl = 30.0
         self._lock = asyncio.Lock()
         self._closed = False
 
@@ -333,7 +331,8 @@ class ZmqConnection(Connection):
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
             if self._curve is not None:
                 _secure_client(sock, self._curve, self._server_key)
-            monitor = sock.get_monitor_socket(LOST | BROKEN_HANDSHAKE)
+            monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | LOST | BROKEN_HANDSHAKE)
+            self._handshake_ivl = sock.getsockopt(zmq.HANDSHAKE_IVL) / 1000
             try:
                 sock.connect(self._dial)
             except zmq.ZMQError as exc:
@@ -367,10 +366,13 @@ class ZmqConnection(Connection):
             while True:
                 self._event = monitor.recv_multipart()
                 event = parse_monitor_message(await self._event)
+                if event["event"] == zmq.EVENT_CONNECTED:
+                    self._connected_at = time.monotonic()
+                    continue
                 waiting = self._waiting
                 if waiting is not None and not waiting.done():
-                    self._lost = _lost_because(event["event"], int(event["value"]), self._curve is not None)
-                    self._lost_in_handshake = bool(event["event"] & BROKEN_HANDSHAKE)
+                    self._lost = _lost_because(event["event"], int(event["value"]), self._curve is not None,
+                                               time.monotonic() - self._connected_at, self._handshake_ivl)
                     waiting.cancel()
 
     async def _forget_earlier_events(self) -> None:
@@ -379,20 +381,21 @@ class ZmqConnection(Connection):
         earlier connection, not this request."""
         assert self._queued is not None
         while self._queued.get(zmq.EVENTS) & zmq.POLLIN:
-            self._queued.recv_multipart(zmq.DONTWAIT)
+            if parse_monitor_message(self._queued.recv_multipart(zmq.DONTWAIT))["event"] == zmq.EVENT_CONNECTED:
+                self._connected_at = time.monotonic()
         if self._event is not None and self._event.done():
             await asyncio.sleep(0)  # the watcher's wake-up is already due; let it go first
 
     async def _await(self, fut: asyncio.Future[Any]) -> Any:
         """Await one step of the request; a cancellation by the watcher (not of our own task)
         becomes a TransportError."""
-        self._waiting, self._lost = fut, ""
+        self._waiting, self._lost = fut, None
         try:
             return await fut
         except asyncio.CancelledError:
-            if self._lost and _closed_under_us():
-                error = HandshakeFailed if self._lost_in_handshake else TransportError
-                raise error(f"connection to {self.address}{self._lost}") from None
+            if self._lost is not None and _closed_under_us():
+                error, why = self._lost
+                raise error(f"connection to {self.address}{why}") from None
             raise
         finally:
             self._waiting = None
@@ -447,7 +450,7 @@ class ZmqTransport(Transport):
     async def listen(self, url: str, *, max_frame_bytes: int = 2**31 - 1) -> Listener:
         curve, policy, domain = self._curve, None, None
         if curve is not None:
-            _refuse_inproc(url)
+            refuse_inproc(url)
             url, _ = split_address(url)
         sock = self._ctx.socket(zmq.ROUTER)
         _configure(sock, max_frame_bytes)

@@ -3,9 +3,9 @@
 import asyncio
 import contextlib
 import logging
-import time
 
 import pytest
+import zmq
 
 from swarmnet.errors import ConfigError, HandshakeFailed, TransportError
 from swarmnet.security import CurveKeys, generate_keys, load_allow_list, load_keypair, with_key
@@ -82,28 +82,27 @@ async def test_swarm_key_admits_its_holders_and_nobody_else(keys, scheme, tmp_pa
 
 
 async def refusal(curve, address):
-    """The error a request gets and how long it took, with time enough to wait out a timeout."""
-    started = time.monotonic()
+    """What a request whose handshake fails is told (a HandshakeFailed, not a bare TransportError)."""
     with pytest.raises(HandshakeFailed) as failed:
         await ask(curve, address, timeout=20)
-    return str(failed.value), time.monotonic() - started
+    return str(failed.value)
 
 
 async def test_a_failed_handshake_says_which_side_to_look_at_on_both_ends(keys, caplog):
-    """libzmq ends a failed CURVE handshake without a word: the client's request would wait out
-    its timeout and the listener would see nothing. Both ends now say what went wrong."""
+    """libzmq ends a failed CURVE handshake without a reason: the client's request failed as
+    "lost mid-request" and the listener logged nothing. Both ends now say what went wrong."""
     pairs, allowed = keys
     broken = []
     caplog.set_level(logging.WARNING, logger="swarmnet")
     async with echo_server(swarm_key(pairs["a"], on_broken_handshake=lambda: broken.append(1))) as listener:
         # Another swarm's key: the listener cannot read the client's hello.
-        message, took = await refusal(swarm_key(pairs["stranger"]), listener.address)
-        assert "different swarm key files" in message and took < 10, (message, took)
+        message = await refusal(swarm_key(pairs["stranger"]), listener.address)
+        assert "dropped during the CURVE handshake" in message and "different swarm key files" in message
         await asyncio.sleep(0.2)  # the listener's monitor reports on the event loop
         assert broken and "refused a CURVE handshake from a client that does not hold" in caplog.text
-        # A client without CURVE: the peer drops it, or it sees the mechanisms differ.
-        message, took = await refusal(None, listener.address)
-        assert "requires CURVE" in message and took < 10, (message, took)
+        # A client without CURVE: the peer drops it, or it sees the mechanisms differ first.
+        message = await refusal(None, listener.address)
+        assert "requires CURVE" in message, message
         await asyncio.sleep(0.2)
         assert "from a client without CURVE" in caplog.text
         many = len(broken)
@@ -115,11 +114,12 @@ async def test_a_failed_handshake_says_which_side_to_look_at_on_both_ends(keys, 
         assert caplog.text.count("does not hold this peer's key") == 1
         assert await ask(swarm_key(pairs["a"]), listener.address) == [b"echo", b"hi"]  # still serving
     async with echo_server(listed(pairs["a"], allowed)) as listener:  # a key the allow-list lacks
-        message, took = await refusal(CurveKeys(*pairs["stranger"]), listener.address)
-        assert "the peer refused our key" in message and took < 10, (message, took)
+        message = await refusal(CurveKeys(*pairs["stranger"]), listener.address)
+        assert "the peer refused our key" in message, message
     async with echo_server(None) as listener:  # a secured client dialling a plain peer
-        message, took = await refusal(swarm_key(pairs["a"]), listener.address)
-        assert ("does not run CURVE" in message or "runs without [security]" in message) and took < 10, (message, took)
+        message = await refusal(swarm_key(pairs["a"]), listener.address)
+        # Which end notices first is a race: either message names the missing [security].
+        assert "does not run CURVE" in message or "runs without [security]" in message, message
         await asyncio.sleep(0.2)
         assert "refused a CURVE handshake from a client with CURVE" in caplog.text  # the plain side says so too
 
@@ -162,3 +162,17 @@ async def test_curve_pull_bench_reports_both_sides():
 
     result = await measure(size_mb=1, repeats=2)
     assert result["plain_s"] > 0 and result["curve_s"] > 0 and result["ratio"] > 0
+
+
+def test_a_handshake_that_times_out_is_not_blamed_on_keys():
+    """A frozen peer never answers the handshake: libzmq gives up after HANDSHAKE_IVL with the
+    same event a refused key gives at once. Only the quick one names keys."""
+    from swarmnet.transport.zmq import _lost_because
+
+    dropped = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    error, why = _lost_because(dropped, 0, True, handshake_s=30.0, handshake_ivl=30.0)
+    assert error is TransportError and "no handshake within 30s (a frozen or overloaded peer)" in why
+    error, why = _lost_because(dropped, 0, True, handshake_s=0.01, handshake_ivl=30.0)
+    assert error is HandshakeFailed and "different swarm key files" in why
+    error, why = _lost_because(zmq.EVENT_DISCONNECTED, 0, True, handshake_s=0.01, handshake_ivl=30.0)
+    assert error is TransportError and why == " lost mid-request"

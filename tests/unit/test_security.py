@@ -102,6 +102,9 @@ def test_allow_list_from_a_directory_or_a_file(tmp_path):
     listing.write_text(f"{z85.decode(publics[0]).hex()}  a, copied from its address\n")
     assert load_allow_list(listing) == {publics[0]}
     assert load_allow_list(keys / "b.key") == {publics[1]}
+    named_key = tmp_path / "allowed.key"  # a list of keys that happens to end in .key
+    named_key.write_text(f"{publics[0].decode()}\n")
+    assert load_allow_list(named_key) == {publics[0]}
     listing.write_text("# nobody\n")
     with pytest.raises(ConfigError, match="lists no public keys"):
         load_allow_list(listing)
