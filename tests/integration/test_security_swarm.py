@@ -166,6 +166,7 @@ def test_a_seed_the_peer_can_never_dial_stops_it_at_start(tmp_path, daemons):
         "unlisted": (listed, with_key("tcp://127.0.0.1:9", other), "its key is not in the allow-list"),
         "other-swarm": (swarm, with_key("tcp://127.0.0.1:9", other), "is not this swarm's key"),
         "plain": (plain, with_key("tcp://127.0.0.1:9", other), "is a CURVE-secured peer"),
+        "inproc": (swarm, "inproc://elsewhere", "inproc:// skips CURVE authentication"),
     }
     peers = {name: start(daemons, tmp_path / "run", name, config, "--seed", seed)
              for name, (config, seed, _) in cases.items()}
