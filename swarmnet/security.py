@@ -123,15 +123,6 @@ def dial_target(address: str, curve: CurveKeys | None) -> tuple[str, bytes | Non
     return split_address(address)[0], curve.server_key(address)
 
 
-def dial_problem(address: str, curve: CurveKeys | None) -> str:
-    """Why a side with these keys can never dial ``address``; "" when it can."""
-    try:
-        dial_target(address, curve)
-    except ConfigError as exc:
-        return str(exc)
-    return ""
-
-
 def with_key(address: str, public: bytes) -> str:
     """``address`` carrying the Z85 ``public`` key (replacing any key it carried)."""
     base, _ = split_address(address)

@@ -55,7 +55,7 @@ from swarmnet.peer.newcomer import fetch_donation
 from swarmnet.peer.server import PeerServer
 from swarmnet.peer.state import Mailbox, MergeGate, SnapshotStore
 from swarmnet.peer.stats import PeerStats
-from swarmnet.security import dial_problem, exposure_warning, peer_keys, split_address, with_key
+from swarmnet.security import dial_target, exposure_warning, peer_keys, split_address, with_key
 from swarmnet.tasks import load_task
 from swarmnet.transport import TransportSet
 from swarmnet.wire import Limits, MsgType, fit_cards, request
@@ -289,9 +289,11 @@ class Peer:
         """A seed this peer's keys can never dial is a mistake in the config, not a seed to retry
         for the whole run (file:// seeds are read later, their addresses checked as they come)."""
         for seed in self.cfg.network.seeds:
-            problem = "" if seed.startswith("file://") else dial_problem(seed, self.curve)
-            if problem:
-                raise ConfigError(f"seed {problem}")
+            if not seed.startswith("file://"):
+                try:
+                    dial_target(seed, self.curve)
+                except ConfigError as exc:
+                    raise ConfigError(f"seed {exc}") from None
 
     @contextlib.asynccontextmanager
     async def serving(self) -> AsyncIterator[None]:
