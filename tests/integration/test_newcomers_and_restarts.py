@@ -155,8 +155,8 @@ def test_newcomers_adopt_a_trained_model_and_a_restarted_peer_resumes(swarm_fact
 def test_newcomers_arriving_together_spread_over_donors(swarm_factory):
     """Six newcomers ask three trained donors for their model at the same moment (one asyncio
     loop, a client each: closer together than separate processes could start). A donor sends one
-    model at a time and answers BUSY meanwhile; newcomers take the least used donor, so every
-    donor serves (two each when they all meet), and every newcomer gets a model."""
+    model at a time and answers BUSY meanwhile, so every donor serves and every newcomer gets a
+    model. A newcomer arriving alone afterwards takes a least used donor."""
     # A 4.3M-parameter MLP (17 MB): a donation is on the wire long enough for the others to meet it.
     config = digits_config(checkpoint_every=0.0)
     config["run"]["peers"] = 3
@@ -182,10 +182,17 @@ def test_newcomers_arriving_together_spread_over_donors(swarm_factory):
     served = {n: query_status(cards[n]["addr"])["donations"] for n in SWARM}
     print(f"\ndonors {[d.donor for d in donations]}, donations per donor {served}, donors' steps {before}")
     assert all(d is not None and bool(torch.isfinite(d.values_N).all()) for d in donations)
-    # Two each when the six meet at the donors (3 of 3 runs alone); inside the loaded full suite
-    # a donation can end before the next newcomer arrives (3-1-2 seen). Random choice alone gives
-    # an idle donor or one with four or more in about half of all draws.
-    assert sum(served.values()) == 6 and min(served.values()) >= 1 and max(served.values()) <= 3, (served, before)
+    # Two each when the six meet at the donors (3 of 3 runs alone). How many each serves after
+    # its first depends on how fast each sends, which a loaded machine skews (3-1-2 and 1-4-1
+    # seen in CI: a donor whose transfers end first serves the newcomers still waiting).
+    assert sum(served.values()) == 6 and min(served.values()) >= 1, (served, before)
+    # The order rule itself, without contention: three newcomers one after the other each take
+    # a least used donor (random choice would pass 2 times in 9 from 2-2-2).
+    for i in range(6, 9):
+        late = asyncio.run(ask_for_donation(f"newcomer{i}", cards.values(), numel, i))
+        assert late is not None and served[late.donor] == min(served.values()), (late.donor, served)
+        served = {n: query_status(cards[n]["addr"])["donations"] for n in SWARM}
+    assert sum(served.values()) == 9, served
 
 
 def test_a_newcomer_to_a_peer_that_trained_alone_gets_its_trained_model(tmp_path, daemons):
