@@ -15,7 +15,7 @@ from swarmnet.peer import checkpoint
 from swarmnet.peer.client import PeerClient
 from swarmnet.peer.membership import PeerTable
 from swarmnet.peer.metrics import read_metrics
-from swarmnet.peer.newcomer import BEHIND, fetch_donation
+from swarmnet.peer.newcomer import BEHIND, PATIENCE, fetch_donation
 from swarmnet.peer.stats import PeerStats
 from swarmnet.tasks import digits
 from swarmnet.testing import PeerProcessHandle, query_status, wait_until, write_config
@@ -180,7 +180,8 @@ def test_newcomers_arriving_together_spread_over_donors(swarm_factory):
     before = steps()
     donations = asyncio.run(arrive_together())
     served = {n: query_status(cards[n]["addr"])["donations"] for n in SWARM}
-    print(f"\ndonors {[d.donor for d in donations]}, donations per donor {served}, donors' steps {before}")
+    print(f"\ndonors {[d.donor for d in donations]}, donations per donor {served}, donors' steps {before}, "
+          f"seconds to a model {[round(d.seconds, 2) for d in donations if d is not None]} (newcomer.PATIENCE {PATIENCE})")
     assert all(d is not None and bool(torch.isfinite(d.values_N).all()) for d in donations)
     # Two each when the six meet at the donors (3 of 3 runs alone). How many each serves after
     # its first depends on how fast each sends, which a loaded machine skews (3-1-2 and 1-4-1

@@ -188,6 +188,9 @@ def test_a_peer_takes_at_most_one_nudge_per_version(tmp_path, daemons):
         "task": {"spec": "swarmnet.tasks.lsq:task"},
         "train": {"batch_size": 1, "lr": 0.0, "steps": 10**9, "checkpoint_every": 0.0},
         "network": {"exchange": False, "min_peers": 0},
+        # H never done: no refresh of its own (compute.REFRESH_MIN_S) moves its latest version
+        # between our pull and the nudges, or stands in for the nudge's publish.
+        "algorithm": {"local_steps": 10**9},
     })
     peer = PeerProcessHandle(tmp_path / "run", "target", config)
     daemons.append(peer)

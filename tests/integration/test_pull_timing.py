@@ -36,5 +36,6 @@ def test_snapshots_are_pulled_when_due_not_right_after_the_last_merge(tmp_path):
         assert peer["interactions"] >= 360 / h / 2
         # Pulled right after the last merge, a snapshot waits about H steps in the mailbox on top
         # of its age at the sender (0 to H, since the sender publishes at its merges): about 9
-        # steps here (measured 9.0). Pulled when due, the sender's part and the pull: 4.9.
-        assert ages < 0.75 * h + 2, ages
+        # steps here (measured 9.0). Pulled when due, the sender's part and the pull: 4.9. The
+        # bound sits between the two: scheduling delays on a loaded machine add to the pull's part.
+        assert ages < h + 1, ages

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.timeout(60)
 
 class Responders:
     """``n`` listeners on 127.0.0.1 answering STATUS; each knows only its ring neighbour, so
-    discovery has to follow the peers lists. ``silence(i)`` stops one answering."""
+    discovery has to follow the peers lists. Index i in ``silent``: that one stops answering."""
 
     def __init__(self) -> None:
         self.transports = TransportSet()
@@ -70,9 +70,11 @@ async def responders(n: int) -> AsyncIterator[Responders]:
         await r.aclose()
 
 
-async def test_one_seed_discovers_64_peers_and_a_silent_one_goes_stale() -> None:
+async def test_one_seed_discovers_64_peers_and_silent_ones_go_stale() -> None:
     async with responders(64) as swarm:
-        collector = StatusCollector([swarm.addrs[0]], timeout=0.5)
+        # A deadline a loaded machine meets: 64 answers on one event loop, the responders' too.
+        timeout = 2.0
+        collector = StatusCollector([swarm.addrs[0]], timeout=timeout)
         try:
             first = await collector.poll()
             assert [p.name for p in first.peers] == [f"peer{i}" for i in range(64)]
@@ -82,19 +84,19 @@ async def test_one_seed_discovers_64_peers_and_a_silent_one_goes_stale() -> None
             refresh = time.monotonic() - t0
             print(f"refresh of 64 peers over tcp: {refresh * 1000:.0f} ms")
             assert all(p.rates is not None for p in second.peers)
-            assert refresh < 0.5  # every peer answered within one deadline, so no timeouts were hit
+            assert refresh < timeout and not any(p.stale for p in second.peers)  # no timeouts were hit
 
-            swarm.silent.add(7)
+            swarm.silent.update((7, 8, 9))
             t0 = time.monotonic()
             third = await collector.poll()
             waited = time.monotonic() - t0
-            row = next(p for p in third.peers if p.name == "peer7")
-            assert row.stale and "Timeout" in row.error
-            assert waited < 0.5 + 1.0  # one deadline, not one per peer
-            assert sum(not p.stale for p in third.peers) == 63
+            silent = [p for p in third.peers if p.name in ("peer7", "peer8", "peer9")]
+            assert all(row.stale and "Timeout" in row.error for row in silent), silent
+            assert waited < 2 * timeout  # one deadline for all, not one per silent peer (3)
+            assert sum(not p.stale for p in third.peers) == 61
             assert any(e.peer == "peer7" and e.what == "not answering" for e in third.events)
 
-            swarm.silent.discard(7)
+            swarm.silent.clear()
             fourth = await collector.poll()
             assert not next(p for p in fourth.peers if p.name == "peer7").stale
             assert any(e.peer == "peer7" and e.what == "answering again" for e in fourth.events)
