@@ -148,6 +148,9 @@ BROKEN_HANDSHAKE = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_F
                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 """Handshake failures, which end a pending request too, saying why."""
 
+PROGRESS = zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+"""Monitor events that only tell how far the connection got, for a timeout's message."""
+
 HANDSHAKE_LOG_EVERY_S = 10.0
 
 
@@ -181,6 +184,18 @@ def _lost_because(event: int, value: int, secured: bool, handshake_s: float,
     return HandshakeFailed, (" dropped during the handshake: the peer stopped meanwhile, or it requires "
                              "CURVE (configure [security] for peers, pass --key to tools), or it is not a "
                              "swarmnet peer")
+
+
+def _silent_because(tcp: bool, connected: bool, handshaken: bool) -> str:
+    """What to add to a timeout's "no reply from ADDR within Ns", from how far the connection
+    got (``tcp``: a tcp:// address, the only kind that can hang before the handshake)."""
+    if not tcp or handshaken:
+        return ""
+    if not connected:
+        return (": no TCP connection was made (the host is down or unreachable, a firewall drops the packets, "
+                "or the peer's queue of connections is full)")
+    return (": a TCP connection opened but no ZeroMQ handshake came back (a frozen or overloaded peer, "
+            "or something other than a swarmnet peer listens there)")
 
 
 def _refused_handshake(value: int, secured: bool) -> str | None:
@@ -312,8 +327,11 @@ class ZmqConnection(Connection):
         """The send or receive of the request in flight, which the watcher cancels when the
         connection is lost or refused (``_lost`` then says which)."""
         self._lost: tuple[type[TransportError], str] | None = None
-        self._connected_at = time.monotonic()
-        """When the monitor last reported a TCP connection made (the handshake starts there)."""
+        self._connected_at: float | None = None
+        """When the monitor last reported a TCP connection made (the handshake starts there);
+        None while the socket has none."""
+        self._handshaken = False
+        """Whether that connection's ZeroMQ handshake completed."""
         self._handshake_ivl = 30.0
         self._lock = asyncio.Lock()
         self._closed = False
@@ -331,7 +349,7 @@ class ZmqConnection(Connection):
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
             if self._curve is not None:
                 _secure_client(sock, self._curve, self._server_key)
-            monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | LOST | BROKEN_HANDSHAKE)
+            monitor = sock.get_monitor_socket(PROGRESS | LOST | BROKEN_HANDSHAKE)
             self._handshake_ivl = sock.getsockopt(zmq.HANDSHAKE_IVL) / 1000
             try:
                 sock.connect(self._dial)
@@ -341,6 +359,7 @@ class ZmqConnection(Connection):
                 sock.close(linger=0)
                 raise TransportError(f"cannot connect to {self.address}: {exc}") from exc
             self._sock, self._monitor = sock, monitor
+            self._connected_at, self._handshaken = None, False
             self._queued = zmq.Socket.shadow(monitor.underlying)
             self._watcher = asyncio.ensure_future(self._watch(monitor))
         return self._sock
@@ -366,14 +385,24 @@ class ZmqConnection(Connection):
             while True:
                 self._event = monitor.recv_multipart()
                 event = parse_monitor_message(await self._event)
-                if event["event"] == zmq.EVENT_CONNECTED:
-                    self._connected_at = time.monotonic()
+                self._note(event["event"])
+                if event["event"] & PROGRESS:
                     continue
                 waiting = self._waiting
                 if waiting is not None and not waiting.done():
+                    since = time.monotonic() - (self._connected_at or time.monotonic())
                     self._lost = _lost_because(event["event"], int(event["value"]), self._curve is not None,
-                                               time.monotonic() - self._connected_at, self._handshake_ivl)
+                                               since, self._handshake_ivl)
                     waiting.cancel()
+
+    def _note(self, event: int) -> None:
+        """Follow how far the connection got."""
+        if event == zmq.EVENT_CONNECTED:
+            self._connected_at, self._handshaken = time.monotonic(), False
+        elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self._handshaken = True
+        elif event == zmq.EVENT_DISCONNECTED:
+            self._connected_at, self._handshaken = None, False
 
     async def _forget_earlier_events(self) -> None:
         """Drop what the monitor reported before this request, which the loop may not have had
@@ -381,8 +410,7 @@ class ZmqConnection(Connection):
         earlier connection, not this request."""
         assert self._queued is not None
         while self._queued.get(zmq.EVENTS) & zmq.POLLIN:
-            if parse_monitor_message(self._queued.recv_multipart(zmq.DONTWAIT))["event"] == zmq.EVENT_CONNECTED:
-                self._connected_at = time.monotonic()
+            self._note(parse_monitor_message(self._queued.recv_multipart(zmq.DONTWAIT))["event"])
         if self._event is not None and self._event.done():
             await asyncio.sleep(0)  # the watcher's wake-up is already due; let it go first
 
@@ -414,8 +442,11 @@ class ZmqConnection(Connection):
                     await self._await(sock.send_multipart(frames, copy=False))
                     parts = await self._await(sock.recv_multipart(copy=False))
             except TimeoutError:
+                # The watcher had the whole wait to read the monitor: what it saw stands.
+                why = _silent_because(self._dial.startswith("tcp://") and self._sock is not None,
+                                      self._connected_at is not None, self._handshaken)
                 self._reset()
-                raise RequestTimeout(f"no reply from {self.address} within {timeout:g}s") from None
+                raise RequestTimeout(f"no reply from {self.address} within {timeout:g}s{why}") from None
             except zmq.ZMQError as exc:
                 self._reset()
                 raise TransportError(f"request to {self.address} failed: {exc}") from exc

@@ -1,6 +1,7 @@
 """The ZeroMQ transport over real sockets: tcp on loopback, ipc, inproc."""
 
 import asyncio
+import socket
 import threading
 import time
 
@@ -81,6 +82,33 @@ async def test_unreachable_peer_fails_fast():
     with pytest.raises(TransportError, match="refused"):  # nobody listens: no need to wait 5 s
         await conn.request([b"x"], timeout=5.0)
     assert loop.time() - start < 2
+    await transports.aclose()
+
+
+async def test_a_timeout_says_how_far_the_connection_got():
+    """Without a reply, a timeout tells a peer that took the request (busy) from one that never
+    completed the ZeroMQ handshake (frozen, or not a ZeroMQ listener: its kernel still accepts
+    the connection) and from an address where no connection could be made."""
+    transports = TransportSet()
+    listener = await transports.for_url("tcp://127.0.0.1:0").listen("tcp://127.0.0.1:0")  # never answers
+    with pytest.raises(RequestTimeout) as silent:
+        await transports.for_url(listener.address).connect(listener.address).request([b"x"], timeout=3.0)
+    assert str(silent.value) == f"no reply from {listener.address} within 3s"
+    with socket.create_server(("127.0.0.1", 0)) as plain:  # listens, never accepts, never speaks
+        address = f"tcp://127.0.0.1:{plain.getsockname()[1]}"
+        with pytest.raises(RequestTimeout, match="a TCP connection opened but no ZeroMQ handshake came back"):
+            await transports.for_url(address).connect(address).request([b"x"], timeout=0.5)
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as full:
+        # Its queue of connections full: the kernel drops further connection requests.
+        address = f"tcp://127.0.0.1:{full.getsockname()[1]}"
+        fillers = [socket.socket() for _ in range(3)]
+        for filler in fillers:
+            filler.setblocking(False)
+            filler.connect_ex(full.getsockname())
+        with pytest.raises(RequestTimeout, match="no TCP connection was made"):
+            await transports.for_url(address).connect(address).request([b"x"], timeout=1.0)
+        for filler in fillers:
+            filler.close()
     await transports.aclose()
 
 
