@@ -409,10 +409,13 @@ class ZmqConnection(Connection):
         a turn to read yet (a neighbour that restarted while we were busy): it is about an
         earlier connection, not this request."""
         assert self._queued is not None
+        queued = []
         while self._queued.get(zmq.EVENTS) & zmq.POLLIN:
-            self._note(parse_monitor_message(self._queued.recv_multipart(zmq.DONTWAIT))["event"])
+            queued.append(parse_monitor_message(self._queued.recv_multipart(zmq.DONTWAIT))["event"])
         if self._event is not None and self._event.done():
-            await asyncio.sleep(0)  # the watcher's wake-up is already due; let it go first
+            await asyncio.sleep(0)  # the watcher's wake-up is already due, with an older event: let it go first
+        for event in queued:
+            self._note(event)
 
     async def _await(self, fut: asyncio.Future[Any]) -> Any:
         """Await one step of the request; a cancellation by the watcher (not of our own task)
