@@ -17,8 +17,8 @@ class LocalSteps:
     geometric: bool = False
 
     def __post_init__(self) -> None:
-        if self.mean < 1:
-            raise ValueError(f"local steps must be >= 1, got {self.mean}")
+        if not (math.isfinite(self.mean) and self.mean >= 1):
+            raise ValueError(f"local steps must be a finite number >= 1, got {self.mean}")
         if not self.geometric and self.mean != int(self.mean):
             raise ValueError(f"fixed local steps must be an integer, got {self.mean}")
 

@@ -31,7 +31,8 @@ def simulate_command(
         str, typer.Option(help="Comma-separated node counts, one run each.")
     ] = "1,2,8,32,128",
     topology: Annotated[
-        str, typer.Option(help="SwarmSGD graph: complete, ring or random-regular:K.")
+        str, typer.Option(help="SwarmSGD graph: complete, ring or random-regular:K (K is lowered to n - 1 "
+                          "where K >= n, and by one where n x K is odd).")
     ] = "complete",
     local_steps: Annotated[
         float, typer.Option(help="SwarmSGD local steps H (the mean if --geometric).")
@@ -64,7 +65,7 @@ def simulate_command(
         list[str] | None, typer.Option(help="KEY=VALUE passed to the task factory, e.g. dim=90.")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of every random choice of the run.")] = 0,
-    records: Annotated[int, typer.Option(help="Curve points per run.")] = 200,
+    records: Annotated[int, typer.Option(help="Curve points per run (at most one per draw).")] = 200,
     baseline: Annotated[
         bool, typer.Option("--baseline", help="Also run mini-batch SGD with batch n x B for each n (SPEC 1.5).")
     ] = False,
@@ -82,7 +83,8 @@ def simulate_command(
     window: Annotated[
         str | None,
         typer.Option(
-            help="START:STOP node-0 steps: also print mean (std) of the losses over them."
+            help="START:STOP node-0 steps: also print mean (std) of the losses at the curve points "
+            "(--records) in that span."
         ),
     ] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
@@ -192,7 +194,8 @@ def _value(raw: str) -> Any:
 
 def print_summary(result: SimResult, window: tuple[float, float] | None = None) -> None:
     """One row per run: final losses, consensus, bits; with ``window``, mean (std) of the node-0
-    and mean-model losses over node-0 steps in the window (the SPEC 1.5 table's statistic)."""
+    and mean-model losses at the curve points whose node-0 steps fall in the window (the SPEC
+    1.5 table's statistic)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -221,7 +224,13 @@ def print_summary(result: SimResult, window: tuple[float, float] | None = None) 
                 mean, std = run.window(key, *window)
                 cells.append(f"{mean:.4g} ({std:.2g})")
         table.add_row(*cells)
-    console = Console(width=max(100, Console().width))
+    terminal = Console()
+    # Piped or redirected, rich assumes 80 columns and would cut the figures short.
+    console = Console(width=max(100, terminal.width) if terminal.is_terminal else 240)
     console.print(table)
+    empty = [run.label for run in result.runs if window and math.isnan(run.window("loss_node", *window)[0])]
+    if empty:
+        console.print(f"no curve point falls in --window {window[0]:g}:{window[1]:g} for {', '.join(empty)}: "
+                      "give a span inside the run's node-0 steps (see the CSV's node_steps)", markup=False)
     if result.plot is not None:
         console.print(f"curves and plot in {result.plot.parent} ({result.plot.name})", markup=False)

@@ -35,6 +35,7 @@ the same models on a CPU (tested). Nothing in a layer reads a device value back 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,10 +89,10 @@ class EngineConfig:
             )
         if self.nodes < 1:
             raise ConfigError(f"nodes must be >= 1, got {self.nodes}")
-        if self.lr < 0:
-            raise ConfigError(f"lr must be >= 0, got {self.lr}")
-        if self.lr_clock_scale is not None and self.lr_clock_scale <= 0:
-            raise ConfigError(f"lr decay clock scale V0 must be > 0, got {self.lr_clock_scale}")
+        if not (math.isfinite(self.lr) and self.lr >= 0):
+            raise ConfigError(f"lr must be a finite number >= 0, got {self.lr}")
+        if self.lr_clock_scale is not None and not (math.isfinite(self.lr_clock_scale) and self.lr_clock_scale > 0):
+            raise ConfigError(f"lr decay clock scale V0 must be a finite number > 0, got {self.lr_clock_scale}")
         if self.lr_clock_scale is not None and self.algorithm == "swarmsgd":
             raise ConfigError(
                 "the clock-based rate decay is PopSGD's; SwarmSGD runs a constant rate"

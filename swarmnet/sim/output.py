@@ -7,12 +7,14 @@ different runs line up.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 LEADING = (
     "nodes",
@@ -50,9 +52,23 @@ def columns(points: Sequence[Mapping[str, float]]) -> list[str]:
     return [k for k in LEADING if k in keys] + sorted(keys - set(LEADING))
 
 
+@contextlib.contextmanager
+def _replacing(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """A file that replaces ``path`` once written in full: a full disk leaves no truncated
+    curve behind (a sibling temporary file, removed on failure; created under the umask)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with tmp.open(mode, newline="" if "b" not in mode else None) as fh:
+            yield fh
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_csv(path: Path, points: Sequence[Mapping[str, float]]) -> None:
     names = columns(points)
-    with path.open("w", newline="") as fh:
+    with _replacing(path) as fh:
         writer = csv.DictWriter(fh, fieldnames=names)
         writer.writeheader()
         for point in points:
@@ -61,14 +77,15 @@ def write_csv(path: Path, points: Sequence[Mapping[str, float]]) -> None:
 
 def write_jsonl(path: Path, points: Sequence[Mapping[str, float]], meta: Mapping[str, Any]) -> None:
     """First line: ``{"run": meta}``; then one point per line (NaN written as null)."""
-    with path.open("w") as fh:
+    with _replacing(path) as fh:
         fh.write(json.dumps({"run": dict(meta)}, default=str) + "\n")
         for point in points:
             fh.write(json.dumps({k: _cell(k, v) for k, v in point.items()}) + "\n")
 
 
 def write_summary(path: Path, summary: Mapping[str, Any]) -> None:
-    path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    with _replacing(path) as fh:
+        fh.write(json.dumps(summary, indent=2, default=str) + "\n")
 
 
 def _csv_cell(key: str, value: float) -> str:
@@ -139,8 +156,11 @@ def plot(
     if ax_cons.lines:
         ax_cons.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with _replacing(path, "wb") as fh:
+            fig.savefig(fh, dpi=110, format="png")
+    finally:
+        plt.close(fig)
 
 
 def _positive(values: Sequence[float]) -> list[float]:

@@ -45,7 +45,8 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from swarmnet.errors import ConfigError
-from swarmnet.tasks import datasets, import_factory
+from swarmnet.tasks import call_factory, datasets, import_factory
+from swarmnet.tasks.logreg import check_l2
 from swarmnet.tasks.lsq import make_problem, objective
 
 
@@ -223,6 +224,7 @@ def logreg(batch: int = 128, seed: int = 0, l2: float = 1e-3) -> LinearModelTask
     curves of different n separate on a log axis as in SPEC 1.5 Fig. 1), ``objective``,
     held-out ``test_loss`` and ``test_error``.
     """
+    check_l2(l2)
     xtr, ytr, xte, yte = datasets.breast_cancer(seed=seed)
     ones = lambda t: torch.cat((t, torch.ones(t.shape[0], 1, dtype=t.dtype)), 1)
     a_train, a_test = ones(xtr).double(), ones(xte).double()
@@ -324,6 +326,8 @@ class GossipTask:
 
 
 def gossip(batch: int = 1, seed: int = 0, dim: int = 8) -> GossipTask:
+    if dim < 1:
+        raise ValueError(f"dim must be >= 1, got {dim}")
     return GossipTask(dim=dim)
 
 
@@ -337,10 +341,7 @@ def load_vector_task(
     ``seed`` and ``options``); ConfigError when it cannot or when the result lacks the protocol."""
     factory = BUILTIN.get(spec) or import_factory(
         spec, "is none of lsq, logreg, gossip, or module:function returning a vectorized task")
-    try:
-        task = factory(batch=batch, seed=seed, **dict(options or {}))
-    except TypeError as exc:
-        raise ConfigError(f"task {spec!r}: bad options {dict(options or {})}: {exc}") from None
+    task = call_factory(spec, factory, dict(options or {}), flag="--task-option", batch=batch, seed=seed)
     if not isinstance(task, VectorTask):
         raise ConfigError(
             f"task {spec!r} returned {type(task).__name__}, which lacks the simulator protocol "

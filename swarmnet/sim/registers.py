@@ -22,6 +22,7 @@ offsets are drawn per interaction with the rest of its randomness (:mod:`.draws`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -56,8 +57,8 @@ class LatticeRegisters:
     eps = eta * H * 6 / 11) and ``rounding`` stochastic or dither."""
 
     def __init__(self, eps: float, rounding: str = "stochastic") -> None:
-        if not eps > 0:
-            raise ConfigError(f"lattice step eps must be > 0, got {eps}")
+        if not (math.isfinite(eps) and eps > 0):
+            raise ConfigError(f"lattice step eps must be a finite number > 0, got {eps}")
         if rounding not in ROUNDINGS:
             raise ConfigError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
         self.eps = float(eps)

@@ -80,8 +80,10 @@ class SimConfig:
             raise ConfigError(f"--nodes needs positive node counts, got {list(self.nodes)}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}")
-        if self.interactions_per_node <= 0 or self.records < 1:
-            raise ConfigError("--interactions-per-node and --records must be positive")
+        if not (math.isfinite(self.interactions_per_node) and self.interactions_per_node > 0) or self.records < 1:
+            raise ConfigError("--interactions-per-node (a finite number) and --records must be positive")
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be >= 0, got {self.seed}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {self.threads}")
         check_device(self.device)
@@ -89,6 +91,11 @@ class SimConfig:
             raise ConfigError(
                 "--codec lattice: quantized registers are simulated for SwarmSGD only"
             )
+        if self.algorithm != "swarmsgd" and (self.topology != "complete" or self.local_steps != 1 or self.geometric):
+            raise ConfigError(f"--topology, --local-steps and --geometric are SwarmSGD's; {self.algorithm} "
+                              "pairs any two nodes and takes one step per interaction")
+        if self.codec == "none" and (self.lattice_eps is not None or self.rounding != "stochastic"):
+            raise ConfigError("--lattice-eps and --rounding set the lattice registers: add --codec lattice")
 
     def engine_config(self, algorithm: str, nodes: int) -> EngineConfig:
         try:
@@ -199,6 +206,8 @@ def run_simulation(config: SimConfig) -> SimResult:
             done = 0
             for k in range(1, config.records + 1):
                 target = draws * k // config.records
+                if target == done:
+                    continue  # more records asked than the run has draws: one point per draw
                 engine.advance(target - done)
                 curve.append(_with_nodes(engine.observe(), nodes))
                 if bar:

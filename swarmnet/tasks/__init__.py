@@ -75,25 +75,31 @@ def import_factory(spec: str, form: str = "must be 'module:function', e.g. swarm
 
 def load_task(spec: str, options: Mapping[str, Any] | None = None) -> Task:
     """Import ``module:function`` and call it with ``options``."""
-    factory = import_factory(spec)
-    options = dict(options or {})
-    _check_option_types(spec, factory, options)
-    try:
-        inspect.signature(factory).bind(**options)
-    except TypeError as exc:
-        raise ConfigError(f"task {spec!r}: bad task.options {options}: {exc}") from None
-    except ValueError:  # a factory without an inspectable signature: the call will tell
-        pass
-    try:
-        task = factory(**options)
-    except ConfigError:
-        raise
-    except Exception as exc:  # the bundled tasks refuse a bad option value with a ValueError
-        raise ConfigError(f"task {spec!r} with task.options {options} failed: {_what_failed(exc)}; "
-                          "fix the task or its options") from None
+    task = call_factory(spec, import_factory(spec), dict(options or {}))
     if not isinstance(task, Task):
         raise ConfigError(f"task {spec!r} returned {type(task).__name__}, expected swarmnet.tasks.Task")
     return task
+
+
+def call_factory(spec: str, factory: Callable[..., Any], options: Mapping[str, Any], *,
+                 flag: str = "task.options", **fixed: Any) -> Any:
+    """``factory(**fixed, **options)``; a ConfigError naming the option (given as ``flag``) when
+    one is unknown, of the wrong type, or refused by the factory (the bundled tasks refuse a bad
+    value with a ValueError), instead of a traceback from deep inside torch."""
+    _check_option_types(spec, factory, options, flag)
+    try:
+        inspect.signature(factory).bind(**fixed, **options)
+    except TypeError as exc:
+        raise ConfigError(f"task {spec!r}: bad {flag} {dict(options)}: {exc}") from None
+    except ValueError:  # a factory without an inspectable signature: the call will tell
+        pass
+    try:
+        return factory(**fixed, **options)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"task {spec!r} with {flag} {dict(options)} failed: {_what_failed(exc)}; "
+                          "fix the task or its options") from None
 
 
 def _what_failed(exc: BaseException) -> str:
@@ -105,7 +111,7 @@ def _what_failed(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}{where}"
 
 
-def _check_option_types(spec: str, factory: Callable[..., Any], options: Mapping[str, Any]) -> None:
+def _check_option_types(spec: str, factory: Callable[..., Any], options: Mapping[str, Any], flag: str) -> None:
     """Each option of the type of the factory's default for it (a float option takes an int): a
     string where a width belongs would otherwise fail deep inside torch, or only in each peer."""
     try:
@@ -119,5 +125,5 @@ def _check_option_types(spec: str, factory: Callable[..., Any], options: Mapping
         kind = type(param.default)
         fits = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
         if not fits and not (kind is float and type(value) is int):
-            raise ConfigError(f"task {spec!r}: task.options.{key} = {value!r} must be of type {kind.__name__} "
+            raise ConfigError(f"task {spec!r}: {flag}.{key} = {value!r} must be of type {kind.__name__} "
                               f"(its default is {param.default!r})")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -9,7 +11,13 @@ from torch.nn import functional as F
 from swarmnet.tasks import Batch, Task, datasets
 
 
+def check_l2(l2: float) -> None:
+    if not (math.isfinite(l2) and l2 >= 0):
+        raise ValueError(f"l2 must be a finite number >= 0, got {l2}")
+
+
 def task(l2: float = 1e-3, seed: int = 0) -> Task:
+    check_l2(l2)
     xtr, ytr, xte, yte = datasets.breast_cancer(seed=seed)
 
     def build_model() -> nn.Module:

@@ -5,6 +5,7 @@ objective (the quantity the PopSGD analysis bounds)."""
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from torch import Tensor, nn
@@ -15,6 +16,10 @@ from swarmnet.tasks import Batch, Task
 @functools.lru_cache(maxsize=8)
 def make_problem(samples: int, dim: int, noise: float, seed: int) -> tuple[Tensor, Tensor, Tensor, float]:
     """(A [m, d], b [m], x_opt [d], f(x_opt)) for the given seed, float64."""
+    if samples < 1 or dim < 1:
+        raise ValueError(f"samples and dim must be >= 1, got samples={samples}, dim={dim}")
+    if not (math.isfinite(noise) and noise >= 0):
+        raise ValueError(f"noise must be a finite number >= 0, got {noise}")
     gen = torch.Generator().manual_seed(seed)
     a = torch.randn(samples, dim, generator=gen, dtype=torch.float64)
     x_true = torch.randn(dim, generator=gen, dtype=torch.float64)

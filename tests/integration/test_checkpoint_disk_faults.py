@@ -2,7 +2,9 @@
 leaves a torn checkpoint; once space is back, checkpoints resume. The peers mirror their metrics
 to TensorBoard, as they do by default wherever it is installed (the test extra installs it)."""
 
+import csv
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -190,3 +192,30 @@ def test_a_peer_that_cannot_write_its_card_at_start_says_so(tmp_path, mounts):
         assert not list((disk / "run" / "late").glob("*.tmp")) and not list((disk / "run" / "late").glob(".*.tmp"))
     finally:
         peer.kill_tree()
+
+
+def test_a_simulation_on_a_full_disk_says_so_and_leaves_no_truncated_curve(tmp_path, mounts):
+    """`swarmnet simulate` writing its curves where the disk fills part-way: exit status 1 with
+    the reason, and no half-written CSV or JSONL (before 2026-12-06 a truncated .jsonl stayed)."""
+    from typer.testing import CliRunner
+
+    from swarmnet.cli import app
+
+    disk = small_disk(tmp_path, mounts)
+    fill(disk / "filler", leave=24 * 1024)  # room for a file or two of the 8 this sweep writes
+    out = disk / "sim"
+    result = CliRunner().invoke(app, ["simulate", "--nodes", "2,4", "--baseline", "--interactions-per-node", "50",
+                                      "--records", "400", "--no-progress", "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    assert "No space left on device" in result.output and "pass a writable directory with --out" in result.output
+    assert not list(out.glob(".*.tmp")), "a temporary file was left behind"
+    for written in out.iterdir():  # whatever was written is whole: it ends at the run's last draw
+        if written.suffix == ".jsonl":
+            lines = [json.loads(line) for line in written.read_text().splitlines()]
+            assert lines[-1]["draws"] == lines[0]["run"]["draws"], written
+        elif written.suffix == ".csv":
+            rows = list(csv.DictReader(written.open()))
+            assert rows and all(None not in row and None not in row.values() for row in rows), written
+            draws = {"lsq-popsgd-n2.csv": 100, "lsq-popsgd-n4.csv": 134, "lsq-minibatch-n2.csv": 50,
+                     "lsq-minibatch-n4.csv": 50}
+            assert int(rows[-1]["draws"]) == draws[written.name], written

@@ -154,7 +154,7 @@ def test_config_errors(kwargs: dict, message: str) -> None:
     [
         ({"task": "nonsense"}, "module:function"),
         ({"task": "no_such_module_xyz:f"}, "cannot import"),
-        ({"task": "lsq", "task_options": {"colour": 1}}, "bad options"),
+        ({"task": "lsq", "task_options": {"colour": 1}}, "bad --task-option .* unexpected keyword argument .colour."),
         ({"algorithm": "swarmsgd", "codec": "zip"}, "codec"),
         ({"algorithm": "swarmsgd", "lr_decay": 10.0}, "PopSGD"),
         ({"algorithm": "swarmsgd", "topology": "torus"}, "topology"),
@@ -163,6 +163,15 @@ def test_config_errors(kwargs: dict, message: str) -> None:
 def test_run_errors(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         run_simulation(SimConfig(nodes=(4,), interactions_per_node=2, progress=False, **kwargs))
+
+
+def test_a_short_run_records_each_draw_once() -> None:
+    """More curve points asked than the run has draws: one point per draw, not repeats of the
+    same state (which skewed --window's statistic)."""
+    result = run_simulation(SimConfig(nodes=(4,), interactions_per_node=2, records=50, progress=False))
+    run = result.runs[0]
+    draws = [p["draws"] for p in run.curve]
+    assert draws == sorted(set(draws)) and draws[-1] == run.draws and len(draws) == run.draws + 1
 
 
 def test_cli_parses_flags_and_runs(tmp_path: Path) -> None:
