@@ -192,6 +192,19 @@ def _value(raw: str) -> Any:
     return raw
 
 
+def _explain_nans(console: Any, result: SimResult, window: tuple[float, float] | None) -> None:
+    """Say why figures read nan: the run diverged, or no curve point lies in the window."""
+    diverged = [run.label for run in result.runs if not math.isfinite(run.final()["loss_node"])]
+    if diverged:
+        console.print(f"{', '.join(diverged)}: the loss is not finite (the run diverged); lower --lr", markup=False)
+    if window:
+        start, stop = window
+        outside = [run.label for run in result.runs if not any(start <= p["node_steps"] <= stop for p in run.curve)]
+        if outside:
+            console.print(f"no curve point falls in --window {start:g}:{stop:g} for {', '.join(outside)}: "
+                          "give a span inside the run's node-0 steps (see the CSV's node_steps)", markup=False)
+
+
 def print_summary(result: SimResult, window: tuple[float, float] | None = None) -> None:
     """One row per run: final losses, consensus, bits; with ``window``, mean (std) of the node-0
     and mean-model losses at the curve points whose node-0 steps fall in the window (the SPEC
@@ -228,9 +241,6 @@ def print_summary(result: SimResult, window: tuple[float, float] | None = None) 
     # Piped or redirected, rich assumes 80 columns and would cut the figures short.
     console = Console(width=max(100, terminal.width) if terminal.is_terminal else 240)
     console.print(table)
-    empty = [run.label for run in result.runs if window and math.isnan(run.window("loss_node", *window)[0])]
-    if empty:
-        console.print(f"no curve point falls in --window {window[0]:g}:{window[1]:g} for {', '.join(empty)}: "
-                      "give a span inside the run's node-0 steps (see the CSV's node_steps)", markup=False)
+    _explain_nans(console, result, window)
     if result.plot is not None:
         console.print(f"curves and plot in {result.plot.parent} ({result.plot.name})", markup=False)

@@ -125,5 +125,6 @@ def _check_option_types(spec: str, factory: Callable[..., Any], options: Mapping
         kind = type(param.default)
         fits = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
         if not fits and not (kind is float and type(value) is int):
-            raise ConfigError(f"task {spec!r}: {flag}.{key} = {value!r} must be of type {kind.__name__} "
+            given = f"{flag} {key}={value!r}" if flag.startswith("--") else f"{flag}.{key} = {value!r}"
+            raise ConfigError(f"task {spec!r}: {given} must be of type {kind.__name__} "
                               f"(its default is {param.default!r})")

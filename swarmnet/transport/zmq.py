@@ -188,7 +188,7 @@ def _lost_because(event: int, value: int, secured: bool, handshake_s: float,
 
 def _silent_because(tcp: bool, connected: bool, handshaken: bool) -> str:
     """What to add to a timeout's "no reply from ADDR within Ns", from how far the connection
-    got (``tcp``: a tcp:// address, the only kind that can hang before the handshake)."""
+    got (``tcp``: a tcp:// address, whose ways of failing the words name)."""
     if not tcp or handshaken:
         return ""
     if not connected:
@@ -409,13 +409,12 @@ class ZmqConnection(Connection):
         a turn to read yet (a neighbour that restarted while we were busy): it is about an
         earlier connection, not this request."""
         assert self._queued is not None
-        queued = []
-        while self._queued.get(zmq.EVENTS) & zmq.POLLIN:
-            queued.append(parse_monitor_message(self._queued.recv_multipart(zmq.DONTWAIT))["event"])
         if self._event is not None and self._event.done():
-            await asyncio.sleep(0)  # the watcher's wake-up is already due, with an older event: let it go first
-        for event in queued:
-            self._note(event)
+            # The watcher's wake-up is due with the oldest event: it goes first, and reads on
+            # (in order) whatever is queued behind it while no request is in flight.
+            await asyncio.sleep(0)
+        while self._queued.get(zmq.EVENTS) & zmq.POLLIN:
+            self._note(parse_monitor_message(self._queued.recv_multipart(zmq.DONTWAIT))["event"])
 
     async def _await(self, fut: asyncio.Future[Any]) -> Any:
         """Await one step of the request; a cancellation by the watcher (not of our own task)

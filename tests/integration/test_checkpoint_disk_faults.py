@@ -202,7 +202,7 @@ def test_a_simulation_on_a_full_disk_says_so_and_leaves_no_truncated_curve(tmp_p
     from swarmnet.cli import app
 
     disk = small_disk(tmp_path, mounts)
-    fill(disk / "filler", leave=24 * 1024)  # room for a file or two of the 8 this sweep writes
+    fill(disk / "filler", leave=24 * 1024)  # room for a file or two of the 10 this sweep writes
     out = disk / "sim"
     result = CliRunner().invoke(app, ["simulate", "--nodes", "2,4", "--baseline", "--interactions-per-node", "50",
                                       "--records", "400", "--no-progress", "--out", str(out)])

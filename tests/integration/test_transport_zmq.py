@@ -1,6 +1,7 @@
 """The ZeroMQ transport over real sockets: tcp on loopback, ipc, inproc."""
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
@@ -97,18 +98,16 @@ async def test_a_timeout_says_how_far_the_connection_got():
     with socket.create_server(("127.0.0.1", 0)) as plain:  # listens, never accepts, never speaks
         address = f"tcp://127.0.0.1:{plain.getsockname()[1]}"
         with pytest.raises(RequestTimeout, match="a TCP connection opened but no ZeroMQ handshake came back"):
-            await transports.for_url(address).connect(address).request([b"x"], timeout=0.5)
-    with socket.create_server(("127.0.0.1", 0), backlog=0) as full:
+            await transports.for_url(address).connect(address).request([b"x"], timeout=2.0)
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as full, contextlib.ExitStack() as fillers:
         # Its queue of connections full: the kernel drops further connection requests.
         address = f"tcp://127.0.0.1:{full.getsockname()[1]}"
-        fillers = [socket.socket() for _ in range(3)]
-        for filler in fillers:
+        for _ in range(3):
+            filler = fillers.enter_context(socket.socket())
             filler.setblocking(False)
             filler.connect_ex(full.getsockname())
         with pytest.raises(RequestTimeout, match="no TCP connection was made"):
             await transports.for_url(address).connect(address).request([b"x"], timeout=1.0)
-        for filler in fillers:
-            filler.close()
     await transports.aclose()
 
 
@@ -161,18 +160,22 @@ async def test_a_neighbour_restarted_between_requests_answers_the_next_one():
     await transports.aclose()
 
 
-def _echo_once(ctx, port):
-    """A plain ROUTER on its own thread that answers one request, so that the test can replace
-    a listener without giving the event loop a turn."""
+def _router_on(ctx, port):
+    """A plain ROUTER bound to ``port``, without a turn of the event loop."""
     sock = ctx.socket(zmq.ROUTER)
     for _ in range(100):  # the previous listener's port is released by libzmq's I/O thread
         try:
             sock.bind(f"tcp://127.0.0.1:{port}")
-            break
+            return sock
         except zmq.ZMQError:
             time.sleep(0.02)
-    else:
-        raise AssertionError(f"port {port} still held after 2 s")
+    raise AssertionError(f"port {port} still held after 2 s")
+
+
+def _echo_once(ctx, port):
+    """A plain ROUTER on its own thread that answers one request, so that the test can replace
+    a listener without giving the event loop a turn."""
+    sock = _router_on(ctx, port)
 
     def serve():
         route, *frames = sock.recv_multipart()
@@ -241,3 +244,38 @@ async def test_a_requester_that_never_reads_cannot_pile_up_replies_at_the_listen
     assert 0 < received <= 50 and LISTENER_HWM <= 32
     client.close(0)
     await transports.aclose()
+
+
+@pytest.mark.parametrize("loop_busy", [False, True])
+async def test_a_timeout_after_a_reconnect_knows_the_handshake_was_done(loop_busy):
+    """The neighbour restarted between requests and now takes requests without answering: the
+    timeout must not claim that no handshake came back, whether the loop read the reconnect's
+    events while idle or they were still queued when the request started."""
+    ctx = zmq.Context()
+    probe = ctx.socket(zmq.ROUTER)
+    port = probe.bind_to_random_port("tcp://127.0.0.1")
+    probe.close(linger=0)
+    transports = TransportSet()
+    conn = transports.for_url("tcp://127.0.0.1:0").connect(f"tcp://127.0.0.1:{port}")
+    old, thread = _echo_once(ctx, port)
+    assert [bytes(f) for f in await conn.request([b"a", b"b"], timeout=5)] == [b"b", b"a"]
+    thread.join(5)
+    old.close(linger=0)
+    silent = None
+    try:
+        if loop_busy:
+            time.sleep(0.5)  # the loss, refused reconnects; then the new listener, all unread
+            silent = _router_on(ctx, port)
+            time.sleep(1.0)  # reconnected and handshaken while the loop still had no turn
+        else:
+            await asyncio.sleep(0.5)
+            silent = _router_on(ctx, port)
+            await asyncio.sleep(1.0)
+        with pytest.raises(RequestTimeout) as timeout:
+            await conn.request([b"c"], timeout=1.0)  # taken, never answered
+        assert str(timeout.value) == f"no reply from tcp://127.0.0.1:{port} within 1s"
+    finally:
+        await transports.aclose()
+        if silent is not None:
+            silent.close(linger=0)
+        ctx.term()

@@ -212,6 +212,19 @@ def test_cli_parses_flags_and_runs(tmp_path: Path) -> None:
         assert bad.exit_code != 0 and "Invalid value" in bad.output
 
 
+def test_the_table_says_why_a_figure_is_nan(tmp_path: Path) -> None:
+    app = typer.Typer()
+    app.command("simulate")(simulate_command)
+    app.command("noop")(lambda: None)
+    common = ["simulate", "--nodes", "2", "--interactions-per-node", "200", "--no-progress", "--out", str(tmp_path)]
+    diverged = CliRunner().invoke(app, [*common, "--lr", "50", "--window", "50:150"])
+    assert diverged.exit_code == 0 and "popsgd n=2: the loss is not finite (the run diverged); lower --lr" in diverged.output
+    assert "no curve point falls" not in diverged.output
+    outside = CliRunner().invoke(app, [*common, "--window", "300:400"])
+    assert outside.exit_code == 0 and "no curve point falls in --window 300:400 for popsgd n=2" in outside.output
+    assert "diverged" not in outside.output
+
+
 def test_option_values_are_typed() -> None:
     assert parse_options(["dim=90", "noise=0.5", "flag=true", "name=abc"]) == {
         "dim": 90,
