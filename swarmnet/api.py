@@ -113,7 +113,7 @@ class SwarmOptimizer:
             self.replica = _UserReplica(
                 optimizer, model, codec=self.peer.codec, store=self.peer.store, mailbox=Mailbox(self._loop),
                 stats=self.peer.stats, rng=random.Random(zlib.crc32(self.peer.id.encode())),
-                local_steps=LocalSteps(1 if algo.name == "popsgd" else algo.local_steps, algo.geometric),
+                local_steps=LocalSteps(algo.local_steps, algo.geometric),  # popsgd: 1 (config.py)
             )
             self.replica.publish()
             self._clocked_lrs = ([float(g["lr"]) for g in optimizer.param_groups]

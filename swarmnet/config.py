@@ -136,7 +136,7 @@ class AlgorithmConfig:
     name: str = "swarmsgd"
     """swarmsgd (SPEC 2.9) or popsgd (SPEC 1.2)."""
     local_steps: float = 1
-    """H: local steps between interactions (swarmsgd; popsgd always uses 1)."""
+    """H: local steps between interactions (swarmsgd; popsgd takes 1, and refuses another value)."""
     geometric: bool = False
     """Draw H from a geometric law with mean local_steps instead of fixing it."""
     symmetric: bool = False
@@ -152,6 +152,9 @@ class AlgorithmConfig:
         _require(_at_least(self.local_steps, 1), "local_steps", "must be a finite number >= 1")
         _require(self.geometric or self.local_steps == int(self.local_steps), "local_steps",
                  "must be an integer unless geometric = true")
+        for key, unset in (("local_steps", self.local_steps == 1), ("geometric", not self.geometric)):
+            _require(self.name == "swarmsgd" or unset, key, "is SwarmSGD's: popsgd takes one local step per "
+                     f"interaction (SPEC 1.2); remove {key}, or set name = \"swarmsgd\"")
         try:
             parse_topology(self.topology)
         except ValueError as exc:

@@ -273,11 +273,10 @@ class ComputeLoop(Replica):
         self.checkpoint_path = peer_dir / "checkpoint.pt"
         self.stop = threading.Event()
         algo = cfg.algorithm
-        self.popsgd = algo.name == "popsgd"
         torch.manual_seed(init_seed(cfg, peer_seed))
         super().__init__(
             task.build_model().to(device), codec=codec, store=store, mailbox=mailbox, stats=stats,
-            local_steps=LocalSteps(1 if self.popsgd else algo.local_steps, algo.geometric),
+            local_steps=LocalSteps(algo.local_steps, algo.geometric),  # popsgd: 1 (config.py)
             rng=random.Random(peer_seed),
         )
         train = cfg.train

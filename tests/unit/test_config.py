@@ -49,6 +49,8 @@ def test_defaults_and_bundled_configs_load():
         ("[train]\ncheckpoint_every = -1.0", "train.checkpoint_every: must be a finite number of seconds >= 0"),
         ("[train]\nmilestones = [-1.0]", "train.milestones: must be finite epochs >= 0"),
         ("[algorithm]\nlocal_steps = inf", "algorithm.local_steps: must be a finite number >= 1"),
+        ('[algorithm]\nname = "popsgd"\nlocal_steps = 2', "algorithm.local_steps: is SwarmSGD's: popsgd takes one"),
+        ('[algorithm]\nname = "popsgd"\ngeometric = true', "algorithm.geometric: is SwarmSGD's"),
         ("[network]\npull_interval = -1.0", "network.pull_interval: must be a finite number of seconds >= 0"),
         ("[network]\njoin_timeout = -1.0", "network.join_timeout: must be a finite number of seconds >= 0"),
         ("[network]\nlinger = nan", "network.linger: must be a finite number of seconds >= 0"),
