@@ -152,9 +152,10 @@ class AlgorithmConfig:
         _require(_at_least(self.local_steps, 1), "local_steps", "must be a finite number >= 1")
         _require(self.geometric or self.local_steps == int(self.local_steps), "local_steps",
                  "must be an integer unless geometric = true")
-        for key, unset in (("local_steps", self.local_steps == 1), ("geometric", not self.geometric)):
+        for key, unset, neutral in (("local_steps", self.local_steps == 1, "1"),
+                                    ("geometric", not self.geometric, "false")):
             _require(self.name == "swarmsgd" or unset, key, "is SwarmSGD's: popsgd takes one local step per "
-                     f"interaction (SPEC 1.2); remove {key}, or set name = \"swarmsgd\"")
+                     f"interaction (SPEC 1.2); set {key} = {neutral} (or leave it out), or name = \"swarmsgd\"")
         try:
             parse_topology(self.topology)
         except ValueError as exc:
