@@ -97,8 +97,9 @@ class TrainConfig:
     tensorboard: bool = True
     """Mirror the metrics to TensorBoard when the tensorboard package is installed."""
     slowdown: float = 1.0
-    """Make this peer an artificial straggler: after each step, sleep (slowdown - 1) times that
-    step's duration (3.0: a peer 3x slower). For benchmarks and fault tests; 1.0 in training."""
+    """Make this peer an artificial straggler: after each step, sleep (slowdown - 1) times the
+    median duration of its last 15 steps (3.0: a peer 3x slower). For benchmarks and fault
+    tests; 1.0 in training."""
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "batch_size", "must be >= 1")

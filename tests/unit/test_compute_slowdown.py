@@ -2,6 +2,7 @@
 resumed loop takes its recipe from the config and its momentum from the checkpoint."""
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
@@ -49,6 +50,24 @@ def test_each_step_is_stretched_by_the_slowdown(tmp_path):
     assert elapsed >= 0.5 * (slowdown - 1) * (steps - 5) * fastest
     assert compute.step == steps
 
+
+def test_one_long_step_does_not_stall_a_straggler(tmp_path):
+    """A step that spans a pause of the whole process (SIGSTOP, swapping) is padded like the
+    steps around it: padding by its own length would sleep ten times the pause here."""
+    compute = compute_loop(tmp_path, steps=30, slowdown=11.0)
+    loss, calls = compute.task.loss, [0]
+
+    def loss_with_a_pause(model, batch):
+        calls[0] += 1
+        if calls[0] == 20:
+            time.sleep(1.0)
+        return loss(model, batch)
+
+    compute.task = dataclasses.replace(compute.task, loss=loss_with_a_pause)
+    started = time.perf_counter()
+    assert compute.run() == "budget"
+    elapsed = time.perf_counter() - started
+    assert 1.0 <= elapsed < 4.0, elapsed  # padded by the pause: more than 11 s
 
 
 def test_metrics_rows_count_the_training_threads_cpu_not_its_sleep(tmp_path):
