@@ -3,7 +3,7 @@ import subprocess
 
 import pytest
 
-from swarmnet.testing import LocalSwarm, write_config  # noqa: F401  (tests import write_config from here)
+from swarmnet.testing import LocalSwarm, PeerProcessHandle, write_config
 
 
 @pytest.fixture
@@ -29,6 +29,17 @@ def swarm_factory(tmp_path):
     yield start
     for swarm in started:
         swarm.kill_tree()
+
+
+def start_control_peer(tmp_path, config: dict, daemons: list) -> PeerProcessHandle:
+    """A peer alone with ``config``, under ``tmp_path/control``: nothing to wait on, so its pace
+    shows how fast the machine runs in a window. A shared machine's pace moves by a fifth or
+    more between windows a few seconds apart, so tests compare a peer's pace across windows
+    against the control's."""
+    control = PeerProcessHandle(tmp_path / "control", "control", write_config(tmp_path / "control.toml", config))
+    daemons.append(control)
+    control.card()
+    return control
 
 
 def digits_config(**train):
