@@ -112,7 +112,7 @@ def test_a_five_times_slower_peer_does_not_slow_the_others(tmp_path):
     print(f"\nslow peer: steps/s with a normal third peer {normal}, with a slow one {rates}; "
           f"interactions in 4 s {interactions}")
     # Against the three peers' mean pace, not one peer's 4 s sample (which swings by tens of percent).
-    # The padding scales with each step's own wall time, and the slow peer's steps get more of a
+    # The padding scales with the recent steps' wall time, and the slow peer's steps get more of a
     # core than the baseline's (it sleeps, the scheduler favours it): 1/8 of a full core's pace is
     # 0.19 of a pace on 2/3 of a core, so the bound leaves room above that; unslowed, it is ~1.
     assert rates["slow"] <= 0.3 * statistics.mean(normal.values()), (normal, rates)
