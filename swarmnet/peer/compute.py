@@ -298,8 +298,9 @@ class ComputeLoop(Replica):
         self._last_checkpoint = time.monotonic()
         self._saved_step: int | None = None
         """The step of the checkpoint on disk, once one was written or resumed from."""
-        self._step_seconds: deque[float] = deque(maxlen=15)
-        """The last steps' durations (train.slowdown pads by their median)."""
+        self._train_step_seconds: deque[float] = deque(maxlen=15)
+        """The last training steps' own durations, without padding or merges (train.slowdown pads
+        by their median; step_seconds is the pace, from one step's end to the next's)."""
         self.last_eval: dict[str, float] = {}
         self.started = time.monotonic()
         stats.total_steps = self.plan.total_steps
@@ -441,13 +442,13 @@ class ComputeLoop(Replica):
         self.after_step()
         self.stats.lr = lr
         self.stats.epoch = self.step / self.plan.steps_per_epoch
-        self._step_seconds.append(time.monotonic() - started)
+        self._train_step_seconds.append(time.monotonic() - started)
 
     def pad_step(self) -> None:
         """Artificial straggler (train.slowdown): stretch the step just taken by sleeping, by the
         recent steps' median duration: a step that spanned a pause of the whole process (SIGSTOP,
         swapping) would otherwise stall it for (slowdown - 1) times that pause."""
-        self.stop.wait((self.cfg.train.slowdown - 1) * statistics.median(self._step_seconds))
+        self.stop.wait((self.cfg.train.slowdown - 1) * statistics.median(self._train_step_seconds))
 
     def write_metrics(self) -> bool:
         loss = float(self._loss_sum / max(1, self._loss_count))  # CPU<->GPU sync point
