@@ -54,8 +54,10 @@ def apply_nudge(q_initiator: Tensor, q_used: Tensor, out: Tensor | None = None) 
     return out.mul_(0.5)
 
 
-def consensus_distance(models: Tensor) -> float:
-    """sqrt(Gamma / n) with Gamma = sum_i ||X_i - mu||^2, for models stacked as [n, d]."""
-    mean = models.mean(dim=0, keepdim=True, dtype=torch.float64)
-    gamma = (models.double() - mean).pow(2).sum()
+def consensus_distance(models: Tensor, mean: Tensor | None = None) -> float:
+    """sqrt(Gamma / n) with Gamma = sum_i ||X_i - mu||^2, for models stacked as [n, d];
+    ``mean``: mu in float64, where the caller has it already."""
+    if mean is None:
+        mean = models.mean(dim=0, dtype=torch.float64)
+    gamma = (models.double() - mean).pow_(2).sum()
     return float(torch.sqrt(gamma / models.shape[0]))

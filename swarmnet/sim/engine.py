@@ -311,7 +311,8 @@ class Engine:
         ``time`` = interactions per node (2 x applied / n; applied for n = 1): each node's
         average number of local SGD steps for PopSGD. ``parallel_time`` = draws / n (SPEC 1.1).
         """
-        both = torch.stack((self.models[node].double(), self.models.double().mean(dim=0)))
+        mean = self.models.mean(dim=0, dtype=torch.float64)
+        both = torch.stack((self.models[node].double(), mean))
         metrics = self.task.metrics(both)
         point: dict[str, float] = {
             "draws": float(self.draws),
@@ -319,7 +320,7 @@ class Engine:
             "parallel_time": self.draws / self.n,
             "time": self.interactions * (2.0 / self.n if self.n > 1 else 1.0),
             "node_steps": float(self.steps[node]),
-            "consensus": consensus_distance(self.models),
+            "consensus": consensus_distance(self.models, mean),
         }
         for key, value in metrics.items():
             point[f"{key}_node"] = float(value[0])
