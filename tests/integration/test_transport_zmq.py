@@ -11,6 +11,7 @@ import zmq
 
 from swarmnet.errors import EndpointClosed, RequestTimeout, TransportError
 from swarmnet.transport import TransportSet
+from swarmnet.transport.zmq import REBIND_WAIT_S
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -115,8 +116,26 @@ async def test_bind_conflict_is_a_transport_error():
     transports = TransportSet()
     transport = transports.for_url("tcp://127.0.0.1:0")
     first = await transport.listen("tcp://127.0.0.1:0")
+    started = time.monotonic()
     with pytest.raises(TransportError, match="cannot bind"):
         await transport.listen(first.address)
+    assert time.monotonic() - started >= REBIND_WAIT_S  # refused once the wait for the port is over
+    await transports.aclose()
+
+
+async def test_a_port_released_a_moment_later_is_bound():
+    """libzmq releases a closed listener's port from its I/O thread, after close() has returned:
+    a peer started again on the same port in one process waits for it instead of failing."""
+    transports = TransportSet()
+    transport = transports.for_url("tcp://127.0.0.1:0")
+    holder = socket.create_server(("127.0.0.1", 0))
+    port = holder.getsockname()[1]
+    asyncio.get_running_loop().call_later(0.3, holder.close)
+    listener = await transport.listen(f"tcp://127.0.0.1:{port}")
+    assert listener.address == f"tcp://127.0.0.1:{port}"
+    for _ in range(50):  # closed and opened again at once, as a sweep of runs on one port does
+        await listener.aclose()
+        listener = await transport.listen(f"tcp://127.0.0.1:{port}")
     await transports.aclose()
 
 
