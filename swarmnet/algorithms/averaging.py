@@ -59,5 +59,5 @@ def consensus_distance(models: Tensor, mean: Tensor | None = None) -> float:
     ``mean``: mu in float64, where the caller has it already."""
     if mean is None:
         mean = models.mean(dim=0, dtype=torch.float64)
-    gamma = (models.double() - mean).pow_(2).sum()
+    gamma = torch.sub(models, mean).pow_(2).sum()  # in float64, with no float64 copy of the models first
     return float(torch.sqrt(gamma / models.shape[0]))

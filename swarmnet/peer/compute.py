@@ -56,6 +56,8 @@ REFRESH_MIN_S = 1.0
 REFRESH_MAX_SHARE = 0.02
 """Where publishing is slow (a large model, a lossy codec), refreshes are further apart: at least
 the last publish's time over this share, so refreshing takes at most this share of training."""
+SLOWDOWN_WINDOW = 15
+"""train.slowdown pads each step by the median duration of this many recent training steps."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,7 +300,7 @@ class ComputeLoop(Replica):
         self._last_checkpoint = time.monotonic()
         self._saved_step: int | None = None
         """The step of the checkpoint on disk, once one was written or resumed from."""
-        self._train_step_seconds: deque[float] = deque(maxlen=15)
+        self._train_step_seconds: deque[float] = deque(maxlen=SLOWDOWN_WINDOW)
         """The last training steps' own durations, without padding or merges (train.slowdown pads
         by their median; step_seconds is the pace, from one step's end to the next's)."""
         self.last_eval: dict[str, float] = {}

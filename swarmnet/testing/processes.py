@@ -41,6 +41,11 @@ def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
     return path
 
 
+def training_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The training rows of a metrics stream (its evaluation rows left out)."""
+    return [r for r in records if "lr" in r]
+
+
 def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "condition") -> Any:
     """Poll ``predicate`` until it returns something truthy; raise TimeoutError after ``timeout``."""
     deadline = time.monotonic() + timeout
@@ -152,7 +157,7 @@ class LocalSwarm(_Process):
 
     def metrics(self, name: str) -> list[dict[str, Any]]:
         """The peer's training records (one per ``metrics_every`` steps)."""
-        return [r for r in self._records(name) if "lr" in r]
+        return training_records(self._records(name))
 
     def evaluations(self, name: str) -> list[dict[str, Any]]:
         """The peer's evaluation records: {"time", "step", "eval": {...}}."""
@@ -187,6 +192,11 @@ class PeerProcessHandle(_Process):
 
     def summary(self) -> dict[str, Any]:
         return json.loads((self.run_dir / self.name / "summary.json").read_text())
+
+    def metrics(self) -> list[dict[str, Any]]:
+        """The peer's training records (one per ``metrics_every`` steps)."""
+        path = self.run_dir / self.name / "metrics.jsonl"
+        return training_records(read_metrics(path)) if path.exists() else []
 
 
 class ScriptProcess(_Process):

