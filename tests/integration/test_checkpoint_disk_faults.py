@@ -63,7 +63,9 @@ def assert_survives(peer, card, ckpt, expected_error):
     if TENSORBOARD and expected_error != "Permission denied":  # its writer fails too (on its own thread,
         # within seconds): only the mirror stops. Under mode 0555 it appends to its open file on.
         wait_until(lambda: "the TensorBoard mirror" in peer.log(400), 30, what="the TensorBoard mirror to stop")
-        assert query_status(card["addr"])["step"] > after["step"] and peer.proc.poll() is None
+        wait_until(lambda: query_status(card["addr"])["step"] > after["step"], 30,
+                   what="training going on after the mirror stopped")  # the mirror may stop a moment after `after`
+        assert peer.proc.poll() is None
     # A save in flight has its temporary file for a moment; a leaked one is still there later.
     in_flight = set(ckpt.parent.glob(".checkpoint.pt.*"))
     time.sleep(1.0)  # three more attempts
