@@ -111,11 +111,11 @@ def test_a_five_times_slower_peer_does_not_slow_the_others(tmp_path):
             h.kill_tree()
     print(f"\nslow peer: steps/s with a normal third peer {normal}, with a slow one {rates}; "
           f"interactions in 4 s {interactions}")
-    # Against the three peers' mean pace, not one peer's 4 s sample (which swings by tens of percent).
-    # The padding scales with the recent steps' wall time, and the slow peer's steps get more of a
-    # core than the baseline's (it sleeps, the scheduler favours it): 1/8 of a full core's pace is
-    # 0.19 of a pace on 2/3 of a core, so the bound leaves room above that; unslowed, it is ~1.
-    assert rates["slow"] <= 0.3 * statistics.mean(normal.values()), (normal, rates)
+    # Against the fast pair's mean pace in the same window (the machine's pace moves by a fifth or
+    # more between windows). Padded to 8x its steps, the slow peer runs at about 1/8 of a peer's
+    # pace, more where the fast pair's share of the cores is squeezed (0.21 under a swinging load);
+    # unslowed, ~1.
+    assert rates["slow"] <= 0.3 * statistics.mean([rates["fast0"], rates["fast1"]]), (normal, rates)
     # Peers that waited on the slow one would drop towards its pace (a fifth); on a shared 2-core
     # machine the fast peers' own rates swing by tens of percent, hence the loose bound.
     assert rates["fast0"] + rates["fast1"] >= 0.5 * (normal["fast0"] + normal["fast1"]), (normal, rates)
