@@ -30,7 +30,6 @@ import json
 import math
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -115,15 +114,12 @@ def backend_for(world: int) -> str:
     return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world else "gloo"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _plan(suite: Suite, world: int) -> dict[str, Any]:
+def _plan(suite: Suite, world: int, work: Path | None = None) -> dict[str, Any]:
+    """``work``: the ranks' directory, where they meet through a file (a free TCP port picked here
+    could be taken by the time rank 0 binds it: EADDRINUSE seen in a loaded test run)."""
     return {
-        "world": world, "backend": backend_for(world), "init_method": f"tcp://127.0.0.1:{_free_port()}",
+        "world": world, "backend": backend_for(world),
+        "init_method": (work / "rendezvous").resolve().as_uri() if work is not None else None,
         "task": TASK, "seed": 0, "repeats": suite.repeats, "models": [asdict(m) for m in suite.models],
         "straggler_models": [m.name for m in suite.models if suite.straggler_models is None
                              or m.name in suite.straggler_models],
@@ -139,7 +135,7 @@ def run_world(suite: Suite, world: int, work: Path, *, on_phase: Any = None, tim
     out = work / f"n{world}"
     out.mkdir(parents=True, exist_ok=True)
     plan_path = out / "plan.json"
-    plan = _plan(suite, world)
+    plan = _plan(suite, world, out)
     plan_path.write_text(json.dumps(plan))
     # As `swarmnet up` starts its peers: one intra-op thread each, hugepage-backed receive buffers,
     # and the count of local peers the exchange's CPU budget divides the machine by.

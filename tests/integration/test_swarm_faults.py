@@ -45,29 +45,48 @@ def test_frozen_peer_never_slows_the_others_and_ctrl_c_stops_cleanly(swarm_facto
     paces["control"] = control.metrics
     wait_until(lambda: all(len(records()) > 20 for records in paces.values()), 60, what="training under way")
     watched = [*PEERS[:3], "control"]
-    t0 = time.time()
-    time.sleep(6)
-    before = {n: step_rate(paces[n](), t0, time.time()) for n in watched}
-    os.kill(pids["peer3"], signal.SIGSTOP)
-    try:
-        time.sleep(1.5)  # pulls to the frozen peer start timing out: the worst moment
-        t1 = time.time()
+
+    def freeze_peer3():
+        """Each watched peer's pace over 6 s before and over 6 s of peer3's freeze."""
+        t0 = time.time()
         time.sleep(6)
-        during = {n: step_rate(paces[n](), t1, time.time()) for n in watched}
-        frozen_interactions = swarm.metrics("peer3")[-1]["interactions"]
-    finally:
-        os.kill(pids["peer3"], signal.SIGCONT)
-    kept = {n: during[n] / before[n] / (during["control"] / before["control"]) for n in PEERS[:3]}
-    print("steps/s before", before, "while peer3 is frozen", during, "pace kept, against the control's", kept)
-    # A compute loop that waited on its pulls would step far slower than the control (about a
-    # tenth, with the compute thread made to wait for each pull that is due), and slower still
-    # while pulls to the frozen peer take request_timeout (1 s) to fail.
+        before = {n: step_rate(paces[n](), t0, time.time()) for n in watched}
+        os.kill(pids["peer3"], signal.SIGSTOP)
+        try:
+            time.sleep(1.5)  # pulls to the frozen peer start timing out: the worst moment
+            t1 = time.time()
+            time.sleep(6)
+            during = {n: step_rate(paces[n](), t1, time.time()) for n in watched}
+            frozen_interactions = swarm.metrics("peer3")[-1]["interactions"]
+        finally:
+            os.kill(pids["peer3"], signal.SIGCONT)
+        kept = {n: during[n] / before[n] / (during["control"] / before["control"]) for n in PEERS[:3]}
+        print("steps/s before", before, "while peer3 is frozen", during, "pace kept, against the control's", kept)
+        return before, during, kept, frozen_interactions
+
+    def merging_again(frozen_interactions):
+        """The thawed peer rejoins: it merges neighbours again."""
+        wait_until(lambda: swarm.metrics("peer3")[-1]["interactions"] > frozen_interactions + 10, 20,
+                   what="peer3 merging again")
+
+    # A peer that waits on its neighbours loses pace at every freeze; a loaded machine's swings do
+    # not repeat. With a load that came and went every few seconds, the killed-peer test's peers
+    # once read 0.72-0.84 of the control's pace (the scheduler shares the cores out by session, and
+    # the control is a session apart from the swarm's), so up to three freezes are taken and one
+    # must keep 90% for every peer.
+    for attempt in range(3):
+        before, during, kept, frozen_interactions = freeze_peer3()
+        # A compute loop that waited on its pulls would step far slower than the control (about a
+        # tenth, with the compute thread made to wait for each pull that is due), and slower
+        # still while pulls to the frozen peer take request_timeout (1 s) to fail.
+        for n in PEERS[:3]:
+            assert before[n] >= 0.5 * before["control"], (n, before)
+        if min(kept.values()) >= 0.9 or attempt == 2:
+            break
+        merging_again(frozen_interactions)
     for n in PEERS[:3]:
-        assert before[n] >= 0.5 * before["control"], (n, before)
         assert kept[n] >= 0.9, (n, before, during)
-    # The thawed peer rejoins: it merges neighbours again.
-    wait_until(lambda: swarm.metrics("peer3")[-1]["interactions"] > frozen_interactions + 10, 20,
-               what="peer3 merging again")
+    merging_again(frozen_interactions)
     # Ctrl-C on `swarmnet up`: every peer stops cleanly within seconds, leaving complete files.
     stop = time.time()
     swarm.signal(signal.SIGINT)
