@@ -100,6 +100,20 @@ def pull_snapshot(client):
     return head, values
 
 
+def poisoned_nudge_refusal(client, poison_of, tries=20):
+    """The reply to a nudge carrying ``poison_of(values)`` keyed on the peer's latest snapshot.
+    The peer republishes about once a second, so a nudge can find its version superseded
+    ("busy"); it is then sent again against the new latest one."""
+    for _ in range(tries):
+        head, values = pull_snapshot(client)
+        nudge = request(MsgType.NUDGE, "poisoner", [poison_of(values).numpy().tobytes()], used=head["version"],
+                        codec="fp32", meta=head["meta"])
+        reply = header_of(client.ask(encode(nudge)))
+        if reply.get("code") != "busy":
+            return reply
+    raise AssertionError(f"every one of {tries} nudges found its version superseded: {reply}")
+
+
 def base_messages(snapshot_head, values):
     """Well-formed messages of every type, as (header dict, payload frames)."""
     payload = values.numpy().tobytes()
@@ -250,11 +264,9 @@ def test_thousands_of_hostile_messages_never_crash_a_live_peer(live_peer):
             client.send_and_drop([encode(request(MsgType.STATUS, "big"))[0], b"\0" * size])
         probe()
         # Poisoned nudges against the current snapshot: NaN and a model a million times ours.
-        head, values = pull_snapshot(client)
-        for poison, why in ((torch.full_like(values, float("nan")), "non-finite"), (values * 1e6, "away from ours")):
-            nudge = request(MsgType.NUDGE, "poisoner", [poison.numpy().tobytes()], used=head["version"],
-                            codec="fp32", meta=head["meta"])
-            refusal = header_of(client.ask(encode(nudge)))
+        for poison_of, why in ((lambda v: torch.full_like(v, float("nan")), "non-finite"),
+                               (lambda v: v * 1e6, "away from ours")):
+            refusal = poisoned_nudge_refusal(client, poison_of)
             assert refusal["t"] == "reject" and refusal["code"] == "malformed", refusal
             assert why in refusal["reason"], refusal
             tally["rejected"] += 1
