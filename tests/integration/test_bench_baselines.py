@@ -14,7 +14,7 @@ METHODS = {"solo", "swarm-solo", "ddp", "localsgd", "swarm-fp32", "swarm-lattice
 
 
 def test_tiny_suite_measures_every_method_side_by_side(tmp_path):
-    suite = Suite(sizes=(2,), repeats=1, models=(ModelSpec("digits", 64, 400),),
+    suite = Suite(sizes=(2,), repeats=1, models=(ModelSpec("digits", 64, 1500),),
                   straggler_methods=("ddp", "swarm-fp32"), hivemind_sizes=())
     json_path, chart = tmp_path / "baselines.json", tmp_path / "baselines.png"
     result = run(suite, json_path=json_path, chart_path=chart, progress=False)

@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 
@@ -68,8 +67,8 @@ def assert_survives(peer, card, ckpt, expected_error):
         assert peer.proc.poll() is None
     # A save in flight has its temporary file for a moment; a leaked one is still there later.
     in_flight = set(ckpt.parent.glob(".checkpoint.pt.*"))
-    time.sleep(1.0)  # three more attempts
-    assert not in_flight & set(ckpt.parent.glob(".checkpoint.pt.*")), "a temporary file was left behind"
+    wait_until(lambda: not in_flight & set(ckpt.parent.glob(".checkpoint.pt.*")), 10,
+               what="the temporary files of saves in flight removed (a leaked one stays)")
     return after
 
 

@@ -44,6 +44,8 @@ def test_peer_killed_mid_transfer_is_dropped_fast_and_nobody_stalls(swarm_factor
     before = step_rates(paced, 4)
     assert all(before.values()), f"a peer made no step in 4 s: {before}"
     pulled = {n: query_status(a)["interactions"] for n, a in others.items()}
+    logs = {n: swarm.run_dir / n / "peer.log" for n in others}
+    log_at_kill = {n: path.stat().st_size for n, path in logs.items()}  # a pull timed out earlier is not ours
     killed = time.time()
     os.kill(cards["peer3"]["pid"], signal.SIGKILL)
     suspected, dropped = {}, {}
@@ -64,8 +66,8 @@ def test_peer_killed_mid_transfer_is_dropped_fast_and_nobody_stalls(swarm_factor
         if min(kept.values()) >= 0.8:
             break
     status = {n: query_status(a) for n, a in others.items()}
-    logs = "\n".join((swarm.run_dir / n / "peer.log").read_text() for n in others)
-    failures = [line for line in logs.splitlines() if "with peer3 failed" in line]  # pulls and gossip
+    since_kill = "\n".join(path.read_bytes()[log_at_kill[n]:].decode(errors="replace") for n, path in logs.items())
+    failures = [line for line in since_kill.splitlines() if "with peer3 failed" in line]  # pulls and gossip
     fast = [line for line in failures if any(  # a connect in flight at the kill: dropped during its handshake
         why in line for why in ("lost mid-request", "refused", "dropped during the handshake"))]
     print(f"\nSIGKILL: suspected after {suspected} s, dropped after {dropped} s; steps/s before {before}, "
@@ -116,9 +118,9 @@ def test_a_five_times_slower_peer_does_not_slow_the_others(tmp_path):
           f"interactions in 4 s {interactions}")
     # Against the fast pair's mean pace in the same window (the machine's pace moves by a fifth or
     # more between windows). Padded to 8x its steps, the slow peer runs at about 1/8 of a peer's
-    # pace, more where the fast pair's share of the cores is squeezed (0.21 under a swinging load);
-    # unslowed, ~1.
-    assert rates["slow"] <= 0.3 * statistics.mean([rates["fast0"], rates["fast1"]]), (normal, rates)
+    # pace, more where the fast pair's share of the cores is squeezed (0.21 under a swinging load):
+    # it sleeps most of the time, so its short bursts run at full speed. Unslowed, ~1.
+    assert rates["slow"] <= 0.5 * statistics.mean([rates["fast0"], rates["fast1"]]), (normal, rates)
     # Peers that waited on the slow one would drop towards its pace (a fifth); on a shared 2-core
     # machine the fast peers' own rates swing by tens of percent, hence the loose bound.
     assert rates["fast0"] + rates["fast1"] >= 0.5 * (normal["fast0"] + normal["fast1"]), (normal, rates)

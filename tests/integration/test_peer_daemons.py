@@ -70,8 +70,9 @@ def test_peers_waiting_for_their_start_condition_gossip_fast_and_start_together(
     print(f"first metrics row (step 10) after the earliest: "
           f"{ {n: round(t - min(first_row.values()), 3) for n, t in first_row.items()} } s")
     # Without fast gossip a would start 25 s or more after the others (its join timeout, or a
-    # gossip round 60 s away); 5 s leaves room for three fresh processes' first 10 steps on 2 cores.
-    assert max(first_row.values()) - min(first_row.values()) < 5.0, first_row
+    # gossip round 60 s away); 10 s leaves room for three fresh processes' first 10 steps on 2
+    # cores, under load.
+    assert max(first_row.values()) - min(first_row.values()) < 10.0, first_row
     assert "only" not in a.log(200)  # a met its start condition, it did not time out
 
 
