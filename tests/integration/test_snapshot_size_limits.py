@@ -93,11 +93,12 @@ def test_the_automatic_frame_limit_admits_snapshots_and_drops_larger_frames(tmp_
     assert status["state"] == "training" and status["rejected"] == {"size_mismatch": 1}, status  # counted by reason
 
 
-@pytest.mark.parametrize("rate, merges", [(50e3, True), (50e6, False)])
+@pytest.mark.parametrize("rate, merges", [(20e3, True), (50e6, False)])
 def test_a_pull_has_time_to_move_the_snapshot_at_the_slowest_rate_allowed(tmp_path, daemons, rate, merges):
     """A neighbour on a slow link: each pull's answer arrives 1 s late, past request_timeout
-    (0.5 s). At min_transfer_rate 50 KB/s the model's 104 KB get 2.1 s more and every pull
-    lands; at the default 50 MB/s they get 2 ms more and every pull times out."""
+    (0.5 s). At min_transfer_rate 20 KB/s the model's 104 KB get 5.2 s more and every pull
+    lands, however busy the machine; at the default 50 MB/s they get 2 ms more and every pull
+    times out."""
     config = digits_peer_config(tmp_path / "swarm.toml", request_timeout=0.5, min_transfer_rate=rate)
     peer = PeerProcessHandle(tmp_path / "run", "a", config)
     daemons.append(peer)
