@@ -1,7 +1,6 @@
 """Delay, dropped connections and a cut link between peers, injected by swarmnet.testing.faultproxy."""
 
 import asyncio
-import socket
 import time
 
 import pytest
@@ -9,15 +8,10 @@ import pytest
 from swarmnet.errors import TransportError
 from swarmnet.testing import PeerProcessHandle, query_status, wait_until
 from swarmnet.testing.faultproxy import FaultProxy
+from swarmnet.testing.ports import unused_port
 from swarmnet.transport import TransportSet
 
 from .conftest import write_config
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.timeout(60)
@@ -77,7 +71,7 @@ def test_a_peer_behind_a_slow_lossy_then_cut_link_stays_in_the_swarm(tmp_path):
         "network": {"request_timeout": 1.0, "dead_after": 2.0, "failure_backoff": 0.5},
     })
     run = tmp_path / "run"
-    port = free_port()
+    port = unused_port()
     handles = []
     with FaultProxy("127.0.0.1", port) as proxy:
         proxy.delay, proxy.drop = 0.02, 0.01  # 20 ms per chunk, 1 % of chunks reset the connection

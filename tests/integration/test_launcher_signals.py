@@ -10,6 +10,7 @@ import time
 import pytest
 
 from swarmnet.testing import query_status, wait_until
+from swarmnet.testing.ports import unused_port
 from swarmnet.testing.processes import pid_alive
 
 from .conftest import digits_config
@@ -78,18 +79,12 @@ def test_sigterm_while_the_first_peer_starts_stops_the_swarm_at_once(swarm_facto
     assert summary["interrupted"] and [r["signal"] for r in summary["peers"]] == ["SIGTERM", "SIGTERM"]
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_a_manifests_advertised_address_is_the_one_peers_use(tmp_path, swarm_factory):
     manifests = tmp_path / "peers"
     manifests.mkdir()
     advertised = []
     for name in PEERS:
-        port = free_port()
+        port = unused_port()
         advertised.append(f"tcp://localhost:{port}")
         (manifests / f"{name}.toml").write_text(f'listen = "tcp://127.0.0.1:{port}"\nadvertise = "{advertised[-1]}"\n')
     swarm = swarm_factory(two_peers(steps=200), "--manifests", str(manifests))

@@ -10,6 +10,7 @@ import pytest
 import zmq
 
 from swarmnet.errors import EndpointClosed, RequestTimeout, TransportError
+from swarmnet.testing.ports import unused_port
 from swarmnet.transport import TransportSet
 from swarmnet.transport.zmq import REBIND_WAIT_S
 
@@ -181,14 +182,6 @@ async def test_a_neighbour_restarted_between_requests_answers_the_next_one():
     await transports.aclose()
 
 
-def _free_port(ctx):
-    """A loopback port that nothing listens on (until the test binds it)."""
-    probe = ctx.socket(zmq.ROUTER)
-    port = probe.bind_to_random_port("tcp://127.0.0.1")
-    probe.close(linger=0)
-    return port
-
-
 def _router_on(ctx, port):
     """A plain ROUTER bound to ``port``, without a turn of the event loop."""
     sock = ctx.socket(zmq.ROUTER)
@@ -220,7 +213,7 @@ async def test_a_loss_the_loop_has_not_seen_yet_does_not_fail_the_next_request()
     disconnection is still queued on the connection's monitor when the next request starts,
     and that request must not be failed as lost."""
     ctx = zmq.Context()
-    port = _free_port(ctx)
+    port = unused_port()
     transports = TransportSet()
     conn = transports.for_url("tcp://127.0.0.1:0").connect(f"tcp://127.0.0.1:{port}")
     for round_ in range(3):
@@ -279,7 +272,7 @@ async def test_a_timeout_after_a_reconnect_knows_the_handshake_was_done(loop_bus
     timeout must not claim that no handshake came back, whether the loop read the reconnect's
     events while idle or they were still queued when the request started."""
     ctx = zmq.Context()
-    port = _free_port(ctx)
+    port = unused_port()
     transports = TransportSet()
     conn = transports.for_url("tcp://127.0.0.1:0").connect(f"tcp://127.0.0.1:{port}")
     old, thread = _echo_once(ctx, port)

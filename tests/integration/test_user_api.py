@@ -15,6 +15,7 @@ import swarmnet
 from swarmnet.errors import ConfigError, SwarmError, TransportError
 from swarmnet.tasks import datasets
 from swarmnet.testing import wait_until
+from swarmnet.testing.ports import unused_port
 from swarmnet.transport.zmq import REBIND_WAIT_S
 
 EXAMPLE = "examples/own_training_loop.py"
@@ -176,9 +177,7 @@ def test_ctrl_c_while_waiting_for_the_swarm_leaves_nothing_running(tmp_path):
     import socket
     import threading
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = unused_port()
     model, opt = _model_and_optimizer()
     before = set(threading.enumerate())  # e.g. the fused codec loops' pool, if an earlier test started it
 
