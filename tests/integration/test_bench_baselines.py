@@ -14,6 +14,8 @@ METHODS = {"solo", "swarm-solo", "ddp", "localsgd", "swarm-fp32", "swarm-lattice
 
 
 def test_tiny_suite_measures_every_method_side_by_side(tmp_path):
+    # 1500 steps: a phase of a few seconds, so the two ranks step at the same time for a while even
+    # when one starts late on a loaded machine (at 400, a fraction of a second).
     suite = Suite(sizes=(2,), repeats=1, models=(ModelSpec("digits", 64, 1500),),
                   straggler_methods=("ddp", "swarm-fp32"), hivemind_sizes=())
     json_path, chart = tmp_path / "baselines.json", tmp_path / "baselines.png"

@@ -3,7 +3,6 @@ else waits on them."""
 
 import os
 import signal
-import statistics
 import time
 
 import pytest
@@ -97,33 +96,38 @@ def test_a_five_times_slower_peer_does_not_slow_the_others(tmp_path):
         addrs = {h.name: h.card()["addr"] for h in handles}
         wait_until(lambda: all(query_status(a)["interactions"] > 20 for a in addrs.values()), 60,
                    what="three peers merging")
-        # Baseline: the third peer at full speed. Then it is replaced by one five times slower.
+        # Baseline: the third peer at full speed. Then it is replaced by one about eight times slower.
         normal = step_rates(addrs, 4)
         handles[2].kill_tree()
-        # Each step stretched to eight times its length: at most 1/5 of the pace even though its
+        # Each step stretched to eight times its length: about 1/8 of the pace, a little more as its
         # steps themselves get faster once it leaves the CPU to the others.
         slow = PeerProcessHandle(run, "slow", config, "--seed", seed, "--set", "train.slowdown=8")
         handles.append(slow)
         addrs = {"fast0": addrs["fast0"], "fast1": addrs["fast1"], "slow": slow.card()["addr"]}
         wait_until(lambda: query_status(addrs["slow"])["interactions"] > 3, 60, what="the slow peer merging")
-        pulled = {n: query_status(a)["interactions"] for n, a in addrs.items()}
-        rates = step_rates(addrs, 4)
-        interactions = {n: query_status(a)["interactions"] - pulled[n] for n, a in addrs.items()}
+        for _ in range(3):  # a loaded machine's swings do not repeat; a peer held back stays held back
+            pulled = {n: query_status(a)["interactions"] for n, a in addrs.items()}
+            rates = step_rates(addrs, 4)
+            interactions = {n: query_status(a)["interactions"] - pulled[n] for n, a in addrs.items()}
+            kept = (rates["fast0"] + rates["fast1"]) / (normal["fast0"] + normal["fast1"])
+            if kept >= 0.5 and all(rates["slow"] <= 0.5 * rates[n] for n in ("fast0", "fast1")):
+                break
         slow_seen = [p["alive"] for n in ("fast0", "fast1") for p in query_status(addrs[n])["peers"]
                      if p["name"] == "slow"]
     finally:
         for h in handles:
             h.kill_tree()
     print(f"\nslow peer: steps/s with a normal third peer {normal}, with a slow one {rates}; "
-          f"interactions in 4 s {interactions}")
-    # Against the fast pair's mean pace in the same window (the machine's pace moves by a fifth or
-    # more between windows). Padded to 8x its steps, the slow peer runs at about 1/8 of a peer's
-    # pace, more where the fast pair's share of the cores is squeezed (0.21 under a swinging load):
-    # it sleeps most of the time, so its short bursts run at full speed. Unslowed, ~1.
-    assert rates["slow"] <= 0.5 * statistics.mean([rates["fast0"], rates["fast1"]]), (normal, rates)
-    # Peers that waited on the slow one would drop towards its pace (a fifth); on a shared 2-core
-    # machine the fast peers' own rates swing by tens of percent, hence the loose bound.
-    assert rates["fast0"] + rates["fast1"] >= 0.5 * (normal["fast0"] + normal["fast1"]), (normal, rates)
+          f"interactions in 4 s {interactions}; the fast pair kept {kept:.2f} of its pace")
+    # Against each fast peer's pace in the same window (the machine's pace moves by a fifth or more
+    # between windows). Padded to 8x its steps, the slow peer runs at about 1/8 of a peer's pace,
+    # more where the fast pair's share of the cores is squeezed (0.18 idle, 0.21 under a swinging
+    # load): it sleeps most of the time, so its short bursts run at full speed. Fast peers that
+    # waited on it would drop to its pace (~1), as would a slowdown that did not slow it.
     for n in ("fast0", "fast1"):
-        assert rates[n] > 2 * rates["slow"] and interactions[n] > 10, (rates, interactions)
+        assert rates["slow"] <= 0.5 * rates[n] and interactions[n] > 10, (rates, interactions)
+    # Against the earlier window, only a loose check: on a shared 2-core machine the fast peers'
+    # own rates swing by tens of percent between windows (with the third peer asleep most of the
+    # time the pair gets more of the cores, not less).
+    assert kept >= 0.5, (normal, rates)
     assert slow_seen == [True, True] and interactions["slow"] >= 1

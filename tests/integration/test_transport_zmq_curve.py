@@ -59,7 +59,8 @@ async def eventually(condition, within=10.0):
     their own schedule, later on a loaded machine."""
     deadline = asyncio.get_running_loop().time() + within
     while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "not within the deadline"
+        assert asyncio.get_running_loop().time() < deadline, (
+            f"the condition on line {condition.__code__.co_firstlineno} did not hold within {within} s")
         await asyncio.sleep(0.02)
 
 
