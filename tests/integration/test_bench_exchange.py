@@ -26,7 +26,9 @@ def test_a_real_swarm_reports_where_its_cpu_went(tmp_path):
                            device="cpu")
     assert len(list(tmp_path.glob("compute-on-32/peer*/metrics.jsonl"))) == 3
     assert figures["steps_per_s"] > 0 and figures["steps_per_merge"] < 1500  # it trained and merged
-    assert 0.2 < figures["compute_share"] <= 1.05  # a share of one core: CPU time, not wall time
+    # A share of one core: CPU time over wall time, 0.6 or so for 3 peers on 2 idle cores (0.16 seen
+    # under a heavy load); a figure in the wrong unit would be off by a thousand.
+    assert 0.02 < figures["compute_share"] <= 1.05
     assert 0 < figures["exchange_share"] < figures["compute_share"]
     rate = figures["compute_share"] / (figures["cpu_ms_per_step"] / 1e3)
     assert rate == pytest.approx(figures["steps_per_s"], rel=0.15)  # the peers' figures averaged
