@@ -24,6 +24,16 @@ def _ephemeral_start() -> int:
         return 32_768  # Linux's default
 
 
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a TCP socket can bind ``host:port`` now (nothing holds it)."""
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def unused_port(host: str = "127.0.0.1", rng: random.Random | None = None) -> int:
     """A TCP port on ``host`` that nothing listens on now, outside the ephemeral range."""
     rng = rng or random.SystemRandom()
@@ -32,10 +42,6 @@ def unused_port(host: str = "127.0.0.1", rng: random.Random | None = None) -> in
         raise RuntimeError(f"the ephemeral port range starts at {top + 1}: no port below it to pick")
     for _ in range(100):
         port = rng.randint(LOWEST, top)
-        with socket.socket() as probe:
-            try:
-                probe.bind((host, port))
-            except OSError:
-                continue
-        return port
+        if port_is_free(port, host):
+            return port
     raise RuntimeError(f"no free port between {LOWEST} and {top} on {host} in 100 tries")

@@ -15,7 +15,7 @@ import swarmnet
 from swarmnet.errors import ConfigError, SwarmError, TransportError
 from swarmnet.tasks import datasets
 from swarmnet.testing import wait_until
-from swarmnet.testing.ports import unused_port
+from swarmnet.testing.ports import port_is_free, unused_port
 from swarmnet.transport.zmq import REBIND_WAIT_S
 
 EXAMPLE = "examples/own_training_loop.py"
@@ -174,7 +174,6 @@ def test_ctrl_c_while_waiting_for_the_swarm_leaves_nothing_running(tmp_path):
     """Interrupted while it waits for the peers it was told to expect, the constructor stops its
     background peer: the port is free again and no thread of it is left."""
     import signal
-    import socket
     import threading
 
     port = unused_port()
@@ -194,17 +193,9 @@ def test_ctrl_c_while_waiting_for_the_swarm_leaves_nothing_running(tmp_path):
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     assert not [t for t in threading.enumerate() if t.name.startswith("swarmnet-") and t not in before]
-
-    def port_free():
-        with socket.socket() as again:
-            try:
-                again.bind(("127.0.0.1", port))
-                return True
-            except OSError:
-                return False
     # libzmq releases the port from its I/O thread a moment after the socket is closed (under
     # load, 39% of immediate rebinds found it still held); a socket left open holds it for good.
-    wait_until(port_free, REBIND_WAIT_S, what="the port released")
+    wait_until(lambda: port_is_free(port), REBIND_WAIT_S, what="the port released")
 
 
 def test_a_model_gone_non_finite_fails_its_step_and_still_leaves_cleanly(tmp_path):
