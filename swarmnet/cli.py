@@ -231,7 +231,8 @@ def bench_exchange(
     peers: Annotated[int, typer.Option(min=2, help="Peers in the compute runs' swarm.")] = 2,
     device: Annotated[str, typer.Option(help="The compute runs' peers' device: auto, cpu or cuda:N (all peers on that GPU).")] = "auto",
 ) -> None:
-    """Compute steps/s with the exchange on vs off, and snapshot pulls vs raw pyzmq."""
+    """Compute steps/s with the exchange on vs off, snapshot pulls vs raw pyzmq, and what a snapshot
+    streamed in pieces would gain."""
     from rich.console import Console
 
     from swarmnet.bench.exchange import run
@@ -257,6 +258,11 @@ def bench_exchange(
                   f"+{p['delta_ms']:.1f} ms ({p['ratio_with_view_and_delta']:.3f} with them; after a copying decode "
                   f"+{p['delta_after_copy_ms']:.1f} ms, {p['ratio_with_copying_decode_and_delta']:.3f}); applying the "
                   f"delta to the live model +{p['apply_ms']:.1f} ms (the whole merge: {p['ratio_with_merge']:.3f})")
+    s = result["streamed_merge"]
+    console.print(f"streamed merge, raw pyzmq, {s['bytes'] / 1e6:.1f} MB in {s['pieces']} pieces against one message, "
+                  "transfer, gap and add: " + "; ".join(
+                      f"server {mode}: {s[mode]['streamed_ms']:.1f} vs {s[mode]['whole_ms']:.1f} ms -> gain {s[mode]['gain']:.2f}"
+                      for mode in ("idle", "busy")))
 
 
 @bench_app.command("memory")

@@ -13,23 +13,38 @@
    with the reply, each timed: reading the vector (``codec.view``, in place), the exchange
    worker's gap and norm from it (against ``decode``'s copy into a preallocated vector and the
    same from that), and the compute thread's add of half the gap to the live model.
+3. Streamed merge: whether a snapshot sent in pieces, each merged while the next is in flight,
+   would pay. Raw pyzmq both ways, so only the overlap differs: the whole vector, then the gap
+   and the add, against the same bytes in ``STREAM_PIECES`` messages whose gaps run in a worker
+   thread as they arrive, then the add; once with the serving process otherwise idle, once with
+   it training on a thread, as a peer daemon does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from swarmnet.launch import GLIBC_TUNABLES
 from swarmnet.testing.processes import LocalSwarm, PeerProcessHandle, write_config
+
+if TYPE_CHECKING:
+    import zmq.asyncio
+    from torch import Tensor
+
+STREAM_PIECES = 8
+"""Messages the streamed-merge comparison splits a snapshot into (4.6 MB each for 36.9 MB)."""
 
 
 def _window(metrics: list[dict[str, Any]]) -> dict[str, float]:
@@ -145,8 +160,6 @@ def pull_ratio(workdir: Path, *, hidden: int = 3000, repeats: int = 30) -> dict[
 async def _pull_client(address: str, repeats: int) -> dict[str, Any]:
     """Runs in a child process: alternates swarmnet pulls and raw pyzmq transfers of the same bytes."""
     import torch
-    import zmq
-    import zmq.asyncio
 
     from swarmnet.algorithms import apply_pull
     from swarmnet.codecs import make_codec
@@ -154,7 +167,6 @@ async def _pull_client(address: str, repeats: int) -> dict[str, Any]:
     from swarmnet.peer.exchange import gap_and_norm
     from swarmnet.peer.stats import PeerStats
     from swarmnet.transport import TransportSet
-    from swarmnet.transport.zmq import size_kernel_buffers
     from swarmnet.wire import Limits, MsgType, request
 
     transports = TransportSet()
@@ -166,17 +178,7 @@ async def _pull_client(address: str, repeats: int) -> dict[str, Any]:
     out, own, delta, live = torch.empty(n), torch.randn(n), torch.empty(n), torch.zeros(n)
     nbytes = 4 * n
 
-    # The raw server runs in its own process and session, as the peer does: neither side shares
-    # a GIL or, with the scheduler's autogroups, a share of the CPU with this client.
-    raw = subprocess.Popen([sys.executable, "-m", "swarmnet.bench.exchange", "raw-server", str(nbytes)],
-                           stdout=subprocess.PIPE, text=True, start_new_session=True)
-    assert raw.stdout is not None
-    ctx = zmq.asyncio.Context.instance()
-    dealer = ctx.socket(zmq.DEALER)
-    size_kernel_buffers(dealer)
-    dealer.connect(raw.stdout.readline().strip())
-    await dealer.send(b"pull")  # connected and warm, as the swarmnet side is after its first pull
-    await dealer.recv_multipart(copy=False)
+    raw, dealer = await _raw_pair(nbytes)
     times: dict[str, list[float]] = {"pull": [], "view": [], "copy": [], "delta": [], "delta_after_copy": [],
                                      "apply": [], "raw": []}
     for _ in range(repeats):
@@ -221,6 +223,101 @@ async def _pull_client(address: str, repeats: int) -> dict[str, Any]:
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
 
 
+async def _raw_pair(nbytes: int) -> tuple[subprocess.Popen[str], zmq.asyncio.Socket]:
+    """A raw pyzmq server of ``nbytes`` and a DEALER connected to it, one transfer made. The
+    server runs in its own process and session, as a peer does: neither side shares a GIL or,
+    with the scheduler's autogroups, a share of the CPU with this client."""
+    import zmq
+    import zmq.asyncio
+
+    from swarmnet.transport.zmq import size_kernel_buffers
+
+    raw = subprocess.Popen([sys.executable, "-m", "swarmnet.bench.exchange", "raw-server", str(nbytes)],
+                           stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert raw.stdout is not None
+    dealer = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    size_kernel_buffers(dealer)
+    dealer.connect(raw.stdout.readline().strip())
+    await dealer.send(b"pull")  # connected and warm, as the swarmnet side is after its first pull
+    await dealer.recv_multipart(copy=False)
+    return raw, dealer
+
+
+def streamed_gain(*, hidden: int = 3000, repeats: int = 30) -> dict[str, Any]:
+    """Stage 3 in a client process of its own, with no peer daemon running beside it."""
+    from swarmnet.tasks.digits import task
+
+    numel = sum(p.numel() for p in task(hidden).build_model().parameters())  # the pull stage's model
+    env = dict(os.environ)
+    env.setdefault("GLIBC_TUNABLES", GLIBC_TUNABLES)
+    out = subprocess.run([sys.executable, "-m", "swarmnet.bench.exchange", "streamed-client", str(numel), str(repeats)],
+                         env=env, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"streamed-merge client failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+async def _streamed_client(numel: int, repeats: int) -> dict[str, Any]:
+    import torch
+
+    raw, dealer = await _raw_pair(4 * numel)
+    own, gap, live = torch.randn(numel), torch.empty(numel), torch.zeros(numel)
+    try:
+        result: dict[str, Any] = {mode: await _streamed_merge(dealer, mode, own, gap, live, repeats)
+                                  for mode in ("idle", "busy")}
+    finally:
+        raw.kill()
+        raw.wait()
+        dealer.close(0)
+    return result | {"bytes": 4 * numel, "pieces": STREAM_PIECES, "repeats": repeats}
+
+
+async def _streamed_merge(dealer: zmq.asyncio.Socket, mode: str, own: Tensor, gap: Tensor, live: Tensor,
+                          repeats: int) -> dict[str, float]:
+    """The serving process ``mode`` ("idle" or "busy": training on a thread): the whole vector,
+    gap and add one after the other, against the vector in STREAM_PIECES messages whose gaps
+    overlap the transfer of the next pieces. Medians in ms, and their ratio."""
+    import torch
+
+    from swarmnet.algorithms import apply_pull
+    from swarmnet.codecs import kernels
+    from swarmnet.peer.exchange import fused_gap, gap_and_norm
+
+    gap_of = kernels.gap_norm if fused_gap(own) else gap_and_norm  # the whole model's choice, also for its pieces
+    await dealer.send(mode.encode())
+    await dealer.recv_multipart()
+    worker = ThreadPoolExecutor(1)
+    loop = asyncio.get_running_loop()
+
+    async def merge(pieces: int) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        await dealer.send(f"pull {pieces}".encode())
+        offset, gaps, frames = 0, [], []  # frames: each piece's memory, alive until its gap is done
+        for _ in range(pieces):
+            frame = (await dealer.recv_multipart(copy=False))[1]
+            frames.append(frame)
+            remote = torch.frombuffer(frame.buffer, dtype=torch.float32)
+            mine = own[offset:offset + remote.numel()]  # one object: the lossless gap reads it once
+            gaps.append(loop.run_in_executor(worker, gap_of, remote, mine, mine, gap[offset:offset + remote.numel()]))
+            offset += remote.numel()
+        norms = await asyncio.gather(*gaps)
+        apply_pull(live, gap)
+        seconds = time.perf_counter() - t0
+        assert offset == own.numel()
+        return seconds, math.hypot(*norms)
+
+    whole_norm, streamed_norm = (await merge(1))[1], (await merge(STREAM_PIECES))[1]  # each warm once
+    if not math.isclose(whole_norm, streamed_norm, rel_tol=1e-6):  # the same work both ways
+        raise RuntimeError(f"the gap's norm from pieces is {streamed_norm}, from the whole {whole_norm}")
+    times: dict[int, list[float]] = {1: [], STREAM_PIECES: []}
+    for _ in range(repeats):
+        for pieces in times:
+            times[pieces].append((await merge(pieces))[0])
+    worker.shutdown()
+    whole, streamed = (statistics.median(t) * 1e3 for t in times.values())
+    return {"whole_ms": whole, "streamed_ms": streamed, "gain": whole / streamed}
+
+
 def run(*, json_path: Path | None = None, quick: bool = False, rounds: int = 3, peers: int = 2,
         device: str = "auto", progress: bool = True) -> dict[str, Any]:
     from rich.progress import Progress
@@ -233,6 +330,7 @@ def run(*, json_path: Path | None = None, quick: bool = False, rounds: int = 3, 
         "compute_large_batch": lambda work: compute_ratio(work, steps=600 if quick else 1200, batch_size=512,
                                                           rounds=rounds, peers=peers, device=device),
         "pull": lambda work: pull_ratio(work, repeats=10 if quick else 30),
+        "streamed_merge": lambda work: streamed_gain(repeats=10 if quick else 30),
     }
     result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="swarmnet-bench-") as tmp, Progress(disable=not progress) as bar:
@@ -249,24 +347,56 @@ def run(*, json_path: Path | None = None, quick: bool = False, rounds: int = 3, 
 
 
 def _raw_server(nbytes: int) -> None:
-    """Child process: a plain pyzmq ROUTER answering every request with the same payload."""
+    """Child process: a plain pyzmq ROUTER answering ``pull`` with the payload, ``pull P`` with it
+    in P messages, and ``busy`` / ``idle`` by training on a thread or not, as a peer daemon
+    serves while it trains."""
     import zmq
 
     from swarmnet.transport.zmq import size_kernel_buffers
 
-    payload = memoryview(bytearray(os.urandom(1024)) * (nbytes // 1024 + 1))[:nbytes]
+    payload = memoryview(bytearray(os.urandom(1024)) * (nbytes // 1024 + 1))[:nbytes // 4 * 4]
+    busy = threading.Event()
+    threading.Thread(target=_train_while, args=(busy,), daemon=True).start()
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     size_kernel_buffers(router)
+    router.sndhwm = 0  # no limit: a ROUTER drops what is over it, and it counts loosely (a few pieces already are)
     router.bind("tcp://127.0.0.1:*")
     print(router.getsockopt(zmq.LAST_ENDPOINT).decode(), flush=True)
     while True:
-        route, _ = router.recv_multipart(copy=False)
-        router.send_multipart([route, b"h", payload], copy=False)
+        route, body = router.recv_multipart()
+        if body in (b"busy", b"idle"):
+            if body == b"busy":
+                busy.set()
+            else:
+                busy.clear()
+            router.send_multipart([route, b"ok"])
+            continue
+        pieces = int(body.split()[1]) if b" " in body else 1
+        cuts = [len(payload) // 4 * i // pieces * 4 for i in range(pieces + 1)]
+        for lo, hi in zip(cuts, cuts[1:]):
+            router.send_multipart([route, b"h", payload[lo:hi]], copy=False)
+
+
+def _train_while(busy: threading.Event) -> None:
+    """SGD steps of a digits-sized MLP on one thread while ``busy`` is set."""
+    import torch
+
+    torch.set_num_threads(1)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
+    while True:
+        busy.wait()
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "pull-client":
         print(json.dumps(asyncio.run(_pull_client(sys.argv[2], int(sys.argv[3])))))
+    elif sys.argv[1] == "streamed-client":
+        print(json.dumps(asyncio.run(_streamed_client(int(sys.argv[2]), int(sys.argv[3])))))
     elif sys.argv[1] == "raw-server":
         _raw_server(int(sys.argv[2]))

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from swarmnet.bench.exchange import _compute_run, _window, pull_ratio
+from swarmnet.bench.exchange import STREAM_PIECES, _compute_run, _window, pull_ratio, streamed_gain
 from swarmnet.tasks import load_task
 
 pytestmark = pytest.mark.timeout(180)
@@ -41,3 +41,14 @@ def test_the_pull_figures_come_from_a_real_daemon_and_a_raw_pyzmq_server(tmp_pat
     assert all(p[key] > 0 for key in ("swarmnet_pull_ms", "view_ms", "copying_decode_ms", "delta_ms",
                                       "apply_ms", "raw_pyzmq_ms"))
     assert p["ratio"] > p["ratio_with_view"] > p["ratio_with_view_and_delta"] > p["ratio_with_merge"] > 0
+
+
+def test_the_streamed_merge_comparison_does_the_same_work_both_ways():
+    """Both chains compute the gap of one model (the bench refuses to report if the pieces' norm
+    differs from the whole's); the serving process is timed idle and training."""
+    s = streamed_gain(hidden=256, repeats=3)
+    model = load_task("swarmnet.tasks.digits:task", {"hidden": 256}).build_model()
+    assert s["bytes"] == 4 * sum(t.numel() for t in model.parameters()) and s["pieces"] == STREAM_PIECES
+    for mode in ("idle", "busy"):
+        assert s[mode]["whole_ms"] > 0 and s[mode]["streamed_ms"] > 0
+        assert s[mode]["gain"] == pytest.approx(s[mode]["whole_ms"] / s[mode]["streamed_ms"])
