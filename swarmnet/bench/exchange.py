@@ -11,8 +11,9 @@
    ROUTER/DEALER pair moves the same bytes (copy=False). Both run in one client process,
    alternating, with the glibc hugetlb tunable set. Target >= 0.8. Then what the exchange does
    with the reply, each timed: reading the vector (``codec.view``, in place), the exchange
-   worker's gap and norm from it (against ``decode``'s copy into a preallocated vector and the
-   same from that), and the compute thread's add of half the gap to the live model.
+   worker's gap and norm written over it (against ``decode``'s copy into a preallocated vector
+   and the gap written over that copy), and the compute thread's add of half the gap to the
+   live model.
 3. Streamed merge: whether a snapshot sent in pieces, each merged while the next is in flight,
    would pay. Raw pyzmq both ways, so only the overlap differs: the whole vector, then the gap
    and the add, against the same bytes in ``STREAM_PIECES`` messages whose gaps run in a worker
@@ -23,8 +24,8 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -164,7 +165,7 @@ async def _pull_client(address: str, repeats: int) -> dict[str, Any]:
     from swarmnet.algorithms import apply_pull
     from swarmnet.codecs import make_codec
     from swarmnet.peer.client import PeerClient
-    from swarmnet.peer.exchange import gap_and_norm
+    from swarmnet.peer.exchange import gap_over
     from swarmnet.peer.stats import PeerStats
     from swarmnet.transport import TransportSet
     from swarmnet.wire import Limits, MsgType, request
@@ -175,7 +176,7 @@ async def _pull_client(address: str, repeats: int) -> dict[str, Any]:
     codec = make_codec("fp32")
     first = await client.call(address, request(MsgType.PULL, "bench", clock=0, want=None, version=None))
     n = first.body["meta"]["n"]
-    out, own, delta, live = torch.empty(n), torch.randn(n), torch.empty(n), torch.zeros(n)
+    out, own, live = torch.empty(n), torch.randn(n), torch.zeros(n)
     nbytes = 4 * n
 
     raw, dealer = await _raw_pair(nbytes)
@@ -190,11 +191,11 @@ async def _pull_client(address: str, repeats: int) -> dict[str, Any]:
         codec.decode(reply.body["meta"], reply.frames, own, out, {})
         t3 = time.perf_counter()
         assert remote is not None  # a writable frame and a CPU model: read in place
-        gap_and_norm(remote, own, own, delta)  # the exchange worker's pass
+        gap_over(remote, own, own)  # the exchange worker's pass, over the frames
         t4 = time.perf_counter()
-        gap_and_norm(out, own, own, delta)  # the same from the copy
+        gap_over(out, own, own)  # the same over the copy, as a decoding peer does
         t5 = time.perf_counter()
-        apply_pull(live, delta)  # the compute thread's pass
+        apply_pull(live, remote)  # the compute thread's pass
         t6 = time.perf_counter()
         del reply, remote  # freeing swarmnet's reply is in neither window, as the raw one's is not
         t_raw = time.perf_counter()
@@ -261,9 +262,9 @@ async def _streamed_client(numel: int, repeats: int) -> dict[str, Any]:
     import torch
 
     raw, dealer = await _raw_pair(4 * numel)
-    own, gap, live = torch.randn(numel), torch.empty(numel), torch.zeros(numel)
+    own, live = torch.randn(numel), torch.zeros(numel)
     try:
-        result: dict[str, Any] = {mode: await _streamed_merge(dealer, mode, own, gap, live, repeats)
+        result: dict[str, Any] = {mode: await _streamed_merge(dealer, mode, own, live, repeats)
                                   for mode in ("idle", "busy")}
     finally:
         raw.kill()
@@ -272,7 +273,7 @@ async def _streamed_client(numel: int, repeats: int) -> dict[str, Any]:
     return result | {"bytes": 4 * numel, "pieces": STREAM_PIECES, "repeats": repeats}
 
 
-async def _streamed_merge(dealer: zmq.asyncio.Socket, mode: str, own: Tensor, gap: Tensor, live: Tensor,
+async def _streamed_merge(dealer: zmq.asyncio.Socket, mode: str, own: Tensor, live: Tensor,
                           repeats: int) -> dict[str, float]:
     """The serving process ``mode`` ("idle" or "busy": training on a thread): the whole vector,
     gap and add one after the other, against the vector in STREAM_PIECES messages whose gaps
@@ -280,35 +281,36 @@ async def _streamed_merge(dealer: zmq.asyncio.Socket, mode: str, own: Tensor, ga
     import torch
 
     from swarmnet.algorithms import apply_pull
-    from swarmnet.codecs import kernels
-    from swarmnet.peer.exchange import fused_gap, gap_and_norm
+    from swarmnet.peer.exchange import gap_over
 
-    gap_of = kernels.gap_norm if fused_gap(own) else gap_and_norm  # the whole model's choice, also for its pieces
     await dealer.send(mode.encode())
     await dealer.recv_multipart()
     worker = ThreadPoolExecutor(1)
     loop = asyncio.get_running_loop()
 
-    async def merge(pieces: int) -> tuple[float, float]:
+    async def merge(pieces: int) -> tuple[float, list[Tensor]]:
+        """Seconds, and the gap in pieces (each over the memory of the frame it came in)."""
         t0 = time.perf_counter()
         await dealer.send(f"pull {pieces}".encode())
-        offset, gaps, frames = 0, [], []  # frames: each piece's memory, alive until its gap is done
+        offset, gaps, parts = 0, [], []
         for _ in range(pieces):
-            frame = (await dealer.recv_multipart(copy=False))[1]
-            frames.append(frame)
-            remote = torch.frombuffer(frame.buffer, dtype=torch.float32)
+            remote = torch.frombuffer((await dealer.recv_multipart(copy=False))[1].buffer, dtype=torch.float32)
             mine = own[offset:offset + remote.numel()]  # one object: the lossless gap reads it once
-            gaps.append(loop.run_in_executor(worker, gap_of, remote, mine, mine, gap[offset:offset + remote.numel()]))
+            gaps.append(loop.run_in_executor(worker, gap_over, remote, mine, mine))
+            parts.append(remote)
             offset += remote.numel()
-        norms = await asyncio.gather(*gaps)
-        apply_pull(live, gap)
+        await asyncio.gather(*gaps)
+        for start, gap in zip(itertools.accumulate((p.numel() for p in parts), initial=0), parts):
+            apply_pull(live[start:start + gap.numel()], gap)
         seconds = time.perf_counter() - t0
         assert offset == own.numel()
-        return seconds, math.hypot(*norms)
+        return seconds, parts
 
-    whole_norm, streamed_norm = (await merge(1))[1], (await merge(STREAM_PIECES))[1]  # each warm once
-    if not math.isclose(whole_norm, streamed_norm, rel_tol=1e-6):  # the same work both ways
-        raise RuntimeError(f"the gap's norm from pieces is {streamed_norm}, from the whole {whole_norm}")
+    whole, streamed = (await merge(1))[1], (await merge(STREAM_PIECES))[1]  # each warm once
+    if not torch.equal(whole[0].view(torch.int32), torch.cat(streamed).view(torch.int32)):  # the same work
+        # both ways, to the bit (the raw server's random bytes hold NaNs, which equal nothing)
+        raise RuntimeError("the gap computed in pieces differs from the gap of the whole vector")
+    del whole, streamed
     times: dict[int, list[float]] = {1: [], STREAM_PIECES: []}
     for _ in range(repeats):
         for pieces in times:

@@ -21,7 +21,6 @@ holds the two paths to each other).
                                                    lattice.decode with the window statistics
     dequantize(k_RC, e_R, rows_R, out_RC, *, theta=None)
                                                    Q of row i into out row rows_R[i] (>= 0)
-    gap_norm(q_remote, q_own, own, out) -> float  the merge's gap (pull_gap) and its norm, one pass
     blockwise_quantize(x_N, block, levels, seed, q, scales, quantized)
     blockwise_dequantize(q_N, scales_R, levels, block, out_N), pack_nibbles, unpack_nibbles
                                                    the blockwise codecs
@@ -43,7 +42,6 @@ import ctypes
 import functools
 import importlib.metadata
 import importlib.util
-import math
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -97,10 +95,9 @@ def numba_version() -> str | None:
 FUSED_CODECS = ("lattice", "blockwise8", "blockwise4")
 
 
-def warm_up(codecs: Iterable[str] = FUSED_CODECS, *, gap: bool = True) -> None:
+def warm_up(codecs: Iterable[str] = FUSED_CODECS) -> None:
     """Compile the loops once (or load them from numba's disk cache) with the argument types a
-    CPU peer uses: the merge's gap (``gap``), then each of ``codecs``' encode and decode from
-    read-only wire frames. A launcher calls it before starting several peers, which would
+    CPU peer uses: each of ``codecs``' encode and decode from read-only wire frames. A launcher calls it before starting several peers, which would
     otherwise each compile them, seconds of CPU apiece, at their first snapshot; a peer calls it
     before training, so that loading them is not charged to its first interactions."""
     if not usable(torch.empty(0)):
@@ -108,8 +105,6 @@ def warm_up(codecs: Iterable[str] = FUSED_CODECS, *, gap: bool = True) -> None:
     from swarmnet.codecs import make_codec  # the codecs import this module
 
     x = torch.linspace(-1.0, 1.0, 200)
-    if gap:
-        gap_norm(x, x, x, torch.empty_like(x))
     for name, params in (
         ("lattice", {"chunk": 64}),
         ("lattice", {"chunk": 64, "mode": "dither"}),
@@ -182,19 +177,6 @@ def max_abs(x_RC: Tensor) -> Tensor:
     out = torch.empty(x_RC.shape[0], dtype=torch.int32)
     _rows(_loops().max_abs_rows, x_RC.shape[0], _np(x_RC.view(torch.int32)), _np(out))
     return out.view(torch.float32)
-
-
-def gap_norm(q_remote: Tensor, q_own: Tensor, own: Tensor, out: Tensor) -> float:
-    """:func:`swarmnet.algorithms.averaging.pull_gap` into ``out`` (flat float32 vectors) and the
-    gap's 2-norm from the same pass, inf or NaN when the gap is not finite. The two torch passes
-    read the gap back from memory to take its norm; here each row is summed while it is still in
-    registers. Summed (and, for a lossy codec, added) in another order than torch's, so the norm
-    and a lossy gap may differ from the torch passes' in their last bits."""
-    loops = _loops()
-    rows = -(-out.shape[0] // loops.GAP_ROW)
-    sumsq = np.empty(rows)
-    _rows(loops.gap_rows, rows, _np(q_remote), _np(q_own), _np(own), q_own is own, _np(out), sumsq)
-    return math.sqrt(sumsq.sum())
 
 
 def quantize(

@@ -252,30 +252,3 @@ def blockwise_dequantize_rows(lo, hi, q, scales, levels, out):
         step = scales[r] / lv
         for j in range(q.shape[1]):
             out[r, j] = np.float32(q[r, j]) * step
-
-
-GAP_ROW = 1 << 16
-"""Coordinates per row of gap_rows. A compile-time constant: passed as an argument, the row
-bounds are unknown to the compiler and the loop runs at half the speed."""
-
-
-@numba.njit(nogil=True, cache=True, boundscheck=False, fastmath={"reassoc"})
-def gap_rows(lo, hi, remote, q_own, own, lossless, out, sumsq):
-    # Rows of GAP_ROW coordinates of the flat vectors (the last one shorter). "reassoc" lets
-    # the sum of squares vectorize; inf and NaN still reach it. Squares in float64: a finite gap
-    # has a finite norm.
-    n = out.shape[0]
-    for r in range(lo, hi):
-        s = 0.0
-        end = min(n, (r + 1) * GAP_ROW)
-        if lossless:
-            for j in range(r * GAP_ROW, end):
-                g = remote[j] - own[j]
-                out[j] = g
-                s += np.float64(g) * np.float64(g)
-        else:
-            for j in range(r * GAP_ROW, end):
-                g = remote[j] + q_own[j] - np.float32(2.0) * own[j]
-                out[j] = g
-                s += np.float64(g) * np.float64(g)
-        sumsq[r] = s

@@ -41,22 +41,12 @@ MAX_ROUNDS = 8
 """Pulls of one snapshot version a codec may ask for (lattice escalation) before giving up."""
 
 
-FUSED_GAP_MIN = 1 << 21
-"""Coordinates from which a CPU peer's merge takes the fused gap loop. Below, the two torch
-passes take about a millisecond or less, and loading numba costs a process 0.4-0.7 s once."""
-
-
-def fused_gap(*vectors_N: Tensor) -> bool:
-    """Whether the merge's gap over these model-sized vectors takes the fused loop."""
-    return vectors_N[0].numel() >= FUSED_GAP_MIN and kernels.usable(*vectors_N)
-
-
-def gap_and_norm(remote_N: Tensor, q_own_N: Tensor, own_N: Tensor, gap_N: Tensor) -> float:
-    """:func:`pull_gap` into ``gap_N`` and its 2-norm (not finite when the gap is not): one fused
-    pass for a large model on a CPU, otherwise two torch passes."""
-    if fused_gap(remote_N, own_N):
-        return kernels.gap_norm(remote_N, q_own_N, own_N, gap_N)
-    return float(torch.linalg.vector_norm(pull_gap(remote_N, q_own_N, own_N, out=gap_N)))  # CPU<->GPU sync point
+def gap_over(remote_N: Tensor, q_own_N: Tensor, own_N: Tensor) -> float:
+    """:func:`pull_gap` written over ``remote_N`` (the neighbour's vector, which the exchange owns:
+    the received frames read in place, or its decoded copy) and the gap's 2-norm, not finite
+    when the gap is not. Writing where the passes have just read saves a model-sized buffer and,
+    on the CPUs measured, a third of the time of writing into one (docs/benchmarks.md)."""
+    return float(torch.linalg.vector_norm(pull_gap(remote_N, q_own_N, own_N, out=remote_N)))  # CPU<->GPU sync point
 
 
 def warm_up_loops(codec: Codec, model_N: Tensor) -> None:
@@ -65,7 +55,7 @@ def warm_up_loops(codec: Codec, model_N: Tensor) -> None:
     peer's first interaction about 15 ms of CPU (0.6 s of waiting under the budget's 5% floor);
     loaded once the peer serves, they would block a loop that answers neighbours."""
     if kernels.usable(model_N):
-        kernels.warm_up(codecs=(codec.name,), gap=fused_gap(model_N))
+        kernels.warm_up(codecs=(codec.name,))
 
 
 def check_finite(values_N: Tensor, what: str) -> None:
@@ -93,11 +83,10 @@ class Exchange:
         unnamed_cpu = named_threads_cpu(("ZMQbg/IO", kernels.HELPER_THREADS))  # threads with no ident to ask
         compute = peer.compute
         self.budget = CpuBudget(cpu_cores, lambda: loop_cpu() + worker_cpu() + unnamed_cpu() + compute.merge_cpu)
-        numel, device = peer.compute.flat.numel, peer.compute.device
-        self._remote_N = torch.empty(numel, dtype=torch.float32, device=device)
-        # Two gap buffers: the compute thread may still be adding one while we fill the other.
-        self._gaps_N = [torch.empty(numel, dtype=torch.float32, device=device) for _ in range(2)]
-        self._next = 0
+        # Where a codec that cannot be read in place decodes the neighbour's vector, made on
+        # first use (fp32 on a CPU never needs it). One is enough: the gap overwrites it, and the
+        # next interaction starts only once the compute thread has applied that gap (Mailbox.emptied).
+        self._remote_N: Tensor | None = None
         self.pull_seconds = 0.0
         """Moving average of an interaction's duration: pull, decode, delta (see _until_due)."""
         self._codec_state: dict[str, dict[str, Any]] = {}
@@ -210,16 +199,14 @@ class Exchange:
         version = reply.body["version"]
         remote_N = self.codec.view(reply.body["meta"], reply.frames, own.values_N)  # held by `reply`
         if remote_N is None:
-            rounds, codec_stats = await self._decode(target, reply, own, state)
-            remote_N = self._remote_N
+            remote_N = self._decode_buffer()
+            rounds, codec_stats = await self._decode(target, reply, own, state, remote_N)
         else:
             rounds, codec_stats = 1, {"bits_per_coord": 8.0 * remote_N.element_size()}
-        gap_N = self._gaps_N[self._next]
-        distance = await self._run(self._merge_gap, own, remote_N, gap_N, target.id)
+        distance = await self._run(self._merge_gap, own, remote_N, target.id)  # remote_N now holds the gap
         self.codec.accepted(codec_stats)  # screened: what it learns from this pull may steer the next ones
         if self.symmetric:
             await self._nudge(target, own, version)
-        self._next ^= 1
         stats = peer.stats
         stats.pulls_ok += 1
         stats.pull_rounds += rounds
@@ -227,14 +214,20 @@ class Exchange:
         if "bits_per_coord" in codec_stats:
             stats.bits_per_coord = codec_stats["bits_per_coord"]
         peer.table.record_success(target.id)
-        peer.mailbox.put(MergeEntry(gap_N, target.id, float(reply.body["age"]), received, distance))
+        peer.mailbox.put(MergeEntry(remote_N, target.id, float(reply.body["age"]), received, distance))
 
-    async def _decode(self, target: PeerRecord, reply: Message, own: Snapshot,
-                      state: dict[str, Any]) -> tuple[int, dict[str, float]]:
-        """Decode into ``_remote_N``, pulling more of the same snapshot while the codec asks;
+    def _decode_buffer(self) -> Tensor:
+        if self._remote_N is None:
+            compute = self.peer.compute
+            self._remote_N = torch.empty(compute.flat.numel, dtype=torch.float32, device=compute.device)
+        return self._remote_N
+
+    async def _decode(self, target: PeerRecord, reply: Message, own: Snapshot, state: dict[str, Any],
+                      out_N: Tensor) -> tuple[int, dict[str, float]]:
+        """Decode into ``out_N``, pulling more of the same snapshot while the codec asks;
         returns the number of pulls and the codec's statistics."""
         version = reply.body["version"]
-        result = await self._run(self.codec.decode, reply.body["meta"], reply.frames, own.values_N, self._remote_N, state)
+        result = await self._run(self.codec.decode, reply.body["meta"], reply.frames, own.values_N, out_N, state)
         rounds = 1
         while not result.complete:
             if rounds >= MAX_ROUNDS:
@@ -245,7 +238,7 @@ class Exchange:
                 timeout=self.peer.client.transfer_timeout, expect=MsgType.SNAPSHOT,
             )
             self._check_codec(reply)
-            result = await self._run(self.codec.decode, reply.body["meta"], reply.frames, own.values_N, self._remote_N, state)
+            result = await self._run(self.codec.decode, reply.body["meta"], reply.frames, own.values_N, out_N, state)
             rounds += 1
         return rounds, result.stats
 
@@ -253,12 +246,13 @@ class Exchange:
         if reply.body["codec"] != self.codec.name:
             raise ProtocolError("mismatch", f"neighbour uses codec {reply.body['codec']}, we use {self.codec.name}")
 
-    def _merge_gap(self, own: Snapshot, remote_N: Tensor, gap_N: Tensor, source: str) -> float:
-        """Worker thread: gap = Q(C_j) + Q(K) - 2K (pull_gap), then one pass over it both to refuse
-        non-finite (or overflowing) neighbours and to estimate the consensus distance:
-        ||Q(C_j) - K|| / sqrt(2) = ||gap|| / sqrt(2) for lossless codecs (SPEC 4 item 12)."""
-        norm = gap_and_norm(remote_N, own.encoded.quantized, own.values_N, gap_N)
-        self.screen.check(norm, own, gap_N, source=source)  # poisoned neighbours raise (screening.py)
+    def _merge_gap(self, own: Snapshot, remote_N: Tensor, source: str) -> float:
+        """Worker thread: gap = Q(C_j) + Q(K) - 2K (pull_gap) over ``remote_N``, then one pass
+        over it both to refuse non-finite (or overflowing) neighbours and to estimate the
+        consensus distance: ||Q(C_j) - K|| / sqrt(2) = ||gap|| / sqrt(2) for lossless codecs
+        (SPEC 4 item 12)."""
+        norm = gap_over(remote_N, own.encoded.quantized, own.values_N)
+        self.screen.check(norm, own, remote_N, source=source)  # poisoned neighbours raise (screening.py)
         if not math.isfinite(norm):
             raise CodecError("the neighbour's snapshot holds non-finite or overflowing values")
         return norm / math.sqrt(2)

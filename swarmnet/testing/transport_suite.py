@@ -163,6 +163,23 @@ async def check_replies_belong_to_the_caller(case: TransportCase) -> None:
             assert np.array_equal(np.frombuffer(reply[0], dtype=np.uint8), _pattern(size, seed))
 
 
+async def check_callers_may_write_into_replies(case: TransportCase) -> None:
+    """A reply's frames are the caller's alone: writing into them changes nothing the listener
+    holds or sends next (the merge writes its gap over the neighbour's vector)."""
+    async with _transport(case) as transport:
+        listener = await transport.listen(case.bind_url())
+        conn = transport.connect(listener.address)
+        served = _pattern(1 << 20, 11)  # one buffer, sent as it is (zero-copy) to every request
+        async with _serving(listener, lambda frames: [memoryview(served)]):
+            first = await conn.request([b"pull"], timeout=10)
+            mine = np.frombuffer(first[0], dtype=np.uint8)
+            assert not memoryview(first[0]).readonly and mine.flags.writeable
+            mine[:] = 0
+            second = await conn.request([b"pull"], timeout=10)
+        assert np.array_equal(served, _pattern(1 << 20, 11))  # the listener's buffer is untouched
+        assert np.array_equal(np.frombuffer(second[0], dtype=np.uint8), served)
+
+
 async def check_large_payload(case: TransportCase) -> None:
     """A payload of ``case.large_bytes`` goes out from array memory and comes back intact."""
     payload = _pattern(case.large_bytes, 3)

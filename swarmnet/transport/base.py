@@ -56,8 +56,9 @@ class Connection(ABC):
         """Send one request and return its reply. Requests on one connection are serialized,
         so a reply always belongs to the request in flight; after a timeout or failure the
         connection is rebuilt so a late reply can never be taken for the next one. The reply's
-        frames belong to the caller: the transport never writes to their memory again (an fp32
-        merge reads the neighbour's vector straight from them, codecs/base.py ``view``).
+        frames belong to the caller alone, writable: the transport never touches their memory
+        again and nothing else holds it (an fp32 merge writes its gap over the neighbour's
+        vector in the frames, codecs/base.py ``view``; an in-process transport copies).
         Raises RequestTimeout after ``timeout`` seconds, the wait behind earlier requests
         included (:func:`request_turn`), TransportError on failure."""
 

@@ -19,6 +19,7 @@ from swarmnet.algorithms import (
     pull_gap,
     swarm_interaction,
 )
+from swarmnet.peer.exchange import gap_over
 
 
 @given(st.lists(st.tuples(st.integers(0, 7), st.integers(0, 7)), min_size=1, max_size=300))
@@ -138,3 +139,20 @@ def test_delta_form_matches_the_swarmsgd_interaction(d, seed):
 def test_consensus_distance():
     models = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
     assert consensus_distance(models) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("lossless", [True, False])
+def test_the_merge_writes_the_gap_over_the_neighbours_vector_and_takes_its_norm(lossless) -> None:
+    n = 3 * (1 << 16) + 123
+    g = torch.Generator().manual_seed(n)
+    remote, own, rounding = (torch.randn(n, generator=g) for _ in range(3))
+    q_own = own if lossless else own + 0.01 * rounding  # a lossy codec's Q(K)
+    expected = pull_gap(remote, q_own, own)
+    norm = gap_over(remote, q_own, own)
+    assert torch.allclose(remote, expected, rtol=0, atol=1e-6)
+    # torch sums float32 squares in float32: off by up to 3e-4 of the norm at 9M coordinates,
+    # nothing to screening's thresholds or the consensus estimate
+    assert norm == pytest.approx(float(torch.linalg.vector_norm(expected.double())), rel=1e-3)
+    for bad in (math.inf, math.nan):
+        remote[n - 1] = bad
+        assert not math.isfinite(gap_over(remote, q_own, own))

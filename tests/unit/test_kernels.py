@@ -12,10 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from swarmnet.algorithms import pull_gap
 from swarmnet.codecs import bitplanes, blockwise, kernels, lattice, make_codec
 from swarmnet.codecs.lattice_codec import LatticeCodec
-from swarmnet.peer.exchange import FUSED_GAP_MIN, gap_and_norm
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -253,42 +251,6 @@ def test_blockwise_snapshots_decode_exactly_across_the_two_paths(
     out = torch.full_like(x, math.nan)
     make_codec(name, block=5).decode(enc.meta, tuple(bytes(f) for f in enc.frames), x, out, {})
     assert torch.equal(out, enc.quantized)
-
-
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("lossless", [True, False])
-def test_the_fused_gap_matches_the_torch_passes_and_flags_non_finite_gaps(threads, lossless) -> None:
-    n = 3 * (1 << 16) + 123  # rows of 2^16 coordinates, the last one short
-    g = torch.Generator().manual_seed(threads)
-    remote, own = torch.randn(n, generator=g), torch.randn(n, generator=g)
-    q_own = own if lossless else own + 0.01 * torch.randn(n, generator=g)
-    expected = pull_gap(remote, q_own, own)
-    out, saved = torch.full((n,), math.nan), torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        norm = kernels.gap_norm(remote, q_own, own, out)
-        if lossless:
-            assert torch.equal(out, expected)
-        else:
-            assert torch.allclose(out, expected, rtol=0, atol=1e-6)
-        assert norm == pytest.approx(float(torch.linalg.vector_norm(expected.double())), rel=1e-6)
-        for bad in (math.inf, math.nan):
-            remote[n - 1] = bad  # in the short last row
-            assert not math.isfinite(kernels.gap_norm(remote, q_own, own, out))
-    finally:
-        torch.set_num_threads(saved)
-
-
-@pytest.mark.parametrize("n", [1000, FUSED_GAP_MIN])  # the torch passes, the fused loop
-def test_the_merge_takes_the_gap_and_its_norm_from_either_path(n) -> None:
-    g = torch.Generator().manual_seed(n)
-    remote, own, rounding = (torch.randn(n, generator=g) for _ in range(3))
-    q_own = own + 0.01 * rounding  # a lossy codec's Q(K)
-    gap = torch.empty(n)
-    norm = gap_and_norm(remote, q_own, own, gap)
-    expected = pull_gap(remote, q_own, own)
-    assert torch.allclose(gap, expected, rtol=0, atol=1e-6)
-    assert norm == pytest.approx(float(torch.linalg.vector_norm(expected.double())), rel=1e-5)
 
 
 WARMED_PULL = """
