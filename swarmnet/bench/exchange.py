@@ -233,14 +233,15 @@ async def _raw_pair(nbytes: int) -> tuple[subprocess.Popen[str], zmq.asyncio.Soc
 
     from swarmnet.transport.zmq import size_kernel_buffers
 
+    # stdin: the server exits when this process ends, however it ends (it has its own session).
     raw = subprocess.Popen([sys.executable, "-m", "swarmnet.bench.exchange", "raw-server", str(nbytes)],
-                           stdout=subprocess.PIPE, text=True, start_new_session=True)
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
     assert raw.stdout is not None
     dealer = zmq.asyncio.Context.instance().socket(zmq.DEALER)
     size_kernel_buffers(dealer)
     dealer.connect(raw.stdout.readline().strip())
     await dealer.send(b"pull")  # connected and warm, as the swarmnet side is after its first pull
-    await dealer.recv_multipart(copy=False)
+    await asyncio.wait_for(dealer.recv_multipart(copy=False), 60)
     return raw, dealer
 
 
@@ -285,7 +286,6 @@ async def _streamed_merge(dealer: zmq.asyncio.Socket, mode: str, own: Tensor, li
 
     await dealer.send(mode.encode())
     await dealer.recv_multipart()
-    worker = ThreadPoolExecutor(1)
     loop = asyncio.get_running_loop()
 
     async def merge(pieces: int) -> tuple[float, list[Tensor]]:
@@ -294,7 +294,8 @@ async def _streamed_merge(dealer: zmq.asyncio.Socket, mode: str, own: Tensor, li
         await dealer.send(f"pull {pieces}".encode())
         offset, gaps, parts = 0, [], []
         for _ in range(pieces):
-            remote = torch.frombuffer((await dealer.recv_multipart(copy=False))[1].buffer, dtype=torch.float32)
+            frames = await asyncio.wait_for(dealer.recv_multipart(copy=False), 60)
+            remote = torch.frombuffer(frames[1].buffer, dtype=torch.float32)
             mine = own[offset:offset + remote.numel()]  # one object: the lossless gap reads it once
             gaps.append(loop.run_in_executor(worker, gap_over, remote, mine, mine))
             parts.append(remote)
@@ -306,16 +307,16 @@ async def _streamed_merge(dealer: zmq.asyncio.Socket, mode: str, own: Tensor, li
         assert offset == own.numel()
         return seconds, parts
 
-    whole, streamed = (await merge(1))[1], (await merge(STREAM_PIECES))[1]  # each warm once
-    if not torch.equal(whole[0].view(torch.int32), torch.cat(streamed).view(torch.int32)):  # the same work
-        # both ways, to the bit (the raw server's random bytes hold NaNs, which equal nothing)
-        raise RuntimeError("the gap computed in pieces differs from the gap of the whole vector")
-    del whole, streamed
-    times: dict[int, list[float]] = {1: [], STREAM_PIECES: []}
-    for _ in range(repeats):
-        for pieces in times:
-            times[pieces].append((await merge(pieces))[0])
-    worker.shutdown()
+    with ThreadPoolExecutor(1) as worker:
+        whole, streamed = (await merge(1))[1], (await merge(STREAM_PIECES))[1]  # each warm once
+        if not torch.equal(whole[0].view(torch.int32), torch.cat(streamed).view(torch.int32)):  # the same
+            # work both ways, to the bit (the raw server's random bytes hold NaNs, which equal nothing)
+            raise RuntimeError("the gap computed in pieces differs from the gap of the whole vector")
+        del whole, streamed
+        times: dict[int, list[float]] = {1: [], STREAM_PIECES: []}
+        for _ in range(repeats):
+            for pieces in times:
+                times[pieces].append((await merge(pieces))[0])
     whole, streamed = (statistics.median(t) * 1e3 for t in times.values())
     return {"whole_ms": whole, "streamed_ms": streamed, "gain": whole / streamed}
 
@@ -356,9 +357,10 @@ def _raw_server(nbytes: int) -> None:
 
     from swarmnet.transport.zmq import size_kernel_buffers
 
+    threading.Thread(target=_exit_with_the_client, daemon=True).start()
     payload = memoryview(bytearray(os.urandom(1024)) * (nbytes // 1024 + 1))[:nbytes // 4 * 4]
     busy = threading.Event()
-    threading.Thread(target=_train_while, args=(busy,), daemon=True).start()
+    trainer: threading.Thread | None = None  # started at the first ``busy``: idle, the process only serves
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     size_kernel_buffers(router)
@@ -369,6 +371,9 @@ def _raw_server(nbytes: int) -> None:
         route, body = router.recv_multipart()
         if body in (b"busy", b"idle"):
             if body == b"busy":
+                if trainer is None:
+                    trainer = threading.Thread(target=_train_while, args=(busy,), daemon=True)
+                    trainer.start()
                 busy.set()
             else:
                 busy.clear()
@@ -378,6 +383,12 @@ def _raw_server(nbytes: int) -> None:
         cuts = [len(payload) // 4 * i // pieces * 4 for i in range(pieces + 1)]
         for lo, hi in zip(cuts, cuts[1:]):
             router.send_multipart([route, b"h", payload[lo:hi]], copy=False)
+
+
+def _exit_with_the_client() -> None:
+    """Child process thread: end the process once the client's end of stdin closes."""
+    sys.stdin.read()
+    os._exit(0)
 
 
 def _train_while(busy: threading.Event) -> None:

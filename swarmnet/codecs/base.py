@@ -103,8 +103,10 @@ class Codec(ABC):
     def view(self, meta: Mapping[str, Any], frames: tuple[Buffer, ...], key_N: Tensor) -> Tensor | None:
         """The neighbour's vector read in place, a view of the received frames, when a reply
         carries it as is in memory the reader's model can use (fp32 on a CPU model): the reader
-        then skips ``decode`` and its copy, and keeps the frames alive while it uses the view.
-        None (the default): ``decode``. Raises CodecError on malformed input."""
+        then skips ``decode`` and its copy, keeps the frames alive while it uses the view, and
+        writes the merge's gap over it. So a view must be of the frames themselves (writable,
+        and the reader's alone: the transport contract), never of a scratch buffer a codec
+        reuses. None (the default): ``decode``. Raises CodecError on malformed input."""
         return None
 
     def plan(self, state: Mapping[str, Any], hints: Mapping[str, Any] | None = None) -> Any:

@@ -1,4 +1,4 @@
-"""Fused CPU loops of the lossy codecs (lattice, blockwise) and of the merge, compiled with numba.
+"""Fused CPU loops of the lossy codecs (lattice, blockwise), compiled with numba.
 
 Legend: R = rows (chunks), C = coordinates per row, P = padded row length (a multiple of 8).
 
@@ -97,9 +97,10 @@ FUSED_CODECS = ("lattice", "blockwise8", "blockwise4")
 
 def warm_up(codecs: Iterable[str] = FUSED_CODECS) -> None:
     """Compile the loops once (or load them from numba's disk cache) with the argument types a
-    CPU peer uses: each of ``codecs``' encode and decode from read-only wire frames. A launcher calls it before starting several peers, which would
-    otherwise each compile them, seconds of CPU apiece, at their first snapshot; a peer calls it
-    before training, so that loading them is not charged to its first interactions."""
+    CPU peer uses: each of ``codecs``' encode and decode from read-only wire frames. A launcher
+    calls it before starting several peers, which would otherwise each compile them, seconds of
+    CPU apiece, at their first snapshot; a peer calls it before training, so that loading them
+    is not charged to its first interactions."""
     if not usable(torch.empty(0)):
         return
     from swarmnet.codecs import make_codec  # the codecs import this module

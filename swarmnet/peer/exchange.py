@@ -77,16 +77,17 @@ class Exchange:
         self.worker = ThreadPoolExecutor(1, thread_name_prefix=f"codec-{peer.name}")
         # What the budget charges: this (event-loop) thread, which pulls and serves, the decode
         # worker, the compute thread's merges and republishing, libzmq's I/O thread, and the
-        # helper threads of the fused loops (encode, decode and gap, with device.threads > 1).
+        # helper threads of the fused loops (encode and decode, with device.threads > 1).
         loop_cpu = thread_cpu_clock(threading.get_ident())
         worker_cpu = thread_cpu_clock(self.worker.submit(threading.get_ident).result())
         unnamed_cpu = named_threads_cpu(("ZMQbg/IO", kernels.HELPER_THREADS))  # threads with no ident to ask
         compute = peer.compute
         self.budget = CpuBudget(cpu_cores, lambda: loop_cpu() + worker_cpu() + unnamed_cpu() + compute.merge_cpu)
-        # Where a codec that cannot be read in place decodes the neighbour's vector, made on
-        # first use (fp32 on a CPU never needs it). One is enough: the gap overwrites it, and the
+        # Where a codec that cannot be read in place decodes the neighbour's vector (on a CPU,
+        # pages that fp32, read in place, never touches). Made here, so that a GPU without room
+        # for it fails at start, not at every pull. One is enough: the gap overwrites it, and the
         # next interaction starts only once the compute thread has applied that gap (Mailbox.emptied).
-        self._remote_N: Tensor | None = None
+        self._remote_N = torch.empty(peer.compute.flat.numel, dtype=torch.float32, device=peer.compute.device)
         self.pull_seconds = 0.0
         """Moving average of an interaction's duration: pull, decode, delta (see _until_due)."""
         self._codec_state: dict[str, dict[str, Any]] = {}
@@ -199,7 +200,7 @@ class Exchange:
         version = reply.body["version"]
         remote_N = self.codec.view(reply.body["meta"], reply.frames, own.values_N)  # held by `reply`
         if remote_N is None:
-            remote_N = self._decode_buffer()
+            remote_N = self._remote_N
             rounds, codec_stats = await self._decode(target, reply, own, state, remote_N)
         else:
             rounds, codec_stats = 1, {"bits_per_coord": 8.0 * remote_N.element_size()}
@@ -215,12 +216,6 @@ class Exchange:
             stats.bits_per_coord = codec_stats["bits_per_coord"]
         peer.table.record_success(target.id)
         peer.mailbox.put(MergeEntry(remote_N, target.id, float(reply.body["age"]), received, distance))
-
-    def _decode_buffer(self) -> Tensor:
-        if self._remote_N is None:
-            compute = self.peer.compute
-            self._remote_N = torch.empty(compute.flat.numel, dtype=torch.float32, device=compute.device)
-        return self._remote_N
 
     async def _decode(self, target: PeerRecord, reply: Message, own: Snapshot, state: dict[str, Any],
                       out_N: Tensor) -> tuple[int, dict[str, float]]:

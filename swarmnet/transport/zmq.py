@@ -478,9 +478,15 @@ class ZmqConnection(Connection):
                 if isinstance(exc, asyncio.CancelledError) and self._closed and _closed_under_us():
                     raise EndpointClosed(f"connection to {self.address} closed mid-request") from None
                 raise
-            if self._dial.startswith("inproc://"):  # libzmq passed the sender's own buffers: ours to keep and write
-                return [memoryview(bytearray(p.buffer)) for p in parts]
-            return [p.buffer for p in parts]
+            return self._owned(parts)
+
+    def _owned(self, parts: list[zmq.Frame]) -> list[memoryview]:
+        """The reply's frames as the caller's alone (the contract of ``request``): over tcp and
+        ipc libzmq received them into memory of their own; over inproc it passed the sender's
+        own buffers, which are copied."""
+        if self._dial.startswith("inproc://"):
+            return [memoryview(bytearray(p.buffer)) for p in parts]
+        return [p.buffer for p in parts]
 
     @property
     def closed(self) -> bool:

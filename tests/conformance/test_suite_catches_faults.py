@@ -59,12 +59,22 @@ class ReturnsBeforeSent(ZmqTransport):
         return listener
 
 
+class SharesTheSendersBuffers(ZmqTransport):
+    """Hands inproc replies over as libzmq passes them: the sender's own memory."""
+
+    def connect(self, url, **kw):
+        conn = super().connect(url, **kw)
+        conn._owned = lambda parts: [p.buffer for p in parts]
+        return conn
+
+
 @pytest.mark.parametrize(("fault", "check", "error"), [
     (AdvertisesTheBindUrl, "advertised_address", SUITE_FAILURE),
     (IgnoresDeadlines, "timeout_and_recovery", SUITE_FAILURE),
     (DropsEmptyFrames, "round_trip", SUITE_FAILURE),
     (CloseNotIdempotent, "close_twice_and_use_after_close", RuntimeError),
     (ReturnsBeforeSent, "reply_until_sent", SUITE_FAILURE),
+    (SharesTheSendersBuffers, "callers_may_write_into_replies", SUITE_FAILURE),
 ])
 async def test_check_fails_a_faulty_transport(fault, check, error):
     scheme = "tcp" if check in ("advertised_address", "reply_until_sent") else "inproc"

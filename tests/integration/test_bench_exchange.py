@@ -44,8 +44,8 @@ def test_the_pull_figures_come_from_a_real_daemon_and_a_raw_pyzmq_server(tmp_pat
 
 
 def test_the_streamed_merge_comparison_does_the_same_work_both_ways():
-    """Both chains compute the gap of one model (the bench refuses to report if the pieces' norm
-    differs from the whole's); the serving process is timed idle and training."""
+    """Both chains compute the gap of one model (the bench refuses to report if the gap from the
+    pieces differs from the whole's by a bit); the serving process is timed idle and training."""
     s = streamed_gain(hidden=256, repeats=3)
     model = load_task("swarmnet.tasks.digits:task", {"hidden": 256}).build_model()
     assert s["bytes"] == 4 * sum(t.numel() for t in model.parameters()) and s["pieces"] == STREAM_PIECES
