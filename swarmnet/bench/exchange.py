@@ -146,16 +146,21 @@ def pull_ratio(workdir: Path, *, hidden: int = 3000, repeats: int = 30) -> dict[
     })
     server = PeerProcessHandle(workdir, "server", config)
     try:
-        address = server.card(timeout=120)["addr"]
-        env = dict(os.environ)
-        env.setdefault("GLIBC_TUNABLES", GLIBC_TUNABLES)  # as swarmnet up sets for its peers, unless told otherwise
-        out = subprocess.run([sys.executable, "-m", "swarmnet.bench.exchange", "pull-client", address, str(repeats)],
-                             env=env, capture_output=True, text=True, timeout=600)
-        if out.returncode != 0:
-            raise RuntimeError(f"pull client failed:\n{out.stderr[-3000:]}")
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        return _client_process("pull-client", server.card(timeout=120)["addr"], str(repeats))
     finally:
         server.kill_tree()
+
+
+def _client_process(*args: str) -> dict[str, Any]:
+    """Run ``python -m swarmnet.bench.exchange ARGS`` (a client of stages 2 and 3) with the glibc
+    tunable ``swarmnet up`` sets for its peers, unless told otherwise; its JSON result."""
+    env = dict(os.environ)
+    env.setdefault("GLIBC_TUNABLES", GLIBC_TUNABLES)
+    out = subprocess.run([sys.executable, "-m", "swarmnet.bench.exchange", *args],
+                         env=env, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"{args[0]} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 async def _pull_client(address: str, repeats: int) -> dict[str, Any]:
@@ -250,13 +255,7 @@ def streamed_gain(*, hidden: int = 3000, repeats: int = 30) -> dict[str, Any]:
     from swarmnet.tasks.digits import task
 
     numel = sum(p.numel() for p in task(hidden).build_model().parameters())  # the pull stage's model
-    env = dict(os.environ)
-    env.setdefault("GLIBC_TUNABLES", GLIBC_TUNABLES)
-    out = subprocess.run([sys.executable, "-m", "swarmnet.bench.exchange", "streamed-client", str(numel), str(repeats)],
-                         env=env, capture_output=True, text=True, timeout=600)
-    if out.returncode != 0:
-        raise RuntimeError(f"streamed-merge client failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return _client_process("streamed-client", str(numel), str(repeats))
 
 
 async def _streamed_client(numel: int, repeats: int) -> dict[str, Any]:
@@ -369,14 +368,14 @@ def _raw_server(nbytes: int) -> None:
     print(router.getsockopt(zmq.LAST_ENDPOINT).decode(), flush=True)
     while True:
         route, body = router.recv_multipart()
+        if body == b"busy" and trainer is None:
+            trainer = threading.Thread(target=_train_while, args=(busy,), daemon=True)
+            trainer.start()
+        if body == b"busy":
+            busy.set()
+        elif body == b"idle":
+            busy.clear()
         if body in (b"busy", b"idle"):
-            if body == b"busy":
-                if trainer is None:
-                    trainer = threading.Thread(target=_train_while, args=(busy,), daemon=True)
-                    trainer.start()
-                busy.set()
-            else:
-                busy.clear()
             router.send_multipart([route, b"ok"])
             continue
         pieces = int(body.split()[1]) if b" " in body else 1
@@ -392,17 +391,22 @@ def _exit_with_the_client() -> None:
 
 
 def _train_while(busy: threading.Event) -> None:
-    """SGD steps of a digits-sized MLP on one thread while ``busy`` is set."""
+    """SGD steps of the compute stage's task (digits MLP, hidden 512, batch 32) on one thread
+    while ``busy`` is set."""
     import torch
 
+    from swarmnet.tasks.digits import task
+
     torch.set_num_threads(1)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10))
+    digits = task(hidden=512)
+    model = digits.build_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
+    x, y = digits.train
+    batch = (x[:32], y[:32])
     while True:
         busy.wait()
         optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
+        digits.loss(model, batch).backward()
         optimizer.step()
 
 
