@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from collections import Counter, OrderedDict
+
 from swarmnet.errors import ProtocolError
 from swarmnet.peer.stats import PeerStats
 from swarmnet.transport import Connection, TransportSet
 from swarmnet.wire import Limits, Message, MsgType, decode, encode
+
+MAX_CONNECTIONS = 128
+"""Neighbour connections a peer keeps open at once; opening one more closes the least recently
+used idle one. Each costs a few sockets and file descriptors (over ZeroMQ three sockets, of
+the 1023 a context allows, and about four descriptors, of a default ulimit of 1024): a peer that
+kept one for every member of a swarm of a few hundred would run out, and every new dial fail."""
 
 
 class Rejected(ProtocolError):
@@ -16,6 +24,7 @@ class PeerClient:
     def __init__(
         self, *, sender: str, transports: TransportSet, limits: Limits, timeout: float,
         stats: PeerStats, max_frame_bytes: int, transfer_timeout: float | None = None,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self.sender = sender
         self.transports = transports
@@ -25,14 +34,26 @@ class PeerClient:
         """Deadline of a request that moves a snapshot (network.transfer_timeout)."""
         self.stats = stats
         self.max_frame_bytes = max_frame_bytes
-        self._connections: dict[str, Connection] = {}
+        self.max_connections = max_connections
+        self._connections: OrderedDict[str, Connection] = OrderedDict()
+        """Least recently used first."""
+        self._in_flight: Counter[str] = Counter()
 
     def connection(self, address: str) -> Connection:
         conn = self._connections.get(address)
         if conn is None:
             conn = self.transports.for_url(address).connect(address, max_frame_bytes=self.max_frame_bytes)
             self._connections[address] = conn
+        else:
+            self._connections.move_to_end(address)
         return conn
+
+    async def _close_idle_beyond_cap(self) -> None:
+        """Close least recently used connections with no request in flight while there are
+        more than ``max_connections`` (the busy ones stay, so there may briefly be more)."""
+        excess = len(self._connections) - self.max_connections
+        for address in [a for a in self._connections if not self._in_flight[a]][:max(0, excess)]:
+            await self.forget(address)
 
     async def call(self, address: str, msg: Message, timeout: float | None = None, *,
                    expect: MsgType | None = None) -> Message:
@@ -41,7 +62,15 @@ class PeerClient:
         type (its fields would be missing), or Rejected."""
         frames = encode(msg)
         self.stats.bytes_out += sum(memoryview(f).nbytes for f in frames)
-        raw = await self.connection(address).request(frames, timeout or self.timeout)
+        conn = self.connection(address)
+        self._in_flight[address] += 1
+        try:
+            await self._close_idle_beyond_cap()
+            raw = await conn.request(frames, timeout or self.timeout)
+        finally:
+            self._in_flight[address] -= 1
+            if not self._in_flight[address]:
+                del self._in_flight[address]
         self.stats.bytes_in += sum(f.nbytes for f in raw)
         try:
             reply = decode(raw, self.limits)

@@ -17,9 +17,9 @@ from swarmnet.wire import Limits, MsgType, decode, encode, reply, request
 pytestmark = pytest.mark.timeout(30)
 
 
-def make_client(transports, timeout=2.0):
+def make_client(transports, timeout=2.0, **kwargs):
     return PeerClient(sender="me", transports=transports, limits=Limits(), timeout=timeout, stats=PeerStats(),
-                      max_frame_bytes=2**20)
+                      max_frame_bytes=2**20, **kwargs)
 
 
 async def serve(listener, card, *, echo_first=1):
@@ -89,6 +89,40 @@ async def test_connections_to_forgotten_peers_are_closed():
         assert [c.closed for c in connections] == [False, True, True, True]
         assert stats.peers_alive == len(table.alive()) <= 1
     finally:  # a failed check must not leave sockets and tasks to the tests that follow
+        for server in servers:
+            server.cancel()
+        await client.aclose()
+        await transports.aclose()
+
+
+async def test_open_connections_stay_within_the_cap_and_a_busy_one_is_never_closed():
+    """A peer that has talked to more neighbours than it keeps connections for closes the least
+    recently used idle ones (a swarm of hundreds would otherwise exhaust ZeroMQ's sockets and
+    the descriptors), never one whose request is still in flight, and redials the closed ones."""
+    transports = TransportSet()
+    client = make_client(transports, timeout=10.0, max_connections=3)
+    listeners, servers = [], []
+    try:
+        slow = await transports.for_url("tcp://127.0.0.1:0").listen("tcp://127.0.0.1:0")
+        for i in range(5):
+            listener = await transports.for_url("tcp://127.0.0.1:0").listen("tcp://127.0.0.1:0")
+            listeners.append(listener)
+            servers.append(asyncio.create_task(serve(listener, {"id": f"p{i}", "addr": listener.address, "hb": 1})))
+        mine = {"id": "me", "addr": "tcp://127.0.0.1:9", "hb": 1}
+        held = asyncio.create_task(client.call(slow.address, hello(mine)))
+        route, frames = await asyncio.wait_for(slow.recv(), 5)  # in flight until we answer it
+        slow_conn = client.connection(slow.address)
+        for listener in listeners:
+            assert (await client.call(listener.address, hello(mine))).type is MsgType.PEERS
+            assert len(client._connections) <= 3 and not slow_conn.closed
+        assert list(client._connections) == [slow.address, listeners[3].address, listeners[4].address]
+        slow_card = {"id": "slow", "addr": slow.address, "hb": 1}
+        await slow.send(route, encode(reply(decode(frames), MsgType.PEERS, "slow", card=slow_card, peers=[])))
+        assert (await asyncio.wait_for(held, 5)).type is MsgType.PEERS
+        first = client.connection(listeners[0].address)  # closed long ago: a new one, which works
+        assert (await client.call(listeners[0].address, hello(mine))).type is MsgType.PEERS
+        assert not first.closed and len(client._connections) == 3 and slow.address not in client._connections
+    finally:
         for server in servers:
             server.cancel()
         await client.aclose()
