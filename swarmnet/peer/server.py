@@ -186,7 +186,7 @@ class PeerServer:
         latest = peer.store.latest()  # the only version a nudge may be keyed on (MergeGate)
         if latest is None:
             return reject(msg, peer.id, RejectCode.GONE, f"version {msg.body['used']} is gone")
-        refusal = peer.gate.admit_nudge(msg.body["used"], latest.version, unapplied=peer.inbox.pending)
+        refusal = peer.gate.admit_nudge(msg.body["used"], latest.version, published_nudges=latest.nudges)
         if refusal is not None:
             peer.stats.nudges_refused += 1
             return reject(msg, peer.id, RejectCode.BUSY, refusal)

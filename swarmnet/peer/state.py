@@ -234,8 +234,8 @@ class MergeGate:
     model. Two updates against the same K, our own merge ``(Q(C_k) - K) / 2`` and one nudge
     ``(Q(C_i) - K) / 2``, still leave a convex combination, ``(C_k + C_i) / 2``; a third would
     give K a negative weight, and many at once overshoot and diverge. So a nudge is admitted
-    only against our latest version, only once per version, only when no earlier nudge is still
-    waiting to be applied, and only while our own interaction in flight (if any) was computed
+    only against our latest version, only once per version, only when that version holds every
+    nudge admitted before (none still decoding or waiting to be applied), and only while our own interaction in flight (if any) was computed
     against that same version. Conversely our next merge waits for a version that holds every
     nudge admitted (:meth:`may_key_on`): keyed on one without it, the nudge would land on top of
     a merge computed as if it were not there.
@@ -259,13 +259,18 @@ class MergeGate:
         """That merge was applied (or dropped)."""
         self._own_base = None
 
-    def admit_nudge(self, used: int, latest: int, *, unapplied: int = 0) -> str | None:
+    def admit_nudge(self, used: int, latest: int, *, published_nudges: int) -> str | None:
         """Reserve ``latest`` for a nudge computed against ``used``; None, or why not.
-        ``unapplied``: nudges already accepted that the compute thread has not applied yet."""
+        ``published_nudges``: the nudges ``latest`` holds (:attr:`Snapshot.nudges`). Fewer than
+        were admitted means one is still decoding or waiting in the inbox: it was computed
+        against an older version, and with one more against ``latest`` that version's model
+        would end with a negative weight."""
         if used != latest:
             return f"version {used} is no longer our latest ({latest})"
-        if self._nudged == latest or unapplied:
+        if self._nudged == latest:
             return f"version {latest} already took a nudge"
+        if self._admitted > published_nudges:
+            return "a nudge admitted earlier is not in our latest version yet"
         if self._own_base not in (None, latest):
             return "our own merge in flight was computed against an older version"
         self._nudged = latest

@@ -172,22 +172,32 @@ def test_tensorboard_gets_progress_rows_at_most_once_a_period_and_every_evaluati
 
 def test_merge_gate_admits_one_nudge_per_version_against_the_latest_only():
     gate = MergeGate()
-    assert gate.admit_nudge(3, 4) is not None  # computed against an older version
-    assert gate.admit_nudge(4, 4) is None
-    assert "already" in gate.admit_nudge(4, 4)  # a second one would give version 4 a negative weight
+    assert gate.admit_nudge(3, 4, published_nudges=0) is not None  # computed against an older version
+    assert gate.admit_nudge(4, 4, published_nudges=0) is None
+    assert "already" in gate.admit_nudge(4, 4, published_nudges=0)  # a second one: version 4's weight < 0
     gate.cancel_nudge(4)  # the first could not be applied after all
-    assert gate.admit_nudge(4, 4) is None
-    assert gate.admit_nudge(5, 5, unapplied=1) is not None  # the last nudge is still waiting
-    assert gate.admit_nudge(5, 5) is None
+    assert gate.admit_nudge(4, 4, published_nudges=0) is None
+    assert gate.admit_nudge(5, 5, published_nudges=1) is None  # version 5 holds that nudge
+    assert "not in our latest" in gate.admit_nudge(6, 6, published_nudges=1)  # 6 lacks the one on 5
+
+
+def test_merge_gate_refuses_a_nudge_on_a_version_published_while_the_last_one_was_decoding():
+    """Nudge 1 is admitted against v; before it reaches the inbox the compute thread publishes
+    v+1 (our own merge, or a refresh). Nudge 2 against v+1 would then land together with
+    nudge 1, which was computed against v: three delta updates on one model."""
+    gate = MergeGate()
+    assert gate.admit_nudge(5, 5, published_nudges=0) is None  # nudge 1, decoding
+    assert "not in our latest" in gate.admit_nudge(6, 6, published_nudges=0)  # v+1 published meanwhile
+    assert gate.admit_nudge(7, 7, published_nudges=1) is None  # once a version holds nudge 1
 
 
 def test_merge_gate_pairs_a_nudge_only_with_our_own_merge_on_the_same_version():
     gate = MergeGate()
     gate.begin_own(7)
-    assert gate.admit_nudge(8, 8) is not None  # our merge in flight was computed against 7
-    assert gate.admit_nudge(7, 7) is None  # own merge + one nudge on 7: (C_k + C_i) / 2
+    assert gate.admit_nudge(8, 8, published_nudges=0) is not None  # our merge in flight was computed against 7
+    assert gate.admit_nudge(7, 7, published_nudges=0) is None  # own merge + one nudge on 7: (C_k + C_i) / 2
     gate.end_own()
-    assert gate.admit_nudge(8, 8) is None
+    assert gate.admit_nudge(8, 8, published_nudges=1) is None
 
 
 def test_own_merge_plus_one_nudge_on_a_version_stays_a_convex_combination():
@@ -212,7 +222,7 @@ async def test_our_next_merge_waits_for_a_version_holding_the_nudge_admitted_mea
     v = me.store.latest()
     gate.begin_own(v.version)  # our merge with a neighbour at 0, against v
     me.mailbox.put(MergeEntry(pull_gap(zeros, v.values_N, v.values_N), "j", 0.0, 0.0, 0.0))
-    assert gate.admit_nudge(v.version, v.version) is None  # another neighbour at 0 nudges us against v
+    assert gate.admit_nudge(v.version, v.version, published_nudges=v.nudges) is None  # another neighbour at 0 nudges us against v
     nudge = apply_nudge(zeros, v.values_N)  # ... still decoding
     me.since_merge = 1
     me.merge_pending()  # our merge lands: v+1 = 50
@@ -225,7 +235,7 @@ async def test_our_next_merge_waits_for_a_version_holding_the_nudge_admitted_mea
     assert gate.may_key_on(latest) and latest.values_N.tolist() == [0.0] * 4
     far = torch.full((4,), 40.0)  # the next merge, keyed on v+2, stays between its two models
     assert apply_pull(latest.values_N.clone(), pull_gap(far, latest.values_N, latest.values_N)).tolist() == [20.0] * 4
-    assert gate.admit_nudge(latest.version, latest.version) is None and not gate.may_key_on(latest)
+    assert gate.admit_nudge(latest.version, latest.version, published_nudges=latest.nudges) is None and not gate.may_key_on(latest)
     gate.cancel_nudge(latest.version)  # that nudge could not be applied after all: nothing to wait for
     assert gate.may_key_on(latest)
 
