@@ -54,3 +54,12 @@ def unwritable_run_dir(path: object, exc: OSError) -> ConfigError:
 
 class CodecError(SwarmError):
     """A snapshot could not be encoded or decoded (bad parameters, failed verification)."""
+
+
+class ModelDiverged(SwarmError):
+    """Our own model holds non-finite values, so it cannot be published (a lossy codec refuses
+    to encode it): training diverged."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"the model holds non-finite values at step {step}: training diverged; lower train.lr "
+                         "or check the data")

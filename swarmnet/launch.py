@@ -447,9 +447,14 @@ def average_models(plan: LaunchPlan, peers: list[PeerProcess]) -> dict[str, Any]
         merged[name] = mean
         squared += float((stack - mean).pow(2).sum())
     model.load_state_dict(merged)
-    evaluation = evaluate_averaged(model, task, batch_size=plan.cfg.train.batch_size, seed=plan.cfg.run.seed)
-    return {"peers_averaged": len(states), **evaluation,
-            "consensus_distance": math.sqrt(squared / len(states))}
+    result = {"peers_averaged": len(states), "consensus_distance": math.sqrt(squared / len(states))}
+    try:
+        evaluation = evaluate_averaged(model, task, batch_size=plan.cfg.train.batch_size, seed=plan.cfg.run.seed)
+    except Exception as exc:  # the task's own evaluation: its failure must not cost the summary
+        error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        log.warning("the average model could not be evaluated: the task's evaluation raised %s", error)
+        return {**result, "eval_error": error}
+    return {**result, **evaluation}
 
 
 def render_summary(result: dict[str, Any]) -> Table:

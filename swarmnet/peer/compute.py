@@ -43,7 +43,7 @@ from swarmnet.algorithms import LocalSteps, PhaseClock, Schedule, apply_pull, co
 from swarmnet.codecs import Codec
 from swarmnet.codecs.published import published
 from swarmnet.config import SwarmConfig, TrainConfig
-from swarmnet.errors import ConfigError
+from swarmnet.errors import CodecError, ConfigError, ModelDiverged
 from swarmnet.peer import checkpoint
 from swarmnet.peer.data import ShardSampler
 from swarmnet.peer.metrics import MetricsWriter, progress_record
@@ -161,7 +161,12 @@ class Replica:
         hints: dict[str, Any] = {"lr": self.current_lr(), "local_steps": self.local_steps.mean}
         if progress_N is not None:
             hints.update(progress=progress_N, progress_steps=progress_steps)
-        encoded = self.codec.encode(self.stale_N, hints)
+        try:
+            encoded = self.codec.encode(self.stale_N, hints)
+        except CodecError:  # lossy codecs refuse non-finite values; fp32 publishes them (neighbours screen)
+            if bool(torch.isfinite(self.stale_N).all()):  # CPU<->GPU sync point, only on failure
+                raise
+            raise ModelDiverged(self.step) from None
         values = (encoded.quantized if self.codec.lossless
                   else published(self.stale_N.numel(), torch.float32, self.device).copy_(self.stale_N))
         self.store.publish(values, encoded, self.step, self.inbox.drained)
@@ -414,7 +419,12 @@ class ComputeLoop(Replica):
                 reason = "stopped"
                 break
             self.train_step()
-            self.merge_pending()
+            try:
+                self.merge_pending()
+            except ModelDiverged as exc:  # the last finite snapshot stays published
+                self.log.error("%s", exc)
+                reason = "diverged"
+                break
             if self.cfg.train.slowdown > 1:
                 self.pad_step()
             if self.step % self.cfg.train.metrics_every == 0 and not self.write_metrics():
@@ -422,7 +432,7 @@ class ComputeLoop(Replica):
                 break
             every = self.cfg.train.eval_every
             if every and self.step % every == 0:
-                self.evaluate()
+                self.evaluate_or_log()
             interval = self.cfg.train.checkpoint_every
             if interval and time.monotonic() - self._last_checkpoint >= interval:
                 self.save_checkpoint()
@@ -476,14 +486,26 @@ class ComputeLoop(Replica):
         self.metrics.write({"time": time.time(), "step": self.step, "eval": self.last_eval})
         return self.last_eval
 
+    def evaluate_or_log(self) -> None:
+        """:meth:`evaluate`, where a failure of the task's own evaluation (a bug in it, a GPU out
+        of memory) is logged and costs the peer neither its training nor its final checkpoint."""
+        try:
+            self.evaluate()
+        except Exception:
+            self.model.train()
+            self.log.exception("the task's evaluation failed at step %d; training goes on without it", self.step)
+
     def finalize(self) -> str | None:
-        """After the exchange has stopped: merge what was acknowledged, publish, checkpoint.
-        What kept the final checkpoint from being written, None when it was."""
+        """After the exchange has stopped: merge what was acknowledged, publish, checkpoint,
+        then evaluate. What kept the final checkpoint from being written, None when it was."""
         self.inbox.close()
-        self.merge_pending(final=True)
+        try:
+            self.merge_pending(final=True)
+        except ModelDiverged as exc:
+            self.log.error("%s", exc)
         if self._loss_count:
             self.write_metrics()
-        self.evaluate()
         unsaved = self.save_checkpoint(final=True)
+        self.evaluate_or_log()
         self.metrics.close()
         return unsaved

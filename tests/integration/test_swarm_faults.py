@@ -166,8 +166,11 @@ def not_json(constant):
     raise AssertionError(f"{constant} is not JSON")
 
 
-def test_a_diverging_swarm_ends_with_a_clear_reason_not_a_crash(swarm_factory):
-    swarm = swarm_factory(lsq_config(lr=50.0, steps=5000) | {"run": {"peers": 2, "seed": 0}})
+@pytest.mark.parametrize("codec", ["fp32", "lattice"])
+def test_a_diverging_swarm_ends_with_a_clear_reason_not_a_crash(swarm_factory, codec):
+    """fp32 publishes a non-finite model (neighbours screen it) and the loss shows it; a lossy
+    codec refuses to encode one, which ends the run the same way."""
+    swarm = swarm_factory(lsq_config(lr=50.0, steps=5000) | {"run": {"peers": 2, "seed": 0}, "codec": {"name": codec}})
     assert swarm.wait(120) == 1
     log = (swarm.run_dir / "up.log").read_text()
     assert "Traceback" not in log, log[-2000:]
@@ -185,6 +188,22 @@ def test_a_diverging_swarm_ends_with_a_clear_reason_not_a_crash(swarm_factory):
         if (peer_dir / "checkpoint.pt").exists():
             state = checkpoint.load(peer_dir / "checkpoint.pt")
             assert all(bool(torch.isfinite(v).all()) for v in state["model"].values())
+
+
+def test_a_failing_evaluation_costs_neither_training_nor_the_final_checkpoint(swarm_factory):
+    config = lsq_config(steps=400) | {"run": {"peers": 2, "seed": 0}}
+    config["task"]["spec"] = "tests.integration.failing_eval_task:task"
+    config["train"]["eval_every"] = 100
+    swarm = swarm_factory(config)
+    assert swarm.wait(120) == 0, swarm.log()
+    summary = swarm.summary()
+    assert summary["ok"] and "the evaluation's own bug" in summary["average"]["eval_error"], summary["average"]
+    for row in summary["peers"]:
+        assert row["ok"] and row["steps"] == 400, row
+        peer_dir = swarm.run_dir / row["name"]
+        assert checkpoint.load(peer_dir / "checkpoint.pt")["step"] == 400
+        log = (peer_dir / "peer.log").read_text()
+        assert log.count("the task's evaluation failed") == 5, log[-3000:]  # steps 100-400, then the final one
 
 
 def test_the_launcher_says_why_a_peer_stopped_without_a_summary(swarm_factory):
