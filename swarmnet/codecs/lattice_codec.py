@@ -66,8 +66,7 @@ MAX_CHUNKS = 1 << 22
 AUTO_CHUNK_MIN = 4096
 AUTO_CHUNKS = 1024
 STAT_SAMPLES = 512
-SAMPLE_STRIDE = 16777619
-"""A prime above MAX_CHUNK, so ``j * SAMPLE_STRIDE % cols`` never repeats for j < cols."""
+GOLDEN = (math.sqrt(5) - 1) / 2
 U63 = (1 << 63) - 1
 RECENT_PULLS = 5
 """Complete pulls whose distances set the first request to a neighbour with no history."""
@@ -113,17 +112,30 @@ class _Samples:
         return np.sqrt(np.add.reduceat(v * v, self.starts) / self.counts)
 
 
+def sample_stride(cols: int) -> int:
+    """The stride, modulo a chunk of ``cols``, between its statistics' samples: about ``cols``
+    times the golden ratio's fraction, made odd and coprime with ``cols``. Coprime, so no
+    sample repeats; the golden ratio, so any number of them spreads over the whole chunk (a
+    fixed stride, say a prime above the largest chunk, is a small one modulo a power of two:
+    512 samples of a 2^20 chunk would all lie in its first fifth); odd, so that they fall on
+    every column of a layer whose rows are a power of two long. An even stride aliases with
+    the layers' shapes: every 16th coordinate of a [128, 64] weight is one input column, which
+    can be a dead input whose weights never move, and the step size measured there came out
+    32x too small."""
+    stride = max(1, round(cols * GOLDEN)) | 1
+    while math.gcd(stride, cols) != 1:
+        stride += 2
+    return stride
+
+
 @functools.lru_cache(maxsize=16)
 def _samples(n: int, chunk: int, device: torch.device) -> _Samples:
-    """Up to STAT_SAMPLES coordinates per chunk for its statistics, scattered by a prime stride
-    taken modulo the chunk. An even stride would alias with the layers' shapes: every 16th
-    coordinate of a [128, 64] weight is one input column, which can be a dead input whose
-    weights never move, and the step size measured there came out 32x too small. Cached: every
-    snapshot of a model uses the same layout (read-only, only used to index)."""
+    """Up to STAT_SAMPLES coordinates per chunk for its statistics (:func:`sample_stride`).
+    Cached: every snapshot of a model uses the same layout (read-only, only used to index)."""
     index, counts = [], []
     for g in _layout(n, chunk):
         count = min(g.cols, STAT_SAMPLES)
-        offsets = torch.arange(count, dtype=torch.int64) * SAMPLE_STRIDE % g.cols
+        offsets = torch.arange(count, dtype=torch.int64) * sample_stride(g.cols) % g.cols
         rows = torch.arange(g.rows, dtype=torch.int64)[:, None] * g.cols + g.start
         index.append((rows + offsets).view(-1))
         counts += [count] * g.rows

@@ -13,7 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from swarmnet.codecs import make_codec
-from swarmnet.codecs.lattice_codec import MAX_CHUNK, LatticeCodec, auto_chunk
+from swarmnet.codecs.lattice_codec import (
+    MAX_CHUNK,
+    STAT_SAMPLES,
+    LatticeCodec,
+    _samples,
+    auto_chunk,
+    sample_stride,
+)
 from swarmnet.errors import CodecError, ConfigError
 
 pytestmark = pytest.mark.timeout(60)
@@ -372,6 +379,30 @@ def test_eps_sees_every_column_of_a_weight_whose_dead_inputs_never_move() -> Non
         enc = codec.encode(x, {"lr": 0.1, "local_steps": 2, "progress": progress, "progress_steps": 2})
     # eps = 0.5 * rms(progress) = 0.5 * 1e-3 * sqrt(7/8) = 4.7e-4 -> 2^-12 (2^-11 is 4.9e-4).
     assert enc.meta["e"] == [-12]
+
+
+@pytest.mark.parametrize("cols", [7, 512, 4096, 3 * 5 * 7 * 64, 1 << 20, MAX_CHUNK])
+def test_a_chunks_samples_are_distinct_and_spread_over_all_of_it(cols) -> None:
+    offsets = np.sort(_samples(2 * cols, cols, torch.device("cpu")).index.numpy()[: min(cols, STAT_SAMPLES)])
+    count = len(offsets)
+    assert len(np.unique(offsets)) == count and math.gcd(sample_stride(cols), cols) == 1
+    gaps = np.diff(np.append(offsets, offsets[0] + cols))  # around the chunk
+    assert gaps.max() <= 3 * cols / count, (gaps.max(), cols / count)
+    if count == STAT_SAMPLES and cols % 64 == 0:  # every column of a layer 64 wide is seen as often
+        assert np.bincount(offsets % 64, minlength=64).min() >= STAT_SAMPLES // 64 - 1
+
+
+def test_the_step_size_of_a_large_chunk_follows_all_of_it() -> None:
+    """A 2^20 chunk (auto-chunked models from about 268M parameters) whose first quarter barely
+    moves: a stride that is small modulo the chunk sampled only its first fifth and took the
+    chunk for still, 13 octaves too fine a step; spread samples see the true RMS."""
+    cols = 1 << 20
+    values = torch.randn(cols, generator=torch.Generator().manual_seed(5))
+    values[: cols // 4] *= 1e-4
+    where = _samples(cols, cols, torch.device("cpu"))
+    measured = float(where.rms(values[where.index])[0])
+    true = float(values.pow(2).mean().sqrt())
+    assert 0.8 < measured / true < 1.25, (measured, true)
 
 
 def test_a_replica_hands_its_steps_move_to_the_codec() -> None:
