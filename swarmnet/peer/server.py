@@ -157,9 +157,10 @@ class PeerServer:
             peer.stats.donations += 1
             return self._donation
         await until_copied(snap.encoded.ready)  # select may read the frames' bytes
-        # Only the first pull of an interaction moves the phase clocks (SPEC 1.2 step 1).
+        meta, frames = peer.codec.select(snap.encoded, msg.body["want"])  # raises on a request it cannot serve
+        # Only the first pull of an interaction moves the phase clocks (SPEC 1.2 step 1), and
+        # only once a reply is built: a refused pull is no interaction.
         clock = peer.clock.serve(msg.body["clock"]) if version is None else peer.clock.value
-        meta, frames = peer.codec.select(snap.encoded, msg.body["want"])
         self._tell_if_oversized(frames)
         return reply(msg, MsgType.SNAPSHOT, peer.id, frames, version=snap.version,
                      codec=peer.codec.name, meta=meta, clock=clock, age=age)

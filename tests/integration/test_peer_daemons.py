@@ -171,6 +171,42 @@ def test_garbage_is_rejected_counted_and_the_peer_keeps_serving(tmp_path, daemon
     assert peer.wait(30) == 0
 
 
+def test_a_pull_the_server_refuses_moves_no_phase_clock(tmp_path, daemons):
+    """SPEC 1.2 step 1: exactly one clock moves per interaction. A pull whose request the codec
+    cannot serve is answered with a reject and is no interaction; a good one moves the server's
+    clock (ours, 5, is ahead of its 0)."""
+    import msgpack
+    import zmq
+
+    config = daemon_config(tmp_path, steps=1_000_000)
+    peer = PeerProcessHandle(tmp_path / "run", "target", config, "--set", "network.min_peers=0",
+                             "--set", "codec.name=lattice")
+    daemons.append(peer)
+    address = peer.card()["addr"]
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 10_000)
+    sock.connect(address)
+
+    def pull(mid, want):
+        sock.send_multipart([msgpack.packb({"v": 1, "t": "pull", "id": "x", "mid": mid, "sizes": [], "clock": 5,
+                                            "want": want, "version": None})])
+        return msgpack.unpackb(sock.recv_multipart()[0])
+
+    try:
+        assert query_status(address)["clock"] == 0  # alone: nobody to pull, nobody pulling
+        refused = pull(1, "not a plan")
+        assert (refused["t"], refused["code"]) == ("reject", "malformed"), refused
+        assert query_status(address)["clock"] == 0
+        served = pull(2, None)
+        assert (served["t"], served["clock"]) == ("snapshot", 0), served  # the value before the move
+        assert query_status(address)["clock"] == 1
+    finally:
+        sock.close(0)
+        ctx.term()
+
+
 def test_a_peer_takes_at_most_one_nudge_per_version(tmp_path, daemons):
     """Symmetric merges: three neighbours nudge the same snapshot version at once; exactly one
     is admitted (two updates against one version average, three would overshoot), the others
