@@ -153,7 +153,8 @@ class Peer:
         self.address = ""
         self.started = time.time()
         self._stop_requested = False
-        self._force = False
+        self._forced = asyncio.Event()
+        """A second stop request: skip every grace period, including one already being waited."""
         self._exchange_task: asyncio.Task[None] | None = None
         self.started_with: frozenset[str] | None = None
         """Ids of the peers alive in the table when this one met its start condition: the swarm
@@ -198,7 +199,7 @@ class Peer:
     def request_stop(self) -> None:
         """Signal handler: first call stops gracefully, the second skips the grace steps."""
         if self._stop_requested:
-            self._force = True
+            self._forced.set()
             self.log.warning("second stop request: skipping the grace period")
         self._stop_requested = True
         if isinstance(getattr(self, "compute", None), ComputeLoop):
@@ -404,11 +405,16 @@ class Peer:
         start no other. The compute side then merges what was acknowledged."""
         self.stats.state = "draining"
         self.inbox.close()
-        if not self._force:
-            with contextlib.suppress(TimeoutError):
-                # an interaction: its pulls and, in symmetric mode, the nudge, each bounded
-                async with asyncio.timeout(self.cfg.network.request_timeout + 2 * self.client.transfer_timeout):
-                    await self.exchange.stop()
+        # The interaction in flight: its pulls and, in symmetric mode, the nudge, each bounded;
+        # a second stop request ends the wait (a scheduler's kill may be close behind it).
+        stopped = asyncio.ensure_future(self.exchange.stop())
+        forced = asyncio.ensure_future(self._forced.wait())
+        try:
+            await asyncio.wait((stopped, forced), timeout=self.cfg.network.request_timeout
+                               + 2 * self.client.transfer_timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            forced.cancel()
         if self._exchange_task is not None:
             self._exchange_task.cancel()
 
@@ -452,14 +458,14 @@ class Peer:
     def _peers_finished(self, until: float) -> bool:
         """Whether to stop waiting on the others: all live peers finished, ``until`` passed, or
         a stop was requested."""
-        if self._force or self._stop_requested or time.monotonic() >= until:
+        if self._stop_requested or time.monotonic() >= until:
             return True
         return all(r.done for r in self.table.alive())
 
     async def _say_goodbye(self) -> None:
         bye = [self.client.call(r.addr, request(MsgType.BYE, self.id), timeout=0.5, expect=MsgType.ACK)
                for r in self.table.alive()]
-        if bye and not self._force:
+        if bye and not self._forced.is_set():
             await asyncio.gather(*bye, return_exceptions=True)
         else:
             for coro in bye:

@@ -1,6 +1,8 @@
 """`swarmnet peer` daemons started by hand: seeds, gossip, status, two hosts in namespaces."""
 
+import os
 import signal
+import time
 
 import pytest
 
@@ -205,6 +207,39 @@ def test_a_pull_the_server_refuses_moves_no_phase_clock(tmp_path, daemons):
     finally:
         sock.close(0)
         ctx.term()
+
+
+def test_a_second_stop_request_ends_the_wait_for_a_pull_in_flight(tmp_path, daemons):
+    """The first SIGTERM lets the interaction in flight finish, bounded by its deadlines (here a
+    pull from a frozen neighbour: 30 s and more); the second, which a scheduler sends shortly
+    before its kill, must end that wait, and the peer still writes its checkpoint and summary."""
+    config = write_config(tmp_path / "s.toml", {
+        "run": {"peers": 2},
+        "task": {"spec": "swarmnet.tasks.lsq:task"},
+        "train": {"batch_size": 1, "lr": 0.01, "steps": 10**9, "checkpoint_every": 0.0},
+        "network": {"request_timeout": 30.0, "dead_after": 120.0, "failure_backoff": 0.05, "min_peers": 1},
+    })
+    run = tmp_path / "run"
+    a = PeerProcessHandle(run, "a", config)
+    daemons.append(a)
+    b = PeerProcessHandle(run, "b", config, "--seed", a.card()["addr"])
+    daemons.append(b)
+    address, frozen = a.card()["addr"], b.card()["pid"]
+    wait_until(lambda: query_status(address)["pulls_ok"] > 3, 60, what="a pulling from b")
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        time.sleep(1.0)  # a's next pull goes to b and waits for its deadline
+        a.signal(signal.SIGTERM)
+        time.sleep(2.0)
+        assert a.proc.poll() is None, a.log()  # draining: the pull in flight is still bounded by 30 s
+        forced = time.monotonic()
+        a.signal(signal.SIGTERM)
+        assert a.wait(15) == 0, a.log()
+        assert time.monotonic() - forced < 10, a.log()
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+    assert a.summary()["reason"] == "stopped" and (run / "a" / "checkpoint.pt").exists()
+    assert "second stop request" in (run / "a.log").read_text()
 
 
 def test_a_peer_takes_at_most_one_nudge_per_version(tmp_path, daemons):
