@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -192,6 +193,8 @@ def _validated(header: dict[str, Any], frames: Sequence[Buffer], limits: Limits)
         raise ProtocolError("size_mismatch", f"{mtype}: header declares frame sizes {sizes[:8]}, got {payload[:8]}")
     if mtype in (MsgType.HELLO, MsgType.PEERS):
         _check_cards(header, mtype)
+    if mtype is MsgType.SNAPSHOT and not 0 <= header["age"] < math.inf:  # NaN fails too
+        raise ProtocolError("malformed", f"{mtype}: field 'age' must be seconds >= 0, got {header['age']!r:.40}")
     answers = header.get("re", 0)
     if type(answers) is not int or answers < 0:
         raise ProtocolError("malformed", f"{mtype}: field 're' must be an integer >= 0, got {answers!r:.40}")

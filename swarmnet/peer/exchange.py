@@ -115,12 +115,14 @@ class Exchange:
             last = time.monotonic()
             self._idle.clear()
             try:
-                await self.interact(target)
-                took = time.monotonic() - last
-                self.pull_seconds = took if self.pull_seconds == 0 else 0.8 * self.pull_seconds + 0.2 * took
+                if await self.interact(target):
+                    took = time.monotonic() - last
+                    self.pull_seconds = took if self.pull_seconds == 0 else 0.8 * self.pull_seconds + 0.2 * took
             except Rejected as exc:
                 self.peer.stats.pulls_failed += 1
-                if exc.code not in (RejectCode.NOT_READY, RejectCode.BUSY):  # busy or starting is not faulty
+                # Busy, starting, or no longer holding a version we were still reading (it
+                # published several since) is not faulty.
+                if exc.code not in (RejectCode.NOT_READY, RejectCode.BUSY, RejectCode.GONE):
                     self.peer.table.record_failure(target.id)
                     # What we knew of its snapshots may be what it refused (a plan for a chunk
                     # layout it no longer has): start afresh with it.
@@ -166,13 +168,15 @@ class Exchange:
 
     # -- one interaction ----------------------------------------------------------------------
 
-    async def interact(self, target: PeerRecord) -> None:
+    async def interact(self, target: PeerRecord) -> bool:
+        """One interaction with ``target``; False when none took place (a nudge admitted
+        meanwhile was not applied before the deadline, or we are stopping)."""
         peer = self.peer
         own = peer.store.latest()
         deadline = time.monotonic() + peer.cfg.network.request_timeout
         while own is not None and not peer.gate.may_key_on(own):  # a nudge is on its way in (symmetric)
             if time.monotonic() > deadline or self._stopping.is_set():
-                return
+                return False
             await asyncio.sleep(0.001)
             own = peer.store.latest()
         assert own is not None, "run() checks that a snapshot was published"
@@ -182,6 +186,7 @@ class Exchange:
         except BaseException:
             peer.gate.end_own()
             raise
+        return True
 
     async def _interact(self, target: PeerRecord, own: Snapshot) -> None:
         peer = self.peer

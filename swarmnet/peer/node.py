@@ -63,8 +63,8 @@ from swarmnet.wire import Limits, MsgType, fit_cards, request
 REPLY_HEADER_SLACK = 1024
 """Bytes of a snapshot reply's header besides the codec's meta (type, ids, version, clock, age,
 frame sizes), with room to spare."""
-FINISHED = ("settling", "done")
-"""States of a peer whose budget is spent: its card says ``done`` (it no longer steps)."""
+FINISHED = ("settling", "draining", "done")
+"""States of a peer that no longer steps (its budget spent, or stopped): its card says ``done``."""
 FINISHED_WELL = ("budget", "stopped")
 """Why a run may end with exit status 0 (its final checkpoint and summary written)."""
 

@@ -68,6 +68,8 @@ def test_round_trip_with_payload_frames():
         ([header(id=5)], "malformed"),
         ([header(re=float("inf"))], "malformed"),
         ([header(re="7")], "malformed"),
+        *[([header(t="snapshot", version=1, codec="fp32", meta={}, age=age)], "malformed")
+          for age in (float("nan"), float("inf"), -1.0)],  # would poison the staleness average
         ([b"x" * 70000], "oversized"),
         ([header(version=True)], "malformed"),
         ([header(sizes=[True]), b"x"], "malformed"),
