@@ -575,6 +575,7 @@ def _check_address(key: str, url: str, example: str, *, lowest_port: int = 1) ->
     too_long = ipc_path_error(url)
     _require(too_long is None, key, f"{too_long}; use a shorter path")
     if url.startswith("tcp://"):
+        _require(bool(urlsplit(url).hostname), key, f"{url!r} names no host; e.g. {example}")
         try:
             port = urlsplit(url).port
         except ValueError:

@@ -66,8 +66,12 @@ def size_kernel_buffers(sock: zmq.Socket[Any]) -> None:
     sock.setsockopt(zmq.RCVBUF, 4 * 1024 * 1024)
 
 
-def _configure(sock: zmq.asyncio.Socket, max_frame_bytes: int) -> None:
+def _configure(sock: zmq.asyncio.Socket, max_frame_bytes: int, url: str) -> None:
+    """``url``: where the socket binds or dials. IPv6 only for an IPv6 literal (tcp://[::1]:P):
+    with it on, an IPv4 listener reports itself as tcp://[::ffff:127.0.0.1]:P."""
     sock.setsockopt(zmq.LINGER, 0)
+    if "://[" in url:
+        sock.setsockopt(zmq.IPV6, 1)
     sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
     size_kernel_buffers(sock)
 
@@ -362,7 +366,7 @@ class ZmqConnection(Connection):
             if self._refusal:
                 raise TransportError(self._refusal)
             sock = self._ctx.socket(zmq.DEALER)
-            _configure(sock, self._max)
+            _configure(sock, self._max, self._dial)
             # Queue nothing for a peer that is not connected: a dead peer costs a timeout,
             # never a pile of buffered snapshots.
             sock.setsockopt(zmq.IMMEDIATE, 1)
@@ -515,7 +519,7 @@ class ZmqTransport(Transport):
             refuse_inproc(url)
             url, _ = split_address(url)
         sock = self._ctx.socket(zmq.ROUTER)
-        _configure(sock, max_frame_bytes)
+        _configure(sock, max_frame_bytes, url)
         sock.setsockopt(zmq.SNDHWM, LISTENER_HWM)
         sock.setsockopt(zmq.RCVHWM, LISTENER_HWM)
         if curve is not None:

@@ -44,6 +44,33 @@ async def test_round_trip_large_payload_and_advertised_address(url):
     await transports.aclose()
 
 
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
+@pytest.mark.parametrize("bind", ["tcp://[::1]:0", "tcp://[::]:0"])
+async def test_ipv6_addresses_bind_and_dial(bind):
+    """IPv6 literals work both ways; an IPv4 listener still reports a plain IPv4 address (with
+    ZeroMQ's IPv6 option on, it would say tcp://[::ffff:127.0.0.1]:P)."""
+    transports = TransportSet()
+    transport = transports.for_url(bind)
+    listener = await transport.listen(bind)
+    server = asyncio.create_task(echo(listener))
+    port = listener.address.rsplit(":", 1)[1]
+    reply = await transport.connect(f"tcp://[::1]:{port}").request([b"a", b"b"], timeout=5)
+    assert [bytes(f) for f in reply] == [b"b", b"a"]
+    v4 = await transport.listen("tcp://127.0.0.1:0")
+    assert v4.address.startswith("tcp://127.0.0.1:"), v4.address
+    server.cancel()
+    await transports.aclose()
+
+
 async def test_timeout_then_recovery_and_no_stale_reply(url):
     transports = TransportSet()
     transport = transports.for_url(url)
