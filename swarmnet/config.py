@@ -42,6 +42,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         _require(bool(self.dir.strip()), "dir", "must name a directory, e.g. runs/default")
         _require(self.peers >= 1, "peers", "must be >= 1")
+        _require(0 <= self.seed < 2**32, "seed", "must be in 0..4294967295 (torch and numpy seeds are 32 or 64 bits)")
         _require(self.init in ("shared", "independent"), "init", "must be 'shared' or 'independent'")
 
 

@@ -32,7 +32,7 @@ def make_codec(name: str, **params: Any) -> Codec:
         ) from None
     try:
         return cls(**params)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:  # an unknown parameter, or a value a library refuses (a seed < 0)
         raise ConfigError(f"codec {name!r}: bad parameters {params}: {exc}") from None
 
 

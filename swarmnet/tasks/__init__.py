@@ -15,7 +15,7 @@ import importlib
 import inspect
 import traceback
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import Tensor, nn
@@ -74,11 +74,22 @@ def import_factory(spec: str, form: str = "must be 'module:function', e.g. swarm
 
 
 def load_task(spec: str, options: Mapping[str, Any] | None = None) -> Task:
-    """Import ``module:function`` and call it with ``options``."""
-    task = call_factory(spec, import_factory(spec), dict(options or {}))
+    """Import ``module:function`` and call it with ``options``. The task's ``build_model``
+    raises a ConfigError naming the options when it fails (a negative width, say), where the
+    model is built: in every peer, and in the tools that rebuild it."""
+    options = dict(options or {})
+    task = call_factory(spec, import_factory(spec), options)
     if not isinstance(task, Task):
         raise ConfigError(f"task {spec!r} returned {type(task).__name__}, expected swarmnet.tasks.Task")
-    return task
+    build = task.build_model
+
+    def build_model() -> nn.Module:
+        try:
+            return build()
+        except Exception as exc:
+            raise ConfigError(f"task {spec!r} with task.options {options}: building the model failed: "
+                              f"{_what_failed(exc)}; fix the task or its options") from None
+    return replace(task, build_model=build_model)
 
 
 def call_factory(spec: str, factory: Callable[..., Any], options: Mapping[str, Any], *,

@@ -27,6 +27,13 @@ def test_a_bad_task_option_is_a_config_error_that_names_it(spec, options, messag
         load_task(spec, options)
 
 
+def test_a_model_that_cannot_be_built_from_the_options_is_a_config_error_that_names_them():
+    task = load_task("swarmnet.tasks.digits:task", {"hidden": -5})  # the factory does not look at it
+    with pytest.raises(ConfigError, match=r"task.options \{'hidden': -5\}: building the model failed: "
+                                          r"RuntimeError: .*negative dimension"):
+        task.build_model()
+
+
 def test_an_int_where_a_float_is_expected_is_fine():
     assert load_task("swarmnet.tasks.lsq:task", {"noise": 2, "samples": 64}).num_samples == 64
 
