@@ -117,7 +117,8 @@ def _cells(row: PeerStatus, now: float) -> list[RenderableType]:
     age = row.last_seen_age(now)
     seen = "never" if age is None else fmt_age(age)
     return [
-        row.name, row.host or "-", row.device or "-", state, str(row.step), str(row.clock), fmt_float(row.loss),
+        # Text: what a peer says about itself is shown as it is, never read as rich markup
+        Text(row.name), Text(row.host or "-"), Text(row.device or "-"), state, str(row.step), str(row.clock), fmt_float(row.loss),
         fmt_float(row.lr, 3), fmt_float(rates.interactions, 3) if rates else "-",
         fmt_bytes(rates.bytes_in if rates else None), fmt_bytes(rates.bytes_out if rates else None),
         f"{fmt_float(row.staleness_s, 2)}s" if math.isfinite(row.staleness_s) else "-", seen,

@@ -110,3 +110,11 @@ def test_a_narrow_terminal_leaves_columns_out_instead_of_cutting_numbers() -> No
     assert {"peer", "state", "step", "loss", "inter/s", "in/s", "out/s"} <= set(header(narrow)) < set(header(wide))
     for row in rows:  # every peer's name and step in full
         assert any(line.split()[0] == row.name and str(row.step) in line.split() for line in narrow.splitlines())
+
+
+def test_what_a_peer_says_about_itself_is_shown_as_it_is_not_as_markup() -> None:
+    """Without [security] anyone can gossip a card; its name must not restyle or break the screen."""
+    addr = "tcp://127.0.0.1:7100"
+    status = fake_status(0, addr) | {"name": "evil[/bold]", "host": "[red]node", "device": "[link=x]cpu"}
+    text = screen(render(SwarmSnapshot(taken_at=1.0, peers=(PeerStatus.from_reply(status, addr=addr, now=1.0),))))
+    assert "evil[/bold]" in text and "[red]node" in text and "[link=x]cpu" in text
