@@ -3,11 +3,17 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# A CPU machine gets the CPU build from the local wheel cache; a GPU machine gets the CUDA build.
+# A GPU machine gets the CUDA build; a CPU machine the CPU build, from a local wheel where pip's
+# find-links hold one, else from PyTorch's CPU index.
 TORCH_PIN ?= torch==2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 # Where a GPU answers, a local cache's CPU-only wheel (torch 2.13.0+cpu ranks above PyPI's
 # 2.13.0, the CUDA build for Linux) must not be taken: torch then comes from the index alone.
-TORCH_ENV := $(shell nvidia-smi -L >/dev/null 2>&1 && echo PIP_FIND_LINKS=)
+# Where none answers and no local wheel is found, PyPI's Linux build would be the CUDA one
+# (several GB): the CPU index's 2.13.0+cpu ranks above it the same way.
+TORCH_ENV := $(shell nvidia-smi -L >/dev/null 2>&1 && echo PIP_FIND_LINKS= \
+	|| $(PYTHON) -m pip install -q --dry-run --no-deps --no-index "$(TORCH_PIN)" >/dev/null 2>&1 \
+	|| echo PIP_EXTRA_INDEX_URL=$(TORCH_CPU_INDEX))
 
 .PHONY: quickstart test gpu-check venv clean
 
