@@ -260,6 +260,14 @@ def launch(plan: LaunchPlan, *, summary_path: Path | None = None, console: Conso
 
 def check_summary_path(path: Path) -> None:
     """Refuse a --summary path that cannot be written before the run, not after it."""
+    try:
+        _check_summary_path(path)
+    except OSError as exc:  # a folder on the way that we may not look into (EACCES)
+        raise ConfigError(f"--summary {path}: cannot look at {exc.filename or path} ({exc.strerror or exc}); "
+                          "choose a writable path") from None
+
+
+def _check_summary_path(path: Path) -> None:
     if path.is_dir():
         raise ConfigError(f"--summary {path}: is a directory; name a file, e.g. {path / 'summary.json'}")
     existing = next(p for p in path.absolute().parents if p.exists())  # the rest is made at the end

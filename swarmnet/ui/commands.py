@@ -52,8 +52,11 @@ def _stdout_for_the_document(json_: bool) -> Iterator[TextIO]:
 
 def require_run_dir(path: Path, flag: str = "") -> None:
     """Exit naming ``path`` (given as ``flag``) when it is not an existing directory."""
-    if not path.is_dir():
-        _fail(f"{flag}{path}: {'not a directory' if path.exists() else 'no such directory'}; pass a run directory")
+    try:
+        if not path.is_dir():
+            _fail(f"{flag}{path}: {'not a directory' if path.exists() else 'no such directory'}; pass a run directory")
+    except OSError as exc:  # a folder on the way that we may not look into (EACCES)
+        _fail(f"{flag}{path}: cannot look at it ({exc.strerror or exc}); pass a run directory you may read")
 
 
 def _fail(message: str, code: int = 2) -> None:

@@ -20,9 +20,9 @@ FIX = ("start with --fresh (under swarmnet up: without --no-fresh), or use anoth
        "the run was made with")
 
 
-def swarmnet(*args, timeout=120):
+def swarmnet(*args, timeout=120, prefix=()):
     """Run the CLI to its end; its output (logs included) as one text."""
-    result = subprocess.run([sys.executable, "-m", "swarmnet", *args], stdout=subprocess.PIPE,
+    result = subprocess.run([*prefix, sys.executable, "-m", "swarmnet", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     return result.returncode, result.stdout
 
@@ -103,6 +103,30 @@ def test_up_refuses_a_summary_path_it_cannot_write_before_the_run(tmp_path, a_fi
         assert code == 2, out
         assert f"--summary {path}: {why}" in out and "Traceback" not in out, out
         assert not (tmp_path / "run").exists()  # refused before any peer started
+
+
+def test_a_path_under_a_folder_it_may_not_look_into_is_refused_with_the_fix(tmp_path):
+    """EACCES on the way to --summary or --run-dir: an error naming the path, not a traceback.
+    Root ignores permission bits, so as root the CLI runs without the capabilities that do."""
+    locked = tmp_path / "locked"
+    (locked / "sub").mkdir(parents=True)
+    prefix = ()
+    if os.geteuid() == 0:
+        os.chown(locked, 65534, 65534)  # nobody's, where root without its overrides may not look
+        prefix = ("setpriv", "--bounding-set=-dac_override,-dac_read_search",
+                  "--inh-caps=-dac_override,-dac_read_search", "--")
+        if subprocess.run([*prefix, "true"], capture_output=True).returncode != 0:
+            pytest.skip("setpriv cannot drop root's file-permission overrides here")
+    locked.chmod(0o700)
+    try:
+        code, out = swarmnet("up", "--config", str(config(tmp_path)), "--run-dir", str(tmp_path / "run"),
+                             "--summary", str(locked / "sub" / "summary.json"), prefix=prefix)
+        assert code == 2 and "cannot look at" in out and "choose a writable path" in out, out
+        assert "Traceback" not in out and not (tmp_path / "run").exists(), out
+        code, out = swarmnet("status", "--run-dir", str(locked / "sub"), "--once", prefix=prefix)
+        assert code == 2 and "cannot look at it" in out and "Traceback" not in out, out
+    finally:
+        locked.chmod(0o755)
 
 
 def test_resume_refuses_the_checkpoint_of_another_task_and_keeps_it(tmp_path):
