@@ -15,9 +15,9 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from swarmnet.peer.client import PeerClient
+from swarmnet.peer.membership import read_seed_card
 from swarmnet.peer.stats import PeerStats
 from swarmnet.security import CurveKeys
 from swarmnet.transport import TransportSet
@@ -52,14 +52,7 @@ def names_from_run_dir(run_dir: Path) -> dict[str, str]:
 
 def resolve_seed(seed: str) -> str | None:
     """A dialable address for ``seed``; ``file://`` seeds name a card.json (None if unreadable)."""
-    if seed.startswith("file://"):
-        return _card_addr(Path(urlparse(seed).path))
-    return seed
-
-
-def _card_addr(path: Path) -> str | None:
-    card = _read_card(path)
-    return str(card["addr"]) if card and card.get("addr") else None
+    return read_seed_card(seed) if seed.startswith("file://") else seed  # as peers read them
 
 
 def _read_card(path: Path) -> dict[str, Any] | None:

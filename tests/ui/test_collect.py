@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from swarmnet.peer.membership import read_seed_card
 from swarmnet.transport import TransportSet
-from swarmnet.ui.collect import StatusCollector, seeds_from_run_dir
+from swarmnet.ui.collect import StatusCollector, resolve_seed, seeds_from_run_dir
 from swarmnet.wire import MsgType, decode, encode, reply
 from tests.ui.conftest import fake_status
 
@@ -146,3 +147,15 @@ def test_status_command_refuses_seeds_it_cannot_use(tmp_path: Path) -> None:
     for path, why in ((tmp_path / "afile", "not a directory"), (tmp_path / "nowhere", "no such directory")):
         refused = runner.invoke(app, ["status", "--run-dir", str(path)])
         assert refused.exit_code == 2 and f"{path}: {why}" in refused.output, refused.output
+
+
+def test_file_seeds_are_read_as_peers_read_them(tmp_path, monkeypatch) -> None:
+    """`swarmnet up --run-dir 'runs/a#1'` hands its peers file:// seeds of that path; status and
+    eval, given the same seeds, must find the same cards (a relative path included)."""
+    card = tmp_path / "runs" / "a#1" / "peer0" / "card.json"
+    card.parent.mkdir(parents=True)
+    card.write_text(json.dumps({"addr": "tcp://127.0.0.1:7100"}))
+    monkeypatch.chdir(tmp_path)
+    for seed in (f"file://{card}", "file://runs/a#1/peer0/card.json"):
+        assert resolve_seed(seed) == read_seed_card(seed) == "tcp://127.0.0.1:7100", seed
+    assert resolve_seed("tcp://10.0.0.1:7000") == "tcp://10.0.0.1:7000"
