@@ -321,9 +321,10 @@ class SecurityConfig:
 
     def __post_init__(self) -> None:
         _require(self.mode in SECURITY_MODES, "mode", f"must be one of {', '.join(SECURITY_MODES)}")
-        if self.mode == "none":
-            _require(not self.key and not self.allow, "mode",
-                     "is 'none' but key/allow are set; set mode = 'swarm-key' or 'allow-list'")
+        if self.mode == "none":  # named by the key given, so the message names where it was given
+            for key in ("key", "allow"):
+                _require(not getattr(self, key), key, "is set but security.mode is 'none'; set security.mode = "
+                         "'swarm-key' or 'allow-list' in the config, or leave it out")
             return
         _require(bool(self.key), "key", f"mode '{self.mode}' needs this peer's secret key file; "
                  "create one with `swarmnet keys generate --out keys --name NAME`")

@@ -186,6 +186,8 @@ def test_cli_reports_config_errors_with_exit_status_2(tmp_path):
         (["peer", "--listen", "tcp://127.0.0.1:99999"], "--listen: network.listen: 'tcp://127.0.0.1:99999' needs a port"),
         (["peer", "--seed", "tcp://127.0.0.1"], "--seed: network.seeds:"),
         (["peer", "--advertise", "foo"], "--advertise: network.advertise: 'foo' must be a URL"),
+        (["peer", "--listen", "tcp://:7000"], "--listen: network.listen: 'tcp://:7000' names no host"),
+        (["peer", "--key", "/x"], "--key: security.key: is set but security.mode is 'none'"),
     ],
 )
 def test_cli_refuses_bad_flags_and_names_them(args, message):

@@ -126,7 +126,7 @@ def _config(tmp_path, body):
     ('mode = "allow-list"\nkey = "{secret}"', "security.allow: mode 'allow-list' needs a directory"),
     ('mode = "allow-list"\nkey = "{secret}"\nallow = "nowhere"', "security.allow: 'nowhere' does not exist"),
     ('mode = "swarm-key"\nkey = "{secret}"\nallow = "{secret}"', "security.allow: only applies to mode = 'allow-list'"),
-    ('key = "{secret}"', "security.mode: is 'none' but key/allow are set"),
+    ('key = "{secret}"', "security.key: is set but security.mode is 'none'"),
     ('mode = "swarm-key"\nkee = "x"', "unknown key 'security.kee' in [security]; did you mean 'security.key'?"),
 ])
 def test_bad_security_sections_name_file_key_and_fix(tmp_path, body, fragment):
