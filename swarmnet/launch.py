@@ -19,6 +19,7 @@ import ctypes
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -130,7 +131,38 @@ class LaunchPlan:
                     (run_dir / p.name / name).unlink(missing_ok=True)
             except OSError as exc:
                 raise unwritable_run_dir(run_dir / p.name, exc) from None
+        if fresh:
+            set_aside_other_peers(run_dir, {p.name for p in peers})
         return plan
+
+
+EARLIER = ".earlier"
+"""Where a fresh run puts the folders of an earlier run's peers it does not launch."""
+
+
+def set_aside_other_peers(run_dir: Path, launched: set[str]) -> None:
+    """Move the folders of peers of an earlier run in ``run_dir`` that this run does not launch
+    (it has fewer peers, or other names) to ``run_dir/.earlier/``: left in place, their cards
+    and metrics would pass for this run's in `swarmnet status` and `swarmnet plot`. Moved, not
+    deleted (checkpoints included); a folder a running peer holds stays where it is."""
+    for card in sorted([*run_dir.glob("*/card.json"), *run_dir.glob("*/metrics.jsonl")]):
+        folder = card.parent
+        if folder.name in launched or folder.name == EARLIER or not folder.exists():
+            continue
+        try:
+            check_free(folder)
+        except ConfigError:
+            log.warning("%s belongs to a peer that is running, not one of this run's: left where it is", folder)
+            continue
+        target = run_dir / EARLIER / folder.name
+        try:
+            target.parent.mkdir(exist_ok=True)
+            if target.exists():
+                shutil.rmtree(target)  # an even earlier run's: two generations are not kept
+            folder.rename(target)
+        except OSError as exc:
+            raise unwritable_run_dir(folder, exc) from None
+        log.info("%s is from an earlier run and is not launched now: moved to %s", folder, target)
 
 
 def _listen(transport: str, run_dir: Path, name: str) -> str:

@@ -42,3 +42,32 @@ def test_ipc_sockets_under_a_run_dir_too_deep_for_them_are_refused_before_any_st
     with pytest.raises(ConfigError, match=r"over the 107 a Unix socket allows; use a shorter --run-dir, or --transport tcp"):
         LaunchPlan.build(cfg, config_path=None, overrides={"run.dir": str(deep)}, manifests=None, transport="ipc",
                          fresh=True, log_level="WARNING")
+
+
+def test_a_fresh_run_sets_aside_the_folders_of_earlier_peers_it_does_not_launch(tmp_path):
+    """An earlier run of 4 peers, then 2: peer2's card and metrics left in place would pass for
+    this run's in `status` and `plot`. Moved aside, checkpoint and all; peer3, which a running
+    process holds, is left where it is."""
+    from swarmnet.peer.claim import DirectoryClaim
+    from swarmnet.ui.collect import seeds_from_run_dir
+
+    run = tmp_path / "run"
+    for i in range(4):
+        (run / f"peer{i}").mkdir(parents=True)
+        for name in ("card.json", "metrics.jsonl", "checkpoint.pt"):
+            (run / f"peer{i}" / name).write_text('{"addr": "tcp://127.0.0.1:9"}' if name == "card.json" else name)
+    held = DirectoryClaim(run / "peer3", logging.getLogger("test"))
+    try:
+        plan(tmp_path, {"task.spec": "swarmnet.tasks.lsq:task", "run.peers": 2})
+    finally:
+        held.release()
+    assert not (run / "peer2").exists()
+    assert (run / ".earlier" / "peer2" / "checkpoint.pt").read_text() == "checkpoint.pt"
+    assert (run / "peer3" / "card.json").exists()  # in use: not ours to move
+    assert not any((run / f"peer{i}" / "card.json").exists() for i in (0, 1))  # the launched ones start afresh
+    assert seeds_from_run_dir(run) == ["tcp://127.0.0.1:9"]  # peer3's only
+    (run / "peer2").mkdir()
+    (run / "peer2" / "metrics.jsonl").write_text("again")
+    plan(tmp_path, {"task.spec": "swarmnet.tasks.lsq:task", "run.peers": 2})  # an older one there is replaced
+    assert (run / ".earlier" / "peer2" / "metrics.jsonl").read_text() == "again"
+    assert not (run / "peer3").exists()
