@@ -197,6 +197,8 @@ def eval_(
         fail("give --seed ADDRESS or --run-dir DIR")
     if peers < 0 or bn_batches < 0:
         fail("--peers and --bn-batches must be >= 0")
+    if not 0 < timeout < math.inf:
+        fail("--timeout must be a number of seconds > 0")
     if run_dir is not None:
         from swarmnet.ui.commands import require_run_dir
 

@@ -249,8 +249,8 @@ class NetworkConfig:
         _require(self.min_peers >= 0, "min_peers", "must be >= 0")
         _require(self.max_concurrent_requests >= 1, "max_concurrent_requests", "must be >= 1")
         _require(1024 <= self.max_header_bytes <= 2**24, "max_header_bytes", "must be in [1 KiB, 16 MiB]")
-        _require(self.max_message_bytes == 0 or self.max_message_bytes >= 1024, "max_message_bytes",
-                 "must be 0 (auto: room for any snapshot of the model) or a number of bytes >= 1024")
+        _require(self.max_message_bytes == 0 or 1024 <= self.max_message_bytes < 2**63, "max_message_bytes",
+                 "must be 0 (auto: room for any snapshot of the model) or a number of bytes in 1024..2^63-1")
         _require(_above(self.min_transfer_rate, 0), "min_transfer_rate", "must be a finite number of bytes per second > 0")
 
     def frame_limit(self, n: int) -> int:

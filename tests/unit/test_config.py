@@ -188,6 +188,8 @@ def test_cli_reports_config_errors_with_exit_status_2(tmp_path):
         (["peer", "--advertise", "foo"], "--advertise: network.advertise: 'foo' must be a URL"),
         (["peer", "--listen", "tcp://:7000"], "--listen: network.listen: 'tcp://:7000' names no host"),
         (["peer", "--key", "/x"], "--key: security.key: is set but security.mode is 'none'"),
+        (["peer", "--set", "network.max_message_bytes=99999999999999999999"], "network.max_message_bytes: must be 0"),
+        (["eval", "--seed", "tcp://127.0.0.1:1", "--timeout", "0"], "--timeout must be a number of seconds > 0"),
     ],
 )
 def test_cli_refuses_bad_flags_and_names_them(args, message):
