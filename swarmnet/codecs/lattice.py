@@ -56,6 +56,7 @@ from swarmnet.codecs.rounding import ONE, RandomBits, round_with_offsets, seeded
 from swarmnet.codecs.workspace import scratch
 
 __all__ = [
+    "OutOfRange",
     "bits_for_bound",
     "bits_needed",
     "chunk_hashes",
@@ -71,6 +72,13 @@ __all__ = [
     "random_offsets",
     "to_planes",
 ]
+
+
+
+class OutOfRange(ValueError):
+    """Values too large for the lattice's integer coordinates at this step, or not finite (a
+    diverged model)."""
+
 
 INT32_SAFE = (1 << 30) - 2
 """Largest |x/eps| whose coordinates k stay int32 with b_full <= 31 (SPEC 4 item 10)."""
@@ -136,14 +144,14 @@ def quantize(
 
     Returns:
         k (``out`` if given), int32 when max|x/eps| < 2^30 - 2, else int64.
-        Raises ValueError when max|x/eps| is not below 2^46 or not finite.
+        Raises OutOfRange (a ValueError) when max|x/eps| is not below 2^46 or not finite.
     """
     scale = _as_scale(eps, x).reciprocal().mul_(ONE)
     scaled = torch.mul(x, scale, out=work)
     if bound is None:
         bound = float(torch.maximum(scaled.amax(), scaled.amin().neg())) / ONE if x.numel() else 0.0  # CPU<->GPU sync point
     if not bound < INT64_SAFE:  # also catches NaN
-        raise ValueError(f"|x/eps| = {bound} is not below 2^46 (or not finite)")
+        raise OutOfRange(f"|x/eps| = {bound} is not below 2^46 (or not finite)")
     dtype = out.dtype if out is not None else torch.int32 if bound < INT32_SAFE else torch.int64
     if dtype == torch.int32 and not bound < INT32_SAFE:
         raise ValueError(f"|x/eps| = {bound} needs int64 coordinates")

@@ -30,6 +30,7 @@ import torch
 
 from swarmnet.algorithms.local_steps import LocalSteps
 from swarmnet.algorithms.topology import parse_topology
+from swarmnet.codecs import lattice
 from swarmnet.config import check_device
 from swarmnet.errors import ConfigError
 from swarmnet.sim import output
@@ -208,7 +209,12 @@ def run_simulation(config: SimConfig) -> SimResult:
                 target = draws * k // config.records
                 if target == done:
                     continue  # more records asked than the run has draws: one point per draw
-                engine.advance(target - done)
+                try:
+                    engine.advance(target - done)
+                except lattice.OutOfRange:  # models too large or not finite to quantize: diverged
+                    curve.append(_with_nodes({**curve[-1], "loss_node": math.nan, "loss_mean": math.nan}, nodes))
+                    draws = done  # the summary's figures stop where the run did
+                    break
                 curve.append(_with_nodes(engine.observe(), nodes))
                 if bar:
                     bar.advance(overall, target - done)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,17 @@ def test_naive_flag_gives_the_same_curves() -> None:
     fast = run_simulation(SimConfig(**common)).runs[0]  # type: ignore[arg-type]
     slow = run_simulation(SimConfig(naive=True, **common)).runs[0]  # type: ignore[arg-type]
     assert fast.curve == slow.curve
+
+
+def test_a_lattice_run_that_diverges_ends_there_with_a_nan_loss(tmp_path: Path) -> None:
+    """Its models grow past what the lattice's integers hold (or turn non-finite); the run stops
+    there with a non-finite loss, which the summary reports as divergence, and the files of the
+    sweep are still written."""
+    config = SimConfig(task="lsq", task_options={"dim": 4}, algorithm="swarmsgd", nodes=(8,), codec="lattice",
+                       interactions_per_node=200, lr=50.0, records=200, out=tmp_path, progress=False)
+    run = run_simulation(config).run("swarmsgd", 8)
+    assert math.isnan(run.final()["loss_node"]) and 0 < run.draws < total_draws("swarmsgd", 8, 200)
+    assert (tmp_path / "lsq-swarmsgd-n8.csv").exists()
 
 
 def test_custom_module_function_task() -> None:
