@@ -259,6 +259,8 @@ def _check_key(key: bytes, where: str, forms: str = "40 Z85 characters") -> byte
     except (ValueError, KeyError, IndexError, struct.error):
         ok = False
     if not ok:
+        if where.endswith("secret-key"):  # a secret nearly right is still a secret: never into a log
+            raise ConfigError(f"{where}: {len(key)} characters, not a CURVE key ({forms}); {KEYGEN_HINT}")
         shown = key[:72].decode(errors="replace")
         raise ConfigError(f"{where}: {shown!r} is not a CURVE key ({forms}); {KEYGEN_HINT}")
     return key
@@ -305,6 +307,11 @@ def exposure_warning(listen: str, secured: bool) -> str | None:
     scheme, sep, _ = listen.partition("://")
     if not sep or scheme in ("ipc", "inproc"):
         return None
+    if scheme == "ucx":  # UCX takes a port only: its listener is open on every interface
+        return (f"listening on {listen}: UCX listens on all interfaces whatever the host, and it cannot "
+                "authenticate: anyone who can reach this port can pull the model, push updates into it, join "
+                "the swarm and read its status. Run UCX swarms only on a network you trust, or use tcp:// "
+                "with [security] (docs/operations.md, Security)")
     host = url_host(listen)
     if host in ("localhost", "lo"):
         return None

@@ -28,6 +28,7 @@ import contextlib
 import errno
 import itertools
 import logging
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -91,14 +92,27 @@ class _KeyPolicy:
         self.refused: set[bytes] = set()
 
     def callback(self, domain: str, client_key: bytes) -> bool:
-        if self.curve.admits(client_key):
-            return True
-        if client_key not in self.refused and len(self.refused) < 1024:
-            self.refused.add(client_key)  # log each stranger once, not every reconnect
-            log.warning("%s refused a client with unknown key %s (hex %s)", self.address, client_key.decode(),
-                        z85.decode(client_key).hex())
-        if self.curve.on_refused is not None:
-            self.curve.on_refused(client_key)
+        """Runs in the ZAP thread, which an exception would end for every listener of the
+        process (their handshakes then stall): anything unexpected refuses this client only."""
+        try:
+            if self.curve.admits(client_key):
+                return True
+            if client_key not in self.refused and len(self.refused) < 1024:
+                self.refused.add(client_key)  # log each stranger once, not every reconnect
+                log.warning("%s refused a client with unknown key %s (hex %s)", self.address, client_key.decode(),
+                            z85.decode(client_key).hex())
+            if self.curve.on_refused is not None:
+                self.curve.on_refused(client_key)
+        except Exception:
+            log.exception("%s: checking a client's key failed; the client is refused", self.address)
+        return False
+
+
+class _RefuseAll:
+    """The ZAP provider of a closed listener's domain."""
+
+    @staticmethod
+    def callback(domain: str, client_key: bytes) -> bool:
         return False
 
 
@@ -112,22 +126,28 @@ class _ZapGate:
 
     def __init__(self) -> None:
         self._auth: Any = None
+        self._ctx: zmq.asyncio.Context | None = None
+        self._pid = 0
+        """The process and context the handler serves: a forked child, or a process whose
+        shared context was destroyed and made anew, needs its own."""
 
     def open(self, ctx: zmq.asyncio.Context, policy: _KeyPolicy) -> str:
-        if self._auth is None:
+        if self._auth is None or self._ctx is not ctx or self._pid != os.getpid():
             from zmq.auth.thread import ThreadAuthenticator
 
             auth = ThreadAuthenticator(ctx, log=logging.getLogger("swarmnet.zap"))
             auth.start()
-            self._auth = auth
+            self._auth, self._ctx, self._pid = auth, ctx, os.getpid()
         domain = f"swarmnet-{next(self._domains)}"
         self._auth.configure_curve_callback(domain, policy)
         return domain
 
     def close(self, domain: str) -> None:
-        """Forget a closed listener's domain: a handshake naming it is refused ("Unknown domain")."""
+        """Refuse every handshake naming a closed listener's domain. Its entry is replaced, not
+        removed: the ZAP thread looks a domain up twice, and an entry gone in between would
+        raise there and end the thread."""
         if self._auth is not None:
-            self._auth.credentials_providers.pop(domain, None)
+            self._auth.credentials_providers[domain] = _RefuseAll()
 
 
 _GATE = _ZapGate()
@@ -529,6 +549,9 @@ class ZmqTransport(Transport):
             policy = _KeyPolicy(curve, url)
             domain = _GATE.open(self._ctx, policy)
             sock.zap_domain = domain.encode()
+            # With no ZAP handler answering in this context (a forked child, a handler that
+            # died), libzmq would admit any key; enforced, it refuses every client instead.
+            sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
         try:
             await _bind(sock, _bind_url(url))
         except BaseException as exc:  # refused, or cancelled while waiting for the port

@@ -185,3 +185,51 @@ def test_a_handshake_that_times_out_is_not_blamed_on_keys():
     assert error is HandshakeFailed and "different swarm key files" in why
     error, why = _lost_because(zmq.EVENT_DISCONNECTED, 0, True, handshake_s=0.01, handshake_ivl=30.0)
     assert error is TransportError and why == " lost mid-request"
+
+
+async def test_an_on_refused_hook_that_raises_refuses_one_stranger_not_everyone(keys):
+    """The ZAP handler is one thread per process: an exception there used to end it, and every
+    secured listener's handshakes stalled from then on, its own keys' included."""
+    pairs, _ = keys
+
+    def broken(key):
+        raise RuntimeError("a hook's own bug")
+
+    async with echo_server(swarm_key(pairs["a"], on_refused=broken)) as listener:
+        with pytest.raises(TransportError):
+            await ask(CurveKeys(*pairs["stranger"]), with_key(listener.address, pairs["a"][0]))
+        assert await ask(swarm_key(pairs["a"]), listener.address, timeout=10) == [b"echo", b"hi"]
+
+
+def _stranger_in_a_forked_child(pairs, conn):
+    """In a child forked from a process whose ZAP handler runs: a secured listener of the
+    child's own, and what a stranger holding the server key gets from it."""
+    async def round_():
+        async with echo_server(swarm_key(pairs["a"])) as listener:
+            try:
+                return await ask(CurveKeys(*pairs["stranger"]), with_key(listener.address, pairs["a"][0]))
+            except TransportError:
+                return "refused"
+    try:
+        conn.send(asyncio.run(round_()))
+    finally:
+        conn.close()
+
+
+async def test_a_forked_child_refuses_strangers_too(keys):
+    """The ZAP handler's thread does not survive a fork, and a context without one admitted any
+    key: the child's listener now starts its own handler and enforces it."""
+    import multiprocessing
+
+    pairs, _ = keys
+    async with echo_server(swarm_key(pairs["a"])) as listener:  # the parent's handler is running
+        assert await ask(swarm_key(pairs["a"]), listener.address) == [b"echo", b"hi"]
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_stranger_in_a_forked_child, args=(pairs, send))
+    child.start()
+    send.close()
+    loop = asyncio.get_running_loop()
+    assert await loop.run_in_executor(None, lambda: receive.poll(30)), "the child did not answer"
+    assert receive.recv() == "refused"
+    await loop.run_in_executor(None, child.join, 10)

@@ -75,6 +75,12 @@ def test_bad_secret_key_files_are_refused_with_the_fix(tmp_path):
     secret_path.write_text(text.replace(public, public[:-1]))
     with pytest.raises(ConfigError, match="is not a CURVE key"):
         load_keypair(secret_path)
+    secret_path.write_text(text)
+    secret = load_keypair(secret_path)[1].decode()
+    secret_path.write_text(text.replace(secret, secret + "x"))  # one character too many
+    with pytest.raises(ConfigError, match="secret-key: 41 characters, not a CURVE key") as refused:
+        load_keypair(secret_path)
+    assert secret not in str(refused.value)  # the secret never reaches a log
     other_public = zmq.curve_keypair()[0].decode()
     secret_path.write_text(text.replace(public, other_public))
     with pytest.raises(ConfigError, match="does not belong to secret-key"):
@@ -175,7 +181,7 @@ def test_addresses_carry_a_hex_public_key():
     ("tcp://127.0.0.1:0", False), ("tcp://[::1]:7000", False), ("tcp://localhost:7000", False),
     ("ipc:///tmp/p.sock", False), ("inproc://x", False),
     ("tcp://0.0.0.0:7000", True), ("tcp://*:7000", True), ("tcp://[::]:7000", True),
-    ("tcp://10.1.2.3:7000", True), ("ucx://0.0.0.0:0", True),
+    ("tcp://10.1.2.3:7000", True),
 ])
 def test_listening_beyond_loopback_without_authentication_warns(listen, warns):
     warning = exposure_warning(listen, secured=False)
@@ -183,6 +189,12 @@ def test_listening_beyond_loopback_without_authentication_warns(listen, warns):
     if warns:
         assert listen in warning and "without authentication" in warning and "[security] mode" in warning
     assert exposure_warning(listen, secured=True) is None
+
+
+@pytest.mark.parametrize("listen", ["ucx://0.0.0.0:0", "ucx://127.0.0.1:7000", "ucx://localhost:7000"])
+def test_ucx_warns_whatever_its_host_since_it_listens_everywhere_and_cannot_authenticate(listen):
+    warning = exposure_warning(listen, secured=False)
+    assert warning and listen in warning and "all interfaces whatever the host" in warning
 
 
 @pytest.mark.parametrize("name", ["..", ".", "../x", "a/b", "", ".hidden", "-x", "a\x00b", "x" * 129])
