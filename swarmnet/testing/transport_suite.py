@@ -333,6 +333,21 @@ async def check_close_wakes_pending_calls(case: TransportCase) -> None:
             await asyncio.wait_for(request, 5)
 
 
+async def check_close_while_connecting(case: TransportCase) -> None:
+    """A connection closed while its first request is still starting (a transport that dials
+    then is dialling) fails that request with EndpointClosed; what the dial opened meanwhile is
+    closed too, not left to carry on the request."""
+    async with _transport(case) as transport:
+        listener = await transport.listen(case.bind_url())
+        async with _serving(listener, _reversed_copies):
+            conn = transport.connect(listener.address)
+            request = asyncio.create_task(conn.request([b"x"], timeout=10))
+            await asyncio.sleep(0)  # the request has started, its reply cannot be back yet
+            await conn.aclose()
+            with pytest.raises(EndpointClosed):
+                await asyncio.wait_for(request, 10)
+
+
 async def check_frame_limit(case: TransportCase) -> None:
     """A frame over the listener's ``max_frame_bytes`` never reaches ``recv``; the sender fails
     and the listener keeps serving others."""

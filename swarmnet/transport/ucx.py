@@ -81,31 +81,34 @@ def _contiguous(frame: Buffer) -> memoryview:
 
 async def _send_message(ep: Any, msg_id: int, frames: Sequence[Buffer]) -> None:
     views = [_contiguous(f) for f in frames]
-    await ep.send(np.frombuffer(_PRELUDE.pack(_MAGIC, len(views), msg_id), dtype=np.uint8))
+    await _move(ep, ep.send, np.frombuffer(_PRELUDE.pack(_MAGIC, len(views), msg_id), dtype=np.uint8))
     if views:
-        await ep.send(np.array([v.nbytes for v in views], dtype="<u8"))
+        await _move(ep, ep.send, np.array([v.nbytes for v in views], dtype="<u8"))
     for view in views:
         if view.nbytes:
-            await ep.send(view.cast("B") if view.format != "B" or view.ndim != 1 else view)
+            await _move(ep, ep.send, view.cast("B") if view.format != "B" or view.ndim != 1 else view)
 
 
 async def _recv_message(ep: Any, max_frame_bytes: int) -> tuple[int, list[memoryview]]:
     prelude = np.empty(_PRELUDE.size, dtype=np.uint8)
-    await ep.recv(prelude)
+    await _move(ep, ep.recv, prelude)
     magic, count, msg_id = _PRELUDE.unpack(prelude.tobytes())
     if magic != _MAGIC or count > MAX_FRAMES:
         raise TransportError(f"malformed UCX message header ({magic:#x}, {count} frames)")
     if not count:
         return msg_id, []
     lengths = np.empty(count, dtype="<u8")
-    await ep.recv(lengths)
+    await _move(ep, ep.recv, lengths)
     if int(lengths.max()) > max_frame_bytes:
         raise TransportError(f"frame of {int(lengths.max())} bytes exceeds {max_frame_bytes}")
     frames = []
     for n in lengths.tolist():
-        buf = np.empty(n, dtype=np.uint8)  # uninitialised: UCX fills it
+        # Zeroed (fresh pages cost nothing more): a tagged receive into a larger buffer does not
+        # say how many bytes came, and a sender that sends fewer than it declared must not hand
+        # us leftovers of our own heap as its frame.
+        buf = np.zeros(n, dtype=np.uint8)
         if n:
-            await ep.recv(buf)
+            await _move(ep, ep.recv, buf)
         frames.append(memoryview(buf))
     return msg_id, frames
 
@@ -113,6 +116,18 @@ async def _recv_message(ep: Any, max_frame_bytes: int) -> tuple[int, list[memory
 def _failure(ucxx: Any, exc: BaseException) -> bool:
     """Whether ``exc`` is a failure of the link rather than a bug of ours."""
     return isinstance(exc, ucxx.exceptions.UCXError | TransportError | OSError)
+
+
+async def _move(ep: Any, transfer: Any, buffer: Any) -> None:
+    """``await transfer(buffer)`` (``ep.send`` or ``ep.recv``). ucxx reports the use of an
+    endpoint aborted meanwhile (a requester that left, a close) as an AttributeError from
+    inside it: a failure of the link, like any other."""
+    try:
+        await transfer(buffer)
+    except AttributeError as exc:
+        if not getattr(ep, "closed", True):
+            raise
+        raise TransportError(f"the UCX endpoint was closed: {exc}") from exc
 
 
 class _Peer:
@@ -172,7 +187,8 @@ class UcxListener(Listener):
         return item
 
     async def send(self, route: Route, frames: Sequence[Buffer], *, until_sent: float = 0.0) -> None:
-        # A UCX send completes when the transfer has, so until_sent needs nothing more.
+        """A UCX send completes when the transfer has; it is given ``until_sent`` seconds (a
+        large model's reply, at the slowest rate the swarm allows), REPLY_TIMEOUT at least."""
         if self._closed:
             raise EndpointClosed(f"listener {self.address} is closed")
         peer_id, msg_id = _ROUTE.unpack(route)
@@ -180,7 +196,7 @@ class UcxListener(Listener):
         if peer is None:
             return  # the requester vanished; like a ROUTER socket, drop the reply
         try:
-            async with peer.send_lock, asyncio.timeout(REPLY_TIMEOUT):
+            async with peer.send_lock, asyncio.timeout(max(REPLY_TIMEOUT, until_sent)):
                 await _send_message(peer.ep, msg_id, frames)
         except Exception as exc:
             if not (isinstance(exc, TimeoutError) or _failure(self._ucxx, exc)):
@@ -219,12 +235,15 @@ class UcxConnection(Connection):
     async def _endpoint(self) -> Any:
         if self._ep is None:
             try:
-                self._ep = await self._ucxx.create_endpoint(
-                    self._host, self._port, connect_timeout=CONNECT_TIMEOUT)
+                ep = await self._ucxx.create_endpoint(self._host, self._port, connect_timeout=CONNECT_TIMEOUT)
             except Exception as exc:
                 if not _failure(self._ucxx, exc):
                     raise
                 raise TransportError(f"cannot connect to {self.address}: {exc}") from exc
+            if self._closed:  # closed while dialling: the new endpoint must not outlive it
+                ep.abort()
+                raise EndpointClosed(f"connection to {self.address} closed while connecting")
+            self._ep = ep
         return self._ep
 
     def _reset(self) -> None:
