@@ -142,6 +142,9 @@ def run_world(suite: Suite, world: int, work: Path, *, on_phase: Any = None, tim
     env = dict(os.environ, OMP_NUM_THREADS=str(suite.threads), PYTHONUNBUFFERED="1",
                SWARMNET_LOCAL_PEERS=str(world))
     env.setdefault("GLIBC_TUNABLES", GLIBC_TUNABLES)
+    # The ranks share this machine: gloo on loopback, not on the interface the host name
+    # resolves to (a LAN address on many hosts), as the swarm's peers listen on 127.0.0.1.
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     procs = []

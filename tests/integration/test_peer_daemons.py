@@ -81,7 +81,6 @@ def test_peers_waiting_for_their_start_condition_gossip_fast_and_start_together(
 def test_unreachable_seed_is_reported_and_retried_without_hanging(tmp_path, daemons):
     config = daemon_config(tmp_path, steps=200)
     peer = PeerProcessHandle(tmp_path / "run", "lonely", config, "--seed", "tcp://127.0.0.1:9",
-                             "--seed", "tcp://no-such-host.invalid:7000",
                              "--set", "network.join_timeout=3", "--set", "network.request_timeout=0.5")
     daemons.append(peer)
     assert peer.wait(60) == 0, peer.log()
@@ -89,12 +88,10 @@ def test_unreachable_seed_is_reported_and_retried_without_hanging(tmp_path, daem
     assert "seed tcp://127.0.0.1:9 unreachable (connection to tcp://127.0.0.1:9 refused;" in log
     assert "retrying in" in log and "no other peer known yet" in log
     assert "waiting until 2 other peer(s) are known (network.min_peers)" in log  # why nothing happens yet
-    # A name that does not resolve is called that, not a refused connection.
-    assert "its host 'no-such-host.invalid' does not resolve" in log
     assert "only 0 of 2 peers known" in log
     assert peer.summary()["steps"] == 200
     alone = next(line for line in log.splitlines() if "trained alone: no other peer was ever reached" in line)
-    assert "refused" in alone and "does not resolve" in alone  # said again at the end, with the causes
+    assert "refused" in alone  # said again at the end, with the cause
 
 
 def test_two_hosts_in_network_namespaces_form_one_swarm(tmp_path, daemons, two_hosts):

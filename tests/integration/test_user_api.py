@@ -170,6 +170,7 @@ def test_bad_use_is_a_clear_error(tmp_path):
     swarmnet.SwarmOptimizer(opt, model, run_dir=tmp_path, settings={"network.linger": 0.0}).close()
 
 
+@pytest.mark.timeout(120, method="thread")  # the test takes SIGALRM, which the signal method uses
 def test_ctrl_c_while_waiting_for_the_swarm_leaves_nothing_running(tmp_path):
     """Interrupted while it waits for the peers it was told to expect, the constructor stops its
     background peer: the port is free again and no thread of it is left."""

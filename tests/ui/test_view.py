@@ -6,7 +6,6 @@ import io
 import json
 import math
 import re
-import time
 
 import pytest
 from rich.console import Console
@@ -84,16 +83,12 @@ def test_render_of_a_never_answering_address() -> None:
     assert "no answer" in text and "never" in text
 
 
-def test_render_64_peers_is_fast() -> None:
-    t0 = time.perf_counter()
+def test_render_64_peers_lists_them_all_in_order() -> None:
     rows = swarm_rows(64, 1000.0, 1.0)
     snap = SwarmSnapshot(taken_at=1001.5, peers=tuple(rows))
     text = screen(render(snap))
-    elapsed = time.perf_counter() - t0
-    print(f"model + render of 64 peers: {elapsed * 1000:.1f} ms")
     names = [line.split()[0] for line in text.splitlines() if re.match(r"peer\d+ ", line)]
     assert names == [f"peer{i}" for i in range(64)]
-    assert elapsed < 1.0
 
 
 def test_a_narrow_terminal_leaves_columns_out_instead_of_cutting_numbers() -> None:

@@ -22,6 +22,7 @@ from swarmnet.algorithms import (
 from swarmnet.peer.exchange import gap_over
 
 
+@settings(deadline=None)  # a loaded CI machine stalls an example now and then; not a speed test
 @given(st.lists(st.tuples(st.integers(0, 7), st.integers(0, 7)), min_size=1, max_size=300))
 def test_clock_sum_equals_interactions(pairs):
     clocks = [0] * 8

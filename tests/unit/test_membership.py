@@ -120,3 +120,23 @@ def test_candidates_restricted_to_topology_and_sampled_cards_bounded():
     cards = table.sample_cards(random.Random(0))
     assert len(cards) == 127 and len({c["id"] for c in cards}) == 127
     assert {c["id"] for c in cards} != {c["id"] for c in table.sample_cards(random.Random(1))}
+
+
+def test_a_seed_whose_host_does_not_resolve_is_called_that(monkeypatch):
+    """What a peer says of such a seed, instead of a connection that never comes up. The lookup
+    fails in-process: a real one for a missing name would query the machine's DNS server."""
+    import asyncio
+    import socket
+
+    from swarmnet.peer.membership import _unresolved
+
+    async def no_such_host(host, port, *args, **kwargs):
+        assert host == "no-such-host.invalid"
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    async def check():
+        monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", no_such_host)
+        return (await _unresolved("tcp://no-such-host.invalid:7000"), await _unresolved("ipc:///tmp/x.sock"))
+
+    assert asyncio.run(check()) == ("its host 'no-such-host.invalid' does not resolve: Name or service not "
+                                    "known; check the name", None)
