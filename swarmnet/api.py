@@ -106,7 +106,7 @@ class SwarmOptimizer:
         self.cfg = _resolve_config(config, listen=listen, seeds=list(seeds), run_dir=run_dir,
                                    settings=settings)
         self.name = name or _default_name()
-        self.peer = Peer(self.cfg, PeerIdentity(self.name, resolve_rank(-1)), resume=False)
+        self.peer = Peer(self.cfg, PeerIdentity(self.name, resolve_rank(-1) or 0), resume=False)  # no task: no shard
         try:  # until the background loop runs, a failure here must give the directory back
             algo = self.cfg.algorithm
             self._loop = _new_event_loop()

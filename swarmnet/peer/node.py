@@ -76,7 +76,8 @@ LOCAL_RANK_VARIABLES = ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RA
 class PeerIdentity:
     name: str
     """Names the peer's directory <run.dir>/<name>: one path component, so it cannot escape."""
-    rank: int
+    rank: int | None
+    """Its index in the swarm (train.shard = "partition"); None where none was given."""
 
     def __post_init__(self) -> None:
         check_peer_name(self.name)
@@ -119,17 +120,24 @@ def with_interface_host(address: str, interface: str) -> str:
     return f"{scheme}://{interface_ipv4(interface)}:{port}"
 
 
-def resolve_rank(explicit: int) -> int:
+def resolve_rank(explicit: int) -> int | None:
+    """``explicit`` (``--rank``, a manifest's rank) when >= 0, else the first rank variable
+    set (RANK_VARIABLES), else None."""
     if explicit >= 0:
         return explicit
-    return next((int(os.environ[v]) for v in RANK_VARIABLES if os.environ.get(v, "").isdigit()), 0)
+    return next((int(os.environ[v]) for v in RANK_VARIABLES if os.environ.get(v, "").isdigit()), None)
 
 
 class Peer:
     def __init__(self, cfg: SwarmConfig, identity: PeerIdentity, *, resume: bool = True) -> None:
         self.cfg = cfg
         self.name = identity.name
-        self.rank = identity.rank
+        if identity.rank is None and cfg.train.shard == "partition":
+            raise ConfigError(
+                f"train.shard = 'partition' trains each peer on the shard of its rank, and peer {identity.name} "
+                f"was given none: pass --rank N (0 to {cfg.run.peers - 1}), set rank in its manifest, or set one "
+                f"of {', '.join(RANK_VARIABLES)} (without, every such peer would train on shard 0)")
+        self.rank = identity.rank or 0
         self.id = f"{identity.name}-{secrets.token_hex(3)}"
         self.log = PeerLogAdapter(get_logger("peer"), {"peer": self.name})
         self.peer_dir = Path(cfg.run.dir) / self.name

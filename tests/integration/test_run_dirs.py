@@ -129,6 +129,16 @@ def test_a_path_under_a_folder_it_may_not_look_into_is_refused_with_the_fix(tmp_
         locked.chmod(0o755)
 
 
+def test_partition_sharding_without_a_rank_is_refused_not_shard_0_for_everyone(tmp_path, monkeypatch):
+    from swarmnet.peer.node import RANK_VARIABLES
+
+    for name in RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    cfg = write_config(tmp_path / "partition.toml", {"run": {"peers": 4}, "train": {"shard": "partition", "steps": 5}})
+    code, out = peer(cfg, tmp_path / "run")
+    assert code == 2 and "was given none: pass --rank N (0 to 3)" in out and "Traceback" not in out, out
+
+
 def test_resume_refuses_the_checkpoint_of_another_task_and_keeps_it(tmp_path):
     run = tmp_path / "run"
     digits, lsq = config(tmp_path), config(tmp_path, "lsq")
