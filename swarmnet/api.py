@@ -137,6 +137,8 @@ class SwarmOptimizer:
         self._merged = asyncio.Event()
         self._hosting = asyncio.run_coroutine_threadsafe(self._host(), self._loop)
         self._closed = False
+        self._averaged_count = sum(1 for g in optimizer.param_groups for p in g["params"] if p.requires_grad)
+        self._told_averaged_set = False
         self._error: SwarmError | None = None
         """The error that failed a step, for the summary."""
         try:
@@ -181,6 +183,10 @@ class SwarmOptimizer:
         """The wrapped optimizer's step, then the merges that are ready (never waits)."""
         if self._closed:
             raise SwarmError("step() after close(): this peer has left the swarm")
+        if self.replica.flat.moved():
+            raise SwarmError("the model's parameters were moved or converted after it joined the swarm (model.to, "
+                             ".cuda(), .double(), ...): they no longer live where merges and snapshots read them; "
+                             "move or convert the model before SwarmOptimizer(...)")
         device = self.replica.device
         if device.type == "cuda" and torch.cuda.current_stream(device) != torch.cuda.default_stream(device):
             raise SwarmError("step() under a CUDA stream of your own: the exchange's threads read the model "
@@ -201,7 +207,26 @@ class SwarmOptimizer:
             raise
         if self.replica.step % self.cfg.train.metrics_every == 0:
             self._write_metrics()
+            self._check_averaged_set()
         return result
+
+    def resync(self) -> None:
+        """Call after replacing the model's weights yourself while it is in the swarm (a
+        checkpoint loaded after wrapping, weights copied in): publishes them as they are. Without
+        it the next merge would take the change for training progress and overshoot by half of
+        it. :meth:`load_state_dict` does it too. Between steps, in the training thread."""
+        self.replica.resync()
+
+    def _check_averaged_set(self) -> None:
+        """The parameters merges average were fixed when the model was wrapped: say so, once,
+        when the optimizer has come to train others (unfrozen, or a parameter group added)."""
+        trained = sum(1 for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad)
+        if trained != self._averaged_count and not self._told_averaged_set:
+            self._told_averaged_set = True
+            self.peer.log.warning(
+                "the optimizer now trains %d parameter tensors, %d when the model joined the swarm: only those "
+                "are averaged (parameters unfrozen or added later train alone on each peer); wrap the model "
+                "once every parameter it will train is trainable", trained, self._averaged_count)
 
     def report_loss(self, loss: torch.Tensor | float) -> None:
         """Count a training loss into the next metrics row (``step(closure)`` does it for you)."""
@@ -236,7 +261,8 @@ class SwarmOptimizer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved (a plain optimizer state dict also loads). Load
         through this wrapper, not into the inner optimizer before wrapping it: that would make
-        PopSGD's decayed rate its new base rate."""
+        PopSGD's decayed rate its new base rate. Load the model's weights first (or call
+        :meth:`resync` after them): this publishes the model as it is then."""
         state = dict(state)
         swarm = state.pop("swarmnet", None)
         self.optimizer.load_state_dict(state)
@@ -245,6 +271,7 @@ class SwarmOptimizer:
             self.replica.step = int(swarm["step"])
             if swarm.get("base_lrs") is not None and self._clocked_lrs is not None:
                 self._clocked_lrs = [float(lr) for lr in swarm["base_lrs"]]
+        self.resync()  # a resume: the model's weights were most likely loaded with it
 
     # -- the swarm -----------------------------------------------------------------------------
 

@@ -149,6 +149,8 @@ class Replica:
         self._step_ended: float | None = None
         self._published_at = 0.0
         self._publish_seconds = 0.0
+        self._keys_from = 0
+        """Merges whose gap was measured from an older snapshot of ours are dropped (:meth:`resync`)."""
 
     def current_lr(self) -> float:
         """The learning rate in force, a hint for codecs that follow it."""
@@ -210,6 +212,9 @@ class Replica:
         there, holding the GIL (profiled at about a third of a small model's training thread
         when it was read after every step)."""
         entry = self.mailbox.take() if final or self.since_merge >= self.target_h else None
+        if entry is not None and entry.key_version < self._keys_from:  # measured from weights since replaced
+            self.mailbox.release()
+            entry = None
         if entry is None and not self.inbox.pending:
             if self._refresh_due(final):
                 self.refresh()
@@ -244,6 +249,23 @@ class Replica:
         self.stale_N.copy_(self.live_N)
         self.since_merge = 0
         self.publish(progress, steps)
+        self.merge_cpu += time.thread_time() - began
+
+    def resync(self) -> None:
+        """The model's weights were replaced between steps, not by them (a checkpoint loaded into
+        a model already in the swarm): publish them as they are. Without it the next merge would
+        take the change for local progress, W + (C_j - K) / 2 with K the old weights, and
+        overshoot by half of it; a merge already pulled against the old weights is dropped."""
+        began = time.thread_time()
+        self.stale_N.copy_(self.live_N)
+        self.since_merge = 0
+        self.publish()
+        latest = self.store.latest()
+        assert latest is not None
+        self._keys_from = latest.version
+        entry = self.mailbox.take()
+        if entry is not None:
+            self.mailbox.release()
         self.merge_cpu += time.thread_time() - began
 
     def apply(self, entry: MergeEntry) -> None:

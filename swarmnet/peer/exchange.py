@@ -220,7 +220,7 @@ class Exchange:
         if "bits_per_coord" in codec_stats:
             stats.bits_per_coord = codec_stats["bits_per_coord"]
         peer.table.record_success(target.id)
-        peer.mailbox.put(MergeEntry(remote_N, target.id, float(reply.body["age"]), received, distance))
+        peer.mailbox.put(MergeEntry(remote_N, target.id, float(reply.body["age"]), received, distance, own.version))
 
     async def _decode(self, target: PeerRecord, reply: Message, own: Snapshot, state: dict[str, Any],
                       out_N: Tensor) -> tuple[int, dict[str, float]]:

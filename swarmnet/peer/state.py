@@ -57,6 +57,14 @@ class FlatParameters:
                 view.copy_(p)
                 p.data = view
                 offset += p.numel()
+        self._ends = ((params[0], 0), (params[-1], self.numel - params[-1].numel()))
+
+    def moved(self) -> bool:
+        """Whether the parameters were given storage of their own since (``model.to``, ``.cuda()``,
+        ``.double()``): the optimizer then steps tensors that are no longer views of ``vector_N``,
+        which merges and snapshots use. Checks the first and the last, for a few nanoseconds."""
+        base, size = self.vector_N.data_ptr(), self.vector_N.element_size()
+        return any(p.data_ptr() != base + offset * size for p, offset in self._ends)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +139,8 @@ class MergeEntry:
     received: float
     distance: float
     """||Q(C_j) - K|| / sqrt(2): this pull's estimate of the consensus distance (SPEC 4 item 12)."""
+    key_version: int = 0
+    """The version of our own snapshot K the gap was measured from."""
 
 
 class Mailbox:

@@ -223,6 +223,30 @@ def test_a_model_gone_non_finite_fails_its_step_and_still_leaves_cleanly(tmp_pat
     assert summary["reason"].startswith("error:") and "non-finite" in summary["reason"], summary
 
 
+@pytest.mark.timeout(60)
+def test_weights_loaded_moved_or_unfrozen_after_wrapping_are_handled_or_refused(tmp_path, caplog):
+    """Loaded through load_state_dict: published as they are. Moved or converted: a clear error,
+    not an optimizer stepping tensors merges never see. Unfrozen later: said once."""
+    model, opt = _model_and_optimizer()
+    model[0].requires_grad_(False)
+    saved = {k: v + 1.0 for k, v in model.state_dict().items()}
+    x = torch.randn(16, 4)
+    with swarmnet.SwarmOptimizer(opt, model, run_dir=tmp_path, settings={"network.linger": 0.0,
+                                                                          "train.metrics_every": 2}) as swarm:
+        model.load_state_dict(saved)
+        swarm.load_state_dict(swarm.state_dict())
+        assert torch.equal(swarm.replica.store.latest().values_N, swarm.replica.live_N)
+        model[0].requires_grad_(True)
+        for _ in range(4):
+            swarm.zero_grad()
+            model(x).pow(2).mean().backward()
+            swarm.step()
+        assert caplog.text.count("only those are averaged") == 1
+        model.double()
+        with pytest.raises(SwarmError, match="moved or converted after it joined the swarm"):
+            swarm.step()
+
+
 def test_a_frozen_backbone_is_neither_averaged_nor_sent(tmp_path):
     """Fine-tuning: only the head is trained. Merges move the head towards the other peer's and
     leave each peer's frozen layer exactly as it was (a lossy codec would otherwise drift it)."""

@@ -107,3 +107,32 @@ def test_the_next_merge_is_due_after_the_remaining_local_steps_at_the_observed_p
         assert replica.step_seconds <= 1.61 * pace  # the pause moved the pace by at most 0.2 x 4
     finally:
         loop.close()
+
+
+def test_weights_replaced_between_steps_are_published_by_resync_and_older_merges_dropped():
+    """A checkpoint loaded into a model already in the swarm: without resync the next merge
+    takes the jump for progress, W + (C_j - K) / 2 with K the old weights, and overshoots."""
+    loop = asyncio.new_event_loop()
+    try:
+        model = nn.Linear(2, 2)
+        replica = Replica(model, codec=make_codec("fp32"), store=SnapshotStore(), mailbox=Mailbox(loop),
+                          stats=PeerStats(), local_steps=LocalSteps(1), rng=random.Random(0))
+        replica.publish()
+        old = replica.store.latest()
+        in_flight = MergeEntry(torch.ones(6), "other", 0.0, time.monotonic(), 1.0, old.version)
+        with torch.no_grad():
+            model.weight.fill_(5.0)  # load_state_dict copies into the parameters, as here
+            model.bias.fill_(5.0)
+        replica.resync()
+        latest = replica.store.latest()
+        assert latest.version > old.version and torch.equal(latest.values_N, torch.full((6,), 5.0))
+        replica.mailbox.put(in_flight)  # pulled against the old weights, it lands after the resync
+        replica.after_step()
+        replica.merge_pending()
+        assert torch.equal(replica.live_N, torch.full((6,), 5.0)) and not replica.mailbox.full  # dropped
+        replica.mailbox.put(MergeEntry(torch.ones(6), "other", 0.0, time.monotonic(), 1.0, latest.version))
+        replica.after_step()
+        replica.merge_pending()
+        assert torch.equal(replica.live_N, torch.full((6,), 5.5))  # one measured from the new weights lands
+    finally:
+        loop.close()
