@@ -310,6 +310,9 @@ class ComputeLoop(Replica):
             local_steps=LocalSteps(algo.local_steps, algo.geometric),  # popsgd: 1 (config.py)
             rng=random.Random(peer_seed),
         )
+        # What the task draws while training (dropout, augmentation) from torch's own generator
+        # differs from peer to peer: seeded as the model was, every peer drew the same crops.
+        torch.manual_seed(peer_seed)
         train = cfg.train
         self.optimizer = torch.optim.SGD(
             self.model.parameters(), lr=train.lr, momentum=train.momentum,
@@ -369,6 +372,10 @@ class ComputeLoop(Replica):
             self.clock.restore(int(state["clock"]))
             self.sampler.load_state_dict(state["sampler"])
             self.rng.setstate(state["rng"])
+            if state.get("torch_rng") is not None:  # checkpoints before it had none
+                torch.set_rng_state(state["torch_rng"])
+            if state.get("cuda_rng") is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         except Exception as exc:
             detail = " ".join(str(exc).split())[:300]
             raise ConfigError(f"{path} does not fit this peer's model or settings ({type(exc).__name__}: "
@@ -407,6 +414,8 @@ class ComputeLoop(Replica):
             "clock": self.clock.value,
             "sampler": self.sampler.state_dict(),
             "rng": self.rng.getstate(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "task": self.cfg.task.spec,
         }
         try:

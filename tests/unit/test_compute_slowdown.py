@@ -21,7 +21,7 @@ from swarmnet.tasks import load_task
 pytestmark = pytest.mark.timeout(60)
 
 
-def compute_loop(tmp_path, *, steps: int, slowdown: float, metrics_every: int = 1000) -> ComputeLoop:
+def compute_loop(tmp_path, *, steps: int, slowdown: float, metrics_every: int = 1000, peer_seed: int = 1) -> ComputeLoop:
     cfg = load_config(None, {"task.spec": "swarmnet.tasks.digits:task", "train.steps": steps,
                              "train.slowdown": slowdown, "train.tensorboard": False,
                              "train.checkpoint_every": 0.0, "train.metrics_every": metrics_every})
@@ -30,9 +30,24 @@ def compute_loop(tmp_path, *, steps: int, slowdown: float, metrics_every: int = 
         return ComputeLoop(cfg=cfg, task=load_task(cfg.task.spec), device=torch.device("cpu"),
                            codec=make_codec("fp32"), store=SnapshotStore(), mailbox=Mailbox(loop),
                            clock=PhaseClock(), stats=PeerStats(), peer_dir=tmp_path / f"x{slowdown}",
-                           rank=0, peer_seed=1, log=PeerLogAdapter(get_logger("peer"), {"peer": "test"}))
+                           rank=0, peer_seed=peer_seed, log=PeerLogAdapter(get_logger("peer"), {"peer": "test"}))
     finally:
         loop.close()
+
+
+def test_what_training_draws_differs_between_peers_and_resumes_where_it_left_off(tmp_path):
+    """Dropout and augmentation draw from torch's generator: seeded as the shared initial model
+    was, every peer drew the same crops; and a resumed peer replayed its draws from the start."""
+    a = compute_loop(tmp_path / "a", steps=5, slowdown=1.0, peer_seed=1)
+    draw_a = torch.rand(4)
+    b = compute_loop(tmp_path / "b", steps=5, slowdown=1.0, peer_seed=2)
+    draw_b = torch.rand(4)
+    assert torch.equal(a.live_N, b.live_N) and not torch.equal(draw_a, draw_b)  # one model, own draws
+    a.save_checkpoint()
+    next_draw = torch.rand(4)
+    resumed = compute_loop(tmp_path / "a", steps=5, slowdown=1.0, peer_seed=1)
+    torch.rand(100)
+    assert resumed.resume() and torch.equal(torch.rand(4), next_draw)
 
 
 def test_each_step_is_stretched_by_the_slowdown(tmp_path):
