@@ -7,20 +7,22 @@ BIN := $(VENV)/bin
 # find-links hold one, else from PyTorch's CPU index.
 TORCH_PIN ?= torch==2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
-# Where a GPU answers, a local cache's CPU-only wheel (torch 2.13.0+cpu ranks above PyPI's
-# 2.13.0, the CUDA build for Linux) must not be taken: torch then comes from the index alone.
-# Where none answers and no local wheel is found, PyPI's Linux build would be the CUDA one
-# (several GB): the CPU index's 2.13.0+cpu ranks above it the same way.
-TORCH_ENV := $(shell nvidia-smi -L >/dev/null 2>&1 && echo PIP_FIND_LINKS= \
-	|| $(PYTHON) -m pip install -q --dry-run --no-deps --no-index "$(TORCH_PIN)" >/dev/null 2>&1 \
-	|| echo PIP_EXTRA_INDEX_URL=$(TORCH_CPU_INDEX))
 
 .PHONY: quickstart test gpu-check venv clean
 
 $(BIN)/swarmnet: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(TORCH_ENV) $(BIN)/python -m pip install -q "$(TORCH_PIN)"
+	# Where a GPU answers, a local cache's CPU-only wheel (2.13.0+cpu ranks above PyPI's 2.13.0,
+	# the CUDA build for Linux) must not be taken. Where none answers and no local wheel is found,
+	# PyPI's Linux build would be the CUDA one (several GB): the CPU index's ranks above it the same way.
+	if nvidia-smi -L >/dev/null 2>&1; then \
+		PIP_FIND_LINKS= $(BIN)/python -m pip install -q "$(TORCH_PIN)"; \
+	elif $(BIN)/python -m pip install -q --dry-run --no-deps --no-index "$(TORCH_PIN)" >/dev/null 2>&1; then \
+		$(BIN)/python -m pip install -q "$(TORCH_PIN)"; \
+	else \
+		$(BIN)/python -m pip install -q --extra-index-url $(TORCH_CPU_INDEX) "$(TORCH_PIN)"; \
+	fi
 	$(BIN)/python -m pip install -q -e ".[test]"
 	# UCX bindings are optional: where they cannot be installed the UCX tests skip with the reason.
 	$(BIN)/python -m pip install -q -e ".[ucx]" || echo "swarmnet: UCX bindings not installed; UCX transport tests will be skipped"

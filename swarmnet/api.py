@@ -137,7 +137,7 @@ class SwarmOptimizer:
         self._merged = asyncio.Event()
         self._hosting = asyncio.run_coroutine_threadsafe(self._host(), self._loop)
         self._closed = False
-        self._averaged_count = sum(1 for g in optimizer.param_groups for p in g["params"] if p.requires_grad)
+        self._averaged = _trained(optimizer)
         self._told_averaged_set = False
         self._error: SwarmError | None = None
         """The error that failed a step, for the summary."""
@@ -184,9 +184,7 @@ class SwarmOptimizer:
         if self._closed:
             raise SwarmError("step() after close(): this peer has left the swarm")
         if self.replica.flat.moved():
-            raise SwarmError("the model's parameters were moved or converted after it joined the swarm (model.to, "
-                             ".cuda(), .double(), ...): they no longer live where merges and snapshots read them; "
-                             "move or convert the model before SwarmOptimizer(...)")
+            raise SwarmError(self._MOVED)
         device = self.replica.device
         if device.type == "cuda" and torch.cuda.current_stream(device) != torch.cuda.default_stream(device):
             raise SwarmError("step() under a CUDA stream of your own: the exchange's threads read the model "
@@ -208,7 +206,13 @@ class SwarmOptimizer:
         if self.replica.step % self.cfg.train.metrics_every == 0:
             self._write_metrics()
             self._check_averaged_set()
+            if self.replica.flat.moved(all_of_them=True):
+                raise SwarmError(self._MOVED)
         return result
+
+    _MOVED = ("the model's parameters were moved or converted after it joined the swarm (model.to, .cuda(), "
+              ".double(), ...): they no longer live where merges and snapshots read them; move or convert the "
+              "model before SwarmOptimizer(...)")
 
     def resync(self) -> None:
         """Call after replacing the model's weights yourself while it is in the swarm (a
@@ -220,13 +224,13 @@ class SwarmOptimizer:
     def _check_averaged_set(self) -> None:
         """The parameters merges average were fixed when the model was wrapped: say so, once,
         when the optimizer has come to train others (unfrozen, or a parameter group added)."""
-        trained = sum(1 for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad)
-        if trained != self._averaged_count and not self._told_averaged_set:
-            self._told_averaged_set = True
-            self.peer.log.warning(
-                "the optimizer now trains %d parameter tensors, %d when the model joined the swarm: only those "
-                "are averaged (parameters unfrozen or added later train alone on each peer); wrap the model "
-                "once every parameter it will train is trainable", trained, self._averaged_count)
+        if self._told_averaged_set or not _trained(self.optimizer) - self._averaged:
+            return
+        self._told_averaged_set = True
+        self.peer.log.warning(
+            "the optimizer now trains parameters it did not train when the model joined the swarm: they are not "
+            "averaged (parameters unfrozen or added later train alone on each peer); wrap the model once every "
+            "parameter it will train is trainable")
 
     def report_loss(self, loss: torch.Tensor | float) -> None:
         """Count a training loss into the next metrics row (``step(closure)`` does it for you)."""
@@ -345,6 +349,11 @@ class _UserReplica(Replica):
         """Read at each publish (a tensor lr on a GPU makes this a CPU<->GPU sync point)."""
         self.stats.lr = float(self.optimizer.param_groups[0].get("lr", 0.0))
         return self.stats.lr
+
+
+def _trained(optimizer: torch.optim.Optimizer) -> set[int]:
+    """The ids of the parameters ``optimizer`` trains now (those with requires_grad)."""
+    return {id(p) for group in optimizer.param_groups for p in group["params"] if p.requires_grad}
 
 
 async def _cancel_other_tasks() -> None:

@@ -150,9 +150,9 @@ def set_aside_other_peers(run_dir: Path, launched: set[str]) -> None:
         if folder.name in launched or folder.name == EARLIER or not folder.exists():
             continue
         try:
-            check_free(folder)
-        except ConfigError:
-            log.warning("%s belongs to a peer that is running, not one of this run's: left where it is", folder)
+            check_free(folder, unknown_is_free=False)  # a peer on another host of a shared file system
+        except ConfigError as exc:
+            log.warning("%s is not one of this run's peers and may be in use: left where it is (%s)", folder, exc)
             continue
         target = run_dir / EARLIER / folder.name
         try:

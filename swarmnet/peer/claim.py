@@ -76,9 +76,10 @@ def in_use_error(peer_dir: Path, lock_fd: int) -> ConfigError:
                        "that peer first, or give this one another --name or --run-dir")
 
 
-def check_free(peer_dir: Path) -> None:
+def check_free(peer_dir: Path, *, unknown_is_free: bool = True) -> None:
     """Raise :func:`in_use_error` if a running peer holds ``peer_dir``; take nothing (for a
-    launcher about to clear the directory for the peer it starts)."""
+    launcher about to clear the directory for the peer it starts). Where the file system has no
+    locks to ask, the directory counts as free unless ``unknown_is_free`` is False."""
     try:
         fd = os.open(peer_dir / LOCK_NAME, os.O_RDWR)
     except OSError:  # no lock file, or none we can open: no peer has run there
@@ -87,7 +88,8 @@ def check_free(peer_dir: Path) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         raise in_use_error(peer_dir, fd) from None
-    except OSError:
-        pass
+    except OSError as exc:
+        if not unknown_is_free:
+            raise ConfigError(f"{peer_dir}: cannot tell whether a peer holds it ({exc.strerror or exc})") from None
     finally:
         os.close(fd)

@@ -53,7 +53,8 @@ class PeerClient:
         more than ``max_connections`` (the busy ones stay, so there may briefly be more)."""
         excess = len(self._connections) - self.max_connections
         for address in [a for a in self._connections if not self._in_flight[a]][:max(0, excess)]:
-            await self.forget(address)
+            if not self._in_flight[address]:  # still idle: an earlier close may have let a request in
+                await self.forget(address)
 
     async def call(self, address: str, msg: Message, timeout: float | None = None, *,
                    expect: MsgType | None = None) -> Message:

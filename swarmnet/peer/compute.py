@@ -255,8 +255,11 @@ class Replica:
         """The model's weights were replaced between steps, not by them (a checkpoint loaded into
         a model already in the swarm): publish them as they are. Without it the next merge would
         take the change for local progress, W + (C_j - K) / 2 with K the old weights, and
-        overshoot by half of it; a merge already pulled against the old weights is dropped."""
+        overshoot by half of it; a merge already pulled against the old weights is dropped, and so
+        are neighbours' nudges waiting to be applied (symmetric mode), measured from them too; one
+        still being decoded lands on the new weights."""
         began = time.thread_time()
+        self.inbox.drain_into()  # counted as applied, so that the merge gate waits for nothing
         self.stale_N.copy_(self.live_N)
         self.since_merge = 0
         self.publish()
@@ -312,7 +315,7 @@ class ComputeLoop(Replica):
         )
         # What the task draws while training (dropout, augmentation) from torch's own generator
         # differs from peer to peer: seeded as the model was, every peer drew the same crops.
-        torch.manual_seed(peer_seed)
+        torch.manual_seed(zlib.crc32(f"{peer_seed}:training".encode()))  # not the stream that drew the model
         train = cfg.train
         self.optimizer = torch.optim.SGD(
             self.model.parameters(), lr=train.lr, momentum=train.momentum,

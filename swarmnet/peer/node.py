@@ -132,7 +132,7 @@ class Peer:
     def __init__(self, cfg: SwarmConfig, identity: PeerIdentity, *, resume: bool = True) -> None:
         self.cfg = cfg
         self.name = identity.name
-        if identity.rank is None and cfg.train.shard == "partition":
+        if identity.rank is None and cfg.train.shard == "partition" and cfg.run.peers >= 4:  # peers // 2 shards
             raise ConfigError(
                 f"train.shard = 'partition' trains each peer on the shard of its rank, and peer {identity.name} "
                 f"was given none: pass --rank N (0 to {cfg.run.peers - 1}), set rank in its manifest, or set one "

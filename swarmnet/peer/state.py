@@ -57,14 +57,17 @@ class FlatParameters:
                 view.copy_(p)
                 p.data = view
                 offset += p.numel()
-        self._ends = ((params[0], 0), (params[-1], self.numel - params[-1].numel()))
+        self._params = [p for p in params if p.numel()]  # an empty one has no address to check
+        self._ends = self._params[:1] + self._params[-1:]
 
-    def moved(self) -> bool:
-        """Whether the parameters were given storage of their own since (``model.to``, ``.cuda()``,
+    def moved(self, *, all_of_them: bool = False) -> bool:
+        """Whether parameters were given storage of their own since (``model.to``, ``.cuda()``,
         ``.double()``): the optimizer then steps tensors that are no longer views of ``vector_N``,
-        which merges and snapshots use. Checks the first and the last, for a few nanoseconds."""
-        base, size = self.vector_N.data_ptr(), self.vector_N.element_size()
-        return any(p.data_ptr() != base + offset * size for p, offset in self._ends)
+        which merges and snapshots use. The first and the last for a few nanoseconds (a whole
+        model moved), or ``all_of_them`` (one layer moved)."""
+        storage = self.vector_N.untyped_storage().data_ptr()
+        return any(p.untyped_storage().data_ptr() != storage
+                   for p in (self._params if all_of_them else self._ends))
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,7 +50,10 @@ QUEUED = 1000
 """Received requests a listener holds for the server; when full, it stops reading from the
 endpoints until the server catches up (libzmq's default receive high-water mark)."""
 REPLY_TIMEOUT = 30.0
-"""Seconds a listener spends pushing one reply before it gives up on the requester."""
+"""Seconds a listener spends pushing one reply before it gives up on the requester, at least:
+a large reply gets longer (REPLY_RATE, and the caller's ``until_sent``)."""
+REPLY_RATE = 50e6
+"""Bytes per second a reply is allowed at the least (network.min_transfer_rate's default)."""
 CONNECT_TIMEOUT = 5.0
 
 
@@ -187,8 +190,8 @@ class UcxListener(Listener):
         return item
 
     async def send(self, route: Route, frames: Sequence[Buffer], *, until_sent: float = 0.0) -> None:
-        """A UCX send completes when the transfer has; it is given ``until_sent`` seconds (a
-        large model's reply, at the slowest rate the swarm allows), REPLY_TIMEOUT at least."""
+        """A UCX send completes when the transfer has; it is given the longest of REPLY_TIMEOUT,
+        ``until_sent`` and the reply's bytes at REPLY_RATE."""
         if self._closed:
             raise EndpointClosed(f"listener {self.address} is closed")
         peer_id, msg_id = _ROUTE.unpack(route)
@@ -196,7 +199,8 @@ class UcxListener(Listener):
         if peer is None:
             return  # the requester vanished; like a ROUTER socket, drop the reply
         try:
-            async with peer.send_lock, asyncio.timeout(max(REPLY_TIMEOUT, until_sent)):
+            size = sum(memoryview(f).nbytes for f in frames)
+            async with peer.send_lock, asyncio.timeout(max(REPLY_TIMEOUT, until_sent, size / REPLY_RATE)):
                 await _send_message(peer.ep, msg_id, frames)
         except Exception as exc:
             if not (isinstance(exc, TimeoutError) or _failure(self._ucxx, exc)):

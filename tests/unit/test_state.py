@@ -253,3 +253,14 @@ def test_sampler_resumed_with_other_batches_keeps_its_share_of_the_epoch(batch_s
     assert b.position.batch == min(int(30 * 32 / 1000 * b.steps_per_epoch), b.steps_per_epoch - 1)
     for _ in range(3 * b.steps_per_epoch):
         assert len(b.next_indices()) == min(batch_size, num_samples)
+
+
+def test_parameters_moved_after_flattening_are_noticed_and_empty_ones_are_no_false_alarm():
+    model = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 3), nn.Linear(3, 1))
+    model.marker = nn.Parameter(torch.empty(0))  # the device-marker idiom: no storage to compare
+    flat = FlatParameters(model)
+    assert not flat.moved() and not flat.moved(all_of_them=True)
+    model[1].double()  # one layer: only the full check sees it
+    assert flat.moved(all_of_them=True)
+    model.double()
+    assert flat.moved()
