@@ -1,8 +1,11 @@
 """The conformance suite fails transports that break the contract (checks of the checks)."""
 
+import asyncio
+import contextlib
 import itertools
 
 import pytest
+import zmq
 
 from swarmnet.testing.transport_suite import CHECKS, TransportCase
 from swarmnet.transport.zmq import ZmqConnection, ZmqTransport
@@ -68,6 +71,20 @@ class SharesTheSendersBuffers(ZmqTransport):
         return conn
 
 
+class DeafToLoss(ZmqConnection):
+    """Never hears that its connection dropped: a request to a vanished peer waits its deadline."""
+
+    async def _watch(self, monitor):
+        with contextlib.suppress(asyncio.CancelledError, zmq.ZMQError):
+            while True:
+                await monitor.recv_multipart()
+
+
+class NoticesLossOnlyAtDeadline(ZmqTransport):
+    def connect(self, url, *, max_frame_bytes=2**31 - 1):
+        return DeafToLoss(self._ctx, url, max_frame_bytes)
+
+
 @pytest.mark.parametrize(("fault", "check", "error"), [
     (AdvertisesTheBindUrl, "advertised_address", SUITE_FAILURE),
     (IgnoresDeadlines, "timeout_and_recovery", SUITE_FAILURE),
@@ -75,11 +92,13 @@ class SharesTheSendersBuffers(ZmqTransport):
     (CloseNotIdempotent, "close_twice_and_use_after_close", RuntimeError),
     (ReturnsBeforeSent, "reply_until_sent", SUITE_FAILURE),
     (SharesTheSendersBuffers, "callers_may_write_into_replies", SUITE_FAILURE),
+    (NoticesLossOnlyAtDeadline, "listener_closed_mid_request", SUITE_FAILURE),
 ])
 async def test_check_fails_a_faulty_transport(fault, check, error):
-    scheme = "tcp" if check in ("advertised_address", "reply_until_sent") else "inproc"
+    tcp = ("advertised_address", "reply_until_sent", "listener_closed_mid_request")
+    scheme = "tcp" if check in tcp else "inproc"
     case = TransportCase(
-        name=fault.__name__, transport=f"{__name__}:{fault.__name__}", cross_process=False,
+        name=fault.__name__, transport=f"{__name__}:{fault.__name__}", cross_process=scheme == "tcp",
         bind_url=lambda: "tcp://127.0.0.1:0" if scheme == "tcp" else f"inproc://fault-{next(_names)}",
     )
     with pytest.raises(error):
