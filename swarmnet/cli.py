@@ -319,6 +319,10 @@ def bench_transports(
     """Pull time per transport against the raw library moving the same bytes."""
     from swarmnet.bench.transports import run
 
+    try:
+        _require_positive(repeats=repeats, **{"size-mb": min(sizes_mb or [1])})
+    except ConfigError as exc:
+        fail(str(exc))
     run(sizes_mb=tuple(sizes_mb or (40, 400)), repeats=repeats, json_path=json_path)
 
 

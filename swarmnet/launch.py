@@ -194,15 +194,15 @@ def _start(plan: LaunchPlan, peer: PeerProcess, seeds: list[str]) -> None:
     with log:
         peer.log_start = log.seek(0, os.SEEK_END)
         peer.proc = subprocess.Popen(cmd, env=plan.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     process_group=0, preexec_fn=_die_with_launcher())
+                                     process_group=0, preexec_fn=die_with_parent())
 
 
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_launcher() -> Callable[[], None] | None:
-    """A preexec_fn that has the kernel send the peer SIGTERM once the launcher's thread that
-    started it dies, however it dies (Linux prctl; None where there is no prctl)."""
+def die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn that has the kernel send the child SIGTERM once the thread that started it
+    dies, however it dies (Linux prctl; None where there is no prctl)."""
     prctl = getattr(ctypes.CDLL(None), "prctl", None)
     launcher = os.getpid()
 

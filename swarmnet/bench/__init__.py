@@ -1,2 +1,16 @@
 """Benchmarks: each measures swarmnet against a baseline side by side in one run and reports the
 ratio (``swarmnet bench ...``); results are recorded in docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def write_json(path: str | Path, result: Any) -> None:
+    """A bench's ``--json`` file, written whole or not at all, its folder made if need be (the
+    documented ``runs/...`` is not in a fresh clone)."""
+    from swarmnet.peer.checkpoint import write_atomic
+
+    write_atomic(Path(path), (json.dumps(result, indent=2, default=str) + "\n").encode())

@@ -44,6 +44,7 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
+from swarmnet.bench import write_json
 from swarmnet.bench.baseline_workers import SWARM_CODECS, TORCH_METHODS, phases
 from swarmnet.launch import GLIBC_TUNABLES
 
@@ -304,7 +305,8 @@ def _method_row(method: str, runs: list[list[dict[str, Any]]], solos: list[list[
         span = common_window(rows)
         window.append(span[1] - span[0] if span else None)
         step.append(t)
-        share.append(min(1.0, max(0.0, 1 - t0 / t)))
+        measured = math.isfinite(t) and math.isfinite(t0) and t > 0  # max(0.0, nan) would read 0.0
+        share.append(min(1.0, max(0.0, 1 - t0 / t)) if measured else math.nan)
         vs_solo.append(t / t0)
         reached = [r["time_to_target_s"] for r in rows]
         target.append(None if None in reached else max(reached))
@@ -417,7 +419,7 @@ def run(suite: Suite = FULL, *, json_path: Path | None = None, chart_path: Path 
             records += run_world(suite, world, Path(tmp), on_phase=lambda k: bar.advance(task, k))
             if json_path is not None:  # what is measured so far survives a later failure
                 json_path.parent.mkdir(parents=True, exist_ok=True)
-                json_path.write_text(json.dumps({**result, "partial": True, "records": records}, indent=2))
+                write_json(json_path, {**result, "partial": True, "records": records})
     result.update(aggregate(records))
     python = find_hivemind_python(hivemind_python)
     if suite.hivemind_sizes:
@@ -429,7 +431,7 @@ def run(suite: Suite = FULL, *, json_path: Path | None = None, chart_path: Path 
     result["elapsed_s"] = time.monotonic() - started
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2))
+        write_json(json_path, result)
     if chart_path is not None:
         plot(result, chart_path)
     return result

@@ -16,7 +16,6 @@ reference simulation saw 3.6-4.2 bits per coordinate at its working distances.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import platform
 import statistics
@@ -30,6 +29,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from swarmnet.bench import write_json
 from swarmnet.codecs import kernels, make_codec
 from swarmnet.codecs.base import Codec, Encoded
 
@@ -238,7 +238,7 @@ def run(
         "lattice_wire": wire,
     }
     if json_path is not None:
-        Path(json_path).write_text(json.dumps(result, indent=2, sort_keys=True))
+        write_json(json_path, result)
     if console:
         console.print(main_table(result))
         console.print(wire_table(result))

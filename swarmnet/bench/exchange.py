@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from swarmnet.bench import write_json
 from swarmnet.launch import GLIBC_TUNABLES
 from swarmnet.testing.processes import LocalSwarm, PeerProcessHandle, write_config
 
@@ -83,7 +84,7 @@ def _compute_run(workdir: Path, mode: str, *, hidden: int, steps: int, local_ste
         "algorithm": {"name": "swarmsgd", "local_steps": local_steps},
         "network": EXCHANGE_MODES[mode],
     })
-    swarm = LocalSwarm(workdir / f"compute-{mode}-{batch_size}", config)
+    swarm = LocalSwarm(workdir / f"compute-{mode}-{batch_size}", config, die_with_parent=True)
     try:
         if swarm.wait(600) != 0:
             raise RuntimeError(f"bench swarm failed:\n{swarm.log()}")
@@ -144,7 +145,7 @@ def pull_ratio(workdir: Path, *, hidden: int = 3000, repeats: int = 30) -> dict[
         "train": {"batch_size": 8, "lr": 0.0, "steps": 10**9, "metrics_every": 1000, "checkpoint_every": 0.0},
         "network": {"exchange": False},
     })
-    server = PeerProcessHandle(workdir, "server", config)
+    server = PeerProcessHandle(workdir, "server", config, die_with_parent=True)
     try:
         return _client_process("pull-client", server.card(timeout=120)["addr"], str(repeats))
     finally:
@@ -344,7 +345,7 @@ def run(*, json_path: Path | None = None, quick: bool = False, rounds: int = 3, 
     result["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2))
+        write_json(json_path, result)
     return result
 
 

@@ -20,18 +20,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+from swarmnet.bench import write_json
 from swarmnet.tasks import load_task
 from swarmnet.testing.processes import LocalSwarm, write_config
 
 TASK = "swarmnet.tasks.digits:task"
 
 
-def resident_mb(pid: int) -> float:
-    """The process's resident set in MB (0 once it is gone)."""
+def resident_mb(pid: int, field: str = "VmRSS") -> float:
+    """The process's resident set in MiB (0 once it is gone); ``field="VmHWM"``: its peak so far,
+    which the kernel keeps exactly (sampling VmRSS misses a merge's buffers of a few ms)."""
     try:
         with open(f"/proc/{pid}/status") as fh:
             for line in fh:
-                if line.startswith("VmRSS:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -44,7 +46,7 @@ def model_bytes(hidden: int) -> int:
 
 
 def peak_rss(workdir: Path, *, codec: str, hidden: int, steps: int) -> list[float]:
-    """Each peer's peak resident set (MB) over a 2-peer run."""
+    """Each peer's peak resident set (MiB) over a 2-peer run."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = write_config(workdir / "memory.toml", {
         "run": {"peers": 2},
@@ -54,7 +56,7 @@ def peak_rss(workdir: Path, *, codec: str, hidden: int, steps: int) -> list[floa
         "codec": {"name": codec},
         "network": {"exchange_cpu": 0.0},
     })
-    swarm = LocalSwarm(workdir / "run", config)
+    swarm = LocalSwarm(workdir / "run", config, die_with_parent=True)
     peaks = [0.0, 0.0]
     done = threading.Event()
 
@@ -67,7 +69,7 @@ def peak_rss(workdir: Path, *, codec: str, hidden: int, steps: int) -> list[floa
                     if card.exists():
                         pids[i] = json.loads(card.read_text())["pid"]
                 if pids[i] is not None:
-                    peaks[i] = max(peaks[i], resident_mb(pids[i]))
+                    peaks[i] = max(peaks[i], resident_mb(pids[i], "VmHWM"))  # the last read before it exits
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -96,6 +98,5 @@ def run(*, codecs: tuple[str, ...] = ("fp32", "lattice"), hidden: int = 3000, st
                                        "model_copies": grown_mb * 1024 * 1024 / (nbytes[1] - nbytes[0])}
     result["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0], "time": time.time()}
     if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2))
+        write_json(json_path, result)
     return result

@@ -16,7 +16,6 @@ second OpenMP thread waiting for a core costs more than it brings; pass 2 on an 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 
 import torch
 
+from swarmnet.bench import write_json
 from swarmnet.sim.engine import Engine, EngineConfig
 from swarmnet.sim.problems import lsq
 
@@ -127,7 +127,7 @@ def run(
     _report(figures)
     if json_path is not None:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(figures, indent=2) + "\n")
+        write_json(json_path, figures)
     return figures
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import platform
 import statistics
@@ -31,6 +30,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from swarmnet.bench import write_json
 from swarmnet.errors import SwarmError
 from swarmnet.transport.base import Transport
 from swarmnet.transport.ucx import UcxTransport
@@ -44,11 +44,12 @@ Pull = Callable[[], Awaitable[int]]
 """One timed pull; returns the number of payload bytes that arrived."""
 
 
-def _bind_url(name: str, tmpdir: str) -> str:
+def _bind_url(name: str, tmpdir: str, side: str = "swarmnet") -> str:
+    """Where one side of the comparison listens (``side``: swarmnet or raw)."""
     return {
         "tcp": "tcp://127.0.0.1:0",
-        "ipc": f"ipc://{tmpdir}/bench.sock",
-        "inproc": "inproc://swarmnet-bench",
+        "ipc": f"ipc://{tmpdir}/{side}.sock",
+        "inproc": f"inproc://bench-{side}",
         "ucx": "ucx://127.0.0.1:0",
     }[name]
 
@@ -172,7 +173,7 @@ async def _measure(names: list[str], sizes_mb: Iterable[float], repeats: int
                 for name, transport in transports.items():
                     url = _bind_url(name, tmpdir)
                     raw_puller = (_raw_ucxx_puller(payload) if name == "ucx" else
-                                  _raw_zmq_puller(url.replace("bench", "bench-raw"), payload))
+                                  _raw_zmq_puller(_bind_url(name, tmpdir, "raw"), payload))
                     async with _swarmnet_puller(transport, url, payload) as ours_pull, \
                             raw_puller as raw_pull:
                         ours_times, raw_times = await _paired_times(
@@ -229,7 +230,7 @@ def run(*, sizes_mb: Iterable[float] = (40, 400), repeats: int = 5,
     }
     _print(result)
     if json_path is not None:
-        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+        write_json(json_path, result)
     return result
 
 

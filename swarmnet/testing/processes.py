@@ -98,12 +98,21 @@ def pid_alive(pid: int) -> bool:
 class _Process:
     """Owns one child process (its own session, so the whole tree can be killed)."""
 
-    def __init__(self, cmd: Sequence[str], log: Path, prefix: Sequence[str] = ()) -> None:
+    def __init__(self, cmd: Sequence[str], log: Path, prefix: Sequence[str] = (), *,
+                 die_with_parent: bool = False) -> None:
+        """``die_with_parent``: the child gets SIGTERM when the thread that started it dies (a
+        bench killed mid-run must not leave a daemon training on a core of the next one's)."""
         self.log_path = log
         log.parent.mkdir(parents=True, exist_ok=True)
+        preexec = None
+        if die_with_parent:
+            from swarmnet.launch import die_with_parent as make_preexec
+
+            preexec = make_preexec()
         with open(log, "ab") as fh:
             self.proc = subprocess.Popen([*prefix, *cmd], stdout=fh, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=_env(), start_new_session=True)
+                                         stdin=subprocess.DEVNULL, env=_env(), start_new_session=True,
+                                         preexec_fn=preexec)
 
     def wait(self, timeout: float) -> int:
         try:
@@ -143,12 +152,12 @@ class _Process:
 class LocalSwarm(_Process):
     """``swarmnet up`` in a child process, with helpers to reach its peers."""
 
-    def __init__(self, run_dir: Path, config: Path, *args: str) -> None:
+    def __init__(self, run_dir: Path, config: Path, *args: str, die_with_parent: bool = False) -> None:
         self.run_dir = run_dir
         self.summary_path = run_dir / "summary.json"
         cmd = [sys.executable, "-m", "swarmnet", "up", "--config", str(config), "--run-dir", str(run_dir),
                "--summary", str(self.summary_path), *args]
-        super().__init__(cmd, run_dir / "up.log")
+        super().__init__(cmd, run_dir / "up.log", die_with_parent=die_with_parent)
 
     def card(self, name: str, timeout: float = 120) -> dict[str, Any]:
         path = self.run_dir / name / "card.json"
@@ -175,13 +184,13 @@ class PeerProcessHandle(_Process):
     """One ``swarmnet peer`` daemon; ``prefix`` runs it under e.g. ``ip netns exec NAME``."""
 
     def __init__(self, run_dir: Path, name: str, config: Path, *args: str, prefix: Sequence[str] = (),
-                 log: Path | None = None) -> None:
+                 log: Path | None = None, die_with_parent: bool = False) -> None:
         """``log``: where its output goes (default ``run_dir/<name>.log``)."""
         self.run_dir = run_dir
         self.name = name
         cmd = [sys.executable, "-m", "swarmnet", "peer", "--config", str(config), "--name", name,
                "--run-dir", str(run_dir), *args]
-        super().__init__(cmd, log or run_dir / f"{name}.log", prefix)
+        super().__init__(cmd, log or run_dir / f"{name}.log", prefix, die_with_parent=die_with_parent)
 
     def card(self, timeout: float = 120) -> dict[str, Any]:
         path = self.run_dir / self.name / "card.json"

@@ -85,6 +85,21 @@ def test_a_rank_without_a_final_loss_leaves_that_cell_empty_not_the_run():
     assert rows["swarm-fp32"]["step_time_s"]["median"] == pytest.approx(0.01)
 
 
+def test_a_run_whose_ranks_never_stepped_together_has_no_communication_share():
+    """Its step time is not a number; the share read 0.00, the best a method can show."""
+    from swarmnet.bench.baselines import aggregate
+
+    def record(phase, rank, start):
+        return {"model": "digits", "world": 2, "phase": phase, "repeat": 0, "rank": rank,
+                "points": [(10 * i, start + 0.1 * i) for i in range(1, 7)], "time_to_target_s": 1.0,
+                "bytes_per_step": 10.0, "final_loss": 0.1, "backend": "gloo", "parameters": 5}
+
+    records = [record("swarm-solo", 0, 0.0), record("swarm-solo", 1, 0.0),
+               record("swarm-fp32", 0, 0.0), record("swarm-fp32", 1, 10.0)]  # apart: never side by side
+    row = {r["method"]: r for r in aggregate(records)["methods"]}["swarm-fp32"]
+    assert row["step_time_s"] is None and row["comm_share"] is None
+
+
 def test_paces_are_read_where_every_rank_steps():
     """A rank that stepped alone while the other was still starting (or already done) had a core
     of its own then: only the span in which both stepped counts, after each one's warm-up."""
