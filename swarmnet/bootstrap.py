@@ -156,7 +156,9 @@ SEED_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export PORT_BASE SEED_HOST PYTHONUNBUFFERED=1
 export GLIBC_TUNABLES="${{GLIBC_TUNABLES:-{GLIBC_TUNABLES}}}"
 
-srun --kill-on-bad-exit=0 bash -c 'exec swarmnet peer --config {CONFIG_PATH} \\
+# srun inherits --cpus-per-task from sbatch no more (Slurm 22.05+): each peer's compute and
+# exchange threads would share one core.
+srun --kill-on-bad-exit=0 --cpus-per-task="$SLURM_CPUS_PER_TASK" bash -c 'exec swarmnet peer --config {CONFIG_PATH} \\
     --name "peer$SLURM_PROCID" \\
     --listen "tcp://0.0.0.0:$((PORT_BASE + SLURM_LOCALID))" \\
     --advertise "tcp://$(hostname):$((PORT_BASE + SLURM_LOCALID))" \\

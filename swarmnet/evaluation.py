@@ -149,7 +149,8 @@ async def discover(seeds: list[str], run_dir: Path | None, timeout: float,
         await collector.aclose()
     if not snapshot.alive:
         raise SwarmError(nobody_answered(snapshot))
-    return [(row.name, row.addr, row.step) for row in snapshot.alive]
+    # Pulled where each answered: the address it advertises may not resolve from here.
+    return [(row.name, row.reached or row.addr, row.step) for row in snapshot.alive]
 
 
 def evaluate_swarm(cfg: SwarmConfig, *, seeds: list[str], run_dir: Path | None = None, peers: int = 0,
@@ -166,7 +167,9 @@ def evaluate_swarm(cfg: SwarmConfig, *, seeds: list[str], run_dir: Path | None =
     codec = make_codec(cfg.codec.name, **cfg.codec.options)
 
     async def pull_all() -> tuple[list[PulledModel], Tensor, float]:
-        found = sorted(await discover(seeds, run_dir, timeout, curve))
+        from swarmnet.ui.collect import name_order
+
+        found = sorted(await discover(seeds, run_dir, timeout, curve), key=lambda peer: name_order(peer[0]))
         if peers > len(found):
             log.warning("--peers %d: only %d peer(s) answered; averaging those", peers, len(found))
         chosen = found[:peers] if peers > 0 else found

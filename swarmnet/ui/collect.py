@@ -111,10 +111,12 @@ class StatusCollector:
             if addr:
                 self.addresses.setdefault(addr, None)
 
-    async def _ask(self, addr: str) -> dict[str, Any]:
+    async def _ask(self, addr: str) -> tuple[dict[str, Any], float]:
+        """The peer's status and the wall time it came (each reply its own: the rates divide by
+        it, and a round waits for its slowest, a dead peer's timeout)."""
         reply = await self.client.call(addr, request(MsgType.STATUS, self.client.sender), self.timeout,
                                        expect=MsgType.STATUS_REPLY)
-        return dict(reply.body["status"])
+        return dict(reply.body["status"]), time.time()
 
     async def poll(self) -> SwarmSnapshot:
         """Query every known peer concurrently, fold in what they know, return the new snapshot."""
@@ -133,9 +135,9 @@ class StatusCollector:
                         raise reply
                     self._failed(addr, reply, now)
                 else:
-                    self._answered(addr, reply, now)
+                    self._answered(addr, *reply)
         return SwarmSnapshot(
-            taken_at=time.time(), peers=tuple(sorted(self.rows.values(), key=_order)),
+            taken_at=time.time(), peers=tuple(sorted(self._one_row_per_peer(), key=_order)),
             events=tuple(sorted(self._events.values(), key=lambda e: e.time)[-MAX_EVENTS:]),
             mean_model_loss=mean_model_loss(self.run_dir), query_s=time.monotonic() - started,
         )
@@ -154,6 +156,20 @@ class StatusCollector:
         for item in status.get("events") or []:
             if isinstance(item, (list, tuple)) and len(item) == 3 and isinstance(item[0], (int, float)):
                 self._note(Event(float(item[0]), str(item[1]), str(item[2]), row.name))
+
+    def _one_row_per_peer(self) -> list[PeerStatus]:
+        """One peer asked under two spellings of its address (a seed typed as localhost or a
+        port-forward, the address it advertises) answers under both, or under one only: it is
+        one row, not two peers (nor a dead one beside it)."""
+        answered_elsewhere = {row.addr for row in self.rows.values() if not row.stale and row.reached != row.addr}
+        seen: set[str] = set()
+        rows = []
+        for addr, row in self.rows.items():
+            if (row.id and row.id in seen) or (not row.id and addr in answered_elsewhere):
+                continue
+            seen.add(row.id)
+            rows.append(row)
+        return rows
 
     def _failed(self, addr: str, exc: Exception, now: float) -> None:
         row = self.rows.get(addr)
@@ -179,5 +195,10 @@ class StatusCollector:
 
 
 def _order(row: PeerStatus) -> tuple[int, str]:
-    digits = "".join(ch for ch in row.name if ch.isdigit())
-    return (int(digits) if digits else 1 << 30, row.name)
+    return name_order(row.name)
+
+
+def name_order(name: str) -> tuple[int, str]:
+    """peer2 before peer10: by the number in a peer's name, then the name."""
+    digits = "".join(ch for ch in name if ch.isdigit())
+    return (int(digits) if digits else 1 << 30, name)

@@ -27,6 +27,9 @@ class PeerStatus:
 
     name: str
     addr: str
+    """The address the peer advertises."""
+    reached: str = ""
+    """The address it answered at (a seed may spell it otherwise: localhost, a port-forward)."""
     id: str = ""
     host: str = ""
     device: str = ""
@@ -58,7 +61,7 @@ class PeerStatus:
         counters not reset) and is strictly older.
         """
         row = cls(
-            name=str(status.get("name") or addr), addr=str(status.get("addr") or addr),
+            name=str(status.get("name") or addr), addr=str(status.get("addr") or addr), reached=addr,
             id=str(status.get("id", "")), host=str(status.get("host", "")),
             device=str(status.get("device", "")), state=str(status.get("state", "unknown")),
             step=_int(status.get("step")), total_steps=_int(status.get("total_steps")),

@@ -159,3 +159,21 @@ def test_file_seeds_are_read_as_peers_read_them(tmp_path, monkeypatch) -> None:
     for seed in (f"file://{card}", "file://runs/a#1/peer0/card.json"):
         assert resolve_seed(seed) == read_seed_card(seed) == "tcp://127.0.0.1:7100", seed
     assert resolve_seed("tcp://10.0.0.1:7000") == "tcp://10.0.0.1:7000"
+
+
+async def test_a_peer_asked_under_two_spellings_of_its_address_is_one_peer() -> None:
+    """A seed typed as localhost (or a port-forward) and the 127.0.0.1 address the peers pass
+    on: two rows for one peer counted it twice in status and averaged it twice in eval."""
+    from swarmnet.evaluation import discover
+
+    async with responders(3) as swarm:
+        alias = swarm.addrs[0].replace("127.0.0.1", "localhost")
+        collector = StatusCollector([alias], timeout=2.0)
+        try:
+            snapshot = await collector.poll()
+        finally:
+            await collector.aclose()
+        assert sorted(row.name for row in snapshot.alive) == ["peer0", "peer1", "peer2"]
+        assert len(snapshot.peers) == 3
+        found = {name: addr for name, addr, _ in await discover([alias], None, 2.0)}
+        assert found["peer0"] == alias  # eval pulls where the peer answered
