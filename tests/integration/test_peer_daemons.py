@@ -1,5 +1,6 @@
 """`swarmnet peer` daemons started by hand: seeds, gossip, status, two hosts in namespaces."""
 
+import contextlib
 import os
 import signal
 import time
@@ -133,19 +134,30 @@ def test_restarted_peer_resumes_from_its_checkpoint(tmp_path, daemons):
     assert steps == sorted(steps) and steps[-1] == 600 and 300 in steps and 310 in steps
 
 
-def test_garbage_is_rejected_counted_and_the_peer_keeps_serving(tmp_path, daemons):
-    import msgpack
+@contextlib.contextmanager
+def lone_peer_and_a_raw_socket(tmp_path, daemons, *args):
+    """A peer alone (nobody to pull from, so only our requests move it) and a bare DEALER
+    socket to it that sends whatever frames it is given, as a hostile client could."""
     import zmq
 
-    config = daemon_config(tmp_path, steps=1_000_000)
-    peer = PeerProcessHandle(tmp_path / "run", "target", config, "--set", "network.min_peers=0")
+    peer = PeerProcessHandle(tmp_path / "run", "target", daemon_config(tmp_path, steps=1_000_000),
+                             "--set", "network.min_peers=0", *args)
     daemons.append(peer)
-    address = peer.card()["addr"]
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVTIMEO, 10_000)
-    sock.connect(address)
+    sock.connect(peer.card()["addr"])
+    try:
+        yield peer, sock
+    finally:
+        sock.close(0)
+        ctx.term()
+
+
+def test_garbage_is_rejected_counted_and_the_peer_keeps_serving(tmp_path, daemons):
+    import msgpack
+
     bad = [
         [b"\xc1not msgpack"],
         [msgpack.packb({"v": 99, "t": "pull", "id": "x", "mid": 1, "sizes": []})],
@@ -154,14 +166,12 @@ def test_garbage_is_rejected_counted_and_the_peer_keeps_serving(tmp_path, daemon
         [msgpack.packb({"v": 1, "t": "snapshot", "id": "x", "mid": 3, "sizes": [], "version": 1, "codec": "fp32",
                         "meta": {}, "clock": 0, "age": 0.0})],
     ]
-    try:
+    with lone_peer_and_a_raw_socket(tmp_path, daemons) as (peer, sock):
         for frames, (code, answers) in zip(bad, [("malformed", 0), ("version", 1), ("malformed", 2), ("malformed", 3)]):
             sock.send_multipart(frames)
             reply = msgpack.unpackb(sock.recv_multipart()[0])
             assert (reply["t"], reply["code"], reply.get("re", 0)) == ("reject", code, answers), reply
-    finally:
-        sock.close(0)
-        ctx.term()
+    address = peer.card()["addr"]
     status = query_status(address)
     assert status["rejected"] == {"malformed": 1, "version": 1, "size_mismatch": 1, "unexpected_type": 1}
     step = status["step"]
@@ -175,25 +185,16 @@ def test_a_pull_the_server_refuses_moves_no_phase_clock(tmp_path, daemons):
     cannot serve is answered with a reject and is no interaction; a good one moves the server's
     clock (ours, 5, is ahead of its 0)."""
     import msgpack
-    import zmq
 
-    config = daemon_config(tmp_path, steps=1_000_000)
-    peer = PeerProcessHandle(tmp_path / "run", "target", config, "--set", "network.min_peers=0",
-                             "--set", "codec.name=lattice", "--set", "train.metrics_every=10")
-    daemons.append(peer)
-    address = peer.card()["addr"]
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVTIMEO, 10_000)
-    sock.connect(address)
+    with lone_peer_and_a_raw_socket(tmp_path, daemons, "--set", "codec.name=lattice",
+                                    "--set", "train.metrics_every=10") as (peer, sock):
+        address = peer.card()["addr"]
 
-    def pull(mid, want):
-        sock.send_multipart([msgpack.packb({"v": 1, "t": "pull", "id": "x", "mid": mid, "sizes": [], "clock": 5,
-                                            "want": want, "version": None})])
-        return msgpack.unpackb(sock.recv_multipart()[0])
+        def pull(mid, want):
+            sock.send_multipart([msgpack.packb({"v": 1, "t": "pull", "id": "x", "mid": mid, "sizes": [], "clock": 5,
+                                                "want": want, "version": None})])
+            return msgpack.unpackb(sock.recv_multipart()[0])
 
-    try:
         refused = pull(1, "not a plan")
         assert (refused["t"], refused["code"]) == ("reject", "malformed"), refused
         served = pull(2, None)
@@ -202,9 +203,6 @@ def test_a_pull_the_server_refuses_moves_no_phase_clock(tmp_path, daemons):
         step = query_status(address)["step"]
         wait_until(lambda: query_status(address)["step"] >= step + 30, 60, what="metrics rows after the pulls")
         assert query_status(address)["clock"] == 1  # alone: the served pull moved it, the refused one did not
-    finally:
-        sock.close(0)
-        ctx.term()
 
 
 def test_a_second_stop_request_ends_the_wait_for_a_pull_in_flight(tmp_path, daemons):
