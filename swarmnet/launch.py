@@ -45,7 +45,7 @@ from swarmnet.peer.claim import check_free
 from swarmnet.peer.compute import plan_training
 from swarmnet.peer.metrics import read_metrics
 from swarmnet.peer.node import FINISHED_WELL
-from swarmnet.tasks import load_task
+from swarmnet.tasks import load_task, what_failed
 
 log = get_logger("launch")
 
@@ -143,11 +143,11 @@ EARLIER = ".earlier"
 def set_aside_other_peers(run_dir: Path, launched: set[str]) -> None:
     """Move the folders of peers of an earlier run in ``run_dir`` that this run does not launch
     (it has fewer peers, or other names) to ``run_dir/.earlier/``: left in place, their cards
-    and metrics would pass for this run's in `swarmnet status` and `swarmnet plot`. Moved, not
-    deleted (checkpoints included); a folder a running peer holds stays where it is."""
-    for card in sorted([*run_dir.glob("*/card.json"), *run_dir.glob("*/metrics.jsonl")]):
-        folder = card.parent
-        if folder.name in launched or folder.name == EARLIER or not folder.exists():
+    and metrics would pass for this run's in `swarmnet status` and `swarmnet plot`. Moved whole,
+    checkpoints included (replacing an older copy of the same name there); a folder a running
+    peer holds, or whose lock cannot be asked, stays where it is."""
+    for folder in sorted({f.parent for pattern in ("*/card.json", "*/metrics.jsonl") for f in run_dir.glob(pattern)}):
+        if folder.name in launched or folder.name == EARLIER:
             continue
         try:
             check_free(folder, unknown_is_free=False)  # a peer on another host of a shared file system
@@ -491,7 +491,7 @@ def average_models(plan: LaunchPlan, peers: list[PeerProcess]) -> dict[str, Any]
     try:
         evaluation = evaluate_averaged(model, task, batch_size=plan.cfg.train.batch_size, seed=plan.cfg.run.seed)
     except Exception as exc:  # the task's own evaluation: its failure must not cost the summary
-        error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        error = what_failed(exc)
         log.warning("the average model could not be evaluated: the task's evaluation raised %s", error)
         return {**result, "eval_error": error}
     return {**result, **evaluation}

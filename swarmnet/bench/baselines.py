@@ -418,7 +418,6 @@ def run(suite: Suite = FULL, *, json_path: Path | None = None, chart_path: Path 
             bar.update(task, description=f"bench baselines: {world} processes")
             records += run_world(suite, world, Path(tmp), on_phase=lambda k: bar.advance(task, k))
             if json_path is not None:  # what is measured so far survives a later failure
-                json_path.parent.mkdir(parents=True, exist_ok=True)
                 write_json(json_path, {**result, "partial": True, "records": records})
     result.update(aggregate(records))
     python = find_hivemind_python(hivemind_python)
@@ -430,7 +429,6 @@ def run(suite: Suite = FULL, *, json_path: Path | None = None, chart_path: Path 
     result["records"] = records  # per rank and phase: what the rows above were computed from
     result["elapsed_s"] = time.monotonic() - started
     if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
         write_json(json_path, result)
     if chart_path is not None:
         plot(result, chart_path)

@@ -344,7 +344,6 @@ def run(*, json_path: Path | None = None, quick: bool = False, rounds: int = 3, 
             bar.advance(task)
     result["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
     if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
         write_json(json_path, result)
     return result
 

@@ -126,7 +126,6 @@ def run(
     }
     _report(figures)
     if json_path is not None:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         write_json(json_path, figures)
     return figures
 

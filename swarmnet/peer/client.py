@@ -52,7 +52,9 @@ class PeerClient:
         """Close least recently used connections with no request in flight while there are
         more than ``max_connections`` (the busy ones stay, so there may briefly be more)."""
         excess = len(self._connections) - self.max_connections
-        for address in [a for a in self._connections if not self._in_flight[a]][:max(0, excess)]:
+        if excess <= 0:  # the common case, on every request
+            return
+        for address in [a for a in self._connections if not self._in_flight[a]][:excess]:
             if not self._in_flight[address]:  # still idle: an earlier close may have let a request in
                 await self.forget(address)
 

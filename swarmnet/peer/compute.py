@@ -514,9 +514,11 @@ class ComputeLoop(Replica):
         if self.task.evaluate is None:
             return {}
         self.model.eval()
-        with torch.no_grad():
-            self.last_eval = {k: float(v) for k, v in self.task.evaluate(self.model).items()}
-        self.model.train()
+        try:
+            with torch.no_grad():
+                self.last_eval = {k: float(v) for k, v in self.task.evaluate(self.model).items()}
+        finally:
+            self.model.train()
         self.metrics.write({"time": time.time(), "step": self.step, "eval": self.last_eval})
         return self.last_eval
 
@@ -526,7 +528,6 @@ class ComputeLoop(Replica):
         try:
             self.evaluate()
         except Exception:
-            self.model.train()
             self.log.exception("the task's evaluation failed at step %d; training goes on without it", self.step)
 
     def finalize(self) -> str | None:

@@ -33,7 +33,7 @@ class ShardSampler:
         self.steps_per_epoch = math.ceil(num_samples / batch_size)
         self.shard = shard
         self.rank = rank % max(1, peers)
-        self.shards = max(1, peers // 2)
+        self.shards = shard_count(peers)
         self.seed = seed
         self.peer_seed = peer_seed
         self.position = SamplerPosition()
@@ -80,3 +80,8 @@ class ShardSampler:
         self.position = SamplerPosition(epoch, batch)
         if self.position.batch:
             self._order = self._epoch_order(self.position.epoch)
+
+
+def shard_count(peers: int) -> int:
+    """Shards of ``train.shard = "partition"``: every one shared by two peers (SPEC 1.4)."""
+    return max(1, peers // 2)

@@ -49,6 +49,7 @@ from swarmnet.peer.budget import auto_cores
 from swarmnet.peer.claim import DirectoryClaim
 from swarmnet.peer.client import PeerClient
 from swarmnet.peer.compute import ComputeLoop, Replica, peer_seed_of
+from swarmnet.peer.data import shard_count
 from swarmnet.peer.exchange import Exchange, warm_up_loops
 from swarmnet.peer.membership import MembershipService, PeerTable
 from swarmnet.peer.newcomer import fetch_donation
@@ -132,7 +133,7 @@ class Peer:
     def __init__(self, cfg: SwarmConfig, identity: PeerIdentity, *, resume: bool = True) -> None:
         self.cfg = cfg
         self.name = identity.name
-        if identity.rank is None and cfg.train.shard == "partition" and cfg.run.peers >= 4:  # peers // 2 shards
+        if identity.rank is None and cfg.train.shard == "partition" and shard_count(cfg.run.peers) > 1:
             raise ConfigError(
                 f"train.shard = 'partition' trains each peer on the shard of its rank, and peer {identity.name} "
                 f"was given none: pass --rank N (0 to {cfg.run.peers - 1}), set rank in its manifest, or set one "

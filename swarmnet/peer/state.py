@@ -248,8 +248,8 @@ class MergeGate:
     ``(Q(C_i) - K) / 2``, still leave a convex combination, ``(C_k + C_i) / 2``; a third would
     give K a negative weight, and many at once overshoot and diverge. So a nudge is admitted
     only against our latest version, only once per version, only when that version holds every
-    nudge admitted before (none still decoding or waiting to be applied), and only while our own interaction in flight (if any) was computed
-    against that same version. Conversely our next merge waits for a version that holds every
+    nudge admitted before (none still decoding or waiting to be applied), and only while our own
+    interaction in flight (if any) was computed against that same version. Conversely our next merge waits for a version that holds every
     nudge admitted (:meth:`may_key_on`): keyed on one without it, the nudge would land on top of
     a merge computed as if it were not there.
     """

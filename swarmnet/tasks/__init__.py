@@ -66,7 +66,7 @@ def import_factory(spec: str, form: str = "must be 'module:function', e.g. swarm
     except ImportError as exc:
         raise ConfigError(f"task {spec!r}: cannot import {module_name!r}: {exc}") from None
     except Exception as exc:  # the module itself fails: a syntax error, an error at import time
-        raise ConfigError(f"task {spec!r}: importing {module_name!r} failed: {_what_failed(exc)}") from None
+        raise ConfigError(f"task {spec!r}: importing {module_name!r} failed: {what_failed(exc)}") from None
     factory = getattr(module, func_name, None)
     if not callable(factory):
         raise ConfigError(f"task {spec!r}: {module_name} has no callable {func_name!r}")
@@ -88,7 +88,7 @@ def load_task(spec: str, options: Mapping[str, Any] | None = None) -> Task:
             return build()
         except Exception as exc:
             raise ConfigError(f"task {spec!r} with task.options {options}: building the model failed: "
-                              f"{_what_failed(exc)}; fix the task or its options") from None
+                              f"{what_failed(exc)}; fix the task or its options") from None
     return replace(task, build_model=build_model)
 
 
@@ -109,11 +109,11 @@ def call_factory(spec: str, factory: Callable[..., Any], options: Mapping[str, A
     except ConfigError:
         raise
     except Exception as exc:
-        raise ConfigError(f"task {spec!r} with {flag} {dict(options)} failed: {_what_failed(exc)}; "
+        raise ConfigError(f"task {spec!r} with {flag} {dict(options)} failed: {what_failed(exc)}; "
                           "fix the task or its options") from None
 
 
-def _what_failed(exc: BaseException) -> str:
+def what_failed(exc: BaseException) -> str:
     """An exception in a user's code in one line: its type, message and where it was raised."""
     if isinstance(exc, SyntaxError):
         return f"SyntaxError: {exc.msg} ({exc.filename}, line {exc.lineno})"
