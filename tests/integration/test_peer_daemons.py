@@ -1,6 +1,7 @@
 """`swarmnet peer` daemons started by hand: seeds, gossip, status, two hosts in namespaces."""
 
 import contextlib
+import itertools
 import os
 import signal
 import time
@@ -190,14 +191,19 @@ def test_a_pull_the_server_refuses_moves_no_phase_clock(tmp_path, daemons):
                                     "--set", "train.metrics_every=10") as (peer, sock):
         address = peer.card()["addr"]
 
-        def pull(mid, want):
-            sock.send_multipart([msgpack.packb({"v": 1, "t": "pull", "id": "x", "mid": mid, "sizes": [], "clock": 5,
-                                                "want": want, "version": None})])
+        mids = itertools.count(1)
+
+        def pull(want, clock=5):
+            sock.send_multipart([msgpack.packb({"v": 1, "t": "pull", "id": "x", "mid": next(mids), "sizes": [],
+                                                "clock": clock, "want": want, "version": None})])
             return msgpack.unpackb(sock.recv_multipart()[0])
 
-        refused = pull(1, "not a plan")
+        # Its card comes before its first snapshot (a loaded machine shows the gap): wait for one,
+        # reading with clock 0, which moves no clock.
+        wait_until(lambda: pull(None, clock=0)["t"] == "snapshot", 60, what="the peer's first snapshot")
+        refused = pull("not a plan")
         assert (refused["t"], refused["code"]) == ("reject", "malformed"), refused
-        served = pull(2, None)
+        served = pull(None)
         assert (served["t"], served["clock"]) == ("snapshot", 0), served  # the clock before the move
         # The status reports the clock of the last metrics row: wait for one after the pulls.
         step = query_status(address)["step"]
