@@ -56,6 +56,10 @@ class CodecError(SwarmError):
     """A snapshot could not be encoded or decoded (bad parameters, failed verification)."""
 
 
+class NonFiniteInput(CodecError):
+    """A lossy codec was asked to encode a vector holding NaN or infinity."""
+
+
 class ModelDiverged(SwarmError):
     """Our own model holds non-finite values, so it cannot be published (a lossy codec refuses
     to encode it): training diverged."""

@@ -36,7 +36,7 @@ from swarmnet.codecs.wirecheck import (
     versioned_meta,
 )
 from swarmnet.codecs.workspace import scratch
-from swarmnet.errors import CodecError, ConfigError
+from swarmnet.errors import CodecError, ConfigError, NonFiniteInput
 
 MAX_BLOCK = 1 << 20
 
@@ -122,7 +122,7 @@ class BlockwiseCodec(Codec):
         else:
             self._quantize(x, q, scales, quantized)
         if n and not torch.isfinite(scales).all():  # CPU<->GPU sync point: refuse before publishing
-            raise CodecError(f"{self.name}: the vector has non-finite values")
+            raise NonFiniteInput(f"{self.name}: the vector has non-finite values")
         if self.bits == 8:
             values = q
         else:

@@ -24,7 +24,7 @@ from swarmnet.codecs.published import copies_done, published
 from swarmnet.codecs.rounding import FRAC_BITS, ONE, RandomBits, round_with_offsets
 from swarmnet.codecs.wirecheck import check_frames, versioned_meta
 from swarmnet.codecs.workspace import scratch
-from swarmnet.errors import CodecError, ConfigError
+from swarmnet.errors import CodecError, ConfigError, NonFiniteInput
 
 ROUNDINGS = ("nearest", "stochastic")
 
@@ -71,7 +71,7 @@ class HalfCodec(Codec):
         """
         n, dev = x.numel(), x.device
         if n and not (torch.isfinite(x.amax()) and torch.isfinite(x.amin())):
-            raise CodecError(f"{self.name}: the vector has non-finite values")
+            raise NonFiniteInput(f"{self.name}: the vector has non-finite values")
         info = torch.finfo(self.dtype)
         drop = 23 - round(-math.log2(info.eps))
         offsets = self._bits.fill(scratch("half.bits", n, torch.int32, dev))

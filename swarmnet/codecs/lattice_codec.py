@@ -55,7 +55,7 @@ from swarmnet.codecs.wirecheck import (
     versioned_meta,
 )
 from swarmnet.codecs.workspace import scratch
-from swarmnet.errors import CodecError, ConfigError
+from swarmnet.errors import CodecError, ConfigError, NonFiniteInput
 
 MODES = ("stochastic", "dither")
 LAYOUT_VERSION = 3
@@ -408,7 +408,7 @@ class LatticeCodec(Codec):
         # CPU<->GPU sync point: the header needs the values.
         max_abs_R = max_abs.cpu().numpy().astype(np.float64)
         if not np.isfinite(max_abs_R).all():
-            raise CodecError("lattice: the vector has non-finite values")
+            raise NonFiniteInput("lattice: the vector has non-finite values")
         progress = hints.get("progress") if hints else None
         e_R = self.policy.exponents(*self._chunk_rms(x, chunk, progress), max_abs_R, hints)
         bound_R = np.ldexp(max_abs_R, -e_R)

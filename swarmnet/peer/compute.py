@@ -43,7 +43,7 @@ from swarmnet.algorithms import LocalSteps, PhaseClock, Schedule, apply_pull, co
 from swarmnet.codecs import Codec
 from swarmnet.codecs.published import published
 from swarmnet.config import SwarmConfig, TrainConfig
-from swarmnet.errors import CodecError, ConfigError, ModelDiverged
+from swarmnet.errors import ConfigError, ModelDiverged, NonFiniteInput
 from swarmnet.peer import checkpoint
 from swarmnet.peer.data import ShardSampler
 from swarmnet.peer.metrics import MetricsWriter, progress_record
@@ -165,9 +165,7 @@ class Replica:
             hints.update(progress=progress_N, progress_steps=progress_steps)
         try:
             encoded = self.codec.encode(self.stale_N, hints)
-        except CodecError:  # lossy codecs refuse non-finite values; fp32 publishes them (neighbours screen)
-            if bool(torch.isfinite(self.stale_N).all()):  # CPU<->GPU sync point, only on failure
-                raise
+        except NonFiniteInput:  # lossy codecs refuse non-finite values; fp32 publishes them (neighbours screen)
             raise ModelDiverged(self.step) from None
         values = (encoded.quantized if self.codec.lossless
                   else published(self.stale_N.numel(), torch.float32, self.device).copy_(self.stale_N))
