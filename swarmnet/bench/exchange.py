@@ -9,7 +9,10 @@
 2. Pull ratio: one real peer daemon serves an fp32 snapshot of a ~37 MB model; a client pulls it
    through the swarmnet protocol (PULL, validation) and, on the same socket types, a raw pyzmq
    ROUTER/DEALER pair moves the same bytes (copy=False). Both run in one client process,
-   alternating, with the glibc hugetlb tunable set. Target >= 0.8. Then what the exchange does
+   alternating, with the glibc hugetlb tunable set. Each server trains the same model on a
+   thread while it serves, as a peer does, and only the one being timed runs: the other is
+   stopped (the daemon by SIGSTOP, the raw server's thread by a message), so neither side has a
+   busier machine or a busier GIL than the other. Target >= 0.8. Then what the exchange does
    with the reply, each timed: reading the vector (``codec.view``, in place), the exchange
    worker's gap and norm written over it (against ``decode``'s copy into a preallocated vector
    and the gap written over that copy), and the compute thread's add of half the gap to the
@@ -139,15 +142,22 @@ def compute_ratio(workdir: Path, *, hidden: int = 512, steps: int = 3000, local_
             "rounds": rounds, "peers": peers, "device": device, "hidden": hidden, "batch_size": batch_size, "local_steps": local_steps}
 
 
+SERVING_BATCH = 8
+"""Batch size of the training both pull-stage servers do while they serve (learning rate 0)."""
+
+
 def pull_ratio(workdir: Path, *, hidden: int = 3000, repeats: int = 30) -> dict[str, Any]:
     config = write_config(workdir / "serve.toml", {
         "task": {"spec": "swarmnet.tasks.digits:task", "options": {"hidden": hidden}},
-        "train": {"batch_size": 8, "lr": 0.0, "steps": 10**9, "metrics_every": 1000, "checkpoint_every": 0.0},
+        "train": {"batch_size": SERVING_BATCH, "lr": 0.0, "steps": 10**9, "metrics_every": 1000,
+                  "checkpoint_every": 0.0},
         "network": {"exchange": False},
     })
-    server = PeerProcessHandle(workdir, "server", config, die_with_parent=True)
+    server = PeerProcessHandle(workdir, "server", config, die_with_parent=True,
+                               env={"GLIBC_TUNABLES": GLIBC_TUNABLES})  # as `swarmnet up` starts it
     try:
-        return _client_process("pull-client", server.card(timeout=120)["addr"], str(repeats))
+        address = server.card(timeout=120)["addr"]
+        return _client_process("pull-client", address, str(repeats), str(server.proc.pid), str(hidden))
     finally:
         server.kill_tree()
 
@@ -164,8 +174,11 @@ def _client_process(*args: str) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-async def _pull_client(address: str, repeats: int) -> dict[str, Any]:
-    """Runs in a child process: alternates swarmnet pulls and raw pyzmq transfers of the same bytes."""
+async def _pull_client(address: str, repeats: int, daemon_pid: int, hidden: int) -> dict[str, Any]:
+    """Runs in a child process: alternates swarmnet pulls and raw pyzmq transfers of the same
+    bytes, the serving side of each training and the other one stopped."""
+    import signal
+
     import torch
 
     from swarmnet.algorithms import apply_pull
@@ -185,10 +198,23 @@ async def _pull_client(address: str, repeats: int) -> dict[str, Any]:
     out, own, live = torch.empty(n), torch.randn(n), torch.zeros(n)
     nbytes = 4 * n
 
-    raw, dealer = await _raw_pair(nbytes)
+    raw, dealer = await _raw_pair(nbytes, hidden, SERVING_BATCH)
+
+    async def serve_from(server: str) -> None:
+        """Let only ``server`` ("daemon" or "raw") train and serve, and its training run a while."""
+        if server == "raw":
+            os.kill(daemon_pid, signal.SIGSTOP)
+        await _tell(dealer, b"busy" if server == "raw" else b"idle")
+        if server == "daemon":
+            os.kill(daemon_pid, signal.SIGCONT)
+        await asyncio.sleep(SWITCH_SETTLE_S)
+
+    await serve_from("raw")
+    await asyncio.sleep(1.0)  # the raw server's first "busy" builds its model
     times: dict[str, list[float]] = {"pull": [], "view": [], "copy": [], "delta": [], "delta_after_copy": [],
                                      "apply": [], "raw": []}
     for _ in range(repeats):
+        await serve_from("daemon")
         t0 = time.perf_counter()
         reply = await client.call(address, request(MsgType.PULL, "bench", clock=0, want=None, version=None))
         t1 = time.perf_counter()
@@ -204,6 +230,7 @@ async def _pull_client(address: str, repeats: int) -> dict[str, Any]:
         apply_pull(live, remote)  # the compute thread's pass
         t6 = time.perf_counter()
         del reply, remote  # freeing swarmnet's reply is in neither window, as the raw one's is not
+        await serve_from("raw")
         t_raw = time.perf_counter()
         await dealer.send(b"pull")
         frames = await dealer.recv_multipart(copy=False)
@@ -212,6 +239,7 @@ async def _pull_client(address: str, repeats: int) -> dict[str, Any]:
         del frames
         for key, seconds in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t_raw)):
             times[key].append(seconds)
+    os.kill(daemon_pid, signal.SIGCONT)
     raw.kill()
     raw.wait()
     dealer.close(0)
@@ -227,20 +255,34 @@ async def _pull_client(address: str, repeats: int) -> dict[str, Any]:
             "ratio_with_copying_decode_and_delta": raw_s / (swarm_s + copy_s + delta_copy_s),
             "ratio_with_merge": raw_s / (swarm_s + view_s + delta_s + apply_s),
             "swarmnet_GBps": nbytes / swarm_s / 1e9, "raw_GBps": nbytes / raw_s / 1e9, "repeats": repeats,
-            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+            "servers": f"each training (digits MLP hidden {hidden}, batch {SERVING_BATCH}) while it serves, "
+                       "the other one stopped"}
 
 
-async def _raw_pair(nbytes: int) -> tuple[subprocess.Popen[str], zmq.asyncio.Socket]:
+SWITCH_SETTLE_S = 0.05
+"""How long the pull stage lets a server that was just made to run train before it is timed."""
+
+
+async def _tell(dealer: zmq.asyncio.Socket, word: bytes) -> None:
+    """Tell the raw server to train (``busy``) or not (``idle``), and wait for its answer."""
+    await dealer.send(word)
+    await asyncio.wait_for(dealer.recv_multipart(), 60)
+
+
+async def _raw_pair(nbytes: int, hidden: int = 512, batch: int = 32) -> tuple[subprocess.Popen[str], zmq.asyncio.Socket]:
     """A raw pyzmq server of ``nbytes`` and a DEALER connected to it, one transfer made. The
     server runs in its own process and session, as a peer does: neither side shares a GIL or,
-    with the scheduler's autogroups, a share of the CPU with this client."""
+    with the scheduler's autogroups, a share of the CPU with this client. Told ``busy``, it
+    trains the digits MLP of width ``hidden`` with batches of ``batch`` on a thread."""
     import zmq
     import zmq.asyncio
 
     from swarmnet.transport.zmq import size_kernel_buffers
 
     # stdin: the server exits when this process ends, however it ends (it has its own session).
-    raw = subprocess.Popen([sys.executable, "-m", "swarmnet.bench.exchange", "raw-server", str(nbytes)],
+    raw = subprocess.Popen([sys.executable, "-m", "swarmnet.bench.exchange", "raw-server", str(nbytes),
+                            str(hidden), str(batch)],
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
     assert raw.stdout is not None
     dealer = zmq.asyncio.Context.instance().socket(zmq.DEALER)
@@ -284,8 +326,7 @@ async def _streamed_merge(dealer: zmq.asyncio.Socket, mode: str, own: Tensor, li
     from swarmnet.algorithms import apply_pull
     from swarmnet.peer.exchange import gap_over
 
-    await dealer.send(mode.encode())
-    await dealer.recv_multipart()
+    await _tell(dealer, mode.encode())
     loop = asyncio.get_running_loop()
 
     async def merge(pieces: int) -> tuple[float, list[Tensor]]:
@@ -335,23 +376,23 @@ def run(*, json_path: Path | None = None, quick: bool = False, rounds: int = 3, 
         "pull": lambda work: pull_ratio(work, repeats=10 if quick else 30),
         "streamed_merge": lambda work: streamed_gain(repeats=10 if quick else 30),
     }
-    result: dict[str, Any] = {}
+    result: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
     with tempfile.TemporaryDirectory(prefix="swarmnet-bench-") as tmp, Progress(disable=not progress) as bar:
         task = bar.add_task("bench exchange", total=len(stages))
         for name, stage in stages.items():
             bar.update(task, description=f"bench exchange: {name}")
             result[name] = stage(Path(tmp))
+            result["stages_left"] = [s for s in stages if s not in result]
+            if json_path is not None:  # after every stage: a run stopped later keeps what it measured
+                write_json(json_path, result)
             bar.advance(task)
-    result["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
-    if json_path is not None:
-        write_json(json_path, result)
     return result
 
 
-def _raw_server(nbytes: int) -> None:
+def _raw_server(nbytes: int, hidden: int, batch: int) -> None:
     """Child process: a plain pyzmq ROUTER answering ``pull`` with the payload, ``pull P`` with it
-    in P messages, and ``busy`` / ``idle`` by training on a thread or not, as a peer daemon
-    serves while it trains."""
+    in P messages, and ``busy`` / ``idle`` by training (the digits MLP of width ``hidden``,
+    batches of ``batch``) on a thread or not, as a peer daemon serves while it trains."""
     import zmq
 
     from swarmnet.transport.zmq import size_kernel_buffers
@@ -369,7 +410,7 @@ def _raw_server(nbytes: int) -> None:
     while True:
         route, body = router.recv_multipart()
         if body == b"busy" and trainer is None:
-            trainer = threading.Thread(target=_train_while, args=(busy,), daemon=True)
+            trainer = threading.Thread(target=_train_while, args=(busy, hidden, batch), daemon=True)
             trainer.start()
         if body == b"busy":
             busy.set()
@@ -390,19 +431,19 @@ def _exit_with_the_client() -> None:
     os._exit(0)
 
 
-def _train_while(busy: threading.Event) -> None:
-    """SGD steps of the compute stage's task (digits MLP, hidden 512, batch 32) on one thread
-    while ``busy`` is set."""
+def _train_while(busy: threading.Event, hidden: int, batch_size: int) -> None:
+    """SGD steps of the digits MLP of width ``hidden`` on batches of ``batch_size``, on one
+    thread, while ``busy`` is set (the compute stage's task by default: hidden 512, batch 32)."""
     import torch
 
     from swarmnet.tasks.digits import task
 
     torch.set_num_threads(1)
-    digits = task(hidden=512)
+    digits = task(hidden=hidden)
     model = digits.build_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     x, y = digits.train
-    batch = (x[:32], y[:32])
+    batch = (x[:batch_size], y[:batch_size])
     while True:
         busy.wait()
         optimizer.zero_grad()
@@ -412,8 +453,8 @@ def _train_while(busy: threading.Event) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "pull-client":
-        print(json.dumps(asyncio.run(_pull_client(sys.argv[2], int(sys.argv[3])))))
+        print(json.dumps(asyncio.run(_pull_client(sys.argv[2], *map(int, sys.argv[3:6])))))
     elif sys.argv[1] == "streamed-client":
         print(json.dumps(asyncio.run(_streamed_client(int(sys.argv[2]), int(sys.argv[3])))))
     elif sys.argv[1] == "raw-server":
-        _raw_server(int(sys.argv[2]))
+        _raw_server(*map(int, sys.argv[2:5]))

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +58,11 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
         time.sleep(interval)
 
 
-def _env() -> dict[str, str]:
+def _env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     root = str(Path(__file__).resolve().parents[2])
     path = os.environ.get("PYTHONPATH", "")
-    return dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=f"{root}{os.pathsep}{path}" if path else root)
+    return dict(os.environ, **(extra or {}), PYTHONUNBUFFERED="1",
+                PYTHONPATH=f"{root}{os.pathsep}{path}" if path else root)
 
 
 def _descendants(pid: int) -> list[int]:
@@ -99,9 +100,10 @@ class _Process:
     """Owns one child process (its own session, so the whole tree can be killed)."""
 
     def __init__(self, cmd: Sequence[str], log: Path, prefix: Sequence[str] = (), *,
-                 die_with_parent: bool = False) -> None:
+                 die_with_parent: bool = False, env: Mapping[str, str] | None = None) -> None:
         """``die_with_parent``: the child gets SIGTERM when the thread that started it dies (a
-        bench killed mid-run must not leave a daemon training on a core of the next one's)."""
+        bench killed mid-run must not leave a daemon training on a core of the next one's);
+        ``env``: variables set for the child on top of this process's."""
         self.log_path = log
         log.parent.mkdir(parents=True, exist_ok=True)
         preexec = None
@@ -111,7 +113,7 @@ class _Process:
             preexec = make_preexec()
         with open(log, "ab") as fh:
             self.proc = subprocess.Popen([*prefix, *cmd], stdout=fh, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=_env(), start_new_session=True,
+                                         stdin=subprocess.DEVNULL, env=_env(env), start_new_session=True,
                                          preexec_fn=preexec)
 
     def wait(self, timeout: float) -> int:
@@ -184,13 +186,14 @@ class PeerProcessHandle(_Process):
     """One ``swarmnet peer`` daemon; ``prefix`` runs it under e.g. ``ip netns exec NAME``."""
 
     def __init__(self, run_dir: Path, name: str, config: Path, *args: str, prefix: Sequence[str] = (),
-                 log: Path | None = None, die_with_parent: bool = False) -> None:
-        """``log``: where its output goes (default ``run_dir/<name>.log``)."""
+                 log: Path | None = None, die_with_parent: bool = False, env: Mapping[str, str] | None = None) -> None:
+        """``log``: where its output goes (default ``run_dir/<name>.log``); ``env``: variables set
+        for it on top of this process's."""
         self.run_dir = run_dir
         self.name = name
         cmd = [sys.executable, "-m", "swarmnet", "peer", "--config", str(config), "--name", name,
                "--run-dir", str(run_dir), *args]
-        super().__init__(cmd, log or run_dir / f"{name}.log", prefix, die_with_parent=die_with_parent)
+        super().__init__(cmd, log or run_dir / f"{name}.log", prefix, die_with_parent=die_with_parent, env=env)
 
     def card(self, timeout: float = 120) -> dict[str, Any]:
         path = self.run_dir / self.name / "card.json"
