@@ -50,8 +50,14 @@ class ShardSampler:
             ]
         # Walk the pool in a per-peer order, repeated as often as one epoch needs.
         needed = self.steps_per_epoch * self.batch_size
-        reps = math.ceil(needed / len(pool))
-        return torch.cat([pool[torch.randperm(len(pool), generator=own)] for _ in range(reps)])
+        order = pool[torch.randperm(len(pool), generator=own)]
+        while len(order) < needed:
+            again = pool[torch.randperm(len(pool), generator=own)]
+            # A batch straddling two walks takes, from the new one, samples it does not hold yet.
+            straddling = order[len(order) - len(order) % self.batch_size:]
+            held = torch.isin(again, straddling)
+            order = torch.cat([order, again[~held], again[held]])
+        return order
 
     def next_indices(self) -> Tensor:
         pos = self.position

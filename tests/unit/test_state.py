@@ -115,6 +115,23 @@ def test_partition_sharding_pairs_peers_and_reshuffles_per_epoch():
     assert epoch1 != epoch0[0]  # the shards are redrawn each epoch
 
 
+@pytest.mark.parametrize(("shard", "num_samples", "batch_size"),
+                         [("random", 10, 4), ("random", 1797, 32), ("partition", 45, 8), ("partition", 12, 5)])
+def test_no_batch_holds_a_sample_twice_where_the_pool_fills_a_batch(shard, num_samples, batch_size):
+    """The epoch walks a peer's pool more than once where ceil(|D| / B) batches need more samples
+    than it holds; the batch straddling two walks still holds distinct samples, and each walk
+    still covers the whole pool."""
+    peers = 4
+    for peer_seed in range(20):
+        sampler = ShardSampler(num_samples, batch_size, shard=shard, rank=1, peers=peers, seed=0, peer_seed=peer_seed)
+        batches = [sampler.next_indices() for _ in range(sampler.steps_per_epoch)]
+        pool = num_samples if shard == "random" else len(torch.arange(num_samples).tensor_split(peers // 2)[1])
+        assert all(len(b) == batch_size and len(set(b.tolist())) == batch_size for b in batches)
+        walked = torch.cat(batches)
+        assert set(walked[:pool].tolist()) == set(walked[pool:2 * pool].tolist()) or len(walked) < 2 * pool
+        assert len(set(walked[:pool].tolist())) == pool
+
+
 def test_sampler_resumes_where_it_stopped():
     a = ShardSampler(50, 8, shard="random", rank=0, peers=1, seed=0, peer_seed=3)
     for _ in range(9):
