@@ -254,10 +254,10 @@ class Replica:
         a model already in the swarm): publish them as they are. Without it the next merge would
         take the change for local progress, W + (C_j - K) / 2 with K the old weights, and
         overshoot by half of it; a merge already pulled against the old weights is dropped, and so
-        are neighbours' nudges waiting to be applied (symmetric mode), measured from them too; one
-        still being decoded lands on the new weights."""
+        are neighbours' nudges waiting to be applied (symmetric mode), measured from them too, and
+        one still being decoded is refused (its sender drops its half)."""
         began = time.thread_time()
-        self.inbox.drain_into()  # counted as applied, so that the merge gate waits for nothing
+        self.inbox.restart_at(self.store.next_version)  # the version publish() gives below
         self.stale_N.copy_(self.live_N)
         self.since_merge = 0
         self.publish()

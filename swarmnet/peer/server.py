@@ -196,9 +196,11 @@ class PeerServer:
         except BaseException:
             peer.gate.cancel_nudge(latest.version)
             raise
-        if not peer.inbox.add(nudge):
+        if not peer.inbox.add(nudge, latest.version):
             peer.gate.cancel_nudge(latest.version)
-            return reject(msg, peer.id, RejectCode.DRAINING, "peer is stopping")
+            if peer.inbox.closed:
+                return reject(msg, peer.id, RejectCode.DRAINING, "peer is stopping")
+            return reject(msg, peer.id, RejectCode.GONE, f"version {latest.version} was replaced by weights loaded since")
         return reply(msg, MsgType.ACK, peer.id)
 
     async def handle_status(self, msg: Message) -> Message:

@@ -108,6 +108,11 @@ class SnapshotStore:
         self._lock = threading.Lock()
         self._next_version = 1
 
+    @property
+    def next_version(self) -> int:
+        """The version the next :meth:`publish` will give."""
+        return self._next_version
+
     def publish(self, values_N: Tensor, encoded: Encoded, step: int, nudges: int = 0) -> Snapshot:
         with self._lock:
             snap = Snapshot(self._next_version, values_N, encoded, step, nudges)
@@ -199,11 +204,15 @@ class NudgeInbox:
         self.drained = 0
         """Nudges applied so far, in all."""
         self._closed = False
+        self._first_version = 0
+        """Nudges measured from an older published version are refused."""
         self._lock = threading.Lock()
 
-    def add(self, delta_N: Tensor) -> bool:
+    def add(self, delta_N: Tensor, version: int) -> bool:
+        """Count in a nudge measured from our published ``version``; False once closed, or if
+        that version's weights were replaced since (:meth:`restart_at`)."""
         with self._lock:
-            if self._closed:
+            if self._closed or version < self._first_version:
                 return False
             if self._sum_N is None:
                 self._sum_N = torch.empty_like(delta_N)
@@ -225,6 +234,15 @@ class NudgeInbox:
             count, self._count = self._count, 0
             self.drained += count
             return count
+
+    def restart_at(self, version: int) -> None:
+        """The model's weights were replaced and will be published as ``version``: drop the
+        nudges waiting (counted as drained, so that the merge gate waits for none of them) and
+        refuse those still being decoded, measured from the old weights."""
+        with self._lock:
+            self._first_version = version
+            self.drained += self._count
+            self._count = 0
 
     def close(self) -> None:
         with self._lock:

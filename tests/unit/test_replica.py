@@ -120,12 +120,15 @@ def test_weights_replaced_between_steps_are_published_by_resync_and_older_merges
         replica.publish()
         old = replica.store.latest()
         in_flight = MergeEntry(torch.ones(6), "other", 0.0, time.monotonic(), 1.0, old.version)
+        assert replica.inbox.add(torch.ones(6), old.version)  # a neighbour's nudge, waiting to be applied
         with torch.no_grad():
             model.weight.fill_(5.0)  # load_state_dict copies into the parameters, as here
             model.bias.fill_(5.0)
         replica.resync()
         latest = replica.store.latest()
         assert latest.version > old.version and torch.equal(latest.values_N, torch.full((6,), 5.0))
+        assert not replica.inbox.add(torch.ones(6), old.version)  # one still decoding then: refused
+        assert replica.inbox.pending == 0 and latest.nudges == replica.inbox.drained  # the gate waits for none
         replica.mailbox.put(in_flight)  # pulled against the old weights, it lands after the resync
         replica.after_step()
         replica.merge_pending()

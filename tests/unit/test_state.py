@@ -93,15 +93,24 @@ async def test_mailbox_latest_wins_and_signals_the_loop():
 
 def test_nudge_inbox_sums_and_refuses_after_close():
     inbox = NudgeInbox()
-    assert inbox.add(torch.ones(3)) and inbox.add(torch.ones(3))
+    assert inbox.add(torch.ones(3), 1) and inbox.add(torch.ones(3), 1)
     live, stale = torch.zeros(3), torch.zeros(3)
     assert inbox.drain_into(live, stale) == 2
     assert torch.equal(live, torch.full((3,), 2.0)) and torch.equal(stale, live)
     assert inbox.drain_into(live) == 0
-    assert inbox.add(torch.full((3,), 3.0)) and inbox.drain_into(live) == 1  # a fresh sum after a drain
+    assert inbox.add(torch.full((3,), 3.0), 2) and inbox.drain_into(live) == 1  # a fresh sum after a drain
     assert torch.equal(live, torch.full((3,), 5.0))
     inbox.close()
-    assert not inbox.add(torch.ones(3))
+    assert not inbox.add(torch.ones(3), 3)
+
+
+def test_nudge_inbox_restarted_drops_waiting_nudges_and_refuses_those_from_older_versions():
+    inbox = NudgeInbox()
+    assert inbox.add(torch.ones(3), 4)
+    inbox.restart_at(7)  # weights replaced, to be published as version 7
+    assert inbox.pending == 0 and inbox.drained == 1  # dropped, yet counted: the merge gate waits for none
+    assert not inbox.add(torch.ones(3), 6)  # measured from the replaced weights
+    assert inbox.add(torch.ones(3), 7) and inbox.pending == 1
 
 
 def test_partition_sharding_pairs_peers_and_reshuffles_per_epoch():
@@ -246,7 +255,7 @@ async def test_our_next_merge_waits_for_a_version_holding_the_nudge_admitted_mea
     me.mailbox.release()
     gate.end_own()
     assert not gate.may_key_on(me.store.latest())
-    me.inbox.add(nudge)
+    assert me.inbox.add(nudge, v.version)
     me.merge_pending()  # the nudge lands: v+2 = 0, as (0 + 0) / 2 of the two updates against v
     latest = me.store.latest()
     assert gate.may_key_on(latest) and latest.values_N.tolist() == [0.0] * 4
