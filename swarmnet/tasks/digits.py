@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from swarmnet.tasks import Batch, Task, datasets
+from swarmnet.tasks.classify import classification_metrics
 
 
 def task(hidden: int = 128, seed: int = 0) -> Task:
@@ -21,13 +21,8 @@ def task(hidden: int = 128, seed: int = 0) -> Task:
         x, y = batch
         return F.cross_entropy(model(x), y)
 
-    @torch.no_grad()
     def evaluate(model: nn.Module) -> dict[str, float]:
-        logits = model(xte)
-        return {
-            "loss": float(F.cross_entropy(logits, yte)),
-            "accuracy": float((logits.argmax(1) == yte).float().mean()),
-        }
+        return classification_metrics(model, xte, yte, prepare=lambda x: x)
 
     return Task(
         name="digits",

@@ -35,11 +35,13 @@ def task(l2: float = 1e-3, seed: int = 0) -> Task:
 
     @torch.no_grad()
     def evaluate(model: nn.Module) -> dict[str, float]:
-        logits = model(xte).squeeze(1)
+        device = model.weight.device  # a peer's own, a GPU where it has one
+        x_test, y_test = xte.to(device), yte.to(device)
+        logits = model(x_test).squeeze(1)
         return {
-            "loss": float(regularized(model, logits, yte)),
-            "accuracy": float(((logits > 0).float() == yte).float().mean()),
-            "train_loss": float(regularized(model, model(xtr).squeeze(1), ytr)),
+            "loss": float(regularized(model, logits, y_test)),
+            "accuracy": float(((logits > 0).float() == y_test).float().mean()),
+            "train_loss": float(regularized(model, model(xtr.to(device)).squeeze(1), ytr.to(device))),
         }
 
     return Task(

@@ -51,7 +51,7 @@ def task(samples: int = 10_000, dim: int = 32, noise: float = 1.0, seed: int = 0
         return 0.5 * (model(x).squeeze(1) - y).pow(2).mean()
 
     def evaluate(model: nn.Module) -> dict[str, float]:
-        weight = model.weight.detach().double().reshape(-1)
+        weight = model.weight.detach().double().reshape(-1).cpu()  # a peer's own device, a GPU where it has one
         value = float(objective(a, b, weight))
         return {"loss": value, "excess_loss": value - f_opt}
 

@@ -101,6 +101,7 @@ def test_peers_sharing_one_gpu_train_together(tmp_path, codec: str) -> None:
     assert [swarm.card(p["name"])["device"] for p in summary["peers"]] == ["cuda:0"] * 3
     for p in summary["peers"]:
         assert p["steps"] == 600 and p["interactions"] >= 3, p
+        assert p["eval"]["accuracy"] > 0.8, p  # each peer evaluated its model on its GPU
     assert summary["average"]["eval"]["accuracy"] > 0.85, summary["average"]
 
 

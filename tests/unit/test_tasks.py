@@ -47,3 +47,28 @@ def test_a_task_that_fails_is_named_with_where_it_failed(tmp_path, monkeypatch):
         load_task("broken_task:task")
     with pytest.raises(ConfigError, match=r"importing 'typo_task' failed: SyntaxError: .*typo_task.py, line 1"):
         load_task("typo_task:task")
+
+
+def _fashion_missing() -> str | None:
+    try:
+        load_task("swarmnet.tasks.fashion:task", {"train_subset": 10, "test_subset": 10})
+    except ConfigError as exc:
+        return f"Fashion-MNIST data absent ({exc})"
+    return None
+
+
+@pytest.mark.parametrize("spec,options", [
+    ("swarmnet.tasks.digits:task", {}),
+    ("swarmnet.tasks.logreg:task", {}),
+    ("swarmnet.tasks.lsq:task", {"samples": 64}),
+    ("swarmnet.tasks.textlm:task", {}),
+    pytest.param("swarmnet.tasks.fashion:task", {"train_subset": 100, "test_subset": 100},
+                 marks=pytest.mark.skipif(_fashion_missing() is not None, reason=_fashion_missing() or "")),
+])
+def test_every_bundled_evaluation_runs_on_the_models_device(spec, options):
+    """A GPU peer evaluates its own model where it lives. The meta device stands in for a GPU:
+    the evaluation's tensor work runs there, and only reading the result out fails; with test
+    data left on the CPU it fails on the first operation, mixing devices."""
+    task = load_task(spec, options)
+    with pytest.raises((RuntimeError, NotImplementedError), match=r"meta tensors?|of meta tensor"):
+        task.evaluate(task.build_model().to("meta"))
