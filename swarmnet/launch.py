@@ -42,7 +42,7 @@ from swarmnet.evaluation import evaluate_averaged
 from swarmnet.log import get_logger
 from swarmnet.peer import checkpoint
 from swarmnet.peer.claim import check_free
-from swarmnet.peer.compute import plan_training
+from swarmnet.peer.compute import plan_training, unreached_milestones
 from swarmnet.peer.metrics import read_metrics
 from swarmnet.peer.node import FINISHED_WELL
 from swarmnet.tasks import load_task, what_failed
@@ -118,7 +118,10 @@ class LaunchPlan:
         env.setdefault("GLIBC_TUNABLES", GLIBC_TUNABLES)
         plan = cls(cfg, run_dir, peers, base, env)
         task = load_task(cfg.task.spec, cfg.task.options)
-        plan.total_steps = plan_training(cfg.train, n, task.num_samples).total_steps
+        training = plan_training(cfg.train, n, task.num_samples)
+        plan.total_steps = training.total_steps
+        if (late := unreached_milestones(cfg.train, training)) is not None:
+            log.warning("%s", late)  # each peer's log says it too; here it shows before they start
         # A card left by an earlier run would pass for the new peer's (its address, its being up),
         # and a summary for its result if it dies before writing its own.
         stale = PEER_FILES if fresh else ("card.json", "summary.json")

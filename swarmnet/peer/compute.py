@@ -93,6 +93,22 @@ def plan_training(train: TrainConfig, peers: int, num_samples: int) -> TrainingP
     return TrainingPlan(total, steps_per_epoch, schedule)
 
 
+def unreached_milestones(train: TrainConfig, plan: TrainingPlan) -> str | None:
+    """Why a multistep rate never decays, if a milestone lies at or past the budget: typically
+    a recipe's milestones, in sequential epochs, read as the peer's own epochs once ``--epochs``
+    or ``--steps`` replaced the file's ``sequential_epochs``."""
+    if train.schedule != "multistep":
+        return None
+    late = [m for m, at in zip(train.milestones, plan.schedule.milestones) if at >= plan.total_steps]
+    if not late:
+        return None
+    unit = "the recipe's epochs" if train.sequential_epochs else "this peer's own epochs"
+    return (f"train.milestones [{', '.join(f'{m:g}' for m in late)}] ({unit}) fall at or past the budget of {plan.total_steps} steps "
+            f"({plan.total_steps / plan.steps_per_epoch:.4g} epochs): the rate never decays. Milestones count the "
+            "peer's own epochs unless the budget is train.sequential_epochs (which --epochs and --steps replace); "
+            "set train.milestones for this budget")
+
+
 def init_seed(cfg: SwarmConfig, peer_seed: int) -> int:
     """Seed of the initial model: the run seed (identical on every peer, SPEC 4 item 6) or,
     with ``run.init = "independent"``, the peer's own seed."""
@@ -320,6 +336,8 @@ class ComputeLoop(Replica):
             weight_decay=train.weight_decay, nesterov=train.nesterov and train.momentum > 0,
         )
         self.plan = plan_training(train, cfg.run.peers, task.num_samples)
+        if (late := unreached_milestones(train, self.plan)) is not None:
+            log.warning("%s", late)
         self.sampler = ShardSampler(
             task.num_samples, train.batch_size, shard=train.shard, rank=rank, peers=cfg.run.peers,
             seed=cfg.run.seed, peer_seed=peer_seed,

@@ -159,6 +159,33 @@ def test_training_plan_from_epochs_and_the_multiplier():
     assert plan.total_steps == 563 and plan.schedule.milestones == (188, 375)
 
 
+def test_milestones_past_the_budget_are_named_with_the_fix(tmp_path, caplog):
+    """A recipe's milestones in sequential epochs, read as the peer's own epochs once --epochs
+    replaced the file's budget, lie past it: the rate would never decay, and the launcher says so."""
+    from swarmnet.config import TrainConfig, load_config
+    from swarmnet.launch import LaunchPlan
+    from swarmnet.peer.compute import plan_training, unreached_milestones
+
+    recipe = TrainConfig(batch_size=10, sequential_epochs=90, multiplier=2, milestones=[30, 60], schedule="multistep")
+    assert unreached_milestones(recipe, plan_training(recipe, 32, 1000)) is None  # compressed with the budget
+    replaced = TrainConfig(batch_size=10, epochs=40, milestones=[30, 60], schedule="multistep")
+    message = unreached_milestones(replaced, plan_training(replaced, 32, 1000))
+    assert message is not None and "[60] (this peer's own epochs) fall at or past the budget of 4000 steps" in message
+    assert "set train.milestones" in message
+    constant = TrainConfig(batch_size=10, epochs=40, milestones=[60])  # no multistep schedule: nothing decays anyway
+    assert unreached_milestones(constant, plan_training(constant, 32, 1000)) is None
+
+    config = write(tmp_path, '[task]\nspec = "swarmnet.tasks.lsq:task"\noptions = { samples = 1000 }\n'
+                             '[train]\nbatch_size = 10\nsequential_epochs = 90\nmultiplier = 2\nmilestones = [30, 60]\n'
+                             'schedule = "multistep"\n')
+    overrides = {"train.steps": 0, "train.epochs": 40.0, "train.sequential_epochs": 0.0}  # swarmnet up --epochs 40
+    cfg = load_config(config, overrides)
+    with caplog.at_level("WARNING", logger="swarmnet"):
+        LaunchPlan.build(cfg, config_path=config, overrides=overrides, manifests=None, transport="tcp", fresh=True,
+                         log_level="INFO")
+    assert "train.milestones [60] (this peer's own epochs)" in caplog.text
+
+
 def test_cli_reports_config_errors_with_exit_status_2(tmp_path):
     from typer.testing import CliRunner
 
