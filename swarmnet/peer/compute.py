@@ -389,7 +389,10 @@ class ComputeLoop(Replica):
             self.stale_N.copy_(state["stale"])
             self.step = int(state["step"])
             self.clock.restore(int(state["clock"]))
-            self.sampler.load_state_dict(state["sampler"])
+            if self.sampler.load_state_dict(state["sampler"]):
+                # Saved with another batch size or data set: one step is another share of an
+                # epoch now, so the budget and the schedule continue from the data's place.
+                self.step = self.sampler.steps_done
             self.rng.setstate(state["rng"])
             if state.get("torch_rng") is not None:  # checkpoints before it had none
                 torch.set_rng_state(state["torch_rng"])
@@ -412,6 +415,7 @@ class ComputeLoop(Replica):
         self.stale_N.copy_(self.live_N)
         self.clock.restore(clock)
         self.step = min(step, self.plan.total_steps)
+        self.sampler.seek(self.step)  # partition mode: the shard of the donor's epoch, not of epoch 0
         self.stats.step = self.step
         self.publish()
 

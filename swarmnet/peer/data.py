@@ -74,10 +74,11 @@ class ShardSampler:
         return {"epoch": self.position.epoch, "batch": self.position.batch, "batch_size": self.batch_size,
                 "num_samples": self.num_samples}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, int]) -> bool:
         """Resume at the saved place. Saved with another batch size or data set size (the config
         changed between runs), the batch index is rescaled to the same share of the epoch: taken
-        as it is, it could lie past the new epoch's end, where every batch is empty."""
+        as it is, it could lie past the new epoch's end, where every batch is empty. Returns
+        whether it was rescaled (the epoch's length in steps changed)."""
         epoch, batch = int(state["epoch"]), int(state["batch"])
         saved = (int(state.get("batch_size", self.batch_size)), int(state.get("num_samples", self.num_samples)))
         if saved != (self.batch_size, self.num_samples):
@@ -86,6 +87,17 @@ class ShardSampler:
         self.position = SamplerPosition(epoch, batch)
         if self.position.batch:
             self._order = self._epoch_order(self.position.epoch)
+        return saved != (self.batch_size, self.num_samples)
+
+    @property
+    def steps_done(self) -> int:
+        """Batches drawn from the start of the run."""
+        return self.position.epoch * self.steps_per_epoch + self.position.batch
+
+    def seek(self, steps: int) -> None:
+        """Continue as if ``steps`` batches had been drawn (a newcomer joining at a donor's step)."""
+        self.position = SamplerPosition(*divmod(steps, self.steps_per_epoch))
+        self._order = self._epoch_order(self.position.epoch) if self.position.batch else None
 
 
 def shard_count(peers: int) -> int:

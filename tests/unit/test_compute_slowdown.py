@@ -21,10 +21,12 @@ from swarmnet.tasks import load_task
 pytestmark = pytest.mark.timeout(60)
 
 
-def compute_loop(tmp_path, *, steps: int, slowdown: float, metrics_every: int = 1000, peer_seed: int = 1) -> ComputeLoop:
+def compute_loop(tmp_path, *, steps: int, slowdown: float, metrics_every: int = 1000, peer_seed: int = 1,
+                 **settings: object) -> ComputeLoop:
+    """``settings``: more config keys, e.g. train.batch_size."""
     cfg = load_config(None, {"task.spec": "swarmnet.tasks.digits:task", "train.steps": steps,
                              "train.slowdown": slowdown, "train.tensorboard": False,
-                             "train.checkpoint_every": 0.0, "train.metrics_every": metrics_every})
+                             "train.checkpoint_every": 0.0, "train.metrics_every": metrics_every, **settings})
     loop = asyncio.new_event_loop()
     try:
         return ComputeLoop(cfg=cfg, task=load_task(cfg.task.spec), device=torch.device("cpu"),
@@ -131,3 +133,17 @@ def test_a_resumed_peer_takes_its_recipe_from_the_config_and_its_momentum_from_t
     assert (group["momentum"], group["weight_decay"]) == (0.5, 0.0)
     for p, saved in zip(second.model.parameters(), buffers, strict=True):
         assert torch.equal(second.optimizer.state[p]["momentum_buffer"], saved)
+
+
+def test_a_peer_resumed_with_another_batch_size_continues_from_its_place_in_the_data(tmp_path):
+    """The budget and the schedule count steps: resumed with batches twice as large, the peer
+    had done half as many of the new steps, not as many (it stopped with half its epochs left)."""
+    first = compute_loop(tmp_path, steps=0, slowdown=1.0, **{"train.epochs": 4, "train.batch_size": 100})
+    per_epoch = first.plan.steps_per_epoch  # 1,437 digits: 15 steps
+    for _ in range(2 * per_epoch):
+        first.train_step()
+    first.save_checkpoint()
+    resumed = compute_loop(tmp_path, steps=0, slowdown=1.0, **{"train.epochs": 4, "train.batch_size": 200})
+    assert resumed.resume()
+    assert resumed.sampler.position.epoch == 2 and resumed.step == 2 * resumed.plan.steps_per_epoch
+    assert resumed.plan.total_steps - resumed.step == 2 * resumed.plan.steps_per_epoch  # two epochs left

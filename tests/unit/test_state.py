@@ -281,6 +281,21 @@ def test_sampler_resumed_with_other_batches_keeps_its_share_of_the_epoch(batch_s
         assert len(b.next_indices()) == min(batch_size, num_samples)
 
 
+def test_a_newcomer_joining_at_a_donors_step_walks_that_epochs_shard():
+    """Partition mode: the shard of each epoch is drawn anew; a newcomer that took over rank 2 at
+    step S (newcomer.py) walks the shard the peer of rank 0 walks then, not the shard of epoch 0."""
+    partner = ShardSampler(1000, 10, shard="partition", rank=0, peers=4, seed=1, peer_seed=5)
+    for _ in range(5 * partner.steps_per_epoch + 7):
+        partner.next_indices()
+    newcomer = ShardSampler(1000, 10, shard="partition", rank=2, peers=4, seed=1, peer_seed=9)
+    newcomer.seek(partner.steps_done)
+    assert newcomer.position == partner.position
+    rest = partner.steps_per_epoch - partner.position.batch
+    theirs = set(torch.cat([partner.next_indices() for _ in range(rest)]).tolist())
+    ours = set(torch.cat([newcomer.next_indices() for _ in range(rest)]).tolist())
+    assert ours == theirs == set(partner._epoch_order(5).tolist())  # 930 draws cover the 500-sample shard
+
+
 def test_parameters_moved_after_flattening_are_noticed_and_empty_ones_are_no_false_alarm():
     model = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 3), nn.Linear(3, 1))
     model.marker = nn.Parameter(torch.empty(0))  # the device-marker idiom: no storage to compare
