@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from swarmnet.errors import ConfigError
+
 
 @dataclass(slots=True)
 class SamplerPosition:
@@ -34,6 +36,10 @@ class ShardSampler:
         self.shard = shard
         self.rank = rank % max(1, peers)
         self.shards = shard_count(peers)
+        if shard == "partition" and num_samples < self.shards:
+            raise ConfigError(f"train.shard = 'partition' cuts {num_samples} training samples into {self.shards} "
+                              f"shards (one per two of the {peers} peers): some would be empty; use train.shard = "
+                              "'random', fewer peers or more data")
         self.seed = seed
         self.peer_seed = peer_seed
         self.position = SamplerPosition()

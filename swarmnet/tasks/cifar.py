@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from swarmnet.errors import ConfigError
-from swarmnet.tasks import Batch, Task
+from swarmnet.tasks import Batch, Task, datasets
 from swarmnet.tasks.classify import classification_metrics
 
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -138,10 +138,7 @@ class CifarResNet(nn.Module):
 def task(path: str = "", blocks: int = 3, width: int = 16, train_subset: int = 0, test_subset: int = 0,
          augmentation: bool = True) -> Task:
     xtr, ytr, xte, yte = load(path)
-    if train_subset:
-        xtr, ytr = xtr[:train_subset], ytr[:train_subset]
-    if test_subset:
-        xte, yte = xte[:test_subset], yte[:test_subset]
+    (xtr, ytr), (xte, yte) = datasets.subsets((xtr, ytr), (xte, yte), train_subset, test_subset)
     classes = max(10, int(max(ytr.max(), yte.max())) + 1)
 
     def loss(model: nn.Module, batch: Batch) -> Tensor:

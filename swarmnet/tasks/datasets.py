@@ -7,6 +7,7 @@ import functools
 import gzip
 import importlib.util
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -65,8 +66,11 @@ IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtyp
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     """An IDX file (the MNIST family's format), gzipped or not, as a numpy array."""
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as fh:
-        raw = fh.read()
+    try:
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:  # BadGzipFile is an OSError: named alike
+        raise ValueError(f"{path}: the compressed file is truncated or corrupt ({exc})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_TYPES:
         raise ValueError(f"{path}: not an IDX file (bad magic number)")
     dtype, ndim = np.dtype(IDX_TYPES[raw[2]]), raw[3]
@@ -85,3 +89,16 @@ def find_file(directory: Path, stem: str) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
+
+
+def subsets(train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], train_subset: int,
+            test_subset: int) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """The first ``train_subset`` / ``test_subset`` samples of each split (0: all of it)."""
+    for name, size in (("train_subset", train_subset), ("test_subset", test_subset)):
+        if size < 0:
+            raise ValueError(f"task.options.{name} = {size}: must be >= 0 (0: the whole split)")
+    if train_subset:
+        train = (train[0][:train_subset], train[1][:train_subset])
+    if test_subset:
+        test = (test[0][:test_subset], test[1][:test_subset])
+    return train, test

@@ -82,10 +82,7 @@ def task(path: str = "", width: int = 32, train_subset: int = 0, test_subset: in
     """``train_subset`` / ``test_subset`` > 0 keep the first that many samples (quick runs, tests)."""
     data = load(path)
     xtr, ytr, xte, yte = data["x_train"], data["y_train"], data["x_test"], data["y_test"]
-    if train_subset:
-        xtr, ytr = xtr[:train_subset], ytr[:train_subset]
-    if test_subset:
-        xte, yte = xte[:test_subset], yte[:test_subset]
+    (xtr, ytr), (xte, yte) = datasets.subsets((xtr, ytr), (xte, yte), train_subset, test_subset)
 
     def loss(model: nn.Module, batch: Batch) -> Tensor:
         x, y = batch

@@ -46,6 +46,19 @@ def test_idx_reader_round_trip_and_truncation(tmp_path):
     (tmp_path / "text").write_bytes(b"hello world")
     with pytest.raises(ValueError, match="not an IDX file"):
         datasets.read_idx(tmp_path / "text")
+    whole = gzip.compress(header + images.tobytes())
+    for name, content in (("cut.gz", whole[:-20]), ("flipped.gz", whole[:30] + bytes([whole[30] ^ 0xFF]) + whole[31:])):
+        (tmp_path / name).write_bytes(content)  # a download cut short, a bit flipped on disk
+        with pytest.raises(ValueError, match="compressed file is truncated or corrupt"):
+            datasets.read_idx(tmp_path / name)
+
+
+def test_a_negative_subset_size_is_a_config_error_naming_it():
+    xtr, ytr = torch.zeros(10, 2), torch.zeros(10)
+    train, test = datasets.subsets((xtr, ytr), (xtr[:4], ytr[:4]), 3, 0)
+    assert len(train[0]) == len(train[1]) == 3 and len(test[0]) == 4  # 0: the whole split
+    with pytest.raises(ValueError, match=r"task.options.test_subset = -100: must be >= 0"):
+        datasets.subsets((xtr, ytr), (xtr, ytr), 0, -100)  # sliced from the end: a test set of one sample
 
 
 def test_bundled_sklearn_sets_are_read_as_sklearn_loads_them_without_importing_it():

@@ -11,6 +11,7 @@ from torch import nn
 from swarmnet.algorithms import apply_nudge, apply_pull, pull_gap
 from swarmnet.algorithms.local_steps import LocalSteps
 from swarmnet.codecs import make_codec
+from swarmnet.errors import ConfigError
 from swarmnet.peer.compute import Replica
 from swarmnet.peer.data import ShardSampler
 from swarmnet.peer.state import (
@@ -139,6 +140,12 @@ def test_no_batch_holds_a_sample_twice_where_the_pool_fills_a_batch(shard, num_s
         walked = torch.cat(batches)
         assert set(walked[:pool].tolist()) == set(walked[pool:2 * pool].tolist()) or len(walked) < 2 * pool
         assert len(set(walked[:pool].tolist())) == pool
+
+
+def test_partition_into_more_shards_than_samples_is_refused_with_the_fix():
+    with pytest.raises(ConfigError, match=r"cuts 3 training samples into 5 shards .* use train.shard = 'random'"):
+        ShardSampler(3, 2, shard="partition", rank=4, peers=10, seed=0, peer_seed=1)
+    assert len(ShardSampler(3, 2, shard="random", rank=4, peers=10, seed=0, peer_seed=1).next_indices()) == 2
 
 
 def test_sampler_resumes_where_it_stopped():
