@@ -18,6 +18,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.markup import escape
 
+from swarmnet import jsonsafe
 from swarmnet.config import PeerManifest, check_device, dotted_key, load_config, load_manifest
 from swarmnet.errors import ConfigError, SwarmError
 from swarmnet.log import setup_logging
@@ -210,7 +211,7 @@ def eval_(
                                 timeout=timeout, key_file=key)
     except SwarmError as exc:
         fail(str(exc))
-    text = json.dumps(result, indent=2)
+    text = jsonsafe.dumps(result, indent=2)
     typer.echo(text)
     if json_path is not None:
         try:

@@ -34,6 +34,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from swarmnet import jsonsafe
 from swarmnet.bootstrap import GLIBC_TUNABLES
 from swarmnet.codecs import kernels
 from swarmnet.config import SwarmConfig, ipc_path_error, load_manifest, to_dict
@@ -315,7 +316,7 @@ def _check_summary_path(path: Path) -> None:
 
 def _write_summary(path: Path, result: dict[str, Any]) -> None:
     try:
-        checkpoint.write_atomic(path, json.dumps(result, indent=2, default=str).encode())
+        checkpoint.write_atomic(path, jsonsafe.dumps(result, indent=2, default=str).encode())
     except OSError as exc:
         raise ConfigError(f"could not write the summary to {path}: {exc.strerror or exc}; the table "
                           "above has the results (each peer's are in its summary.json); choose a writable "

@@ -11,21 +11,10 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from swarmnet import jsonsafe
 from swarmnet.errors import unwritable_run_dir
 from swarmnet.log import Throttle, get_logger
 from swarmnet.peer.stats import PeerStats
-
-
-def _clean(value: Any) -> Any:
-    """JSON has no NaN or infinity: readers see null, inside nested maps (``eval``) too."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
-
 
 NOT_SCALARS = ("time", "elapsed", "step")
 
@@ -120,7 +109,7 @@ class MetricsWriter:
     def write(self, record: dict[str, Any]) -> None:
         if self._fh is not None:
             try:
-                self._fh.write(json.dumps(_clean(record)) + "\n")
+                self._fh.write(jsonsafe.dumps(record) + "\n")
             except OSError as exc:  # a full or read-only disk must not stop training
                 self.errors += 1
                 if self._failures.due() is not None:

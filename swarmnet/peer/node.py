@@ -38,7 +38,7 @@ from typing import Any
 import msgpack
 import torch
 
-from swarmnet import __version__
+from swarmnet import __version__, jsonsafe
 from swarmnet.algorithms import PhaseClock, parse_topology
 from swarmnet.codecs import make_codec
 from swarmnet.config import SwarmConfig, check_device, check_peer_name, to_dict
@@ -511,7 +511,7 @@ class Peer:
         }
         path = self.peer_dir / "summary.json"
         try:
-            checkpoint.write_atomic(path, json.dumps(summary, indent=2, default=str).encode())
+            checkpoint.write_atomic(path, jsonsafe.dumps(summary, indent=2, default=str).encode())
         except OSError as exc:
             self.log.error("could not write %s (%s): this run's results are in the log only; free space or fix "
                            "permissions", path, exc.strerror or exc)

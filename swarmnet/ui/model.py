@@ -11,6 +11,8 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from swarmnet.jsonsafe import finite_or_none
+
 
 @dataclass(frozen=True, slots=True)
 class Rates:
@@ -141,7 +143,7 @@ class SwarmSnapshot:
     def to_json(self) -> dict[str, Any]:
         """Plain data for ``--json`` (NaN becomes null so the document is strict JSON)."""
         through = self.throughput
-        return _clean({
+        return finite_or_none({
             "taken_at": self.taken_at, "query_s": self.query_s,
             "swarm": {"peers": len(self.peers), "alive": len(self.alive), "consensus": self.consensus,
                       "mean_model_loss": self.mean_model_loss,
@@ -149,16 +151,6 @@ class SwarmSnapshot:
             "peers": [{**asdict(p), "last_seen_s": p.last_seen_age(self.taken_at)} for p in self.peers],
             "events": [asdict(e) for e in self.events],
         })
-
-
-def _clean(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
 
 
 def _int(value: Any) -> int:
