@@ -8,7 +8,7 @@ A :class:`SwarmSnapshot` is what the view renders and what ``swarmnet status --j
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from swarmnet.jsonsafe import finite_or_none
@@ -47,6 +47,12 @@ class PeerStatus:
     staleness_s: float = math.nan
     consensus: float = math.nan
     peers_alive: int = 0
+    exchange_cpu: float = math.nan
+    """The exchange's CPU budget in cores (0: none)."""
+    budget_wait_s: float = math.nan
+    """Seconds the exchange has waited for its budget."""
+    rejected: dict[str, int] = field(default_factory=dict)
+    """Requests this peer refused, by reject code (malformed, unauthenticated, ...)."""
     sampled_at: float = 0.0
     """Wall time of the reply these values come from (the peer's last seen time)."""
     uptime: float = 0.0
@@ -71,9 +77,14 @@ class PeerStatus:
             interactions=_int(status.get("interactions")), bytes_in=_int(status.get("bytes_in")),
             bytes_out=_int(status.get("bytes_out")), staleness_s=_float(status.get("staleness_s")),
             consensus=_float(status.get("consensus")), peers_alive=_int(status.get("peers_alive")),
-            sampled_at=now, uptime=_float(status.get("uptime")),
+            exchange_cpu=_float(status.get("exchange_cpu")), budget_wait_s=_float(status.get("budget_wait_s")),
+            rejected=_counts(status.get("rejected")), sampled_at=now, uptime=_float(status.get("uptime")),
         )
         return replace(row, rates=_rates(previous, row))
+
+    @property
+    def refused(self) -> int:
+        return sum(self.rejected.values())
 
     def gone_stale(self, error: str) -> PeerStatus:
         """The same row, marked as not answering; ``sampled_at`` keeps the last seen time."""
@@ -151,6 +162,13 @@ class SwarmSnapshot:
             "peers": [{**asdict(p), "last_seen_s": p.last_seen_age(self.taken_at)} for p in self.peers],
             "events": [asdict(e) for e in self.events],
         })
+
+
+def _counts(value: Any) -> dict[str, int]:
+    """A peer's counts by name, as far as they are counts."""
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): _int(v) for k, v in value.items()}
 
 
 def _int(value: Any) -> int:

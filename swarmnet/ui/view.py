@@ -67,9 +67,10 @@ def render_header(snap: SwarmSnapshot) -> Panel:
 PEER_COLUMNS = (("peer", "left", 4), ("host", "left", 4), ("device", "left", 6), ("state", "left", 9),
                 ("step", "right", 5), ("clock", "right", 0), ("loss", "right", 6), ("lr", "right", 0),
                 ("inter/s", "right", 0), ("in/s", "right", 0), ("out/s", "right", 0), ("stale", "right", 0),
-                ("seen", "right", 5))
-"""Name, justification and least width of each column of the peers table."""
-DROP_FIRST = ("host", "device", "seen", "stale", "clock", "lr")
+                ("budget", "right", 0), ("refused", "right", 0), ("seen", "right", 5))
+"""Name, justification and least width of each column of the peers table (budget: the
+exchange's CPU budget in cores; refused: requests the peer refused, malformed or unauthenticated)."""
+DROP_FIRST = ("budget", "host", "device", "seen", "refused", "stale", "clock", "lr")
 """Columns left out, in this order, while the table is wider than the terminal."""
 
 
@@ -121,8 +122,15 @@ def _cells(row: PeerStatus, now: float) -> list[RenderableType]:
         Text(row.name), Text(row.host or "-"), Text(row.device or "-"), state, str(row.step), str(row.clock), fmt_float(row.loss),
         fmt_float(row.lr, 3), fmt_float(rates.interactions, 3) if rates else "-",
         fmt_bytes(rates.bytes_in if rates else None), fmt_bytes(rates.bytes_out if rates else None),
-        f"{fmt_float(row.staleness_s, 2)}s" if math.isfinite(row.staleness_s) else "-", seen,
+        f"{fmt_float(row.staleness_s, 2)}s" if math.isfinite(row.staleness_s) else "-",
+        _budget(row.exchange_cpu), Text(str(row.refused), style="yellow" if row.refused else ""), seen,
     ]
+
+
+def _budget(cores: float) -> str:
+    if not math.isfinite(cores):
+        return "-"
+    return "none" if cores == 0 else fmt_float(cores, 2)
 
 
 def render_events(snap: SwarmSnapshot) -> Table:
