@@ -64,11 +64,17 @@ def _read_card(path: Path) -> dict[str, Any] | None:
 
 
 def mean_model_loss(run_dir: Path | None) -> float | None:
-    """Loss of the averaged final models from a finished ``swarmnet up`` run's summary.json."""
+    """Loss of the averaged final models from a finished ``swarmnet up`` run's summary.json;
+    None while a peer's card is newer (peers write theirs as they start; the run's summary is
+    written after they have all ended): that summary is an earlier run's."""
     if run_dir is None:
         return None
+    path = run_dir / "summary.json"
     try:
-        summary = json.loads((run_dir / "summary.json").read_text())
+        written = path.stat().st_mtime
+        if any(card.stat().st_mtime > written for card in run_dir.glob("*/card.json")):
+            return None
+        summary = json.loads(path.read_text())
         loss = summary["average"]["eval"]["loss"]
     except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -13,7 +13,7 @@ import pytest
 
 from swarmnet.peer.membership import read_seed_card
 from swarmnet.transport import TransportSet
-from swarmnet.ui.collect import StatusCollector, resolve_seed, seeds_from_run_dir
+from swarmnet.ui.collect import StatusCollector, mean_model_loss, resolve_seed, seeds_from_run_dir
 from swarmnet.wire import MsgType, decode, encode, reply
 from tests.ui.conftest import fake_status
 
@@ -177,3 +177,19 @@ async def test_a_peer_asked_under_two_spellings_of_its_address_is_one_peer() -> 
         assert len(snapshot.peers) == 3
         found = {name: addr for name, addr, _ in await discover([alias], None, 2.0)}
         assert found["peer0"] == alias  # eval pulls where the peer answered
+
+
+def test_the_mean_model_loss_of_an_earlier_run_in_the_same_folder_is_not_shown(tmp_path: Path) -> None:
+    """``swarmnet up --summary RUN/summary.json`` then a new run in RUN: until the new run writes
+    its own summary, the old one's loss is not this run's."""
+    import os
+
+    (tmp_path / "peer0").mkdir()
+    card, summary = tmp_path / "peer0" / "card.json", tmp_path / "summary.json"
+    card.write_text(json.dumps({"addr": "tcp://127.0.0.1:1"}))
+    summary.write_text(json.dumps({"average": {"eval": {"loss": 0.25}}}))
+    os.utime(card, (1000.0, 1000.0))
+    os.utime(summary, (2000.0, 2000.0))  # written after its peers started: this run's
+    assert mean_model_loss(tmp_path) == 0.25
+    os.utime(card, (3000.0, 3000.0))  # a peer of a new run started since
+    assert mean_model_loss(tmp_path) is None
