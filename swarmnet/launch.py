@@ -87,6 +87,10 @@ class LaunchPlan:
             files = sorted(manifests.glob("*.toml"))
             if not files:
                 raise ConfigError(f"{manifests}: no peer manifests (*.toml) found; `swarmnet init` writes them")
+            asked = overrides.get("run.peers")
+            if asked is not None and asked != len(files):
+                raise ConfigError(f"--peers {asked} but {manifests} holds {len(files)} peer manifests: --manifests "
+                                  "starts one peer per manifest; drop --peers, or add or remove manifests")
             peers = []
             for i, path in enumerate(files):
                 m = load_manifest(path)

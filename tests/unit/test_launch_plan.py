@@ -71,3 +71,21 @@ def test_a_fresh_run_sets_aside_the_folders_of_earlier_peers_it_does_not_launch(
     plan(tmp_path, {"task.spec": "swarmnet.tasks.lsq:task", "run.peers": 2})  # an older one there is replaced
     assert (run / ".earlier" / "peer2" / "metrics.jsonl").read_text() == "again"
     assert not (run / "peer3").exists()
+
+
+def test_a_peer_count_that_disagrees_with_the_manifests_is_refused(tmp_path):
+    folder = tmp_path / "peers"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"p{i}.toml").write_text(f'name = "p{i}"\n')
+    overrides = {"run.dir": str(tmp_path / "run"), "task.spec": "swarmnet.tasks.lsq:task"}
+
+    def build(extra):
+        settings = {**overrides, **extra}
+        return LaunchPlan.build(load_config(None, settings), config_path=None, overrides=settings, manifests=folder,
+                                transport="tcp", fresh=True, log_level="WARNING")
+
+    assert [p.name for p in build({}).peers] == ["p0", "p1", "p2"]
+    assert len(build({"run.peers": 3}).peers) == 3
+    with pytest.raises(ConfigError, match=r"--peers 2 but .*peers holds 3 peer manifests: .*drop --peers"):
+        build({"run.peers": 2})
