@@ -62,7 +62,7 @@ def simulate_command(
         typer.Option(help="Samples per stochastic gradient (default: lsq 1, logreg 128)."),
     ] = None,
     task_option: Annotated[
-        list[str] | None, typer.Option(help="KEY=VALUE passed to the task factory, e.g. dim=90.")
+        list[str] | None, typer.Option(help="KEY=VALUE passed to the task factory, e.g. dim=90; repeat the flag for each option.")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of every random choice of the run.")] = 0,
     records: Annotated[int, typer.Option(help="Curve points per run (at most one per draw).")] = 200,
