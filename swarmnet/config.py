@@ -110,8 +110,8 @@ class TrainConfig:
         budgets = [name for name in BUDGETS if getattr(self, name) > 0]
         _require(len(budgets) <= 1, budgets[-1] if budgets else "steps",
                  f"set only one of steps, epochs, sequential_epochs; here {' and '.join(budgets)} are set "
-                 "(an override of one should set the other to 0, or use swarmnet up's --steps / --epochs, "
-                 "which replace the file's budget)")
+                 "(an override of one should set the other to 0, or use --steps (swarmnet peer and up) or --epochs "
+                 "(swarmnet up), which replace the file's budget)")
         if not budgets:
             self.steps = DEFAULT_STEPS
         _require(_at_least(self.lr, 0), "lr", "must be a finite number >= 0")

@@ -283,7 +283,7 @@ class MembershipService:
                     why = await _unresolved(address) or (
                         f"{exc}; check the address and that a peer is running there" if unanswered else str(exc))
                     self.seed_errors[seed] = why
-                    alone = "" if self.table.alive() else "; no other peer known yet"
+                    alone = "" if self.table.alive() else "; no other peer is alive"
                     self.log.warning("seed %s unreachable (%s); retrying in %.1fs%s", seed, why, delay, alone)
             else:
                 if self._seed_failures.pop(seed, 0) >= 1:

@@ -313,11 +313,11 @@ class Peer:
         self._check_snapshot_fits()
         self._check_seeds()
         try:
-            exposed = exposure_warning(net.listen, secured=self.curve is not None)
-            if exposed:
-                self.log.warning("%s", exposed)
             listener = await self.transports.for_url(net.listen).listen(net.listen, max_frame_bytes=self.limits.max_frame_bytes)
             bound, _ = split_address(listener.address)
+            exposed = exposure_warning(bound, secured=self.curve is not None)  # with the port port 0 got
+            if exposed:
+                self.log.warning("%s", exposed)
             self.address = net.advertise or (with_interface_host(bound, net.interface) if net.interface else bound)
             if self.curve is not None and self.curve.per_peer:
                 self.address = with_key(self.address, self.curve.public)

@@ -71,7 +71,9 @@ def load(path: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     train = [folder / f for f in TRAIN_FILES if (folder / f).is_file()]
     if not train or not (folder / TEST_FILE).is_file():
         raise ConfigError(f"{folder}: needs data_batch_1 (up to data_batch_5) and test_batch, the "
-                          "CIFAR-10 'python version' files; unpack cifar-10-python.tar.gz there")
+                          "CIFAR-10 'python version' files; unpack cifar-10-python.tar.gz there, or point "
+                          "task.options.path (--set task.options.path=DIR) to where they are; without "
+                          "CIFAR-10, `python examples/fashion_as_cifar.py DIR` writes Fashion-MNIST in that format")
     parts = [read_batch(f) for f in train]
     x_test, y_test = read_batch(folder / TEST_FILE)
     classes = int(max(max(p[1].max() for p in parts), y_test.max())) + 1

@@ -559,7 +559,9 @@ class ZmqTransport(Transport):
             if domain is not None:
                 _GATE.close(domain)
             if isinstance(exc, zmq.ZMQError):
-                raise TransportError(f"cannot bind {url}: {exc}") from exc
+                taken = ("; another process holds the port: pick another, or port 0 for any free one"
+                         if exc.errno == zmq.EADDRINUSE else "")
+                raise TransportError(f"cannot bind {url}: {exc}{taken}") from exc
             raise
         address = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         if curve is not None and curve.per_peer:

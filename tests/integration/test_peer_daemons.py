@@ -88,7 +88,7 @@ def test_unreachable_seed_is_reported_and_retried_without_hanging(tmp_path, daem
     assert peer.wait(60) == 0, peer.log()
     log = peer.log(200)
     assert "seed tcp://127.0.0.1:9 unreachable (connection to tcp://127.0.0.1:9 refused;" in log
-    assert "retrying in" in log and "no other peer known yet" in log
+    assert "retrying in" in log and "no other peer is alive" in log
     assert "waiting until 2 other peer(s) are known (network.min_peers)" in log  # why nothing happens yet
     assert "only 0 of 2 peers known" in log
     assert peer.summary()["steps"] == 200
