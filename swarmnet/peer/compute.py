@@ -103,7 +103,8 @@ def unreached_milestones(train: TrainConfig, plan: TrainingPlan) -> str | None:
     if not late:
         return None
     unit = "the recipe's epochs" if train.sequential_epochs else "this peer's own epochs"
-    return (f"train.milestones [{', '.join(f'{m:g}' for m in late)}] ({unit}) fall at or past the budget of {plan.total_steps} steps "
+    named = ", ".join(f"{m:g}" for m in late)
+    return (f"train.milestones [{named}] ({unit}) fall at or past the budget of {plan.total_steps} steps "
             f"({plan.total_steps / plan.steps_per_epoch:.4g} epochs): the rate never decays. Milestones count the "
             "peer's own epochs unless the budget is train.sequential_epochs (which --epochs and --steps replace); "
             "set train.milestones for this budget")
