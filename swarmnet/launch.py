@@ -342,7 +342,7 @@ def _supervise(plan: LaunchPlan, interrupt: _Interrupt, console: Console) -> boo
                         disable=not console.is_terminal)
     tasks = {p.name: progress.add_task(p.name, total=plan.total_steps, info="") for p in plan.peers}
     offsets = {p.name: 0 for p in plan.peers}
-    last_line = 0.0
+    last_line = time.monotonic()  # without a terminal: a line every 5 s, the first once there is progress to show
     stop_sent_at: float | None = None
     with progress:
         while any(p.exit_code is None for p in plan.peers):
