@@ -390,10 +390,13 @@ class ComputeLoop(Replica):
             self.stale_N.copy_(state["stale"])
             self.step = int(state["step"])
             self.clock.restore(int(state["clock"]))
-            if self.sampler.load_state_dict(state["sampler"]):
-                # Saved with another batch size or data set: one step is another share of an
-                # epoch now, so the budget and the schedule continue from the data's place.
-                self.step = self.sampler.steps_done
+            scale = self.sampler.load_state_dict(state["sampler"])
+            if scale != 1.0:
+                # Saved with another batch size or data set: a step is another share of an epoch
+                # now, so the budget and the schedule go on from the same share of the run.
+                self.log.info("the checkpoint's %d steps were taken with other epochs (batch size or data set "
+                              "changed): they count as %d of this config's", self.step, round(self.step * scale))
+                self.step = round(self.step * scale)
             self.rng.setstate(state["rng"])
             if state.get("torch_rng") is not None:  # checkpoints before it had none
                 torch.set_rng_state(state["torch_rng"])

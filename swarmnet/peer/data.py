@@ -80,11 +80,11 @@ class ShardSampler:
         return {"epoch": self.position.epoch, "batch": self.position.batch, "batch_size": self.batch_size,
                 "num_samples": self.num_samples}
 
-    def load_state_dict(self, state: dict[str, int]) -> bool:
+    def load_state_dict(self, state: dict[str, int]) -> float:
         """Resume at the saved place. Saved with another batch size or data set size (the config
         changed between runs), the batch index is rescaled to the same share of the epoch: taken
-        as it is, it could lie past the new epoch's end, where every batch is empty. Returns
-        whether it was rescaled (the epoch's length in steps changed)."""
+        as it is, it could lie past the new epoch's end, where every batch is empty. Returns how
+        many of this sampler's steps make one step of the saved one (1.0: the same epochs)."""
         epoch, batch = int(state["epoch"]), int(state["batch"])
         saved = (int(state.get("batch_size", self.batch_size)), int(state.get("num_samples", self.num_samples)))
         if saved != (self.batch_size, self.num_samples):
@@ -93,12 +93,7 @@ class ShardSampler:
         self.position = SamplerPosition(epoch, batch)
         if self.position.batch:
             self._order = self._epoch_order(self.position.epoch)
-        return saved != (self.batch_size, self.num_samples)
-
-    @property
-    def steps_done(self) -> int:
-        """Batches drawn from the start of the run."""
-        return self.position.epoch * self.steps_per_epoch + self.position.batch
+        return self.steps_per_epoch / math.ceil(max(1, saved[1]) / max(1, saved[0]))
 
     def seek(self, steps: int) -> None:
         """Continue as if ``steps`` batches had been drawn (a newcomer joining at a donor's step)."""

@@ -147,3 +147,23 @@ def test_a_peer_resumed_with_another_batch_size_continues_from_its_place_in_the_
     assert resumed.resume()
     assert resumed.sampler.position.epoch == 2 and resumed.step == 2 * resumed.plan.steps_per_epoch
     assert resumed.plan.total_steps - resumed.step == 2 * resumed.plan.steps_per_epoch  # two epochs left
+
+
+def test_a_step_count_ahead_of_the_data_keeps_its_lead_when_the_epochs_change(tmp_path):
+    """A newcomer's checkpoint from before adoption moved its sampler: step 450 (adopted), then
+    30 steps of data. Resumed with batches twice as large, its place in the run is kept (about
+    half as many of the new steps), not reset to the 30 steps of data it drew itself."""
+    first = compute_loop(tmp_path, steps=0, slowdown=1.0, **{"train.epochs": 60, "train.batch_size": 100})
+    for _ in range(30):
+        first.train_step()
+    first.step = 480  # what such a checkpoint holds: the donor's 450 plus its own 30
+    first.save_checkpoint()
+    resumed = compute_loop(tmp_path, steps=0, slowdown=1.0, **{"train.epochs": 60, "train.batch_size": 200})
+    assert resumed.resume() and resumed.step == round(480 * 8 / 15)  # 15 steps an epoch before, 8 now
+
+
+def test_a_newcomer_adopting_a_donors_step_draws_the_data_of_that_step(tmp_path):
+    loop = compute_loop(tmp_path, steps=0, slowdown=1.0, **{"train.epochs": 20, "train.batch_size": 100})
+    per_epoch = loop.plan.steps_per_epoch
+    loop.adopt(loop.live_N.clone(), clock=3, step=5 * per_epoch + 7)
+    assert (loop.step, loop.sampler.position.epoch, loop.sampler.position.batch) == (5 * per_epoch + 7, 5, 7)

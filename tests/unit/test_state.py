@@ -295,7 +295,7 @@ def test_a_newcomer_joining_at_a_donors_step_walks_that_epochs_shard():
     for _ in range(5 * partner.steps_per_epoch + 7):
         partner.next_indices()
     newcomer = ShardSampler(1000, 10, shard="partition", rank=2, peers=4, seed=1, peer_seed=9)
-    newcomer.seek(partner.steps_done)
+    newcomer.seek(5 * partner.steps_per_epoch + 7)
     assert newcomer.position == partner.position
     rest = partner.steps_per_epoch - partner.position.batch
     theirs = set(torch.cat([partner.next_indices() for _ in range(rest)]).tolist())
