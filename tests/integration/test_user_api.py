@@ -279,3 +279,63 @@ def test_a_frozen_backbone_is_neither_averaged_nor_sent(tmp_path):
         wait_until(steps, 30, interval=0.005, what="five merges each")
     for model, weight in zip((a_model, b_model), frozen, strict=True):
         assert torch.equal(model[0].weight, weight)
+
+
+@pytest.mark.timeout(60)
+def test_a_nudge_still_decoding_when_weights_are_reloaded_is_refused_and_the_next_one_lands(tmp_path):
+    """Symmetric mode: a neighbour's nudge is measured from our published weights. Weights loaded
+    while it decodes (resync) make it stale: answered ``gone``, so that its sender drops its half
+    too, and the merge gate is left free for the next nudge, measured from the new weights."""
+    import asyncio
+    import threading
+
+    from swarmnet.codecs import make_codec
+    from swarmnet.peer.client import PeerClient, Rejected
+    from swarmnet.peer.stats import PeerStats
+    from swarmnet.transport import TransportSet
+    from swarmnet.wire import Limits, MsgType, request
+
+    model, opt = _model_and_optimizer()
+    with swarmnet.SwarmOptimizer(opt, model, run_dir=tmp_path, settings={"network.linger": 0.0}) as swarm:
+        exchange = swarm.peer.exchange
+        decode, entered, release = exchange.decode_nudge, threading.Event(), threading.Event()
+
+        async def held_decode(msg, used):  # the real decode, once the test has reloaded the weights
+            entered.set()
+            await asyncio.to_thread(release.wait, 20)
+            return await decode(msg, used)
+
+        exchange.decode_nudge = held_decode
+
+        async def nudge() -> str:
+            transports = TransportSet()
+            client = PeerClient(sender="nudger", transports=transports, limits=Limits(), timeout=20,
+                                stats=PeerStats(), max_frame_bytes=2**31 - 1)
+            try:
+                latest = swarm.replica.store.latest()
+                encoded = make_codec("fp32").encode(latest.values_N + 1.0)
+                msg = request(MsgType.NUDGE, "nudger", encoded.frames, used=latest.version, codec="fp32",
+                              meta=encoded.meta)
+                return str((await client.call(swarm.address, msg)).type)
+            except Rejected as exc:
+                return str(exc.code)
+            finally:
+                await client.aclose()
+                await transports.aclose()
+
+        answers: list[str] = []
+        sender = threading.Thread(target=lambda: answers.append(asyncio.run(nudge())))
+        sender.start()
+        assert entered.wait(20)
+        with torch.no_grad():
+            model[0].weight.add_(5.0)  # a checkpoint loaded while the nudge decodes
+        swarm.resync()
+        release.set()
+        sender.join(20)
+        assert answers == ["gone"]
+        exchange.decode_nudge = decode
+        before = swarm.replica.live_N.clone()
+        assert asyncio.run(nudge()) == "ack"  # measured from the new weights: admitted and applied
+        swarm.zero_grad()
+        swarm.step()  # applies it between steps (no gradients: the optimizer itself moves nothing)
+        assert torch.allclose(swarm.replica.live_N, before + 0.5, atol=1e-5)
