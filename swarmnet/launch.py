@@ -89,8 +89,9 @@ class LaunchPlan:
                 raise ConfigError(f"{manifests}: no peer manifests (*.toml) found; `swarmnet init` writes them")
             asked = overrides.get("run.peers")
             if asked is not None and asked != len(files):
-                raise ConfigError(f"--peers {asked} but {manifests} holds {len(files)} peer manifests: --manifests "
-                                  "starts one peer per manifest; drop --peers, or add or remove manifests")
+                raise ConfigError(f"{asked} peers asked (--peers or --set run.peers) but {manifests} holds "
+                                  f"{len(files)} peer manifests: --manifests starts one peer per manifest; drop the "
+                                  "count, or add or remove manifests")
             peers = []
             for i, path in enumerate(files):
                 m = load_manifest(path)

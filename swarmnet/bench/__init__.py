@@ -3,14 +3,15 @@ ratio (``swarmnet bench ...``); results are recorded in docs/benchmarks.md."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from swarmnet import jsonsafe
 
 
 def write_json(path: str | Path, result: Any) -> None:
     """A bench's ``--json`` file, written whole or not at all, its folder made if need be (the
-    documented ``runs/...`` is not in a fresh clone)."""
+    documented ``runs/...`` is not in a fresh clone); strict JSON (what was not measured is null)."""
     from swarmnet.peer.checkpoint import write_atomic
 
-    write_atomic(Path(path), (json.dumps(result, indent=2, default=str) + "\n").encode())
+    write_atomic(Path(path), (jsonsafe.dumps(result, indent=2, default=str) + "\n").encode())

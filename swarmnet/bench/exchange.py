@@ -153,8 +153,8 @@ def pull_ratio(workdir: Path, *, hidden: int = 3000, repeats: int = 30) -> dict[
                   "checkpoint_every": 0.0},
         "network": {"exchange": False},
     })
-    server = PeerProcessHandle(workdir, "server", config, die_with_parent=True,
-                               env={"GLIBC_TUNABLES": GLIBC_TUNABLES})  # as `swarmnet up` starts it
+    tunables = os.environ.get("GLIBC_TUNABLES", GLIBC_TUNABLES)  # as `swarmnet up` and _client_process set it
+    server = PeerProcessHandle(workdir, "server", config, die_with_parent=True, env={"GLIBC_TUNABLES": tunables})
     try:
         address = server.card(timeout=120)["addr"]
         return _client_process("pull-client", address, str(repeats), str(server.proc.pid), str(hidden))
@@ -209,37 +209,39 @@ async def _pull_client(address: str, repeats: int, daemon_pid: int, hidden: int)
             os.kill(daemon_pid, signal.SIGCONT)
         await asyncio.sleep(SWITCH_SETTLE_S)
 
-    await serve_from("raw")
-    await asyncio.sleep(1.0)  # the raw server's first "busy" builds its model
     times: dict[str, list[float]] = {"pull": [], "view": [], "copy": [], "delta": [], "delta_after_copy": [],
                                      "apply": [], "raw": []}
-    for _ in range(repeats):
-        await serve_from("daemon")
-        t0 = time.perf_counter()
-        reply = await client.call(address, request(MsgType.PULL, "bench", clock=0, want=None, version=None))
-        t1 = time.perf_counter()
-        remote = codec.view(reply.body["meta"], reply.frames, own)
-        t2 = time.perf_counter()
-        codec.decode(reply.body["meta"], reply.frames, own, out, {})
-        t3 = time.perf_counter()
-        assert remote is not None  # a writable frame and a CPU model: read in place
-        gap_over(remote, own, own)  # the exchange worker's pass, over the frames
-        t4 = time.perf_counter()
-        gap_over(out, own, own)  # the same over the copy, as a decoding peer does
-        t5 = time.perf_counter()
-        apply_pull(live, remote)  # the compute thread's pass
-        t6 = time.perf_counter()
-        del reply, remote  # freeing swarmnet's reply is in neither window, as the raw one's is not
+    try:
         await serve_from("raw")
-        t_raw = time.perf_counter()
-        await dealer.send(b"pull")
-        frames = await dealer.recv_multipart(copy=False)
-        t7 = time.perf_counter()
-        assert frames[1].buffer.nbytes == nbytes
-        del frames
-        for key, seconds in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t_raw)):
-            times[key].append(seconds)
-    os.kill(daemon_pid, signal.SIGCONT)
+        await asyncio.sleep(1.0)  # the raw server's first "busy" builds its model
+        for _ in range(repeats):
+            await serve_from("daemon")
+            t0 = time.perf_counter()
+            reply = await client.call(address, request(MsgType.PULL, "bench", clock=0, want=None, version=None))
+            t1 = time.perf_counter()
+            remote = codec.view(reply.body["meta"], reply.frames, own)
+            t2 = time.perf_counter()
+            codec.decode(reply.body["meta"], reply.frames, own, out, {})
+            t3 = time.perf_counter()
+            assert remote is not None  # a writable frame and a CPU model: read in place
+            gap_over(remote, own, own)  # the exchange worker's pass, over the frames
+            t4 = time.perf_counter()
+            gap_over(out, own, own)  # the same over the copy, as a decoding peer does
+            t5 = time.perf_counter()
+            apply_pull(live, remote)  # the compute thread's pass
+            t6 = time.perf_counter()
+            del reply, remote  # freeing swarmnet's reply is in neither window, as the raw one's is not
+            await serve_from("raw")
+            t_raw = time.perf_counter()
+            await dealer.send(b"pull")
+            frames = await dealer.recv_multipart(copy=False)
+            t7 = time.perf_counter()
+            assert frames[1].buffer.nbytes == nbytes
+            del frames
+            for key, seconds in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t_raw)):
+                times[key].append(seconds)
+    finally:  # left stopped, the daemon would not act on the SIGTERM that ends it with the bench
+        os.kill(daemon_pid, signal.SIGCONT)
     raw.kill()
     raw.wait()
     dealer.close(0)
@@ -382,9 +384,9 @@ def run(*, json_path: Path | None = None, quick: bool = False, rounds: int = 3, 
         for name, stage in stages.items():
             bar.update(task, description=f"bench exchange: {name}")
             result[name] = stage(Path(tmp))
-            result["stages_left"] = [s for s in stages if s not in result]
             if json_path is not None:  # after every stage: a run stopped later keeps what it measured
-                write_json(json_path, result)
+                left = [s for s in stages if s not in result]
+                write_json(json_path, result | ({"stages_left": left} if left else {}))
             bar.advance(task)
     return result
 

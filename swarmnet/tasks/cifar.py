@@ -139,6 +139,7 @@ class CifarResNet(nn.Module):
 
 def task(path: str = "", blocks: int = 3, width: int = 16, train_subset: int = 0, test_subset: int = 0,
          augmentation: bool = True) -> Task:
+    datasets.check_subsets(train_subset, test_subset)
     xtr, ytr, xte, yte = load(path)
     (xtr, ytr), (xte, yte) = datasets.subsets((xtr, ytr), (xte, yte), train_subset, test_subset)
     classes = max(10, int(max(ytr.max(), yte.max())) + 1)

@@ -91,12 +91,17 @@ def find_file(directory: Path, stem: str) -> Path | None:
     return None
 
 
-def subsets(train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], train_subset: int,
-            test_subset: int) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
-    """The first ``train_subset`` / ``test_subset`` samples of each split (0: all of it)."""
+def check_subsets(train_subset: int, test_subset: int) -> None:
+    """Before the data is read: the sizes :func:`subsets` will cut to are sizes."""
     for name, size in (("train_subset", train_subset), ("test_subset", test_subset)):
         if size < 0:
             raise ValueError(f"task.options.{name} = {size}: must be >= 0 (0: the whole split)")
+
+
+def subsets(train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], train_subset: int,
+            test_subset: int) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """The first ``train_subset`` / ``test_subset`` samples of each split (0: all of it)."""
+    check_subsets(train_subset, test_subset)
     if train_subset:
         train = (train[0][:train_subset], train[1][:train_subset])
     if test_subset:

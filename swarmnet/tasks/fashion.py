@@ -80,6 +80,7 @@ class FashionCNN(nn.Module):
 
 def task(path: str = "", width: int = 32, train_subset: int = 0, test_subset: int = 0) -> Task:
     """``train_subset`` / ``test_subset`` > 0 keep the first that many samples (quick runs, tests)."""
+    datasets.check_subsets(train_subset, test_subset)
     data = load(path)
     xtr, ytr, xte, yte = data["x_train"], data["y_train"], data["x_test"], data["y_test"]
     (xtr, ytr), (xte, yte) = datasets.subsets((xtr, ytr), (xte, yte), train_subset, test_subset)

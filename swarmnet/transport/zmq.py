@@ -559,7 +559,8 @@ class ZmqTransport(Transport):
             if domain is not None:
                 _GATE.close(domain)
             if isinstance(exc, zmq.ZMQError):
-                taken = ("; another process holds the port: pick another, or port 0 for any free one"
+                taken = ("; something else holds the port (another process, or a socket of this one): pick "
+                         "another, or port 0 for any free one"
                          if exc.errno == zmq.EADDRINUSE else "")
                 raise TransportError(f"cannot bind {url}: {exc}{taken}") from exc
             raise

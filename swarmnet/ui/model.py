@@ -52,7 +52,8 @@ class PeerStatus:
     budget_wait_s: float = math.nan
     """Seconds the exchange has waited for its budget."""
     rejected: dict[str, int] = field(default_factory=dict)
-    """Requests this peer refused, by reject code (malformed, unauthenticated, ...)."""
+    """What this peer refused, by reason: requests (malformed, unauthenticated, ...) and
+    neighbours' snapshots its screening turned down (the peer's ``rejected`` counts)."""
     sampled_at: float = 0.0
     """Wall time of the reply these values come from (the peer's last seen time)."""
     uptime: float = 0.0

@@ -69,7 +69,8 @@ PEER_COLUMNS = (("peer", "left", 4), ("host", "left", 4), ("device", "left", 6),
                 ("inter/s", "right", 0), ("in/s", "right", 0), ("out/s", "right", 0), ("stale", "right", 0),
                 ("budget", "right", 0), ("refused", "right", 0), ("seen", "right", 5))
 """Name, justification and least width of each column of the peers table (budget: the
-exchange's CPU budget in cores; refused: requests the peer refused, malformed or unauthenticated)."""
+exchange's CPU budget in cores; refused: what the peer refused, requests (malformed,
+unauthenticated, ...) and neighbours' snapshots its screening turned down)."""
 DROP_FIRST = ("budget", "host", "device", "seen", "refused", "stale", "clock", "lr")
 """Columns left out, in this order, while the table is wider than the terminal."""
 

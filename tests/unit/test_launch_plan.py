@@ -87,5 +87,5 @@ def test_a_peer_count_that_disagrees_with_the_manifests_is_refused(tmp_path):
 
     assert [p.name for p in build({}).peers] == ["p0", "p1", "p2"]
     assert len(build({"run.peers": 3}).peers) == 3
-    with pytest.raises(ConfigError, match=r"--peers 2 but .*peers holds 3 peer manifests: .*drop --peers"):
+    with pytest.raises(ConfigError, match=r"2 peers asked \(--peers or --set run.peers\) but .*peers holds 3 peer manifests: .*drop the count"):
         build({"run.peers": 2})

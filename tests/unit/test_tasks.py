@@ -21,6 +21,9 @@ pytestmark = pytest.mark.timeout(60)
     ("swarmnet.tasks.textlm:task", {"test_fraction": 0.0}, r"task.options.test_fraction 0.0 must be between 0 and 1"),
     ("swarmnet.tasks.textlm:task", {"context": 100_000}, r"leaves no window .* for testing; lower context"),
     ("swarmnet.tasks.textlm:task", {"corpus_bytes": 5000}, r"task.options.corpus_bytes 5000 must be at least"),
+    # before the data is looked for: this is the error to fix whether the data is there or not
+    ("swarmnet.tasks.fashion:task", {"path": "/nonexistent", "test_subset": -1}, r"task.options.test_subset = -1"),
+    ("swarmnet.tasks.cifar:task", {"path": "/nonexistent", "train_subset": -5}, r"task.options.train_subset = -5"),
 ])
 def test_a_bad_task_option_is_a_config_error_that_names_it(spec, options, message):
     with pytest.raises(ConfigError, match=message):
