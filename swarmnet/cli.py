@@ -35,10 +35,12 @@ ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Swarm
 
 
 class Level(enum.StrEnum):
-    DEBUG = "DEBUG"
-    INFO = "INFO"
-    WARNING = "WARNING"
-    ERROR = "ERROR"
+    """Written as --help shows the choices; setup_logging takes either case."""
+
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
 
 
 LogLevel = Annotated[Level, typer.Option("--log-level", case_sensitive=False, help="How much to log.")]
