@@ -264,6 +264,7 @@ class MembershipService:
             address = read_seed_card(seed) if seed.startswith("file://") else seed
             if address is None:  # the seed's card is not written yet: try again next round
                 since = self._card_missing_since.setdefault(seed, now)
+                self.seed_errors[seed] = "no peer card there (its peer has not bound yet, or the path is wrong)"
                 if now - since >= CARD_WAIT_WARN_S:
                     self._card_missing_since[seed] = math.inf
                     self.log.warning("seed %s: no peer card there after %.0fs (its peer has not bound yet, or the path "

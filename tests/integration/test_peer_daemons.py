@@ -96,6 +96,17 @@ def test_unreachable_seed_is_reported_and_retried_without_hanging(tmp_path, daem
     assert "refused" in alone  # said again at the end, with the cause
 
 
+def test_a_file_seed_whose_card_never_came_is_named_as_the_cause_of_training_alone(tmp_path, daemons):
+    config = daemon_config(tmp_path, steps=50)
+    card = tmp_path / "nobody" / "card.json"
+    peer = PeerProcessHandle(tmp_path / "run", "lonely", config, "--seed", f"file://{card}",
+                             "--set", "network.join_timeout=2")
+    daemons.append(peer)
+    assert peer.wait(60) == 0, peer.log()
+    alone = next(line for line in peer.log(200).splitlines() if "trained alone" in line)
+    assert f"file://{card}: no peer card there" in alone, alone
+
+
 def test_two_hosts_in_network_namespaces_form_one_swarm(tmp_path, daemons, two_hosts):
     config = write_config(tmp_path / "swarm.toml", {
         "run": {"peers": 2},
