@@ -388,7 +388,8 @@ def check_device(spec: str) -> None:
     if device.type != "cuda":
         return
     if not torch.cuda.is_available():
-        raise ConfigError(f"device {spec!r} asked for, but CUDA is not available here; use --device cpu")
+        raise ConfigError(f"device {spec!r} asked for, but CUDA is not available here; use --device cpu, or "
+                          "cpu where it was set (device.device in the config, device in a peer manifest)")
     if device.index is not None and device.index >= torch.cuda.device_count():
         raise ConfigError(f"device {spec!r}: only {torch.cuda.device_count()} GPU(s) here")
 
