@@ -148,7 +148,7 @@ def plot(
         yscale="log",
         xlabel="interactions per node",
         ylabel="consensus distance sqrt(Gamma / n)",
-        title="consensus distance (zero, so not drawn, for n <= 2)",
+        title="consensus distance (zero values not drawn: PopSGD at n <= 2)",
     )
     for ax in (ax_loss, ax_cons):
         ax.grid(True, which="both", alpha=0.25)
