@@ -271,9 +271,11 @@ class Exchange:
             raise
         self.peer.stats.nudges_sent += 1
 
-    async def decode_nudge(self, msg: Message, used: Snapshot) -> Tensor:
-        """Server side of a nudge: (Q(C_i) - Q(C_j used)) / 2, in the worker thread."""
-        def work() -> Tensor:
+    async def accept_nudge(self, msg: Message, used: Snapshot) -> bool:
+        """Server side of a nudge: (Q(C_i) - Q(C_j used)) / 2, counted into the inbox, all in the
+        worker thread (the inbox's add is a model-sized pass, and it may wait for the compute
+        thread's drain: neither belongs on the event loop). Whether the inbox took it."""
+        def work() -> bool:
             decoded = torch.empty_like(used.values_N)
             result = self.codec.decode(msg.body["meta"], msg.frames, used.values_N, decoded, {})
             if not result.complete:
@@ -281,7 +283,7 @@ class Exchange:
             check_finite(decoded, "the nudge")
             delta = apply_nudge(decoded, used.encoded.quantized, out=decoded)
             self.screen.check(2 * float(torch.linalg.vector_norm(delta)), used, delta, "nudge")  # CPU<->GPU sync point
-            return delta
+            return self.peer.inbox.add(delta, used.version)
         return await self._run(work)
 
     async def _run(self, fn: Any, *args: Any) -> Any:

@@ -192,11 +192,11 @@ class PeerServer:
             peer.stats.nudges_refused += 1
             return reject(msg, peer.id, RejectCode.BUSY, refusal)
         try:
-            nudge = await peer.exchange.decode_nudge(msg, latest)
+            accepted = await peer.exchange.accept_nudge(msg, latest)
         except BaseException:
             peer.gate.cancel_nudge(latest.version)
             raise
-        if not peer.inbox.add(nudge, latest.version):
+        if not accepted:
             peer.gate.cancel_nudge(latest.version)
             if peer.inbox.closed:
                 return reject(msg, peer.id, RejectCode.DRAINING, "peer is stopping")

@@ -298,14 +298,14 @@ def test_a_nudge_still_decoding_when_weights_are_reloaded_is_refused_and_the_nex
     model, opt = _model_and_optimizer()
     with swarmnet.SwarmOptimizer(opt, model, run_dir=tmp_path, settings={"network.linger": 0.0}) as swarm:
         exchange = swarm.peer.exchange
-        decode, entered, release = exchange.decode_nudge, threading.Event(), threading.Event()
+        accept, entered, release = exchange.accept_nudge, threading.Event(), threading.Event()
 
-        async def held_decode(msg, used):  # the real decode, once the test has reloaded the weights
+        async def held_accept(msg, used):  # the real decode and add, once the test has reloaded the weights
             entered.set()
             await asyncio.to_thread(release.wait, 20)
-            return await decode(msg, used)
+            return await accept(msg, used)
 
-        exchange.decode_nudge = held_decode
+        exchange.accept_nudge = held_accept
 
         async def nudge() -> str:
             transports = TransportSet()
@@ -333,9 +333,13 @@ def test_a_nudge_still_decoding_when_weights_are_reloaded_is_refused_and_the_nex
         release.set()
         sender.join(20)
         assert answers == ["gone"]
-        exchange.decode_nudge = decode
+        exchange.accept_nudge = accept
+        inbox, adders = swarm.replica.inbox, []
+        add = inbox.add
+        inbox.add = lambda delta, version: adders.append(threading.current_thread().name) or add(delta, version)
         before = swarm.replica.live_N.clone()
         assert asyncio.run(nudge()) == "ack"  # measured from the new weights: admitted and applied
+        assert adders and all(name.startswith("codec-") for name in adders), adders  # a model-sized pass: off the loop
         swarm.zero_grad()
         swarm.step()  # applies it between steps (no gradients: the optimizer itself moves nothing)
         assert torch.allclose(swarm.replica.live_N, before + 0.5, atol=1e-5)
