@@ -219,7 +219,26 @@ class SwarmOptimizer:
         checkpoint loaded after wrapping, weights copied in): publishes them as they are. Without
         it the next merge would take the change for training progress and overshoot by half of
         it. :meth:`load_state_dict` does it too. Between steps, in the training thread."""
-        self.replica.resync()
+        with self._on_default_stream():
+            self.replica.resync()
+
+    @contextlib.contextmanager
+    def _on_default_stream(self) -> Any:
+        """Run replica work that the exchange's threads will read (they use the device's default
+        stream) on that stream, after whatever the caller's own CUDA stream has queued and before
+        what it queues next; a no-op on a CPU or on the default stream. step() refuses a stream
+        of the user's instead: what it merges is what the user's optimizer step just wrote."""
+        device = self.replica.device
+        if device.type != "cuda" or torch.cuda.current_stream(device) == torch.cuda.default_stream(device):
+            yield
+            return
+        current, default = torch.cuda.current_stream(device), torch.cuda.default_stream(device)
+        default.wait_stream(current)
+        try:
+            with torch.cuda.stream(default):
+                yield
+        finally:
+            current.wait_stream(default)
 
     def _check_averaged_set(self) -> None:
         """The parameters merges average were fixed when the model was wrapped: say so, once,
@@ -304,7 +323,8 @@ class SwarmOptimizer:
             if self._drained.done():
                 reason = f"error: {self._error}" if self._error else "closed"
                 try:
-                    self.replica.merge_pending(final=True)  # here, in the training thread
+                    with self._on_default_stream():
+                        self.replica.merge_pending(final=True)  # here, in the training thread
                     if self.replica.step != self._last_row_step:
                         self._write_metrics()
                 except SwarmError as exc:  # e.g. a model gone non-finite, which step() has raised already

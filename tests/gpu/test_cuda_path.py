@@ -119,3 +119,11 @@ def test_the_user_api_steps_a_gpu_model_and_refuses_a_stream_of_its_own(tmp_path
             opt.step()
         with torch.cuda.stream(torch.cuda.Stream()), pytest.raises(SwarmError, match="default stream"):
             opt.step()
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):  # weights loaded on a stream of the user's, then published
+            with torch.no_grad():
+                model[0].weight.fill_(3.0)
+            opt.resync()
+        torch.cuda.synchronize()
+        latest = opt.replica.store.latest()
+        assert torch.equal(latest.values_N, opt.replica.live_N) and float(model[0].weight[0, 0]) == 3.0
