@@ -18,6 +18,7 @@ Only the compute thread writes the live model; everything here is how others tal
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import threading
 import time
@@ -181,7 +182,7 @@ class Mailbox:
 
     def release(self) -> None:
         """Compute thread: the entry taken last is applied and our snapshot republished."""
-        if not self._loop.is_closed():
+        with contextlib.suppress(RuntimeError):  # the loop has closed (a check first could race its closing)
             self._loop.call_soon_threadsafe(self.emptied.set)
 
     @property
