@@ -527,6 +527,7 @@ def render_summary(result: dict[str, Any]) -> Table:
                       f"{loss:.4g}" if isinstance(loss, (int, float)) else "?", fmt_eval(r.get("eval")))
     avg = result["average"]
     if avg.get("peers_averaged"):
-        table.add_row("average", f"{avg['peers_averaged']} model{'s' if avg['peers_averaged'] != 1 else ''}, spread {avg['consensus_distance']:.3g}",
+        averaged = avg["peers_averaged"]
+        table.add_row("average", f"{averaged} model{'s' * (averaged != 1)}, spread {avg['consensus_distance']:.3g}",
                       "", "", "", "", "", fmt_eval(avg.get("eval")))
     return table

@@ -315,7 +315,7 @@ class Peer:
         try:
             listener = await self.transports.for_url(net.listen).listen(net.listen, max_frame_bytes=self.limits.max_frame_bytes)
             bound, _ = split_address(listener.address)
-            exposed = exposure_warning(bound, secured=self.curve is not None)  # with the port port 0 got
+            exposed = exposure_warning(bound, secured=self.curve is not None)  # the port bound, where port 0 was asked
             if exposed:
                 self.log.warning("%s", exposed)
             self.address = net.advertise or (with_interface_host(bound, net.interface) if net.interface else bound)
