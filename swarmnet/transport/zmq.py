@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import errno
 import itertools
 import logging
@@ -83,6 +84,11 @@ def _secure_client(sock: zmq.asyncio.Socket, curve: CurveKeys, server_key: bytes
     sock.curve_serverkey = server_key
 
 
+_ZAP_CLIENT: contextvars.ContextVar[str] = contextvars.ContextVar("zap_client", default="")
+"""The network address of the client whose handshake the ZAP handler is deciding (pyzmq hands
+the key check the key only)."""
+
+
 class _KeyPolicy:
     """ZAP credentials provider for one listener: admits allowed keys, reports refusals."""
 
@@ -99,7 +105,8 @@ class _KeyPolicy:
                 return True
             if client_key not in self.refused and len(self.refused) < 1024:
                 self.refused.add(client_key)  # log each stranger once, not every reconnect
-                log.warning("%s refused a client with unknown key %s (hex %s)", self.address, client_key.decode(),
+                log.warning("%s refused a client%s with unknown key %s (hex %s)", self.address,
+                            f" at {_ZAP_CLIENT.get()}" if _ZAP_CLIENT.get() else "", client_key.decode(),
                             z85.decode(client_key).hex())
             if self.curve.on_refused is not None:
                 self.curve.on_refused(client_key)
@@ -133,9 +140,7 @@ class _ZapGate:
 
     def open(self, ctx: zmq.asyncio.Context, policy: _KeyPolicy) -> str:
         if self._auth is None or self._ctx is not ctx or self._pid != os.getpid():
-            from zmq.auth.thread import ThreadAuthenticator
-
-            auth = ThreadAuthenticator(ctx, log=logging.getLogger("swarmnet.zap"))
+            auth = _addressed_authenticator()(ctx, log=logging.getLogger("swarmnet.zap"))
             auth.start()
             self._auth, self._ctx, self._pid = auth, ctx, os.getpid()
         domain = f"swarmnet-{next(self._domains)}"
@@ -151,6 +156,19 @@ class _ZapGate:
 
 
 _GATE = _ZapGate()
+
+
+def _addressed_authenticator() -> type:
+    """pyzmq's ZAP handler thread, telling the key check the client's network address."""
+    from zmq.auth.thread import ThreadAuthenticator
+
+    class AddressedAuthenticator(ThreadAuthenticator):
+        async def handle_zap_message(self, msg: list[bytes]) -> None:
+            # ZAP request: version, request id, domain, address, identity, mechanism, credentials
+            _ZAP_CLIENT.set(msg[3].decode("utf-8", "replace") if len(msg) > 3 else "")
+            await super().handle_zap_message(msg)
+
+    return AddressedAuthenticator
 
 
 def _closed_under_us() -> bool:

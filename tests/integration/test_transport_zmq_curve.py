@@ -74,7 +74,8 @@ async def ask(curve, address, timeout=1.0):
 
 
 @pytest.mark.parametrize("scheme", ["tcp", "ipc"])
-async def test_swarm_key_admits_its_holders_and_nobody_else(keys, scheme, tmp_path):
+async def test_swarm_key_admits_its_holders_and_nobody_else(keys, scheme, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="swarmnet")
     pairs, _ = keys
     refused = []
     url = "tcp://127.0.0.1:0" if scheme == "tcp" else f"ipc://{tmp_path}/s.sock"
@@ -88,6 +89,10 @@ async def test_swarm_key_admits_its_holders_and_nobody_else(keys, scheme, tmp_pa
             # A wrong key, even one that names the right server key: refused by the ZAP handler.
             await ask(CurveKeys(*pairs["stranger"]), with_key(listener.address, pairs["a"][0]))
         await eventually(lambda: pairs["stranger"][0] in refused)
+        stranger = pairs["stranger"][0].decode()
+        said = next(line for line in caplog.text.splitlines() if f"unknown key {stranger}" in line)
+        # where the stranger came from, for an operator to act on (a Unix socket has no address)
+        assert ("refused a client at 127.0.0.1 with unknown key" in said) == (scheme == "tcp"), said
         assert await ask(swarm_key(pairs["a"]), listener.address) == [b"echo", b"hi"]  # still serving
 
 
