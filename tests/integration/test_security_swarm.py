@@ -133,7 +133,7 @@ def test_swarm_key_peers_train_and_strangers_get_nothing(tmp_path, daemons):
         assert members(addr, swarm) <= {"a", "b"}  # never the stranger, never the spy
     status_a = query_status(a_addr, timeout=3, key=swarm)
     assert status_a["rejected"].get("unauthenticated", 0) > 0  # refusals are counted and logged
-    assert "refused a client with unknown key" in a.log(400)
+    assert "refused a client at 127.0.0.1 with unknown key" in a.log(400)
     # The stranger's own handshakes fail before the key check: counted and logged as well.
     assert status_a["rejected"].get("handshake", 0) > 0
     assert "refused a CURVE handshake from a client that does not hold this peer's key" in a.log(400)
