@@ -97,6 +97,9 @@ class LaunchPlan:
                 m = load_manifest(path)
                 peers.append(PeerProcess(m.name, m.rank if m.rank >= 0 else i, m.listen or _listen(transport, run_dir, m.name),
                                          m.seeds, m.advertise, m.device, m.key))
+                if m.listen and transport != "tcp":  # tcp: the default, not asked for
+                    log.warning("--transport %s does not apply to %s: its manifest %s sets listen = %s", transport,
+                                m.name, path, m.listen)
         else:
             peers = [PeerProcess(f"peer{i}", i, _listen(transport, run_dir, f"peer{i}"), []) for i in range(cfg.run.peers)]
         if len({p.name for p in peers}) != len(peers):

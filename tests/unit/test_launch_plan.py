@@ -89,3 +89,16 @@ def test_a_peer_count_that_disagrees_with_the_manifests_is_refused(tmp_path):
     assert len(build({"run.peers": 3}).peers) == 3
     with pytest.raises(ConfigError, match=r"2 peers asked \(--peers or --set run.peers\) but .*peers holds 3 peer manifests: .*drop the count"):
         build({"run.peers": 2})
+
+
+def test_a_transport_the_manifests_override_is_named(tmp_path, caplog):
+    folder = tmp_path / "peers"
+    folder.mkdir()
+    (folder / "p0.toml").write_text('name = "p0"\nlisten = "tcp://127.0.0.1:0"\n')
+    (folder / "p1.toml").write_text('name = "p1"\n')
+    overrides = {"run.dir": str(tmp_path / "run"), "task.spec": "swarmnet.tasks.lsq:task"}
+    with caplog.at_level(logging.WARNING, logger="swarmnet.launch"):
+        built = LaunchPlan.build(load_config(None, overrides), config_path=None, overrides=overrides,
+                                 manifests=folder, transport="ipc", fresh=True, log_level="WARNING")
+    assert [p.listen.split(":")[0] for p in built.peers] == ["tcp", "ipc"]
+    assert "--transport ipc does not apply to p0" in caplog.text and "p1" not in caplog.text
