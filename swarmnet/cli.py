@@ -119,7 +119,8 @@ def peer(
         settings = parse_settings(set_ or [])
         budget = budget_override(steps=steps) if steps is not None else {}
         overrides = {**listed, **flags, **settings, **budget}
-        origins = {**dict.fromkeys(listed, str(peer_file)), **{k: FLAGS[k] for k in flags},
+        # A manifest's keys are named as the manifest spells them (listen, not network.listen).
+        origins = {**{k: f"{peer_file} ({k.rsplit('.', 1)[1]})" for k in listed}, **{k: FLAGS[k] for k in flags},
                    **dict.fromkeys(settings, "--set"), **dict.fromkeys(budget, "--steps")}
         if seed and manifest.seeds and "network.seeds" not in settings:
             overrides["network.seeds"] = seed + manifest.seeds

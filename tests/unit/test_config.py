@@ -236,7 +236,7 @@ def test_manifest_values_are_named_by_the_manifest(tmp_path):
 
     manifest = write(tmp_path, "listen = 'tcp://127.0.0.1:70000'\n", "gpu0.toml")
     result = CliRunner().invoke(app, ["peer", "--peer", str(manifest)])
-    assert result.exit_code == 2 and f"{manifest}: network.listen:" in result.output
+    assert result.exit_code == 2 and f"{manifest} (listen): network.listen:" in result.output  # the manifest's key too
 
 
 def test_advertised_address_from_an_interface():
