@@ -105,9 +105,9 @@ class _KeyPolicy:
                 return True
             if client_key not in self.refused and len(self.refused) < 1024:
                 self.refused.add(client_key)  # log each stranger once, not every reconnect
+                client = _ZAP_CLIENT.get()  # none over ipc://
                 log.warning("%s refused a client%s with unknown key %s (hex %s)", self.address,
-                            f" at {_ZAP_CLIENT.get()}" if _ZAP_CLIENT.get() else "", client_key.decode(),
-                            z85.decode(client_key).hex())
+                            f" at {client}" if client else "", client_key.decode(), z85.decode(client_key).hex())
             if self.curve.on_refused is not None:
                 self.curve.on_refused(client_key)
         except Exception:
