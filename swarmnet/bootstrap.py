@@ -9,6 +9,7 @@ first host. Nothing is written when any target exists, unless ``force``.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,13 @@ class PeerPlan:
         return f"tcp://0.0.0.0:{self.port}"
 
 
+MARK = "Written by swarmnet init."
+"""On the first line of every manifest init writes: ``--force`` removes those a new plan drops."""
+
+HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
+"""A host name or IPv4 address as the files written put it in addresses and shell lines."""
+
+
 @dataclass(frozen=True, slots=True)
 class SwarmPlan:
     """One peer per GPU per host; ranks run host-major, ports ``port_base + gpu`` on every host."""
@@ -52,14 +60,15 @@ class SwarmPlan:
     codec: str = "fp32"
 
     def __post_init__(self) -> None:
-        if not self.hosts or any(not h or any(c in h for c in " ,/:\"'") for h in self.hosts):
-            raise ConfigError(f"--hosts: expected host names separated by commas, got {','.join(self.hosts)!r}")
-        if len(set(self.hosts)) != len(self.hosts):
+        if not self.hosts or not all(HOST.fullmatch(h) for h in self.hosts):
+            raise ConfigError(f"--hosts: expected host names or IPv4 addresses separated by commas, got "
+                              f"{','.join(self.hosts)!r}")
+        if len({h.lower() for h in self.hosts}) != len(self.hosts):  # DNS names ignore case
             raise ConfigError("--hosts: a host is listed twice")
         if self.gpus_per_host < 1:
             raise ConfigError("--gpus-per-host: must be >= 1")
-        if not 1024 <= self.port_base <= 65535 - self.gpus_per_host:
-            raise ConfigError(f"--port-base: must be in [1024, {65535 - self.gpus_per_host}]")
+        if not 1024 <= self.port_base <= 65536 - self.gpus_per_host:  # ports port_base .. + gpus - 1
+            raise ConfigError(f"--port-base: must be in [1024, {65536 - self.gpus_per_host}]")
         if self.codec not in CODECS:
             raise ConfigError(f"--codec: unknown codec {self.codec!r}; available: {', '.join(sorted(CODECS))}")
 
@@ -85,7 +94,7 @@ def _toml_str(value: str) -> str:
 def render_manifest(plan: SwarmPlan, peer: PeerPlan) -> str:
     seeds = [] if peer.advertise == plan.seed else [plan.seed]
     return (
-        f"# Peer {peer.rank} of {plan.size}: {peer.host} GPU {peer.gpu}. Written by swarmnet init.\n"
+        f"# Peer {peer.rank} of {plan.size}: {peer.host} GPU {peer.gpu}. {MARK}\n"
         f"name = {_toml_str(peer.name)}\n"
         f"listen = {_toml_str(peer.listen)}\n"
         f"advertise = {_toml_str(peer.advertise)}\n"
@@ -138,10 +147,14 @@ def render_procfile(plan: SwarmPlan) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _peers(size: int) -> str:
+    return f"{size} swarmnet peer{'s' * (size != 1)}"
+
+
 def render_slurm(plan: SwarmPlan) -> str:
     g = plan.gpus_per_host
     return f"""#!/bin/bash
-# {plan.size} swarmnet peers: one per GPU, {g} per node. Submit from this directory: sbatch {SLURM_PATH}
+# {_peers(plan.size)}: one per GPU, {g} per node. Submit from this directory: sbatch {SLURM_PATH}
 # swarmnet peer takes its rank from SLURM_PROCID and its GPU from SLURM_LOCALID (device auto).
 #SBATCH --job-name=swarmnet
 #SBATCH --nodes={len(plan.hosts)}
@@ -152,7 +165,7 @@ def render_slurm(plan: SwarmPlan) -> str:
 set -euo pipefail
 
 PORT_BASE={plan.port_base}
-SEED_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+SEED_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)  # reads all: no SIGPIPE under pipefail
 export PORT_BASE SEED_HOST PYTHONUNBUFFERED=1
 export GLIBC_TUNABLES="${{GLIBC_TUNABLES:-{GLIBC_TUNABLES}}}"
 
@@ -263,7 +276,8 @@ def render_all(plan: SwarmPlan) -> dict[str, str]:
 
 def write_bootstrap(plan: SwarmPlan, out: Path, *, force: bool = False) -> list[Path]:
     """Write every file under ``out``. Raises ConfigError, before writing anything, when a file
-    already exists and ``force`` is false. Returns the paths written."""
+    already exists and ``force`` is false; with ``force``, manifests an earlier init wrote for
+    peers this plan does not have are removed. Returns the paths written."""
     files = {out / rel: text for rel, text in render_all(plan).items()}
     existing = [p for p in files if p.exists()]
     if existing and not force:
@@ -274,4 +288,7 @@ def write_bootstrap(plan: SwarmPlan, out: Path, *, force: bool = False) -> list[
         path.write_text(text)
         if path.suffix == ".sbatch":
             path.chmod(0o755)
+    for stale in sorted((out / "peers").glob("*.toml")):  # an earlier plan's, which `up --manifests` would start
+        if stale not in files and MARK in stale.read_text(errors="replace").split("\n", 1)[0]:
+            stale.unlink()
     return list(files)

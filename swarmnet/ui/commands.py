@@ -154,4 +154,4 @@ def init_command(
     except OSError as exc:
         _fail(f"--out {out}: cannot write {exc.filename or out} ({exc.strerror or exc}); "
               "pass a writable directory with --out")
-    typer.echo(f"wrote {len(written)} files for {plan.size} peers under {out}; seed {plan.seed}")
+    typer.echo(f"wrote {len(written)} files for {plan.size} peer{'s' * (plan.size != 1)} under {out}; seed {plan.seed}")

@@ -60,7 +60,7 @@ def test_slurm_script_is_valid_bash_and_seeds_from_the_first_node(tmp_path: Path
     script = tmp_path / "swarmnet.sbatch"
     text = script.read_text()
     assert "#SBATCH --nodes=3" in text and "#SBATCH --ntasks-per-node=4" in text
-    assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1' in text
+    assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p' in text  # head -n 1: SIGPIPE, set -e
     assert '--seed "tcp://$SEED_HOST:$PORT_BASE"' in text and "PORT_BASE=7400" in text
     assert 'srun --kill-on-bad-exit=0 --cpus-per-task="$SLURM_CPUS_PER_TASK"' in text  # Slurm 22.05+ does not pass it on
     subprocess.run(["bash", "-n", str(script)], check=True)
@@ -94,9 +94,33 @@ def test_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
     assert (tmp_path / "Procfile").read_text() == render_all(plan)["Procfile"]
 
 
+def test_force_removes_the_manifests_of_peers_an_earlier_plan_had(tmp_path: Path) -> None:
+    write_bootstrap(SwarmPlan(hosts=("n1", "n2"), gpus_per_host=2), tmp_path)
+    (tmp_path / "peers" / "mine.toml").write_text('name = "mine"\n')  # not init's: kept
+    write_bootstrap(SwarmPlan(hosts=("n1",), gpus_per_host=2), tmp_path, force=True)
+    assert sorted(p.name for p in (tmp_path / "peers").glob("*.toml")) == ["mine.toml", "peer0.toml", "peer1.toml"]
+
+
+def test_a_slurm_seed_host_is_read_without_sigpipe_on_a_long_node_list(tmp_path: Path) -> None:
+    """Under set -euo pipefail, `scontrol ... | head -n 1` could end the script when scontrol got
+    SIGPIPE writing the rest of a long list; the script's own line, fed 5,000 names, must not."""
+    write_bootstrap(SwarmPlan(hosts=("h1",), gpus_per_host=1), tmp_path)
+    line = next(line for line in (tmp_path / "swarmnet.sbatch").read_text().splitlines() if line.startswith("SEED_HOST="))
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text("#!/bin/bash\nfor i in $(seq 0 4999); do echo gpu-node-$i; done\n")
+    (fake / "scontrol").chmod(0o755)
+    for _ in range(5):
+        out = subprocess.run(["bash", "-c", f"set -euo pipefail\n{line}\necho $SEED_HOST"], capture_output=True,
+                             text=True, env={"PATH": f"{fake}:/usr/bin:/bin", "SLURM_JOB_NODELIST": "x"})
+        assert out.returncode == 0 and out.stdout.strip() == "gpu-node-0", out
+
+
 @pytest.mark.parametrize("kwargs, message", [
-    ({"hosts": ("a", "a")}, "twice"), ({"hosts": ("a b",)}, "--hosts"), ({"gpus_per_host": 0}, "gpus"),
-    ({"codec": "nope"}, "unknown codec"), ({"port_base": 80}, "port"),
+    ({"hosts": ("a", "a")}, "twice"), ({"hosts": ("a", "A")}, "twice"), ({"hosts": ("a b",)}, "--hosts"),
+    ({"hosts": ("a\nb",)}, "--hosts"), ({"hosts": ("a$(id)b",)}, "--hosts"), ({"hosts": ("-x",)}, "--hosts"),
+    ({"gpus_per_host": 0}, "gpus"), ({"codec": "nope"}, "unknown codec"), ({"port_base": 80}, "port"),
+    ({"port_base": 65535, "gpus_per_host": 2}, r"port-base: must be in \[1024, 65534\]"),
 ])
 def test_bad_arguments(kwargs: dict, message: str) -> None:
     args = {"hosts": ("a",), "gpus_per_host": 1, **kwargs}
