@@ -2,7 +2,7 @@
 
 From a host list and a GPU count it plans one peer per (host, GPU), then renders the peer
 manifests (``peers/*.toml``), a swarm config (``configs/swarm.toml``), a ``Procfile`` for the first
-host, a Slurm batch script and a Kubernetes StatefulSet. Every peer's seed is the first peer of the
+host, a Slurm batch script and a Kubernetes Indexed Job. Every peer's seed is the first peer of the
 first host. Nothing is written when any target exists, unless ``force``.
 """
 
@@ -183,9 +183,13 @@ srun --kill-on-bad-exit=0 --cpus-per-task="$SLURM_CPUS_PER_TASK" bash -c 'exec s
 def render_kubernetes(plan: SwarmPlan) -> str:
     config = "\n".join(f"    {line}" if line else "" for line in render_config(plan).splitlines())
     port = plan.port_base
-    return f"""# {plan.size} swarmnet peers as a StatefulSet, one GPU per pod. Apply with: kubectl apply -f {KUBERNETES_PATH}
-# The headless Service gives every pod a stable DNS name (swarmnet-N.swarmnet); pod swarmnet-0 is
-# the seed and each pod's ordinal is its rank. Set the image to one with swarmnet installed.
+    return f"""# {_peers(plan.size)} as an Indexed Job, one GPU per pod. Apply with: kubectl apply -f {KUBERNETES_PATH}
+# Pod N (JOB_COMPLETION_INDEX) is named swarmnet-N; with the headless Service its DNS name is
+# swarmnet-N.swarmnet. Pod swarmnet-0 is the seed and each pod's index is its rank. A peer that
+# ends its budget completes; one that fails restarts in its pod and resumes from its checkpoint
+# under /data (an emptyDir: it lives as long as the pod; mount a PersistentVolumeClaim there to
+# keep the results). The config below is a copy of configs/swarm.toml made by swarmnet init.
+# Set the image to one with swarmnet installed.
 apiVersion: v1
 kind: ConfigMap
 metadata:
@@ -207,22 +211,22 @@ spec:
     - name: swarm
       port: {port}
 ---
-apiVersion: apps/v1
-kind: StatefulSet
+apiVersion: batch/v1
+kind: Job
 metadata:
   name: swarmnet
 spec:
-  serviceName: swarmnet
-  replicas: {plan.size}
-  podManagementPolicy: Parallel
-  selector:
-    matchLabels:
-      app: swarmnet
+  completionMode: Indexed
+  completions: {plan.size}
+  parallelism: {plan.size}
+  backoffLimit: {plan.size}
   template:
     metadata:
       labels:
         app: swarmnet
     spec:
+      subdomain: swarmnet
+      restartPolicy: OnFailure
       containers:
         - name: peer
           image: swarmnet:latest
@@ -234,17 +238,13 @@ spec:
               value: "1"
             - name: GLIBC_TUNABLES
               value: "{GLIBC_TUNABLES}"
-            - name: POD_NAME
-              valueFrom:
-                fieldRef:
-                  fieldPath: metadata.name
           command: ["bash", "-c"]
           args:
             - >-
               exec swarmnet peer --config /etc/swarmnet/swarm.toml
-              --name "$POD_NAME" --rank "${{POD_NAME##*-}}"
+              --name "swarmnet-$JOB_COMPLETION_INDEX" --rank "$JOB_COMPLETION_INDEX"
               --listen "tcp://0.0.0.0:{port}"
-              --advertise "tcp://$POD_NAME.swarmnet:{port}"
+              --advertise "tcp://swarmnet-$JOB_COMPLETION_INDEX.swarmnet:{port}"
               --seed "tcp://swarmnet-0.swarmnet:{port}"
               --device cuda:0 --run-dir /data/runs
           resources:

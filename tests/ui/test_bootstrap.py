@@ -72,10 +72,13 @@ def test_kubernetes_manifest(tmp_path: Path) -> None:
     docs = list(yaml.safe_load_all((tmp_path / "swarmnet-k8s.yaml").read_text()))
     kinds = {d["kind"]: d for d in docs}
     assert kinds["Service"]["spec"]["clusterIP"] == "None"
-    sts = kinds["StatefulSet"]["spec"]
-    assert sts["replicas"] == 3 and sts["serviceName"] == "swarmnet"
-    args = sts["template"]["spec"]["containers"][0]["args"][0]
-    assert '--rank "${POD_NAME##*-}"' in args and "tcp://swarmnet-0.swarmnet:7100" in args
+    job = kinds["Job"]["spec"]  # peers end: a Job's pods complete, a StatefulSet's would be restarted
+    assert job["completionMode"] == "Indexed" and job["completions"] == job["parallelism"] == 3
+    pod = job["template"]["spec"]
+    assert pod["restartPolicy"] == "OnFailure" and pod["subdomain"] == kinds["Service"]["metadata"]["name"]
+    args = pod["containers"][0]["args"][0]
+    assert '--rank "$JOB_COMPLETION_INDEX"' in args and "tcp://swarmnet-0.swarmnet:7100" in args
+    assert '--advertise "tcp://swarmnet-$JOB_COMPLETION_INDEX.swarmnet:7100"' in args
     config = tmp_path / "from-configmap.toml"
     config.write_text(kinds["ConfigMap"]["data"]["swarm.toml"])
     assert load_config(config).run.peers == 3
