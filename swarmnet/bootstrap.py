@@ -155,7 +155,8 @@ def render_slurm(plan: SwarmPlan) -> str:
     g = plan.gpus_per_host
     return f"""#!/bin/bash
 # {_peers(plan.size)}: one per GPU, {g} per node. Submit from this directory: sbatch {SLURM_PATH}
-# swarmnet peer takes its rank from SLURM_PROCID and its GPU from SLURM_LOCALID (device auto).
+# Each peer's rank is SLURM_PROCID (given, so that a RANK exported in the submitting shell
+# cannot stand in), its GPU SLURM_LOCALID (device auto).
 #SBATCH --job-name=swarmnet
 #SBATCH --nodes={len(plan.hosts)}
 #SBATCH --ntasks-per-node={g}
@@ -172,7 +173,7 @@ export GLIBC_TUNABLES="${{GLIBC_TUNABLES:-{GLIBC_TUNABLES}}}"
 # srun inherits --cpus-per-task from sbatch no more (Slurm 22.05+): each peer's compute and
 # exchange threads would share one core.
 srun --kill-on-bad-exit=0 --cpus-per-task="$SLURM_CPUS_PER_TASK" bash -c 'exec swarmnet peer --config {CONFIG_PATH} \\
-    --name "peer$SLURM_PROCID" \\
+    --name "peer$SLURM_PROCID" --rank "$SLURM_PROCID" \\
     --listen "tcp://0.0.0.0:$((PORT_BASE + SLURM_LOCALID))" \\
     --advertise "tcp://$(hostname):$((PORT_BASE + SLURM_LOCALID))" \\
     --seed "tcp://$SEED_HOST:$PORT_BASE" \\

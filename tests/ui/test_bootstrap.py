@@ -62,6 +62,7 @@ def test_slurm_script_is_valid_bash_and_seeds_from_the_first_node(tmp_path: Path
     assert "#SBATCH --nodes=3" in text and "#SBATCH --ntasks-per-node=4" in text
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p' in text  # head -n 1: SIGPIPE, set -e
     assert '--seed "tcp://$SEED_HOST:$PORT_BASE"' in text and "PORT_BASE=7400" in text
+    assert '--rank "$SLURM_PROCID"' in text  # not a RANK the submitting shell may export
     assert 'srun --kill-on-bad-exit=0 --cpus-per-task="$SLURM_CPUS_PER_TASK"' in text  # Slurm 22.05+ does not pass it on
     subprocess.run(["bash", "-n", str(script)], check=True)
 
