@@ -15,6 +15,7 @@ from pathlib import Path
 
 from swarmnet.codecs import CODECS
 from swarmnet.errors import ConfigError
+from swarmnet.log import counted
 
 GLIBC_TUNABLES = "glibc.malloc.hugetlb=1"
 """Set for every peer unless its environment says otherwise (swarmnet up, and the files written
@@ -147,14 +148,10 @@ def render_procfile(plan: SwarmPlan) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _peers(size: int) -> str:
-    return f"{size} swarmnet peer{'s' * (size != 1)}"
-
-
 def render_slurm(plan: SwarmPlan) -> str:
     g = plan.gpus_per_host
     return f"""#!/bin/bash
-# {_peers(plan.size)}: one per GPU, {g} per node. Submit from this directory: sbatch {SLURM_PATH}
+# {counted(plan.size, 'swarmnet peer')}: one per GPU, {g} per node. Submit from this directory: sbatch {SLURM_PATH}
 # Each peer's rank is SLURM_PROCID (given, so that a RANK exported in the submitting shell
 # cannot stand in), its GPU SLURM_LOCALID (device auto).
 #SBATCH --job-name=swarmnet
@@ -184,7 +181,7 @@ srun --kill-on-bad-exit=0 --cpus-per-task="$SLURM_CPUS_PER_TASK" bash -c 'exec s
 def render_kubernetes(plan: SwarmPlan) -> str:
     config = "\n".join(f"    {line}" if line else "" for line in render_config(plan).splitlines())
     port = plan.port_base
-    return f"""# {_peers(plan.size)} as an Indexed Job, one GPU per pod. Apply with: kubectl apply -f {KUBERNETES_PATH}
+    return f"""# {counted(plan.size, 'swarmnet peer')} as an Indexed Job, one GPU per pod. Apply with: kubectl apply -f {KUBERNETES_PATH}
 # Pod N (JOB_COMPLETION_INDEX) is named swarmnet-N; with the headless Service its DNS name is
 # swarmnet-N.swarmnet. Pod swarmnet-0 is the seed and each pod's index is its rank. A peer that
 # ends its budget completes; one that fails restarts in its pod and resumes from its checkpoint

@@ -40,7 +40,7 @@ from swarmnet.codecs import kernels
 from swarmnet.config import SwarmConfig, ipc_path_error, load_manifest, to_dict
 from swarmnet.errors import ConfigError, unwritable_run_dir
 from swarmnet.evaluation import evaluate_averaged
-from swarmnet.log import get_logger
+from swarmnet.log import counted, get_logger
 from swarmnet.peer import checkpoint
 from swarmnet.peer.claim import check_free
 from swarmnet.peer.compute import plan_training, unreached_milestones
@@ -530,7 +530,6 @@ def render_summary(result: dict[str, Any]) -> Table:
                       f"{loss:.4g}" if isinstance(loss, (int, float)) else "?", fmt_eval(r.get("eval")))
     avg = result["average"]
     if avg.get("peers_averaged"):
-        averaged = avg["peers_averaged"]
-        table.add_row("average", f"{averaged} model{'s' * (averaged != 1)}, spread {avg['consensus_distance']:.3g}",
+        table.add_row("average", f"{counted(avg['peers_averaged'], 'model')}, spread {avg['consensus_distance']:.3g}",
                       "", "", "", "", "", fmt_eval(avg.get("eval")))
     return table

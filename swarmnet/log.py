@@ -1,4 +1,4 @@
-"""Logging: one logger per area; only the CLI installs handlers."""
+"""Logging: one logger per area (only the CLI installs handlers), and counts as messages word them."""
 
 from __future__ import annotations
 
@@ -56,3 +56,8 @@ def setup_logging(level: str = "INFO", *, rich: bool | None = None) -> None:
         )
     root.addHandler(handler)
     root.propagate = False
+
+
+def counted(n: int, noun: str) -> str:
+    """``1 peer``, ``2 peers``: a count as messages and tables print it."""
+    return f"{n} {noun}{'s' * (n != 1)}"

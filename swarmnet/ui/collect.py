@@ -40,10 +40,16 @@ def seeds_from_run_dir(run_dir: Path) -> list[str]:
     return list(names_from_run_dir(run_dir))
 
 
-def names_from_run_dir(run_dir: Path) -> dict[str, str]:
-    """Address -> peer name from the run directory's cards (the directory's name if a card has none)."""
+def card_paths(run_dir: Path) -> list[Path]:
+    """The ``<run_dir>/<peer>/card.json`` files, sorted."""
+    return sorted(run_dir.glob("*/card.json"))
+
+
+def names_from_run_dir(run_dir: Path, cards: Iterable[Path] | None = None) -> dict[str, str]:
+    """Address -> peer name from the run directory's cards (the directory's name if a card has
+    none); ``cards``: those paths, when the caller has them already."""
     found = {}
-    for path in sorted(run_dir.glob("*/card.json")):
+    for path in card_paths(run_dir) if cards is None else cards:
         card = _read_card(path)
         if card and card.get("addr"):
             found[str(card["addr"])] = str(card.get("name") or path.parent.name)
@@ -63,16 +69,17 @@ def _read_card(path: Path) -> dict[str, Any] | None:
     return card if isinstance(card, dict) else None
 
 
-def mean_model_loss(run_dir: Path | None) -> float | None:
+def mean_model_loss(run_dir: Path | None, cards: Iterable[Path] | None = None) -> float | None:
     """Loss of the averaged final models from a finished ``swarmnet up`` run's summary.json;
     None while a peer's card is newer (peers write theirs as they start; the run's summary is
-    written after they have all ended): that summary is an earlier run's."""
+    written after they have all ended): that summary is an earlier run's. ``cards``: the run
+    directory's card paths, when the caller has them already."""
     if run_dir is None:
         return None
     path = run_dir / "summary.json"
     try:
         written = path.stat().st_mtime
-        if any(card.stat().st_mtime > written for card in run_dir.glob("*/card.json")):
+        if any(card.stat().st_mtime > written for card in (card_paths(run_dir) if cards is None else cards)):
             return None
         summary = json.loads(path.read_text())
         loss = summary["average"]["eval"]["loss"]
@@ -106,11 +113,14 @@ class StatusCollector:
         self.names: dict[str, str] = {}
         """Peer names learned from cards, for rows of peers that never answered us."""
         self._events: dict[tuple[str, str], Event] = {}
+        self._cards: list[Path] = []
+        """The run directory's card files as the current poll found them."""
 
     def _discover(self) -> None:
         found = [resolve_seed(s) for s in self.seeds]
         if self.run_dir is not None:
-            named = names_from_run_dir(self.run_dir)
+            self._cards = card_paths(self.run_dir)  # read once a poll: for addresses and the summary's age
+            named = names_from_run_dir(self.run_dir, self._cards)
             self.names.update(named)
             found += list(named)
         for addr in found:
@@ -145,7 +155,7 @@ class StatusCollector:
         return SwarmSnapshot(
             taken_at=time.time(), peers=tuple(sorted(self._one_row_per_peer(), key=_order)),
             events=tuple(sorted(self._events.values(), key=lambda e: e.time)[-MAX_EVENTS:]),
-            mean_model_loss=mean_model_loss(self.run_dir), query_s=time.monotonic() - started,
+            mean_model_loss=mean_model_loss(self.run_dir, self._cards), query_s=time.monotonic() - started,
         )
 
     def _answered(self, addr: str, status: dict[str, Any], now: float) -> None:

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from swarmnet.errors import ConfigError
+from swarmnet.log import counted
 
 if TYPE_CHECKING:
     from swarmnet.ui.model import SwarmSnapshot
@@ -154,4 +155,4 @@ def init_command(
     except OSError as exc:
         _fail(f"--out {out}: cannot write {exc.filename or out} ({exc.strerror or exc}); "
               "pass a writable directory with --out")
-    typer.echo(f"wrote {len(written)} files for {plan.size} peer{'s' * (plan.size != 1)} under {out}; seed {plan.seed}")
+    typer.echo(f"wrote {len(written)} files for {counted(plan.size, 'peer')} under {out}; seed {plan.seed}")
