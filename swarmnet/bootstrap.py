@@ -21,6 +21,8 @@ GLIBC_TUNABLES = "glibc.malloc.hugetlb=1"
 """Set for every peer unless its environment says otherwise (swarmnet up, and the files written
 here): fresh receive buffers on huge pages, much faster large pulls (docs/benchmarks.md, Exchange
 and Receive buffers)."""
+# A Procfile line runs under sh (honcho, foreman): a value the environment already has is kept.
+PROCFILE_TUNABLES = f'GLIBC_TUNABLES="${{GLIBC_TUNABLES:-{GLIBC_TUNABLES}}}"'
 
 CONFIG_PATH = "configs/swarm.toml"
 SLURM_PATH = "swarmnet.sbatch"
@@ -143,7 +145,7 @@ def render_procfile(plan: SwarmPlan) -> str:
     lines = [f"# Peers of {plan.hosts[0]} (run `honcho start` there, from this directory). Written by swarmnet init."]
     for peer in plan.peers:
         if peer.host == plan.hosts[0]:
-            lines.append(f"{peer.name}: exec env PYTHONUNBUFFERED=1 GLIBC_TUNABLES={GLIBC_TUNABLES} swarmnet peer --config {CONFIG_PATH} "
+            lines.append(f"{peer.name}: exec env PYTHONUNBUFFERED=1 {PROCFILE_TUNABLES} swarmnet peer --config {CONFIG_PATH} "
                          f"--peer peers/{peer.name}.toml")
     return "\n".join(lines) + "\n"
 

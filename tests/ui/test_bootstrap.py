@@ -44,15 +44,24 @@ def test_manifests_and_config_load_back(tmp_path: Path) -> None:
 def test_procfile_runs_the_first_hosts_peers(tmp_path: Path) -> None:
     write_bootstrap(SwarmPlan(hosts=("h1", "h2"), gpus_per_host=2), tmp_path)
     lines = [line for line in (tmp_path / "Procfile").read_text().splitlines() if not line.startswith("#")]
-    assert lines == [
-        f"peer{i}: exec env PYTHONUNBUFFERED=1 GLIBC_TUNABLES=glibc.malloc.hugetlb=1 swarmnet peer "
-        f"--config configs/swarm.toml --peer peers/peer{i}.toml"
-        for i in (0, 1)
-    ]
-    for line in lines:  # every path a Procfile line names exists relative to the output directory
+    assert [line.split(":", 1)[0] for line in lines] == ["peer0", "peer1"]
+    for i, line in enumerate(lines):
         words = line.split()
-        for flag in ("--config", "--peer"):
+        assert words[1:3] == ["exec", "env"] and words[-4:] == ["--config", "configs/swarm.toml", "--peer", f"peers/peer{i}.toml"]
+        for flag in ("--config", "--peer"):  # every path a Procfile line names exists relative to the output directory
             assert (tmp_path / words[words.index(flag) + 1]).is_file()
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "glibc.malloc.hugetlb=1"), ("glibc.malloc.hugetlb=2", "glibc.malloc.hugetlb=2")])
+def test_procfile_keeps_the_environments_glibc_tunables(tmp_path: Path, given: str | None, expected: str) -> None:
+    """honcho and foreman run each line under sh: the tunable is set as `swarmnet up` sets it,
+    unless the environment has one already."""
+    write_bootstrap(SwarmPlan(hosts=("h1",), gpus_per_host=1), tmp_path)
+    line = next(line for line in (tmp_path / "Procfile").read_text().splitlines() if not line.startswith("#"))
+    command = line.split(":", 1)[1].replace("swarmnet peer", "printenv PYTHONUNBUFFERED GLIBC_TUNABLES #", 1)
+    env = {"PATH": "/usr/bin:/bin"} | ({"GLIBC_TUNABLES": given} if given else {})
+    out = subprocess.run(["sh", "-c", command], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["1", expected]
 
 
 def test_slurm_script_is_valid_bash_and_seeds_from_the_first_node(tmp_path: Path) -> None:
