@@ -37,10 +37,7 @@ class Topology:
             return [[j for j in range(n) if j != i] for i in range(n)]
         if self.kind == "ring":
             return [sorted({(i - 1) % n, (i + 1) % n} - {i}) for i in range(n)]
-        degree = min(self.degree, n - 1)
-        if (n * degree) % 2:
-            degree -= 1  # n*K must be even; a node count that forbids K gets K-1
-        return _random_regular(n, degree, random.Random(self.seed))
+        return _random_regular(n, min(self.degree, n - 1), random.Random(self.seed))
 
     def neighbours_of(self, me: str, members: Sequence[str]) -> list[str]:
         """Neighbours of peer ``me`` among ``members`` (which must include ``me``)."""
@@ -67,13 +64,14 @@ def _random_regular(n: int, degree: int, rng: random.Random) -> list[list[int]]:
     """Uniform-ish random simple regular graph by the pairing model with restarts.
 
     Steger and Wormald's variant: pair random free stubs, refusing loops and double edges;
-    restart on a dead end. Retries until the graph is connected.
+    restart on a dead end. Retries until the graph is connected. Where n * degree is odd no
+    regular graph exists: the last node gets degree - 1, every other node keeps the degree.
     """
     if degree == 0:
         return [[] for _ in range(n)]
     for _ in range(1000):
         edges: set[tuple[int, int]] = set()
-        stubs = [v for v in range(n) for _ in range(degree)]
+        stubs = [v for v in range(n) for _ in range(degree)][: n * degree // 2 * 2]
         ok = True
         while stubs:
             rng.shuffle(stubs)

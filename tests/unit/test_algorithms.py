@@ -91,11 +91,12 @@ def test_geometric_local_steps_moments():
     assert LocalSteps(4).sample(rng) == 4
 
 
-@pytest.mark.parametrize("text,n", [("complete", 7), ("ring", 9), ("random-regular:4", 30)])
-def test_topologies_are_symmetric_connected_and_regular(text, n):
+@pytest.mark.parametrize("text,n,degrees", [("complete", 7, [6] * 7), ("ring", 9, [2] * 9),
+                                             ("random-regular:4", 30, [4] * 30),
+                                             ("random-regular:3", 9, [3] * 8 + [2])])  # 9 * 3 stubs: one short
+def test_topologies_are_symmetric_connected_and_regular(text, n, degrees):
     adjacency = parse_topology(text, seed=3).adjacency(n)
-    degrees = {len(nb) for nb in adjacency}
-    assert len(degrees) == 1
+    assert [len(nb) for nb in adjacency] == degrees
     for i, neighbours in enumerate(adjacency):
         assert i not in neighbours
         assert all(i in adjacency[j] for j in neighbours)
