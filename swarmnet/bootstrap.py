@@ -164,7 +164,7 @@ def render_slurm(plan: SwarmPlan) -> str:
 #SBATCH --output=swarmnet-%j.out
 set -euo pipefail
 
-PORT_BASE={plan.port_base}
+PORT_BASE=${{PORT_BASE:-{plan.port_base}}}  # two jobs on one node need two: sbatch --export=ALL,PORT_BASE=N
 SEED_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)  # reads all: no SIGPIPE under pipefail
 export PORT_BASE SEED_HOST PYTHONUNBUFFERED=1
 export GLIBC_TUNABLES="${{GLIBC_TUNABLES:-{GLIBC_TUNABLES}}}"

@@ -70,7 +70,7 @@ def test_slurm_script_is_valid_bash_and_seeds_from_the_first_node(tmp_path: Path
     text = script.read_text()
     assert "#SBATCH --nodes=3" in text and "#SBATCH --ntasks-per-node=4" in text
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p' in text  # head -n 1: SIGPIPE, set -e
-    assert '--seed "tcp://$SEED_HOST:$PORT_BASE"' in text and "PORT_BASE=7400" in text
+    assert '--seed "tcp://$SEED_HOST:$PORT_BASE"' in text and "PORT_BASE=${PORT_BASE:-7400}" in text
     assert '--rank "$SLURM_PROCID"' in text  # not a RANK the submitting shell may export
     assert 'srun --kill-on-bad-exit=0 --cpus-per-task="$SLURM_CPUS_PER_TASK"' in text  # Slurm 22.05+ does not pass it on
     subprocess.run(["bash", "-n", str(script)], check=True)
@@ -127,6 +127,29 @@ def test_a_slurm_seed_host_is_read_without_sigpipe_on_a_long_node_list(tmp_path:
         out = subprocess.run(["bash", "-c", f"set -euo pipefail\n{line}\necho $SEED_HOST"], capture_output=True,
                              text=True, env={"PATH": f"{fake}:/usr/bin:/bin", "SLURM_JOB_NODELIST": "x"})
         assert out.returncode == 0 and out.stdout.strip() == "gpu-node-0", out
+
+
+@pytest.mark.parametrize(("port_base", "listen"), [(None, 7401), ("7200", 7201)])
+def test_the_slurm_script_starts_each_task_as_its_peer(tmp_path: Path, port_base: str | None, listen: int) -> None:
+    """The whole batch script under fake scontrol, srun and swarmnet: task 3 (the second GPU of
+    its node) gets its rank, its port and the first node's seed; PORT_BASE from sbatch --export wins."""
+    write_bootstrap(SwarmPlan(hosts=("h1", "h2"), gpus_per_host=2, port_base=7400), tmp_path)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for name, body in {"scontrol": "printf 'node-a\\nnode-b\\n'", "hostname": "echo node-b",
+                       "srun": 'while [ "$1" != bash ]; do shift; done; exec "$@"', "swarmnet": 'echo "$@"'}.items():
+        (fake / name).write_text(f"#!/bin/bash\n{body}\n")
+        (fake / name).chmod(0o755)
+    env = {"PATH": f"{fake}:/usr/bin:/bin", "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_PROCID": "3",
+           "SLURM_LOCALID": "1", "SLURM_CPUS_PER_TASK": "4", "SLURM_JOB_ID": "42"} | ({"PORT_BASE": port_base} if port_base else {})
+    out = subprocess.run(["bash", str(tmp_path / "swarmnet.sbatch")], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=20)
+    assert out.returncode == 0, out.stderr
+    base = listen - 1
+    assert out.stdout.split() == [
+        "peer", "--config", "configs/swarm.toml", "--name", "peer3", "--rank", "3",
+        "--listen", f"tcp://0.0.0.0:{listen}", "--advertise", f"tcp://node-b:{listen}", "--seed", f"tcp://node-a:{base}",
+        "--device", "auto", "--run-dir", "runs/swarm-42"]
 
 
 @pytest.mark.parametrize("kwargs, message", [
