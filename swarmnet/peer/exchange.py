@@ -29,7 +29,7 @@ from swarmnet.codecs.published import until_copied
 from swarmnet.errors import CodecError, ProtocolError, SwarmError, TransportError
 from swarmnet.peer.budget import CpuBudget, named_threads_cpu, thread_cpu_clock
 from swarmnet.peer.client import Rejected
-from swarmnet.peer.membership import PeerRecord
+from swarmnet.peer.membership import IS_ME, PeerRecord
 from swarmnet.peer.screening import Screen
 from swarmnet.peer.state import MergeEntry, Snapshot
 from swarmnet.wire import Message, MsgType, RejectCode, request
@@ -199,6 +199,10 @@ class Exchange:
             target.addr, request(MsgType.PULL, peer.id, clock=sent_clock, want=want, version=None),
             timeout=peer.client.transfer_timeout, expect=MsgType.SNAPSHOT,
         )
+        if reply.sender == peer.id:  # its address answered as us: no neighbour to average with
+            peer.table.forget(target.id, IS_ME)
+            self.log.info("%s at %s %s", target.name or target.id, target.addr, IS_ME)
+            return
         self._check_codec(reply)
         peer.clock.initiate(sent_clock, reply.body["clock"])
         received = time.monotonic()

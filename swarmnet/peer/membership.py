@@ -31,6 +31,7 @@ STARTING_INTERVAL = 0.05
 learn of the last one to come up from whomever it joined through; at the usual period the
 first ones then trained up to 0.7 s (hundreds of small-model steps) before the last knew them
 all. Idle while waiting, a peer can afford a few rounds more."""
+IS_ME = "is this peer itself (a card of its earlier run, or another spelling of its address)"
 CARD_WAIT_WARN_S = 10.0
 """A file:// seed whose card is still missing after this long is worth a warning (once)."""
 
@@ -61,6 +62,9 @@ class PeerTable:
         now: Callable[[], float] = time.monotonic, forget_after: float | None = None,
     ) -> None:
         self.self_id = self_id
+        self.self_addr = ""
+        """This peer's advertised address, once bound: a card there under another id is an
+        earlier run of this peer (or a forgery), and a neighbour there would be itself."""
         self.dead_after = dead_after
         self.backoff = backoff
         self.forget_after = forget_after if forget_after is not None else 6 * dead_after
@@ -76,7 +80,7 @@ class PeerTable:
     def merge(self, card: dict[str, Any], *, direct: bool = False) -> None:
         """Fold in a card heard from the peer itself (``direct``) or relayed by another."""
         pid = str(card["id"])
-        if pid == self.self_id:
+        if pid == self.self_id or card["addr"] == self.self_addr:
             return
         now = self.now()
         rec = self.records.get(pid)
@@ -103,6 +107,12 @@ class PeerTable:
             rec.hb = max(rec.hb, int(card["hb"]))
             rec.last_seen = now
             rec.done = card.get("done") is True
+
+    def forget(self, pid: str, why: str) -> None:
+        """Drop a record at once (its address answers as this peer itself)."""
+        rec = self.records.pop(pid, None)
+        if rec is not None:
+            self._event(rec, f"forgotten: {why}")
 
     def mark_left(self, pid: str) -> None:
         rec = self.records.get(pid)
@@ -245,7 +255,11 @@ class MembershipService:
                 self.table.record_failure(rec.id, unreachable=isinstance(exc, TransportError))
             else:
                 self.merge_reply(reply)
-                self.table.record_seen(rec.id)
+                if reply.sender == self.table.self_id:
+                    self.table.forget(rec.id, IS_ME)
+                    self.log.info("%s at %s %s", rec.name or rec.id, rec.addr, IS_ME)
+                else:
+                    self.table.record_seen(rec.id)
         # Seeds are asked until the swarm is known, then now and then (healing partitions).
         if not targets or self.rng.random() < 0.05:
             await self._contact_seeds()

@@ -321,6 +321,7 @@ class Peer:
             self.address = net.advertise or (with_interface_host(bound, net.interface) if net.interface else bound)
             if self.curve is not None and self.curve.per_peer:
                 self.address = with_key(self.address, self.curve.public)
+            self.table.self_addr = self.address
             if any(every in self.address for every in ("0.0.0.0", "://*", "[::]")):
                 raise ConfigError(f"listening on {listener.address}: set network.advertise (--advertise) to the "
                                   "address other peers should dial, or network.interface (--interface) to "

@@ -349,3 +349,28 @@ def test_status_json_stays_one_document_when_a_member_advertises_ucx(live_peer):
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
     assert {p["name"] for p in doc["peers"]} >= {"target", "ghost"}, doc
+
+
+def test_a_card_at_the_peers_own_address_never_makes_it_its_own_neighbour(live_peer):
+    """A card of this peer's earlier run (or a forged one) at its own address, and another at a
+    second spelling of that address: neither becomes a neighbour to pull from."""
+    peer, card = live_peer
+    port = card["addr"].rsplit(":", 1)[1]
+    earlier = {"id": "target-aaaaaa", "addr": card["addr"], "hb": 10**9, "name": "earlier"}
+    alias = {"id": "alias-bbbbbb", "addr": f"tcp://localhost:{port}", "hb": 10**9, "name": "alias"}
+    client = Client(card["addr"])
+    try:
+        head = header_of(client.ask(encode(request(MsgType.HELLO, earlier["id"], card=earlier, peers=[alias]))))
+        assert head["t"] == "peers", head
+    finally:
+        client.close()
+    deadline = time.monotonic() + 20
+    while True:
+        status = query_status(card["addr"])
+        names = {p["name"] for p in status["peers"]}
+        assert "earlier" not in names and status["pulls_ok"] == 0, status
+        if "alias" not in names:  # dialled once (gossip or a pull), it answered as the peer itself
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(0.2)
+    assert any("is this peer itself" in event[2] for event in status["events"]), status["events"]
