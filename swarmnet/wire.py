@@ -37,6 +37,10 @@ class MsgType(enum.StrEnum):
     REJECT = "reject"  # request refused: ``code`` and ``reason`` say why
 
 
+CARRIES_FRAMES = frozenset({MsgType.SNAPSHOT, MsgType.NUDGE})
+"""The message types with payload frames; any other type with one is malformed."""
+
+
 class RejectCode(enum.StrEnum):
     VERSION = "version"  # protocol version mismatch
     MALFORMED = "malformed"  # the request broke the protocol
@@ -191,6 +195,8 @@ def _validated(header: dict[str, Any], frames: Sequence[Buffer], limits: Limits)
                             f"{limits.max_frame_bytes} bytes (network.max_message_bytes)")
     if sizes != payload:
         raise ProtocolError("size_mismatch", f"{mtype}: header declares frame sizes {sizes[:8]}, got {payload[:8]}")
+    if payload and mtype not in CARRIES_FRAMES:
+        raise ProtocolError("malformed", f"{mtype}: carries no payload frames, got {len(payload)}")
     if mtype in (MsgType.HELLO, MsgType.PEERS):
         _check_cards(header, mtype)
     if mtype is MsgType.SNAPSHOT and not 0 <= header["age"] < math.inf:  # NaN fails too

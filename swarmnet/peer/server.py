@@ -75,11 +75,8 @@ class PeerServer:
         try:
             try:
                 answer = await self._answer(frames)
-            except Exception as exc:  # a bug of ours: count it, log it loudly, still answer
-                self.peer.stats.rejected["internal_error"] += 1
-                self.log.exception("error answering a request")
-                answer = Message(MsgType.REJECT, self.peer.id, {"code": str(RejectCode.MALFORMED),
-                                                                 "reason": f"internal error: {exc.__class__.__name__}"})
+            except Exception as exc:  # a bug of ours in reading the request (a handler's: _answer)
+                answer = self._internal_error(exc, None)
             if answer is not None:
                 out = encode(answer)
                 # A donation holds its slot until it has left (bounded like any request).
@@ -120,6 +117,17 @@ class PeerServer:
             # swarm key), so charging it would let anyone sideline an honest peer. A peer that
             # serves bad models is caught by our own pulls from its address.
             return reject(msg, me, RejectCode.MALFORMED, str(exc))
+        except Exception as exc:  # a bug of ours
+            return self._internal_error(exc, msg)
+
+    def _internal_error(self, exc: Exception, request: Message | None) -> Message:
+        """A bug of ours: count it, log it loudly, still answer (the request's mid when read)."""
+        self.peer.stats.rejected["internal_error"] += 1
+        self.log.exception("error answering a request")
+        reason = f"internal error: {exc.__class__.__name__}"
+        if request is None:
+            return Message(MsgType.REJECT, self.peer.id, {"code": str(RejectCode.MALFORMED), "reason": reason})
+        return reject(request, self.peer.id, RejectCode.MALFORMED, reason)
 
     def _count_reject(self, code: str, reason: str, sender: str | None) -> None:
         self.peer.stats.rejected[code] += 1

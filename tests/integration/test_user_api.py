@@ -343,3 +343,36 @@ def test_a_nudge_still_decoding_when_weights_are_reloaded_is_refused_and_the_nex
         swarm.zero_grad()
         swarm.step()  # applies it between steps (no gradients: the optimizer itself moves nothing)
         assert torch.allclose(swarm.replica.live_N, before + 0.5, atol=1e-5)
+
+
+@pytest.mark.timeout(60)
+def test_a_handler_bug_is_answered_as_a_refusal_of_that_request(tmp_path, monkeypatch):
+    """A request whose handler fails in a way no check foresaw (a bug, injected here) still gets
+    its answer: a refusal naming its mid, counted as an internal error; the peer goes on."""
+    import msgpack
+    import zmq
+
+    from swarmnet.peer.server import PeerServer
+    from swarmnet.wire import MsgType, encode, request
+
+    async def broken(self, msg):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(PeerServer, "handle_bye", broken)
+    model, opt = _model_and_optimizer()
+    with swarmnet.SwarmOptimizer(opt, model, name="a", run_dir=tmp_path, settings={"network.linger": 0.0}) as a:
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVTIMEO, 10_000)
+        try:
+            sock.connect(a.address)
+            bye = request(MsgType.BYE, "prober")
+            sock.send_multipart(encode(bye))
+            head = msgpack.unpackb(sock.recv_multipart()[0], raw=False)
+        finally:
+            sock.close()
+            ctx.term()
+        assert (head["t"], head["code"], head.get("re")) == ("reject", "malformed", bye.mid), head
+        assert "internal error: KeyError" in head["reason"]
+        assert a.status()["rejected"]["internal_error"] == 1

@@ -73,6 +73,8 @@ def test_round_trip_with_payload_frames():
         ([b"x" * 70000], "oversized"),
         ([header(version=True)], "malformed"),
         ([header(sizes=[True]), b"x"], "malformed"),
+        ([header(sizes=[1]), b"x"], "malformed"),  # a pull carries no payload frames
+        ([header(t="status", sizes=[0]), b""], "malformed"),
         ([hello({"id": "a"})], "malformed"),
         ([hello({"id": "a", "addr": "x" * 600, "hb": 1})], "malformed"),
         ([hello({"id": "a", "addr": "tcp://h:1", "hb": 1, "name": "n" * 200})], "malformed"),
