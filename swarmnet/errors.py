@@ -57,13 +57,13 @@ class CodecError(SwarmError):
 
 
 class NonFiniteInput(CodecError):
-    """A lossy codec was asked to encode a vector holding NaN or infinity."""
+    """A lossy codec was asked to encode a vector holding NaN or infinity (or, for fp16, values
+    beyond its range)."""
 
 
 class ModelDiverged(SwarmError):
     """Our own model holds non-finite values, so it cannot be published (a lossy codec refuses
     to encode it): training diverged."""
 
-    def __init__(self, step: int) -> None:
-        super().__init__(f"the model holds non-finite values at step {step}: training diverged; lower train.lr "
-                         "or check the data")
+    def __init__(self, step: int, why: str = "the model holds non-finite values") -> None:
+        super().__init__(f"{why} at step {step}: training diverged; lower train.lr or check the data")

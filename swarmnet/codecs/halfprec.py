@@ -5,8 +5,8 @@ one frame of N little-endian 16-bit floats. Round to nearest even by default; wi
 ``rounding="stochastic"`` each value goes to one of its two neighbours in the format with the
 probability that makes E[Q(x)] = x (exactly in the normal range, to 2^-17 of the gap below it),
 which SwarmSGD's analysis assumes (SPEC 4 item 9). Non-finite values, or values the format
-cannot hold (fp16 beyond 65504), are a CodecError at encode: a reader could not average with
-them.
+cannot hold (fp16 beyond 65504), are refused at encode (NonFiniteInput: a peer ends as
+diverged): a reader could not average with them.
 """
 
 from __future__ import annotations
@@ -52,9 +52,10 @@ class HalfCodec(Codec):
         if quantized.numel() and not (  # CPU<->GPU sync point: refuse before publishing
             torch.isfinite(quantized.amax()) and torch.isfinite(quantized.amin())
         ):
-            raise CodecError(
-                f"{self.name}: the vector has values that are not finite in {self.dtype}"
-            )
+            beyond = bool(torch.isfinite(x).all())  # only on the way out: which of the two it was
+            raise NonFiniteInput(f"{self.name}: the vector has " + (
+                f"values beyond the format's range (+-{torch.finfo(self.dtype).max:g})" if beyond
+                else "non-finite values"))
         meta = {"v": 1, "n": n, "r": int(self.rounding == "stochastic")}
         return Encoded(self.name, meta, (host_bytes(h),), quantized, copies_done(dev))
 
@@ -96,7 +97,9 @@ class HalfCodec(Codec):
         state: dict[str, Any],
     ) -> DecodeResult:
         n = out_N.numel()
-        versioned_meta(meta, self.name, n)
+        rounding = versioned_meta(meta, self.name, n).get("r")
+        if type(rounding) is not int or rounding not in (0, 1):
+            raise CodecError(f"{self.name}: meta 'r' (stochastic rounding used) must be 0 or 1, got {rounding!r:.40}")
         check_frames(frames, [2 * n], self.name)
         received = buffer_tensor(frames[0], self.dtype, f"{self.name}.recv")
         out_N.copy_(received.view_as(out_N))  # host->device and widening in one copy: CPU<->GPU sync point

@@ -182,8 +182,8 @@ class Replica:
             hints.update(progress=progress_N, progress_steps=progress_steps)
         try:
             encoded = self.codec.encode(self.stale_N, hints)
-        except NonFiniteInput:  # lossy codecs refuse non-finite values; fp32 publishes them (neighbours screen)
-            raise ModelDiverged(self.step) from None
+        except NonFiniteInput as exc:  # lossy codecs refuse non-finite values; fp32 publishes them (neighbours screen)
+            raise ModelDiverged(self.step, f"the model cannot be published ({exc})") from None
         values = (encoded.quantized if self.codec.lossless
                   else published(self.stale_N.numel(), torch.float32, self.device).copy_(self.stale_N))
         self.store.publish(values, encoded, self.step, self.inbox.drained)

@@ -166,10 +166,10 @@ def not_json(constant):
     raise AssertionError(f"{constant} is not JSON")
 
 
-@pytest.mark.parametrize("codec", ["fp32", "lattice"])
+@pytest.mark.parametrize("codec", ["fp32", "lattice", "fp16"])
 def test_a_diverging_swarm_ends_with_a_clear_reason_not_a_crash(swarm_factory, codec):
     """fp32 publishes a non-finite model (neighbours screen it) and the loss shows it; a lossy
-    codec refuses to encode one, which ends the run the same way."""
+    codec refuses to encode one (fp16 already one beyond its range), which ends the run the same way."""
     swarm = swarm_factory(lsq_config(lr=50.0, steps=5000) | {"run": {"peers": 2, "seed": 0}, "codec": {"name": codec}})
     assert swarm.wait(120) == 1
     log = (swarm.run_dir / "up.log").read_text()
@@ -183,8 +183,9 @@ def test_a_diverging_swarm_ends_with_a_clear_reason_not_a_crash(swarm_factory, c
         records = [json.loads(line, parse_constant=not_json) for line in lines]
         assert any(r.get("loss", 0.0) is None for r in records)
         # No checkpoint of the diverged model: a restart with a lower lr resumes from a finite one.
+        # (fp16 refuses a model beyond its range while it is still finite in float32.)
         peer_dir = swarm.run_dir / row["name"]
-        assert "checkpoint not written" in (peer_dir / "peer.log").read_text()
+        assert codec == "fp16" or "checkpoint not written" in (peer_dir / "peer.log").read_text()
         if (peer_dir / "checkpoint.pt").exists():
             state = checkpoint.load(peer_dir / "checkpoint.pt")
             assert all(bool(torch.isfinite(v).all()) for v in state["model"].values())

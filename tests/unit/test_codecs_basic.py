@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from swarmnet.codecs import CODECS, kernels, make_codec
-from swarmnet.errors import CodecError, ConfigError
+from swarmnet.errors import CodecError, ConfigError, NonFiniteInput
 
 pytestmark = pytest.mark.timeout(60)
 FAST = settings(max_examples=25, deadline=None)
@@ -159,17 +159,20 @@ def test_nearest_rounding_is_deterministic_and_biased_where_expected() -> None:
     assert torch.equal(q1, q2) and torch.all(q1 == 1.0)
 
 
-@pytest.mark.parametrize("name", ["fp16", "bf16", "blockwise8", "blockwise4", "lattice"])
+@pytest.mark.parametrize(("name", "params"), [
+    ("fp16", {}), ("fp16", {"rounding": "stochastic"}), ("bf16", {}), ("bf16", {"rounding": "stochastic"}),
+    ("blockwise8", {}), ("blockwise4", {}), ("lattice", {})])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_input_is_rejected(name, bad) -> None:
+def test_non_finite_input_is_rejected(name, params, bad) -> None:
+    """As NonFiniteInput: the one refusal a peer turns into "training diverged" (with a summary)."""
     x = torch.randn(100)
     x[17] = bad
-    with pytest.raises(CodecError):
-        make_codec(name).encode(x)
+    with pytest.raises(NonFiniteInput, match="non-finite"):
+        make_codec(name, **params).encode(x)
 
 
 def test_fp16_overflow_is_rejected_and_integers_are_refused() -> None:
-    with pytest.raises(CodecError, match="not finite"):
+    with pytest.raises(NonFiniteInput, match=r"beyond the format's range \(\+-65504\)"):
         make_codec("fp16").encode(torch.tensor([1.0, 70000.0]))
     for name in CODECS:
         with pytest.raises(CodecError, match="floating-point"):
@@ -200,6 +203,15 @@ def test_malformed_meta_raises_codec_error(name, label, corrupt) -> None:
     codec, meta, frames, n = _valid(name)
     with pytest.raises(CodecError):
         codec.decode(corrupt(meta), tuple(frames), torch.zeros(n), torch.empty(n), {})
+
+
+@pytest.mark.parametrize("name", ["fp16", "bf16"])
+@pytest.mark.parametrize("rounding", [None, True, 2, "junk"])
+def test_half_formats_check_their_rounding_flag(name, rounding) -> None:
+    codec, meta, frames, n = _valid(name)
+    meta = {k: v for k, v in meta.items() if k != "r"} | ({} if rounding is None else {"r": rounding})
+    with pytest.raises(CodecError, match="'r'"):
+        codec.decode(meta, tuple(frames), torch.zeros(n), torch.empty(n), {})
 
 
 @pytest.mark.parametrize("name", SIMPLE)
