@@ -109,10 +109,11 @@ class Codec(ABC):
         reuses. None (the default): ``decode``. Raises CodecError on malformed input."""
         return None
 
-    def plan(self, state: Mapping[str, Any], hints: Mapping[str, Any] | None = None) -> Any:
-        """What to ask for in the first pull from a neighbour; None means everything. ``hints``
-        carries the exchange's circumstances: ``cpu_bound`` is True while its CPU budget, not
-        the network, sets the pace of the pulls (peer/budget.py)."""
+    def plan(self, state: dict[str, Any], hints: Mapping[str, Any] | None = None) -> Any:
+        """What to ask for in the first request of a pull from a neighbour; None means
+        everything. It begins a new pull: what ``state`` held of an unfinished one is dropped.
+        ``hints`` carries the exchange's circumstances: ``cpu_bound`` is True while its CPU
+        budget, not the network, sets the pace of the pulls (peer/budget.py)."""
         return None
 
     def accepted(self, stats: Mapping[str, float]) -> None:

@@ -574,12 +574,15 @@ class LatticeCodec(Codec):
 
     # ----------------------------------------------------------------------------- reader
 
-    def plan(self, state: Mapping[str, Any], hints: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def plan(self, state: dict[str, Any], hints: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """First request of a pull: per chunk b = 1 + ceil(log2(margin * D)) bits, D the window
         statistic of that chunk at the last pull from this neighbour (SPEC 3.4 reader step 1;
         the decode is exact iff D <= 2^(b-1)). A neighbour with no history gets the bits the
         last few accepted pulls from any neighbour needed (their median); the very first pull, ``first_bits``. The margin is
         ``margin_cpu`` while ``hints["cpu_bound"]``: then CPU, not bytes, limits the merges."""
+        # An abandoned pull's progress must not be resumed: its verified chunks are no longer in
+        # the decode buffer, which other pulls have used since.
+        state.pop("pull", None)
         margin = self.margin_cpu if hints and hints.get("cpu_bound") else self.margin
         dist = state.get("dist")
         to: int | list[int] = (

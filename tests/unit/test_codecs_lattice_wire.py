@@ -223,6 +223,25 @@ def test_snapshot_change_within_a_pull_is_an_error_and_a_new_pull_resets() -> No
     assert torch.equal(out2, enc2.quantized)
 
 
+def test_a_new_pull_never_resumes_an_abandoned_one() -> None:
+    """A pull left unfinished (a timeout, a refusal) while the decode buffer served another
+    neighbour: a reply under the old pull's id must not complete it from what the buffer holds."""
+    codec = LatticeCodec(chunk=64, seed=1)
+    x = torch.randn(256, generator=torch.Generator().manual_seed(0)) * 0.05
+    key = x.clone()
+    key[64:] += 0.5  # chunk 0 near, chunks 1-3 far: the first round verifies chunk 0 only
+    enc, state, out = codec.encode(x), {}, torch.empty(256)
+    first = codec.decode(*codec.select(enc, codec.plan(state)), key, out, state)
+    assert not first.complete
+    out.fill_(123.0)  # the buffer meanwhile held another neighbour's model
+    codec.plan(state)  # the next interaction with this neighbour begins
+    meta, frames = codec.select(enc, {**first.more, "to": [0, 64, 64, 64]})  # answered under the old id
+    with pytest.raises(CodecError, match="only 0 bits were received"):  # it continues nothing
+        codec.decode(meta, frames, key, out, state)
+    done, _ = run_pull(codec, enc, key, state)
+    assert torch.equal(done, enc.quantized)
+
+
 @pytest.mark.parametrize("field,value", [("chunk", 56), ("e", None), ("seed", 2)])
 def test_a_layout_change_within_a_pull_is_an_error(field, value) -> None:
     """A later round whose layout differs from the first one's (a chunk size giving the same
