@@ -32,7 +32,7 @@ def simulate_command(
     ] = "1,2,8,32,128",
     topology: Annotated[
         str, typer.Option(help="SwarmSGD graph: complete, ring or random-regular:K (K is lowered to n - 1 "
-                          "where K >= n, and by one where n x K is odd).")
+                          "where K >= n; where n x K is odd, one node has K - 1).")
     ] = "complete",
     local_steps: Annotated[
         float, typer.Option(help="SwarmSGD local steps H (the mean if --geometric).")

@@ -101,13 +101,16 @@ class EngineConfig:
             raise ConfigError(f"codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
         if self.codec != "none" and self.algorithm != "swarmsgd":
             raise ConfigError("quantized registers are simulated for SwarmSGD only (SPEC 2.5)")
+        self.registers()  # the lattice step is checked here, also for n = 1, which never reads one
 
     def registers(self) -> LatticeRegisters | None:
         if self.codec == "none":
             return None
-        eps = self.lattice_eps
-        if eps is None:
-            eps = self.lr * self.local_steps.mean * 6 / 11
+        if self.lattice_eps is not None:
+            return LatticeRegisters(self.lattice_eps, self.rounding)
+        eps = self.lr * self.local_steps.mean * 6 / 11
+        if not eps > 0:
+            raise ConfigError(f"the lattice step eps = lr x H x 6 / 11 is {eps:g}: give --lr > 0, or set --lattice-eps")
         return LatticeRegisters(eps, self.rounding)
 
 

@@ -76,7 +76,9 @@ class LatticeRegisters:
     def exchange(self, x_i: Tensor, x_j: Tensor, offsets: Tensor) -> Reads:
         """Quantize both sides of B interactions and read each with the other's key."""
         b, d = x_i.shape
-        both = torch.cat((x_i, x_j))
+        # x / eps and u = key / eps in float64 (SPEC 3.4): in float32 a far coordinate
+        # (|x / eps| ~ 1e9) is quantized and read with errors larger than the read's window.
+        both = torch.cat((x_i, x_j)).to(torch.float64)
         v = offsets.transpose(0, 1).reshape(2 * b, d)
         if both.device.type == "cpu":
             k = lattice.quantize(both, self.eps, v)
@@ -85,15 +87,16 @@ class LatticeRegisters:
             k = lattice.quantize(both, self.eps, v, bound=float(1 << 45), out=out)
         # Stochastic: Q = eps k. Dither: the same k = floor(x/eps + V/2^16) is round(x/eps - theta)
         # with theta from V, and Q = eps (k + theta) (SPEC 3.2).
-        theta = lattice.dither(v).to(both.dtype) if self.rounding == "dither" else None
-        q = lattice.dequantize(k, self.eps, theta, out=torch.empty_like(both))
-        distance = (x_i - x_j).abs().amax(dim=1).double() / self.eps
+        theta = lattice.dither(v).to(x_i.dtype) if self.rounding == "dither" else None
+        q = lattice.dequantize(k, self.eps, theta, out=torch.empty_like(both, dtype=x_i.dtype))
+        distance = (both[:b] - both[b:]).abs().amax(dim=1) / self.eps
         bits = lattice.bits_needed(distance)
         assert isinstance(bits, Tensor)
         planes = torch.cat((bits, bits)).unsqueeze(1)
-        keys = torch.cat((x_j, x_i))  # row r of k is read by the other side of its pair
-        k_read = lattice.decode(lattice.colour(k, planes), planes, keys, self.eps, theta)
-        q_read = lattice.dequantize(k_read, self.eps, theta, out=torch.empty_like(both))
+        keys = both.roll(b, dims=0)  # row r of k is read by the other side of its pair
+        k_read = lattice.decode(lattice.colour(k, planes), planes, keys, self.eps,
+                                None if theta is None else theta.double())
+        q_read = lattice.dequantize(k_read, self.eps, theta, out=torch.empty_like(q))
         return Reads(
             own_i=q[:b], read_by_i=q_read[b:], read_by_j=q_read[:b], own_j=q[b:], bits=bits
         )

@@ -18,6 +18,7 @@ of the baseline model, which makes "at equal local step counts" comparisons dire
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import time
@@ -83,8 +84,8 @@ class SimConfig:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}")
         if not (math.isfinite(self.interactions_per_node) and self.interactions_per_node > 0) or self.records < 1:
             raise ConfigError("--interactions-per-node (a finite number) and --records must be positive")
-        if self.seed < 0:
-            raise ConfigError(f"--seed must be >= 0, got {self.seed}")
+        if not 0 <= self.seed < 2**62:  # the streams of a run are seeded at fixed offsets from it
+            raise ConfigError(f"--seed must be in [0, 2^62), got {self.seed}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {self.threads}")
         check_device(self.device)
@@ -243,6 +244,7 @@ def _write(result: SimResult, task_name: str) -> None:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{task_name}-{config.algorithm}"
+    _remove_earlier(out / f"{stem}-summary.json")
     meta_common = {k: v for k, v in asdict(config).items() if k not in ("out", "progress")}
     for run in result.runs:
         base = out / f"{task_name}-{run.algorithm}-n{run.nodes}"
@@ -280,6 +282,20 @@ def _write(result: SimResult, task_name: str) -> None:
             ],
         },
     )
+
+
+def _remove_earlier(summary: Path) -> None:
+    """Remove the curves an earlier run of the same task and algorithm wrote into this folder
+    (its summary lists them), so the folder holds this run's node counts only, not a mix of two
+    runs' under one plot and summary."""
+    try:
+        runs = json.loads(summary.read_text())["runs"]
+        names = [Path(f).name for run in runs for f in run["files"].values()]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # none, or not one of ours: nothing to remove
+    for name in names:
+        if name.endswith((".csv", ".jsonl")):
+            (summary.parent / name).unlink(missing_ok=True)
 
 
 class _NoBar:

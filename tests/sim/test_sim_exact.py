@@ -158,3 +158,18 @@ def test_batched_helpers_agree_with_the_scalar_ones() -> None:
     vectorized = steps_from_uniform(steps, 1.0 - uniforms)
     assert vectorized.tolist() == [steps.sample(Fixed(u)) for u in uniforms]
     assert steps_from_uniform(LocalSteps(3), uniforms).tolist() == [3] * len(uniforms)
+
+
+@pytest.mark.parametrize("rounding", ["stochastic", "dither"])
+def test_quantized_reads_are_exact_far_from_the_origin_in_float32(rounding) -> None:
+    """Each side reads exactly what the other quantized, also for float32 models at |x / eps|
+    near 1e9, where a float32 key cannot tell neighbouring integers apart (SPEC 3.4: u in float64)."""
+    from swarmnet.sim.registers import LatticeRegisters
+
+    eps = 1e-5
+    gen = torch.Generator().manual_seed(0)
+    base = 3000.0 * torch.randn(64, 100, generator=gen, dtype=torch.float64)  # |x / eps| up to ~1e9
+    x_i, x_j = ((base + 1e-4 * torch.randn(64, 100, generator=gen, dtype=torch.float64)).float() for _ in range(2))
+    registers = LatticeRegisters(eps, rounding)
+    reads = registers.exchange(x_i, x_j, registers.draw_offsets(64, 100, gen))
+    assert torch.equal(reads.read_by_i, reads.own_j) and torch.equal(reads.read_by_j, reads.own_i)

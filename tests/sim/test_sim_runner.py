@@ -224,6 +224,20 @@ def test_cli_parses_flags_and_runs(tmp_path: Path) -> None:
         assert bad.exit_code != 0 and "Invalid value" in bad.output
 
 
+def test_a_rerun_into_the_same_folder_replaces_the_earlier_runs_curves(tmp_path: Path) -> None:
+    app = typer.Typer()
+    app.command("simulate")(simulate_command)
+    app.command("noop")(lambda: None)
+    common = ["simulate", "--algorithm", "swarmsgd", "--interactions-per-node", "20", "--no-progress", "--out", str(tmp_path)]
+    mine = tmp_path / "notes.csv"
+    mine.write_text("kept\n")
+    assert CliRunner().invoke(app, [*common, "--nodes", "1,2,8", "--baseline"]).exit_code == 0
+    assert CliRunner().invoke(app, [*common, "--nodes", "2", "--lr", "0.05"]).exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "lsq-swarmsgd-n2.csv", "lsq-swarmsgd-n2.jsonl", "lsq-swarmsgd-summary.json", "lsq-swarmsgd.png", "notes.csv"]
+    assert mine.read_text() == "kept\n"
+
+
 def test_the_table_says_why_a_figure_is_nan(tmp_path: Path) -> None:
     app = typer.Typer()
     app.command("simulate")(simulate_command)

@@ -118,7 +118,7 @@ def test_with_json_what_native_code_prints_on_stdout_goes_to_stderr() -> None:
     (["simulate", "--nodes", "4", "--device", "gpu", "--no-progress"], "device 'gpu': not a torch device"),
     (["simulate", "--nodes", "4,8,4", "--no-progress"], "lists a node count twice"),
     # Before 2026-12-06: tracebacks from numpy or torch, or NaN curves with exit status 0.
-    (["simulate", "--nodes", "4", "--seed", "-1", "--no-progress"], "--seed must be >= 0"),
+    (["simulate", "--nodes", "4", "--seed", "-1", "--no-progress"], "--seed must be in [0, 2^62)"),
     (["simulate", "--nodes", "4", "--interactions-per-node", "nan", "--no-progress"], "(a finite number)"),
     (["simulate", "--nodes", "4", "--interactions-per-node", "inf", "--no-progress"], "(a finite number)"),
     (["simulate", "--nodes", "4", "--lr", "nan", "--no-progress"], "lr must be a finite number >= 0"),
@@ -136,6 +136,13 @@ def test_with_json_what_native_code_prints_on_stdout_goes_to_stderr() -> None:
      "add --codec lattice"),
     (["simulate", "--nodes", "4", "--algorithm", "swarmsgd", "--codec", "lattice", "--lattice-eps", "inf",
       "--no-progress"], "eps must be a finite number > 0"),
+    (["simulate", "--nodes", "1,4", "--algorithm", "swarmsgd", "--codec", "lattice", "--lattice-eps", "-1",
+      "--no-progress"], "eps must be a finite number > 0"),  # before the n = 1 run, which reads no lattice
+    (["simulate", "--nodes", "1", "--algorithm", "swarmsgd", "--codec", "lattice", "--lattice-eps", "-5",
+      "--no-progress"], "eps must be a finite number > 0"),
+    (["simulate", "--nodes", "4", "--algorithm", "swarmsgd", "--codec", "lattice", "--lr", "0", "--no-progress"],
+     "give --lr > 0, or set --lattice-eps"),
+    (["simulate", "--nodes", "2", "--seed", str(2**64 - 1), "--no-progress"], "--seed must be in [0, 2^62)"),
     (["bench", "sim", "--nodes", "0"], "--nodes must be >= 1"),
     (["bench", "sim", "--interactions", "-1"], "--interactions must be >= 1"),
     (["bench", "codecs", "--size", "0"], "--size must be >= 1"),
