@@ -120,7 +120,8 @@ class SwarmOptimizer:
                                  if algo.name == "popsgd" and self.cfg.train.schedule == "popsgd" else None)
             """PopSGD's base rates per parameter group, when the phase clock drives them."""
             self.peer.attach(self.replica, self.replica.mailbox)
-            self.metrics = MetricsWriter(self.peer.peer_dir / "metrics.jsonl", tensorboard=self.cfg.train.tensorboard)
+            self.metrics = MetricsWriter(self.peer.peer_dir / "metrics.jsonl", tensorboard=self.cfg.train.tensorboard,
+                                         stats=self.peer.stats)
         except BaseException:
             self.peer.release_dir()
             raise

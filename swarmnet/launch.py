@@ -68,6 +68,8 @@ class PeerProcess:
     exit_code: int | None = None
     log_start: int = 0
     """Where this launch's lines begin in ``peer.log`` (appended to across runs of a run dir)."""
+    metrics_start: int = 0
+    """The same in ``metrics.jsonl`` (a resumed peer appends to it)."""
 
 
 @dataclass(slots=True)
@@ -135,7 +137,9 @@ class LaunchPlan:
         # and a summary for its result if it dies before writing its own.
         stale = PEER_FILES if fresh else ("card.json", "summary.json")
         for p in peers:
-            check_free(run_dir / p.name)  # before anything is removed: a second `up` must not wipe a running swarm
+            check_free(run_dir / p.name)  # before anything is moved: a second `up` must not wipe a running swarm
+        if fresh:
+            set_aside_earlier_peers(run_dir)
         for p in peers:
             try:
                 (run_dir / p.name).mkdir(parents=True, exist_ok=True)
@@ -143,8 +147,6 @@ class LaunchPlan:
                     (run_dir / p.name / name).unlink(missing_ok=True)
             except OSError as exc:
                 raise unwritable_run_dir(run_dir / p.name, exc) from None
-        if fresh:
-            set_aside_other_peers(run_dir, {p.name for p in peers})
         return plan
 
 
@@ -152,14 +154,15 @@ EARLIER = ".earlier"
 """Where a fresh run puts the folders of an earlier run's peers it does not launch."""
 
 
-def set_aside_other_peers(run_dir: Path, launched: set[str]) -> None:
-    """Move the folders of peers of an earlier run in ``run_dir`` that this run does not launch
-    (it has fewer peers, or other names) to ``run_dir/.earlier/``: left in place, their cards
-    and metrics would pass for this run's in `swarmnet status` and `swarmnet plot`. Moved whole,
-    checkpoints included (replacing an older copy of the same name there); a folder a running
-    peer holds, or whose lock cannot be asked, stays where it is."""
-    for folder in sorted({f.parent for pattern in ("*/card.json", "*/metrics.jsonl") for f in run_dir.glob(pattern)}):
-        if folder.name in launched or folder.name == EARLIER:
+def set_aside_earlier_peers(run_dir: Path) -> None:
+    """Move the folders of an earlier run's peers in ``run_dir`` to ``run_dir/.earlier/``, before
+    a fresh run: a checkpoint there may be all an interrupted run has, and the cards and metrics of
+    peers this run does not launch would pass for this run's in `swarmnet status` and `swarmnet
+    plot`. Moved whole (replacing an older copy of the same name there); a folder a running peer
+    holds, or whose lock cannot be asked, stays where it is."""
+    for folder in sorted({f.parent for pattern in ("*/card.json", "*/metrics.jsonl", "*/checkpoint.pt")
+                          for f in run_dir.glob(pattern)}):
+        if folder.name == EARLIER:
             continue
         try:
             check_free(folder, unknown_is_free=False)  # a peer on another host of a shared file system
@@ -174,7 +177,8 @@ def set_aside_other_peers(run_dir: Path, launched: set[str]) -> None:
             folder.rename(target)
         except OSError as exc:
             raise unwritable_run_dir(folder, exc) from None
-        log.info("%s is from an earlier run and is not launched now: moved to %s", folder, target)
+        log.info("%s is from an earlier run: moved to %s (to resume it instead, move it back and add --no-fresh)",
+                 folder, target)
 
 
 def _listen(transport: str, run_dir: Path, name: str) -> str:
@@ -205,6 +209,8 @@ def _start(plan: LaunchPlan, peer: PeerProcess, seeds: list[str]) -> None:
         raise unwritable_run_dir(plan.run_dir / peer.name, exc) from None
     with log:
         peer.log_start = log.seek(0, os.SEEK_END)
+        with contextlib.suppress(OSError):
+            peer.metrics_start = (plan.run_dir / peer.name / "metrics.jsonl").stat().st_size
         peer.proc = subprocess.Popen(cmd, env=plan.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      process_group=0, preexec_fn=die_with_parent())
 
@@ -237,15 +243,22 @@ def _card(plan: LaunchPlan, peer: PeerProcess, deadline: float, interrupt: _Inte
         if peer.proc is not None and peer.proc.poll() is not None:
             break
         time.sleep(0.05)
+    exit_code = peer.proc.poll() if peer.proc else "?"
     tail = _log_tail(plan, peer)
-    raise ConfigError(f"peer {peer.name} did not come up (exit {peer.proc.poll() if peer.proc else '?'}); its log ends:\n{tail}")
+    if tail:
+        raise ConfigError(f"peer {peer.name} did not come up (exit {exit_code}); its log ends:\n{tail}")
+    why = _disk_trouble(plan.run_dir / peer.name) or "it wrote no log"
+    raise ConfigError(f"peer {peer.name} did not come up (exit {exit_code}): {why}")
 
 
 def _log_tail(plan: LaunchPlan, peer: PeerProcess, lines: int = 15) -> str:
+    """The last lines this launch's peer wrote to its log ("" if none)."""
     try:
-        return "\n".join((plan.run_dir / peer.name / "peer.log").read_text(errors="replace").splitlines()[-lines:])
+        with (plan.run_dir / peer.name / "peer.log").open("rb") as f:
+            f.seek(peer.log_start)
+            return "\n".join(f.read().decode(errors="replace").splitlines()[-lines:])
     except OSError:
-        return "(no log)"
+        return ""
 
 
 class _Interrupt:
@@ -295,6 +308,9 @@ def launch(plan: LaunchPlan, *, summary_path: Path | None = None, console: Conso
     for r in result["peers"]:
         if not r["ok"] and ": " in str(r.get("reason", "")):
             console.print(f"{r['name']}: {r['reason']}", markup=False, highlight=False)
+        if lost := unwritten(r):
+            console.print(f"{r['name']}: writing {lost} failed (a full or read-only disk?)", markup=False,
+                          highlight=False)
     if summary_path is not None:
         _write_summary(summary_path, result)
     if interrupted:
@@ -419,7 +435,7 @@ def summarize(plan: LaunchPlan, elapsed: float, interrupted: bool) -> dict[str, 
             error = _last_error(plan.run_dir / p.name / "peer.log", p.log_start) or _disk_trouble(peer_dir)
             how = "stopped on an error" if code is not None and code > 0 else "died before finishing"
             row["reason"] = f"no summary (the peer {how})" + (f": {error}" if error else "")
-            metrics = _last_metrics(peer_dir / "metrics.jsonl")
+            metrics = _last_metrics(peer_dir / "metrics.jsonl", p.metrics_start)
             if metrics:
                 row.update(steps=metrics.get("step"), final_loss=metrics.get("loss"),
                            interactions=metrics.get("interactions"), bytes_sent=metrics.get("bytes_out"),
@@ -465,9 +481,10 @@ def _disk_trouble(path: Path) -> str | None:
     return None
 
 
-def _last_metrics(path: Path) -> dict[str, Any] | None:
+def _last_metrics(path: Path, start: int = 0) -> dict[str, Any] | None:
+    """The last progress row written from byte ``start`` on (this launch's rows)."""
     try:
-        records = [r for r in read_metrics(path) if "loss" in r]
+        records = [r for r in read_metrics(path, start) if "loss" in r]
     except OSError:
         return None
     return records[-1] if records else None
@@ -507,6 +524,14 @@ def average_models(plan: LaunchPlan, peers: list[PeerProcess]) -> dict[str, Any]
         log.warning("the average model could not be evaluated: the task's evaluation raised %s", error)
         return {**result, "eval_error": error}
     return {**result, **evaluation}
+
+
+def unwritten(row: dict[str, Any]) -> str:
+    """What of a peer's files its run could not write, in words ("" if nothing)."""
+    parts = [counted(row[key], what) for key, what in (("checkpoint_errors", "checkpoint"),
+                                                        ("metrics_errors", "metrics row"))
+             if isinstance(row.get(key), int) and row[key] > 0]
+    return " and ".join(parts)
 
 
 def render_summary(result: dict[str, Any]) -> Table:

@@ -344,7 +344,7 @@ class ComputeLoop(Replica):
             seed=cfg.run.seed, peer_seed=peer_seed,
         )
         self.train_data = tuple(t.to(device) for t in task.train)
-        self.metrics = MetricsWriter(peer_dir / "metrics.jsonl", tensorboard=train.tensorboard)
+        self.metrics = MetricsWriter(peer_dir / "metrics.jsonl", tensorboard=train.tensorboard, stats=self.stats)
         self._loss_sum = torch.zeros((), device=device)
         self._loss_count = 0
         self._last_checkpoint = time.monotonic()

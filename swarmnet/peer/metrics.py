@@ -6,10 +6,11 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO
 
 from swarmnet import jsonsafe
 from swarmnet.errors import unwritable_run_dir
@@ -91,11 +92,19 @@ JSON line costs 17 us, and small models write a row every few milliseconds."""
 
 
 class MetricsWriter:
-    def __init__(self, path: Path, *, tensorboard: bool = True, tensorboard_every: float = TENSORBOARD_EVERY_S) -> None:
+    """Appends whole lines only: a row the disk has no room for is cut back off the file, so
+    the stream stays valid JSON lines through a full disk, and a resumed peer's rows never run
+    on from a torn one. Failures are counted in ``errors`` (and ``stats.metrics_errors``)."""
+
+    def __init__(self, path: Path, *, tensorboard: bool = True, tensorboard_every: float = TENSORBOARD_EVERY_S,
+                 stats: PeerStats | None = None) -> None:
         self.path = path
+        self.stats = stats
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._fh: TextIO | None = open(path, "a", buffering=1, encoding="utf-8")
+            _drop_torn_tail(path)
+            self._fh: BinaryIO | None = open(path, "ab", buffering=0)  # noqa: SIM115 (closed by close())
+            self._size = os.fstat(self._fh.fileno()).st_size
         except OSError as exc:
             raise unwritable_run_dir(path, exc) from None
         self._tb = _tensorboard(path.parent / "tensorboard") if tensorboard else None
@@ -108,10 +117,16 @@ class MetricsWriter:
 
     def write(self, record: dict[str, Any]) -> None:
         if self._fh is not None:
+            line = (jsonsafe.dumps(record) + "\n").encode()
             try:
-                self._fh.write(jsonsafe.dumps(record) + "\n")
+                written = 0
+                while written < len(line):  # a short write on a nearly full disk: the rest raises ENOSPC
+                    written += self._fh.write(memoryview(line)[written:]) or 0
+                self._size += written
             except OSError as exc:  # a full or read-only disk must not stop training
-                self.errors += 1
+                with contextlib.suppress(OSError):
+                    os.truncate(self._fh.fileno(), self._size)  # the part of the row that landed, if any
+                self._count_error()
                 if self._failures.due() is not None:
                     get_logger("metrics").error("writing %s failed (%s, %d times so far); training goes on, "
                                                 "free space or fix permissions", self.path,
@@ -138,12 +153,17 @@ class MetricsWriter:
         """Stop mirroring for good: TensorBoard's writer cannot resume after a failed write, and
         the JSON stream holds every row anyway."""
         tb, self._tb, self._tb_held = self._tb, None, None
-        self.errors += 1
+        self._count_error()
         get_logger("metrics").error("the TensorBoard mirror in %s stopped: %s; training and metrics.jsonl "
                                     "go on (free space or fix permissions, then restart the peer to mirror again)",
                                     self.path.parent / "tensorboard", getattr(exc, "strerror", None) or exc)
         with contextlib.suppress(Exception):
             tb.close()
+
+    def _count_error(self) -> None:
+        self.errors += 1
+        if self.stats is not None:
+            self.stats.metrics_errors = self.errors
 
     def close(self) -> None:
         if self._fh is not None:
@@ -162,13 +182,37 @@ class MetricsWriter:
             self._tb, self._tb_held = None, None
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """All complete records of a metrics file (a torn last line is skipped)."""
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a partial last line (a row whose write was cut short: the process killed mid-write, or
+    an older swarmnet on a full disk) off an existing stream."""
+    try:
+        fh = open(path, "rb+")  # noqa: SIM115
+    except FileNotFoundError:
+        return
+    with fh:
+        size = end = os.fstat(fh.fileno()).st_size
+        while end > 0:
+            start = max(0, end - 65536)
+            fh.seek(start)
+            newline = fh.read(end - start).rfind(b"\n")
+            if newline >= 0:
+                end = start + newline + 1
+                break
+            end = start
+        if end < size:
+            fh.truncate(end)
+            get_logger("metrics").warning("%s ended in a partial line (a write cut short): removed its %d bytes",
+                                          path, size - end)
+
+
+def read_metrics(path: Path, start: int = 0) -> list[dict[str, Any]]:
+    """All complete records of a metrics file from byte ``start`` on (a torn last line is skipped)."""
     records = []
-    with open(path, encoding="utf-8") as fh:
+    with open(path, "rb") as fh:
+        fh.seek(start)
         for line in fh:
             try:
                 records.append(json.loads(line))
-            except json.JSONDecodeError:
+            except ValueError:  # not JSON, or not UTF-8
                 continue
     return records

@@ -507,6 +507,7 @@ class Peer:
             "eval": evaluation, "clock": self.clock.value, "staleness_s": s.staleness_s,
             "consensus": s.consensus, "exchange_cpu": s.exchange_cpu, "budget_wait_s": s.budget_wait_s,
             "rejected": dict(s.rejected), "checkpoint_errors": s.checkpoint_errors,
+            "metrics_errors": s.metrics_errors,
             "adopted_from": s.adopted_from, "adopted_step": s.adopted_step,
             "config": to_dict(self.cfg),
         }

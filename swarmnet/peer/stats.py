@@ -49,6 +49,8 @@ class PeerStats:
     clipped: int = 0
     """Neighbours' pulls scaled down by distance clipping (screening.clip_ratio)."""
     checkpoint_errors: int = 0
+    metrics_errors: int = 0
+    """Metrics rows lost (a full or read-only disk) and a TensorBoard mirror stopped."""
     peers_alive: int = 0
     adopted_from: str = ""
     """The neighbour whose model this peer started from (a newcomer), if any."""

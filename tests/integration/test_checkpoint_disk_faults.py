@@ -141,7 +141,12 @@ def test_full_disk_then_space_freed(tmp_path, mounts):
         peer.signal(signal.SIGTERM)
         assert peer.wait(30) == 0, peer.log()
         final = checkpoint.load(ckpt)
-        assert final["step"] == peer.summary()["steps"]
+        summary = peer.summary()
+        assert final["step"] == summary["steps"]
+        # The rows the full disk cost are counted, and the stream around them is whole lines.
+        assert summary["metrics_errors"] >= 1 and status["metrics_errors"] >= 1
+        rows = [json.loads(line) for line in (ckpt.parent / "metrics.jsonl").read_text().splitlines()]
+        assert rows[-1]["step"] == summary["steps"]
     finally:
         peer.kill_tree()
 

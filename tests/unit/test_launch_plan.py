@@ -44,10 +44,10 @@ def test_ipc_sockets_under_a_run_dir_too_deep_for_them_are_refused_before_any_st
                          fresh=True, log_level="WARNING")
 
 
-def test_a_fresh_run_sets_aside_the_folders_of_earlier_peers_it_does_not_launch(tmp_path):
+def test_a_fresh_run_sets_aside_the_folders_of_earlier_peers(tmp_path):
     """An earlier run of 4 peers, then 2: peer2's card and metrics left in place would pass for
-    this run's in `status` and `plot`. Moved aside, checkpoint and all; peer3, which a running
-    process holds, is left where it is."""
+    this run's in `status` and `plot`, and peer0's checkpoint may be all an interrupted run has.
+    Moved aside, checkpoints and all; peer3, which a running process holds, is left where it is."""
     from swarmnet.peer.claim import DirectoryClaim
     from swarmnet.ui.collect import seeds_from_run_dir
 
@@ -65,6 +65,7 @@ def test_a_fresh_run_sets_aside_the_folders_of_earlier_peers_it_does_not_launch(
     assert (run / ".earlier" / "peer2" / "checkpoint.pt").read_text() == "checkpoint.pt"
     assert (run / "peer3" / "card.json").exists()  # in use: not ours to move
     assert not any((run / f"peer{i}" / "card.json").exists() for i in (0, 1))  # the launched ones start afresh
+    assert all((run / ".earlier" / f"peer{i}" / "checkpoint.pt").read_text() == "checkpoint.pt" for i in (0, 1))
     assert seeds_from_run_dir(run) == ["tcp://127.0.0.1:9"]  # peer3's only
     (run / "peer2").mkdir()
     (run / "peer2" / "metrics.jsonl").write_text("again")
@@ -102,3 +103,24 @@ def test_a_transport_the_manifests_override_is_named(tmp_path, caplog):
                                  manifests=folder, transport="ipc", fresh=True, log_level="WARNING")
     assert [p.listen.split(":")[0] for p in built.peers] == ["tcp", "ipc"]
     assert "--transport ipc does not apply to p0" in caplog.text and "p1" not in caplog.text
+
+
+def test_the_files_a_peer_could_not_write_are_named_after_the_summary():
+    from swarmnet.launch import unwritten
+
+    assert unwritten({"checkpoint_errors": 0, "metrics_errors": 0}) == unwritten({}) == ""
+    assert unwritten({"checkpoint_errors": 4, "metrics_errors": 1}) == "4 checkpoints and 1 metrics row"
+
+
+def test_a_peer_without_a_summary_is_reported_from_this_launchs_metrics_only(tmp_path):
+    """Under --no-fresh a peer appends to its earlier run's metrics: one that dies before its
+    first row must not be shown with the earlier run's steps and merges."""
+    from swarmnet.launch import _last_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 900, "loss": 0.1, "interactions": 77}\n')
+    start = path.stat().st_size
+    assert _last_metrics(path, start) is None and _last_metrics(path)["step"] == 900
+    with path.open("a") as fh:
+        fh.write('{"step": 5, "loss": 2.0, "interactions": 0}\n')
+    assert _last_metrics(path, start)["step"] == 5

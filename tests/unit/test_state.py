@@ -171,6 +171,21 @@ def test_metrics_lines_are_strict_json_when_the_loss_diverges(tmp_path):
                                                        "eval": {"loss": None, "excess": [None, 1.0]}}
 
 
+@pytest.mark.parametrize("earlier", ["", '{"step": 1}\n', '{"step": 1}\n{"step": 2, "lo', '{"step": 2, "lo'])
+def test_a_resumed_metrics_stream_starts_after_the_last_whole_line(tmp_path, earlier):
+    """A row cut short (the process killed mid-write, a full disk) is removed at the next start:
+    the first row of the resumed peer must not run on from it."""
+    from swarmnet.peer.metrics import MetricsWriter
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(earlier)
+    writer = MetricsWriter(path, tensorboard=False)
+    writer.write({"step": 3})
+    writer.close()
+    kept = [1] if earlier.startswith('{"step": 1}') else []
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [*kept, 3]
+
+
 def test_metrics_go_to_jsonl_and_to_tensorboard(tmp_path):
     event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     from swarmnet.peer.metrics import MetricsWriter, read_metrics
