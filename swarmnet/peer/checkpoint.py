@@ -78,6 +78,22 @@ def _replace_atomically(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
             os.close(dir_fd)
 
 
+def non_finite(state: Any, where: str = "") -> str | None:
+    """Where a checkpoint's state holds a NaN or an infinity (e.g. ``optimizer.state.3.momentum_buffer``),
+    None if nowhere: torch does not verify a file's contents, and a diverged state must not pass
+    for a good one. Walks tensors in dicts, lists and tuples."""
+    if isinstance(state, torch.Tensor):
+        if state.is_floating_point() and not bool(torch.isfinite(state).all()):  # CPU<->GPU sync point
+            return where or "the state"
+        return None
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
+    for key, value in items:
+        found = non_finite(value, f"{where}.{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None
+
+
 def load(path: Path) -> dict[str, Any]:
     """Tensors, numbers, strings and containers of them only (``weights_only``): unpickling a
     file may not run code, whoever put it in the run directory."""

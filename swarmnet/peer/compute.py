@@ -58,6 +58,9 @@ REFRESH_MAX_SHARE = 0.02
 the last publish's time over this share, so refreshing takes at most this share of training."""
 SLOWDOWN_WINDOW = 15
 """train.slowdown pads each step by the median duration of this many recent training steps."""
+TRAINED = ("model", "optimizer", "stale")
+"""The parts of a checkpoint that must be finite: a NaN in any of them (momentum included)
+carries into the model at the next step."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,6 +382,9 @@ class ComputeLoop(Replica):
         task = state.get("task") if isinstance(state, dict) else None
         if task is not None and task != self.cfg.task.spec:
             raise ConfigError(f"{path} was made for task {task}, this config trains {self.cfg.task.spec}; {fix}")
+        if isinstance(state, dict) and (bad := checkpoint.non_finite({k: state.get(k) for k in TRAINED})):
+            raise ConfigError(f"{path} holds non-finite values in {bad} (a damaged file, or a diverged run's); "
+                              f"restore a good copy, or {fix}")
         try:
             self.model.load_state_dict(state["model"])  # copies into the flat views in place
             # The momentum buffers come from the checkpoint, the recipe (momentum, weight decay)
@@ -428,11 +434,6 @@ class ComputeLoop(Replica):
         (a diverged peer restarted with a lower learning rate resumes from it). What kept it
         from being written, None when it was; ``final``: the peer stops after this one."""
         self._last_checkpoint = time.monotonic()
-        if not bool(torch.isfinite(self.live_N).all()):  # CPU<->GPU sync point, once per checkpoint
-            self.stats.checkpoint_errors += 1
-            self.log.error("the model holds non-finite values at step %d: checkpoint not written, %s keeps the "
-                           "last finite one", self.step, self.checkpoint_path)
-            return "the model holds non-finite values"
         state: dict[str, Any] = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -445,6 +446,11 @@ class ComputeLoop(Replica):
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "task": self.cfg.task.spec,
         }
+        if (bad := checkpoint.non_finite({k: state[k] for k in TRAINED})) is not None:  # once per checkpoint
+            self.stats.checkpoint_errors += 1
+            self.log.error("%s holds non-finite values at step %d: checkpoint not written, %s keeps the last "
+                           "finite one", bad, self.step, self.checkpoint_path)
+            return f"{bad} holds non-finite values"
         try:
             checkpoint.save_atomic(state, self.checkpoint_path)
         except OSError as exc:

@@ -153,6 +153,23 @@ def test_resume_refuses_the_checkpoint_of_another_task_and_keeps_it(tmp_path):
     assert code == 0, out
 
 
+def test_resume_refuses_a_checkpoint_holding_non_finite_values_and_keeps_it(tmp_path):
+    """torch does not verify a file's contents: a NaN in a momentum buffer (bytes damaged on disk)
+    would be resumed and then reported as a diverging learning rate, at every restart."""
+    run = tmp_path / "run"
+    code, out = peer(config(tmp_path), run, "--set", "train.momentum=0.9")
+    assert code == 0, out
+    path = run / "solo" / "checkpoint.pt"
+    state = checkpoint.load(path)
+    state["optimizer"]["state"][0]["momentum_buffer"][0] = float("nan")
+    torch.save(state, path)
+    before = path.read_bytes()
+    code, out = peer(config(tmp_path), run, "--set", "train.momentum=0.9")
+    assert code == 2, out
+    assert f"{path} holds non-finite values in optimizer.state.0.momentum_buffer" in out and FIX in out, out
+    assert "Traceback" not in out and path.read_bytes() == before
+
+
 @pytest.mark.parametrize("content", ["garbage", "another model", "a pickled object"])
 def test_resume_refuses_an_unusable_checkpoint_and_keeps_it(tmp_path, content):
     path = tmp_path / "run" / "solo" / "checkpoint.pt"

@@ -178,14 +178,15 @@ def test_a_diverging_swarm_ends_with_a_clear_reason_not_a_crash(swarm_factory, c
     assert not summary["ok"]
     for row in summary["peers"]:
         assert not row["ok"] and "diverged" in row["reason"], row
-        # The metrics stream stays strict JSON: the non-finite loss is written as null.
+        # The metrics stream stays strict JSON: a non-finite loss is written as null.
         lines = (swarm.run_dir / row["name"] / "metrics.jsonl").read_text().splitlines()
         records = [json.loads(line, parse_constant=not_json) for line in lines]
-        assert any(r.get("loss", 0.0) is None for r in records)
         # No checkpoint of the diverged model: a restart with a lower lr resumes from a finite one.
-        # (fp16 refuses a model beyond its range while it is still finite in float32.)
+        # (fp16 refuses a model beyond its range already, while it and its loss are still finite.)
         peer_dir = swarm.run_dir / row["name"]
-        assert codec == "fp16" or "checkpoint not written" in (peer_dir / "peer.log").read_text()
+        if codec != "fp16":
+            assert any(r.get("loss", 0.0) is None for r in records)
+            assert "checkpoint not written" in (peer_dir / "peer.log").read_text()
         if (peer_dir / "checkpoint.pt").exists():
             state = checkpoint.load(peer_dir / "checkpoint.pt")
             assert all(bool(torch.isfinite(v).all()) for v in state["model"].values())
