@@ -140,8 +140,9 @@ async def discover(seeds: list[str], run_dir: Path | None, timeout: float,
                    curve: CurveKeys | None = None) -> list[tuple[str, str, int]]:
     """(name, address, step) of every peer that answers, found from seeds or a run dir's cards;
     a SwarmError saying what the requests ran into when none does."""
-    from swarmnet.ui.collect import StatusCollector, nobody_answered
+    from swarmnet.ui.collect import StatusCollector, check_seeds, nobody_answered
 
+    check_seeds(seeds)
     collector = StatusCollector(seeds, timeout=timeout, run_dir=run_dir, curve=curve)
     try:
         snapshot = await collector.poll()

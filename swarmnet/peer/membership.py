@@ -189,7 +189,7 @@ def read_seed_card(seed: str) -> str | None:
         return None
 
 
-async def _unresolved(address: str) -> str | None:
+async def unresolved_host(address: str) -> str | None:
     """Why a tcp:// address's host name does not resolve, if it does not (a name lookup failure
     otherwise shows only as a connection that never comes up)."""
     host = url_host(address)
@@ -295,7 +295,7 @@ class MembershipService:
                     # Silence or a refused connection may be a wrong address; a failed handshake or
                     # a reply says itself what to check.
                     unanswered = isinstance(exc, TransportError) and not isinstance(exc, HandshakeFailed)
-                    why = await _unresolved(address) or (
+                    why = await unresolved_host(address) or (
                         f"{exc}; check the address and that a peer is running there" if unanswered else str(exc))
                     self.seed_errors[seed] = why
                     alone = "" if self.table.alive() else "; no other peer is alive"

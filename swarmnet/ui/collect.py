@@ -16,11 +16,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from swarmnet.errors import HandshakeFailed, TransportError
 from swarmnet.peer.client import PeerClient
-from swarmnet.peer.membership import read_seed_card
+from swarmnet.peer.membership import read_seed_card, unresolved_host
 from swarmnet.peer.stats import PeerStats
 from swarmnet.security import CurveKeys
 from swarmnet.transport import TransportSet
+from swarmnet.transport.registry import transport_class
 from swarmnet.ui.model import Event, PeerStatus, SwarmSnapshot
 from swarmnet.wire import Limits, MsgType, request
 
@@ -59,6 +61,14 @@ def names_from_run_dir(run_dir: Path, cards: Iterable[Path] | None = None) -> di
 def resolve_seed(seed: str) -> str | None:
     """A dialable address for ``seed``; ``file://`` seeds name a card.json (None if unreadable)."""
     return read_seed_card(seed) if seed.startswith("file://") else seed  # as peers read them
+
+
+def check_seeds(seeds: Iterable[str]) -> None:
+    """Refuse, before any request, a seed address no installed transport dials (a ConfigError
+    naming the schemes there are): polled, it would only ever show as a peer not answering."""
+    for seed in seeds:
+        if not seed.startswith("file://"):
+            transport_class(seed)
 
 
 def _read_card(path: Path) -> dict[str, Any] | None:
@@ -113,6 +123,8 @@ class StatusCollector:
         self.names: dict[str, str] = {}
         """Peer names learned from cards, for rows of peers that never answered us."""
         self._events: dict[tuple[str, str], Event] = {}
+        self._failures: dict[str, int] = {}
+        """Failed polls per address in a row; a name lookup is tried at the first and every tenth."""
         self._cards: list[Path] = []
         """The run directory's card files as the current poll found them."""
 
@@ -149,8 +161,9 @@ class StatusCollector:
                 if isinstance(reply, BaseException):
                     if not isinstance(reply, Exception):
                         raise reply
-                    self._failed(addr, reply, now)
+                    self._failed(addr, reply, now, await self._unresolved(addr, reply))
                 else:
+                    self._failures.pop(addr, None)
                     self._answered(addr, *reply)
         return SwarmSnapshot(
             taken_at=time.time(), peers=tuple(sorted(self._one_row_per_peer(), key=_order)),
@@ -187,13 +200,23 @@ class StatusCollector:
             rows.append(row)
         return rows
 
-    def _failed(self, addr: str, exc: Exception, now: float) -> None:
+    async def _unresolved(self, addr: str, exc: Exception) -> str | None:
+        """Why ``addr`` could not be reached when its host name does not resolve (a lookup
+        failure otherwise reads as a refused or lost connection)."""
+        failures = self._failures[addr] = self._failures.get(addr, 0) + 1
+        if not isinstance(exc, TransportError) or isinstance(exc, HandshakeFailed) or failures % 10 != 1:
+            return None
+        return await unresolved_host(addr)
+
+    def _failed(self, addr: str, exc: Exception, now: float, why: str | None = None) -> None:
         row = self.rows.get(addr)
         if row is None:
             row = PeerStatus(name=self.names.get(addr, addr), addr=addr, sampled_at=0.0)
         if not row.stale:
             self._note(Event(now, row.name, "not answering", "status"))
-        self.rows[addr] = row.gone_stale(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+        if why is None and row.stale and row.error and "does not resolve" in row.error:
+            why = row.error  # found at an earlier poll: the lookup is not repeated every time
+        self.rows[addr] = row.gone_stale(why or (f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__))
 
     def _note(self, event: Event) -> None:
         # Every peer reports the same membership change at a slightly different time: one

@@ -80,6 +80,7 @@ def status_command(
     from swarmnet.security import client_keys
     from swarmnet.ui.collect import (
         StatusCollector,
+        check_seeds,
         nobody_answered,
         resolve_seed,
         seeds_from_run_dir,
@@ -91,6 +92,10 @@ def status_command(
     for s in seed or []:
         if "://" not in s:
             _fail(f"--seed {s!r} is not an address; use e.g. tcp://10.0.0.1:7100 or file:///run/peer0/card.json")
+    try:
+        check_seeds(seed or [])
+    except ConfigError as exc:
+        _fail(f"--seed: {exc}")
     if run_dir is not None:
         require_run_dir(run_dir, "--run-dir ")
     if not seed and run_dir is not None and not seeds_from_run_dir(run_dir):

@@ -30,6 +30,15 @@ def test_status_exits_non_zero_when_no_peer_answers() -> None:
     assert bad.exit_code == 2 and "--seed 'foo' is not an address" in bad.output
 
 
+@pytest.mark.parametrize(("command", "nobody"), [(["status", "--once"], 1), (["eval"], 2)])
+def test_seeds_no_transport_dials_or_whose_host_does_not_resolve_are_named(command, nobody) -> None:
+    runner = CliRunner()
+    typo = runner.invoke(app, [*command, "--seed", "tpc://127.0.0.1:1", "--timeout", "0.2"])
+    assert typo.exit_code == 2 and "no transport for tpc:// addresses; installed:" in typo.output, typo.output
+    unknown = runner.invoke(app, [*command, "--seed", "tcp://no-such-host.invalid:7000", "--timeout", "0.2"])
+    assert unknown.exit_code == nobody and "its host 'no-such-host.invalid' does not resolve" in unknown.output, unknown.output
+
+
 def test_plot_writes_a_png_where_it_says(tmp_path: Path) -> None:
     from tests.ui.test_plots import write_run
 

@@ -128,7 +128,7 @@ def test_a_seed_whose_host_does_not_resolve_is_called_that(monkeypatch):
     import asyncio
     import socket
 
-    from swarmnet.peer.membership import _unresolved
+    from swarmnet.peer.membership import unresolved_host
 
     async def no_such_host(host, port, *args, **kwargs):
         assert host == "no-such-host.invalid"
@@ -136,7 +136,7 @@ def test_a_seed_whose_host_does_not_resolve_is_called_that(monkeypatch):
 
     async def check():
         monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", no_such_host)
-        return (await _unresolved("tcp://no-such-host.invalid:7000"), await _unresolved("ipc:///tmp/x.sock"))
+        return (await unresolved_host("tcp://no-such-host.invalid:7000"), await unresolved_host("ipc:///tmp/x.sock"))
 
     assert asyncio.run(check()) == ("its host 'no-such-host.invalid' does not resolve: Name or service not "
                                     "known; check the name", None)
