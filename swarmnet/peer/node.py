@@ -170,6 +170,9 @@ class Peer:
         it started with (a newcomer among them does not adopt this peer's model, newcomer.py)."""
         self.claim = DirectoryClaim(self.peer_dir, self.log)
         """Held until the peer has stopped (:meth:`release_dir`): one live peer per directory."""
+        for earlier in ("card.json", "summary.json"):  # an earlier run's would pass for this one's
+            with contextlib.suppress(OSError):
+                (self.peer_dir / earlier).unlink(missing_ok=True)
 
     def release_dir(self) -> None:
         """Give up this peer's directory to a later peer of the same name (in this process too)."""

@@ -7,6 +7,7 @@ matplotlib's Agg backend (no display needed).
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from swarmnet.peer.checkpoint import write_atomic
 from swarmnet.peer.metrics import read_metrics
 
 
@@ -112,7 +114,8 @@ def plot_run(run_dir: Path, output: Path) -> Path:
     for ax in axes.flat:
         ax.grid(alpha=0.3)
     fig.suptitle(f"{run_dir} ({len(series)} peers)")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, dpi=100, format="png")
     plt.close(fig)
+    write_atomic(output, png.getbuffer())  # whole or not at all: never an empty file on a full disk
     return output

@@ -225,3 +225,17 @@ def test_a_simulation_on_a_full_disk_says_so_and_leaves_no_truncated_curve(tmp_p
             draws = {"lsq-popsgd-n2.csv": 100, "lsq-popsgd-n4.csv": 134, "lsq-minibatch-n2.csv": 50,
                      "lsq-minibatch-n4.csv": 50}
             assert int(rows[-1]["draws"]) == draws[written.name], written
+
+
+def test_a_plot_on_a_full_disk_says_so_and_leaves_no_empty_file(tmp_path, mounts):
+    from typer.testing import CliRunner
+
+    from swarmnet.cli import app
+    from tests.ui.test_plots import write_run
+
+    write_run(tmp_path / "run")
+    disk = small_disk(tmp_path, mounts)
+    fill(disk / "filler")
+    result = CliRunner().invoke(app, ["plot", str(tmp_path / "run"), "-o", str(disk / "swarm.png")])
+    assert result.exit_code == 2 and "No space left on device" in result.output, result.output
+    assert sorted(p.name for p in disk.iterdir()) == ["filler"]  # no empty swarm.png, no temporary file

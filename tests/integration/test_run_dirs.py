@@ -2,6 +2,7 @@
 exit status 2, nothing lost."""
 
 import datetime
+import json
 import os
 import subprocess
 import sys
@@ -188,6 +189,23 @@ def test_resume_refuses_an_unusable_checkpoint_and_keeps_it(tmp_path, content):
     assert code == 2, out
     assert f"{path} {expected}" in out and FIX in out and "Traceback" not in out, out
     assert path.read_bytes() == before
+
+
+def test_a_restarted_peer_drops_its_earlier_runs_card_and_summary(tmp_path):
+    """Read while the peer runs, or after it is killed, the earlier run's summary would pass for
+    this run's result (a script, a Kubernetes check), and its card for this run's address."""
+    run, cfg = tmp_path / "run", config(tmp_path)
+    code, out = peer(cfg, run)
+    assert code == 0 and (run / "solo" / "summary.json").exists(), out
+    earlier = json.loads((run / "solo" / "card.json").read_text())
+    again = PeerProcessHandle(run, "solo", cfg, "--set", "train.steps=1000000000")
+    try:
+        wait_until(lambda: not (run / "solo" / "summary.json").exists(), 60, what="the earlier summary removed")
+        assert again.card()["pid"] == again.proc.pid != earlier["pid"]
+        again.kill_tree()
+        assert not (run / "solo" / "summary.json").exists()
+    finally:
+        again.kill_tree()
 
 
 def test_a_second_peer_with_the_same_name_and_run_dir_is_refused(tmp_path):
