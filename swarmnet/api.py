@@ -58,6 +58,8 @@ def _default_name() -> str:
 
 START_TIMEOUT = 60.0
 """Seconds to bind and, with network.min_peers, to wait for the others (plus join_timeout)."""
+LEAVE_NOW_S = 10.0
+"""How long a close interrupted by Ctrl-C waits for the peer's tasks to close its sockets."""
 
 
 class SwarmOptimizer:
@@ -103,7 +105,8 @@ class SwarmOptimizer:
                              "close() that one first")
         self.optimizer = optimizer
         self.model = model
-        self.cfg = _resolve_config(config, listen=listen, seeds=list(seeds), run_dir=run_dir,
+        self.cfg = _resolve_config(config, listen=listen, seeds=[seeds] if isinstance(seeds, str) else list(seeds),
+                                   run_dir=run_dir,
                                    settings=settings)
         self.name = name or _default_name()
         self.peer = Peer(self.cfg, PeerIdentity(self.name, resolve_rank(-1) or 0), resume=False)  # no task: no shard
@@ -142,6 +145,9 @@ class SwarmOptimizer:
         self._told_averaged_set = False
         self._error: SwarmError | None = None
         """The error that failed a step, for the summary."""
+        self._exit_reason = ""
+        """Why the ``with`` block ended early (an exception in it), for the summary."""
+        self._summarized = False
         try:
             concurrent.futures.wait([self._started, self._hosting], START_TIMEOUT + self.cfg.network.join_timeout,
                                     return_when=concurrent.futures.FIRST_COMPLETED)
@@ -292,7 +298,7 @@ class SwarmOptimizer:
         self.optimizer.load_state_dict(state)
         if swarm is not None:
             self.peer.clock.restore(int(swarm["clock"]))
-            self.replica.step = int(swarm["step"])
+            self.replica.step = self.peer.stats.step = int(swarm["step"])
             if swarm.get("base_lrs") is not None and self._clocked_lrs is not None:
                 self._clocked_lrs = [float(lr) for lr in swarm["base_lrs"]]
         self.resync()  # a resume: the model's weights were most likely loaded with it
@@ -311,6 +317,8 @@ class SwarmOptimizer:
 
     def status(self) -> dict[str, Any]:
         """The same status a ``swarmnet status`` query returns (steps, merges, peers, bytes)."""
+        if self._closed:
+            raise SwarmError("status() after close(): this peer has left the swarm; its summary.json says how it ended")
         return self._call(_status_of(self.peer))
 
     def close(self) -> None:
@@ -319,32 +327,60 @@ class SwarmOptimizer:
             return
         self._closed = True
         try:
-            self._loop.call_soon_threadsafe(self._stop.set)
-            concurrent.futures.wait([self._drained, self._hosting], return_when=concurrent.futures.FIRST_COMPLETED)
-            if self._drained.done():
-                reason = f"error: {self._error}" if self._error else "closed"
-                try:
-                    with self._on_default_stream():
-                        self.replica.merge_pending(final=True)  # here, in the training thread
-                    if self.replica.step != self._last_row_step:
-                        self._write_metrics()
-                except SwarmError as exc:  # e.g. a model gone non-finite, which step() has raised already
-                    reason = f"error: {exc}"
-                finally:
-                    self.peer.write_summary(reason, time.monotonic() - self._began, steps=self.replica.step,
-                                            total_steps=None, evaluation={})
-                    self._loop.call_soon_threadsafe(self._merged.set)  # the peer says goodbye either way
-            self._hosting.result()
+            self._leave()
+        except BaseException:  # Ctrl-C (again) while leaving: leave at once, then let it through
+            self._leave_now()
+            raise
         finally:
             self.metrics.close()
             _IN_SWARM.discard(self.model)
             self._shutdown_loop()
             self.peer.release_dir()
 
+    def _leave(self) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        concurrent.futures.wait([self._drained, self._hosting], return_when=concurrent.futures.FIRST_COMPLETED)
+        if self._drained.done():
+            reason = f"error: {self._error}" if self._error else self._exit_reason or "closed"
+            try:
+                with self._on_default_stream():
+                    self.replica.merge_pending(final=True)  # here, in the training thread
+                if self.replica.step != self._last_row_step:
+                    self._write_metrics()
+            except SwarmError as exc:  # e.g. a model gone non-finite, which step() has raised already
+                reason = f"error: {exc}"
+            finally:
+                self._summarize(reason)
+                self._loop.call_soon_threadsafe(self._merged.set)  # the peer says goodbye either way
+        self._hosting.result()
+
+    def _leave_now(self) -> None:
+        """Skip every grace period, as a second Ctrl-C does to a daemon, and wait (bounded) for
+        the peer to close its sockets: its port must be free when this returns."""
+        for _ in range(2):  # the second request also ends the waits of a stop already begun
+            self._loop.call_soon_threadsafe(self.peer.request_stop)
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._loop.call_soon_threadsafe(self._merged.set)
+        self._summarize("interrupted while leaving")
+        done, _ = concurrent.futures.wait([self._hosting], timeout=LEAVE_NOW_S)
+        if not done:
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(_cancel_other_tasks(), self._loop).result(5)
+
+    def _summarize(self, reason: str) -> None:
+        if not self._summarized:
+            self._summarized = True
+            self.peer.write_summary(reason, time.monotonic() - self._began, steps=self.replica.step,
+                                    total_steps=None, evaluation={})
+
     def __enter__(self) -> SwarmOptimizer:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc_type is not None and not self._closed:  # an error or Ctrl-C in the block: leave without lingering
+            self._exit_reason = ("interrupted" if issubclass(exc_type, KeyboardInterrupt)
+                                 else f"error: {exc_type.__name__}: {exc}")
+            self._loop.call_soon_threadsafe(self.peer.request_stop)
         self.close()
 
     def _call(self, coro: Any) -> Any:

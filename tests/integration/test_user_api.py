@@ -147,6 +147,7 @@ def test_popsgd_rates_follow_the_phase_clock(tmp_path):
     with swarmnet.SwarmOptimizer(c_opt, a_model, name="c", run_dir=tmp_path, settings=settings) as c:
         c.load_state_dict(saved)
         assert c.clock == saved["swarmnet"]["clock"] >= 8
+        assert c.status()["step"] == saved["swarmnet"]["step"] > 0  # before its next step() too
         c.zero_grad()
         a_model(x).pow(2).mean().backward()
         c.step()
@@ -172,7 +173,13 @@ def test_bad_use_is_a_clear_error(tmp_path):
         with pytest.raises(TransportError):
             swarmnet.SwarmOptimizer(other_opt, other_model, run_dir=tmp_path, listen=first.address)
         assert time.monotonic() - started < 30
-    swarmnet.SwarmOptimizer(opt, model, run_dir=tmp_path, settings={"network.linger": 0.0}).close()
+        # One seed given as a string, not a list of them: taken as that one address.
+        swarmnet.SwarmOptimizer(other_opt, other_model, run_dir=tmp_path, seeds=first.address,
+                                settings={"network.linger": 0.0}).close()
+    closed = swarmnet.SwarmOptimizer(opt, model, run_dir=tmp_path, settings={"network.linger": 0.0})
+    closed.close()
+    with pytest.raises(SwarmError, match=r"status\(\) after close\(\)"):
+        closed.status()
 
 
 @pytest.mark.timeout(120, method="thread")  # the test takes SIGALRM, which the signal method uses
@@ -202,6 +209,54 @@ def test_ctrl_c_while_waiting_for_the_swarm_leaves_nothing_running(tmp_path):
     # libzmq releases the port from its I/O thread a moment after the socket is closed (under
     # load, 39% of immediate rebinds found it still held); a socket left open holds it for good.
     wait_until(lambda: port_is_free(port), REBIND_WAIT_S, what="the port released")
+
+
+@pytest.mark.timeout(120, method="thread")  # the test takes SIGALRM, which the signal method uses
+def test_an_error_in_the_block_leaves_at_once_and_a_second_ctrl_c_while_leaving_frees_the_port(tmp_path):
+    """b's loop raises while a still trains: b must not linger for a (network.linger), and its
+    summary says why it ended. c's close, lingering, is interrupted by Ctrl-C: it leaves at once,
+    with its port free and no thread or task of it left behind."""
+    import signal
+    import threading
+
+    settings = {"network.linger": 60.0}
+    a_model, a_opt = _model_and_optimizer()
+    b_model, b_opt = _model_and_optimizer()
+    c_model, c_opt = _model_and_optimizer()
+    before = set(threading.enumerate())
+    with swarmnet.SwarmOptimizer(a_opt, a_model, name="a", run_dir=tmp_path, settings={"network.linger": 0.0}) as a:
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match="boom"):
+            with swarmnet.SwarmOptimizer(b_opt, b_model, name="b", run_dir=tmp_path, seeds=[a.address],
+                                         settings=settings):
+                raise RuntimeError("boom")
+        assert time.monotonic() - started < 30
+        summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+        assert summary["reason"] == "error: RuntimeError: boom", summary
+
+        port = unused_port()
+        c = swarmnet.SwarmOptimizer(c_opt, c_model, name="c", run_dir=tmp_path, seeds=[a.address],
+                                    listen=f"tcp://127.0.0.1:{port}", settings=settings)
+
+        def interrupt(signum, frame):
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGALRM, interrupt)
+        signal.setitimer(signal.ITIMER_REAL, 1.0)  # while c lingers for a, which still trains
+        try:
+            started = time.monotonic()
+            with pytest.raises(KeyboardInterrupt):
+                c.close()
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        assert time.monotonic() - started < 30
+        assert json.loads((tmp_path / "c" / "summary.json").read_text())["reason"] == "closed"
+        # Wrapped again on the same port (a notebook's next cell): its listener was closed.
+        c_again = swarmnet.SwarmOptimizer(c_opt, c_model, name="c", run_dir=tmp_path, seeds=[a.address],
+                                          listen=f"tcp://127.0.0.1:{port}", settings={"network.linger": 0.0})
+        c_again.close()
+    assert not [t for t in threading.enumerate() if t.name in ("swarmnet-b", "swarmnet-c") and t not in before]
 
 
 def test_a_model_gone_non_finite_fails_its_step_and_still_leaves_cleanly(tmp_path):
