@@ -15,6 +15,7 @@ import asyncio
 import math
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,8 +108,9 @@ class SnapshotReader:
                                  limits=Limits(max_frame_bytes=max_frame_bytes), timeout=timeout,
                                  stats=PeerStats(), max_frame_bytes=max_frame_bytes)
 
-    async def pull(self, addr: str, out_N: Tensor) -> int:
-        """Decode ``addr``'s latest snapshot into ``out_N``; returns the snapshot's version.
+    async def pull(self, addr: str, out_for: Callable[[int], Tensor]) -> int:
+        """Decode ``addr``'s latest snapshot into ``out_for(n)`` (n: its coordinates, as its
+        meta says); returns the snapshot's version.
 
         A one-off reader asks for the whole snapshot in one request (``want`` None: every
         lattice plane, decoded without a key). Keyed lattice pulls escalate in rounds against
@@ -121,9 +123,9 @@ class SnapshotReader:
             raise SwarmError(f"{addr} publishes codec {reply.body['codec']}, the config says "
                              f"{self.codec.name}; pass the swarm's own config")
         n = reply.body["meta"].get("n")
-        if isinstance(n, int) and n != out_N.numel():
-            raise SwarmError(f"{addr}'s model has {n} coordinates, this config's {out_N.numel()}; pass the "
-                             "swarm's own config (--config, and the --set overrides it ran with)")
+        if not isinstance(n, int) or isinstance(n, bool):
+            raise CodecError(f"{addr}'s snapshot does not say its size")
+        out_N = out_for(n)
         result = self.codec.decode(reply.body["meta"], reply.frames, out_N, out_N, {})
         if not result.complete:
             raise CodecError(f"{addr}'s whole snapshot did not decode")
@@ -164,7 +166,24 @@ def evaluate_swarm(cfg: SwarmConfig, *, seeds: list[str], run_dir: Path | None =
     task = load_task(cfg.task.spec, cfg.task.options)
     torch.manual_seed(cfg.run.seed)
     model = task.build_model()
-    flat = FlatParameters(model)
+    floats = [p for p in model.parameters() if p.is_floating_point()]
+    trained = [p for p in floats if p.requires_grad]
+    sizes = {sum(p.numel() for p in floats): None, sum(p.numel() for p in trained): trained}
+    received: list[Tensor] = []
+
+    def out_for(n: int) -> Tensor:
+        """A vector to decode a snapshot of ``n`` coordinates into. The first pull says which
+        parameters the swarm averages: all the model's float ones, or only those it trains
+        (a SwarmOptimizer leaves frozen ones out), whichever has its size."""
+        if not received:
+            if n not in sizes:
+                raise SwarmError(f"the swarm's model has {n} coordinates, this config's {max(sizes)}; pass the "
+                                 "swarm's own config (--config, and the --set overrides it ran with)")
+            received.append(torch.empty(n))
+        if n != received[0].numel():
+            raise SwarmError(f"its model has {n} coordinates, the first peer's {received[0].numel()}")
+        return received[0]
+
     codec = make_codec(cfg.codec.name, **cfg.codec.options)
 
     async def pull_all() -> tuple[list[PulledModel], Tensor, float]:
@@ -174,23 +193,23 @@ def evaluate_swarm(cfg: SwarmConfig, *, seeds: list[str], run_dir: Path | None =
         if peers > len(found):
             log.warning("--peers %d: only %d peer(s) answered; averaging those", peers, len(found))
         chosen = found[:peers] if peers > 0 else found
-        net = cfg.network
-        reader = SnapshotReader(codec, max_frame_bytes=net.frame_limit(flat.numel),
-                                timeout=max(timeout, net.transfer_timeout(flat.numel)), curve=curve)
-        out_N = torch.empty_like(flat.vector_N)
-        sum_N = torch.zeros(flat.numel, dtype=torch.float64)
+        net, largest = cfg.network, max(sizes)
+        reader = SnapshotReader(codec, max_frame_bytes=net.frame_limit(largest),
+                                timeout=max(timeout, net.transfer_timeout(largest)), curve=curve)
+        sum_N = torch.zeros(0, dtype=torch.float64)
         squares, pulled = 0.0, []
         try:
             for name, addr, step in chosen:
                 try:
-                    version = await reader.pull(addr, out_N)
+                    version = await reader.pull(addr, out_for)
                 except TransportError as exc:  # libzmq drops a frame over the limit without a word
                     raise SwarmError(f"pulling {name} at {addr}: {exc} (a snapshot over this config's frame "
                                      f"limit, {reader.client.max_frame_bytes} bytes, ends the same way: pass the "
                                      "swarm's own config)") from None
                 except SwarmError as exc:
                     raise SwarmError(f"pulling {name} at {addr}: {exc}") from None
-                sum_N += out_N
+                out_N = received[0]
+                sum_N = sum_N + out_N if sum_N.numel() else out_N.double()
                 squares += float(out_N.double().pow(2).sum())
                 pulled.append(PulledModel(name, addr, step, version))
         finally:
@@ -200,7 +219,7 @@ def evaluate_swarm(cfg: SwarmConfig, *, seeds: list[str], run_dir: Path | None =
         return pulled, mean_N, math.sqrt(spread / len(pulled))
 
     pulled, mean_N, consensus = asyncio.run(pull_all())
-    flat.vector_N.copy_(mean_N)
+    FlatParameters(model, sizes[mean_N.numel()]).vector_N.copy_(mean_N)
     result = evaluate_averaged(model, task, batch_size=cfg.train.batch_size, seed=cfg.run.seed,
                                bn_batches=bn_batches)
     return {"task": task.name, "metric": task.metric, "peers_averaged": len(pulled),

@@ -13,6 +13,7 @@ from torch import nn
 
 import swarmnet
 from swarmnet.errors import ConfigError, SwarmError, TransportError
+from swarmnet.evaluation import evaluate_swarm
 from swarmnet.tasks import datasets
 from swarmnet.testing import wait_until
 from swarmnet.testing.ports import port_is_free, unused_port
@@ -332,8 +333,32 @@ def test_a_frozen_backbone_is_neither_averaged_nor_sent(tmp_path):
                 opt.step()
             return a.replica.stats.interactions >= 5 and b.replica.stats.interactions >= 5
         wait_until(steps, 30, interval=0.005, what="five merges each")
+        # `swarmnet eval` with a task that builds the same model: it averages what the swarm
+        # averages, the head, and evaluates it on the task's frozen layer.
+        cfg = swarmnet.config.load_config(None, {"task.spec": "tests.integration.test_user_api:fine_tuning_task",
+                                                 "codec.name": "blockwise4"})
+        result = evaluate_swarm(cfg, seeds=[a.address])
+        assert result["peers_averaged"] == 2 and result["eval"]["loss"] < float("inf"), result
     for model, weight in zip((a_model, b_model), frozen, strict=True):
         assert torch.equal(model[0].weight, weight)
+
+
+def fine_tuning_task():
+    """The model above, its first layer frozen, as a task for `swarmnet eval`."""
+    from swarmnet.tasks import Task
+
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+
+    def build_model():
+        model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        model[0].requires_grad_(False)
+        return model
+
+    def loss(model, batch):
+        return model(batch[0]).pow(2).mean()
+
+    return Task(name="fine-tuning", build_model=build_model, train=(x,), loss=loss,
+                evaluate=lambda model: {"loss": float(loss(model, (x,)))})
 
 
 @pytest.mark.timeout(60)
