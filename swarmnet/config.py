@@ -101,6 +101,9 @@ class TrainConfig:
     """Make this peer an artificial straggler: after each step, sleep (slowdown - 1) times the
     median duration of its last 15 steps (3.0: a peer 3x slower). For benchmarks and fault
     tests; 1.0 in training."""
+    step_pad_s: float = 0.0
+    """Make this peer a straggler by a fixed time instead: sleep this many seconds after each
+    step (benchmarks that slow every method's straggler by the same time); 0.0 in training."""
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "batch_size", "must be >= 1")
@@ -131,6 +134,9 @@ class TrainConfig:
         _require(_above(self.clock_scale, 0), "clock_scale", "must be a finite number > 0")
         _require(math.isfinite(self.slowdown) and self.slowdown >= 1, "slowdown",
                  "must be a finite number >= 1 (1.0: no artificial delay)")
+        _require(_at_least(self.step_pad_s, 0), "step_pad_s", "must be a finite number of seconds >= 0")
+        _require(self.slowdown == 1 or self.step_pad_s == 0, "step_pad_s",
+                 "and train.slowdown both make a straggler: set one of them")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -147,7 +147,7 @@ def allreduce_phase(*, rank: int, plan: dict[str, Any], numel: int, repeats: int
 
 
 def swarm_phase(method: str, *, rank: int, plan: dict[str, Any], model_spec: dict[str, Any],
-                run_dir: Path, slowdown: float) -> dict[str, Any]:
+                run_dir: Path, straggler_pad_s: float) -> dict[str, Any]:
     """One real swarmnet peer (in this process) in a swarm of all ranks; rank 0 is the seed."""
     from swarmnet.config import load_config
     from swarmnet.peer.metrics import read_metrics
@@ -161,7 +161,7 @@ def swarm_phase(method: str, *, rank: int, plan: dict[str, Any], model_spec: dic
         "task.spec": plan["task"], "task.options": {"hidden": model_spec["hidden"]},
         "train.batch_size": plan["batch_size"], "train.lr": plan["lr"], "train.momentum": plan["momentum"],
         "train.steps": model_spec["steps"], "train.metrics_every": WINDOW, "train.checkpoint_every": 0.0,
-        "train.tensorboard": False, "train.slowdown": slowdown,
+        "train.tensorboard": False, "train.step_pad_s": straggler_pad_s, "device.threads": plan["threads"],
         "algorithm.name": "swarmsgd", "algorithm.local_steps": plan["local_steps"],
         "codec.name": codec, "codec.options": options,
         "network.exchange": method != "swarm-solo", "network.listen": "tcp://127.0.0.1:0",
@@ -187,13 +187,17 @@ def swarm_phase(method: str, *, rank: int, plan: dict[str, Any], model_spec: dic
         raise RuntimeError(f"swarmnet peer {name} exited with {code}; see {run_dir / name}")
     records = [r for r in read_metrics(run_dir / name / "metrics.jsonl") if "lr" in r]
     summary = json.loads((run_dir / name / "summary.json").read_text())
-    steps = max(1, summary["steps"])
+    # Traffic up to the row of the last step: after its budget a peer settles, pulling on while
+    # the others train, which is not traffic of a training step.
+    steps = max(r["step"] for r in records) if records else 0
+    at_end = next((r for r in records if r["step"] == steps), {"bytes_in": 0, "bytes_out": 0})
+    steps = max(1, steps)
     return {"points": [(r["step"], r["time"]) for r in records],
             "time_to_target_s": time_to_target([(r["time"], r["loss"]) for r in records], plan["target_loss"]),
             # the last row that carries a loss (rows written while settling or stopping may not)
             "final_loss": next((r["loss"] for r in reversed(records) if r.get("loss") is not None), None),
-            "bytes_per_step": summary["bytes_received"] / steps, "bytes_sent_per_step": summary["bytes_sent"] / steps,
-            "bytes_per_step_source": "measured: bytes received by the peer / its steps",
+            "bytes_per_step": at_end["bytes_in"] / steps, "bytes_sent_per_step": at_end["bytes_out"] / steps,
+            "bytes_per_step_source": "measured: bytes the peer received until its last step / its steps",
             "interactions": summary["interactions"]}
 
 
@@ -241,17 +245,19 @@ def worker(rank: int, plan: dict[str, Any], out_dir: str) -> None:
                     for phase in phases(plan, model_spec["name"]):
                         method, _, variant = phase.partition("+")
                         slowdown = plan["slowdown"] if variant == "straggler" and rank == straggler else 1.0
+                        # The straggler sleeps (slowdown - 1) x its own solo step time (torch's, no
+                        # communication) after every step, whatever the method: the same time for all.
+                        pad_s = (slowdown - 1) * solo_step_s
                         if method == "allreduce":
                             numel = sum(p.numel() for p in _model_of(plan, model_spec).parameters())
                             result = allreduce_phase(rank=rank, plan=plan, numel=numel)
                         elif method.startswith("swarm"):
                             run_dir = out / f"{model_spec['name']}-r{repeat}-{phase}"
                             result = swarm_phase(method, rank=rank, plan=plan, model_spec=model_spec,
-                                                 run_dir=run_dir, slowdown=slowdown)
+                                                 run_dir=run_dir, straggler_pad_s=pad_s)
                         else:
-                            # The straggler sleeps (slowdown - 1) x its own solo step time per step.
                             result = torch_phase(method, rank=rank, plan=plan, model_spec=model_spec,
-                                                 straggler_pad_s=(slowdown - 1) * solo_step_s)
+                                                 straggler_pad_s=pad_s)
                             if method == "solo":
                                 solo_step_s = result["median_step_s"]
                         record = {"rank": rank, "repeat": repeat, "model": model_spec["name"], "phase": phase,

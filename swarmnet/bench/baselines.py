@@ -449,7 +449,8 @@ def methods_table(result: dict[str, Any]) -> Table:
     for col in ("model", "n", "method", "step ms", "vs solo", "comm share", "to target s", "KB in/step", "final loss"):
         table.add_column(col, justify="left" if col in ("model", "method") else "right")
     for row in result["methods"]:
-        table.add_row(row["model"], str(row["processes"]), row["method"], _fmt(row["step_time_s"], 1e3, 2),
+        method = row["method"] + (f" ({row['backend']})" if row.get("backend", "gloo") != "gloo" else "")
+        table.add_row(row["model"], str(row["processes"]), method, _fmt(row["step_time_s"], 1e3, 2),
                       _fmt(row["step_vs_solo"], 1, 2), _fmt(row["comm_share"], 1, 2), _fmt(row["time_to_target_s"], 1, 2) if row["time_to_target_s"]
                       else "not reached",
                       _fmt(row["bytes_per_step"], 1e-3, 0), _fmt(row["final_loss"], 1, 3))
@@ -498,7 +499,8 @@ def plot(result: dict[str, Any], output: Path) -> Path:
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
     for ax, model in zip(axes[0], models):
         for method in ("solo", "swarm-solo", *METHODS):
-            rows = sorted((r for r in result["methods"] if r["model"] == model and r["method"] == method),
+            rows = sorted((r for r in result["methods"] if r["model"] == model and r["method"] == method
+                           and r["step_time_s"] is not None),  # None: not measured (no common window)
                           key=lambda r: r["processes"])
             if not rows:
                 continue
@@ -507,6 +509,8 @@ def plot(result: dict[str, Any], output: Path) -> Path:
             err = [[m - r["step_time_s"]["min"] * 1e3 for m, r in zip(med, rows)],
                    [r["step_time_s"]["max"] * 1e3 - m for m, r in zip(med, rows)]]
             label = {"solo": "compute only (torch)", "swarm-solo": "compute only (swarmnet peer)"}.get(method, method)
+            backends = sorted({r.get("backend", "") for r in rows} - {""})
+            label += f" [{'/'.join(backends)}]" if len(backends) > 1 or backends == ["nccl"] else ""
             ax.errorbar(xs, med, yerr=err, marker="o", capsize=3, label=label,
                         linestyle="--" if method.endswith("solo") else "-")
         params = next(r["parameters"] for r in result["methods"] if r["model"] == model)

@@ -489,7 +489,7 @@ class ComputeLoop(Replica):
                 self.log.error("%s", exc)
                 reason = "diverged"
                 break
-            if self.cfg.train.slowdown > 1:
+            if self.cfg.train.slowdown > 1 or self.cfg.train.step_pad_s > 0:
                 self.pad_step()
             if self.step % self.cfg.train.metrics_every == 0 and not self.write_metrics():
                 reason = "diverged"
@@ -521,10 +521,11 @@ class ComputeLoop(Replica):
         self._train_step_seconds.append(time.monotonic() - started)
 
     def pad_step(self) -> None:
-        """Artificial straggler (train.slowdown): stretch the step just taken by sleeping, by the
-        recent steps' median duration: a step that spanned a pause of the whole process (SIGSTOP,
-        swapping) would otherwise stall it for (slowdown - 1) times that pause."""
-        self.stop.wait((self.cfg.train.slowdown - 1) * statistics.median(self._train_step_seconds))
+        """Artificial straggler: sleep train.step_pad_s, or stretch the step just taken by
+        train.slowdown, by the recent steps' median duration: a step that spanned a pause of the
+        whole process (SIGSTOP, swapping) would otherwise stall it for (slowdown - 1) times that pause."""
+        train = self.cfg.train
+        self.stop.wait(train.step_pad_s or (train.slowdown - 1) * statistics.median(self._train_step_seconds))
 
     def write_metrics(self) -> bool:
         loss = float(self._loss_sum / max(1, self._loss_count))  # CPU<->GPU sync point

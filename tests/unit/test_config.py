@@ -39,6 +39,8 @@ def test_defaults_and_bundled_configs_load():
         ("[run]\nseed = -1", "run.seed: must be in 0..4294967295"),
         ("[codec]\nname = 'blockwise8'\noptions = {seed = -1}", "codec.options: codec 'blockwise8': bad parameters"),
         ("[train]\nslowdown = 0.5", "train.slowdown: must be a finite number >= 1"),
+        ("[train]\nstep_pad_s = -0.1", "train.step_pad_s: must be a finite number of seconds >= 0"),
+        ("[train]\nslowdown = 3.0\nstep_pad_s = 0.01", "train.step_pad_s: and train.slowdown both make a straggler"),
         ("train = 3", "[train] must be a table"),
         ("[train\n", "not valid TOML"),
         ("[train]\nsteps = 0", "train.steps: leaves no budget"),
