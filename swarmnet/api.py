@@ -328,8 +328,8 @@ class SwarmOptimizer:
         self._closed = True
         try:
             self._leave()
-        except BaseException:  # Ctrl-C (again) while leaving: leave at once, then let it through
-            self._leave_now()
+        except BaseException as exc:  # Ctrl-C (again) while leaving, or a failure: leave at once, then let it through
+            self._leave_now("interrupted while leaving" if isinstance(exc, KeyboardInterrupt) else f"error: {exc!r}")
             raise
         finally:
             self.metrics.close()
@@ -349,19 +349,23 @@ class SwarmOptimizer:
                     self._write_metrics()
             except SwarmError as exc:  # e.g. a model gone non-finite, which step() has raised already
                 reason = f"error: {exc}"
+            except BaseException:  # Ctrl-C during the final merge: it did not complete
+                reason = "interrupted while leaving"
+                raise
             finally:
                 self._summarize(reason)
                 self._loop.call_soon_threadsafe(self._merged.set)  # the peer says goodbye either way
         self._hosting.result()
 
-    def _leave_now(self) -> None:
+    def _leave_now(self, reason: str) -> None:
         """Skip every grace period, as a second Ctrl-C does to a daemon, and wait (bounded) for
-        the peer to close its sockets: its port must be free when this returns."""
+        the peer to close its sockets: its port must be free when this returns. ``reason``: for
+        the summary, unless it is written already."""
         for _ in range(2):  # the second request also ends the waits of a stop already begun
             self._loop.call_soon_threadsafe(self.peer.request_stop)
         self._loop.call_soon_threadsafe(self._stop.set)
         self._loop.call_soon_threadsafe(self._merged.set)
-        self._summarize("interrupted while leaving")
+        self._summarize(reason)
         done, _ = concurrent.futures.wait([self._hosting], timeout=LEAVE_NOW_S)
         if not done:
             with contextlib.suppress(Exception):

@@ -220,7 +220,7 @@ def eval_(
         try:
             from swarmnet.peer.checkpoint import write_atomic
 
-            write_atomic(json_path, text.encode())  # whole or not at all: never an empty file on a full disk
+            write_atomic(json_path, text.encode(), private=False)  # whole or not at all: never an empty file on a full disk
         except OSError as exc:
             fail(f"--json {json_path}: cannot write {exc.filename or json_path} ({exc.strerror or exc}); the result "
                  "is printed above, pass a writable path to keep a copy", code=1)

@@ -151,7 +151,7 @@ class LaunchPlan:
 
 
 EARLIER = ".earlier"
-"""Where a fresh run puts the folders of an earlier run's peers it does not launch."""
+"""Where a fresh run puts the folders of an earlier run's peers (one generation is kept)."""
 
 
 def set_aside_earlier_peers(run_dir: Path) -> None:
@@ -167,7 +167,7 @@ def set_aside_earlier_peers(run_dir: Path) -> None:
         try:
             check_free(folder, unknown_is_free=False)  # a peer on another host of a shared file system
         except ConfigError as exc:
-            log.warning("%s is not one of this run's peers and may be in use: left where it is (%s)", folder, exc)
+            log.warning("%s is from an earlier run and may be in use: left where it is (%s)", folder, exc)
             continue
         target = run_dir / EARLIER / folder.name
         try:
@@ -340,7 +340,7 @@ def _check_summary_path(path: Path) -> None:
 
 def _write_summary(path: Path, result: dict[str, Any]) -> None:
     try:
-        checkpoint.write_atomic(path, jsonsafe.dumps(result, indent=2, default=str).encode())
+        checkpoint.write_atomic(path, jsonsafe.dumps(result, indent=2, default=str).encode(), private=False)
     except OSError as exc:
         raise ConfigError(f"could not write the summary to {path}: {exc.strerror or exc}; the table "
                           "above has the results (each peer's are in its summary.json); choose a writable "

@@ -14,4 +14,4 @@ def write_json(path: str | Path, result: Any) -> None:
     documented ``runs/...`` is not in a fresh clone); strict JSON (what was not measured is null)."""
     from swarmnet.peer.checkpoint import write_atomic
 
-    write_atomic(Path(path), (jsonsafe.dumps(result, indent=2, default=str) + "\n").encode())
+    write_atomic(Path(path), (jsonsafe.dumps(result, indent=2, default=str) + "\n").encode(), private=False)

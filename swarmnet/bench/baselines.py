@@ -509,8 +509,8 @@ def plot(result: dict[str, Any], output: Path) -> Path:
             err = [[m - r["step_time_s"]["min"] * 1e3 for m, r in zip(med, rows)],
                    [r["step_time_s"]["max"] * 1e3 - m for m, r in zip(med, rows)]]
             label = {"solo": "compute only (torch)", "swarm-solo": "compute only (swarmnet peer)"}.get(method, method)
-            backends = sorted({r.get("backend", "") for r in rows} - {""})
-            label += f" [{'/'.join(backends)}]" if len(backends) > 1 or backends == ["nccl"] else ""
+            backends = sorted({r.get("backend", "gloo") for r in rows} - {"gloo"})  # as the table labels them
+            label += f" [{'/'.join(backends)}]" if backends else ""
             ax.errorbar(xs, med, yerr=err, marker="o", capsize=3, label=label,
                         linestyle="--" if method.endswith("solo") else "-")
         params = next(r["parameters"] for r in result["methods"] if r["model"] == model)

@@ -1,6 +1,6 @@
 """16-bit float codecs (fp16, bf16): one implementation, parameterized by the format.
 
-Wire: meta ``{"v": 1, "n": N, "r": 0|1}`` (r = 1: stochastic rounding was used; informational),
+Wire: meta ``{"v": 1, "n": N, "r": 0|1}`` (r = 1: stochastic rounding was used; checked, not needed to decode),
 one frame of N little-endian 16-bit floats. Round to nearest even by default; with
 ``rounding="stochastic"`` each value goes to one of its two neighbours in the format with the
 probability that makes E[Q(x)] = x (exactly in the normal range, to 2^-17 of the gap below it),

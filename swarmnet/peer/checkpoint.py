@@ -52,15 +52,18 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
     _replace_atomically(path, write)
 
 
-def write_atomic(path: Path, data: bytes | memoryview) -> None:
-    """``path`` holds ``data`` or, if writing failed (OSError), what it held before."""
-    _replace_atomically(path, lambda fh: fh.write(data))
+def write_atomic(path: Path, data: bytes | memoryview, *, private: bool = True) -> None:
+    """``path`` holds ``data`` or, if writing failed (OSError), what it held before. Readable by
+    its owner only unless not ``private`` (a report for others to read: mode 0644)."""
+    _replace_atomically(path, lambda fh: fh.write(data), private=private)
 
 
-def _replace_atomically(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+def _replace_atomically(path: Path, write: Callable[[IO[bytes]], Any], *, private: bool = True) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if not private:
+            os.fchmod(fd, 0o644)
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
@@ -83,7 +86,7 @@ def non_finite(state: Any, where: str = "") -> str | None:
     None if nowhere: torch does not verify a file's contents, and a diverged state must not pass
     for a good one. Walks tensors in dicts, lists and tuples."""
     if isinstance(state, torch.Tensor):
-        if state.is_floating_point() and not bool(torch.isfinite(state).all()):  # CPU<->GPU sync point
+        if state.is_floating_point() and not bool(torch.isfinite(state).all()):  # CPU<->GPU sync point, per tensor
             return where or "the state"
         return None
     items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()

@@ -58,9 +58,6 @@ REFRESH_MAX_SHARE = 0.02
 the last publish's time over this share, so refreshing takes at most this share of training."""
 SLOWDOWN_WINDOW = 15
 """train.slowdown pads each step by the median duration of this many recent training steps."""
-TRAINED = ("model", "optimizer", "stale")
-"""The parts of a checkpoint that must be finite: a NaN in any of them (momentum included)
-carries into the model at the next step."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,7 +379,7 @@ class ComputeLoop(Replica):
         task = state.get("task") if isinstance(state, dict) else None
         if task is not None and task != self.cfg.task.spec:
             raise ConfigError(f"{path} was made for task {task}, this config trains {self.cfg.task.spec}; {fix}")
-        if isinstance(state, dict) and (bad := checkpoint.non_finite({k: state.get(k) for k in TRAINED})):
+        if isinstance(state, dict) and (bad := checkpoint.non_finite(self._must_be_finite(state))):
             raise ConfigError(f"{path} holds non-finite values in {bad} (a damaged file, or a diverged run's); "
                               f"restore a good copy, or {fix}")
         try:
@@ -429,6 +426,15 @@ class ComputeLoop(Replica):
         self.stats.step = self.step
         self.publish()
 
+    def _must_be_finite(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The parts of a checkpoint's state a NaN in would carry into the model at the next step:
+        the parameters (not buffers: a mask may hold -inf), the optimizer's state (momentum),
+        the stale copy."""
+        model = state.get("model")
+        parameters = {name for name, _ in self.model.named_parameters()}
+        return {"model": {k: v for k, v in model.items() if k in parameters} if isinstance(model, dict) else model,
+                "optimizer": state.get("optimizer"), "stale": state.get("stale")}
+
     def save_checkpoint(self, *, final: bool = False) -> str | None:
         """Write the checkpoint, unless the model is no longer finite: the last good one stays
         (a diverged peer restarted with a lower learning rate resumes from it). What kept it
@@ -446,7 +452,7 @@ class ComputeLoop(Replica):
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "task": self.cfg.task.spec,
         }
-        if (bad := checkpoint.non_finite({k: state[k] for k in TRAINED})) is not None:  # once per checkpoint
+        if (bad := checkpoint.non_finite(self._must_be_finite(state))) is not None:
             self.stats.checkpoint_errors += 1
             self.log.error("%s holds non-finite values at step %d: checkpoint not written, %s keeps the last "
                            "finite one", bad, self.step, self.checkpoint_path)

@@ -195,7 +195,7 @@ class Exchange:
             timeout=peer.client.transfer_timeout, expect=MsgType.SNAPSHOT,
         )
         if reply.sender == peer.id:  # its address answered as us: no neighbour to average with
-            peer.table.forget(target.id, IS_ME)
+            peer.table.forget_self_alias(target.id)
             self.log.info("%s at %s %s", target.name or target.id, target.addr, IS_ME)
             return
         self._check_codec(reply)

@@ -65,6 +65,9 @@ class PeerTable:
         self.self_addr = ""
         """This peer's advertised address, once bound: a card there under another id is an
         earlier run of this peer (or a forgery), and a neighbour there would be itself."""
+        self.self_aliases: set[str] = set()
+        """Other spellings of this peer's address, learnt when one answered as this peer: cards
+        there are ignored too (others keep relaying them)."""
         self.dead_after = dead_after
         self.backoff = backoff
         self.forget_after = forget_after if forget_after is not None else 6 * dead_after
@@ -80,7 +83,7 @@ class PeerTable:
     def merge(self, card: dict[str, Any], *, direct: bool = False) -> None:
         """Fold in a card heard from the peer itself (``direct``) or relayed by another."""
         pid = str(card["id"])
-        if pid == self.self_id or card["addr"] == self.self_addr:
+        if pid == self.self_id or card["addr"] == self.self_addr or card["addr"] in self.self_aliases:
             return
         now = self.now()
         rec = self.records.get(pid)
@@ -108,11 +111,13 @@ class PeerTable:
             rec.last_seen = now
             rec.done = card.get("done") is True
 
-    def forget(self, pid: str, why: str) -> None:
-        """Drop a record at once (its address answers as this peer itself)."""
+    def forget_self_alias(self, pid: str) -> None:
+        """The record's address answered as this peer itself: drop the record, and ignore cards
+        for that address from now on."""
         rec = self.records.pop(pid, None)
         if rec is not None:
-            self._event(rec, f"forgotten: {why}")
+            self.self_aliases.add(rec.addr)
+            self._event(rec, f"forgotten: {IS_ME}")
 
     def mark_left(self, pid: str) -> None:
         rec = self.records.get(pid)
@@ -256,7 +261,7 @@ class MembershipService:
             else:
                 self.merge_reply(reply)
                 if reply.sender == self.table.self_id:
-                    self.table.forget(rec.id, IS_ME)
+                    self.table.forget_self_alias(rec.id)
                     self.log.info("%s at %s %s", rec.name or rec.id, rec.addr, IS_ME)
                 else:
                     self.table.record_seen(rec.id)

@@ -157,11 +157,15 @@ class StatusCollector:
             asked.update(pending)
             replies = await asyncio.gather(*(self._ask(a) for a in pending), return_exceptions=True)
             now = time.time()
+            for reply in replies:
+                if isinstance(reply, BaseException) and not isinstance(reply, Exception):
+                    raise reply
+            whys = await asyncio.gather(*(self._unresolved(a, r) for a, r in zip(pending, replies)
+                                          if isinstance(r, Exception)))  # the lookups side by side
+            unresolved = dict(zip((a for a, r in zip(pending, replies) if isinstance(r, Exception)), whys))
             for addr, reply in zip(pending, replies):
-                if isinstance(reply, BaseException):
-                    if not isinstance(reply, Exception):
-                        raise reply
-                    self._failed(addr, reply, now, await self._unresolved(addr, reply))
+                if isinstance(reply, Exception):
+                    self._failed(addr, reply, now, unresolved[addr])
                 else:
                     self._failures.pop(addr, None)
                     self._answered(addr, *reply)

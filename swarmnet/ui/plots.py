@@ -117,5 +117,5 @@ def plot_run(run_dir: Path, output: Path) -> Path:
     png = io.BytesIO()
     fig.savefig(png, dpi=100, format="png")
     plt.close(fig)
-    write_atomic(output, png.getbuffer())  # whole or not at all: never an empty file on a full disk
+    write_atomic(output, png.getbuffer(), private=False)  # whole or not at all: never an empty file on a full disk
     return output

@@ -252,7 +252,9 @@ def test_an_error_in_the_block_leaves_at_once_and_a_second_ctrl_c_while_leaving_
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
         assert time.monotonic() - started < 30
-        assert json.loads((tmp_path / "c" / "summary.json").read_text())["reason"] == "closed"
+        # The alarm lands while c lingers or, on a loaded machine, still in its final merge.
+        assert json.loads((tmp_path / "c" / "summary.json").read_text())["reason"] in ("closed",
+                                                                                       "interrupted while leaving")
         # Wrapped again on the same port (a notebook's next cell): its listener was closed.
         c_again = swarmnet.SwarmOptimizer(c_opt, c_model, name="c", run_dir=tmp_path, seeds=[a.address],
                                           listen=f"tcp://127.0.0.1:{port}", settings={"network.linger": 0.0})
