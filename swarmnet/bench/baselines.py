@@ -480,11 +480,11 @@ def averaging_table(result: dict[str, Any]) -> Table:
                       _fmt(row["seconds"], 1e3, 1))
     hm = result.get("hivemind") or {}
     for row in hm.get("rows", []):
-        ms = ("error: " + row["error"][-80:] if "error" in row
+        ms = ("error: " + escape(row["error"][-80:]) if "error" in row
               else f"{_fmt(row['seconds'], 1e3, 1)} (max error {row['max_error']:.2g})")
         table.add_row(f"hivemind ({row['compression']})", str(row["peers"]), f"{row.get('numel', 0):,}", ms)
     if "skipped" in hm:
-        table.caption = f"hivemind: {hm['skipped']}"
+        table.caption = escape(f"hivemind: {hm['skipped']}")  # its [extra] is not markup
     return table
 
 

@@ -139,3 +139,15 @@ def test_averaging_table_shows_hivemind_steps_with_their_spread_and_failures():
     console.print(averaging_table(result))
     text = console.export_text()
     assert "median [min-max] over repeats" in text and "4.5 [4.0-5.0]" in text and "60.0 [50.0-80.0] (max error 0.9)" in text and "timed out after 600s" in text
+
+
+def test_a_skipped_hivemind_says_which_extra_to_install():
+    from rich.console import Console
+
+    from swarmnet.bench.baselines import averaging_table, run_hivemind
+
+    skipped = run_hivemind(None, sizes=(2,), compressions=("none",), numel=10, timeout=1)
+    assert "skipped" in skipped, skipped
+    console = Console(width=200, record=True)
+    console.print(averaging_table({"allreduce": [], "hivemind": skipped}))
+    assert "install 'swarmnet[bench-hivemind]'" in " ".join(console.export_text().split())
