@@ -13,7 +13,7 @@ broadcast against x ([B, 1] per model, [R, 1] per chunk, or Python scalars).
     dequantize(k, eps, theta=None, *, out=None) -> Q         eps*k, or eps*(k + theta)
     colour(k, bits) -> r                                     k mod 2^bits: the low planes
     decode(r, bits, key, eps, theta=None) -> k_hat           colour-r point nearest to key
-    nearest(r, mask, u, out, shift, *, clamp=True) -> s      decode's core on prepared pieces
+    nearest(r, mask, u, out, shift) -> s                     decode's core on prepared pieces
     full_bits(k) -> b_full [...]                             planes that decode keyless
     bits_for_bound(max_abs) -> b_full                        the same from a bound on |k|
     bits_needed(distance) -> b_min                           planes for a distance (in eps)
@@ -207,8 +207,6 @@ def nearest(
     u: Tensor,
     out: Tensor,
     shift: Tensor | int,
-    *,
-    clamp: bool = True,
 ) -> Tensor:
     """Core of :func:`decode` on prepared pieces.
 
@@ -217,16 +215,13 @@ def nearest(
     the smallest integer of the window, ``out`` receives D = (r - s) & mask in [0, 2^b) and the
     function returns s (integers of out's dtype), so that k_hat = s + D and
     max |k_hat - u| <= max(D - h + 1, h - D) over a row. Only floor(u) is taken in floating
-    point; the window arithmetic is exact integer arithmetic.
-
-    ``clamp=False`` skips clamping floor(u) to the integer range: a key so far away that it
-    overflows then decodes to an arbitrary value, which only a caller that verifies (the
-    codec's digest) may accept.
+    point; the window arithmetic is exact integer arithmetic. floor(u) is clamped to +-2^(w-2)
+    for w-bit integers, as the fused loops clamp it: a key farther away decodes a value (and a
+    window statistic) that only a caller that verifies (the codec's digest) may accept.
     """
     floor_u = u.floor_()
-    if clamp:
-        limit = float(1 << (8 * out.element_size() - 2))
-        floor_u.clamp_(-limit, limit)
+    limit = float(1 << (8 * out.element_size() - 2))
+    floor_u.clamp_(-limit, limit)
     s = scratch("lattice.window", out.numel(), out.dtype, out.device).view(out.shape)
     s.copy_(floor_u).add_(shift)
     torch.sub(r, s, out=out)

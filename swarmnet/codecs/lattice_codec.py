@@ -303,8 +303,9 @@ def _nearest(
         u.zero_()
     if theta is not None:
         u.sub_(theta)
-    # Far keys may overflow the window start; the digest rejects what they decode.
-    start = lattice.nearest(r, mask, u, k_hat, shift, clamp=False)
+    # Far keys are clamped as in the fused loops (the same rounds and statistics on both paths);
+    # the digest rejects what they decode.
+    start = lattice.nearest(r, mask, u, k_hat, shift)
     half = torch.tensor([float(1 << (b - 1)) for b in bits], dtype=torch.float64)[:, None]
     half = half.to(dev)
     dist = torch.maximum(k_hat.amax(1, keepdim=True) - half + 1, half - k_hat.amin(1, keepdim=True))

@@ -659,3 +659,24 @@ def test_eps_holds_when_a_chunk_stops_changing() -> None:
         later = codec.encode(x).meta["e"]
     assert later == [-11, -11]
     assert max(codec.encode(x).meta["bf"]) <= 14
+
+
+def test_fused_loops_and_torch_passes_ask_alike_for_a_key_past_the_integer_range() -> None:
+    """A reader's key more than 2^30 steps away (int32 chunks): both paths clamp it alike, so
+    they take the same rounds and keep the same statistic for the next pull."""
+    import contextlib
+
+    from swarmnet.codecs import kernels
+
+    eps = 2.0**-10
+    x, key = torch.full((64,), (2**30 - 128) * eps), torch.full((64,), (2**30 + 2048) * eps)
+    codec = make_codec("lattice", chunk=64, eps=eps, seed=0, first_bits=12)
+    enc = codec.encode(x)
+    seen = []
+    for path in (contextlib.nullcontext(), kernels.torch_passes()):
+        with path:
+            state: dict = {}
+            out, log = run_pull(codec, enc, key, state)
+            assert torch.equal(out, enc.quantized)
+            seen.append(([(want["to"], res.stats.get("dist_max")) for want, _, res in log], state["dist"]))
+    assert seen[0] == seen[1], seen
