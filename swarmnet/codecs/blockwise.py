@@ -85,6 +85,9 @@ def unpack_nibbles(packed: Tensor, out_2M: Tensor) -> Tensor:
     return out_2M
 
 
+SCALE_LIMIT = torch.finfo(torch.float32).max / 2
+"""Largest block scale (absolute value) encoded: q * scale / levels stays finite below it."""
+
 class BlockwiseCodec(Codec):
     """Absmax-scaled ``bits``-bit integers per block; subclasses only choose ``bits``."""
 
@@ -121,8 +124,10 @@ class BlockwiseCodec(Codec):
             )
         else:
             self._quantize(x, q, scales, quantized)
-        if n and not torch.isfinite(scales).all():  # CPU<->GPU sync point: refuse before publishing
-            raise NonFiniteInput(f"{self.name}: the vector has non-finite values")
+        # CPU<->GPU sync point: refuse before publishing. NaN fails the comparison; a block whose
+        # largest value nears float32's limit would dequantize to inf.
+        if n and not bool(scales.amax() < SCALE_LIMIT):
+            raise NonFiniteInput(f"{self.name}: the vector has non-finite values, or values beyond +-{SCALE_LIMIT:.3g}")
         if self.bits == 8:
             values = q
         else:

@@ -174,6 +174,9 @@ def test_non_finite_input_is_rejected(name, params, bad) -> None:
 def test_fp16_overflow_is_rejected_and_integers_are_refused() -> None:
     with pytest.raises(NonFiniteInput, match=r"beyond the format's range \(\+-65504\)"):
         make_codec("fp16").encode(torch.tensor([1.0, 70000.0]))
+    for name in ("blockwise8", "blockwise4"):  # a block scaled near float32's limit dequantizes to inf
+        with pytest.raises(NonFiniteInput, match="beyond"):
+            make_codec(name, block=4).encode(torch.tensor([torch.finfo(torch.float32).max, 1.0, -2.0, 3.0]))
     for name in CODECS:
         with pytest.raises(CodecError, match="floating-point"):
             make_codec(name).encode(torch.arange(8))
