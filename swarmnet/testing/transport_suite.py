@@ -392,6 +392,21 @@ async def check_close_twice_and_use_after_close(case: TransportCase) -> None:
         await listener.send(b"route", [b"x"])
     await transport.aclose()
     await transport.aclose()
+    with pytest.raises(EndpointClosed):  # the transport itself, too
+        await transport.listen(case.bind_url())
+    with pytest.raises(EndpointClosed):
+        transport.connect(listener.address)
+
+
+async def check_a_held_address_is_refused(case: TransportCase) -> None:
+    """A second listener on an address a live one holds is refused (TransportError) and takes
+    none of its traffic: a misconfigured peer must not silently capture another's requests."""
+    async with _transport(case) as first, _transport(case) as second:
+        listener = await first.listen(case.bind_url())
+        await _expect_failure(second.listen(listener.address), 30)
+        conn = second.connect(listener.address)
+        async with _serving(listener, _reversed_copies):
+            assert [bytes(f) for f in await conn.request([b"a", b"b"], timeout=10)] == [b"b", b"a"]
 
 
 async def check_advertised_address(case: TransportCase) -> None:

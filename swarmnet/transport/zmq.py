@@ -30,6 +30,7 @@ import errno
 import itertools
 import logging
 import os
+import socket
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -355,12 +356,30 @@ async def _bind(sock: zmq.Socket, url: str) -> None:
     deadline = time.monotonic() + REBIND_WAIT_S
     while True:
         try:
+            if _ipc_held(url):
+                raise zmq.ZMQError(errno.EADDRINUSE)
             sock.bind(url)
             return
         except zmq.ZMQError as exc:
             if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
                 raise
         await asyncio.sleep(0.01)
+
+
+def _ipc_held(url: str) -> bool:
+    """Whether a live listener has this ipc:// path: libzmq would unlink its socket file and
+    take its traffic over, where a tcp port is refused. A file nobody listens on (left by a
+    process that was killed) is not held."""
+    path = url.removeprefix("ipc://")
+    if path == url or path.startswith("@") or not os.path.exists(path):  # @: Linux abstract namespace
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
 
 
 class ZmqConnection(Connection):
@@ -476,6 +495,8 @@ class ZmqConnection(Connection):
             # The watcher's wake-up is due with the oldest event: it goes first, and reads on
             # (in order) whatever is queued behind it while no request is in flight.
             await asyncio.sleep(0)
+            if self._queued is None:  # closed meanwhile
+                raise EndpointClosed(f"connection to {self.address} is closed")
         while self._queued.get(zmq.EVENTS) & zmq.POLLIN:
             self._note(parse_monitor_message(self._queued.recv_multipart(zmq.DONTWAIT))["event"])
 
@@ -494,6 +515,8 @@ class ZmqConnection(Connection):
             self._waiting = None
 
     async def request(self, frames: Sequence[Buffer], timeout: float) -> list[memoryview]:
+        if not frames:
+            raise ValueError("a message has at least one frame")
         if self._closed:
             raise EndpointClosed(f"connection to {self.address} is closed")
         async with request_turn(self._lock, self.address, timeout) as deadline:
@@ -550,8 +573,14 @@ class ZmqTransport(Transport):
         self._curve = curve
         self._listeners: list[ZmqListener] = []
         self._connections: list[ZmqConnection] = []
+        self._closed = False
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EndpointClosed("this transport is closed")
 
     async def listen(self, url: str, *, max_frame_bytes: int = 2**31 - 1) -> Listener:
+        self._check_open()
         curve, policy, domain = self._curve, None, None
         if curve is not None:
             refuse_inproc(url)
@@ -592,12 +621,14 @@ class ZmqTransport(Transport):
         return listener
 
     def connect(self, url: str, *, max_frame_bytes: int = 2**31 - 1) -> Connection:
+        self._check_open()
         conn = ZmqConnection(self._ctx, url, max_frame_bytes, self._curve)
         self._connections = [c for c in self._connections if not c.closed]
         self._connections.append(conn)
         return conn
 
     async def aclose(self) -> None:
+        self._closed = True
         for endpoint in [*self._listeners, *self._connections]:
             await endpoint.aclose()
         self._listeners.clear()
