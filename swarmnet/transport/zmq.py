@@ -323,6 +323,8 @@ class ZmqListener(Listener):
                 deadline = time.monotonic() + until_sent
                 while not tracker.done and time.monotonic() < deadline:
                     await asyncio.sleep(0.002)
+                    if self._sock is None:  # closed mid-send: the reply may be cut short
+                        raise EndpointClosed(f"listener {self.address} closed while replying")
         except zmq.ZMQError as exc:
             raise TransportError(f"reply on {self.address} failed: {exc}") from exc
         except asyncio.CancelledError:
