@@ -32,6 +32,12 @@ learn of the last one to come up from whomever it joined through; at the usual p
 first ones then trained up to 0.7 s (hundreds of small-model steps) before the last knew them
 all. Idle while waiting, a peer can afford a few rounds more."""
 IS_ME = "is this peer itself (a card of its earlier run, or another spelling of its address)"
+ROUNDS_IN_FLIGHT = 4
+"""Gossip rounds at once: a round waiting on a frozen peer leaves the next ones to the others."""
+PROBE_SUSPECTS = 0.1
+"""Share of gossip rounds that ask a suspected peer instead of a live one: a partition heals
+without a seed on either side, and peers that suspected each other (all stalled on a frozen
+one) find each other again."""
 CARD_WAIT_WARN_S = 10.0
 """A file:// seed whose card is still missing after this long is worth a warning (once)."""
 
@@ -232,6 +238,7 @@ class MembershipService:
         joined reports them at the end)."""
         self._card_missing_since: dict[str, float] = {}
         """file:// seeds: since when their card has been missing (infinity once warned about)."""
+        self._seeding = False
 
     def hello(self) -> Message:
         return request(MsgType.HELLO, self.client.sender, card=self.card(),
@@ -251,10 +258,16 @@ class MembershipService:
 
     async def gossip_once(self) -> None:
         targets = self.table.alive()
+        suspects = [r for r in self.table.records.values() if not r.left and not self.table.is_alive(r)]
+        if suspects and (not targets or self.rng.random() < PROBE_SUSPECTS):
+            targets = suspects  # quiet, maybe only because it could not reach us: ask it directly
         if targets:
             rec = self.rng.choice(targets)
             try:
-                reply = await self.client.call(rec.addr, self.hello(), expect=MsgType.PEERS)
+                # Bounded by dead_after: a round waiting on a frozen peer must not outlast the
+                # liveness of the live ones (rounds overlap, at most ROUNDS_IN_FLIGHT of them).
+                reply = await self.client.call(rec.addr, self.hello(), expect=MsgType.PEERS,
+                                               timeout=min(self.client.timeout, self.table.dead_after / 2))
             except SwarmError as exc:
                 self.log.debug("gossip with %s failed: %s", rec.name or rec.id, exc)
                 self.table.record_failure(rec.id, unreachable=isinstance(exc, TransportError))
@@ -265,9 +278,14 @@ class MembershipService:
                     self.log.info("%s at %s %s", rec.name or rec.id, rec.addr, IS_ME)
                 else:
                     self.table.record_seen(rec.id)
-        # Seeds are asked until the swarm is known, then now and then (healing partitions).
-        if not targets or self.rng.random() < 0.05:
-            await self._contact_seeds()
+        # Seeds are asked until the swarm is known, then now and then (healing partitions); by one
+        # round at a time.
+        if (not self.table.alive() or self.rng.random() < 0.05) and not self._seeding:
+            self._seeding = True
+            try:
+                await self._contact_seeds()
+            finally:
+                self._seeding = False
         gone = self.table.prune()
         self.client.stats.peers_alive = len(self.table.alive())  # the peer's stats: status, metrics
         known = {r.addr for r in self.table.records.values()}
@@ -312,21 +330,22 @@ class MembershipService:
                 self.merge_reply(reply)
 
     async def run(self) -> None:
-        """Beat every round, and start a round of gossip unless the last one is still waiting:
-        a round can wait a whole request timeout on a frozen neighbour or an unreachable seed,
-        longer than ``dead_after``, and our heartbeat, which our replies to others' gossip carry
-        too, must not stop meanwhile."""
-        gossip: asyncio.Task[None] | None = None
+        """Beat every period and start a round of gossip, up to ROUNDS_IN_FLIGHT at once: a
+        round can wait on a frozen neighbour (up to dead_after / 2) or an unreachable seed, and
+        neither our heartbeat, which our replies to others' gossip carry too, nor our gossip
+        with the live peers may stop meanwhile: they would suspect us, and we them."""
+        rounds: set[asyncio.Task[None]] = set()
         try:
             while True:
                 self.heartbeat += 1
-                if gossip is None or gossip.done():
-                    gossip = asyncio.create_task(self._gossip_round())
+                rounds = {r for r in rounds if not r.done()}
+                if len(rounds) < ROUNDS_IN_FLIGHT:
+                    rounds.add(asyncio.create_task(self._gossip_round()))
                 period = min(self.interval, STARTING_INTERVAL) if self.starting else self.interval
                 await asyncio.sleep(period * (0.5 + self.rng.random()))
         finally:
-            if gossip is not None:
-                gossip.cancel()
+            for r in rounds:
+                r.cancel()
 
     async def _gossip_round(self) -> None:
         try:

@@ -131,3 +131,48 @@ def test_a_five_times_slower_peer_does_not_slow_the_others(tmp_path):
     # time the pair gets more of the cores, not less).
     assert kept >= 0.5, (normal, rates)
     assert slow_seen == [True, True] and interactions["slow"] >= 1
+
+
+@pytest.mark.timeout(180)
+def test_a_frozen_seed_does_not_make_the_live_peers_lose_each_other(tmp_path):
+    """The only seed hangs (SIGSTOP: a host that stops answering without closing anything), with
+    the default timeouts: a request to it waits request_timeout (10 s), longer than dead_after
+    (5 s). Gossip rounds that waited on it one at a time once left the two live peers without
+    news of each other; they suspected each other, had no seed to ask, and stopped merging for
+    as long as the freeze lasted."""
+    config = write_config(tmp_path / "frozen-seed.toml", {
+        "run": {"peers": 3},
+        "task": {"spec": "swarmnet.tasks.lsq:task", "options": {"samples": 400, "dim": 32}},
+        "train": {"batch_size": 8, "lr": 0.01, "steps": 10**9, "metrics_every": 20, "checkpoint_every": 0.0,
+                  "tensorboard": False},
+    })
+    run = tmp_path / "run"
+    handles = [PeerProcessHandle(run, "seed", config)]
+    try:
+        seed = handles[0].card()["addr"]
+        handles += [PeerProcessHandle(run, name, config, "--seed", seed) for name in ("p1", "p2")]
+        addrs = {h.name: h.card()["addr"] for h in handles}
+        wait_until(lambda: all(query_status(addrs[n])["peers_alive"] == 2 for n in ("p1", "p2")), 60,
+                   what="three peers that know each other")
+        handles[0].signal(signal.SIGSTOP)
+        try:
+            frozen = time.monotonic()
+            before = {n: query_status(addrs[n])["pulls_ok"] for n in ("p1", "p2")}
+            alive_seen = []
+            while time.monotonic() - frozen < 15:
+                for n in ("p1", "p2"):
+                    other = "p2" if n == "p1" else "p1"
+                    status = query_status(addrs[n])
+                    alive_seen.append(any(p["name"] == other and p["alive"] for p in status["peers"]))
+                time.sleep(0.5)
+            after = {n: query_status(addrs[n])["pulls_ok"] for n in ("p1", "p2")}
+        finally:
+            handles[0].signal(signal.SIGCONT)
+        print(f"pulls while the seed was frozen: {before} -> {after}; other peer alive in "
+              f"{sum(alive_seen)} of {len(alive_seen)} looks")
+        assert sum(alive_seen) >= 0.9 * len(alive_seen), alive_seen
+        for n in ("p1", "p2"):  # the first pull to the frozen seed may wait out its deadline
+            assert after[n] >= before[n] + 5, (before, after)
+    finally:
+        for h in handles:
+            h.kill_tree()
