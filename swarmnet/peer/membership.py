@@ -294,40 +294,43 @@ class MembershipService:
                 await self.client.forget(rec.addr)  # its socket would redial a dead address forever
 
     async def _contact_seeds(self) -> None:
+        """Greet every seed that is due, all at once: a seed that hangs must not hold up the
+        others (a joining peer would wait its whole request timeout to learn of the swarm)."""
         now = time.monotonic()
-        for seed in self.seeds:
-            if self._seed_retry.get(seed, 0.0) > now:
-                continue
-            address = read_seed_card(seed) if seed.startswith("file://") else seed
-            if address is None:  # the seed's card is not written yet: try again next round
-                since = self._card_missing_since.setdefault(seed, now)
-                self.seed_errors[seed] = "no peer card there (its peer has not bound yet, or the path is wrong)"
-                if now - since >= CARD_WAIT_WARN_S:
-                    self._card_missing_since[seed] = math.inf
-                    self.log.warning("seed %s: no peer card there after %.0fs (its peer has not bound yet, or the path "
-                                     "is wrong); still looking", seed, now - since)
-                continue
-            try:
-                reply = await self.client.call(address, self.hello(), expect=MsgType.PEERS)
-            except SwarmError as exc:
-                failures = self._seed_failures.get(seed, 0) + 1
-                self._seed_failures[seed] = failures
-                delay = min(30.0, self.interval * 2**failures)
-                self._seed_retry[seed] = now + delay
-                if failures in (1, 3) or failures % 10 == 0:
-                    # Silence or a refused connection may be a wrong address; a failed handshake or
-                    # a reply says itself what to check.
-                    unanswered = isinstance(exc, TransportError) and not isinstance(exc, HandshakeFailed)
-                    why = await unresolved_host(address) or (
-                        f"{exc}; check the address and that a peer is running there" if unanswered else str(exc))
-                    self.seed_errors[seed] = why
-                    alone = "" if self.table.alive() else "; no other peer is alive"
-                    self.log.warning("seed %s unreachable (%s); retrying in %.1fs%s", seed, why, delay, alone)
-            else:
-                if self._seed_failures.pop(seed, 0) >= 1:
-                    self.log.info("seed %s reached", seed)
-                self._seed_retry.pop(seed, None)
-                self.merge_reply(reply)
+        await asyncio.gather(*(self._contact_seed(seed, now) for seed in self.seeds
+                               if self._seed_retry.get(seed, 0.0) <= now))
+
+    async def _contact_seed(self, seed: str, now: float) -> None:
+        address = read_seed_card(seed) if seed.startswith("file://") else seed
+        if address is None:  # the seed's card is not written yet: try again next round
+            since = self._card_missing_since.setdefault(seed, now)
+            self.seed_errors[seed] = "no peer card there (its peer has not bound yet, or the path is wrong)"
+            if now - since >= CARD_WAIT_WARN_S:
+                self._card_missing_since[seed] = math.inf
+                self.log.warning("seed %s: no peer card there after %.0fs (its peer has not bound yet, or the path "
+                                 "is wrong); still looking", seed, now - since)
+            return
+        try:
+            reply = await self.client.call(address, self.hello(), expect=MsgType.PEERS)
+        except SwarmError as exc:
+            failures = self._seed_failures.get(seed, 0) + 1
+            self._seed_failures[seed] = failures
+            delay = min(30.0, self.interval * 2**failures)
+            self._seed_retry[seed] = now + delay
+            if failures in (1, 3) or failures % 10 == 0:
+                # Silence or a refused connection may be a wrong address; a failed handshake or
+                # a reply says itself what to check.
+                unanswered = isinstance(exc, TransportError) and not isinstance(exc, HandshakeFailed)
+                why = await unresolved_host(address) or (
+                    f"{exc}; check the address and that a peer is running there" if unanswered else str(exc))
+                self.seed_errors[seed] = why
+                alone = "" if self.table.alive() else "; no other peer is alive"
+                self.log.warning("seed %s unreachable (%s); retrying in %.1fs%s", seed, why, delay, alone)
+        else:
+            if self._seed_failures.pop(seed, 0) >= 1:
+                self.log.info("seed %s reached", seed)
+            self._seed_retry.pop(seed, None)
+            self.merge_reply(reply)
 
     async def run(self) -> None:
         """Beat every period and start a round of gossip, up to ROUNDS_IN_FLIGHT at once: a

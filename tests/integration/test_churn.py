@@ -176,3 +176,32 @@ def test_a_frozen_seed_does_not_make_the_live_peers_lose_each_other(tmp_path):
     finally:
         for h in handles:
             h.kill_tree()
+
+
+@pytest.mark.timeout(120)
+def test_a_silent_seed_does_not_delay_joining_through_the_next_one(tmp_path):
+    """Seeds are greeted side by side: a first seed that accepts connections and never answers
+    (a frozen host) once held a joining peer for its whole request timeout (10 s)."""
+    import socket
+
+    config = write_config(tmp_path / "seeds.toml", {
+        "run": {"peers": 2},
+        "task": {"spec": "swarmnet.tasks.lsq:task", "options": {"samples": 400, "dim": 32}},
+        "train": {"batch_size": 8, "lr": 0.01, "steps": 10**9, "checkpoint_every": 0.0, "tensorboard": False},
+    })
+    run = tmp_path / "run"
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # the kernel accepts; nothing ever answers
+        handles = [PeerProcessHandle(run, "live", config)]
+        try:
+            live = handles[0].card()["addr"]
+            handles.append(PeerProcessHandle(run, "late", config, "--seed",
+                                             f"tcp://127.0.0.1:{silent.getsockname()[1]}", "--seed", live))
+            started = time.monotonic()
+            late = handles[1].card()["addr"]
+            wait_until(lambda: query_status(late)["peers_alive"] >= 1, 30, interval=0.1, what="the live seed known")
+            assert time.monotonic() - started < 5, "the silent seed held the join up"
+        finally:
+            for h in handles:
+                h.kill_tree()
