@@ -196,7 +196,7 @@ def evaluate_swarm(cfg: SwarmConfig, *, seeds: list[str], run_dir: Path | None =
         net, largest = cfg.network, max(sizes)
         reader = SnapshotReader(codec, max_frame_bytes=net.frame_limit(largest),
                                 timeout=max(timeout, net.transfer_timeout(largest)), curve=curve)
-        sum_N = torch.zeros(0, dtype=torch.float64)
+        sum_N: Tensor | None = None
         squares, pulled = 0.0, []
         try:
             for name, addr, step in chosen:
@@ -209,11 +209,12 @@ def evaluate_swarm(cfg: SwarmConfig, *, seeds: list[str], run_dir: Path | None =
                 except SwarmError as exc:
                     raise SwarmError(f"pulling {name} at {addr}: {exc}") from None
                 out_N = received[0]
-                sum_N = sum_N + out_N if sum_N.numel() else out_N.double()
+                sum_N = out_N.double() if sum_N is None else sum_N.add_(out_N)
                 squares += float(out_N.double().pow(2).sum())
                 pulled.append(PulledModel(name, addr, step, version))
         finally:
             await reader.aclose()
+        assert sum_N is not None, "discover() found at least one peer"
         mean_N = sum_N / len(pulled)
         spread = max(0.0, squares - len(pulled) * float(mean_N.pow(2).sum()))
         return pulled, mean_N, math.sqrt(spread / len(pulled))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -121,7 +122,10 @@ class MetricsWriter:
             try:
                 written = 0
                 while written < len(line):  # a short write on a nearly full disk: the rest raises ENOSPC
-                    written += self._fh.write(memoryview(line)[written:]) or 0
+                    wrote = self._fh.write(memoryview(line)[written:])
+                    if not wrote:
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                    written += wrote
                 self._size += written
             except OSError as exc:  # a full or read-only disk must not stop training
                 with contextlib.suppress(OSError):

@@ -16,6 +16,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 PEERS = ["peer0", "peer1", "peer2", "peer3"]
 
 
+def start_seeded(handles: list[PeerProcessHandle], run, config, names) -> dict[str, str]:
+    """Start peers ``names``, the first one the others' seed, into ``handles`` (for the caller
+    to kill); their addresses by name."""
+    handles.append(PeerProcessHandle(run, names[0], config))
+    seed = handles[0].card()["addr"]
+    handles.extend(PeerProcessHandle(run, name, config, "--seed", seed) for name in names[1:])
+    return {h.name: h.card()["addr"] for h in handles}
+
+
 def victim_record(status, victim_id):
     return next((p for p in status["peers"] if p["id"] == victim_id), None)
 
@@ -89,11 +98,9 @@ def test_a_five_times_slower_peer_does_not_slow_the_others(tmp_path):
         "network": {"request_timeout": 2.0, "dead_after": 2.0},
     })
     run = tmp_path / "run"
-    handles = [PeerProcessHandle(run, "fast0", config)]
+    handles: list[PeerProcessHandle] = []
     try:
-        seed = handles[0].card()["addr"]
-        handles += [PeerProcessHandle(run, name, config, "--seed", seed) for name in ("fast1", "third")]
-        addrs = {h.name: h.card()["addr"] for h in handles}
+        addrs = start_seeded(handles, run, config, ("fast0", "fast1", "third"))
         wait_until(lambda: all(query_status(a)["interactions"] > 20 for a in addrs.values()), 60,
                    what="three peers merging")
         # Baseline: the third peer at full speed. Then it is replaced by one about eight times slower.
@@ -101,7 +108,7 @@ def test_a_five_times_slower_peer_does_not_slow_the_others(tmp_path):
         handles[2].kill_tree()
         # Each step stretched to eight times its length: about 1/8 of the pace, a little more as its
         # steps themselves get faster once it leaves the CPU to the others.
-        slow = PeerProcessHandle(run, "slow", config, "--seed", seed, "--set", "train.slowdown=8")
+        slow = PeerProcessHandle(run, "slow", config, "--seed", addrs["fast0"], "--set", "train.slowdown=8")
         handles.append(slow)
         addrs = {"fast0": addrs["fast0"], "fast1": addrs["fast1"], "slow": slow.card()["addr"]}
         wait_until(lambda: query_status(addrs["slow"])["interactions"] > 3, 60, what="the slow peer merging")
@@ -147,11 +154,9 @@ def test_a_frozen_seed_does_not_make_the_live_peers_lose_each_other(tmp_path):
                   "tensorboard": False},
     })
     run = tmp_path / "run"
-    handles = [PeerProcessHandle(run, "seed", config)]
+    handles: list[PeerProcessHandle] = []
     try:
-        seed = handles[0].card()["addr"]
-        handles += [PeerProcessHandle(run, name, config, "--seed", seed) for name in ("p1", "p2")]
-        addrs = {h.name: h.card()["addr"] for h in handles}
+        addrs = start_seeded(handles, run, config, ("seed", "p1", "p2"))
         wait_until(lambda: all(query_status(addrs[n])["peers_alive"] == 2 for n in ("p1", "p2")), 60,
                    what="three peers that know each other")
         handles[0].signal(signal.SIGSTOP)
