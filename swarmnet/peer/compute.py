@@ -436,7 +436,7 @@ class ComputeLoop(Replica):
                 "optimizer": state.get("optimizer"), "stale": state.get("stale")}
 
     def save_checkpoint(self, *, final: bool = False) -> str | None:
-        """Write the checkpoint, unless the model is no longer finite: the last good one stays
+        """Write the checkpoint, unless the state is no longer finite: the last good one stays
         (a diverged peer restarted with a lower learning rate resumes from it). What kept it
         from being written, None when it was; ``final``: the peer stops after this one."""
         self._last_checkpoint = time.monotonic()

@@ -160,9 +160,9 @@ class StatusCollector:
             for reply in replies:
                 if isinstance(reply, BaseException) and not isinstance(reply, Exception):
                     raise reply
-            whys = await asyncio.gather(*(self._unresolved(a, r) for a, r in zip(pending, replies)
-                                          if isinstance(r, Exception)))  # the lookups side by side
-            unresolved = dict(zip((a for a, r in zip(pending, replies) if isinstance(r, Exception)), whys))
+            failed = [(a, r) for a, r in zip(pending, replies) if isinstance(r, Exception)]
+            whys = await asyncio.gather(*(self._unresolved(a, r) for a, r in failed))  # the lookups side by side
+            unresolved = {a: why for (a, _), why in zip(failed, whys)}
             for addr, reply in zip(pending, replies):
                 if isinstance(reply, Exception):
                     self._failed(addr, reply, now, unresolved[addr])
