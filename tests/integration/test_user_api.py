@@ -237,7 +237,8 @@ def test_an_error_in_the_block_leaves_at_once_and_a_second_ctrl_c_while_leaving_
 
         port = unused_port()
         c = swarmnet.SwarmOptimizer(c_opt, c_model, name="c", run_dir=tmp_path, seeds=[a.address],
-                                    listen=f"tcp://127.0.0.1:{port}", settings=settings)
+                                    listen=f"tcp://127.0.0.1:{port}",
+                                    settings={**settings, "network.min_peers": 1})  # it knows a: it will linger
 
         def interrupt(signum, frame):
             raise KeyboardInterrupt
