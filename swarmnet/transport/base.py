@@ -23,7 +23,7 @@ from contextlib import asynccontextmanager
 from typing import ClassVar
 
 from swarmnet.buffers import Buffer
-from swarmnet.errors import RequestTimeout
+from swarmnet.errors import EndpointClosed, RequestTimeout
 
 Route = bytes
 """Opaque identity of the requester, handed back to ``Listener.send``."""
@@ -87,6 +87,13 @@ async def request_turn(lock: asyncio.Lock, address: str, timeout: float) -> Asyn
 
 class Transport(ABC):
     schemes: ClassVar[tuple[str, ...]]
+    closed = False
+    """Set by :meth:`aclose`; :meth:`check_open` then refuses listen and connect."""
+
+    def check_open(self) -> None:
+        """For listen and connect: EndpointClosed once the transport is closed."""
+        if self.closed:
+            raise EndpointClosed("this transport is closed")
 
     @abstractmethod
     async def listen(self, url: str, *, max_frame_bytes: int = 2**31 - 1) -> Listener: ...

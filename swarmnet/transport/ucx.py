@@ -298,21 +298,16 @@ class UcxTransport(Transport):
     def __init__(self) -> None:
         self._ucxx = _ucxx()
         self._endpoints: list[UcxListener | UcxConnection] = []
-        self._closed = False
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise EndpointClosed("this transport is closed")
 
     async def listen(self, url: str, *, max_frame_bytes: int = 2**31 - 1) -> Listener:
-        self._check_open()
+        self.check_open()
         host, port = _split(url)
         listener = UcxListener(self._ucxx, host, port, max_frame_bytes)
         self._endpoints.append(listener)
         return listener
 
     def connect(self, url: str, *, max_frame_bytes: int = 2**31 - 1) -> Connection:
-        self._check_open()
+        self.check_open()
         conn = UcxConnection(self._ucxx, url, max_frame_bytes)
         # Connections to peers that left are closed by their owner: only the open ones stay here.
         self._endpoints = [e for e in self._endpoints if not e._closed]
@@ -320,7 +315,7 @@ class UcxTransport(Transport):
         return conn
 
     async def aclose(self) -> None:
-        self._closed = True
+        self.closed = True
         for endpoint in self._endpoints:
             await endpoint.aclose()
         self._endpoints.clear()

@@ -575,14 +575,9 @@ class ZmqTransport(Transport):
         self._curve = curve
         self._listeners: list[ZmqListener] = []
         self._connections: list[ZmqConnection] = []
-        self._closed = False
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise EndpointClosed("this transport is closed")
 
     async def listen(self, url: str, *, max_frame_bytes: int = 2**31 - 1) -> Listener:
-        self._check_open()
+        self.check_open()
         curve, policy, domain = self._curve, None, None
         if curve is not None:
             refuse_inproc(url)
@@ -623,14 +618,14 @@ class ZmqTransport(Transport):
         return listener
 
     def connect(self, url: str, *, max_frame_bytes: int = 2**31 - 1) -> Connection:
-        self._check_open()
+        self.check_open()
         conn = ZmqConnection(self._ctx, url, max_frame_bytes, self._curve)
         self._connections = [c for c in self._connections if not c.closed]
         self._connections.append(conn)
         return conn
 
     async def aclose(self) -> None:
-        self._closed = True
+        self.closed = True
         for endpoint in [*self._listeners, *self._connections]:
             await endpoint.aclose()
         self._listeners.clear()
