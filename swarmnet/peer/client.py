@@ -48,6 +48,10 @@ class PeerClient:
             self._connections.move_to_end(address)
         return conn
 
+    def busy(self, address: str) -> bool:
+        """Whether a request to ``address`` is in flight (another one would queue behind it)."""
+        return self._in_flight[address] > 0
+
     async def _close_idle_beyond_cap(self) -> None:
         """Close least recently used connections with no request in flight while there are
         more than ``max_connections`` (the busy ones stay, so there may briefly be more)."""

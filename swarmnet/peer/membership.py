@@ -261,6 +261,9 @@ class MembershipService:
         suspects = [r for r in self.table.records.values() if not r.left and not self.table.is_alive(r)]
         if suspects and (not targets or self.rng.random() < PROBE_SUSPECTS):
             targets = suspects  # quiet, maybe only because it could not reach us: ask it directly
+        # Not behind a request in flight to the same peer (a pull of a large model, or an earlier
+        # round waiting on a frozen one): queued, the hello's short deadline would run out there.
+        targets = [r for r in targets if not self.client.busy(r.addr)]
         if targets:
             rec = self.rng.choice(targets)
             try:
