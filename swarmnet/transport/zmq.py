@@ -16,9 +16,9 @@ by the listener from its monitor events, and a client's request ends at once say
 of the handshake to look at.
 
 A request fails fast when its peer goes away: each DEALER has a monitor socket, and a
-disconnect (the peer died mid-transfer) or a refused connection (nobody listens there any more)
-seen while the request is pending ends it at once with a TransportError, instead of waiting out
-its deadline.
+disconnect (the peer died mid-transfer, or stopped answering ZMTP heartbeats: frozen) or a
+refused connection (nobody listens there any more) seen while the request is pending ends it at
+once with a TransportError, instead of waiting out its deadline.
 """
 
 from __future__ import annotations
@@ -188,6 +188,14 @@ model copies kept alive). Past the mark a reply is dropped, as for a vanished ro
 REBIND_WAIT_S = 2.0
 """How long a bind waits for a port that is still held before it is refused."""
 
+HEARTBEAT_IVL_S = 1.0
+HEARTBEAT_TIMEOUT_S = 3.0
+"""A connection that receives nothing for this long after a ZMTP PING (sent every
+HEARTBEAT_IVL_S) is dropped, which ends its request in flight at once. A frozen peer (SIGSTOP, a
+hung host) keeps its TCP connections open and would otherwise hold a pull for its whole
+deadline (10 s and more); a live one answers from libzmq's I/O thread whatever its Python code is
+doing, and any traffic counts, so slow replies and long transfers are not cut."""
+
 LOST = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
 """Monitor events that end a pending request: the peer went away, or refused the connection."""
 
@@ -209,7 +217,8 @@ def _lost_because(event: int, value: int, secured: bool, handshake_s: float,
     if event == zmq.EVENT_CONNECT_RETRIED:
         return TransportError, " refused"
     if event == zmq.EVENT_DISCONNECTED:
-        return TransportError, " lost mid-request"
+        return TransportError, (f" lost mid-request: the peer closed it or died, or sent nothing for "
+                                f"{HEARTBEAT_TIMEOUT_S:g}s (frozen, or cut off)")
     if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and handshake_s >= handshake_ivl / 2:
         # A peer that drops a bad handshake does so at once; this one never answered it.
         return TransportError, f": no handshake within {handshake_ivl:g}s (a frozen or overloaded peer)"
@@ -431,6 +440,8 @@ class ZmqConnection(Connection):
             sock.setsockopt(zmq.IMMEDIATE, 1)
             sock.setsockopt(zmq.RECONNECT_IVL, 100)
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+            sock.setsockopt(zmq.HEARTBEAT_IVL, int(HEARTBEAT_IVL_S * 1000))
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(HEARTBEAT_TIMEOUT_S * 1000))
             if self._curve is not None:
                 _secure_client(sock, self._curve, self._server_key)
             monitor = sock.get_monitor_socket(PROGRESS | LOST | BROKEN_HANDSHAKE)

@@ -146,7 +146,8 @@ def test_a_frozen_seed_does_not_make_the_live_peers_lose_each_other(tmp_path):
     the default timeouts: a request to it waits request_timeout (10 s), longer than dead_after
     (5 s). Gossip rounds that waited on it one at a time once left the two live peers without
     news of each other; they suspected each other, had no seed to ask, and stopped merging for
-    as long as the freeze lasted."""
+    as long as the freeze lasted. A pull from the seed when it froze no longer waits out its
+    deadline either: the transport's heartbeat ends it after a few seconds of silence."""
     config = write_config(tmp_path / "frozen-seed.toml", {
         "run": {"peers": 3},
         "task": {"spec": "swarmnet.tasks.lsq:task", "options": {"samples": 400, "dim": 32}},
@@ -164,20 +165,29 @@ def test_a_frozen_seed_does_not_make_the_live_peers_lose_each_other(tmp_path):
             frozen = time.monotonic()
             before = {n: query_status(addrs[n])["pulls_ok"] for n in ("p1", "p2")}
             alive_seen = []
+            last_pull = {n: (frozen, before[n]) for n in ("p1", "p2")}
+            longest_without_pull = dict.fromkeys(("p1", "p2"), 0.0)
             while time.monotonic() - frozen < 15:
                 for n in ("p1", "p2"):
                     other = "p2" if n == "p1" else "p1"
                     status = query_status(addrs[n])
                     alive_seen.append(any(p["name"] == other and p["alive"] for p in status["peers"]))
+                    now = time.monotonic()
+                    if status["pulls_ok"] > last_pull[n][1]:
+                        last_pull[n] = (now, status["pulls_ok"])
+                    longest_without_pull[n] = max(longest_without_pull[n], now - last_pull[n][0])
                 time.sleep(0.5)
             after = {n: query_status(addrs[n])["pulls_ok"] for n in ("p1", "p2")}
         finally:
             handles[0].signal(signal.SIGCONT)
         print(f"pulls while the seed was frozen: {before} -> {after}; other peer alive in "
-              f"{sum(alive_seen)} of {len(alive_seen)} looks")
+              f"{sum(alive_seen)} of {len(alive_seen)} looks; longest without a pull {longest_without_pull}")
         assert sum(alive_seen) >= 0.9 * len(alive_seen), alive_seen
-        for n in ("p1", "p2"):  # the first pull to the frozen seed may wait out its deadline
+        for n in ("p1", "p2"):
             assert after[n] >= before[n] + 5, (before, after)
+            # A pull from the seed in flight when it froze ends after HEARTBEAT_TIMEOUT_S (3 s) of
+            # silence plus up to a heartbeat interval, not at its 10 s deadline.
+            assert longest_without_pull[n] < 7, longest_without_pull
     finally:
         for h in handles:
             h.kill_tree()

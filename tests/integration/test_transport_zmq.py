@@ -2,7 +2,10 @@
 
 import asyncio
 import contextlib
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -12,7 +15,7 @@ import zmq
 from swarmnet.errors import EndpointClosed, RequestTimeout, TransportError
 from swarmnet.testing.ports import unused_port
 from swarmnet.transport import TransportSet
-from swarmnet.transport.zmq import REBIND_WAIT_S
+from swarmnet.transport.zmq import HEARTBEAT_IVL_S, HEARTBEAT_TIMEOUT_S, REBIND_WAIT_S
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -187,6 +190,50 @@ async def test_peer_vanishing_mid_request_fails_it_at_once():
     assert loop.time() - start < 2
     await vanish
     await transports.aclose()
+
+
+SLOW_SERVER = """
+import asyncio
+from swarmnet.transport import TransportSet
+
+async def main():
+    listener = await TransportSet().for_url("tcp://127.0.0.1:0").listen("tcp://127.0.0.1:0")
+    print(listener.address, flush=True)
+    while True:
+        route, frames = await listener.recv()
+        await asyncio.sleep(float(bytes(frames[0])))  # answers after the delay each request names
+        await listener.send(route, [b"done"])
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.timeout(60)
+async def test_a_frozen_peer_fails_the_request_within_the_heartbeat_and_a_slow_one_does_not():
+    """A peer frozen mid-request (SIGSTOP: its TCP connection stays open) ends the request after
+    the heartbeat's silence instead of its whole deadline; a live peer that takes longer than
+    that to answer is still waited for."""
+    server = subprocess.Popen([sys.executable, "-c", SLOW_SERVER], stdout=subprocess.PIPE, text=True)
+    transports = TransportSet()
+    try:
+        address = server.stdout.readline().strip()
+        conn = transports.for_url(address).connect(address)
+        slow = 2 * HEARTBEAT_TIMEOUT_S
+        started = time.monotonic()
+        assert [bytes(f) for f in await conn.request([str(slow).encode()], timeout=30)] == [b"done"]
+        assert time.monotonic() - started >= slow
+
+        asyncio.get_running_loop().call_later(0.5, server.send_signal, signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(TransportError, match=r"lost mid-request: .*sent nothing for 3s \(frozen"):
+            await conn.request([b"2"], timeout=30)
+        took = time.monotonic() - started
+        assert HEARTBEAT_TIMEOUT_S <= took <= HEARTBEAT_TIMEOUT_S + HEARTBEAT_IVL_S + 2, took
+    finally:
+        server.send_signal(signal.SIGCONT)
+        server.kill()
+        server.wait(10)
+        await transports.aclose()
 
 
 async def test_a_neighbour_restarted_between_requests_answers_the_next_one():
