@@ -65,6 +65,7 @@ DEFAULT_STEPS = 1000
 @dataclass(kw_only=True, slots=True)
 class TrainConfig:
     batch_size: int = 32
+    """Samples per local step (each peer's own mini-batch)."""
     steps: int = 0
     """Budget in local steps per peer (0: use epochs; none of the budgets set: 1000 steps)."""
     epochs: float = 0.0
@@ -73,24 +74,35 @@ class TrainConfig:
     """If > 0: the sequential recipe's epochs; each peer then trains
     multiplier * sequential_epochs / peers epochs and milestones scale alike (SPEC 1.4, 2.7)."""
     multiplier: float = 1.0
+    """The epoch multiplier of sequential_epochs (SPEC 1.4): >1 gives each peer more epochs
+    than its share of the sequential budget."""
     lr: float = 0.1
+    """Base learning rate (eta0 of the popsgd schedule)."""
     schedule: str = "constant"
+    """constant, popsgd (eta0 / (1 + V / V0) from the phase clock), multistep (times gamma at
+    each milestone) or cosine (down to final_lr_ratio * lr at the end of the budget)."""
     clock_scale: float = 100.0
     """V0 of the popsgd schedule eta0 / (1 + V / V0)."""
     milestones: list[float] = field(default_factory=list)
     """Epochs (of the recipe given) at which multistep multiplies the rate by gamma."""
     gamma: float = 0.1
+    """Factor multistep applies to the rate at each milestone."""
     warmup_epochs: float = 0.0
     """Linear warm-up over this many of the peer's own epochs: unlike milestones, not rescaled by
     the epoch multiplier (a warm-up steadies each model's first steps, whatever the swarm size)."""
     final_lr_ratio: float = 0.0
+    """cosine: the rate at the end of the budget, as a fraction of lr."""
     momentum: float = 0.0
+    """SGD momentum; its buffer stays local, never averaged or sent (SPEC 4)."""
     weight_decay: float = 0.0
+    """SGD weight decay (L2), applied by the local optimizer."""
     nesterov: bool = False
+    """Nesterov momentum (without momentum it has no effect)."""
     shard: str = "random"
     """random: each peer samples the whole set in its own order; partition: n/2 shards, each
     shared by two peers (SPEC 1.4), reshuffled per epoch with per-peer seeds."""
     metrics_every: int = 10
+    """Write a row to metrics.jsonl every this many steps."""
     eval_every: int = 0
     """Evaluate the local model every this many steps (0: only at the end)."""
     checkpoint_every: float = 30.0
@@ -174,7 +186,9 @@ class AlgorithmConfig:
 @dataclass(kw_only=True, slots=True)
 class CodecConfig:
     name: str = "fp32"
+    """Snapshot codec: fp32, fp16, bf16, blockwise8, blockwise4 or lattice (docs/codecs.md)."""
     options: dict[str, Any] = field(default_factory=dict)
+    """The codec's own options, e.g. {mode = "dither"} for lattice (docs/codecs.md); unknown ones are refused."""
 
     def __post_init__(self) -> None:
         """The codec is built here once, so that a typo fails when the config is read, not in
@@ -197,10 +211,14 @@ class NetworkConfig:
     """Advertise the IPv4 address of this network interface (e.g. ib0, eth0) with the bound port,
     when ``advertise`` is not set: handy when binding 0.0.0.0 on a multi-homed host."""
     seeds: list[str] = field(default_factory=list)
+    """Addresses of peers to learn the swarm from (tcp://host:port, or file:///path/card.json);
+    any one reachable seed is enough, gossip does the rest."""
     request_timeout: float = 10.0
     """Deadline of one request; requests that move a snapshot (pulls, nudges) add the model's fp32
     size over ``min_transfer_rate``."""
     gossip_interval: float = 0.5
+    """Mean seconds between two membership gossip rounds (each jittered 0.5-1.5x); every round
+    advances this peer's heartbeat and exchanges peer lists with a neighbour."""
     dead_after: float = 5.0
     """A peer whose heartbeat has not advanced for this long is suspected and not picked."""
     failure_backoff: float = 2.0
@@ -219,6 +237,7 @@ class NetworkConfig:
     passes): lets a launcher start a swarm without giving the first peer a head start. A peer
     gossips every 50 ms while it waits."""
     join_timeout: float = 30.0
+    """Longest wait for min_peers before training starts anyway (with a warning)."""
     adopt_model: bool = True
     """A peer starting without a checkpoint first takes the model, phase clock and step of a
     neighbour that has trained (a lossless pull), instead of its own initialization; never with
@@ -230,6 +249,7 @@ class NetworkConfig:
     snapshots without stepping (so the first to finish does not keep a model the others moved
     away from), then serving its final snapshot."""
     max_header_bytes: int = 65536
+    """Largest msgpack header accepted, checked before it is unpacked (1 KiB to 16 MiB)."""
     max_message_bytes: int = 0
     """Largest single frame accepted (ZeroMQ drops connections that send more). 0: auto, room
     for any snapshot of this peer's model (twice its fp32 size plus 1 MiB), so a stranger's
@@ -239,6 +259,7 @@ class NetworkConfig:
     nudge, a newcomer's model) gets request_timeout plus the model's fp32 size over this rate
     (+0.02 s for a 1.2 MB model, +8 s for 400 MB). Lower it for slow or shared links."""
     max_concurrent_requests: int = 64
+    """Requests a peer serves at once; more wait their turn in its queue (none is refused for it)."""
 
     def __post_init__(self) -> None:
         _check_address("listen", self.listen, "tcp://127.0.0.1:0", lowest_port=0)
@@ -297,7 +318,8 @@ MAX_THREADS = 1024
 @dataclass(kw_only=True, slots=True)
 class DeviceConfig:
     device: str = "auto"
-    """auto (GPU from LOCAL_RANK / SLURM_LOCALID when CUDA is present, else CPU), cpu, cuda:N."""
+    """auto (GPU from LOCAL_RANK / SLURM_LOCALID / OMPI_COMM_WORLD_LOCAL_RANK when CUDA is present,
+    else CPU), cpu, cuda (the current GPU) or cuda:N."""
     threads: int = 1
     """torch intra-op threads per peer (several peers usually share a machine)."""
 
@@ -370,10 +392,15 @@ class PeerManifest:
     """peers/NAME.toml: who one peer is and where it listens."""
 
     name: str = ""
+    """Peer name (default: the host name); its folder under the run directory."""
     listen: str = ""
+    """network.listen for this peer."""
     advertise: str = ""
+    """network.advertise for this peer."""
     device: str = ""
+    """device.device for this peer (auto, cpu, cuda, cuda:N)."""
     seeds: list[str] = field(default_factory=list)
+    """network.seeds for this peer."""
     rank: int = -1
     """Index of this peer in the swarm, for partition sharding (-1: from the environment)."""
     key: str = ""

@@ -47,8 +47,8 @@ class RejectCode(enum.StrEnum):
     NOT_READY = "not_ready"  # no snapshot published yet
     GONE = "gone"  # the snapshot version asked for is no longer held
     DRAINING = "draining"  # the peer is stopping and accepts no more updates
-    MISMATCH = "mismatch"  # model shape or codec differ from ours
-    BUSY = "busy"  # too many requests in progress
+    MISMATCH = "mismatch"  # the request uses another codec than ours (a wrong size is malformed)
+    BUSY = "busy"  # no room for another full pull or nudge now (other requests wait their turn)
 
 
 FULL = "full"

@@ -83,6 +83,8 @@ def clock_rate(lr: float, clock_scale: float, clock: ClockT) -> ClockT:
         return lr / (1.0 + clock / clock_scale)
     import torch  # a tensor of clocks: torch is already loaded by whoever made it
 
+    if not clock.is_floating_point():  # full_like would keep an integer dtype: V0 truncated, eta0 0
+        clock = clock.double()
     ratio = clock / torch.full_like(clock, clock_scale)
     return torch.full_like(clock, lr) / (ratio + 1.0)
 

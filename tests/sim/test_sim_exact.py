@@ -144,6 +144,8 @@ def test_batched_helpers_agree_with_the_scalar_ones() -> None:
     clocks = torch.arange(0, 500, dtype=torch.float64)
     schedule = Schedule(kind="popsgd", lr=0.3, clock_scale=7.0)
     assert clock_rate(0.3, 7.0, clocks).tolist() == [schedule(0, clock=int(v)) for v in clocks]
+    # Integer clocks (the simulator keeps them as int64) give the same rates, not a truncated V0 and eta0.
+    assert clock_rate(0.3, 7.5, clocks.long()).tolist() == [clock_rate(0.3, 7.5, int(v)) for v in clocks]
     steps = LocalSteps(4, geometric=True)
     uniforms = np.random.default_rng(0).random(2000)
 
