@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import importlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -42,6 +43,10 @@ from swarmnet.transport.base import Listener, Transport
 SLACK = 3.0
 """Seconds a failure may take beyond the request deadline before the check calls it a hang."""
 
+FROZEN_NOTICED_S = 5.0
+"""How soon a request to a frozen far end (alive, connected, silent) must fail, whatever its
+deadline: the ZeroMQ transport's heartbeat takes 3-4 s."""
+
 
 @dataclass
 class TransportCase:
@@ -55,6 +60,9 @@ class TransportCase:
         cross_process: whether a listener in another process can be dialled (False for inproc).
         large_bytes: size of the payload of the large-payload check.
         env: extra environment for child processes (e.g. transport tuning variables).
+        notices_frozen: whether a far end that hangs (frozen: connected, silent) fails a
+            request within FROZEN_NOTICED_S; False skips that check for a transport that
+            documents the deadline as the cost instead.
     """
 
     name: str
@@ -63,6 +71,7 @@ class TransportCase:
     cross_process: bool = True
     large_bytes: int = 100 * 2**20
     env: dict[str, str] = field(default_factory=dict)
+    notices_frozen: bool = True
 
     def new_transport(self) -> Transport:
         module, _, attr = self.transport.partition(":")
@@ -276,6 +285,23 @@ async def check_timeout_and_recovery(case: TransportCase) -> None:
         assert [bytes(f) for f in reply] == [b"second"]
 
 
+async def check_late_reply_after_cancel(case: TransportCase) -> None:
+    """A request cancelled by its caller (a peer stopping, an outer timeout) leaves the connection
+    usable, and the answer that comes after is never taken for the next request's reply."""
+    async with _transport(case) as transport:
+        listener = await transport.listen(case.bind_url())
+        conn = transport.connect(listener.address)
+        first = asyncio.create_task(conn.request([b"first"], timeout=10))
+        route, frames = await asyncio.wait_for(listener.recv(), 5)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        await listener.send(route, [b"late reply to " + bytes(frames[0])])
+        async with _serving(listener, _reversed_copies):
+            reply = await conn.request([b"second"], timeout=10)
+        assert [bytes(f) for f in reply] == [b"second"]
+
+
 async def check_queued_request_keeps_its_own_deadline(case: TransportCase) -> None:
     """A request queued behind a long one on the same connection times out on its own deadline,
     the wait for its turn included, and leaves the one in flight alone."""
@@ -437,6 +463,29 @@ async def check_process_killed_mid_request(case: TransportCase) -> None:
         assert await _read_line(child) == "received"
         child.kill()
         _noticed_at_once(await _expect_failure(request, 3), True)
+
+
+async def check_process_frozen_mid_request(case: TransportCase) -> None:
+    """The listener's process is frozen (SIGSTOP: its connections stay open, nothing answers)
+    while holding a request: the request fails well before its long deadline, as a peer
+    waiting on a hung neighbour would otherwise stop merging for all of it."""
+    if not case.cross_process:
+        pytest.skip(f"{case.name} endpoints live in one process")
+    if not case.notices_frozen:
+        pytest.skip(f"{case.name} notices a frozen far end only at the request's deadline (documented)")
+    async with _transport(case) as transport, _child_listener(case, "hold") as (child, address):
+        conn = transport.connect(address)
+        request = asyncio.create_task(conn.request([b"hold this"], timeout=60))
+        assert await _read_line(child) == "received"
+        child.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(TransportError) as info:
+                await asyncio.wait_for(request, FROZEN_NOTICED_S + SLACK)
+            _noticed_at_once(info.value, True)
+            assert time.monotonic() - started < FROZEN_NOTICED_S + SLACK
+        finally:
+            child.send_signal(signal.SIGCONT)
 
 
 async def check_process_killed_mid_reply(case: TransportCase) -> None:
