@@ -49,7 +49,7 @@ from swarmnet.peer.data import ShardSampler
 from swarmnet.peer.metrics import MetricsWriter, progress_record
 from swarmnet.peer.state import FlatParameters, Mailbox, MergeEntry, NudgeInbox, SnapshotStore
 from swarmnet.peer.stats import PeerStats
-from swarmnet.tasks import Task
+from swarmnet.tasks import Task, what_failed
 
 REFRESH_MIN_S = 1.0
 """Seconds between two refreshes of a peer no neighbour's model reaches (see the module's doc)."""
@@ -480,7 +480,8 @@ class ComputeLoop(Replica):
     # -- the loop -----------------------------------------------------------------------------
 
     def run(self) -> str:
-        """Train until the budget or ``stop``; returns why it ended (budget, stopped, diverged)."""
+        """Train until the budget or ``stop``; returns why it ended (budget, stopped, diverged,
+        or ``error: ...`` when a step raised)."""
         self.model.train()
         self.stats.state = "training"
         reason = "budget"
@@ -488,7 +489,15 @@ class ComputeLoop(Replica):
             if self.stop.is_set():
                 reason = "stopped"
                 break
-            self.train_step()
+            try:
+                self.train_step()
+            except Exception as exc:  # the task's code (data, model, loss) or the device: the peer
+                # still stops as after any end, its last steps checkpointed and a summary saying why.
+                self.log.error("step %d failed: %s; the peer stops and checkpoints the model as of its last "
+                               "step (fix the cause, then restart it to resume)", self.step + 1, what_failed(exc),
+                               exc_info=exc)
+                reason = f"error: step {self.step + 1} failed: {what_failed(exc)}"
+                break
             try:
                 self.merge_pending()
             except ModelDiverged as exc:  # the last finite snapshot stays published

@@ -208,6 +208,24 @@ def test_a_failing_evaluation_costs_neither_training_nor_the_final_checkpoint(sw
         assert log.count("the task's evaluation failed") == 5, log[-3000:]  # steps 100-400, then the final one
 
 
+def test_a_step_that_raises_ends_the_peer_with_its_checkpoint_and_a_summary_saying_why(swarm_factory):
+    """A bug in the task's own code mid-run once ended the peer on a traceback, with neither a
+    final checkpoint (its steps lost) nor a summary."""
+    config = lsq_config(steps=400) | {"run": {"peers": 2, "seed": 0}}
+    config["task"]["spec"] = "tests.integration.failing_step_task:task"
+    config["task"]["options"] = {"fail_at": 45}
+    swarm = swarm_factory(config)
+    assert swarm.wait(120) == 1
+    log = (swarm.run_dir / "up.log").read_text()
+    for row in swarm.summary()["peers"]:
+        why = "error: step 45 failed: RuntimeError: the data loader broke (at "
+        assert not row["ok"] and row["reason"].startswith(why) and "failing_step_task.py:" in row["reason"], row
+        peer_dir = swarm.run_dir / row["name"]
+        assert json.loads((peer_dir / "summary.json").read_text())["reason"] == row["reason"]
+        assert checkpoint.load(peer_dir / "checkpoint.pt")["step"] == 44
+        assert f"{row['name']}: {why}" in log, log  # the whole reason, under the table
+
+
 def test_the_launcher_says_why_a_peer_stopped_without_a_summary(swarm_factory):
     config = lsq_config(steps=5000) | {"run": {"peers": 2, "seed": 0}}
     config["task"]["options"] = {"dim": 8192, "samples": 64}
