@@ -19,7 +19,6 @@ import ctypes
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -44,6 +43,7 @@ from swarmnet.log import counted, get_logger
 from swarmnet.peer import checkpoint
 from swarmnet.peer.claim import check_free
 from swarmnet.peer.compute import plan_training, unreached_milestones
+from swarmnet.peer.earlier import set_aside_earlier_peers
 from swarmnet.peer.metrics import read_metrics
 from swarmnet.peer.node import FINISHED_WELL
 from swarmnet.tasks import load_task, what_failed
@@ -139,7 +139,7 @@ class LaunchPlan:
         for p in peers:
             check_free(run_dir / p.name)  # before anything is moved: a second `up` must not wipe a running swarm
         if fresh:
-            set_aside_earlier_peers(run_dir)
+            set_aside_earlier_peers(run_dir, log)
         for p in peers:
             try:
                 (run_dir / p.name).mkdir(parents=True, exist_ok=True)
@@ -148,37 +148,6 @@ class LaunchPlan:
             except OSError as exc:
                 raise unwritable_run_dir(run_dir / p.name, exc) from None
         return plan
-
-
-EARLIER = ".earlier"
-"""Where a fresh run puts the folders of an earlier run's peers (one generation is kept)."""
-
-
-def set_aside_earlier_peers(run_dir: Path) -> None:
-    """Move the folders of an earlier run's peers in ``run_dir`` to ``run_dir/.earlier/``, before
-    a fresh run: a checkpoint there may be all an interrupted run has, and the cards and metrics of
-    peers this run does not launch would pass for this run's in `swarmnet status` and `swarmnet
-    plot`. Moved whole (replacing an older copy of the same name there); a folder a running peer
-    holds, or whose lock cannot be asked, stays where it is."""
-    for folder in sorted({f.parent for pattern in ("*/card.json", "*/metrics.jsonl", "*/checkpoint.pt")
-                          for f in run_dir.glob(pattern)}):
-        if folder.name == EARLIER:
-            continue
-        try:
-            check_free(folder, unknown_is_free=False)  # a peer on another host of a shared file system
-        except ConfigError as exc:
-            log.warning("%s is from an earlier run and may be in use: left where it is (%s)", folder, exc)
-            continue
-        target = run_dir / EARLIER / folder.name
-        try:
-            target.parent.mkdir(exist_ok=True)
-            if target.exists():
-                shutil.rmtree(target)  # an even earlier run's: two generations are not kept
-            folder.rename(target)
-        except OSError as exc:
-            raise unwritable_run_dir(folder, exc) from None
-        log.info("%s is from an earlier run: moved to %s (to resume it instead, move it back and add --no-fresh)",
-                 folder, target)
 
 
 def _listen(transport: str, run_dir: Path, name: str) -> str:

@@ -50,6 +50,7 @@ from swarmnet.peer.claim import DirectoryClaim
 from swarmnet.peer.client import PeerClient
 from swarmnet.peer.compute import ComputeLoop, Replica, peer_seed_of
 from swarmnet.peer.data import shard_count
+from swarmnet.peer.earlier import set_aside_earlier_files
 from swarmnet.peer.exchange import Exchange, warm_up_loops
 from swarmnet.peer.membership import MembershipService, PeerTable
 from swarmnet.peer.newcomer import fetch_donation
@@ -170,6 +171,8 @@ class Peer:
         it started with (a newcomer among them does not adopt this peer's model, newcomer.py)."""
         self.claim = DirectoryClaim(self.peer_dir, self.log)
         """Held until the peer has stopped (:meth:`release_dir`): one live peer per directory."""
+        if not resume:
+            set_aside_earlier_files(self.peer_dir, self.log)
         for earlier in ("card.json", "summary.json"):  # an earlier run's would pass for this one's
             with contextlib.suppress(OSError):
                 (self.peer_dir / earlier).unlink(missing_ok=True)

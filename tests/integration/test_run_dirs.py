@@ -140,7 +140,9 @@ def test_partition_sharding_without_a_rank_is_refused_not_shard_0_for_everyone(t
     assert code == 2 and "was given none: pass --rank N (0 to 3)" in out and "Traceback" not in out, out
 
 
-def test_resume_refuses_the_checkpoint_of_another_task_and_keeps_it(tmp_path):
+def test_resume_refuses_the_checkpoint_of_another_task_and_fresh_sets_it_aside(tmp_path):
+    """--fresh once wrote over the earlier run's checkpoint and appended to its metrics, without a
+    word (the bundled Procfile passes it on every line): the earlier files now go to .earlier/."""
     run = tmp_path / "run"
     digits, lsq = config(tmp_path), config(tmp_path, "lsq")
     code, out = peer(digits, run)
@@ -152,6 +154,16 @@ def test_resume_refuses_the_checkpoint_of_another_task_and_keeps_it(tmp_path):
     assert checkpoint.load(run / "solo" / "checkpoint.pt")["step"] == 30
     code, out = peer(lsq, run, "--fresh")
     assert code == 0, out
+    earlier = run / ".earlier" / "solo"
+    assert f"the earlier run's checkpoint.pt, metrics.jsonl moved to {earlier}; to resume" in out, out
+    assert checkpoint.load(earlier / "checkpoint.pt")["task"] == "swarmnet.tasks.digits:task"
+    assert checkpoint.load(run / "solo" / "checkpoint.pt")["task"] == "swarmnet.tasks.lsq:task"
+    for folder in (earlier, run / "solo"):  # each run's metrics alone, not the second appended to the first
+        steps = [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        assert steps == sorted(steps) and steps[-1] == 30, (folder, steps)
+    code, out = peer(lsq, run, "--fresh")
+    assert code == 0 and "(replacing the copy kept from the run before it)" in out, out
+    assert checkpoint.load(earlier / "checkpoint.pt")["task"] == "swarmnet.tasks.lsq:task"
 
 
 def test_resume_refuses_a_checkpoint_holding_non_finite_values_and_keeps_it(tmp_path):
