@@ -60,6 +60,10 @@ class TaskConfig:
 BUDGETS = ("steps", "epochs", "sequential_epochs")
 DEFAULT_STEPS = 1000
 """The budget when none of BUDGETS is set."""
+WILDCARD_HOSTS = ("0.0.0.0", "://*", "[::]")
+"""How a bind address says "every interface": no peer can dial it."""
+MAX_STEPS = 2**53
+"""The largest budget in steps (a step count stays exact as a float, and fits the wire's integers)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -119,9 +123,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _require(self.batch_size >= 1, "batch_size", "must be >= 1")
-        _require(self.steps >= 0, "steps", "must be >= 1 (or 0 to budget in epochs)")
+        _require(0 <= self.steps <= MAX_STEPS, "steps", f"must be in 1..{MAX_STEPS} (or 0 to budget in epochs)")
         for name in ("epochs", "sequential_epochs"):
-            _require(_at_least(getattr(self, name), 0), name, "must be a finite number >= 0 (0: not this budget)")
+            _require(_at_least(getattr(self, name), 0) and getattr(self, name) <= MAX_STEPS, name,
+                     f"must be a finite number >= 0 and <= {MAX_STEPS} (0: not this budget)")
         budgets = [name for name in BUDGETS if getattr(self, name) > 0]
         _require(len(budgets) <= 1, budgets[-1] if budgets else "steps",
                  f"set only one of steps, epochs, sequential_epochs; here {' and '.join(budgets)} are set "
@@ -265,6 +270,9 @@ class NetworkConfig:
         _check_address("listen", self.listen, "tcp://127.0.0.1:0", lowest_port=0)
         if self.advertise:
             _check_address("advertise", self.advertise, "tcp://10.0.0.1:7000")
+            _require(not any(every in self.advertise for every in WILDCARD_HOSTS), "advertise",
+                     f"{self.advertise!r} is a wildcard, not an address other peers can dial: give this host's "
+                     "reachable IP or name (e.g. tcp://10.0.0.1:7000), or set network.interface instead")
         for seed in self.seeds:
             _check_address("seeds", seed, "tcp://host:port (or file:///path/card.json)")
         for name in ("request_timeout", "gossip_interval", "dead_after", "failure_backoff"):

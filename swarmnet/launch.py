@@ -50,6 +50,8 @@ from swarmnet.tasks import load_task, what_failed
 
 log = get_logger("launch")
 
+PER_PEER_KEYS = ("network.listen", "network.advertise")
+"""Config keys that name one peer's own address: not for overrides passed to every peer."""
 PEER_FILES = ("card.json", "summary.json", "metrics.jsonl", "checkpoint.pt", "peer.log")
 CARD_TIMEOUT = 120.0
 STOP_GRACE = 20.0
@@ -85,7 +87,14 @@ class LaunchPlan:
     def build(cls, cfg: SwarmConfig, *, config_path: Path | None, overrides: dict[str, Any],
               manifests: Path | None, transport: str, fresh: bool, log_level: str) -> LaunchPlan:
         run_dir = Path(cfg.run.dir)
+        for key in PER_PEER_KEYS:
+            if key in overrides:  # passed on to every peer, it would beat each one's own address
+                raise ConfigError(f"--set {key}: every peer `up` launches needs an address of its own, and this "
+                                  "would give all of them the same; give each peer's in a manifest (--manifests DIR, "
+                                  "keys listen / advertise) or choose --transport tcp|ipc")
         if manifests is not None:
+            if not manifests.is_dir():
+                raise ConfigError(f"--manifests {manifests}: no such folder; `swarmnet init` writes peers/*.toml")
             files = sorted(manifests.glob("*.toml"))
             if not files:
                 raise ConfigError(f"{manifests}: no peer manifests (*.toml) found; `swarmnet init` writes them")

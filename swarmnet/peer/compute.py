@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from swarmnet.algorithms import LocalSteps, PhaseClock, Schedule, apply_pull, compress_epochs
 from swarmnet.codecs import Codec
 from swarmnet.codecs.published import published
-from swarmnet.config import SwarmConfig, TrainConfig
+from swarmnet.config import MAX_STEPS, SwarmConfig, TrainConfig
 from swarmnet.errors import ConfigError, ModelDiverged, NonFiniteInput
 from swarmnet.peer import checkpoint
 from swarmnet.peer.data import ShardSampler
@@ -71,15 +71,17 @@ def plan_training(train: TrainConfig, peers: int, num_samples: int) -> TrainingP
     """Budget and schedule in local steps from a config (SPEC 1.4 / 2.7 epoch multiplier)."""
     steps_per_epoch = math.ceil(num_samples / train.batch_size)
     milestones = tuple(train.milestones)
-    if train.steps:
-        total = train.steps
-    elif train.epochs:
-        total = math.ceil(train.epochs * steps_per_epoch)
+    total: float = train.steps
+    if train.epochs:
+        total = train.epochs * steps_per_epoch
     elif train.sequential_epochs:
         epochs, milestones = compress_epochs(train.sequential_epochs, milestones, train.multiplier, peers)
-        total = math.ceil(epochs * steps_per_epoch)
-    else:
-        total = 1000
+        total = epochs * steps_per_epoch
+    if total > MAX_STEPS:  # inf included
+        budget = "epochs" if train.epochs else "sequential_epochs (times multiplier / peers)"
+        raise ConfigError(f"train.{budget} comes to {total:.3g} steps of {steps_per_epoch} per epoch, past the "
+                          f"largest budget ({MAX_STEPS} steps); give fewer epochs")
+    total = math.ceil(total)
     schedule = Schedule(
         kind=train.schedule,
         lr=train.lr,

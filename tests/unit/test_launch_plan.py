@@ -17,6 +17,19 @@ def plan(tmp_path, overrides, config_path=None):
                             fresh=True, log_level="WARNING")
 
 
+def test_an_address_for_every_peer_at_once_is_refused(tmp_path):
+    """Passed on to every peer, it beat each one's own --listen: all bound the same port, and the
+    error blamed another program."""
+    for key in ("network.listen", "network.advertise"):
+        with pytest.raises(ConfigError, match=f"--set {key}: every peer `up` launches needs an address of its own"):
+            plan(tmp_path, {key: "tcp://127.0.0.1:7394"})
+
+
+def test_an_epoch_budget_beyond_the_largest_step_count_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"train.epochs comes to .* steps of .* past the largest budget"):
+        plan(tmp_path, {"train.epochs": 1e15, "train.steps": 0})
+
+
 def min_peers_set(p):
     """The network.min_peers the peers get on their command line (None: their config's)."""
     values = [arg.split("=", 1)[1] for arg in p.base_command if arg.startswith("network.min_peers=")]
