@@ -455,9 +455,10 @@ class ComputeLoop(Replica):
             "task": self.cfg.task.spec,
         }
         if (bad := checkpoint.non_finite(self._must_be_finite(state))) is not None:
-            self.stats.checkpoint_errors += 1
-            self.log.error("%s holds non-finite values at step %d: checkpoint not written, %s keeps the last "
-                           "finite one", bad, self.step, self.checkpoint_path)
+            # Refused on purpose, not a failed write: checkpoint_errors counts those (a disk to look at).
+            kept = (f"{self.checkpoint_path} keeps the last finite one" if self.checkpoint_path.exists()
+                    else "no earlier checkpoint was written")
+            self.log.error("%s holds non-finite values at step %d: checkpoint not written, %s", bad, self.step, kept)
             return f"{bad} holds non-finite values"
         try:
             checkpoint.save_atomic(state, self.checkpoint_path)
