@@ -68,8 +68,9 @@ class SwarmPlan:
                               f"{','.join(self.hosts)!r}")
         if len({h.lower() for h in self.hosts}) != len(self.hosts):  # DNS names ignore case
             raise ConfigError("--hosts: a host is listed twice")
-        if self.gpus_per_host < 1:
-            raise ConfigError("--gpus-per-host: must be >= 1")
+        if not 1 <= self.gpus_per_host <= 65536 - 1024:
+            raise ConfigError(f"--gpus-per-host: must be in [1, {65536 - 1024}] (each peer of a host takes a port "
+                              "of its own from --port-base up)")
         if not 1024 <= self.port_base <= 65536 - self.gpus_per_host:  # ports port_base .. + gpus - 1
             raise ConfigError(f"--port-base: must be in [1024, {65536 - self.gpus_per_host}]")
         if self.codec not in CODECS:

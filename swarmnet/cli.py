@@ -20,7 +20,7 @@ from rich.markup import escape
 
 from swarmnet import jsonsafe
 from swarmnet.config import PeerManifest, check_device, dotted_key, load_config, load_manifest
-from swarmnet.errors import ConfigError, SwarmError
+from swarmnet.errors import BenchFailed, ConfigError, SwarmError
 from swarmnet.log import setup_logging
 
 # Help texts are rich markup (escape() a literal "[word]"), whatever typer's default mode.
@@ -151,7 +151,7 @@ def up(
     log_level: LogLevel = Level.WARNING,
 ) -> None:
     """Launch a local swarm as real processes, show progress, write a summary."""
-    from swarmnet.launch import LaunchPlan, check_summary_path, launch
+    from swarmnet.launch import LaunchPlan, check_output_path, launch
 
     setup_logging(log_level.value)
     flags = build_overrides(run__peers=peers, run__dir=run_dir)
@@ -163,7 +163,7 @@ def up(
                    **dict.fromkeys(budget, "--steps" if steps is not None else "--epochs")}
         cfg = load_config(config, overrides, origins)
         if summary is not None:
-            check_summary_path(summary)
+            check_output_path(summary)
         plan = LaunchPlan.build(cfg, config_path=config, overrides=overrides, manifests=peer_dir,
                                 transport=transport, fresh=not no_fresh, log_level=log_level.value)
     except ConfigError as exc:
@@ -207,6 +207,7 @@ def eval_(
         from swarmnet.ui.commands import require_run_dir
 
         require_run_dir(run_dir, "--run-dir ")
+    _writable(json_path)
     try:
         settings = parse_settings(set_ or [])
         cfg = load_config(config, settings, dict.fromkeys(settings, "--set"))
@@ -226,6 +227,18 @@ def eval_(
                  "is printed above, pass a writable path to keep a copy", code=1)
 
 
+def _writable(path: Path | None, flag: str = "--json") -> None:
+    """Refuse an output file that cannot be written before a long run, not after it."""
+    if path is None:
+        return
+    from swarmnet.launch import check_output_path
+
+    try:
+        check_output_path(path, flag)
+    except ConfigError as exc:
+        fail(str(exc))
+
+
 def _span(values: list[float]) -> str:
     return f"{min(values):.3f}-{max(values):.3f}"
 
@@ -240,11 +253,17 @@ def bench_exchange(
 ) -> None:
     """Compute steps/s with the exchange on vs off, snapshot pulls vs raw pyzmq, and what a snapshot
     streamed in pieces would gain."""
+    _writable(json_path)
     from rich.console import Console
 
     from swarmnet.bench.exchange import run
 
-    result = run(json_path=json_path, quick=quick, rounds=rounds, peers=peers, device=device)
+    try:
+        if device != "auto":
+            check_device(device)
+        result = run(json_path=json_path, quick=quick, rounds=rounds, peers=peers, device=device)
+    except (ConfigError, BenchFailed) as exc:
+        fail(str(exc), 2 if isinstance(exc, ConfigError) else 1)
     p = result["pull"]
     console = Console()
     for c in (result["compute"], result["compute_large_batch"]):
@@ -280,9 +299,17 @@ def bench_memory(
     steps: Annotated[int, typer.Option(min=50, help="Steps per peer.")] = 300,
 ) -> None:
     """A peer's peak host memory in copies of its model, per snapshot codec."""
+    _writable(json_path)
     from swarmnet.bench.memory import run
+    from swarmnet.codecs import CODECS
 
-    result = run(codecs=tuple(codec or ("fp32", "lattice")), hidden=hidden, steps=steps, json_path=json_path)
+    unknown = [c for c in codec or () if c not in CODECS]
+    if unknown:  # before any run: a later codec's failure would lose the earlier ones' figures
+        fail(f"--codec {unknown[0]}: unknown codec; available: {', '.join(sorted(CODECS))}")
+    try:
+        result = run(codecs=tuple(codec or ("fp32", "lattice")), hidden=hidden, steps=steps, json_path=json_path)
+    except BenchFailed as exc:
+        fail(str(exc), 1)
     (half, full), (small_mb, large_mb) = result["hidden"], (b / 1e6 for b in result["model_bytes"])
     typer.echo(f"digits MLP, hidden {half} and {full} ({small_mb:.1f} and {large_mb:.1f} MB of fp32 parameters); "
                f"2 peers, {steps} steps each")
@@ -305,6 +332,7 @@ def bench_codecs(
     device: Annotated[str, typer.Option(help="cpu or cuda[:N].")] = "cpu",
 ) -> None:
     """Encode/decode throughput per codec, and lattice bytes per pull against key distance."""
+    _writable(json_path)
     from swarmnet.bench.codecs import run
 
     try:
@@ -322,6 +350,7 @@ def bench_transports(
     sizes_mb: Annotated[Optional[list[int]], typer.Option("--size-mb", help="Payload sizes in MiB (repeatable).")] = None,
 ) -> None:
     """Pull time per transport against the raw library moving the same bytes."""
+    _writable(json_path)
     from swarmnet.bench.transports import run
 
     try:
@@ -339,6 +368,7 @@ def bench_sim(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
 ) -> None:
     """Simulator interactions per second: layers of disjoint pairs vs the one-pair loop."""
+    _writable(json_path)
     from swarmnet.bench.sim import run
 
     try:
@@ -377,6 +407,7 @@ def bench_baselines(
     processes: Annotated[Optional[list[int]], typer.Option("--processes", "-n", help="Process counts to measure (repeatable; default 2, 4, 8; 2, 4 with --quick).")] = None,
 ) -> None:
     """DDP, local SGD and hivemind against swarmnet: same model, data and processes, one run."""
+    _writable(json_path)
     import dataclasses
 
     from rich.console import Console
@@ -398,8 +429,12 @@ def bench_baselines(
             fail(f"--processes: {exc}")
     if chart is None and json_path is not None:
         chart = json_path.with_suffix(".png")
-    result = run(suite, json_path=json_path, chart_path=chart, hivemind_python=hivemind_python,
-                 command=" ".join(["swarmnet", *sys.argv[1:]]))
+    _writable(chart, "--chart")
+    try:
+        result = run(suite, json_path=json_path, chart_path=chart, hivemind_python=hivemind_python,
+                     command=" ".join(["swarmnet", *sys.argv[1:]]))
+    except BenchFailed as exc:
+        fail(str(exc), 1)
     console = Console(width=None if sys.stdout.isatty() else 150)
     for table in (methods_table(result), straggler_table(result), averaging_table(result)):
         console.print(table)

@@ -13,6 +13,10 @@ class ConfigError(SwarmError):
     """A config file, manifest or flag is wrong; the message names the source, key and fix."""
 
 
+class BenchFailed(SwarmError):
+    """A benchmark's own run failed (a swarm or worker it started); the message carries its log."""
+
+
 class TransportError(SwarmError):
     """Moving frames failed: the far end is unreachable, too slow, or the endpoint is closed."""
 

@@ -296,24 +296,25 @@ def launch(plan: LaunchPlan, *, summary_path: Path | None = None, console: Conso
     return 0 if result["ok"] else 1
 
 
-def check_summary_path(path: Path) -> None:
-    """Refuse a --summary path that cannot be written before the run, not after it."""
+def check_output_path(path: Path, flag: str = "--summary") -> None:
+    """Refuse an output file (``flag``: the option that names it) that cannot be written before
+    the run, not after it."""
     try:
-        _check_summary_path(path)
+        _check_output_path(path, flag)
     except OSError as exc:  # a folder on the way that we may not look into (EACCES)
-        raise ConfigError(f"--summary {path}: cannot look at {exc.filename or path} ({exc.strerror or exc}); "
+        raise ConfigError(f"{flag} {path}: cannot look at {exc.filename or path} ({exc.strerror or exc}); "
                           "choose a writable path") from None
 
 
-def _check_summary_path(path: Path) -> None:
+def _check_output_path(path: Path, flag: str) -> None:
     if path.is_dir():
-        raise ConfigError(f"--summary {path}: is a directory; name a file, e.g. {path / 'summary.json'}")
+        raise ConfigError(f"{flag} {path}: is a directory; name a file in it, e.g. {path / 'result.json'}")
     existing = next(p for p in path.absolute().parents if p.exists())  # the rest is made at the end
     if not existing.is_dir():
-        raise ConfigError(f"--summary {path}: cannot create it under {existing}, which is not a directory; "
+        raise ConfigError(f"{flag} {path}: cannot create it under {existing}, which is not a directory; "
                           "choose a writable path")
     if not os.access(existing, os.W_OK):
-        raise ConfigError(f"--summary {path}: {existing} is not writable; choose a writable path")
+        raise ConfigError(f"{flag} {path}: {existing} is not writable; choose a writable path")
 
 
 def _write_summary(path: Path, result: dict[str, Any]) -> None:

@@ -46,6 +46,7 @@ from rich.table import Table
 
 from swarmnet.bench import write_json
 from swarmnet.bench.baseline_workers import SWARM_CODECS, TORCH_METHODS, phases
+from swarmnet.errors import BenchFailed
 from swarmnet.launch import GLIBC_TUNABLES
 
 RESULT_VERSION = 1
@@ -190,7 +191,7 @@ def _raise_if_failed(procs: list[subprocess.Popen[bytes]], out: Path) -> None:
     for rank, p in enumerate(procs):
         if p.returncode not in (None, 0):
             log = (out / f"rank{rank}.log").read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"bench baselines: rank {rank} of {len(procs)} exited with {p.returncode}:\n{log}")
+            raise BenchFailed(f"bench baselines: rank {rank} of {len(procs)} exited with {p.returncode}:\n{log}")
 
 
 def _count_lines(path: Path) -> int:

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from swarmnet.bench import write_json
+from swarmnet.errors import BenchFailed
 from swarmnet.launch import GLIBC_TUNABLES
 from swarmnet.testing.processes import LocalSwarm, PeerProcessHandle, write_config
 
@@ -90,7 +91,7 @@ def _compute_run(workdir: Path, mode: str, *, hidden: int, steps: int, local_ste
     swarm = LocalSwarm(workdir / f"compute-{mode}-{batch_size}", config, die_with_parent=True)
     try:
         if swarm.wait(600) != 0:
-            raise RuntimeError(f"bench swarm failed:\n{swarm.log()}")
+            raise BenchFailed(f"bench swarm failed:\n{swarm.log()}")
     finally:
         swarm.kill_tree()
     windows = [_window(swarm.metrics(f"peer{i}")) for i in range(peers)]
@@ -170,7 +171,7 @@ def _client_process(*args: str) -> dict[str, Any]:
     out = subprocess.run([sys.executable, "-m", "swarmnet.bench.exchange", *args],
                          env=env, capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
-        raise RuntimeError(f"{args[0]} failed:\n{out.stderr[-3000:]}")
+        raise BenchFailed(f"{args[0]} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from swarmnet.bench import write_json
+from swarmnet.errors import BenchFailed
 from swarmnet.tasks import load_task
 from swarmnet.testing.processes import LocalSwarm, write_config
 
@@ -75,7 +76,7 @@ def peak_rss(workdir: Path, *, codec: str, hidden: int, steps: int) -> list[floa
     sampler.start()
     try:
         if swarm.wait(1800) != 0:
-            raise RuntimeError(f"bench swarm failed:\n{swarm.log()}")
+            raise BenchFailed(f"bench swarm failed:\n{swarm.log()}")
     finally:
         done.set()
         sampler.join()

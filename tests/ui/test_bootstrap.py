@@ -157,6 +157,7 @@ def test_the_slurm_script_starts_each_task_as_its_peer(tmp_path: Path, port_base
     ({"hosts": ("a\nb",)}, "--hosts"), ({"hosts": ("a$(id)b",)}, "--hosts"), ({"hosts": ("-x",)}, "--hosts"),
     ({"gpus_per_host": 0}, "gpus"), ({"codec": "nope"}, "unknown codec"), ({"port_base": 80}, "port"),
     ({"port_base": 65535, "gpus_per_host": 2}, r"port-base: must be in \[1024, 65534\]"),
+    ({"gpus_per_host": 100_000}, r"--gpus-per-host: must be in \[1, 64512\] \(each peer"),
 ])
 def test_bad_arguments(kwargs: dict, message: str) -> None:
     args = {"hosts": ("a",), "gpus_per_host": 1, **kwargs}

@@ -171,3 +171,22 @@ def test_plot_and_eval_name_a_run_directory_that_does_not_exist(tmp_path: Path) 
     for args in (["plot", str(missing)], ["eval", "--run-dir", str(missing)]):
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 2 and f"{missing}: no such directory" in result.output, result.output
+
+
+@pytest.mark.parametrize("command", [
+    ["eval", "--seed", "tcp://127.0.0.1:1", "--timeout", "0.2"], ["bench", "codecs"], ["bench", "sim"],
+    ["bench", "exchange", "--quick"], ["bench", "memory"], ["bench", "baselines", "--quick"],
+])
+def test_a_json_path_that_is_a_directory_is_refused_before_the_run(tmp_path: Path, command: list[str]) -> None:
+    """Found only at the end, it cost a whole benchmark's figures, or named a temporary file."""
+    result = CliRunner().invoke(app, [*command, "--json", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert f"--json {tmp_path}: is a directory; name a file in it" in result.output, result.output
+
+
+def test_bench_arguments_are_checked_before_any_run() -> None:
+    runner = CliRunner()
+    memory = runner.invoke(app, ["bench", "memory", "--codec", "fp32", "--codec", "fp8"])
+    assert memory.exit_code == 2 and "--codec fp8: unknown codec; available:" in memory.output, memory.output
+    exchange = runner.invoke(app, ["bench", "exchange", "--device", "cpux"])
+    assert exchange.exit_code == 2 and "device 'cpux': not a torch device" in exchange.output, exchange.output
