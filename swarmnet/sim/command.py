@@ -127,7 +127,24 @@ def simulate_command(
         typer.secho(f"error: writing the results under {out} failed: {exc.filename or out} "
                     f"({exc.strerror or exc}); pass a writable directory with --out", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None
+    except (MemoryError, RuntimeError) as exc:
+        if not out_of_memory(exc):
+            raise
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        typer.secho(f"error: the simulation does not fit in memory ({first}): it keeps a few vectors of the "
+                    "problem's dimension per node; use fewer --nodes (or --device cpu where a GPU ran out)",
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
     print_summary(result, span)
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """An allocation that failed: torch's out-of-memory error on a GPU, its CPU allocator's, or Python's."""
+    import torch
+
+    text = str(exc)
+    return (isinstance(exc, (MemoryError, torch.OutOfMemoryError))
+            or "can't allocate memory" in text or "out of memory" in text)
 
 
 def prepare_out(out: Path) -> None:

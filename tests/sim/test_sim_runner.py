@@ -260,3 +260,22 @@ def test_option_values_are_typed() -> None:
     }
     with pytest.raises(ConfigError):
         parse_options(["novalue"])
+
+
+def test_a_swarm_too_large_for_memory_is_a_clear_error_not_a_traceback(tmp_path: Path) -> None:
+    """10^8 nodes of a 32-float problem need tens of GB: under a 6 GiB address-space limit (a
+    machine with less memory) the allocation fails, and the command says what to change."""
+    import resource
+    import subprocess
+    import sys
+
+    def limit_memory() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (6 * 2**30, 6 * 2**30))
+
+    result = subprocess.run(
+        [sys.executable, "-m", "swarmnet", "simulate", "--nodes", "100000000", "--interactions-per-node", "0.001",
+         "--out", str(tmp_path / "out"), "--no-progress"],
+        preexec_fn=limit_memory, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "error: the simulation does not fit in memory (" in result.stderr and "use fewer --nodes" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
