@@ -112,6 +112,12 @@ class LaunchPlan:
                     log.warning("--transport %s does not apply to %s: its manifest %s sets listen = %s", transport,
                                 m.name, path, m.listen)
         else:
+            most = max_local_peers()
+            if cfg.run.peers > most:
+                raise ConfigError(f"{cfg.run.peers} peers asked (--peers or run.peers), but this machine runs at most "
+                                  f"{most} ({os.cpu_count()} cores): each peer is a process of its own with torch "
+                                  "loaded (about 300 MB); spread a larger swarm over hosts (`swarmnet init`), or study "
+                                  "one of 10^4+ nodes with `swarmnet simulate`")
             peers = [PeerProcess(f"peer{i}", i, _listen(transport, run_dir, f"peer{i}"), []) for i in range(cfg.run.peers)]
         if len({p.name for p in peers}) != len(peers):
             raise ConfigError("peer names must be unique")
@@ -157,6 +163,11 @@ class LaunchPlan:
             except OSError as exc:
                 raise unwritable_run_dir(run_dir / p.name, exc) from None
         return plan
+
+
+def max_local_peers() -> int:
+    """The most peers `up` starts on this machine: 8 per core, at least 16."""
+    return max(16, 8 * (os.cpu_count() or 1))
 
 
 def _listen(transport: str, run_dir: Path, name: str) -> str:

@@ -25,6 +25,14 @@ def test_an_address_for_every_peer_at_once_is_refused(tmp_path):
             plan(tmp_path, {key: "tcp://127.0.0.1:7394"})
 
 
+def test_more_local_peers_than_the_machine_can_hold_are_refused_before_any_start(tmp_path):
+    from swarmnet.launch import max_local_peers
+
+    with pytest.raises(ConfigError, match=r"peers asked \(--peers or run.peers\), but this machine runs at most"):
+        plan(tmp_path, {"run.peers": max_local_peers() + 1})
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_epoch_budget_beyond_the_largest_step_count_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"train.epochs comes to .* steps of .* past the largest budget"):
         plan(tmp_path, {"train.epochs": 1e15, "train.steps": 0})
