@@ -414,6 +414,9 @@ class PeerManifest:
     key: str = ""
     """This peer's secret key file (overrides security.key; allow-list swarms give each peer its own)."""
 
+    def __post_init__(self) -> None:
+        _require(self.rank >= -1, "rank", "must be >= 0, or -1 to read it from the environment")
+
 
 PEER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 

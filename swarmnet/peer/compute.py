@@ -413,6 +413,10 @@ class ComputeLoop(Replica):
                               f"{detail}); {fix}") from None
         self._saved_step = self.step
         self.log.info("resumed from %s at step %d", self.checkpoint_path, self.step)
+        if self.step >= self.plan.total_steps:
+            self.log.warning("the checkpoint is at step %d, the budget is %d steps: this run takes no step (it "
+                             "only merges while it lingers); give a larger budget (--steps, --epochs) to train "
+                             "on, or --fresh to start over", self.step, self.plan.total_steps)
         return True
 
     def adopt(self, values_N: torch.Tensor, clock: int, step: int) -> None:

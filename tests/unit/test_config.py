@@ -242,6 +242,9 @@ def test_manifest_values_are_named_by_the_manifest(tmp_path):
     manifest = write(tmp_path, "listen = 'tcp://127.0.0.1:70000'\n", "gpu0.toml")
     result = CliRunner().invoke(app, ["peer", "--peer", str(manifest)])
     assert result.exit_code == 2 and f"{manifest} (listen): network.listen:" in result.output  # the manifest's key too
+    negative = write(tmp_path, "rank = -5\n", "gpu1.toml")  # once taken for -1: the rank from the environment
+    result = CliRunner().invoke(app, ["peer", "--peer", str(negative)])
+    assert result.exit_code == 2 and f"{negative}: rank: must be >= 0, or -1" in result.output, result.output
 
 
 def test_advertised_address_from_an_interface():
