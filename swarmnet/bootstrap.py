@@ -248,7 +248,10 @@ spec:
               --advertise "tcp://swarmnet-$JOB_COMPLETION_INDEX.swarmnet:{port}"
               --seed "tcp://swarmnet-0.swarmnet:{port}"
               --device cuda:0 --run-dir /data/runs
-          resources:
+          resources:  # requests: without them the pods are the first evicted under pressure
+            requests:
+              cpu: "2"  # the training thread, and the exchange, serving and gossip beside it
+              memory: 8Gi  # a few copies of the model and the task's data: size to yours
             limits:
               nvidia.com/gpu: 1
           volumeMounts:

@@ -86,6 +86,7 @@ def test_kubernetes_manifest(tmp_path: Path) -> None:
     assert job["completionMode"] == "Indexed" and job["completions"] == job["parallelism"] == 3
     pod = job["template"]["spec"]
     assert pod["restartPolicy"] == "OnFailure" and pod["subdomain"] == kinds["Service"]["metadata"]["name"]
+    assert pod["containers"][0]["resources"]["requests"] == {"cpu": "2", "memory": "8Gi"}  # not BestEffort
     args = pod["containers"][0]["args"][0]
     assert '--rank "$JOB_COMPLETION_INDEX"' in args and "tcp://swarmnet-0.swarmnet:7100" in args
     assert '--advertise "tcp://swarmnet-$JOB_COMPLETION_INDEX.swarmnet:7100"' in args
