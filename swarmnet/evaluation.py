@@ -101,9 +101,9 @@ class SnapshotReader:
     clock (it sends clock -1, below any peer's) and is never gossiped about (it sends no HELLO)."""
 
     def __init__(self, codec: Codec, *, max_frame_bytes: int, timeout: float = 30.0,
-                 curve: CurveKeys | None = None) -> None:
+                 curve: CurveKeys | None = None, slowest_rate: float | None = None) -> None:
         self.codec = codec
-        self.transports = TransportSet(curve)
+        self.transports = TransportSet(curve, slowest_rate=slowest_rate)
         self.client = PeerClient(sender=f"eval-{secrets.token_hex(3)}", transports=self.transports,
                                  limits=Limits(max_frame_bytes=max_frame_bytes), timeout=timeout,
                                  stats=PeerStats(), max_frame_bytes=max_frame_bytes)
@@ -195,7 +195,8 @@ def evaluate_swarm(cfg: SwarmConfig, *, seeds: list[str], run_dir: Path | None =
         chosen = found[:peers] if peers > 0 else found
         net, largest = cfg.network, max(sizes)
         reader = SnapshotReader(codec, max_frame_bytes=net.frame_limit(largest),
-                                timeout=max(timeout, net.transfer_timeout(largest)), curve=curve)
+                                timeout=max(timeout, net.transfer_timeout(largest)), curve=curve,
+                                slowest_rate=net.min_transfer_rate)
         sum_N: Tensor | None = None
         squares, pulled = 0.0, []
         try:

@@ -491,38 +491,40 @@ class ComputeLoop(Replica):
         or ``error: ...`` when a step raised)."""
         self.model.train()
         self.stats.state = "training"
-        reason = "budget"
         while self.step < self.plan.total_steps:
             if self.stop.is_set():
-                reason = "stopped"
-                break
+                return "stopped"
+            step = self.step + 1
             try:
-                self.train_step()
+                if not self._one_step():
+                    return "diverged"
             except Exception as exc:  # the task's code (data, model, loss) or the device: the peer
                 # still stops as after any end, its last steps checkpointed and a summary saying why.
                 self.log.error("step %d failed: %s; the peer stops and checkpoints the model as of its last "
-                               "step (fix the cause, then restart it to resume)", self.step + 1, what_failed(exc),
+                               "step (fix the cause, then restart it to resume)", step, what_failed(exc),
                                exc_info=exc)
-                reason = f"error: step {self.step + 1} failed: {what_failed(exc)}"
-                break
-            try:
-                self.merge_pending()
-            except ModelDiverged as exc:  # the last finite snapshot stays published
-                self.log.error("%s", exc)
-                reason = "diverged"
-                break
-            if self.cfg.train.slowdown > 1 or self.cfg.train.step_pad_s > 0:
-                self.pad_step()
-            if self.step % self.cfg.train.metrics_every == 0 and not self.write_metrics():
-                reason = "diverged"
-                break
-            every = self.cfg.train.eval_every
-            if every and self.step % every == 0:
-                self.evaluate_or_log()
-            interval = self.cfg.train.checkpoint_every
-            if interval and time.monotonic() - self._last_checkpoint >= interval:
-                self.save_checkpoint()
-        return reason
+                return f"error: step {step} failed: {what_failed(exc)}"
+        return "budget"
+
+    def _one_step(self) -> bool:
+        """A training step and what follows it between steps; False when the model diverged."""
+        self.train_step()
+        try:
+            self.merge_pending()
+        except ModelDiverged as exc:  # the last finite snapshot stays published
+            self.log.error("%s", exc)
+            return False
+        if self.cfg.train.slowdown > 1 or self.cfg.train.step_pad_s > 0:
+            self.pad_step()
+        if self.step % self.cfg.train.metrics_every == 0 and not self.write_metrics():
+            return False
+        every = self.cfg.train.eval_every
+        if every and self.step % every == 0:
+            self.evaluate_or_log()
+        interval = self.cfg.train.checkpoint_every
+        if interval and time.monotonic() - self._last_checkpoint >= interval:
+            self.save_checkpoint()
+        return True
 
     def train_step(self) -> None:
         started = time.monotonic()

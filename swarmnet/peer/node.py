@@ -58,7 +58,7 @@ from swarmnet.peer.server import PeerServer
 from swarmnet.peer.state import Mailbox, MergeGate, SnapshotStore
 from swarmnet.peer.stats import PeerStats
 from swarmnet.security import dial_target, exposure_warning, peer_keys, split_address, with_key
-from swarmnet.tasks import load_task
+from swarmnet.tasks import load_task, what_failed
 from swarmnet.transport import TransportSet
 from swarmnet.wire import Limits, MsgType, fit_cards, request
 
@@ -131,7 +131,10 @@ def resolve_rank(explicit: int) -> int | None:
 
 
 class Peer:
-    def __init__(self, cfg: SwarmConfig, identity: PeerIdentity, *, resume: bool = True) -> None:
+    def __init__(self, cfg: SwarmConfig, identity: PeerIdentity, *, resume: bool = True,
+                 set_aside_earlier: bool = False) -> None:
+        """``set_aside_earlier``: move an earlier run's files out of the peer's folder first
+        (`swarmnet peer --fresh`; the user API keeps appending to its metrics, as before)."""
         self.cfg = cfg
         self.name = identity.name
         if identity.rank is None and cfg.train.shard == "partition" and shard_count(cfg.run.peers) > 1:
@@ -157,7 +160,7 @@ class Peer:
         net = cfg.network
         self.curve = peer_keys(cfg.security, on_refused=self._count_refused,
                                on_broken_handshake=self._count_broken_handshake)
-        self.transports = TransportSet(self.curve)
+        self.transports = TransportSet(self.curve, slowest_rate=net.min_transfer_rate)
         self.table = PeerTable(self.id, dead_after=net.dead_after, backoff=net.failure_backoff)
         self.rng = random.Random(zlib.crc32(self.id.encode()))
         self.address = ""
@@ -171,8 +174,12 @@ class Peer:
         it started with (a newcomer among them does not adopt this peer's model, newcomer.py)."""
         self.claim = DirectoryClaim(self.peer_dir, self.log)
         """Held until the peer has stopped (:meth:`release_dir`): one live peer per directory."""
-        if not resume:
-            set_aside_earlier_files(self.peer_dir, self.log)
+        if set_aside_earlier:
+            try:
+                set_aside_earlier_files(self.peer_dir, self.log)
+            except BaseException:
+                self.release_dir()  # a caller that fixes the cause may start it again in this process
+                raise
         for earlier in ("card.json", "summary.json"):  # an earlier run's would pass for this one's
             with contextlib.suppress(OSError):
                 (self.peer_dir / earlier).unlink(missing_ok=True)
@@ -263,7 +270,14 @@ class Peer:
                     if reason == "budget":
                         await self._settle(compute, compute_thread, linger_until)
                     await self.drain()
-                    unsaved = await loop.run_in_executor(compute_thread, compute.finalize)
+                    try:
+                        unsaved = await loop.run_in_executor(compute_thread, compute.finalize)
+                    except Exception as exc:  # a device left unusable by the error that ended the run
+                        self.log.error("stopping failed: %s; no final checkpoint was written", what_failed(exc),
+                                       exc_info=exc)
+                        unsaved = f"stopping failed: {what_failed(exc)}"
+                        if reason in FINISHED_WELL or not reason.startswith("error"):
+                            reason = f"error: {unsaved}"
                     if unsaved and reason in FINISHED_WELL:  # a script must not take the model for saved
                         reason = f"final checkpoint not written: {unsaved}"
                     summarized = self.write_summary(reason, time.monotonic() - started, steps=compute.step,
@@ -534,7 +548,7 @@ async def run_peer(cfg: SwarmConfig, identity: PeerIdentity, *, resume: bool = T
     import signal
 
     try:
-        peer = Peer(cfg, identity, resume=resume)
+        peer = Peer(cfg, identity, resume=resume, set_aside_earlier=not resume)
     except ConfigError as exc:
         get_logger("peer").error("%s", exc)
         return 2

@@ -474,7 +474,7 @@ async def check_process_frozen_mid_request(case: TransportCase) -> None:
     if not case.notices_frozen:
         pytest.skip(f"{case.name} notices a frozen far end only at the request's deadline (documented)")
     async with _transport(case) as transport, _child_listener(case, "hold") as (child, address):
-        conn = transport.connect(address)
+        conn = transport.connect(address, max_frame_bytes=2**20)  # a frame in transit may take long: none here
         request = asyncio.create_task(conn.request([b"hold this"], timeout=60))
         assert await _read_line(child) == "received"
         child.send_signal(signal.SIGSTOP)

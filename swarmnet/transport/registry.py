@@ -53,22 +53,28 @@ class TransportSet:
 
     With ``curve`` keys every transport must authenticate: classes that declare
     ``supports_curve = True`` are built as ``cls(curve=curve)``; any other scheme is refused.
+    ``slowest_rate`` (network.min_transfer_rate) goes to classes that declare
+    ``supports_slowest_rate = True``: a transport that drops silent peers must allow a frame that
+    long in transit.
     """
 
-    def __init__(self, curve: CurveKeys | None = None) -> None:
+    def __init__(self, curve: CurveKeys | None = None, slowest_rate: float | None = None) -> None:
         self._by_class: dict[type[Transport], Transport] = {}
         self._curve = curve
+        self._slowest_rate = slowest_rate
 
     def for_url(self, url: str) -> Transport:
         cls = transport_class(url)
         if cls not in self._by_class:
-            if self._curve is None:
-                self._by_class[cls] = cls()
-            elif getattr(cls, "supports_curve", False):
-                self._by_class[cls] = cls(curve=self._curve)  # type: ignore[call-arg]
-            else:
-                raise ConfigError(f"{scheme_of(url)}:// addresses cannot authenticate peers; with "
-                                  "[security] enabled use tcp:// or ipc:// addresses")
+            kwargs: dict[str, object] = {}
+            if self._curve is not None:
+                if not getattr(cls, "supports_curve", False):
+                    raise ConfigError(f"{scheme_of(url)}:// addresses cannot authenticate peers; with "
+                                      "[security] enabled use tcp:// or ipc:// addresses")
+                kwargs["curve"] = self._curve
+            if self._slowest_rate is not None and getattr(cls, "supports_slowest_rate", False):
+                kwargs["slowest_rate"] = self._slowest_rate
+            self._by_class[cls] = cls(**kwargs)
         return self._by_class[cls]
 
     async def aclose(self) -> None:

@@ -194,7 +194,18 @@ HEARTBEAT_TIMEOUT_S = 3.0
 HEARTBEAT_IVL_S) is dropped, which ends its request in flight at once. A frozen peer (SIGSTOP, a
 hung host) keeps its TCP connections open and would otherwise hold a pull for its whole
 deadline (10 s and more); a live one answers from libzmq's I/O thread whatever its Python code is
-doing, and any traffic counts, so slow replies and long transfers are not cut."""
+doing. libzmq counts only whole frames as an answer, and a PONG queues behind a frame in
+transit either way, so a connection allows this plus the time its largest frame takes at the
+slowest rate a transfer may go (:func:`silence_allowed`): long transfers are never cut."""
+
+SLOWEST_RATE = 50e6
+"""Bytes per second a frame may arrive at, at the least, unless the transport is told otherwise
+(network.min_transfer_rate's default; a peer passes its own)."""
+
+
+def silence_allowed(max_frame_bytes: int, slowest_rate: float) -> float:
+    """Seconds a connection may go without a whole frame from its peer before it is dropped."""
+    return HEARTBEAT_TIMEOUT_S + max_frame_bytes / slowest_rate
 
 LOST = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
 """Monitor events that end a pending request: the peer went away, or refused the connection."""
@@ -210,15 +221,16 @@ HANDSHAKE_LOG_EVERY_S = 10.0
 
 
 def _lost_because(event: int, value: int, secured: bool, handshake_s: float,
-                  handshake_ivl: float) -> tuple[type[TransportError], str]:
+                  handshake_ivl: float, silence_s: float = HEARTBEAT_TIMEOUT_S) -> tuple[type[TransportError], str]:
     """The error a client's monitor event ends a request with, and what to say after
     "connection to ADDR". ``secured``: the client runs CURVE; ``handshake_s``: seconds since
-    the TCP connection was made; ``handshake_ivl``: libzmq's deadline for the handshake."""
+    the TCP connection was made; ``handshake_ivl``: libzmq's deadline for the handshake;
+    ``silence_s``: the heartbeat's allowance."""
     if event == zmq.EVENT_CONNECT_RETRIED:
         return TransportError, " refused"
     if event == zmq.EVENT_DISCONNECTED:
-        return TransportError, (f" lost mid-request: the peer closed it or died, or sent nothing for "
-                                f"{HEARTBEAT_TIMEOUT_S:g}s (frozen, or cut off)")
+        return TransportError, (f" lost mid-request: the peer closed it or died, or answered no heartbeat "
+                                f"for {silence_s:.3g}s (frozen, or cut off)")
     if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and handshake_s >= handshake_ivl / 2:
         # A peer that drops a bad handshake does so at once; this one never answered it.
         return TransportError, f": no handshake within {handshake_ivl:g}s (a frozen or overloaded peer)"
@@ -395,10 +407,11 @@ def _ipc_held(url: str) -> bool:
 
 class ZmqConnection(Connection):
     def __init__(self, ctx: zmq.asyncio.Context, address: str, max_frame_bytes: int,
-                 curve: CurveKeys | None = None) -> None:
+                 curve: CurveKeys | None = None, slowest_rate: float = SLOWEST_RATE) -> None:
         self._ctx = ctx
         self.address = address
         self._max = max_frame_bytes
+        self._silence_s = silence_allowed(max_frame_bytes, slowest_rate)
         self._curve = curve
         self._dial, self._server_key = address, b""
         self._refusal = ""
@@ -441,7 +454,7 @@ class ZmqConnection(Connection):
             sock.setsockopt(zmq.RECONNECT_IVL, 100)
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
             sock.setsockopt(zmq.HEARTBEAT_IVL, int(HEARTBEAT_IVL_S * 1000))
-            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(HEARTBEAT_TIMEOUT_S * 1000))
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, min(2**31 - 1, int(self._silence_s * 1000)))
             if self._curve is not None:
                 _secure_client(sock, self._curve, self._server_key)
             monitor = sock.get_monitor_socket(PROGRESS | LOST | BROKEN_HANDSHAKE)
@@ -487,7 +500,7 @@ class ZmqConnection(Connection):
                 if waiting is not None and not waiting.done():
                     since = time.monotonic() - (self._connected_at or time.monotonic())
                     self._lost = _lost_because(event["event"], int(event["value"]), self._curve is not None,
-                                               since, self._handshake_ivl)
+                                               since, self._handshake_ivl, self._silence_s)
                     waiting.cancel()
 
     def _note(self, event: int) -> None:
@@ -576,14 +589,18 @@ class ZmqConnection(Connection):
 
 
 class ZmqTransport(Transport):
-    """``curve``: authenticate every socket with these keys (None: plain ZeroMQ)."""
+    """``curve``: authenticate every socket with these keys (None: plain ZeroMQ).
+    ``slowest_rate``: bytes per second a frame may arrive at, at the least (how long a
+    connection waits for a frame in transit before taking its peer for frozen)."""
 
     schemes = ("tcp", "ipc", "inproc")
     supports_curve = True
+    supports_slowest_rate = True
 
-    def __init__(self, curve: CurveKeys | None = None) -> None:
+    def __init__(self, curve: CurveKeys | None = None, slowest_rate: float = SLOWEST_RATE) -> None:
         self._ctx = zmq.asyncio.Context.instance()
         self._curve = curve
+        self._slowest_rate = slowest_rate
         self._listeners: list[ZmqListener] = []
         self._connections: list[ZmqConnection] = []
 
@@ -630,7 +647,7 @@ class ZmqTransport(Transport):
 
     def connect(self, url: str, *, max_frame_bytes: int = 2**31 - 1) -> Connection:
         self.check_open()
-        conn = ZmqConnection(self._ctx, url, max_frame_bytes, self._curve)
+        conn = ZmqConnection(self._ctx, url, max_frame_bytes, self._curve, self._slowest_rate)
         self._connections = [c for c in self._connections if not c.closed]
         self._connections.append(conn)
         return conn

@@ -79,13 +79,13 @@ def test_eval_reads_a_lattice_swarm_that_merges_every_few_milliseconds(tmp_path,
                             str(swarm.run_dir), "--set", 'task.options={"hidden": 16}'],
                            capture_output=True, text=True, timeout=120)
     assert other.returncode == 2 and "pass the swarm's own config (--config" in other.stderr, other.stderr
-    # An unwritable --json path: the result is still printed, then the failed write reported.
+    # A --json path that cannot be written is refused before the swarm is asked, not after.
     (tmp_path / "a-file").write_text("")
     unwritable = subprocess.run([sys.executable, "-m", "swarmnet", "eval", "--config", str(config), "--run-dir",
                                  str(swarm.run_dir), "--bn-batches", "0", "--json", str(tmp_path / "a-file" / "e.json")],
                                 capture_output=True, text=True, timeout=120)
-    assert unwritable.returncode == 1 and "cannot write" in unwritable.stderr, unwritable.stderr
-    assert json.loads(unwritable.stdout)["peers_averaged"] == 2
+    assert unwritable.returncode == 2 and "which is not a directory; choose a writable path" in unwritable.stderr, \
+        unwritable.stderr
     swarm.signal(signal.SIGTERM)
     assert swarm.wait(60) == 143
 
