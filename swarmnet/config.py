@@ -60,8 +60,13 @@ class TaskConfig:
 BUDGETS = ("steps", "epochs", "sequential_epochs")
 DEFAULT_STEPS = 1000
 """The budget when none of BUDGETS is set."""
-WILDCARD_HOSTS = ("0.0.0.0", "://*", "[::]")
+WILDCARD_HOSTS = ("0.0.0.0", "*", "::")
 """How a bind address says "every interface": no peer can dial it."""
+
+
+def is_wildcard(url: str) -> bool:
+    """Whether a tcp:// address names every interface rather than one a peer can dial."""
+    return url.startswith("tcp://") and urlsplit(url).hostname in WILDCARD_HOSTS
 MAX_STEPS = 2**53
 """The largest budget in steps (a step count stays exact as a float, and fits the wire's integers)."""
 
@@ -270,7 +275,7 @@ class NetworkConfig:
         _check_address("listen", self.listen, "tcp://127.0.0.1:0", lowest_port=0)
         if self.advertise:
             _check_address("advertise", self.advertise, "tcp://10.0.0.1:7000")
-            _require(not any(every in self.advertise for every in WILDCARD_HOSTS), "advertise",
+            _require(not is_wildcard(self.advertise), "advertise",
                      f"{self.advertise!r} is a wildcard, not an address other peers can dial: give this host's "
                      "reachable IP or name (e.g. tcp://10.0.0.1:7000), or set network.interface instead")
         for seed in self.seeds:

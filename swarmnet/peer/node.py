@@ -41,7 +41,7 @@ import torch
 from swarmnet import __version__, jsonsafe
 from swarmnet.algorithms import PhaseClock, parse_topology
 from swarmnet.codecs import make_codec
-from swarmnet.config import WILDCARD_HOSTS, SwarmConfig, check_device, check_peer_name, to_dict
+from swarmnet.config import SwarmConfig, check_device, check_peer_name, is_wildcard, to_dict
 from swarmnet.errors import ConfigError, SwarmError, unwritable_run_dir
 from swarmnet.log import PeerLogAdapter, get_logger
 from swarmnet.peer import checkpoint
@@ -342,7 +342,7 @@ class Peer:
             if self.curve is not None and self.curve.per_peer:
                 self.address = with_key(self.address, self.curve.public)
             self.table.self_addr = self.address
-            if any(every in self.address for every in WILDCARD_HOSTS):
+            if is_wildcard(self.address):
                 raise ConfigError(f"listening on {listener.address}: set network.advertise (--advertise) to the "
                                   "address other peers should dial, or network.interface (--interface) to "
                                   "advertise an interface's address")

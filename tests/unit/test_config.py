@@ -66,6 +66,7 @@ def test_defaults_and_bundled_configs_load():
         ("[network]\nlisten = 'tcp://127.0.0.1:99999'", "network.listen: 'tcp://127.0.0.1:99999' needs a port in 0..65535"),
         ("[network]\nadvertise = 'tcp://10.0.0.1:0'", "network.advertise: 'tcp://10.0.0.1:0' needs a port in 1..65535"),
         ("[network]\nadvertise = 'tcp://0.0.0.0:7000'", "network.advertise: 'tcp://0.0.0.0:7000' is a wildcard, not an"),
+        ("[network]\nadvertise = 'tcp://[::]:7000'", "network.advertise: 'tcp://[::]:7000' is a wildcard, not an"),
         ("[train]\nsteps = 99999999999999999999", "train.steps: must be in 1..9007199254740992"),
         ("[train]\nepochs = 1e308", "train.epochs: must be a finite number >= 0 and <= 9007199254740992"),
         ("[run]\ndir = ''", "run.dir: must name a directory"),
@@ -103,6 +104,8 @@ def test_good_addresses_and_zero_budgets_beside_a_budget_load(tmp_path):
                            "advertise = 'tcp://[::1]:7000'\nseeds = ['ipc:///tmp/p.sock', 'file:///r/card.json']\n")
     cfg = load_config(path)
     assert cfg.train.epochs == 2.5 and cfg.network.listen == "tcp://0.0.0.0:65535"
+    # A host whose address holds 0.0.0.0 as text is no wildcard.
+    assert load_config(path, {"network.advertise": "tcp://10.0.0.0:7000"}).network.advertise == "tcp://10.0.0.0:7000"
 
 
 def test_no_budget_means_the_default_steps_and_survives_a_round_trip(tmp_path):
