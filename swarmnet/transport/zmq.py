@@ -433,6 +433,9 @@ class ZmqConnection(Connection):
         """The send or receive of the request in flight, which the watcher cancels when the
         connection is lost or refused (``_lost`` then says which)."""
         self._lost: tuple[type[TransportError], str] | None = None
+        self._loss_seen: tuple[type[TransportError], str] | None = None
+        """The last loss the watcher read since the request in flight began, whether or not it
+        could still end that request (see _loss_seen_late)."""
         self._connected_at: float | None = None
         """When the monitor last reported a TCP connection made (the handshake starts there);
         None while the socket has none."""
@@ -496,11 +499,12 @@ class ZmqConnection(Connection):
                 self._note(event["event"])
                 if event["event"] & PROGRESS:
                     continue
+                since = time.monotonic() - (self._connected_at or time.monotonic())
+                self._loss_seen = _lost_because(event["event"], int(event["value"]), self._curve is not None,
+                                                since, self._handshake_ivl, self._silence_s)
                 waiting = self._waiting
                 if waiting is not None and not waiting.done():
-                    since = time.monotonic() - (self._connected_at or time.monotonic())
-                    self._lost = _lost_because(event["event"], int(event["value"]), self._curve is not None,
-                                               since, self._handshake_ivl, self._silence_s)
+                    self._lost = self._loss_seen
                     waiting.cancel()
 
     def _note(self, event: int) -> None:
@@ -525,6 +529,26 @@ class ZmqConnection(Connection):
                 raise EndpointClosed(f"connection to {self.address} is closed")
         while self._queued.get(zmq.EVENTS) & zmq.POLLIN:
             self._note(parse_monitor_message(self._queued.recv_multipart(zmq.DONTWAIT))["event"])
+
+    def _loss_seen_late(self) -> tuple[type[TransportError], str] | None:
+        """At the deadline: a loss the monitor reported that the watcher had no turn to act on
+        before it (an event loop stalled past the deadline, on a loaded machine), read by then or
+        still queued. The request failed for that reason, not for the peer's silence."""
+        if self._loss_seen is not None:
+            return self._loss_seen
+        events = []
+        if self._event is not None and self._event.done() and not self._event.cancelled() \
+                and self._event.exception() is None:
+            events.append(parse_monitor_message(self._event.result()))
+        while self._queued is not None and self._queued.get(zmq.EVENTS) & zmq.POLLIN:
+            events.append(parse_monitor_message(self._queued.recv_multipart(zmq.DONTWAIT)))
+        for event in events:
+            self._note(event["event"])
+            if not event["event"] & PROGRESS:
+                since = time.monotonic() - (self._connected_at or time.monotonic())
+                return _lost_because(event["event"], int(event["value"]), self._curve is not None, since,
+                                     self._handshake_ivl, self._silence_s)
+        return None
 
     async def _await(self, fut: asyncio.Future[Any]) -> Any:
         """Await one step of the request; a cancellation by the watcher (not of our own task)
@@ -552,11 +576,16 @@ class ZmqConnection(Connection):
                 async with asyncio.timeout_at(deadline):
                     if self._sock is not None:  # a fresh socket's events are all about this request
                         await self._forget_earlier_events()
+                    self._loss_seen = None
                     sock = self._socket()
                     await self._await(sock.send_multipart(frames, copy=False))
                     parts = await self._await(sock.recv_multipart(copy=False))
             except TimeoutError:
-                # The watcher had the whole wait to read the monitor: what it saw stands.
+                lost = self._loss_seen_late()
+                if lost is not None:
+                    self._reset()
+                    error, why = lost
+                    raise error(f"connection to {self.address}{why}") from None
                 why = _silent_because(self._dial.startswith("tcp://") and self._sock is not None,
                                       self._connected_at is not None, self._handshaken)
                 self._reset()

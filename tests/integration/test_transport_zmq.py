@@ -124,6 +124,21 @@ async def test_unreachable_peer_fails_fast():
     await transports.aclose()
 
 
+async def test_a_refusal_the_stalled_loop_did_not_see_in_time_is_still_a_refusal():
+    """The event loop stalled past the deadline (a loaded machine) while the refusal sat on the
+    monitor: the request failed because nobody listens, not because a peer stayed silent."""
+    with socket.create_server(("127.0.0.1", 0)) as gone:  # a port nobody listens on once closed
+        port = gone.getsockname()[1]
+    transports = TransportSet()
+    conn = transports.for_url("tcp://127.0.0.1:0").connect(f"tcp://127.0.0.1:{port}")
+    request = asyncio.create_task(conn.request([b"x"], timeout=0.3))
+    await asyncio.sleep(0)  # the request has dialled, and the loop has not looked at the monitor since
+    time.sleep(1.0)  # the loop stalls past the deadline; libzmq's thread is refused meanwhile
+    with pytest.raises(TransportError, match="refused"):
+        await request
+    await transports.aclose()
+
+
 async def test_a_timeout_says_how_far_the_connection_got():
     """Without a reply, a timeout tells a peer that took the request (busy) from one that never
     completed the ZeroMQ handshake (frozen, or not a ZeroMQ listener: its kernel still accepts
