@@ -276,7 +276,7 @@ class Peer:
                         self.log.error("stopping failed: %s; no final checkpoint was written", what_failed(exc),
                                        exc_info=exc)
                         unsaved = f"stopping failed: {what_failed(exc)}"
-                        if reason in FINISHED_WELL or not reason.startswith("error"):
+                        if not reason.startswith("error"):  # the first error is the one to tell
                             reason = f"error: {unsaved}"
                     if unsaved and reason in FINISHED_WELL:  # a script must not take the model for saved
                         reason = f"final checkpoint not written: {unsaved}"

@@ -227,6 +227,16 @@ def test_a_step_that_raises_ends_the_peer_with_its_checkpoint_and_a_summary_sayi
         assert f"{row['name']}: {why}" in log, log  # the whole reason, under the table
 
 
+def test_a_failure_while_stopping_still_leaves_a_summary_saying_why(swarm_factory):
+    config = lsq_config(steps=100) | {"run": {"peers": 2, "seed": 0}}
+    config["task"]["spec"] = "tests.integration.failing_step_task:unsavable"
+    swarm = swarm_factory(config)
+    assert swarm.wait(120) == 1
+    for row in swarm.summary()["peers"]:
+        assert not row["ok"] and row["steps"] == 100, row
+        assert row["reason"].startswith("error: stopping failed: RuntimeError: the device is gone (at "), row
+
+
 def test_the_launcher_says_why_a_peer_stopped_without_a_summary(swarm_factory):
     config = lsq_config(steps=5000) | {"run": {"peers": 2, "seed": 0}}
     config["task"]["options"] = {"dim": 8192, "samples": 64}
