@@ -499,13 +499,24 @@ class ZmqConnection(Connection):
                 self._note(event["event"])
                 if event["event"] & PROGRESS:
                     continue
-                since = time.monotonic() - (self._connected_at or time.monotonic())
-                self._loss_seen = _lost_because(event["event"], int(event["value"]), self._curve is not None,
-                                                since, self._handshake_ivl, self._silence_s)
+                self._loss_seen = self._loss(event)
                 waiting = self._waiting
                 if waiting is not None and not waiting.done():
                     self._lost = self._loss_seen
                     waiting.cancel()
+
+    def _loss(self, event: dict[str, Any]) -> tuple[type[TransportError], str]:
+        """What a monitor event that ends a request says (see _lost_because)."""
+        since = time.monotonic() - (self._connected_at or time.monotonic())
+        return _lost_because(event["event"], int(event["value"]), self._curve is not None, since,
+                             self._handshake_ivl, self._silence_s)
+
+    def _read_queued(self) -> list[dict[str, Any]]:
+        """The monitor's events that nobody has read yet, read now (without waiting)."""
+        events = []
+        while self._queued is not None and self._queued.get(zmq.EVENTS) & zmq.POLLIN:
+            events.append(parse_monitor_message(self._queued.recv_multipart(zmq.DONTWAIT)))
+        return events
 
     def _note(self, event: int) -> None:
         """Follow how far the connection got."""
@@ -527,8 +538,8 @@ class ZmqConnection(Connection):
             await asyncio.sleep(0)
             if self._queued is None:  # closed meanwhile
                 raise EndpointClosed(f"connection to {self.address} is closed")
-        while self._queued.get(zmq.EVENTS) & zmq.POLLIN:
-            self._note(parse_monitor_message(self._queued.recv_multipart(zmq.DONTWAIT))["event"])
+        for event in self._read_queued():
+            self._note(event["event"])
 
     def _loss_seen_late(self) -> tuple[type[TransportError], str] | None:
         """At the deadline: a loss the monitor reported that the watcher had no turn to act on
@@ -536,18 +547,13 @@ class ZmqConnection(Connection):
         still queued. The request failed for that reason, not for the peer's silence."""
         if self._loss_seen is not None:
             return self._loss_seen
-        events = []
-        if self._event is not None and self._event.done() and not self._event.cancelled() \
-                and self._event.exception() is None:
-            events.append(parse_monitor_message(self._event.result()))
-        while self._queued is not None and self._queued.get(zmq.EVENTS) & zmq.POLLIN:
-            events.append(parse_monitor_message(self._queued.recv_multipart(zmq.DONTWAIT)))
-        for event in events:
+        read = self._event is not None and self._event.done() and not self._event.cancelled() \
+            and self._event.exception() is None
+        events = [parse_monitor_message(self._event.result())] if read else []  # type: ignore[union-attr]
+        for event in events + self._read_queued():
             self._note(event["event"])
             if not event["event"] & PROGRESS:
-                since = time.monotonic() - (self._connected_at or time.monotonic())
-                return _lost_because(event["event"], int(event["value"]), self._curve is not None, since,
-                                     self._handshake_ivl, self._silence_s)
+                return self._loss(event)
         return None
 
     async def _await(self, fut: asyncio.Future[Any]) -> Any:
