@@ -60,6 +60,8 @@ class TaskConfig:
 BUDGETS = ("steps", "epochs", "sequential_epochs")
 DEFAULT_STEPS = 1000
 """The budget when none of BUDGETS is set."""
+MAX_STEPS = 2**53
+"""The largest budget in steps (a step count stays exact as a float, and fits the wire's integers)."""
 WILDCARD_HOSTS = ("0.0.0.0", "*", "::")
 """How a bind address says "every interface": no peer can dial it."""
 
@@ -67,8 +69,6 @@ WILDCARD_HOSTS = ("0.0.0.0", "*", "::")
 def is_wildcard(url: str) -> bool:
     """Whether a tcp:// address names every interface rather than one a peer can dial."""
     return url.startswith("tcp://") and urlsplit(url).hostname in WILDCARD_HOSTS
-MAX_STEPS = 2**53
-"""The largest budget in steps (a step count stays exact as a float, and fits the wire's integers)."""
 
 
 @dataclass(kw_only=True, slots=True)
