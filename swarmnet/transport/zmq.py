@@ -441,6 +441,10 @@ class ZmqConnection(Connection):
         None while the socket has none."""
         self._handshaken = False
         """Whether that connection's ZeroMQ handshake completed."""
+        self._down = False
+        """The socket's connection was lost or refused since it last connected: libzmq redials
+        on its own, but at intervals that grow to RECONNECT_IVL_MAX (2 s), longer than a short
+        request's deadline; the next request dials afresh instead, and learns at once."""
         self._handshake_ivl = 30.0
         self._lock = asyncio.Lock()
         self._closed = False
@@ -470,7 +474,7 @@ class ZmqConnection(Connection):
                 sock.close(linger=0)
                 raise TransportError(f"cannot connect to {self.address}: {exc}") from exc
             self._sock, self._monitor = sock, monitor
-            self._connected_at, self._handshaken = None, False
+            self._connected_at, self._handshaken, self._down = None, False, False
             self._queued = zmq.Socket.shadow(monitor.underlying)
             self._watcher = asyncio.ensure_future(self._watch(monitor))
         return self._sock
@@ -521,11 +525,13 @@ class ZmqConnection(Connection):
     def _note(self, event: int) -> None:
         """Follow how far the connection got."""
         if event == zmq.EVENT_CONNECTED:
-            self._connected_at, self._handshaken = time.monotonic(), False
+            self._connected_at, self._handshaken, self._down = time.monotonic(), False, False
         elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self._handshaken = True
         elif event == zmq.EVENT_DISCONNECTED:
-            self._connected_at, self._handshaken = None, False
+            self._connected_at, self._handshaken, self._down = None, False, True
+        elif event == zmq.EVENT_CONNECT_RETRIED:
+            self._down = True
 
     async def _forget_earlier_events(self) -> None:
         """Drop what the monitor reported before this request, which the loop may not have had
@@ -582,6 +588,8 @@ class ZmqConnection(Connection):
                 async with asyncio.timeout_at(deadline):
                     if self._sock is not None:  # a fresh socket's events are all about this request
                         await self._forget_earlier_events()
+                        if self._down:
+                            self._reset()
                     self._loss_seen = None
                     sock = self._socket()
                     await self._await(sock.send_multipart(frames, copy=False))

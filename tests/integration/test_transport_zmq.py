@@ -139,6 +139,28 @@ async def test_a_refusal_the_stalled_loop_did_not_see_in_time_is_still_a_refusal
     await transports.aclose()
 
 
+async def test_a_peer_gone_while_idle_is_refused_at_once_not_after_libzmqs_redial_interval():
+    """A neighbour killed between two requests: libzmq redials it at intervals growing to 2 s,
+    and a short request (a 1 s hello) that fell between two redials timed out as silence
+    ('no TCP connection was made') in a full-suite run, instead of failing as refused."""
+    transports = TransportSet()
+    transport = transports.for_url("tcp://127.0.0.1:0")
+    for _ in range(2):
+        listener = await transport.listen("tcp://127.0.0.1:0")
+        conn = transport.connect(listener.address)
+        server = asyncio.create_task(echo(listener, times=1))
+        assert [bytes(f) for f in await conn.request([b"a"], timeout=5)] == [b"a"]
+        await server
+        await listener.aclose()
+        await asyncio.sleep(4.0)  # idle: the redial interval has grown to its 2 s cap
+        started = time.monotonic()
+        with pytest.raises(TransportError, match="refused"):
+            await conn.request([b"b"], timeout=0.3)
+        assert time.monotonic() - started < 0.3
+        await conn.aclose()
+    await transports.aclose()
+
+
 async def test_a_timeout_says_how_far_the_connection_got():
     """Without a reply, a timeout tells a peer that took the request (busy) from one that never
     completed the ZeroMQ handshake (frozen, or not a ZeroMQ listener: its kernel still accepts
