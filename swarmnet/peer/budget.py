@@ -23,6 +23,10 @@ import torch
 LOCAL_PEERS_VARIABLES = ("SWARMNET_LOCAL_PEERS", "LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE")
 MIN_SHARE = 0.05
 """With no spare core, overhead may still take this fraction of the peer's share of the CPU."""
+MIN_CORES = 0.01
+"""Nor less than this share of a core, however many peers share one: a peer's background work
+(gossip, heartbeats) is charged too and costs about 0.5% of a core with 16 peers on 2 cores,
+where 5% of a peer's share (0.6% of a core) left almost nothing for merges."""
 
 
 def usable_cores() -> int:
@@ -42,13 +46,14 @@ def local_peers(environ: Mapping[str, str] = os.environ) -> int:
 
 
 def auto_cores(device: torch.device, threads: int, *, cores: int | None = None, peers: int | None = None) -> float:
-    """The spare cores of this peer's share of the machine, at least MIN_SHARE of the share.
+    """The spare cores of this peer's share of the machine, at least MIN_SHARE of the share
+    and MIN_CORES.
 
     A CPU peer's steps use ``threads`` cores; a GPU peer's compute thread needs about one.
     """
     share = (cores or usable_cores()) / (peers or local_peers())
     busy = threads if device.type == "cpu" else 1
-    return max(MIN_SHARE * share, share - busy)
+    return max(MIN_SHARE * share, MIN_CORES, share - busy)
 
 
 def _clock_reader(clock: int) -> Callable[[], float]:
@@ -122,16 +127,23 @@ class CpuBudget:
         self.cores = cores
         self._spent_so_far = spent
         self._capacity = max(cores, 0.0) * window
-        self._credit = self._capacity
-        self._at = time.monotonic()
-        self._spent = self._start = spent()
+        self.start()
         self.waited = 0.0
         """Seconds the exchange has waited for the budget so far."""
         self.used = 0.0
-        """CPU seconds the work has used since the budget was made, as of the last ``delay``."""
+        """CPU seconds the work has used since the budget was made or started, as of the last ``delay``."""
         self.pressure = 0.0
         """Moving average, over the last ten or so ``delay`` calls, of whether the budget asked
         for a wait: near 1 when CPU time, not the network, sets the pace of the interactions."""
+
+    def start(self) -> None:
+        """Count from now, with a full bucket: what the charged threads spent before (a peer's
+        start: joining the swarm, a newcomer's adoption) is not the exchange's work, and charged,
+        it held back the first pulls for seconds (4-6 s of an 11 s run with 16 peers on 2 cores,
+        docs/operations.md)."""
+        self._credit = self._capacity
+        self._at = time.monotonic()
+        self._spent = self._start = self._spent_so_far()
 
     def delay(self) -> float:
         """Seconds to wait before the next interaction (0 when within budget)."""

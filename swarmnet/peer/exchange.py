@@ -95,6 +95,7 @@ class Exchange:
     async def run(self) -> None:
         last = 0.0
         mailbox = self.peer.mailbox
+        self.budget.start()
         while not self._stopping.is_set():
             await mailbox.emptied.wait()
             self.peer.gate.end_own()  # our last merge, if any, has been applied

@@ -67,6 +67,8 @@ def test_auto_leaves_spare_cores_alone_and_keeps_a_floor_when_there_are_none():
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     assert auto_cores(cpu, 1, cores=2, peers=2) == pytest.approx(0.05)  # every core is training
     assert auto_cores(cpu, 1, cores=2, peers=4) == pytest.approx(0.025)
+    # 16 peers on 2 cores: 1% of a core each, not 5% of an eighth (their gossip alone costs about that)
+    assert auto_cores(cpu, 1, cores=2, peers=16) == pytest.approx(0.01)
     assert auto_cores(cpu, 2, cores=16, peers=2) == pytest.approx(6.0)
     assert auto_cores(gpu, 1, cores=64, peers=8) == pytest.approx(7.0)
 
@@ -138,3 +140,13 @@ def test_io_thread_time_is_not_lost_when_the_thread_ends():
         used = io_cpu()
         assert used > 0.01
     assert io_cpu() >= used  # the context's I/O threads have ended
+
+
+def test_work_before_the_start_is_not_charged():
+    """A peer's start (joining, adopting a model) runs on the charged threads before its exchange
+    does; counted, it held back the first pulls for seconds."""
+    budget = CpuBudget(0.1, thread_cpu_clock(threading.get_ident()), window=1.0)
+    burn(0.4)
+    budget.start()
+    assert budget.delay() == 0.0
+    assert budget.used < 0.05
