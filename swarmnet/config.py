@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 from swarmnet.algorithms.schedules import SCHEDULES
 from swarmnet.algorithms.topology import parse_topology
 from swarmnet.errors import ConfigError
+from swarmnet.transport.base import SLOWEST_RATE
 from swarmnet.wire import snapshot_frame_limit
 
 
@@ -264,7 +265,7 @@ class NetworkConfig:
     """Largest single frame accepted (ZeroMQ drops connections that send more). 0: auto, room
     for any snapshot of this peer's model (twice its fp32 size plus 1 MiB), so a stranger's
     frame costs at most about two models of memory, and a model of any size can be pulled."""
-    min_transfer_rate: float = 50e6
+    min_transfer_rate: float = SLOWEST_RATE
     """Slowest rate (bytes per second) a snapshot may move at: a request that moves one (pull,
     nudge, a newcomer's model) gets request_timeout plus the model's fp32 size over this rate
     (+0.02 s for a 1.2 MB model, +8 s for 400 MB). Lower it for slow or shared links."""

@@ -28,6 +28,10 @@ from swarmnet.errors import EndpointClosed, RequestTimeout
 Route = bytes
 """Opaque identity of the requester, handed back to ``Listener.send``."""
 
+SLOWEST_RATE = 50e6
+"""Bytes per second a transfer may move at, at the least, unless a peer says otherwise
+(network.min_transfer_rate's default): how long transports wait for a frame in transit."""
+
 
 class Listener(ABC):
     address: str

@@ -33,7 +33,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from swarmnet.errors import ConfigError, EndpointClosed, RequestTimeout, TransportError
-from swarmnet.transport.base import Connection, Listener, Route, Transport, request_turn
+from swarmnet.transport.base import (
+    SLOWEST_RATE,
+    Connection,
+    Listener,
+    Route,
+    Transport,
+    request_turn,
+)
 
 if TYPE_CHECKING:
     from swarmnet.buffers import Buffer
@@ -51,9 +58,7 @@ QUEUED = 1000
 endpoints until the server catches up (libzmq's default receive high-water mark)."""
 REPLY_TIMEOUT = 30.0
 """Seconds a listener spends pushing one reply before it gives up on the requester, at least:
-a large reply gets longer (REPLY_RATE, and the caller's ``until_sent``)."""
-REPLY_RATE = 50e6
-"""Bytes per second a reply is allowed at the least (network.min_transfer_rate's default)."""
+a large reply gets longer (SLOWEST_RATE, and the caller's ``until_sent``)."""
 CONNECT_TIMEOUT = 5.0
 
 
@@ -191,7 +196,7 @@ class UcxListener(Listener):
 
     async def send(self, route: Route, frames: Sequence[Buffer], *, until_sent: float = 0.0) -> None:
         """A UCX send completes when the transfer has; it is given the longest of REPLY_TIMEOUT,
-        ``until_sent`` and the reply's bytes at REPLY_RATE."""
+        ``until_sent`` and the reply's bytes at SLOWEST_RATE."""
         if self._closed:
             raise EndpointClosed(f"listener {self.address} is closed")
         peer_id, msg_id = _ROUTE.unpack(route)
@@ -200,7 +205,7 @@ class UcxListener(Listener):
             return  # the requester vanished; like a ROUTER socket, drop the reply
         try:
             size = sum(memoryview(f).nbytes for f in frames)
-            async with peer.send_lock, asyncio.timeout(max(REPLY_TIMEOUT, until_sent, size / REPLY_RATE)):
+            async with peer.send_lock, asyncio.timeout(max(REPLY_TIMEOUT, until_sent, size / SLOWEST_RATE)):
                 await _send_message(peer.ep, msg_id, frames)
         except Exception as exc:
             if not (isinstance(exc, TimeoutError) or _failure(self._ucxx, exc)):

@@ -50,7 +50,14 @@ from swarmnet.errors import (
 )
 from swarmnet.log import Throttle
 from swarmnet.security import CurveKeys, dial_target, refuse_inproc, split_address, with_key
-from swarmnet.transport.base import Connection, Listener, Route, Transport, request_turn
+from swarmnet.transport.base import (
+    SLOWEST_RATE,
+    Connection,
+    Listener,
+    Route,
+    Transport,
+    request_turn,
+)
 
 log = logging.getLogger(__name__)
 
@@ -197,10 +204,6 @@ deadline (10 s and more); a live one answers from libzmq's I/O thread whatever i
 doing. libzmq counts only whole frames as an answer, and a PONG queues behind a frame in
 transit either way, so a connection allows this plus the time its largest frame takes at the
 slowest rate a transfer may go (:func:`silence_allowed`): long transfers are never cut."""
-
-SLOWEST_RATE = 50e6
-"""Bytes per second a frame may arrive at, at the least, unless the transport is told otherwise
-(network.min_transfer_rate's default; a peer passes its own)."""
 
 
 def silence_allowed(max_frame_bytes: int, slowest_rate: float) -> float:
