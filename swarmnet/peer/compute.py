@@ -170,6 +170,10 @@ class Replica:
         self._publish_seconds = 0.0
         self._keys_from = 0
         """Merges whose gap was measured from an older snapshot of ours are dropped (:meth:`resync`)."""
+        self.torn_by: str | None = None
+        """Set while a write to the model is under way that an error could leave half done (the
+        optimizer's update, a merge): after such an error the model is neither published nor
+        checkpointed again."""
 
     def current_lr(self) -> float:
         """The learning rate in force, a hint for codecs that follow it."""
@@ -238,6 +242,7 @@ class Replica:
             return
         began = time.thread_time()
         try:
+            self.torn_by = "a merge"
             nudged = self.inbox.drain_into(self.live_N, self.stale_N)
             self.stats.nudges_applied += nudged
             if entry is not None or nudged:
@@ -245,7 +250,9 @@ class Replica:
                 if entry is not None:
                     self.apply(entry)
                     self.stale_N.copy_(self.live_N)
+                self.torn_by = None  # publishing copies the model, it does not write it
                 self.publish(progress, steps)
+            self.torn_by = None
         finally:
             if entry is not None:
                 self.mailbox.release()  # the exchange's next pull keys on what we just published
@@ -469,10 +476,9 @@ class ComputeLoop(Replica):
         except OSError as exc:
             self.stats.checkpoint_errors += 1
             if final:
-                self.log.error("the final checkpoint to %s failed (%s): the model of step %d is lost, the file keeps "
-                               "the last one written (%s); free space or fix permissions before restarting this peer",
-                               self.checkpoint_path, exc.strerror or exc, self.step,
-                               f"step {self._saved_step}" if self._saved_step is not None else "none yet")
+                self.log.error("the final checkpoint to %s failed (%s): the model of step %d is lost, %s; free "
+                               "space or fix permissions before restarting this peer",
+                               self.checkpoint_path, exc.strerror or exc, self.step, self._kept())
             else:
                 self.log.error("checkpoint to %s failed (%s); training goes on, the previous "
                                "checkpoint is intact; free space or fix permissions",
@@ -480,6 +486,12 @@ class ComputeLoop(Replica):
             return str(exc.strerror or exc)
         self._saved_step = self.step
         return None
+
+    def _kept(self) -> str:
+        """What the checkpoint file holds, for the messages about one not written."""
+        if self._saved_step is None:
+            return f"no checkpoint was written to {self.checkpoint_path} before"
+        return f"{self.checkpoint_path} keeps step {self._saved_step}"
 
     def current_lr(self) -> float:
         return self.plan.schedule(self.step, self.clock.value)
@@ -500,10 +512,16 @@ class ComputeLoop(Replica):
                     return "diverged"
             except Exception as exc:  # the task's code (data, model, loss) or the device: the peer
                 # still stops as after any end, its last steps checkpointed and a summary saying why.
-                self.log.error("step %d failed: %s; the peer stops and checkpoints the model as of its last "
-                               "step (fix the cause, then restart it to resume)", step, what_failed(exc),
+                if self.torn_by is None:
+                    self.log.error("step %d failed: %s; the peer stops and checkpoints the model as of its last "
+                                   "step (fix the cause, then restart it to resume)", step, what_failed(exc),
+                                   exc_info=exc)
+                    return f"error: step {step} failed: {what_failed(exc)}"
+                self.log.error("step %d failed in %s: %s; the model may hold part of that write, so the peer stops "
+                               "without publishing or checkpointing it: %s (fix the cause, then restart it to "
+                               "resume from there)", step, self.torn_by, what_failed(exc), self._kept(),
                                exc_info=exc)
-                return f"error: step {step} failed: {what_failed(exc)}"
+                return f"error: step {step} failed in {self.torn_by}: {what_failed(exc)}"
         return "budget"
 
     def _one_step(self) -> bool:
@@ -536,10 +554,12 @@ class ComputeLoop(Replica):
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.task.loss(self.model, batch)
         loss.backward()
+        self.torn_by = "the optimizer's update"  # until the step is counted
         self.optimizer.step()
         self._loss_sum += loss.detach()
         self._loss_count += 1
         self.after_step()
+        self.torn_by = None
         self.stats.lr = lr
         self.stats.epoch = self.step / self.plan.steps_per_epoch
         self._train_step_seconds.append(time.monotonic() - started)
@@ -587,8 +607,14 @@ class ComputeLoop(Replica):
 
     def finalize(self) -> str | None:
         """After the exchange has stopped: merge what was acknowledged, publish, checkpoint,
-        then evaluate. What kept the final checkpoint from being written, None when it was."""
+        then evaluate. What kept the final checkpoint from being written, None when it was.
+        After an error midway through a write to the model (:attr:`torn_by`) only the metrics are."""
         self.inbox.close()
+        if self.torn_by is not None:  # run() said why; the last checkpoint stays as it is
+            if self._loss_count:
+                self.write_metrics()
+            self.metrics.close()
+            return f"the model may hold part of {self.torn_by}; {self._kept()}"
         try:
             self.merge_pending(final=True)
         except ModelDiverged as exc:

@@ -227,6 +227,28 @@ def test_a_step_that_raises_ends_the_peer_with_its_checkpoint_and_a_summary_sayi
         assert f"{row['name']}: {why}" in log, log  # the whole reason, under the table
 
 
+def test_a_step_that_fails_inside_the_optimizer_update_leaves_the_last_good_checkpoint(swarm_factory, tmp_path):
+    """The update of step 45 is applied, then the optimizer raises: the model holds a step that
+    was never counted. It once went into the final checkpoint as step 44's model."""
+    config = lsq_config(steps=400) | {"run": {"peers": 2, "seed": 0}}
+    config["task"]["spec"] = "tests.integration.failing_step_task:failing_update"
+    config["task"]["options"] = {"fail_at": 45, "record": str(tmp_path)}
+    config["train"]["checkpoint_every"] = 1e-6  # after every step: step 44's is the last good one
+    swarm = swarm_factory(config)
+    assert swarm.wait(120) == 1
+    began_from = [torch.load(path) for path in tmp_path.glob("*.pt")]
+    assert len(began_from) == 2
+    for row in swarm.summary()["peers"]:
+        why = "error: step 45 failed in the optimizer's update: RuntimeError: the optimizer broke after its update"
+        assert not row["ok"] and row["reason"].startswith(why) and row["steps"] == 44, row
+        peer_dir = swarm.run_dir / row["name"]
+        saved = checkpoint.load(peer_dir / "checkpoint.pt")
+        assert saved["step"] == 44
+        assert any(all(torch.equal(saved["model"][k], weights[k]) for k in weights) for weights in began_from)
+        log = (peer_dir / "peer.log").read_text()
+        assert "without publishing or checkpointing it" in log and "checkpoint.pt keeps step 44" in log, log[-3000:]
+
+
 def test_a_failure_while_stopping_still_leaves_a_summary_saying_why(swarm_factory):
     config = lsq_config(steps=100) | {"run": {"peers": 2, "seed": 0}}
     config["task"]["spec"] = "tests.integration.failing_step_task:unsavable"
