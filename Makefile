@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: quickstart test gpu-check venv clean
+.PHONY: quickstart test gpu-check gpu-wheels venv clean
 
 $(BIN)/swarmnet: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,10 +39,16 @@ test: venv
 # On a GPU machine: the CUDA path's tests, then codec throughput and the step rate of 4 peers
 # sharing GPU 0 with the exchange on and off (docs/operations.md, GPUs), into runs/gpu/.
 gpu-check: venv
-	mkdir -p runs/gpu
-	$(BIN)/python -m pytest tests/gpu -v -rs
-	$(BIN)/swarmnet bench codecs --device cuda --json runs/gpu/bench-codecs.json
-	$(BIN)/swarmnet bench exchange --device cuda:0 --peers 4 --quick --rounds 1 --json runs/gpu/bench-exchange.json
+	tests/gpu/check.sh $(BIN)/python runs/gpu
+
+# For a GPU node with torch but no package index: the wheels its image may lack, into .whl/
+# (for its Python, GPU_PYTHON_VERSION); there, `SWARMNET_WHEELS=.whl tests/gpu/check.sh`.
+GPU_PYTHON_VERSION ?= 3.12
+GPU_WHEELS ?= pyzmq==27.3.0
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --implementation cp \
+		--python-version $(GPU_PYTHON_VERSION) --platform manylinux_2_28_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) runs
