@@ -16,6 +16,7 @@ from pathlib import Path
 from swarmnet.codecs import CODECS
 from swarmnet.errors import ConfigError
 from swarmnet.log import counted
+from swarmnet.peer.budget import LOCAL_PEERS_VARIABLE
 
 GLIBC_TUNABLES = "glibc.malloc.hugetlb=1"
 """Set for every peer unless its environment says otherwise (swarmnet up, and the files written
@@ -143,11 +144,13 @@ linger = 10.0
 
 
 def render_procfile(plan: SwarmPlan) -> str:
+    """The first host's peers; each is told how many share the host, which its exchange's CPU
+    budget divides the cores by (docs/operations.md), as `swarmnet up` and Slurm tell theirs."""
     lines = [f"# Peers of {plan.hosts[0]} (run `honcho start` there, from this directory). Written by swarmnet init."]
     for peer in plan.peers:
         if peer.host == plan.hosts[0]:
-            lines.append(f"{peer.name}: exec env PYTHONUNBUFFERED=1 {PROCFILE_TUNABLES} swarmnet peer --config {CONFIG_PATH} "
-                         f"--peer peers/{peer.name}.toml")
+            lines.append(f"{peer.name}: exec env PYTHONUNBUFFERED=1 {LOCAL_PEERS_VARIABLE}={plan.gpus_per_host} "
+                         f"{PROCFILE_TUNABLES} swarmnet peer --config {CONFIG_PATH} --peer peers/{peer.name}.toml")
     return "\n".join(lines) + "\n"
 
 

@@ -41,6 +41,7 @@ from swarmnet.errors import ConfigError, unwritable_run_dir
 from swarmnet.evaluation import evaluate_averaged
 from swarmnet.log import counted, get_logger
 from swarmnet.peer import checkpoint
+from swarmnet.peer.budget import LOCAL_PEERS_VARIABLE
 from swarmnet.peer.claim import check_free
 from swarmnet.peer.compute import plan_training, unreached_milestones
 from swarmnet.peer.earlier import set_aside_earlier_peers
@@ -139,8 +140,8 @@ class LaunchPlan:
             base += ["--set", f"{key}={json.dumps(value)}"]
         if fresh:
             base.append("--fresh")
-        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(cfg.device.threads),
-                   SWARMNET_LOCAL_PEERS=str(n))
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(cfg.device.threads))
+        env[LOCAL_PEERS_VARIABLE] = str(n)
         env.setdefault("GLIBC_TUNABLES", GLIBC_TUNABLES)
         plan = cls(cfg, run_dir, peers, base, env)
         task = load_task(cfg.task.spec, cfg.task.options)

@@ -20,7 +20,9 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-LOCAL_PEERS_VARIABLES = ("SWARMNET_LOCAL_PEERS", "LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE")
+LOCAL_PEERS_VARIABLE = "SWARMNET_LOCAL_PEERS"
+"""How many peers share this machine: `swarmnet up` and the Procfiles set it."""
+LOCAL_PEERS_VARIABLES = (LOCAL_PEERS_VARIABLE, "LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE")
 MIN_SHARE = 0.05
 """With no spare core, overhead may still take this fraction of the peer's share of the CPU."""
 MIN_CORES = 0.01
@@ -30,10 +32,12 @@ where 5% of a peer's share (0.6% of a core) left almost nothing for merges."""
 
 
 def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    """The cores this process may use: its CPU affinity and its container's CPU quota (cgroup v1
+    or v2), which the affinity does not show: a pod limited to 4 CPUs on a 64-core node has all
+    64 in its affinity. joblib counts both (and LOKY_MAX_CPU_COUNT, when set)."""
+    import joblib  # a tenth of a second to import, for a count taken once per peer
+
+    return joblib.cpu_count()
 
 
 def local_peers(environ: Mapping[str, str] = os.environ) -> int:

@@ -43,9 +43,9 @@ from swarmnet.algorithms import PhaseClock, parse_topology
 from swarmnet.codecs import make_codec
 from swarmnet.config import SwarmConfig, check_device, check_peer_name, is_wildcard, to_dict
 from swarmnet.errors import ConfigError, SwarmError, unwritable_run_dir
-from swarmnet.log import PeerLogAdapter, get_logger
+from swarmnet.log import PeerLogAdapter, counted, get_logger
 from swarmnet.peer import checkpoint
-from swarmnet.peer.budget import auto_cores
+from swarmnet.peer.budget import LOCAL_PEERS_VARIABLE, auto_cores, local_peers, usable_cores
 from swarmnet.peer.claim import DirectoryClaim
 from swarmnet.peer.client import PeerClient
 from swarmnet.peer.compute import ComputeLoop, Replica, peer_seed_of
@@ -358,9 +358,13 @@ class Peer:
                                      cpu_cores=cores, rng=self.rng, log=self.log)
             server = PeerServer(self, listener, self.limits, net.max_concurrent_requests, self.log)
             self._write_card()
+            budget = f"{cores:.2f} cores" if cores > 0 else "unlimited"
+            if net.exchange_cpu < 0:  # the count a user starting peers by hand may have to give
+                budget += (f": auto, {counted(usable_cores(), 'core')} shared by "
+                           f"{counted(local_peers(), 'local peer')} ({LOCAL_PEERS_VARIABLE} sets the count)")
             self.log.info("listening on %s (device %s, %d parameters, %s, codec %s, exchange CPU budget %s)",
                           self.address, self.device, self.compute.flat.numel, self.cfg.algorithm.name,
-                          self.codec.name, f"{cores:.2f} cores" if cores > 0 else "unlimited")
+                          self.codec.name, budget)
             async with asyncio.TaskGroup() as tg:
                 services = [tg.create_task(server.run(), name="server"),
                             tg.create_task(self.membership.run(), name="membership")]

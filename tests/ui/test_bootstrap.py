@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from swarmnet.bootstrap import SwarmPlan, render_all, write_bootstrap
 from swarmnet.config import load_config, load_manifest
 from swarmnet.errors import ConfigError
+from swarmnet.peer.budget import local_peers
 from swarmnet.ui.commands import init_command
 
 pytestmark = pytest.mark.timeout(30)
@@ -52,16 +53,34 @@ def test_procfile_runs_the_first_hosts_peers(tmp_path: Path) -> None:
             assert (tmp_path / words[words.index(flag) + 1]).is_file()
 
 
+def procfile_environment(procfile: Path, names: str, env: dict[str, str]) -> list[str]:
+    """The values of ``names`` that the Procfile's first line gives its peer, run under sh as
+    honcho and foreman run it."""
+    line = next(line for line in procfile.read_text().splitlines() if line and not line.startswith("#"))
+    command = line.split(":", 1)[1].replace("swarmnet peer", f"printenv {names} #", 1)
+    return subprocess.run(["sh", "-c", command], env={"PATH": "/usr/bin:/bin"} | env, capture_output=True,
+                          text=True, check=True).stdout.split()
+
+
 @pytest.mark.parametrize(("given", "expected"), [(None, "glibc.malloc.hugetlb=1"), ("glibc.malloc.hugetlb=2", "glibc.malloc.hugetlb=2")])
 def test_procfile_keeps_the_environments_glibc_tunables(tmp_path: Path, given: str | None, expected: str) -> None:
     """honcho and foreman run each line under sh: the tunable is set as `swarmnet up` sets it,
     unless the environment has one already."""
     write_bootstrap(SwarmPlan(hosts=("h1",), gpus_per_host=1), tmp_path)
-    line = next(line for line in (tmp_path / "Procfile").read_text().splitlines() if not line.startswith("#"))
-    command = line.split(":", 1)[1].replace("swarmnet peer", "printenv PYTHONUNBUFFERED GLIBC_TUNABLES #", 1)
-    env = {"PATH": "/usr/bin:/bin"} | ({"GLIBC_TUNABLES": given} if given else {})
-    out = subprocess.run(["sh", "-c", command], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["1", expected]
+    env = {"GLIBC_TUNABLES": given} if given else {}
+    assert procfile_environment(tmp_path / "Procfile", "PYTHONUNBUFFERED GLIBC_TUNABLES", env) == ["1", expected]
+
+
+def test_procfiles_tell_each_peer_how_many_share_its_host(tmp_path: Path) -> None:
+    """Unset, a peer takes itself for the host's only one, and its exchange's CPU budget for
+    every core but its training thread's: the bundled Procfile's four peers on two cores merged
+    7 times as often as with it set and stepped 30% slower (616-727 against 879-980 steps/s)."""
+    write_bootstrap(SwarmPlan(hosts=("h1", "h2"), gpus_per_host=3), tmp_path)
+    assert procfile_environment(tmp_path / "Procfile", "SWARMNET_LOCAL_PEERS", {}) == ["3"]
+    bundled = Path(__file__).parents[2] / "Procfile"
+    peers = [line for line in bundled.read_text().splitlines() if line and not line.startswith("#")]
+    assert procfile_environment(bundled, "SWARMNET_LOCAL_PEERS", {}) == [str(len(peers))]
+    assert local_peers(dict(SWARMNET_LOCAL_PEERS="3")) == 3
 
 
 def test_slurm_script_is_valid_bash_and_seeds_from_the_first_node(tmp_path: Path) -> None:

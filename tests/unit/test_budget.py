@@ -1,8 +1,12 @@
 import contextlib
 import os
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,6 +75,34 @@ def test_auto_leaves_spare_cores_alone_and_keeps_a_floor_when_there_are_none():
     assert auto_cores(cpu, 1, cores=2, peers=16) == pytest.approx(0.01)
     assert auto_cores(cpu, 2, cores=16, peers=2) == pytest.approx(6.0)
     assert auto_cores(gpu, 1, cores=64, peers=8) == pytest.approx(7.0)
+
+
+def test_a_container_cpu_quota_bounds_the_cores_a_peer_counts():
+    """A container's CPU limit is a cgroup quota, which the process's affinity does not show: a
+    peer limited to one CPU on this machine counted both cores, and gave its exchange one of
+    them. Made as container runtimes make it: the process in a cgroup of its own with a quota,
+    shown at the cgroup root in the process's own mount namespace."""
+    root = Path("/sys/fs/cgroup/cpu")  # cgroup v1's cpu controller
+    if os.geteuid() != 0 or not (root / "cpu.cfs_quota_us").is_file() or shutil.which("unshare") is None:
+        pytest.skip("needs root, cgroup v1's cpu controller at /sys/fs/cgroup/cpu, and unshare")
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two cores in this process's affinity")
+    group = root / f"swarmnet-test-{os.getpid()}"
+    try:
+        group.mkdir()
+        (group / "cpu.cfs_quota_us").write_text((group / "cpu.cfs_period_us").read_text())  # one CPU
+    except OSError as exc:
+        pytest.skip(f"no cgroup with a CPU quota can be made here: {exc}")
+    try:
+        count = f"{sys.executable} -c 'from swarmnet.peer.budget import usable_cores; print(usable_cores())'"
+        container = f"echo $$ > {group}/cgroup.procs && mount --bind {group} {root} && exec {count}"
+        run = subprocess.run(["unshare", "--mount", "sh", "-c", container], capture_output=True, text=True, timeout=60)
+        if run.returncode != 0 and "mount" in run.stderr:
+            pytest.skip(f"no mount namespace here: {run.stderr.strip()}")
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.split() == ["1"]
+    finally:
+        group.rmdir()  # empty again: the process has ended
 
 
 def test_local_peers_come_from_the_launcher_or_the_scheduler():
