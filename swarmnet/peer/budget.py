@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from swarmnet.log import counted
+
 LOCAL_PEERS_VARIABLE = "SWARMNET_LOCAL_PEERS"
 """How many peers share this machine: `swarmnet up` and the Procfiles set it."""
 LOCAL_PEERS_VARIABLES = (LOCAL_PEERS_VARIABLE, "LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE")
@@ -42,20 +44,41 @@ def usable_cores() -> int:
 
 def local_peers(environ: Mapping[str, str] = os.environ) -> int:
     """Peers sharing this machine: set by `swarmnet up`, torchrun or Slurm; 1 when unknown."""
+    return _local_peers(environ)[0]
+
+
+def _local_peers(environ: Mapping[str, str]) -> tuple[int, str | None]:
+    """The local peer count and the variable that gave it (None: unknown, 1)."""
     for name in LOCAL_PEERS_VARIABLES:
         value = environ.get(name, "")
         if value.isdigit() and int(value) > 0:
-            return int(value)
-    return 1
+            return int(value), name
+    return 1, None
 
 
-def auto_cores(device: torch.device, threads: int, *, cores: int | None = None, peers: int | None = None) -> float:
-    """The spare cores of this peer's share of the machine, at least MIN_SHARE of the share
-    and MIN_CORES.
+def peer_share(environ: Mapping[str, str] = os.environ, cores: int | None = None) -> tuple[float, str]:
+    """The cores this peer may count as its own, and how they were counted (for its log).
+
+    Where Slurm gave the local count, its task's allocation (SLURM_CPUS_PER_TASK): srun binds a
+    task to CPUs of its own where the cluster binds tasks, so that its usable cores are its
+    share already, and dividing them again left a GPU peer 5% of a core where it had 3 spare.
+    Elsewhere the usable cores over the local peers."""
+    cores = cores or usable_cores()
+    peers, source = _local_peers(environ)
+    per_task = environ.get("SLURM_CPUS_PER_TASK", "")
+    if source == "SLURM_NTASKS_PER_NODE" and per_task.isdigit() and int(per_task) > 0:
+        share = min(int(per_task), cores)
+        return share, f"{counted(share, 'core')} of this Slurm task's (SLURM_CPUS_PER_TASK)"
+    return cores / peers, (f"{counted(cores, 'core')} shared by {counted(peers, 'local peer')} "
+                           f"({source or LOCAL_PEERS_VARIABLE + ' sets the count'})")
+
+
+def auto_cores(device: torch.device, threads: int, share: float) -> float:
+    """The spare cores of this peer's ``share`` of the machine (:func:`peer_share`), at least
+    MIN_SHARE of the share and MIN_CORES.
 
     A CPU peer's steps use ``threads`` cores; a GPU peer's compute thread needs about one.
     """
-    share = (cores or usable_cores()) / (peers or local_peers())
     busy = threads if device.type == "cpu" else 1
     return max(MIN_SHARE * share, MIN_CORES, share - busy)
 

@@ -43,9 +43,9 @@ from swarmnet.algorithms import PhaseClock, parse_topology
 from swarmnet.codecs import make_codec
 from swarmnet.config import SwarmConfig, check_device, check_peer_name, is_wildcard, to_dict
 from swarmnet.errors import ConfigError, SwarmError, unwritable_run_dir
-from swarmnet.log import PeerLogAdapter, counted, get_logger
+from swarmnet.log import PeerLogAdapter, get_logger
 from swarmnet.peer import checkpoint
-from swarmnet.peer.budget import LOCAL_PEERS_VARIABLE, auto_cores, local_peers, usable_cores
+from swarmnet.peer.budget import auto_cores, peer_share
 from swarmnet.peer.claim import DirectoryClaim
 from swarmnet.peer.client import PeerClient
 from swarmnet.peer.compute import ComputeLoop, Replica, peer_seed_of
@@ -351,20 +351,19 @@ class Peer:
                 seeds=[s for s in net.seeds if s != self.address],
                 interval=net.gossip_interval, rng=self.rng, log=self.log,
             )
-            cores = net.exchange_cpu if net.exchange_cpu >= 0 else auto_cores(self.device, self.cfg.device.threads)
+            cores, how = net.exchange_cpu, ""
+            if cores < 0:  # auto; how it was reached, for a user starting peers by hand who may have to give the count
+                share, counted_as = peer_share()
+                cores, how = auto_cores(self.device, self.cfg.device.threads, share), f": auto, of {counted_as}"
             self.stats.exchange_cpu = cores
             self.exchange = Exchange(self, topology=parse_topology(self.cfg.algorithm.topology, self.cfg.run.seed),
                                      symmetric=self.cfg.algorithm.symmetric, pull_interval=net.pull_interval,
                                      cpu_cores=cores, rng=self.rng, log=self.log)
             server = PeerServer(self, listener, self.limits, net.max_concurrent_requests, self.log)
             self._write_card()
-            budget = f"{cores:.2f} cores" if cores > 0 else "unlimited"
-            if net.exchange_cpu < 0:  # the count a user starting peers by hand may have to give
-                budget += (f": auto, {counted(usable_cores(), 'core')} shared by "
-                           f"{counted(local_peers(), 'local peer')} ({LOCAL_PEERS_VARIABLE} sets the count)")
-            self.log.info("listening on %s (device %s, %d parameters, %s, codec %s, exchange CPU budget %s)",
+            self.log.info("listening on %s (device %s, %d parameters, %s, codec %s, exchange CPU budget %s%s)",
                           self.address, self.device, self.compute.flat.numel, self.cfg.algorithm.name,
-                          self.codec.name, budget)
+                          self.codec.name, f"{cores:.2f} cores" if cores > 0 else "unlimited", how)
             async with asyncio.TaskGroup() as tg:
                 services = [tg.create_task(server.run(), name="server"),
                             tg.create_task(self.membership.run(), name="membership")]

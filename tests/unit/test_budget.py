@@ -17,6 +17,7 @@ from swarmnet.peer.budget import (
     auto_cores,
     local_peers,
     named_threads_cpu,
+    peer_share,
     thread_cpu_clock,
 )
 
@@ -69,12 +70,12 @@ def test_no_limit_never_waits_yet_counts_what_was_used():
 
 def test_auto_leaves_spare_cores_alone_and_keeps_a_floor_when_there_are_none():
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
-    assert auto_cores(cpu, 1, cores=2, peers=2) == pytest.approx(0.05)  # every core is training
-    assert auto_cores(cpu, 1, cores=2, peers=4) == pytest.approx(0.025)
+    assert auto_cores(cpu, 1, 1.0) == pytest.approx(0.05)  # every core is training
+    assert auto_cores(cpu, 1, 0.5) == pytest.approx(0.025)
     # 16 peers on 2 cores: 1% of a core each, not 5% of an eighth (their gossip alone costs about that)
-    assert auto_cores(cpu, 1, cores=2, peers=16) == pytest.approx(0.01)
-    assert auto_cores(cpu, 2, cores=16, peers=2) == pytest.approx(6.0)
-    assert auto_cores(gpu, 1, cores=64, peers=8) == pytest.approx(7.0)
+    assert auto_cores(cpu, 1, 0.125) == pytest.approx(0.01)
+    assert auto_cores(cpu, 2, 8.0) == pytest.approx(6.0)
+    assert auto_cores(gpu, 1, 8.0) == pytest.approx(7.0)
 
 
 def test_a_container_cpu_quota_bounds_the_cores_a_peer_counts():
@@ -111,6 +112,19 @@ def test_local_peers_come_from_the_launcher_or_the_scheduler():
     assert local_peers({"SLURM_NTASKS_PER_NODE": "8"}) == 8
     assert local_peers({"LOCAL_WORLD_SIZE": "zero"}) == 1
 
+
+
+def test_a_peer_shares_the_machine_with_the_local_peers_but_a_slurm_task_owns_its_cpus():
+    assert peer_share({}, cores=2) == (2, "2 cores shared by 1 local peer (SWARMNET_LOCAL_PEERS sets the count)")
+    assert peer_share({"SWARMNET_LOCAL_PEERS": "4"}, cores=2) == (0.5, "2 cores shared by 4 local peers "
+                                                                       "(SWARMNET_LOCAL_PEERS)")
+    # 4 GPU peers of a node, 4 CPUs each, every task bound to its own: a share of 4, not 4 / 4.
+    slurm = {"SLURM_NTASKS_PER_NODE": "4", "SLURM_CPUS_PER_TASK": "4"}
+    assert peer_share(slurm, cores=4) == (4, "4 cores of this Slurm task's (SLURM_CPUS_PER_TASK)")
+    assert auto_cores(torch.device("cuda", 0), 1, peer_share(slurm, cores=4)[0]) == 3
+    assert peer_share(slurm, cores=16)[0] == 4  # the tasks not bound: each still owns 4 of the 16
+    # `swarmnet up` inside a Slurm allocation: its own count of local peers, dividing the task's CPUs.
+    assert peer_share(slurm | {"SWARMNET_LOCAL_PEERS": "8"}, cores=16)[0] == 2
 
 @contextlib.contextmanager
 def libzmq_context_that_moved_bytes() -> Iterator[None]:
