@@ -42,13 +42,9 @@ def usable_cores() -> int:
     return joblib.cpu_count()
 
 
-def local_peers(environ: Mapping[str, str] = os.environ) -> int:
-    """Peers sharing this machine: set by `swarmnet up`, torchrun or Slurm; 1 when unknown."""
-    return _local_peers(environ)[0]
-
-
-def _local_peers(environ: Mapping[str, str]) -> tuple[int, str | None]:
-    """The local peer count and the variable that gave it (None: unknown, 1)."""
+def local_peers(environ: Mapping[str, str]) -> tuple[int, str | None]:
+    """Peers sharing this machine, as `swarmnet up`, torchrun or Slurm set it, and the variable
+    that gave it; (1, None) when unknown."""
     for name in LOCAL_PEERS_VARIABLES:
         value = environ.get(name, "")
         if value.isdigit() and int(value) > 0:
@@ -64,13 +60,13 @@ def peer_share(environ: Mapping[str, str] = os.environ, cores: int | None = None
     share already, and dividing them again left a GPU peer 5% of a core where it had 3 spare.
     Elsewhere the usable cores over the local peers."""
     cores = cores or usable_cores()
-    peers, source = _local_peers(environ)
+    peers, source = local_peers(environ)
     per_task = environ.get("SLURM_CPUS_PER_TASK", "")
     if source == "SLURM_NTASKS_PER_NODE" and per_task.isdigit() and int(per_task) > 0:
         share = min(int(per_task), cores)
-        return share, f"{counted(share, 'core')} of this Slurm task's (SLURM_CPUS_PER_TASK)"
+        return share, f"{counted(share, 'core')} of this Slurm task's own (SLURM_CPUS_PER_TASK)"
     return cores / peers, (f"{counted(cores, 'core')} shared by {counted(peers, 'local peer')} "
-                           f"({source or LOCAL_PEERS_VARIABLE + ' sets the count'})")
+                           f"({source or 'none given: ' + LOCAL_PEERS_VARIABLE})")
 
 
 def auto_cores(device: torch.device, threads: int, share: float) -> float:

@@ -354,7 +354,7 @@ class Peer:
             cores, how = net.exchange_cpu, ""
             if cores < 0:  # auto; how it was reached, for a user starting peers by hand who may have to give the count
                 share, counted_as = peer_share()
-                cores, how = auto_cores(self.device, self.cfg.device.threads, share), f": auto, of {counted_as}"
+                cores, how = auto_cores(self.device, self.cfg.device.threads, share), f", auto from {counted_as}"
             self.stats.exchange_cpu = cores
             self.exchange = Exchange(self, topology=parse_topology(self.cfg.algorithm.topology, self.cfg.run.seed),
                                      symmetric=self.cfg.algorithm.symmetric, pull_interval=net.pull_interval,

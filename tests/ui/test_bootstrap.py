@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from swarmnet.bootstrap import SwarmPlan, render_all, write_bootstrap
 from swarmnet.config import load_config, load_manifest
 from swarmnet.errors import ConfigError
-from swarmnet.peer.budget import local_peers
+from swarmnet.peer.budget import LOCAL_PEERS_VARIABLE
 from swarmnet.ui.commands import init_command
 
 pytestmark = pytest.mark.timeout(30)
@@ -76,11 +76,10 @@ def test_procfiles_tell_each_peer_how_many_share_its_host(tmp_path: Path) -> Non
     every core but its training thread's: the bundled Procfile's four peers on two cores merged
     7 times as often as with it set and stepped 30% slower (616-727 against 879-980 steps/s)."""
     write_bootstrap(SwarmPlan(hosts=("h1", "h2"), gpus_per_host=3), tmp_path)
-    assert procfile_environment(tmp_path / "Procfile", "SWARMNET_LOCAL_PEERS", {}) == ["3"]
+    assert procfile_environment(tmp_path / "Procfile", LOCAL_PEERS_VARIABLE, {}) == ["3"]
     bundled = Path(__file__).parents[2] / "Procfile"
     peers = [line for line in bundled.read_text().splitlines() if line and not line.startswith("#")]
-    assert procfile_environment(bundled, "SWARMNET_LOCAL_PEERS", {}) == [str(len(peers))]
-    assert local_peers(dict(SWARMNET_LOCAL_PEERS="3")) == 3
+    assert procfile_environment(bundled, LOCAL_PEERS_VARIABLE, {}) == [str(len(peers))]
 
 
 def test_slurm_script_is_valid_bash_and_seeds_from_the_first_node(tmp_path: Path) -> None:

@@ -107,20 +107,20 @@ def test_a_container_cpu_quota_bounds_the_cores_a_peer_counts():
 
 
 def test_local_peers_come_from_the_launcher_or_the_scheduler():
-    assert local_peers({}) == 1
-    assert local_peers({"SWARMNET_LOCAL_PEERS": "4", "LOCAL_WORLD_SIZE": "8"}) == 4
-    assert local_peers({"SLURM_NTASKS_PER_NODE": "8"}) == 8
-    assert local_peers({"LOCAL_WORLD_SIZE": "zero"}) == 1
+    assert local_peers({}) == (1, None)
+    assert local_peers({"SWARMNET_LOCAL_PEERS": "4", "LOCAL_WORLD_SIZE": "8"}) == (4, "SWARMNET_LOCAL_PEERS")
+    assert local_peers({"SLURM_NTASKS_PER_NODE": "8"}) == (8, "SLURM_NTASKS_PER_NODE")
+    assert local_peers({"LOCAL_WORLD_SIZE": "zero"}) == (1, None)
 
 
 
 def test_a_peer_shares_the_machine_with_the_local_peers_but_a_slurm_task_owns_its_cpus():
-    assert peer_share({}, cores=2) == (2, "2 cores shared by 1 local peer (SWARMNET_LOCAL_PEERS sets the count)")
+    assert peer_share({}, cores=2) == (2, "2 cores shared by 1 local peer (none given: SWARMNET_LOCAL_PEERS)")
     assert peer_share({"SWARMNET_LOCAL_PEERS": "4"}, cores=2) == (0.5, "2 cores shared by 4 local peers "
                                                                        "(SWARMNET_LOCAL_PEERS)")
     # 4 GPU peers of a node, 4 CPUs each, every task bound to its own: a share of 4, not 4 / 4.
     slurm = {"SLURM_NTASKS_PER_NODE": "4", "SLURM_CPUS_PER_TASK": "4"}
-    assert peer_share(slurm, cores=4) == (4, "4 cores of this Slurm task's (SLURM_CPUS_PER_TASK)")
+    assert peer_share(slurm, cores=4) == (4, "4 cores of this Slurm task's own (SLURM_CPUS_PER_TASK)")
     assert auto_cores(torch.device("cuda", 0), 1, peer_share(slurm, cores=4)[0]) == 3
     assert peer_share(slurm, cores=16)[0] == 4  # the tasks not bound: each still owns 4 of the 16
     # `swarmnet up` inside a Slurm allocation: its own count of local peers, dividing the task's CPUs.
