@@ -677,10 +677,13 @@ class ZmqTransport(Transport):
             if domain is not None:
                 _GATE.close(domain)
             if isinstance(exc, zmq.ZMQError):
-                taken = ("; something else holds the port (another process, or a socket of this one): pick "
-                         "another, or port 0 for any free one"
-                         if exc.errno == zmq.EADDRINUSE else "")
-                raise TransportError(f"cannot bind {url}: {exc}{taken}") from exc
+                advice = {
+                    zmq.EADDRINUSE: "something else holds the port (another process, or a socket of this one): "
+                                    "pick another, or port 0 for any free one",
+                    errno.EADDRNOTAVAIL: "no interface of this machine has that address: listen on one of its "
+                                         "own, or 0.0.0.0 for all of them (then advertise the one others dial)",
+                }.get(exc.errno)
+                raise TransportError(f"cannot bind {url}: {exc}{'; ' + advice if advice else ''}") from exc
             raise
         address = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         if curve is not None and curve.per_peer:
