@@ -151,7 +151,7 @@ async def discover(seeds: list[str], run_dir: Path | None, timeout: float,
     finally:
         await collector.aclose()
     if not snapshot.alive:
-        raise SwarmError(nobody_answered(snapshot))
+        raise SwarmError(nobody_answered(snapshot, run_dir))
     # Pulled where each answered: the address it advertises may not resolve from here.
     return [(row.name, row.reached or row.addr, row.step) for row in snapshot.alive]
 

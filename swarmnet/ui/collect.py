@@ -30,11 +30,26 @@ MAX_EVENTS = 12
 SAME_EVENT_S = 10.0
 
 
-def nobody_answered(snapshot: SwarmSnapshot) -> str:
-    """The error for a poll that no peer answered, with what the requests ran into."""
-    why = sorted({p.error for p in snapshot.peers if p.error})
+def nobody_answered(snapshot: SwarmSnapshot, run_dir: Path | None = None) -> str:
+    """The error for a poll that no peer answered, with what the requests ran into, and whether
+    the run directory's peers have ended (each writes its summary.json as it stops)."""
+    why = "".join(f"\n  {w}" for w in sorted({p.error for p in snapshot.peers if p.error})[:3])
+    cards = card_paths(run_dir) if run_dir is not None else []
+    ended = sum(_ended(card) for card in cards)
+    if ended:
+        return (f"no peer answered: {ended} of the {len(cards)} peers in {run_dir} have ended (their "
+                "<peer>/summary.json says how; a `swarmnet up` run's summary holds the average of their "
+                f"final models){why}")
     return ("no peer answered; check --seed / --run-dir and that the swarm is running (and --key for "
-            "a swarm with [security])" + "".join(f"\n  {w}" for w in why[:3]))
+            f"a swarm with [security]){why}")
+
+
+def _ended(card: Path) -> bool:
+    """Whether the peer that wrote ``card`` (at its start) has written its summary since."""
+    try:
+        return (card.parent / "summary.json").stat().st_mtime >= card.stat().st_mtime
+    except OSError:
+        return False
 
 
 def seeds_from_run_dir(run_dir: Path) -> list[str]:

@@ -119,7 +119,7 @@ def status_command(
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     if not snap.alive:
-        _fail(nobody_answered(snap), code=1)
+        _fail(nobody_answered(snap, run_dir), code=1)
 
 
 def plot_command(
