@@ -201,10 +201,12 @@ class SwarmOptimizer:
         if self._clocked_lrs is not None:
             for group, base in zip(self.optimizer.param_groups, self._clocked_lrs):
                 group["lr"] = clock_rate(base, self.cfg.train.clock_scale, clock)
+        self.replica.torn_by = "the optimizer's update"  # until the step is counted
         result = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
         if result is not None:
             self.report_loss(result)
         self.replica.after_step()
+        self.replica.torn_by = None
         try:
             self.replica.merge_pending()
         except SwarmError as exc:  # e.g. a model gone non-finite: its snapshot cannot be published
@@ -343,8 +345,12 @@ class SwarmOptimizer:
         if self._drained.done():
             reason = f"error: {self._error}" if self._error else self._exit_reason or "closed"
             try:
-                with self._on_default_stream():
-                    self.replica.merge_pending(final=True)  # here, in the training thread
+                if self.replica.torn_by is not None:  # the error that ended the block came midway through it
+                    self.peer.log.warning("leaving without publishing the model: it may hold part of %s",
+                                          self.replica.torn_by)
+                else:
+                    with self._on_default_stream():
+                        self.replica.merge_pending(final=True)  # here, in the training thread
                 if self.replica.step != self._last_row_step:
                     self._write_metrics()
             except SwarmError as exc:  # e.g. a model gone non-finite, which step() has raised already

@@ -287,6 +287,33 @@ def test_a_model_gone_non_finite_fails_its_step_and_still_leaves_cleanly(tmp_pat
     assert summary["reason"].startswith("error:") and "non-finite" in summary["reason"], summary
 
 
+def test_an_optimizer_that_fails_midway_through_its_update_leaves_without_publishing_it(tmp_path, caplog):
+    """The update is applied, then the optimizer raises: leaving the block once published the
+    model holding that uncounted step, as its last snapshot for neighbours to merge."""
+    model, optimizer = _model_and_optimizer()
+    x = torch.randn(16, 4)
+
+    def broken(*_):
+        raise RuntimeError("the optimizer broke after its update")
+
+    with pytest.raises(RuntimeError, match="broke after its update"):
+        with swarmnet.SwarmOptimizer(optimizer, model, name="a", run_dir=tmp_path,
+                                     settings={"network.linger": 0.0}) as opt:
+            whole = [opt.replica.store.latest().values_N.clone()]  # the states it may publish
+            for step in range(2):
+                if step == 1:
+                    whole.append(opt.replica.live_N.clone())
+                    optimizer.register_step_post_hook(broken)
+                opt.zero_grad()
+                model(x).pow(2).mean().backward()
+                opt.step()
+    assert opt.replica.step == 1 and not any(torch.equal(opt.replica.live_N, w) for w in whole)
+    assert any(torch.equal(opt.replica.store.latest().values_N, w) for w in whole)
+    assert "leaving without publishing the model: it may hold part of the optimizer's update" in caplog.text
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["reason"] == "error: RuntimeError: the optimizer broke after its update", summary
+
+
 @pytest.mark.timeout(60)
 def test_weights_loaded_moved_or_unfrozen_after_wrapping_are_handled_or_refused(tmp_path, caplog):
     """Loaded through load_state_dict: published as they are. Moved or converted: a clear error,
