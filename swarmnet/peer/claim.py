@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import socket
 from pathlib import Path
 
 from swarmnet.errors import ConfigError, unwritable_run_dir
@@ -43,7 +44,7 @@ class DirectoryClaim:
                         path, exc.strerror or exc)
         with contextlib.suppress(OSError):  # for the message above; a full disk must not stop a start
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)  # a shared file system's other hosts
         self._fd: int | None = fd
         self._sweep(peer_dir, log)
 
@@ -69,8 +70,9 @@ class DirectoryClaim:
 
 
 def in_use_error(peer_dir: Path, lock_fd: int) -> ConfigError:
-    """What to say when another process holds the lock ``lock_fd`` is open on (it wrote its pid there)."""
-    holder = os.pread(lock_fd, 32, 0).decode(errors="replace").strip() or "unknown"
+    """What to say when another process holds the lock ``lock_fd`` is open on (it wrote its pid
+    and host there: over a shared file system it may run on another machine)."""
+    holder = os.pread(lock_fd, 300, 0).decode(errors="replace").strip() or "unknown"
     return ConfigError(f"{peer_dir} belongs to a peer that is still running (pid {holder}): two peers with one "
                        "name and run directory would overwrite each other's checkpoint and metrics; stop "
                        "that peer first, or give this one another run directory (--run-dir) or name (swarmnet peer --name, "

@@ -4,6 +4,7 @@ exit status 2, nothing lost."""
 import datetime
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -230,7 +231,7 @@ def test_a_second_peer_with_the_same_name_and_run_dir_is_refused(tmp_path):
         first.card()
         code, out = peer(cfg, run)
         assert code == 2, out
-        assert (f"{run}/solo belongs to a peer that is still running (pid {first.proc.pid})" in out
+        assert (f"{run}/solo belongs to a peer that is still running (pid {first.proc.pid} on {socket.gethostname()})" in out
                 and "another run directory (--run-dir) or name" in out and "Traceback" not in out), out
         assert first.proc.poll() is None
         first.kill_tree()  # SIGKILL: the kernel drops its claim, and a write it was in stays behind
@@ -254,7 +255,7 @@ def test_up_into_the_run_dir_of_a_running_swarm_is_refused_before_it_removes_any
         wait_until(checkpoint_file.exists, 60, what="a first checkpoint")
         code, out = swarmnet("up", "--config", str(cfg), "--run-dir", str(run))
         assert code == 2, out
-        assert f"{run}/peer0 belongs to a peer that is still running (pid {running.proc.pid})" in out, out
+        assert f"{run}/peer0 belongs to a peer that is still running (pid {running.proc.pid} on {socket.gethostname()})" in out, out
         assert checkpoint_file.exists() and (run / "peer0" / "card.json").exists()
         assert (run / "peer0" / "metrics.jsonl").stat().st_size > 0
         assert running.proc.poll() is None
