@@ -41,14 +41,14 @@ test: venv
 gpu-check: venv
 	tests/gpu/check.sh $(BIN)/python runs/gpu
 
-# For a GPU node with torch but no package index: the wheels its image may lack, into .whl/
-# (for its Python, GPU_PYTHON_VERSION); there, `SWARMNET_WHEELS=.whl tests/gpu/check.sh`.
+# For a GPU node with torch but no package index: the wheels its image may lack (GPU_WHEELS),
+# for its Python and platform, into .whl/; there, `SWARMNET_WHEELS=.whl tests/gpu/check.sh`.
 GPU_PYTHON_VERSION ?= 3.12
+GPU_PLATFORMS ?= manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
 GPU_WHEELS ?= pyzmq==27.3.0
 gpu-wheels:
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --implementation cp \
-		--python-version $(GPU_PYTHON_VERSION) --platform manylinux_2_28_x86_64 \
-		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+		--python-version $(GPU_PYTHON_VERSION) $(addprefix --platform ,$(GPU_PLATFORMS)) -d .whl $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) runs

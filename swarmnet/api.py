@@ -201,12 +201,15 @@ class SwarmOptimizer:
         if self._clocked_lrs is not None:
             for group, base in zip(self.optimizer.param_groups, self._clocked_lrs):
                 group["lr"] = clock_rate(base, self.cfg.train.clock_scale, clock)
-        self.replica.torn_by = "the optimizer's update"  # until the step is counted
-        result = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
-        if result is not None:
-            self.report_loss(result)
+        if closure is None:
+            self.replica.torn_by = "the optimizer's update"  # until the step is counted
+            result = self.optimizer.step()
+        else:
+            result = self.optimizer.step(self._marking_writes(closure))
         self.replica.after_step()
         self.replica.torn_by = None
+        if result is not None:
+            self.report_loss(result)
         try:
             self.replica.merge_pending()
         except SwarmError as exc:  # e.g. a model gone non-finite: its snapshot cannot be published
@@ -218,6 +221,16 @@ class SwarmOptimizer:
             if self.replica.flat.moved(all_of_them=True):
                 raise SwarmError(self._MOVED)
         return result
+
+    def _marking_writes(self, closure: Callable[[], Any]) -> Callable[[], Any]:
+        """``closure`` for the optimizer: it runs the user's forward and backward before any
+        update (each time, for optimizers that call it more than once), so the model counts as
+        being written only once it has returned."""
+        def closure_then_update() -> Any:
+            loss = closure()
+            self.replica.torn_by = "the optimizer's update"
+            return loss
+        return closure_then_update
 
     _MOVED = ("the model's parameters were moved or converted after it joined the swarm (model.to, .cuda(), "
               ".double(), ...): they no longer live where merges and snapshots read them; move or convert the "
@@ -346,8 +359,10 @@ class SwarmOptimizer:
             reason = f"error: {self._error}" if self._error else self._exit_reason or "closed"
             try:
                 if self.replica.torn_by is not None:  # the error that ended the block came midway through it
-                    self.peer.log.warning("leaving without publishing the model: it may hold part of %s",
-                                          self.replica.torn_by)
+                    self.peer.log.warning(
+                        "leaving without publishing the model: it may hold part of %s; do not save it or train "
+                        "it on, reload your last checkpoint",
+                        self.replica.torn_by)
                 else:
                     with self._on_default_stream():
                         self.replica.merge_pending(final=True)  # here, in the training thread

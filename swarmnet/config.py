@@ -242,8 +242,9 @@ class NetworkConfig:
     """CPU cores' worth of time the peer may spend outside its training steps (exchange,
     serving, gossip), averaged over about a second; short steps then stretch H rather than slow
     down (swarmnet/peer/budget.py). -1: auto, the spare cores of this peer's share of the machine
-    (its usable cores over SWARMNET_LOCAL_PEERS, which `swarmnet up` and the Procfiles set; a Slurm
-    task's SLURM_CPUS_PER_TASK) but at least 5% of that share and 1% of a core; 0: no limit."""
+    (its usable cores over the local peers, from SWARMNET_LOCAL_PEERS, which `swarmnet up` and the
+    Procfiles set, LOCAL_WORLD_SIZE or SLURM_NTASKS_PER_NODE; a Slurm task's own allocation) but at
+    least 5% of that share and 1% of a core; 0: no limit."""
     min_peers: int = 0
     """Before the first step, wait until this many other peers are known (or join_timeout
     passes): lets a launcher start a swarm without giving the first peer a head start. A peer

@@ -48,6 +48,7 @@ from swarmnet.bench import write_json
 from swarmnet.bench.baseline_workers import SWARM_CODECS, TORCH_METHODS, phases
 from swarmnet.errors import BenchFailed
 from swarmnet.launch import GLIBC_TUNABLES
+from swarmnet.peer.budget import LOCAL_PEERS_VARIABLE
 
 RESULT_VERSION = 1
 TASK = "swarmnet.tasks.digits:task"
@@ -141,8 +142,8 @@ def run_world(suite: Suite, world: int, work: Path, *, on_phase: Any = None, tim
     plan_path.write_text(json.dumps(plan))
     # As `swarmnet up` starts its peers: one intra-op thread each, hugepage-backed receive buffers,
     # and the count of local peers the exchange's CPU budget divides the machine by.
-    env = dict(os.environ, OMP_NUM_THREADS=str(suite.threads), PYTHONUNBUFFERED="1",
-               SWARMNET_LOCAL_PEERS=str(world))
+    env = dict(os.environ, OMP_NUM_THREADS=str(suite.threads), PYTHONUNBUFFERED="1")
+    env[LOCAL_PEERS_VARIABLE] = str(world)
     env.setdefault("GLIBC_TUNABLES", GLIBC_TUNABLES)
     # The ranks share this machine: gloo on loopback, not on the interface the host name
     # resolves to (a LAN address on many hosts), as the swarm's peers listen on 127.0.0.1.

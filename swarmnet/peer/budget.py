@@ -24,7 +24,8 @@ from swarmnet.log import counted
 
 LOCAL_PEERS_VARIABLE = "SWARMNET_LOCAL_PEERS"
 """How many peers share this machine: `swarmnet up` and the Procfiles set it."""
-LOCAL_PEERS_VARIABLES = (LOCAL_PEERS_VARIABLE, "LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE")
+LOCAL_PEERS_SOURCES = (LOCAL_PEERS_VARIABLE, "LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE")
+"""Where the count of peers sharing this machine comes from, first found first."""
 MIN_SHARE = 0.05
 """With no spare core, overhead may still take this fraction of the peer's share of the CPU."""
 MIN_CORES = 0.01
@@ -36,37 +37,49 @@ where 5% of a peer's share (0.6% of a core) left almost nothing for merges."""
 def usable_cores() -> int:
     """The cores this process may use: its CPU affinity and its container's CPU quota (cgroup v1
     or v2), which the affinity does not show: a pod limited to 4 CPUs on a 64-core node has all
-    64 in its affinity. joblib counts both (and LOKY_MAX_CPU_COUNT, when set)."""
-    import joblib  # a tenth of a second to import, for a count taken once per peer
+    64 in its affinity. loky (joblib's process pool) counts both, and LOKY_MAX_CPU_COUNT, which
+    caps it where set."""
+    from joblib.externals.loky import cpu_count  # a tenth of a second to import, once per peer
 
-    return joblib.cpu_count()
+    try:
+        return cpu_count()
+    except ValueError:  # LOKY_MAX_CPU_COUNT is not a number
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _count(environ: Mapping[str, str], name: str) -> int | None:
+    value = environ.get(name, "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def local_peers(environ: Mapping[str, str]) -> tuple[int, str | None]:
     """Peers sharing this machine, as `swarmnet up`, torchrun or Slurm set it, and the variable
     that gave it; (1, None) when unknown."""
-    for name in LOCAL_PEERS_VARIABLES:
-        value = environ.get(name, "")
-        if value.isdigit() and int(value) > 0:
-            return int(value), name
+    for name in LOCAL_PEERS_SOURCES:
+        if (peers := _count(environ, name)) is not None:
+            return peers, name
     return 1, None
 
 
 def peer_share(environ: Mapping[str, str] = os.environ, cores: int | None = None) -> tuple[float, str]:
     """The cores this peer may count as its own, and how they were counted (for its log).
 
-    Where Slurm gave the local count, its task's allocation (SLURM_CPUS_PER_TASK): srun binds a
-    task to CPUs of its own where the cluster binds tasks, so that its usable cores are its
-    share already, and dividing them again left a GPU peer 5% of a core where it had 3 spare.
-    Elsewhere the usable cores over the local peers."""
+    A Slurm task that no launcher of its own counted owns what Slurm allocated it:
+    SLURM_CPUS_PER_TASK, else the node's allocation over its tasks. Where the cluster binds
+    tasks to CPUs, a task's usable cores are that share already: dividing them by the node's
+    tasks again left a GPU peer with 4 CPUs 5% of a core for its exchange instead of 3 cores.
+    Elsewhere, the usable cores over the local peers."""
     cores = cores or usable_cores()
     peers, source = local_peers(environ)
-    per_task = environ.get("SLURM_CPUS_PER_TASK", "")
-    if source == "SLURM_NTASKS_PER_NODE" and per_task.isdigit() and int(per_task) > 0:
-        share = min(int(per_task), cores)
-        return share, f"{counted(share, 'core')} of this Slurm task's own (SLURM_CPUS_PER_TASK)"
-    return cores / peers, (f"{counted(cores, 'core')} shared by {counted(peers, 'local peer')} "
-                           f"({source or 'none given: ' + LOCAL_PEERS_VARIABLE})")
+    if source in (None, "SLURM_NTASKS_PER_NODE") and "SLURM_PROCID" in environ:
+        if (per_task := _count(environ, "SLURM_CPUS_PER_TASK")) is not None:
+            share = min(per_task, cores)
+            return share, f"this Slurm task's {counted(share, 'core')} (SLURM_CPUS_PER_TASK)"
+        if source is not None and (on_node := _count(environ, "SLURM_CPUS_ON_NODE")) is not None:
+            return min(on_node / peers, cores), (f"the {counted(on_node, 'core')} Slurm gave this node's "
+                                                 f"{counted(peers, 'task')} (SLURM_CPUS_ON_NODE)")
+    given = source or f"no count given: set {LOCAL_PEERS_VARIABLE}=N for N peers on this machine"
+    return cores / peers, f"{counted(cores, 'core')} shared by {counted(peers, 'local peer')} ({given})"
 
 
 def auto_cores(device: torch.device, threads: int, share: float) -> float:

@@ -283,6 +283,7 @@ class Replica:
         are neighbours' nudges waiting to be applied (symmetric mode), measured from them too, and
         one still being decoded is refused (its sender drops its half)."""
         began = time.thread_time()
+        self.torn_by = None  # whatever a failed write left, the weights are whole again
         self.inbox.restart_at(self.store.next_version)  # the version publish() gives below
         self.stale_N.copy_(self.live_N)
         self.since_merge = 0
@@ -467,9 +468,8 @@ class ComputeLoop(Replica):
         }
         if (bad := checkpoint.non_finite(self._must_be_finite(state))) is not None:
             # Refused on purpose, not a failed write: checkpoint_errors counts those (a disk to look at).
-            kept = (f"{self.checkpoint_path} keeps the last finite one" if self.checkpoint_path.exists()
-                    else "no earlier checkpoint was written")
-            self.log.error("%s holds non-finite values at step %d: checkpoint not written, %s", bad, self.step, kept)
+            self.log.error("%s holds non-finite values at step %d: checkpoint not written, %s", bad, self.step,
+                           self._kept())
             return f"{bad} holds non-finite values"
         try:
             checkpoint.save_atomic(state, self.checkpoint_path)
@@ -517,10 +517,11 @@ class ComputeLoop(Replica):
                                    "step (fix the cause, then restart it to resume)", step, what_failed(exc),
                                    exc_info=exc)
                     return f"error: step {step} failed: {what_failed(exc)}"
+                restart = ("restart it to resume from there" if self._saved_step is not None
+                           else "restart it: it starts over")
                 self.log.error("step %d failed in %s: %s; the model may hold part of that write, so the peer stops "
-                               "without publishing or checkpointing it: %s (fix the cause, then restart it to "
-                               "resume from there)", step, self.torn_by, what_failed(exc), self._kept(),
-                               exc_info=exc)
+                               "without publishing or checkpointing it: %s (fix the cause, then %s)", step,
+                               self.torn_by, what_failed(exc), self._kept(), restart, exc_info=exc)
                 return f"error: step {step} failed in {self.torn_by}: {what_failed(exc)}"
         return "budget"
 

@@ -681,7 +681,8 @@ class ZmqTransport(Transport):
                     zmq.EADDRINUSE: "something else holds the port (another process, or a socket of this one): "
                                     "pick another, or port 0 for any free one",
                     errno.EADDRNOTAVAIL: "no interface of this machine has that address: listen on one of its "
-                                         "own, or 0.0.0.0 for all of them (then advertise the one others dial)",
+                                         "own, or 0.0.0.0 for all of them (--listen, network.listen), and give "
+                                         "the one others dial with --advertise",
                 }.get(exc.errno)
                 raise TransportError(f"cannot bind {url}: {exc}{'; ' + advice if advice else ''}") from exc
             raise

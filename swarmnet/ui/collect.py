@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from swarmnet.errors import HandshakeFailed, TransportError
+from swarmnet.log import counted
 from swarmnet.peer.client import PeerClient
 from swarmnet.peer.membership import read_seed_card, unresolved_host
 from swarmnet.peer.stats import PeerStats
@@ -31,25 +32,21 @@ SAME_EVENT_S = 10.0
 
 
 def nobody_answered(snapshot: SwarmSnapshot, run_dir: Path | None = None) -> str:
-    """The error for a poll that no peer answered, with what the requests ran into, and whether
-    the run directory's peers have ended (each writes its summary.json as it stops)."""
+    """The error for a poll that no peer answered, with what the requests ran into, and which of
+    the run directory's peers have ended (a peer removes its summary.json as it starts and
+    writes it as it stops)."""
     why = "".join(f"\n  {w}" for w in sorted({p.error for p in snapshot.peers if p.error})[:3])
     cards = card_paths(run_dir) if run_dir is not None else []
-    ended = sum(_ended(card) for card in cards)
-    if ended:
-        return (f"no peer answered: {ended} of the {len(cards)} peers in {run_dir} have ended (their "
-                "<peer>/summary.json says how; a `swarmnet up` run's summary holds the average of their "
-                f"final models){why}")
-    return ("no peer answered; check --seed / --run-dir and that the swarm is running (and --key for "
-            f"a swarm with [security]){why}")
-
-
-def _ended(card: Path) -> bool:
-    """Whether the peer that wrote ``card`` (at its start) has written its summary since."""
-    try:
-        return (card.parent / "summary.json").stat().st_mtime >= card.stat().st_mtime
-    except OSError:
-        return False
+    ended = sum((card.parent / "summary.json").is_file() for card in cards)
+    check = ("check --seed / --run-dir and that the swarm is running (and --key for a swarm with "
+             "[security])")
+    if not ended:
+        return f"no peer answered; {check}{why}"
+    rest = len(cards) - ended
+    return (f"no peer answered: {ended} of the {counted(len(cards), 'peer')} in {run_dir} "
+            f"{'has' if ended == 1 else 'have'} ended (<peer>/summary.json says how; a `swarmnet up` run's "
+            "summary holds the average of their final models)"
+            + (f"; the other {rest} wrote no summary (killed, or out of reach): {check}" if rest else "") + why)
 
 
 def seeds_from_run_dir(run_dir: Path) -> list[str]:

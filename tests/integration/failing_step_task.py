@@ -39,7 +39,7 @@ def unsavable(**options):
     return Task(name=base.name, build_model=build_model, train=base.train, loss=base.loss, evaluate=base.evaluate)
 
 
-def failing_update(fail_at: int = 45, record: str = "", **options):
+def failing_update(record: str, fail_at: int = 45, **options):
     """Least squares whose optimizer raises once its update of one step is applied, as an
     optimizer with a bug or a device error midway through the update would: the model then holds
     (part of) a step that was never counted. The weights that step began from are saved under

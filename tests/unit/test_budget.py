@@ -113,18 +113,26 @@ def test_local_peers_come_from_the_launcher_or_the_scheduler():
     assert local_peers({"LOCAL_WORLD_SIZE": "zero"}) == (1, None)
 
 
-
 def test_a_peer_shares_the_machine_with_the_local_peers_but_a_slurm_task_owns_its_cpus():
-    assert peer_share({}, cores=2) == (2, "2 cores shared by 1 local peer (none given: SWARMNET_LOCAL_PEERS)")
+    alone = "2 cores shared by 1 local peer (no count given: set SWARMNET_LOCAL_PEERS=N for N peers on this machine)"
+    assert peer_share({}, cores=2) == (2, alone)
     assert peer_share({"SWARMNET_LOCAL_PEERS": "4"}, cores=2) == (0.5, "2 cores shared by 4 local peers "
                                                                        "(SWARMNET_LOCAL_PEERS)")
     # 4 GPU peers of a node, 4 CPUs each, every task bound to its own: a share of 4, not 4 / 4.
-    slurm = {"SLURM_NTASKS_PER_NODE": "4", "SLURM_CPUS_PER_TASK": "4"}
-    assert peer_share(slurm, cores=4) == (4, "4 cores of this Slurm task's own (SLURM_CPUS_PER_TASK)")
+    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS_PER_NODE": "4", "SLURM_CPUS_PER_TASK": "4"}
+    assert peer_share(slurm, cores=4) == (4, "this Slurm task's 4 cores (SLURM_CPUS_PER_TASK)")
     assert auto_cores(torch.device("cuda", 0), 1, peer_share(slurm, cores=4)[0]) == 3
     assert peer_share(slurm, cores=16)[0] == 4  # the tasks not bound: each still owns 4 of the 16
+    # srun -n 4 -c 4 without --ntasks-per-node: no count, the task's own CPUs all the same.
+    assert peer_share({"SLURM_PROCID": "1", "SLURM_CPUS_PER_TASK": "4"}, cores=4)[0] == 4
+    # --ntasks-per-node=4 without -c, bound: the node's allocation over its tasks.
+    bound = {"SLURM_PROCID": "1", "SLURM_NTASKS_PER_NODE": "4", "SLURM_CPUS_ON_NODE": "8"}
+    assert peer_share(bound, cores=2) == (2, "the 8 cores Slurm gave this node's 4 tasks (SLURM_CPUS_ON_NODE)")
     # `swarmnet up` inside a Slurm allocation: its own count of local peers, dividing the task's CPUs.
     assert peer_share(slurm | {"SWARMNET_LOCAL_PEERS": "8"}, cores=16)[0] == 2
+    # Not a Slurm task (a shell inside an allocation): the local count as given.
+    assert peer_share({"SLURM_NTASKS_PER_NODE": "4", "SLURM_CPUS_PER_TASK": "4"}, cores=16)[0] == 4
+
 
 @contextlib.contextmanager
 def libzmq_context_that_moved_bytes() -> Iterator[None]:
