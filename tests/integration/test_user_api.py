@@ -314,6 +314,27 @@ def test_an_optimizer_that_fails_midway_through_its_update_leaves_without_publis
     assert summary["reason"] == "error: RuntimeError: the optimizer broke after its update", summary
 
 
+def test_a_closure_that_fails_before_any_update_leaves_the_model_published_as_usual(tmp_path, caplog):
+    """The optimizer calls the closure (forward and backward) before it writes anything: the
+    user's data or loss error there leaves a whole model, published as the peer leaves."""
+    model, optimizer = _model_and_optimizer()
+    x = torch.randn(16, 4)
+
+    def broken_loss():
+        raise RuntimeError("the data loader broke")
+
+    with pytest.raises(RuntimeError, match="data loader broke"):
+        with swarmnet.SwarmOptimizer(optimizer, model, name="a", run_dir=tmp_path,
+                                     settings={"network.linger": 0.0, "algorithm.local_steps": 4}) as opt:
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()  # one of 4 local steps: not published yet
+            assert not torch.equal(opt.replica.store.latest().values_N, opt.replica.live_N)
+            opt.step(broken_loss)
+    assert torch.equal(opt.replica.store.latest().values_N, opt.replica.live_N)
+    assert "leaving without publishing" not in caplog.text
+
+
 @pytest.mark.timeout(60)
 def test_weights_loaded_moved_or_unfrozen_after_wrapping_are_handled_or_refused(tmp_path, caplog):
     """Loaded through load_state_dict: published as they are. Moved or converted: a clear error,
