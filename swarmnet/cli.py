@@ -291,6 +291,48 @@ def bench_exchange(
                       for mode in ("idle", "busy")))
 
 
+@bench_app.command("link")
+def bench_link(
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the figures as JSON here.")] = None,
+    rate: Annotated[Optional[list[str]], typer.Option("--rate", help="Link rate each way, as tc writes it (repeatable; default 1gbit and 10gbit; 'unlimited': the veth's own pace).")] = None,
+    codec: Annotated[Optional[list[str]], typer.Option("--codec", help="Snapshot codec (repeatable; default fp32 and lattice).")] = None,
+    hidden: Annotated[int, typer.Option(min=32, help="Hidden width of the digits MLP (3,000: 36.9 MB in fp32).")] = 3000,
+    steps: Annotated[int, typer.Option(min=100, help="Steps per peer in each codec's run.")] = 1000,
+    repeats: Annotated[int, typer.Option(min=1, help="Raw pyzmq transfers per rate and host (mean).")] = 30,
+) -> None:
+    """A merge between two hosts (network namespaces, a rate-limited link) against raw pyzmq moving
+    the model's fp32 bytes over the same link. Needs root or CAP_NET_ADMIN."""
+    _writable(json_path)
+    from swarmnet.bench.link import run
+    from swarmnet.codecs import CODECS
+    from swarmnet.testing.netns import rate_bits
+
+    rates = tuple(rate or ("1gbit", "10gbit"))
+    for r in rates:
+        if r != "unlimited":
+            try:
+                rate_bits(r)
+            except ValueError as exc:
+                fail(f"--rate: {exc}")
+    unknown = [c for c in codec or () if c not in CODECS]
+    if unknown:
+        fail(f"--codec {unknown[0]}: unknown codec; available: {', '.join(sorted(CODECS))}")
+    try:
+        result = run(rates=rates, codecs=tuple(codec or ("fp32", "lattice")), hidden=hidden, steps=steps,
+                     repeats=repeats, json_path=json_path)
+    except BenchFailed as exc:
+        fail(str(exc), 1)
+    typer.echo(f"{result['model']} ({result['bytes'] / 1e6:.1f} MB in fp32), 2 peers on 2 hosts, "
+               f"pulls back to back")
+    for r, row in result["rates"].items():
+        typer.echo(f"{r}: raw pyzmq moves the fp32 bytes in {row['raw_ms']:.1f} ms (mean of {row['raw_transfers']}; "
+                   f"median {row['raw_ms_median']:.1f})")
+        for name, m in row.items():
+            if isinstance(m, dict):
+                typer.echo(f"  {name}: a merge takes {m['merge_ms']:.1f} ms (pull {m['pull_ms']:.1f}, add "
+                           f"{m['apply_ms']:.2f}; {m['bytes_share']:.1%} of the fp32 bytes) -> ratio {m['ratio']:.2f}")
+
+
 @bench_app.command("memory")
 def bench_memory(
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the figures as JSON here.")] = None,

@@ -413,7 +413,7 @@ def _raw_server(nbytes: int, hidden: int, batch: int) -> None:
     while True:
         route, body = router.recv_multipart()
         if body == b"busy" and trainer is None:
-            trainer = threading.Thread(target=_train_while, args=(busy, hidden, batch), daemon=True)
+            trainer = threading.Thread(target=train_while, args=(busy, hidden, batch), daemon=True)
             trainer.start()
         if body == b"busy":
             busy.set()
@@ -434,7 +434,7 @@ def _exit_with_the_client() -> None:
     os._exit(0)
 
 
-def _train_while(busy: threading.Event, hidden: int, batch_size: int) -> None:
+def train_while(busy: threading.Event, hidden: int, batch_size: int) -> None:
     """SGD steps of the digits MLP of width ``hidden`` on batches of ``batch_size``, on one
     thread, while ``busy`` is set (the compute stage's task by default: hidden 512, batch 32)."""
     import torch

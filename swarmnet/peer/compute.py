@@ -297,7 +297,9 @@ class Replica:
         self.merge_cpu += time.thread_time() - began
 
     def apply(self, entry: MergeEntry) -> None:
+        began = time.perf_counter()
         apply_pull(self.live_N, entry.gap_N)
+        self.stats.apply_wall_s += time.perf_counter() - began
         self.stats.interactions += 1
         self._staleness_sum += entry.age + (time.monotonic() - entry.received)
         self.stats.staleness_s = self._staleness_sum / self.stats.interactions

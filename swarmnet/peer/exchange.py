@@ -113,6 +113,7 @@ class Exchange:
             try:
                 if await self.interact(target):
                     took = time.monotonic() - last
+                    self.peer.stats.pull_wall_s += took
                     self.pull_seconds = took if self.pull_seconds == 0 else 0.8 * self.pull_seconds + 0.2 * took
             except Rejected as exc:
                 self.peer.stats.pulls_failed += 1

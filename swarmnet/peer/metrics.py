@@ -28,7 +28,7 @@ def progress_record(stats: PeerStats, *, elapsed: float, loss: float | None) -> 
         "time": time.time(), "elapsed": elapsed, "step": s.step, "epoch": s.epoch, "loss": loss,
         "lr": s.lr, "clock": s.clock, "interactions": s.interactions, "nudges": s.nudges_applied,
         "pulls_ok": s.pulls_ok, "pull_rounds": s.pull_rounds, "pulls_failed": s.pulls_failed,
-        "bytes_in": s.bytes_in, "bytes_out": s.bytes_out,
+        "bytes_in": s.bytes_in, "bytes_out": s.bytes_out, "pull_wall_s": s.pull_wall_s, "apply_wall_s": s.apply_wall_s,
         "staleness_s": s.staleness_s, "consensus": s.consensus, "bits_per_coord": s.bits_per_coord,
         "peers": s.peers_alive, "compute_cpu_s": s.compute_cpu_s, "exchange_cpu_s": s.exchange_cpu_s,
     }

@@ -39,6 +39,13 @@ class PeerStats:
     """Neighbours' nudges we refused to keep our model a convex combination (MergeGate)."""
     bytes_in: int = 0
     bytes_out: int = 0
+    pull_wall_s: float = 0.0
+    """Wall seconds of the successful pulls so far, each from its first request until the
+    neighbour's gap was ready for the compute thread (requests, decode, gap and its norm; in
+    symmetric mode the nudge too)."""
+    apply_wall_s: float = 0.0
+    """Wall seconds the compute thread spent adding pulled gaps to its model (on a GPU: launching
+    the add)."""
     staleness_s: float = 0.0
     """Mean age of applied snapshots (sender's publish to our merge), seconds."""
     consensus: float = 0.0

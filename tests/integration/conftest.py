@@ -1,9 +1,7 @@
-import secrets
-import subprocess
-
 import pytest
 
 from swarmnet.testing import LocalSwarm, PeerProcessHandle, write_config
+from swarmnet.testing.netns import HostPair, HostsRefused
 
 
 @pytest.fixture
@@ -67,53 +65,12 @@ def lsq_config(**train):
     return base
 
 
-class TwoHosts(list):
-    """The two namespace names (``hosts[0]``, ``hosts[1]``), and the veth between them to cut."""
-
-    def __init__(self, ns, links):
-        super().__init__(ns)
-        self.links = links
-
-    def set_link(self, up: bool) -> None:
-        """Cut (both ends down: packets vanish, no reset) or heal the link between the hosts."""
-        for ns, link in zip(self, self.links):
-            result = _ip("-n", ns, "link", "set", link, "up" if up else "down")
-            assert result.returncode == 0, result.stderr
-
-
-def _ip(*args):
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=20)
-
-
 @pytest.fixture
 def two_hosts():
     """Two network namespaces joined by a veth pair: hosts 10.200.1.1 and 10.200.1.2."""
-    tag = secrets.token_hex(3)
-    ns = [f"swn-a-{tag}", f"swn-b-{tag}"]
     try:
-        made = _ip("netns", "add", ns[0])
-    except (FileNotFoundError, subprocess.TimeoutExpired):
-        pytest.skip("iproute2 is not installed: cannot create network namespaces")
-    if made.returncode != 0:
-        pytest.skip(f"this machine does not allow network namespaces: {made.stderr.strip()}")
-    try:
-        steps = [
-            ("netns", "add", ns[1]),
-            ("link", "add", f"va{tag}", "type", "veth", "peer", "name", f"vb{tag}"),
-            ("link", "set", f"va{tag}", "netns", ns[0]),
-            ("link", "set", f"vb{tag}", "netns", ns[1]),
-            ("-n", ns[0], "addr", "add", "10.200.1.1/24", "dev", f"va{tag}"),
-            ("-n", ns[1], "addr", "add", "10.200.1.2/24", "dev", f"vb{tag}"),
-            ("-n", ns[0], "link", "set", f"va{tag}", "up"),
-            ("-n", ns[1], "link", "set", f"vb{tag}", "up"),
-            ("-n", ns[0], "link", "set", "lo", "up"),
-            ("-n", ns[1], "link", "set", "lo", "up"),
-        ]
-        for step in steps:
-            result = _ip(*step)
-            if result.returncode != 0:
-                pytest.skip(f"could not set up namespaces (ip {' '.join(step)}): {result.stderr.strip()}")
-        yield TwoHosts(ns, [f"va{tag}", f"vb{tag}"])
-    finally:
-        for name in ns:
-            _ip("netns", "del", name)
+        hosts = HostPair()
+    except HostsRefused as exc:
+        pytest.skip(str(exc))
+    with hosts:
+        yield hosts

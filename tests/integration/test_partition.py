@@ -55,7 +55,7 @@ def test_partitioned_halves_keep_training_and_reconverge_after_the_heal(tmp_path
     seeds = ["--seed", HOSTS["a0"][1], "--seed", HOSTS["b0"][1]]
     peers = [PeerProcessHandle(run, name, config, "--listen", addr, *seeds,
                                "--set", f'task.options={{"samples": 400, "dim": 32, "seed": {host}}}',
-                               prefix=["ip", "netns", "exec", two_hosts[host]])
+                               prefix=two_hosts.prefix(host))
              for name, (host, addr) in HOSTS.items()]
     try:
         for p in peers:

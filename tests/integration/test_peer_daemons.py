@@ -116,10 +116,10 @@ def test_two_hosts_in_network_namespaces_form_one_swarm(tmp_path, daemons, two_h
     })
     run = tmp_path / "run"
     host_a = PeerProcessHandle(run, "host-a", config, "--listen", "tcp://10.200.1.1:7000",
-                               prefix=["ip", "netns", "exec", two_hosts[0]])
+                               prefix=two_hosts.prefix(0))
     daemons.append(host_a)
     host_b = PeerProcessHandle(run, "host-b", config, "--listen", "tcp://10.200.1.2:7000",
-                               "--seed", "tcp://10.200.1.1:7000", prefix=["ip", "netns", "exec", two_hosts[1]])
+                               "--seed", "tcp://10.200.1.1:7000", prefix=two_hosts.prefix(1))
     daemons.append(host_b)
     for host in (host_a, host_b):
         assert host.wait(120) == 0, host.log()

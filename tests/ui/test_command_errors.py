@@ -193,7 +193,7 @@ def test_plot_and_eval_name_a_run_directory_that_does_not_exist(tmp_path: Path) 
 
 @pytest.mark.parametrize("command", [
     ["eval", "--seed", "tcp://127.0.0.1:1", "--timeout", "0.2"], ["bench", "codecs"], ["bench", "sim"],
-    ["bench", "exchange", "--quick"], ["bench", "memory"], ["bench", "baselines", "--quick"],
+    ["bench", "exchange", "--quick"], ["bench", "memory"], ["bench", "baselines", "--quick"], ["bench", "link"],
 ])
 def test_a_json_path_that_is_a_directory_is_refused_before_the_run(tmp_path: Path, command: list[str]) -> None:
     """Found only at the end, it cost a whole benchmark's figures, or named a temporary file."""
@@ -208,3 +208,7 @@ def test_bench_arguments_are_checked_before_any_run() -> None:
     assert memory.exit_code == 2 and "--codec fp8: unknown codec; available:" in memory.output, memory.output
     exchange = runner.invoke(app, ["bench", "exchange", "--device", "cpux"])
     assert exchange.exit_code == 2 and "device 'cpux': not a torch device" in exchange.output, exchange.output
+    link = runner.invoke(app, ["bench", "link", "--rate", "1gbit", "--rate", "fast"])
+    assert link.exit_code == 2 and "--rate: 'fast' is not a link rate; write it as tc does" in link.output, link.output
+    codec = runner.invoke(app, ["bench", "link", "--codec", "fp8"])
+    assert codec.exit_code == 2 and "--codec fp8: unknown codec" in codec.output, codec.output
