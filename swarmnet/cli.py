@@ -330,7 +330,8 @@ def bench_link(
         for name, m in row.items():
             if isinstance(m, dict):
                 typer.echo(f"  {name}: a merge takes {m['merge_ms']:.1f} ms (pull {m['pull_ms']:.1f}, add "
-                           f"{m['apply_ms']:.2f}; {m['bytes_share']:.1%} of the fp32 bytes) -> ratio {m['ratio']:.2f}")
+                           f"{m['apply_ms']:.2f}; {m['bytes_share']:.1%} of the fp32 bytes, {m['requests_per_pull']:.2f} "
+                           f"requests a pull) -> ratio {m['ratio']:.2f}")
 
 
 @bench_app.command("memory")

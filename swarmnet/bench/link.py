@@ -43,7 +43,7 @@ BATCH = 32
 
 def _windowed(rows: list[dict[str, Any]]) -> dict[str, float]:
     """One peer's pulls after the first fifth of its run (start-up and a newcomer's first full
-    pull excluded): how many, their mean wall time and bytes, and the mean add."""
+    pull excluded): how many, their mean wall time, bytes and requests, and the mean add."""
     if len(rows) < 3:
         return {"pulls": 0}
     a, b = rows[len(rows) // 5], rows[-1]
@@ -52,7 +52,8 @@ def _windowed(rows: list[dict[str, Any]]) -> dict[str, float]:
         return {"pulls": pulls}
     return {"pulls": pulls, "pull_ms": 1e3 * (b["pull_wall_s"] - a["pull_wall_s"]) / pulls,
             "apply_ms": 1e3 * (b["apply_wall_s"] - a["apply_wall_s"]) / merges,
-            "bytes_per_pull": (b["bytes_in"] - a["bytes_in"]) / pulls}
+            "bytes_per_pull": (b["bytes_in"] - a["bytes_in"]) / pulls,
+            "requests_per_pull": (b["pull_rounds"] - a["pull_rounds"]) / pulls}
 
 
 def swarm_merge(hosts: HostPair, workdir: Path, codec: str, *, hidden: int, steps: int) -> dict[str, Any]:
@@ -84,7 +85,8 @@ def swarm_merge(hosts: HostPair, workdir: Path, codec: str, *, hidden: int, step
     windows = [_windowed(peer.metrics()) for peer in peers]
     if any("pull_ms" not in w for w in windows):
         raise BenchFailed(f"the {codec} peers merged too rarely to measure ({windows}); give more --steps")
-    figures = {key: statistics.mean(w[key] for w in windows) for key in ("pull_ms", "apply_ms", "bytes_per_pull")}
+    figures = {key: statistics.mean(w[key] for w in windows)
+               for key in ("pull_ms", "apply_ms", "bytes_per_pull", "requests_per_pull")}
     return figures | {"merge_ms": figures["pull_ms"] + figures["apply_ms"], "pulls": sum(w["pulls"] for w in windows)}
 
 
