@@ -38,7 +38,11 @@ from swarmnet.testing.netns import HOSTS, HostPair, HostsRefused
 from swarmnet.testing.processes import PeerProcessHandle, write_config
 
 PORT = 7000
+"""Each peer's port on its host (the namespaces are the bench's own: nothing else listens there)."""
 BATCH = 32
+"""The training batch of the peers and of the raw pyzmq sides alike."""
+RAW_TIMEOUT_MS = 120_000
+"""How long a raw pyzmq side waits for one transfer (36.9 MB take 3 s at 100 Mbit/s)."""
 
 
 def _windowed(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -140,6 +144,7 @@ def _raw_peer(host: str, nbytes: int, repeats: int, hidden: int) -> None:
     threading.Thread(target=train_while, args=(training, hidden, BATCH), daemon=True).start()
     dealer = ctx.socket(zmq.DEALER)
     size_kernel_buffers(dealer)
+    dealer.rcvtimeo = RAW_TIMEOUT_MS  # a side that never answers ends this one, and the bench says so
     dealer.connect(other)
     times = []
     for i in range(repeats + 1):
