@@ -46,7 +46,7 @@ SLACK = 3.0
 FROZEN_NOTICED_S = 6.0
 """How soon a request to a frozen far end (alive, connected, silent) must fail, whatever its
 deadline, on a connection whose frames are at most 1 MiB: the ZeroMQ transport's heartbeat
-takes 3-4 s."""
+takes 3-4 s, and its handshake deadline on a new connection 4 s."""
 
 
 @dataclass
@@ -483,6 +483,27 @@ async def check_process_frozen_mid_request(case: TransportCase) -> None:
             started = time.monotonic()
             with pytest.raises(TransportError) as info:
                 await asyncio.wait_for(request, FROZEN_NOTICED_S + SLACK)
+            _noticed_at_once(info.value, True)
+            assert time.monotonic() - started < FROZEN_NOTICED_S
+        finally:
+            child.send_signal(signal.SIGCONT)
+
+
+async def check_process_frozen_before_connect(case: TransportCase) -> None:
+    """The listener's process is frozen before the first request dials it (its kernel still
+    accepts the connection, nothing answers): the request fails well before its long deadline,
+    as a peer retrying a hung neighbour would otherwise stop merging for all of it."""
+    if not case.cross_process:
+        pytest.skip(f"{case.name} endpoints live in one process")
+    if not case.notices_frozen:
+        pytest.skip(f"{case.name} notices a frozen far end only at the request's deadline (documented)")
+    async with _transport(case) as transport, _child_listener(case, "hold") as (child, address):
+        child.send_signal(signal.SIGSTOP)
+        try:
+            conn = transport.connect(address, max_frame_bytes=2**20)
+            started = time.monotonic()
+            with pytest.raises(TransportError) as info:
+                await asyncio.wait_for(conn.request([b"hold this"], timeout=60), FROZEN_NOTICED_S + SLACK)
             _noticed_at_once(info.value, True)
             assert time.monotonic() - started < FROZEN_NOTICED_S
         finally:

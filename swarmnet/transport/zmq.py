@@ -206,6 +206,14 @@ transit either way, so a connection allows this plus the time its largest frame 
 slowest rate a transfer may go (:func:`silence_allowed`): long transfers are never cut."""
 
 
+HANDSHAKE_TIMEOUT_S = HEARTBEAT_TIMEOUT_S + HEARTBEAT_IVL_S
+"""A client connection whose ZeroMQ handshake has not completed in this long is dropped, which
+ends its request at once (libzmq's own default is 30 s). The kernel of a frozen peer still
+accepts TCP connections, so a request on a new connection to it would otherwise wait out its
+whole deadline where the heartbeat ends one on an established connection; a live peer answers
+the greeting from libzmq's I/O thread (CURVE keys from a ZAP thread) within milliseconds."""
+
+
 def silence_allowed(max_frame_bytes: int, slowest_rate: float) -> float:
     """Seconds a connection may go without a whole frame from its peer before it is dropped."""
     return HEARTBEAT_TIMEOUT_S + max_frame_bytes / slowest_rate
@@ -465,6 +473,7 @@ class ZmqConnection(Connection):
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
             sock.setsockopt(zmq.HEARTBEAT_IVL, int(HEARTBEAT_IVL_S * 1000))
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, min(2**31 - 1, int(self._silence_s * 1000)))
+            sock.setsockopt(zmq.HANDSHAKE_IVL, int(HANDSHAKE_TIMEOUT_S * 1000))
             if self._curve is not None:
                 _secure_client(sock, self._curve, self._server_key)
             monitor = sock.get_monitor_socket(PROGRESS | LOST | BROKEN_HANDSHAKE)
