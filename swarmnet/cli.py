@@ -243,6 +243,16 @@ def _span(values: list[float]) -> str:
     return f"{min(values):.3f}-{max(values):.3f}"
 
 
+def _known_codecs(codecs: list[str] | None) -> None:
+    """Refuse an unknown --codec before any run: a later codec's failure would lose the earlier
+    ones' figures."""
+    from swarmnet.codecs import CODECS
+
+    unknown = [c for c in codecs or () if c not in CODECS]
+    if unknown:
+        fail(f"--codec {unknown[0]}: unknown codec; available: {', '.join(sorted(CODECS))}")
+
+
 @bench_app.command("exchange")
 def bench_exchange(
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the figures as JSON here.")] = None,
@@ -304,7 +314,6 @@ def bench_link(
     the model's fp32 bytes over the same link. Needs root or CAP_NET_ADMIN."""
     _writable(json_path)
     from swarmnet.bench.link import run
-    from swarmnet.codecs import CODECS
     from swarmnet.testing.netns import rate_bits
 
     rates = tuple(rate or ("1gbit", "10gbit"))
@@ -314,9 +323,7 @@ def bench_link(
                 rate_bits(r)
             except ValueError as exc:
                 fail(f"--rate: {exc}")
-    unknown = [c for c in codec or () if c not in CODECS]
-    if unknown:
-        fail(f"--codec {unknown[0]}: unknown codec; available: {', '.join(sorted(CODECS))}")
+    _known_codecs(codec)
     try:
         result = run(rates=rates, codecs=tuple(codec or ("fp32", "lattice")), hidden=hidden, steps=steps,
                      repeats=repeats, json_path=json_path)
@@ -344,11 +351,8 @@ def bench_memory(
     """A peer's peak host memory in copies of its model, per snapshot codec."""
     _writable(json_path)
     from swarmnet.bench.memory import run
-    from swarmnet.codecs import CODECS
 
-    unknown = [c for c in codec or () if c not in CODECS]
-    if unknown:  # before any run: a later codec's failure would lose the earlier ones' figures
-        fail(f"--codec {unknown[0]}: unknown codec; available: {', '.join(sorted(CODECS))}")
+    _known_codecs(codec)
     try:
         result = run(codecs=tuple(codec or ("fp32", "lattice")), hidden=hidden, steps=steps, json_path=json_path)
     except BenchFailed as exc:

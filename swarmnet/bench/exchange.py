@@ -401,7 +401,7 @@ def _raw_server(nbytes: int, hidden: int, batch: int) -> None:
     from swarmnet.transport.zmq import size_kernel_buffers
 
     threading.Thread(target=_exit_with_the_client, daemon=True).start()
-    payload = memoryview(bytearray(os.urandom(1024)) * (nbytes // 1024 + 1))[:nbytes // 4 * 4]
+    payload = raw_payload(nbytes)
     busy = threading.Event()
     trainer: threading.Thread | None = None  # started at the first ``busy``: idle, the process only serves
     ctx = zmq.Context()
@@ -426,6 +426,11 @@ def _raw_server(nbytes: int, hidden: int, batch: int) -> None:
         cuts = [len(payload) // 4 * i // pieces * 4 for i in range(pieces + 1)]
         for lo, hi in zip(cuts, cuts[1:]):
             router.send_multipart([route, b"h", payload[lo:hi]], copy=False)
+
+
+def raw_payload(nbytes: int) -> memoryview:
+    """What the raw pyzmq servers send: ``nbytes`` (rounded down to whole floats) of noise."""
+    return memoryview(bytearray(os.urandom(1024)) * (nbytes // 1024 + 1))[:nbytes // 4 * 4]
 
 
 def _exit_with_the_client() -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from swarmnet.bench import write_json
-from swarmnet.bench.exchange import train_while
+from swarmnet.bench.exchange import raw_payload, train_while
 from swarmnet.errors import BenchFailed
 from swarmnet.launch import GLIBC_TUNABLES
 from swarmnet.peer.budget import LOCAL_PEERS_VARIABLE
@@ -130,7 +130,7 @@ def _raw_peer(host: str, nbytes: int, repeats: int, hidden: int) -> None:
 
     from swarmnet.transport.zmq import size_kernel_buffers
 
-    payload = memoryview(bytearray(os.urandom(1024)) * (nbytes // 1024 + 1))[:nbytes]
+    payload = raw_payload(nbytes)
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     size_kernel_buffers(router)
