@@ -19,7 +19,14 @@ import typer
 from rich.markup import escape
 
 from swarmnet import jsonsafe
-from swarmnet.config import PeerManifest, check_device, dotted_key, load_config, load_manifest
+from swarmnet.config import (
+    PeerManifest,
+    check_device,
+    dotted_key,
+    load_config,
+    load_manifest,
+    manifest_settings,
+)
 from swarmnet.errors import BenchFailed, ConfigError, SwarmError
 from swarmnet.log import setup_logging
 
@@ -111,16 +118,13 @@ def peer(
     setup_logging(log_level.value)
     try:
         manifest = load_manifest(peer_file) if peer_file else PeerManifest()
-        listed = build_overrides(network__listen=manifest.listen, network__advertise=manifest.advertise,
-                                 network__seeds=manifest.seeds, device__device=manifest.device,
-                                 security__key=manifest.key)
+        listed, listed_origins = manifest_settings(manifest, peer_file) if peer_file else ({}, {})
         flags = build_overrides(network__listen=listen, network__advertise=advertise, network__interface=interface,
                                 network__seeds=seed, device__device=device, run__dir=run_dir, security__key=key)
         settings = parse_settings(set_ or [])
         budget = budget_override(steps=steps) if steps is not None else {}
         overrides = {**listed, **flags, **settings, **budget}
-        # A manifest's keys are named as the manifest spells them (listen, not network.listen).
-        origins = {**{k: f"{peer_file} ({k.rsplit('.', 1)[1]})" for k in listed}, **{k: FLAGS[k] for k in flags},
+        origins = {**listed_origins, **{k: FLAGS[k] for k in flags},
                    **dict.fromkeys(settings, "--set"), **dict.fromkeys(budget, "--steps")}
         if seed and manifest.seeds and "network.seeds" not in settings:
             overrides["network.seeds"] = seed + manifest.seeds

@@ -69,7 +69,10 @@ WILDCARD_HOSTS = ("0.0.0.0", "*", "::")
 
 def is_wildcard(url: str) -> bool:
     """Whether a tcp:// address names every interface rather than one a peer can dial."""
-    return url.startswith("tcp://") and urlsplit(url).hostname in WILDCARD_HOSTS
+    try:
+        return url.startswith("tcp://") and urlsplit(url).hostname in WILDCARD_HOSTS
+    except ValueError:  # not a URL (an unclosed IPv6 bracket): the address check says so
+        return False
 
 
 @dataclass(kw_only=True, slots=True)
@@ -509,7 +512,7 @@ def build_config(data: dict[str, Any], source: str, overrides: dict[str, Any] | 
 
 
 def load_manifest(path: str | os.PathLike[str]) -> PeerManifest:
-    manifest = _build(PeerManifest, _read_toml(path), str(path), "", {})
+    manifest = _build(PeerManifest, _read_toml(path, "peer manifest"), str(path), "", {})
     if not manifest.name:
         manifest.name = Path(path).stem
     try:
@@ -519,21 +522,36 @@ def load_manifest(path: str | os.PathLike[str]) -> PeerManifest:
     return manifest
 
 
+def manifest_settings(manifest: PeerManifest, path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The config keys a peer manifest sets, and their origins for error messages (a manifest's
+    keys are named as it spells them: listen, not network.listen)."""
+    given = {"network.listen": manifest.listen, "network.advertise": manifest.advertise,
+             "network.seeds": manifest.seeds, "device.device": manifest.device, "security.key": manifest.key}
+    settings = {key: value for key, value in given.items() if value not in ("", [])}
+    return settings, {key: f"{path} ({key.rsplit('.', 1)[1]})" for key in settings}
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """Plain-data view of a config (for logs, summaries and child processes)."""
     return dataclasses.asdict(config)
 
 
-def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+_EXAMPLES = {"config file": "configs/quickstart.toml", "peer manifest": "peers/peer0.toml"}
+"""What each kind of TOML file this module reads is, with an example of it in the checkout."""
+
+
+def _read_toml(path: str | os.PathLike[str], what: str = "config file") -> dict[str, Any]:
+    example = _EXAMPLES[what]
     try:
         with open(path, "rb") as fh:
             return tomllib.load(fh)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file; check the path (relative paths start where you run the command; the examples are in the swarmnet checkout's configs/)") from None
+        raise ConfigError(f"{path}: no such {what}; check the path (relative paths start where you run the command; "
+                          f"the examples are in the swarmnet checkout's {example.partition('/')[0]}/)") from None
     except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory; pass a config file such as configs/quickstart.toml") from None
+        raise ConfigError(f"{path}: is a directory; pass a {what} such as {example}") from None
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc}); check its permissions") from None
+        raise ConfigError(f"{path}: cannot read the {what} ({exc.strerror or exc}); check its permissions") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8 TOML") from None
     except tomllib.TOMLDecodeError as exc:
@@ -630,7 +648,11 @@ def _check_address(key: str, url: str, example: str, *, lowest_port: int = 1) ->
     too_long = ipc_path_error(url)
     _require(too_long is None, key, f"{too_long}; use a shorter path")
     if url.startswith("tcp://"):
-        _require(bool(urlsplit(url).hostname), key, f"{url!r} names no host; e.g. {example}")
+        try:
+            host = urlsplit(url).hostname
+        except ValueError as exc:  # e.g. an unclosed IPv6 bracket
+            raise ValueError(f"{key}: {url!r} is not a valid address ({exc}); e.g. {example} or tcp://[::1]:7000") from None
+        _require(bool(host), key, f"{url!r} names no host; e.g. {example}")
         try:
             port = urlsplit(url).port
         except ValueError:

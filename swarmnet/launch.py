@@ -36,7 +36,14 @@ from rich.table import Table
 from swarmnet import jsonsafe
 from swarmnet.bootstrap import GLIBC_TUNABLES
 from swarmnet.codecs import kernels
-from swarmnet.config import SwarmConfig, ipc_path_error, load_manifest, to_dict
+from swarmnet.config import (
+    SwarmConfig,
+    ipc_path_error,
+    load_config,
+    load_manifest,
+    manifest_settings,
+    to_dict,
+)
 from swarmnet.errors import ConfigError, unwritable_run_dir
 from swarmnet.evaluation import evaluate_averaged
 from swarmnet.log import counted, get_logger
@@ -107,6 +114,8 @@ class LaunchPlan:
             peers = []
             for i, path in enumerate(files):
                 m = load_manifest(path)
+                listed, origins = manifest_settings(m, path)
+                load_config(config_path, {**overrides, **listed}, origins)  # refused here, not in a child after launch
                 peers.append(PeerProcess(m.name, m.rank if m.rank >= 0 else i, m.listen or _listen(transport, run_dir, m.name),
                                          m.seeds, m.advertise, m.device, m.key))
                 if m.listen and transport != "tcp":  # tcp: the default, not asked for
@@ -431,6 +440,8 @@ def summarize(plan: LaunchPlan, elapsed: float, interrupted: bool) -> dict[str, 
                 row.update(steps=metrics.get("step"), final_loss=metrics.get("loss"),
                            interactions=metrics.get("interactions"), bytes_sent=metrics.get("bytes_out"),
                            bytes_received=metrics.get("bytes_in"))
+        if row.get("reason") == "stopped" and not interrupted:  # `up` stops its peers only when interrupted
+            row["reason"] = "stopped by a signal from outside `swarmnet up`, before its budget"
         row["ok"] = code == 0 and row.get("reason") in FINISHED_WELL
         rows.append(row)
     finished = [p for p, r in zip(plan.peers, rows) if r["ok"]]

@@ -83,6 +83,13 @@ SCHEMA: dict[MsgType, dict[str, Any]] = {
 REPLIES = {MsgType.PEERS, MsgType.SNAPSHOT, MsgType.STATUS_REPLY, MsgType.ACK, MsgType.REJECT}
 
 _ids = itertools.count(1)
+
+
+def next_mid() -> int:
+    """The next ``mid`` of this process's counter, shared by everything it sends."""
+    return next(_ids)
+
+
 CardT = TypeVar("CardT", bound=Mapping[str, Any])
 
 
@@ -98,11 +105,11 @@ class Message:
 
 
 def request(type: MsgType, sender: str, frames: Sequence[Buffer] = (), **body: Any) -> Message:
-    return Message(type, sender, body, tuple(frames), mid=next(_ids))
+    return Message(type, sender, body, tuple(frames), mid=next_mid())
 
 
 def reply(to: Message, type: MsgType, sender: str, frames: Sequence[Buffer] = (), **body: Any) -> Message:
-    return Message(type, sender, body, tuple(frames), mid=next(_ids), re=to.mid)
+    return Message(type, sender, body, tuple(frames), mid=next_mid(), re=to.mid)
 
 
 def reject(to: Message, sender: str, code: RejectCode, reason: str) -> Message:

@@ -13,7 +13,8 @@ written to ``out``. The wire layout is in docs/codecs.md; the math is lattice.py
 
 Reader state (the per-neighbour ``state`` dict the runtime keeps):
 - ``state["dist"]``: per chunk, the distance |k_hat - key/eps| seen at the last complete pull,
-  in units of that pull's eps; ``plan`` turns it into the planes of the next first request.
+  in units of that pull's eps (or, after an abandoned pull, what it learnt: ``_learnt``);
+  ``plan`` turns it into the planes of the next first request.
 - ``state["pull"]``: progress of the pull in flight (verified chunks, planes already received
   of failing chunks, bytes, rounds). Verified chunks are written to ``out`` as soon as they
   pass, so the runtime must hand the same ``out`` (and ``key``) to every decode of one pull and
@@ -313,6 +314,24 @@ def _nearest(
     return dist.view(-1).double()
 
 
+def _learnt(dist: list[float | None] | None, pull: dict[str, Any]) -> list[float | None] | None:
+    """The window statistics of the last pull from a neighbour, updated with an abandoned pull's
+    (its neighbour moved on, or it timed out): the chunks it verified give their new statistic;
+    a chunk that failed at b planes has D > 2^(b-1), so the next first request asks for at least
+    one plane more. Without it, a reader whose escalations keep being cut short asked for the
+    same failing planes every time."""
+    nch = len(pull["done"])
+    if not pull["rounds"] or (dist is not None and len(dist) != nch):  # nothing learnt, or another layout
+        return dist
+    learnt = list(dist) if dist is not None else [None] * nch
+    for i, measured in enumerate(pull["dist"]):
+        if measured is not None:
+            learnt[i] = measured
+    for i, (bits, _) in pull["held"].items():
+        learnt[i] = max(learnt[i] or 0.0, float(1 << (bits - 1)))
+    return learnt
+
+
 class LatticeCodec(Codec):
     """Bit-plane lattice snapshots decoded relative to the reader's own model (SPEC 3.4).
 
@@ -582,8 +601,10 @@ class LatticeCodec(Codec):
         last few accepted pulls from any neighbour needed (their median); the very first pull, ``first_bits``. The margin is
         ``margin_cpu`` while ``hints["cpu_bound"]``: then CPU, not bytes, limits the merges."""
         # An abandoned pull's progress must not be resumed: its verified chunks are no longer in
-        # the decode buffer, which other pulls have used since.
-        state.pop("pull", None)
+        # the decode buffer, which other pulls have used since. What it learnt stays.
+        abandoned = state.pop("pull", None)
+        if abandoned is not None:
+            state["dist"] = _learnt(state.get("dist"), abandoned)
         margin = self.margin_cpu if hints and hints.get("cpu_bound") else self.margin
         dist = state.get("dist")
         to: int | list[int] = (
@@ -600,7 +621,7 @@ class LatticeCodec(Codec):
     def _prior(self, dist: list[float | None] | None, i: int, margin: float) -> int:
         """Bits a first request asks for chunk ``i``: from its window statistic at the last pull
         from this neighbour (``dist``, None when there is none), else from the last few accepted pulls."""
-        if dist is None:
+        if dist is None or dist[i] is None:
             return self._predict(statistics.median(self._recent_dists) if self._recent_dists else None, margin)
         return self._predict(dist[i], margin)
 

@@ -167,6 +167,9 @@ class Replica:
         """Moving average of the time from one step's end to the next (merges and pauses included)."""
         self._step_ended: float | None = None
         self._published_at = 0.0
+        self._synced_at = 0.0
+        """When a published snapshot last carried the live model's own steps (a merge, a refresh):
+        a neighbour's nudge alone republishes the stale copy, which has none of them."""
         self._publish_seconds = 0.0
         self._keys_from = 0
         """Merges whose gap was measured from an older snapshot of ours are dropped (:meth:`resync`)."""
@@ -179,9 +182,10 @@ class Replica:
         """The learning rate in force, a hint for codecs that follow it."""
         return 0.0
 
-    def publish(self, progress_N: Tensor | None = None, progress_steps: int = 0) -> None:
+    def publish(self, progress_N: Tensor | None = None, progress_steps: int = 0, *, synced: bool = True) -> None:
         """Encode the communication copy once; the server hands it to any number of readers.
-        ``progress_N``: what our own ``progress_steps`` steps moved, for codecs that follow it."""
+        ``progress_N``: what our own ``progress_steps`` steps moved, for codecs that follow it.
+        ``synced``: the copy is the live model (False: only neighbours' nudges were added to it)."""
         began = time.monotonic()
         hints: dict[str, Any] = {"lr": self.current_lr(), "local_steps": self.local_steps.mean}
         if progress_N is not None:
@@ -194,6 +198,8 @@ class Replica:
                   else published(self.stale_N.numel(), torch.float32, self.device).copy_(self.stale_N))
         self.store.publish(values, encoded, self.step, self.inbox.drained)
         self._published_at = time.monotonic()
+        if synced:
+            self._synced_at = self._published_at
         self._publish_seconds = self._published_at - began
 
     def count_cpu(self) -> None:
@@ -247,11 +253,14 @@ class Replica:
             self.stats.nudges_applied += nudged
             if entry is not None or nudged:
                 progress, steps = self._progress(), self.since_merge
+                synced = entry is not None or self._refresh_due(final)  # nudged, and a refresh is due
                 if entry is not None:
                     self.apply(entry)
+                if synced:
                     self.stale_N.copy_(self.live_N)
+                    self.since_merge = 0
                 self.torn_by = None  # publishing copies the model, it does not write it
-                self.publish(progress, steps)
+                self.publish(progress, steps, synced=synced)
             self.torn_by = None
         finally:
             if entry is not None:
@@ -264,7 +273,7 @@ class Replica:
         if self.since_merge == 0 or not (final or self.since_merge >= self.target_h):
             return False  # nothing new since the last publish, or a merge may still come in time
         wait = max(REFRESH_MIN_S, self._publish_seconds / REFRESH_MAX_SHARE)
-        return final or time.monotonic() - self._published_at >= wait
+        return final or time.monotonic() - self._synced_at >= wait
 
     def refresh(self) -> None:
         """Publish the live model without a merge: X^ <- W, what a merge with itself gives."""
@@ -622,6 +631,11 @@ class ComputeLoop(Replica):
             self.merge_pending(final=True)
         except ModelDiverged as exc:
             self.log.error("%s", exc)
+        except Exception as exc:  # e.g. out of memory publishing: the model itself may be whole
+            if self.torn_by is not None:
+                raise
+            self.log.error("the final merge or publish failed (%s); the model is whole and is checkpointed",
+                           what_failed(exc), exc_info=exc)
         if self._loss_count:
             self.write_metrics()
         unsaved = self.save_checkpoint(final=True)

@@ -89,6 +89,7 @@ class Exchange:
         self._stopping = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._waker: asyncio.Future[bool] | None = None
 
     # -- loop ---------------------------------------------------------------------------------
 
@@ -102,8 +103,10 @@ class Exchange:
             wait = max(self.pull_interval - (time.monotonic() - last), self.budget.delay(), self._until_due())
             self.peer.stats.exchange_cpu_s = self.budget.used
             if wait > 0:
-                await asyncio.sleep(wait)
+                woken = await self._rest(wait)
                 self.peer.stats.budget_wait_s = self.budget.waited
+                if woken:  # the peer began settling: the pull's due time no longer holds
+                    continue
             target = self.pick()
             if target is None or self.peer.store.latest() is None:
                 await asyncio.sleep(0.05)  # nobody to talk to yet, or nothing of ours to merge
@@ -150,6 +153,25 @@ class Exchange:
         if self.peer.stats.state != "training":
             return 0.0  # settling or stopping: merge whatever comes, as soon as it comes
         return self.peer.compute.seconds_to_merge() - self.pull_seconds
+
+    async def _rest(self, seconds: float) -> bool:
+        """Sleep ``seconds``, or less if :meth:`wake` is called meanwhile; whether it was. (As
+        cheap as asyncio.sleep, which it mirrors: it runs before every pull.)"""
+        loop = asyncio.get_running_loop()
+        self._waker = waker = loop.create_future()
+        timer = loop.call_later(seconds, _resolve, waker, False)
+        try:
+            return await waker
+        finally:
+            timer.cancel()
+            self._waker = None
+
+    def wake(self) -> None:
+        """The peer's state changed what the next pull waits for (its budget is spent: it now
+        merges whatever comes, at once): a pull held back for the next merge's due time, up to
+        H steps of a slow model, would otherwise sleep through the settling."""
+        if self._waker is not None:
+            _resolve(self._waker, True)
 
     async def stop(self) -> None:
         """Let the interaction in flight finish (it is bounded by timeouts), start no other."""
@@ -245,7 +267,9 @@ class Exchange:
 
     def _check_codec(self, reply: Message) -> None:
         if reply.body["codec"] != self.codec.name:
-            raise ProtocolError("mismatch", f"neighbour uses codec {reply.body['codec']}, we use {self.codec.name}")
+            raise ProtocolError("mismatch", f"neighbour uses codec {reply.body['codec']}, we use {self.codec.name}: "
+                                            "every peer of a swarm must use the same codec.name (set it in the "
+                                            "config they share)")
 
     def _merge_gap(self, own: Snapshot, remote_N: Tensor, source: str) -> float:
         """Worker thread: gap = Q(C_j) + Q(K) - 2K (pull_gap) over ``remote_N``, then one pass
@@ -292,3 +316,8 @@ class Exchange:
 
     def close(self) -> None:
         self.worker.shutdown(wait=False, cancel_futures=True)
+
+
+def _resolve(future: asyncio.Future[bool], value: bool) -> None:
+    if not future.done():
+        future.set_result(value)

@@ -23,7 +23,7 @@ from typing import Any
 from swarmnet.errors import HandshakeFailed, SwarmError, TransportError
 from swarmnet.peer.client import PeerClient
 from swarmnet.security import url_host
-from swarmnet.wire import MAX_CARDS, Message, MsgType, fit_cards, request
+from swarmnet.wire import CARD_BYTES, MAX_CARDS, Message, MsgType, fit_cards, request
 
 MAX_BACKOFF = 60.0
 STARTING_INTERVAL = 0.05
@@ -174,10 +174,11 @@ class PeerTable:
             if r.avoid_until <= now and (allowed_set is None or r.id in allowed_set)
         ]
 
-    def sample_cards(self, rng: random.Random) -> list[dict[str, Any]]:
-        """A random sample of the live peers' cards, as many as one message carries."""
+    def sample_cards(self, rng: random.Random, budget: int = CARD_BYTES) -> list[dict[str, Any]]:
+        """A random sample of the live peers' cards, as many as one message carries (``budget``
+        packed bytes at most)."""
         alive = self.alive()
-        return fit_cards([r.card() for r in rng.sample(alive, min(len(alive), MAX_CARDS))])
+        return fit_cards([r.card() for r in rng.sample(alive, min(len(alive), MAX_CARDS))], budget)
 
     def prune(self) -> list[PeerRecord]:
         """Forget the records silent for ``forget_after``; returns them."""
@@ -219,8 +220,12 @@ class MembershipService:
     def __init__(
         self, *, table: PeerTable, client: PeerClient, card: Callable[[], dict[str, Any]],
         seeds: list[str], interval: float, rng: random.Random, log: logging.LoggerAdapter,  # type: ignore[type-arg]
+        card_bytes: int = CARD_BYTES,
     ) -> None:
         self.table = table
+        self.card_bytes = card_bytes
+        """Packed bytes of cards per message: half the header limit where the config lowers it
+        (the swarm's peers share it), so that gossip stays under every peer's limit."""
         self.client = client
         self.card = card
         self.seeds = [s for s in seeds if s]
@@ -242,12 +247,12 @@ class MembershipService:
 
     def hello(self) -> Message:
         return request(MsgType.HELLO, self.client.sender, card=self.card(),
-                       peers=self.table.sample_cards(self.rng))
+                       peers=self.table.sample_cards(self.rng, self.card_bytes))
 
     def handle_hello(self, msg: Message) -> dict[str, Any]:
         """Server side: merge what the caller knows; reply with our card and our view."""
         self.merge_reply(msg)
-        return {"card": self.card(), "peers": self.table.sample_cards(self.rng)}
+        return {"card": self.card(), "peers": self.table.sample_cards(self.rng, self.card_bytes)}
 
     def merge_reply(self, msg: Message) -> None:
         self.table.merge(msg.body["card"], direct=True)

@@ -29,11 +29,11 @@ import secrets
 import socket
 import time
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 import torch
@@ -60,13 +60,15 @@ from swarmnet.peer.stats import PeerStats
 from swarmnet.security import dial_target, exposure_warning, peer_keys, split_address, with_key
 from swarmnet.tasks import load_task, what_failed
 from swarmnet.transport import TransportSet
-from swarmnet.wire import Limits, MsgType, fit_cards, request
+from swarmnet.wire import CARD_BYTES, Limits, MsgType, fit_cards, request
 
 REPLY_HEADER_SLACK = 1024
 """Bytes of a snapshot reply's header besides the codec's meta (type, ids, version, clock, age,
 frame sizes), with room to spare."""
 FINISHED = ("settling", "draining", "done")
 """States of a peer that no longer steps (its budget spent, or stopped): its card says ``done``."""
+T = TypeVar("T")
+
 FINISHED_WELL = ("budget", "stopped")
 """Why a run may end with exit status 0 (its final checkpoint and summary written)."""
 
@@ -166,6 +168,8 @@ class Peer:
         self.address = ""
         self.started = time.time()
         self._stop_requested = False
+        self._stopping = asyncio.Event()
+        """Set with ``_stop_requested``: waits that may take long end on it (a newcomer's adoption)."""
         self._forced = asyncio.Event()
         """A second stop request: skip every grace period, including one already being waited."""
         self._exchange_task: asyncio.Task[None] | None = None
@@ -224,6 +228,7 @@ class Peer:
             self._forced.set()
             self.log.warning("second stop request: skipping the grace period")
         self._stop_requested = True
+        self._stopping.set()
         if isinstance(getattr(self, "compute", None), ComputeLoop):
             self.compute.stop.set()
 
@@ -350,6 +355,7 @@ class Peer:
                 table=self.table, client=self.client, card=self.card,
                 seeds=[s for s in net.seeds if s != self.address],
                 interval=net.gossip_interval, rng=self.rng, log=self.log,
+                card_bytes=min(CARD_BYTES, net.max_header_bytes // 2),
             )
             cores, how = net.exchange_cpu, ""
             if cores < 0:  # auto; how it was reached, for a user starting peers by hand who may have to give the count
@@ -383,8 +389,9 @@ class Peer:
     def start_exchange(self) -> None:
         """Start pulling neighbours (inside :meth:`serving`). Not earlier than the start
         condition and a newcomer's adoption: a merge computed against the model from before
-        the adoption would undo it."""
-        if self.cfg.network.exchange and self._exchange_task is None:
+        the adoption would undo it. Nor once a stop is requested: its first pull would hold the
+        stop for as long as the drain waits for the interaction in flight."""
+        if self.cfg.network.exchange and self._exchange_task is None and not self._stop_requested:
             self._exchange_task = self._services.create_task(self.exchange.run(), name="exchange")
 
     def _check_snapshot_fits(self) -> None:
@@ -423,7 +430,8 @@ class Peer:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(5.0, self.cfg.network.join_timeout)):
                     await self.membership.joined.wait()
-        donation = await fetch_donation(self.client, self.table, self.rng, compute.flat.numel, self.log)
+        donation = await self._unless_stopped(
+            fetch_donation(self.client, self.table, self.rng, compute.flat.numel, self.log))
         if donation is None:
             await asyncio.get_running_loop().run_in_executor(compute_thread, compute.publish)
             return
@@ -432,6 +440,28 @@ class Peer:
         self.stats.adopted_from, self.stats.adopted_step = donation.donor, donation.step
         self.log.info("adopted the model of %s (step %d, clock %d) in %.2fs", donation.donor, donation.step,
                       donation.clock, donation.seconds)
+
+    async def _unless_stopped(self, work: Coroutine[Any, Any, T]) -> T | None:
+        """``work``'s result, or None once a stop is requested first (``work`` is cancelled):
+        a newcomer's adoption may take minutes (several pulls of a large model, each bounded by
+        transfer_timeout) where a stop must end the peer within seconds."""
+        if self._stop_requested:
+            work.close()
+            return None
+        task = asyncio.ensure_future(work)
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait((task, stopping), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if task.cancelled():
+            self.log.info("stop requested while looking for a model to adopt: not adopting")
+            return None
+        return task.result()
 
     async def drain(self) -> None:
         """Stop interacting: refuse new nudges, let the interaction in flight complete (bounded),
@@ -457,6 +487,7 @@ class Peer:
         merged less often); without this the first to finish would keep a model the others
         have moved away from, and the swarm would end apart."""
         self.stats.state = "settling"
+        self.exchange.wake()
         loop = asyncio.get_running_loop()
         merge_now = functools.partial(compute.merge_pending, final=True)
         while not self._peers_finished(until):

@@ -22,7 +22,18 @@ from swarmnet.log import Throttle
 from swarmnet.peer.screening import Poisoned
 from swarmnet.transport import Listener
 from swarmnet.transport.base import Route
-from swarmnet.wire import FULL, Limits, Message, MsgType, RejectCode, decode, encode, reject, reply
+from swarmnet.wire import (
+    FULL,
+    Limits,
+    Message,
+    MsgType,
+    RejectCode,
+    decode,
+    encode,
+    next_mid,
+    reject,
+    reply,
+)
 
 if TYPE_CHECKING:
     from swarmnet.peer.node import Peer
@@ -98,7 +109,7 @@ class PeerServer:
             self._count_reject(exc.code, exc.reason, None)
             code = RejectCode.VERSION if exc.code == RejectCode.VERSION else RejectCode.MALFORMED
             # Answers the request's mid when its header could be read, else 0.
-            return Message(MsgType.REJECT, me, {"code": str(code), "reason": exc.reason[:500]}, re=exc.mid)
+            return Message(MsgType.REJECT, me, {"code": str(code), "reason": exc.reason[:500]}, mid=next_mid(), re=exc.mid)
         handler = self.handlers.get(msg.type)
         if handler is None:
             self._count_reject("unexpected_type", f"{msg.type} is not a request", msg.sender)
@@ -126,7 +137,8 @@ class PeerServer:
         self.log.exception("error answering a request")
         reason = f"internal error: {exc.__class__.__name__}"
         if request is None:
-            return Message(MsgType.REJECT, self.peer.id, {"code": str(RejectCode.MALFORMED), "reason": reason})
+            return Message(MsgType.REJECT, self.peer.id, {"code": str(RejectCode.MALFORMED), "reason": reason},
+                           mid=next_mid())
         return reject(request, self.peer.id, RejectCode.MALFORMED, reason)
 
     def _count_reject(self, code: str, reason: str, sender: str | None) -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import sys
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -61,10 +63,15 @@ def import_factory(spec: str, form: str = "must be 'module:function', e.g. swarm
     module_name, sep, func_name = spec.partition(":")
     if not sep or not module_name or not func_name:
         raise ConfigError(f"task {spec!r} {form}")
+    here = os.getcwd()
+    if here not in sys.path and "" not in sys.path:  # as `python -m swarmnet` (how `up` starts peers) has it
+        sys.path.append(here)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"task {spec!r}: cannot import {module_name!r}: {exc}") from None
+        hint = ("; the module must be importable where the peer runs: install it, or add its folder to PYTHONPATH "
+                "(the folder a command runs in counts too)") if isinstance(exc, ModuleNotFoundError) else ""
+        raise ConfigError(f"task {spec!r}: cannot import {module_name!r}: {exc}{hint}") from None
     except Exception as exc:  # the module itself fails: a syntax error, an error at import time
         raise ConfigError(f"task {spec!r}: importing {module_name!r} failed: {what_failed(exc)}") from None
     factory = getattr(module, func_name, None)

@@ -58,7 +58,7 @@ QUEUED = 1000
 endpoints until the server catches up (libzmq's default receive high-water mark)."""
 REPLY_TIMEOUT = 30.0
 """Seconds a listener spends pushing one reply before it gives up on the requester, at least:
-a large reply gets longer (SLOWEST_RATE, and the caller's ``until_sent``)."""
+a large reply gets longer (its bytes at network.min_transfer_rate, and the caller's ``until_sent``)."""
 CONNECT_TIMEOUT = 5.0
 
 
@@ -145,9 +145,11 @@ class _Peer:
 
 
 class UcxListener(Listener):
-    def __init__(self, ucxx: Any, host: str, port: int, max_frame_bytes: int) -> None:
+    def __init__(self, ucxx: Any, host: str, port: int, max_frame_bytes: int,
+                 slowest_rate: float = SLOWEST_RATE) -> None:
         self._ucxx = ucxx
         self._max = max_frame_bytes
+        self._slowest_rate = slowest_rate
         self._queue: asyncio.Queue[tuple[Route, list[memoryview]] | None] = asyncio.Queue(QUEUED)
         self._peers: dict[int, _Peer] = {}
         self._handlers: set[asyncio.Task[None]] = set()
@@ -196,7 +198,7 @@ class UcxListener(Listener):
 
     async def send(self, route: Route, frames: Sequence[Buffer], *, until_sent: float = 0.0) -> None:
         """A UCX send completes when the transfer has; it is given the longest of REPLY_TIMEOUT,
-        ``until_sent`` and the reply's bytes at SLOWEST_RATE."""
+        ``until_sent`` and the reply's bytes at the slowest rate allowed (network.min_transfer_rate)."""
         if self._closed:
             raise EndpointClosed(f"listener {self.address} is closed")
         peer_id, msg_id = _ROUTE.unpack(route)
@@ -205,7 +207,7 @@ class UcxListener(Listener):
             return  # the requester vanished; like a ROUTER socket, drop the reply
         try:
             size = sum(memoryview(f).nbytes for f in frames)
-            async with peer.send_lock, asyncio.timeout(max(REPLY_TIMEOUT, until_sent, size / SLOWEST_RATE)):
+            async with peer.send_lock, asyncio.timeout(max(REPLY_TIMEOUT, until_sent, size / self._slowest_rate)):
                 await _send_message(peer.ep, msg_id, frames)
         except Exception as exc:
             if not (isinstance(exc, TimeoutError) or _failure(self._ucxx, exc)):
@@ -299,15 +301,17 @@ class UcxTransport(Transport):
     worker, which ucxx progresses on its own thread)."""
 
     schemes = ("ucx",)
+    supports_slowest_rate = True
 
-    def __init__(self) -> None:
+    def __init__(self, slowest_rate: float = SLOWEST_RATE) -> None:
         self._ucxx = _ucxx()
+        self._slowest_rate = slowest_rate
         self._endpoints: list[UcxListener | UcxConnection] = []
 
     async def listen(self, url: str, *, max_frame_bytes: int = 2**31 - 1) -> Listener:
         self.check_open()
         host, port = _split(url)
-        listener = UcxListener(self._ucxx, host, port, max_frame_bytes)
+        listener = UcxListener(self._ucxx, host, port, max_frame_bytes, self._slowest_rate)
         self._endpoints.append(listener)
         return listener
 

@@ -76,13 +76,18 @@ def size_kernel_buffers(sock: zmq.Socket[Any]) -> None:
     sock.setsockopt(zmq.RCVBUF, 4 * 1024 * 1024)
 
 
-def _configure(sock: zmq.asyncio.Socket, max_frame_bytes: int, url: str) -> None:
+CURVE_FRAME_OVERHEAD = 33
+"""Bytes CURVE adds to every frame on the wire (command name, nonce, MAC, flags). libzmq checks
+MAXMSGSIZE on the encrypted frame, so a secured socket allows this much more."""
+
+
+def _configure(sock: zmq.asyncio.Socket, max_frame_bytes: int, url: str, *, secured: bool) -> None:
     """``url``: where the socket binds or dials. IPv6 only for an IPv6 literal (tcp://[::1]:P):
     with it on, an IPv4 listener reports itself as tcp://[::ffff:127.0.0.1]:P."""
     sock.setsockopt(zmq.LINGER, 0)
     if "://[" in url:
         sock.setsockopt(zmq.IPV6, 1)
-    sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes + (CURVE_FRAME_OVERHEAD if secured else 0))
     size_kernel_buffers(sock)
 
 
@@ -464,25 +469,30 @@ class ZmqConnection(Connection):
         if self._sock is None:
             if self._refusal:
                 raise TransportError(self._refusal)
-            sock = self._ctx.socket(zmq.DEALER)
-            _configure(sock, self._max, self._dial)
-            # Queue nothing for a peer that is not connected: a dead peer costs a timeout,
-            # never a pile of buffered snapshots.
-            sock.setsockopt(zmq.IMMEDIATE, 1)
-            sock.setsockopt(zmq.RECONNECT_IVL, 100)
-            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-            sock.setsockopt(zmq.HEARTBEAT_IVL, int(HEARTBEAT_IVL_S * 1000))
-            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, min(2**31 - 1, int(self._silence_s * 1000)))
-            sock.setsockopt(zmq.HANDSHAKE_IVL, int(HANDSHAKE_TIMEOUT_S * 1000))
-            if self._curve is not None:
-                _secure_client(sock, self._curve, self._server_key)
-            monitor = sock.get_monitor_socket(PROGRESS | LOST | BROKEN_HANDSHAKE)
-            self._handshake_ivl = sock.getsockopt(zmq.HANDSHAKE_IVL) / 1000
             try:
+                sock = self._ctx.socket(zmq.DEALER)
+            except zmq.ZMQError as exc:  # e.g. the context's socket limit, or no file descriptors left
+                raise TransportError(f"cannot open a socket to {self.address}: {exc}") from exc
+            monitor = None
+            try:
+                _configure(sock, self._max, self._dial, secured=self._curve is not None)
+                # Queue nothing for a peer that is not connected: a dead peer costs a timeout,
+                # never a pile of buffered snapshots.
+                sock.setsockopt(zmq.IMMEDIATE, 1)
+                sock.setsockopt(zmq.RECONNECT_IVL, 100)
+                sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+                sock.setsockopt(zmq.HEARTBEAT_IVL, int(HEARTBEAT_IVL_S * 1000))
+                sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, min(2**31 - 1, int(self._silence_s * 1000)))
+                sock.setsockopt(zmq.HANDSHAKE_IVL, int(HANDSHAKE_TIMEOUT_S * 1000))
+                if self._curve is not None:
+                    _secure_client(sock, self._curve, self._server_key)
+                monitor = sock.get_monitor_socket(PROGRESS | LOST | BROKEN_HANDSHAKE)
+                self._handshake_ivl = sock.getsockopt(zmq.HANDSHAKE_IVL) / 1000
                 sock.connect(self._dial)
-            except zmq.ZMQError as exc:
-                sock.disable_monitor()
-                monitor.close(linger=0)
+            except zmq.ZMQError as exc:  # nothing of a half-made socket may stay open
+                if monitor is not None:
+                    sock.disable_monitor()
+                    monitor.close(linger=0)
                 sock.close(linger=0)
                 raise TransportError(f"cannot connect to {self.address}: {exc}") from exc
             self._sock, self._monitor = sock, monitor
@@ -666,7 +676,7 @@ class ZmqTransport(Transport):
             refuse_inproc(url)
             url, _ = split_address(url)
         sock = self._ctx.socket(zmq.ROUTER)
-        _configure(sock, max_frame_bytes, url)
+        _configure(sock, max_frame_bytes, url, secured=curve is not None)
         sock.setsockopt(zmq.SNDHWM, LISTENER_HWM)
         sock.setsockopt(zmq.RCVHWM, LISTENER_HWM)
         if curve is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -102,8 +103,8 @@ def status_command(
         _fail(f"--run-dir {run_dir}: no */card.json yet (are the peers running?)")
     if seed and run_dir is None and not any(resolve_seed(s) for s in seed):
         _fail(f"--seed {' '.join(seed)}: no readable card.json (is the peer running?)")
-    if interval <= 0 or timeout <= 0:
-        _fail("--interval and --timeout must be > 0")
+    if not (0 < interval < math.inf and 0 < timeout < math.inf):
+        _fail(f"--interval {interval:g} --timeout {timeout:g}: each must be a finite number of seconds > 0")
     try:
         curve = client_keys(key, load_section(config, "security") if config and not key else None)
     except ConfigError as exc:

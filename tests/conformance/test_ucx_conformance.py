@@ -52,3 +52,27 @@ def test_ucx_scheme_resolves_to_the_ucx_transport():
     from swarmnet.transport.ucx import UcxTransport
 
     assert transport_class("ucx://127.0.0.1:0") is UcxTransport
+
+
+def test_the_configured_slowest_rate_reaches_the_ucx_listener():
+    """Before, UCX's replies were cut at their bytes over a fixed 50 MB/s whatever
+    network.min_transfer_rate said, while the clients waited for the configured rate."""
+    import asyncio
+
+    from swarmnet.transport.registry import TransportSet
+
+    async def main():
+        transports = TransportSet(slowest_rate=1e6)
+        try:
+            listener = await transports.for_url("ucx://127.0.0.1:0").listen("ucx://127.0.0.1:0")
+            return listener._slowest_rate
+        finally:
+            await transports.aclose()
+
+    saved = dict(os.environ)
+    os.environ.update(UCX_ENV)
+    try:
+        assert asyncio.run(main()) == 1e6
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)

@@ -324,6 +324,7 @@ def test_fat_cards_and_refusals_keep_every_reply_readable(live_peer):
         frames[0] = msgpack.packb(dict(header_of(frames), v=PROTOCOL_VERSION + 1))
         head = header_of(client.ask(frames))
         assert (head["t"], head["code"], head["re"]) == ("reject", "version", stranger.mid), head
+        assert head["mid"] > 0, head  # numbered by the peer's own counter, as every message it sends
     finally:
         client.close()
 

@@ -219,3 +219,63 @@ def test_a_newcomer_to_a_peer_that_trained_alone_gets_its_trained_model(tmp_path
     assert joined["adopted_from"] == "loner" and joined["adopted_step"] >= 300, joined
     assert first_loss(newcomer) < 1.0  # an untrained model starts at ln(10) = 2.3
     assert merging and max(merging) < 1.0, merging
+
+
+def test_a_stop_ends_a_newcomer_still_waiting_for_a_model_to_adopt(tmp_path, daemons):
+    """A donor that never sends its model: the newcomer's pull may wait for transfer_timeout
+    (here over 30 s; minutes for a large model), and a stop request used to wait with it. Now
+    SIGTERM ends the peer within seconds, cleanly."""
+    import threading
+
+    import zmq
+
+    from swarmnet.testing.ports import unused_port
+    from swarmnet.wire import MsgType, decode, encode, reply
+
+    address = f"tcp://127.0.0.1:{unused_port()}"
+    pulled, done = threading.Event(), threading.Event()
+
+    def donor() -> None:
+        """Answers gossip and status as a trained peer would, and never a pull."""
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.ROUTER)
+        sock.bind(address)
+        card = {"id": "donor-id", "name": "donor", "addr": address, "hb": 1}
+        try:
+            while not done.is_set():
+                if not sock.poll(100):
+                    continue
+                route, *frames = sock.recv_multipart()
+                msg = decode(frames)
+                card["hb"] += 1
+                if msg.type == MsgType.HELLO:
+                    answer = reply(msg, MsgType.PEERS, "donor-id", card=card, peers=[])
+                elif msg.type == MsgType.STATUS:
+                    answer = reply(msg, MsgType.STATUS_REPLY, "donor-id", status={"step": 5000, "donations": 0})
+                else:
+                    pulled.set()
+                    continue
+                sock.send_multipart([route, *encode(answer)])
+        finally:
+            sock.close(linger=0)
+            ctx.term()
+
+    thread = threading.Thread(target=donor, daemon=True)
+    thread.start()
+    try:
+        config = write_config(tmp_path / "run.toml", {**digits_config(), "network": {"request_timeout": 30.0}})
+        newcomer = PeerProcessHandle(tmp_path, "newcomer", config, "--seed", address)
+        daemons.append(newcomer)
+        assert pulled.wait(60), newcomer.log()
+        time.sleep(0.5)
+        stopped_at = time.monotonic()
+        newcomer.signal(signal.SIGTERM)
+        assert newcomer.wait(30) == 0, newcomer.log()
+        took = time.monotonic() - stopped_at
+        print(f"\nthe newcomer stopped {took:.1f}s after SIGTERM, mid-adoption")
+        assert took < 8, newcomer.log()
+        assert newcomer.summary()["reason"] == "stopped"
+        assert "stop requested while looking for a model to adopt" in newcomer.log()
+    finally:
+        done.set()
+        thread.join(10)

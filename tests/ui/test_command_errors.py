@@ -30,6 +30,9 @@ def test_status_exits_non_zero_when_no_peer_answers() -> None:
         assert result.exit_code == 1 and "no peer answered" in result.output
     bad = runner.invoke(app, ["status", "--seed", "foo", "--once"])
     assert bad.exit_code == 2 and "--seed 'foo' is not an address" in bad.output
+    for flag, value in (("--interval", "nan"), ("--interval", "inf"), ("--timeout", "inf"), ("--timeout", "0")):
+        bad = runner.invoke(app, ["status", "--seed", "tcp://127.0.0.1:1", "--once", flag, value])
+        assert bad.exit_code == 2 and "each must be a finite number of seconds > 0" in bad.output, (flag, bad.output)
 
 
 def test_status_of_a_swarm_that_has_ended_says_so(tmp_path: Path) -> None:

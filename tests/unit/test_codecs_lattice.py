@@ -375,3 +375,28 @@ def test_wire_constants_are_pinned() -> None:
 
 PINNED_DITHER = [3752, 1475, 2811]
 PINNED_DIGEST = "a80b9c017b0a5d2343e675183c70e071"  # XXH3-64 (big-endian) of each int32 LE row
+
+
+def test_5_an_abandoned_escalation_raises_the_next_first_request() -> None:
+    """A pull cut short mid-escalation (the neighbour published past it, or it timed out) used
+    to leave the next first request asking for the very planes that had just failed, so a reader
+    whose escalations kept being cut short never merged. Now the failed chunks get at least one
+    plane more, and the chunks it verified keep their new statistic."""
+    eps, d = 2.0**-8, 4096
+    codec = LatticeCodec(chunk=1024, width=1, eps=eps, seed=3)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(d, generator=g)
+    enc = codec.encode(x)
+    state: dict = {}
+    pull(codec, enc, enc.quantized + (torch.rand(d, generator=g) * 2 - 1) * eps, state)  # near: D <= 1
+    near = codec.plan(state)["to"]
+    state.pop("pull", None)
+    far = enc.quantized.clone()
+    far[:1024] += 200 * eps  # chunk 0 only: far beyond the planes the near history asks for
+    out = torch.full_like(far, float("nan"))
+    res = codec.decode(*codec.select(enc, codec.plan(state)), far, out, state)
+    assert not res.complete and res.more["to"][0] > near[0]  # chunk 0 failed, the others verified
+    again = codec.plan(state)["to"]  # the escalation is abandoned: a new pull starts
+    assert again[0] >= near[0] + 1 and again[1:] == near[1:]
+    out, res, _ = pull(codec, enc, far, state)
+    assert torch.equal(out, enc.quantized)

@@ -75,6 +75,8 @@ def test_defaults_and_bundled_configs_load():
         ("[network]\nseeds = ['tpc://10.0.0.1:7000']", "network.seeds: 'tpc://10.0.0.1:7000': no transport for tpc://"),
         ("[network]\nseeds = ['http://10.0.0.1:7000']", "use one of file://, inproc://, ipc://, tcp://"),
         ("[network]\nlisten = 'file:///tmp/x'", "network.listen: 'file:///tmp/x': no transport for file://"),
+        ("[network]\nlisten = 'tcp://[::1:7000'", "network.listen: 'tcp://[::1:7000' is not a valid address"),
+        ("[network]\nseeds = ['tcp://[::1:7000']", "network.seeds: 'tcp://[::1:7000' is not a valid address"),
     ],
 )
 def test_bad_configs_name_file_key_and_fix(tmp_path, text, fragment):
@@ -88,6 +90,8 @@ def test_bad_configs_name_file_key_and_fix(tmp_path, text, fragment):
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match=r"no such peer manifest; .* checkout's peers/"):
+        load_manifest(tmp_path / "nope.toml")
 
 
 def test_a_directory_or_a_binary_file_is_a_clear_error(tmp_path):

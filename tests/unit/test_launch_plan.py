@@ -145,3 +145,35 @@ def test_a_peer_without_a_summary_is_reported_from_this_launchs_metrics_only(tmp
     with path.open("a") as fh:
         fh.write('{"step": 5, "loss": 2.0, "interactions": 0}\n')
     assert _last_metrics(path, start)["step"] == 5
+
+
+def test_a_bad_manifest_is_refused_before_any_peer_starts(tmp_path):
+    """Before, `up` copied a manifest's values onto the child's command line unchecked: a peer
+    listed after the first failed only once launched, and the others trained their whole budget."""
+    folder = tmp_path / "peers"
+    folder.mkdir()
+    (folder / "a.toml").write_text('listen = "tcp://127.0.0.1:7300"\n')
+    (folder / "b.toml").write_text('listen = "tcp://127.0.0.1"\n')
+    overrides = {"run.dir": str(tmp_path / "run"), "task.spec": "swarmnet.tasks.lsq:task"}
+    with pytest.raises(ConfigError, match=r"b.toml \(listen\): network.listen: 'tcp://127.0.0.1' needs a port"):
+        LaunchPlan.build(load_config(None, overrides), config_path=None, overrides=overrides, manifests=folder,
+                         transport="tcp", fresh=True, log_level="WARNING")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_peer_stopped_from_outside_the_launcher_has_not_ended_well(tmp_path):
+    """`up` stops its peers only when it is interrupted itself: a peer that reports "stopped"
+    otherwise was stopped by someone else before its budget, and the run must not read as done."""
+    import json
+
+    from swarmnet.launch import summarize
+
+    built = plan(tmp_path, {"run.peers": 2, "task.spec": "swarmnet.tasks.lsq:task"})
+    for p, reason in zip(built.peers, ("budget", "stopped")):
+        p.exit_code = 0
+        (built.run_dir / p.name).mkdir(parents=True, exist_ok=True)
+        (built.run_dir / p.name / "summary.json").write_text(json.dumps({"reason": reason, "steps": 10}))
+    rows = summarize(built, 1.0, interrupted=False)["peers"]
+    assert rows[0]["ok"] and not rows[1]["ok"] and "from outside `swarmnet up`" in rows[1]["reason"]
+    result = summarize(built, 1.0, interrupted=True)
+    assert [r["ok"] for r in result["peers"]] == [True, True] and not result["ok"]

@@ -1,5 +1,7 @@
 import random
 
+import msgpack
+
 from swarmnet.peer.membership import PeerTable
 
 
@@ -120,6 +122,9 @@ def test_candidates_restricted_to_topology_and_sampled_cards_bounded():
     cards = table.sample_cards(random.Random(0))
     assert len(cards) == 127 and len({c["id"] for c in cards}) == 127
     assert {c["id"] for c in cards} != {c["id"] for c in table.sample_cards(random.Random(1))}
+    # A swarm configured with a small header limit gossips within half of it (node.py passes it).
+    small = table.sample_cards(random.Random(0), 2048)
+    assert 0 < len(small) < 127 and len(msgpack.packb(small, use_bin_type=True)) <= 2048 + 3
 
 
 def test_a_seed_whose_host_does_not_resolve_is_called_that(monkeypatch):

@@ -139,3 +139,49 @@ def test_weights_replaced_between_steps_are_published_by_resync_and_older_merges
         assert torch.equal(replica.live_N, torch.full((6,), 5.5))  # one measured from the new weights lands
     finally:
         loop.close()
+
+
+def test_a_peer_nudged_every_step_still_publishes_its_own_steps(monkeypatch):
+    """Symmetric mode: a neighbour's nudge alone republishes the stale copy, without the steps
+    trained since. That publish used to count as a refresh, so a peer nudged more often than
+    REFRESH_MIN_S whose own merges did not land served its last merge's model indefinitely."""
+    from swarmnet.peer import compute
+
+    monkeypatch.setattr(compute, "REFRESH_MIN_S", 0.05)
+    loop = asyncio.new_event_loop()
+    try:
+        replica = Replica(nn.Linear(2, 2), codec=make_codec("fp32"), store=SnapshotStore(), mailbox=Mailbox(loop),
+                          stats=PeerStats(), local_steps=LocalSteps(1), rng=random.Random(0))
+        replica.publish()
+        steps, until = 0, time.monotonic() + 1.0
+        while time.monotonic() < until:
+            with torch.no_grad():
+                replica.live_N.add_(1.0)  # a training step
+            replica.after_step()
+            steps += 1
+            assert replica.inbox.add(torch.zeros(6), replica.store.latest().version)  # a (null) nudge every step
+            replica.merge_pending()
+            time.sleep(0.01)
+        behind = (replica.live_N - replica.store.latest().values_N).max().item()
+        assert steps > 40 and behind <= steps / 3, (steps, behind)  # a refresh every 0.05 s: a few steps behind
+        assert replica.stats.nudges_applied == steps
+    finally:
+        loop.close()
+
+
+async def test_a_pull_held_for_its_due_time_is_released_when_the_peer_starts_settling():
+    """The exchange holds a pull until the next merge is due (up to H steps of a slow model);
+    once the budget is spent the peer merges whatever comes, and a pull still held through the
+    settling (the node wakes it) missed the merges that keep the swarm together."""
+    from types import SimpleNamespace
+
+    from swarmnet.peer.exchange import Exchange
+
+    exchange = SimpleNamespace(_waker=None)
+    held = asyncio.ensure_future(Exchange._rest(exchange, 30.0))
+    await asyncio.sleep(0.05)
+    began = time.monotonic()
+    Exchange.wake(exchange)
+    assert await asyncio.wait_for(held, 1.0) is True and time.monotonic() - began < 0.5
+    assert await Exchange._rest(exchange, 0.01) is False and exchange._waker is None  # slept out: not woken
+    Exchange.wake(exchange)  # no pull held: nothing to do

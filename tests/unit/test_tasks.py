@@ -52,6 +52,21 @@ def test_a_task_that_fails_is_named_with_where_it_failed(tmp_path, monkeypatch):
         load_task("typo_task:task")
 
 
+def test_a_task_module_in_the_folder_a_command_runs_in_is_found_as_the_peers_find_it(tmp_path, monkeypatch):
+    """`swarmnet up` starts its peers with `python -m swarmnet`, which imports from the folder it
+    runs in; the `swarmnet` command itself did not, so `up` refused a task its peers could load."""
+    import os
+    import sys
+
+    (tmp_path / "my_folder_task.py").write_text("from swarmnet.tasks.lsq import task\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", os.getcwd())])
+    assert load_task("my_folder_task:task", {"samples": 64}).num_samples == 64
+    with pytest.raises(ConfigError, match=r"cannot import 'no_such_task_module': .*install it, or add its folder "
+                                          r"to PYTHONPATH"):
+        load_task("no_such_task_module:task")
+
+
 def _fashion_missing() -> str | None:
     try:
         load_task("swarmnet.tasks.fashion:task", {"train_subset": 10, "test_subset": 10})
