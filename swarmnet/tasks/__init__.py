@@ -11,6 +11,7 @@ Bundled tasks: ``swarmnet.tasks.lsq:task`` (synthetic least squares),
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import os
@@ -63,14 +64,17 @@ def import_factory(spec: str, form: str = "must be 'module:function', e.g. swarm
     module_name, sep, func_name = spec.partition(":")
     if not sep or not module_name or not func_name:
         raise ConfigError(f"task {spec!r} {form}")
-    here = os.getcwd()
-    if here not in sys.path and "" not in sys.path:  # as `python -m swarmnet` (how `up` starts peers) has it
-        sys.path.append(here)
+    with contextlib.suppress(OSError):  # a folder deleted under the process has no path
+        here = os.getcwd()
+        if here not in sys.path and "" not in sys.path:  # as `python -m swarmnet` (how `up` starts peers) has it
+            sys.path.append(here)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
+        missing = isinstance(exc, ModuleNotFoundError) and exc.name is not None and (
+            module_name == exc.name or module_name.startswith(exc.name + "."))  # not one the module imports
         hint = ("; the module must be importable where the peer runs: install it, or add its folder to PYTHONPATH "
-                "(the folder a command runs in counts too)") if isinstance(exc, ModuleNotFoundError) else ""
+                "(the folder a command runs in counts too)") if missing else ""
         raise ConfigError(f"task {spec!r}: cannot import {module_name!r}: {exc}{hint}") from None
     except Exception as exc:  # the module itself fails: a syntax error, an error at import time
         raise ConfigError(f"task {spec!r}: importing {module_name!r} failed: {what_failed(exc)}") from None
