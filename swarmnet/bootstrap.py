@@ -251,6 +251,7 @@ spec:
               --advertise "tcp://swarmnet-$JOB_COMPLETION_INDEX.swarmnet:{port}"
               --seed "tcp://swarmnet-0.swarmnet:{port}"
               --device cuda:0 --run-dir /data/runs
+              --set run.stopped_exit_code=143
           resources:  # requests: without them the pods are the first evicted under pressure
             requests:
               cpu: "2"  # the training thread, and the exchange, serving and gossip beside it

@@ -39,9 +39,14 @@ class RunConfig:
     init: str = "shared"
     """shared: every peer starts from the same model (SPEC 4 item 6); independent: each peer
     draws its own initialization (for gossip and consensus experiments)."""
+    stopped_exit_code: int = 0
+    """Exit status of a peer stopped (SIGTERM, SIGINT) cleanly before its budget was spent: 0, as
+    a daemon stops. A Kubernetes Job needs another (`swarmnet init`'s sets 143): a pod that exits 0
+    counts as a completed index, so a drained node's peer would never be replaced."""
 
     def __post_init__(self) -> None:
         _require(bool(self.dir.strip()), "dir", "must name a directory, e.g. runs/default")
+        _require(0 <= self.stopped_exit_code <= 255, "stopped_exit_code", "must be an exit status in 0..255, e.g. 143")
         _require(self.peers >= 1, "peers", "must be >= 1")
         _require(0 <= self.seed < 2**32, "seed", "must be in 0..4294967295 (torch and numpy seeds are 32 or 64 bits)")
         _require(self.init in ("shared", "independent"), "init", "must be 'shared' or 'independent'")

@@ -440,9 +440,11 @@ def summarize(plan: LaunchPlan, elapsed: float, interrupted: bool) -> dict[str, 
                 row.update(steps=metrics.get("step"), final_loss=metrics.get("loss"),
                            interactions=metrics.get("interactions"), bytes_sent=metrics.get("bytes_out"),
                            bytes_received=metrics.get("bytes_in"))
-        if row.get("reason") == "stopped" and not interrupted:  # `up` stops its peers only when interrupted
+        stopped = row.get("reason") == "stopped"
+        if stopped and not interrupted:  # `up` stops its peers only when interrupted
             row["reason"] = "stopped by a signal from outside `swarmnet up`, before its budget"
-        row["ok"] = code == 0 and row.get("reason") in FINISHED_WELL
+        clean = code == 0 or (stopped and code == plan.cfg.run.stopped_exit_code)
+        row["ok"] = clean and row.get("reason") in FINISHED_WELL
         rows.append(row)
     finished = [p for p, r in zip(plan.peers, rows) if r["ok"]]
     result: dict[str, Any] = {

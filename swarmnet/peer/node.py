@@ -70,7 +70,8 @@ FINISHED = ("settling", "draining", "done")
 T = TypeVar("T")
 
 FINISHED_WELL = ("budget", "stopped")
-"""Why a run may end with exit status 0 (its final checkpoint and summary written)."""
+"""Why a run may end well, its final checkpoint and summary written: exit status 0 (or, stopped
+before its budget, run.stopped_exit_code)."""
 
 RANK_VARIABLES = ("SWARMNET_RANK", "RANK", "SLURM_PROCID", "LOCAL_RANK")
 LOCAL_RANK_VARIABLES = ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK")
@@ -304,6 +305,8 @@ class Peer:
             # Its stop is set: it ends with its current step or write. Waited for, so that the
             # directory's claim is given back only once nothing of this peer writes there.
             compute_thread.shutdown(wait=True)
+        if reason == "stopped":  # before its budget: a scheduler may have to start it again
+            return self.cfg.run.stopped_exit_code
         return 0 if reason in FINISHED_WELL else 1
 
     def attach(self, replica: Replica, mailbox: Mailbox) -> None:

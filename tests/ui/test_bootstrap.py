@@ -108,9 +108,11 @@ def test_kubernetes_manifest(tmp_path: Path) -> None:
     args = pod["containers"][0]["args"][0]
     assert '--rank "$JOB_COMPLETION_INDEX"' in args and "tcp://swarmnet-0.swarmnet:7100" in args
     assert '--advertise "tcp://swarmnet-$JOB_COMPLETION_INDEX.swarmnet:7100"' in args
+    # An evicted peer must not exit 0: its pod would count as a completed index, never replaced.
+    assert "--set run.stopped_exit_code=143" in args
     config = tmp_path / "from-configmap.toml"
     config.write_text(kinds["ConfigMap"]["data"]["swarm.toml"])
-    assert load_config(config).run.peers == 3
+    assert load_config(config, {"run.stopped_exit_code": 143}).run.peers == 3
 
 
 def test_refuses_to_overwrite_without_force(tmp_path: Path) -> None:

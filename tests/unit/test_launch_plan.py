@@ -177,3 +177,18 @@ def test_a_peer_stopped_from_outside_the_launcher_has_not_ended_well(tmp_path):
     assert rows[0]["ok"] and not rows[1]["ok"] and "from outside `swarmnet up`" in rows[1]["reason"]
     result = summarize(built, 1.0, interrupted=True)
     assert [r["ok"] for r in result["peers"]] == [True, True] and not result["ok"]
+
+
+def test_a_peer_stopped_by_the_launcher_with_its_configured_status_has_ended_well(tmp_path):
+    """run.stopped_exit_code (a Kubernetes Job's 143) is how a peer stopped before its budget
+    exits; under `up`, interrupted, that is a clean stop, any other status is not."""
+    import json
+
+    from swarmnet.launch import summarize
+
+    built = plan(tmp_path, {"run.peers": 2, "task.spec": "swarmnet.tasks.lsq:task", "run.stopped_exit_code": 143})
+    for p, code in zip(built.peers, (143, 1)):
+        p.exit_code = code
+        (built.run_dir / p.name).mkdir(parents=True, exist_ok=True)
+        (built.run_dir / p.name / "summary.json").write_text(json.dumps({"reason": "stopped", "steps": 10}))
+    assert [r["ok"] for r in summarize(built, 1.0, interrupted=True)["peers"]] == [True, False]
