@@ -77,7 +77,9 @@ class SwarmOptimizer:
 
     Call :meth:`close` (or use ``with``) when done: it stops the exchange, merges what was
     already acknowledged, serves the final model while others still train (at most
-    ``network.linger`` seconds) and leaves.
+    ``network.linger`` seconds) and leaves. Call it where you call :meth:`step`, in the same
+    thread and not during a step (its final merge writes the model the step updates): to stop
+    from a signal handler or another thread, set a flag your training loop checks.
     """
 
     def __init__(
@@ -148,6 +150,9 @@ class SwarmOptimizer:
         self._exit_reason = ""
         """Why the ``with`` block ended early (an exception in it), for the summary."""
         self._summarized = False
+        self._stepper: int | None = None
+        """The thread that calls step(), from its first call: the one close() must be called in."""
+        self._stepping = False
         try:
             concurrent.futures.wait([self._started, self._hosting], START_TIMEOUT + self.cfg.network.join_timeout,
                                     return_when=concurrent.futures.FIRST_COMPLETED)
@@ -190,6 +195,14 @@ class SwarmOptimizer:
         """The wrapped optimizer's step, then the merges that are ready (never waits)."""
         if self._closed:
             raise SwarmError("step() after close(): this peer has left the swarm")
+        self._stepper = self._stepper or threading.get_ident()
+        self._stepping = True
+        try:
+            return self._step(closure)
+        finally:
+            self._stepping = False
+
+    def _step(self, closure: Callable[[], float] | None) -> Any:
         if self.replica.flat.moved():
             raise SwarmError(self._MOVED)
         device = self.replica.device
@@ -337,9 +350,18 @@ class SwarmOptimizer:
         return self._call(_status_of(self.peer))
 
     def close(self) -> None:
-        """Leave the swarm: stop pulling, merge what was acknowledged, linger, say goodbye."""
+        """Leave the swarm: stop pulling, merge what was acknowledged, linger, say goodbye. In the
+        thread that calls :meth:`step`, between steps (see the class's doc)."""
         if self._closed:
             return
+        if self._stepping:
+            raise SwarmError("close() during step() (from a signal handler?): the final merge would write the "
+                             "model while the step updates it; set a flag in the handler and call close() from "
+                             "your training loop")
+        if self._stepper is not None and threading.get_ident() != self._stepper:
+            raise SwarmError("close() from another thread than the one calling step(): the final merge would "
+                             "write the model while a step may update it; have the training loop call close() "
+                             "(e.g. when a threading.Event you set is set)")
         self._closed = True
         try:
             self._leave()

@@ -618,14 +618,14 @@ class ComputeLoop(Replica):
             self.log.exception("the task's evaluation failed at step %d; training goes on without it", self.step)
 
     def finalize(self) -> str | None:
-        """After the exchange has stopped: merge what was acknowledged, publish, checkpoint,
-        then evaluate. What kept the final checkpoint from being written, None when it was.
-        After an error midway through a write to the model (:attr:`torn_by`) only the metrics are."""
+        """After the exchange has stopped: merge what was acknowledged, publish, checkpoint.
+        What kept the final checkpoint from being written, None when it was. After an error
+        midway through a write to the model (:attr:`torn_by`) only the metrics are. The final
+        evaluation comes after, in :meth:`close`."""
         self.inbox.close()
         if self.torn_by is not None:  # run() said why; the last checkpoint stays as it is
             if self._loss_count:
                 self.write_metrics()
-            self.metrics.close()
             return f"the model may hold part of {self.torn_by}; {self._kept()}"
         try:
             self.merge_pending(final=True)
@@ -638,7 +638,13 @@ class ComputeLoop(Replica):
                            what_failed(exc), exc_info=exc)
         if self._loss_count:
             self.write_metrics()
-        unsaved = self.save_checkpoint(final=True)
-        self.evaluate_or_log()
-        self.metrics.close()
-        return unsaved
+        return self.save_checkpoint(final=True)
+
+    def close(self, *, evaluate: bool) -> None:
+        """The final evaluation (unless ``evaluate`` is false, or the model may be torn), then
+        the end of the metrics stream."""
+        try:
+            if evaluate and self.torn_by is None:
+                self.evaluate_or_log()
+        finally:
+            self.metrics.close()

@@ -276,18 +276,30 @@ class Peer:
                     if reason == "budget":
                         await self._settle(compute, compute_thread, linger_until)
                     await self.drain()
+                    evaluate = True
                     try:
                         unsaved = await loop.run_in_executor(compute_thread, compute.finalize)
                     except Exception as exc:  # a device left unusable by the error that ended the run
                         self.log.error("stopping failed: %s; no final checkpoint was written", what_failed(exc),
                                        exc_info=exc)
                         unsaved = f"stopping failed: {what_failed(exc)}"
+                        evaluate = False
                         if not reason.startswith("error"):  # the first error is the one to tell
                             reason = f"error: {unsaved}"
                     if unsaved and reason in FINISHED_WELL:  # a script must not take the model for saved
                         reason = f"final checkpoint not written: {unsaved}"
-                    summarized = self.write_summary(reason, time.monotonic() - started, steps=compute.step,
-                                                    total_steps=compute.plan.total_steps, evaluation=compute.last_eval)
+
+                    def summarize() -> bool:
+                        return self.write_summary(reason, time.monotonic() - started, steps=compute.step,
+                                                  total_steps=compute.plan.total_steps, evaluation=compute.last_eval)
+                    # Once before the final evaluation, which can take long (a large test set): a
+                    # scheduler's kill during it (Slurm's KillWait) still finds a summary. A second
+                    # stop request skips the evaluation.
+                    summarized = summarize()
+                    evaluate = evaluate and not self._forced.is_set()
+                    await loop.run_in_executor(compute_thread, functools.partial(compute.close, evaluate=evaluate))
+                    if evaluate and summarized:
+                        summarized = summarize()
                     if not summarized and reason in FINISHED_WELL:
                         reason = "summary not written"
                     self.log.info("finished (%s) at step %d after %d interactions", reason, compute.step,

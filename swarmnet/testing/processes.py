@@ -59,10 +59,12 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
 
 
 def _env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment with ``extra`` on top, and this checkout first on PYTHONPATH."""
     root = str(Path(__file__).resolve().parents[2])
-    path = os.environ.get("PYTHONPATH", "")
-    return dict(os.environ, **(extra or {}), PYTHONUNBUFFERED="1",
-                PYTHONPATH=f"{root}{os.pathsep}{path}" if path else root)
+    env = dict(os.environ, **(extra or {}))
+    path = env.get("PYTHONPATH", "")
+    env.update(PYTHONUNBUFFERED="1", PYTHONPATH=f"{root}{os.pathsep}{path}" if path else root)
+    return env
 
 
 def _descendants(pid: int) -> list[int]:

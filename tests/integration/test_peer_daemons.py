@@ -366,3 +366,33 @@ def test_the_wait_for_the_start_condition_is_not_charged_to_the_exchange_budget(
         # A merge of this small model costs a few ms of CPU: under 5 ms a second the first one
         # can come within a second; the debt of the wait deferred it by seconds.
         assert merged is not None and merged < 2.0, (d.name, merged, rows[-1])
+
+
+def test_a_peer_killed_during_its_final_evaluation_leaves_its_summary(tmp_path, daemons):
+    """A scheduler stops a job with SIGTERM and kills it a while later (Slurm's KillWait, 30 s by
+    default). The final evaluation of a large test set can outlast that: the summary, written
+    only after it, was lost with it. Now it is written before the evaluation, and again after."""
+    (tmp_path / "slow_eval_task.py").write_text(
+        "import dataclasses, time\n"
+        "from swarmnet.tasks.digits import task as digits\n"
+        "def task(**options):\n"
+        "    def evaluate(model):\n"
+        "        time.sleep(120)\n"
+        "        return {'accuracy': 0.0}\n"
+        "    return dataclasses.replace(digits(**options), evaluate=evaluate)\n")
+    config = write_config(tmp_path / "slow.toml", {
+        "task": {"spec": "slow_eval_task:task"},
+        "train": {"batch_size": 32, "steps": 1_000_000, "checkpoint_every": 0.0},
+    })
+    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH", "")) if p)
+    peer = PeerProcessHandle(tmp_path / "run", "alone", config, env={"PYTHONPATH": path})
+    daemons.append(peer)
+    addr = peer.card()["addr"]
+    wait_until(lambda: query_status(addr)["step"] > 50, 60, what="the peer training")
+    peer.signal(signal.SIGTERM)
+    summary = tmp_path / "run" / "alone" / "summary.json"
+    wait_until(summary.exists, 20, interval=0.1, what="the summary, before the final evaluation ends")
+    assert peer.proc.poll() is None  # still evaluating
+    peer.signal(signal.SIGKILL)
+    peer.wait(10)
+    assert peer.summary()["reason"] == "stopped" and (tmp_path / "run" / "alone" / "checkpoint.pt").exists()

@@ -181,6 +181,34 @@ def test_bad_use_is_a_clear_error(tmp_path):
     closed.close()
     with pytest.raises(SwarmError, match=r"status\(\) after close\(\)"):
         closed.status()
+    # close() writes the model in its final merge: not from another thread, nor in the middle of a
+    # step (a signal handler), where it raced the optimizer's update of the same floats.
+    import threading
+
+    stepped = swarmnet.SwarmOptimizer(opt, model, run_dir=tmp_path, settings={"network.linger": 0.0})
+
+    def loss():
+        opt.zero_grad()
+        out = model(torch.randn(8, 4)).pow(2).mean()
+        out.backward()
+        return out
+
+    stepped.step(loss)
+    refused = []
+    elsewhere = threading.Thread(target=lambda: refused.append(pytest.raises(SwarmError, stepped.close)))
+    elsewhere.start()
+    elsewhere.join(30)
+    assert "from another thread than the one calling step()" in str(refused[0].value)
+
+    def closing_mid_step():
+        stepped.close()
+        return loss()
+
+    with pytest.raises(SwarmError, match=r"close\(\) during step\(\)"):
+        stepped.step(closing_mid_step)
+    stepped.close()  # from the training loop, between steps
+    with pytest.raises(SwarmError, match=r"step\(\) after close\(\)"):
+        stepped.step(loss)
 
 
 @pytest.mark.timeout(120, method="thread")  # the test takes SIGALRM, which the signal method uses
