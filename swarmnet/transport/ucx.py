@@ -60,6 +60,9 @@ REPLY_TIMEOUT = 30.0
 """Seconds a listener spends pushing one reply before it gives up on the requester, at least:
 a large reply gets longer (its bytes at network.min_transfer_rate, and the caller's ``until_sent``)."""
 CONNECT_TIMEOUT = 5.0
+REPLIES_PER_REQUESTER = 16
+"""Replies a listener holds for one requester that has not taken them yet; more are dropped, as
+a ZeroMQ ROUTER drops what exceeds its high-water mark (the same 16)."""
 
 
 def _ucxx() -> Any:
@@ -142,6 +145,8 @@ class _Peer:
     def __init__(self, ep: Any) -> None:
         self.ep = ep
         self.send_lock = asyncio.Lock()
+        self.replies = 0
+        """Replies queued for this requester or on their way to it."""
 
 
 class UcxListener(Listener):
@@ -153,6 +158,7 @@ class UcxListener(Listener):
         self._queue: asyncio.Queue[tuple[Route, list[memoryview]] | None] = asyncio.Queue(QUEUED)
         self._peers: dict[int, _Peer] = {}
         self._handlers: set[asyncio.Task[None]] = set()
+        self._replies: set[asyncio.Task[None]] = set()
         self._next_peer = 0
         self._closed = False
         try:
@@ -197,26 +203,53 @@ class UcxListener(Listener):
         return item
 
     async def send(self, route: Route, frames: Sequence[Buffer], *, until_sent: float = 0.0) -> None:
-        """A UCX send completes when the transfer has; it is given the longest of REPLY_TIMEOUT,
-        ``until_sent`` and the reply's bytes at the slowest rate allowed (network.min_transfer_rate)."""
+        """Queues the reply and returns, as a ZeroMQ ROUTER does (a large UCX send completes only
+        once the requester receives it: awaited here, a requester that never reads would hold
+        the server's request slot for the whole transfer deadline). ``until_sent`` > 0: returns
+        once the transfer is done or abandoned. Each transfer is given the longest of
+        REPLY_TIMEOUT, ``until_sent`` and the reply's bytes at the slowest rate allowed
+        (network.min_transfer_rate)."""
         if self._closed:
             raise EndpointClosed(f"listener {self.address} is closed")
         peer_id, msg_id = _ROUTE.unpack(route)
         peer = self._peers.get(peer_id)
         if peer is None:
             return  # the requester vanished; like a ROUTER socket, drop the reply
+        if until_sent > 0:
+            await self._push(peer_id, peer, msg_id, frames, until_sent)
+            return
+        if peer.replies >= REPLIES_PER_REQUESTER:
+            log.debug("dropping reply to UCX peer %d of %s: %d replies wait for it already", peer_id,
+                      self.address, peer.replies)
+            return
+        reply = asyncio.ensure_future(self._push(peer_id, peer, msg_id, frames, 0.0, background=True))
+        self._replies.add(reply)
+        reply.add_done_callback(self._replies.discard)
+
+    async def _push(self, peer_id: int, peer: _Peer, msg_id: int, frames: Sequence[Buffer], until_sent: float,
+                    *, background: bool = False) -> None:
+        """One reply's transfer; a requester that fails it is dropped. ``background``: nobody
+        awaits it, so nothing is raised (a closed listener, a bug of ours: logged)."""
+        peer.replies += 1
         try:
             size = sum(memoryview(f).nbytes for f in frames)
             async with peer.send_lock, asyncio.timeout(max(REPLY_TIMEOUT, until_sent, size / self._slowest_rate)):
                 await _send_message(peer.ep, msg_id, frames)
         except Exception as exc:
             if not (isinstance(exc, TimeoutError) or _failure(self._ucxx, exc)):
+                if background:
+                    log.exception("reply to UCX peer %d of %s failed", peer_id, self.address)
+                    return
                 raise
             if self._closed:
+                if background:
+                    return
                 raise EndpointClosed(f"listener {self.address} closed while replying") from None
             log.debug("dropping reply to UCX peer %d of %s: %r", peer_id, self.address, exc)
             if self._peers.pop(peer_id, None) is not None:
                 peer.ep.abort()
+        finally:
+            peer.replies -= 1
 
     async def aclose(self) -> None:
         if self._closed:
@@ -226,7 +259,7 @@ class UcxListener(Listener):
         for peer in self._peers.values():
             peer.ep.abort()
         self._peers.clear()
-        for task in list(self._handlers):
+        for task in [*self._handlers, *self._replies]:
             task.cancel()
         with contextlib.suppress(asyncio.QueueFull):  # full: nobody waits to be woken
             self._queue.put_nowait(None)

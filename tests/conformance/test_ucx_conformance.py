@@ -76,3 +76,44 @@ def test_the_configured_slowest_rate_reaches_the_ucx_listener():
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+def test_a_requester_that_never_reads_its_replies_does_not_hold_the_server():
+    """A large UCX send completes only once the requester receives it. Awaited in send(), a
+    requester that sent requests and never read the replies held the server's request slot
+    for the transfer deadline (30 s or more) each time. Replies are queued now, as a ZeroMQ
+    ROUTER queues them, at most REPLIES_PER_REQUESTER for one requester; more are dropped."""
+    import asyncio
+    import time
+
+    from swarmnet.transport.ucx import REPLIES_PER_REQUESTER, UcxTransport, _send_message, _ucxx
+
+    async def main():
+        transport = UcxTransport()
+        try:
+            listener = await transport.listen("ucx://127.0.0.1:0")
+            port = int(listener.address.rsplit(":", 1)[1])
+            ep = await _ucxx().create_endpoint("127.0.0.1", port)
+            asked = REPLIES_PER_REQUESTER + 4
+            for i in range(asked):
+                await _send_message(ep, i + 1, [b"pull"])
+            reply = bytes(8 << 20)  # well past UCX's eager limit: a rendezvous send waits for the reader
+            started = time.monotonic()
+            for _ in range(asked):
+                route, _ = await asyncio.wait_for(listener.recv(), 10)
+                await asyncio.wait_for(listener.send(route, [reply]), 5)
+            took = time.monotonic() - started
+            held = max(p.replies for p in listener._peers.values())
+            ep.abort()
+            return took, held
+        finally:
+            await transport.aclose()
+
+    saved = dict(os.environ)
+    os.environ.update(UCX_ENV)
+    try:
+        took, held = asyncio.run(main())
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    assert took < 5 and held <= REPLIES_PER_REQUESTER, (took, held)
