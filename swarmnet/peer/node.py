@@ -62,13 +62,13 @@ from swarmnet.tasks import load_task, what_failed
 from swarmnet.transport import TransportSet
 from swarmnet.wire import CARD_BYTES, Limits, MsgType, fit_cards, request
 
+T = TypeVar("T")
+
 REPLY_HEADER_SLACK = 1024
 """Bytes of a snapshot reply's header besides the codec's meta (type, ids, version, clock, age,
 frame sizes), with room to spare."""
 FINISHED = ("settling", "draining", "done")
 """States of a peer that no longer steps (its budget spent, or stopped): its card says ``done``."""
-T = TypeVar("T")
-
 FINISHED_WELL = ("budget", "stopped")
 """Why a run may end well, its final checkpoint and summary written: exit status 0 (or, stopped
 before its budget, run.stopped_exit_code)."""
@@ -168,9 +168,8 @@ class Peer:
         self.rng = random.Random(zlib.crc32(self.id.encode()))
         self.address = ""
         self.started = time.time()
-        self._stop_requested = False
         self._stopping = asyncio.Event()
-        """Set with ``_stop_requested``: waits that may take long end on it (a newcomer's adoption)."""
+        """A stop was requested: waits that may take long end on it (a newcomer's adoption)."""
         self._forced = asyncio.Event()
         """A second stop request: skip every grace period, including one already being waited."""
         self._exchange_task: asyncio.Task[None] | None = None
@@ -225,10 +224,9 @@ class Peer:
 
     def request_stop(self) -> None:
         """Signal handler: first call stops gracefully, the second skips the grace steps."""
-        if self._stop_requested:
+        if self._stopping.is_set():
             self._forced.set()
             self.log.warning("second stop request: skipping the grace period")
-        self._stop_requested = True
         self._stopping.set()
         if isinstance(getattr(self, "compute", None), ComputeLoop):
             self.compute.stop.set()
@@ -253,7 +251,7 @@ class Peer:
             rank=self.rank, peer_seed=peer_seed_of(self.cfg, self.name), log=self.log,
         )
         self.attach(compute, mailbox)
-        if self._stop_requested:
+        if self._stopping.is_set():
             compute.stop.set()
         resumed = self.resume and compute.resume()
         net = self.cfg.network
@@ -406,7 +404,7 @@ class Peer:
         condition and a newcomer's adoption: a merge computed against the model from before
         the adoption would undo it. Nor once a stop is requested: its first pull would hold the
         stop for as long as the drain waits for the interaction in flight."""
-        if self.cfg.network.exchange and self._exchange_task is None and not self._stop_requested:
+        if self.cfg.network.exchange and self._exchange_task is None and not self._stopping.is_set():
             self._exchange_task = self._services.create_task(self.exchange.run(), name="exchange")
 
     def _check_snapshot_fits(self) -> None:
@@ -441,7 +439,7 @@ class Peer:
         """A newcomer starts from a trained neighbour's model when there is one (newcomer.py).
         Only then does it publish: until the choice is made, pulls get NOT_READY, so nobody
         averages with a fresh initialization that is about to be replaced."""
-        if self.membership.seeds and not self._stop_requested:
+        if self.membership.seeds and not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(5.0, self.cfg.network.join_timeout)):
                     await self.membership.joined.wait()
@@ -460,7 +458,7 @@ class Peer:
         """``work``'s result, or None once a stop is requested first (``work`` is cancelled):
         a newcomer's adoption may take minutes (several pulls of a large model, each bounded by
         transfer_timeout) where a stop must end the peer within seconds."""
-        if self._stop_requested:
+        if self._stopping.is_set():
             work.close()
             return None
         task = asyncio.ensure_future(work)
@@ -525,7 +523,7 @@ class Peer:
         if len(self.table.alive()) < want:
             self.log.info("waiting until %d other peer(s) are known (network.min_peers), for up to %.0fs, before the first step",
                           want, net.join_timeout)
-        while len(self.table.alive()) < want and not self._stop_requested:
+        while len(self.table.alive()) < want and not self._stopping.is_set():
             if time.monotonic() > deadline:
                 self.log.warning("only %d of %d peers known after %.0fs; training anyway",
                                  len(self.table.alive()), want, net.join_timeout)
@@ -537,7 +535,7 @@ class Peer:
     def _peers_finished(self, until: float) -> bool:
         """Whether to stop waiting on the others: all live peers finished, ``until`` passed, or
         a stop was requested."""
-        if self._stop_requested or time.monotonic() >= until:
+        if self._stopping.is_set() or time.monotonic() >= until:
             return True
         return all(r.done for r in self.table.alive())
 
