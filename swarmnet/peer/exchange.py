@@ -2,7 +2,8 @@
 merge to the compute thread. One interaction at a time, paced by the compute loop: the next pull
 starts once the previous merge was applied and republished (and ``pull_interval`` has passed).
 
-Decoding and the delta arithmetic run in a dedicated worker thread, never on the event loop.
+Decoding and the delta arithmetic run in a dedicated worker thread, not on the event loop, except
+the gap of a small model on a CPU, which costs less than the hop to the worker (INLINE_GAP_MAX).
 Any failure of a neighbour (timeout, garbage, reject, non-finite values) puts it on back-off and
 the exchange moves on; the compute loop never notices.
 
@@ -39,6 +40,10 @@ if TYPE_CHECKING:
 
 MAX_ROUNDS = 8
 """Pulls of one snapshot version a codec may ask for (lattice escalation) before giving up."""
+INLINE_GAP_MAX = 1 << 19
+"""Coordinates up to which a CPU model's gap and norm are computed on the event loop: 0.12 ms
+or less there (2 MB in fp32), where handing them to the worker thread and back costs about
+0.1 ms of CPU more (docs/benchmarks.md, An interaction's CPU)."""
 
 
 def gap_over(remote_N: Tensor, q_own_N: Tensor, own_N: Tensor) -> float:
@@ -83,6 +88,7 @@ class Exchange:
         # for it fails at start, not at every pull. One is enough: the gap overwrites it, and the
         # next interaction starts only once the compute thread has applied that gap (Mailbox.emptied).
         self._remote_N = torch.empty(peer.compute.flat.numel, dtype=torch.float32, device=peer.compute.device)
+        self._inline_gap = peer.compute.device.type == "cpu" and peer.compute.flat.numel <= INLINE_GAP_MAX
         self.pull_seconds = 0.0
         """Moving average of an interaction's duration: pull, decode, delta (see _until_due)."""
         self._codec_state: dict[str, dict[str, Any]] = {}
@@ -232,7 +238,10 @@ class Exchange:
             rounds, codec_stats = await self._decode(target, reply, own, state, remote_N)
         else:
             rounds, codec_stats = 1, {"bits_per_coord": 8.0 * remote_N.element_size()}
-        distance = await self._run(self._merge_gap, own, remote_N, target.id)  # remote_N now holds the gap
+        if self._inline_gap:
+            distance = self._merge_gap(own, remote_N, target.id)  # remote_N now holds the gap
+        else:
+            distance = await self._run(self._merge_gap, own, remote_N, target.id)
         self.codec.accepted(codec_stats)  # screened: what it learns from this pull may steer the next ones
         if self.symmetric:
             await self._nudge(target, own, version)

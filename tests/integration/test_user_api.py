@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import swarmnet
+import swarmnet.peer.exchange
 from swarmnet.errors import ConfigError, SwarmError, TransportError
 from swarmnet.evaluation import evaluate_swarm
 from swarmnet.tasks import datasets
@@ -68,7 +69,10 @@ def _model_and_optimizer():
 
 
 @pytest.mark.timeout(60)
-def test_two_in_process_peers_merge_while_buffers_and_momentum_stay_local(tmp_path):
+@pytest.mark.parametrize("gap_on", ["event loop", "worker thread"])
+def test_two_in_process_peers_merge_while_buffers_and_momentum_stay_local(tmp_path, monkeypatch, gap_on):
+    if gap_on == "worker thread":  # as for a model over INLINE_GAP_MAX coordinates, or on a GPU
+        monkeypatch.setattr(swarmnet.peer.exchange, "INLINE_GAP_MAX", 0)
     a_model, a_opt = _model_and_optimizer()
     b_model, b_opt = _model_and_optimizer()
     with torch.no_grad():
@@ -79,6 +83,7 @@ def test_two_in_process_peers_merge_while_buffers_and_momentum_stay_local(tmp_pa
          swarmnet.SwarmOptimizer(b_opt, b_model, name="b", run_dir=tmp_path, seeds=[a.address],
                                  settings=settings) as b:
         assert a.address.startswith("tcp://127.0.0.1:")
+        assert a.peer.exchange._inline_gap is (gap_on == "event loop")
         b_running_mean = b_model[1].running_mean.clone()
         start_gap = float((a_model[0].weight - b_model[0].weight).detach().norm())
 
