@@ -41,9 +41,9 @@ if TYPE_CHECKING:
 MAX_ROUNDS = 8
 """Pulls of one snapshot version a codec may ask for (lattice escalation) before giving up."""
 INLINE_GAP_MAX = 1 << 19
-"""Coordinates up to which a CPU model's gap and norm are computed on the event loop: 0.12 ms
-or less there (2 MB in fp32), where handing them to the worker thread and back costs about
-0.1 ms of CPU more (docs/benchmarks.md, An interaction's CPU)."""
+"""Coordinates up to which a CPU model's gap and its screening are computed on the event loop:
+0.17 ms or less there (2 MB in fp32), where handing them to the worker thread and back costs
+about 0.1 ms of CPU more (docs/benchmarks.md, The gap of a small model on the event loop)."""
 
 
 def gap_over(remote_N: Tensor, q_own_N: Tensor, own_N: Tensor) -> float:
