@@ -298,6 +298,10 @@ def bench_exchange(
                   f"+{p['delta_ms']:.1f} ms ({p['ratio_with_view_and_delta']:.3f} with them; after a copying decode "
                   f"+{p['delta_after_copy_ms']:.1f} ms, {p['ratio_with_copying_decode_and_delta']:.3f}); applying the "
                   f"delta to the live model +{p['apply_ms']:.1f} ms (the whole merge: {p['ratio_with_merge']:.3f})")
+    console.print(f"  the whole merge's floor here: raw pyzmq's transfer costs {p['raw_cpu_ms']['client']:.1f} ms of CPU "
+                  f"at the client and {p['raw_cpu_ms']['server']:.1f} ms at the server, with the raw server's training "
+                  f"{p['raw_busy_cores']:.2f} of {p['cores']} cores busy; with the merge's two passes a whole merge takes "
+                  f"at least {p['merge_floor_ms']:.1f} ms (ratio {p['merge_floor_ratio']:.3f} at best)")
     s = result["streamed_merge"]
     console.print(f"streamed merge, raw pyzmq, {s['bytes'] / 1e6:.1f} MB in {s['pieces']} pieces against one message, "
                   "transfer, gap and add: " + "; ".join(

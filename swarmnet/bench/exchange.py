@@ -16,7 +16,9 @@
    with the reply, each timed: reading the vector (``codec.view``, in place), the exchange
    worker's gap and norm written over it (against ``decode``'s copy into a preallocated vector
    and the gap written over that copy), and the compute thread's add of half the gap to the
-   live model.
+   live model. And the floor of that whole merge on this machine: the CPU raw pyzmq's transfer
+   takes at both ends, how many cores are busy meanwhile (the raw server's training included),
+   and so how short the transfer plus the two passes can be at best.
 3. Streamed merge: whether a snapshot sent in pieces, each merged while the next is in flight,
    would pay. Raw pyzmq both ways, so only the overlap differs: the whole vector, then the gap
    and the add, against the same bytes in ``STREAM_PIECES`` messages whose gaps run in a worker
@@ -27,6 +29,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -184,6 +187,7 @@ async def _pull_client(address: str, repeats: int, daemon_pid: int, hidden: int)
 
     from swarmnet.algorithms import apply_pull
     from swarmnet.codecs import make_codec
+    from swarmnet.peer.budget import linux_process_clock
     from swarmnet.peer.client import PeerClient
     from swarmnet.peer.exchange import gap_over
     from swarmnet.peer.stats import PeerStats
@@ -212,9 +216,12 @@ async def _pull_client(address: str, repeats: int, daemon_pid: int, hidden: int)
 
     times: dict[str, list[float]] = {"pull": [], "view": [], "copy": [], "delta": [], "delta_after_copy": [],
                                      "apply": [], "raw": []}
+    raw_clock = linux_process_clock(raw.pid)
+    raw_client_cpu = raw_machine_cpu = 0.0
     try:
         await serve_from("raw")
         await asyncio.sleep(1.0)  # the raw server's first "busy" builds its model
+        raw_server_cpu = await _serving_cpu(dealer)
         for _ in range(repeats):
             await serve_from("daemon")
             t0 = time.perf_counter()
@@ -233,14 +240,17 @@ async def _pull_client(address: str, repeats: int, daemon_pid: int, hidden: int)
             t6 = time.perf_counter()
             del reply, remote  # freeing swarmnet's reply is in neither window, as the raw one's is not
             await serve_from("raw")
-            t_raw = time.perf_counter()
+            t_raw, client_cpu, server_cpu = time.perf_counter(), time.process_time(), time.clock_gettime(raw_clock)
             await dealer.send(b"pull")
             frames = await dealer.recv_multipart(copy=False)
             t7 = time.perf_counter()
+            raw_client_cpu += time.process_time() - client_cpu
+            raw_machine_cpu += time.process_time() - client_cpu + time.clock_gettime(raw_clock) - server_cpu
             assert frames[1].buffer.nbytes == nbytes
             del frames
             for key, seconds in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t_raw)):
                 times[key].append(seconds)
+        raw_server_cpu = await _serving_cpu(dealer) - raw_server_cpu
     finally:  # left stopped, the daemon would not act on the SIGTERM that ends it with the bench
         os.kill(daemon_pid, signal.SIGCONT)
     raw.kill()
@@ -249,6 +259,14 @@ async def _pull_client(address: str, repeats: int, daemon_pid: int, hidden: int)
     await client.aclose()
     await transports.aclose()
     swarm_s, view_s, copy_s, delta_s, delta_copy_s, apply_s, raw_s = (statistics.median(x) for x in times.values())
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    # The least a whole merge can take here: the raw transfer's CPU (both ends), then the merge's
+    # two passes, which first fill the cores the transfer and the raw server's training left idle
+    # and then take CPU at the pace the transfer got it.
+    transfer_cpu_s = (raw_client_cpu + raw_server_cpu) / repeats
+    busy_cores = raw_machine_cpu / sum(times["raw"])  # the raw server's training included
+    spare = max(0.0, cores - busy_cores)
+    floor_s = raw_s + max(0.0, delta_s + apply_s - spare * raw_s) / (transfer_cpu_s / raw_s + spare)
     return {"bytes": nbytes, "swarmnet_pull_ms": swarm_s * 1e3, "view_ms": view_s * 1e3,
             "copying_decode_ms": copy_s * 1e3, "delta_ms": delta_s * 1e3, "delta_after_copy_ms": delta_copy_s * 1e3,
             "apply_ms": apply_s * 1e3,
@@ -257,6 +275,9 @@ async def _pull_client(address: str, repeats: int, daemon_pid: int, hidden: int)
             "ratio_with_view_and_delta": raw_s / (swarm_s + view_s + delta_s),
             "ratio_with_copying_decode_and_delta": raw_s / (swarm_s + copy_s + delta_copy_s),
             "ratio_with_merge": raw_s / (swarm_s + view_s + delta_s + apply_s),
+            "raw_cpu_ms": {"client": raw_client_cpu / repeats * 1e3, "server": raw_server_cpu / repeats * 1e3},
+            "cores": cores, "raw_busy_cores": busy_cores, "merge_floor_ms": floor_s * 1e3,
+            "merge_floor_ratio": raw_s / floor_s,
             "swarmnet_GBps": nbytes / swarm_s / 1e9, "raw_GBps": nbytes / raw_s / 1e9, "repeats": repeats,
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
             "servers": f"each training (digits MLP hidden {hidden}, batch {SERVING_BATCH}) while it serves, "
@@ -271,6 +292,12 @@ async def _tell(dealer: zmq.asyncio.Socket, word: bytes) -> None:
     """Tell the raw server to train (``busy``) or not (``idle``), and wait for its answer."""
     await dealer.send(word)
     await asyncio.wait_for(dealer.recv_multipart(), 60)
+
+
+async def _serving_cpu(dealer: zmq.asyncio.Socket) -> float:
+    """CPU seconds the raw server has spent so far on everything but its training thread."""
+    await dealer.send(b"cpu")
+    return float((await asyncio.wait_for(dealer.recv_multipart(), 60))[0])
 
 
 async def _raw_pair(nbytes: int, hidden: int = 512, batch: int = 32) -> tuple[subprocess.Popen[str], zmq.asyncio.Socket]:
@@ -422,10 +449,26 @@ def _raw_server(nbytes: int, hidden: int, batch: int) -> None:
         if body in (b"busy", b"idle"):
             router.send_multipart([route, b"ok"])
             continue
+        if body == b"cpu":
+            router.send_multipart([route, str(_cpu_but(trainer)).encode()])
+            continue
         pieces = int(body.split()[1]) if b" " in body else 1
         cuts = [len(payload) // 4 * i // pieces * 4 for i in range(pieces + 1)]
         for lo, hi in zip(cuts, cuts[1:]):
             router.send_multipart([route, b"h", payload[lo:hi]], copy=False)
+
+
+def _cpu_but(thread: threading.Thread | None) -> float:
+    """CPU seconds used so far by this process's threads other than ``thread``, libzmq's among
+    them (Linux thread clocks)."""
+    from swarmnet.peer.budget import linux_thread_clock
+
+    total = 0.0
+    for tid in os.listdir("/proc/self/task"):
+        if thread is None or int(tid) != thread.native_id:
+            with contextlib.suppress(OSError):  # a thread that ended meanwhile
+                total += time.clock_gettime(linux_thread_clock(int(tid)))
+    return total
 
 
 def raw_payload(nbytes: int) -> memoryview:

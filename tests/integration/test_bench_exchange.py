@@ -41,6 +41,19 @@ def test_the_pull_figures_come_from_a_real_daemon_and_a_raw_pyzmq_server(tmp_pat
     assert all(p[key] > 0 for key in ("swarmnet_pull_ms", "view_ms", "copying_decode_ms", "delta_ms",
                                       "apply_ms", "raw_pyzmq_ms"))
     assert p["ratio"] > p["ratio_with_view"] > p["ratio_with_view_and_delta"] > p["ratio_with_merge"] > 0
+    # Both ends of the raw transfer are charged, the raw server's training thread is not: it
+    # trains for the 50 ms settle before every raw transfer, which would far outweigh the
+    # serving of 77 KB.
+    cpu = p["raw_cpu_ms"]
+    assert 0 < cpu["client"] and 0 < cpu["server"] < 20, cpu
+    # The raw server trains on a thread while its transfer is timed: the machine is that busy
+    # at least (it is not always scheduled in the transfer's window, hence the margin).
+    assert 0.5 < p["raw_busy_cores"] <= p["cores"] + 0.1, p["raw_busy_cores"]
+    # The floor of a whole merge: the raw transfer, plus at most the passes at the pace the
+    # transfer got CPU (less where idle cores take part of them).
+    raw, passes, transfer = p["raw_pyzmq_ms"], p["delta_ms"] + p["apply_ms"], cpu["client"] + cpu["server"]
+    assert raw <= p["merge_floor_ms"] <= raw + passes * raw / transfer + 1e-6, p
+    assert p["merge_floor_ratio"] == pytest.approx(p["raw_pyzmq_ms"] / p["merge_floor_ms"])
 
 
 def test_the_streamed_merge_comparison_does_the_same_work_both_ways():
