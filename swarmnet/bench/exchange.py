@@ -244,8 +244,9 @@ async def _pull_client(address: str, repeats: int, daemon_pid: int, hidden: int)
             await dealer.send(b"pull")
             frames = await dealer.recv_multipart(copy=False)
             t7 = time.perf_counter()
-            raw_client_cpu += time.process_time() - client_cpu
-            raw_machine_cpu += time.process_time() - client_cpu + time.clock_gettime(raw_clock) - server_cpu
+            client_cpu, server_cpu = time.process_time() - client_cpu, time.clock_gettime(raw_clock) - server_cpu
+            raw_client_cpu += client_cpu
+            raw_machine_cpu += client_cpu + server_cpu  # the raw server's training included
             assert frames[1].buffer.nbytes == nbytes
             del frames
             for key, seconds in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t7 - t_raw)):
@@ -264,7 +265,7 @@ async def _pull_client(address: str, repeats: int, daemon_pid: int, hidden: int)
     # two passes, which first fill the cores the transfer and the raw server's training left idle
     # and then take CPU at the pace the transfer got it.
     transfer_cpu_s = (raw_client_cpu + raw_server_cpu) / repeats
-    busy_cores = raw_machine_cpu / sum(times["raw"])  # the raw server's training included
+    busy_cores = raw_machine_cpu / sum(times["raw"])
     spare = max(0.0, cores - busy_cores)
     floor_s = raw_s + max(0.0, delta_s + apply_s - spare * raw_s) / (transfer_cpu_s / raw_s + spare)
     return {"bytes": nbytes, "swarmnet_pull_ms": swarm_s * 1e3, "view_ms": view_s * 1e3,
