@@ -2,10 +2,19 @@
 its split into the training thread's share of a core and its CPU time per step."""
 
 import math
+import threading
+import time
 
 import pytest
 
-from swarmnet.bench.exchange import STREAM_PIECES, _compute_run, _window, pull_ratio, streamed_gain
+from swarmnet.bench.exchange import (
+    STREAM_PIECES,
+    _compute_run,
+    _cpu_but,
+    _window,
+    pull_ratio,
+    streamed_gain,
+)
 from swarmnet.tasks import load_task
 
 pytestmark = pytest.mark.timeout(180)
@@ -46,14 +55,36 @@ def test_the_pull_figures_come_from_a_real_daemon_and_a_raw_pyzmq_server(tmp_pat
     # serving of 77 KB.
     cpu = p["raw_cpu_ms"]
     assert 0 < cpu["client"] and 0 < cpu["server"] < 20, cpu
-    # The raw server trains on a thread while its transfer is timed: the machine is that busy
-    # at least (it is not always scheduled in the transfer's window, hence the margin).
-    assert 0.5 < p["raw_busy_cores"] <= p["cores"] + 0.1, p["raw_busy_cores"]
+    # The raw server trains on a thread while its transfer is timed: the machine is about that
+    # busy at least. (No upper bound: over three transfers of a few ms, clocks read a moment
+    # apart can add up to more than the cores; 1.92-1.93 over the bench's 30 of 30 ms.)
+    assert p["raw_busy_cores"] > 0.5, p["raw_busy_cores"]
     # The floor of a whole merge: the raw transfer, plus at most the passes at the pace the
     # transfer got CPU (less where idle cores take part of them).
     raw, passes, transfer = p["raw_pyzmq_ms"], p["delta_ms"] + p["apply_ms"], cpu["client"] + cpu["server"]
     assert raw <= p["merge_floor_ms"] <= raw + passes * raw / transfer + 1e-6, p
     assert p["merge_floor_ratio"] == pytest.approx(p["raw_pyzmq_ms"] / p["merge_floor_ms"])
+
+
+def test_the_raw_servers_serving_cpu_leaves_out_its_training_thread():
+    done, stop = threading.Event(), threading.Event()
+
+    def trainer():
+        start = time.thread_time()
+        while time.thread_time() - start < 0.3:
+            sum(range(1000))
+        done.set()
+        stop.wait()
+
+    thread = threading.Thread(target=trainer)
+    thread.start()
+    try:
+        assert done.wait(30)
+        serving, everything = _cpu_but(thread), _cpu_but(None)
+        assert 0.3 <= everything - serving < 0.5, (everything, serving)
+    finally:
+        stop.set()
+        thread.join()
 
 
 def test_the_streamed_merge_comparison_does_the_same_work_both_ways():

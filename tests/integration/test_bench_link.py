@@ -37,7 +37,9 @@ def test_over_a_slow_link_a_lattice_merge_moves_fewer_bytes_and_ends_sooner_than
     lattice = swarm_merge(two_hosts, tmp_path, "lattice", hidden=256, steps=800)
     model_bytes = 4 * (64 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10)
     # A pull is the whole model in fp32 (the reply's header on top), well under half of it in lattice.
-    assert model_bytes <= fp32["bytes_per_pull"] < 1.01 * model_bytes, fp32
+    # Within a tenth: the window's edges can cut a pull in flight, whose bytes count when they
+    # arrive and the pull once it completes (0.97 of the model once, on a slow VM, over about 30 pulls).
+    assert 0.9 * model_bytes <= fp32["bytes_per_pull"] < 1.1 * model_bytes, fp32
     assert lattice["bytes_per_pull"] < 0.5 * model_bytes, lattice
     # The link sets an fp32 pull's pace: no faster than its bytes at 100 Mbit/s.
     assert fp32["pull_ms"] >= 0.9 * 1e3 * model_bytes * 8 / 100e6, fp32

@@ -15,6 +15,7 @@ from swarmnet.codecs import kernels
 from swarmnet.peer.budget import (
     CpuBudget,
     auto_cores,
+    linux_process_clock,
     local_peers,
     named_threads_cpu,
     peer_share,
@@ -204,3 +205,19 @@ def test_work_before_the_start_is_not_charged():
     budget.start()
     assert budget.delay() == 0.0
     assert budget.used < 0.05
+
+
+def test_a_process_clock_reads_another_process_cpu():
+    """What `bench exchange` reads of its raw pyzmq server: the CPU of another process, all its
+    threads, not the wall time it has been alive."""
+    child = subprocess.Popen([sys.executable, "-c", "import time\nwhile True: time.sleep(1)"])
+    burner = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                               "while time.process_time() - t < 5: pass"])
+    try:
+        time.sleep(1.0)
+        idle, busy = (time.clock_gettime(linux_process_clock(p.pid)) for p in (child, burner))
+        assert idle < 0.3 < busy, (idle, busy)  # start-up alone costs the idle one a few tens of ms
+    finally:
+        for p in (child, burner):
+            p.kill()
+            p.wait()
