@@ -29,7 +29,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import os
@@ -460,16 +459,10 @@ def _raw_server(nbytes: int, hidden: int, batch: int) -> None:
 
 
 def _cpu_but(thread: threading.Thread | None) -> float:
-    """CPU seconds used so far by this process's threads other than ``thread``, libzmq's among
-    them (Linux thread clocks)."""
-    from swarmnet.peer.budget import linux_thread_clock
+    """CPU seconds used so far by this process, libzmq's threads included, less ``thread``'s."""
+    from swarmnet.peer.budget import thread_cpu_clock
 
-    total = 0.0
-    for tid in os.listdir("/proc/self/task"):
-        if thread is None or int(tid) != thread.native_id:
-            with contextlib.suppress(OSError):  # a thread that ended meanwhile
-                total += time.clock_gettime(linux_thread_clock(int(tid)))
-    return total
+    return time.process_time() - (thread_cpu_clock(thread.ident)() if thread is not None and thread.ident else 0.0)
 
 
 def raw_payload(nbytes: int) -> memoryview:

@@ -110,7 +110,7 @@ def thread_cpu_clock(ident: int) -> Callable[[], float]:
     return _clock_reader(time.pthread_getcpuclockid(ident))
 
 
-def linux_thread_clock(tid: int) -> int:
+def _linux_thread_clock(tid: int) -> int:
     """The CPU clock of thread ``tid`` of this process, encoded as Linux encodes it (what glibc's
     pthread_getcpuclockid returns): nanoseconds for a few microseconds a read, where its /proc
     stat file costs tens of microseconds and counts 10 ms ticks."""
@@ -140,7 +140,7 @@ def named_threads_cpu(prefix: str | tuple[str, ...], rescan_s: float = 1.0) -> C
         try:
             for tid in os.listdir(task_dir):
                 if tid not in clocks and _read(f"{task_dir}/{tid}/comm").startswith(prefix):
-                    clocks[tid] = _clock_reader(linux_thread_clock(int(tid)))
+                    clocks[tid] = _clock_reader(_linux_thread_clock(int(tid)))
         except OSError:  # no /proc, or a thread ended while we looked
             pass
 
