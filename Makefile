@@ -45,7 +45,7 @@ gpu-check: venv
 # for its Python and platform, into .whl/; there, `SWARMNET_WHEELS=.whl tests/gpu/check.sh`.
 GPU_PYTHON_VERSION ?= 3.12
 GPU_PLATFORMS ?= manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
-GPU_WHEELS ?= pyzmq==27.3.0
+GPU_WHEELS ?= pyzmq==27.3.0 setproctitle==1.3.8
 gpu-wheels:
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --implementation cp \
 		--python-version $(GPU_PYTHON_VERSION) $(addprefix --platform ,$(GPU_PLATFORMS)) -d .whl $(GPU_WHEELS)

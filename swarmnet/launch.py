@@ -33,7 +33,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from swarmnet import jsonsafe
+from swarmnet import forked, jsonsafe
 from swarmnet.bootstrap import GLIBC_TUNABLES
 from swarmnet.codecs import kernels
 from swarmnet.config import (
@@ -61,6 +61,8 @@ log = get_logger("launch")
 PER_PEER_KEYS = ("network.listen", "network.advertise")
 """Config keys that name one peer's own address: not for overrides passed to every peer."""
 PEER_FILES = ("card.json", "summary.json", "metrics.jsonl", "checkpoint.pt", "peer.log")
+PEER_INTERPRETER = (sys.executable, "-m", "swarmnet")
+"""How an exec'd peer's command line starts; a forked peer gets what follows it."""
 CARD_TIMEOUT = 120.0
 STOP_GRACE = 20.0
 
@@ -74,7 +76,7 @@ class PeerProcess:
     advertise: str = ""
     device: str = ""
     key: str = ""
-    proc: subprocess.Popen[bytes] | None = None
+    proc: subprocess.Popen[bytes] | forked.ForkedPeer | None = None
     exit_code: int | None = None
     log_start: int = 0
     """Where this launch's lines begin in ``peer.log`` (appended to across runs of a run dir)."""
@@ -90,6 +92,8 @@ class LaunchPlan:
     base_command: list[str]
     env: dict[str, str] = field(default_factory=dict)
     total_steps: int = 0
+    fork: bool = False
+    """Whether the peers are forked from a fork server (swarmnet.forked) rather than exec'd."""
 
     @classmethod
     def build(cls, cfg: SwarmConfig, *, config_path: Path | None, overrides: dict[str, Any],
@@ -142,7 +146,7 @@ class LaunchPlan:
             log.warning("network.min_peers = %d but only %d other peers are launched: each peer waits "
                         "network.join_timeout (%gs) for the rest, then trains anyway", cfg.network.min_peers,
                         n - 1, cfg.network.join_timeout)
-        base = [sys.executable, "-m", "swarmnet", "peer", "--log-level", log_level]
+        base = [*PEER_INTERPRETER, "peer", "--log-level", log_level]
         if config_path is not None:
             base += ["--config", str(config_path)]
         for key, value in settings.items():
@@ -153,6 +157,7 @@ class LaunchPlan:
         env[LOCAL_PEERS_VARIABLE] = str(n)
         env.setdefault("GLIBC_TUNABLES", GLIBC_TUNABLES)
         plan = cls(cfg, run_dir, peers, base, env)
+        plan.fork = forked.forkable(peer.device or cfg.device.device for peer in peers)
         task = load_task(cfg.task.spec, cfg.task.options)
         training = plan_training(cfg.train, n, task.num_samples)
         plan.total_steps = training.total_steps
@@ -210,22 +215,27 @@ def _start(plan: LaunchPlan, peer: PeerProcess, seeds: list[str]) -> None:
         peer.log_start = log.seek(0, os.SEEK_END)
         with contextlib.suppress(OSError):
             peer.metrics_start = (plan.run_dir / peer.name / "metrics.jsonl").stat().st_size
-        peer.proc = subprocess.Popen(cmd, env=plan.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     process_group=0, preexec_fn=die_with_parent())
+        if plan.fork:
+            peer.proc = forked.start_peer(peer.name, cmd[len(PEER_INTERPRETER):], plan.env,
+                                          plan.run_dir / peer.name / "peer.log")
+        else:
+            peer.proc = subprocess.Popen(cmd, env=plan.env, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, process_group=0, preexec_fn=die_with_parent())
 
 
 PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent() -> Callable[[], None] | None:
+def die_with_parent(parent: int | None = None) -> Callable[[], None] | None:
     """A preexec_fn that has the kernel send the child SIGTERM once the thread that started it
-    dies, however it dies (Linux prctl; None where there is no prctl)."""
+    dies, however it dies (Linux prctl; None where there is no prctl). ``parent``: the child's
+    parent process, where it is not this one."""
     prctl = getattr(ctypes.CDLL(None), "prctl", None)
-    launcher = os.getpid()
+    starter = parent or os.getpid()
 
     def in_child() -> None:
         prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        if os.getppid() != launcher:  # the launcher died before the prctl took effect
+        if os.getppid() != starter:  # the parent died before the prctl took effect
             os.kill(os.getpid(), signal.SIGTERM)
 
     return in_child if prctl is not None else None
@@ -277,6 +287,8 @@ def launch(plan: LaunchPlan, *, summary_path: Path | None = None, console: Conso
     interrupt = _Interrupt()
     previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     started = time.monotonic()
+    if plan.fork:
+        forked.start_server(plan.env)  # it imports torch and swarmnet while this process goes on
     on_cpu = not plan.cfg.device.device.startswith("cuda")
     if plan.cfg.codec.name in kernels.FUSED_CODECS and on_cpu:
         kernels.warm_up([plan.cfg.codec.name])  # compile the codec's CPU loops once here, not once per peer

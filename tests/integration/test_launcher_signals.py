@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -48,6 +49,58 @@ def test_ctrl_c_reaches_the_peers_once_so_they_keep_their_grace_period(swarm_fac
         assert row["exit_code"] == 0 and row["reason"] == "stopped", row
         log = (swarm.run_dir / row["name"] / "peer.log").read_text()
         assert "second stop request" not in log, log[-2000:]
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.parametrize("fork", [True, False], ids=["forked", "exec"])
+def test_cpu_peers_are_forked_from_a_server_that_imported_torch_once(swarm_factory, monkeypatch, fork):
+    """The same peers either way: the launch's environment reaches them (the peer count their
+    CPU budget divides by), and a SIGTERM to the launcher's process group (a supervisor's) stops
+    them cleanly, having reached them once. Forked, their parent is the fork server, the
+    launcher's child; exec'd (SWARMNET_EXEC_PEERS=1), the launcher itself."""
+    if not fork:
+        monkeypatch.setenv("SWARMNET_EXEC_PEERS", "1")
+    swarm = swarm_factory(two_peers(steps=1_000_000), "--log-level", "info")
+    pids = [swarm.card(name)["pid"] for name in PEERS]
+    parents = {parent_of(pid) for pid in pids}
+    if fork:
+        (server,) = parents
+        assert parent_of(server) == swarm.proc.pid
+        assert b"multiprocessing.forkserver" in Path(f"/proc/{server}/cmdline").read_bytes()
+    else:
+        assert parents == {swarm.proc.pid}
+    for pid in pids:  # what ps and pkill -f see
+        assert b"swarmnet peer --log-level info" in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    for name in PEERS:
+        log = (swarm.run_dir / name / "peer.log").read_text()
+        assert "shared by 2 local peers (SWARMNET_LOCAL_PEERS)" in log, log[-2000:]
+    wait_until(lambda: all(swarm.metrics(name) for name in PEERS), 60, what="every peer training")
+    os.killpg(swarm.proc.pid, signal.SIGTERM)
+    assert swarm.wait(60) == 143, swarm.log()
+    assert [(r["exit_code"], r["reason"]) for r in swarm.summary()["peers"]] == [(0, "stopped")] * 2
+    for name in PEERS:
+        assert "second stop request" not in (swarm.run_dir / name / "peer.log").read_text()
+
+
+def test_a_fork_server_killed_mid_run_stops_the_peers_and_up_waits_for_them(swarm_factory):
+    """The fork server relays its peers' exit statuses. Killed from outside, it takes them along
+    (SIGTERM: a clean stop), and `up` must not take them for ended while they still stop."""
+    sections = two_peers(steps=1_000_000)
+    sections["task"]["spec"] = "tests.integration.slow_eval_task:task"  # the peers stop over seconds
+    swarm = swarm_factory(sections)
+    pids = [swarm.card(name)["pid"] for name in PEERS]
+    wait_until(lambda: all(swarm.metrics(name) for name in PEERS), 60, what="every peer training")
+    os.kill(parent_of(pids[0]), signal.SIGKILL)
+    assert swarm.wait(60) == 1, swarm.log()
+    rows = swarm.summary()["peers"]
+    assert not any(pid_alive(pid) for pid in pids)
+    for row in rows:
+        own = json.loads((swarm.run_dir / row["name"] / "summary.json").read_text())
+        assert own["reason"] == "stopped" and row["steps"] == own["steps"], (row, own)
+        assert not row["ok"] and "before its budget" in row["reason"], row
 
 
 def test_peers_stop_cleanly_when_their_launcher_is_killed(swarm_factory):

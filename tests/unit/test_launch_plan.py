@@ -192,3 +192,51 @@ def test_a_peer_stopped_by_the_launcher_with_its_configured_status_has_ended_wel
         (built.run_dir / p.name).mkdir(parents=True, exist_ok=True)
         (built.run_dir / p.name / "summary.json").write_text(json.dumps({"reason": "stopped", "steps": 10}))
     assert [r["ok"] for r in summarize(built, 1.0, interrupted=True)["peers"]] == [True, False]
+
+
+def test_only_peers_all_on_the_cpu_are_forked(monkeypatch):
+    """A fork of a process that touched CUDA cannot use it, and the GPU path was never tried forked:
+    GPU peers keep being exec'd; SWARMNET_EXEC_PEERS=1 exec's CPU peers too."""
+    import sys
+
+    import torch
+
+    from swarmnet.forked import EXEC_VARIABLE, forkable
+
+    monkeypatch.delenv(EXEC_VARIABLE, raising=False)
+    linux = sys.platform.startswith("linux")
+    assert forkable(["cpu", "cpu"]) is linux
+    assert forkable(["auto"]) is (linux and not torch.cuda.is_available())
+    assert not forkable(["cpu", "cuda:1"])
+    monkeypatch.setenv(EXEC_VARIABLE, "1")
+    assert not forkable(["cpu"])
+    monkeypatch.setenv(EXEC_VARIABLE, "0")
+    assert forkable(["cpu"]) is linux
+
+
+def test_a_fork_server_that_fails_is_reported_with_the_way_around_it(tmp_path):
+    """A fork server that dies while it imports (here a module raising on import) leaves `up`
+    a ConfigError naming the peer and SWARMNET_EXEC_PEERS, not a traceback of multiprocessing's."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "breaks_on_import.py").write_text("raise RuntimeError('this module breaks the fork server')\n")
+    script = (
+        "import os, sys\nfrom pathlib import Path\nfrom swarmnet import forked\nfrom swarmnet.errors import ConfigError\n"
+        "forked.PRELOAD = (*forked.PRELOAD, 'breaks_on_import')\n"
+        "try:\n"
+        "    forked.start_peer('peer0', ['peer', '--help'], dict(os.environ), Path(sys.argv[1]))\n"
+        "except ConfigError as exc:\n"
+        "    print(exc)\n"
+        "    sys.exit(3)\n"
+    )
+    root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, str(tmp_path)]))
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "peer.log")], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "peer peer0 could not be forked: the fork server failed" in done.stdout
+    assert "set SWARMNET_EXEC_PEERS=1" in done.stdout
+    assert "this module breaks the fork server" in done.stderr  # its own error, shown above
