@@ -36,6 +36,7 @@ PRELOAD = ("swarmnet.forked", "swarmnet.cli", "swarmnet.launch", "swarmnet.peer.
 its optimizer's first step included."""
 EXEC_VARIABLE = "SWARMNET_EXEC_PEERS"
 """Set to 1 to start CPU peers as fresh interpreters too, not forked."""
+WAY_AROUND = f"set {EXEC_VARIABLE}=1 to start the peers as fresh processes"
 SERVER_VARIABLE = "SWARMNET_FORK_SERVER"
 """Set in the fork server's environment when it starts, so that it knows itself (below)."""
 
@@ -53,7 +54,11 @@ if os.environ.pop(SERVER_VARIABLE, None):
 def forkable(devices: Iterable[str]) -> bool:
     """Whether peers on these devices may be forked: on Linux, every one on the CPU, unless
     EXEC_VARIABLE says no."""
-    if not sys.platform.startswith("linux") or os.environ.get(EXEC_VARIABLE, "") not in ("", "0"):
+    if os.environ.get(EXEC_VARIABLE, "") not in ("", "0"):
+        return False
+    # 3.11.0's fork server listened on an abstract socket, which any local user could have asked
+    # to run code; later releases use a file only its user may open.
+    if not sys.platform.startswith("linux") or sys.version_info < (3, 11, 1):
         return False
     import torch
 
@@ -113,22 +118,25 @@ def start_server(env: Mapping[str, str]) -> None:
     """Start the fork server, with environment ``env``, unless it runs: it imports PRELOAD while
     this process goes on, so the sooner the better."""
     multiprocessing.get_context("forkserver").set_forkserver_preload(list(PRELOAD))
-    with _environment({**env, SERVER_VARIABLE: "1"}):
-        forkserver.ensure_running()
+    try:
+        with _environment({**env, SERVER_VARIABLE: "1"}):
+            forkserver.ensure_running()
+    except OSError as exc:  # its socket's folder on a full or read-only temporary directory, say
+        raise ConfigError(f"the fork server for the peers could not start ({exc}); {WAY_AROUND}") from None
 
 
 def start_peer(name: str, argv: Sequence[str], env: Mapping[str, str], log: Path) -> ForkedPeer:
     """Fork ``swarmnet peer`` daemon ``name``: ``argv``, its command line after ``swarmnet``;
     ``env``, its environment; its stdout and stderr appended to ``log``."""
+    start_server(env)
+    server = forkserver._forkserver._forkserver_pid  # the peer's parent: it dies with the launcher
+    process = multiprocessing.get_context("forkserver").Process(
+        target=_run_peer, args=(list(argv), dict(env), str(log), server), name="swarmnet peer", daemon=True)
     try:
-        start_server(env)
-        server = forkserver._forkserver._forkserver_pid  # the peer's parent: it dies with the launcher
-        process = multiprocessing.get_context("forkserver").Process(
-            target=_run_peer, args=(list(argv), dict(env), str(log), server), name="swarmnet peer", daemon=True)
         process.start()
     except (OSError, EOFError) as exc:  # EOFError: the fork server ended before it answered
         raise ConfigError(f"peer {name} could not be forked: the fork server failed ({exc or type(exc).__name__}; "
-                          f"its error is above); set {EXEC_VARIABLE}=1 to start the peers as fresh processes") from None
+                          f"its error is above); {WAY_AROUND}") from None
     return ForkedPeer(process)
 
 

@@ -287,12 +287,12 @@ def launch(plan: LaunchPlan, *, summary_path: Path | None = None, console: Conso
     interrupt = _Interrupt()
     previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     started = time.monotonic()
-    if plan.fork:
-        forked.start_server(plan.env)  # it imports torch and swarmnet while this process goes on
-    on_cpu = not plan.cfg.device.device.startswith("cuda")
-    if plan.cfg.codec.name in kernels.FUSED_CODECS and on_cpu:
-        kernels.warm_up([plan.cfg.codec.name])  # compile the codec's CPU loops once here, not once per peer
     try:
+        if plan.fork:
+            forked.start_server(plan.env)  # it imports torch and swarmnet while this process goes on
+        on_cpu = not plan.cfg.device.device.startswith("cuda")
+        if plan.cfg.codec.name in kernels.FUSED_CODECS and on_cpu:
+            kernels.warm_up([plan.cfg.codec.name])  # compile the codec's CPU loops once here, not once per peer
         # All peers start at once; the first one's card (written once it is bound) is the seed.
         first = plan.peers[0]
         seed = f"file://{(plan.run_dir / first.name / 'card.json').resolve()}"

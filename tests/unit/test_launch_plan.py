@@ -214,9 +214,16 @@ def test_only_peers_all_on_the_cpu_are_forked(monkeypatch):
     assert forkable(["cpu"]) is linux
 
 
-def test_a_fork_server_that_fails_is_reported_with_the_way_around_it(tmp_path):
-    """A fork server that dies while it imports (here a module raising on import) leaves `up`
-    a ConfigError naming the peer and SWARMNET_EXEC_PEERS, not a traceback of multiprocessing's."""
+@pytest.mark.parametrize("breakage, said, shown", [
+    ("forked.PRELOAD = (*forked.PRELOAD, 'breaks_on_import')",
+     "peer peer0 could not be forked: the fork server failed", "this module breaks the fork server"),
+    ("import tempfile; tempfile.tempdir = '/nonexistent/tmp'",
+     "the fork server for the peers could not start ([Errno 2] No such file or directory", ""),
+], ids=["dies-while-importing", "no-temporary-directory"])
+def test_a_fork_server_that_fails_is_reported_with_the_way_around_it(tmp_path, breakage, said, shown):
+    """A fork server that dies while it imports (here a module raising on import), or cannot start
+    (nowhere to put its socket), leaves `up` a ConfigError that names SWARMNET_EXEC_PEERS, not a
+    traceback of multiprocessing's."""
     import os
     import subprocess
     import sys
@@ -225,7 +232,7 @@ def test_a_fork_server_that_fails_is_reported_with_the_way_around_it(tmp_path):
     (tmp_path / "breaks_on_import.py").write_text("raise RuntimeError('this module breaks the fork server')\n")
     script = (
         "import os, sys\nfrom pathlib import Path\nfrom swarmnet import forked\nfrom swarmnet.errors import ConfigError\n"
-        "forked.PRELOAD = (*forked.PRELOAD, 'breaks_on_import')\n"
+        f"{breakage}\n"
         "try:\n"
         "    forked.start_peer('peer0', ['peer', '--help'], dict(os.environ), Path(sys.argv[1]))\n"
         "except ConfigError as exc:\n"
@@ -237,6 +244,5 @@ def test_a_fork_server_that_fails_is_reported_with_the_way_around_it(tmp_path):
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "peer.log")], env=env, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 3, done.stdout + done.stderr
-    assert "peer peer0 could not be forked: the fork server failed" in done.stdout
-    assert "set SWARMNET_EXEC_PEERS=1" in done.stdout
-    assert "this module breaks the fork server" in done.stderr  # its own error, shown above
+    assert said in done.stdout and "set SWARMNET_EXEC_PEERS=1" in done.stdout, done.stdout
+    assert shown in done.stderr  # the server's own error, shown above
