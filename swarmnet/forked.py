@@ -34,8 +34,8 @@ from swarmnet.errors import ConfigError
 PRELOAD = ("swarmnet.forked", "swarmnet.cli", "swarmnet.launch", "swarmnet.peer.node", "torch._dynamo")
 """What the fork server imports before its first fork: everything a peer imports before training,
 its optimizer's first step included. This module first, so that STOP_SIGNALS are blocked before
-any thread starts (numpy's BLAS may start some): a thread that did not block them would take them for
-the whole process."""
+any thread starts (numpy's BLAS may start some): a thread that did not block them would take
+them for the whole process."""
 EXEC_VARIABLE = "SWARMNET_EXEC_PEERS"
 """Set to 1 to start CPU peers as fresh interpreters too, not forked."""
 WAY_AROUND = f"set {EXEC_VARIABLE}=1 to start the peers as fresh processes"
