@@ -207,17 +207,17 @@ def _start(plan: LaunchPlan, peer: PeerProcess, seeds: list[str]) -> None:
         cmd += ["--device", peer.device]
     if peer.key:
         cmd += ["--key", peer.key]
+    folder = plan.run_dir / peer.name
     try:
-        log = open(plan.run_dir / peer.name / "peer.log", "ab")
+        log = open(folder / "peer.log", "ab")
     except OSError as exc:
-        raise unwritable_run_dir(plan.run_dir / peer.name, exc) from None
+        raise unwritable_run_dir(folder, exc) from None
     with log:
         peer.log_start = log.seek(0, os.SEEK_END)
         with contextlib.suppress(OSError):
-            peer.metrics_start = (plan.run_dir / peer.name / "metrics.jsonl").stat().st_size
+            peer.metrics_start = (folder / "metrics.jsonl").stat().st_size
         if plan.fork:
-            peer.proc = forked.start_peer(peer.name, cmd[len(PEER_INTERPRETER):], plan.env,
-                                          plan.run_dir / peer.name / "peer.log")
+            peer.proc = forked.start_peer(peer.name, cmd[len(PEER_INTERPRETER):], plan.env, folder / "peer.log")
         else:
             peer.proc = subprocess.Popen(cmd, env=plan.env, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, process_group=0, preexec_fn=die_with_parent())

@@ -67,6 +67,17 @@ def _env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def _stat_fields(stat: str) -> list[str]:
+    """The fields of a /proc/PID/stat line after the process's name (which may hold spaces and
+    parentheses): the state first, then the parent's pid."""
+    return stat.rsplit(")", 1)[1].split()
+
+
+def parent_of(pid: int) -> int:
+    """The parent's pid of running process ``pid`` (Linux /proc)."""
+    return int(_stat_fields(Path(f"/proc/{pid}/stat").read_text())[1])
+
+
 def _descendants(pid: int) -> list[int]:
     """Children of ``pid``, theirs and so on, from /proc (Linux; elsewhere none)."""
     children: dict[int, list[int]] = {}
@@ -79,8 +90,7 @@ def _descendants(pid: int) -> list[int]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state; the name may hold spaces
-        children.setdefault(parent, []).append(int(entry.name))
+        children.setdefault(int(_stat_fields(stat)[1]), []).append(int(entry.name))
     found, todo = [], [pid]
     while todo:
         for child in children.get(todo.pop(), []):
@@ -95,7 +105,7 @@ def pid_alive(pid: int) -> bool:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    return _stat_fields(stat)[0] not in ("Z", "X")
 
 
 class _Process:

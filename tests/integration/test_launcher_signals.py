@@ -12,7 +12,7 @@ import pytest
 
 from swarmnet.testing import query_status, wait_until
 from swarmnet.testing.ports import unused_port
-from swarmnet.testing.processes import pid_alive
+from swarmnet.testing.processes import parent_of, pid_alive
 
 from .conftest import digits_config
 
@@ -49,10 +49,6 @@ def test_ctrl_c_reaches_the_peers_once_so_they_keep_their_grace_period(swarm_fac
         assert row["exit_code"] == 0 and row["reason"] == "stopped", row
         log = (swarm.run_dir / row["name"] / "peer.log").read_text()
         assert "second stop request" not in log, log[-2000:]
-
-
-def parent_of(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 @pytest.mark.parametrize("fork", [True, False], ids=["forked", "exec"])
