@@ -432,10 +432,7 @@ class ComputeLoop(Replica):
                               f"{detail}); {fix}") from None
         self._saved_step = self.step
         self.log.info("resumed from %s at step %d", self.checkpoint_path, self.step)
-        if self.step >= self.plan.total_steps:
-            self.log.warning("the checkpoint is at step %d, the budget is %d steps: this run takes no step (it "
-                             "only merges while it lingers); give a larger budget (--steps, --epochs) to train "
-                             "on, or --fresh to start over", self.step, self.plan.total_steps)
+        self._warn_past_budget("the checkpoint", "or --fresh to start over")
         return True
 
     def adopt(self, values_N: torch.Tensor, clock: int, step: int) -> None:
@@ -446,10 +443,18 @@ class ComputeLoop(Replica):
         self.live_N.copy_(values_N)  # host->device copy when the model lives on a GPU
         self.stale_N.copy_(self.live_N)
         self.clock.restore(clock)
-        self.step = min(step, self.plan.total_steps)
+        self.step = step  # not capped at the budget: the checkpoint keeps the model's place in the schedule
         self.sampler.seek(self.step)  # partition mode: the shard of the donor's epoch, not of epoch 0
         self.stats.step = self.step
         self.publish()
+        self._warn_past_budget("the adopted model", "or network.adopt_model = false to train from this peer's "
+                               "own initialization")
+
+    def _warn_past_budget(self, what: str, other_way: str) -> None:
+        if self.step >= self.plan.total_steps:
+            self.log.warning("%s is at step %d, the budget is %d steps: this run takes no step (it only merges "
+                             "while it lingers); give a larger budget (--steps, --epochs) to train on, %s", what,
+                             self.step, self.plan.total_steps, other_way)
 
     def _must_be_finite(self, state: dict[str, Any]) -> dict[str, Any]:
         """The parts of a checkpoint's state a NaN in would carry into the model at the next step:

@@ -169,6 +169,23 @@ def test_a_newcomer_adopting_a_donors_step_draws_the_data_of_that_step(tmp_path)
     assert (loop.step, loop.sampler.position.epoch, loop.sampler.position.batch) == (5 * per_epoch + 7, 5, 7)
 
 
+def test_a_newcomer_adopting_a_step_past_its_budget_keeps_that_step_and_says_so(tmp_path, caplog):
+    """A donor far ahead of a newcomer's own budget: the newcomer takes no step, and its
+    checkpoint and summary keep the adopted model's place in the schedule (capped at the budget,
+    a restart with a larger budget would have resumed that model's learning rate 14,000 steps
+    early), and its log says why it took no step."""
+    loop = compute_loop(tmp_path, steps=3000, slowdown=1.0)
+    with caplog.at_level("WARNING"):
+        loop.adopt(loop.live_N.clone(), clock=3, step=16_968)
+    assert loop.step == loop.stats.step == 16_968
+    assert any("the adopted model is at step 16968, the budget is 3000 steps: this run takes no step" in r.message
+               and "network.adopt_model = false" in r.message for r in caplog.records), caplog.text
+    assert loop.run() == "budget" and loop.step == 16_968
+    loop.save_checkpoint()
+    resumed = compute_loop(tmp_path, steps=20_000, slowdown=1.0)
+    assert resumed.resume() and resumed.step == 16_968
+
+
 def test_a_final_publish_that_fails_still_checkpoints_the_whole_model(tmp_path):
     """Only a diverged model was expected to fail the final merge; any other error there (out of
     memory encoding the snapshot, say) skipped the final checkpoint of a model left whole."""
