@@ -344,11 +344,15 @@ class ComputeLoop(Replica):
         self.stop = threading.Event()
         algo = cfg.algorithm
         torch.manual_seed(init_seed(cfg, peer_seed))
-        super().__init__(
-            task.build_model().to(device), codec=codec, store=store, mailbox=mailbox, stats=stats,
-            local_steps=LocalSteps(algo.local_steps, algo.geometric),  # popsgd: 1 (config.py)
-            rng=random.Random(peer_seed),
-        )
+        model = task.build_model().to(device)
+        try:
+            super().__init__(
+                model, codec=codec, store=store, mailbox=mailbox, stats=stats,
+                local_steps=LocalSteps(algo.local_steps, algo.geometric),  # popsgd: 1 (config.py)
+                rng=random.Random(peer_seed),
+            )
+        except ValueError as exc:  # FlatParameters: nothing to train, or not float32
+            raise ConfigError(f"task {cfg.task.spec!r}: {exc}; fix the task's build_model") from None
         # What the task draws while training (dropout, augmentation) from torch's own generator
         # differs from peer to peer: seeded as the model was, every peer drew the same crops.
         torch.manual_seed(zlib.crc32(f"{peer_seed}:training".encode()))  # not the stream that drew the model

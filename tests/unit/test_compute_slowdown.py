@@ -11,6 +11,7 @@ import torch
 from swarmnet.algorithms import PhaseClock
 from swarmnet.codecs import make_codec
 from swarmnet.config import load_config
+from swarmnet.errors import ConfigError
 from swarmnet.log import PeerLogAdapter, get_logger
 from swarmnet.peer.compute import ComputeLoop
 from swarmnet.peer.metrics import read_metrics
@@ -184,6 +185,24 @@ def test_a_newcomer_adopting_a_step_past_its_budget_keeps_that_step_and_says_so(
     loop.save_checkpoint()
     resumed = compute_loop(tmp_path, steps=20_000, slowdown=1.0)
     assert resumed.resume() and resumed.step == 16_968
+
+
+@pytest.mark.parametrize(("model", "message"), [
+    (torch.nn.Identity, "the model has no floating-point parameters to train"),
+    (lambda: torch.nn.Linear(64, 10).double(), "swarmnet averages float32 parameters"),
+])
+def test_a_model_swarmnet_cannot_train_is_a_config_error_naming_the_task(tmp_path, model, message):
+    """Not a traceback and exit status 1 from inside the peer: the task's name and the fix."""
+    task = dataclasses.replace(load_task("swarmnet.tasks.digits:task"), build_model=model)
+    cfg = load_config(None, {"task.spec": "mine:task", "train.tensorboard": False})
+    loop = asyncio.new_event_loop()
+    try:
+        with pytest.raises(ConfigError, match=rf"task 'mine:task': {message}.*fix the task's build_model"):
+            ComputeLoop(cfg=cfg, task=task, device=torch.device("cpu"), codec=make_codec("fp32"), store=SnapshotStore(),
+                        mailbox=Mailbox(loop), clock=PhaseClock(), stats=PeerStats(), peer_dir=tmp_path, rank=0,
+                        peer_seed=1, log=PeerLogAdapter(get_logger("peer"), {"peer": "test"}))
+    finally:
+        loop.close()
 
 
 def test_a_final_publish_that_fails_still_checkpoints_the_whole_model(tmp_path):
