@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from swarmnet.errors import ConfigError
 from swarmnet.log import counted
 
 LOCAL_PEERS_VARIABLE = "SWARMNET_LOCAL_PEERS"
@@ -54,7 +55,12 @@ def _count(environ: Mapping[str, str], name: str) -> int | None:
 
 def local_peers(environ: Mapping[str, str]) -> tuple[int, str | None]:
     """Peers sharing this machine, as `swarmnet up`, torchrun or Slurm set it, and the variable
-    that gave it; (1, None) when unknown."""
+    that gave it; (1, None) when unknown. A bad value of swarmnet's own variable is an error:
+    the user set it (the others, set by a launcher or a scheduler, count as not given)."""
+    mine = environ.get(LOCAL_PEERS_VARIABLE, "")
+    if mine.strip() and _count(environ, LOCAL_PEERS_VARIABLE) is None:
+        raise ConfigError(f"{LOCAL_PEERS_VARIABLE}={mine!r}: give the number of peers on this machine, a whole "
+                          "number >= 1 (each peer's exchange budget is its share of the cores), or unset it")
     for name in LOCAL_PEERS_SOURCES:
         if (peers := _count(environ, name)) is not None:
             return peers, name

@@ -1,5 +1,6 @@
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from swarmnet.codecs import kernels
+from swarmnet.errors import ConfigError
 from swarmnet.peer.budget import (
     CpuBudget,
     auto_cores,
@@ -112,6 +114,13 @@ def test_local_peers_come_from_the_launcher_or_the_scheduler():
     assert local_peers({"SWARMNET_LOCAL_PEERS": "4", "LOCAL_WORLD_SIZE": "8"}) == (4, "SWARMNET_LOCAL_PEERS")
     assert local_peers({"SLURM_NTASKS_PER_NODE": "8"}) == (8, "SLURM_NTASKS_PER_NODE")
     assert local_peers({"LOCAL_WORLD_SIZE": "zero"}) == (1, None)
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-3", "1e9", "2.5"])
+def test_a_bad_count_of_local_peers_is_an_error_naming_the_variable(value):
+    """Not ignored as if unset: the peer's exchange budget would take the whole machine."""
+    with pytest.raises(ConfigError, match=rf"SWARMNET_LOCAL_PEERS='{re.escape(value)}': give the number of peers"):
+        local_peers({"SWARMNET_LOCAL_PEERS": value})
 
 
 def test_a_peer_shares_the_machine_with_the_local_peers_but_a_slurm_task_owns_its_cpus():
