@@ -85,6 +85,18 @@ def parse_settings(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def combine_overrides(flags: dict[str, Any], settings: dict[str, Any], budget: dict[str, Any],
+                      budget_flag: str) -> dict[str, Any]:
+    """The flags', ``--set``'s and a budget flag's overrides together. A key two of them set is
+    an error: which value was meant is not for swarmnet to guess."""
+    for key in settings:
+        if key in flags:
+            raise ConfigError(f"{FLAGS[key]} and --set {key} both set {key}; give one of them")
+        if key in budget:
+            raise ConfigError(f"{budget_flag} and --set {key} both set the budget; give one of them")
+    return {**flags, **settings, **budget}
+
+
 def budget_override(*, steps: int | None = None, epochs: float | None = None) -> dict[str, Any]:
     """A budget flag replaces whichever budget the config file set."""
     if steps is not None and epochs is not None:
@@ -123,7 +135,7 @@ def peer(
                                 network__seeds=seed, device__device=device, run__dir=run_dir, security__key=key)
         settings = parse_settings(set_ or [])
         budget = budget_override(steps=steps) if steps is not None else {}
-        overrides = {**listed, **flags, **settings, **budget}
+        overrides = {**listed, **combine_overrides(flags, settings, budget, "--steps")}
         origins = {**listed_origins, **{k: FLAGS[k] for k in flags},
                    **dict.fromkeys(settings, "--set"), **dict.fromkeys(budget, "--steps")}
         if seed and manifest.seeds and "network.seeds" not in settings:
@@ -162,7 +174,7 @@ def up(
     try:
         settings = parse_settings(set_ or [])
         budget = budget_override(steps=steps, epochs=epochs) if steps is not None or epochs is not None else {}
-        overrides = {**flags, **settings, **budget}
+        overrides = combine_overrides(flags, settings, budget, "--steps" if steps is not None else "--epochs")
         origins = {**{k: FLAGS[k] for k in flags}, **dict.fromkeys(settings, "--set"),
                    **dict.fromkeys(budget, "--steps" if steps is not None else "--epochs")}
         cfg = load_config(config, overrides, origins)

@@ -215,3 +215,17 @@ def test_bench_arguments_are_checked_before_any_run() -> None:
     assert link.exit_code == 2 and "--rate: 'fast' is not a link rate; write it as tc does" in link.output, link.output
     codec = runner.invoke(app, ["bench", "link", "--codec", "fp8"])
     assert codec.exit_code == 2 and "--codec fp8: unknown codec" in codec.output, codec.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["up", "--run-dir", "A", "--set", "run.dir=B"], "--run-dir and --set run.dir both set run.dir"),
+    (["up", "--peers", "2", "--set", "run.peers=3"], "--peers and --set run.peers both set run.peers"),
+    (["up", "--steps", "30", "--set", "train.steps=200"], "--steps and --set train.steps both set the budget"),
+    (["up", "--epochs", "2", "--set", "train.epochs=3"], "--epochs and --set train.epochs both set the budget"),
+    (["peer", "--steps", "30", "--set", "train.sequential_epochs=1"], "--steps and --set train.sequential_epochs"),
+    (["peer", "--device", "cpu", "--set", "device.device=auto"], "--device and --set device.device both set"),
+])
+def test_a_flag_and_a_set_of_the_same_key_are_refused_naming_both(args, message) -> None:
+    """Before 2026-12-07 one silently won: --set over --run-dir, but --steps over --set."""
+    result = CliRunner().invoke(app, [*args, "--config", "configs/quickstart.toml"])
+    assert result.exit_code == 2 and message in " ".join(result.output.replace("│", " ").split()), result.output
