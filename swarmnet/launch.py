@@ -78,6 +78,8 @@ class PeerProcess:
     key: str = ""
     proc: subprocess.Popen[bytes] | forked.ForkedPeer | None = None
     exit_code: int | None = None
+    killed: str = ""
+    """Why `up` killed it (SIGKILL), if it did."""
     log_start: int = 0
     """Where this launch's lines begin in ``peer.log`` (appended to across runs of a run dir)."""
     metrics_start: int = 0
@@ -303,7 +305,7 @@ def launch(plan: LaunchPlan, *, summary_path: Path | None = None, console: Conso
             console.print(f"swarmnet: {len(plan.peers)} peers, seed {address}, run dir {plan.run_dir}", markup=False)
         interrupted = _supervise(plan, interrupt, console)
     except ConfigError as exc:
-        _stop_all(plan, kill=True)
+        _stop_all(plan, kill=True, why="the launch failed")
         if summary_path is not None:  # scripts reading it learn why, as from a run that ended badly
             _wait_all(plan)
             result = summarize(plan, time.monotonic() - started, False)
@@ -382,8 +384,10 @@ def _supervise(plan: LaunchPlan, interrupt: _Interrupt, console: Console) -> boo
                 console.print("stopping the swarm (again to kill)...")
                 _stop_all(plan, kill=False)
                 stop_sent_at = time.monotonic()
-            if interrupt.count > 1 or (stop_sent_at and time.monotonic() - stop_sent_at > STOP_GRACE):
-                _stop_all(plan, kill=True)
+            if interrupt.count > 1:
+                _stop_all(plan, kill=True, why="a second stop request", console=console)
+            elif stop_sent_at and time.monotonic() - stop_sent_at > STOP_GRACE:
+                _stop_all(plan, kill=True, why=f"not stopped {STOP_GRACE:g} s after the stop request", console=console)
             for p in plan.peers:
                 if p.exit_code is None and p.proc is not None:
                     p.exit_code = p.proc.poll()
@@ -424,10 +428,15 @@ def _tail_metrics(path: Path, offsets: dict[str, int], key: str) -> dict[str, An
     return latest
 
 
-def _stop_all(plan: LaunchPlan, *, kill: bool) -> None:
+def _stop_all(plan: LaunchPlan, *, kill: bool, why: str = "", console: Console | None = None) -> None:
+    """SIGTERM, or SIGKILL (``kill``) for ``why``, to every peer still running."""
     for p in plan.peers:
         if p.proc is not None and p.proc.poll() is None:
             p.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            if kill and not p.killed:
+                p.killed = why
+                if console is not None:
+                    console.print(f"{p.name}: killed ({why})", markup=False, highlight=False)
 
 
 def summarize(plan: LaunchPlan, elapsed: float, interrupted: bool) -> dict[str, Any]:
@@ -445,7 +454,8 @@ def summarize(plan: LaunchPlan, elapsed: float, interrupted: bool) -> dict[str, 
             row.update(peer_summary)
         except (OSError, json.JSONDecodeError):
             error = _last_error(plan.run_dir / p.name / "peer.log", p.log_start) or _disk_trouble(peer_dir)
-            how = "stopped on an error" if code is not None and code > 0 else "died before finishing"
+            how = ("stopped on an error" if code is not None and code > 0 else
+                   f"was killed by `swarmnet up`: {p.killed}" if p.killed else "died before finishing")
             row["reason"] = f"no summary (the peer {how})" + (f": {error}" if error else "")
             metrics = _last_metrics(peer_dir / "metrics.jsonl", p.metrics_start)
             if metrics:

@@ -195,3 +195,26 @@ def test_the_summary_says_why_when_the_first_peer_does_not_come_up(tmp_path, swa
     assert not summary["ok"] and "peer peer0 did not come up" in summary["error"], summary
     row = summary["peers"][0]
     assert row["name"] == "peer0" and row["exit_code"] != 0 and not row["ok"], row
+
+
+def test_a_peer_that_does_not_stop_is_killed_at_a_second_stop_request_and_the_summary_says_so(swarm_factory):
+    """A frozen peer (SIGSTOP) ignores the stop request; `up` kills it at the second one (or
+    STOP_GRACE seconds after the first) and names it, where its row used to read as if it had
+    died by itself."""
+    swarm = swarm_factory(two_peers(steps=100_000))
+    frozen, other = swarm.card("peer1")["pid"], swarm.card("peer0")["pid"]
+    wait_until(lambda: (m := swarm.metrics("peer1")) and m[-1]["step"] >= 50, 60, what="peer1 training")
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        swarm.signal(signal.SIGINT)
+        wait_until(lambda: not pid_alive(other), 30, what="peer0 stopping")
+        swarm.signal(signal.SIGINT)
+        assert swarm.wait(60) == 128 + signal.SIGINT, swarm.log()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(frozen, signal.SIGCONT)
+    rows = {r["name"]: r for r in swarm.summary()["peers"]}
+    assert rows["peer0"]["reason"] == "stopped", rows["peer0"]
+    assert rows["peer1"]["signal"] == "SIGKILL", rows["peer1"]
+    assert rows["peer1"]["reason"] == "no summary (the peer was killed by `swarmnet up`: a second stop request)"
+    assert "peer1: killed (a second stop request)" in swarm.log() and "peer0: killed" not in swarm.log()
