@@ -423,7 +423,7 @@ def _tail_metrics(path: Path, offsets: dict[str, int], key: str) -> dict[str, An
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if "loss" in record:
+        if isinstance(record, dict) and "loss" in record:
             latest = record
     return latest
 

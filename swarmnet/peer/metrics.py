@@ -210,13 +210,16 @@ def _drop_torn_tail(path: Path) -> None:
 
 
 def read_metrics(path: Path, start: int = 0) -> list[dict[str, Any]]:
-    """All complete records of a metrics file from byte ``start`` on (a torn last line is skipped)."""
+    """All complete records of a metrics file from byte ``start`` on (a torn last line is skipped,
+    and so is any line that is not a JSON object)."""
     records = []
     with open(path, "rb") as fh:
         fh.seek(start)
         for line in fh:
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except ValueError:  # not JSON, or not UTF-8
                 continue
+            if isinstance(record, dict):
+                records.append(record)
     return records

@@ -45,9 +45,14 @@ def load_series(run_dir: Path) -> list[PeerSeries]:
     return [_series(name, records, origin) for name, records in runs.items()]
 
 
+def _number(value: Any) -> float:
+    """A metrics field as a float; NaN where it is missing or not a number (a hand-edited row)."""
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
 def _series(name: str, records: list[dict[str, Any]], origin: float | None) -> PeerSeries:
     def col(key: str) -> np.ndarray:
-        return np.array([float(r.get(key, math.nan)) if r.get(key) is not None else math.nan for r in records])
+        return np.array([_number(r.get(key)) for r in records])
 
     traffic = col("bytes_in") + col("bytes_out")
     interactions = col("interactions")

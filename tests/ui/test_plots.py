@@ -37,6 +37,17 @@ def test_series_share_one_wall_clock(tmp_path: Path) -> None:
     assert np.allclose(series[1].bytes_per_interaction, 2000.0)
 
 
+def test_rows_edited_by_hand_read_as_missing_values_not_as_errors(tmp_path: Path) -> None:
+    """A JSON row whose fields are not numbers, or a line that is JSON but not a row: before
+    2026-12-07, a traceback from float() or from `in` on a number."""
+    write_run(tmp_path, peers=1, records=3)
+    with open(tmp_path / "peer0" / "metrics.jsonl", "a") as fh:
+        fh.write('{"time": 1, "step": 5, "loss": "x"}\n{"time": "a", "step": [1], "loss": true}\n5\n[1, 2]\n')
+    (series,) = load_series(tmp_path)
+    assert len(series.loss) == 5 and np.isnan(series.loss[3:]).all() and np.isnan(series.step[4])
+    assert np.isfinite(series.loss[:3]).all()
+
+
 def test_mean_curve_over_the_common_range() -> None:
     xs = [np.array([0.0, 10.0]), np.array([5.0, 20.0])]
     ys = [np.array([0.0, 10.0]), np.array([1.0, 1.0])]
