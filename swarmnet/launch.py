@@ -135,8 +135,9 @@ class LaunchPlan:
                                   "loaded (about 300 MB); spread a larger swarm over hosts (`swarmnet init`), or study "
                                   "one of 10^4+ nodes with `swarmnet simulate`")
             peers = [PeerProcess(f"peer{i}", i, _listen(transport, run_dir, f"peer{i}"), []) for i in range(cfg.run.peers)]
-        if len({p.name for p in peers}) != len(peers):
-            raise ConfigError("peer names must be unique")
+        if repeated := sorted({p.name for p in peers if [q.name for q in peers].count(p.name) > 1}):
+            raise ConfigError(f"{manifests}: more than one manifest names peer {', '.join(map(repr, repeated))}; "
+                              "each peer of a swarm needs a name of its own (key name, or the file's name)")
         n = len(peers)
         settings = dict(overrides)
         settings.update({"run.peers": n, "run.dir": str(run_dir)})

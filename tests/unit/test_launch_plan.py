@@ -113,6 +113,18 @@ def test_a_peer_count_that_disagrees_with_the_manifests_is_refused(tmp_path):
         build({"run.peers": 2})
 
 
+def test_manifests_naming_one_peer_twice_are_refused_naming_it(tmp_path):
+    folder = tmp_path / "peers"
+    folder.mkdir()
+    (folder / "a.toml").write_text('name = "same"\n')
+    (folder / "b.toml").write_text('name = "same"\n')
+    (folder / "same.toml").write_text("")  # named after its file
+    overrides = {"run.dir": str(tmp_path / "run"), "task.spec": "swarmnet.tasks.lsq:task"}
+    with pytest.raises(ConfigError, match=r"peers: more than one manifest names peer 'same'; each peer .* a name of its own"):
+        LaunchPlan.build(load_config(None, overrides), config_path=None, overrides=overrides, manifests=folder,
+                         transport="tcp", fresh=True, log_level="WARNING")
+
+
 def test_a_transport_the_manifests_override_is_named(tmp_path, caplog):
     folder = tmp_path / "peers"
     folder.mkdir()
