@@ -379,6 +379,7 @@ class ComputeLoop(Replica):
         """The last training steps' own durations, without padding or merges (train.slowdown pads
         by their median; step_seconds is the pace, from one step's end to the next's)."""
         self.last_eval: dict[str, float] = {}
+        self._metric_missing_said = False
         self.started = time.monotonic()
         stats.total_steps = self.plan.total_steps
 
@@ -615,6 +616,11 @@ class ComputeLoop(Replica):
                 self.last_eval = {k: float(v) for k, v in self.task.evaluate(self.model).items()}
         finally:
             self.model.train()
+        if self.task.metric not in self.last_eval and not self._metric_missing_said:
+            self._metric_missing_said = True
+            self.log.warning("the task's evaluate returned %s without its metric %r (Task.metric), which `up`, "
+                             "`status` and `eval` show: return it too, or name one of these as the task's metric",
+                             sorted(self.last_eval), self.task.metric)
         self.metrics.write({"time": time.time(), "step": self.step, "eval": self.last_eval})
         return self.last_eval
 

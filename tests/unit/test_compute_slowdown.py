@@ -205,6 +205,17 @@ def test_a_model_swarmnet_cannot_train_is_a_config_error_naming_the_task(tmp_pat
         loop.close()
 
 
+def test_an_evaluation_without_the_tasks_metric_is_named_once(tmp_path, caplog):
+    """Before: silently shown as '?' by `up` and `status`."""
+    loop = compute_loop(tmp_path, steps=5, slowdown=1.0)
+    loop.task = dataclasses.replace(loop.task, evaluate=lambda model: {"acc": 1.0})
+    with caplog.at_level("WARNING"):
+        assert loop.evaluate() == loop.evaluate() == {"acc": 1.0}
+    said = [r.message for r in caplog.records if "without its metric" in r.message]
+    assert said == ["[test] the task's evaluate returned ['acc'] without its metric 'accuracy' (Task.metric), which `up`, "
+                    "`status` and `eval` show: return it too, or name one of these as the task's metric"], caplog.text
+
+
 def test_a_final_publish_that_fails_still_checkpoints_the_whole_model(tmp_path):
     """Only a diverged model was expected to fail the final merge; any other error there (out of
     memory encoding the snapshot, say) skipped the final checkpoint of a model left whole."""
