@@ -456,7 +456,10 @@ def summarize(plan: LaunchPlan, elapsed: float, interrupted: bool) -> dict[str, 
         except (OSError, json.JSONDecodeError):
             error = _last_error(plan.run_dir / p.name / "peer.log", p.log_start) or _disk_trouble(peer_dir)
             how = ("stopped on an error" if code is not None and code > 0 else
-                   f"was killed by `swarmnet up`: {p.killed}" if p.killed else "died before finishing")
+                   f"was killed by `swarmnet up`: {p.killed}" if p.killed else
+                   # SIGTERM ends a peer by default only until it handles it: while it starts
+                   "got SIGTERM while it started, before it had anything to save" if code == -signal.SIGTERM else
+                   "died before finishing")
             row["reason"] = f"no summary (the peer {how})" + (f": {error}" if error else "")
             metrics = _last_metrics(peer_dir / "metrics.jsonl", p.metrics_start)
             if metrics:

@@ -126,6 +126,8 @@ def test_sigterm_while_the_first_peer_starts_stops_the_swarm_at_once(swarm_facto
     assert swarm.wait(30) == 143, swarm.log()
     summary = swarm.summary()
     assert summary["interrupted"] and [r["signal"] for r in summary["peers"]] == ["SIGTERM", "SIGTERM"]
+    assert {r["reason"] for r in summary["peers"]} == {
+        "no summary (the peer got SIGTERM while it started, before it had anything to save)"}, summary["peers"]
 
 
 def test_a_manifests_advertised_address_is_the_one_peers_use(tmp_path, swarm_factory):
