@@ -249,7 +249,8 @@ def _lost_because(event: int, value: int, secured: bool, handshake_s: float,
                                 f"for {silence_s:.3g}s (frozen, or cut off)")
     if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and handshake_s >= handshake_ivl / 2:
         # A peer that drops a bad handshake does so at once; this one never answered it.
-        return TransportError, f": no handshake within {handshake_ivl:g}s (a frozen or overloaded peer)"
+        return TransportError, (f": no handshake within {handshake_ivl:g}s (a frozen or overloaded peer, or "
+                                "something other than a swarmnet peer listens there)")
     if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
         return HandshakeFailed, (
             ": the peer does not run CURVE (its config has no [security] section, ours has one)" if secured

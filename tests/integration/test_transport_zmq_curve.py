@@ -185,7 +185,7 @@ def test_a_handshake_that_times_out_is_not_blamed_on_keys():
 
     dropped = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
     error, why = _lost_because(dropped, 0, True, handshake_s=30.0, handshake_ivl=30.0)
-    assert error is TransportError and "no handshake within 30s (a frozen or overloaded peer)" in why
+    assert error is TransportError and "no handshake within 30s (a frozen or overloaded peer, or something" in why
     error, why = _lost_because(dropped, 0, True, handshake_s=0.01, handshake_ivl=30.0)
     assert error is HandshakeFailed and "different swarm key files" in why
     error, why = _lost_because(zmq.EVENT_DISCONNECTED, 0, True, handshake_s=0.01, handshake_ivl=30.0)
