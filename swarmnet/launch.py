@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,7 +136,7 @@ class LaunchPlan:
                                   "loaded (about 300 MB); spread a larger swarm over hosts (`swarmnet init`), or study "
                                   "one of 10^4+ nodes with `swarmnet simulate`")
             peers = [PeerProcess(f"peer{i}", i, _listen(transport, run_dir, f"peer{i}"), []) for i in range(cfg.run.peers)]
-        if repeated := sorted({p.name for p in peers if [q.name for q in peers].count(p.name) > 1}):
+        if repeated := sorted(name for name, count in Counter(p.name for p in peers).items() if count > 1):
             raise ConfigError(f"{manifests}: more than one manifest names peer {', '.join(map(repr, repeated))}; "
                               "each peer of a swarm needs a name of its own (key name, or the file's name)")
         n = len(peers)
