@@ -274,8 +274,11 @@ def _lost_because(event: int, value: int, secured: bool, handshake_s: float,
 def _silent_because(tcp: bool, connected: bool, handshaken: bool) -> str:
     """What to add to a timeout's "no reply from ADDR within Ns", from how far the connection
     got (``tcp``: a tcp:// address, whose ways of failing the words name)."""
-    if not tcp or handshaken:
+    if not tcp:
         return ""
+    if handshaken:
+        return (": the connection and its ZeroMQ handshake were made (a peer too busy to answer in time, "
+                "or frozen since, or a ZeroMQ service other than a swarmnet peer)")
     if not connected:
         return (": no TCP connection was made (the host is down or unreachable, a firewall drops the packets, "
                 "or the peer's queue of connections is full)")
