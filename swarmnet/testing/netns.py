@@ -81,6 +81,20 @@ class HostPair:
             if done.returncode != 0:
                 raise RuntimeError(f"ip link set {link} failed: {done.stderr.strip()}")
 
+    def go_dark(self, host: int) -> None:
+        """``host`` stops answering without a word, as a host that lost power: its end of the
+        link goes down while the other end keeps its route and a fixed neighbour entry for it, so
+        what is sent to it vanishes, with no reset and no unreachable error."""
+        other = 1 - host
+        shown = _run("ip", "-n", self.names[host], "-o", "link", "show", self.links[host]).stdout
+        mac = shown.split("link/ether ")[1].split()[0]
+        for step in (("-n", self.names[other], "neigh", "replace", HOSTS[host], "lladdr", mac, "dev",
+                      self.links[other], "nud", "permanent"),
+                     ("-n", self.names[host], "link", "set", self.links[host], "down")):
+            done = _run("ip", *step)
+            if done.returncode != 0:
+                raise RuntimeError(f"ip {' '.join(step)} failed: {done.stderr.strip()}")
+
     def limit(self, rate: str | None) -> None:
         """Limit each direction of the link to ``rate`` (a token bucket on both ends' egress, as a
         switch port of that speed would); None lifts the limit (the veth's own pace: memory)."""

@@ -219,6 +219,21 @@ whole deadline where the heartbeat ends one on an established connection; a live
 the greeting from libzmq's I/O thread (CURVE keys from a ZAP thread) within milliseconds."""
 
 
+CONNECT_TIMEOUT_S = HANDSHAKE_TIMEOUT_S
+"""A client connection whose TCP connection is not made in this long gives up, which ends its
+request at once. A host that is down or cut off answers nothing, and the kernel would retry for
+about two minutes (libzmq's own default), past any request's deadline: a pull of a 400 MB model
+waited out its whole 18 s. A live host answers within a round trip; this allows two lost
+connection requests (the kernel resends at 1 and 3 s)."""
+
+UNACKED_TIMEOUT_S = 5.0
+"""A client connection on which what this side sent has gone unacknowledged this long is dropped
+(TCP_USER_TIMEOUT, which libzmq sets as TCP_MAXRT), which ends its request at once. A host that
+went down or was cut off acknowledges nothing, where the kernel of a live peer, a frozen one
+too, acknowledges the heartbeats at once: so unlike the heartbeat's allowance this needs no room
+for a large frame in transit (which stretches that to 11 s for a 400 MB model, 51 s for 2.4 GB)."""
+
+
 def silence_allowed(max_frame_bytes: int, slowest_rate: float) -> float:
     """Seconds a connection may go without a whole frame from its peer before it is dropped."""
     return HEARTBEAT_TIMEOUT_S + max_frame_bytes / slowest_rate
@@ -236,17 +251,21 @@ PROGRESS = zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
 HANDSHAKE_LOG_EVERY_S = 10.0
 
 
-def _lost_because(event: int, value: int, secured: bool, handshake_s: float,
-                  handshake_ivl: float, silence_s: float = HEARTBEAT_TIMEOUT_S) -> tuple[type[TransportError], str]:
+def _lost_because(event: int, value: int, secured: bool, handshake_s: float, handshake_ivl: float,
+                  silence_s: float = HEARTBEAT_TIMEOUT_S, dialing_s: float = 0.0) -> tuple[type[TransportError], str]:
     """The error a client's monitor event ends a request with, and what to say after
     "connection to ADDR". ``secured``: the client runs CURVE; ``handshake_s``: seconds since
     the TCP connection was made; ``handshake_ivl``: libzmq's deadline for the handshake;
-    ``silence_s``: the heartbeat's allowance."""
+    ``silence_s``: the heartbeat's allowance; ``dialing_s``: seconds since the dial began."""
     if event == zmq.EVENT_CONNECT_RETRIED:
+        if dialing_s >= 0.9 * CONNECT_TIMEOUT_S:  # a refusal comes back within a round trip
+            return TransportError, (f": no TCP connection within {CONNECT_TIMEOUT_S:g}s (the host is down or "
+                                    "unreachable, or a firewall drops the packets)")
         return TransportError, " refused"
     if event == zmq.EVENT_DISCONNECTED:
-        return TransportError, (f" lost mid-request: the peer closed it or died, or answered no heartbeat "
-                                f"for {silence_s:.3g}s (frozen, or cut off)")
+        return TransportError, (f" lost mid-request: the peer closed it or died, answered no heartbeat for "
+                                f"{silence_s:.3g}s (frozen), or acknowledged nothing for {UNACKED_TIMEOUT_S:g}s "
+                                "(its host down or cut off)")
     if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and handshake_s >= handshake_ivl / 2:
         # A peer that drops a bad handshake does so at once; this one never answered it.
         return TransportError, (f": no handshake within {handshake_ivl:g}s (a frozen or overloaded peer, or "
@@ -456,6 +475,8 @@ class ZmqConnection(Connection):
         self._loss_seen: tuple[type[TransportError], str] | None = None
         """The last loss the watcher read since the request in flight began, whether or not it
         could still end that request (see _loss_seen_late)."""
+        self._dialing_since = 0.0
+        """When the socket began dialing, or libzmq began again after a refusal or a loss."""
         self._connected_at: float | None = None
         """When the monitor last reported a TCP connection made (the handshake starts there);
         None while the socket has none."""
@@ -488,11 +509,14 @@ class ZmqConnection(Connection):
                 sock.setsockopt(zmq.HEARTBEAT_IVL, int(HEARTBEAT_IVL_S * 1000))
                 sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, min(2**31 - 1, int(self._silence_s * 1000)))
                 sock.setsockopt(zmq.HANDSHAKE_IVL, int(HANDSHAKE_TIMEOUT_S * 1000))
+                sock.setsockopt(zmq.CONNECT_TIMEOUT, int(CONNECT_TIMEOUT_S * 1000))
+                sock.setsockopt(zmq.TCP_MAXRT, int(UNACKED_TIMEOUT_S * 1000))
                 if self._curve is not None:
                     _secure_client(sock, self._curve, self._server_key)
                 monitor = sock.get_monitor_socket(PROGRESS | LOST | BROKEN_HANDSHAKE)
                 self._handshake_ivl = sock.getsockopt(zmq.HANDSHAKE_IVL) / 1000
                 sock.connect(self._dial)
+                self._dialing_since = time.monotonic()
             except zmq.ZMQError as exc:  # nothing of a half-made socket may stay open
                 if monitor is not None:
                     sock.disable_monitor()
@@ -526,20 +550,25 @@ class ZmqConnection(Connection):
             while True:
                 self._event = monitor.recv_multipart()
                 event = parse_monitor_message(await self._event)
+                loss = self._loss(event)
                 self._note(event["event"])
-                if event["event"] & PROGRESS:
+                if loss is None:
                     continue
-                self._loss_seen = self._loss(event)
+                self._loss_seen = loss
                 waiting = self._waiting
                 if waiting is not None and not waiting.done():
                     self._lost = self._loss_seen
                     waiting.cancel()
 
-    def _loss(self, event: dict[str, Any]) -> tuple[type[TransportError], str]:
-        """What a monitor event that ends a request says (see _lost_because)."""
-        since = time.monotonic() - (self._connected_at or time.monotonic())
-        return _lost_because(event["event"], int(event["value"]), self._curve is not None, since,
-                             self._handshake_ivl, self._silence_s)
+    def _loss(self, event: dict[str, Any]) -> tuple[type[TransportError], str] | None:
+        """What a monitor event that ends a request says (see _lost_because), None for progress.
+        Read before :meth:`_note` follows the event, which restarts the clocks it reads."""
+        if event["event"] & PROGRESS:
+            return None
+        now = time.monotonic()
+        return _lost_because(event["event"], int(event["value"]), self._curve is not None,
+                             now - (self._connected_at or now), self._handshake_ivl, self._silence_s,
+                             now - self._dialing_since)
 
     def _read_queued(self) -> list[dict[str, Any]]:
         """The monitor's events that nobody has read yet, read now (without waiting)."""
@@ -556,8 +585,9 @@ class ZmqConnection(Connection):
             self._handshaken = True
         elif event == zmq.EVENT_DISCONNECTED:
             self._connected_at, self._handshaken, self._down = None, False, True
+            self._dialing_since = time.monotonic()
         elif event == zmq.EVENT_CONNECT_RETRIED:
-            self._down = True
+            self._down, self._dialing_since = True, time.monotonic()
 
     async def _forget_earlier_events(self) -> None:
         """Drop what the monitor reported before this request, which the loop may not have had
@@ -583,9 +613,10 @@ class ZmqConnection(Connection):
             and self._event.exception() is None
         events = [parse_monitor_message(self._event.result())] if read else []  # type: ignore[union-attr]
         for event in events + self._read_queued():
+            loss = self._loss(event)
             self._note(event["event"])
-            if not event["event"] & PROGRESS:
-                return self._loss(event)
+            if loss is not None:
+                return loss
         return None
 
     async def _await(self, fut: asyncio.Future[Any]) -> Any:

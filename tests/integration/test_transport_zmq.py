@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import zmq
@@ -458,3 +459,41 @@ async def test_a_timeout_after_a_reconnect_knows_the_handshake_was_done(loop_bus
         if silent is not None:
             silent.close(linger=0)
         ctx.term()
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(60)
+def test_a_host_gone_dark_ends_requests_in_seconds_whatever_the_frame_allowance(two_hosts):
+    """A host that loses power answers nothing, not even a reset. A request on a new connection
+    to it used to wait out its whole deadline (18 s for a pull of a 400 MB model), and one on an
+    established connection the heartbeat's allowance, which a 400 MB frame stretches to 11 s:
+    now the connection is given up after CONNECT_TIMEOUT_S, or once nothing sent has been
+    acknowledged for UNACKED_TIMEOUT_S."""
+    import json
+
+    from swarmnet.testing.netns import HOSTS
+    from swarmnet.transport.zmq import CONNECT_TIMEOUT_S, UNACKED_TIMEOUT_S
+
+    frame = 400 * 2**20
+    assert silence_allowed(frame, 50e6) > 8.0  # the heartbeat alone would take longer than asserted below
+    echo = ("import zmq; s = zmq.Context().socket(zmq.ROUTER); s.bind('tcp://0.0.0.0:7100')\n"
+            "while True: s.send_multipart(s.recv_multipart())")
+    server = subprocess.Popen([*two_hosts.prefix(1), sys.executable, "-c", echo])
+    client = subprocess.Popen(
+        [*two_hosts.prefix(0), sys.executable, str(Path(__file__).with_name("dark_host_client.py")), f"tcp://{HOSTS[1]}:7100",
+         str(frame)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout.readline().strip() == "ready"
+        two_hosts.go_dark(1)
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        outcomes = {o["connection"]: o for o in map(json.loads, client.stdout)}
+    finally:
+        for process in (client, server):
+            process.kill()
+            process.wait()
+    established, new = outcomes["established"], outcomes["new"]
+    assert "lost mid-request" in established["outcome"]
+    assert UNACKED_TIMEOUT_S - 0.5 < established["seconds"] < UNACKED_TIMEOUT_S + 3.0
+    assert f"no TCP connection within {CONNECT_TIMEOUT_S:g}s (the host is down" in new["outcome"]
+    assert CONNECT_TIMEOUT_S - 0.5 < new["seconds"] < CONNECT_TIMEOUT_S + 2.0
