@@ -167,7 +167,7 @@ def up(
     log_level: LogLevel = Level.WARNING,
 ) -> None:
     """Launch a local swarm as real processes, show progress, write a summary."""
-    from swarmnet.launch import LaunchPlan, check_output_path, launch
+    from swarmnet.launch import LaunchPlan, check_output_path, launch, launch_config
 
     setup_logging(log_level.value)
     flags = build_overrides(run__peers=peers, run__dir=run_dir)
@@ -177,7 +177,7 @@ def up(
         overrides = combine_overrides(flags, settings, budget, "--steps" if steps is not None else "--epochs")
         origins = {**{k: FLAGS[k] for k in flags}, **dict.fromkeys(settings, "--set"),
                    **dict.fromkeys(budget, "--steps" if steps is not None else "--epochs")}
-        cfg = load_config(config, overrides, origins)
+        cfg = launch_config(config, overrides, origins, peer_dir)
         if summary is not None:
             check_output_path(summary)
         plan = LaunchPlan.build(cfg, config_path=config, overrides=overrides, manifests=peer_dir,

@@ -184,6 +184,20 @@ class LaunchPlan:
         return plan
 
 
+def launch_config(config_path: Path | None, overrides: dict[str, Any], origins: dict[str, str],
+                  manifests: Path | None) -> SwarmConfig:
+    """The swarm's config as `up` reads it. With --manifests, completed by the first manifest's
+    ``key``: in allow-list mode each manifest names its peer's own key, which the shared config
+    then need not name (LaunchPlan.build checks every manifest's own config)."""
+    files = sorted(manifests.glob("*.toml")) if manifests is not None and manifests.is_dir() else []
+    if files:
+        listed, listed_origins = manifest_settings(load_manifest(files[0]), files[0])
+        if "security.key" in listed and "security.key" not in overrides:
+            overrides = {**overrides, "security.key": listed["security.key"]}
+            origins = {**origins, "security.key": listed_origins["security.key"]}
+    return load_config(config_path, overrides, origins)
+
+
 def max_local_peers() -> int:
     """The most peers `up` starts on this machine: 8 per core, at least 16."""
     return max(16, 8 * (os.cpu_count() or 1))

@@ -258,3 +258,28 @@ def test_a_fork_server_that_fails_is_reported_with_the_way_around_it(tmp_path, b
     assert done.returncode == 3, done.stdout + done.stderr
     assert said in done.stdout and "set SWARMNET_EXEC_PEERS=1" in done.stdout, done.stdout
     assert shown in done.stderr  # the server's own error, shown above
+
+
+def test_allow_list_manifests_each_naming_a_key_need_none_in_the_shared_config(tmp_path):
+    """docs/operations.md: with --manifests, a manifest's key gives that peer its own key. `up`
+    used to check the shared config alone first, and refused it for naming no key."""
+    from swarmnet.launch import launch_config
+    from swarmnet.security import generate_keys
+
+    allowed, folder = tmp_path / "allowed", tmp_path / "peers"
+    folder.mkdir()
+    for name in ("p0", "p1"):
+        public, secret = generate_keys(tmp_path / "keys", name)
+        allowed.mkdir(exist_ok=True)
+        (allowed / public.name).write_bytes(public.read_bytes())
+        (folder / f"{name}.toml").write_text(f'name = "{name}"\nkey = "{secret}"\n')
+    overrides = {"run.dir": str(tmp_path / "run"), "task.spec": "swarmnet.tasks.lsq:task",
+                 "security.mode": "allow-list", "security.allow": str(allowed)}
+    origins = dict.fromkeys(overrides, "--set")
+    with pytest.raises(ConfigError, match="security.key: mode 'allow-list' needs this peer's secret key file"):
+        launch_config(None, overrides, origins, None)  # without manifests the config must name one
+    cfg = launch_config(None, overrides, origins, folder)
+    built = LaunchPlan.build(cfg, config_path=None, overrides=overrides, manifests=folder, transport="tcp",
+                             fresh=True, log_level="WARNING")
+    assert [(p.name, p.key) for p in built.peers] == [(n, str(tmp_path / "keys" / f"{n}.key_secret")) for n in ("p0", "p1")]
+    assert not any("security.key" in arg for arg in built.base_command)  # each peer gets its own, not the first one's
