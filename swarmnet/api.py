@@ -66,7 +66,7 @@ class SwarmOptimizer:
     """Wraps ``optimizer`` (which steps ``model``) and makes this process one peer of a swarm.
 
     ``config`` is a swarm config (a TOML path or a :class:`SwarmConfig`); its ``algorithm``,
-    ``codec`` and ``network`` sections apply, and of ``train`` only ``metrics_every``,
+    ``codec``, ``network``, ``screening`` and ``security`` sections apply, and of ``train`` only ``metrics_every``,
     ``tensorboard`` and, with ``algorithm.name = "popsgd"``, ``schedule = "popsgd"`` (your loop
     is the training; ``task`` does not apply). With the latter, PopSGD's learning rate follows
     the phase clock (SPEC 1.3): before each step every parameter group's rate is set to its rate
