@@ -380,15 +380,21 @@ class SecurityConfig:
             return
         _require(bool(self.key), "key", f"mode '{self.mode}' needs this peer's secret key file; "
                  "create one with `swarmnet keys generate --out keys --name NAME`")
-        _require(os.path.isfile(self.key), "key", f"{self.key!r} is not a file; create one with "
-                 "`swarmnet keys generate --out keys --name NAME`")
+        fix = ("copy the swarm's key file here (a key generated anew would not be the swarm's)" if self.mode == "swarm-key"
+               else "create one with `swarmnet keys generate --out keys --name NAME`")
+        _require(os.path.isfile(self.key), "key", f"{self.key!r} is not a file{_where(self.key)}; give its path, or {fix}")
         if self.mode == "allow-list":
             _require(bool(self.allow), "allow", "mode 'allow-list' needs a directory of NAME.key "
                      "public key files (or a file of public keys, one per line)")
-            _require(os.path.exists(self.allow), "allow", f"{self.allow!r} does not exist")
+            _require(os.path.exists(self.allow), "allow", f"{self.allow!r} does not exist{_where(self.allow)}")
         else:
             _require(not self.allow, "allow", "only applies to mode = 'allow-list' (a swarm key "
                      "admits exactly its own public key)")
+
+
+def _where(path: str) -> str:
+    """Where a relative path was looked for, for an error about it (not the config's folder)."""
+    return "" if os.path.isabs(path) else f" (relative paths start in the working directory, {os.getcwd()})"
 
 
 @dataclass(kw_only=True, slots=True)

@@ -128,7 +128,10 @@ def _config(tmp_path, body):
 @pytest.mark.parametrize("body,fragment", [
     ('mode = "tls"', "security.mode: must be one of none, swarm-key, allow-list"),
     ('mode = "swarm-key"', "security.key: mode 'swarm-key' needs this peer's secret key file"),
-    ('mode = "swarm-key"\nkey = "nope.key_secret"', "security.key: 'nope.key_secret' is not a file"),
+    ('mode = "swarm-key"\nkey = "nope.key_secret"', "security.key: 'nope.key_secret' is not a file (relative paths "
+     "start in the working directory, {cwd}); give its path, or copy the swarm's key file here"),
+    ('mode = "allow-list"\nkey = "nope.key_secret"\nallow = "{secret}"', "'nope.key_secret' is not a file (relative "
+     "paths start in the working directory, {cwd}); give its path, or create one with `swarmnet keys generate"),
     ('mode = "allow-list"\nkey = "{secret}"', "security.allow: mode 'allow-list' needs a directory"),
     ('mode = "allow-list"\nkey = "{secret}"\nallow = "nowhere"', "security.allow: 'nowhere' does not exist"),
     ('mode = "swarm-key"\nkey = "{secret}"\nallow = "{secret}"', "security.allow: only applies to mode = 'allow-list'"),
@@ -140,7 +143,7 @@ def test_bad_security_sections_name_file_key_and_fix(tmp_path, body, fragment):
     path = _config(tmp_path, body.format(secret=secret))
     with pytest.raises(ConfigError) as info:
         load_config(path)
-    assert str(path) in str(info.value) and fragment in str(info.value)
+    assert str(path) in str(info.value) and fragment.format(cwd=os.getcwd()) in str(info.value)
 
 
 def test_security_sections_build_the_keys_of_each_mode(tmp_path):
