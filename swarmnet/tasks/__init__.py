@@ -110,8 +110,15 @@ def call_factory(spec: str, factory: Callable[..., Any], options: Mapping[str, A
     value with a ValueError), instead of a traceback from deep inside torch."""
     _check_option_types(spec, factory, options, flag)
     try:
-        inspect.signature(factory).bind(**fixed, **options)
+        signature = inspect.signature(factory)
+        signature.bind(**fixed, **options)
     except TypeError as exc:
+        params = signature.parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) and \
+                (untaken := [f"{key}=" for key in fixed if key not in params]):
+            raise ConfigError(f"task {spec!r}: swarmnet calls it with {', '.join(f'{key}=' for key in fixed)}, and "
+                              f"its signature {signature} takes no {', '.join(untaken)}: point the spec at a "
+                              "function that takes them") from None
         raise ConfigError(f"task {spec!r}: bad {flag} {dict(options)}: {exc}") from None
     except ValueError:  # a factory without an inspectable signature: the call will tell
         pass

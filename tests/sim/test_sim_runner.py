@@ -167,6 +167,9 @@ def test_config_errors(kwargs: dict, message: str) -> None:
         ({"task": "nonsense"}, "module:function"),
         ({"task": "no_such_module_xyz:f"}, "cannot import"),
         ({"task": "lsq", "task_options": {"colour": 1}}, "bad --task-option .* unexpected keyword argument .colour."),
+        # a class, not its factory: the message named --task-option, which nobody gave
+        ({"task": "test_sim_runner:NoisyQuadratic"}, r"swarmnet calls it with batch=, seed=, and its signature "
+                                                     r"\(dim.* takes no batch=, seed=: point the spec at a function"),
         ({"algorithm": "swarmsgd", "codec": "zip"}, "codec"),
         ({"algorithm": "swarmsgd", "lr_decay": 10.0}, "PopSGD"),
         ({"algorithm": "swarmsgd", "topology": "torus"}, "topology"),
