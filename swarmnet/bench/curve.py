@@ -6,6 +6,7 @@ CURVE-secured ZmqTransport, alternately, both ends in this process (median of ``
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import statistics
 import sys
@@ -41,7 +42,13 @@ async def measure(size_mb: float = 40, repeats: int = 7) -> dict[str, float]:
 
 
 def main(argv: list[str]) -> None:
-    size, repeats = (float(argv[0]) if argv else 40.0), (int(argv[1]) if len(argv) > 1 else 7)
+    parser = argparse.ArgumentParser(prog="python -m swarmnet.bench.curve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("size", nargs="?", type=float, default=40.0, help="payload in MiB (default 40)")
+    parser.add_argument("repeats", nargs="?", type=int, default=7, help="pulls of each kind (default 7)")
+    args = parser.parse_args(argv)
+    if args.size <= 0 or args.repeats < 1:
+        parser.error("SIZE must be > 0 MiB and REPEATS >= 1")
+    size, repeats = args.size, args.repeats
     r = asyncio.run(measure(size, repeats))
     print(f"{size:g} MiB over tcp loopback, median of {repeats}: plain {r['plain_s'] * 1e3:.1f} ms "
           f"({size / r['plain_s']:.0f} MiB/s), CURVE {r['curve_s'] * 1e3:.1f} ms "
