@@ -145,6 +145,8 @@ class Peer:
                 f"train.shard = 'partition' trains each peer on the shard of its rank, and peer {identity.name} "
                 f"was given none: pass --rank N (0 to {cfg.run.peers - 1}), set rank in its manifest, or set one "
                 f"of {', '.join(RANK_VARIABLES)} (without, every such peer would train on shard 0)")
+        if cfg.network.interface and not cfg.network.advertise:  # refused before the run directory is touched
+            with_interface_host(cfg.network.listen, cfg.network.interface)
         self.rank = identity.rank or 0
         self.id = f"{identity.name}-{secrets.token_hex(3)}"
         self.log = PeerLogAdapter(get_logger("peer"), {"peer": self.name})

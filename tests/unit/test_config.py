@@ -290,3 +290,19 @@ def test_one_section_is_validated_alone_without_importing_torch(tmp_path):
              f"load_section({str(path)!r}, 'security'); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_bad_interface_is_refused_before_an_earlier_run_is_set_aside(tmp_path):
+    """It was found only once the peer had bound, after --fresh had moved the earlier run's files."""
+    from typer.testing import CliRunner
+
+    from swarmnet.cli import app
+
+    earlier = tmp_path / "run" / "p" / "metrics.jsonl"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text('{"step": 1}\n')
+    result = CliRunner().invoke(app, ["peer", "--name", "p", "--run-dir", str(tmp_path / "run"), "--fresh",
+                                      "--listen", "tcp://0.0.0.0:0", "--interface", "no-such-if0",
+                                      "--set", "task.spec=swarmnet.tasks.lsq:task"])
+    assert result.exit_code == 2 and "network.interface 'no-such-if0'" in result.output, result.output
+    assert earlier.read_text() == '{"step": 1}\n' and not (earlier.parent / ".earlier").exists()
