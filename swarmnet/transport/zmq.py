@@ -733,7 +733,9 @@ class ZmqTransport(Transport):
             if isinstance(exc, zmq.ZMQError):
                 advice = {
                     zmq.EADDRINUSE: "something else holds the port (another process, or a socket of this one): "
-                                    "pick another, or port 0 for any free one",
+                                    "pick another, or port 0 for any free one" if url.startswith("tcp://") else
+                                    "something else listens on this address (another process, or a socket of "
+                                    "this one): pick another",
                     errno.EADDRNOTAVAIL: "no interface of this machine has that address: listen on one of its "
                                          "own, or 0.0.0.0 for all of them (--listen, network.listen), and give "
                                          "the one others dial with --advertise",

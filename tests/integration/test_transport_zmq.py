@@ -200,6 +200,16 @@ async def test_bind_conflict_is_a_transport_error():
     await transports.aclose()
 
 
+async def test_an_ipc_bind_conflict_names_no_port(tmp_path):
+    transports = TransportSet()
+    address = f"ipc://{tmp_path}/peer.sock"
+    await transports.for_url(address).listen(address)
+    with pytest.raises(TransportError, match=r"cannot bind .*something else listens on this address \(another "
+                                             r"process, or a socket of this one\): pick another$"):
+        await transports.for_url(address).listen(address)
+    await transports.aclose()
+
+
 async def test_binding_an_address_of_another_machine_says_which_addresses_can_be_bound():
     address = "tcp://192.0.2.1:7000"  # TEST-NET-1 (RFC 5737): no interface has it; binding sends nothing
     with socket.socket() as probe, contextlib.suppress(OSError):
