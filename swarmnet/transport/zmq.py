@@ -231,7 +231,8 @@ UNACKED_TIMEOUT_S = 5.0
 (TCP_USER_TIMEOUT, which libzmq sets as TCP_MAXRT), which ends its request at once. A host that
 went down or was cut off acknowledges nothing, where the kernel of a live peer, a frozen one
 too, acknowledges the heartbeats at once: so unlike the heartbeat's allowance this needs no room
-for a large frame in transit (which stretches that to 11 s for a 400 MB model, 51 s for 2.4 GB)."""
+for a large frame in transit (a peer allows frames of twice its model's fp32 size, which
+stretches the allowance to 19 s for a 400 MB model and 99 s for 2.4 GB)."""
 
 
 def silence_allowed(max_frame_bytes: int, slowest_rate: float) -> float:
