@@ -7,7 +7,14 @@ PopSGD or SwarmSGD (docs/algorithms.md).
 
 from typing import Any
 
-from swarmnet.errors import CodecError, ConfigError, ProtocolError, SwarmError, TransportError
+from swarmnet.errors import (
+    CodecError,
+    ConfigError,
+    ModelDiverged,
+    ProtocolError,
+    SwarmError,
+    TransportError,
+)
 
 __version__ = "0.1.0"
 PROTOCOL_VERSION = 1
@@ -16,6 +23,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "CodecError",
     "ConfigError",
+    "ModelDiverged",
     "ProtocolError",
     "SwarmError",
     "SwarmOptimizer",

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import itertools
 import os
 import random
@@ -78,8 +79,9 @@ class SwarmOptimizer:
     Call :meth:`close` (or use ``with``) when done: it stops the exchange, merges what was
     already acknowledged, serves the final model while others still train (at most
     ``network.linger`` seconds) and leaves. Call it where you call :meth:`step`, in the same
-    thread and not during a step (its final merge writes the model the step updates): to stop
-    from a signal handler or another thread, set a flag your training loop checks.
+    thread (or in any, once that one has ended) and not during a step (its final merge writes
+    the model the step updates): to stop from a signal handler or another thread, set a flag
+    your training loop checks.
     """
 
     def __init__(
@@ -288,7 +290,10 @@ class SwarmOptimizer:
 
     def report_loss(self, loss: torch.Tensor | float) -> None:
         """Count a training loss into the next metrics row (``step(closure)`` does it for you)."""
-        value = loss.detach() if isinstance(loss, torch.Tensor) else float(loss)
+        if isinstance(loss, torch.Tensor) and loss.numel() != 1:  # summed in, it would fail at a later step
+            raise ValueError(f"report_loss() takes one value, the batch's loss; got a tensor of shape "
+                             f"{tuple(loss.shape)}: reduce it first (e.g. loss.mean())")
+        value = loss.detach().reshape(()) if isinstance(loss, torch.Tensor) else float(loss)
         self._loss_sum = self._loss_sum + value
         self._loss_count += 1
 
@@ -358,7 +363,7 @@ class SwarmOptimizer:
             raise SwarmError("close() during step() (from a signal handler?): the final merge would write the "
                              "model while the step updates it; set a flag in the handler and call close() from "
                              "your training loop")
-        if self._stepper is not None and threading.get_ident() != self._stepper:
+        if self._stepper is not None and threading.get_ident() != self._stepper and _alive(self._stepper):
             raise SwarmError("close() from another thread than the one calling step(): the final merge would "
                              "write the model while a step may update it; have the training loop call close() "
                              "(e.g. when a threading.Event you set is set)")
@@ -404,8 +409,7 @@ class SwarmOptimizer:
         """Skip every grace period, as a second Ctrl-C does to a daemon, and wait (bounded) for
         the peer to close its sockets: its port must be free when this returns. ``reason``: for
         the summary, unless it is written already."""
-        for _ in range(2):  # the second request also ends the waits of a stop already begun
-            self._loop.call_soon_threadsafe(self.peer.request_stop)
+        self._loop.call_soon_threadsafe(functools.partial(self.peer.request_stop, at_once=True))
         self._loop.call_soon_threadsafe(self._stop.set)
         self._loop.call_soon_threadsafe(self._merged.set)
         self._summarize(reason)
@@ -458,6 +462,11 @@ class _UserReplica(Replica):
 def _trained(optimizer: torch.optim.Optimizer) -> set[int]:
     """The ids of the parameters ``optimizer`` trains now (those with requires_grad)."""
     return {id(p) for group in optimizer.param_groups for p in group["params"] if p.requires_grad}
+
+
+def _alive(ident: int) -> bool:
+    """Whether the thread ``ident`` still runs (one that has ended cannot step any more)."""
+    return any(thread.ident == ident for thread in threading.enumerate())
 
 
 async def _cancel_other_tasks() -> None:

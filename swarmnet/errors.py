@@ -66,8 +66,8 @@ class NonFiniteInput(CodecError):
 
 
 class ModelDiverged(SwarmError):
-    """Our own model holds non-finite values, so it cannot be published (a lossy codec refuses
-    to encode it): training diverged."""
+    """Our own model holds non-finite values: a lossy codec refuses to encode it, or a pull
+    found the snapshot a lossless one published non-finite. Training diverged."""
 
     def __init__(self, step: int, why: str = "the model holds non-finite values") -> None:
         super().__init__(f"{why} at step {step}: training diverged; lower train.lr or check the data")

@@ -177,6 +177,9 @@ class Replica:
         """Set while a write to the model is under way that an error could leave half done (the
         optimizer's update, a merge): after such an error the model is neither published nor
         checkpointed again."""
+        self.non_finite_at: int | None = None
+        """The step of a published snapshot of ours that the exchange found non-finite (a lossless
+        codec publishes such values; its neighbours refuse them): the next merge raises."""
 
     def current_lr(self) -> float:
         """The learning rate in force, a hint for codecs that follow it."""
@@ -238,6 +241,9 @@ class Replica:
         and a thread that several peers' threads share a core with tends to be switched out
         there, holding the GIL (profiled at about a third of a small model's training thread
         when it was read after every step)."""
+        if self.non_finite_at is not None:
+            raise ModelDiverged(self.non_finite_at, "the model holds non-finite or overflowing values (its "
+                                "snapshot, which the exchange measured against a neighbour's)")
         entry = self.mailbox.take() if final or self.since_merge >= self.target_h else None
         if entry is not None and entry.key_version < self._keys_from:  # measured from weights since replaced
             self.mailbox.release()

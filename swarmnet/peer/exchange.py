@@ -135,6 +135,9 @@ class Exchange:
                     self._codec_state.pop(target.id, None)
                 self.log.debug("%s refused: %s", target.name or target.id, exc)
                 await asyncio.sleep(0.01)
+            except OwnModelNonFinite as exc:  # the compute side stops at its next merge; nothing to pull for
+                self.peer.compute.non_finite_at = exc.step
+                self._stopping.set()
             except SwarmError as exc:
                 self.peer.stats.pulls_failed += 1
                 self.peer.table.record_failure(target.id, unreachable=isinstance(exc, TransportError))
@@ -286,6 +289,8 @@ class Exchange:
         consensus distance: ||Q(C_j) - K|| / sqrt(2) = ||gap|| / sqrt(2) for lossless codecs
         (SPEC 4 item 12)."""
         norm = gap_over(remote_N, own.encoded.quantized, own.values_N)
+        if not math.isfinite(norm) and not math.isfinite(self.screen.own_norm(own)):
+            raise OwnModelNonFinite(own.step)  # ours, not the neighbour's
         self.screen.check(norm, own, remote_N, source=source)  # poisoned neighbours raise (screening.py)
         if not math.isfinite(norm):
             raise CodecError("the neighbour's snapshot holds non-finite or overflowing values")
@@ -325,6 +330,15 @@ class Exchange:
 
     def close(self) -> None:
         self.worker.shutdown(wait=False, cancel_futures=True)
+
+
+class OwnModelNonFinite(SwarmError):
+    """Our own published snapshot holds non-finite (or overflowing) values: a pull found it, and
+    the neighbour is not to blame."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"our own snapshot of step {step} holds non-finite or overflowing values")
+        self.step = step
 
 
 def _resolve(future: asyncio.Future[bool], value: bool) -> None:

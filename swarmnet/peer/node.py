@@ -42,7 +42,7 @@ from swarmnet import __version__, jsonsafe
 from swarmnet.algorithms import PhaseClock, parse_topology
 from swarmnet.codecs import make_codec
 from swarmnet.config import SwarmConfig, check_device, check_peer_name, is_wildcard, to_dict
-from swarmnet.errors import ConfigError, SwarmError, unwritable_run_dir
+from swarmnet.errors import ConfigError, ModelDiverged, SwarmError, unwritable_run_dir
 from swarmnet.log import PeerLogAdapter, get_logger
 from swarmnet.peer import checkpoint
 from swarmnet.peer.budget import auto_cores, peer_share
@@ -224,9 +224,12 @@ class Peer:
             **together,
         }
 
-    def request_stop(self) -> None:
-        """Signal handler: first call stops gracefully, the second skips the grace steps."""
-        if self._stopping.is_set():
+    def request_stop(self, *, at_once: bool = False) -> None:
+        """Signal handler: first call stops gracefully, the second skips the grace steps.
+        ``at_once``: skip them from the first (the user API leaving after an error)."""
+        if at_once:
+            self._forced.set()
+        elif self._stopping.is_set():
             self._forced.set()
             self.log.warning("second stop request: skipping the grace period")
         self._stopping.set()
@@ -274,7 +277,7 @@ class Peer:
                     reason = await loop.run_in_executor(compute_thread, compute.run)
                     linger_until = time.monotonic() + self.cfg.network.linger
                     if reason == "budget":
-                        await self._settle(compute, compute_thread, linger_until)
+                        reason = await self._settle(compute, compute_thread, linger_until)
                     await self.drain()
                     evaluate = True
                     try:
@@ -496,18 +499,24 @@ class Peer:
         if self._exchange_task is not None:
             self._exchange_task.cancel()
 
-    async def _settle(self, compute: ComputeLoop, compute_thread: ThreadPoolExecutor, until: float) -> None:
+    async def _settle(self, compute: ComputeLoop, compute_thread: ThreadPoolExecutor, until: float) -> str:
         """Budget spent: merge what the exchange pulls, without stepping, while neighbours still
         train (until ``until``). Peers finish at different times (a faster one, or one that
         merged less often); without this the first to finish would keep a model the others
-        have moved away from, and the swarm would end apart."""
+        have moved away from, and the swarm would end apart. Returns "budget", or "diverged"
+        when the model turned out non-finite."""
         self.stats.state = "settling"
         self.exchange.wake()
         loop = asyncio.get_running_loop()
         merge_now = functools.partial(compute.merge_pending, final=True)
         while not self._peers_finished(until):
-            await loop.run_in_executor(compute_thread, merge_now)
+            try:
+                await loop.run_in_executor(compute_thread, merge_now)
+            except ModelDiverged as exc:
+                self.log.error("%s", exc)
+                return "diverged"
             await asyncio.sleep(0.02)
+        return "budget"
 
     async def finish(self, linger_until: float | None = None) -> None:
         """After the final merge: serve the final snapshot while others still train (until

@@ -214,6 +214,23 @@ def test_bad_use_is_a_clear_error(tmp_path):
     stepped.close()  # from the training loop, between steps
     with pytest.raises(SwarmError, match=r"step\(\) after close\(\)"):
         stepped.step(loss)
+    # Once the thread that stepped has ended, nothing can race the final merge: close() from
+    # another thread is fine (it used to be refused for good, leaving the peer half open).
+    in_thread = swarmnet.SwarmOptimizer(opt, model, name="threaded", run_dir=tmp_path, settings={"network.linger": 0.0})
+    trainer = threading.Thread(target=lambda: [in_thread.step(loss) for _ in range(3)])
+    trainer.start()
+    trainer.join(30)
+    in_thread.close()
+    assert json.loads((tmp_path / "threaded" / "summary.json").read_text())["steps"] == 3
+    # A loss with one value per sample (a forgotten .mean()) is refused where it is reported,
+    # not at a later step, nor again at close().
+    per_sample = swarmnet.SwarmOptimizer(opt, model, name="per-sample", run_dir=tmp_path,
+                                         settings={"network.linger": 0.0})
+    with pytest.raises(ValueError, match=r"report_loss\(\) takes one value, .* shape \(8,\): reduce it first"):
+        per_sample.report_loss(torch.ones(8))
+    per_sample.report_loss(torch.ones(1))  # one value, whatever its shape
+    per_sample.close()
+    assert json.loads((tmp_path / "per-sample" / "summary.json").read_text())["reason"] == "closed"
 
 
 @pytest.mark.timeout(120, method="thread")  # the test takes SIGALRM, which the signal method uses
@@ -296,12 +313,15 @@ def test_an_error_in_the_block_leaves_at_once_and_a_second_ctrl_c_while_leaving_
     assert not [t for t in threading.enumerate() if t.name in ("swarmnet-b", "swarmnet-c") and t not in before]
 
 
-def test_a_model_gone_non_finite_fails_its_step_and_still_leaves_cleanly(tmp_path):
-    """b's model turns NaN; its next merge republishes it and the quantizing codec refuses: step()
-    raises, and leaving the with-block still ends the peer with a summary saying why."""
+@pytest.mark.parametrize("codec", ["blockwise8", "fp32"])
+def test_a_model_gone_non_finite_fails_its_step_and_still_leaves_cleanly(tmp_path, codec):
+    """b's model turns NaN; its next merge republishes it. A quantizing codec refuses to encode
+    it; fp32 publishes it, and b's next pull finds its own snapshot non-finite (it used to blame
+    its healthy neighbour, put a on back-off and step a NaN model on, raising nothing). Either
+    way step() raises, and leaving the with-block still ends the peer with a summary saying why."""
     a_model, a_opt = _model_and_optimizer()
     b_model, b_opt = _model_and_optimizer()
-    settings = {"network.linger": 0.0, "codec.name": "blockwise8"}
+    settings = {"network.linger": 0.0, "codec.name": codec}
     x = torch.randn(16, 4)
     with swarmnet.SwarmOptimizer(a_opt, a_model, name="a", run_dir=tmp_path, settings=settings) as a:
         with pytest.raises(SwarmError, match="non-finite"):
@@ -318,6 +338,7 @@ def test_a_model_gone_non_finite_fails_its_step_and_still_leaves_cleanly(tmp_pat
                     time.sleep(0.002)
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert summary["reason"].startswith("error:") and "non-finite" in summary["reason"], summary
+    assert "non_finite" not in summary["rejected"], summary  # a was not blamed for b's model
 
 
 def test_an_optimizer_that_fails_midway_through_its_update_leaves_without_publishing_it(tmp_path, caplog):
