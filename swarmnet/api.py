@@ -43,6 +43,7 @@ from torch import nn
 from swarmnet.algorithms import LocalSteps, clock_rate
 from swarmnet.config import SwarmConfig, build_config, dotted_key, load_config, to_dict
 from swarmnet.errors import ConfigError, SwarmError
+from swarmnet.log import counted
 from swarmnet.peer.compute import Replica
 from swarmnet.peer.metrics import MetricsWriter, progress_record
 from swarmnet.peer.node import Peer, PeerIdentity, resolve_rank
@@ -104,9 +105,16 @@ class SwarmOptimizer:
         if not any(id(p) in owned for p in model.parameters()):
             raise ValueError("the optimizer does not step any parameter of the model; build it "
                              "from model.parameters()")
+        if not _trained(optimizer) & {id(p) for p in model.parameters()}:
+            raise ValueError("the optimizer steps no parameter of the model that requires grad (all are frozen): "
+                             "unfreeze what it trains before SwarmOptimizer(...)")
         if model in _IN_SWARM:
             raise ValueError("this model is already in a swarm through another SwarmOptimizer; "
                              "close() that one first")
+        if shared := {id(p) for p in model.parameters()} & {id(p) for m in _IN_SWARM for p in m.parameters()}:
+            raise ValueError(f"this model shares {counted(len(shared), 'parameter')} with a model already in a swarm "
+                             "through another SwarmOptimizer: merges of both would write them; give each peer a "
+                             "model of its own, or close() the other first")
         self.optimizer = optimizer
         self.model = model
         self.cfg = _resolve_config(config, listen=listen, seeds=[seeds] if isinstance(seeds, str) else list(seeds),

@@ -75,8 +75,8 @@ def in_use_error(peer_dir: Path, lock_fd: int) -> ConfigError:
     holder = os.pread(lock_fd, 300, 0).decode(errors="replace").strip() or "unknown"
     return ConfigError(f"{peer_dir} belongs to a peer that is still running (pid {holder}): two peers with one "
                        "name and run directory would overwrite each other's checkpoint and metrics; stop "
-                       "that peer first, or give this one another run directory (--run-dir) or name (swarmnet peer --name, "
-                       "or a manifest's name)")
+                       "that peer first, or give this one another run directory (--run-dir, SwarmOptimizer's run_dir=) or "
+                       "name (swarmnet peer --name, a manifest's name, SwarmOptimizer's name=)")
 
 
 def check_free(peer_dir: Path, *, unknown_is_free: bool = True) -> None:

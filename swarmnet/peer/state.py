@@ -45,6 +45,9 @@ class FlatParameters:
         params = [p for p in model.parameters() if p.is_floating_point() and (chosen is None or id(p) in chosen)]
         if not params:
             raise ValueError("the model has no floating-point parameters to train")
+        if any(p.is_meta for p in params):
+            raise ValueError("the model's parameters are on the meta device and hold no values: materialize "
+                             "them first (e.g. model.to_empty(device='cpu'), then initialize the weights)")
         if any(p.dtype != torch.float32 for p in params):
             raise ValueError("swarmnet averages float32 parameters; keep master weights in float32 "
                              "and use autocast for reduced precision")

@@ -171,9 +171,19 @@ def test_bad_use_is_a_clear_error(tmp_path):
         swarmnet.SwarmOptimizer(opt, model, run_dir=tmp_path, settings={"pull_interval": 1})
     with pytest.raises(ConfigError, match="network.listen"):
         swarmnet.SwarmOptimizer(opt, model, run_dir=tmp_path, listen="127.0.0.1:7000")
+    frozen = nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="steps no parameter of the model that requires grad"):
+        swarmnet.SwarmOptimizer(torch.optim.SGD(frozen.parameters(), lr=0.1), frozen, run_dir=tmp_path)
+    with torch.device("meta"):
+        unmade = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="on the meta device and hold no values: materialize"):
+        swarmnet.SwarmOptimizer(torch.optim.SGD(unmade.parameters(), lr=0.1), unmade, run_dir=tmp_path)
     with swarmnet.SwarmOptimizer(opt, model, run_dir=tmp_path, settings={"network.linger": 0.0}) as first:
         with pytest.raises(ValueError, match="already in a swarm"):
             swarmnet.SwarmOptimizer(opt, model, run_dir=tmp_path)
+        sharing = nn.Sequential(model[0], nn.Linear(8, 2))  # a head on the same body
+        with pytest.raises(ValueError, match="shares 2 parameters with a model already in a swarm"):
+            swarmnet.SwarmOptimizer(torch.optim.SGD(sharing.parameters(), lr=0.1), sharing, run_dir=tmp_path)
         other_model, other_opt = _model_and_optimizer()
         started = time.monotonic()
         with pytest.raises(TransportError):
