@@ -232,7 +232,7 @@ def test_a_second_peer_with_the_same_name_and_run_dir_is_refused(tmp_path):
         code, out = peer(cfg, run)
         assert code == 2, out
         assert (f"{run}/solo belongs to a peer that is still running (pid {first.proc.pid} on {socket.gethostname()})" in out
-                and "another run directory (--run-dir) or name" in out and "Traceback" not in out), out
+                and "another run directory (--run-dir, SwarmOptimizer's run_dir=) or name" in out and "Traceback" not in out), out
         assert first.proc.poll() is None
         first.kill_tree()  # SIGKILL: the kernel drops its claim, and a write it was in stays behind
         first.wait(30)
