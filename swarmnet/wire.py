@@ -80,6 +80,8 @@ SCHEMA: dict[MsgType, dict[str, Any]] = {
     MsgType.ACK: {},
     MsgType.REJECT: {"code": str, "reason": str},
 }
+OPTIONAL: dict[MsgType, dict[str, Any]] = {MsgType.SNAPSHOT: {"layout": str}}
+"""Header fields a message may carry, and their types (a peer of an earlier release sends none)."""
 REPLIES = {MsgType.PEERS, MsgType.SNAPSHOT, MsgType.STATUS_REPLY, MsgType.ACK, MsgType.REJECT}
 
 _ids = itertools.count(1)
@@ -193,6 +195,8 @@ def _validated(header: dict[str, Any], frames: Sequence[Buffer], limits: Limits)
     if header["mid"] < 0:
         raise ProtocolError("malformed", f"{mtype}: field 'mid' is negative (use 1, 2, ... per request; 0: none)")
     _check(header, SCHEMA[mtype], str(mtype))
+    optional = {key: kind for key, kind in OPTIONAL.get(mtype, {}).items() if key in header}
+    _check(header, optional, str(mtype))
     sizes = header["sizes"]
     payload = [memoryview(f).nbytes for f in frames[1:]]
     if not all(type(s) is int and s >= 0 for s in sizes):
@@ -211,7 +215,7 @@ def _validated(header: dict[str, Any], frames: Sequence[Buffer], limits: Limits)
     answers = header.get("re", 0)
     if type(answers) is not int or answers < 0:
         raise ProtocolError("malformed", f"{mtype}: field 're' must be an integer >= 0, got {answers!r:.40}")
-    body = {k: header[k] for k in SCHEMA[mtype]}
+    body = {k: header[k] for k in (*SCHEMA[mtype], *optional)}
     return Message(mtype, header["id"], body, tuple(frames[1:]), header["mid"], answers)
 
 

@@ -32,7 +32,7 @@ from swarmnet.peer.budget import CpuBudget, named_threads_cpu, thread_cpu_clock
 from swarmnet.peer.client import Rejected
 from swarmnet.peer.membership import IS_ME, PeerRecord
 from swarmnet.peer.screening import Screen
-from swarmnet.peer.state import MergeEntry, Snapshot
+from swarmnet.peer.state import MergeEntry, Snapshot, check_layout
 from swarmnet.wire import Message, MsgType, RejectCode, request
 
 if TYPE_CHECKING:
@@ -232,6 +232,7 @@ class Exchange:
             self.log.info("%s at %s %s", target.name or target.id, target.addr, IS_ME)
             return
         self._check_codec(reply)
+        check_layout(reply.body.get("layout"), peer.compute.flat.layout, "the neighbour")
         peer.clock.initiate(sent_clock, reply.body["clock"])
         received = time.monotonic()
         version = reply.body["version"]

@@ -34,6 +34,7 @@ from swarmnet.codecs.fp32 import Fp32Codec
 from swarmnet.errors import CodecError, ProtocolError, SwarmError
 from swarmnet.peer.client import PeerClient, Rejected
 from swarmnet.peer.membership import PeerRecord, PeerTable
+from swarmnet.peer.state import check_layout
 from swarmnet.wire import FULL, MsgType, RejectCode, request
 
 ASKED = 8
@@ -58,15 +59,16 @@ class Donation:
     """From the first status request to the decoded model."""
 
 
-async def fetch_donation(client: PeerClient, table: PeerTable, rng: random.Random, numel: int,
+async def fetch_donation(client: PeerClient, table: PeerTable, rng: random.Random, numel: int, layout: str,
                          log: logging.LoggerAdapter) -> Donation | None:  # type: ignore[type-arg]
+    """A trained neighbour's model of ``numel`` coordinates and fingerprint ``layout`` (ours)."""
     started = time.monotonic()
     while True:
         busy = False
         for rec, step in (await _trained_donors(client, table, rng, log))[:ATTEMPTS]:
             who = rec.name or rec.id
             try:
-                values_N, clock = await _pull_full(client, rec.addr, numel)
+                values_N, clock = await _pull_full(client, rec.addr, numel, layout)
             except SwarmError as exc:
                 if isinstance(exc, Rejected) and exc.code == RejectCode.BUSY:
                     busy = True
@@ -111,12 +113,13 @@ async def _trained_donors(client: PeerClient, table: PeerTable, rng: random.Rand
     return [(rec, step) for _, rec, step in trained]
 
 
-async def _pull_full(client: PeerClient, addr: str, numel: int) -> tuple[Tensor, int]:
+async def _pull_full(client: PeerClient, addr: str, numel: int, layout: str) -> tuple[Tensor, int]:
     """The donor's current snapshot, lossless, and its phase clock."""
     reply = await client.call(addr, request(MsgType.PULL, client.sender, clock=0, want=FULL, version=None),
                               timeout=client.transfer_timeout, expect=MsgType.SNAPSHOT)
     if reply.body["codec"] != "fp32":
         raise ProtocolError("mismatch", f"expected an fp32 snapshot, got codec {reply.body['codec']}")
+    check_layout(reply.body.get("layout"), layout, "the donor")
     values_N = torch.empty(numel, dtype=torch.float32)
     await asyncio.to_thread(Fp32Codec().decode, reply.body["meta"], reply.frames, values_N, values_N, {})
     if not bool(torch.isfinite(values_N).all()):

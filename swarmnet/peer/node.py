@@ -449,7 +449,7 @@ class Peer:
                 async with asyncio.timeout(min(5.0, self.cfg.network.join_timeout)):
                     await self.membership.joined.wait()
         donation = await self._unless_stopped(
-            fetch_donation(self.client, self.table, self.rng, compute.flat.numel, self.log))
+            fetch_donation(self.client, self.table, self.rng, compute.flat.numel, compute.flat.layout, self.log))
         if donation is None:
             await asyncio.get_running_loop().run_in_executor(compute_thread, compute.publish)
             return

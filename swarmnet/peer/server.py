@@ -172,8 +172,9 @@ class PeerServer:
             await until_copied(copies_done(snap.values_N.device))  # at once on a CPU
             if self._donation is not None:  # another newcomer's came first while ours was copied
                 return reject(msg, peer.id, RejectCode.BUSY, busy)
-            self._donation = reply(msg, MsgType.SNAPSHOT, peer.id, [frame], version=snap.version,
-                                   codec="fp32", meta={"n": snap.values_N.numel()}, clock=peer.clock.value, age=age)
+            self._donation = reply(msg, MsgType.SNAPSHOT, peer.id, [frame], version=snap.version, codec="fp32",
+                                   meta={"n": snap.values_N.numel()}, clock=peer.clock.value, age=age,
+                                   layout=peer.compute.flat.layout)
             peer.stats.donations += 1
             return self._donation
         await until_copied(snap.encoded.ready)  # select may read the frames' bytes
@@ -183,7 +184,7 @@ class PeerServer:
         clock = peer.clock.serve(msg.body["clock"]) if version is None else peer.clock.value
         self._tell_if_oversized(frames)
         return reply(msg, MsgType.SNAPSHOT, peer.id, frames, version=snap.version,
-                     codec=peer.codec.name, meta=meta, clock=clock, age=age)
+                     codec=peer.codec.name, meta=meta, clock=clock, age=age, layout=peer.compute.flat.layout)
 
     def _tell_if_oversized(self, frames: tuple[Buffer, ...]) -> None:
         """A frame over the frame limit (every peer's, when their configs agree) is dropped by

@@ -20,16 +20,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
+import json
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from swarmnet.codecs.base import Encoded
+from swarmnet.errors import ProtocolError
+
+
+def layout_of(shapes: Iterable[Sequence[int]]) -> str:
+    """A model's fingerprint as snapshots carry it (docs/protocol.md): BLAKE2b (8 bytes, in hex)
+    of the shapes of the parameters it averages, in order, as compact JSON ([[64,64],[64],...])."""
+    text = json.dumps([list(shape) for shape in shapes], separators=(",", ":"))
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+def check_layout(theirs: object, ours: str, who: str) -> None:
+    """Refuse the snapshot of another model (``theirs``: its fingerprint, None from a peer that
+    sends none): one of as many coordinates in another arrangement would average silently."""
+    if theirs is not None and theirs != ours:
+        raise ProtocolError("mismatch", f"{who} trains another model: the shapes of its parameters (fingerprint "
+                            f"{theirs}) are not ours ({ours}); every peer of a swarm must train the same model (one "
+                            "task with the same options; through the API, one model with the same trainable "
+                            "parameters)")
 
 
 class FlatParameters:
@@ -53,6 +73,8 @@ class FlatParameters:
                              "and use autocast for reduced precision")
         device = params[0].device
         self.numel = sum(p.numel() for p in params)
+        self.layout = layout_of(p.shape for p in params)
+        """Its fingerprint, which snapshots carry: a neighbour's of another is refused."""
         self.vector_N = torch.empty(self.numel, dtype=torch.float32, device=device)
         offset = 0
         with torch.no_grad():

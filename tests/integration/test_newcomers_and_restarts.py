@@ -16,6 +16,7 @@ from swarmnet.peer.client import PeerClient
 from swarmnet.peer.membership import PeerTable
 from swarmnet.peer.metrics import read_metrics
 from swarmnet.peer.newcomer import BEHIND, PATIENCE, fetch_donation
+from swarmnet.peer.state import layout_of
 from swarmnet.peer.stats import PeerStats
 from swarmnet.tasks import digits
 from swarmnet.testing import PeerProcessHandle, query_status, wait_until, write_config
@@ -42,9 +43,10 @@ def read_records(path):
     return read_metrics(path) if path.exists() else []
 
 
-async def ask_for_donation(sender, cards, numel, seed):
-    """fetch_donation as a newcomer with id ``sender`` that knows ``cards``: its own sockets, as
-    a newcomer process has."""
+async def ask_for_donation(sender, cards, model, seed):
+    """fetch_donation of ``model``'s weights as a newcomer with id ``sender`` that knows ``cards``:
+    its own sockets, as a newcomer process has."""
+    numel, layout = sum(p.numel() for p in model.parameters()), layout_of(p.shape for p in model.parameters())
     transports = TransportSet()
     client = PeerClient(sender=sender, transports=transports, limits=Limits(), timeout=20,
                         stats=PeerStats(), max_frame_bytes=2**31 - 1)
@@ -52,7 +54,7 @@ async def ask_for_donation(sender, cards, numel, seed):
     for card in cards:
         table.merge({"id": card["id"], "name": card["name"], "addr": card["addr"], "hb": 0}, direct=True)
     try:
-        return await fetch_donation(client, table, random.Random(seed), numel,
+        return await fetch_donation(client, table, random.Random(seed), numel, layout,
                                     logging.LoggerAdapter(logging.getLogger("newcomers"), {}))
     finally:
         await transports.aclose()
@@ -73,8 +75,8 @@ def test_newcomers_adopt_a_trained_model_and_a_restarted_peer_resumes(swarm_fact
     # would take the first one's model and step (in the 4-peer quickstart, 2 of 4 peers did so
     # in each of three runs, at steps 10-677 of 1350).
     assert all(query_status(cards[n]["addr"])["adopted_from"] == "" for n in SWARM)
-    numel = sum(p.numel() for p in digits.task().build_model().parameters())
-    as_peer1 = asyncio.run(ask_for_donation(cards["peer1"]["id"], [cards["peer0"], cards["peer2"]], numel, 0))
+    model = digits.task().build_model()
+    as_peer1 = asyncio.run(ask_for_donation(cards["peer1"]["id"], [cards["peer0"], cards["peer2"]], model, 0))
     assert as_peer1 is None
     started, launched_at = time.monotonic(), time.time()
     newcomers = [PeerProcessHandle(tmp_path / "newcomers", name, tmp_path / "run.toml",
@@ -165,7 +167,7 @@ def test_newcomers_arriving_together_spread_over_donors(swarm_factory):
     config = digits_config(checkpoint_every=0.0)
     config["run"]["peers"] = 3
     config["task"]["options"] = {"hidden": 2048}
-    numel = sum(p.numel() for p in digits.task(hidden=2048).build_model().parameters())
+    model = digits.task(hidden=2048).build_model()
     swarm = swarm_factory(config)
     cards = {n: swarm.card(n) for n in SWARM}
 
@@ -179,7 +181,7 @@ def test_newcomers_arriving_together_spread_over_donors(swarm_factory):
                interval=0.5, what="every donor trained, none far behind")
 
     async def arrive_together():
-        return await asyncio.gather(*(ask_for_donation(f"newcomer{i}", cards.values(), numel, i) for i in range(6)))
+        return await asyncio.gather(*(ask_for_donation(f"newcomer{i}", cards.values(), model, i) for i in range(6)))
 
     before = steps()
     donations = asyncio.run(arrive_together())
@@ -194,7 +196,7 @@ def test_newcomers_arriving_together_spread_over_donors(swarm_factory):
     # The order rule itself, without contention: three newcomers one after the other each take
     # a least used donor (random choice would pass 2 times in 9 from 2-2-2).
     for i in range(6, 9):
-        late = asyncio.run(ask_for_donation(f"newcomer{i}", cards.values(), numel, i))
+        late = asyncio.run(ask_for_donation(f"newcomer{i}", cards.values(), model, i))
         assert late is not None and served[late.donor] == min(served.values()), (late.donor, served)
         served = {n: query_status(cards[n]["addr"])["donations"] for n in SWARM}
     assert sum(served.values()) == 9, served

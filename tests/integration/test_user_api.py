@@ -571,3 +571,27 @@ def test_a_handler_bug_is_answered_as_a_refusal_of_that_request(tmp_path, monkey
         assert (head["t"], head["code"], head.get("re")) == ("reject", "malformed", bye.mid), head
         assert "internal error: KeyError" in head["reason"]
         assert a.status()["rejected"]["internal_error"] == 1
+
+
+@pytest.mark.timeout(60)
+def test_a_neighbour_training_another_model_of_as_many_coordinates_is_refused(tmp_path, caplog):
+    """The same 58 coordinates laid out as another model: merged silently before, since only the
+    count was compared. Snapshots now carry the model's fingerprint."""
+    torch.manual_seed(0)
+    models = {"a": nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), "b": nn.Sequential(nn.Linear(8, 2), nn.Linear(4, 8))}
+    assert [sum(p.numel() for p in m.parameters()) for m in models.values()] == [58, 58]
+    optimizers = {name: torch.optim.SGD(m.parameters(), lr=0.01) for name, m in models.items()}
+    settings = {"network.linger": 0.0, "network.failure_backoff": 0.2}
+    with swarmnet.SwarmOptimizer(optimizers["a"], models["a"], name="a", run_dir=tmp_path, settings=settings) as a, \
+         swarmnet.SwarmOptimizer(optimizers["b"], models["b"], name="b", run_dir=tmp_path, seeds=[a.address],
+                                 settings=settings) as b:
+        def step_both():
+            for opt, model in ((a, models["a"]), (b, models["b"])):
+                opt.zero_grad()
+                sum(p.pow(2).sum() for p in model.parameters()).backward()
+                opt.step()
+            return all(opt.peer.stats.pulls_failed >= 2 for opt in (a, b))
+
+        wait_until(step_both, 30, interval=0.005, what="each peer tried to pull the other twice")
+        assert a.peer.stats.pulls_ok == b.peer.stats.pulls_ok == 0
+    assert "the neighbour trains another model: the shapes of its parameters (fingerprint" in caplog.text

@@ -40,6 +40,9 @@ def test_round_trip_with_payload_frames():
     out = decode(encode(msg))
     assert out.type is MsgType.SNAPSHOT and out.sender == "peer-a" and out.mid == msg.mid
     assert out.body == {"version": 3, "codec": "fp32", "meta": {"n": 250}, "clock": 7, "age": 0.5}
+    fingerprinted = decode(encode(request(MsgType.SNAPSHOT, "peer-a", [], version=3, codec="fp32", meta={"n": 0},
+                                          clock=7, age=0.5, layout="0123456789abcdef")))
+    assert fingerprinted.body["layout"] == "0123456789abcdef"  # optional: kept when sent
     assert [bytes(f) for f in out.frames] == [bytes(payload), b"xy"]
     answer = decode(encode(reply(out, MsgType.ACK, "peer-b")))
     assert answer.re == msg.mid
@@ -70,6 +73,7 @@ def test_round_trip_with_payload_frames():
         ([header(re="7")], "malformed"),
         *[([header(t="snapshot", version=1, codec="fp32", meta={}, age=age)], "malformed")
           for age in (float("nan"), float("inf"), -1.0)],  # would poison the staleness average
+        ([header(t="snapshot", version=1, codec="fp32", meta={}, age=0.0, layout=7)], "malformed"),
         ([b"x" * 70000], "oversized"),
         ([header(version=True)], "malformed"),
         ([header(sizes=[True]), b"x"], "malformed"),
@@ -142,3 +146,12 @@ def test_relayed_cards_with_unusable_addresses_are_left_out_not_the_message():
     bad = [{"id": "c", "addr": "127.0.0.1:7000", "hb": 1}, {"id": "d", "addr": "tcp://h:1\n", "hb": 1}]
     msg = decode([hello(peers=[bad[0], good, bad[1]])])
     assert msg.body["peers"] == [good]
+
+
+def test_a_models_fingerprint_is_what_protocol_md_says():
+    import hashlib
+
+    from swarmnet.peer.state import layout_of
+
+    assert layout_of([(8, 4), (8,), (2, 8), (2,)]) == hashlib.blake2b(b"[[8,4],[8],[2,8],[2]]", digest_size=8).hexdigest()
+    assert layout_of([(2, 8), (2,), (8, 4), (8,)]) != layout_of([(8, 4), (8,), (2, 8), (2,)])  # as many coordinates
