@@ -28,7 +28,7 @@ from swarmnet.config import SwarmConfig
 from swarmnet.errors import CodecError, SwarmError, TransportError
 from swarmnet.log import get_logger
 from swarmnet.peer.client import PeerClient
-from swarmnet.peer.state import FlatParameters
+from swarmnet.peer.state import FlatParameters, layout_of
 from swarmnet.peer.stats import PeerStats
 from swarmnet.security import CurveKeys, client_keys
 from swarmnet.tasks import Task, load_task
@@ -108,9 +108,10 @@ class SnapshotReader:
                                  limits=Limits(max_frame_bytes=max_frame_bytes), timeout=timeout,
                                  stats=PeerStats(), max_frame_bytes=max_frame_bytes)
 
-    async def pull(self, addr: str, out_for: Callable[[int], Tensor]) -> int:
-        """Decode ``addr``'s latest snapshot into ``out_for(n)`` (n: its coordinates, as its
-        meta says); returns the snapshot's version.
+    async def pull(self, addr: str, out_for: Callable[[int, str | None], Tensor]) -> int:
+        """Decode ``addr``'s latest snapshot into ``out_for(n, layout)`` (n: its coordinates, as
+        its meta says; layout: its model's fingerprint, None from a peer that sends none);
+        returns the snapshot's version.
 
         A one-off reader asks for the whole snapshot in one request (``want`` None: every
         lattice plane, decoded without a key). Keyed lattice pulls escalate in rounds against
@@ -125,7 +126,7 @@ class SnapshotReader:
         n = reply.body["meta"].get("n")
         if not isinstance(n, int) or isinstance(n, bool):
             raise CodecError(f"{addr}'s snapshot does not say its size")
-        out_N = out_for(n)
+        out_N = out_for(n, reply.body.get("layout"))
         result = self.codec.decode(reply.body["meta"], reply.frames, out_N, out_N, {})
         if not result.complete:
             raise CodecError(f"{addr}'s whole snapshot did not decode")
@@ -169,19 +170,27 @@ def evaluate_swarm(cfg: SwarmConfig, *, seeds: list[str], run_dir: Path | None =
     floats = [p for p in model.parameters() if p.is_floating_point()]
     trained = [p for p in floats if p.requires_grad]
     sizes = {sum(p.numel() for p in floats): None, sum(p.numel() for p in trained): trained}
+    layouts = {sum(p.numel() for p in floats): layout_of(p.shape for p in floats),
+               sum(p.numel() for p in trained): layout_of(p.shape for p in trained)}
     received: list[Tensor] = []
+    first_layout: list[str | None] = []
 
-    def out_for(n: int) -> Tensor:
+    def out_for(n: int, layout: str | None) -> Tensor:
         """A vector to decode a snapshot of ``n`` coordinates into. The first pull says which
         parameters the swarm averages: all the model's float ones, or only those it trains
         (a SwarmOptimizer leaves frozen ones out), whichever has its size."""
         if not received:
-            if n not in sizes:
-                raise SwarmError(f"the swarm's model has {n} coordinates, this config's {max(sizes)}; pass the "
-                                 "swarm's own config (--config, and the --set overrides it ran with)")
+            if n not in sizes or layout not in (None, layouts[n]):
+                shape = f"{n} coordinates" if n not in sizes else f"another layout of {n} coordinates"
+                raise SwarmError(f"the swarm's model has {shape}, not this config's model; pass the swarm's own "
+                                 "config (--config, and the --set overrides it ran with)")
             received.append(torch.empty(n))
+            first_layout.append(layout)
         if n != received[0].numel():
             raise SwarmError(f"its model has {n} coordinates, the first peer's {received[0].numel()}")
+        if None not in (layout, first_layout[0]) and layout != first_layout[0]:
+            raise SwarmError(f"its model is another than the first peer's: as many coordinates, another layout "
+                             f"(fingerprint {layout}, the first peer's {first_layout[0]})")
         return received[0]
 
     codec = make_codec(cfg.codec.name, **cfg.codec.options)
