@@ -31,6 +31,7 @@ import random
 import socket
 import threading
 import time
+import warnings
 import weakref
 import zlib
 from collections.abc import Callable, Iterable, Mapping
@@ -496,6 +497,17 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
+TRAIN_KEYS_APPLIED = {"metrics_every", "tensorboard", "schedule", "clock_scale"}
+"""The [train] keys a SwarmOptimizer follows: the user's loop does the rest of the training."""
+
+
+def _ignored(key: str) -> bool:
+    """Whether SwarmOptimizer ignores the config key ``key`` (section.key)."""
+    section, _, name = key.partition(".")
+    return (section == "task" or (section == "train" and name.split(".")[0] not in TRAIN_KEYS_APPLIED)
+            or key == "network.adopt_model")
+
+
 def _resolve_config(config: SwarmConfig | str | os.PathLike[str] | None, *, listen: str | None,
                     seeds: list[str], run_dir: str | os.PathLike[str] | None,
                     settings: Mapping[str, Any] | None) -> SwarmConfig:
@@ -510,6 +522,10 @@ def _resolve_config(config: SwarmConfig | str | os.PathLike[str] | None, *, list
         if not dotted_key(key):
             raise ConfigError(f"setting {key!r}: expected section.key, e.g. network.pull_interval "
                               "(an entry of a table: codec.options.block)")
+        if _ignored(key):
+            warnings.warn(f"setting {key!r} does not apply to SwarmOptimizer: your own loop trains the model "
+                          f"(of [train] only {', '.join(sorted(TRAIN_KEYS_APPLIED))} apply; see its docstring)",
+                          stacklevel=3)
         overrides[key] = value
     if isinstance(config, SwarmConfig):
         return build_config(to_dict(config), "<SwarmConfig>", overrides)

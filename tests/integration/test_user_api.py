@@ -171,6 +171,10 @@ def test_bad_use_is_a_clear_error(tmp_path):
         swarmnet.SwarmOptimizer(opt, model, run_dir=tmp_path, settings={"pull_interval": 1})
     with pytest.raises(ConfigError, match="network.listen"):
         swarmnet.SwarmOptimizer(opt, model, run_dir=tmp_path, listen="127.0.0.1:7000")
+    with pytest.warns(UserWarning, match=r"setting 'train.lr' does not apply to SwarmOptimizer: your own loop") as said:
+        swarmnet.SwarmOptimizer(opt, model, run_dir=tmp_path, settings={"train.lr": 5.0, "train.metrics_every": 5,
+                                                                        "network.linger": 0.0}).close()
+    assert len(said) == 1 and said[0].filename == __file__  # the user's line, and only the key ignored
     frozen = nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="steps no parameter of the model that requires grad"):
         swarmnet.SwarmOptimizer(torch.optim.SGD(frozen.parameters(), lr=0.1), frozen, run_dir=tmp_path)
