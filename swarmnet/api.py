@@ -50,7 +50,9 @@ from swarmnet.peer.metrics import MetricsWriter, progress_record
 from swarmnet.peer.node import Peer, PeerIdentity, resolve_rank
 from swarmnet.peer.state import Mailbox
 
-_IN_SWARM: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_IN_SWARM: weakref.WeakKeyDictionary[nn.Module, set[int]] = weakref.WeakKeyDictionary()
+"""Models in a swarm through a SwarmOptimizer of this process, with the ids of the parameters
+its merges write."""
 """Models wrapped by an open SwarmOptimizer: a second wrap would re-home their parameters."""
 _opened = itertools.count(1)
 
@@ -112,7 +114,8 @@ class SwarmOptimizer:
         if model in _IN_SWARM:
             raise ValueError("this model is already in a swarm through another SwarmOptimizer; "
                              "close() that one first")
-        if shared := {id(p) for p in model.parameters()} & {id(p) for m in _IN_SWARM for p in m.parameters()}:
+        written = set().union(*_IN_SWARM.values())
+        if shared := _trained(optimizer) & {id(p) for p in model.parameters()} & written:
             raise ValueError(f"this model shares {counted(len(shared), 'parameter')} with a model already in a swarm "
                              "through another SwarmOptimizer: merges of both would write them; give each peer a "
                              "model of its own, or close() the other first")
@@ -161,7 +164,8 @@ class SwarmOptimizer:
         self._exit_reason = ""
         """Why the ``with`` block ended early (an exception in it), for the summary."""
         self._summarized = False
-        self._stepper: int | None = None
+        self._stepper: threading.Thread | None = None
+        """The thread that steps: close() from another is refused while it runs."""
         """The thread that calls step(), from its first call: the one close() must be called in."""
         self._stepping = False
         try:
@@ -177,7 +181,7 @@ class SwarmOptimizer:
                 raise error
             raise SwarmError(f"peer {self.name} did not start: {error or 'timed out'}") from error
         self.peer.stats.state = "training"
-        _IN_SWARM.add(model)
+        _IN_SWARM[model] = self._averaged
 
     def _abandon_start(self) -> None:
         """Undo a start that did not complete: cancel the peer's tasks and wait until they have
@@ -206,7 +210,7 @@ class SwarmOptimizer:
         """The wrapped optimizer's step, then the merges that are ready (never waits)."""
         if self._closed:
             raise SwarmError("step() after close(): this peer has left the swarm")
-        self._stepper = self._stepper or threading.get_ident()
+        self._stepper = self._stepper or threading.current_thread()
         self._stepping = True
         try:
             return self._step(closure)
@@ -365,14 +369,15 @@ class SwarmOptimizer:
 
     def close(self) -> None:
         """Leave the swarm: stop pulling, merge what was acknowledged, linger, say goodbye. In the
-        thread that calls :meth:`step`, between steps (see the class's doc)."""
+        thread that calls :meth:`step` (or any, once that one has ended), between steps (see the
+        class's doc)."""
         if self._closed:
             return
         if self._stepping:
             raise SwarmError("close() during step() (from a signal handler?): the final merge would write the "
                              "model while the step updates it; set a flag in the handler and call close() from "
                              "your training loop")
-        if self._stepper is not None and threading.get_ident() != self._stepper and _alive(self._stepper):
+        if self._stepper is not None and threading.current_thread() is not self._stepper and self._stepper.is_alive():
             raise SwarmError("close() from another thread than the one calling step(): the final merge would "
                              "write the model while a step may update it; have the training loop call close() "
                              "(e.g. when a threading.Event you set is set)")
@@ -384,7 +389,7 @@ class SwarmOptimizer:
             raise
         finally:
             self.metrics.close()
-            _IN_SWARM.discard(self.model)
+            _IN_SWARM.pop(self.model, None)
             self._shutdown_loop()
             self.peer.release_dir()
 
@@ -471,11 +476,6 @@ class _UserReplica(Replica):
 def _trained(optimizer: torch.optim.Optimizer) -> set[int]:
     """The ids of the parameters ``optimizer`` trains now (those with requires_grad)."""
     return {id(p) for group in optimizer.param_groups for p in group["params"] if p.requires_grad}
-
-
-def _alive(ident: int) -> bool:
-    """Whether the thread ``ident`` still runs (one that has ended cannot step any more)."""
-    return any(thread.ident == ident for thread in threading.enumerate())
 
 
 async def _cancel_other_tasks() -> None:

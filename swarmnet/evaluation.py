@@ -173,7 +173,6 @@ def evaluate_swarm(cfg: SwarmConfig, *, seeds: list[str], run_dir: Path | None =
     layouts = {sum(p.numel() for p in floats): layout_of(p.shape for p in floats),
                sum(p.numel() for p in trained): layout_of(p.shape for p in trained)}
     received: list[Tensor] = []
-    first_layout: list[str | None] = []
 
     def out_for(n: int, layout: str | None) -> Tensor:
         """A vector to decode a snapshot of ``n`` coordinates into. The first pull says which
@@ -185,12 +184,11 @@ def evaluate_swarm(cfg: SwarmConfig, *, seeds: list[str], run_dir: Path | None =
                 raise SwarmError(f"the swarm's model has {shape}, not this config's model; pass the swarm's own "
                                  "config (--config, and the --set overrides it ran with)")
             received.append(torch.empty(n))
-            first_layout.append(layout)
         if n != received[0].numel():
             raise SwarmError(f"its model has {n} coordinates, the first peer's {received[0].numel()}")
-        if None not in (layout, first_layout[0]) and layout != first_layout[0]:
-            raise SwarmError(f"its model is another than the first peer's: as many coordinates, another layout "
-                             f"(fingerprint {layout}, the first peer's {first_layout[0]})")
+        if layout not in (None, layouts[n]):
+            raise SwarmError(f"it trains another model than this config's: as many coordinates in another "
+                             f"layout (fingerprint {layout}, the config's {layouts[n]})")
         return received[0]
 
     codec = make_codec(cfg.codec.name, **cfg.codec.options)

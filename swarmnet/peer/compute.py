@@ -177,9 +177,10 @@ class Replica:
         """Set while a write to the model is under way that an error could leave half done (the
         optimizer's update, a merge): after such an error the model is neither published nor
         checkpointed again."""
-        self.non_finite_at: int | None = None
-        """The step of a published snapshot of ours that the exchange found non-finite (a lossless
-        codec publishes such values; its neighbours refuse them): the next merge raises."""
+        self.non_finite: tuple[int, int] | None = None
+        """(version, step) of a published snapshot of ours that the exchange found non-finite (a
+        lossless codec publishes such values; its neighbours refuse them): the next merge raises,
+        unless :meth:`resync` has published weights since."""
 
     def current_lr(self) -> float:
         """The learning rate in force, a hint for codecs that follow it."""
@@ -241,8 +242,8 @@ class Replica:
         and a thread that several peers' threads share a core with tends to be switched out
         there, holding the GIL (profiled at about a third of a small model's training thread
         when it was read after every step)."""
-        if self.non_finite_at is not None:
-            raise ModelDiverged(self.non_finite_at, "the model holds non-finite or overflowing values (its "
+        if self.non_finite is not None and self.non_finite[0] >= self._keys_from:
+            raise ModelDiverged(self.non_finite[1], "the model holds non-finite or overflowing values (its "
                                 "snapshot, which the exchange measured against a neighbour's)")
         entry = self.mailbox.take() if final or self.since_merge >= self.target_h else None
         if entry is not None and entry.key_version < self._keys_from:  # measured from weights since replaced
@@ -299,6 +300,7 @@ class Replica:
         one still being decoded is refused (its sender drops its half)."""
         began = time.thread_time()
         self.torn_by = None  # whatever a failed write left, the weights are whole again
+        self.non_finite = None
         self.inbox.restart_at(self.store.next_version)  # the version publish() gives below
         self.stale_N.copy_(self.live_N)
         self.since_merge = 0
@@ -557,7 +559,7 @@ class ComputeLoop(Replica):
         self.train_step()
         try:
             self.merge_pending()
-        except ModelDiverged as exc:  # the last finite snapshot stays published
+        except ModelDiverged as exc:  # a lossy codec's last finite snapshot stays published; fp32 serves the bad one
             self.log.error("%s", exc)
             return False
         if self.cfg.train.slowdown > 1 or self.cfg.train.step_pad_s > 0:
@@ -649,7 +651,8 @@ class ComputeLoop(Replica):
                 self.write_metrics()
             return f"the model may hold part of {self.torn_by}; {self._kept()}"
         try:
-            self.merge_pending(final=True)
+            if self.non_finite is None:  # else run() has said it, and there is nothing to merge into
+                self.merge_pending(final=True)
         except ModelDiverged as exc:
             self.log.error("%s", exc)
         except Exception as exc:  # e.g. out of memory publishing: the model itself may be whole

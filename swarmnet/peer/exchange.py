@@ -135,9 +135,9 @@ class Exchange:
                     self._codec_state.pop(target.id, None)
                 self.log.debug("%s refused: %s", target.name or target.id, exc)
                 await asyncio.sleep(0.01)
-            except OwnModelNonFinite as exc:  # the compute side stops at its next merge; nothing to pull for
-                self.peer.compute.non_finite_at = exc.step
-                self._stopping.set()
+            except OwnModelNonFinite as exc:  # the compute side raises at its next merge
+                self.peer.compute.non_finite = (exc.version, exc.step)
+                await self._until_published_after(exc.version)  # weights resynced (the user API), if ever
             except SwarmError as exc:
                 self.peer.stats.pulls_failed += 1
                 self.peer.table.record_failure(target.id, unreachable=isinstance(exc, TransportError))
@@ -174,6 +174,12 @@ class Exchange:
         finally:
             timer.cancel()
             self._waker = None
+
+    async def _until_published_after(self, version: int) -> None:
+        """Wait until a snapshot newer than ``version`` is published, or the exchange stops."""
+        while not self._stopping.is_set() and (latest := self.peer.store.latest()) is not None \
+                and latest.version <= version:
+            await asyncio.sleep(0.05)
 
     def wake(self) -> None:
         """The peer's state changed what the next pull waits for (its budget is spent: it now
@@ -291,7 +297,7 @@ class Exchange:
         (SPEC 4 item 12)."""
         norm = gap_over(remote_N, own.encoded.quantized, own.values_N)
         if not math.isfinite(norm) and not math.isfinite(self.screen.own_norm(own)):
-            raise OwnModelNonFinite(own.step)  # ours, not the neighbour's
+            raise OwnModelNonFinite(own.version, own.step)  # ours, not the neighbour's
         self.screen.check(norm, own, remote_N, source=source)  # poisoned neighbours raise (screening.py)
         if not math.isfinite(norm):
             raise CodecError("the neighbour's snapshot holds non-finite or overflowing values")
@@ -337,9 +343,9 @@ class OwnModelNonFinite(SwarmError):
     """Our own published snapshot holds non-finite (or overflowing) values: a pull found it, and
     the neighbour is not to blame."""
 
-    def __init__(self, step: int) -> None:
+    def __init__(self, version: int, step: int) -> None:
         super().__init__(f"our own snapshot of step {step} holds non-finite or overflowing values")
-        self.step = step
+        self.version, self.step = version, step
 
 
 def _resolve(future: asyncio.Future[bool], value: bool) -> None:

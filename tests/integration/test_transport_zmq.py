@@ -504,6 +504,8 @@ def test_a_host_gone_dark_ends_requests_in_seconds_whatever_the_frame_allowance(
             process.wait()
     established, new = outcomes["established"], outcomes["new"]
     assert "lost mid-request" in established["outcome"]
-    assert UNACKED_TIMEOUT_S - 0.5 < established["seconds"] < UNACKED_TIMEOUT_S + 3.0
+    # Counted from the oldest byte unacknowledged: a heartbeat sent just before the request may
+    # start the clock up to a second or more early on a loaded machine, so no lower bound.
+    assert established["seconds"] < UNACKED_TIMEOUT_S + 3.0 < silence_allowed(frame, 50e6)
     assert f"no TCP connection within {CONNECT_TIMEOUT_S:g}s (the host is down" in new["outcome"]
     assert CONNECT_TIMEOUT_S - 0.5 < new["seconds"] < CONNECT_TIMEOUT_S + 2.0

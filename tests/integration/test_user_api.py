@@ -196,6 +196,14 @@ def test_bad_use_is_a_clear_error(tmp_path):
         # One seed given as a string, not a list of them: taken as that one address.
         swarmnet.SwarmOptimizer(other_opt, other_model, run_dir=tmp_path, seeds=first.address,
                                 settings={"network.linger": 0.0}).close()
+    # A frozen backbone shared by two peers is fine: merges write only what each optimizer trains.
+    backbone = nn.Linear(4, 8).requires_grad_(False)
+    heads = [nn.Sequential(backbone, nn.Linear(8, 2)) for _ in range(2)]
+    with swarmnet.SwarmOptimizer(torch.optim.SGD(heads[0][1].parameters(), lr=0.1), heads[0], name="h0",
+                                 run_dir=tmp_path, settings={"network.linger": 0.0}), \
+         swarmnet.SwarmOptimizer(torch.optim.SGD(heads[1][1].parameters(), lr=0.1), heads[1], name="h1",
+                                 run_dir=tmp_path, settings={"network.linger": 0.0}):
+        pass
     closed = swarmnet.SwarmOptimizer(opt, model, run_dir=tmp_path, settings={"network.linger": 0.0})
     closed.close()
     with pytest.raises(SwarmError, match=r"status\(\) after close\(\)"):
@@ -234,7 +242,13 @@ def test_bad_use_is_a_clear_error(tmp_path):
     trainer = threading.Thread(target=lambda: [in_thread.step(loss) for _ in range(3)])
     trainer.start()
     trainer.join(30)
+    later, done = threading.Event(), threading.Event()  # a thread started since may reuse the ended one's ident
+    bystander = threading.Thread(target=lambda: (later.set(), done.wait(30)))
+    bystander.start()
+    later.wait(30)
     in_thread.close()
+    done.set()
+    bystander.join(30)
     assert json.loads((tmp_path / "threaded" / "summary.json").read_text())["steps"] == 3
     # A loss with one value per sample (a forgotten .mean()) is refused where it is reported,
     # not at a later step, nor again at close().
@@ -353,6 +367,49 @@ def test_a_model_gone_non_finite_fails_its_step_and_still_leaves_cleanly(tmp_pat
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert summary["reason"].startswith("error:") and "non-finite" in summary["reason"], summary
     assert "non_finite" not in summary["rejected"], summary  # a was not blamed for b's model
+
+
+@pytest.mark.timeout(60)
+def test_weights_restored_after_a_non_finite_snapshot_train_and_merge_on(tmp_path):
+    """fp32 publishes a NaN model, and b's pull finds it; once the user loads good weights and
+    resyncs, b steps and merges again (its exchange waited for the new snapshot)."""
+    a_model, a_opt = _model_and_optimizer()
+    b_model, b_opt = _model_and_optimizer()
+    settings = {"network.linger": 0.0, "codec.name": "fp32"}
+    x = torch.randn(16, 4)
+
+    def step(opt, model):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+
+    with swarmnet.SwarmOptimizer(a_opt, a_model, name="a", run_dir=tmp_path, settings=settings) as a, \
+         swarmnet.SwarmOptimizer(b_opt, b_model, name="b", run_dir=tmp_path, seeds=[a.address], settings=settings) as b:
+        good = {k: v.clone() for k, v in b_model.state_dict().items()}
+        with torch.no_grad():
+            b_model[0].weight.fill_(float("nan"))
+
+        def diverged():
+            step(a, a_model)
+            try:
+                step(b, b_model)
+            except swarmnet.ModelDiverged:
+                return True
+            return False
+
+        wait_until(diverged, 30, interval=0.002, what="b's step to raise ModelDiverged")
+        b_model.load_state_dict(good)
+        b_opt.state.clear()  # its momentum went NaN with the gradients
+        b.resync()
+        merged = b.peer.stats.pulls_ok
+
+        def merging_again():
+            step(a, a_model)
+            step(b, b_model)
+            return b.peer.stats.pulls_ok >= merged + 3
+
+        wait_until(merging_again, 30, interval=0.002, what="b merging again")
+        assert all(bool(p.isfinite().all()) for p in b_model.parameters())
 
 
 def test_an_optimizer_that_fails_midway_through_its_update_leaves_without_publishing_it(tmp_path, caplog):
