@@ -388,6 +388,8 @@ class ComputeLoop(Replica):
         by their median; step_seconds is the pace, from one step's end to the next's)."""
         self.last_eval: dict[str, float] = {}
         self._metric_missing_said = False
+        self.diverged = False
+        """The model went non-finite (or its loss did): its final checkpoint is not written."""
         self.started = time.monotonic()
         stats.total_steps = self.plan.total_steps
 
@@ -561,10 +563,12 @@ class ComputeLoop(Replica):
             self.merge_pending()
         except ModelDiverged as exc:  # a lossy codec's last finite snapshot stays published; fp32 serves the bad one
             self.log.error("%s", exc)
+            self.diverged = True
             return False
         if self.cfg.train.slowdown > 1 or self.cfg.train.step_pad_s > 0:
             self.pad_step()
         if self.step % self.cfg.train.metrics_every == 0 and not self.write_metrics():
+            self.diverged = True
             return False
         every = self.cfg.train.eval_every
         if every and self.step % every == 0:
@@ -651,10 +655,11 @@ class ComputeLoop(Replica):
                 self.write_metrics()
             return f"the model may hold part of {self.torn_by}; {self._kept()}"
         try:
-            if self.non_finite is None:  # else run() has said it, and there is nothing to merge into
+            if not self.diverged:
                 self.merge_pending(final=True)
         except ModelDiverged as exc:
             self.log.error("%s", exc)
+            self.diverged = True
         except Exception as exc:  # e.g. out of memory publishing: the model itself may be whole
             if self.torn_by is not None:
                 raise
@@ -662,6 +667,9 @@ class ComputeLoop(Replica):
                            what_failed(exc), exc_info=exc)
         if self._loss_count:
             self.write_metrics()
+        if self.diverged:  # finite but huge, it is no model to resume from (a lower lr restarts from the last)
+            self.log.error("the model diverged at step %d: checkpoint not written, %s", self.step, self._kept())
+            return "the model diverged"
         return self.save_checkpoint(final=True)
 
     def close(self, *, evaluate: bool) -> None:

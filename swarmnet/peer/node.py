@@ -514,6 +514,7 @@ class Peer:
                 await loop.run_in_executor(compute_thread, merge_now)
             except ModelDiverged as exc:
                 self.log.error("%s", exc)
+                compute.diverged = True
                 return "diverged"
             await asyncio.sleep(0.02)
         return "budget"
