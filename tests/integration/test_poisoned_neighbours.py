@@ -55,7 +55,7 @@ def test_poisoned_snapshots_are_refused_and_their_servers_avoided(swarm_factory,
         # Honest pulls go on, not stalled by the rogues: at least a quarter of their pace of the 10 s before
         # the rogues came. Merges are paced by the CPU budget, so the machine's load moves them: a loaded CI
         # machine measured 50-61 in 10 s, and a full-suite run 48 against 165 before (steps unchanged, the
-        # rogues refused 5 times each, as at the session's first commit). That the rogues are avoided is
+        # rogues refused 5 times each, as in the runs that pass). That the rogues are avoided is
         # checked by their served counts below.
         assert s["interactions"] - start[name]["interactions"] >= 0.25 * pace[name] > 0, (pace, s["interactions"])
         # Avoided: back-off doubles from 0.5 s per refusal (0.5 + 1 + 2 + 4 + 8 s): a handful of pulls.
