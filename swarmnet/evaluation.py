@@ -169,9 +169,10 @@ def evaluate_swarm(cfg: SwarmConfig, *, seeds: list[str], run_dir: Path | None =
     model = task.build_model()
     floats = [p for p in model.parameters() if p.is_floating_point()]
     trained = [p for p in floats if p.requires_grad]
-    sizes = {sum(p.numel() for p in floats): None, sum(p.numel() for p in trained): trained}
-    layouts = {sum(p.numel() for p in floats): layout_of(p.shape for p in floats),
-               sum(p.numel() for p in trained): layout_of(p.shape for p in trained)}
+    # What a swarm of this model may average, by its size: the parameters (None: all float ones)
+    # and their fingerprint.
+    averaged = {sum(p.numel() for p in params): (only, layout_of(p.shape for p in params))
+                for params, only in ((floats, None), (trained, trained))}
     received: list[Tensor] = []
 
     def out_for(n: int, layout: str | None) -> Tensor:
@@ -179,16 +180,16 @@ def evaluate_swarm(cfg: SwarmConfig, *, seeds: list[str], run_dir: Path | None =
         parameters the swarm averages: all the model's float ones, or only those it trains
         (a SwarmOptimizer leaves frozen ones out), whichever has its size."""
         if not received:
-            if n not in sizes or layout not in (None, layouts[n]):
-                shape = f"{n} coordinates" if n not in sizes else f"another layout of {n} coordinates"
+            if n not in averaged or layout not in (None, averaged[n][1]):
+                shape = f"{n} coordinates" if n not in averaged else f"another layout of {n} coordinates"
                 raise SwarmError(f"the swarm's model has {shape}, not this config's model; pass the swarm's own "
                                  "config (--config, and the --set overrides it ran with)")
             received.append(torch.empty(n))
         if n != received[0].numel():
             raise SwarmError(f"its model has {n} coordinates, the first peer's {received[0].numel()}")
-        if layout not in (None, layouts[n]):
+        if layout not in (None, averaged[n][1]):
             raise SwarmError(f"it trains another model than this config's: as many coordinates in another "
-                             f"layout (fingerprint {layout}, the config's {layouts[n]})")
+                             f"layout (fingerprint {layout}, the config's {averaged[n][1]})")
         return received[0]
 
     codec = make_codec(cfg.codec.name, **cfg.codec.options)
@@ -200,7 +201,7 @@ def evaluate_swarm(cfg: SwarmConfig, *, seeds: list[str], run_dir: Path | None =
         if peers > len(found):
             log.warning("--peers %d: only %d peer(s) answered; averaging those", peers, len(found))
         chosen = found[:peers] if peers > 0 else found
-        net, largest = cfg.network, max(sizes)
+        net, largest = cfg.network, max(averaged)
         reader = SnapshotReader(codec, max_frame_bytes=net.frame_limit(largest),
                                 timeout=max(timeout, net.transfer_timeout(largest)), curve=curve,
                                 slowest_rate=net.min_transfer_rate)
@@ -228,7 +229,7 @@ def evaluate_swarm(cfg: SwarmConfig, *, seeds: list[str], run_dir: Path | None =
         return pulled, mean_N, math.sqrt(spread / len(pulled))
 
     pulled, mean_N, consensus = asyncio.run(pull_all())
-    FlatParameters(model, sizes[mean_N.numel()]).vector_N.copy_(mean_N)
+    FlatParameters(model, averaged[mean_N.numel()][0]).vector_N.copy_(mean_N)
     result = evaluate_averaged(model, task, batch_size=cfg.train.batch_size, seed=cfg.run.seed,
                                bn_batches=bn_batches)
     return {"task": task.name, "metric": task.metric, "peers_averaged": len(pulled),
