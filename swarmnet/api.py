@@ -47,7 +47,7 @@ from swarmnet.errors import ConfigError, SwarmError
 from swarmnet.log import counted
 from swarmnet.peer.compute import Replica
 from swarmnet.peer.metrics import MetricsWriter, progress_record
-from swarmnet.peer.node import Peer, PeerIdentity, resolve_rank
+from swarmnet.peer.node import Peer, PeerIdentity
 from swarmnet.peer.state import Mailbox
 
 _IN_SWARM: weakref.WeakKeyDictionary[nn.Module, set[int]] = weakref.WeakKeyDictionary()
@@ -125,7 +125,7 @@ class SwarmOptimizer:
                                    run_dir=run_dir,
                                    settings=settings)
         self.name = name or _default_name()
-        self.peer = Peer(self.cfg, PeerIdentity(self.name, resolve_rank(-1) or 0), resume=False)  # no task: no shard
+        self.peer = Peer(self.cfg, PeerIdentity(self.name, 0), resume=False)  # no task: no shard to rank
         try:  # until the background loop runs, a failure here must give the directory back
             algo = self.cfg.algorithm
             self._loop = _new_event_loop()

@@ -145,6 +145,12 @@ class Peer:
                 f"train.shard = 'partition' trains each peer on the shard of its rank, and peer {identity.name} "
                 f"was given none: pass --rank N (0 to {cfg.run.peers - 1}), set rank in its manifest, or set one "
                 f"of {', '.join(RANK_VARIABLES)} (without, every such peer would train on shard 0)")
+        if identity.rank is not None and identity.rank >= cfg.run.peers and cfg.train.shard == "partition":
+            raise ConfigError(
+                f"peer {identity.name} has rank {identity.rank}, but run.peers = {cfg.run.peers}: train.shard = "
+                f"'partition' shares the data among ranks 0 to {cfg.run.peers - 1}, and this rank would train on the "
+                f"shard of rank {identity.rank % cfg.run.peers}; set run.peers to the swarm's size in every peer's "
+                "config, or use train.shard = 'random'")
         if cfg.network.interface and not cfg.network.advertise:  # refused before the run directory is touched
             with_interface_host(cfg.network.listen, cfg.network.interface)
         self.rank = identity.rank or 0

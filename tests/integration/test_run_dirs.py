@@ -141,6 +141,13 @@ def test_partition_sharding_without_a_rank_is_refused_not_shard_0_for_everyone(t
     assert code == 2 and "was given none: pass --rank N (0 to 3)" in out and "Traceback" not in out, out
 
 
+def test_partition_rank_beyond_the_swarm_size_is_refused_not_wrapped_onto_another_shard(tmp_path):
+    cfg = write_config(tmp_path / "partition.toml", {"run": {"peers": 4}, "train": {"shard": "partition", "steps": 5}})
+    code, out = peer(cfg, tmp_path / "run", "--rank", "4")
+    assert code == 2 and "has rank 4, but run.peers = 4" in out and "shard of rank 0" in out, out
+    assert "Traceback" not in out, out
+
+
 def test_resume_refuses_the_checkpoint_of_another_task_and_fresh_sets_it_aside(tmp_path):
     """--fresh once wrote over the earlier run's checkpoint and appended to its metrics, without a
     word (the bundled Procfile passes it on every line): the earlier files now go to .earlier/."""

@@ -262,6 +262,17 @@ def test_bad_use_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.timeout(120, method="thread")  # the test takes SIGALRM, which the signal method uses
+def test_a_launcher_rank_means_nothing_to_the_api_which_shards_no_data(tmp_path, monkeypatch):
+    """A daemon refuses a partition rank beyond run.peers; the API's user loop holds the data,
+    so torchrun's RANK and an ignored train.shard must not stop it."""
+    monkeypatch.setenv("RANK", "9")
+    model, opt = _model_and_optimizer()
+    with pytest.warns(UserWarning, match="'train.shard' does not apply"):
+        peer = swarmnet.SwarmOptimizer(opt, model, run_dir=tmp_path, settings={
+            "train.shard": "partition", "run.peers": 2, "network.linger": 0.0})
+    peer.close()
+
+
 def test_ctrl_c_while_waiting_for_the_swarm_leaves_nothing_running(tmp_path):
     """Interrupted while it waits for the peers it was told to expect, the constructor stops its
     background peer: the port is free again and no thread of it is left."""
