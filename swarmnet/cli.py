@@ -167,7 +167,7 @@ def up(
     log_level: LogLevel = Level.WARNING,
 ) -> None:
     """Launch a local swarm as real processes, show progress, write a summary."""
-    from swarmnet.launch import LaunchPlan, check_output_path, launch, launch_config
+    from swarmnet.launch import LaunchPlan, check_output_path, launch, launch_config, write_refusal
 
     setup_logging(log_level.value)
     flags = build_overrides(run__peers=peers, run__dir=run_dir)
@@ -183,6 +183,8 @@ def up(
         plan = LaunchPlan.build(cfg, config_path=config, overrides=overrides, manifests=peer_dir,
                                 transport=transport, fresh=not no_fresh, log_level=log_level.value)
     except ConfigError as exc:
+        if summary is not None:
+            write_refusal(summary, str(exc))
         fail(str(exc))
     try:
         code = launch(plan, summary_path=summary)

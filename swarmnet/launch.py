@@ -368,6 +368,13 @@ def _check_output_path(path: Path, flag: str) -> None:
         raise ConfigError(f"{flag} {path}: {existing} is not writable; choose a writable path")
 
 
+def write_refusal(path: Path, error: str) -> None:
+    """A summary for a run refused before any peer started, so that a script reading ``path``
+    learns why rather than reading an earlier run's result there."""
+    with contextlib.suppress(ConfigError):  # the path itself may be what was refused
+        _write_summary(path, {"ok": False, "interrupted": False, "elapsed_s": 0.0, "peers": [], "error": error})
+
+
 def _write_summary(path: Path, result: dict[str, Any]) -> None:
     try:
         checkpoint.write_atomic(path, jsonsafe.dumps(result, indent=2, default=str).encode(), private=False)

@@ -107,6 +107,17 @@ def test_up_refuses_a_summary_path_it_cannot_write_before_the_run(tmp_path, a_fi
         assert not (tmp_path / "run").exists()  # refused before any peer started
 
 
+def test_a_refused_up_replaces_an_earlier_runs_summary_with_its_reason(tmp_path):
+    """A script reading --summary after a refused run read the earlier run's result there."""
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"ok": True, "peers": [{"name": "peer0", "ok": True}]}))
+    code, out = swarmnet("up", "--config", str(config(tmp_path)), "--run-dir", str(tmp_path / "run"),
+                         "--summary", str(summary), "--set", "train.lr=-1")
+    assert code == 2 and "train.lr" in out, out
+    written = json.loads(summary.read_text())
+    assert written["ok"] is False and written["peers"] == [] and "train.lr" in written["error"], written
+
+
 def test_a_path_under_a_folder_it_may_not_look_into_is_refused_with_the_fix(tmp_path):
     """EACCES on the way to --summary or --run-dir: an error naming the path, not a traceback.
     Root ignores permission bits, so as root the CLI runs without the capabilities that do."""
