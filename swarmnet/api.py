@@ -71,9 +71,10 @@ class SwarmOptimizer:
     """Wraps ``optimizer`` (which steps ``model``) and makes this process one peer of a swarm.
 
     ``config`` is a swarm config (a TOML path or a :class:`SwarmConfig`); its ``algorithm``,
-    ``codec``, ``network``, ``screening`` and ``security`` sections apply, and of ``train`` only ``metrics_every``,
-    ``tensorboard`` and, with ``algorithm.name = "popsgd"``, ``schedule = "popsgd"`` (your loop
-    is the training; ``task`` does not apply). With the latter, PopSGD's learning rate follows
+    ``codec``, ``network``, ``screening`` and ``security`` sections apply, of ``run`` ``dir`` and
+    ``seed``, of ``device`` ``threads`` (the model's device is the peer's), and of ``train`` only
+    ``metrics_every``, ``tensorboard`` and, with ``algorithm.name = "popsgd"``, ``schedule =
+    "popsgd"`` (your loop is the training; ``task`` does not apply). With the latter, PopSGD's learning rate follows
     the phase clock (SPEC 1.3): before each step every parameter group's rate is set to its rate
     when wrapped divided by ``1 + V / train.clock_scale``, so attach no other scheduler. ``listen``,
     ``seeds``, ``run_dir`` and ``settings`` (dotted keys, as ``--set`` on the command line)
@@ -125,7 +126,8 @@ class SwarmOptimizer:
                                    run_dir=run_dir,
                                    settings=settings)
         self.name = name or _default_name()
-        self.peer = Peer(self.cfg, PeerIdentity(self.name, 0), resume=False)  # no task: no shard to rank
+        self.peer = Peer(self.cfg, PeerIdentity(self.name, 0), resume=False,  # no task: no shard to rank
+                         device=next(model.parameters()).device)
         try:  # until the background loop runs, a failure here must give the directory back
             algo = self.cfg.algorithm
             self._loop = _new_event_loop()
@@ -501,11 +503,22 @@ TRAIN_KEYS_APPLIED = {"metrics_every", "tensorboard", "schedule", "clock_scale"}
 """The [train] keys a SwarmOptimizer follows: the user's loop does the rest of the training."""
 
 
-def _ignored(key: str) -> bool:
-    """Whether SwarmOptimizer ignores the config key ``key`` (section.key)."""
+RUN_KEYS_IGNORED = {"run.peers", "run.init", "run.stopped_exit_code"}
+"""The [run] keys of a daemon's training and exit that a SwarmOptimizer has no use for."""
+
+
+def _ignored(key: str) -> str:
+    """Why SwarmOptimizer ignores the config key ``key`` (section.key), or "" where it applies."""
     section, _, name = key.partition(".")
-    return (section == "task" or (section == "train" and name.split(".")[0] not in TRAIN_KEYS_APPLIED)
-            or key == "network.adopt_model")
+    if key == "device.device":
+        return "the model's device is the peer's"
+    if key in RUN_KEYS_IGNORED:
+        return "your own process trains the model and decides when it ends (of [run] only dir and seed apply)"
+    if (section == "task" or (section == "train" and name.split(".")[0] not in TRAIN_KEYS_APPLIED)
+            or key == "network.adopt_model"):
+        return (f"your own loop trains the model (of [train] only {', '.join(sorted(TRAIN_KEYS_APPLIED))} "
+                "apply; see its docstring)")
+    return ""
 
 
 def _resolve_config(config: SwarmConfig | str | os.PathLike[str] | None, *, listen: str | None,
@@ -522,10 +535,8 @@ def _resolve_config(config: SwarmConfig | str | os.PathLike[str] | None, *, list
         if not dotted_key(key):
             raise ConfigError(f"setting {key!r}: expected section.key, e.g. network.pull_interval "
                               "(an entry of a table: codec.options.block)")
-        if _ignored(key):
-            warnings.warn(f"setting {key!r} does not apply to SwarmOptimizer: your own loop trains the model "
-                          f"(of [train] only {', '.join(sorted(TRAIN_KEYS_APPLIED))} apply; see its docstring)",
-                          stacklevel=3)
+        if why := _ignored(key):
+            warnings.warn(f"setting {key!r} does not apply to SwarmOptimizer: {why}", stacklevel=3)
         overrides[key] = value
     if isinstance(config, SwarmConfig):
         return build_config(to_dict(config), "<SwarmConfig>", overrides)

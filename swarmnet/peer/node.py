@@ -135,9 +135,11 @@ def resolve_rank(explicit: int) -> int | None:
 
 class Peer:
     def __init__(self, cfg: SwarmConfig, identity: PeerIdentity, *, resume: bool = True,
-                 set_aside_earlier: bool = False) -> None:
+                 set_aside_earlier: bool = False, device: torch.device | None = None) -> None:
         """``set_aside_earlier``: move an earlier run's files out of the peer's folder first
-        (`swarmnet peer --fresh`; the user API keeps appending to its metrics, as before)."""
+        (`swarmnet peer --fresh`; the user API keeps appending to its metrics, as before).
+        ``device``: the device of a model the caller holds (the user API), in place of
+        ``device.device``."""
         self.cfg = cfg
         self.name = identity.name
         if identity.rank is None and cfg.train.shard == "partition" and shard_count(cfg.run.peers) > 1:
@@ -162,7 +164,7 @@ class Peer:
         except OSError as exc:
             raise unwritable_run_dir(self.peer_dir, exc) from None
         self.resume = resume
-        self.device = resolve_device(cfg.device.device)
+        self.device = device if device is not None else resolve_device(cfg.device.device)
         self.stats = PeerStats()
         self.clock = PhaseClock()
         self.gate = MergeGate()

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -262,15 +263,21 @@ def test_bad_use_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.timeout(120, method="thread")  # the test takes SIGALRM, which the signal method uses
-def test_a_launcher_rank_means_nothing_to_the_api_which_shards_no_data(tmp_path, monkeypatch):
-    """A daemon refuses a partition rank beyond run.peers; the API's user loop holds the data,
-    so torchrun's RANK and an ignored train.shard must not stop it."""
+def test_a_daemons_data_rank_exit_code_and_device_are_ignored_with_a_warning(tmp_path, monkeypatch):
+    """A daemon refuses a partition rank beyond run.peers and a CUDA device this machine lacks;
+    the API's user loop holds the data and the model, so torchrun's RANK, a shared config's
+    device and these keys must not stop it."""
     monkeypatch.setenv("RANK", "9")
     model, opt = _model_and_optimizer()
-    with pytest.warns(UserWarning, match="'train.shard' does not apply"):
-        peer = swarmnet.SwarmOptimizer(opt, model, run_dir=tmp_path, settings={
-            "train.shard": "partition", "run.peers": 2, "network.linger": 0.0})
-    peer.close()
+    settings = {"train.shard": "partition", "run.peers": 2, "run.stopped_exit_code": 3,
+                "device.device": "cuda:7", "network.linger": 0.0}
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        with swarmnet.SwarmOptimizer(opt, model, run_dir=tmp_path, settings=settings) as peer:
+            assert peer.peer.device == torch.device("cpu")  # the model's, also on the peer's card
+    told = sorted(str(w.message).split(":")[0] for w in said)
+    assert told == [f"setting {k!r} does not apply to SwarmOptimizer" for k in sorted(settings) if "linger" not in k], told
+    assert "the model's device is the peer's" in " ".join(str(w.message) for w in said)
 
 
 def test_ctrl_c_while_waiting_for_the_swarm_leaves_nothing_running(tmp_path):
