@@ -1,15 +1,19 @@
 """The status collector: discovers a swarm through membership and polls every peer's STATUS.
 
 One :class:`StatusCollector` owns one :class:`~swarmnet.peer.client.PeerClient` for a whole
-``swarmnet status`` run. Each :meth:`StatusCollector.poll` asks every known address at once with a
-short deadline, learns new addresses from the ``peers`` lists in the replies, and returns an
-immutable :class:`~swarmnet.ui.model.SwarmSnapshot`. A peer that does not answer keeps its last
-row, marked stale; it never delays the others beyond the deadline.
+``swarmnet status`` run. Each :meth:`StatusCollector.poll` asks every known address with a short
+deadline (at most :data:`ASKS_AT_ONCE` at a time, those that answered last first), learns new
+addresses from the ``peers`` lists in the replies, and returns an immutable
+:class:`~swarmnet.ui.model.SwarmSnapshot`. A peer that does not answer keeps its last row, marked
+stale, until it has been silent for :data:`FORGET_AFTER_S` and no answering peer counts it alive:
+then it is no longer asked (a swarm with churn would otherwise pile up addresses for as long as
+the view runs), unless a peer lists it alive again or its card is rewritten.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Iterable
@@ -29,6 +33,13 @@ from swarmnet.wire import Limits, MsgType, request
 
 MAX_EVENTS = 12
 SAME_EVENT_S = 10.0
+ASKS_AT_ONCE = 64
+"""Status requests in flight at once: each holds a connection (three ZeroMQ sockets, of a
+context's 1023) until its deadline, and a swarm that lost many peers must not crowd out the
+live ones."""
+FORGET_AFTER_S = 60.0
+"""Silence after which an address no answering peer counts alive is no longer asked (twice
+the peers' own forgetting, 6 x network.dead_after, at the defaults)."""
 
 
 def nobody_answered(snapshot: SwarmSnapshot, run_dir: Path | None = None) -> str:
@@ -62,11 +73,17 @@ def card_paths(run_dir: Path) -> list[Path]:
 def names_from_run_dir(run_dir: Path, cards: Iterable[Path] | None = None) -> dict[str, str]:
     """Address -> peer name from the run directory's cards (the directory's name if a card has
     none); ``cards``: those paths, when the caller has them already."""
-    found = {}
-    for path in card_paths(run_dir) if cards is None else cards:
+    return {addr: name for addr, name, _ in _card_entries(card_paths(run_dir) if cards is None else cards)}
+
+
+def _card_entries(cards: Iterable[Path]) -> list[tuple[str, str, float]]:
+    """(address, peer name, when the card was written) of each readable card."""
+    found = []
+    for path in cards:
         card = _read_card(path)
         if card and card.get("addr"):
-            found[str(card["addr"])] = str(card.get("name") or path.parent.name)
+            with contextlib.suppress(OSError):
+                found.append((str(card["addr"]), str(card.get("name") or path.parent.name), path.stat().st_mtime))
     return found
 
 
@@ -118,13 +135,15 @@ class StatusCollector:
         timeout: deadline of one STATUS request, seconds.
         run_dir: optional run directory, re-read on each poll for new cards and the final summary.
         curve: keys for a swarm with [security] enabled (swarmnet.security.client_keys).
+        forget_after: seconds of silence before an address nobody counts alive is no longer asked.
     """
 
     def __init__(self, seeds: Iterable[str], *, timeout: float = 0.8, run_dir: Path | None = None,
-                 curve: CurveKeys | None = None) -> None:
+                 curve: CurveKeys | None = None, forget_after: float = FORGET_AFTER_S) -> None:
         self.seeds = list(seeds)
         self.run_dir = run_dir
         self.timeout = timeout
+        self.forget_after = forget_after
         self.transports = TransportSet(curve)
         self.client = PeerClient(sender="status-client", transports=self.transports, limits=Limits(),
                                  timeout=timeout, stats=PeerStats(), max_frame_bytes=2**24)
@@ -137,35 +156,53 @@ class StatusCollector:
         self._events: dict[tuple[str, str], Event] = {}
         self._failures: dict[str, int] = {}
         """Failed polls per address in a row; a name lookup is tried at the first and every tenth."""
+        self._silent_since: dict[str, float] = {}
+        """When each address not answering failed first (wall time)."""
+        self._forgotten: dict[str, float] = {}
+        """Addresses no longer asked, and when they were forgotten (wall time)."""
+        self._alive_in_lists: set[str] = set()
+        """Addresses an answering peer counted alive in this poll."""
         self._cards: list[Path] = []
         """The run directory's card files as the current poll found them."""
+        self._seeds: set[str] = set()
+        """This poll's addresses of the user's seeds: never forgotten."""
+        self._carded: set[str] = set()
+        """This poll's addresses of the run directory's cards: forgotten until a card is rewritten."""
+        self._asking = asyncio.Semaphore(ASKS_AT_ONCE)
 
     def _discover(self) -> None:
-        found = [resolve_seed(s) for s in self.seeds]
+        found = [addr for addr in map(resolve_seed, self.seeds) if addr]
+        self._seeds = set(found)
+        self._carded = set()
         if self.run_dir is not None:
             self._cards = card_paths(self.run_dir)  # read once a poll: for addresses and the summary's age
-            named = names_from_run_dir(self.run_dir, self._cards)
-            self.names.update(named)
-            found += list(named)
+            for addr, name, written in _card_entries(self._cards):
+                self.names[addr] = name
+                self._carded.add(addr)
+                if written > self._forgotten.get(addr, -1.0):  # a peer started since at that address
+                    found.append(addr)
         for addr in found:
-            if addr:
-                self.addresses.setdefault(addr, None)
+            self._forgotten.pop(addr, None)
+            self.addresses.setdefault(addr, None)
 
     async def _ask(self, addr: str) -> tuple[dict[str, Any], float]:
         """The peer's status and the wall time it came (each reply its own: the rates divide by
         it, and a round waits for its slowest, a dead peer's timeout)."""
-        reply = await self.client.call(addr, request(MsgType.STATUS, self.client.sender), self.timeout,
-                                       expect=MsgType.STATUS_REPLY)
+        async with self._asking:
+            reply = await self.client.call(addr, request(MsgType.STATUS, self.client.sender), self.timeout,
+                                           expect=MsgType.STATUS_REPLY)
         return dict(reply.body["status"]), time.time()
 
     async def poll(self) -> SwarmSnapshot:
         """Query every known peer concurrently, fold in what they know, return the new snapshot."""
         started = time.monotonic()
         self._discover()
+        self._alive_in_lists.clear()
         asked: set[str] = set()
         # New addresses learned from one round are asked in the next pass of the same poll, so one
-        # seed is enough for a full first frame.
-        while pending := [a for a in self.addresses if a not in asked]:
+        # seed is enough for a full first frame. Those that answered last time go first: the
+        # semaphore lets requests in, in order.
+        while pending := sorted((a for a in self.addresses if a not in asked), key=self._failures.__contains__):
             asked.update(pending)
             replies = await asyncio.gather(*(self._ask(a) for a in pending), return_exceptions=True)
             now = time.time()
@@ -180,7 +217,9 @@ class StatusCollector:
                     self._failed(addr, reply, now, unresolved[addr])
                 else:
                     self._failures.pop(addr, None)
+                    self._silent_since.pop(addr, None)
                     self._answered(addr, *reply)
+        self._forget_the_long_silent(time.time())
         return SwarmSnapshot(
             taken_at=time.time(), peers=tuple(sorted(self._one_row_per_peer(), key=_order)),
             events=tuple(sorted(self._events.values(), key=lambda e: e.time)[-MAX_EVENTS:]),
@@ -195,6 +234,11 @@ class StatusCollector:
         self.rows[addr] = row
         for card in status.get("peers") or []:
             if isinstance(card, dict) and isinstance(card.get("addr"), str):
+                if card.get("alive"):
+                    self._alive_in_lists.add(card["addr"])
+                    self._forgotten.pop(card["addr"], None)
+                elif card["addr"] in self._forgotten:
+                    continue
                 self.addresses.setdefault(card["addr"], None)
                 if isinstance(card.get("name"), str) and card["name"]:
                     self.names.setdefault(card["addr"], card["name"])
@@ -224,7 +268,19 @@ class StatusCollector:
             return None
         return await unresolved_host(addr)
 
+    def _forget_the_long_silent(self, now: float) -> None:
+        for addr, since in list(self._silent_since.items()):
+            if now - since >= self.forget_after and addr not in self._alive_in_lists and addr not in self._seeds:
+                self._forgotten[addr] = now
+                for known in (self.addresses, self.rows, self._failures, self._silent_since, self.names):
+                    known.pop(addr, None)
+        # What peers listed is gone from their lists long before this; a card stays.
+        for addr, when in list(self._forgotten.items()):
+            if now - when > 10 * self.forget_after and addr not in self._carded:
+                del self._forgotten[addr]
+
     def _failed(self, addr: str, exc: Exception, now: float, why: str | None = None) -> None:
+        self._silent_since.setdefault(addr, now)
         row = self.rows.get(addr)
         if row is None:
             row = PeerStatus(name=self.names.get(addr, addr), addr=addr, sampled_at=0.0)
@@ -243,6 +299,9 @@ class StatusCollector:
             self._events[key] = event
         elif event.time < known.time:
             self._events[key] = event
+        if len(self._events) > 4 * MAX_EVENTS:  # only the latest are shown
+            for old in sorted(self._events, key=lambda k: self._events[k].time)[:-MAX_EVENTS]:
+                del self._events[old]
 
     async def aclose(self) -> None:
         await self.client.aclose()

@@ -42,13 +42,13 @@ class Responders:
 
     async def serve(self, i: int, listener) -> None:  # type: ignore[no-untyped-def]
         nxt = (i + 1) % len(self.addrs)
-        card = {"id": f"peer{nxt}-abcdef", "addr": self.addrs[nxt], "hb": 1, "name": f"peer{nxt}", "done": False,
-                "alive": True, "failures": 0}
         while True:
             route, frames = await listener.recv()
             if i in self.silent:
                 continue
             msg = decode(frames)
+            card = {"id": f"peer{nxt}-abcdef", "addr": self.addrs[nxt], "hb": 1, "name": f"peer{nxt}",
+                    "done": False, "alive": nxt not in self.silent, "failures": 0}
             status = fake_status(i, self.addrs[i], peers=[card], t=time.monotonic() - self.started)
             await listener.send(route, encode(reply(msg, MsgType.STATUS_REPLY, f"peer{i}-abcdef", status=status)))
 
@@ -103,6 +103,51 @@ async def test_one_seed_discovers_64_peers_and_silent_ones_go_stale() -> None:
             assert any(e.peer == "peer7" and e.what == "answering again" for e in fourth.events)
         finally:
             await collector.aclose()
+
+
+async def test_hundreds_of_dead_addresses_neither_crowd_out_live_peers_nor_stay_asked_forever(tmp_path) -> None:
+    """A view left running over a swarm with churn once asked every address it had ever seen, all
+    at once: past about 340 (ZeroMQ's 1023 sockets, three per connection) even live peers failed
+    with 'Too many open files', and the dead were asked for as long as the view ran."""
+    dead = [f"tcp://127.0.0.1:{port}" for port in range(1, 401)]  # closed ports: each waits out its deadline
+    async with responders(3) as swarm:
+        collector = StatusCollector([*dead, swarm.addrs[0]], timeout=1.0, forget_after=0.5)
+        try:
+            first = await collector.poll()
+            live = [p for p in first.peers if not p.stale]
+            assert [p.name for p in live] == ["peer0", "peer1", "peer2"], [p.error for p in first.peers][-5:]
+            # Seeds the user gave stay asked; a peer known only from others' lists is forgotten
+            # once silent for forget_after and counted alive by nobody ...
+            swarm.silent.add(2)
+            assert next(p for p in (await collector.poll()).peers if p.name == "peer2").stale
+            await asyncio.sleep(0.6)
+            gone = await collector.poll()
+            assert "peer2" not in [p.name for p in gone.peers] and len(gone.peers) == 402
+            assert any(e.peer == "peer2" and e.what == "not answering" for e in gone.events)
+            assert "peer2" not in [p.name for p in (await collector.poll()).peers]  # and not asked again
+            # ... until a peer counts it alive again.
+            swarm.silent.clear()
+            back = await collector.poll()
+            assert not next(p for p in back.peers if p.name == "peer2").stale
+        finally:
+            await collector.aclose()
+
+
+async def test_a_forgotten_peer_of_the_run_dir_is_asked_again_once_its_card_is_rewritten(tmp_path: Path) -> None:
+    card = tmp_path / "bob" / "card.json"
+    card.parent.mkdir()
+    card.write_text(json.dumps({"id": "y", "name": "bob", "addr": "tcp://127.0.0.1:9"}))
+    collector = StatusCollector([], timeout=0.3, run_dir=tmp_path, forget_after=0.2)
+    try:
+        assert [p.name for p in (await collector.poll()).peers] == ["bob"]
+        await asyncio.sleep(0.3)
+        assert (await collector.poll()).peers == ()
+        assert (await collector.poll()).peers == ()  # its card, unchanged, does not bring it back
+        await asyncio.sleep(0.05)  # a later modification time than its forgetting
+        card.write_text(card.read_text())  # bob restarted at the same address
+        assert [p.name for p in (await collector.poll()).peers] == ["bob"]
+    finally:
+        await collector.aclose()
 
 
 async def test_run_dir_cards_are_seeds(tmp_path: Path) -> None:
