@@ -223,7 +223,7 @@ spec:
   completionMode: Indexed
   completions: {plan.size}
   parallelism: {plan.size}
-  backoffLimit: {plan.size}
+  backoffLimit: {6 * plan.size}  # every peer's restarts together; reaching it ends every pod of the Job
   template:
     metadata:
       labels:

@@ -102,6 +102,7 @@ def test_kubernetes_manifest(tmp_path: Path) -> None:
     assert kinds["Service"]["spec"]["clusterIP"] == "None"
     job = kinds["Job"]["spec"]  # peers end: a Job's pods complete, a StatefulSet's would be restarted
     assert job["completionMode"] == "Indexed" and job["completions"] == job["parallelism"] == 3
+    assert job["backoffLimit"] == 18  # all peers' restarts count together: reached, it ends every pod
     pod = job["template"]["spec"]
     assert pod["restartPolicy"] == "OnFailure" and pod["subdomain"] == kinds["Service"]["metadata"]["name"]
     assert pod["containers"][0]["resources"]["requests"] == {"cpu": "2", "memory": "8Gi"}  # not BestEffort
