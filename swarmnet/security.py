@@ -300,6 +300,16 @@ def client_keys(key_file: str | os.PathLike[str] | None, cfg: SecurityConfig | N
 
 # -- exposure ---------------------------------------------------------------------------------
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an IP literal or a name) is this machine's loopback, by its spelling."""
+    if host in ("localhost", "lo"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def exposure_warning(listen: str, secured: bool) -> str | None:
     """A warning when ``listen`` is reachable from other machines without authentication."""
     if secured:
@@ -313,13 +323,8 @@ def exposure_warning(listen: str, secured: bool) -> str | None:
                 "the swarm and read its status. Run UCX swarms only on a network you trust, or use tcp:// "
                 "with [security] (docs/operations.md, Security)")
     host = url_host(listen)
-    if host in ("localhost", "lo"):
+    if is_loopback(host):
         return None
-    try:
-        if ipaddress.ip_address(host).is_loopback:
-            return None
-    except ValueError:
-        pass
     where = "all interfaces" if host in ("*", "0.0.0.0", "::", "") else f"{host}, not loopback"
     return (f"listening on {listen} ({where}) without authentication: anyone who can reach this "
             "port can pull the model, push updates into it, join the swarm and read its status. "

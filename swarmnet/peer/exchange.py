@@ -28,9 +28,10 @@ from swarmnet.algorithms import Topology, apply_nudge, pull_gap
 from swarmnet.codecs import Codec, kernels
 from swarmnet.codecs.published import until_copied
 from swarmnet.errors import CodecError, ProtocolError, SwarmError, TransportError
+from swarmnet.log import counted
 from swarmnet.peer.budget import CpuBudget, named_threads_cpu, thread_cpu_clock
 from swarmnet.peer.client import Rejected
-from swarmnet.peer.membership import IS_ME, PeerRecord
+from swarmnet.peer.membership import IS_ME, UNREACHABLE_HINT, PeerRecord, unreachable_causes
 from swarmnet.peer.screening import Screen
 from swarmnet.peer.state import MergeEntry, Snapshot, check_layout
 from swarmnet.wire import Message, MsgType, RejectCode, request
@@ -40,6 +41,10 @@ if TYPE_CHECKING:
 
 MAX_ROUNDS = 8
 """Pulls of one snapshot version a codec may ask for (lattice escalation) before giving up."""
+STUCK_WARN_S = 60.0
+"""Time without a merge, while peers are alive but each one fails or is on back-off, after which
+a peer warns (then every STUCK_WARN_REPEAT_S while it lasts)."""
+STUCK_WARN_REPEAT_S = 300.0
 INLINE_GAP_MAX = 1 << 19
 """Coordinates up to which a CPU model's gap and its screening are computed on the event loop:
 0.17 ms or less there (2 MB in fp32), where handing them to the worker thread and back costs
@@ -96,6 +101,9 @@ class Exchange:
         self._idle = asyncio.Event()
         self._idle.set()
         self._waker: asyncio.Future[bool] | None = None
+        self._stuck_since: float | None = None
+        """Since when every interaction failed or no alive peer was a candidate (None: merging)."""
+        self._next_stuck_warning = 0.0
 
     # -- loop ---------------------------------------------------------------------------------
 
@@ -115,12 +123,15 @@ class Exchange:
                     continue
             target = self.pick()
             if target is None or self.peer.store.latest() is None:
+                if target is None:
+                    self._merged_with_no_one()
                 await asyncio.sleep(0.05)  # nobody to talk to yet, or nothing of ours to merge
                 continue
             last = time.monotonic()
             self._idle.clear()
             try:
                 if await self.interact(target):
+                    self._stuck_since = None
                     took = time.monotonic() - last
                     self.peer.stats.pull_wall_s += took
                     self.pull_seconds = took if self.pull_seconds == 0 else 0.8 * self.pull_seconds + 0.2 * took
@@ -129,7 +140,8 @@ class Exchange:
                 # Busy, starting, or no longer holding a version we were still reading (it
                 # published several since) is not faulty.
                 if exc.code not in (RejectCode.NOT_READY, RejectCode.BUSY, RejectCode.GONE):
-                    self.peer.table.record_failure(target.id)
+                    self.peer.table.record_failure(target.id, why=str(exc))
+                    self._merged_with_no_one()
                     # What we knew of its snapshots may be what it refused (a plan for a chunk
                     # layout it no longer has): start afresh with it.
                     self._codec_state.pop(target.id, None)
@@ -140,7 +152,8 @@ class Exchange:
                 await self._until_published_after(exc.version)  # weights resynced (the user API), if ever
             except SwarmError as exc:
                 self.peer.stats.pulls_failed += 1
-                self.peer.table.record_failure(target.id, unreachable=isinstance(exc, TransportError))
+                self.peer.table.record_failure(target.id, unreachable=isinstance(exc, TransportError), why=str(exc))
+                self._merged_with_no_one()
                 if isinstance(exc, (CodecError, ProtocolError)):
                     self._codec_state.pop(target.id, None)
                 level = logging.WARNING if isinstance(exc, (CodecError, ProtocolError)) else logging.DEBUG
@@ -148,11 +161,29 @@ class Exchange:
             except Exception:  # a reply no check of ours foresaw: a bug to fix, never fatal to the peer
                 self.peer.stats.pulls_failed += 1
                 self.peer.stats.rejected["internal_error"] += 1
-                self.peer.table.record_failure(target.id)
+                self.peer.table.record_failure(target.id, why="an unexpected error (see the log)")
+                self._merged_with_no_one()
                 self.log.exception("interaction with %s failed unexpectedly (please report this)",
                                    target.name or target.id)
             finally:
                 self._idle.set()
+
+    def _merged_with_no_one(self) -> None:
+        """Called when an interaction failed or no alive peer could be picked: a peer that has
+        merged with none of the alive peers it knows for STUCK_WARN_S says so, and why (it
+        would otherwise train alone, counting no failure, as its neighbours stay on back-off)."""
+        now = time.monotonic()
+        alive = self.peer.table.alive()
+        if not alive:  # alone, or waiting for the swarm: nothing has failed
+            self._stuck_since = None
+        elif self._stuck_since is None:
+            self._stuck_since = now
+        elif now - self._stuck_since >= STUCK_WARN_S and now >= self._next_stuck_warning:
+            self._next_stuck_warning = now + STUCK_WARN_REPEAT_S
+            why = unreachable_causes(alive)
+            self.log.warning("no merge for %.0fs with any of the %s this peer knows alive%s; %s",
+                             now - self._stuck_since, counted(len(alive), "peer"), f" ({why})" if why else "",
+                             UNREACHABLE_HINT)
 
     def _until_due(self) -> float:
         """Seconds to hold the next pull so that it lands about when the compute thread wants

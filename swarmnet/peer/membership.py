@@ -57,6 +57,9 @@ class PeerRecord:
     left: bool = False
     done: bool = False
     """The peer has spent its budget and only serves its final snapshot."""
+    last_error: str = ""
+    """Why the last request to it failed, since it last served us: what a peer that merges with
+    no one says (unreachable_causes)."""
 
     def card(self) -> dict[str, Any]:
         return {"id": self.id, "addr": self.addr, "hb": self.hb, "name": self.name, "done": self.done}
@@ -131,11 +134,12 @@ class PeerTable:
             rec.left = True
             self._event(rec, "left")
 
-    def record_failure(self, pid: str, *, unreachable: bool = False) -> None:
+    def record_failure(self, pid: str, *, unreachable: bool = False, why: str = "") -> None:
         """``unreachable``: the peer could not be reached (connection lost or refused, timeout),
-        as opposed to answering with something bad."""
+        as opposed to answering with something bad; ``why``: the error."""
         rec = self.records.get(pid)
         if rec is not None:
+            rec.last_error = why or rec.last_error
             rec.unreachable_only = unreachable and (rec.unreachable_only or rec.failures == 0)
             rec.failures += 1
             rec.avoid_until = self.now() + min(MAX_BACKOFF, self.backoff * 2 ** (rec.failures - 1))
@@ -145,7 +149,7 @@ class PeerTable:
     def record_success(self, pid: str) -> None:
         rec = self.records.get(pid)
         if rec is not None:
-            rec.failures, rec.unreachable_only = 0, False
+            rec.failures, rec.unreachable_only, rec.last_error = 0, False, ""
             rec.avoid_until = 0.0
             rec.last_seen = self.now()
 
@@ -188,6 +192,18 @@ class PeerTable:
             del self.records[rec.id]
             self._event(rec, "forgotten")
         return gone
+
+
+UNREACHABLE_HINT = ("a peer whose advertised address this host cannot dial (a loopback or private address, "
+                    "a name this host does not resolve, a firewall) can still reach us, but never serves "
+                    "us a pull: check the --advertise of each peer from every host")
+
+
+def unreachable_causes(records: Iterable[PeerRecord], most: int = 3) -> str:
+    """``name at addr: error`` of the first ``most`` records that failed, for a warning."""
+    failed = [r for r in records if r.last_error]
+    shown = "; ".join(f"{r.name or r.id} at {r.addr}: {r.last_error}" for r in failed[:most])
+    return shown + (f"; and {len(failed) - most} more" if len(failed) > most else "")
 
 
 def read_seed_card(seed: str) -> str | None:
@@ -278,7 +294,7 @@ class MembershipService:
                                                timeout=min(self.client.timeout, self.table.dead_after / 2))
             except SwarmError as exc:
                 self.log.debug("gossip with %s failed: %s", rec.name or rec.id, exc)
-                self.table.record_failure(rec.id, unreachable=isinstance(exc, TransportError))
+                self.table.record_failure(rec.id, unreachable=isinstance(exc, TransportError), why=str(exc))
             else:
                 self.merge_reply(reply)
                 if reply.sender == self.table.self_id:

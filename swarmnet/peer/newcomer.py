@@ -73,7 +73,7 @@ async def fetch_donation(client: PeerClient, table: PeerTable, rng: random.Rando
                 if isinstance(exc, Rejected) and exc.code == RejectCode.BUSY:
                     busy = True
                     continue
-                table.record_failure(rec.id)
+                table.record_failure(rec.id, why=str(exc))
                 log.warning("could not adopt %s's model: %s", who, exc)
                 continue
             return Donation(who, step, clock, values_N, time.monotonic() - started)
@@ -95,7 +95,7 @@ async def _trained_donors(client: PeerClient, table: PeerTable, rng: random.Rand
     trained = []
     for rec, answer in zip(asked, answers, strict=True):
         if isinstance(answer, SwarmError):
-            table.record_failure(rec.id)
+            table.record_failure(rec.id, why=str(answer))
             log.warning("could not ask %s for its status: %s", rec.name or rec.id, answer)
             continue
         if isinstance(answer, BaseException):

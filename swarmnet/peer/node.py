@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -52,12 +53,25 @@ from swarmnet.peer.compute import ComputeLoop, Replica, peer_seed_of
 from swarmnet.peer.data import shard_count
 from swarmnet.peer.earlier import set_aside_earlier_files
 from swarmnet.peer.exchange import Exchange, warm_up_loops
-from swarmnet.peer.membership import MembershipService, PeerTable
+from swarmnet.peer.membership import (
+    UNREACHABLE_HINT,
+    MembershipService,
+    PeerTable,
+    unreachable_causes,
+)
 from swarmnet.peer.newcomer import fetch_donation
 from swarmnet.peer.server import PeerServer
 from swarmnet.peer.state import Mailbox, MergeGate, SnapshotStore
 from swarmnet.peer.stats import PeerStats
-from swarmnet.security import dial_target, exposure_warning, peer_keys, split_address, with_key
+from swarmnet.security import (
+    dial_target,
+    exposure_warning,
+    is_loopback,
+    peer_keys,
+    split_address,
+    url_host,
+    with_key,
+)
 from swarmnet.tasks import load_task, what_failed
 from swarmnet.transport import TransportSet
 from swarmnet.wire import CARD_BYTES, Limits, MsgType, fit_cards, request
@@ -111,6 +125,10 @@ def interface_ipv4(name: str) -> str:
         try:
             packed = fcntl.ioctl(sock.fileno(), siocgifaddr, struct.pack("256s", name.encode()[:15]))
         except OSError as exc:
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise ConfigError(f"network.interface {name!r} has no IPv4 address (it may be down, or hold IPv6 "
+                                  "ones only); give the address to advertise instead: --advertise "
+                                  "tcp://ADDRESS:PORT (tcp://[IPv6]:PORT for an IPv6 one)") from None
             known = ", ".join(n for _, n in socket.if_nameindex())
             raise ConfigError(f"network.interface {name!r}: {exc.strerror or exc}; interfaces here: {known}") from None
     return socket.inet_ntoa(packed[20:24])
@@ -123,6 +141,21 @@ def with_interface_host(address: str, interface: str) -> str:
     if not (sep and colon and port.isdigit()):
         raise ConfigError(f"network.interface only applies to host:port addresses, not {address!r}")
     return f"{scheme}://{interface_ipv4(interface)}:{port}"
+
+
+def loopback_warning(address: str, seeds: list[str]) -> str | None:
+    """A warning when this peer advertises a loopback ``address`` while a tcp seed is not one:
+    peers of another host would get its card and could never dial it."""
+    if not address.startswith("tcp://") or not is_loopback(url_host(split_address(address)[0])):
+        return None
+    remote = next((s for s in seeds if s.startswith("tcp://") and not is_loopback(url_host(split_address(s)[0]))),
+                  None)
+    if remote is None:
+        return None
+    return (f"this peer advertises {address}, a loopback address, while its seed {remote} is not one: if that "
+            "seed is another host, its peers can never pull from this one (it reaches them, they never it); "
+            "listen where they can dial it: --listen tcp://0.0.0.0:PORT with --advertise tcp://THIS_HOST:PORT "
+            "or --interface NAME")
 
 
 def resolve_rank(explicit: int) -> int | None:
@@ -321,6 +354,10 @@ class Peer:
                         self.log.warning("trained alone: no other peer was ever reached (seeds: %s)%s",
                                          ", ".join(self.membership.seeds),
                                          why or "; check --seed and that a peer is listening there")
+                    elif (self.cfg.network.exchange and not self.stats.interactions
+                          and (why := unreachable_causes(self.table.records.values()))):
+                        self.log.warning("trained alone: merged with none of the peers it knew (%s); %s",
+                                         why, UNREACHABLE_HINT)
                     await self.finish(linger_until)
                 finally:
                     compute.stop.set()  # whatever ended the loop, the compute thread must not outlive it
@@ -377,6 +414,8 @@ class Peer:
                 raise ConfigError(f"listening on {listener.address}: set network.advertise (--advertise) to the "
                                   "address other peers should dial, or network.interface (--interface) to "
                                   "advertise an interface's address")
+            if warning := loopback_warning(self.address, net.seeds):
+                self.log.warning("%s", warning)
             self.membership = MembershipService(
                 table=self.table, client=self.client, card=self.card,
                 seeds=[s for s in net.seeds if s != self.address],

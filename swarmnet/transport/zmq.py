@@ -262,7 +262,8 @@ def _lost_because(event: int, value: int, secured: bool, handshake_s: float, han
         if dialing_s >= 0.9 * CONNECT_TIMEOUT_S:  # a refusal comes back within a round trip
             return TransportError, (f": no TCP connection within {CONNECT_TIMEOUT_S:g}s (the host is down or "
                                     "unreachable, or a firewall drops the packets)")
-        return TransportError, " refused"
+        return TransportError, (" refused or unreachable (nothing listens there, or no route to that "
+                                "host, or no host at that address)")
     if event == zmq.EVENT_DISCONNECTED:
         return TransportError, (f" lost mid-request: the peer closed it or died, answered no heartbeat for "
                                 f"{silence_s:.3g}s (frozen), or acknowledged nothing for {UNACKED_TIMEOUT_S:g}s "

@@ -10,6 +10,7 @@ import pytest
 
 from swarmnet.peer.metrics import read_metrics
 from swarmnet.testing import PeerProcessHandle, query_status, wait_until
+from swarmnet.testing.ports import unused_port
 
 from .conftest import write_config
 
@@ -88,7 +89,7 @@ def test_unreachable_seed_is_reported_and_retried_without_hanging(tmp_path, daem
     daemons.append(peer)
     assert peer.wait(60) == 0, peer.log()
     log = peer.log(200)
-    assert "seed tcp://127.0.0.1:9 unreachable (connection to tcp://127.0.0.1:9 refused;" in log
+    assert "seed tcp://127.0.0.1:9 unreachable (connection to tcp://127.0.0.1:9 refused or unreachable" in log
     assert "retrying in" in log and "no other peer is alive" in log
     assert "waiting until 2 other peer(s) are known (network.min_peers)" in log  # why nothing happens yet
     assert "only 0 of 2 peers known" in log
@@ -396,3 +397,23 @@ def test_a_peer_killed_during_its_final_evaluation_leaves_its_summary(tmp_path, 
     peer.signal(signal.SIGKILL)
     peer.wait(10)
     assert peer.summary()["reason"] == "stopped" and (tmp_path / "run" / "alone" / "checkpoint.pt").exists()
+
+
+def test_a_peer_that_merged_with_no_one_says_why_at_the_end(tmp_path, daemons):
+    """a advertises an address nothing listens on (an --advertise other hosts cannot dial, in
+    effect): b hears from a, which reaches it, but never pulls from it. b once ended saying
+    nothing: it had joined, so no 'trained alone' line, and a sat on back-off, so no failure."""
+    config = daemon_config(tmp_path, steps=600)
+    listening, nowhere = (f"tcp://127.0.0.1:{unused_port()}" for _ in range(2))
+    run = tmp_path / "run"
+    one = ("--set", "network.min_peers=1")
+    a = PeerProcessHandle(run, "a", config, "--listen", listening, "--advertise", nowhere, *one,
+                          "--set", "train.steps=100000")
+    daemons.append(a)
+    b = PeerProcessHandle(run, "b", config, "--seed", listening, *one)
+    daemons.append(b)
+    assert b.wait(90) == 0, b.log()
+    assert b.summary()["interactions"] == 0
+    alone = next((line for line in b.log(200).splitlines() if "trained alone: merged with none" in line), b.log(200))
+    assert f"a at {nowhere}: connection to {nowhere} refused or unreachable" in alone, alone
+    assert "check the --advertise of each peer from every host" in alone

@@ -674,3 +674,32 @@ def test_a_neighbour_training_another_model_of_as_many_coordinates_is_refused(tm
         wait_until(step_both, 30, interval=0.005, what="each peer tried to pull the other twice")
         assert a.peer.stats.pulls_ok == b.peer.stats.pulls_ok == 0
     assert "the neighbour trains another model: the shapes of its parameters (fingerprint" in caplog.text
+
+
+def test_a_peer_that_can_reach_no_neighbours_address_warns_and_says_why(tmp_path, caplog, monkeypatch):
+    """a advertises an address nothing listens on (an --advertise another host cannot dial, in
+    effect): b hears from a, which reaches it, but can never pull from a. b once trained alone,
+    logging nothing above DEBUG and counting no failed pull (a stayed on back-off)."""
+    monkeypatch.setattr(swarmnet.peer.exchange, "STUCK_WARN_S", 1.0)
+    nowhere = f"tcp://127.0.0.1:{unused_port()}"
+    models = {name: _model_and_optimizer() for name in "ab"}
+    settings = {"network.linger": 0.0}
+    listening = f"tcp://127.0.0.1:{unused_port()}"
+    with swarmnet.SwarmOptimizer(models["a"][1], models["a"][0], name="a", run_dir=tmp_path, listen=listening,
+                                 settings={**settings, "network.advertise": nowhere}) as a:
+        with swarmnet.SwarmOptimizer(models["b"][1], models["b"][0], name="b", run_dir=tmp_path, seeds=[listening],
+                                     settings=settings) as b:
+            x = torch.randn(16, 4)
+
+            def warned():
+                for opt, (model, _) in ((a, models["a"]), (b, models["b"])):
+                    opt.zero_grad()
+                    model(x).pow(2).mean().backward()
+                    opt.step()
+                return "no merge for" in caplog.text
+
+            wait_until(warned, 30, interval=0.005, what="b's warning")
+            assert b.peer.stats.interactions == 0 and a.peer.stats.interactions > 0
+    said = next(r.getMessage() for r in caplog.records if "no merge for" in r.getMessage())
+    assert f"a at {nowhere}: connection to {nowhere} refused or unreachable" in said, said
+    assert "check the --advertise of each peer from every host" in said

@@ -266,6 +266,36 @@ def test_advertised_address_from_an_interface():
         with_interface_host("ipc:///tmp/peer.sock", "lo")
 
 
+def test_an_interface_without_an_ipv4_address_is_named_as_such():
+    """It read 'Cannot assign requested address'. In a new network namespace, lo is down and
+    holds no address."""
+    import subprocess
+    import sys
+
+    probe = ("from swarmnet.peer.node import interface_ipv4\n"
+             "try:\n    interface_ipv4('lo')\nexcept Exception as exc:\n    print(exc)")
+    try:
+        done = subprocess.run(["unshare", "--net", sys.executable, "-c", probe], capture_output=True, text=True,
+                              timeout=60)
+    except FileNotFoundError:
+        pytest.skip("no unshare here")
+    if done.returncode != 0:
+        pytest.skip(f"cannot make a network namespace here: {done.stderr.strip()}")
+    assert "network.interface 'lo' has no IPv4 address" in done.stdout and "--advertise" in done.stdout, done.stdout
+
+
+def test_advertised_loopback_with_another_hosts_seed_is_warned_of():
+    from swarmnet.peer.node import loopback_warning
+
+    said = loopback_warning("tcp://127.0.0.1:7000", ["tcp://10.0.0.2:7000"])
+    assert said is not None and "advertises tcp://127.0.0.1:7000, a loopback address" in said
+    assert "seed tcp://10.0.0.2:7000" in said and "--listen tcp://0.0.0.0:PORT" in said
+    assert loopback_warning("tcp://127.0.0.1:7000", ["tcp://localhost:7001", "file:///run/p/card.json"]) is None
+    assert loopback_warning("tcp://10.0.0.1:7000", ["tcp://10.0.0.2:7000"]) is None
+    assert loopback_warning("tcp://[::1]:7000", ["tcp://hostb:7000"]) is not None
+    assert loopback_warning("ipc:///tmp/a.sock", ["tcp://10.0.0.2:7000"]) is None
+
+
 def test_network_limits_follow_the_models_size():
     net = NetworkConfig(request_timeout=10.0, min_transfer_rate=50e6)
     assert net.frame_limit(26_122) == 8 * 26_122 + (1 << 20)  # auto: any snapshot of the model fits
