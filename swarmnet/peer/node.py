@@ -354,6 +354,10 @@ class Peer:
                         self.log.warning("trained alone: no other peer was ever reached (seeds: %s)%s",
                                          ", ".join(self.membership.seeds),
                                          why or "; check --seed and that a peer is listening there")
+                    elif self.cfg.network.seeds and not self.membership.joined.is_set():
+                        self.log.warning("trained alone: no other peer ever reached this one, whose only seeds "
+                                         "are its own address (%s): it waited for others to seed from it",
+                                         self.address)
                     elif (self.cfg.network.exchange and not self.stats.interactions
                           and (why := unreachable_causes(self.table.records.values()))):
                         self.log.warning("trained alone: merged with none of the peers it knew (%s); %s",
@@ -437,7 +441,8 @@ class Peer:
                           self.codec.name, f"{cores:.2f} cores" if cores > 0 else "unlimited", how)
             async with asyncio.TaskGroup() as tg:
                 services = [tg.create_task(server.run(), name="server"),
-                            tg.create_task(self.membership.run(), name="membership")]
+                            tg.create_task(self.membership.run(), name="membership"),
+                            tg.create_task(self._check_own_address(), name="own address")]
                 self._services = tg
                 try:
                     yield
@@ -450,6 +455,24 @@ class Peer:
                 self.exchange.close()
             await self.client.aclose()
             await self.transports.aclose()
+
+    async def _check_own_address(self) -> None:
+        """Ask this peer's advertised address once: another peer answering there means an
+        --advertise copied from its manifest (others would take that peer for this one, and
+        this one drops the seed it shares with it as its own). Not in allow-list mode: there our
+        address carries our own key, which only this peer can answer to, and our list need not
+        hold it."""
+        if self.curve is not None and self.curve.per_peer:
+            return
+        try:
+            reply = await self.client.call(self.address, request(MsgType.STATUS, self.id), expect=MsgType.STATUS_REPLY)
+        except SwarmError:
+            return  # not reachable from here (a NAT, a firewall): nothing learnt
+        if reply.sender != self.id:
+            other = reply.body["status"].get("name") or reply.sender
+            self.log.error("this peer advertises %s, but peer %s answers there: its --advertise (network.advertise) "
+                           "must be an address of this peer's own host and port; no other peer can reach this one",
+                           self.address, other)
 
     def start_exchange(self) -> None:
         """Start pulling neighbours (inside :meth:`serving`). Not earlier than the start

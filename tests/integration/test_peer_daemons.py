@@ -417,3 +417,21 @@ def test_a_peer_that_merged_with_no_one_says_why_at_the_end(tmp_path, daemons):
     alone = next((line for line in b.log(200).splitlines() if "trained alone: merged with none" in line), b.log(200))
     assert f"a at {nowhere}: connection to {nowhere} refused or unreachable" in alone, alone
     assert "check the --advertise of each peer from every host" in alone
+
+
+def test_an_advertise_copied_from_another_peers_manifest_is_named(tmp_path, daemons):
+    """b advertises a's address (and seeds from it, as a's manifest does): b dropped the seed as
+    its own address and trained alone, saying only that it knew none of its peers."""
+    config = daemon_config(tmp_path, steps=300)
+    run = tmp_path / "run"
+    one = ("--set", "network.min_peers=1", "--set", "network.join_timeout=2")
+    a = PeerProcessHandle(run, "a", config, *one, "--set", "train.steps=100000")
+    daemons.append(a)
+    theirs = a.card()["addr"]
+    b = PeerProcessHandle(run, "b", config, "--listen", f"tcp://127.0.0.1:{unused_port()}", "--advertise", theirs,
+                          "--seed", theirs, *one)
+    daemons.append(b)
+    assert b.wait(90) == 0, b.log()
+    log = b.log(200)
+    assert f"this peer advertises {theirs}, but peer a answers there" in log, log
+    assert f"trained alone: no other peer ever reached this one, whose only seeds are its own address ({theirs})" in log
