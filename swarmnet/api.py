@@ -72,7 +72,8 @@ class SwarmOptimizer:
 
     ``config`` is a swarm config (a TOML path or a :class:`SwarmConfig`); its ``algorithm``,
     ``codec``, ``network``, ``screening`` and ``security`` sections apply, of ``run`` ``dir`` and
-    ``seed``, of ``device`` ``threads`` (the model's device is the peer's), and of ``train`` only
+    ``seed``, of ``device`` ``threads`` (counted by the exchange's automatic CPU budget; the
+    model's device is the peer's), and of ``train`` only
     ``metrics_every``, ``tensorboard`` and, with ``algorithm.name = "popsgd"``, ``schedule =
     "popsgd"`` (your loop is the training; ``task`` does not apply). With the latter, PopSGD's learning rate follows
     the phase clock (SPEC 1.3): before each step every parameter group's rate is set to its rate

@@ -371,6 +371,11 @@ def _check_output_path(path: Path, flag: str) -> None:
 def write_refusal(path: Path, error: str) -> None:
     """A summary for a run refused before any peer started, so that a script reading ``path``
     learns why rather than reading an earlier run's result there."""
+    try:
+        if not path.parent.is_dir():  # nothing earlier to replace, and a refused run makes no folders
+            return
+    except OSError:  # a folder on the way we may not look into: the refusal itself, maybe
+        return
     with contextlib.suppress(ConfigError):  # the path itself may be what was refused
         _write_summary(path, {"ok": False, "interrupted": False, "elapsed_s": 0.0, "peers": [], "error": error})
 

@@ -31,7 +31,7 @@ from swarmnet.errors import CodecError, ProtocolError, SwarmError, TransportErro
 from swarmnet.log import counted
 from swarmnet.peer.budget import CpuBudget, named_threads_cpu, thread_cpu_clock
 from swarmnet.peer.client import Rejected
-from swarmnet.peer.membership import IS_ME, UNREACHABLE_HINT, PeerRecord, unreachable_causes
+from swarmnet.peer.membership import IS_ME, PeerRecord, failure_report
 from swarmnet.peer.screening import Screen
 from swarmnet.peer.state import MergeEntry, Snapshot, check_layout
 from swarmnet.wire import Message, MsgType, RejectCode, request
@@ -45,6 +45,7 @@ STUCK_WARN_S = 60.0
 """Time without a merge, while peers are alive but each one fails or is on back-off, after which
 a peer warns (then every STUCK_WARN_REPEAT_S while it lasts)."""
 STUCK_WARN_REPEAT_S = 300.0
+"""How often that warning repeats while no merge takes place."""
 INLINE_GAP_MAX = 1 << 19
 """Coordinates up to which a CPU model's gap and its screening are computed on the event loop:
 0.17 ms or less there (2 MB in fp32), where handing them to the worker thread and back costs
@@ -104,6 +105,7 @@ class Exchange:
         self._stuck_since: float | None = None
         """Since when every interaction failed or no alive peer was a candidate (None: merging)."""
         self._next_stuck_warning = 0.0
+        self._nudges_seen = 0
 
     # -- loop ---------------------------------------------------------------------------------
 
@@ -124,66 +126,68 @@ class Exchange:
             target = self.pick()
             if target is None or self.peer.store.latest() is None:
                 if target is None:
-                    self._merged_with_no_one()
+                    self._note_no_merge()
                 await asyncio.sleep(0.05)  # nobody to talk to yet, or nothing of ours to merge
                 continue
             last = time.monotonic()
             self._idle.clear()
             try:
                 if await self.interact(target):
-                    self._stuck_since = None
+                    self._stuck_since, self._next_stuck_warning = None, 0.0
                     took = time.monotonic() - last
                     self.peer.stats.pull_wall_s += took
                     self.pull_seconds = took if self.pull_seconds == 0 else 0.8 * self.pull_seconds + 0.2 * took
             except Rejected as exc:
-                self.peer.stats.pulls_failed += 1
                 # Busy, starting, or no longer holding a version we were still reading (it
                 # published several since) is not faulty.
                 if exc.code not in (RejectCode.NOT_READY, RejectCode.BUSY, RejectCode.GONE):
-                    self.peer.table.record_failure(target.id, why=str(exc))
-                    self._merged_with_no_one()
+                    self._failed(target, exc)
                     # What we knew of its snapshots may be what it refused (a plan for a chunk
                     # layout it no longer has): start afresh with it.
                     self._codec_state.pop(target.id, None)
+                else:
+                    self.peer.stats.pulls_failed += 1
                 self.log.debug("%s refused: %s", target.name or target.id, exc)
                 await asyncio.sleep(0.01)
             except OwnModelNonFinite as exc:  # the compute side raises at its next merge
                 self.peer.compute.non_finite = (exc.version, exc.step)
                 await self._until_published_after(exc.version)  # weights resynced (the user API), if ever
             except SwarmError as exc:
-                self.peer.stats.pulls_failed += 1
-                self.peer.table.record_failure(target.id, unreachable=isinstance(exc, TransportError), why=str(exc))
-                self._merged_with_no_one()
+                self._failed(target, exc)
                 if isinstance(exc, (CodecError, ProtocolError)):
                     self._codec_state.pop(target.id, None)
                 level = logging.WARNING if isinstance(exc, (CodecError, ProtocolError)) else logging.DEBUG
                 self.log.log(level, "interaction with %s failed: %s", target.name or target.id, exc)
-            except Exception:  # a reply no check of ours foresaw: a bug to fix, never fatal to the peer
-                self.peer.stats.pulls_failed += 1
+            except Exception as exc:  # a reply no check of ours foresaw: a bug to fix, never fatal to the peer
                 self.peer.stats.rejected["internal_error"] += 1
-                self.peer.table.record_failure(target.id, why="an unexpected error (see the log)")
-                self._merged_with_no_one()
+                self._failed(target, exc, "an unexpected error (see the log)")
                 self.log.exception("interaction with %s failed unexpectedly (please report this)",
                                    target.name or target.id)
             finally:
                 self._idle.set()
 
-    def _merged_with_no_one(self) -> None:
+    def _failed(self, target: PeerRecord, exc: Exception, why: str = "") -> None:
+        """An interaction with ``target`` failed through its fault or the network's."""
+        self.peer.stats.pulls_failed += 1
+        self.peer.table.record_failure(target.id, unreachable=isinstance(exc, TransportError), why=why or str(exc))
+        self._note_no_merge()
+
+    def _note_no_merge(self) -> None:
         """Called when an interaction failed or no alive peer could be picked: a peer that has
         merged with none of the alive peers it knows for STUCK_WARN_S says so, and why (it
-        would otherwise train alone, counting no failure, as its neighbours stay on back-off)."""
+        would otherwise train alone, counting no failure, as its neighbours stay on back-off).
+        Nudges applied (symmetric mode) are merges too."""
         now = time.monotonic()
         alive = self.peer.table.alive()
-        if not alive:  # alone, or waiting for the swarm: nothing has failed
-            self._stuck_since = None
+        nudged = self.peer.stats.nudges_applied
+        if not alive or nudged != self._nudges_seen:  # alone (nothing failed), or merging all the same
+            self._stuck_since, self._nudges_seen = None, nudged
         elif self._stuck_since is None:
             self._stuck_since = now
         elif now - self._stuck_since >= STUCK_WARN_S and now >= self._next_stuck_warning:
             self._next_stuck_warning = now + STUCK_WARN_REPEAT_S
-            why = unreachable_causes(alive)
-            self.log.warning("no merge for %.0fs with any of the %s this peer knows alive%s; %s",
-                             now - self._stuck_since, counted(len(alive), "peer"), f" ({why})" if why else "",
-                             UNREACHABLE_HINT)
+            self.log.warning("no merge for %.0fs with the %s this peer knows alive%s", now - self._stuck_since,
+                             counted(len(alive), "peer"), failure_report(alive))
 
     def _until_due(self) -> float:
         """Seconds to hold the next pull so that it lands about when the compute thread wants

@@ -59,7 +59,7 @@ class PeerRecord:
     """The peer has spent its budget and only serves its final snapshot."""
     last_error: str = ""
     """Why the last request to it failed, since it last served us: what a peer that merges with
-    no one says (unreachable_causes)."""
+    no one says (failure_report)."""
 
     def card(self) -> dict[str, Any]:
         return {"id": self.id, "addr": self.addr, "hb": self.hb, "name": self.name, "done": self.done}
@@ -199,11 +199,16 @@ UNREACHABLE_HINT = ("a peer whose advertised address this host cannot dial (a lo
                     "us a pull: check the --advertise of each peer from every host")
 
 
-def unreachable_causes(records: Iterable[PeerRecord], most: int = 3) -> str:
-    """``name at addr: error`` of the first ``most`` records that failed, for a warning."""
-    failed = [r for r in records if r.last_error]
+def failure_report(records: Iterable[PeerRecord], most: int = 3) -> str:
+    """`` (name at addr: error; ...)`` for the records still failing (the first ``most``), with
+    the hint on addresses where each failed only to be reached; "" where none is failing."""
+    failed = [r for r in records if r.failures and r.last_error]
+    if not failed:
+        return ""
     shown = "; ".join(f"{r.name or r.id} at {r.addr}: {r.last_error}" for r in failed[:most])
-    return shown + (f"; and {len(failed) - most} more" if len(failed) > most else "")
+    more = f"; and {len(failed) - most} more" if len(failed) > most else ""
+    hint = f"; {UNREACHABLE_HINT}" if all(r.unreachable_only for r in failed) else ""
+    return f" ({shown}{more}){hint}"
 
 
 def read_seed_card(seed: str) -> str | None:

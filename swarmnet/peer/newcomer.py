@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from swarmnet.codecs.fp32 import Fp32Codec
-from swarmnet.errors import CodecError, ProtocolError, SwarmError
+from swarmnet.errors import CodecError, ProtocolError, SwarmError, TransportError
 from swarmnet.peer.client import PeerClient, Rejected
 from swarmnet.peer.membership import PeerRecord, PeerTable
 from swarmnet.peer.state import check_layout
@@ -73,7 +73,7 @@ async def fetch_donation(client: PeerClient, table: PeerTable, rng: random.Rando
                 if isinstance(exc, Rejected) and exc.code == RejectCode.BUSY:
                     busy = True
                     continue
-                table.record_failure(rec.id, why=str(exc))
+                table.record_failure(rec.id, unreachable=isinstance(exc, TransportError), why=str(exc))
                 log.warning("could not adopt %s's model: %s", who, exc)
                 continue
             return Donation(who, step, clock, values_N, time.monotonic() - started)
@@ -95,7 +95,7 @@ async def _trained_donors(client: PeerClient, table: PeerTable, rng: random.Rand
     trained = []
     for rec, answer in zip(asked, answers, strict=True):
         if isinstance(answer, SwarmError):
-            table.record_failure(rec.id, why=str(answer))
+            table.record_failure(rec.id, unreachable=isinstance(answer, TransportError), why=str(answer))
             log.warning("could not ask %s for its status: %s", rec.name or rec.id, answer)
             continue
         if isinstance(answer, BaseException):

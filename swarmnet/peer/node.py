@@ -53,12 +53,7 @@ from swarmnet.peer.compute import ComputeLoop, Replica, peer_seed_of
 from swarmnet.peer.data import shard_count
 from swarmnet.peer.earlier import set_aside_earlier_files
 from swarmnet.peer.exchange import Exchange, warm_up_loops
-from swarmnet.peer.membership import (
-    UNREACHABLE_HINT,
-    MembershipService,
-    PeerTable,
-    unreachable_causes,
-)
+from swarmnet.peer.membership import MembershipService, PeerTable, failure_report
 from swarmnet.peer.newcomer import fetch_donation
 from swarmnet.peer.server import PeerServer
 from swarmnet.peer.state import Mailbox, MergeGate, SnapshotStore
@@ -180,7 +175,8 @@ class Peer:
                 f"train.shard = 'partition' trains each peer on the shard of its rank, and peer {identity.name} "
                 f"was given none: pass --rank N (0 to {cfg.run.peers - 1}), set rank in its manifest, or set one "
                 f"of {', '.join(RANK_VARIABLES)} (without, every such peer would train on shard 0)")
-        if identity.rank is not None and identity.rank >= cfg.run.peers and cfg.train.shard == "partition":
+        if (identity.rank is not None and identity.rank >= cfg.run.peers and cfg.train.shard == "partition"
+                and shard_count(cfg.run.peers) > 1):
             raise ConfigError(
                 f"peer {identity.name} has rank {identity.rank}, but run.peers = {cfg.run.peers}: train.shard = "
                 f"'partition' shares the data among ranks 0 to {cfg.run.peers - 1}, and this rank would train on the "
@@ -354,14 +350,13 @@ class Peer:
                         self.log.warning("trained alone: no other peer was ever reached (seeds: %s)%s",
                                          ", ".join(self.membership.seeds),
                                          why or "; check --seed and that a peer is listening there")
-                    elif self.cfg.network.seeds and not self.membership.joined.is_set():
+                    elif self.cfg.network.seeds and not self.membership.joined.is_set() and self.cfg.run.peers > 1:
                         self.log.warning("trained alone: no other peer ever reached this one, whose only seeds "
                                          "are its own address (%s): it waited for others to seed from it",
                                          self.address)
-                    elif (self.cfg.network.exchange and not self.stats.interactions
-                          and (why := unreachable_causes(self.table.records.values()))):
-                        self.log.warning("trained alone: merged with none of the peers it knew (%s); %s",
-                                         why, UNREACHABLE_HINT)
+                    elif (self.cfg.network.exchange and not self.stats.interactions + self.stats.nudges_applied
+                          and (why := failure_report(self.table.records.values()))):
+                        self.log.warning("trained alone: merged with none of the peers it knew%s", why)
                     await self.finish(linger_until)
                 finally:
                     compute.stop.set()  # whatever ended the loop, the compute thread must not outlive it
@@ -468,6 +463,9 @@ class Peer:
             reply = await self.client.call(self.address, request(MsgType.STATUS, self.id), expect=MsgType.STATUS_REPLY)
         except SwarmError:
             return  # not reachable from here (a NAT, a firewall): nothing learnt
+        except Exception:  # a diagnosis only: never fatal to the peer
+            self.log.debug("could not ask this peer's own address", exc_info=True)
+            return
         if reply.sender != self.id:
             other = reply.body["status"].get("name") or reply.sender
             self.log.error("this peer advertises %s, but peer %s answers there: its --advertise (network.advertise) "

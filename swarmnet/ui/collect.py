@@ -5,9 +5,10 @@ One :class:`StatusCollector` owns one :class:`~swarmnet.peer.client.PeerClient` 
 deadline (at most :data:`ASKS_AT_ONCE` at a time, those that answered last first), learns new
 addresses from the ``peers`` lists in the replies, and returns an immutable
 :class:`~swarmnet.ui.model.SwarmSnapshot`. A peer that does not answer keeps its last row, marked
-stale, until it has been silent for :data:`FORGET_AFTER_S` and no answering peer counts it alive:
-then it is no longer asked (a swarm with churn would otherwise pile up addresses for as long as
-the view runs), unless a peer lists it alive again or its card is rewritten.
+stale. Once it has been silent for :data:`FORGET_AFTER_S` and no answering peer counts it alive,
+it is no longer asked (a swarm with churn would otherwise pile up addresses for as long as the
+view runs) unless a peer lists it alive again or its card is rewritten, and unless it has a card
+in the run directory its row goes too.
 """
 
 from __future__ import annotations
@@ -219,7 +220,7 @@ class StatusCollector:
                     self._failures.pop(addr, None)
                     self._silent_since.pop(addr, None)
                     self._answered(addr, *reply)
-        self._forget_the_long_silent(time.time())
+        await self._forget_the_long_silent(time.time())
         return SwarmSnapshot(
             taken_at=time.time(), peers=tuple(sorted(self._one_row_per_peer(), key=_order)),
             events=tuple(sorted(self._events.values(), key=lambda e: e.time)[-MAX_EVENTS:]),
@@ -268,12 +269,16 @@ class StatusCollector:
             return None
         return await unresolved_host(addr)
 
-    def _forget_the_long_silent(self, now: float) -> None:
+    async def _forget_the_long_silent(self, now: float) -> None:
+        """Stop asking the long silent; a run directory's peers keep their stale rows (the
+        run's own peers: finished, killed or frozen), the others' rows go."""
         for addr, since in list(self._silent_since.items()):
             if now - since >= self.forget_after and addr not in self._alive_in_lists and addr not in self._seeds:
                 self._forgotten[addr] = now
-                for known in (self.addresses, self.rows, self._failures, self._silent_since, self.names):
+                dropped = (self.addresses, self._failures, self._silent_since)
+                for known in dropped if addr in self._carded else (*dropped, self.rows, self.names):
                     known.pop(addr, None)
+                await self.client.forget(addr)  # its socket would redial a dead address for as long as we run
         # What peers listed is gone from their lists long before this; a card stays.
         for addr, when in list(self._forgotten.items()):
             if now - when > 10 * self.forget_after and addr not in self._carded:

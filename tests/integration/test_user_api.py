@@ -275,7 +275,7 @@ def test_a_daemons_data_rank_exit_code_and_device_are_ignored_with_a_warning(tmp
         warnings.simplefilter("always")
         with swarmnet.SwarmOptimizer(opt, model, run_dir=tmp_path, settings=settings) as peer:
             assert peer.peer.device == torch.device("cpu")  # the model's, also on the peer's card
-    told = sorted(str(w.message).split(":")[0] for w in said)
+    told = sorted(str(w.message).split(":")[0] for w in said if str(w.message).startswith("setting "))
     assert told == [f"setting {k!r} does not apply to SwarmOptimizer" for k in sorted(settings) if "linger" not in k], told
     assert "the model's device is the peer's" in " ".join(str(w.message) for w in said)
 
@@ -696,10 +696,10 @@ def test_a_peer_that_can_reach_no_neighbours_address_warns_and_says_why(tmp_path
                     opt.zero_grad()
                     model(x).pow(2).mean().backward()
                     opt.step()
-                return "no merge for" in caplog.text
+                return "no merge for" in caplog.text and a.peer.stats.interactions > 0
 
-            wait_until(warned, 30, interval=0.005, what="b's warning")
-            assert b.peer.stats.interactions == 0 and a.peer.stats.interactions > 0
+            wait_until(warned, 30, interval=0.005, what="b's warning, and a merging")
+            assert b.peer.stats.interactions == 0
     said = next(r.getMessage() for r in caplog.records if "no merge for" in r.getMessage())
     assert f"a at {nowhere}: connection to {nowhere} refused or unreachable" in said, said
     assert "check the --advertise of each peer from every host" in said

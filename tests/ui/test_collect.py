@@ -141,11 +141,15 @@ async def test_a_forgotten_peer_of_the_run_dir_is_asked_again_once_its_card_is_r
     try:
         assert [p.name for p in (await collector.poll()).peers] == ["bob"]
         await asyncio.sleep(0.3)
-        assert (await collector.poll()).peers == ()
-        assert (await collector.poll()).peers == ()  # its card, unchanged, does not bring it back
+        await collector.poll()
+        assert "tcp://127.0.0.1:9" not in collector.addresses  # no longer asked ...
+        after = await collector.poll()  # ... as its card, unchanged, does not bring it back
+        assert "tcp://127.0.0.1:9" not in collector.addresses
+        assert [(p.name, p.stale) for p in after.peers] == [("bob", True)]  # one of the run's peers: still shown
         await asyncio.sleep(0.05)  # a later modification time than its forgetting
         card.write_text(card.read_text())  # bob restarted at the same address
-        assert [p.name for p in (await collector.poll()).peers] == ["bob"]
+        await collector.poll()
+        assert "tcp://127.0.0.1:9" in collector.addresses
     finally:
         await collector.aclose()
 
