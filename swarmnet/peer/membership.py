@@ -265,6 +265,8 @@ class MembershipService:
         self._card_missing_since: dict[str, float] = {}
         """file:// seeds: since when their card has been missing (infinity once warned about)."""
         self._seeding = False
+        self._namesakes: set[str] = set()
+        """Ids of live peers heard from under this peer's own name (warned about once each)."""
 
     def hello(self) -> Message:
         return request(MsgType.HELLO, self.client.sender, card=self.card(),
@@ -276,7 +278,13 @@ class MembershipService:
         return {"card": self.card(), "peers": self.table.sample_cards(self.rng, self.card_bytes)}
 
     def merge_reply(self, msg: Message) -> None:
-        self.table.merge(msg.body["card"], direct=True)
+        card = msg.body["card"]
+        ours = self.card()
+        if card.get("name") == ours.get("name") and card["id"] != ours["id"] and card["id"] not in self._namesakes:
+            self._namesakes.add(card["id"])  # a live one: only a running peer sends its own card
+            self.log.warning("peer %s at %s is named %s too: the status view, events and eval then mix the two "
+                             "up; give each peer its own --name", card["id"], card["addr"], ours["name"])
+        self.table.merge(card, direct=True)
         for card in msg.body["peers"]:
             self.table.merge(card)
         if self.table.alive():

@@ -435,3 +435,17 @@ def test_an_advertise_copied_from_another_peers_manifest_is_named(tmp_path, daem
     log = b.log(200)
     assert f"this peer advertises {theirs}, but peer a answers there" in log, log
     assert f"trained alone: no other peer ever reached this one, whose only seeds are its own address ({theirs})" in log
+
+
+def test_two_live_peers_of_one_name_are_warned_of(tmp_path, daemons):
+    """Two hosts' peers given one name (each in its own run directory) trained together without
+    a word, while status rows, events and eval mixed them up."""
+    config = daemon_config(tmp_path, steps=100000)
+    one = ("--set", "network.min_peers=1")
+    first = PeerProcessHandle(tmp_path / "host-a", "twin", config, *one)
+    daemons.append(first)
+    second = PeerProcessHandle(tmp_path / "host-b", "twin", config, "--seed", first.card()["addr"], *one)
+    daemons.append(second)
+    wait_until(lambda: "is named twin too" in first.log(200) and "is named twin too" in second.log(200), 60,
+               what="each twin's warning")
+    assert first.log(200).count("is named twin too") == 1  # once per namesake, not per hello
