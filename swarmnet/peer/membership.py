@@ -280,10 +280,11 @@ class MembershipService:
     def merge_reply(self, msg: Message) -> None:
         card = msg.body["card"]
         ours = self.card()
-        if card.get("name") == ours.get("name") and card["id"] != ours["id"] and card["id"] not in self._namesakes:
+        name = ours.get("name")
+        if name and card.get("name") == name and card["id"] != ours["id"] and card["id"] not in self._namesakes:
             self._namesakes.add(card["id"])  # a live one: only a running peer sends its own card
             self.log.warning("peer %s at %s is named %s too: the status view, events and eval then mix the two "
-                             "up; give each peer its own --name", card["id"], card["addr"], ours["name"])
+                             "up; give each peer its own --name", card["id"], card["addr"], name)
         self.table.merge(card, direct=True)
         for card in msg.body["peers"]:
             self.table.merge(card)
