@@ -63,7 +63,7 @@ def nobody_answered(snapshot: SwarmSnapshot, run_dir: Path | None = None) -> str
 
 def seeds_from_run_dir(run_dir: Path) -> list[str]:
     """Addresses from the ``<run_dir>/<peer>/card.json`` files peers write once they are bound."""
-    return list(names_from_run_dir(run_dir))
+    return list(dict.fromkeys(addr for addr, _, _ in _card_entries(card_paths(run_dir))))
 
 
 def card_paths(run_dir: Path) -> list[Path]:
@@ -71,14 +71,9 @@ def card_paths(run_dir: Path) -> list[Path]:
     return sorted(run_dir.glob("*/card.json"))
 
 
-def names_from_run_dir(run_dir: Path, cards: Iterable[Path] | None = None) -> dict[str, str]:
-    """Address -> peer name from the run directory's cards (the directory's name if a card has
-    none); ``cards``: those paths, when the caller has them already."""
-    return {addr: name for addr, name, _ in _card_entries(card_paths(run_dir) if cards is None else cards)}
-
-
 def _card_entries(cards: Iterable[Path]) -> list[tuple[str, str, float]]:
-    """(address, peer name, when the card was written) of each readable card."""
+    """(address, peer name (the directory's where a card has none), when the card was written)
+    of each readable card."""
     found = []
     for path in cards:
         card = _read_card(path)
