@@ -42,6 +42,9 @@ class PeerStatus:
     loss: float = math.nan
     lr: float = math.nan
     interactions: int = 0
+    pulls_failed: int = 0
+    """Pulls that failed (timeouts, refused connections, refused snapshots): a peer failing
+    every pull trains alone."""
     bytes_in: int = 0
     bytes_out: int = 0
     staleness_s: float = math.nan
@@ -75,7 +78,8 @@ class PeerStatus:
             device=str(status.get("device", "")), state=str(status.get("state", "unknown")),
             step=_int(status.get("step")), total_steps=_int(status.get("total_steps")),
             clock=_int(status.get("clock")), loss=_float(status.get("loss")), lr=_float(status.get("lr")),
-            interactions=_int(status.get("interactions")), bytes_in=_int(status.get("bytes_in")),
+            interactions=_int(status.get("interactions")), pulls_failed=_int(status.get("pulls_failed")),
+            bytes_in=_int(status.get("bytes_in")),
             bytes_out=_int(status.get("bytes_out")), staleness_s=_float(status.get("staleness_s")),
             consensus=_float(status.get("consensus")), peers_alive=_int(status.get("peers_alive")),
             exchange_cpu=_float(status.get("exchange_cpu")), budget_wait_s=_float(status.get("budget_wait_s")),

@@ -67,11 +67,11 @@ def render_header(snap: SwarmSnapshot) -> Panel:
 PEER_COLUMNS = (("peer", "left", 4), ("host", "left", 4), ("device", "left", 6), ("state", "left", 9),
                 ("step", "right", 5), ("clock", "right", 0), ("loss", "right", 6), ("lr", "right", 0),
                 ("inter/s", "right", 0), ("in/s", "right", 0), ("out/s", "right", 0), ("stale", "right", 0),
-                ("budget", "right", 0), ("refused", "right", 0), ("seen", "right", 5))
+                ("budget", "right", 0), ("failed", "right", 0), ("refused", "right", 0), ("seen", "right", 5))
 """Name, justification and least width of each column of the peers table (budget: the
-exchange's CPU budget in cores; refused: what the peer refused, requests (malformed,
+exchange's CPU budget in cores; failed: pulls that failed; refused: what the peer refused, requests (malformed,
 unauthenticated, ...) and neighbours' snapshots its screening turned down)."""
-DROP_FIRST = ("budget", "host", "device", "seen", "refused", "stale", "clock", "lr")
+DROP_FIRST = ("budget", "host", "device", "seen", "refused", "failed", "stale", "clock", "lr")
 """Columns left out, in this order, while the table is wider than the terminal."""
 
 
@@ -124,7 +124,8 @@ def _cells(row: PeerStatus, now: float) -> list[RenderableType]:
         fmt_float(row.lr, 3), fmt_float(rates.interactions, 3) if rates else "-",
         fmt_bytes(rates.bytes_in if rates else None), fmt_bytes(rates.bytes_out if rates else None),
         f"{fmt_float(row.staleness_s, 2)}s" if math.isfinite(row.staleness_s) else "-",
-        _budget(row.exchange_cpu), Text(str(row.refused), style="yellow" if row.refused else ""), seen,
+        _budget(row.exchange_cpu), Text(str(row.pulls_failed), style="yellow" if row.pulls_failed else ""),
+        Text(str(row.refused), style="yellow" if row.refused else ""), seen,
     ]
 
 

@@ -100,25 +100,26 @@ def test_a_narrow_terminal_leaves_columns_out_instead_of_cutting_numbers() -> No
 
     wide, narrow = screen(render(snap), width=200), screen(render(snap), width=80)
     assert header(wide) == ["peer", "host", "device", "state", "step", "clock", "loss", "lr", "inter/s", "in/s",
-                            "out/s", "stale", "budget", "refused", "seen"]
+                            "out/s", "stale", "budget", "failed", "refused", "seen"]
     assert "…" not in narrow
     assert {"peer", "state", "step", "loss", "inter/s", "in/s", "out/s"} <= set(header(narrow)) < set(header(wide))
     for row in rows:  # every peer's name and step in full
         assert any(line.split()[0] == row.name and str(row.step) in line.split() for line in narrow.splitlines())
 
 
-def test_the_exchange_budget_and_refusals_are_shown_and_in_the_json() -> None:
+def test_the_exchange_budget_failed_pulls_and_refusals_are_shown_and_in_the_json() -> None:
     """docs/operations.md and docs/reliability.md send users to status for the exchange's CPU
-    budget, its waits and the requests a peer refused."""
-    reply = {"id": "a1", "name": "peer0", "exchange_cpu": 0.05, "budget_wait_s": 12.5,
+    budget, its waits, its failed pulls and the requests a peer refused."""
+    reply = {"id": "a1", "name": "peer0", "exchange_cpu": 0.05, "budget_wait_s": 12.5, "pulls_failed": 7,
              "rejected": {"malformed": 2, "unauthenticated": 1, "bogus": "x"}}
     row = PeerStatus.from_reply(reply, addr="tcp://127.0.0.1:9", now=1000.0)
     assert row.rejected == {"malformed": 2, "unauthenticated": 1, "bogus": 0} and row.refused == 3
     snap = SwarmSnapshot(taken_at=1000.5, peers=(row,))
     line = next(line for line in screen(render(snap), width=200).splitlines() if line.startswith("peer0 "))
-    assert line.split()[-3:] == ["0.05", "3", "0.5s"]  # budget, refused, seen
+    assert line.split()[-4:] == ["0.05", "7", "3", "0.5s"]  # budget, failed, refused, seen
     peer = snap.to_json()["peers"][0]
-    assert (peer["exchange_cpu"], peer["budget_wait_s"], peer["rejected"]["malformed"]) == (0.05, 12.5, 2)
+    assert (peer["exchange_cpu"], peer["budget_wait_s"], peer["pulls_failed"], peer["rejected"]["malformed"]) == (
+        0.05, 12.5, 7, 2)
     unlimited = PeerStatus.from_reply({"id": "b", "name": "peer1", "exchange_cpu": 0.0}, addr="x", now=1000.0)
     assert "none" in screen(render(SwarmSnapshot(taken_at=1000.5, peers=(unlimited,))), width=200)
 
