@@ -203,6 +203,7 @@ def eval_(
     peers: Annotated[int, typer.Option("--peers", "-n", help="Average only the first N live peers by name (0: all).")] = 0,
     bn_batches: Annotated[int, typer.Option("--bn-batches", help="Training batches to recompute BatchNorm statistics on (0: keep none, leaves them reset).")] = 20,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON here.")] = None,
+    save: Annotated[Optional[Path], typer.Option("--save", help="Also save the average model here, a state_dict: model.load_state_dict(torch.load(PATH)).")] = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Deadline of one status request, seconds.")] = 5.0,
     key: Annotated[Optional[Path], typer.Option("--key", "-k", help=escape("Secret key file for a swarm with [security] (default: the config's key)."))] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: section.key=VALUE, repeatable.")] = None,
@@ -226,11 +227,12 @@ def eval_(
 
         require_run_dir(run_dir, "--run-dir ")
     _writable(json_path)
+    _writable(save, "--save")
     try:
         settings = parse_settings(set_ or [])
         cfg = load_config(config, settings, dict.fromkeys(settings, "--set"))
         result = evaluate_swarm(cfg, seeds=seed or [], run_dir=run_dir, peers=peers, bn_batches=bn_batches,
-                                timeout=timeout, key_file=key)
+                                timeout=timeout, key_file=key, save=save)
     except SwarmError as exc:
         fail(str(exc))
     text = jsonsafe.dumps(result, indent=2)
@@ -243,6 +245,8 @@ def eval_(
         except OSError as exc:
             fail(f"--json {json_path}: cannot write {exc.filename or json_path} ({exc.strerror or exc}); the result "
                  "is printed above, pass a writable path to keep a copy", code=1)
+    if "model_error" in result:
+        fail(f"--save {save}: {result['model_error']}", code=1)
 
 
 def _writable(path: Path | None, flag: str = "--json") -> None:

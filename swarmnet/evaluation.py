@@ -84,6 +84,26 @@ def evaluate_averaged(model: nn.Module, task: Task, *, batch_size: int, seed: in
     return result
 
 
+def save_model(model: nn.Module, path: Path) -> None:
+    """The averaged model as a plain ``state_dict`` of CPU tensors, its recomputed BatchNorm
+    statistics included: ``model.load_state_dict(torch.load(path))`` restores it. Written whole
+    or not at all (an OSError leaves what ``path`` held)."""
+    from swarmnet.peer.checkpoint import save_atomic
+
+    save_atomic({name: t.detach().cpu() for name, t in model.state_dict().items()}, path)
+
+
+def saved_to(model: nn.Module, path: Path) -> dict[str, str]:
+    """:func:`save_model`, reported as ``{"model": path}`` or ``{"model_error": why}``."""
+    try:
+        save_model(model, path)
+    except OSError as exc:
+        why = f"cannot write {exc.filename or path} ({exc.strerror or exc}); free space or pick a writable path"
+        log.warning("the average model was not saved: %s", why)
+        return {"model_error": why}
+    return {"model": str(path)}
+
+
 # -- swarmnet eval: average live snapshots ------------------------------------------------------
 
 
@@ -159,10 +179,12 @@ async def discover(seeds: list[str], run_dir: Path | None, timeout: float,
 
 def evaluate_swarm(cfg: SwarmConfig, *, seeds: list[str], run_dir: Path | None = None, peers: int = 0,
                    bn_batches: int = BN_BATCHES, timeout: float = 5.0,
-                   key_file: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+                   key_file: str | os.PathLike[str] | None = None, save: Path | None = None) -> dict[str, Any]:
     """Pull the current snapshots of all (or the first ``peers``, by name) live peers, average
-    them, recompute BatchNorm statistics and evaluate the average on the task's held-out data.
-    A closed swarm is read with ``key_file``, else with the key of the config's [security]."""
+    them, recompute BatchNorm statistics and evaluate the average on the task's held-out data;
+    with ``save``, write the average there (:func:`save_model`; where that fails, the result's
+    ``model_error`` says why). A closed swarm is read with ``key_file``, else with the key of the config's
+    [security]."""
     curve = client_keys(key_file, None if key_file else cfg.security)
     task = load_task(cfg.task.spec, cfg.task.options)
     torch.manual_seed(cfg.run.seed)
@@ -232,6 +254,8 @@ def evaluate_swarm(cfg: SwarmConfig, *, seeds: list[str], run_dir: Path | None =
     FlatParameters(model, averaged[mean_N.numel()][0]).vector_N.copy_(mean_N)
     result = evaluate_averaged(model, task, batch_size=cfg.train.batch_size, seed=cfg.run.seed,
                                bn_batches=bn_batches)
+    if save is not None:
+        result.update(saved_to(model, save))
     return {"task": task.name, "metric": task.metric, "peers_averaged": len(pulled),
             "peers": [{"name": p.name, "addr": p.addr, "step": p.step, "version": p.version} for p in pulled],
             "consensus_distance": consensus, **result}

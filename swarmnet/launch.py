@@ -46,13 +46,13 @@ from swarmnet.config import (
     to_dict,
 )
 from swarmnet.errors import ConfigError, unwritable_run_dir
-from swarmnet.evaluation import evaluate_averaged
+from swarmnet.evaluation import evaluate_averaged, saved_to
 from swarmnet.log import counted, get_logger
 from swarmnet.peer import checkpoint
 from swarmnet.peer.budget import LOCAL_PEERS_VARIABLE
 from swarmnet.peer.claim import check_free
 from swarmnet.peer.compute import plan_training, unreached_milestones
-from swarmnet.peer.earlier import set_aside_earlier_peers
+from swarmnet.peer.earlier import AVERAGE_FILE, set_aside_earlier_peers
 from swarmnet.peer.metrics import read_metrics
 from swarmnet.peer.node import FINISHED_WELL
 from swarmnet.tasks import load_task, what_failed
@@ -334,6 +334,8 @@ def launch(plan: LaunchPlan, *, summary_path: Path | None = None, console: Conso
             signal.signal(sig, handler)
     result = summarize(plan, time.monotonic() - started, interrupted)
     console.print(render_summary(result))
+    if "model" in result["average"]:
+        console.print(f"average model (a state_dict): {result['average']['model']}", markup=False, highlight=False)
     for r in result["peers"]:
         if not r["ok"] and ": " in str(r.get("reason", "")):
             console.print(f"{r['name']}: {r['reason']}", markup=False, highlight=False)
@@ -549,7 +551,8 @@ def _last_metrics(path: Path, start: int = 0) -> dict[str, Any] | None:
 
 def average_models(plan: LaunchPlan, peers: list[PeerProcess]) -> dict[str, Any]:
     """Average the float parameters of the given peers' final checkpoints and evaluate it, with
-    BatchNorm statistics recomputed on a few training batches (swarmnet.evaluation)."""
+    BatchNorm statistics recomputed on a few training batches (swarmnet.evaluation), and save it
+    as the run's result, ``<run dir>/average.pt``."""
     states = []
     for p in peers:
         path = plan.run_dir / p.name / "checkpoint.pt"
@@ -575,12 +578,12 @@ def average_models(plan: LaunchPlan, peers: list[PeerProcess]) -> dict[str, Any]
     model.load_state_dict(merged)
     result = {"peers_averaged": len(states), "consensus_distance": math.sqrt(squared / len(states))}
     try:
-        evaluation = evaluate_averaged(model, task, batch_size=plan.cfg.train.batch_size, seed=plan.cfg.run.seed)
-    except Exception as exc:  # the task's own evaluation: its failure must not cost the summary
+        result.update(evaluate_averaged(model, task, batch_size=plan.cfg.train.batch_size, seed=plan.cfg.run.seed))
+    except Exception as exc:  # the task's own evaluation: its failure must cost neither the summary nor the model
         error = what_failed(exc)
         log.warning("the average model could not be evaluated: the task's evaluation raised %s", error)
-        return {**result, "eval_error": error}
-    return {**result, **evaluation}
+        result["eval_error"] = error
+    return {**result, **saved_to(model, plan.run_dir / AVERAGE_FILE)}
 
 
 def unwritten(row: dict[str, Any]) -> str:

@@ -19,11 +19,13 @@ EARLIER = ".earlier"
 
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "summary.json", "tensorboard")
 """What a peer's run leaves in its folder (its card is removed at every start)."""
+AVERAGE_FILE = "average.pt"
+"""What `swarmnet up` leaves in the run directory: the average of the peers' final models."""
 
 
 def set_aside_earlier_peers(run_dir: Path, log: logging.Logger) -> None:
-    """`swarmnet up`, fresh: move the folders of an earlier run's peers whole. A folder a running
-    peer holds, or whose lock cannot be asked, stays where it is."""
+    """`swarmnet up`, fresh: move the folders of an earlier run's peers whole, and its average
+    model. A folder a running peer holds, or whose lock cannot be asked, stays where it is."""
     moved: list[str] = []
     replaced = False
     for folder in sorted({f.parent for pattern in ("*/card.json", "*/metrics.jsonl", "*/checkpoint.pt")
@@ -37,6 +39,9 @@ def set_aside_earlier_peers(run_dir: Path, log: logging.Logger) -> None:
             continue
         replaced |= _move(folder, run_dir / EARLIER / folder.name)
         moved.append(folder.name)
+    if (run_dir / AVERAGE_FILE).exists():
+        replaced |= _move(run_dir / AVERAGE_FILE, run_dir / EARLIER / AVERAGE_FILE)
+        moved.append(AVERAGE_FILE)
     if moved:
         _say_moved(log, ", ".join(moved), run_dir / EARLIER, replaced, resume="move them back and add --no-fresh")
 

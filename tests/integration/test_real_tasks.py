@@ -119,6 +119,13 @@ def test_fashion_swarm_trains_and_the_average_is_evaluated_with_fresh_batchnorm_
     # Each peer ~0.7-0.75 after 200 steps on 4000 images; the average, with its own statistics, alike.
     assert average["eval"]["accuracy"] > 0.6, average
     assert all(p["eval"]["accuracy"] > 0.6 for p in summary["peers"]), summary["peers"]
+    # The saved average carries the statistics it was evaluated with: loaded into a fresh model,
+    # it scores what the summary says.
+    task = load_task(config.task.spec, {"width": 8, "train_subset": 4000, "test_subset": 1000})
+    model = task.build_model()
+    model.load_state_dict(torch.load(average["model"], weights_only=True))
+    model.eval()
+    assert task.evaluate(model)["accuracy"] == pytest.approx(average["eval"]["accuracy"], abs=1e-6)
 
 
 # -- CIFAR format ------------------------------------------------------------------------------

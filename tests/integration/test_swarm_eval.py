@@ -7,11 +7,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from swarmnet.cli import app
 from swarmnet.config import load_config
 from swarmnet.evaluation import evaluate_swarm
+from swarmnet.tasks import load_task
 from swarmnet.testing import query_status, wait_until
 
 from .conftest import digits_config, write_config
@@ -43,8 +45,15 @@ def test_eval_averages_the_live_models_of_a_resnet_swarm(tmp_path, swarm_factory
     wait_until(lambda: all(query_status(c["addr"])["step"] > 80 for c in cards), 180, interval=1.0,
                what="every peer past step 80")
 
-    everyone = run_eval("--config", str(config), "--run-dir", str(swarm.run_dir), "--json", str(tmp_path / "e.json"))
+    everyone = run_eval("--config", str(config), "--run-dir", str(swarm.run_dir), "--json", str(tmp_path / "e.json"),
+                        "--save", str(tmp_path / "avg.pt"))
     assert json.loads((tmp_path / "e.json").read_text()) == everyone
+    assert everyone["model"] == str(tmp_path / "avg.pt")
+    task = load_task("swarmnet.tasks.cifar:task", sections["task"]["options"])
+    model = task.build_model()  # the saved average, BatchNorm statistics included, scores what eval said
+    model.load_state_dict(torch.load(tmp_path / "avg.pt", weights_only=True))
+    model.eval()
+    assert task.evaluate(model)["accuracy"] == pytest.approx(everyone["eval"]["accuracy"], abs=1e-6)
     assert everyone["peers_averaged"] == 2 and {p["name"] for p in everyone["peers"]} == {"peer0", "peer1"}
     assert everyone["batchnorm_batches"] == 20 and everyone["metric"] == "accuracy"
     assert everyone["eval"]["accuracy"] > 0.5, everyone  # chance 0.1; ~0.8-1.0 measured

@@ -58,6 +58,10 @@ def test_four_peers_converge_on_least_squares(swarm_factory):
     # snapshot in d = 32 spreads by about 25%); it must beat one sequential model (0.091) clearly.
     assert excess_mean < 0.08, excess_mean
     assert summary["average"]["eval"]["excess_loss"] == pytest.approx(excess_mean, rel=1e-3, abs=1e-5)
+    # ... and that average is the run's result, saved as a plain state_dict.
+    assert summary["average"]["model"] == str(on.run_dir / "average.pt")
+    saved = torch.load(on.run_dir / "average.pt", weights_only=True)
+    assert torch.allclose(saved["weight"].reshape(-1).double(), mean, atol=1e-6)
 
 
 def test_quickstart_matches_sequential_sgd_on_digits(swarm_factory, tmp_path):

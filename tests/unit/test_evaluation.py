@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from swarmnet.evaluation import evaluate_averaged, recompute_batchnorm
+from swarmnet.evaluation import evaluate_averaged, recompute_batchnorm, saved_to
 from swarmnet.tasks import Task
 
 
@@ -62,3 +62,17 @@ def test_models_without_batchnorm_are_left_alone():
     model = nn.Linear(4, 2)
     before = model.weight.detach().clone()
     assert recompute_batchnorm(model, task) == 0 and torch.equal(model.weight, before)
+
+
+def test_a_saved_average_restores_its_statistics_and_a_failed_save_keeps_what_was_there(tmp_path):
+    task = bn_task()
+    model = task.build_model()
+    evaluate_averaged(model, task, batch_size=64, seed=0)
+    assert saved_to(model, tmp_path / "avg.pt") == {"model": str(tmp_path / "avg.pt")}
+    fresh = task.build_model()
+    fresh.load_state_dict(torch.load(tmp_path / "avg.pt", weights_only=True))
+    assert torch.equal(fresh[0].running_mean, model[0].running_mean) and int(fresh[0].num_batches_tracked) == 20
+    (tmp_path / "file").write_text("not a folder")
+    failed = saved_to(model, tmp_path / "file" / "avg.pt")
+    assert failed["model_error"].startswith(f"cannot write {tmp_path / 'file'}") and "writable path" in failed["model_error"]
+    assert (tmp_path / "file").read_text() == "not a folder"

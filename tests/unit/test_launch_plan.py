@@ -68,7 +68,8 @@ def test_ipc_sockets_under_a_run_dir_too_deep_for_them_are_refused_before_any_st
 def test_a_fresh_run_sets_aside_the_folders_of_earlier_peers(tmp_path):
     """An earlier run of 4 peers, then 2: peer2's card and metrics left in place would pass for
     this run's in `status` and `plot`, and peer0's checkpoint may be all an interrupted run has.
-    Moved aside, checkpoints and all; peer3, which a running process holds, is left where it is."""
+    Moved aside, checkpoints and all, with the earlier average model (which would pass for this
+    run's result); peer3, which a running process holds, is left where it is."""
     from swarmnet.peer.claim import DirectoryClaim
     from swarmnet.ui.collect import seeds_from_run_dir
 
@@ -77,6 +78,7 @@ def test_a_fresh_run_sets_aside_the_folders_of_earlier_peers(tmp_path):
         (run / f"peer{i}").mkdir(parents=True)
         for name in ("card.json", "metrics.jsonl", "checkpoint.pt"):
             (run / f"peer{i}" / name).write_text('{"addr": "tcp://127.0.0.1:9"}' if name == "card.json" else name)
+    (run / "average.pt").write_text("first")
     held = DirectoryClaim(run / "peer3", logging.getLogger("test"))
     try:
         plan(tmp_path, {"task.spec": "swarmnet.tasks.lsq:task", "run.peers": 2})
@@ -88,10 +90,13 @@ def test_a_fresh_run_sets_aside_the_folders_of_earlier_peers(tmp_path):
     assert not any((run / f"peer{i}" / "card.json").exists() for i in (0, 1))  # the launched ones start afresh
     assert all((run / ".earlier" / f"peer{i}" / "checkpoint.pt").read_text() == "checkpoint.pt" for i in (0, 1))
     assert seeds_from_run_dir(run) == ["tcp://127.0.0.1:9"]  # peer3's only
+    assert not (run / "average.pt").exists() and (run / ".earlier" / "average.pt").read_text() == "first"
     (run / "peer2").mkdir()
     (run / "peer2" / "metrics.jsonl").write_text("again")
+    (run / "average.pt").write_text("second")
     plan(tmp_path, {"task.spec": "swarmnet.tasks.lsq:task", "run.peers": 2})  # an older one there is replaced
     assert (run / ".earlier" / "peer2" / "metrics.jsonl").read_text() == "again"
+    assert (run / ".earlier" / "average.pt").read_text() == "second"
     assert not (run / "peer3").exists()
 
 
