@@ -64,6 +64,8 @@ class TaskConfig:
 
 
 BUDGETS = ("steps", "epochs", "sequential_epochs")
+PRECISIONS = ("fp32", "bf16", "fp16")
+"""train.precision: none, or the dtype torch.autocast computes in."""
 DEFAULT_STEPS = 1000
 """The budget when none of BUDGETS is set."""
 MAX_STEPS = 2**53
@@ -116,6 +118,13 @@ class TrainConfig:
     """SGD weight decay (L2), applied by the local optimizer."""
     nesterov: bool = False
     """Nesterov momentum (without momentum it has no effect)."""
+    clip_grad_norm: float = 0.0
+    """Scale the gradients down to this total L2 norm before each step where it is larger
+    (torch.nn.utils.clip_grad_norm_); 0: no clipping."""
+    precision: str = "fp32"
+    """The forward and backward pass's precision: fp32, or mixed precision under torch.autocast
+    with bf16 or fp16 (fp16 with dynamic loss scaling, whose state the checkpoint keeps). The
+    weights, the optimizer's state and the snapshots peers exchange stay fp32."""
     shard: str = "random"
     """random: each peer samples the whole set in its own order; partition: n/2 shards, each
     shared by two peers (SPEC 1.4), reshuffled per epoch with per-peer seeds."""
@@ -157,6 +166,8 @@ class TrainConfig:
         _require(_at_least(self.final_lr_ratio, 0), "final_lr_ratio", "must be a finite number >= 0")
         _require(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
         _require(_at_least(self.weight_decay, 0), "weight_decay", "must be a finite number >= 0")
+        _require(_at_least(self.clip_grad_norm, 0), "clip_grad_norm", "must be a finite number >= 0 (0: no clipping)")
+        _require(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}")
         _require(self.shard in ("random", "partition"), "shard", "must be 'random' or 'partition'")
         _require(self.metrics_every >= 1, "metrics_every", "must be >= 1")
         _require(self.eval_every >= 0, "eval_every", "must be >= 0 (0: evaluate only at the end)")

@@ -369,6 +369,10 @@ class ComputeLoop(Replica):
             self.model.parameters(), lr=train.lr, momentum=train.momentum,
             weight_decay=train.weight_decay, nesterov=train.nesterov and train.momentum > 0,
         )
+        self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train.precision)
+        """The dtype of mixed precision, None in fp32."""
+        self.scaler = torch.amp.GradScaler(device.type, enabled=train.precision == "fp16")
+        """Dynamic loss scaling for fp16 (disabled otherwise): fp16 gradients underflow without it."""
         self.plan = plan_training(train, cfg.run.peers, task.num_samples)
         if (late := unreached_milestones(train, self.plan)) is not None:
             log.warning("%s", late)
@@ -437,6 +441,8 @@ class ComputeLoop(Replica):
                               "changed): they count as %d of this config's", self.step, round(self.step * scale))
                 self.step = round(self.step * scale)
             self.rng.setstate(state["rng"])
+            if state.get("scaler") and self.scaler.is_enabled():  # fp16 before: its loss scale goes on
+                self.scaler.load_state_dict(state["scaler"])
             if state.get("torch_rng") is not None:  # checkpoints before it had none
                 torch.set_rng_state(state["torch_rng"])
             if state.get("cuda_rng") is not None and self.device.type == "cuda":
@@ -497,6 +503,8 @@ class ComputeLoop(Replica):
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "task": self.cfg.task.spec,
         }
+        if self.scaler.is_enabled():
+            state["scaler"] = self.scaler.state_dict()
         if (bad := checkpoint.non_finite(self._must_be_finite(state))) is not None:
             # Refused on purpose, not a failed write: checkpoint_errors counts those (a disk to look at).
             self.log.error("%s holds non-finite values at step %d: checkpoint not written, %s", bad, self.step,
@@ -586,10 +594,13 @@ class ComputeLoop(Replica):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.task.loss(self.model, batch)
-        loss.backward()
-        self.torn_by = "the optimizer's update"  # until the step is counted
-        self.optimizer.step()
+        if self.autocast is None and self.cfg.train.clip_grad_norm == 0:
+            loss = self.task.loss(self.model, batch)
+            loss.backward()
+            self.torn_by = "the optimizer's update"  # until the step is counted
+            self.optimizer.step()
+        else:
+            loss = self._mixed_step(batch)
         self._loss_sum += loss.detach()
         self._loss_count += 1
         self.after_step()
@@ -597,6 +608,19 @@ class ComputeLoop(Replica):
         self.stats.lr = lr
         self.stats.epoch = self.step / self.plan.steps_per_epoch
         self._train_step_seconds.append(time.monotonic() - started)
+
+    def _mixed_step(self, batch: tuple[Tensor, ...]) -> Tensor:
+        """The step under train.precision's autocast and train.clip_grad_norm; the loss."""
+        with torch.autocast(self.train_data[0].device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            loss = self.task.loss(self.model, batch)
+        self.scaler.scale(loss).backward()
+        self.torn_by = "the optimizer's update"  # until the step is counted
+        if clip := self.cfg.train.clip_grad_norm:
+            self.scaler.unscale_(self.optimizer)  # the norm of the true gradients, not the scaled ones
+            nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.scaler.step(self.optimizer)  # skipped where fp16 gradients overflowed; the scale then drops
+        self.scaler.update()
+        return loss
 
     def pad_step(self) -> None:
         """Artificial straggler: sleep train.step_pad_s, or stretch the step just taken by

@@ -1,0 +1,60 @@
+"""The compute loop's train.precision (mixed precision under torch.autocast, fp16 with loss
+scaling) and train.clip_grad_norm, on a real peer's loop (digits MLP)."""
+
+import pytest
+import torch
+
+from .test_compute_slowdown import compute_loop
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_mixed_precision_computes_in_its_dtype_keeps_fp32_weights_and_learns(tmp_path, precision, dtype):
+    compute = compute_loop(tmp_path, steps=300, slowdown=1.0, **{"train.precision": precision})
+    seen, loss_fn = set(), compute.task.loss
+    first_layer = next(m for m in compute.model.modules() if isinstance(m, torch.nn.Linear))
+    first_layer.register_forward_hook(lambda module, args, out: seen.add(out.dtype))
+    with torch.no_grad():
+        first = float(loss_fn(compute.model, tuple(t[:256] for t in compute.train_data)))
+    seen.clear()
+    assert compute.run() == "budget"
+    assert seen == {dtype}, seen  # the task's forward pass ran under autocast
+    assert compute.live_N.dtype == torch.float32 and all(p.dtype == torch.float32 for p in compute.model.parameters())
+    with torch.no_grad():
+        last = float(loss_fn(compute.model, tuple(t[:256] for t in compute.train_data)))
+    accuracy = compute.evaluate()["accuracy"]
+    print(f"{precision}: loss {first:.3f} -> {last:.3f}, accuracy {accuracy:.4f}")
+    assert last < 0.5 * first, (first, last)
+    assert accuracy > 0.85  # fp32 on the same 300 steps: about 0.93
+
+
+def test_the_fp16_loss_scale_is_kept_by_the_checkpoint(tmp_path):
+    compute = compute_loop(tmp_path, steps=5, slowdown=1.0, **{"train.precision": "fp16"})
+    assert compute.scaler.is_enabled()
+    compute.run()
+    compute.scaler.update(new_scale=1024.0)  # as if overflows had lowered it
+    assert compute.save_checkpoint() is None
+    resumed = compute_loop(tmp_path, steps=5, slowdown=1.0, **{"train.precision": "fp16"})
+    assert resumed.scaler.get_scale() == 65536.0 and resumed.resume() and resumed.scaler.get_scale() == 1024.0
+    plain = compute_loop(tmp_path, steps=5, slowdown=1.0)  # the same checkpoint read in fp32: nothing to scale
+    assert plain.resume() and not plain.scaler.is_enabled()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_a_step_moves_the_weights_by_lr_times_the_clipped_norm(tmp_path, precision):
+    """Plain SGD: a step moves the weights by lr x the gradient, whose norm clipping caps (the
+    true gradient's norm in fp16: the scaler unscales before clipping)."""
+    lr, clip = 0.1, 1e-3
+    compute = compute_loop(tmp_path, steps=10, slowdown=1.0, **{"train.lr": lr, "train.clip_grad_norm": clip,
+                                                                "train.precision": precision})
+    moves = []
+    for _ in range(5):  # fp16: a step whose scaled gradients overflow is skipped, and the scale drops
+        before = compute.live_N.clone()
+        compute.train_step()
+        moves.append(float((compute.live_N - before).norm()))
+    assert all(m == pytest.approx(lr * clip, rel=1e-3) for m in moves if m > 0) and moves[-1] > 0, moves
+    unclipped = compute_loop(tmp_path / "u", steps=10, slowdown=1.0, **{"train.lr": lr})
+    before = unclipped.live_N.clone()
+    unclipped.train_step()
+    assert float((unclipped.live_N - before).norm()) > 10 * lr * clip  # the clip did bind
