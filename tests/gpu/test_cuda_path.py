@@ -83,12 +83,12 @@ def test_codecs_on_the_gpu_publish_frames_a_cpu_reader_decodes_exactly(name: str
     assert torch.equal(out, encoded.quantized.cpu())
 
 
-@pytest.mark.parametrize("codec", ["fp32", "lattice"])
-def test_peers_sharing_one_gpu_train_together(tmp_path, codec: str) -> None:
+@pytest.mark.parametrize(("codec", "precision"), [("fp32", "fp32"), ("lattice", "fp32"), ("fp32", "fp16")])
+def test_peers_sharing_one_gpu_train_together(tmp_path, codec: str, precision: str) -> None:
     config = write_config(tmp_path / "gpu.toml", {
         "run": {"peers": 3},
         "task": {"spec": "swarmnet.tasks.digits:task"},
-        "train": {"batch_size": 64, "lr": 0.05, "steps": 600, "metrics_every": 50},
+        "train": {"batch_size": 64, "lr": 0.05, "steps": 600, "metrics_every": 50, "precision": precision},
         "device": {"device": "cuda:0"},
         "codec": {"name": codec},
     })
