@@ -64,6 +64,7 @@ class TaskConfig:
 
 
 BUDGETS = ("steps", "epochs", "sequential_epochs")
+OPTIMIZERS = ("sgd", "adamw")
 PRECISIONS = ("fp32", "bf16", "fp16")
 """train.precision: none, or the dtype torch.autocast computes in."""
 DEFAULT_STEPS = 1000
@@ -112,12 +113,20 @@ class TrainConfig:
     the epoch multiplier (a warm-up steadies each model's first steps, whatever the swarm size)."""
     final_lr_ratio: float = 0.0
     """cosine: the rate at the end of the budget, as a fraction of lr."""
+    optimizer: str = "sgd"
+    """The local optimizer: sgd (momentum, nesterov, weight_decay as an L2 term) or adamw
+    (betas, eps, weight_decay decoupled). Its state (momentum buffers, Adam's moments) stays
+    local, never averaged or sent (SPEC 4)."""
     momentum: float = 0.0
     """SGD momentum; its buffer stays local, never averaged or sent (SPEC 4)."""
     weight_decay: float = 0.0
-    """SGD weight decay (L2), applied by the local optimizer."""
+    """Weight decay, applied by the local optimizer (sgd: L2; adamw: decoupled)."""
     nesterov: bool = False
     """Nesterov momentum (without momentum it has no effect)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """adamw: the decay rates of its first and second moment estimates."""
+    eps: float = 1e-8
+    """adamw: added to the denominator."""
     clip_grad_norm: float = 0.0
     """Scale the gradients down to this total L2 norm before each step where it is larger
     (torch.nn.utils.clip_grad_norm_); 0: no clipping."""
@@ -166,6 +175,14 @@ class TrainConfig:
         _require(_at_least(self.final_lr_ratio, 0), "final_lr_ratio", "must be a finite number >= 0")
         _require(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
         _require(_at_least(self.weight_decay, 0), "weight_decay", "must be a finite number >= 0")
+        _require(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
+        _require(len(self.betas) == 2 and all(_at_least(b, 0) and b < 1 for b in self.betas), "betas",
+                 "must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+        _require(_above(self.eps, 0), "eps", "must be a finite number > 0")
+        if self.optimizer == "adamw":
+            _require(self.momentum == 0 and not self.nesterov, "momentum" if self.momentum else "nesterov",
+                     "applies to optimizer = 'sgd'; adamw's momentum is train.betas (set momentum = 0, nesterov = "
+                     "false)")
         _require(_at_least(self.clip_grad_norm, 0), "clip_grad_norm", "must be a finite number >= 0 (0: no clipping)")
         _require(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}")
         _require(self.shard in ("random", "partition"), "shard", "must be 'random' or 'partition'")

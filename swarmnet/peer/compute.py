@@ -112,6 +112,15 @@ def unreached_milestones(train: TrainConfig, plan: TrainingPlan) -> str | None:
             "set train.milestones for this budget")
 
 
+def make_optimizer(train: TrainConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """The local optimizer of train.optimizer (the learning rate is set before every step)."""
+    if train.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=train.lr, betas=(train.betas[0], train.betas[1]), eps=train.eps,
+                                 weight_decay=train.weight_decay)
+    return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay,
+                           nesterov=train.nesterov and train.momentum > 0)
+
+
 def init_seed(cfg: SwarmConfig, peer_seed: int) -> int:
     """Seed of the initial model: the run seed (identical on every peer, SPEC 4 item 6) or,
     with ``run.init = "independent"``, the peer's own seed."""
@@ -365,10 +374,7 @@ class ComputeLoop(Replica):
         # differs from peer to peer: seeded as the model was, every peer drew the same crops.
         torch.manual_seed(zlib.crc32(f"{peer_seed}:training".encode()))  # not the stream that drew the model
         train = cfg.train
-        self.optimizer = torch.optim.SGD(
-            self.model.parameters(), lr=train.lr, momentum=train.momentum,
-            weight_decay=train.weight_decay, nesterov=train.nesterov and train.momentum > 0,
-        )
+        self.optimizer = make_optimizer(train, self.model.parameters())
         self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train.precision)
         """The dtype of mixed precision, None in fp32."""
         self.scaler = torch.amp.GradScaler(device.type, enabled=train.precision == "fp16")
@@ -427,7 +433,12 @@ class ComputeLoop(Replica):
             # The momentum buffers come from the checkpoint, the recipe (momentum, weight decay)
             # from this config: torch's load would put back the recipe the run was saved with.
             recipe = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
-            self.optimizer.load_state_dict(state["optimizer"])
+            saved_with = state.get("optimizer_name", "sgd")  # checkpoints before train.optimizer: SGD's
+            if saved_with == self.cfg.train.optimizer:
+                self.optimizer.load_state_dict(state["optimizer"])
+            else:  # torch would load another optimizer's state without a word, and fail at the first step
+                self.log.warning("the checkpoint's optimizer state is %s's; this config's %s starts its own afresh "
+                                 "(the model, clock and place in the data go on)", saved_with, self.cfg.train.optimizer)
             for group, own in zip(self.optimizer.param_groups, recipe, strict=True):
                 group.update(own)
             self.stale_N.copy_(state["stale"])
@@ -502,6 +513,7 @@ class ComputeLoop(Replica):
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "task": self.cfg.task.spec,
+            "optimizer_name": self.cfg.train.optimizer,
         }
         if self.scaler.is_enabled():
             state["scaler"] = self.scaler.state_dict()

@@ -23,6 +23,10 @@ def test_defaults_and_bundled_configs_load():
         ("[trian]\nsteps = 3", "unknown key 'trian'"),
         ("[train]\nlr = 'fast'", "train.lr must be float"),
         ("[train]\nmomentum = 1.5", "train.momentum: must be in [0, 1)"),
+        ("[train]\noptimizer = 'adam'", "train.optimizer: must be one of sgd, adamw"),
+        ("[train]\noptimizer = 'adamw'\nmomentum = 0.9", "train.momentum: applies to optimizer = 'sgd'; adamw's "
+                                                         "momentum is train.betas"),
+        ("[train]\nbetas = [0.9]", "train.betas: must be two numbers in [0, 1)"),
         ("[train]\nprecision = 'fp8'", "train.precision: must be one of fp32, bf16, fp16"),
         ("[train]\nclip_grad_norm = -1.0", "train.clip_grad_norm: must be a finite number >= 0 (0: no clipping)"),
         ("[run]\nstopped_exit_code = 256", "run.stopped_exit_code: must be an exit status in 0..255"),

@@ -1,5 +1,8 @@
-"""The compute loop's train.precision (mixed precision under torch.autocast, fp16 with loss
-scaling) and train.clip_grad_norm, on a real peer's loop (digits MLP)."""
+"""The compute loop's local recipe on a real peer's loop (digits MLP): train.optimizer,
+train.precision (mixed precision under torch.autocast, fp16 with loss scaling) and
+train.clip_grad_norm."""
+
+import logging
 
 import pytest
 import torch
@@ -58,3 +61,31 @@ def test_a_step_moves_the_weights_by_lr_times_the_clipped_norm(tmp_path, precisi
     before = unclipped.live_N.clone()
     unclipped.train_step()
     assert float((unclipped.live_N - before).norm()) > 10 * lr * clip  # the clip did bind
+
+
+def test_adamw_learns_keeps_its_moments_local_and_resumes_them(tmp_path, caplog):
+    settings = {"train.optimizer": "adamw", "train.lr": 0.003, "train.weight_decay": 0.01, "train.betas": [0.8, 0.99]}
+    compute = compute_loop(tmp_path, steps=300, slowdown=1.0, **settings)
+    assert isinstance(compute.optimizer, torch.optim.AdamW)
+    group = compute.optimizer.param_groups[0]
+    assert (group["betas"], group["weight_decay"], group["eps"]) == ((0.8, 0.99), 0.01, 1e-8)
+    assert compute.run() == "budget"
+    assert compute.evaluate()["accuracy"] > 0.85  # about 0.95
+    moments = [compute.optimizer.state[p]["exp_avg_sq"].clone() for p in compute.model.parameters()]
+    assert all(float(m.abs().sum()) > 0 for m in moments)
+    assert compute.save_checkpoint() is None
+    resumed = compute_loop(tmp_path, steps=300, slowdown=1.0, **settings)
+    assert resumed.resume()
+    assert all(torch.equal(resumed.optimizer.state[p]["exp_avg_sq"], m)
+               for p, m in zip(resumed.model.parameters(), moments))
+    # Another optimizer: the model goes on, the optimizer's state starts afresh (torch would load
+    # Adam's moments into SGD without a word, and SGD's buffers into Adam to fail at its first step).
+    sgd = compute_loop(tmp_path, steps=310, slowdown=1.0, **{"train.momentum": 0.9})
+    with caplog.at_level(logging.WARNING):
+        assert sgd.resume()
+    assert "the checkpoint's optimizer state is adamw's; this config's sgd starts its own afresh" in caplog.text
+    assert not sgd.optimizer.state and torch.equal(sgd.live_N, resumed.live_N)
+    assert sgd.run() == "budget" and sgd.step == 310
+    assert sgd.save_checkpoint() is None
+    again = compute_loop(tmp_path, steps=320, slowdown=1.0, **settings)  # and back: SGD's buffers are not Adam's
+    assert again.resume() and not again.optimizer.state and again.run() == "budget"
