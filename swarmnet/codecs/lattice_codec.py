@@ -7,8 +7,9 @@ The owner quantizes each chunk on its own lattice eps_c Z^C (eps_c = 2^e_c, epsi
 the exact Q (``Encoded.quantized``) and stores the integer coordinates k as LSB-first planes
 with a 64-bit digest per chunk. A reader asks for the low b_c planes of each chunk, b_c
 predicted from its last decodes of that neighbour, decodes with its own model as the key and
-checks every chunk's digest; chunks that fail are pulled again with more planes (the new planes
-only), doubling up to b_full, which always decodes without a key. Nothing unverified is ever
+checks every chunk's digest; chunks that fail are pulled again with 1, 2, 4, ... more planes
+(the new planes only; SPEC 3.4 doubles b itself, which a chunk that just missed pays with b
+planes: docs/codecs.md has the measurements), up to b_full, which always decodes without a key. Nothing unverified is ever
 written to ``out``. The wire layout is in docs/codecs.md; the math is lattice.py.
 
 Reader state (the per-neighbour ``state`` dict the runtime keeps):
@@ -834,7 +835,7 @@ class LatticeCodec(Codec):
             held = pull["held"].get(i)
             if held is None:  # never received in this pull: ask as a first request would
                 hi[i] = self._prior(old if old is not None and len(old) == nch else None, i, self.margin)
-            else:  # failed: the next 1, 2, 4, ... planes (SPEC 3.4 reader step 2)
+            else:  # failed: the next 1, 2, 4, ... planes (SPEC 3.4 reader step 2 doubles b; see the module doc)
                 lo[i] = held[0]
                 hi[i] = min(h.bf[i], held[0] + (1 << min(pull["misses"][i] - 1, 6)))
         return DecodeResult(False, more={"v": 1, "p": h.p, "from": lo, "to": hi}, stats=stats)
