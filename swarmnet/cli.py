@@ -203,7 +203,7 @@ def eval_(
     peers: Annotated[int, typer.Option("--peers", "-n", help="Average only the first N live peers by name (0: all).")] = 0,
     bn_batches: Annotated[int, typer.Option("--bn-batches", help="Training batches to recompute BatchNorm statistics on (0: keep none, leaves them reset).")] = 20,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON here.")] = None,
-    save: Annotated[Optional[Path], typer.Option("--save", help="Also save the average model here, a state_dict: model.load_state_dict(torch.load(PATH)).")] = None,
+    save: Annotated[Optional[Path], typer.Option("--save", help="Also save the average model here (a state_dict).")] = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Deadline of one status request, seconds.")] = 5.0,
     key: Annotated[Optional[Path], typer.Option("--key", "-k", help=escape("Secret key file for a swarm with [security] (default: the config's key)."))] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: section.key=VALUE, repeatable.")] = None,
