@@ -363,7 +363,7 @@ class Exchange:
                 raise CodecError("a nudge must carry a complete snapshot")
             delta = apply_nudge(decoded, used.encoded.quantized, out=decoded)
             # Non-finite values give a non-finite norm: refused as such (CPU<->GPU sync point).
-            self.screen.check(2 * float(torch.linalg.vector_norm(delta)), used, delta, "nudge")
+            self.screen.check(2 * float(torch.linalg.vector_norm(delta)), used, delta, "nudge", pushed=True)
             return self.peer.inbox.add(delta, used.version)
         return await self._run(work)
 

@@ -8,7 +8,9 @@ codecs), and :meth:`Screen.check` applies the rule of docs/reliability.md:
 - d not finite                              -> refused ("non_finite")
 - d > ``max_distance`` (absolute, if set)   -> refused ("too_far")
 - d > ``distance_ratio`` * reference        -> refused ("too_far"), where reference is the
-  larger of our own model's norm ||x_i|| and the median of the last accepted distances; unless
+  larger of our own model's norm ||x_i|| and the median of the last accepted distances of the
+  snapshots we pulled (a nudge's, pushed by whoever claims to be a neighbour, would let each
+  nudge pass at ten times the last: a ratchet); unless
   most of the distinct neighbours we pulled from lately (three at least) are that far too: then
   the swarm has moved away from us (we adopted a young model, restarted, or sat in a partition),
   not they from it, and refusing them all would leave our reference stale for good
@@ -75,11 +77,12 @@ class Screen:
         return norm
 
     def check(self, distance: float, own: Snapshot, delta_N: Tensor, what: str = "snapshot",
-              source: str | None = None) -> float:
+              source: str | None = None, *, pushed: bool = False) -> float:
         """Refuse (raise Poisoned) or accept the neighbour at ``distance`` = ||x_j - x_i||,
         clipping ``delta_N`` in place when clipping is on; returns the accepted distance.
         ``source``: the neighbour, for pulls (a nudge's sender is only a claim, so nudges never
-        count towards "the swarm moved away")."""
+        count towards "the swarm moved away"). ``pushed``: a nudge, whose distance is not kept
+        for the reference either."""
         cfg = self.config
         if not math.isfinite(distance):
             self._refuse("non_finite", f"the neighbour's {what} holds non-finite or overflowing values")
@@ -102,8 +105,9 @@ class Screen:
                 delta_N.mul_(bound / distance)
                 self.stats.clipped += 1
                 distance = bound
-        with self._lock:
-            self._accepted.append(distance)
+        if not pushed:  # a nudge's distance must not raise the reference the next nudge is held to
+            with self._lock:
+                self._accepted.append(distance)
         return distance
 
     def _swarm_moved_away(self) -> bool:

@@ -203,6 +203,10 @@ class PeerServer:
         peer = self.peer
         if peer.inbox.closed:
             return reject(msg, peer.id, RejectCode.DRAINING, "peer is stopping")
+        if not peer.cfg.algorithm.symmetric:  # no peer of its swarm sends one: only a stranger or a misconfiguration
+            peer.stats.nudges_refused += 1
+            return reject(msg, peer.id, RejectCode.MISMATCH, "this peer merges pull-only (algorithm.symmetric = "
+                          "false) and takes no nudges: give every peer of the swarm the same [algorithm] section")
         if msg.body["codec"] != peer.codec.name:
             return reject(msg, peer.id, RejectCode.MISMATCH, f"codec {msg.body['codec']}, ours is {peer.codec.name}")
         latest = peer.store.latest()  # the only version a nudge may be keyed on (MergeGate)

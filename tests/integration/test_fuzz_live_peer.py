@@ -218,6 +218,7 @@ def live_peer(tmp_path):
         "run": {"peers": 1},
         "task": {"spec": "swarmnet.tasks.digits:task"},
         "train": {"batch_size": 32, "lr": 0.05, "steps": 10**9, "metrics_every": 50, "checkpoint_every": 0.0},
+        "algorithm": {"symmetric": True},  # takes nudges (a pull-only peer refuses them unread)
         "network": {"request_timeout": 1.0, "dead_after": 2.0, "failure_backoff": 0.5,
                     "max_message_bytes": MAX_FRAME},
     })

@@ -277,7 +277,7 @@ def test_a_peer_takes_at_most_one_nudge_per_version(tmp_path, daemons):
         "network": {"exchange": False, "min_peers": 0},
         # H never done: no refresh of its own (compute.REFRESH_MIN_S) moves its latest version
         # between our pull and the nudges, or stands in for the nudge's publish.
-        "algorithm": {"local_steps": 10**9},
+        "algorithm": {"local_steps": 10**9, "symmetric": True},
     })
     peer = PeerProcessHandle(tmp_path / "run", "target", config)
     daemons.append(peer)

@@ -570,7 +570,8 @@ def test_a_nudge_still_decoding_when_weights_are_reloaded_is_refused_and_the_nex
     from swarmnet.wire import Limits, MsgType, request
 
     model, opt = _model_and_optimizer()
-    with swarmnet.SwarmOptimizer(opt, model, run_dir=tmp_path, settings={"network.linger": 0.0}) as swarm:
+    with swarmnet.SwarmOptimizer(opt, model, run_dir=tmp_path,
+                                 settings={"network.linger": 0.0, "algorithm.symmetric": True}) as swarm:
         exchange = swarm.peer.exchange
         accept, entered, release = exchange.accept_nudge, threading.Event(), threading.Event()
 
@@ -617,6 +618,45 @@ def test_a_nudge_still_decoding_when_weights_are_reloaded_is_refused_and_the_nex
         swarm.zero_grad()
         swarm.step()  # applies it between steps (no gradients: the optimizer itself moves nothing)
         assert torch.allclose(swarm.replica.live_N, before + 0.5, atol=1e-5)
+
+
+@pytest.mark.timeout(60)
+def test_a_pull_only_peer_refuses_a_nudge_unread(tmp_path):
+    """No peer of a pull-only swarm sends nudges: one comes from a stranger (or a peer given
+    another [algorithm]), and a stranger's model pushed in would move ours however it likes."""
+    import asyncio
+
+    from swarmnet.codecs import make_codec
+    from swarmnet.peer.client import PeerClient, Rejected
+    from swarmnet.peer.stats import PeerStats
+    from swarmnet.transport import TransportSet
+    from swarmnet.wire import Limits, MsgType, request
+
+    model, opt = _model_and_optimizer()
+    with swarmnet.SwarmOptimizer(opt, model, run_dir=tmp_path, settings={"network.linger": 0.0}) as swarm:
+        async def nudge() -> Rejected:
+            transports = TransportSet()
+            client = PeerClient(sender="stranger", transports=transports, limits=Limits(), timeout=20,
+                                stats=PeerStats(), max_frame_bytes=2**31 - 1)
+            try:
+                latest = swarm.replica.store.latest()
+                encoded = make_codec("fp32").encode(latest.values_N + 9.0)
+                msg = request(MsgType.NUDGE, "stranger", encoded.frames, used=latest.version, codec="fp32",
+                              meta=encoded.meta)
+                with pytest.raises(Rejected) as refused:
+                    await client.call(swarm.address, msg)
+                return refused.value
+            finally:
+                await client.aclose()
+                await transports.aclose()
+
+        before = swarm.replica.live_N.clone()
+        refusal = asyncio.run(nudge())
+        assert refusal.code == "mismatch" and "algorithm.symmetric = false" in str(refusal)
+        swarm.zero_grad()
+        swarm.step()
+        assert torch.equal(swarm.replica.live_N, before)
+        assert swarm.peer.stats.nudges_refused == 1 and swarm.peer.stats.nudges_applied == 0
 
 
 @pytest.mark.timeout(60)

@@ -102,3 +102,18 @@ def test_own_norm_is_computed_once_per_version():
 def test_bad_screening_options_name_the_key(key, value):
     with pytest.raises(ConfigError, match=f"screening.{key}"):
         load_config(None, {f"screening.{key}": value})
+
+
+def test_nudges_do_not_raise_the_reference_the_next_nudge_is_held_to():
+    """A stranger's nudges, each just under the ratio, would otherwise ratchet the reference up
+    tenfold per nudge (the median of accepted distances) until a model is pushed anywhere."""
+    own = own_snapshot(torch.ones(100))  # norm 10: a bound of 100
+    s = screen()
+    delta = torch.zeros(100)
+    for _ in range(5):
+        assert s.check(99.0, own, delta, "nudge", pushed=True) == 99.0
+    assert s.typical() == 0.0
+    with pytest.raises(Poisoned, match="distance_ratio"):
+        s.check(990.0, own, delta, "nudge", pushed=True)
+    s.check(99.0, own, delta, source="a")  # a pull's distance does count
+    assert s.typical() == 99.0
