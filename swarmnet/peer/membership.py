@@ -96,6 +96,7 @@ class PeerTable:
             return
         now = self.now()
         rec = self.records.get(pid)
+        blamed: PeerRecord | None = None
         if rec is None or direct:
             # A restarted peer comes back under a new id at the same address: drop the old one,
             # on the new one's own word, or once the old one has gone quiet (anyone can relay a
@@ -103,9 +104,15 @@ class PeerTable:
             for old in [r for r in self.records.values() if r.addr == card["addr"] and r.id != pid]:
                 if direct or not self.is_alive(old):
                     del self.records[old.id]
+                    if old.failures and not old.unreachable_only:
+                        blamed = old
         if rec is None:
             rec = PeerRecord(pid, str(card["addr"]), str(card.get("name", "")), int(card["hb"]), now,
                              done=card.get("done") is True)
+            if blamed is not None:
+                # What its address served stays held against it: a server of bad models that
+                # took a new id at every hello was pulled five times a second, never backed off.
+                rec.failures, rec.avoid_until, rec.last_error = blamed.failures, blamed.avoid_until, blamed.last_error
             self.records[pid] = rec
             self._event(rec, "joined")
             return
