@@ -46,6 +46,8 @@ STUCK_WARN_S = 60.0
 a peer warns (then every STUCK_WARN_REPEAT_S while it lasts)."""
 STUCK_WARN_REPEAT_S = 300.0
 """How often that warning repeats while no merge takes place."""
+BUDGET_WAIT_WARN_S = 30.0
+"""A wait for the CPU budget this long is worth a warning (at most every STUCK_WARN_REPEAT_S)."""
 INLINE_GAP_MAX = 1 << 19
 """Coordinates up to which a CPU model's gap and its screening are computed on the event loop:
 0.17 ms or less there (2 MB in fp32), where handing them to the worker thread and back costs
@@ -105,6 +107,7 @@ class Exchange:
         self._stuck_since: float | None = None
         """Since when every interaction failed or no alive peer was a candidate (None: merging)."""
         self._next_stuck_warning = 0.0
+        self._next_budget_warning = 0.0
         self._nudges_seen = 0
 
     # -- loop ---------------------------------------------------------------------------------
@@ -116,7 +119,10 @@ class Exchange:
         while not self._stopping.is_set():
             await mailbox.emptied.wait()
             self.peer.gate.end_own()  # our last merge, if any, has been applied
-            wait = max(self.pull_interval - (time.monotonic() - last), self.budget.delay(), self._until_due())
+            owed = self.budget.delay()
+            if owed >= BUDGET_WAIT_WARN_S:
+                self._note_budget_wait(owed)
+            wait = max(self.pull_interval - (time.monotonic() - last), owed, self._until_due())
             self.peer.stats.exchange_cpu_s = self.budget.used
             if wait > 0:
                 woken = await self._rest(wait)
@@ -188,6 +194,18 @@ class Exchange:
             self._next_stuck_warning = now + STUCK_WARN_REPEAT_S
             self.log.warning("no merge for %.0fs with the %s this peer knows alive%s", now - self._stuck_since,
                              counted(len(alive), "peer"), failure_report(alive))
+
+    def _note_budget_wait(self, owed: float) -> None:
+        now = time.monotonic()
+        if now < self._next_budget_warning:
+            return
+        self._next_budget_warning = now + STUCK_WARN_REPEAT_S
+        cores = self.budget.cores
+        self.log.warning(
+            "merging pauses for %.0fs: the CPU this peer spent besides its training steps (merges, and answering "
+            "other peers' and clients' requests) ran %.2g CPU-seconds over the exchange's budget of %.3g cores "
+            "(network.exchange_cpu). Raise that budget where cores are spare; a burst of requests costs the same "
+            "(many status clients, or strangers in a swarm without [security])", owed, owed * cores, cores)
 
     def _until_due(self) -> float:
         """Seconds to hold the next pull so that it lands about when the compute thread wants

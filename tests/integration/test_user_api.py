@@ -1,6 +1,7 @@
 """swarmnet.SwarmOptimizer: users' own torch loops in separate processes form a swarm."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -657,6 +658,40 @@ def test_a_pull_only_peer_refuses_a_nudge_unread(tmp_path):
         swarm.step()
         assert torch.equal(swarm.replica.live_N, before)
         assert swarm.peer.stats.nudges_refused == 1 and swarm.peer.stats.nudges_applied == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_burst_of_requests_that_outspends_the_exchange_budget_is_said(tmp_path, monkeypatch, caplog):
+    """Answering requests is charged to the exchange's CPU budget (the event loop serves them):
+    a burst of them pauses merging until the budget has caught up, and the peer says so and why,
+    where it used to merge with no one in silence (5 s of status requests paused a peer for 100 s)."""
+    import msgpack
+    import zmq
+
+    from swarmnet.wire import MsgType, encode, request
+
+    monkeypatch.setattr(swarmnet.peer.exchange, "BUDGET_WAIT_WARN_S", 0.5)  # 30 s in production
+    model, opt = _model_and_optimizer()
+    settings = {"network.linger": 0.0, "network.exchange_cpu": 0.02}
+    with caplog.at_level(logging.WARNING), swarmnet.SwarmOptimizer(opt, model, run_dir=tmp_path,
+                                                                   settings=settings) as swarm:
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVTIMEO, 10_000)
+        try:
+            sock.connect(swarm.address)
+            ask = encode(request(MsgType.STATUS, "curious"))
+            until = time.monotonic() + 1.0
+            while time.monotonic() < until:
+                sock.send_multipart(ask)
+                assert msgpack.unpackb(sock.recv_multipart()[0], raw=False)["t"] == "status_reply"
+        finally:
+            sock.close()
+            ctx.term()
+        wait_until(lambda: "merging pauses for" in caplog.text, 20, what="the warning of a long budget wait")
+    assert "over the exchange's budget of 0.02 cores (network.exchange_cpu)" in caplog.text
+    assert "answering other peers' and clients' requests" in caplog.text
 
 
 @pytest.mark.timeout(60)
