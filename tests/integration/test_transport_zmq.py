@@ -437,6 +437,31 @@ async def test_a_requester_that_never_reads_cannot_pile_up_replies_at_the_listen
     await transports.aclose()
 
 
+async def test_a_connection_that_never_greets_is_dropped_by_the_listener():
+    """Silent TCP connections (a port scanner, a half-written client) are closed within the
+    handshake deadline, not after libzmq's default 30 s: each holds one of the peer's descriptors."""
+    from swarmnet.transport.zmq import HANDSHAKE_TIMEOUT_S
+
+    transports = TransportSet()
+    listener = await transports.for_url("tcp://127.0.0.1:0").listen("tcp://127.0.0.1:0")
+    host, port = listener.address.removeprefix("tcp://").rsplit(":", 1)
+    silent = [socket.create_connection((host, int(port)), timeout=10) for _ in range(5)]
+    started = time.monotonic()
+
+    def closed_after(sock: socket.socket) -> float:
+        while sock.recv(4096):  # the listener's own greeting, then the end of the stream
+            pass
+        return time.monotonic() - started
+
+    try:
+        waits = await asyncio.gather(*(asyncio.to_thread(closed_after, s) for s in silent))
+    finally:
+        for s in silent:
+            s.close()
+        await transports.aclose()
+    assert all(HANDSHAKE_TIMEOUT_S / 2 <= w <= HANDSHAKE_TIMEOUT_S + 3 for w in waits), waits
+
+
 @pytest.mark.parametrize("loop_busy", [False, True])
 async def test_a_timeout_after_a_reconnect_knows_the_handshake_was_done(loop_busy):
     """The neighbour restarted between requests and now takes requests without answering: the
