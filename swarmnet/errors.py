@@ -46,6 +46,8 @@ class ProtocolError(SwarmError):
         self.reason = message
         self.mid = 0
         """The offending message's id, when its header could be read (0 otherwise)."""
+        self.sender: str | None = None
+        """The sender id the offending message claims, when its header could be read."""
 
 
 def unwritable_run_dir(path: object, exc: OSError) -> ConfigError:

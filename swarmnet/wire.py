@@ -62,7 +62,10 @@ MAX_CARDS = 128
 CARD_BYTES = 32768
 """Packed bytes of the cards a peer puts in one message (half the default header limit), so
 that cards with long names or addresses still leave a reply well under any peer's limit."""
-_CARD_FIELD_CHARS = {"id": 128, "addr": 512, "name": 128}
+MAX_ID_CHARS = 192
+"""Characters of a sender id (a header's ``id``, a card's): a peer's is its name (at most 128)
+and 7 more."""
+_CARD_FIELD_CHARS = {"id": MAX_ID_CHARS, "addr": 512, "name": 128}
 _ADDRESS = re.compile(r"[a-z][a-z0-9+.-]*://[^\x00-\x1f\x7f]+")
 """A card's address: a transport scheme, then a location (tcp://host:port, ipc://path with
 spaces, ...) without control characters."""
@@ -171,6 +174,9 @@ def decode(frames: Sequence[Buffer], limits: Limits = Limits()) -> Message:
         raise ProtocolError("oversized", f"header of {raw.nbytes} bytes (limit {limits.max_header_bytes})")
     try:
         header = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)
+    except ValueError as exc:
+        why = "its map keys must be strings" if "map key" in str(exc) else f"not msgpack: {exc.__class__.__name__}"
+        raise ProtocolError("malformed", f"header is {why}" if why.startswith("not") else f"header: {why}") from None
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise ProtocolError("malformed", f"header is not msgpack: {exc.__class__.__name__}") from None
     if not isinstance(header, dict):
@@ -178,8 +184,9 @@ def decode(frames: Sequence[Buffer], limits: Limits = Limits()) -> Message:
     try:
         return _validated(header, frames, limits)
     except ProtocolError as exc:
-        mid = header.get("mid")
+        mid, sender = header.get("mid"), header.get("id")
         exc.mid = mid if type(mid) is int and mid > 0 else 0
+        exc.sender = sender[:MAX_ID_CHARS] if isinstance(sender, str) else None
         raise
 
 
@@ -192,6 +199,8 @@ def _validated(header: dict[str, Any], frames: Sequence[Buffer], limits: Limits)
     except ValueError:
         raise ProtocolError("unknown_type", f"unknown message type {header.get('t')!r}") from None
     _check(header, {"id": str, "mid": int, "sizes": list}, str(mtype))
+    if len(header["id"]) > MAX_ID_CHARS:
+        raise ProtocolError("malformed", f"{mtype}: field 'id' has {len(header['id'])} characters, over {MAX_ID_CHARS}")
     if header["mid"] < 0:
         raise ProtocolError("malformed", f"{mtype}: field 'mid' is negative (use 1, 2, ... per request; 0: none)")
     _check(header, SCHEMA[mtype], str(mtype))

@@ -591,6 +591,9 @@ class LatticeCodec(Codec):
         value = want[key]
         if isinstance(value, int) and not isinstance(value, bool):
             return [check_int(value, repr(key), self.name, 0, 64)] * nch
+        if not isinstance(value, list | tuple):
+            raise CodecError(f"{self.name}: want field {key!r} must be an int (every chunk) or a list of "
+                             f"{nch} ints (one per chunk), got {type(value).__name__}")
         return check_int_list(value, repr(key), self.name, nch, 0, 64)
 
     # ----------------------------------------------------------------------------- reader

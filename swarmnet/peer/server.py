@@ -106,7 +106,7 @@ class PeerServer:
         try:
             msg = decode(frames, self.limits)
         except ProtocolError as exc:
-            self._count_reject(exc.code, exc.reason, None)
+            self._count_reject(exc.code, exc.reason, exc.sender)
             code = RejectCode.VERSION if exc.code == RejectCode.VERSION else RejectCode.MALFORMED
             # Answers the request's mid when its header could be read, else 0.
             return Message(MsgType.REJECT, me, {"code": str(code), "reason": exc.reason[:500]}, mid=next_mid(), re=exc.mid)

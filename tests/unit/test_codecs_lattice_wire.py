@@ -617,6 +617,13 @@ def test_malformed_want_raises_codec_error(want) -> None:
         codec.select(enc, want)
 
 
+def test_a_want_range_of_the_wrong_type_says_both_forms_it_may_take() -> None:
+    codec = LatticeCodec(chunk=256, seed=14)
+    enc = codec.encode(torch.randn(700))
+    with pytest.raises(CodecError, match=r"want field 'to' must be an int \(every chunk\) or a list of 3 ints"):
+        codec.select(enc, {"v": 1, "from": 0, "to": 8.0})
+
+
 def test_plan_and_more_are_small_plain_data() -> None:
     codec = LatticeCodec(chunk=256, seed=15, first_bits=4)
     x = torch.randn(2000)

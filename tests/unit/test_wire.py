@@ -69,6 +69,8 @@ def test_round_trip_with_payload_frames():
         ([header(sizes=[-1]), b""], "malformed"),
         ([header(sizes=["a"]), b""], "malformed"),
         ([header(id=5)], "malformed"),
+        ([header(id="i" * 193)], "malformed"),  # logged: a sender id is at most a name and 7 more
+        ([msgpack.packb({1: 1, 2: "status"})], "malformed"),
         ([header(re=float("inf"))], "malformed"),
         ([header(re="7")], "malformed"),
         *[([header(t="snapshot", version=1, codec="fp32", meta={}, age=age)], "malformed")
@@ -101,10 +103,12 @@ def test_a_bad_peer_card_is_named_as_one():
         decode([hello({"id": "a", "addr": "tcp://h:1", "hb": 1}, [{"id": "b", "addr": "tcp://h:2"}])])
 
 
-def test_a_refusal_knows_the_message_id_once_the_header_is_readable():
+def test_a_refusal_knows_the_message_id_and_sender_once_the_header_is_readable():
     with pytest.raises(ProtocolError) as info:
-        decode([header(v=PROTOCOL_VERSION + 1, mid=7)])
-    assert (info.value.code, info.value.mid) == ("version", 7)
+        decode([header(v=PROTOCOL_VERSION + 1, mid=7, id="peer3-a1b2c3")])
+    assert (info.value.code, info.value.mid, info.value.sender) == ("version", 7, "peer3-a1b2c3")
+    with pytest.raises(ProtocolError, match="header: its map keys must be strings"):
+        decode([msgpack.packb({1: 1, 2: "status"})])
     with pytest.raises(ProtocolError) as info:
         decode([header(clock="soon", mid=True)])
     assert info.value.mid == 0
@@ -122,6 +126,9 @@ def test_cards_fit_a_message_by_count_and_by_bytes():
     assert 0 < len(fitted) < MAX_CARDS - 1
     assert len(msgpack.packb(fitted)) <= CARD_BYTES
     decode([hello(long[0], fitted, sender="i" * 128)])
+    # A peer's id is its name (128 characters at most) and "-" and 6 hex digits.
+    longest_id = "n" * 128 + "-a1b2c3"
+    decode([hello({"id": longest_id, "addr": "tcp://h:1", "hb": 1, "name": "n" * 128}, sender=longest_id)])
 
 
 def test_frame_limits():
