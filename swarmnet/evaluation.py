@@ -31,7 +31,7 @@ from swarmnet.peer.client import PeerClient
 from swarmnet.peer.state import FlatParameters, layout_of
 from swarmnet.peer.stats import PeerStats
 from swarmnet.security import CurveKeys, client_keys
-from swarmnet.tasks import Task, load_task
+from swarmnet.tasks import Task, build_seeded, load_task
 from swarmnet.transport import TransportSet
 from swarmnet.wire import Limits, MsgType, request
 
@@ -77,11 +77,7 @@ def evaluate_averaged(model: nn.Module, task: Task, *, batch_size: int, seed: in
                       bn_batches: int = BN_BATCHES) -> dict[str, Any]:
     """Recompute BatchNorm statistics (if any), then the task's held-out metrics."""
     used = recompute_batchnorm(model, task, batches=bn_batches, batch_size=batch_size, seed=seed)
-    result: dict[str, Any] = {"batchnorm_batches": used, "eval": {}}
-    if task.evaluate is not None:
-        with torch.no_grad():
-            result["eval"] = {k: float(v) for k, v in task.evaluate(model).items()}
-    return result
+    return {"batchnorm_batches": used, "eval": task.metrics(model)}
 
 
 def save_model(model: nn.Module, path: Path) -> None:
@@ -187,8 +183,7 @@ def evaluate_swarm(cfg: SwarmConfig, *, seeds: list[str], run_dir: Path | None =
     [security]."""
     curve = client_keys(key_file, None if key_file else cfg.security)
     task = load_task(cfg.task.spec, cfg.task.options)
-    torch.manual_seed(cfg.run.seed)
-    model = task.build_model()
+    model = build_seeded(task, cfg.run.seed)
     floats = [p for p in model.parameters() if p.is_floating_point()]
     trained = [p for p in floats if p.requires_grad]
     # What a swarm of this model may average, by its size: the parameters (None: all float ones)

@@ -49,7 +49,7 @@ from swarmnet.peer.data import ShardSampler
 from swarmnet.peer.metrics import MetricsWriter, progress_record
 from swarmnet.peer.state import FlatParameters, Mailbox, MergeEntry, NudgeInbox, SnapshotStore
 from swarmnet.peer.stats import PeerStats
-from swarmnet.tasks import Task, what_failed
+from swarmnet.tasks import BadTaskResult, Task, build_seeded, defined_at, seed_all, what_failed
 
 REFRESH_MIN_S = 1.0
 """Seconds between two refreshes of a peer no neighbour's model reaches (see the module's doc)."""
@@ -360,8 +360,9 @@ class ComputeLoop(Replica):
         self.checkpoint_path = peer_dir / "checkpoint.pt"
         self.stop = threading.Event()
         algo = cfg.algorithm
-        torch.manual_seed(init_seed(cfg, peer_seed))
-        model = task.build_model().to(device)
+        # torch, random and numpy.random alike: a build_model drawing from any of them gives the
+        # same model on every peer, however and wherever each was started.
+        model = build_seeded(task, init_seed(cfg, peer_seed)).to(device)
         try:
             super().__init__(
                 model, codec=codec, store=store, mailbox=mailbox, stats=stats,
@@ -370,9 +371,10 @@ class ComputeLoop(Replica):
             )
         except ValueError as exc:  # FlatParameters: nothing to train, or not float32
             raise ConfigError(f"task {cfg.task.spec!r}: {exc}; fix the task's build_model") from None
-        # What the task draws while training (dropout, augmentation) from torch's own generator
-        # differs from peer to peer: seeded as the model was, every peer drew the same crops.
-        torch.manual_seed(zlib.crc32(f"{peer_seed}:training".encode()))  # not the stream that drew the model
+        # What the task draws while training (dropout, augmentation) from torch's, random's or
+        # numpy's generator differs from peer to peer: seeded as the model was, every peer drew
+        # the same crops. Nothing is restored: the task's own code is what draws next.
+        seed_all(zlib.crc32(f"{peer_seed}:training".encode()))  # not the stream that drew the model
         train = cfg.train
         self.optimizer = make_optimizer(train, self.model.parameters())
         self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train.precision)
@@ -607,7 +609,7 @@ class ComputeLoop(Replica):
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         if self.autocast is None and self.cfg.train.clip_grad_norm == 0:
-            loss = self.task.loss(self.model, batch)
+            loss = self._checked(self.task.loss(self.model, batch))
             loss.backward()
             self.torn_by = "the optimizer's update"  # until the step is counted
             self.optimizer.step()
@@ -624,7 +626,7 @@ class ComputeLoop(Replica):
     def _mixed_step(self, batch: tuple[Tensor, ...]) -> Tensor:
         """The step under train.precision's autocast and train.clip_grad_norm; the loss."""
         with torch.autocast(self.train_data[0].device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            loss = self.task.loss(self.model, batch)
+            loss = self._checked(self.task.loss(self.model, batch))
         self.scaler.scale(loss).backward()
         self.torn_by = "the optimizer's update"  # until the step is counted
         if clip := self.cfg.train.clip_grad_norm:
@@ -633,6 +635,23 @@ class ComputeLoop(Replica):
         self.scaler.step(self.optimizer)  # skipped where fp16 gradients overflowed; the scale then drops
         self.scaler.update()
         return loss
+
+    def _checked(self, loss: Any) -> Tensor:
+        """The task's loss, refused unless it is a one-element tensor that requires grad: a float
+        or a dict failed deep inside backward(), and per-sample losses were refused by it with
+        torch's "grad can be implicitly created only for scalar outputs". An isinstance and two
+        attribute reads a step."""
+        if isinstance(loss, Tensor) and loss.numel() == 1 and loss.requires_grad:
+            return loss
+        if not isinstance(loss, Tensor):
+            what = type(loss).__name__
+        elif loss.numel() != 1:
+            what = f"a tensor of shape {tuple(loss.shape)}"
+        else:
+            what = "a tensor that does not require grad (computed under no_grad, or detached)"
+        raise BadTaskResult(f"the task's loss{defined_at(self.task.loss)} returned {what}: it must return the "
+                            "batch's mean loss as a one-element torch tensor that requires grad (not .item(), "
+                            "float() or per-sample losses)")
 
     def pad_step(self) -> None:
         """Artificial straggler: sleep train.step_pad_s, or stretch the step just taken by
@@ -660,8 +679,7 @@ class ComputeLoop(Replica):
             return {}
         self.model.eval()
         try:
-            with torch.no_grad():
-                self.last_eval = {k: float(v) for k, v in self.task.evaluate(self.model).items()}
+            self.last_eval = self.task.metrics(self.model)
         finally:
             self.model.train()
         if self.task.metric not in self.last_eval and not self._metric_missing_said:

@@ -1,8 +1,9 @@
 """The task plug-in interface: ``module:function`` returning a :class:`Task`.
 
 A task bundles what a peer trains: a model builder, the training tensors (each peer takes its
-shard), the loss of a batch and an optional evaluation on held-out data. The runtime seeds torch
-before ``build_model`` so every peer starts from the same initialization (SPEC 4 item 6).
+shard), the loss of a batch and an optional evaluation on held-out data. The runtime seeds torch,
+Python's ``random`` and ``numpy.random`` before ``build_model`` (:func:`build_seeded`) so every
+peer starts from the same initialization (SPEC 4 item 6), wherever it was started.
 
 Bundled tasks: ``swarmnet.tasks.lsq:task`` (synthetic least squares),
 ``swarmnet.tasks.logreg:task`` (logistic regression on real data),
@@ -15,12 +16,16 @@ import contextlib
 import importlib
 import inspect
 import os
+import random
 import sys
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from numbers import Real
 from typing import Any
 
+import numpy as np
+import torch
 from torch import Tensor, nn
 
 from swarmnet.errors import ConfigError
@@ -28,22 +33,50 @@ from swarmnet.errors import ConfigError
 Batch = tuple[Tensor, ...]
 
 
+class BadTaskResult(TypeError):
+    """A task's function returned what swarmnet cannot use. The message says what it returned
+    and what it must return; :func:`what_failed` gives no place for it (it would be swarmnet's
+    own check, not the task's code)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class Task:
     name: str
     build_model: Callable[[], nn.Module]
-    """Builds a fresh model; the runtime seeds torch first so all peers start identical."""
+    """Builds a fresh model; the runtime seeds torch, ``random`` and ``numpy.random`` first
+    (with the same seed on every peer) so all peers start identical, even started on separate
+    hosts."""
     train: Batch
     """In-memory training tensors sharing the first (sample) dimension."""
     loss: Callable[[nn.Module, Batch], Tensor]
-    """Mean loss of ``model`` on a batch (a tuple sliced from ``train``)."""
+    """Mean loss of ``model`` on a batch (a tuple sliced from ``train``): a one-element tensor
+    that requires grad."""
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None
-    """Held-out metrics of a model, e.g. {"loss": ..., "accuracy": ...}; runs under no_grad."""
+    """Held-out metrics of a model, a dict of numbers, e.g. {"loss": ..., "accuracy": ...};
+    runs under no_grad."""
     metric: str = "loss"
     """The headline key of ``evaluate``'s result."""
     higher_is_better: bool = False
 
     def __post_init__(self) -> None:
+        # Refused here, where the task is made, not at the first use deep inside a peer.
+        if isinstance(self.build_model, nn.Module) or not callable(self.build_model):
+            given = "a model (an nn.Module instance)" if isinstance(self.build_model, nn.Module) else \
+                type(self.build_model).__name__
+            raise ConfigError(f"task {self.name}: build_model is {given}; it must be a function that builds the "
+                              "model, e.g. build_model=lambda: MyNet(): every peer builds its own, seeded alike")
+        if not isinstance(self.train, (tuple, list)):
+            hint = f"e.g. train=(x,) for one {type(self.train).__name__}" if isinstance(self.train, Tensor) else \
+                "e.g. train=(x_train, y_train)"
+            raise ConfigError(f"task {self.name}: train is {type(self.train).__name__}; it must be a tuple of "
+                              f"tensors sharing the first (sample) dimension, {hint}")
+        for i, t in enumerate(self.train):
+            if not isinstance(t, Tensor):
+                how = ("convert it with torch.as_tensor(a) or torch.from_numpy(a)" if type(t).__module__ == "numpy"
+                       else "convert it with torch.as_tensor")
+                raise ConfigError(f"task {self.name}: train[{i}] is {type(t).__module__}.{type(t).__name__}, not a "
+                                  f"torch.Tensor; {how}")
+        object.__setattr__(self, "train", tuple(self.train))  # a list would be sliced as one
         if not self.train:
             raise ValueError(f"task {self.name}: no training tensors")
         n = self.train[0].shape[0]
@@ -55,6 +88,60 @@ class Task:
     @property
     def num_samples(self) -> int:
         return int(self.train[0].shape[0])
+
+    def metrics(self, model: nn.Module) -> dict[str, float]:
+        """``evaluate(model)`` under no_grad as a dict of floats ({} without an evaluation);
+        a BadTaskResult naming what it returned where that is not a dict of numbers (the peers'
+        compute loop and the launcher's average both read it here)."""
+        if self.evaluate is None:
+            return {}
+        with torch.no_grad():
+            result = self.evaluate(model)
+        if not isinstance(result, Mapping):
+            raise BadTaskResult(f"the task's evaluate{defined_at(self.evaluate)} returned {type(result).__name__}; "
+                                "it must return a dict of numbers, e.g. {'accuracy': 0.9}")
+        metrics = {}
+        for key, value in result.items():
+            number = _number(value)
+            if number is None:
+                what = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else \
+                    f"{type(value).__name__} {value!r}"[:80]
+                raise BadTaskResult(f"the task's evaluate{defined_at(self.evaluate)} returned {what} for "
+                                    f"{key!r}; it must return a dict of numbers, e.g. {{'accuracy': 0.9}}")
+            metrics[str(key)] = number
+        return metrics
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a float: a number, a one-element tensor or a numpy scalar; None otherwise."""
+    if isinstance(value, Tensor):
+        return float(value) if value.numel() == 1 else None
+    if isinstance(value, (Real, np.number)) and not isinstance(value, np.bool_):
+        return float(value)
+    return None
+
+
+def defined_at(function: Callable[..., Any]) -> str:
+    """`` (file:line)`` where a task's ``function`` is defined, "" where that is not known."""
+    code = getattr(inspect.unwrap(function), "__code__", None)
+    return f" ({code.co_filename}:{code.co_firstlineno})" if code is not None else ""
+
+
+def seed_all(seed: int) -> None:
+    """Seed torch, Python's ``random`` and ``numpy.random``: a task may draw its model's
+    initialization (or its training draws) from any of them. The global generators are left so
+    seeded, not restored: what draws from them next is the task's own code, which the seed is for."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def build_seeded(task: Task, seed: int) -> nn.Module:
+    """``task.build_model()`` after :func:`seed_all`: peers started apart, on other hosts, and
+    the tools that rebuild the model (the launcher's average, ``swarmnet eval``) all build the
+    same initial model from one seed."""
+    seed_all(seed)
+    return task.build_model()
 
 
 def import_factory(spec: str, form: str = "must be 'module:function', e.g. swarmnet.tasks.digits:task"
@@ -96,10 +183,14 @@ def load_task(spec: str, options: Mapping[str, Any] | None = None) -> Task:
 
     def build_model() -> nn.Module:
         try:
-            return build()
+            model = build()
         except Exception as exc:
             raise ConfigError(f"task {spec!r} with task.options {options}: building the model failed: "
                               f"{what_failed(exc)}; fix the task or its options") from None
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"task {spec!r}: build_model returned {type(model).__name__}, expected a "
+                              "torch.nn.Module; fix the task's build_model")
+        return model
     return replace(task, build_model=build_model)
 
 
@@ -135,6 +226,8 @@ def what_failed(exc: BaseException) -> str:
     """An exception in a user's code in one line: its type, message and where it was raised."""
     if isinstance(exc, SyntaxError):
         return f"SyntaxError: {exc.msg} ({exc.filename}, line {exc.lineno})"
+    if isinstance(exc, BadTaskResult):  # raised by swarmnet's check: its message names the task's function
+        return f"{type(exc).__bases__[0].__name__}: {exc}"
     frames = traceback.extract_tb(exc.__traceback__)
     where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
     return f"{type(exc).__name__}: {exc}{where}"
