@@ -55,7 +55,7 @@ from swarmnet.peer.compute import plan_training, unreached_milestones
 from swarmnet.peer.earlier import AVERAGE_FILE, set_aside_earlier_peers
 from swarmnet.peer.metrics import read_metrics
 from swarmnet.peer.node import FINISHED_WELL
-from swarmnet.tasks import load_task, what_failed
+from swarmnet.tasks import Task, build_seeded, load_task, what_failed
 
 log = get_logger("launch")
 
@@ -97,6 +97,11 @@ class LaunchPlan:
     total_steps: int = 0
     fork: bool = False
     """Whether the peers are forked from a fork server (swarmnet.forked) rather than exec'd."""
+    task: Task | None = None
+    """The task, loaded once here (its factory may load a data set) for the summary's metric and
+    the average model; the peers load their own."""
+    start_timeout: float = CARD_TIMEOUT
+    """Seconds the first peer has to come up (write its card)."""
 
     @classmethod
     def build(cls, cfg: SwarmConfig, *, config_path: Path | None, overrides: dict[str, Any],
@@ -162,7 +167,11 @@ class LaunchPlan:
         env.setdefault("GLIBC_TUNABLES", GLIBC_TUNABLES)
         plan = cls(cfg, run_dir, peers, base, env)
         plan.fork = forked.forkable(peer.device or cfg.device.device for peer in peers)
-        task = load_task(cfg.task.spec, cfg.task.options)
+        plan.task = task = load_task(cfg.task.spec, cfg.task.options)
+        # Built once here, as every peer will build it: a build_model that fails (a bad option,
+        # a wrong return) is refused before launch, not as a peer that "did not come up". Cheap
+        # for most tasks; a model costly to build costs it once more, at start.
+        build_seeded(task, cfg.run.seed)
         training = plan_training(cfg.train, n, task.num_samples)
         plan.total_steps = training.total_steps
         if (late := unreached_milestones(cfg.train, training)) is not None:
@@ -507,7 +516,7 @@ def summarize(plan: LaunchPlan, elapsed: float, interrupted: bool) -> dict[str, 
         "interrupted": interrupted,
         "elapsed_s": elapsed,
         "peers": rows,
-        "metric": load_task(plan.cfg.task.spec, plan.cfg.task.options).metric,
+        "metric": _task(plan).metric,
         "average": average_models(plan, finished),
         "config": to_dict(plan.cfg),
     }
@@ -564,9 +573,8 @@ def average_models(plan: LaunchPlan, peers: list[PeerProcess]) -> dict[str, Any]
             continue
     if not states:
         return {"peers_averaged": 0}
-    task = load_task(plan.cfg.task.spec, plan.cfg.task.options)
-    torch.manual_seed(plan.cfg.run.seed)
-    model = task.build_model()
+    task = _task(plan)
+    model = build_seeded(task, plan.cfg.run.seed)
     params = {name for name, _ in model.named_parameters()}
     merged = dict(states[0])
     squared = 0.0
@@ -584,6 +592,13 @@ def average_models(plan: LaunchPlan, peers: list[PeerProcess]) -> dict[str, Any]
         log.warning("the average model could not be evaluated: the task's evaluation raised %s", error)
         result["eval_error"] = error
     return {**result, **saved_to(model, plan.run_dir / AVERAGE_FILE)}
+
+
+def _task(plan: LaunchPlan) -> Task:
+    """The plan's task, loaded by :meth:`LaunchPlan.build` (here where a plan was made otherwise)."""
+    if plan.task is None:
+        plan.task = load_task(plan.cfg.task.spec, plan.cfg.task.options)
+    return plan.task
 
 
 def unwritten(row: dict[str, Any]) -> str:
