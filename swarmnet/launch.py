@@ -85,6 +85,10 @@ class PeerProcess:
     """Where this launch's lines begin in ``peer.log`` (appended to across runs of a run dir)."""
     metrics_start: int = 0
     """The same in ``metrics.jsonl`` (a resumed peer appends to it)."""
+    earlier_summary: tuple[int, int] | None = None
+    """(inode, mtime in ns) of the summary.json an earlier run left (--no-fresh): kept for as
+    long as the peer has not accepted its checkpoint (a refused restart keeps it), and never
+    taken for this launch's."""
 
 
 @dataclass(slots=True)
@@ -176,9 +180,10 @@ class LaunchPlan:
         plan.total_steps = training.total_steps
         if (late := unreached_milestones(cfg.train, training)) is not None:
             log.warning("%s", late)  # each peer's log says it too; here it shows before they start
-        # A card left by an earlier run would pass for the new peer's (its address, its being up),
-        # and a summary for its result if it dies before writing its own.
-        stale = PEER_FILES if fresh else ("card.json", "summary.json")
+        # A card left by an earlier run would pass for the new peer's (its address, its being up).
+        # Its summary stays until the peer has accepted its checkpoint (a refused restart keeps
+        # it), and is never taken for this launch's result (PeerProcess.earlier_summary).
+        stale = PEER_FILES if fresh else ("card.json",)
         for p in peers:
             check_free(run_dir / p.name)  # before anything is moved: a second `up` must not wipe a running swarm
         if fresh:
@@ -190,7 +195,18 @@ class LaunchPlan:
                     (run_dir / p.name / name).unlink(missing_ok=True)
             except OSError as exc:
                 raise unwritable_run_dir(run_dir / p.name, exc) from None
+            p.earlier_summary = _file_identity(run_dir / p.name / "summary.json")
         return plan
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """(inode, mtime in ns) of ``path``, None where there is none: a peer writes its summary by
+    renaming a new file over it, which changes both."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 def launch_config(config_path: Path | None, overrides: dict[str, Any], origins: dict[str, str],
@@ -488,6 +504,8 @@ def summarize(plan: LaunchPlan, elapsed: float, interrupted: bool) -> dict[str, 
         if code is not None and code < 0:
             row["signal"] = signal.Signals(-code).name
         try:
+            if _file_identity(peer_dir / "summary.json") == p.earlier_summary:  # None == None: none written
+                raise FileNotFoundError("an earlier run's summary, or none")
             peer_summary = json.loads((peer_dir / "summary.json").read_text())
             peer_summary.pop("config", None)
             row.update(peer_summary)

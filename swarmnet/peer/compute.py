@@ -132,6 +132,40 @@ def peer_seed_of(cfg: SwarmConfig, name: str) -> int:
     return zlib.crc32(f"{cfg.run.seed}:{name}".encode())
 
 
+def model_mismatch(saved: dict[str, Any], model: nn.Module, most: int = 2) -> str | None:
+    """How a checkpoint's ``saved`` state_dict differs from ``model``'s in words, the first
+    ``most`` differences by name with both shapes; None where they match. torch's own message
+    lists every differing tensor, which a large model's runs into thousands of characters."""
+    own = model.state_dict()
+    parts = []
+    for name, tensor in own.items():
+        theirs = saved.get(name)
+        if isinstance(theirs, Tensor) and theirs.shape != tensor.shape:
+            parts.append(f"{name} is {tuple(theirs.shape)} in the checkpoint, {tuple(tensor.shape)} in this model")
+    sized = len(parts)
+    missing = [name for name in own if name not in saved]
+    extra = [name for name in saved if name not in own]
+    if missing:
+        parts.append(f"{missing[0]} is missing from the checkpoint"
+                     + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if extra:
+        parts.append(f"the checkpoint holds {extra[0]}, which this model has not"
+                     + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    if not parts:
+        return None
+    more = sized - min(sized, most)
+    shown = parts[:min(sized, most)] + parts[sized:]
+    return "; ".join(shown) + (f" (and {more} more tensors of other shapes)" if more else "")
+
+
+def shortened(text: str, limit: int = 300) -> str:
+    """``text`` on one line, cut at a word's end past ``limit`` characters."""
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
 class Replica:
     """The merge side of one model: its parameters laid over ``live_N``, the communication copy
     ``stale_N``, the nudge inbox, publishing and merges between steps. Whoever steps the model
@@ -422,14 +456,21 @@ class ComputeLoop(Replica):
                     "could run code" if found else "not a torch checkpoint file")
             raise ConfigError(f"{path} cannot be read as a checkpoint ({what}); {fix}") from None
         except Exception as exc:  # unpickling garbage raises nearly anything
-            detail = " ".join(str(exc).split())[:300]
-            raise ConfigError(f"{path} cannot be read as a checkpoint ({type(exc).__name__}: {detail}); {fix}") from None
+            raise ConfigError(f"{path} cannot be read as a checkpoint ({type(exc).__name__}: "
+                              f"{shortened(str(exc))}); {fix}") from None
         task = state.get("task") if isinstance(state, dict) else None
         if task is not None and task != self.cfg.task.spec:
             raise ConfigError(f"{path} was made for task {task}, this config trains {self.cfg.task.spec}; {fix}")
         if isinstance(state, dict) and (bad := checkpoint.non_finite(self._must_be_finite(state))):
             raise ConfigError(f"{path} holds non-finite values in {bad} (a damaged file, or a diverged run's); "
                               f"restore a good copy, or {fix}")
+        if isinstance(state, dict) and isinstance(state.get("model"), dict) and \
+                (unlike := model_mismatch(state["model"], self.model)) is not None:
+            saved_options = state.get("task_options")
+            options = dict(self.cfg.task.options)
+            changed = (f"; the checkpoint was made with task.options {saved_options}, this config has {options}"
+                       if isinstance(saved_options, dict) and saved_options != options else "")
+            raise ConfigError(f"{path} does not fit this peer's model: {unlike}{changed}; {fix}")
         try:
             self.model.load_state_dict(state["model"])  # copies into the flat views in place
             # The momentum buffers come from the checkpoint, the recipe (momentum, weight decay)
@@ -461,9 +502,8 @@ class ComputeLoop(Replica):
             if state.get("cuda_rng") is not None and self.device.type == "cuda":
                 torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         except Exception as exc:
-            detail = " ".join(str(exc).split())[:300]
             raise ConfigError(f"{path} does not fit this peer's model or settings ({type(exc).__name__}: "
-                              f"{detail}); {fix}") from None
+                              f"{shortened(str(exc))}); {fix}") from None
         self._saved_step = self.step
         self.log.info("resumed from %s at step %d", self.checkpoint_path, self.step)
         self._warn_past_budget("the checkpoint", "or --fresh to start over")
@@ -515,6 +555,7 @@ class ComputeLoop(Replica):
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "task": self.cfg.task.spec,
+            "task_options": dict(self.cfg.task.options),  # named when a restart's model does not fit
             "optimizer_name": self.cfg.train.optimizer,
         }
         if self.scaler.is_enabled():

@@ -223,9 +223,18 @@ class Peer:
             except BaseException:
                 self.release_dir()  # a caller that fixes the cause may start it again in this process
                 raise
-        for earlier in ("card.json", "summary.json"):  # an earlier run's would pass for this one's
-            with contextlib.suppress(OSError):
-                (self.peer_dir / earlier).unlink(missing_ok=True)
+        # An earlier run's card would pass for this one's. Its summary goes once this run has
+        # taken over (:meth:`_forget_earlier_summary`): a restart refused (a checkpoint that does
+        # not fit the model) must leave the earlier run's result where it was.
+        with contextlib.suppress(OSError):
+            (self.peer_dir / "card.json").unlink(missing_ok=True)
+        if not resume:  # nothing to accept first: the user API, or a --fresh start
+            self._forget_earlier_summary()
+
+    def _forget_earlier_summary(self) -> None:
+        """Remove an earlier run's summary.json: it would pass for this run's result."""
+        with contextlib.suppress(OSError):
+            (self.peer_dir / "summary.json").unlink(missing_ok=True)
 
     def release_dir(self) -> None:
         """Give up this peer's directory to a later peer of the same name (in this process too)."""
@@ -296,6 +305,7 @@ class Peer:
         if self._stopping.is_set():
             compute.stop.set()
         resumed = self.resume and compute.resume()
+        self._forget_earlier_summary()  # its checkpoint accepted, or none: this run takes over
         net = self.cfg.network
         adopting = not resumed and net.adopt_model and net.exchange and self.cfg.run.init == "shared"
         if not adopting:
