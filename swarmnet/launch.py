@@ -52,6 +52,7 @@ from swarmnet.peer import checkpoint
 from swarmnet.peer.budget import LOCAL_PEERS_VARIABLE
 from swarmnet.peer.claim import check_free
 from swarmnet.peer.compute import plan_training, unreached_milestones
+from swarmnet.peer.data import batch_shortfall
 from swarmnet.peer.earlier import AVERAGE_FILE, set_aside_earlier_peers
 from swarmnet.peer.metrics import read_metrics
 from swarmnet.peer.node import FINISHED_WELL
@@ -178,8 +179,11 @@ class LaunchPlan:
         build_seeded(task, cfg.run.seed)
         training = plan_training(cfg.train, n, task.num_samples)
         plan.total_steps = training.total_steps
+        # Each peer's log says these too; here they show before the peers start.
         if (late := unreached_milestones(cfg.train, training)) is not None:
-            log.warning("%s", late)  # each peer's log says it too; here it shows before they start
+            log.warning("%s", late)
+        if (short := batch_shortfall(cfg.train.batch_size, task.num_samples, cfg.train.shard, n)) is not None:
+            log.warning("%s", short)
         # A card left by an earlier run would pass for the new peer's (its address, its being up).
         # Its summary stays until the peer has accepted its checkpoint (a refused restart keeps
         # it), and is never taken for this launch's result (PeerProcess.earlier_summary).

@@ -45,7 +45,7 @@ from swarmnet.codecs.published import published
 from swarmnet.config import MAX_STEPS, SwarmConfig, TrainConfig
 from swarmnet.errors import ConfigError, ModelDiverged, NonFiniteInput
 from swarmnet.peer import checkpoint
-from swarmnet.peer.data import ShardSampler
+from swarmnet.peer.data import ShardSampler, batch_shortfall
 from swarmnet.peer.metrics import MetricsWriter, progress_record
 from swarmnet.peer.state import FlatParameters, Mailbox, MergeEntry, NudgeInbox, SnapshotStore
 from swarmnet.peer.stats import PeerStats
@@ -422,6 +422,8 @@ class ComputeLoop(Replica):
             task.num_samples, train.batch_size, shard=train.shard, rank=rank, peers=cfg.run.peers,
             seed=cfg.run.seed, peer_seed=peer_seed,
         )
+        if (short := batch_shortfall(train.batch_size, task.num_samples, train.shard, cfg.run.peers)) is not None:
+            log.warning("%s", short)
         self.train_data = tuple(t.to(device) for t in task.train)
         self.metrics = MetricsWriter(peer_dir / "metrics.jsonl", tensorboard=train.tensorboard, stats=self.stats)
         self._loss_sum = torch.zeros((), device=device)

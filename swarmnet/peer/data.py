@@ -101,6 +101,22 @@ class ShardSampler:
         self._order = self._epoch_order(self.position.epoch) if self.position.batch else None
 
 
+def batch_shortfall(batch_size: int, num_samples: int, shard: str, peers: int) -> str | None:
+    """Why batches hold fewer distinct samples than train.batch_size, if they do (None where
+    they do not): a batch larger than the training set is cut to it (:class:`ShardSampler`), and
+    one larger than a peer's partition shard repeats samples within the batch."""
+    if batch_size > num_samples:
+        return (f"train.batch_size = {batch_size}, but the task has {num_samples} training samples: every batch "
+                f"takes those {num_samples}, fewer than asked (with the learning rate and epochs set for "
+                f"{batch_size}); lower train.batch_size to at most {num_samples}, or give the task more data")
+    smallest = num_samples // shard_count(peers)
+    if shard == "partition" and batch_size > smallest:
+        return (f"train.batch_size = {batch_size}, but train.shard = 'partition' gives a peer as few as {smallest} "
+                f"training samples ({num_samples} cut into {shard_count(peers)} shards): a batch repeats samples; "
+                f"lower train.batch_size to at most {smallest}, or use train.shard = 'random'")
+    return None
+
+
 def shard_count(peers: int) -> int:
     """Shards of ``train.shard = "partition"``: every one shared by two peers (SPEC 1.4)."""
     return max(1, peers // 2)

@@ -89,3 +89,16 @@ def test_adamw_learns_keeps_its_moments_local_and_resumes_them(tmp_path, caplog)
     assert sgd.save_checkpoint() is None
     again = compute_loop(tmp_path, steps=320, slowdown=1.0, **settings)  # and back: SGD's buffers are not Adam's
     assert again.resume() and not again.optimizer.state and again.run() == "budget"
+
+
+def test_a_batch_larger_than_the_peers_data_is_named_once_at_start(tmp_path, caplog):
+    """The sampler cuts such a batch to the data set without a word: the learning rate and the
+    epochs were set for the batch asked."""
+    with caplog.at_level(logging.WARNING):
+        compute = compute_loop(tmp_path, steps=2, slowdown=1.0, **{"train.batch_size": 100_000})
+        compute.run()
+    said = [r.getMessage() for r in caplog.records if "train.batch_size" in r.getMessage()]
+    n = compute.task.num_samples
+    assert said == [f"[test] train.batch_size = 100000, but the task has {n} training samples: every batch takes "
+                    f"those {n}, fewer than asked (with the learning rate and epochs set for 100000); lower "
+                    f"train.batch_size to at most {n}, or give the task more data"], said
