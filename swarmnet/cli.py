@@ -164,6 +164,7 @@ def up(
     transport: Annotated[str, typer.Option(help="tcp (127.0.0.1) or ipc (unix sockets under the run dir).")] = "tcp",
     no_fresh: Annotated[bool, typer.Option("--no-fresh", help="Resume each peer from its checkpoint in the run dir (default: start from scratch).")] = False,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: section.key=VALUE, repeatable.")] = None,
+    start_timeout: Annotated[float, typer.Option("--start-timeout", help="Seconds the first peer may take to start (import the task, load its data, build its model).")] = 120.0,
     log_level: LogLevel = Level.WARNING,
 ) -> None:
     """Launch a local swarm as real processes, show progress, write a summary."""
@@ -181,7 +182,8 @@ def up(
         if summary is not None:
             check_output_path(summary)
         plan = LaunchPlan.build(cfg, config_path=config, overrides=overrides, manifests=peer_dir,
-                                transport=transport, fresh=not no_fresh, log_level=log_level.value)
+                                transport=transport, fresh=not no_fresh, log_level=log_level.value,
+                                start_timeout=start_timeout)
     except ConfigError as exc:
         if summary is not None:
             write_refusal(summary, str(exc))

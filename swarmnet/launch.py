@@ -66,6 +66,8 @@ PEER_FILES = ("card.json", "summary.json", "metrics.jsonl", "checkpoint.pt", "pe
 PEER_INTERPRETER = (sys.executable, "-m", "swarmnet")
 """How an exec'd peer's command line starts; a forked peer gets what follows it."""
 CARD_TIMEOUT = 120.0
+"""Seconds the first peer has to write its card (import the task, load its data, build its
+model, bind) before `up` stops the launch; `up --start-timeout` sets it."""
 STOP_GRACE = 20.0
 
 
@@ -110,7 +112,10 @@ class LaunchPlan:
 
     @classmethod
     def build(cls, cfg: SwarmConfig, *, config_path: Path | None, overrides: dict[str, Any],
-              manifests: Path | None, transport: str, fresh: bool, log_level: str) -> LaunchPlan:
+              manifests: Path | None, transport: str, fresh: bool, log_level: str,
+              start_timeout: float = CARD_TIMEOUT) -> LaunchPlan:
+        if not 0 < start_timeout < math.inf:
+            raise ConfigError(f"--start-timeout {start_timeout}: must be a number of seconds > 0")
         run_dir = Path(cfg.run.dir)
         for key in PER_PEER_KEYS:
             if key in overrides:  # passed on to every peer, it would beat each one's own address
@@ -170,7 +175,7 @@ class LaunchPlan:
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(cfg.device.threads))
         env[LOCAL_PEERS_VARIABLE] = str(n)
         env.setdefault("GLIBC_TUNABLES", GLIBC_TUNABLES)
-        plan = cls(cfg, run_dir, peers, base, env)
+        plan = cls(cfg, run_dir, peers, base, env, start_timeout=start_timeout)
         plan.fork = forked.forkable(peer.device or cfg.device.device for peer in peers)
         plan.task = task = load_task(cfg.task.spec, cfg.task.options)
         # Built once here, as every peer will build it: a build_model that fails (a bad option,
@@ -301,6 +306,11 @@ def _card(plan: LaunchPlan, peer: PeerProcess, deadline: float, interrupt: _Inte
         time.sleep(0.05)
     exit_code = peer.proc.poll() if peer.proc else "?"
     tail = _log_tail(plan, peer)
+    if exit_code is None:  # still starting: launch() stops it with the rest
+        ends = f"; its log ends:\n{tail}" if tail else ""
+        raise ConfigError(f"peer {peer.name} was still starting after {plan.start_timeout:g} s and was stopped: "
+                          "importing the task, loading its data or building its model took longer; allow more "
+                          f"with --start-timeout SECONDS{ends}")
     if tail:
         raise ConfigError(f"peer {peer.name} did not come up (exit {exit_code}); its log ends:\n{tail}")
     why = _disk_trouble(plan.run_dir / peer.name) or "it wrote no log"
@@ -345,7 +355,7 @@ def launch(plan: LaunchPlan, *, summary_path: Path | None = None, console: Conso
         seed = f"file://{(plan.run_dir / first.name / 'card.json').resolve()}"
         for peer in plan.peers:
             _start(plan, peer, [] if peer is first else [seed])
-        address = _card(plan, first, time.monotonic() + CARD_TIMEOUT, interrupt)
+        address = _card(plan, first, time.monotonic() + plan.start_timeout, interrupt)
         if address is not None:
             console.print(f"swarmnet: {len(plan.peers)} peers, seed {address}, run dir {plan.run_dir}", markup=False)
         interrupted = _supervise(plan, interrupt, console)
