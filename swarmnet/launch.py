@@ -375,17 +375,27 @@ def launch(plan: LaunchPlan, *, summary_path: Path | None = None, console: Conso
     console.print(render_summary(result))
     if "model" in result["average"]:
         console.print(f"average model (a state_dict): {result['average']['model']}", markup=False, highlight=False)
-    for r in result["peers"]:
-        if not r["ok"] and ": " in str(r.get("reason", "")):
-            console.print(f"{r['name']}: {r['reason']}", markup=False, highlight=False)
-        if lost := unwritten(r):
-            console.print(f"{r['name']}: writing {lost} failed (a full or read-only disk?)", markup=False,
-                          highlight=False)
+    for line in after_table(result):
+        console.print(line, markup=False, highlight=False)
     if summary_path is not None:
         _write_summary(summary_path, result)
     if interrupted:
         return 128 + interrupt.signum
     return 0 if result["ok"] else 1
+
+
+def after_table(result: dict[str, Any]) -> list[str]:
+    """The lines under the summary table: why each peer that ended badly did (the table keeps
+    the reason's head), and which of its files it could not write."""
+    lines = []
+    for r in result["peers"]:
+        if not r["ok"] and ": " in str(r.get("reason", "")):
+            lines.append(f"{r['name']}: {r['reason']}")
+        elif not r["ok"] and r.get("error"):  # "diverged" says no more; its log said why
+            lines.append(f"{r['name']}: {r.get('reason', '?')}: {r['error']}")
+        if lost := unwritten(r):
+            lines.append(f"{r['name']}: writing {lost} failed (a full or read-only disk?)")
+    return lines
 
 
 def check_output_path(path: Path, flag: str = "--summary") -> None:
@@ -541,6 +551,9 @@ def summarize(plan: LaunchPlan, elapsed: float, interrupted: bool) -> dict[str, 
             row["reason"] = "stopped by a signal from outside `swarmnet up`, before its budget"
         clean = code == 0 or (stopped and code == plan.cfg.run.stopped_exit_code)
         row["ok"] = clean and row.get("reason") in FINISHED_WELL
+        if row.get("reason") == "diverged":  # says no more; the first error its log has for this launch does
+            if error := _last_error(peer_dir / "peer.log", p.log_start, first=True):
+                row["error"] = error
         rows.append(row)
     finished = [p for p, r in zip(plan.peers, rows) if r["ok"]]
     result: dict[str, Any] = {
@@ -555,9 +568,10 @@ def summarize(plan: LaunchPlan, elapsed: float, interrupted: bool) -> dict[str, 
     return result
 
 
-def _last_error(log: Path, start: int = 0) -> str | None:
+def _last_error(log: Path, start: int = 0, *, first: bool = False) -> str | None:
     """The message of the last ERROR line of a peer's log from byte ``start`` on (this launch's
-    part), which says why it stopped."""
+    part), which says why it stopped; ``first``: of the first one (a diverged peer's cause, its
+    later errors follow from it)."""
     try:
         with log.open("rb") as f:
             f.seek(start)
@@ -565,7 +579,7 @@ def _last_error(log: Path, start: int = 0) -> str | None:
     except OSError:
         return None
     errors = [line.split(" ERROR ", 1)[1] for line in lines if " ERROR " in line]
-    return errors[-1].split("] ", 1)[-1] if errors else None
+    return errors[0 if first else -1].split("] ", 1)[-1] if errors else None
 
 
 def _disk_trouble(path: Path) -> str | None:
@@ -641,25 +655,31 @@ def unwritten(row: dict[str, Any]) -> str:
     return " and ".join(parts)
 
 
+def _number_cell(value: Any, spec: str) -> str:
+    """A number of the table in ``spec``; "?" where it is unknown or not finite, alike for the
+    peers (whose summaries, strict JSON, hold null for both) and the average."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return format(value, spec)
+    return "?"
+
+
 def render_summary(result: dict[str, Any]) -> Table:
     table = Table(title="swarm summary" + (" (interrupted)" if result["interrupted"] else ""))
-    for col in ("peer", "status", "steps", "merges", "MB out", "MB in", "loss", result["metric"]):
+    metric = result["metric"]
+    # The last window's training loss and the held-out metric: both "loss" by default.
+    for col in ("peer", "status", "steps", "merges", "MB out", "MB in", "train loss", f"eval {metric}"):
         table.add_column(col, justify="right" if col not in ("peer", "status") else "left")
 
-    metric = result["metric"]
-
     def fmt_eval(ev: dict[str, Any] | None) -> str:
-        value = (ev or {}).get(metric)
-        return f"{value:.4f}" if isinstance(value, (int, float)) else "?"
+        return _number_cell((ev or {}).get(metric), ".4f")
 
     for r in result["peers"]:
         # The table keeps the reason's head; the whole of it (why the peer stopped) follows the table.
         reason = str(r.get("reason", "?")).split(": ", 1)[0]
         status = reason if r["ok"] else f"{r.get('signal') or 'exit ' + str(r['exit_code'])}: {reason}"
-        loss = r.get("final_loss")
         table.add_row(r["name"], status, str(r.get("steps", "?")), str(r.get("interactions", "?")),
                       f"{(r.get('bytes_sent') or 0) / 1e6:.1f}", f"{(r.get('bytes_received') or 0) / 1e6:.1f}",
-                      f"{loss:.4g}" if isinstance(loss, (int, float)) else "?", fmt_eval(r.get("eval")))
+                      _number_cell(r.get("final_loss"), ".4g"), fmt_eval(r.get("eval")))
     avg = result["average"]
     if avg.get("peers_averaged"):
         table.add_row("average", f"{counted(avg['peers_averaged'], 'model')}, spread {avg['consensus_distance']:.3g}",

@@ -288,3 +288,171 @@ def test_allow_list_manifests_each_naming_a_key_need_none_in_the_shared_config(t
                              fresh=True, log_level="WARNING")
     assert [(p.name, p.key) for p in built.peers] == [(n, str(tmp_path / "keys" / f"{n}.key_secret")) for n in ("p0", "p1")]
     assert not any("security.key" in arg for arg in built.base_command)  # each peer gets its own, not the first one's
+
+
+COUNTED_TASK = """\
+import os
+import sys
+
+from swarmnet.tasks.lsq import task as lsq
+
+
+def task(**options):
+    with open(os.environ["TASK_CALLS"], "a") as fh:
+        fh.write(" ".join(sys.argv[1:2]) + "\\n")
+    return lsq(samples=64, dim=8, **options)
+"""
+
+
+def test_up_loads_the_task_once_in_its_own_process(tmp_path, monkeypatch):
+    """A factory that loads a real data set paid it three times in the launcher alone (the plan,
+    the summary's metric, the average model); the peers load their own."""
+    import json
+
+    from swarmnet.launch import summarize
+    from swarmnet.peer import checkpoint
+
+    (tmp_path / "counted_task.py").write_text(COUNTED_TASK)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    calls = tmp_path / "calls"
+    monkeypatch.setenv("TASK_CALLS", str(calls))
+    built = plan(tmp_path, {"run.peers": 2, "task.spec": "counted_task:task"})
+    model = built.task.build_model()
+    for p in built.peers:
+        p.exit_code = 0
+        (built.run_dir / p.name / "summary.json").write_text(json.dumps({"reason": "budget", "steps": 10}))
+        checkpoint.save_atomic({"model": model.state_dict()}, built.run_dir / p.name / "checkpoint.pt")
+    result = summarize(built, 1.0, interrupted=False)
+    assert result["average"]["peers_averaged"] == 2 and result["metric"] == "excess_loss"
+    assert len(calls.read_text().splitlines()) == 1
+
+
+def test_a_build_model_that_fails_is_refused_before_any_peer_starts(tmp_path, monkeypatch):
+    (tmp_path / "unbuilt_launch_task.py").write_text(
+        "from swarmnet.tasks.lsq import task as lsq\n"
+        "def task():\n"
+        "    base = lsq(samples=64)\n"
+        "    return type(base)(name='x', build_model=lambda: type, train=base.train, loss=base.loss)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"build_model returned type, expected a torch.nn.Module"):
+        plan(tmp_path, {"run.peers": 2, "task.spec": "unbuilt_launch_task:task"})
+    assert not (tmp_path / "run").exists()  # refused before any peer's folder is made
+    with pytest.raises(ConfigError, match=r"task.options \{'hidden': -5\}: building the model failed"):
+        plan(tmp_path, {"task.spec": "swarmnet.tasks.digits:task", "task.options": {"hidden": -5}})
+
+
+def test_the_summary_table_names_the_training_loss_and_the_evaluation_apart_and_shows_unknowns_alike():
+    from rich.console import Console
+
+    from swarmnet.launch import render_summary
+
+    result = {"interrupted": False, "metric": "loss", "average": {
+        "peers_averaged": 2, "consensus_distance": 0.1, "eval": {"loss": float("nan")}},
+        "peers": [{"name": "peer0", "ok": True, "reason": "budget", "exit_code": 0, "steps": 5, "interactions": 1,
+                   "final_loss": 0.25, "eval": {"loss": None}},
+                  {"name": "peer1", "ok": True, "reason": "budget", "exit_code": 0, "steps": 5, "interactions": 1,
+                   "final_loss": float("inf"), "eval": {"loss": 0.5}}]}
+    console = Console(width=200, record=True)
+    console.print(render_summary(result))
+    text = console.export_text()
+    cells = [[cell.strip() for cell in line.strip("│┃ ").replace("┃", "│").split("│")] for line in text.splitlines()]
+    header = next(row for row in cells if row[0] == "peer")
+    assert header[-2:] == ["train loss", "eval loss"], text
+    rows = {row[0]: row for row in cells}
+    assert rows["peer0"][-2:] == ["0.25", "?"] and rows["peer1"][-2:] == ["?", "0.5000"], text
+    assert rows["average"][-1] == "?" and "nan" not in text, text
+
+
+def test_a_diverged_peer_is_reported_with_why_from_its_log(tmp_path):
+    import json
+
+    from swarmnet.launch import after_table, summarize
+
+    built = plan(tmp_path, {"run.peers": 2, "task.spec": "swarmnet.tasks.lsq:task"})
+    for p, reason in zip(built.peers, ("budget", "diverged")):
+        p.exit_code = 0 if reason == "budget" else 1
+        (built.run_dir / p.name / "summary.json").write_text(json.dumps({"reason": reason, "steps": 50}))
+    (built.run_dir / "peer1" / "peer.log").write_text(
+        "12:00:01 ERROR [peer1] training loss is nan at step 50: the model diverged; lower train.lr or check the data\n"
+        "12:00:02 ERROR [peer1] the model diverged at step 50: checkpoint not written, no checkpoint was written\n")
+    result = summarize(built, 1.0, interrupted=False)
+    assert after_table(result) == ["peer1: diverged: training loss is nan at step 50: the model diverged; lower "
+                                   "train.lr or check the data"]
+
+
+def test_a_batch_larger_than_the_data_is_named_at_start(tmp_path, caplog):
+    from swarmnet.peer.data import batch_shortfall
+
+    with caplog.at_level(logging.WARNING):
+        plan(tmp_path, {"run.peers": 2, "task.spec": "swarmnet.tasks.lsq:task", "task.options": {"samples": 100},
+                        "train.batch_size": 256})
+    assert "train.batch_size = 256, but the task has 100 training samples" in caplog.text
+    assert batch_shortfall(64, 100, "random", 4) is None
+    assert "as few as 25 training samples (100 cut into 4 shards)" in batch_shortfall(64, 100, "partition", 8)
+
+
+def test_an_earlier_runs_summary_survives_until_the_peer_replaces_it_and_never_passes_for_this_launchs(tmp_path):
+    """--no-fresh: a restart that is refused (its checkpoint does not fit) must leave the earlier
+    run's result; `up` must not report it as this launch's."""
+    import json
+
+    from swarmnet.launch import summarize
+
+    earlier = tmp_path / "run" / "peer0" / "summary.json"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text(json.dumps({"reason": "budget", "steps": 900}))
+    overrides = {"run.dir": str(tmp_path / "run"), "run.peers": 1, "task.spec": "swarmnet.tasks.lsq:task"}
+    built = LaunchPlan.build(load_config(None, overrides), config_path=None, overrides=overrides, manifests=None,
+                             transport="tcp", fresh=False, log_level="WARNING")
+    assert json.loads(earlier.read_text())["steps"] == 900
+    built.peers[0].exit_code = 2
+    row = summarize(built, 1.0, interrupted=False)["peers"][0]
+    assert row["reason"].startswith("no summary") and row.get("steps") != 900, row
+    earlier.unlink()
+    (earlier.parent / "new.json").write_text(json.dumps({"reason": "budget", "steps": 10}))
+    (earlier.parent / "new.json").rename(earlier)  # as a peer writes it
+    built.peers[0].exit_code = 0
+    assert summarize(built, 1.0, interrupted=False)["peers"][0]["steps"] == 10
+
+
+SLOW_TASK = """\
+import sys
+import time
+
+from swarmnet.tasks.lsq import task as lsq
+
+
+def task(**options):
+    if sys.argv[1:2] == ["peer"]:  # a peer, not `up` itself
+        time.sleep(60)
+    return lsq(samples=64, dim=8)
+"""
+
+
+def test_a_peer_still_starting_after_the_start_timeout_is_stopped_naming_the_option(tmp_path, monkeypatch):
+    import json
+    import os
+
+    from rich.console import Console
+
+    from swarmnet.forked import EXEC_VARIABLE
+    from swarmnet.launch import launch
+
+    (tmp_path / "sleepy_task.py").write_text(SLOW_TASK)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv(EXEC_VARIABLE, "1")  # a fresh interpreter, as a GPU peer is started
+    overrides = {"run.dir": str(tmp_path / "run"), "run.peers": 1, "task.spec": "sleepy_task:task"}
+    for bad in (0, -1, float("inf"), float("nan")):
+        with pytest.raises(ConfigError, match=r"--start-timeout .*: must be a number of seconds > 0"):
+            LaunchPlan.build(load_config(None, overrides), config_path=None, overrides=overrides, manifests=None,
+                             transport="tcp", fresh=True, log_level="WARNING", start_timeout=bad)
+    built = LaunchPlan.build(load_config(None, overrides), config_path=None, overrides=overrides, manifests=None,
+                             transport="tcp", fresh=True, log_level="WARNING", start_timeout=4)
+    with pytest.raises(ConfigError) as refused:
+        launch(built, summary_path=tmp_path / "summary.json", console=Console(file=open(os.devnull, "w")))
+    said = str(refused.value)
+    assert said.startswith("peer peer0 was still starting after 4 s and was stopped: importing the task, loading its "
+                           "data or building its model took longer; allow more with --start-timeout SECONDS"), said
+    assert built.peers[0].exit_code is not None  # stopped, not left running
+    assert json.loads((tmp_path / "summary.json").read_text())["error"] == said
