@@ -1,5 +1,6 @@
 """swarmnet.SwarmOptimizer: users' own torch loops in separate processes form a swarm."""
 
+import contextlib
 import json
 import logging
 import os
@@ -556,6 +557,30 @@ def fine_tuning_task():
                 evaluate=lambda model: {"loss": float(loss(model, (x,)))})
 
 
+async def _nudge(swarm, shift: float):
+    """Push ``swarm``'s latest published model moved by ``shift`` to it as a nudge, from a client
+    that is no peer; the reply, or the Rejected it raised."""
+    from swarmnet.codecs import make_codec
+    from swarmnet.peer.client import PeerClient, Rejected
+    from swarmnet.peer.stats import PeerStats
+    from swarmnet.transport import TransportSet
+    from swarmnet.wire import Limits, MsgType, request
+
+    transports = TransportSet()
+    client = PeerClient(sender="nudger", transports=transports, limits=Limits(), timeout=20, stats=PeerStats(),
+                        max_frame_bytes=2**31 - 1)
+    try:
+        latest = swarm.replica.store.latest()
+        encoded = make_codec("fp32").encode(latest.values_N + shift)
+        msg = request(MsgType.NUDGE, "nudger", encoded.frames, used=latest.version, codec="fp32", meta=encoded.meta)
+        return await client.call(swarm.address, msg)
+    except Rejected as exc:
+        return exc
+    finally:
+        await client.aclose()
+        await transports.aclose()
+
+
 @pytest.mark.timeout(60)
 def test_a_nudge_still_decoding_when_weights_are_reloaded_is_refused_and_the_next_one_lands(tmp_path):
     """Symmetric mode: a neighbour's nudge is measured from our published weights. Weights loaded
@@ -564,11 +589,7 @@ def test_a_nudge_still_decoding_when_weights_are_reloaded_is_refused_and_the_nex
     import asyncio
     import threading
 
-    from swarmnet.codecs import make_codec
-    from swarmnet.peer.client import PeerClient, Rejected
-    from swarmnet.peer.stats import PeerStats
-    from swarmnet.transport import TransportSet
-    from swarmnet.wire import Limits, MsgType, request
+    from swarmnet.peer.client import Rejected
 
     model, opt = _model_and_optimizer()
     with swarmnet.SwarmOptimizer(opt, model, run_dir=tmp_path,
@@ -584,20 +605,8 @@ def test_a_nudge_still_decoding_when_weights_are_reloaded_is_refused_and_the_nex
         exchange.accept_nudge = held_accept
 
         async def nudge() -> str:
-            transports = TransportSet()
-            client = PeerClient(sender="nudger", transports=transports, limits=Limits(), timeout=20,
-                                stats=PeerStats(), max_frame_bytes=2**31 - 1)
-            try:
-                latest = swarm.replica.store.latest()
-                encoded = make_codec("fp32").encode(latest.values_N + 1.0)
-                msg = request(MsgType.NUDGE, "nudger", encoded.frames, used=latest.version, codec="fp32",
-                              meta=encoded.meta)
-                return str((await client.call(swarm.address, msg)).type)
-            except Rejected as exc:
-                return str(exc.code)
-            finally:
-                await client.aclose()
-                await transports.aclose()
+            answer = await _nudge(swarm, 1.0)
+            return str(answer.code if isinstance(answer, Rejected) else answer.type)
 
         answers: list[str] = []
         sender = threading.Thread(target=lambda: answers.append(asyncio.run(nudge())))
@@ -627,37 +636,34 @@ def test_a_pull_only_peer_refuses_a_nudge_unread(tmp_path):
     another [algorithm]), and a stranger's model pushed in would move ours however it likes."""
     import asyncio
 
-    from swarmnet.codecs import make_codec
-    from swarmnet.peer.client import PeerClient, Rejected
-    from swarmnet.peer.stats import PeerStats
-    from swarmnet.transport import TransportSet
-    from swarmnet.wire import Limits, MsgType, request
+    from swarmnet.peer.client import Rejected
 
     model, opt = _model_and_optimizer()
     with swarmnet.SwarmOptimizer(opt, model, run_dir=tmp_path, settings={"network.linger": 0.0}) as swarm:
-        async def nudge() -> Rejected:
-            transports = TransportSet()
-            client = PeerClient(sender="stranger", transports=transports, limits=Limits(), timeout=20,
-                                stats=PeerStats(), max_frame_bytes=2**31 - 1)
-            try:
-                latest = swarm.replica.store.latest()
-                encoded = make_codec("fp32").encode(latest.values_N + 9.0)
-                msg = request(MsgType.NUDGE, "stranger", encoded.frames, used=latest.version, codec="fp32",
-                              meta=encoded.meta)
-                with pytest.raises(Rejected) as refused:
-                    await client.call(swarm.address, msg)
-                return refused.value
-            finally:
-                await client.aclose()
-                await transports.aclose()
-
         before = swarm.replica.live_N.clone()
-        refusal = asyncio.run(nudge())
-        assert refusal.code == "mismatch" and "algorithm.symmetric = false" in str(refusal)
+        refusal = asyncio.run(_nudge(swarm, 9.0))
+        assert isinstance(refusal, Rejected) and refusal.code == "mismatch" and "algorithm.symmetric = false" in str(refusal)
         swarm.zero_grad()
         swarm.step()
         assert torch.equal(swarm.replica.live_N, before)
         assert swarm.peer.stats.nudges_refused == 1 and swarm.peer.stats.nudges_applied == 0
+
+
+@contextlib.contextmanager
+def _raw_dealer(address: str):
+    """A bare ZeroMQ DEALER connected to ``address``, for requests written by hand."""
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 10_000)
+    try:
+        sock.connect(address)
+        yield sock
+    finally:
+        sock.close()
+        ctx.term()
 
 
 @pytest.mark.timeout(60)
@@ -666,7 +672,6 @@ def test_a_burst_of_requests_that_outspends_the_exchange_budget_is_said(tmp_path
     a burst of them pauses merging until the budget has caught up, and the peer says so and why,
     where it used to merge with no one in silence (5 s of status requests paused a peer for 100 s)."""
     import msgpack
-    import zmq
 
     from swarmnet.wire import MsgType, encode, request
 
@@ -675,20 +680,12 @@ def test_a_burst_of_requests_that_outspends_the_exchange_budget_is_said(tmp_path
     settings = {"network.linger": 0.0, "network.exchange_cpu": 0.02}
     with caplog.at_level(logging.WARNING), swarmnet.SwarmOptimizer(opt, model, run_dir=tmp_path,
                                                                    settings=settings) as swarm:
-        ctx = zmq.Context()
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVTIMEO, 10_000)
-        try:
-            sock.connect(swarm.address)
+        with _raw_dealer(swarm.address) as sock:
             ask = encode(request(MsgType.STATUS, "curious"))
             until = time.monotonic() + 1.0
             while time.monotonic() < until:
                 sock.send_multipart(ask)
                 assert msgpack.unpackb(sock.recv_multipart()[0], raw=False)["t"] == "status_reply"
-        finally:
-            sock.close()
-            ctx.term()
         wait_until(lambda: "merging pauses for" in caplog.text, 20, what="the warning of a long budget wait")
     assert "over the exchange's budget of 0.02 cores (network.exchange_cpu)" in caplog.text
     assert "answering other peers' and clients' requests" in caplog.text
@@ -699,7 +696,6 @@ def test_a_handler_bug_is_answered_as_a_refusal_of_that_request(tmp_path, monkey
     """A request whose handler fails in a way no check foresaw (a bug, injected here) still gets
     its answer: a refusal naming its mid, counted as an internal error; the peer goes on."""
     import msgpack
-    import zmq
 
     from swarmnet.peer.server import PeerServer
     from swarmnet.wire import MsgType, encode, request
@@ -710,18 +706,10 @@ def test_a_handler_bug_is_answered_as_a_refusal_of_that_request(tmp_path, monkey
     monkeypatch.setattr(PeerServer, "handle_bye", broken)
     model, opt = _model_and_optimizer()
     with swarmnet.SwarmOptimizer(opt, model, name="a", run_dir=tmp_path, settings={"network.linger": 0.0}) as a:
-        ctx = zmq.Context()
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVTIMEO, 10_000)
-        try:
-            sock.connect(a.address)
+        with _raw_dealer(a.address) as sock:
             bye = request(MsgType.BYE, "prober")
             sock.send_multipart(encode(bye))
             head = msgpack.unpackb(sock.recv_multipart()[0], raw=False)
-        finally:
-            sock.close()
-            ctx.term()
         assert (head["t"], head["code"], head.get("re")) == ("reject", "malformed", bye.mid), head
         assert "internal error: KeyError" in head["reason"]
         assert a.status()["rejected"]["internal_error"] == 1
