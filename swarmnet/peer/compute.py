@@ -427,6 +427,8 @@ class ComputeLoop(Replica):
         self.train_data = tuple(t.to(device) for t in task.train)
         self.metrics = MetricsWriter(peer_dir / "metrics.jsonl", tensorboard=train.tensorboard, stats=self.stats)
         self._loss_sum = torch.zeros((), device=device)
+        self._loss_overflows = torch.zeros((), dtype=torch.int64, device=device)
+        """fp16: steps of the window whose loss overflowed (the scaler skipped them)."""
         self._loss_count = 0
         self._last_checkpoint = time.monotonic()
         self._saved_step: int | None = None
@@ -658,7 +660,13 @@ class ComputeLoop(Replica):
             self.optimizer.step()
         else:
             loss = self._mixed_step(batch)
-        self._loss_sum += loss.detach()
+        loss = loss.detach().reshape(())  # a loss of shape (1,) is one element too
+        if self.scaler.is_enabled():  # an fp16 step whose loss overflowed was skipped, not taken
+            finite = torch.isfinite(loss)
+            self._loss_sum += torch.where(finite, loss, 0.0)
+            self._loss_overflows += ~finite
+        else:
+            self._loss_sum += loss
         self._loss_count += 1
         self.after_step()
         self.torn_by = None
@@ -704,16 +712,25 @@ class ComputeLoop(Replica):
         self.stop.wait(train.step_pad_s or (train.slowdown - 1) * statistics.median(self._train_step_seconds))
 
     def write_metrics(self) -> bool:
-        loss = float(self._loss_sum / max(1, self._loss_count))  # CPU<->GPU sync point
+        # The mean over the window's steps; in fp16, over those the loss scaler did not skip.
+        overflows = int(self._loss_overflows) if self.scaler.is_enabled() else 0  # CPU<->GPU sync point
+        taken = self._loss_count - overflows
+        loss = float(self._loss_sum / taken) if taken else math.nan
         self._loss_sum.zero_()
+        self._loss_overflows.zero_()
         self._loss_count = 0
         self.stats.loss = loss
         self.stats.clock = self.clock.value
         self.count_cpu()
         self.metrics.write(progress_record(self.stats, elapsed=time.monotonic() - self.started, loss=loss))
         if not math.isfinite(loss):
-            self.log.error("training loss is %s at step %d: the model diverged; lower train.lr "
-                           "or check the data", loss, self.step)
+            if overflows:
+                self.log.error("training loss overflowed fp16 in each of the last %d steps up to step %d (the loss "
+                               "scaler skipped them all): the model cannot train in fp16; use train.precision = "
+                               "bf16 or fp32, or lower train.lr", overflows, self.step)
+            else:
+                self.log.error("training loss is %s at step %d: the model diverged; lower train.lr "
+                               "or check the data", loss, self.step)
             return False
         return True
 

@@ -2,6 +2,7 @@
 train.precision (mixed precision under torch.autocast, fp16 with loss scaling) and
 train.clip_grad_norm."""
 
+import dataclasses
 import logging
 
 import pytest
@@ -42,6 +43,41 @@ def test_the_fp16_loss_scale_is_kept_by_the_checkpoint(tmp_path):
     assert resumed.scaler.get_scale() == 65536.0 and resumed.resume() and resumed.scaler.get_scale() == 1024.0
     plain = compute_loop(tmp_path, steps=5, slowdown=1.0)  # the same checkpoint read in fp32: nothing to scale
     assert plain.resume() and not plain.scaler.is_enabled()
+
+
+def test_an_fp16_step_the_scaler_skips_is_no_divergence_and_a_window_of_them_is_named(tmp_path, caplog):
+    """A loss that overflows fp16 makes the scaler skip that step and lower its scale: the window's
+    mean loss left it out (one inf stopped the peer as diverged, with no final checkpoint)."""
+    calls = [0]
+
+    def overflowing(every):
+        loss_fn = compute.task.loss
+
+        def loss(model, batch):
+            calls[0] += 1
+            value = loss_fn(model, batch)
+            return value * float("inf") if calls[0] % every == 0 else value
+        return loss
+
+    compute = compute_loop(tmp_path / "one", steps=50, slowdown=1.0, metrics_every=10,
+                           **{"train.precision": "fp16"})
+    compute.task = dataclasses.replace(compute.task, loss=overflowing(every=17))  # 2 steps of 50
+    assert compute.run() == "budget" and compute.step == 50
+    assert compute.scaler.get_scale() < 65536.0 and bool(torch.isfinite(compute.live_N).all())
+    assert compute.finalize() is None  # the final checkpoint is written
+    compute = compute_loop(tmp_path / "all", steps=50, slowdown=1.0, metrics_every=10,
+                           **{"train.precision": "fp16"})
+    compute.task = dataclasses.replace(compute.task, loss=overflowing(every=1))
+    with caplog.at_level(logging.ERROR):
+        assert compute.run() == "diverged"
+    assert "overflowed fp16 in each of the last 10 steps" in caplog.text and "bf16 or fp32" in caplog.text
+
+
+def test_a_loss_of_shape_one_is_taken_as_the_scalar_it_holds(tmp_path):
+    compute = compute_loop(tmp_path, steps=5, slowdown=1.0, metrics_every=5)
+    loss_fn = compute.task.loss
+    compute.task = dataclasses.replace(compute.task, loss=lambda model, batch: loss_fn(model, batch).reshape(1))
+    assert compute.run() == "budget" and compute.step == 5
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
