@@ -16,6 +16,8 @@ holds the public key, NAME.key_secret both keys and is created owner-only (0600)
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import ipaddress
 import os
@@ -158,8 +160,22 @@ def generate_keys(out_dir: Path, name: str, *, force: bool = False) -> tuple[Pat
                 raise ConfigError(f"{path} exists; pass --force to replace it (peers using the old "
                                   "key will be refused until they get the new public key)")
     public, secret = zmq.curve_keypair()
-    _write(secret_path, _SECRET_BANNER + _cert_body(public, secret), 0o600)
-    _write(public_path, _PUBLIC_BANNER + _cert_body(public, None), 0o644)
+    # Both written aside first, then both moved in: a failure (a full disk, Ctrl-C) must not leave
+    # a new secret key beside the old public one, with the old secret gone.
+    staged: list[Path] = []
+    try:
+        staged.append(_write_aside(secret_path, _SECRET_BANNER + _cert_body(public, secret), 0o600))
+        staged.append(_write_aside(public_path, _PUBLIC_BANNER + _cert_body(public, None), 0o644))
+    except BaseException as exc:
+        for tmp in staged:
+            tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise ConfigError(f"cannot write {exc.filename or out_dir} ({exc.strerror or exc}); "
+                              f"{'free space' if exc.errno == errno.ENOSPC else 'pass a writable --out'}; "
+                              "the key files there are unchanged") from None
+        raise
+    for tmp, path in zip(staged, (secret_path, public_path), strict=True):
+        os.replace(tmp, path)
     return public_path, secret_path
 
 
@@ -170,15 +186,23 @@ def _cert_body(public: bytes, secret: bytes | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write(path: Path, text: str, mode: int) -> None:
-    """Create ``path`` with ``mode`` from the start (never briefly readable by others)."""
+def _write_aside(path: Path, text: str, mode: int) -> Path:
+    """Write ``text`` to a temporary file beside ``path``, created with ``mode`` from the start
+    (never briefly readable by others); returns it, for the caller to move over ``path``."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.chmod(tmp, mode)  # the umask may have removed bits we asked for
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)  # the umask may have removed bits we asked for
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
 
 
 def load_keypair(path: str | os.PathLike[str]) -> tuple[bytes, bytes]:

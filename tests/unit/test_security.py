@@ -60,6 +60,18 @@ def test_generated_keys_differ_and_force_replaces(tmp_path):
         generate_keys(tmp_path, "../escape")
 
 
+def test_a_replacement_that_fails_halfway_leaves_the_old_pair_whole(tmp_path):
+    """The secret was written before the public key: a failure between the two left a new secret
+    beside the old public key, the old secret gone."""
+    public_path, secret_path = generate_keys(tmp_path, "y")
+    before = (public_path.read_text(), secret_path.read_text())
+    (tmp_path / "y.key.tmp").mkdir()  # the public key's temporary file cannot be made
+    with pytest.raises(ConfigError, match=r"cannot write .*y\.key\.tmp .*the key files there are unchanged"):
+        generate_keys(tmp_path, "y", force=True)
+    assert (public_path.read_text(), secret_path.read_text()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["y.key", "y.key.tmp", "y.key_secret"]
+
+
 def test_bad_secret_key_files_are_refused_with_the_fix(tmp_path):
     public_path, secret_path = generate_keys(tmp_path, "p")
     with pytest.raises(ConfigError, match="holds only a public key; point security.key"):
