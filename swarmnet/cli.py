@@ -415,7 +415,10 @@ def bench_codecs(
         check_device(device)
     except ConfigError as exc:
         fail(str(exc))
-    run(size=size, repeats=repeats, device=device, json_path=json_path, progress=True)
+    try:
+        run(size=size, repeats=repeats, device=device, json_path=json_path, progress=True)
+    except BenchFailed as exc:  # its --json could not be written
+        fail(str(exc), 1)
 
 
 @bench_app.command("transports")
@@ -432,7 +435,10 @@ def bench_transports(
         _require_positive(repeats=repeats, **{"size-mb": min(sizes_mb or [1])})
     except ConfigError as exc:
         fail(str(exc))
-    run(sizes_mb=tuple(sizes_mb or (40, 400)), repeats=repeats, json_path=json_path)
+    try:
+        run(sizes_mb=tuple(sizes_mb or (40, 400)), repeats=repeats, json_path=json_path)
+    except BenchFailed as exc:  # its --json could not be written
+        fail(str(exc), 1)
 
 
 @bench_app.command("sim")
@@ -451,7 +457,10 @@ def bench_sim(
         check_device(device)
     except ConfigError as exc:
         fail(str(exc))
-    run(nodes=nodes, interactions=interactions, device=device, json_path=json_path, progress=True)
+    try:
+        run(nodes=nodes, interactions=interactions, device=device, json_path=json_path, progress=True)
+    except BenchFailed as exc:  # its --json could not be written
+        fail(str(exc), 1)
 
 
 @keys_app.command("generate")

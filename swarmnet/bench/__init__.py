@@ -3,10 +3,12 @@ ratio (``swarmnet bench ...``); results are recorded in docs/benchmarks.md."""
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Any
 
 from swarmnet import jsonsafe
+from swarmnet.errors import BenchFailed
 
 
 def write_json(path: str | Path, result: Any) -> None:
@@ -14,4 +16,9 @@ def write_json(path: str | Path, result: Any) -> None:
     documented ``runs/...`` is not in a fresh clone); strict JSON (what was not measured is null)."""
     from swarmnet.peer.checkpoint import write_atomic
 
-    write_atomic(Path(path), (jsonsafe.dumps(result, indent=2, default=str) + "\n").encode(), private=False)
+    try:
+        write_atomic(Path(path), (jsonsafe.dumps(result, indent=2, default=str) + "\n").encode(), private=False)
+    except OSError as exc:  # after the measuring: say where the figures still are
+        fix = "free space" if exc.errno == errno.ENOSPC else "pass a writable path"
+        raise BenchFailed(f"--json {path}: cannot write {exc.filename or path} ({exc.strerror or exc}); the figures "
+                          f"measured are printed above; {fix} to keep them as JSON") from None

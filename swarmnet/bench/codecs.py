@@ -237,11 +237,11 @@ def run(
         "codecs": codecs,
         "lattice_wire": wire,
     }
-    if json_path is not None:
-        write_json(json_path, result)
     if console:
         console.print(main_table(result))
         console.print(wire_table(result))
+    if json_path is not None:
+        write_json(json_path, result)
     return result
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import math
 import os
 import sys
@@ -134,7 +135,7 @@ def plot_command(
     target = output or run_dir / "swarm.png"
     try:
         target = plot_run(run_dir, target)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ConfigError) as exc:
         _fail(str(exc))
     except OSError as exc:
         _fail(f"cannot write {exc.filename or target} ({exc.strerror or exc}); pass a writable path with -o")
@@ -159,6 +160,7 @@ def init_command(
     except ConfigError as exc:
         _fail(str(exc))
     except OSError as exc:
-        _fail(f"--out {out}: cannot write {exc.filename or out} ({exc.strerror or exc}); "
-              "pass a writable directory with --out")
+        fix = "free space and run it again with --force" if exc.errno == errno.ENOSPC else \
+            "pass a writable directory with --out"
+        _fail(f"--out {out}: cannot write {exc.filename or out} ({exc.strerror or exc}); {fix}")
     typer.echo(f"wrote {len(written)} files for {counted(plan.size, 'peer')} under {out}; seed {plan.seed}")

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from swarmnet.errors import ConfigError
 from swarmnet.peer.checkpoint import write_atomic
 from swarmnet.peer.metrics import read_metrics
 
@@ -84,7 +85,8 @@ def mean_curve(xs: list[np.ndarray], ys: list[np.ndarray], points: int = 200) ->
 
 def plot_run(run_dir: Path, output: Path) -> Path:
     """Draw the four panels for ``run_dir`` into ``output`` (PNG, ``.png`` appended when missing) and
-    return the path written; raises FileNotFoundError when no peer has written a loss record yet."""
+    return the path written; raises FileNotFoundError when no peer has written a loss record yet,
+    and ConfigError when a metrics file cannot be read (an OSError is then the output's)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,7 +94,11 @@ def plot_run(run_dir: Path, output: Path) -> Path:
 
     if output.suffix.lower() != ".png":
         output = output.with_name(output.name + ".png")
-    series = load_series(run_dir)
+    try:
+        series = load_series(run_dir)
+    except OSError as exc:  # not the output's: say so, or it reads as a write that failed
+        raise ConfigError(f"cannot read {exc.filename or run_dir} ({exc.strerror or exc}); each "
+                          "<peer>/metrics.jsonl under the run directory must be a readable file") from None
     if not series:
         raise FileNotFoundError(f"no */metrics.jsonl with loss records under {run_dir}")
     fig, axes = plt.subplots(2, 2, figsize=(12, 8), constrained_layout=True)

@@ -70,6 +70,12 @@ def test_plot_writes_a_png_where_it_says(tmp_path: Path) -> None:
     blocked = CliRunner().invoke(app, ["plot", str(tmp_path / "run"), "-o", str(a_file(tmp_path) / "x.png")])
     assert blocked.exit_code == 2 and "cannot write" in blocked.output and "-o" in blocked.output
     assert blocked.exception is None or isinstance(blocked.exception, SystemExit)
+    metrics = tmp_path / "run" / "peer1" / "metrics.jsonl"
+    metrics.unlink()
+    metrics.mkdir()  # what cannot be read is named as such, not as a write that failed
+    unreadable = CliRunner().invoke(app, ["plot", str(tmp_path / "run"), "-o", str(tmp_path / "out")])
+    assert unreadable.exit_code == 2 and f"cannot read {metrics} (Is a directory)" in unreadable.output, \
+        unreadable.output
 
 
 def test_init_into_a_file_is_refused(tmp_path: Path) -> None:
@@ -203,6 +209,18 @@ def test_a_json_path_that_is_a_directory_is_refused_before_the_run(tmp_path: Pat
     result = CliRunner().invoke(app, [*command, "--json", str(tmp_path)])
     assert result.exit_code == 2, result.output
     assert f"--json {tmp_path}: is a directory; name a file in it" in result.output, result.output
+
+
+def test_a_json_file_that_cannot_be_written_after_the_run_keeps_the_figures_on_screen(tmp_path: Path) -> None:
+    """A name that fits the file system while its temporary twin (".NAME.XXXXXXXX.tmp") does not
+    passes the check before the run and fails only once the figures are measured: it was a
+    traceback, their JSON lost."""
+    target = tmp_path / ("x" * 245 + ".json")
+    result = CliRunner().invoke(app, ["bench", "sim", "--nodes", "10", "--interactions", "200", "--json", str(target)])
+    assert result.exit_code == 1, result.output
+    assert "interactions/s" in result.output and "the figures measured are printed above" in result.output
+    assert f"--json {target}: cannot write" in result.output and "File name too long" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
 
 
 def test_bench_arguments_are_checked_before_any_run() -> None:
