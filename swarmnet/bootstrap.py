@@ -8,6 +8,7 @@ first host. Nothing is written when any target exists, unless ``force``.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from dataclasses import dataclass
@@ -54,6 +55,22 @@ HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
 """A host name or IPv4 address as the files written put it in addresses and shell lines."""
 
 
+def _not_a_host(host: str) -> str:
+    """Why ``host`` cannot stand in the files written ("" where it can)."""
+    if re.fullmatch(r"[0-9.]+", host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError as exc:
+            return f"is not an IPv4 address ({exc})"
+        return ""
+    if not HOST.fullmatch(host):
+        odd = sorted({c for c in host if not (c.isascii() and (c.isalnum() or c in ".-"))})
+        shown = ", ".join(repr(c) for c in odd) or "its first or last character"
+        return (f"is not a host name: letters, digits, '.' and '-' only, starting and ending with a letter or "
+                f"digit (found {shown}); give the name the hosts resolve, or the address")
+    return ""
+
+
 @dataclass(frozen=True, slots=True)
 class SwarmPlan:
     """One peer per GPU per host; ranks run host-major, ports ``port_base + gpu`` on every host."""
@@ -64,11 +81,17 @@ class SwarmPlan:
     codec: str = "fp32"
 
     def __post_init__(self) -> None:
-        if not self.hosts or not all(HOST.fullmatch(h) for h in self.hosts):
+        if not self.hosts or not all(self.hosts):
             raise ConfigError(f"--hosts: expected host names or IPv4 addresses separated by commas, got "
                               f"{','.join(self.hosts)!r}")
-        if len({h.lower() for h in self.hosts}) != len(self.hosts):  # DNS names ignore case
-            raise ConfigError("--hosts: a host is listed twice")
+        for host in self.hosts:
+            if why := _not_a_host(host):
+                raise ConfigError(f"--hosts: {host!r} {why}")
+        seen: dict[str, str] = {}
+        for host in self.hosts:
+            if (same := seen.get(host.lower())) is not None:  # DNS names ignore case
+                raise ConfigError(f"--hosts: {host!r} is listed twice" + (f" (as {same!r})" if same != host else ""))
+            seen[host.lower()] = host
         if not 1 <= self.gpus_per_host <= 65536 - 1024:
             raise ConfigError(f"--gpus-per-host: must be in [1, {65536 - 1024}] (each peer of a host takes a port "
                               "of its own from --port-base up)")

@@ -175,7 +175,9 @@ def test_the_slurm_script_starts_each_task_as_its_peer(tmp_path: Path, port_base
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"hosts": ("a", "a")}, "twice"), ({"hosts": ("a", "A")}, "twice"), ({"hosts": ("a b",)}, "--hosts"),
+    ({"hosts": ("a", "a")}, "'a' is listed twice"), ({"hosts": ("a", "A")}, r"'A' is listed twice \(as 'a'\)"),
+    ({"hosts": ("a b",)}, "--hosts"), ({"hosts": ("node_1",)}, r"'node_1' is not a host name: .* \(found '_'\)"),
+    ({"hosts": ("10.0.0.1", "10.0.0.01")}, "'10.0.0.01' is not an IPv4 address"),
     ({"hosts": ("a\nb",)}, "--hosts"), ({"hosts": ("a$(id)b",)}, "--hosts"), ({"hosts": ("-x",)}, "--hosts"),
     ({"gpus_per_host": 0}, "gpus"), ({"codec": "nope"}, "unknown codec"), ({"port_base": 80}, "port"),
     ({"port_base": 65535, "gpus_per_host": 2}, r"port-base: must be in \[1024, 65534\]"),
