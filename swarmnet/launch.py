@@ -391,7 +391,7 @@ def after_table(result: dict[str, Any]) -> list[str]:
     for r in result["peers"]:
         if not r["ok"] and ": " in str(r.get("reason", "")):
             lines.append(f"{r['name']}: {r['reason']}")
-        elif not r["ok"] and r.get("error"):  # "diverged" says no more; its log said why
+        elif not r["ok"] and r.get("error"):  # "diverged" says no more; the peer's summary says why
             lines.append(f"{r['name']}: {r.get('reason', '?')}: {r['error']}")
         if lost := unwritten(r):
             lines.append(f"{r['name']}: writing {lost} failed (a full or read-only disk?)")
@@ -551,9 +551,6 @@ def summarize(plan: LaunchPlan, elapsed: float, interrupted: bool) -> dict[str, 
             row["reason"] = "stopped by a signal from outside `swarmnet up`, before its budget"
         clean = code == 0 or (stopped and code == plan.cfg.run.stopped_exit_code)
         row["ok"] = clean and row.get("reason") in FINISHED_WELL
-        if row.get("reason") == "diverged":  # says no more; the first error its log has for this launch does
-            if error := _last_error(peer_dir / "peer.log", p.log_start, first=True):
-                row["error"] = error
         rows.append(row)
     finished = [p for p, r in zip(plan.peers, rows) if r["ok"]]
     result: dict[str, Any] = {
@@ -568,10 +565,9 @@ def summarize(plan: LaunchPlan, elapsed: float, interrupted: bool) -> dict[str, 
     return result
 
 
-def _last_error(log: Path, start: int = 0, *, first: bool = False) -> str | None:
+def _last_error(log: Path, start: int = 0) -> str | None:
     """The message of the last ERROR line of a peer's log from byte ``start`` on (this launch's
-    part), which says why it stopped; ``first``: of the first one (a diverged peer's cause, its
-    later errors follow from it)."""
+    part), which says why it stopped."""
     try:
         with log.open("rb") as f:
             f.seek(start)
@@ -579,7 +575,7 @@ def _last_error(log: Path, start: int = 0, *, first: bool = False) -> str | None
     except OSError:
         return None
     errors = [line.split(" ERROR ", 1)[1] for line in lines if " ERROR " in line]
-    return errors[0 if first else -1].split("] ", 1)[-1] if errors else None
+    return errors[-1].split("] ", 1)[-1] if errors else None
 
 
 def _disk_trouble(path: Path) -> str | None:

@@ -440,6 +440,8 @@ class ComputeLoop(Replica):
         self._metric_missing_said = False
         self.diverged = False
         """The model went non-finite (or its loss did): its final checkpoint is not written."""
+        self.why_diverged = ""
+        """What :meth:`diverge` was first told: the peer's summary carries it."""
         self.started = time.monotonic()
         stats.total_steps = self.plan.total_steps
 
@@ -629,13 +631,11 @@ class ComputeLoop(Replica):
         try:
             self.merge_pending()
         except ModelDiverged as exc:  # a lossy codec's last finite snapshot stays published; fp32 serves the bad one
-            self.log.error("%s", exc)
-            self.diverged = True
+            self.diverge(str(exc))
             return False
         if self.cfg.train.slowdown > 1 or self.cfg.train.step_pad_s > 0:
             self.pad_step()
         if self.step % self.cfg.train.metrics_every == 0 and not self.write_metrics():
-            self.diverged = True
             return False
         every = self.cfg.train.eval_every
         if every and self.step % every == 0:
@@ -724,15 +724,19 @@ class ComputeLoop(Replica):
         self.count_cpu()
         self.metrics.write(progress_record(self.stats, elapsed=time.monotonic() - self.started, loss=loss))
         if not math.isfinite(loss):
-            if overflows:
-                self.log.error("training loss overflowed fp16 in each of the last %d steps up to step %d (the loss "
-                               "scaler skipped them all): the model cannot train in fp16; use train.precision = "
-                               "bf16 or fp32, or lower train.lr", overflows, self.step)
-            else:
-                self.log.error("training loss is %s at step %d: the model diverged; lower train.lr "
-                               "or check the data", loss, self.step)
+            self.diverge(f"training loss overflowed fp16 in each of the last {overflows} steps up to step {self.step} "
+                         "(the loss scaler skipped them all): the model cannot train in fp16; use train.precision = "
+                         "bf16 or fp32, or lower train.lr" if overflows else
+                         f"training loss is {loss} at step {self.step}: the model diverged; lower train.lr or check "
+                         "the data")
             return False
         return True
+
+    def diverge(self, why: str) -> None:
+        """The model (or its loss) went non-finite: say why, once, and keep it for the summary."""
+        self.log.error("%s", why)
+        self.diverged = True
+        self.why_diverged = self.why_diverged or why
 
     def evaluate(self) -> dict[str, float]:
         if self.task.evaluate is None:
@@ -772,8 +776,7 @@ class ComputeLoop(Replica):
             if not self.diverged:
                 self.merge_pending(final=True)
         except ModelDiverged as exc:
-            self.log.error("%s", exc)
-            self.diverged = True
+            self.diverge(str(exc))
         except Exception as exc:  # e.g. out of memory publishing: the model itself may be whole
             if self.torn_by is not None:
                 raise

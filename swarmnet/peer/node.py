@@ -591,8 +591,7 @@ class Peer:
             try:
                 await loop.run_in_executor(compute_thread, merge_now)
             except ModelDiverged as exc:
-                self.log.error("%s", exc)
-                compute.diverged = True
+                compute.diverge(str(exc))
                 return "diverged"
             await asyncio.sleep(0.02)
         return "budget"
@@ -668,6 +667,8 @@ class Peer:
             "adopted_from": s.adopted_from, "adopted_step": s.adopted_step,
             "config": to_dict(self.cfg),
         }
+        if reason == "diverged" and (why := getattr(self.compute, "why_diverged", "")):
+            summary["error"] = why  # "diverged" says no more; `up` prints it under its table
         path = self.peer_dir / "summary.json"
         try:
             checkpoint.write_atomic(path, jsonsafe.dumps(summary, indent=2, default=str).encode())

@@ -179,6 +179,10 @@ def test_a_diverging_swarm_ends_with_a_clear_reason_not_a_crash(swarm_factory, c
     assert not summary["ok"]
     for row in summary["peers"]:
         assert not row["ok"] and "diverged" in row["reason"], row
+        # Why, in the peer's own words, in the summary and under up's table.
+        assert "lower train.lr" in row.get("error", ""), row
+        said = f"{row['name']}: diverged: {row['error']}"
+        assert " ".join(said.split()) in " ".join(log.split()), log[-2000:]  # wrapped to the terminal's width
         # The metrics stream stays strict JSON: a non-finite loss is written as null.
         lines = (swarm.run_dir / row["name"] / "metrics.jsonl").read_text().splitlines()
         records = [json.loads(line, parse_constant=not_json) for line in lines]

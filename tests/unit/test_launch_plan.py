@@ -363,21 +363,24 @@ def test_the_summary_table_names_the_training_loss_and_the_evaluation_apart_and_
     assert rows["average"][-1] == "?" and "nan" not in text, text
 
 
-def test_a_diverged_peer_is_reported_with_why_from_its_log(tmp_path):
+def test_a_diverged_peer_is_reported_with_why_from_its_summary(tmp_path):
+    """"diverged" says no more: the peer's summary carries the cause, which `up` prints under its
+    table; an unrelated error earlier in its log (a failed evaluation) is not taken for it."""
     import json
 
     from swarmnet.launch import after_table, summarize
 
     built = plan(tmp_path, {"run.peers": 2, "task.spec": "swarmnet.tasks.lsq:task"})
+    why = "training loss is nan at step 50: the model diverged; lower train.lr or check the data"
     for p, reason in zip(built.peers, ("budget", "diverged")):
         p.exit_code = 0 if reason == "budget" else 1
-        (built.run_dir / p.name / "summary.json").write_text(json.dumps({"reason": reason, "steps": 50}))
+        summary = {"reason": reason, "steps": 50} | ({"error": why} if reason == "diverged" else {})
+        (built.run_dir / p.name / "summary.json").write_text(json.dumps(summary))
     (built.run_dir / "peer1" / "peer.log").write_text(
-        "12:00:01 ERROR [peer1] training loss is nan at step 50: the model diverged; lower train.lr or check the data\n"
-        "12:00:02 ERROR [peer1] the model diverged at step 50: checkpoint not written, no checkpoint was written\n")
+        "12:00:01 ERROR [peer1] the task's evaluation failed at step 40; training goes on without it\n"
+        f"12:00:02 ERROR [peer1] {why}\n")
     result = summarize(built, 1.0, interrupted=False)
-    assert after_table(result) == ["peer1: diverged: training loss is nan at step 50: the model diverged; lower "
-                                   "train.lr or check the data"]
+    assert after_table(result) == [f"peer1: diverged: {why}"]
 
 
 def test_a_batch_larger_than_the_data_is_named_at_start(tmp_path, caplog):
