@@ -66,6 +66,8 @@ MAX_ID_CHARS = 192
 """Characters of a sender id (a header's ``id``, a card's): a peer's is its name (at most 128)
 and 7 more."""
 _CARD_FIELD_CHARS = {"id": MAX_ID_CHARS, "addr": 512, "name": 128}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+"""Characters no id or name may hold (ids and names go into logs and file names)."""
 _ADDRESS = re.compile(r"[a-z][a-z0-9+.-]*://[^\x00-\x1f\x7f]+")
 """A card's address: a transport scheme, then a location (tcp://host:port, ipc://path with
 spaces, ...) without control characters."""
@@ -201,6 +203,8 @@ def _validated(header: dict[str, Any], frames: Sequence[Buffer], limits: Limits)
     _check(header, {"id": str, "mid": int, "sizes": list}, str(mtype))
     if len(header["id"]) > MAX_ID_CHARS:
         raise ProtocolError("malformed", f"{mtype}: field 'id' has {len(header['id'])} characters, over {MAX_ID_CHARS}")
+    if _CONTROL.search(header["id"]):  # it is logged: a line break would forge a log line
+        raise ProtocolError("malformed", f"{mtype}: field 'id' holds control characters")
     if header["mid"] < 0:
         raise ProtocolError("malformed", f"{mtype}: field 'mid' is negative (use 1, 2, ... per request; 0: none)")
     _check(header, SCHEMA[mtype], str(mtype))
@@ -259,6 +263,8 @@ def _check_cards(header: Mapping[str, Any], mtype: MsgType) -> None:
         _check(card, {k: v for k, v in _CARD_OPTIONAL.items() if k in card}, where)
         if any(len(card.get(k, "")) > n for k, n in _CARD_FIELD_CHARS.items()):
             raise ProtocolError("malformed", f"{where}: a field is too long")
+        if _CONTROL.search(card["id"]) or _CONTROL.search(card.get("name", "")):
+            raise ProtocolError("malformed", f"{where}: its id or name holds control characters")
     if not _ADDRESS.fullmatch(header["card"]["addr"]):
         raise ProtocolError("malformed", f"{mtype}: the sender's address {header['card']['addr']!r:.80} is not "
                             "scheme://location")

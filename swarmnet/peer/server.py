@@ -120,7 +120,7 @@ class PeerServer:
             if isinstance(exc, Poisoned):  # the screen counted it under its own code
                 held = self._reject_log.due(exc.code)
                 if held is not None:
-                    self.log.warning("refused a nudge from %s: %s%s", msg.sender, exc, _more(held))
+                    self.log.warning("refused a nudge claiming to come from %r: %s%s", msg.sender, exc, _more(held))
             else:
                 code = exc.code if isinstance(exc, ProtocolError) else "bad_payload"
                 self._count_reject(code, str(exc), msg.sender)
@@ -145,7 +145,9 @@ class PeerServer:
         self.peer.stats.rejected[code] += 1
         held = self._reject_log.due(code)
         if held is not None:
-            self.log.warning("rejected a message from %s: %s (%s)%s", sender or "an unknown sender", reason, code,
+            # repr: the id is whatever the sender wrote, line breaks included (a forged log line)
+            self.log.warning("rejected a message %s: %s (%s)%s",
+                             f"claiming to come from {sender!r}" if sender else "from an unknown sender", reason, code,
                              _more(held))
 
     # -- handlers ------------------------------------------------------------------------------

@@ -70,6 +70,8 @@ def test_round_trip_with_payload_frames():
         ([header(sizes=["a"]), b""], "malformed"),
         ([header(id=5)], "malformed"),
         ([header(id="i" * 193)], "malformed"),  # logged: a sender id is at most a name and 7 more
+        ([header(id="a\n12:00:01 ERROR [peer0] forged")], "malformed"),  # a forged log line
+        ([hello({"id": "a", "addr": "tcp://h:1", "hb": 1, "name": "n\rm"})], "malformed"),
         ([msgpack.packb({1: 1, 2: "status"})], "malformed"),
         ([header(re=float("inf"))], "malformed"),
         ([header(re="7")], "malformed"),
