@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -130,6 +131,20 @@ def init_seed(cfg: SwarmConfig, peer_seed: int) -> int:
 def peer_seed_of(cfg: SwarmConfig, name: str) -> int:
     """Per-peer seed for data order and sampling: stable across restarts of the same peer."""
     return zlib.crc32(f"{cfg.run.seed}:{name}".encode())
+
+
+def global_rngs() -> dict[str, Any]:
+    """The states of Python's ``random`` and ``numpy.random`` in what a checkpoint may hold
+    (tensors, numbers, containers: it is loaded with ``weights_only``)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"random": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                    gauss]}
+
+
+def set_global_rngs(states: dict[str, Any]) -> None:
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    random.setstate(tuple(s if not isinstance(s, list) else tuple(s) for s in states["random"]))
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
 
 
 def model_mismatch(saved: dict[str, Any], model: nn.Module, most: int = 2) -> str | None:
@@ -505,6 +520,8 @@ class ComputeLoop(Replica):
                 self.scaler.load_state_dict(state["scaler"])
             if state.get("torch_rng") is not None:  # checkpoints before it had none
                 torch.set_rng_state(state["torch_rng"])
+            if state.get("global_rngs") is not None:  # nor these
+                set_global_rngs(state["global_rngs"])
             if state.get("cuda_rng") is not None and self.device.type == "cuda":
                 torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         except Exception as exc:
@@ -559,6 +576,7 @@ class ComputeLoop(Replica):
             "sampler": self.sampler.state_dict(),
             "rng": self.rng.getstate(),
             "torch_rng": torch.get_rng_state(),
+            "global_rngs": global_rngs(),  # what the task draws from random and numpy.random (augmentation)
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "task": self.cfg.task.spec,
             "task_options": dict(self.cfg.task.options),  # named when a restart's model does not fit

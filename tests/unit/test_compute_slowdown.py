@@ -3,8 +3,10 @@ resumed loop takes its recipe from the config and its momentum from the checkpoi
 
 import asyncio
 import dataclasses
+import random
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -41,16 +43,20 @@ def compute_loop(tmp_path, *, steps: int, slowdown: float, metrics_every: int = 
 def test_what_training_draws_differs_between_peers_and_resumes_where_it_left_off(tmp_path):
     """Dropout and augmentation draw from torch's generator: seeded as the shared initial model
     was, every peer drew the same crops; and a resumed peer replayed its draws from the start."""
+    def draws():  # torch's, numpy's and Python's generators: a task may augment with any
+        return torch.rand(4).tolist(), np.random.rand(4).tolist(), [random.random() for _ in range(4)]
+
     a = compute_loop(tmp_path / "a", steps=5, slowdown=1.0, peer_seed=1)
-    draw_a = torch.rand(4)
+    draw_a = draws()
     b = compute_loop(tmp_path / "b", steps=5, slowdown=1.0, peer_seed=2)
-    draw_b = torch.rand(4)
-    assert torch.equal(a.live_N, b.live_N) and not torch.equal(draw_a, draw_b)  # one model, own draws
+    draw_b = draws()
+    assert torch.equal(a.live_N, b.live_N)  # one model, own draws
+    assert all(x != y for x, y in zip(draw_a, draw_b, strict=True))
     a.save_checkpoint()
-    next_draw = torch.rand(4)
+    next_draw = draws()
     resumed = compute_loop(tmp_path / "a", steps=5, slowdown=1.0, peer_seed=1)
-    torch.rand(100)
-    assert resumed.resume() and torch.equal(torch.rand(4), next_draw)
+    draws()
+    assert resumed.resume() and draws() == next_draw
 
 
 def test_each_step_is_stretched_by_the_slowdown(tmp_path):
