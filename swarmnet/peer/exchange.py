@@ -175,7 +175,10 @@ class Exchange:
     def _failed(self, target: PeerRecord, exc: Exception, why: str = "") -> None:
         """An interaction with ``target`` failed through its fault or the network's."""
         self.peer.stats.pulls_failed += 1
-        self.peer.table.record_failure(target.id, unreachable=isinstance(exc, TransportError), why=why or str(exc))
+        # A bad snapshot or reply is held against its address too; a refusal (draining, busy) is not.
+        served_bad = isinstance(exc, (CodecError, ProtocolError)) and not isinstance(exc, Rejected)
+        self.peer.table.record_failure(target.id, unreachable=isinstance(exc, TransportError), why=why or str(exc),
+                                       served_bad=served_bad)
         self._note_no_merge()
 
     def _note_no_merge(self) -> None:

@@ -54,6 +54,9 @@ class PeerRecord:
     unreachable_only: bool = False
     """Every failure since the last success was a lost or refused connection or a timeout
     (never a bad message or model): the back-off ends as soon as the peer answers again."""
+    served_bad: bool = False
+    """A failure since the last success was a bad model or reply (not a refusal, not the network):
+    its back-off stays with its address when a new id turns up there."""
     left: bool = False
     done: bool = False
     """The peer has spent its budget and only serves its final snapshot."""
@@ -104,7 +107,7 @@ class PeerTable:
             for old in [r for r in self.records.values() if r.addr == card["addr"] and r.id != pid]:
                 if direct or not self.is_alive(old):
                     del self.records[old.id]
-                    if old.failures and not old.unreachable_only:
+                    if old.served_bad:
                         blamed = old
         if rec is None:
             rec = PeerRecord(pid, str(card["addr"]), str(card.get("name", "")), int(card["hb"]), now,
@@ -113,6 +116,7 @@ class PeerTable:
                 # What its address served stays held against it: a server of bad models that
                 # took a new id at every hello was pulled five times a second, never backed off.
                 rec.failures, rec.avoid_until, rec.last_error = blamed.failures, blamed.avoid_until, blamed.last_error
+                rec.served_bad = True
             self.records[pid] = rec
             self._event(rec, "joined")
             return
@@ -141,13 +145,15 @@ class PeerTable:
             rec.left = True
             self._event(rec, "left")
 
-    def record_failure(self, pid: str, *, unreachable: bool = False, why: str = "") -> None:
+    def record_failure(self, pid: str, *, unreachable: bool = False, why: str = "", served_bad: bool = False) -> None:
         """``unreachable``: the peer could not be reached (connection lost or refused, timeout),
-        as opposed to answering with something bad; ``why``: the error."""
+        as opposed to answering with something bad; ``served_bad``: it served a bad model or
+        reply; ``why``: the error."""
         rec = self.records.get(pid)
         if rec is not None:
             rec.last_error = why or rec.last_error
             rec.unreachable_only = unreachable and (rec.unreachable_only or rec.failures == 0)
+            rec.served_bad = rec.served_bad or served_bad
             rec.failures += 1
             rec.avoid_until = self.now() + min(MAX_BACKOFF, self.backoff * 2 ** (rec.failures - 1))
             if rec.failures == 1:
@@ -156,7 +162,7 @@ class PeerTable:
     def record_success(self, pid: str) -> None:
         rec = self.records.get(pid)
         if rec is not None:
-            rec.failures, rec.unreachable_only, rec.last_error = 0, False, ""
+            rec.failures, rec.unreachable_only, rec.served_bad, rec.last_error = 0, False, False, ""
             rec.avoid_until = 0.0
             rec.last_seen = self.now()
 

@@ -103,7 +103,7 @@ def test_a_new_id_at_an_address_that_served_bad_models_keeps_its_back_off():
     table = PeerTable("me", dead_after=10.0, backoff=1.0, now=clock)
     table.merge(card("p1", 1, "tcp://h:1"), direct=True)
     for _ in range(3):
-        table.record_failure("p1", why="the neighbour's snapshot holds non-finite values")
+        table.record_failure("p1", why="the neighbour's snapshot holds non-finite values", served_bad=True)
     table.merge(card("p2", 1, "tcp://h:1"), direct=True)
     assert set(table.records) == {"p2"} and table.candidates() == []
     assert table.records["p2"].failures == 3 and table.records["p2"].avoid_until == 4.0
@@ -111,8 +111,9 @@ def test_a_new_id_at_an_address_that_served_bad_models_keeps_its_back_off():
     assert table.records["p2"].avoid_until == 8.0  # the doubling goes on
     table.merge(card("q1", 1, "tcp://h:2"), direct=True)
     table.record_failure("q1", unreachable=True, why="timed out")
+    table.record_failure("q1", why="draining: peer is stopping")  # a refusal: no bad model
     table.merge(card("q2", 1, "tcp://h:2"), direct=True)  # restarted at the same address
-    assert [r.id for r in table.candidates()] == ["q2"]
+    assert [r.id for r in table.candidates()] == ["q2"] and table.records["q2"].failures == 0
 
 
 def test_a_bye_in_someone_elses_name_lasts_until_the_peer_speaks_for_itself():
