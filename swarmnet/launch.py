@@ -53,7 +53,7 @@ from swarmnet.peer.budget import LOCAL_PEERS_VARIABLE
 from swarmnet.peer.claim import check_free
 from swarmnet.peer.compute import plan_training, unreached_milestones
 from swarmnet.peer.data import batch_shortfall
-from swarmnet.peer.earlier import AVERAGE_FILE, set_aside_earlier_peers
+from swarmnet.peer.earlier import AVERAGE_FILE, EARLIER, set_aside_average, set_aside_earlier_peers
 from swarmnet.peer.metrics import read_metrics
 from swarmnet.peer.node import FINISHED_WELL
 from swarmnet.tasks import Task, build_seeded, load_task, what_failed
@@ -614,6 +614,12 @@ def average_models(plan: LaunchPlan, peers: list[PeerProcess]) -> dict[str, Any]
                         type(exc).__name__)
             continue
     if not states:
+        try:
+            if set_aside_average(plan.run_dir) is not None:  # --no-fresh: an earlier run's would pass for this one's
+                log.warning("no peer ended well, so there is no average model: the earlier run's %s moved to %s",
+                            AVERAGE_FILE, plan.run_dir / EARLIER)
+        except ConfigError as exc:
+            log.warning("%s", exc)
         return {"peers_averaged": 0}
     task = _task(plan)
     model = build_seeded(task, plan.cfg.run.seed)

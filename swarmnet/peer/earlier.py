@@ -39,11 +39,20 @@ def set_aside_earlier_peers(run_dir: Path, log: logging.Logger) -> None:
             continue
         replaced |= _move(folder, run_dir / EARLIER / folder.name)
         moved.append(folder.name)
-    if (run_dir / AVERAGE_FILE).exists():
-        replaced |= _move(run_dir / AVERAGE_FILE, run_dir / EARLIER / AVERAGE_FILE)
+    if (aside := set_aside_average(run_dir)) is not None:
+        replaced |= aside
         moved.append(AVERAGE_FILE)
     if moved:
         _say_moved(log, ", ".join(moved), run_dir / EARLIER, replaced, resume="move them back and add --no-fresh")
+
+
+def set_aside_average(run_dir: Path) -> bool | None:
+    """Move an earlier run's ``average.pt`` to ``.earlier/``: None where there was none, else
+    whether it replaced a copy kept there. Where this run writes no average of its own, the
+    earlier one would pass for its result."""
+    if not (run_dir / AVERAGE_FILE).exists():
+        return None
+    return _move(run_dir / AVERAGE_FILE, run_dir / EARLIER / AVERAGE_FILE)
 
 
 def set_aside_earlier_files(peer_dir: Path, log: logging.Logger | logging.LoggerAdapter[logging.Logger]) -> None:

@@ -383,6 +383,21 @@ def test_a_diverged_peer_is_reported_with_why_from_its_summary(tmp_path):
     assert after_table(result) == [f"peer1: diverged: {why}"]
 
 
+def test_an_earlier_average_never_passes_for_a_run_that_averaged_nothing(tmp_path):
+    """--no-fresh leaves the run directory as it is: a run whose peers all ended badly wrote no
+    average, and the earlier run's average.pt stood there as its result."""
+    from swarmnet.launch import summarize
+
+    built = plan(tmp_path, {"run.peers": 2, "task.spec": "swarmnet.tasks.lsq:task"})
+    (built.run_dir / "average.pt").write_text("the earlier run's")
+    for p in built.peers:
+        p.exit_code = 1  # no summary of their own: not ended well
+    result = summarize(built, 1.0, interrupted=False)
+    assert result["average"] == {"peers_averaged": 0}
+    assert not (built.run_dir / "average.pt").exists()
+    assert (built.run_dir / ".earlier" / "average.pt").read_text() == "the earlier run's"
+
+
 def test_a_batch_larger_than_the_data_is_named_at_start(tmp_path, caplog):
     from swarmnet.peer.data import batch_shortfall
 
