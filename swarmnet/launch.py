@@ -177,6 +177,8 @@ class LaunchPlan:
         env.setdefault("GLIBC_TUNABLES", GLIBC_TUNABLES)
         plan = cls(cfg, run_dir, peers, base, env, start_timeout=start_timeout)
         plan.fork = forked.forkable(peer.device or cfg.device.device for peer in peers)
+        for p in peers:  # first: a second `up` must neither wipe a running swarm nor load its data again
+            check_free(run_dir / p.name)
         plan.task = task = load_task(cfg.task.spec, cfg.task.options)
         # Built once here, as every peer will build it: a build_model that fails (a bad option,
         # a wrong return) is refused before launch, not as a peer that "did not come up". Cheap
@@ -193,8 +195,6 @@ class LaunchPlan:
         # Its summary stays until the peer has accepted its checkpoint (a refused restart keeps
         # it), and is never taken for this launch's result (PeerProcess.earlier_summary).
         stale = PEER_FILES if fresh else ("card.json",)
-        for p in peers:
-            check_free(run_dir / p.name)  # before anything is moved: a second `up` must not wipe a running swarm
         if fresh:
             set_aside_earlier_peers(run_dir, log)
         for p in peers:

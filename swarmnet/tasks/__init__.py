@@ -114,8 +114,8 @@ class Task:
 
 def _number(value: Any) -> float | None:
     """``value`` as a float: a number, a one-element tensor or a numpy scalar; None otherwise."""
-    if isinstance(value, Tensor):
-        return float(value) if value.numel() == 1 else None
+    if isinstance(value, (Tensor, np.ndarray)):  # a one-element tensor or array: np.array(0.9), torch.tensor(0.9)
+        return float(value) if value.size == 1 or (isinstance(value, Tensor) and value.numel() == 1) else None
     if isinstance(value, (Real, np.number)) and not isinstance(value, np.bool_):
         return float(value)
     return None

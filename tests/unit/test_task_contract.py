@@ -121,9 +121,10 @@ def test_an_evaluation_that_is_not_a_dict_of_numbers_is_named_by_the_peer_and_by
 
 def test_an_evaluation_of_tensors_and_numpy_numbers_reads_as_floats(tmp_path):
     x, y = tensors()
-    task = Task(**fields(evaluate=lambda model: {"loss": torch.tensor(0.5), "accuracy": np.float32(0.25), "n": 3}))
+    task = Task(**fields(evaluate=lambda model: {"loss": torch.tensor(0.5), "accuracy": np.float32(0.25), "n": 3,
+                                                 "f1": np.array(0.75)}))
     assert evaluate_averaged(task.build_model(), task, batch_size=32, seed=0)["eval"] == {
-        "loss": 0.5, "accuracy": 0.25, "n": 3.0}
+        "loss": 0.5, "accuracy": 0.25, "n": 3.0, "f1": 0.75}
 
 
 # -- the initial model --------------------------------------------------------------------------
