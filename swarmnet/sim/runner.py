@@ -206,10 +206,9 @@ def run_simulation(config: SimConfig) -> SimResult:
             curve = [_with_nodes(engine.observe(), nodes)]
             started = time.perf_counter()
             done = 0
-            for k in range(1, config.records + 1):
-                target = draws * k // config.records
-                if target == done:
-                    continue  # more records asked than the run has draws: one point per draw
+            records = min(config.records, draws)  # more asked than the run has draws: one point per draw
+            for k in range(1, records + 1):
+                target = draws * k // records  # strictly increasing, as records <= draws
                 try:
                     engine.advance(target - done)
                 except lattice.OutOfRange:  # models too large or not finite to quantize: diverged

@@ -282,3 +282,11 @@ def test_a_swarm_too_large_for_memory_is_a_clear_error_not_a_traceback(tmp_path:
     assert result.returncode == 1, result.stderr[-2000:]
     assert "error: the simulation does not fit in memory (" in result.stderr and "use fewer --nodes" in result.stderr
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.timeout(10)
+def test_far_more_records_than_draws_returns_at_once_with_one_point_per_draw() -> None:
+    """--records 10^12 on a run of a few draws looped over every record index (hours at 100% CPU)."""
+    run = run_simulation(SimConfig(nodes=(2,), interactions_per_node=3, records=10**12, progress=False)).runs[0]
+    draws = [p["draws"] for p in run.curve]
+    assert draws == sorted(set(draws)) and draws[-1] == run.draws and len(draws) == run.draws + 1
