@@ -136,6 +136,8 @@ def simulate_command(
                     fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None
     print_summary(result, span)
+    if diverged(result):
+        raise typer.Exit(1)  # the table's note says which runs and what to change
 
 
 def out_of_memory(exc: BaseException) -> bool:
@@ -209,11 +211,15 @@ def _value(raw: str) -> Any:
     return raw
 
 
+def diverged(result: SimResult) -> list[str]:
+    """The runs whose final loss is not finite: the command then exits with status 1."""
+    return [run.label for run in result.runs if not math.isfinite(run.final()["loss_node"])]
+
+
 def _explain_nans(console: Any, result: SimResult, window: tuple[float, float] | None) -> None:
     """Say why figures read nan: the run diverged, or no curve point lies in the window."""
-    diverged = [run.label for run in result.runs if not math.isfinite(run.final()["loss_node"])]
-    if diverged:
-        console.print(f"{', '.join(diverged)}: the loss is not finite (the run diverged); lower --lr", markup=False)
+    if labels := diverged(result):
+        console.print(f"{', '.join(labels)}: the loss is not finite (the run diverged); lower --lr", markup=False)
     if window:
         start, stop = window
         outside = [run.label for run in result.runs if not any(start <= p["node_steps"] <= stop for p in run.curve)]

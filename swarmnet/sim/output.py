@@ -16,6 +16,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from swarmnet import jsonsafe
+
 LEADING = (
     "nodes",
     "draws",
@@ -78,14 +80,15 @@ def write_csv(path: Path, points: Sequence[Mapping[str, float]]) -> None:
 def write_jsonl(path: Path, points: Sequence[Mapping[str, float]], meta: Mapping[str, Any]) -> None:
     """First line: ``{"run": meta}``; then one point per line (NaN written as null)."""
     with _replacing(path) as fh:
-        fh.write(json.dumps({"run": dict(meta)}, default=str) + "\n")
+        fh.write(jsonsafe.dumps({"run": dict(meta)}, default=str) + "\n")
         for point in points:
             fh.write(json.dumps({k: _cell(k, v) for k, v in point.items()}) + "\n")
 
 
 def write_summary(path: Path, summary: Mapping[str, Any]) -> None:
+    """Strict JSON: a diverged run's NaN figures are written as null (jq and JavaScript refuse NaN)."""
     with _replacing(path) as fh:
-        fh.write(json.dumps(summary, indent=2, default=str) + "\n")
+        fh.write(jsonsafe.dumps(summary, indent=2, default=str) + "\n")
 
 
 def _csv_cell(key: str, value: float) -> str:

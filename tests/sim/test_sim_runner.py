@@ -247,7 +247,8 @@ def test_the_table_says_why_a_figure_is_nan(tmp_path: Path) -> None:
     app.command("noop")(lambda: None)
     common = ["simulate", "--nodes", "2", "--interactions-per-node", "200", "--no-progress", "--out", str(tmp_path)]
     diverged = CliRunner().invoke(app, [*common, "--lr", "50", "--window", "50:150"])
-    assert diverged.exit_code == 0 and "popsgd n=2: the loss is not finite (the run diverged); lower --lr" in diverged.output
+    # exit status 1: a script running sweeps learns that a run diverged without reading the table
+    assert diverged.exit_code == 1 and "popsgd n=2: the loss is not finite (the run diverged); lower --lr" in diverged.output
     assert "no curve point falls" not in diverged.output
     outside = CliRunner().invoke(app, [*common, "--window", "300:400"])
     assert outside.exit_code == 0 and "no curve point falls in --window 300:400 for popsgd n=2" in outside.output
@@ -290,3 +291,20 @@ def test_far_more_records_than_draws_returns_at_once_with_one_point_per_draw() -
     run = run_simulation(SimConfig(nodes=(2,), interactions_per_node=3, records=10**12, progress=False)).runs[0]
     draws = [p["draws"] for p in run.curve]
     assert draws == sorted(set(draws)) and draws[-1] == run.draws and len(draws) == run.draws + 1
+
+
+def strict_json(text: str) -> dict:
+    """JSON as other readers (jq, JavaScript) take it: NaN and Infinity are not JSON."""
+    def refuse(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_diverged_run_is_null_in_the_summary_not_nan(tmp_path: Path) -> None:
+    result = run_simulation(SimConfig(nodes=(2,), interactions_per_node=200, lr=50.0, records=20, out=tmp_path,
+                                      progress=False))
+    assert math.isnan(result.runs[0].final()["loss_node"])
+    summary = strict_json(result.summary.read_text())  # type: ignore[union-attr]
+    assert summary["runs"][0]["final"]["loss_node"] is None
+    lines = result.runs[0].files["jsonl"].read_text().splitlines()
+    assert [strict_json(line) for line in lines][-1]["loss_node"] is None
