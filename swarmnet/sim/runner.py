@@ -243,10 +243,10 @@ def _write(result: SimResult, task_name: str) -> None:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{task_name}-{config.algorithm}"
-    _remove_earlier(out / f"{stem}-summary.json")
+    _remove_earlier(out / f"{stem}-summary.json", stem)
     meta_common = {k: v for k, v in asdict(config).items() if k not in ("out", "progress")}
     for run in result.runs:
-        base = out / f"{task_name}-{run.algorithm}-n{run.nodes}"
+        base = out / run_name(stem, config.algorithm, run)
         run.files = {"csv": base.with_suffix(".csv"), "jsonl": base.with_suffix(".jsonl")}
         output.write_csv(run.files["csv"], run.curve)
         meta = {
@@ -283,17 +283,25 @@ def _write(result: SimResult, task_name: str) -> None:
     )
 
 
-def _remove_earlier(summary: Path) -> None:
-    """Remove the curves an earlier run of the same task and algorithm wrote into this folder
-    (its summary lists them), so the folder holds this run's node counts only, not a mix of two
-    runs' under one plot and summary."""
+def run_name(stem: str, algorithm: str, run: RunResult) -> str:
+    """A run's file name without suffix: ``<task>-<algorithm>-n<N>``, and for the mini-batch
+    baseline of a --baseline sweep ``<task>-<algorithm>-baseline-n<N>``. Every file of a sweep
+    starts with its stem, so a minibatch sweep in the same folder never writes over them."""
+    return f"{stem}-n{run.nodes}" if run.algorithm == algorithm else f"{stem}-baseline-n{run.nodes}"
+
+
+def _remove_earlier(summary: Path, stem: str) -> None:
+    """Remove the curves an earlier sweep of the same task and algorithm wrote into this folder
+    (its summary lists them), so the folder holds this sweep's node counts only, not a mix of two
+    sweeps' under one plot and summary. Only names of this sweep's own (``<stem>-...``): a
+    summary written before the baseline had names of its own lists another sweep's files."""
     try:
         runs = json.loads(summary.read_text())["runs"]
         names = [Path(f).name for run in runs for f in run["files"].values()]
     except (OSError, ValueError, KeyError, TypeError):
         return  # none, or not one of ours: nothing to remove
     for name in names:
-        if name.endswith((".csv", ".jsonl")):
+        if name.startswith(f"{stem}-") and name.endswith((".csv", ".jsonl")):
             (summary.parent / name).unlink(missing_ok=True)
 
 

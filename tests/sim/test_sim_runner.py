@@ -308,3 +308,25 @@ def test_a_diverged_run_is_null_in_the_summary_not_nan(tmp_path: Path) -> None:
     assert summary["runs"][0]["final"]["loss_node"] is None
     lines = result.runs[0].files["jsonl"].read_text().splitlines()
     assert [strict_json(line) for line in lines][-1]["loss_node"] is None
+
+
+def listed(summary: Path) -> set[str]:
+    """The names of the curve files a sweep's summary lists."""
+    return {Path(f).name for run in json.loads(summary.read_text())["runs"] for f in run["files"].values()}
+
+
+def test_two_sweeps_in_one_folder_never_touch_each_others_files(tmp_path: Path) -> None:
+    """A --baseline sweep's mini-batch curves were named like a minibatch sweep's: the minibatch
+    sweep overwrote them, and a later popsgd sweep deleted files the minibatch summary lists."""
+    common = {"task_options": {"dim": 3}, "nodes": (2,), "interactions_per_node": 5, "records": 3, "out": tmp_path,
+              "progress": False}
+    run_simulation(SimConfig(algorithm="popsgd", baseline=True, **common))  # type: ignore[arg-type]
+    popsgd = listed(tmp_path / "lsq-popsgd-summary.json")
+    before = {name: (tmp_path / name).read_bytes() for name in popsgd}
+    run_simulation(SimConfig(algorithm="minibatch", lr=0.02, **common))  # type: ignore[arg-type]
+    minibatch = listed(tmp_path / "lsq-minibatch-summary.json")
+    assert not popsgd & minibatch
+    assert {name: (tmp_path / name).read_bytes() for name in popsgd} == before
+    run_simulation(SimConfig(algorithm="popsgd", **common))  # type: ignore[arg-type]
+    assert all((tmp_path / name).exists() for name in minibatch | listed(tmp_path / "lsq-popsgd-summary.json"))
+    assert not any((tmp_path / name).exists() for name in popsgd - listed(tmp_path / "lsq-popsgd-summary.json"))
