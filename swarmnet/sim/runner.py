@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import statistics
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -238,15 +241,38 @@ def _with_nodes(point: dict[str, float], nodes: int) -> dict[str, float]:
 
 
 def _write(result: SimResult, task_name: str) -> None:
+    """Write the sweep's files all or nothing: every one goes into a staging folder inside
+    ``--out`` (the same file system) first, and only once all are written are they moved into
+    place and the earlier sweep's files that this one does not replace removed. A write that
+    fails (a full disk) removes the staging folder and leaves the earlier sweep whole."""
     config = result.config
     assert config.out is not None
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{task_name}-{config.algorithm}"
-    _remove_earlier(out / f"{stem}-summary.json", stem)
-    meta_common = {k: v for k, v in asdict(config).items() if k not in ("out", "progress")}
+    staging = Path(tempfile.mkdtemp(prefix=f".{stem}-", suffix=".staging", dir=out))
+    try:
+        names = _write_files(result, task_name, stem, staging)
+        earlier = _earlier_files(out / f"{stem}-summary.json", stem)
+        for name in names:  # the summary last: it lists the others
+            os.replace(staging / name, out / name)
+        for name in earlier - set(names):
+            (out / name).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     for run in result.runs:
-        base = out / run_name(stem, config.algorithm, run)
+        run.files = {kind: out / path.name for kind, path in run.files.items()}
+    result.plot = out / f"{stem}.png"
+    result.summary = out / f"{stem}-summary.json"
+
+
+def _write_files(result: SimResult, task_name: str, stem: str, folder: Path) -> list[str]:
+    """Every file of the sweep into ``folder``; their names, the summary's last."""
+    config = result.config
+    meta_common = {k: v for k, v in asdict(config).items() if k not in ("out", "progress")}
+    names: list[str] = []
+    for run in result.runs:
+        base = folder / run_name(stem, config.algorithm, run)
         run.files = {"csv": base.with_suffix(".csv"), "jsonl": base.with_suffix(".jsonl")}
         output.write_csv(run.files["csv"], run.curve)
         meta = {
@@ -257,14 +283,13 @@ def _write(result: SimResult, task_name: str) -> None:
             "seconds": run.seconds,
         }
         output.write_jsonl(run.files["jsonl"], run.curve, meta)
-    result.plot = out / f"{stem}.png"
+        names += [path.name for path in run.files.values()]
     title = f"{task_name}: {config.algorithm}" + (
         f" ({config.codec})" if config.codec != "none" else ""
     )
-    output.plot(result.plot, [(run.algorithm, run.nodes, run.curve) for run in result.runs], title)
-    result.summary = out / f"{stem}-summary.json"
+    output.plot(folder / f"{stem}.png", [(run.algorithm, run.nodes, run.curve) for run in result.runs], title)
     output.write_summary(
-        result.summary,
+        folder / f"{stem}-summary.json",
         {
             "config": meta_common,
             "runs": [
@@ -275,12 +300,13 @@ def _write(result: SimResult, task_name: str) -> None:
                     "seconds": r.seconds,
                     "draws_per_second": r.rate,
                     "final": r.final(),
-                    "files": {k: str(v) for k, v in r.files.items()},
+                    "files": {k: v.name for k, v in r.files.items()},  # beside the summary
                 }
                 for r in result.runs
             ],
         },
     )
+    return [*names, f"{stem}.png", f"{stem}-summary.json"]
 
 
 def run_name(stem: str, algorithm: str, run: RunResult) -> str:
@@ -290,19 +316,18 @@ def run_name(stem: str, algorithm: str, run: RunResult) -> str:
     return f"{stem}-n{run.nodes}" if run.algorithm == algorithm else f"{stem}-baseline-n{run.nodes}"
 
 
-def _remove_earlier(summary: Path, stem: str) -> None:
-    """Remove the curves an earlier sweep of the same task and algorithm wrote into this folder
-    (its summary lists them), so the folder holds this sweep's node counts only, not a mix of two
-    sweeps' under one plot and summary. Only names of this sweep's own (``<stem>-...``): a
-    summary written before the baseline had names of its own lists another sweep's files."""
+def _earlier_files(summary: Path, stem: str) -> set[str]:
+    """The curves an earlier sweep of the same task and algorithm wrote into this folder (its
+    summary lists them), to remove once this sweep is in place, so the folder holds this sweep's
+    node counts only, not a mix of two sweeps' under one plot and summary. Only names of this
+    sweep's own (``<stem>-...``): a summary written before the baseline had names of its own
+    lists another sweep's files."""
     try:
         runs = json.loads(summary.read_text())["runs"]
-        names = [Path(f).name for run in runs for f in run["files"].values()]
-    except (OSError, ValueError, KeyError, TypeError):
-        return  # none, or not one of ours: nothing to remove
-    for name in names:
-        if name.startswith(f"{stem}-") and name.endswith((".csv", ".jsonl")):
-            (summary.parent / name).unlink(missing_ok=True)
+        names = {Path(f).name for run in runs for f in run["files"].values()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()  # none, or not one of ours: nothing to remove
+    return {name for name in names if name.startswith(f"{stem}-") and name.endswith((".csv", ".jsonl"))}
 
 
 class _NoBar:

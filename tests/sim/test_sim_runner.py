@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import json
 import math
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -330,3 +333,43 @@ def test_two_sweeps_in_one_folder_never_touch_each_others_files(tmp_path: Path) 
     run_simulation(SimConfig(algorithm="popsgd", **common))  # type: ignore[arg-type]
     assert all((tmp_path / name).exists() for name in minibatch | listed(tmp_path / "lsq-popsgd-summary.json"))
     assert not any((tmp_path / name).exists() for name in popsgd - listed(tmp_path / "lsq-popsgd-summary.json"))
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 400 KiB tmpfs: writes on it fail with ENOSPC once it is full."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill up (needs root or CAP_SYS_ADMIN): {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def fill(disk: Path, leave: int) -> None:
+    """Take the disk's free space but ``leave`` bytes."""
+    vfs = os.statvfs(disk)
+    left = vfs.f_bavail * vfs.f_frsize - leave
+    with open(disk / "filler", "wb", buffering=0) as fh:
+        while left > 0:
+            left -= fh.write(b"\0" * min(65536, left))
+
+
+def test_a_sweep_that_cannot_be_written_leaves_the_earlier_one_whole(small_disk: Path) -> None:
+    """The earlier sweep's curves were removed before the new ones were written: a full disk
+    left new CSVs beside the old summary and plot, and the earlier sweep's other curves gone."""
+    out = small_disk / "sim"
+    common = {"task_options": {"dim": 3}, "interactions_per_node": 20, "out": out, "progress": False}
+    run_simulation(SimConfig(nodes=(2, 4), records=5, **common))  # type: ignore[arg-type]
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    fill(small_disk, leave=12 * 1024)  # room for a curve or two, not for the plot
+    with pytest.raises(OSError) as failed:
+        run_simulation(SimConfig(nodes=(2, 4, 8), records=40, **common))  # type: ignore[arg-type]
+    assert failed.value.errno == errno.ENOSPC
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no staging folder left either
