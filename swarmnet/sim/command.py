@@ -91,7 +91,11 @@ def simulate_command(
 ) -> None:
     """Simulate PopSGD or SwarmSGD on many nodes with exact sequential semantics (SPEC 1, 2)."""
     try:
-        from swarmnet.sim.runner import SimConfig, run_simulation  # torch: only when it runs
+        from swarmnet.sim.runner import (  # torch: when it runs
+            SimConfig,
+            SimulationInterrupted,
+            run_simulation,
+        )
 
         config = SimConfig(
             task=task,
@@ -121,6 +125,9 @@ def simulate_command(
         span = parse_window(window) if window else None
         prepare_out(out)
         result = run_simulation(config)
+    except SimulationInterrupted as stop:
+        typer.secho(interrupted_note(stop.result, out), fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(130) from None
     except ConfigError as exc:
         raise typer.BadParameter(str(exc)) from None
     except OSError as exc:
@@ -138,6 +145,17 @@ def simulate_command(
     print_summary(result, span)
     if diverged(result):
         raise typer.Exit(1)  # the table's note says which runs and what to change
+
+
+def interrupted_note(result: SimResult, out: Path) -> str:
+    """What Ctrl-C kept: the finished runs, by node count (and algorithm, with --baseline)."""
+    if not result.runs:
+        return f"interrupted: no run had finished; nothing written to {out}"
+    algorithms = list(dict.fromkeys(run.algorithm for run in result.runs))
+    counts = {a: ", ".join(str(run.nodes) for run in result.runs if run.algorithm == a) for a in algorithms}
+    which = f"n={counts[algorithms[0]]}" if len(algorithms) == 1 else "; ".join(f"{a} n={c}" for a, c in counts.items())
+    runs = "the finished run" if len(result.runs) == 1 else f"the {len(result.runs)} finished runs"
+    return f"interrupted: wrote {runs} ({which}) to {out}"
 
 
 def out_of_memory(exc: BaseException) -> bool:

@@ -176,6 +176,8 @@ class SimResult:
     runs: list[RunResult]
     plot: Path | None = None
     summary: Path | None = None
+    interrupted: bool = False
+    """Ctrl-C stopped the sweep: ``runs`` holds the runs that had finished."""
 
     def run(self, algorithm: str, nodes: int) -> RunResult:
         for run in self.runs:
@@ -184,9 +186,19 @@ class SimResult:
         raise KeyError((algorithm, nodes))
 
 
+class SimulationInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a sweep. ``result`` holds the runs that had finished, already written (as
+    a sweep marked interrupted) when ``config.out`` is set; hours of finished runs are not lost."""
+
+    def __init__(self, result: SimResult) -> None:
+        super().__init__()
+        self.result = result
+
+
 def run_simulation(config: SimConfig) -> SimResult:
     """Run ``config.algorithm`` (and the baseline if asked) for every node count; write the
-    files when ``config.out`` is set; return the curves."""
+    files when ``config.out`` is set; return the curves. On Ctrl-C: write the finished runs and
+    raise :class:`SimulationInterrupted`."""
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     task = load_vector_task(
@@ -198,6 +210,22 @@ def run_simulation(config: SimConfig) -> SimResult:
     engines = {key: config.engine_config(*key) for key in plan}  # validate everything up front
     budgets = {key: total_draws(key[0], key[1], config.interactions_per_node) for key in plan}
     runs: list[RunResult] = []
+    try:
+        _run_plan(config, task, plan, engines, budgets, runs)
+    except KeyboardInterrupt:
+        result = SimResult(config, runs, interrupted=True)
+        if config.out is not None and runs:
+            _write(result, task.name)
+        raise SimulationInterrupted(result) from None
+    result = SimResult(config, runs)
+    if config.out is not None:
+        _write(result, task.name)
+    return result
+
+
+def _run_plan(config: SimConfig, task: Any, plan: list[tuple[str, int]], engines: dict[tuple[str, int], EngineConfig],
+              budgets: dict[tuple[str, int], int], runs: list[RunResult]) -> None:
+    """Run the plan in order, appending each run to ``runs`` once it has finished."""
     with _progress(config.progress) as bar:
         overall = bar.add_task("simulate", total=sum(budgets.values())) if bar else None
         for key in plan:
@@ -223,10 +251,6 @@ def run_simulation(config: SimConfig) -> SimResult:
                     bar.advance(overall, target - done)
                 done = target
             runs.append(RunResult(algorithm, nodes, curve, time.perf_counter() - started, draws))
-    result = SimResult(config, runs)
-    if config.out is not None:
-        _write(result, task.name)
-    return result
 
 
 def _batch(config: SimConfig) -> int:
@@ -292,6 +316,7 @@ def _write_files(result: SimResult, task_name: str, stem: str, folder: Path) -> 
         folder / f"{stem}-summary.json",
         {
             "config": meta_common,
+            "interrupted": result.interrupted,  # by Ctrl-C: the runs that had finished
             "runs": [
                 {
                     "algorithm": r.algorithm,

@@ -373,3 +373,33 @@ def test_a_sweep_that_cannot_be_written_leaves_the_earlier_one_whole(small_disk:
         run_simulation(SimConfig(nodes=(2, 4, 8), records=40, **common))  # type: ignore[arg-type]
     assert failed.value.errno == errno.ENOSPC
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no staging folder left either
+
+
+def test_ctrl_c_keeps_the_runs_that_finished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C in the third run of a sweep: the two finished runs are written as a sweep marked
+    interrupted, the command says so, and exits with 130 (before: an empty --out, no word)."""
+    from swarmnet.sim import runner
+
+    made = []
+
+    def make_engine(config, task):  # type: ignore[no-untyped-def]
+        made.append(config.nodes)
+        if len(made) == 3:
+            raise KeyboardInterrupt
+        return real(config, task)
+
+    real = runner.make_engine
+    monkeypatch.setattr(runner, "make_engine", make_engine)
+    app = typer.Typer()
+    app.command("simulate")(simulate_command)
+    app.command("noop")(lambda: None)
+    out = tmp_path / "sim"
+    outcome = CliRunner().invoke(app, ["simulate", "--nodes", "1,2,8", "--interactions-per-node", "5",
+                                       "--task-option", "dim=3", "--no-progress", "--out", str(out)])
+    assert outcome.exit_code == 130, outcome.output
+    assert f"interrupted: wrote the 2 finished runs (n=1, 2) to {out}" in " ".join(outcome.output.split())
+    summary = json.loads((out / "lsq-popsgd-summary.json").read_text())
+    assert summary["interrupted"] is True and [run["nodes"] for run in summary["runs"]] == [1, 2]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "lsq-popsgd-n1.csv", "lsq-popsgd-n1.jsonl", "lsq-popsgd-n2.csv", "lsq-popsgd-n2.jsonl",
+        "lsq-popsgd-summary.json", "lsq-popsgd.png"]
