@@ -143,7 +143,7 @@ def simulate_command(
                     fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None
     print_summary(result, span)
-    if diverged(result):
+    if diverged(result) or any(run.stopped for run in result.runs):
         raise typer.Exit(1)  # the table's note says which runs and what to change
 
 
@@ -238,6 +238,9 @@ def _explain_nans(console: Any, result: SimResult, window: tuple[float, float] |
     """Say why figures read nan: the run diverged, or no curve point lies in the window."""
     if labels := diverged(result):
         console.print(f"{', '.join(labels)}: the loss is not finite (the run diverged); lower --lr", markup=False)
+    for run in result.runs:
+        if run.stopped:
+            console.print(f"{run.label}: {run.stopped}", markup=False)
     if window:
         start, stop = window
         outside = [run.label for run in result.runs if not any(start <= p["node_steps"] <= stop for p in run.curve)]

@@ -38,7 +38,7 @@ from swarmnet.codecs import lattice
 from swarmnet.config import check_device
 from swarmnet.errors import ConfigError
 from swarmnet.sim import output
-from swarmnet.sim.engine import ALGORITHMS, EngineConfig, make_engine
+from swarmnet.sim.engine import ALGORITHMS, Engine, EngineConfig, make_engine
 from swarmnet.sim.problems import load_vector_task
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -143,6 +143,8 @@ class RunResult:
     seconds: float
     draws: int
     files: dict[str, Path] = field(default_factory=dict)
+    stopped: str | None = None
+    """Why the run ended before its last draw, other than divergence (its loss is then NaN)."""
 
     @property
     def label(self) -> str:
@@ -237,20 +239,44 @@ def _run_plan(config: SimConfig, task: Any, plan: list[tuple[str, int]], engines
             curve = [_with_nodes(engine.observe(), nodes)]
             started = time.perf_counter()
             done = 0
+            stopped = None
             records = min(config.records, draws)  # more asked than the run has draws: one point per draw
             for k in range(1, records + 1):
                 target = draws * k // records  # strictly increasing, as records <= draws
                 try:
                     engine.advance(target - done)
-                except lattice.OutOfRange:  # models too large or not finite to quantize: diverged
-                    curve.append(_with_nodes({**curve[-1], "loss_node": math.nan, "loss_mean": math.nan}, nodes))
-                    draws = done  # the summary's figures stop where the run did
+                except lattice.OutOfRange:  # models too large for the lattice step, or not finite
+                    assert isinstance(engine, Engine) and engine.registers is not None
+                    point = engine.observe()
+                    if _diverged(engine.models, point, curve[0]):
+                        curve.append(_with_nodes({**curve[-1], "loss_node": math.nan, "loss_mean": math.nan}, nodes))
+                        draws = done  # the summary's figures stop where the run did
+                    else:
+                        curve.append(_with_nodes(point, nodes))
+                        draws = engine.draws
+                        stopped = _lattice_overflow(config, engine.registers.eps, engine.models, draws)
                     break
                 curve.append(_with_nodes(engine.observe(), nodes))
                 if bar:
                     bar.advance(overall, target - done)
                 done = target
-            runs.append(RunResult(algorithm, nodes, curve, time.perf_counter() - started, draws))
+            runs.append(RunResult(algorithm, nodes, curve, time.perf_counter() - started, draws, stopped=stopped))
+
+
+def _diverged(models: torch.Tensor, point: dict[str, float], first: dict[str, float]) -> bool:
+    """Whether models the lattice could not quantize diverged (not finite, or the mean model's
+    loss above where it started) rather than met a lattice step too small for their values."""
+    if not bool(torch.isfinite(models).all()):
+        return True
+    return not point["loss_mean"] <= first["loss_mean"]
+
+
+def _lattice_overflow(config: SimConfig, eps: float, models: torch.Tensor, draws: int) -> str:
+    hint = ("raise --lattice-eps (or leave it out for the adaptive lr x H x 6/11)" if config.lattice_eps is not None
+            else "set --lattice-eps above the adaptive lr x H x 6/11")
+    return (f"stopped at draw {draws:,}: the lattice step eps = {eps:g} is too small for the models' values "
+            f"(max |x| = {float(models.abs().max()):.3g}): their integer coordinates x / eps overflow "
+            f"(|x / eps| must stay below 2^46); {hint}")
 
 
 def _batch(config: SimConfig) -> int:
@@ -325,6 +351,7 @@ def _write_files(result: SimResult, task_name: str, stem: str, folder: Path) -> 
                     "seconds": r.seconds,
                     "draws_per_second": r.rate,
                     "final": r.final(),
+                    "stopped": r.stopped,
                     "files": {k: v.name for k, v in r.files.items()},  # beside the summary
                 }
                 for r in result.runs

@@ -403,3 +403,22 @@ def test_ctrl_c_keeps_the_runs_that_finished(tmp_path: Path, monkeypatch: pytest
     assert sorted(p.name for p in out.iterdir()) == [
         "lsq-popsgd-n1.csv", "lsq-popsgd-n1.jsonl", "lsq-popsgd-n2.csv", "lsq-popsgd-n2.jsonl",
         "lsq-popsgd-summary.json", "lsq-popsgd.png"]
+
+
+def test_a_lattice_step_too_small_for_the_models_is_named_not_called_divergence(tmp_path: Path) -> None:
+    """--lattice-eps 1e-30: the models' lattice coordinates overflow at once. That was reported
+    as a diverged run with "lower --lr"; the run stops, its curve stays finite, and the note
+    says to raise --lattice-eps."""
+    app = typer.Typer()
+    app.command("simulate")(simulate_command)
+    app.command("noop")(lambda: None)
+    outcome = CliRunner().invoke(app, ["simulate", "--algorithm", "swarmsgd", "--codec", "lattice", "--lattice-eps",
+                                       "1e-30", "--nodes", "4", "--interactions-per-node", "20", "--task-option",
+                                       "dim=3", "--no-progress", "--out", str(tmp_path)])
+    text = " ".join(outcome.output.split())
+    assert outcome.exit_code == 1, outcome.output
+    assert "swarmsgd n=4: stopped at draw" in text and "the lattice step eps = 1e-30 is too small" in text
+    assert "raise --lattice-eps (or leave it out for the adaptive lr x H x 6/11)" in text
+    assert "lower --lr" not in text and "diverged" not in text
+    summary = strict_json((tmp_path / "lsq-swarmsgd-summary.json").read_text())
+    assert "lattice step" in summary["runs"][0]["stopped"] and summary["runs"][0]["final"]["loss_node"] is not None
