@@ -6,6 +6,7 @@ parses; behaviour lives in :mod:`swarmnet.sim.runner` and is tested there.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 from pathlib import Path
@@ -131,8 +132,7 @@ def simulate_command(
     except ConfigError as exc:
         raise typer.BadParameter(str(exc)) from None
     except OSError as exc:
-        typer.secho(f"error: writing the results under {out} failed: {exc.filename or out} "
-                    f"({exc.strerror or exc}); pass a writable directory with --out", fg=typer.colors.RED, err=True)
+        typer.secho(write_failure(exc, out), fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None
     except (MemoryError, RuntimeError) as exc:
         if not out_of_memory(exc):
@@ -145,6 +145,15 @@ def simulate_command(
     print_summary(result, span)
     if diverged(result) or any(run.stopped for run in result.runs):
         raise typer.Exit(1)  # the table's note says which runs and what to change
+
+
+def write_failure(exc: OSError, out: Path) -> str:
+    """The file that could not be written, the OS's reason, and what to do: free space on a
+    full disk (another directory there would fill the same), another directory otherwise."""
+    where = exc.filename or f"the results under {out}"
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    hint = "free space or pass another --out" if full else "pass a writable directory with --out"
+    return f"error: writing {where} failed: {exc.strerror or exc}; {hint}"
 
 
 def interrupted_note(result: SimResult, out: Path) -> str:

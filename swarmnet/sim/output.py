@@ -63,8 +63,10 @@ def _replacing(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
         with tmp.open(mode, newline="" if "b" not in mode else None) as fh:
             yield fh
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename in (None, str(tmp)):
+            exc.filename = str(path)  # a failed write() names no file: say which one it was
         raise
 
 

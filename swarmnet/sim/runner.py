@@ -302,7 +302,12 @@ def _write(result: SimResult, task_name: str) -> None:
     stem = f"{task_name}-{config.algorithm}"
     staging = Path(tempfile.mkdtemp(prefix=f".{stem}-", suffix=".staging", dir=out))
     try:
-        names = _write_files(result, task_name, stem, staging)
+        try:
+            names = _write_files(result, task_name, stem, staging)
+        except OSError as exc:
+            if exc.filename and Path(exc.filename).parent == staging:
+                exc.filename = str(out / Path(exc.filename).name)  # the file it was to be
+            raise
         earlier = _earlier_files(out / f"{stem}-summary.json", stem)
         for name in names:  # the summary last: it lists the others
             os.replace(staging / name, out / name)

@@ -422,3 +422,26 @@ def test_a_lattice_step_too_small_for_the_models_is_named_not_called_divergence(
     assert "lower --lr" not in text and "diverged" not in text
     summary = strict_json((tmp_path / "lsq-swarmsgd-summary.json").read_text())
     assert "lattice step" in summary["runs"][0]["stopped"] and summary["runs"][0]["final"]["loss_node"] is not None
+
+
+def test_a_full_disk_names_the_file_and_says_to_free_space(small_disk: Path) -> None:
+    """The message named the folder and said "pass a writable directory" of one that is."""
+    app = typer.Typer()
+    app.command("simulate")(simulate_command)
+    app.command("noop")(lambda: None)
+    fill(small_disk, leave=0)
+    out = small_disk / "sim"
+    outcome = CliRunner().invoke(app, ["simulate", "--nodes", "2", "--interactions-per-node", "5", "--task-option",
+                                       "dim=3", "--no-progress", "--out", str(out)])
+    text = " ".join(outcome.output.split())
+    assert outcome.exit_code == 1, outcome.output
+    assert f"error: writing {out / 'lsq-popsgd-n2.csv'} failed: No space left on device; free space or pass another --out" in text
+    assert "writable" not in text and list(out.iterdir()) == []
+
+
+def test_a_write_refused_by_permissions_keeps_the_writable_directory_hint(tmp_path: Path) -> None:
+    from swarmnet.sim.command import write_failure
+
+    refused = PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "lsq-popsgd.png"))
+    assert write_failure(refused, tmp_path) == (
+        f"error: writing {tmp_path / 'lsq-popsgd.png'} failed: Permission denied; pass a writable directory with --out")
