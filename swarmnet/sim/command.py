@@ -189,6 +189,11 @@ def prepare_out(out: Path) -> None:
         raise ConfigError(f"--out {out}: the directory is not writable; pass a writable directory")
 
 
+MAX_NODES = 2**40
+"""Far beyond any machine (their clocks alone take 8 TB), still far from overflowing the int64
+sizes of tensors and index arrays: larger counts ended in torch overflow tracebacks."""
+
+
 def parse_nodes(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(part) for part in text.split(",") if part.strip())
@@ -198,6 +203,8 @@ def parse_nodes(text: str) -> tuple[int, ...]:
         ) from None
     if not values:
         raise ConfigError("--nodes is empty")
+    if too_many := [n for n in values if n > MAX_NODES]:
+        raise ConfigError(f"--nodes {too_many[0]}: at most {MAX_NODES:,} (2^40) nodes per run")
     if len(set(values)) < len(values):
         raise ConfigError(f"--nodes {text}: lists a node count twice (each run writes its files by node count)")
     return values

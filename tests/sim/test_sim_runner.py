@@ -445,3 +445,12 @@ def test_a_write_refused_by_permissions_keeps_the_writable_directory_hint(tmp_pa
     refused = PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "lsq-popsgd.png"))
     assert write_failure(refused, tmp_path) == (
         f"error: writing {tmp_path / 'lsq-popsgd.png'} failed: Permission denied; pass a writable directory with --out")
+
+
+def test_a_node_count_beyond_any_machine_is_refused_with_the_largest_accepted() -> None:
+    """--nodes 99999999999999999999 reached torch.zeros and ended in an overflow traceback."""
+    from swarmnet.sim.command import MAX_NODES, parse_nodes
+
+    assert parse_nodes(f"1,{MAX_NODES}") == (1, MAX_NODES)
+    with pytest.raises(ConfigError, match=r"--nodes 99999999999999999999: at most 1,099,511,627,776 \(2\^40\) nodes"):
+        parse_nodes("2,99999999999999999999")
