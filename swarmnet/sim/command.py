@@ -17,7 +17,7 @@ import typer
 from swarmnet.errors import ConfigError
 
 if TYPE_CHECKING:
-    from swarmnet.sim.runner import SimResult
+    from swarmnet.sim.runner import SimConfig, SimResult
 
 
 def simulate_command(
@@ -138,8 +138,7 @@ def simulate_command(
         if not out_of_memory(exc):
             raise
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        typer.secho(f"error: the simulation does not fit in memory ({first}): it keeps a few vectors of the "
-                    "problem's dimension per node; use fewer --nodes (or --device cpu where a GPU ran out)",
+        typer.secho(f"error: the simulation does not fit in memory ({first}). {memory_note(config)}",
                     fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None
     print_summary(result, span)
@@ -165,6 +164,23 @@ def interrupted_note(result: SimResult, out: Path) -> str:
     which = f"n={counts[algorithms[0]]}" if len(algorithms) == 1 else "; ".join(f"{a} n={c}" for a, c in counts.items())
     runs = "the finished run" if len(result.runs) == 1 else f"the {len(result.runs)} finished runs"
     return f"interrupted: wrote {runs} ({which}) to {out}"
+
+
+def memory_note(config: SimConfig) -> str:
+    """What sets a run's memory, with this run's values: the models scale with the node count,
+    the gradient inputs drawn ahead for a block of draws with the batch (and SwarmSGD's local
+    steps), whatever the node count. One message blaming --nodes misled at --nodes 8."""
+    from swarmnet.sim.runner import task_batch
+
+    swarm = config.algorithm == "swarmsgd"
+    models = "the models, two copies for SwarmSGD" if swarm else "the models"
+    inputs = "--batch x --local-steps" if swarm else "--batch"
+    values = f"--nodes {max(config.nodes)}, --batch {task_batch(config)}"
+    if swarm:
+        values += f", --local-steps {config.local_steps:g}"
+    return (f"Its size grows with --nodes x the task's dimension ({models}) and with {inputs} (the "
+            "gradient inputs drawn ahead for each block of 4,096-65,536 draws, whatever the node count); "
+            f"here {values}: lower the one that is large (or use --device cpu where a GPU ran out)")
 
 
 def out_of_memory(exc: BaseException) -> bool:

@@ -204,7 +204,7 @@ def run_simulation(config: SimConfig) -> SimResult:
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     task = load_vector_task(
-        config.task, batch=_batch(config), seed=config.seed, options=config.task_options
+        config.task, batch=task_batch(config), seed=config.seed, options=config.task_options
     )
     plan = [(config.algorithm, int(n)) for n in config.nodes]
     if config.baseline and config.algorithm != "minibatch":
@@ -279,7 +279,8 @@ def _lattice_overflow(config: SimConfig, eps: float, models: torch.Tensor, draws
             f"(|x / eps| must stay below 2^46); {hint}")
 
 
-def _batch(config: SimConfig) -> int:
+def task_batch(config: SimConfig) -> int:
+    """Samples per stochastic gradient: --batch, or the task's default."""
     if config.batch is not None:
         return config.batch
     return 128 if config.task == "logreg" else 1

@@ -284,7 +284,8 @@ def test_a_swarm_too_large_for_memory_is_a_clear_error_not_a_traceback(tmp_path:
          "--out", str(tmp_path / "out"), "--no-progress"],
         preexec_fn=limit_memory, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stderr[-2000:]
-    assert "error: the simulation does not fit in memory (" in result.stderr and "use fewer --nodes" in result.stderr
+    assert "error: the simulation does not fit in memory (" in result.stderr
+    assert "here --nodes 100000000, --batch 1: lower the one that is large" in " ".join(result.stderr.split())
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
 
 
@@ -454,3 +455,19 @@ def test_a_node_count_beyond_any_machine_is_refused_with_the_largest_accepted() 
     assert parse_nodes(f"1,{MAX_NODES}") == (1, MAX_NODES)
     with pytest.raises(ConfigError, match=r"--nodes 99999999999999999999: at most 1,099,511,627,776 \(2\^40\) nodes"):
         parse_nodes("2,99999999999999999999")
+
+
+@pytest.mark.parametrize("args,named", [
+    (["--algorithm", "swarmsgd", "--local-steps", "1e9"], "here --nodes 8, --batch 1, --local-steps 1e+09"),
+    (["--batch", "1000000000"], "here --nodes 8, --batch 1000000000"),
+])
+def test_out_of_memory_names_the_flags_that_set_the_size(args: list[str], named: str, tmp_path: Path) -> None:
+    """A block of draws too large for memory at --nodes 8 said "use fewer --nodes"."""
+    app = typer.Typer()
+    app.command("simulate")(simulate_command)
+    app.command("noop")(lambda: None)
+    outcome = CliRunner().invoke(app, ["simulate", "--nodes", "8", "--interactions-per-node", "1", *args,
+                                       "--no-progress", "--out", str(tmp_path)])
+    text = " ".join(outcome.output.split())
+    assert outcome.exit_code == 1 and "error: the simulation does not fit in memory (" in text, outcome.output
+    assert named in text and "fewer --nodes" not in text
