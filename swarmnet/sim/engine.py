@@ -50,11 +50,13 @@ from swarmnet.algorithms.schedules import clock_rate
 from swarmnet.algorithms.topology import Topology
 from swarmnet.errors import ConfigError
 from swarmnet.sim.draws import DrawBlock, DrawSource
+from swarmnet.sim.errors import SettingError
 from swarmnet.sim.layers import assign_layers, layer_bounds
 from swarmnet.sim.registers import LatticeRegisters
 
 ALGORITHMS = ("popsgd", "swarmsgd", "minibatch")
 CODECS = ("none", "lattice")
+
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,15 +92,16 @@ class EngineConfig:
         if self.nodes < 1:
             raise ConfigError(f"nodes must be >= 1, got {self.nodes}")
         if not (math.isfinite(self.lr) and self.lr >= 0):
-            raise ConfigError(f"lr must be a finite number >= 0, got {self.lr}")
+            raise SettingError("lr", "lr", f"must be a finite number >= 0, got {self.lr}")
         if self.lr_clock_scale is not None and not (math.isfinite(self.lr_clock_scale) and self.lr_clock_scale > 0):
-            raise ConfigError(f"lr decay clock scale V0 must be a finite number > 0, got {self.lr_clock_scale}")
+            raise SettingError("lr_clock_scale", "lr decay clock scale",
+                               f"V0 must be a finite number > 0, got {self.lr_clock_scale}")
         if self.lr_clock_scale is not None and self.algorithm == "swarmsgd":
             raise ConfigError(
                 "the clock-based rate decay is PopSGD's; SwarmSGD runs a constant rate"
             )
         if self.codec not in CODECS:
-            raise ConfigError(f"codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
+            raise SettingError("codec", "codec", f"must be one of {', '.join(CODECS)}, got {self.codec!r}")
         if self.codec != "none" and self.algorithm != "swarmsgd":
             raise ConfigError("quantized registers are simulated for SwarmSGD only (SPEC 2.5)")
         self.registers()  # the lattice step is checked here, also for n = 1, which never reads one

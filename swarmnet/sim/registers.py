@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from swarmnet.codecs import lattice
-from swarmnet.errors import ConfigError
+from swarmnet.sim.errors import SettingError
 
 ROUNDINGS = ("stochastic", "dither")
 OFFSET_RANGE = 1 << 16
@@ -58,9 +58,9 @@ class LatticeRegisters:
 
     def __init__(self, eps: float, rounding: str = "stochastic") -> None:
         if not (math.isfinite(eps) and eps > 0):
-            raise ConfigError(f"lattice step eps must be a finite number > 0, got {eps}")
+            raise SettingError("lattice_eps", "lattice step eps", f"must be a finite number > 0, got {eps}")
         if rounding not in ROUNDINGS:
-            raise ConfigError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
+            raise SettingError("rounding", "rounding", f"must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
         self.eps = float(eps)
         self.rounding = rounding
 

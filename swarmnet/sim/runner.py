@@ -33,15 +33,19 @@ from typing import Any
 import torch
 
 from swarmnet.algorithms.local_steps import LocalSteps
-from swarmnet.algorithms.topology import parse_topology
+from swarmnet.algorithms.topology import Topology, parse_topology
 from swarmnet.codecs import lattice
 from swarmnet.config import check_device
 from swarmnet.errors import ConfigError
 from swarmnet.sim import output
 from swarmnet.sim.engine import ALGORITHMS, Engine, EngineConfig, make_engine
+from swarmnet.sim.errors import SettingError
 from swarmnet.sim.problems import load_vector_task
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+FLAGS = {"lr": "--lr", "lr_clock_scale": "--lr-decay", "codec": "--codec", "lattice_eps": "--lattice-eps",
+         "rounding": "--rounding"}
+"""The flag of each engine setting a :class:`SettingError` names."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,17 +101,30 @@ class SimConfig:
                 "--codec lattice: quantized registers are simulated for SwarmSGD only"
             )
         if self.algorithm != "swarmsgd" and (self.topology != "complete" or self.local_steps != 1 or self.geometric):
-            raise ConfigError(f"--topology, --local-steps and --geometric are SwarmSGD's; {self.algorithm} "
-                              "pairs any two nodes and takes one step per interaction")
+            what = ("PopSGD pairs any two nodes and takes one step per interaction" if self.algorithm == "popsgd"
+                    else "the mini-batch baseline has one model and takes one step per draw")
+            raise ConfigError(f"--topology, --local-steps and --geometric are SwarmSGD's; {what}")
+        if self.batch is not None and self.batch < 1:
+            raise ConfigError(f"--batch must be >= 1, got {self.batch}")
         if self.codec == "none" and (self.lattice_eps is not None or self.rounding != "stochastic"):
             raise ConfigError("--lattice-eps and --rounding set the lattice registers: add --codec lattice")
 
     def engine_config(self, algorithm: str, nodes: int) -> EngineConfig:
+        """The engine's settings, refused values named by their flags."""
         try:
             topology = parse_topology(self.topology, seed=self.seed)
-            steps = LocalSteps(self.local_steps, self.geometric)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        try:
+            steps = LocalSteps(self.local_steps, self.geometric)
+        except ValueError as exc:
+            raise ConfigError(f"--local-steps {self.local_steps:g}: {exc}") from None
+        try:
+            return self._engine_config(algorithm, nodes, topology, steps)
+        except SettingError as exc:
+            raise ConfigError(exc.naming(FLAGS[exc.setting])) from None
+
+    def _engine_config(self, algorithm: str, nodes: int, topology: Topology, steps: LocalSteps) -> EngineConfig:
         swarm = algorithm == "swarmsgd"
         return EngineConfig(
             algorithm=algorithm,

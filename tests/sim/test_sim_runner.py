@@ -471,3 +471,25 @@ def test_out_of_memory_names_the_flags_that_set_the_size(args: list[str], named:
     text = " ".join(outcome.output.split())
     assert outcome.exit_code == 1 and "error: the simulation does not fit in memory (" in text, outcome.output
     assert named in text and "fewer --nodes" not in text
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--lr", "-0.01"], "--lr must be a finite number >= 0, got -0.01"),
+    (["--lr-decay", "0"], "--lr-decay V0 must be a finite number > 0, got 0"),
+    (["--algorithm", "swarmsgd", "--local-steps", "0"], "--local-steps 0: local steps must be a finite number >= 1"),
+    (["--algorithm", "swarmsgd", "--codec", "lattice", "--lattice-eps", "0"], "--lattice-eps must be a finite number > 0"),
+    (["--algorithm", "swarmsgd", "--codec", "zstd"], "--codec must be one of none, lattice, got 'zstd'"),
+    (["--batch", "0"], "--batch must be >= 1, got 0"),
+    (["--algorithm", "minibatch", "--topology", "ring"],
+     "--topology, --local-steps and --geometric are SwarmSGD's; the mini-batch baseline has one model"),
+    (["--algorithm", "popsgd", "--topology", "ring"], "SwarmSGD's; PopSGD pairs any two nodes"),
+    (["--task", "no_such_module_xyz:f"], "must be importable where swarmnet simulate runs"),
+])
+def test_option_errors_name_the_flag(args: list[str], message: str, tmp_path: Path) -> None:
+    """They named internal settings ("lr decay clock scale V0", "lsq: batch") or the wrong thing."""
+    app = typer.Typer()
+    app.command("simulate")(simulate_command)
+    app.command("noop")(lambda: None)
+    outcome = CliRunner().invoke(app, ["simulate", "--nodes", "4", *args, "--no-progress", "--out", str(tmp_path)])
+    text = " ".join(outcome.output.replace("│", " ").split())
+    assert outcome.exit_code == 2 and message in text, outcome.output
