@@ -232,7 +232,7 @@ def parse_window(text: str) -> tuple[float, float]:
         span = (float(start), float(stop))
     except ValueError:
         span = (1.0, 0.0)
-    if not sep or span[0] > span[1]:
+    if not sep or not all(math.isfinite(v) for v in span) or span[0] > span[1]:
         raise ConfigError(
             f"--window needs START:STOP in node-0 steps, e.g. 2000:6000 (got {text!r})"
         )

@@ -153,7 +153,7 @@ def plot(
         yscale="log",
         xlabel="interactions per node",
         ylabel="consensus distance sqrt(Gamma / n)",
-        title="consensus distance (zero values not drawn: PopSGD at n <= 2)",
+        title=consensus_title(runs),
     )
     for ax in (ax_loss, ax_cons):
         ax.grid(True, which="both", alpha=0.25)
@@ -166,6 +166,18 @@ def plot(
             fig.savefig(fh, dpi=110, format="png")
     finally:
         plt.close(fig)
+
+
+def consensus_title(runs: Sequence[tuple[str, int, Sequence[Mapping[str, float]]]]) -> str:
+    """The consensus panel's title, naming the runs whose distance is always zero (a log axis
+    cannot draw them: n = 1, PopSGD at n = 2), whichever the algorithm."""
+    zero = [(algorithm, nodes) for algorithm, nodes, points in runs if algorithm != "minibatch"
+            and not any(p.get("consensus", math.nan) > 0 for p in points)]
+    if not zero:
+        return "consensus distance"
+    algorithms = list(dict.fromkeys(algorithm for algorithm, _ in zero))
+    which = "; ".join(f"{a} n=" + ", ".join(str(n) for b, n in zero if b == a) for a in algorithms)
+    return f"consensus distance (always zero, not drawn: {which})"
 
 
 def _positive(values: Sequence[float]) -> list[float]:

@@ -343,6 +343,7 @@ def _write_files(result: SimResult, task_name: str, stem: str, folder: Path) -> 
     """Every file of the sweep into ``folder``; their names, the summary's last."""
     config = result.config
     meta_common = {k: v for k, v in asdict(config).items() if k not in ("out", "progress")}
+    meta_common["batch"] = task_batch(config)  # the one used, where --batch left it to the task
     names: list[str] = []
     for run in result.runs:
         base = folder / run_name(stem, config.algorithm, run)

@@ -493,3 +493,33 @@ def test_option_errors_name_the_flag(args: list[str], message: str, tmp_path: Pa
     outcome = CliRunner().invoke(app, ["simulate", "--nodes", "4", *args, "--no-progress", "--out", str(tmp_path)])
     text = " ".join(outcome.output.replace("│", " ").split())
     assert outcome.exit_code == 2 and message in text, outcome.output
+
+
+def test_a_window_of_non_finite_bounds_is_refused() -> None:
+    from swarmnet.sim.command import parse_window
+
+    for text in ("nan:nan", "0:nan", "-inf:inf"):
+        with pytest.raises(ConfigError, match="--window needs START:STOP"):
+            parse_window(text)
+
+
+def test_the_files_record_the_batch_used_not_null(tmp_path: Path) -> None:
+    result = run_simulation(SimConfig(nodes=(2,), interactions_per_node=2, task_options={"dim": 3}, out=tmp_path,
+                                      progress=False))
+    summary = json.loads(result.summary.read_text())  # type: ignore[union-attr]
+    meta = json.loads(result.runs[0].files["jsonl"].read_text().splitlines()[0])["run"]
+    assert summary["config"]["batch"] == meta["batch"] == 1  # lsq's default
+
+
+def test_the_consensus_panel_names_the_runs_it_leaves_out() -> None:
+    """Its title said "PopSGD at n <= 2" on SwarmSGD plots too."""
+    from swarmnet.sim.output import consensus_title
+
+    def curve(*values: float) -> list[dict[str, float]]:
+        return [{"consensus": v} for v in values]
+
+    swarm = [("swarmsgd", 1, curve(0.0, 0.0)), ("swarmsgd", 4, curve(0.0, 0.3)), ("minibatch", 4, curve(0.0))]
+    assert consensus_title(swarm) == "consensus distance (always zero, not drawn: swarmsgd n=1)"
+    pop = [("popsgd", 1, curve(0.0)), ("popsgd", 2, curve(0.0, 0.0)), ("popsgd", 8, curve(0.0, 0.1))]
+    assert consensus_title(pop) == "consensus distance (always zero, not drawn: popsgd n=1, 2)"
+    assert consensus_title([("popsgd", 8, curve(0.0, 0.1))]) == "consensus distance"
