@@ -7,5 +7,6 @@ simulated nodes with exact sequential semantics, batched into layers of disjoint
 - :mod:`.engine`: the runners (one pair at a time, or one layer at a time);
 - :mod:`.runner`: :func:`run_simulation` (sweeps over node counts, curves, progress);
 - :mod:`.output`: CSV / JSONL curves and the PNG plot;
-- :mod:`.command`: the ``simulate`` CLI function.
+- :mod:`.command`: the ``simulate`` CLI function;
+- :mod:`.errors`: refused settings, named so the command can give their flags.
 """
