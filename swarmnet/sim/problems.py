@@ -339,11 +339,9 @@ def load_vector_task(
 ) -> Any:
     """Build ``lsq``, ``logreg``, ``gossip`` or ``module:function`` (called with ``batch``,
     ``seed`` and ``options``); ConfigError when it cannot or when the result lacks the protocol."""
-    try:
-        factory = BUILTIN.get(spec) or import_factory(
-            spec, "is none of lsq, logreg, gossip, or module:function returning a vectorized task")
-    except ConfigError as exc:  # its hint is written for peers: the simulator imports the task itself
-        raise ConfigError(str(exc).replace("where the peer runs", "where swarmnet simulate runs")) from None
+    factory = BUILTIN.get(spec) or import_factory(
+        spec, "is none of lsq, logreg, gossip, or module:function returning a vectorized task",
+        where="swarmnet simulate")
     task = call_factory(spec, factory, dict(options or {}), flag="--task-option", batch=batch, seed=seed)
     if not isinstance(task, VectorTask):
         raise ConfigError(

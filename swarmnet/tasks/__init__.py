@@ -144,10 +144,10 @@ def build_seeded(task: Task, seed: int) -> nn.Module:
     return task.build_model()
 
 
-def import_factory(spec: str, form: str = "must be 'module:function', e.g. swarmnet.tasks.digits:task"
-                   ) -> Callable[..., Any]:
-    """The callable ``module:function`` names; ConfigError (``form`` says what is expected) when
-    it cannot be had."""
+def import_factory(spec: str, form: str = "must be 'module:function', e.g. swarmnet.tasks.digits:task",
+                   where: str = "the peer") -> Callable[..., Any]:
+    """The callable ``module:function`` names; ConfigError (``form`` says what is expected,
+    ``where`` what imports it) when it cannot be had."""
     module_name, sep, func_name = spec.partition(":")
     if not sep or not module_name or not func_name:
         raise ConfigError(f"task {spec!r} {form}")
@@ -160,7 +160,7 @@ def import_factory(spec: str, form: str = "must be 'module:function', e.g. swarm
     except ImportError as exc:
         missing = isinstance(exc, ModuleNotFoundError) and exc.name is not None and (
             module_name == exc.name or module_name.startswith(exc.name + "."))  # not one the module imports
-        hint = ("; the module must be importable where the peer runs: install it, or add its folder to PYTHONPATH "
+        hint = (f"; the module must be importable where {where} runs: install it, or add its folder to PYTHONPATH "
                 "(the folder a command runs in counts too)") if missing else ""
         raise ConfigError(f"task {spec!r}: cannot import {module_name!r}: {exc}{hint}") from None
     except Exception as exc:  # the module itself fails: a syntax error, an error at import time
