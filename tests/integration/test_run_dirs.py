@@ -174,7 +174,8 @@ def test_resume_refuses_the_checkpoint_of_another_task_and_fresh_sets_it_aside(t
     code, out = peer(lsq, run, "--fresh")
     assert code == 0, out
     earlier = run / ".earlier" / "solo"
-    assert f"the earlier run's checkpoint.pt, metrics.jsonl moved to {earlier}; to resume" in out, out
+    # Its summary too: a start refused before (the other task's checkpoint) left it in place.
+    assert f"the earlier run's checkpoint.pt, metrics.jsonl, summary.json moved to {earlier}; to resume" in out, out
     assert checkpoint.load(earlier / "checkpoint.pt")["task"] == "swarmnet.tasks.digits:task"
     assert checkpoint.load(run / "solo" / "checkpoint.pt")["task"] == "swarmnet.tasks.lsq:task"
     for folder in (earlier, run / "solo"):  # each run's metrics alone, not the second appended to the first
@@ -214,7 +215,7 @@ def test_resume_refuses_an_unusable_checkpoint_and_keeps_it(tmp_path, content):
         expected = "cannot be read as a checkpoint (it holds a datetime.date object, and loading objects"
     else:  # an older checkpoint, without the task it was made for
         torch.save({"model": {"weight": torch.zeros(3)}, "step": 5}, path)
-        expected = "does not fit this peer's model or settings"
+        expected = "does not fit this peer's model: 0.weight is missing from the checkpoint"
     before = path.read_bytes()
     code, out = peer(config(tmp_path), tmp_path / "run")
     assert code == 2, out
