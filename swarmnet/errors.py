@@ -50,9 +50,15 @@ class ProtocolError(SwarmError):
         """The sender id the offending message claims, when its header could be read."""
 
 
+def disk_full(exc: OSError) -> bool:
+    """A write failed for want of room (the disk, or the user's quota): the fix is to free space,
+    where another failure's is another path."""
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def unwritable_run_dir(path: object, exc: OSError) -> ConfigError:
     """A run directory, or a file in it, that cannot be written: what failed and the fix."""
-    if exc.errno == errno.ENOSPC:
+    if disk_full(exc):
         return ConfigError(f"cannot write {path}: {exc.strerror}; free space on its disk, or choose another --run-dir "
                            "(run.dir)")
     return ConfigError(f"cannot write {path}: {exc.strerror or exc}; choose a writable --run-dir (run.dir)")

@@ -100,13 +100,13 @@ class LaunchPlan:
     run_dir: Path
     peers: list[PeerProcess]
     base_command: list[str]
+    task: Task
+    """The task, loaded once by :meth:`build` (its factory may load a data set) for the summary's
+    metric and the average model; the peers load their own."""
     env: dict[str, str] = field(default_factory=dict)
     total_steps: int = 0
     fork: bool = False
     """Whether the peers are forked from a fork server (swarmnet.forked) rather than exec'd."""
-    task: Task | None = None
-    """The task, loaded once here (its factory may load a data set) for the summary's metric and
-    the average model; the peers load their own."""
     start_timeout: float = CARD_TIMEOUT
     """Seconds the first peer has to come up (write its card)."""
 
@@ -175,11 +175,11 @@ class LaunchPlan:
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(cfg.device.threads))
         env[LOCAL_PEERS_VARIABLE] = str(n)
         env.setdefault("GLIBC_TUNABLES", GLIBC_TUNABLES)
-        plan = cls(cfg, run_dir, peers, base, env, start_timeout=start_timeout)
-        plan.fork = forked.forkable(peer.device or cfg.device.device for peer in peers)
         for p in peers:  # first: a second `up` must neither wipe a running swarm nor load its data again
             check_free(run_dir / p.name)
-        plan.task = task = load_task(cfg.task.spec, cfg.task.options)
+        task = load_task(cfg.task.spec, cfg.task.options)
+        plan = cls(cfg, run_dir, peers, base, task, env, start_timeout=start_timeout)
+        plan.fork = forked.forkable(peer.device or cfg.device.device for peer in peers)
         # Built once here, as every peer will build it: a build_model that fails (a bad option,
         # a wrong return) is refused before launch, not as a peer that "did not come up". Cheap
         # for most tasks; a model costly to build costs it once more, at start.
@@ -558,7 +558,7 @@ def summarize(plan: LaunchPlan, elapsed: float, interrupted: bool) -> dict[str, 
         "interrupted": interrupted,
         "elapsed_s": elapsed,
         "peers": rows,
-        "metric": _task(plan).metric,
+        "metric": plan.task.metric,
         "average": average_models(plan, finished),
         "config": to_dict(plan.cfg),
     }
@@ -621,7 +621,7 @@ def average_models(plan: LaunchPlan, peers: list[PeerProcess]) -> dict[str, Any]
         except ConfigError as exc:
             log.warning("%s", exc)
         return {"peers_averaged": 0}
-    task = _task(plan)
+    task = plan.task
     model = build_seeded(task, plan.cfg.run.seed)
     params = {name for name, _ in model.named_parameters()}
     merged = dict(states[0])
@@ -640,13 +640,6 @@ def average_models(plan: LaunchPlan, peers: list[PeerProcess]) -> dict[str, Any]
         log.warning("the average model could not be evaluated: the task's evaluation raised %s", error)
         result["eval_error"] = error
     return {**result, **saved_to(model, plan.run_dir / AVERAGE_FILE)}
-
-
-def _task(plan: LaunchPlan) -> Task:
-    """The plan's task, loaded by :meth:`LaunchPlan.build` (here where a plan was made otherwise)."""
-    if plan.task is None:
-        plan.task = load_task(plan.cfg.task.spec, plan.cfg.task.options)
-    return plan.task
 
 
 def unwritten(row: dict[str, Any]) -> str:

@@ -17,7 +17,6 @@ holds the public key, NAME.key_secret both keys and is created owner-only (0600)
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import ipaddress
 import os
@@ -32,7 +31,7 @@ import zmq
 import zmq.auth
 from zmq.utils import z85
 
-from swarmnet.errors import ConfigError
+from swarmnet.errors import ConfigError, disk_full
 
 if TYPE_CHECKING:
     from swarmnet.config import SecurityConfig
@@ -171,7 +170,7 @@ def generate_keys(out_dir: Path, name: str, *, force: bool = False) -> tuple[Pat
             tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError):
             raise ConfigError(f"cannot write {exc.filename or out_dir} ({exc.strerror or exc}); "
-                              f"{'free space' if exc.errno == errno.ENOSPC else 'pass a writable --out'}; "
+                              f"{'free space' if disk_full(exc) else 'pass a writable --out'}; "
                               "the key files there are unchanged") from None
         raise
     for tmp, path in zip(staged, (secret_path, public_path), strict=True):

@@ -3,12 +3,11 @@ ratio (``swarmnet bench ...``); results are recorded in docs/benchmarks.md."""
 
 from __future__ import annotations
 
-import errno
 from pathlib import Path
 from typing import Any
 
 from swarmnet import jsonsafe
-from swarmnet.errors import BenchFailed
+from swarmnet.errors import BenchFailed, disk_full
 
 
 def write_json(path: str | Path, result: Any) -> None:
@@ -19,6 +18,6 @@ def write_json(path: str | Path, result: Any) -> None:
     try:
         write_atomic(Path(path), (jsonsafe.dumps(result, indent=2, default=str) + "\n").encode(), private=False)
     except OSError as exc:  # after the measuring: say where the figures still are
-        fix = "free space" if exc.errno == errno.ENOSPC else "pass a writable path"
+        fix = "free space" if disk_full(exc) else "pass a writable path"
         raise BenchFailed(f"--json {path}: cannot write {exc.filename or path} ({exc.strerror or exc}); the figures "
                           f"measured are printed above; {fix} to keep them as JSON") from None

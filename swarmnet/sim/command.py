@@ -6,7 +6,6 @@ parses; behaviour lives in :mod:`swarmnet.sim.runner` and is tested there.
 
 from __future__ import annotations
 
-import errno
 import math
 import os
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from swarmnet.errors import ConfigError
+from swarmnet.errors import ConfigError, disk_full
 
 if TYPE_CHECKING:
     from swarmnet.sim.runner import SimConfig, SimResult
@@ -150,7 +149,7 @@ def write_failure(exc: OSError, out: Path) -> str:
     """The file that could not be written, the OS's reason, and what to do: free space on a
     full disk (another directory there would fill the same), another directory otherwise."""
     where = exc.filename or f"the results under {out}"
-    full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    full = disk_full(exc)
     hint = "free space or pass another --out" if full else "pass a writable directory with --out"
     return f"error: writing {where} failed: {exc.strerror or exc}; {hint}"
 

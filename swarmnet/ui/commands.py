@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import math
 import os
 import sys
@@ -21,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from swarmnet.errors import ConfigError
+from swarmnet.errors import ConfigError, disk_full
 from swarmnet.log import counted
 
 if TYPE_CHECKING:
@@ -160,7 +159,7 @@ def init_command(
     except ConfigError as exc:
         _fail(str(exc))
     except OSError as exc:
-        fix = "free space and run it again with --force" if exc.errno == errno.ENOSPC else \
+        fix = "free space and run it again with --force" if disk_full(exc) else \
             "pass a writable directory with --out"
         _fail(f"--out {out}: cannot write {exc.filename or out} ({exc.strerror or exc}); {fix}")
     typer.echo(f"wrote {len(written)} files for {counted(plan.size, 'peer')} under {out}; seed {plan.seed}")
